@@ -1,0 +1,90 @@
+"""The drafter interface and registry.
+
+A drafter proposes up to k tokens for each running request; the engine verifies all
+proposals with one batched forward of the target model (`drafters.verify`), so a drafter
+can only change speed, never the output.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import torch
+
+
+@dataclass
+class DraftRequest:
+    """One request to draft for."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    """Prompt plus every token generated so far; the last one is the newest token."""
+    max_draft_tokens: int
+    """Propose at most this many tokens (>= 1)."""
+
+
+@dataclass
+class DraftBatch:
+    """All requests that get drafts this step."""
+
+    requests: list[DraftRequest]
+    hidden_states: torch.Tensor | None = None
+    """[num_requests, hidden]: the target's final hidden state at each request's newest
+    token, for drafters with `needs_hidden_states`; None otherwise."""
+
+
+@dataclass
+class Proposal:
+    """A drafter's tokens for one request."""
+
+    token_ids: list[int]
+    """0..max_draft_tokens proposed tokens."""
+    probs: torch.Tensor | None = None
+    """[len(token_ids), vocab]: the draft distribution q each token was drawn from. None
+    means the proposal is deterministic (treated as one-hot q by verification)."""
+
+
+class Drafter(ABC):
+    """Base class of every drafter.
+
+    Invariants: `propose` returns exactly one `Proposal` per request, in order, each with at
+    most `max_draft_tokens` tokens; it never mutates the batch. State a drafter keeps per
+    request is dropped in `release`.
+    """
+
+    name: ClassVar[str]
+    needs_hidden_states: ClassVar[bool] = False
+
+    @abstractmethod
+    def propose(self, batch: DraftBatch) -> list[Proposal]:
+        """Propose draft tokens for every request in `batch`."""
+
+    def release(self, request_id: str) -> None:  # noqa: B027 - optional hook
+        """Forget per-request state (the request finished or was aborted)."""
+
+
+D = TypeVar("D", bound=type[Drafter])
+_REGISTRY: dict[str, type[Drafter]] = {}
+
+
+def register_drafter(cls: D) -> D:
+    """Class decorator: make a drafter available by its `name`."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"drafter {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_drafters() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_drafter(name: str, **kwargs: object) -> Drafter:
+    """Instantiate a registered drafter; unknown names are a ValueError listing the choices."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown drafter {name!r}; choose from {available_drafters()}")
+    factory: Callable[..., Drafter] = _REGISTRY[name]
+    return factory(**kwargs)

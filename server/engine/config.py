@@ -1,0 +1,55 @@
+"""Engine configuration: one frozen dataclass, a docstring per field. The CLI maps flags onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start. Unknown keys are errors (see `from_dict`)."""
+
+    model: str | None = None
+    """Local HF directory or .gguf file; None serves the embedded default (SmolLM2-135M)."""
+    served_model_name: str | None = None
+    """Name the API reports and accepts; defaults to the model's file or folder name."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    quantization: str | None = None
+    """Weight-only quantization at load: None, int8 or int4."""
+    max_model_len: int | None = None
+    """Longest prompt + output; defaults to min(model limit, 8192)."""
+    max_num_seqs: int = 64
+    """Most requests in the running batch."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks, decode and draft tokens together)."""
+    max_waiting: int = 256
+    """Most requests allowed to wait; more are rejected (HTTP 429)."""
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    num_kv_blocks: int | None = None
+    """KV cache size in blocks; None sizes it from kv_cache_memory_gb."""
+    kv_cache_memory_gb: float = 1.0
+    """Memory for the KV cache when num_kv_blocks is not given."""
+    speculative: str | None = None
+    """Drafter name (e.g. ngram) or None for no speculation."""
+    num_speculative_tokens: int = 4
+    """Most draft tokens per request per step."""
+    seed: int = 0
+    """Seed for requests that give none."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs and compilation."""
+    debug_check_integrity: bool = False
+    """Check the KV block manager's integrity after every step (slow)."""
+    num_threads: int | None = None
+    """CPU threads for torch; None keeps torch's default."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown engine config keys: {unknown}")
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,37 @@
+"""What the engine streams back for each request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """Logprob of one chosen token, with the top alternatives when asked for."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """(token_id, logprob) pairs, most likely first."""
+
+
+@dataclass
+class RequestOutput:
+    """A delta for one request: the tokens and text accepted since the previous output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    """Detokenized delta; text after a stop string is never sent."""
+    num_prompt_tokens: int
+    num_output_tokens: int
+    """Tokens generated so far (cumulative)."""
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per new token when the request asked for logprobs."""
+    finished: bool = False
+    finish_reason: str | None = None
+    """'stop' (EOS, stop token or stop string), 'length', or 'abort'."""
+    num_draft_tokens: int = 0
+    """Cumulative draft tokens proposed for this request (speculation)."""
+    num_accepted_tokens: int = 0
+    """Cumulative draft tokens accepted."""

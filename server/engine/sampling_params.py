@@ -1,0 +1,87 @@
+"""Per-request sampling parameters (what an OpenAI request may set), validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is sampled and when it stops."""
+
+    max_tokens: int = 16
+    """Most tokens to generate."""
+    min_tokens: int = 0
+    """EOS and stop tokens are suppressed until this many tokens exist."""
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 disables."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the top probability."""
+    repetition_penalty: float = 1.0
+    """CTRL-style multiplicative penalty on tokens seen in prompt or output (1 = off)."""
+    presence_penalty: float = 0.0
+    """OpenAI presence penalty on tokens already generated."""
+    frequency_penalty: float = 0.0
+    """OpenAI frequency penalty, proportional to each generated token's count."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens whatever else is batched."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings; the text stops before the first match, which is not returned."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra token ids that end the sequence (not returned in the text)."""
+    ignore_eos: bool = False
+    """Keep generating past the EOS token."""
+    logprobs: int | None = None
+    """Return the chosen token's logprob and this many top alternatives (0..20)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise SamplingParamsError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise SamplingParamsError(
+                "min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        if not 0.0 <= self.temperature <= 2.0:
+            raise SamplingParamsError("temperature", f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.top_k < 0:
+            raise SamplingParamsError("top_k", f"top_k must be -1, 0 or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingParamsError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0.0:
+            raise SamplingParamsError(
+                "repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise SamplingParamsError(name, f"{name} must be in [-2, 2], got {value}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise SamplingParamsError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
