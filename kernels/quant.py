@@ -1,0 +1,170 @@
+"""Weight-only quantization: one canonical packed layout per scheme.
+
+Schemes (a `PackedWeight` of a linear layer with `out_features` N and `in_features` K):
+
+- ``int4``: group-wise asymmetric, ``w = q * scale + offset`` with q in 0..15 and one float
+  scale and one float offset per group of `group_size` consecutive input features
+  (32, 64 or 128). GGUF Q4_1 (``offset = m``) and Q4_0 (``offset = -8 * d``) are exact.
+- ``int8``: symmetric, ``w = q * scale`` with q in -128..127, one scale per group
+  (group 32 makes GGUF Q8_0 exact) or per output channel (``group_size == K``).
+
+Physical layout (chosen for the Triton GEMM, which streams whole rows of the weight):
+
+- ``qweight``: row-major, K contiguous. int8: ``int8 [N, K]``. int4: ``uint8 [N, K // 2]``,
+  two nibbles per byte, in GGUF's chunk order: in each chunk of 32 input features, byte j
+  (0..15) holds feature j in its low nibble and feature j + 16 in its high nibble. A kernel
+  therefore unpacks a tile with one mask and one shift, never interleaving registers, and
+  GGUF Q4_0/Q4_1 block bytes are copied verbatim.
+- ``scales`` (and ``offsets`` for int4): ``float16 [N, K // group_size]``, row-major. float16
+  is what GGUF stores, so repacking is exact, and it halves the metadata bytes against
+  float32; round-to-nearest quantization computes q against the float16-rounded values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEMES = ("int4", "int8")
+INT4_GROUP_SIZES = (32, 64, 128)
+CHUNK = 32  # int4 nibble-order chunk (features per 16 packed bytes)
+
+
+@dataclass
+class PackedWeight:
+    """A quantized [N, K] weight in the canonical layout of its scheme (see module docs).
+
+    `cache` holds device-specific derived tensors (e.g. the CPU kernel's own packing) that
+    a dispatch path builds on first use; it is not part of the canonical layout.
+    """
+
+    scheme: str
+    out_features: int
+    in_features: int
+    group_size: int
+    qweight: torch.Tensor  # int4: uint8 [N, K // 2]; int8: int8 [N, K]
+    scales: torch.Tensor  # float16 [N, K // group_size]
+    offsets: torch.Tensor | None = None  # int4 only: float16 [N, K // group_size]
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if g <= 0 or k % g:
+            raise ValueError(f"group_size {g} must divide in_features {k}")
+        if self.scheme == "int4":
+            if g % CHUNK:
+                raise ValueError(f"int4 group_size must be a multiple of {CHUNK}, got {g}")
+            expect_q, qdtype = (n, k // 2), torch.uint8
+        else:
+            expect_q, qdtype = (n, k), torch.int8
+        if tuple(self.qweight.shape) != expect_q or self.qweight.dtype != qdtype:
+            raise ValueError(f"qweight must be {qdtype} {expect_q}, got "
+                             f"{self.qweight.dtype} {tuple(self.qweight.shape)}")
+        if tuple(self.scales.shape) != (n, k // g):
+            raise ValueError(f"scales must be [{n}, {k // g}], got {tuple(self.scales.shape)}")
+        if (self.offsets is None) != (self.scheme == "int8"):
+            raise ValueError("offsets are required for int4 and absent for int8")
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        """A copy on `device` (derived caches are not carried over)."""
+        return PackedWeight(
+            self.scheme, self.out_features, self.in_features, self.group_size,
+            self.qweight.to(device), self.scales.to(device),
+            None if self.offsets is None else self.offsets.to(device),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of the canonical tensors (what a GEMM must read)."""
+        tensors = [self.qweight, self.scales] + ([self.offsets] if self.offsets is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values 0..15 -> uint8 [N, K // 2] in the chunk nibble order."""
+    n, k = q.shape
+    chunks = q.to(torch.uint8).reshape(n, k // CHUNK, 2, CHUNK // 2)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] -> uint8 [N, K] values 0..15 (inverse of `pack_int4`)."""
+    n, half = packed.shape
+    chunks = packed.reshape(n, half // (CHUNK // 2), CHUNK // 2)
+    return torch.stack([chunks & 15, chunks >> 4], dim=2).reshape(n, half * 2)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] float -> float32 [N, K // group_size, group_size]."""
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(w.shape)}")
+    n, k = w.shape
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"group_size {group_size} must divide in_features {k}")
+    return w.detach().float().reshape(n, k // group_size, group_size)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> PackedWeight:
+    """Round-to-nearest asymmetric int4 of a float [N, K] weight, one scale/offset a group."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    g = _grouped(w, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [N, groups]
+    scales = ((hi - lo) / 15).to(torch.float16)
+    offsets = lo.to(torch.float16)
+    safe = torch.where(scales > 0, scales.float(), torch.ones_like(lo))
+    q = ((g - offsets.float()[..., None]) / safe[..., None]).round().clamp(0, 15)
+    n, k = w.shape
+    return PackedWeight("int4", n, k, group_size, pack_int4(q.reshape(n, k).to(torch.uint8)),
+                        scales.contiguous(), offsets.contiguous())
+
+
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> PackedWeight:
+    """Round-to-nearest symmetric int8 of a float [N, K] weight; None means per channel."""
+    n, k = w.shape
+    group = k if group_size is None else group_size
+    g = _grouped(w, group)
+    scales = (g.abs().amax(dim=-1) / 127).to(torch.float16)
+    safe = torch.where(scales > 0, scales.float(), torch.ones_like(scales, dtype=torch.float32))
+    q = (g / safe[..., None]).round().clamp(-128, 127).to(torch.int8)
+    return PackedWeight("int8", n, k, group, q.reshape(n, k), scales.contiguous())
+
+
+def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [N, K] weight a `PackedWeight` stands for, computed in float32."""
+    n, k, gs = packed.out_features, packed.in_features, packed.group_size
+    if packed.scheme == "int4":
+        q = unpack_int4(packed.qweight).float().reshape(n, k // gs, gs)
+        w = q * packed.scales.float()[..., None] + packed.offsets.float()[..., None]
+    else:
+        q = packed.qweight.float().reshape(n, k // gs, gs)
+        w = q * packed.scales.float()[..., None]
+    return w.reshape(n, k).to(dtype)
+
+
+_QUANTIZERS = {
+    "int4": lambda w, g: quantize_int4(w, 128 if g is None else g),
+    "int8": quantize_int8,
+}
+
+
+def quantize(w: torch.Tensor, scheme: str, group_size: int | None = None) -> PackedWeight:
+    """Quantize by scheme name (the `--quantization int4|int8` flag); default groups 128/channel."""
+    if scheme not in _QUANTIZERS:
+        raise ValueError(f"quantization scheme must be one of {SCHEMES}, got {scheme!r}")
+    return _QUANTIZERS[scheme](w, group_size)
+
+
+def __getattr__(name: str):
+    """`kernels.quant.repack_gguf` re-exports `kernels.gguf_repack.repack_gguf` lazily."""
+    if name == "repack_gguf":
+        from kernels.gguf_repack import repack_gguf
+
+        return repack_gguf
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
