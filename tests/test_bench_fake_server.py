@@ -1,0 +1,162 @@
+"""A scripted fake OpenAI SSE server for the `bench` tests (test_bench_client.py).
+
+The fake server runs in its own process (this file run as a script), so its timers do not
+share a GIL with the client. Each test posts a script: delay to the first chunk (TTFT),
+delay between chunks (ITL), tokens per chunk, whether usage is sent. Prompts containing
+FAIL500 get an HTTP 500; prompts containing BREAK get an error event after the first chunk.
+
+Tolerance: each measured latency is within TOL_S (30 ms) of the scripted one (localhost
+round trip plus event-loop jitter on a shared CPU); durations and throughputs within 15%.
+Token counts, tokens per chunk, and concurrency are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+
+TOL_S = 0.03
+
+
+def _fake_app():
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    state: dict = {"script": {}, "arrivals": [], "in_flight": 0, "max_in_flight": 0,
+                   "requests": 0, "gen_tokens": 0}
+
+    def event(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def complete(request: Request) -> StreamingResponse | JSONResponse:
+        t0 = time.perf_counter()
+        body = await request.json()
+        chat = request.url.path.endswith("/chat/completions")
+        text = " ".join(m["content"] for m in body["messages"]) if chat else body["prompt"]
+        if "FAIL500" in text:
+            return JSONResponse({"error": {"message": "scripted failure", "type": "server_error"}},
+                                status_code=500)
+        s = state["script"]
+        state["arrivals"].append(t0)
+        state["requests"] += 1
+        state["in_flight"] += 1
+        state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+
+        def chunk(n: int) -> dict:
+            piece = "tok " * n
+            delta = {"delta": {"content": piece}} if chat else {"text": piece}
+            return {"choices": [{"index": 0, **delta, "finish_reason": None}], "usage": None}
+
+        async def stream():
+            try:
+                if chat:
+                    yield event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+                for i, n in enumerate(s["chunks"]):
+                    due = t0 + s["ttft"] + i * s["itl"]
+                    await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                    if "BREAK" in text and i == 1:
+                        yield event({"error": {"message": "scripted stream error"}})
+                        return
+                    yield event(chunk(n))
+                    state["gen_tokens"] += n
+                yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+                if s["usage"]:
+                    usage = {"prompt_tokens": len(text.split()),
+                             "completion_tokens": sum(s["chunks"])}
+                    yield event({"choices": [], "usage": usage})
+                yield "data: [DONE]\n\n"
+            finally:
+                state["in_flight"] -= 1
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def metrics(request: Request) -> PlainTextResponse:
+        n = state["requests"]
+        lines = []
+        for name, value in (("spec_decode_num_drafts", 2 * n),
+                            ("spec_decode_num_draft_tokens", 8 * n),
+                            ("spec_decode_num_accepted_tokens", 5 * n),
+                            ("num_preemptions", 0), ("generation_tokens", state["gen_tokens"])):
+            lines += [f"# TYPE leapfrog:{name} counter",
+                      f'leapfrog:{name}_total{{model_name="fake"}} {value}']
+        lines += ["# TYPE leapfrog:kv_cache_usage_perc gauge",
+                  f'leapfrog:kv_cache_usage_perc{{model_name="fake"}} {0.25 * state["in_flight"]}']
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    async def set_script(request: Request) -> JSONResponse:
+        state["script"] = await request.json()
+        state.update(arrivals=[], max_in_flight=0)
+        return JSONResponse({"ok": True})
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse({k: state[k] for k in ("arrivals", "max_in_flight", "in_flight")})
+
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", complete, methods=["POST"]),
+        Route("/v1/completions", complete, methods=["POST"]),
+        Route("/v1/models", models), Route("/metrics", metrics),
+        Route("/script", set_script, methods=["POST"]), Route("/stats", stats),
+    ])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FakeServer:
+    """Handle on the fake server process."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+
+    def script(self, ttft: float = 0.1, itl: float = 0.04, chunks: tuple[int, ...] = (1, 3, 2, 2),
+               usage: bool = True) -> None:
+        httpx.post(self.url + "/script",
+                   json={"ttft": ttft, "itl": itl, "chunks": list(chunks), "usage": usage})
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/stats").json()
+
+
+@contextlib.contextmanager
+def running_fake_server() -> Iterator[FakeServer]:
+    """Start the fake server in a child process; stop it on exit."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, __file__, str(port)], env={**os.environ})
+    server = FakeServer(port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(server.url + "/stats").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("fake server did not start") from None
+                time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(_fake_app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
