@@ -25,8 +25,9 @@ class _NgramIndex:
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.tokens: list[int] = []
+        # Ordered longest n first, the order in which `lookup` tries them.
         self.last_start: dict[int, dict[tuple[int, ...], int]] = {
-            n: {} for n in range(max_n, min_n - 1, -1)  # longest n first
+            n: {} for n in range(max_n, min_n - 1, -1)
         }
 
     def sync(self, token_ids: Sequence[int]) -> None:
@@ -43,8 +44,9 @@ class _NgramIndex:
             # Already indexed: starts i with i + n <= seen - 1. New: up to len - n - 1.
             lo, hi = max(0, seen - n), len(tokens) - n
             if lo < hi:
+                # Later starts overwrite earlier ones: the most recent occurrence wins.
                 grams = zip(*(tokens[lo + j : hi + j] for j in range(n)), strict=True)
-                table.update(zip(grams, range(lo, hi), strict=True))  # later starts overwrite earlier
+                table.update(zip(grams, range(lo, hi), strict=True))
 
     def lookup(self, max_tokens: int) -> list[int]:
         """The tokens after the most recent earlier match of the longest matching suffix."""
