@@ -1,0 +1,72 @@
+"""Checks every generation request passes before it reaches the engine: model name, n,
+token ids, and the mapping of request fields onto SamplingParams (whose errors become 400s)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from server.api.errors import ApiError, bad_request
+from server.api.protocol import SamplingRequest
+from server.api.state import EngineClient
+from server.engine.sampling_params import SamplingParams, SamplingParamsError
+
+_OPTIONAL_FLOATS_AND_INTS = (
+    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "min_tokens",
+)
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(requested: str | None, engine: EngineClient) -> None:
+    """404 for any model name other than the one served (omitted means the served one)."""
+    if requested is not None and requested != engine.model_name:
+        raise ApiError(404, f"The model '{requested}' does not exist; this server serves "
+                       f"'{engine.model_name}'.", param="model", code="model_not_found")
+
+
+def check_n(n: int, max_n: int) -> None:
+    if n > max_n:
+        raise bad_request(f"n must be at most {max_n}, got {n}", param="n", code="invalid_value")
+
+
+def vocab_size(tokenizer: Any) -> int:
+    return len(tokenizer)
+
+
+def check_token_ids(ids: list[int], tokenizer: Any, param: str) -> None:
+    """400 unless every id is a token of the tokenizer's vocabulary."""
+    size = vocab_size(tokenizer)
+    bad = [i for i in ids if not 0 <= i < size]
+    if bad:
+        raise bad_request(f"token ids must be in [0, {size}), got {bad[0]}", param=param,
+                          code="invalid_value")
+
+
+def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
+                    tokenizer: Any) -> SamplingParams:
+    """Map request fields onto SamplingParams; fields the client left out keep their defaults."""
+    stop_token_ids = list(req.stop_token_ids or [])
+    check_token_ids(stop_token_ids, tokenizer, "stop_token_ids")
+    values: dict[str, Any] = {
+        "max_tokens": max_tokens, "stop": req.stop_list(), "stop_token_ids": stop_token_ids,
+        "ignore_eos": req.ignore_eos, "seed": req.seed, "logprobs": logprobs,
+    }
+    for name in _OPTIONAL_FLOATS_AND_INTS:
+        value = getattr(req, name)
+        if value is not None:
+            values[name] = value
+    try:
+        return SamplingParams(**values)
+    except SamplingParamsError as exc:
+        raise bad_request(str(exc), param=exc.param, code="invalid_value") from exc
+
+
+def resolve_max_tokens(requested: int | None, longest_prompt: int, max_model_len: int) -> int:
+    """The request's max_tokens, or (when omitted) what is left of the context, at least 1."""
+    if requested is not None:
+        return requested
+    return max(max_model_len - longest_prompt, 1)

@@ -1,0 +1,128 @@
+"""`leapfrog serve` flags: every flag has --help text and a LEAPFROG_<FLAG> environment default.
+
+`add_arguments` adds the flags to a parser; `configs_from_args` maps the parsed namespace
+onto the two frozen configs (EngineConfig for the engine, ApiConfig for the HTTP server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from server.api.config import ApiConfig
+from server.engine.config import EngineConfig
+
+_ENV_PREFIX = "LEAPFROG_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_name(flag: str) -> str:
+    """`--max-model-len` -> `LEAPFROG_MAX_MODEL_LEN`."""
+    return _ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _env_bool(name: str) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SystemExit(f"{name}={raw!r}: expected one of {sorted(_TRUE | _FALSE - {''})}")
+
+
+def _env_default(name: str, kind: Callable[[str], Any], default: Any) -> Any:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name}={raw!r}: {exc}") from exc
+
+
+def _add(group: Any, flag: str, kind: Callable[[str], Any], default: Any, help: str,
+         choices: list[str] | None = None) -> None:
+    """A valued flag whose default comes from its environment variable when set."""
+    name = env_name(flag)
+    shown = "none" if default is None else default
+    group.add_argument(
+        flag, type=kind, default=_env_default(name, kind, default), choices=choices,
+        help=f"{help} (default: {shown}; env {name})",
+    )
+
+
+def _add_switch(group: Any, flag: str, help: str) -> None:
+    name = env_name(flag)
+    group.add_argument(flag, action="store_true", default=_env_bool(name), help=f"{help} (env {name})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every `serve` flag (engine and HTTP server) to `parser`."""
+    e, a = EngineConfig(), ApiConfig()
+    parser.add_argument(
+        "model", nargs="?", default=os.environ.get(env_name("model")),
+        help="Local HF model directory or .gguf file; omitted: the embedded default "
+        f"SmolLM2-135M-Instruct (env {env_name('model')})",
+    )
+    eng = parser.add_argument_group("engine")
+    _add(eng, "--served-model-name", str, e.served_model_name,
+         "Model name the API reports and accepts; defaults to the model's file or folder name")
+    _add(eng, "--max-model-len", int, e.max_model_len,
+         "Longest prompt + output in tokens; defaults to min(model limit, 8192)")
+    _add(eng, "--max-num-seqs", int, e.max_num_seqs, "Most requests in the running batch")
+    _add(eng, "--max-waiting", int, e.max_waiting,
+         "Most requests allowed to wait; more are rejected with HTTP 429")
+    _add(eng, "--max-num-batched-tokens", int, e.max_num_batched_tokens,
+         "Token budget of one engine step (prefill chunks, decode and draft tokens)")
+    _add(eng, "--dtype", str, e.dtype, "Compute dtype",
+         choices=["auto", "float32", "bfloat16", "float16"])
+    _add(eng, "--device", str, e.device, "Device to run on", choices=["auto", "cpu", "cuda"])
+    _add(eng, "--quantization", str, e.quantization,
+         "Weight-only quantization applied at load (int8 or int4)", choices=["int8", "int4"])
+    _add(eng, "--block-size", int, e.block_size, "Tokens per KV cache block")
+    _add(eng, "--num-kv-blocks", int, e.num_kv_blocks,
+         "KV cache size in blocks; unset: sized from --kv-cache-memory-gb")
+    _add(eng, "--kv-cache-memory-gb", float, e.kv_cache_memory_gb,
+         "Memory for the KV cache when --num-kv-blocks is not given")
+    _add(eng, "--speculative", str, e.speculative, "Drafter name (e.g. ngram); unset: no speculation")
+    _add(eng, "--num-speculative-tokens", int, e.num_speculative_tokens,
+         "Most draft tokens per request per step")
+    _add(eng, "--seed", int, e.seed, "Seed for requests that give none")
+    _add(eng, "--num-threads", int, e.num_threads, "CPU threads for torch; unset: torch's default")
+    _add_switch(eng, "--enforce-eager", "Disable CUDA graphs and compilation")
+    _add_switch(eng, "--debug-check-integrity",
+                "Check the KV block manager after every engine step (slow)")
+    _add_server_arguments(parser.add_argument_group("http server"), a)
+
+
+def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
+    _add(srv, "--host", str, a.host, "Interface to listen on")
+    _add(srv, "--port", int, a.port, "TCP port to listen on")
+    _add(srv, "--api-key", str, a.api_key,
+         "Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize")
+    _add(srv, "--max-body-bytes", int, a.max_body_bytes, "Largest request body; larger get HTTP 413")
+    _add(srv, "--drain-timeout", float, a.drain_timeout_s,
+         "Seconds in-flight requests may run after SIGTERM/SIGINT before exit")
+    _add(srv, "--max-n", int, a.max_n, "Largest `n` (choices per prompt) a request may ask for")
+    _add(srv, "--log-level", str, a.log_level, "Log level",
+         choices=["debug", "info", "warning", "error"])
+    _add_switch(srv, "--log-prompts", "Log prompt text at DEBUG level (off: prompts are user data)")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig]:
+    """Map a namespace parsed with `add_arguments` onto (EngineConfig, ApiConfig)."""
+    values = vars(args)
+    engine = EngineConfig(**{f.name: values[f.name] for f in fields(EngineConfig) if f.name in values})
+    api = ApiConfig(
+        host=args.host, port=args.port, api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
+        max_n=args.max_n, log_prompts=args.log_prompts, log_level=args.log_level,
+    )
+    return engine, api

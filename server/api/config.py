@@ -1,0 +1,29 @@
+"""HTTP server configuration: one frozen dataclass, a docstring per field. The CLI maps flags onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """Everything the HTTP front door needs; the engine's own settings live in EngineConfig."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+    port: int = 8000
+    """TCP port to listen on."""
+    api_key: str | None = None
+    """When set, /v1/*, /tokenize and /detokenize require `Authorization: Bearer <key>`."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body accepted; larger bodies get HTTP 413."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT, how long in-flight requests may run before the process exits."""
+    max_n: int = 16
+    """Largest `n` (choices per prompt) a request may ask for."""
+    log_prompts: bool = False
+    """Log prompt text at DEBUG level (off by default: prompts are user data)."""
+    log_level: str = "info"
+    """Log level of the server's own and uvicorn's loggers."""
+    retry_after_s: int = 1
+    """Seconds sent in `Retry-After` with 429 (queue full) and 503 (loading, draining)."""

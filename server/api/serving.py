@@ -1,0 +1,153 @@
+"""The shared life of a generation request, chat or completions: admit, fan out, then either
+collect into one JSON body or stream SSE chunks ending in `data: [DONE]`; log one line.
+
+Endpoint modules supply a `Formatter` (the OpenAI response shape) and the engine jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.api.generation import (
+    ChoiceJob,
+    ChoiceResult,
+    ClientDisconnected,
+    RequestTiming,
+    collect,
+    merged_outputs,
+    queue_full_error,
+    unless_disconnected,
+)
+from server.api.state import EngineClient, ServerState
+from server.engine.async_engine import QueueFullError
+from server.engine.outputs import RequestOutput
+
+logger = logging.getLogger("leapfrog.api")
+_CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody receives it
+
+
+class Formatter(Protocol):
+    """Builds one endpoint's response bodies and stream chunks."""
+
+    request_id: str
+    num_choices: int
+
+    def prelude(self) -> list[dict[str, Any]]: ...
+    def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None: ...
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]: ...
+    def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def usage(results: list[ChoiceResult], prompt_lengths: list[int]) -> dict[str, Any]:
+    """OpenAI usage (prompt tokens counted once per prompt), plus speculation counts if any."""
+    prompt = sum(prompt_lengths)
+    completion = sum(r.num_output_tokens for r in results)
+    body: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                            "total_tokens": prompt + completion}
+    drafts = sum(r.num_draft_tokens for r in results)
+    if drafts:
+        body["speculative"] = {"draft_tokens": drafts,
+                               "accepted_tokens": sum(r.num_accepted_tokens for r in results)}
+    return body
+
+
+def _sse(chunk: dict[str, Any] | str) -> str:
+    return f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE response that always closes its body iterator, so a client that disconnects
+    while the iterator is parked at a `yield` still cancels its engine requests at once."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+class Generation:
+    """One admitted request: its jobs, formatter and bookkeeping."""
+
+    def __init__(self, state: ServerState, engine: EngineClient, jobs: list[ChoiceJob],
+                 prompt_lengths: list[int], formatter: Formatter, user: str | None) -> None:
+        self.state, self.engine, self.jobs = state, engine, jobs
+        self.prompt_lengths, self.formatter, self.user = prompt_lengths, formatter, user
+        self.timing = RequestTiming()
+
+    async def respond(self, request: Request, stream: bool, include_usage: bool) -> Response:
+        release = self.state.acquire()
+        outputs = merged_outputs(self.engine, self.jobs)
+        handed_off = False  # once the stream response owns `release` and `outputs`
+        try:
+            if not stream:
+                results = await unless_disconnected(
+                    collect(outputs, self.formatter.num_choices, self.timing), request)
+                self._log(results, None)
+                return JSONResponse(self.formatter.response(results, usage(results, self.prompt_lengths)))
+            first = await unless_disconnected(anext(outputs, None), request)
+            body = self._events(outputs, first, include_usage, release)
+            handed_off = True
+            return EventStreamResponse(body, media_type="text/event-stream",
+                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        except QueueFullError as exc:
+            self._log([], "rejected_queue_full")
+            raise queue_full_error(self.state.retry_after_s) from exc
+        except ClientDisconnected:
+            self._log([], "client_disconnected")
+            return Response(status_code=_CLIENT_CLOSED)
+        finally:
+            if not handed_off:
+                release()
+                await outputs.aclose()
+
+    async def _events(self, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                      first: tuple[int, RequestOutput] | None, include_usage: bool,
+                      release: Callable[[], None]) -> AsyncIterator[str]:
+        results = [ChoiceResult() for _ in range(self.formatter.num_choices)]
+        outcome = "client_disconnected"
+        try:
+            for chunk in self.formatter.prelude():
+                yield _sse(chunk)
+            item = first
+            while item is not None:
+                index, out = item
+                self.timing.on_output()
+                results[index].add(out)
+                chunk = self.formatter.delta(index, out)
+                if chunk is not None:
+                    yield _sse(chunk)
+                item = await anext(outputs, None)
+            if include_usage:
+                yield _sse(self.formatter.usage_chunk(usage(results, self.prompt_lengths)))
+            outcome = ""
+        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+            outcome = type(exc).__name__
+            logger.exception("request %s failed mid-stream", self.formatter.request_id)
+            err = queue_full_error(self.state.retry_after_s) if isinstance(exc, QueueFullError) \
+                else None
+            message = err.message if err else "Internal error while generating."
+            yield _sse({"error": {"message": message, "type": "server_error",
+                                  "param": None, "code": err.code if err else "internal_error"}})
+        finally:
+            release()
+            self._log(results, outcome or None)
+            await outputs.aclose()
+        yield _sse("[DONE]")
+
+    def _log(self, results: list[ChoiceResult], outcome: str | None) -> None:
+        ttft = self.timing.ttft()
+        reasons = outcome or ",".join(str(r.finish_reason) for r in results)
+        logger.info(
+            "request %s prompt_tokens=%d completion_tokens=%d ttft=%s total=%.3fs finish=%s%s",
+            self.formatter.request_id, sum(self.prompt_lengths),
+            sum(r.num_output_tokens for r in results),
+            "-" if ttft is None else f"{ttft:.3f}s", self.timing.elapsed(), reasons,
+            f" user={self.user}" if self.user else "",
+        )

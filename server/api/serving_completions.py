@@ -1,0 +1,121 @@
+"""POST /v1/completions: one or more prompts (text or token ids), n choices each, optional
+echo of the prompt; formatted as `text_completion` bodies or stream chunks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from server.api.admission import (
+    check_model,
+    check_n,
+    check_token_ids,
+    new_request_id,
+    resolve_max_tokens,
+    sampling_params,
+)
+from server.api.body import parse_body
+from server.api.config import ApiConfig
+from server.api.errors import bad_request
+from server.api.generation import ChoiceResult, check_context_length, make_jobs
+from server.api.logprobs import TokenTexts, completion_logprobs
+from server.api.protocol import CompletionRequest
+from server.api.serving import Generation
+from server.api.state import ServerState
+from server.engine.outputs import RequestOutput
+
+logger = logging.getLogger("leapfrog.api")
+
+
+def tokenize_prompts(tokenizer: Any, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Token ids per prompt; id prompts are checked against the vocabulary."""
+    result = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, list):
+            check_token_ids(ids, tokenizer, "prompt")
+        if not ids:
+            raise bad_request("The prompt must contain at least one token.", param="prompt")
+        result.append(ids)
+    return result
+
+
+class CompletionFormatter:
+    """OpenAI completions response bodies and stream chunks for one request."""
+
+    def __init__(self, request_id: str, model: str, n: int, num_prompts: int,
+                 echo_texts: list[str] | None, texts: TokenTexts | None) -> None:
+        self.request_id, self.model, self.n = request_id, model, n
+        self.num_choices = num_prompts * n
+        self.echo_texts, self.texts = echo_texts, texts
+        self.created = int(time.time())
+        self._offsets: dict[int, int] = {}
+        self._echoed: set[int] = set()
+
+    def _echo(self, index: int) -> str:
+        return self.echo_texts[index // self.n] if self.echo_texts else ""
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.request_id, "object": "text_completion", "created": self.created,
+                "model": self.model, "choices": choices}
+
+    def prelude(self) -> list[dict[str, Any]]:
+        return []
+
+    def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
+        text = out.new_text
+        if index not in self._echoed:
+            self._echoed.add(index)
+            text = self._echo(index) + text
+        wants_logprobs = self.texts is not None and bool(out.logprobs)
+        if not (text or out.finished or wants_logprobs):
+            return None
+        logprobs = None
+        if self.texts is not None:
+            logprobs, self._offsets[index] = completion_logprobs(
+                out.logprobs or [], self.texts, self._offsets.get(index, 0))
+        return self._envelope([{"index": index, "text": text, "logprobs": logprobs,
+                                "finish_reason": out.finish_reason if out.finished else None}])
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {**self._envelope([]), "usage": usage}
+
+    def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
+        choices = []
+        for i, r in enumerate(results):
+            logprobs = completion_logprobs(r.logprobs, self.texts, 0)[0] if self.texts else None
+            choices.append({"index": i, "text": self._echo(i) + "".join(r.text),
+                            "logprobs": logprobs, "finish_reason": r.finish_reason})
+        return {**self._envelope(choices), "usage": usage}
+
+
+async def create_completion(request: Request, state: ServerState, api: ApiConfig) -> Response:
+    engine = state.require_engine()
+    req = await parse_body(request, CompletionRequest, api.max_body_bytes)
+    check_model(req.model, engine)
+    check_n(req.n, api.max_n)
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo with logprobs (prompt logprobs) is not supported.", param="echo",
+                          code="unsupported_parameter")
+    request_id = new_request_id("cmpl")
+    prompts = req.prompts()
+    if api.log_prompts:
+        logger.debug("request %s prompt: %r", request_id, prompts)
+    prompt_ids = tokenize_prompts(engine.tokenizer, prompts)
+    longest = max(len(p) for p in prompt_ids)
+    max_tokens = resolve_max_tokens(req.max_tokens, longest, engine.max_model_len)
+    params = sampling_params(req, max_tokens, req.logprobs, engine.tokenizer)
+    check_context_length(longest, max_tokens, engine.max_model_len)
+    jobs = make_jobs(request_id, prompt_ids, req.n, params)
+    echo_texts = None
+    if req.echo:
+        echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+    texts = TokenTexts(engine.tokenizer) if req.logprobs is not None else None
+    formatter = CompletionFormatter(request_id, engine.model_name, req.n, len(prompt_ids),
+                                    echo_texts, texts)
+    generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter, req.user)
+    return await generation.respond(request, req.stream, req.include_usage)

@@ -1,0 +1,39 @@
+"""POST /tokenize and POST /detokenize, with the served model's tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from server.api.admission import check_model, check_token_ids
+from server.api.body import parse_body
+from server.api.config import ApiConfig
+from server.api.errors import bad_request
+from server.api.protocol import DetokenizeRequest, TokenizeRequest
+from server.api.serving_chat import render_chat
+from server.api.state import ServerState
+
+
+async def tokenize(request: Request, state: ServerState, api: ApiConfig) -> dict[str, Any]:
+    """A prompt (or chat messages, through the chat template) to token ids."""
+    engine = state.require_engine()
+    req = await parse_body(request, TokenizeRequest, api.max_body_bytes)
+    check_model(req.model, engine)
+    if req.messages is not None:
+        if not req.add_generation_prompt:
+            raise bad_request("add_generation_prompt=false is not supported.",
+                              param="add_generation_prompt", code="unsupported_parameter")
+        _, tokens = render_chat(engine.tokenizer, req.messages)
+    else:
+        tokens = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+
+
+async def detokenize(request: Request, state: ServerState, api: ApiConfig) -> dict[str, Any]:
+    """Token ids to text."""
+    engine = state.require_engine()
+    req = await parse_body(request, DetokenizeRequest, api.max_body_bytes)
+    check_model(req.model, engine)
+    check_token_ids(req.tokens, engine.tokenizer, "tokens")
+    return {"prompt": engine.tokenizer.decode(req.tokens)}

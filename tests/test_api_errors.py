@@ -1,0 +1,171 @@
+"""Every error case returns the right status and OpenAI error body, and the server keeps
+serving afterwards (fake engine, no model: fast)."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+from api_fakes import FakeEngine
+from api_server import app_in_thread
+
+from server.api.config import ApiConfig
+
+CHAT = "/v1/chat/completions"
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def _error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = FakeEngine(max_model_len=64)
+    with app_in_thread(lambda: engine, ApiConfig(max_body_bytes=2000, max_n=4)) as (url, _):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            yield client, engine
+
+
+def _ok(client: httpx.Client) -> None:
+    resp = client.post(CHAT, json={"messages": MSGS, "max_tokens": 3, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+    ({"messages": MSGS, "logit_bias": {"1": 2}}, "logit_bias", "unsupported_parameter"),
+    ({"messages": MSGS, "response_format": {"type": "json_object"}}, "response_format",
+     "invalid_value"),
+    ({"messages": MSGS, "temperature": 3}, "temperature", "invalid_value"),
+    ({"messages": MSGS, "top_p": 0}, "top_p", "invalid_value"),
+    ({"messages": MSGS, "max_tokens": 0}, "max_tokens", "invalid_value"),
+    ({"messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+    ({"messages": MSGS, "n": 5}, "n", "invalid_value"),
+    ({"messages": MSGS, "top_logprobs": 2}, None, "invalid_value"),
+    ({"messages": MSGS, "stop_token_ids": [100000]}, "stop_token_ids", "invalid_value"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content", "invalid_value"),
+    ({"messages": []}, "messages", "invalid_value"),
+    ({}, "messages", "invalid_value"),
+    ({"messages": MSGS, "stop": 5}, "stop", "invalid_value"),
+])
+def test_validation_errors_name_the_field(server, body, param, code) -> None:
+    client, _ = server
+    err = _error(client.post(CHAT, json=body), 400)
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert err["code"] == code
+    if param:
+        assert param.split(".")[0] in err["message"] or err["code"] == "invalid_value"
+    _ok(client)
+
+
+def test_unsupported_field_is_named_in_message(server) -> None:
+    client, _ = server
+    err = _error(client.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400)
+    assert "'suffix'" in err["message"]
+
+
+def test_malformed_json_is_400(server) -> None:
+    client, _ = server
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        err = _error(client.post(CHAT, content=raw, headers={"content-type": "application/json"}),
+                     400)
+        assert err["code"] == "invalid_json"
+    _ok(client)
+
+
+def test_context_length_exceeded_names_both_numbers(server) -> None:
+    client, _ = server
+    prompt = "x" * 50
+    err = _error(client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 20}), 400)
+    assert err["code"] == "context_length_exceeded"
+    assert "64" in err["message"] and "70" in err["message"]
+    assert "50" in err["message"] and "20" in err["message"]
+    _ok(client)
+
+
+def test_unknown_model_is_404(server) -> None:
+    client, _ = server
+    err = _error(client.post(CHAT, json={"model": "gpt-17", "messages": MSGS}), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    _error(client.get("/v1/models/gpt-17"), 404)
+    assert client.get("/v1/models/fake-model").json()["id"] == "fake-model"
+    _error(client.get("/no/such/route"), 404)
+
+
+def test_body_over_limit_is_413(server) -> None:
+    client, _ = server
+    err = _error(client.post(CHAT, json={"messages": [{"role": "user", "content": "x" * 3000}]}),
+                 413)
+    assert "2000" in err["message"]
+    _ok(client)
+
+
+def test_queue_full_is_429_with_retry_after() -> None:
+    engine = FakeEngine(max_waiting=0)
+    with app_in_thread(lambda: engine) as (url, state):
+        for stream in (False, True):
+            resp = httpx.post(url + CHAT, json={"messages": MSGS, "stream": stream}, timeout=10)
+            err = _error(resp, 429)
+            assert err["type"] == "rate_limit_error"
+            assert int(resp.headers["retry-after"]) >= 1
+        assert state.in_flight == 0
+        engine.max_waiting = 10
+        assert httpx.post(url + CHAT, json={"messages": MSGS, "max_tokens": 2}).status_code == 200
+
+
+def test_api_key_required_when_set() -> None:
+    with app_in_thread(FakeEngine, ApiConfig(api_key="s3cret")) as (url, _):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            resp = httpx.post(url + CHAT, json={"messages": MSGS}, headers=headers)
+            assert _error(resp, 401)["code"] == "invalid_api_key"
+        _error(httpx.get(url + "/v1/models"), 401)
+        assert httpx.get(url + "/health").status_code == 200  # probes stay open
+        good = {"Authorization": "Bearer s3cret"}
+        resp = httpx.post(url + CHAT, json={"messages": MSGS, "max_tokens": 2}, headers=good)
+        assert resp.status_code == 200
+
+
+def test_loading_then_ready() -> None:
+    release = threading.Event()
+
+    def slow_loader() -> FakeEngine:
+        release.wait(10)
+        return FakeEngine()
+
+    with app_in_thread(slow_loader, wait_ready=False) as (url, state):
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/ready").status_code == 503
+        resp = httpx.post(url + CHAT, json={"messages": MSGS})
+        assert _error(resp, 503)["code"] == "loading" and "retry-after" in resp.headers
+        release.set()
+        assert state.loaded.wait(10)
+        assert httpx.get(url + "/ready").status_code == 200
+        assert httpx.post(url + CHAT, json={"messages": MSGS, "max_tokens": 2}).status_code == 200
+
+
+def test_failed_load_reports_dead() -> None:
+    def broken() -> FakeEngine:
+        raise RuntimeError("no weights")
+
+    with app_in_thread(broken) as (url, _):
+        assert httpx.get(url + "/health").status_code == 503
+        assert httpx.get(url + "/ready").json()["status"] == "failed"
+        _error(httpx.post(url + CHAT, json={"messages": MSGS}), 503)
+
+
+def test_draining_rejects_new_requests() -> None:
+    with app_in_thread(FakeEngine) as (url, state):
+        state.draining = True
+        assert httpx.get(url + "/ready").status_code == 503
+        assert httpx.get(url + "/health").status_code == 200
+        assert _error(httpx.post(url + CHAT, json={"messages": MSGS}), 503)["code"] == "draining"

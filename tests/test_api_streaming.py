@@ -1,0 +1,141 @@
+"""Response shapes, SSE streaming, fan-out and cancellation, against the fake engine (fast)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from api_fakes import FakeEngine
+from api_server import app_in_thread
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = FakeEngine(step_s=0.005)
+    with app_in_thread(lambda: engine) as (url, state):
+        yield url, engine, state
+
+
+def _events(resp: httpx.Response) -> list[dict]:
+    lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_chat_stream_chunks_and_usage(served) -> None:
+    url, engine, _ = served
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
+            "n": 2, "seed": 3, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = _events(resp)
+    texts, reasons = {0: "", 1: ""}, {}
+    for ev in events[:-1]:
+        assert ev["object"] == "chat.completion.chunk" and ev["id"].startswith("chatcmpl-")
+        (choice,) = ev["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+        if choice["finish_reason"]:
+            reasons[choice["index"]] = choice["finish_reason"]
+    prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True))
+    rids = sorted(r for r in engine.params if engine.params[r].seed in (3, 4))[-2:]
+    assert [engine.params[r].seed for r in rids] == [3, 4]  # seed + i per choice
+    for i in (0, 1):
+        seeded = engine.script(prompt, engine.params[rids[i]])[:5]
+        assert texts[i] == seeded
+    assert reasons == {0: "length", 1: "length"}
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 10,
+                                   "total_tokens": len(prompt) + 10}
+
+
+def test_completions_multi_prompt_echo_and_stop(served) -> None:
+    url, engine, _ = served
+    body = {"prompt": [[97, 98], [97, 98, 99]], "max_tokens": 6, "echo": True, "n": 2}
+    resp = httpx.post(url + "/v1/completions", json=body).json()
+    assert [c["index"] for c in resp["choices"]] == [0, 1, 2, 3]
+    assert resp["choices"][0]["text"].startswith("ab")
+    assert resp["choices"][2]["text"].startswith("abc")
+    assert resp["usage"]["prompt_tokens"] == 5  # each prompt counted once, not per choice
+    assert resp["usage"]["completion_tokens"] == 24
+    script = engine.script([97, 98], engine.params[max(engine.params)])
+    stop = script[3]
+    stopped = httpx.post(url + "/v1/completions", json={
+        "prompt": "ab", "max_tokens": 10, "stop": stop, "temperature": 0}).json()["choices"][0]
+    assert stopped["text"] == script[:3] and stopped["finish_reason"] == "stop"
+
+
+def test_logprob_shapes(served) -> None:
+    url, _, _ = served
+    chat = httpx.post(url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "logprobs": True,
+        "top_logprobs": 2}).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert len(content) == 3
+    assert "".join(c["token"] for c in content) == chat["message"]["content"]
+    assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode())
+               for c in content)
+    comp = httpx.post(url + "/v1/completions", json={"prompt": "ab", "max_tokens": 4,
+                                                     "logprobs": 1}).json()["choices"][0]
+    lp = comp["logprobs"]
+    assert "".join(lp["tokens"]) == comp["text"]
+    assert lp["text_offset"] == [0, 1, 2, 3]
+    assert len(lp["token_logprobs"]) == 4 and all(len(t) == 1 for t in lp["top_logprobs"])
+
+
+def test_models_tokenize_detokenize(served) -> None:
+    url, _, _ = served
+    assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "fake-model"
+    tok = httpx.post(url + "/tokenize", json={"prompt": "hey"}).json()
+    assert tok["tokens"] == [104, 101, 121] and tok["count"] == 3
+    assert httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "hey"
+    chat = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "a"}]})
+    assert chat.json()["count"] == len("<user>a\n<assistant>")
+
+
+def _wait_idle(engine: FakeEngine, state, timeout: float = 1.0) -> float:
+    start = time.monotonic()
+    while engine.active or state.in_flight:
+        assert time.monotonic() - start < timeout, (engine.active, state.in_flight)
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def _post_then_hang_up(url: str, path: str, body: dict, read_bytes: int, wait_s: float,
+                       before_close: Callable[[], None]) -> bytes:
+    """POST over a raw socket, read a little (or nothing), wait, check, close the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        got = sock.recv(read_bytes) if read_bytes else b""
+        time.sleep(wait_s)
+        before_close()
+    return got
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts_engine_requests(served, stream) -> None:
+    url, engine, state = served
+    engine.step_s = 0.05
+    try:
+        body = {"prompt": "zz", "max_tokens": 200, "n": 2, "stream": stream}
+        before = len(engine.aborted)
+
+        def both_running() -> None:
+            assert len(engine.active) == 2
+
+        got = _post_then_hang_up(url, "/v1/completions", body, 64 if stream else 0, 0.3,
+                                 both_running)
+        if stream:
+            assert got.startswith(b"HTTP/1.1 200")
+        _wait_idle(engine, state)
+        assert len(engine.aborted) == before + 2
+    finally:
+        engine.step_s = 0.005
