@@ -92,8 +92,9 @@ def paged_attention_padded(
     """
     num_seqs = block_tables.shape[0]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k = k_cache[block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache[block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    flat = block_tables.reshape(-1)
+    k = k_cache.index_select(0, flat).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     qp = q[q_index].transpose(1, 2)  # [num_seqs, heads, max_q, dim]
     out = F.scaled_dot_product_attention(
         qp, k.to(qp.dtype), v.to(qp.dtype), attn_mask=mask, scale=scale, enable_gqa=True

@@ -1,0 +1,59 @@
+"""Typed contracts between the scheduler and the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.outputs import TokenLogprob
+from server.engine.request import Request
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request: Request
+    num_new_tokens: int
+    """Tokens to run, starting at request.num_computed_tokens; drafts come last."""
+    spec_token_ids: list[int]
+    """Draft tokens included at the end of this step's tokens (maybe trimmed by budget)."""
+    num_draft_tokens_next: int = 0
+    """How many tokens the drafter may propose for this request's next step (0 = none)."""
+
+    @property
+    def reaches_end(self) -> bool:
+        """True when this step computes through the newest token, so a token is sampled."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens + len(self.spec_token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step."""
+
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampledTokens:
+    """What the runner produced for one request that reached its end."""
+
+    token_ids: list[int]
+    """1..k+1 tokens: the accepted drafts then one token from the target."""
+    num_draft_tokens: int
+    """Drafts that were verified this step."""
+    logprobs: list[TokenLogprob] | None = None
+    next_draft: list[int] = field(default_factory=list)
+    """Proposed drafts for the next step (already capped by num_draft_tokens_next)."""
+    next_draft_probs: torch.Tensor | None = None
+
+
+@dataclass
+class RunnerOutput:
+    """Per-request results of one step, keyed by request id."""
+
+    sampled: dict[str, SampledTokens]

@@ -1,0 +1,200 @@
+"""The synchronous engine: schedule -> execute -> update, plus output processing.
+
+`LLMEngine.step()` runs one step and returns a `RequestOutput` delta for every request that
+produced tokens or finished. The async client (`async_engine`) and the offline API (`llm`)
+both drive it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from drafters.base import create_drafter
+from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
+from server.engine.contracts import SampledTokens
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.outputs import RequestOutput
+from server.engine.request import Request
+from server.engine.runner import ModelRunner
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.spec_policy import SpecPolicy
+from server.metrics import Metrics
+from server.models.loader import build_model, open_checkpoint
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class _Tracked:
+    """Per-request output-side state (detokenizer, timings)."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    last_token_time: float | None = None
+
+
+class LLMEngine:
+    """Loads the model and runs steps; not thread-safe (one driver thread)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        checkpoint = open_checkpoint(config.model)
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.model_name = config.served_model_name or checkpoint.path.name.removesuffix(".gguf")
+        limit = checkpoint.config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or min(limit, 8192), limit)
+        self.model = build_model(checkpoint, dtype, self.device, self.max_model_len)
+        self.blocks = BlockManager(self._num_blocks(dtype), config.block_size)
+        policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
+        drafter = create_drafter(config.speculative) if config.speculative else None
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.blocks, policy,
+        )
+        self.runner = ModelRunner(self.model, self.blocks, self.device, drafter)
+        self.drafter = drafter
+        self.metrics = Metrics(self.model_name)
+        self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        )))
+        self._tracked: dict[str, _Tracked] = {}
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+
+    def _num_blocks(self, dtype: torch.dtype) -> int:
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
+        c = self.model_config
+        per_block = 2 * c.num_layers * self.config.block_size * c.num_kv_heads * c.head_dim
+        per_block *= torch.finfo(dtype).bits // 8
+        return max(1, int(self.config.kv_cache_memory_gb * 2**30 // per_block))
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError for a prompt that can never fit."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        generator = torch.Generator()
+        seed = params.seed if params.seed is not None else int(
+            torch.randint(0, 2**62, (1,), generator=self._seed_rng)
+        )
+        generator.manual_seed(seed)
+        request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids, generator=generator)
+        self.scheduler.add_request(request)
+        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now (its blocks return to the pool); None if unknown."""
+        tracked = self._tracked.pop(request_id, None)
+        self.scheduler.finish_request(request_id, "abort")
+        if self.drafter is not None:
+            self.drafter.release(request_id)
+        if tracked is None:
+            return None
+        self.metrics.request_success("abort")
+        r = tracked.request
+        return RequestOutput(r.request_id, [], "", r.num_prompt_tokens, len(r.output_token_ids),
+                             finished=True, finish_reason="abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.preempted:
+            self.metrics.num_preemptions.inc(len(sched.preempted))
+        if not sched.scheduled:
+            return []
+        result = self.runner.execute(sched)
+        emitted = self.scheduler.update(sched, result)
+        now = time.monotonic()
+        outputs = [self._output(r, tokens, result.sampled[r.request_id], now) for r, tokens in emitted]
+        if self.config.debug_check_integrity:
+            self.blocks.check_integrity()
+        self._record_gauges()
+        return outputs
+
+    def _output(self, r: Request, tokens: list[int], sampled: SampledTokens, now: float) -> RequestOutput:
+        tracked = self._tracked[r.request_id]
+        text_tokens = tokens
+        if r.finish_reason == "stop" and tokens and self._is_stop_token(r, tokens[-1]):
+            text_tokens = tokens[:-1]  # the stop token itself is not part of the text
+        text = tracked.detok.add(text_tokens, final=r.is_finished)
+        if tracked.detok.stopped and not r.is_finished:
+            self.scheduler.finish_request(r.request_id, "stop")
+            text += tracked.detok.add([], final=True)
+        self._record_tokens(tracked, r, len(tokens), now)
+        self._record_spec(sampled)
+        logprobs = sampled.logprobs[: len(tokens)] if sampled.logprobs is not None else None
+        if r.is_finished:
+            self._tracked.pop(r.request_id, None)
+            if self.drafter is not None:
+                self.drafter.release(r.request_id)
+            self.metrics.request_success(r.finish_reason or "stop")
+            self.metrics.e2e_request_latency.observe(now - r.arrival_time)
+        return RequestOutput(
+            r.request_id, tokens, text, r.num_prompt_tokens, len(r.output_token_ids), logprobs,
+            finished=r.is_finished, finish_reason=r.finish_reason,
+            num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
+        )
+
+    def _record_tokens(self, tracked: _Tracked, r: Request, n: int, now: float) -> None:
+        m = self.metrics
+        m.generation_tokens.inc(n)
+        if tracked.last_token_time is None:
+            m.time_to_first_token.observe(now - r.arrival_time)
+            m.prompt_tokens.inc(r.num_prompt_tokens)
+            if r.first_scheduled_time is not None:
+                m.request_queue_time.observe(r.first_scheduled_time - r.arrival_time)
+        else:
+            m.inter_token_latency.observe(now - tracked.last_token_time)
+        tracked.last_token_time = now
+
+    def _record_spec(self, sampled: SampledTokens) -> None:
+        if sampled.num_draft_tokens == 0:
+            return
+        m = self.metrics
+        accepted = len(sampled.token_ids) - 1
+        m.spec_decode_num_drafts.inc()
+        m.spec_decode_num_draft_tokens.inc(sampled.num_draft_tokens)
+        m.spec_decode_num_accepted_tokens.inc(accepted)
+        for position in range(accepted):
+            m.accepted_at(position)
+
+    def _is_stop_token(self, r: Request, token: int) -> bool:
+        return token in r.params.stop_token_ids or (not r.params.ignore_eos and token in self.eos_token_ids)
+
+    def _record_gauges(self) -> None:
+        m = self.metrics
+        m.num_requests_running.set(len(self.scheduler.running))
+        m.num_requests_waiting.set(len(self.scheduler.waiting))
+        m.kv_cache_usage_perc.set(self.blocks.usage)

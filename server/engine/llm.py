@@ -1,0 +1,72 @@
+"""Offline batch API: `LLM(model=...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.engine.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.outputs import TokenLogprob
+from server.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Completion:
+    """The finished result of one prompt."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+
+class LLM:
+    """Runs an engine to completion over a list of prompts."""
+
+    def __init__(self, model: str | None = None, **config: object) -> None:
+        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **config}))
+        self.tokenizer = self.engine.tokenizer
+        self._counter = 0
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if chat:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                return_dict=False,
+            )
+        return self.tokenizer(prompt).input_ids
+
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+        chat: bool = False,
+    ) -> list[Completion]:
+        """Generate for every prompt (all batched together); results in prompt order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        results: dict[str, Completion] = {}
+        order = []
+        for prompt, p in zip(prompts, params_list, strict=True):
+            request_id = f"offline-{self._counter}"
+            self._counter += 1
+            ids = self.encode(prompt, chat)
+            self.engine.add_request(request_id, ids, p)
+            results[request_id] = Completion(request_id, ids)
+            order.append(request_id)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                self.absorb(results[out.request_id], out)
+        return [results[i] for i in order]
+
+    @staticmethod
+    def absorb(c: Completion, out: object) -> None:
+        c.token_ids.extend(out.new_token_ids)
+        c.text += out.new_text
+        c.logprobs.extend(out.logprobs or [])
+        c.num_draft_tokens, c.num_accepted_tokens = out.num_draft_tokens, out.num_accepted_tokens
+        if out.finished:
+            c.finish_reason = out.finish_reason

@@ -1,0 +1,108 @@
+"""Model runner: one forward over the flat batch, then sampling / verification and drafting."""
+
+from __future__ import annotations
+
+import torch
+
+from drafters.base import DraftBatch, Drafter, DraftRequest
+from drafters.verify import verify_greedy, verify_sampled
+from server.engine.batch_builder import build_inputs
+from server.engine.block_manager import BlockManager
+from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
+from server.engine.sampler import filter_probs, processed_logits, sample, token_logprobs
+
+
+class ModelRunner:
+    """Owns the model and its KV cache tensors; executes scheduled steps."""
+
+    def __init__(
+        self, model: torch.nn.Module, blocks: BlockManager, device: torch.device,
+        drafter: Drafter | None = None,
+    ) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.device = device
+        self.drafter = drafter
+        c = model.config
+        shape = (blocks.num_blocks, blocks.block_size, c.num_kv_heads, c.head_dim)
+        model.kv_caches = [
+            (torch.zeros(shape, dtype=model.dtype, device=device), torch.zeros(shape, dtype=model.dtype, device=device))
+            for _ in range(c.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
+        inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
+                              padded_groups=self.device.type == "cpu")
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
+        rows: list[int] = []
+        owners: list[tuple[ScheduledRequest, int]] = []
+        for s, end in zip(out.scheduled, inputs.query_start[1:], strict=True):
+            if s.reaches_end:
+                n = len(s.spec_token_ids) + 1
+                owners.append((s, len(rows)))
+                rows.extend(range(end - n, end))
+        if not rows:
+            return RunnerOutput({})
+        row_index = torch.tensor(rows, device=hidden.device)
+        logits = self.model.compute_logits(hidden[row_index]).cpu()  # [R, vocab]
+        sampled: dict[str, SampledTokens] = {}
+        last_rows: list[int] = []
+        for s, first in owners:
+            n = len(s.spec_token_ids) + 1
+            result = self._sample_request(s, logits[first : first + n])
+            sampled[s.request.request_id] = result
+            last_rows.append(rows[first + len(result.token_ids) - 1])
+        if self.drafter is not None:
+            self._draft(owners, sampled, hidden, last_rows)
+        return RunnerOutput(sampled)
+
+    def _sample_request(self, s: ScheduledRequest, logits: torch.Tensor) -> SampledTokens:
+        """logits: [k+1, vocab] for the request's newest token and its k drafts."""
+        r, p = s.request, s.request.params
+        drafts = s.spec_token_ids
+        stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
+        if p.greedy and not p.has_penalties and len(r.output_token_ids) >= p.min_tokens:
+            targets = logits.argmax(dim=-1).tolist()
+            tokens = verify_greedy(drafts, targets) if drafts else targets[:1]
+        else:
+            rows = []
+            for j in range(len(drafts) + 1):
+                history = r.output_token_ids + drafts[:j]
+                rows.append(processed_logits(logits[j], p, r.prompt_token_ids, history, stop_ids))
+            processed = torch.stack(rows)
+            if p.greedy:
+                targets = processed.argmax(dim=-1).tolist()
+                tokens = verify_greedy(drafts, targets) if drafts else targets[:1]
+            else:
+                probs = torch.stack([filter_probs(row, p) for row in processed])
+                if drafts:
+                    tokens = verify_sampled(drafts, probs, r.draft_probs, r.generator)
+                else:
+                    tokens = [sample(probs[0], r.generator)]
+        logprobs = None
+        if p.logprobs is not None:
+            logprobs = token_logprobs(logits[: len(tokens)], tokens, p.logprobs)
+        return SampledTokens(tokens, len(drafts), logprobs)
+
+    def _draft(self, owners: list[tuple[ScheduledRequest, int]], sampled: dict[str, SampledTokens],
+               hidden: torch.Tensor, last_rows: list[int]) -> None:
+        wanted = [(s, row) for (s, _), row in zip(owners, last_rows, strict=True) if s.num_draft_tokens_next > 0]
+        if not wanted:
+            return
+        requests = [
+            DraftRequest(s.request.request_id, s.request.all_token_ids + sampled[s.request.request_id].token_ids,
+                         s.num_draft_tokens_next)
+            for s, _ in wanted
+        ]
+        states = None
+        if self.drafter.needs_hidden_states:
+            states = hidden[torch.tensor([row for _, row in wanted], device=hidden.device)]
+        proposals = self.drafter.propose(DraftBatch(requests, states))
+        for (s, _), proposal in zip(wanted, proposals, strict=True):
+            result = sampled[s.request.request_id]
+            k = s.num_draft_tokens_next
+            result.next_draft = proposal.token_ids[:k]
+            if proposal.probs is not None:
+                result.next_draft_probs = proposal.probs[:k]

@@ -1,0 +1,82 @@
+"""Turn logits into tokens: penalties, temperature, top-k/top-p/min-p, seeded sampling.
+
+`target_probs` gives the processed distribution a request samples from (also what
+speculative verification compares drafts against); `sample` draws from it with the
+request's own generator, so a seeded request reproduces whatever else is batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from server.engine.outputs import TokenLogprob
+from server.engine.sampling_params import SamplingParams
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> torch.Tensor:
+    """logits: [V] float32 for one row; returns a penalized copy (or the input if none apply)."""
+    if not params.has_penalties:
+        return logits
+    logits = logits.clone()
+    out = torch.tensor(list(output_ids), dtype=torch.long)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(list(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if out.numel() and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.zeros_like(logits).index_add_(0, out, torch.ones(out.numel()))
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def suppress_stops(logits: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """Make stop tokens impossible (min_tokens not reached yet)."""
+    logits = logits.clone()
+    logits[list(stop_ids)] = float("-inf")
+    return logits
+
+
+def filter_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[V] penalized logits -> [V] probabilities after temperature, top-k, top-p, min-p."""
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_k and params.top_k < probs.shape[-1]:
+        kth = torch.topk(probs, params.top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cumulative = sorted_probs.cumsum(0)
+        drop_sorted = cumulative - sorted_probs > params.top_p * cumulative[-1]
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop_sorted, 0.0))
+    if params.min_p > 0.0:
+        probs = torch.where(probs >= params.min_p * probs.max(), probs, 0.0)
+    return probs / probs.sum()
+
+
+def processed_logits(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int],
+    stop_ids: Sequence[int],
+) -> torch.Tensor:
+    """Penalties plus min_tokens suppression for one row."""
+    logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    if len(output_ids) < params.min_tokens and stop_ids:
+        logits = suppress_stops(logits, stop_ids)
+    return logits
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """Logprobs of the chosen tokens under the model's raw distribution. logits: [len(tokens), V]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(list(tokens)).unsqueeze(1)).squeeze(1).tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in tokens]
+    if top_n > 0:
+        values, ids = logp.topk(top_n, dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops, strict=True)]

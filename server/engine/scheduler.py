@@ -1,0 +1,204 @@
+"""Token-budget scheduler with continuous batching, chunked prefill and preemption.
+
+Pure Python: it decides, each step, how many tokens of which requests to run, owns KV
+block allocation, and folds the runner's sampled tokens back into request state. There are
+no prefill/decode phases: a request wants `num_tokens + drafts` tokens computed and has
+`num_computed_tokens`; every step moves it closer within the shared token budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.block_manager import BlockManager
+from server.engine.contracts import RunnerOutput, ScheduledRequest, SchedulerOutput
+from server.engine.request import Request, RequestStatus
+from server.engine.spec_policy import SpecPolicy
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits the scheduler enforces."""
+
+    max_num_seqs: int
+    """Most requests in the running batch."""
+    max_num_batched_tokens: int
+    """Token budget of one step."""
+    max_model_len: int
+    """Longest prompt + output of any request."""
+
+
+class Scheduler:
+    """Owns the waiting queue, the running batch and the block manager."""
+
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, spec_policy: SpecPolicy | None = None
+    ) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.spec_policy = spec_policy
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- admission and removal -------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_prompt_tokens + 1 > self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens; max_model_len is {self.config.max_model_len}"
+            )
+        if self.blocks.blocks_needed(request.num_prompt_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt needs more KV blocks than the whole cache holds ({self.blocks.num_blocks})"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, reason: str) -> Request | None:
+        """Finish (or abort) a request now and free its blocks; unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.blocks.free(request_id)
+        if self.spec_policy is not None:
+            self.spec_policy.forget(request_id)
+        return request
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            item = self._try_schedule(request, budget, preempted)
+            if item is None:  # the request itself was preempted
+                continue
+            scheduled.append(item)
+            budget -= item.num_new_tokens
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+                break
+            self.blocks.allocate(request.request_id, request.num_computed_tokens + num_new)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new, []))
+            budget -= num_new
+        self._assign_draft_lengths(scheduled)
+        total = sum(s.num_new_tokens for s in scheduled)
+        return SchedulerOutput(scheduled, total, preempted)
+
+    def _try_schedule(self, request: Request, budget: int, preempted: list[str]) -> ScheduledRequest | None:
+        """Schedule a running request, preempting from the back of the batch for blocks."""
+        remaining_budget = budget
+        spec = request.spec_token_ids
+        base = request.num_tokens - request.num_computed_tokens
+        if base >= remaining_budget:
+            spec = []
+        else:
+            spec = spec[: remaining_budget - base]
+        num_new = min(base + len(spec), remaining_budget)
+        while not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return None
+        self.blocks.allocate(request.request_id, request.num_computed_tokens + num_new)
+        if len(spec) < len(request.spec_token_ids):
+            request.draft_probs = None if request.draft_probs is None else request.draft_probs[: len(spec)]
+            request.spec_token_ids = spec
+        return ScheduledRequest(request, num_new, list(spec))
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: drop its KV and put it at the front of the queue."""
+        self.running.remove(request)
+        self.blocks.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.draft_probs = None
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _assign_draft_lengths(self, scheduled: list[ScheduledRequest]) -> None:
+        if self.spec_policy is None:
+            return
+        base_tokens = sum(s.num_new_tokens - len(s.spec_token_ids) for s in scheduled)
+        spare = self.config.max_num_batched_tokens - base_tokens
+        for s in scheduled:
+            if not s.reaches_end:
+                continue
+            r = s.request
+            left = min(
+                r.params.max_tokens - len(r.output_token_ids) - 1,
+                self.config.max_model_len - r.num_tokens - 1,
+            )
+            k = min(self.spec_policy.draft_length(r.request_id, base_tokens), max(left - len(s.spec_token_ids), 0))
+            k = max(0, min(k, spare))
+            spare -= k
+            s.num_draft_tokens_next = k
+
+    # -- results ----------------------------------------------------------------------------
+    def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[tuple[Request, list[int]]]:
+        """Apply a step's results. Returns (request, new tokens) for requests that got tokens;
+        requests that hit EOS, a stop token, max_tokens or max_model_len are finished and freed."""
+        emitted: list[tuple[Request, list[int]]] = []
+        for s in output.scheduled:
+            r = s.request
+            if r.is_finished:  # aborted while the step ran
+                continue
+            r.num_computed_tokens += s.num_new_tokens
+            sampled = result.sampled.get(r.request_id)
+            if sampled is None:
+                continue
+            rejected = len(s.spec_token_ids) - (len(sampled.token_ids) - 1)
+            r.num_computed_tokens -= rejected
+            r.num_draft_tokens += sampled.num_draft_tokens
+            r.num_accepted_tokens += len(sampled.token_ids) - 1
+            if self.spec_policy is not None:
+                self.spec_policy.observe(r.request_id, sampled.num_draft_tokens, len(sampled.token_ids) - 1)
+            new_tokens, reason = self._append_tokens(r, sampled.token_ids)
+            r.spec_token_ids = sampled.next_draft
+            r.draft_probs = sampled.next_draft_probs
+            self.blocks.truncate(r.request_id, r.num_computed_tokens)
+            emitted.append((r, new_tokens))
+            if reason is not None:
+                self.finish_request(r.request_id, reason)
+        return emitted
+
+    def _append_tokens(self, r: Request, tokens: list[int]) -> tuple[list[int], str | None]:
+        p = r.params
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
+        new: list[int] = []
+        for token in tokens:
+            r.output_token_ids.append(token)
+            new.append(token)
+            n = len(r.output_token_ids)
+            if token in stops and n > p.min_tokens:
+                return new, "stop"
+            if n >= p.max_tokens or r.num_tokens >= self.config.max_model_len:
+                return new, "length"
+        return new, None

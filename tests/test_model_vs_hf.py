@@ -1,0 +1,63 @@
+"""Our forward against transformers on the same weights: greedy tokens and top-5 logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.engine.llm import LLM
+from server.engine.sampling_params import SamplingParams
+
+LOGPROB_ATOL = 2e-3  # float32 on both sides; differences are summation order only
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the log-softmax at every step ([n, vocab]) from transformers."""
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, output_scores=False,
+        output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
+    )
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return tokens, torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+
+
+def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n: int) -> None:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=5)
+    ours = llm.generate(prompts, params)
+    for prompt, result in zip(prompts, ours, strict=True):
+        tokens, logp = hf_greedy(hf, prompt, n)
+        assert result.token_ids == tokens
+        for step, lp in enumerate(result.logprobs):
+            ref_top = logp[step].topk(5)
+            assert [t for t, _ in lp.top] == ref_top.indices.tolist()
+            ours_vals = torch.tensor([v for _, v in lp.top])
+            torch.testing.assert_close(ours_vals, ref_top.values, atol=LOGPROB_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
+def test_tiny_models_match_transformers(arch: str, tiny_model_dir) -> None:
+    path = tiny_model_dir(arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 30)]
+    check_against_hf(llm, hf, prompts, 32)
+    llm.engine.blocks.check_integrity()
+    assert llm.engine.blocks.num_free_blocks == 64
+
+
+@pytest.mark.slow
+def test_default_model_matches_transformers(default_llm: LLM) -> None:
+    from server.models.loader import default_model_path
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tok = default_llm.tokenizer
+    prompts = [
+        default_llm.encode("What is the capital of France?", chat=True),
+        default_llm.encode("def fibonacci(n):"),
+        default_llm.encode("Write a short poem about autumn leaves.", chat=True),
+    ]
+    assert all(len(p) > 3 for p in prompts) and tok is not None
+    check_against_hf(default_llm, hf, prompts, 32)
