@@ -6,10 +6,12 @@ The fake server and its tolerance are described in test_bench_fake_server.py.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
-from test_bench_fake_server import TOL_S, FakeServer, running_fake_server
 
 from bench.arrivals import arrival_offsets
 from bench.client import Target
@@ -17,7 +19,9 @@ from bench.datasets import BenchRequest
 from bench.metrics import compute_metrics
 from bench.report import format_table
 from bench.runner import RunConfig, RunOutcome, run_benchmark
+from bench.serve import main
 from bench.tokens import fill_token_counts
+from tests.test_bench_fake_server import MAX_S, REL, TOL_S, FakeServer, running_fake_server
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +57,22 @@ def test_latencies_tokens_and_throughput_match_script(fake: FakeServer, endpoint
     e2el = ttft + (len(chunks) - 1) * itl
     assert m.completed == 8 and m.failed == 0
     for r in outcome.results:
-        assert r.ttft == pytest.approx(ttft, abs=TOL_S)
-        assert r.e2el == pytest.approx(e2el, abs=TOL_S)
         assert len(r.itls) == len(chunks) - 1
-        assert all(g == pytest.approx(itl, abs=TOL_S) for g in r.itls)
         assert (r.output_tokens, r.prompt_tokens, r.token_source) == (8, 5, "usage")
-    assert m.tpot.mean == pytest.approx(1000 * (e2el - ttft) / 7, abs=1000 * TOL_S / 7)
+        assert r.ttft == pytest.approx(ttft, abs=MAX_S) and r.e2el == pytest.approx(e2el, abs=MAX_S)
+    assert m.ttft.median == pytest.approx(1000 * ttft, abs=1000 * TOL_S)
+    assert m.e2el.median == pytest.approx(1000 * e2el, abs=1000 * TOL_S)
+    assert m.itl.median == pytest.approx(1000 * itl, abs=1000 * TOL_S)
+    assert m.tpot.median == pytest.approx(1000 * (e2el - ttft) / 7, abs=1000 * TOL_S / 7)
     assert m.itl.count == 8 * 3 and m.ttft.count == 8
     assert m.tokens_per_chunk == 2.0
     assert (m.total_output_tokens, m.total_input_tokens) == (64, 40)
     # Two slots, eight requests: four back-to-back waves of one request's latency.
-    assert m.duration_s == pytest.approx(4 * e2el, rel=0.15)
+    assert m.duration_s == pytest.approx(4 * e2el, rel=REL)
     assert m.request_throughput == pytest.approx(8 / m.duration_s)
     assert m.output_throughput == pytest.approx(64 / m.duration_s)
     assert m.total_token_throughput == pytest.approx(104 / m.duration_s)
-    assert m.output_throughput == pytest.approx(64 / (4 * e2el), rel=0.15)
+    assert m.output_throughput == pytest.approx(64 / (4 * e2el), rel=REL)
     assert m.peak_concurrency == 2 and fake.stats()["max_in_flight"] == 2
 
 
@@ -98,10 +103,10 @@ def test_poisson_arrivals_follow_the_schedule(fake: FakeServer) -> None:
     assert all(r.success for r in outcome.results)
     arrivals = sorted(fake.stats()["arrivals"])
     expected = arrival_offsets(n, rate, 1.0, seed)
-    measured = [t - arrivals[0] for t in arrivals]
-    assert measured == pytest.approx(expected, abs=TOL_S)
-    sent = sorted(r.start - outcome.start for r in outcome.results)
-    assert sent == pytest.approx(expected, abs=TOL_S)
+    for times in ([t - arrivals[0] for t in arrivals],
+                  sorted(r.start - outcome.start for r in outcome.results)):
+        errors = np.abs(np.asarray(times) - np.asarray(expected))
+        assert np.median(errors) < TOL_S and errors.max() < MAX_S
 
 
 def test_failures_are_counted_with_reasons(fake: FakeServer) -> None:
@@ -154,3 +159,30 @@ def test_without_usage_counts_come_from_tokenizer_or_chunks(fake: FakeServer) ->
     fill_token_counts(outcome.results, reqs, _WordTokenizer(), "chat")
     assert [(r.output_tokens, r.prompt_tokens, r.token_source) for r in outcome.results] == \
         [(8, 5, "tokenizer")] * 2
+
+
+def test_cli_sweep_writes_table_json_and_plots(fake: FakeServer, tmp_path, capsys) -> None:
+    fake.script(ttft=0.01, itl=0.01, chunks=(2, 2))
+    out, png = tmp_path / "res.json", tmp_path / "lat.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    rc = main(["--base-url", fake.url + "/v1", "--num-prompts", "4", "--sweep", "50,inf",
+               "--output-len", "4", "--goodput", "ttft:1000", "--no-progress",
+               "--result-json", str(out), *plot])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert table.count("Serving Benchmark Result") == 2 and "Request goodput" in table
+    doc = json.loads(out.read_text())
+    assert doc["schema_version"] == 1 and doc["config"]["model"] == "fake-model"
+    assert [r["request_rate"] for r in doc["runs"]] == [50.0, "inf"]
+    run = doc["runs"][1]
+    assert (run["completed"], run["failed"], run["total_output_tokens"]) == (4, 0, 16)
+    assert run["ttft_ms"]["count"] == 4 and run["server"]["spec_decode_num_drafts"] == 8
+    assert run["request_goodput"] == pytest.approx(run["request_throughput"])
+    assert {"id", "ttft_s", "itls_s", "output_tokens", "token_source"} <= set(run["requests"][0])
+    if plot:
+        assert png.stat().st_size > 0 and (tmp_path / "lat_sweep.png").stat().st_size > 0
+
+
+def test_cli_reports_bad_input_with_exit_code_2(capsys) -> None:
+    assert main(["--base-url", "http://127.0.0.1:9", "--model", "m", "--dataset", "jsonl"]) == 2
+    assert "--dataset must be" in capsys.readouterr().err

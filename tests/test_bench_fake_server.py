@@ -5,9 +5,11 @@ share a GIL with the client. Each test posts a script: delay to the first chunk 
 delay between chunks (ITL), tokens per chunk, whether usage is sent. Prompts containing
 FAIL500 get an HTTP 500; prompts containing BREAK get an error event after the first chunk.
 
-Tolerance: each measured latency is within TOL_S (30 ms) of the scripted one (localhost
-round trip plus event-loop jitter on a shared CPU); durations and throughputs within 15%.
-Token counts, tokens per chunk, and concurrency are exact.
+Tolerance (stated for the issue's "equal within a tolerance"): medians of measured latencies
+and of send-time errors are within TOL_S (30 ms) of the script, every single sample within
+MAX_S (150 ms: a shared, loaded CPU can stall one wake-up), run durations and throughputs
+within REL (25%). Token counts, tokens per chunk and concurrency are exact, and throughputs
+are exactly tokens / measured duration.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Iterator
 import httpx
 
 TOL_S = 0.03
+MAX_S = 0.15
+REL = 0.25
 
 
 def _fake_app():
