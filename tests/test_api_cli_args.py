@@ -1,0 +1,57 @@
+"""`serve` flags: every one documented with its LEAPFROG_ environment variable, env defaults
+applied, explicit flags winning, and the namespace mapped onto both configs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server.api.cli_args import add_arguments, configs_from_args, env_name
+from server.api.config import ApiConfig
+from server.engine.config import EngineConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def test_every_flag_has_help_and_env_var() -> None:
+    parser = _parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 25
+    for action in flags:
+        flag = action.option_strings[0]
+        assert action.help and env_name(flag) in action.help, flag
+    for name in ("--max-model-len", "--max-num-seqs", "--max-waiting", "--served-model-name",
+                 "--api-key", "--host", "--port", "--speculative", "--quantization"):
+        assert name in {a.option_strings[0] for a in flags}
+
+
+def test_defaults_match_the_configs() -> None:
+    engine, api = configs_from_args(_parser().parse_args([]))
+    assert engine == EngineConfig()
+    assert api == ApiConfig()
+
+
+def test_flags_and_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEAPFROG_MAX_MODEL_LEN", "1024")
+    monkeypatch.setenv("LEAPFROG_API_KEY", "k1")
+    monkeypatch.setenv("LEAPFROG_ENFORCE_EAGER", "true")
+    monkeypatch.setenv("LEAPFROG_MODEL", "/models/x.gguf")
+    args = _parser().parse_args(["--max-model-len", "2048", "--port", "9000", "--drain-timeout",
+                                 "2.5", "--speculative", "ngram", "--log-prompts"])
+    engine, api = configs_from_args(args)
+    assert engine.max_model_len == 2048  # the flag beats the environment
+    assert engine.enforce_eager is True and engine.model == "/models/x.gguf"
+    assert engine.speculative == "ngram"
+    assert api.api_key == "k1" and api.port == 9000 and api.drain_timeout_s == 2.5
+    assert api.log_prompts is True
+
+
+def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEAPFROG_MAX_NUM_SEQS", "many")
+    with pytest.raises(SystemExit, match="LEAPFROG_MAX_NUM_SEQS"):
+        _parser()

@@ -1,0 +1,45 @@
+"""The curl and `openai` client examples in docs/api.md work as written (pointed at the
+shared live server instead of port 8000)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from api_server import REPO, shared_server
+
+pytestmark = pytest.mark.slow
+DOC = REPO / "docs" / "api.md"
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", Path(DOC).read_text(), flags=re.S)
+
+
+def _retarget(code: str) -> str:
+    assert "127.0.0.1:8000" in code
+    return code.replace("127.0.0.1:8000", shared_server().url.removeprefix("http://"))
+
+
+def test_curl_examples() -> None:
+    curls = [b for b in _blocks("bash") if b.startswith("curl")]
+    assert len(curls) == 2
+    whole = json.loads(subprocess.run(_retarget(curls[0]), shell=True, check=True,
+                                      capture_output=True, text=True, timeout=120).stdout)
+    assert whole["choices"][0]["message"]["content"]
+    streamed = subprocess.run(_retarget(curls[1]), shell=True, check=True, capture_output=True,
+                              text=True, timeout=120).stdout
+    events = [line for line in streamed.splitlines() if line]
+    assert events[-1] == "data: [DONE]" and len(events) >= 3
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+
+
+def test_openai_client_example() -> None:
+    (code,) = _blocks("python")
+    out = subprocess.run([sys.executable, "-c", _retarget(code)], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert len(out.strip().splitlines()) >= 2, out  # the reply, then the streamed reply

@@ -1,0 +1,192 @@
+"""The real server (`python -m server.cli serve`, default model) through the official `openai`
+client, curl-like httpx calls and prometheus_client's parser. One shared server process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from api_server import shared_server
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+MSG = [{"role": "user", "content": "Name three colors."}]
+
+
+@pytest.fixture(scope="module")
+def url() -> str:
+    return shared_server().url
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def test_chat_usage_matches_tokenizer(url, client, model) -> None:
+    reply = client.chat.completions.create(model=model, messages=MSG, max_tokens=12,
+                                           temperature=0, logprobs=True)
+    choice = reply.choices[0]
+    prompt = httpx.post(url + "/tokenize", json={"messages": MSG}).json()
+    assert reply.usage.prompt_tokens == prompt["count"] > 5
+    assert reply.usage.completion_tokens == len(choice.logprobs.content)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 12
+    assert choice.message.content and choice.message.role == "assistant"
+
+
+def test_streaming_equals_non_streaming(client, model) -> None:
+    args = {"model": model, "max_tokens": 16, "temperature": 0}
+    whole = client.chat.completions.create(messages=MSG, **args).choices[0].message.content
+    chunks = client.chat.completions.create(messages=MSG, stream=True,
+                                            stream_options={"include_usage": True}, **args)
+    parts, usage = [], None
+    for chunk in chunks:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        parts.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(parts) == whole
+    assert usage is not None and usage.completion_tokens >= 1
+    prompt = "The capital of France is"
+    text = client.completions.create(prompt=prompt, **args).choices[0].text
+    streamed = client.completions.create(prompt=prompt, stream=True, **args)
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+
+def test_n2_and_seed_reproducibility(client, model) -> None:
+    args = {"model": model, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0}
+    pair = client.completions.create(n=2, seed=7, **args)
+    assert sorted(c.index for c in pair.choices) == [0, 1]
+    by_index = {c.index: c.text for c in pair.choices}
+    alone7 = client.completions.create(seed=7, **args).choices[0].text
+    alone8 = client.completions.create(seed=8, **args).choices[0].text
+    assert by_index == {0: alone7, 1: alone8}  # choice i runs with seed + i
+    assert client.completions.create(seed=7, **args).choices[0].text == alone7
+    greedy = client.chat.completions.create(model=model, messages=MSG, n=2, max_tokens=8,
+                                            temperature=0, logprobs=True)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    assert greedy.usage.completion_tokens == sum(len(c.logprobs.content) for c in greedy.choices)
+
+
+def test_logprobs_greedy_token_is_the_top_one(client, model) -> None:
+    chat = client.chat.completions.create(model=model, messages=MSG, max_tokens=8,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-4)
+    comp = client.completions.create(model=model, prompt="1, 2, 3,", max_tokens=6,
+                                     temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 6
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+
+
+def test_stop_string_is_not_returned(client, model) -> None:
+    args = {"model": model, "prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0}
+    full = client.completions.create(**args).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop.strip(), full
+    stopped = client.completions.create(stop=[stop], **args).choices[0]
+    assert stopped.text == full[: full.index(stop)]
+    assert stopped.finish_reason == "stop"
+
+
+def test_errors_then_keeps_serving(url, client, model) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model=model, prompt="hi " * 200, max_tokens=400)
+    body = exc.value.body
+    assert body["code"] == "context_length_exceeded" and "512" in body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=MSG)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model=model, messages=MSG, tools=[{
+            "type": "function", "function": {"name": "f", "parameters": {}}}])
+    bad = httpx.post(url + "/v1/chat/completions", content=b"{oops",
+                     headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    assert client.chat.completions.create(model=model, messages=MSG, max_tokens=2).choices
+
+
+def test_32_concurrent_streams_match_solo_greedy(url, model) -> None:
+    prompts = [f"Write the number {i} in words:" for i in range(32)]
+    aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt: str) -> str:
+        stream = await aclient.completions.create(model=model, prompt=prompt, max_tokens=8,
+                                                  temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def run() -> tuple[list[str], list[str]]:
+        solo = [await one(p) for p in prompts]
+        together = await asyncio.gather(*(one(p) for p in prompts))
+        return solo, list(together)
+
+    solo, together = asyncio.run(run())
+    assert all(solo)
+    assert together == solo
+
+
+def _health(url: str) -> dict:
+    return httpx.get(url + "/health").json()
+
+
+def test_disconnect_frees_blocks_within_a_second(url, model) -> None:
+    idle = _health(url)
+    assert idle["num_running"] == 0
+    body = {"model": model, "prompt": "Tell me a long story.", "max_tokens": 400,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
+        lines = resp.iter_lines()
+        for _ in range(4):
+            next(lines)
+        busy = _health(url)
+        assert busy["num_running"] == 1
+        assert busy["num_free_blocks"] < idle["num_free_blocks"]
+    closed = time.monotonic()
+    while time.monotonic() - closed < 1.0:
+        now = _health(url)
+        if now["num_running"] == 0 and now["num_free_blocks"] == idle["num_free_blocks"]:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError(f"blocks not back within 1s: {now} vs idle {idle}")
+
+
+def _samples(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items())
+                                        if k != "model_name")
+            values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+def test_metrics_parse_and_move(url, client, model) -> None:
+    before = _samples(url)
+    assert "leapfrog:kv_cache_usage_perc" in before
+    reply = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 5
+    after = _samples(url)
+    assert after["leapfrog:generation_tokens_total"] - before.get(
+        "leapfrog:generation_tokens_total", 0) == 5
+    assert after["leapfrog:prompt_tokens_total"] - before.get(
+        "leapfrog:prompt_tokens_total", 0) == reply.usage.prompt_tokens
+    key = "leapfrog:request_success_total,finished_reason=length"
+    assert after[key] - before.get(key, 0) == 1
+    assert after["leapfrog:e2e_request_latency_seconds_count"] > before.get(
+        "leapfrog:e2e_request_latency_seconds_count", 0)
