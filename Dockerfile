@@ -3,8 +3,8 @@
 #
 #   CPU (default):  docker build -t leapfrog:cpu .
 #   CUDA:           docker build -t leapfrog:cuda \
-#                     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-base-ubuntu22.04 \
-#                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 \
+#                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04 \
+#                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
 #                     --build-arg RUNTIME_PACKAGES="gcc libc6-dev python3-dev" .
 #   Run:            docker run --rm -p 8000:8000 leapfrog:cpu
 #
