@@ -36,6 +36,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
     preempted: list[str] = field(default_factory=list)
+    ended: list[Request] = field(default_factory=list)
+    """Requests the scheduler finished itself (the KV cache can never hold them)."""
 
 
 @dataclass

@@ -132,12 +132,14 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.preempted:
             self.metrics.num_preemptions.inc(len(sched.preempted))
+        now = time.monotonic()
+        outputs = [self._output(r, [], SampledTokens([], 0), now) for r in sched.ended]
         if not sched.scheduled:
-            return []
+            return outputs
         result = self.runner.execute(sched)
         emitted = self.scheduler.update(sched, result)
         now = time.monotonic()
-        outputs = [self._output(r, tokens, result.sampled[r.request_id], now) for r, tokens in emitted]
+        outputs += [self._output(r, tokens, result.sampled[r.request_id], now) for r, tokens in emitted]
         if self.config.debug_check_integrity:
             self.blocks.check_integrity()
         self._record_gauges()
@@ -152,7 +154,8 @@ class LLMEngine:
         if tracked.detok.stopped and not r.is_finished:
             self.scheduler.finish_request(r.request_id, "stop")
             text += tracked.detok.add([], final=True)
-        self._record_tokens(tracked, r, len(tokens), now)
+        if tokens:
+            self._record_tokens(tracked, r, len(tokens), now)
         self._record_spec(sampled)
         logprobs = sampled.logprobs[: len(tokens)] if sampled.logprobs is not None else None
         if r.is_finished:

@@ -83,11 +83,14 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
+        ended: list[Request] = []
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             item = self._try_schedule(request, budget, preempted)
-            if item is None:  # the request itself was preempted
+            if item is None:  # the request itself was preempted or ended
+                if request.is_finished:
+                    ended.append(request)
                 continue
             scheduled.append(item)
             budget -= item.num_new_tokens
@@ -107,7 +110,7 @@ class Scheduler:
             budget -= num_new
         self._assign_draft_lengths(scheduled)
         total = sum(s.num_new_tokens for s in scheduled)
-        return SchedulerOutput(scheduled, total, preempted)
+        return SchedulerOutput(scheduled, total, preempted, ended)
 
     def _try_schedule(self, request: Request, budget: int, preempted: list[str]) -> ScheduledRequest | None:
         """Schedule a running request, preempting from the back of the batch for blocks."""
@@ -120,6 +123,10 @@ class Scheduler:
             spec = spec[: remaining_budget - base]
         num_new = min(base + len(spec), remaining_budget)
         while not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+            if self.running == [request] and not self.waiting:
+                # Alone and still out of room: the cache can never hold it; end it here.
+                self.finish_request(request.request_id, "length")
+                return None
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.request_id)

@@ -1,0 +1,158 @@
+"""Async engine client: the engine loop runs in its own thread, never on the event loop.
+
+Requests enter through a thread-safe command queue; each step's outputs are handed to the
+owning request's asyncio queue with `call_soon_threadsafe`. A consumer that stops iterating
+(client disconnect, task cancelled) aborts its request, which frees its KV blocks at the
+start of the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("leapfrog.engine")
+
+
+class QueueFullError(Exception):
+    """Too many requests are waiting; the caller should retry later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    """Thread-backed client over `LLMEngine`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.config = config
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
+        self.metrics = self.engine.metrics
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._pending_adds = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="leapfrog-engine", daemon=True)
+        self._thread.start()
+
+    # -- client side (event loop) -----------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last one has finished=True."""
+        if not self.is_alive():
+            raise EngineDeadError("the engine loop is not running")
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            if self._pending_adds + len(self.engine.scheduler.waiting) >= self.config.max_waiting:
+                raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            self._streams[request_id] = stream
+            self._pending_adds += 1
+        self._commands.put(("add", request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def stats(self) -> EngineStats:
+        s = self.engine.scheduler
+        return EngineStats(len(s.running), len(s.waiting) + self._pending_adds,
+                           self.engine.blocks.num_free_blocks, self.engine.blocks.num_blocks)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout=30)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _apply(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, request_id, prompt, params = command
+            with self._lock:
+                self._pending_adds -= 1
+            if request_id not in self._streams:  # cancelled before it was queued
+                return
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as exc:
+                self._deliver(request_id, exc)
+        elif kind == "abort":
+            self.engine.abort_request(command[1])
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            try:
+                block = not engine.has_unfinished()
+                while True:
+                    try:
+                        command = self._commands.get(block=block, timeout=0.5 if block else None)
+                    except queue.Empty:
+                        break
+                    self._apply(command)
+                    block = False
+                if engine.has_unfinished():
+                    for out in engine.step():
+                        self._deliver(out.request_id, out)
+            except Exception as exc:  # a bug must not kill serving: fail in-flight requests
+                log.exception("engine step failed; aborting in-flight requests")
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self.engine.scheduler.requests):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, RuntimeError(f"engine error: {exc}"))

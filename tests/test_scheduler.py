@@ -1,0 +1,211 @@
+"""Scheduler and block manager on fabricated runner outputs (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine.block_manager import BlockManager, OutOfBlocksError
+from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
+from server.engine.request import Request, RequestStatus
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.spec_policy import SpecPolicy
+
+
+def make(num_blocks: int = 64, block_size: int = 4, max_seqs: int = 8, budget: int = 32,
+         max_len: int = 256, policy: SpecPolicy | None = None) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len), BlockManager(num_blocks, block_size), policy)
+
+
+def req(rid: str, n_prompt: int, max_tokens: int = 8, **kw: object) -> Request:
+    return Request(rid, list(range(10, 10 + n_prompt)), SamplingParams(max_tokens=max_tokens, **kw), (2,))
+
+
+def fake_run(out: SchedulerOutput, token: int = 7, accept_all: bool = False) -> RunnerOutput:
+    """Every request that reaches its end samples `token` (drafts all rejected unless accept_all)."""
+    sampled = {}
+    for s in out.scheduled:
+        if s.reaches_end:
+            toks = (list(s.spec_token_ids) if accept_all else []) + [token]
+            sampled[s.request.request_id] = SampledTokens(toks, len(s.spec_token_ids))
+    return RunnerOutput(sampled)
+
+
+def test_block_manager_allocate_truncate_free() -> None:
+    bm = BlockManager(8, 4)
+    bm.allocate("a", 9)
+    assert len(bm.block_table("a")) == 3 and bm.num_free_blocks == 5
+    bm.allocate("a", 12)
+    assert len(bm.block_table("a")) == 3
+    bm.truncate("a", 4)
+    assert len(bm.block_table("a")) == 1
+    with pytest.raises(OutOfBlocksError):
+        bm.allocate("b", 100)
+    bm.check_integrity()
+    assert bm.block_table("b") == []
+    bm.free("a")
+    assert bm.num_free_blocks == 8 and bm.usage == 0.0
+    bm.check_integrity()
+
+
+def test_integrity_check_catches_corruption() -> None:
+    bm = BlockManager(4, 4)
+    bm.allocate("a", 4)
+    bm._free.append(bm.block_table("a")[0])  # corrupt: a used block is also free
+    with pytest.raises(AssertionError):
+        bm.check_integrity()
+
+
+def test_chunked_prefill_respects_budget_and_then_decodes() -> None:
+    s = make(budget=16)
+    s.add_request(req("a", 40))
+    steps = []
+    while not s.requests["a"].output_token_ids:
+        out = s.schedule()
+        steps.append(out.num_batched_tokens)
+        s.update(out, fake_run(out))
+    assert steps == [16, 16, 8]
+    out = s.schedule()
+    assert out.num_batched_tokens == 1 and out.scheduled[0].reaches_end
+    s.blocks.check_integrity()
+
+
+def test_continuous_batching_join_and_finish() -> None:
+    s = make(budget=64)
+    s.add_request(req("a", 5, max_tokens=3))
+    out = s.schedule()
+    s.update(out, fake_run(out))
+    s.add_request(req("b", 6, max_tokens=2))
+    out = s.schedule()
+    assert [x.request.request_id for x in out.scheduled] == ["a", "b"]
+    assert [x.num_new_tokens for x in out.scheduled] == [1, 6]
+    s.update(out, fake_run(out))
+    out = s.schedule()
+    finished = s.update(out, fake_run(out))
+    assert {r.request_id for r, _ in finished} == {"a", "b"}
+    assert not s.has_work() and s.blocks.num_free_blocks == 64
+    s.blocks.check_integrity()
+
+
+def test_max_num_seqs_limits_running_batch() -> None:
+    s = make(max_seqs=2)
+    for i in range(4):
+        s.add_request(req(f"r{i}", 3))
+    out = s.schedule()
+    assert len(out.scheduled) == 2 and len(s.waiting) == 2
+
+
+def test_stop_conditions_eos_and_min_tokens() -> None:
+    s = make()
+    s.add_request(req("a", 3, max_tokens=10))
+    s.add_request(req("b", 3, max_tokens=10, min_tokens=3))
+    out = s.schedule()
+    s.update(out, fake_run(out, token=2))  # EOS
+    assert s.requests.get("a") is None
+    assert "b" in s.requests  # EOS before min_tokens does not stop
+    s.blocks.check_integrity()
+
+
+def test_preemption_when_blocks_run_out_recomputes() -> None:
+    s = make(num_blocks=10, block_size=4, budget=64)
+    s.add_request(req("a", 8, max_tokens=20))
+    s.add_request(req("b", 8, max_tokens=20))
+    preempted = 0
+    for _ in range(60):
+        if not s.has_work():
+            break
+        out = s.schedule()
+        preempted += len(out.preempted)
+        s.update(out, fake_run(out))
+        s.blocks.check_integrity()
+    assert not s.has_work()
+    assert preempted > 0 and s.num_preemptions == preempted
+    assert s.blocks.num_free_blocks == 10
+
+
+def test_request_larger_than_cache_ends_with_length() -> None:
+    s = make(num_blocks=4, block_size=4, budget=64)
+    s.add_request(req("a", 8, max_tokens=40))
+    emitted, ended = [], []
+    for _ in range(30):
+        if not s.has_work():
+            break
+        out = s.schedule()
+        emitted += s.update(out, fake_run(out))
+        ended += out.ended
+    assert not s.has_work() and s.blocks.num_free_blocks == 4
+    assert len(emitted) == 9  # 16 KV slots: 8 prompt + 8 generated tokens, whose last samples a 9th
+    assert [r.finish_reason for r in ended] == ["length"]
+
+
+def test_abort_frees_blocks_anytime() -> None:
+    s = make()
+    s.add_request(req("a", 30))
+    out = s.schedule()
+    s.finish_request("a", "abort")
+    s.update(out, fake_run(out))  # results for an aborted request are dropped
+    assert s.blocks.num_free_blocks == 64 and not s.has_work()
+    s.blocks.check_integrity()
+
+
+def test_prompt_longer_than_max_model_len_rejected() -> None:
+    s = make(max_len=16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        s.add_request(req("a", 16))
+
+
+def test_draft_tokens_budgeted_and_rolled_back() -> None:
+    s = make(block_size=4, budget=64, policy=SpecPolicy(max_draft_tokens=4))
+    r = req("a", 4, max_tokens=20)
+    s.add_request(r)
+    out = s.schedule()
+    assert out.scheduled[0].num_draft_tokens_next > 0
+    result = fake_run(out)
+    result.sampled["a"].next_draft = [5, 6, 7]
+    s.update(out, result)
+    assert r.num_computed_tokens == 4 and r.spec_token_ids == [5, 6, 7]
+    out = s.schedule()
+    assert out.scheduled[0].num_new_tokens == 4 and out.scheduled[0].spec_token_ids == [5, 6, 7]
+    assert len(s.blocks.block_table("a")) == 2  # 8 slots for 4 + 1 + 3 tokens
+    s.update(out, fake_run(out))  # all drafts rejected
+    assert r.num_computed_tokens == 5 and r.output_token_ids == [7, 7]
+    assert len(s.blocks.block_table("a")) == 2  # rollback keeps blocks still holding tokens
+    s.blocks.check_integrity()
+    r.spec_token_ids = [5, 6, 7, 8]
+    out = s.schedule()
+    s.update(out, fake_run(out, accept_all=True))
+    assert r.num_computed_tokens == 10 and r.output_token_ids[-5:] == [5, 6, 7, 8, 7]
+    s.blocks.check_integrity()
+
+
+def test_rollback_frees_emptied_blocks() -> None:
+    s = make(block_size=2, budget=64, policy=SpecPolicy(max_draft_tokens=4))
+    r = req("a", 2, max_tokens=20)
+    s.add_request(r)
+    out = s.schedule()
+    s.update(out, fake_run(out))
+    r.spec_token_ids = [5, 6, 7, 8]
+    out = s.schedule()  # 2 computed + 1 + 4 drafts = 7 slots -> 4 blocks
+    assert len(s.blocks.block_table("a")) == 4
+    s.update(out, fake_run(out))
+    assert r.num_computed_tokens == 3 and len(s.blocks.block_table("a")) == 2
+    assert s.blocks.num_free_blocks == 62
+    s.blocks.check_integrity()
+
+
+def test_spec_policy_shrinks_with_low_acceptance_and_big_batches() -> None:
+    p = SpecPolicy(max_draft_tokens=6)
+    assert p.draft_length("x", base_tokens=1) >= 4
+    for _ in range(20):
+        p.observe("x", 4, 0)
+    assert p.draft_length("x", base_tokens=1) == 0
+    q = SpecPolicy(max_draft_tokens=6)
+    assert q.draft_length("y", base_tokens=256) < q.draft_length("y", base_tokens=1)
+
+
+def test_finished_request_status() -> None:
+    s = make()
+    s.add_request(req("a", 3, max_tokens=1))
+    out = s.schedule()
+    (r, toks), = s.update(out, fake_run(out))
+    assert r.status == RequestStatus.FINISHED and r.finish_reason == "length" and toks == [7]
