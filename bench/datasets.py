@@ -38,16 +38,12 @@ class BuiltinPrompt:
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """One request to send: chat messages and the output budget.
-
-    `prompt_len` is the prompt's token count when the source knows it (random prompts built
-    from token ids); otherwise it comes from the server's usage or a tokenizer later.
-    """
+    """One request to send: chat messages and the output budget. Its prompt's token count
+    comes later, from the server's usage or a tokenizer."""
 
     id: str
     messages: list[dict[str, str]]
     max_tokens: int
-    prompt_len: int | None = None
 
     def prompt_text(self) -> str:
         """The messages flattened to one prompt, for the completions endpoint."""
@@ -140,8 +136,8 @@ def random_requests(
     """Random prompts with lengths uniform in [len*(1-r), len*(1+r)].
 
     With a tokenizer the prompt is decoded from random token ids (like vLLM's random
-    dataset) and its length is exact; without one it is random common English words, about
-    one token each, and the server's usage gives the true length.
+    dataset), so lengths are close to tokens after re-encoding; without one it is random
+    common English words, about one token each.
     """
     if not 0 <= range_ratio < 1:
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
@@ -152,13 +148,9 @@ def random_requests(
         if tokenizer is not None:
             ids = [rng.randrange(1000, 20000) for _ in range(in_len)]
             text = tokenizer.decode(ids)
-            prompt_len: int | None = len(tokenizer.encode(text, add_special_tokens=False))
         else:
-            text, prompt_len = " ".join(rng.choice(_WORDS) for _ in range(in_len)), None
-        out.append(BenchRequest(
-            id=f"random-{i}", messages=[{"role": "user", "content": text}],
-            max_tokens=out_len, prompt_len=prompt_len,
-        ))
+            text = " ".join(rng.choice(_WORDS) for _ in range(in_len))
+        out.append(BenchRequest(f"random-{i}", [{"role": "user", "content": text}], out_len))
     return out
 
 
@@ -195,7 +187,6 @@ def sharegpt_requests(
         out.append(BenchRequest(
             id=f"sharegpt-{len(out)}", messages=[{"role": "user", "content": prompt}],
             max_tokens=output_len if output_len is not None else r_len,
-            prompt_len=p_len if tokenizer is not None else None,
         ))
     if len(out) < n:
         raise ValueError(f"{path}: only {len(out)} usable conversations, --num-prompts is {n}")

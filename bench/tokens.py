@@ -50,11 +50,8 @@ def fill_token_counts(
         if not res.success:
             continue
         req = by_id[res.request_id]
-        if res.prompt_tokens is None:
-            if req.prompt_len is not None:
-                res.prompt_tokens = req.prompt_len
-            elif tokenizer is not None:
-                res.prompt_tokens = count_prompt_tokens(tokenizer, req, endpoint)
+        if res.prompt_tokens is None and tokenizer is not None:
+            res.prompt_tokens = count_prompt_tokens(tokenizer, req, endpoint)
         if res.output_tokens is not None:
             continue
         if tokenizer is not None:

@@ -3,6 +3,7 @@ Prometheus parsing, datasets."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from bench.datasets import (
 )
 from bench.metrics import Stats, compute_metrics, parse_goodput, peak_concurrency
 from bench.metrics_scrape import kv_usage, parse_samples, summarize
+from bench.progress import Progress
 
 
 @pytest.mark.parametrize("rate,burstiness", [(5.0, 1.0), (50.0, 0.5), (2.0, 4.0)])
@@ -182,3 +184,16 @@ def test_target_urls_and_payload() -> None:
     assert comp.url == "http://h:1/v1/completions"
     assert comp.payload(req)["prompt"] == "system: s\nuser: u\nassistant:"
     assert "ignore_eos" not in comp.payload(req)
+
+
+def test_progress_on_a_pipe_prints_one_line_per_tenth() -> None:
+    stream = io.StringIO()
+    bar = Progress(20, "x ", stream=stream)
+    for i in range(20):
+        bar.update(success=i != 3)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("x [" + "#" * 30 + "] 20/20 failed 1")
+    silent = io.StringIO()
+    Progress(3, enabled=False, stream=silent).update(True)
+    assert silent.getvalue() == ""
