@@ -99,9 +99,19 @@ _shared: LiveServer | None = None
 SHARED_ARGS = ("--max-model-len", "512", "--kv-cache-memory-gb", "0.25", "--max-num-seqs", "32")
 
 
-def shared_server() -> LiveServer:
-    """One live server for every live test module of the session (stopped at exit)."""
+class ExternalServer:
+    """A server someone else started (LEAPFROG_TEST_SERVER_URL), with SHARED_ARGS' limits."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+
+def shared_server() -> LiveServer | ExternalServer:
+    """One live server for every live test module of the session (stopped at exit), or the
+    already running one named by LEAPFROG_TEST_SERVER_URL."""
     global _shared
+    if os.environ.get("LEAPFROG_TEST_SERVER_URL"):
+        return ExternalServer(os.environ["LEAPFROG_TEST_SERVER_URL"])
     if _shared is None:
         _shared = LiveServer(*SHARED_ARGS).wait_ready()
         atexit.register(_shared.stop)

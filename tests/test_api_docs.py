@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from api_server import REPO, shared_server
+
+from tests.api_server import REPO, shared_server
 
 pytestmark = pytest.mark.slow
 DOC = REPO / "docs" / "api.md"

@@ -7,10 +7,10 @@ import threading
 
 import httpx
 import pytest
-from api_fakes import FakeEngine
-from api_server import app_in_thread
 
 from server.api.config import ApiConfig
+from tests.api_fakes import FakeEngine
+from tests.api_server import app_in_thread
 
 CHAT = "/v1/chat/completions"
 MSGS = [{"role": "user", "content": "hi"}]

@@ -9,8 +9,9 @@ import time
 import httpx
 import openai
 import pytest
-from api_server import shared_server
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api_server import shared_server
 
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "Name three colors."}]
@@ -45,7 +46,7 @@ def test_chat_usage_matches_tokenizer(url, client, model) -> None:
 
 
 def test_streaming_equals_non_streaming(client, model) -> None:
-    args = {"model": model, "max_tokens": 16, "temperature": 0}
+    args = {"model": model, "max_tokens": 10, "temperature": 0}
     whole = client.chat.completions.create(messages=MSG, **args).choices[0].message.content
     chunks = client.chat.completions.create(messages=MSG, stream=True,
                                             stream_options={"include_usage": True}, **args)
@@ -63,7 +64,7 @@ def test_streaming_equals_non_streaming(client, model) -> None:
 
 
 def test_n2_and_seed_reproducibility(client, model) -> None:
-    args = {"model": model, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0}
+    args = {"model": model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0}
     pair = client.completions.create(n=2, seed=7, **args)
     assert sorted(c.index for c in pair.choices) == [0, 1]
     by_index = {c.index: c.text for c in pair.choices}
@@ -94,7 +95,7 @@ def test_logprobs_greedy_token_is_the_top_one(client, model) -> None:
 
 
 def test_stop_string_is_not_returned(client, model) -> None:
-    args = {"model": model, "prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0}
+    args = {"model": model, "prompt": "1, 2, 3, 4,", "max_tokens": 10, "temperature": 0}
     full = client.completions.create(**args).choices[0].text
     stop = full[len(full) // 2: len(full) // 2 + 2]
     assert stop.strip(), full
@@ -124,7 +125,7 @@ def test_32_concurrent_streams_match_solo_greedy(url, model) -> None:
     aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
     async def one(prompt: str) -> str:
-        stream = await aclient.completions.create(model=model, prompt=prompt, max_tokens=8,
+        stream = await aclient.completions.create(model=model, prompt=prompt, max_tokens=6,
                                                   temperature=0, stream=True)
         return "".join([c.choices[0].text async for c in stream])
 

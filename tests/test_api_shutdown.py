@@ -9,7 +9,8 @@ import threading
 
 import httpx
 import pytest
-from api_server import LiveServer
+
+from tests.api_server import LiveServer
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from api_fakes import FakeEngine
-from api_server import app_in_thread
+
+from tests.api_fakes import FakeEngine
+from tests.api_server import app_in_thread
 
 
 @pytest.fixture(scope="module")
