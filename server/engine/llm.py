@@ -22,6 +22,8 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_steps: int = 0
+    """Engine steps that produced tokens for this request (tokens / steps = mean accepted length)."""
 
 
 class LLM:
@@ -65,6 +67,7 @@ class LLM:
     @staticmethod
     def absorb(c: Completion, out: object) -> None:
         c.token_ids.extend(out.new_token_ids)
+        c.num_steps += bool(out.new_token_ids)
         c.text += out.new_text
         c.logprobs.extend(out.logprobs or [])
         c.num_draft_tokens, c.num_accepted_tokens = out.num_draft_tokens, out.num_accepted_tokens

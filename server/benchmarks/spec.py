@@ -1,0 +1,94 @@
+"""`leapfrog bench spec`: speculative decoding vs none, per prompt category, batch 1 and 16.
+
+Both engines (speculation off and on) are loaded in one process and run the same greedy
+requests back to back, so the speedup is a ratio from one run. The tokens must be identical
+(lossless); the benchmark fails loudly if they are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+from bench.datasets import load_builtin_prompts
+from server.benchmarks.common import machine, table, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
+    p.add_argument("--speculative", default="ngram", help="drafter to measure")
+    p.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per step")
+    p.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
+    p.add_argument("--max-tokens", type=int, default=128, help="cap on each prompt's output tokens")
+    p.add_argument("--prompts-per-category", type=int, default=3, help="prompts per category at batch 1")
+    p.add_argument("--categories", default=None, help="comma-separated subset of categories")
+    p.add_argument("--dtype", default="float32", help="compute dtype for both engines")
+    p.add_argument("--result-json", default=None, help="write results here")
+
+
+def _engines(args: argparse.Namespace, max_batch: int) -> tuple[object, object]:
+    from server.engine.llm import LLM
+
+    common = dict(dtype=args.dtype, max_num_seqs=max_batch, max_num_batched_tokens=1024)
+    off = LLM(args.model, **common)
+    on = LLM(args.model, speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+             **common)
+    return off, on
+
+
+def _timed(llm: object, prompts: list[list[int]], max_tokens: list[int]) -> tuple[float, list]:
+    from server.engine.sampling_params import SamplingParams
+
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    return time.perf_counter() - start, results
+
+
+def _measure(off: object, on: object, prompts: list[list[int]], max_tokens: list[int], batch: int) -> dict:
+    t_off = t_on = 0.0
+    tokens = drafted = accepted = steps = 0
+    for i in range(0, len(prompts), batch):
+        chunk, caps = prompts[i : i + batch], max_tokens[i : i + batch]
+        dt_off, ref = _timed(off, chunk, caps)
+        dt_on, res = _timed(on, chunk, caps)
+        if [r.token_ids for r in res] != [r.token_ids for r in ref]:
+            raise RuntimeError("speculative output differs from plain greedy output (lossless check failed)")
+        t_off, t_on = t_off + dt_off, t_on + dt_on
+        for r in res:
+            tokens += len(r.token_ids)
+            drafted += r.num_draft_tokens
+            accepted += r.num_accepted_tokens
+            steps += r.num_steps
+    return {"tokens": tokens, "time_off_s": t_off, "time_on_s": t_on, "speedup": t_off / t_on,
+            "drafted": drafted, "accepted": accepted, "mean_accepted_length": tokens / steps,
+            "acceptance_rate": accepted / drafted if drafted else 0.0}
+
+
+def run(args: argparse.Namespace) -> int:
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    wanted = set(args.categories.split(",")) if args.categories else None
+    by_cat: dict[str, list] = defaultdict(list)
+    for p in load_builtin_prompts():
+        if wanted is None or p.category in wanted:
+            by_cat[p.category].append(p)
+    off, on = _engines(args, max(batch_sizes))
+    tok = off.tokenizer
+    off.generate([tok("warm up").input_ids])
+    on.generate([tok("warm up").input_ids])
+    results, rows = [], []
+    for batch in batch_sizes:
+        for cat, items in sorted(by_cat.items()):
+            chosen = items[: args.prompts_per_category] if batch == 1 else [items[i % len(items)] for i in range(batch)]
+            prompts = [tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=False) for p in chosen]
+            caps = [min(p.max_tokens, args.max_tokens) for p in chosen]
+            m = _measure(off, on, prompts, caps, batch)
+            results.append({"batch": batch, "category": cat, **m})
+            rows.append([batch, cat, m["tokens"], m["mean_accepted_length"], m["acceptance_rate"], m["speedup"]])
+    print(f"drafter={args.speculative} k={args.num_speculative_tokens} dtype={args.dtype} (greedy, outputs identical)")
+    print(table(["batch", "category", "tokens", "mean acc. len", "accept rate", "speedup"], rows))
+    write_json(args.result_json, {"config": vars(args), "machine": machine(), "results": results})
+    return 0
+

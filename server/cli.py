@@ -1,0 +1,77 @@
+"""`leapfrog` command line: serve, generate, bench (serve | offline | spec)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--speculative", default=None, help="drafter name (e.g. ngram); default off")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="most draft tokens per step")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from server.engine.llm import LLM
+    from server.engine.sampling_params import SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, speculative=args.speculative,
+              num_speculative_tokens=args.num_speculative_tokens)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    result = llm.generate([args.prompt], params, chat=args.chat)[0]
+    print(result.text)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from server.api.app import serve
+    from server.api.cli_args import configs_from_args
+
+    engine_config, api_config = configs_from_args(args)
+    return serve(engine_config, api_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench import serve as bench_serve
+    from server.api.cli_args import add_arguments as add_serve_arguments
+    from server.benchmarks import offline, spec
+
+    parser = argparse.ArgumentParser(prog="leapfrog", description="LLM inference server with speculative decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_run_serve)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt and print it")
+    _generate_arguments(gen)
+    gen.set_defaults(func=_run_generate)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    for name, module, text in (
+        ("serve", bench_serve, "load-test any OpenAI-compatible server over HTTP"),
+        ("offline", offline, "offline decode speed vs transformers on the same weights"),
+        ("spec", spec, "speculative decoding speedup and acceptance per prompt category"),
+    ):
+        p = bench.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
