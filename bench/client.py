@@ -114,8 +114,8 @@ def _error_message(body: str) -> str:
 
 
 def _apply_event(result: RequestResult, event: dict[str, Any], now: float,
-                 last: float, endpoint: str) -> None:
-    """Fold one parsed `data:` event into the result."""
+                 last_text: float, endpoint: str) -> bool:
+    """Fold one parsed `data:` event into the result; True when it carried text."""
     if "error" in event and not event.get("choices"):
         raise _StreamError(f"error event: {_error_text(event['error'])}")
     text = _chunk_text(event, endpoint)
@@ -123,7 +123,7 @@ def _apply_event(result: RequestResult, event: dict[str, Any], now: float,
         if result.num_chunks == 0:
             result.ttft = now - result.start
         else:
-            result.itls.append(now - last)
+            result.itls.append(now - last_text)
         result.num_chunks += 1
         result.text += text
     usage = event.get("usage")
@@ -132,6 +132,7 @@ def _apply_event(result: RequestResult, event: dict[str, Any], now: float,
         result.output_tokens = usage.get("completion_tokens")
         if result.output_tokens is not None:
             result.token_source = "usage"
+    return bool(text)
 
 
 class _StreamError(Exception):
@@ -139,7 +140,7 @@ class _StreamError(Exception):
 
 
 async def _read_stream(response: httpx.Response, result: RequestResult, endpoint: str) -> None:
-    last = result.start
+    last = last_text = result.start
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue
@@ -151,7 +152,8 @@ async def _read_stream(response: httpx.Response, result: RequestResult, endpoint
             event = json.loads(data)
         except ValueError as exc:
             raise _StreamError(f"bad JSON in stream: {data[:80]!r}") from exc
-        _apply_event(result, event, now, last, endpoint)
+        if _apply_event(result, event, now, last_text, endpoint):
+            last_text = now
         last = now
     result.e2el = last - result.start
 

@@ -76,6 +76,14 @@ def test_latencies_tokens_and_throughput_match_script(fake: FakeServer, endpoint
     assert m.peak_concurrency == 2 and fake.stats()["max_in_flight"] == 2
 
 
+def test_chunks_without_text_are_neither_tokens_nor_itl_boundaries(fake: FakeServer) -> None:
+    fake.script(ttft=0.01, itl=0.1, chunks=(1, 1, 1), empty_between=True)
+    outcome = _run(fake, _requests(2))
+    m = compute_metrics(outcome.results, outcome.duration_s)
+    assert [r.num_chunks for r in outcome.results] == [3, 3] and m.tokens_per_chunk == 1.0
+    assert m.itl.count == 4 and m.itl.median == pytest.approx(100, abs=1000 * TOL_S)
+
+
 def test_server_side_metrics_are_scraped(fake: FakeServer) -> None:
     fake.script(ttft=0.1, itl=0.04, chunks=(1, 3, 2, 2))
     outcome = _run(fake, _requests(6), max_concurrency=2)

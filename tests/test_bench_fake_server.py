@@ -2,7 +2,8 @@
 
 The fake server runs in its own process (this file run as a script), so its timers do not
 share a GIL with the client. Each test posts a script: delay to the first chunk (TTFT),
-delay between chunks (ITL), tokens per chunk, whether usage is sent. Prompts containing
+delay between chunks (ITL), tokens per chunk, whether usage is sent, whether a text-less
+chunk is sent halfway between text chunks. Prompts containing
 FAIL500 get an HTTP 500; prompts containing BREAK get an error event after the first chunk.
 
 Tolerance (stated for the issue's "equal within a tolerance"): medians of measured latencies
@@ -68,6 +69,9 @@ def _fake_app():
                     yield event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
                 for i, n in enumerate(s["chunks"]):
                     due = t0 + s["ttft"] + i * s["itl"]
+                    if i and s["empty_between"]:  # a text-less chunk halfway through the gap
+                        await asyncio.sleep(max(0.0, due - s["itl"] / 2 - time.perf_counter()))
+                        yield event({"choices": [{"index": 0, "delta": {"content": ""}}]})
                     await asyncio.sleep(max(0.0, due - time.perf_counter()))
                     if "BREAK" in text and i == 1:
                         yield event({"error": {"message": "scripted stream error"}})
@@ -130,9 +134,9 @@ class FakeServer:
         self.url = f"http://127.0.0.1:{port}"
 
     def script(self, ttft: float = 0.1, itl: float = 0.04, chunks: tuple[int, ...] = (1, 3, 2, 2),
-               usage: bool = True) -> None:
-        httpx.post(self.url + "/script",
-                   json={"ttft": ttft, "itl": itl, "chunks": list(chunks), "usage": usage})
+               usage: bool = True, empty_between: bool = False) -> None:
+        httpx.post(self.url + "/script", json={"ttft": ttft, "itl": itl, "chunks": list(chunks),
+                                               "usage": usage, "empty_between": empty_between})
 
     def stats(self) -> dict:
         return httpx.get(self.url + "/stats").json()
