@@ -31,7 +31,8 @@ RUN set -eu; \
         apt-get install -y --no-install-recommends $pkgs; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
-    useradd --system --user-group --uid 10001 --create-home --home-dir /home/leapfrog \
+    groupadd --gid 10001 leapfrog; \
+    useradd --uid 10001 --gid leapfrog --no-log-init --create-home --home-dir /home/leapfrog \
         --shell /usr/sbin/nologin leapfrog
 
 # ---- builder: a venv with torch, the default model and leapfrog ------------------------------

@@ -50,6 +50,9 @@ cleanup() {
             kill -KILL "$DOCKERD_PID" 2>/dev/null
         fi
         wait "$DOCKERD_PID" 2>/dev/null
+        # dockerd leaves its default network namespace mounted, and the bridge it made.
+        for ns in "$RUN_DIR"/exec/netns/*; do umount "$ns" 2>/dev/null; done
+        rm -rf "$RUN_DIR/exec"
         [[ -n $DELETE_BRIDGE ]] && ip link delete docker0 2>/dev/null
     fi
     if ((rc == 0)); then log "PASS in ${SECONDS}s"; else log "FAILED (exit $rc) after ${SECONDS}s"; fi
