@@ -1,11 +1,13 @@
 """One streamed request to an OpenAI-compatible server, timed chunk by chunk.
 
 Timing follows `vllm bench serve`: the clock starts just before the request is sent; TTFT is
-the arrival of the first chunk that carries generated text; each later text chunk adds one
-inter-chunk latency (ITL); E2E latency runs to the last `data:` event (the usage event when
+the arrival of the first chunk that carries generated text (or the finish chunk of a stream
+that ends at once, e.g. on end-of-sequence); each later text chunk adds one inter-chunk
+latency (ITL); E2E latency runs to the last `data:` event (the usage event when
 the server sends one). Token counts come from the final `usage` event, which the request asks
-for with `stream_options.include_usage`. Any failure (connection, HTTP status, an error event,
-a stream that ends without text) is returned as a failed result with its reason, never raised.
+for with `stream_options.include_usage`. Any failure (connection, HTTP status, an error
+event, a stream that ends without any token) is returned as a failed result with its
+reason, never raised.
 """
 
 from __future__ import annotations
@@ -119,7 +121,11 @@ def _apply_event(result: RequestResult, event: dict[str, Any], now: float,
     if "error" in event and not event.get("choices"):
         raise _StreamError(f"error event: {_error_text(event['error'])}")
     text = _chunk_text(event, endpoint)
-    if text:
+    choices = event.get("choices") or [{}]
+    # A stream whose only token is the end of sequence carries no text: its finish chunk is
+    # its first (and only) token, as vLLM's benchmark counts it.
+    eos_only = result.num_chunks == 0 and choices[0].get("finish_reason") is not None
+    if text or eos_only:
         if result.num_chunks == 0:
             result.ttft = now - result.start
         else:
@@ -132,7 +138,7 @@ def _apply_event(result: RequestResult, event: dict[str, Any], now: float,
         result.output_tokens = usage.get("completion_tokens")
         if result.output_tokens is not None:
             result.token_source = "usage"
-    return bool(text)
+    return bool(text or eos_only)
 
 
 class _StreamError(Exception):
@@ -185,6 +191,6 @@ async def _send(client: httpx.AsyncClient, target: Target, req: BenchRequest,
         result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return
     if result.num_chunks == 0:
-        result.error = "stream ended without any generated text"
+        result.error = "stream ended without any generated token"
         return
     result.success = True

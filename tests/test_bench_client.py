@@ -84,6 +84,12 @@ def test_chunks_without_text_are_neither_tokens_nor_itl_boundaries(fake: FakeSer
     assert m.itl.count == 4 and m.itl.median == pytest.approx(100, abs=1000 * TOL_S)
 
 
+def test_a_stream_that_only_finishes_is_a_success(fake: FakeServer) -> None:
+    fake.script(ttft=0.01, itl=0.01, chunks=())
+    outcome = _run(fake, _requests(2))
+    assert all(r.success and r.num_chunks == 1 and not r.itls for r in outcome.results)
+
+
 def test_server_side_metrics_are_scraped(fake: FakeServer) -> None:
     fake.script(ttft=0.1, itl=0.04, chunks=(1, 3, 2, 2))
     outcome = _run(fake, _requests(6), max_concurrency=2)
