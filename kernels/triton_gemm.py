@@ -38,6 +38,7 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    unroll: int = 2
 
 
 @triton.jit
@@ -49,14 +50,20 @@ def _dot(a, b_t, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, sub, M, N, K,
+def _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, live_n, sub, M, N, K,
              stride_xm, GROUP: tl.constexpr, SUB: tl.constexpr, INT4: tl.constexpr,
-             EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += x[:, sub tile] @ dequant(w[:, sub tile]).T."""
+             EVEN_K: tl.constexpr, UPCAST: tl.constexpr, GEMV: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x[:, sub tile] @ dequant(w[:, sub tile]).T.
+
+    Scales and offsets load as zero outside `live_n`, which zeroes the whole contribution.
+
+    GEMV (BLOCK_M == 1): float32 multiply-adds and a row sum instead of a tensor-core dot,
+    which would pad M to 16 and stage the weight tile through shared memory.
+    """
     k0 = sub * SUB
     g = k0 // GROUP
     num_groups = K // GROUP
-    scale = tl.load(s_ptr + offs_n * num_groups + g, mask=mask_n, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + offs_n * num_groups + g, mask=live_n, other=0.0).to(tl.float32)
     if INT4:
         HALF: tl.constexpr = SUB // 2
         b = tl.arange(0, HALF)
@@ -68,15 +75,19 @@ def _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, s
         wmask = mask_n[:, None] & mask_k[None, :]
         p = tl.load(qw_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + b)[None, :], mask=wmask,
                     other=0)
-        offset = tl.load(o_ptr + offs_n * num_groups + g, mask=mask_n, other=0.0).to(tl.float32)
+        offset = tl.load(o_ptr + offs_n * num_groups + g, mask=live_n, other=0.0).to(tl.float32)
         xmask = mask_m[:, None] & mask_k[None, :]
         x_row = x_ptr + offs_m[:, None] * stride_xm
         x_lo = tl.load(x_row + k_lo[None, :], mask=xmask, other=0.0)
         x_hi = tl.load(x_row + (k_lo + 16)[None, :], mask=xmask, other=0.0)
-        w_lo = ((p & 15).to(tl.float32) * scale[:, None] + offset[:, None]).to(x_lo.dtype)
-        w_hi = ((p >> 4).to(tl.float32) * scale[:, None] + offset[:, None]).to(x_lo.dtype)
-        acc = _dot(x_lo, w_lo, acc, UPCAST)
-        acc = _dot(x_hi, w_hi, acc, UPCAST)
+        w_lo = (p & 15).to(tl.float32) * scale[:, None] + offset[:, None]
+        w_hi = (p >> 4).to(tl.float32) * scale[:, None] + offset[:, None]
+        if GEMV:
+            prod = w_lo * x_lo.to(tl.float32) + w_hi * x_hi.to(tl.float32)
+            acc += tl.sum(prod, axis=1)[None, :]
+        else:
+            acc = _dot(x_lo, w_lo.to(x_lo.dtype), acc, UPCAST)
+            acc = _dot(x_hi, w_hi.to(x_lo.dtype), acc, UPCAST)
     else:
         k = k0 + tl.arange(0, SUB)
         mask_k = k < K
@@ -84,8 +95,11 @@ def _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, s
                     mask=mask_n[:, None] & mask_k[None, :], other=0)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = (p.to(tl.float32) * scale[:, None]).to(xv.dtype)
-        acc = _dot(xv, w, acc, UPCAST)
+        w = p.to(tl.float32) * scale[:, None]
+        if GEMV:
+            acc += tl.sum(w * xv.to(tl.float32), axis=1)[None, :]
+        else:
+            acc = _dot(xv, w.to(xv.dtype), acc, UPCAST)
     return acc
 
 
@@ -93,7 +107,8 @@ def _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, s
 def _qgemm_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
                   stride_om, M_BUCKET, GROUP: tl.constexpr, SUB: tl.constexpr,
                   INT4: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr):
+                  BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, UNROLL: tl.constexpr,
+                  UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -106,9 +121,13 @@ def _qgemm_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N,
     begin = pid_k * per_split
     end = tl.minimum(begin + per_split, num_sub)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for sub in range(begin, end):
-        acc = _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, sub,
-                       M, N, K, stride_xm, GROUP, SUB, INT4, EVEN_K, UPCAST)
+    for first in range(begin, end, UNROLL):  # UNROLL independent sub-tiles: loads in flight
+        for u in tl.static_range(UNROLL):
+            # past `end` (the split's tail): re-read the last sub-tile with zero scales
+            live_n = mask_n & (offs_n * 0 + first + u < end)
+            acc = _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n,
+                           live_n, tl.minimum(first + u, end - 1), M, N, K, stride_xm, GROUP,
+                           SUB, INT4, EVEN_K, UPCAST, BLOCK_M == 1)
     out_mask = mask_m[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
@@ -129,15 +148,18 @@ def _qgemm_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N,
 
 
 _TUNE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=3)
-    for bn, w in ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8)) for sk in (1, 2, 4, 8)
+    triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "UNROLL": u}, num_warps=w, num_stages=3)
+    for bn, w, splits in ((16, 4, (1, 2, 4, 8)), (32, 4, (1, 2, 4, 8)), (64, 4, (1, 4)),
+                          (128, 4, (1, 2)), (128, 8, (1,)), (256, 8, (1,)))
+    for sk in splits for u in (2, 4)
 ]
 
 
 def _prune(configs, named_args, **kwargs):
     n, num_sub = named_args["N"], -(-named_args["K"] // kwargs["SUB"])
     keep = [c for c in configs
-            if c.kwargs["SPLIT_K"] <= num_sub and c.kwargs["BLOCK_N"] <= max(32, n)]
+            if c.kwargs["SPLIT_K"] <= num_sub and c.kwargs["BLOCK_N"] <= max(32, n)
+            and (c.kwargs["BLOCK_N"] >= 32 or kwargs["BLOCK_M"] == 1)]
     if kwargs["BLOCK_M"] >= 64:  # enough tiles along M: split-K only adds traffic
         keep = [c for c in keep if c.kwargs["SPLIT_K"] <= 2] or keep
     return keep
@@ -145,7 +167,9 @@ def _prune(configs, named_args, **kwargs):
 
 _qgemm_tuned = triton.autotune(
     _TUNE_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "INT4"],
-    prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20,
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
+                                                           quantiles=quantiles),
 )(_qgemm_kernel)
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -182,7 +206,9 @@ def triton_quantized_linear(
     x = x.contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    # GEMV branch for int4 only: on the H200 it made int4 M = 1 faster and int8 2.6x slower
+    gemv = m == 1 and packed.scheme == "int4"
+    block_m = 1 if gemv else 16 if m <= 16 else 32 if m <= 32 else 64
     m_bucket = min(triton.next_power_of_2(m), 128)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if config is None and interpret:
@@ -190,7 +216,7 @@ def triton_quantized_linear(
     max_split = 8 if config is None else config.split_k
     part = torch.empty(max_split * m * n if max_split > 1 else 1, dtype=torch.float32,
                        device=x.device)
-    cnt = _tile_counters(x.device, triton.cdiv(m, block_m) * triton.cdiv(n, 32))
+    cnt = _tile_counters(x.device, triton.cdiv(m, block_m) * triton.cdiv(n, 16))
     offsets = packed.offsets if packed.offsets is not None else packed.scales
     args = (x, packed.qweight, packed.scales, offsets, out, part, cnt, m, n, k, x.stride(0),
             out.stride(0), m_bucket)
@@ -205,5 +231,6 @@ def triton_quantized_linear(
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m), config.split_k)
         _qgemm_kernel[grid](*args, **consts, BLOCK_N=config.block_n, SPLIT_K=config.split_k,
-                            num_warps=config.num_warps, num_stages=config.num_stages)
+                            UNROLL=config.unroll, num_warps=config.num_warps,
+                            num_stages=config.num_stages)
     return out

@@ -35,6 +35,7 @@ def _weight(scheme: str, group: int | None, n: int, k: int):
                                           ("int8", None)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_triton_kernel_matches_reference(scheme, group, m):
+    """int4 at m = 1 takes the GEMV branch; everything else the tensor-core branch."""
     packed = _weight(scheme, group, 128, 256)
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(m, 256).to(dtype)
@@ -44,14 +45,15 @@ def test_triton_kernel_matches_reference(scheme, group, m):
 
 
 @pytest.mark.parametrize("config", [triton_gemm.GemmConfig(32, 1), triton_gemm.GemmConfig(64, 3),
-                                    triton_gemm.GemmConfig(32, 8)])
+                                    triton_gemm.GemmConfig(32, 8, unroll=4)])
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_triton_split_k_and_ragged_shapes(config, scheme):
+@pytest.mark.parametrize("m", [1, 20])
+def test_triton_split_k_and_ragged_shapes(config, scheme, m):
     # K = 352 is not a multiple of 128 (masked tail); N = 96 not a multiple of 64; M = 20 > 16
     packed = _weight(scheme, 32 if scheme == "int4" else None, 96, 352)
     for _ in range(2):  # a second call checks the split-K counters were reset
-        x = torch.randn(20, 352, dtype=torch.float16)
-        out = torch.full((20, 96), float("nan"), dtype=torch.float16)
+        x = torch.randn(m, 352, dtype=torch.float16)
+        out = torch.full((m, 96), float("nan"), dtype=torch.float16)
         triton_gemm.triton_quantized_linear(x, packed, config=config, out=out)
         assert _rel(out, quantized_linear_reference(x.float(), packed)) < TOL[torch.float16]
     assert int(triton_gemm._counters[torch.device("cpu")].abs().sum()) == 0

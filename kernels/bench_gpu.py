@@ -1,0 +1,137 @@
+"""GPU kernel benchmark: W4A16 / W8A16 GEMMs of Llama-3-8B shapes against torch's bf16 matmul.
+
+Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. It measures the
+device's copy bandwidth in the same run (a large device-to-device copy, bytes read plus
+written), then for every shape and M times each GEMM as the replay of one CUDA graph that
+runs it over enough distinct weight copies to overflow the L2 cache, so the numbers are
+the steady state of back-to-back kernels reading weights from HBM. Achieved bytes/s count
+the packed weight, scales/offsets, activations and outputs once each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from kernels.gemm import quantized_linear
+from kernels.quant import PackedWeight, quantize_int4, quantize_int8
+
+SHAPES = {  # name: (N, K) = (out_features, in_features)
+    "qo 4096x4096": (4096, 4096),
+    "kv 1024x4096": (1024, 4096),
+    "gate/up 14336x4096": (14336, 4096),
+    "down 4096x14336": (4096, 14336),
+}
+MS = (1, 4, 16, 64)
+L2_BYTES = 60 * 2**20
+
+
+def _time_events(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of `fn` over `reps` event-timed runs (after two warm-ups)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 4 * 2**30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = _time_events(lambda: dst.copy_(src), 20)
+    return 2 * nbytes / seconds
+
+
+def _graph_time(op: Callable[[torch.Tensor, object], torch.Tensor], x: torch.Tensor,
+                weights: list) -> float:
+    """Seconds per GEMM: one CUDA graph runs `op` over every weight copy; median of replays."""
+    for w in weights[:2]:
+        op(x, w)  # compile / autotune outside the graph
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in weights:
+            op(x, w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            op(x, w)
+    return _time_events(graph.replay, 15) / len(weights)
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, min(128, math.ceil(3 * L2_BYTES / nbytes)))
+
+
+def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
+    """Rows of results for one weight shape at every M."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    variants: dict[str, tuple[Callable, list, int]] = {}
+    dense_copies = [w.clone() for _ in range(_copies(w.numel() * 2))]
+    variants["bf16"] = (lambda x, wt: x @ wt.t(), dense_copies, w.numel() * 2)
+    for scheme, make in (("w4a16", lambda: quantize_int4(w, 128)),
+                         ("w8a16", lambda: quantize_int8(w, None))):
+        packed: PackedWeight = make()
+        copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
+        variants[scheme] = (quantized_linear, copies, packed.nbytes())
+    rows = []
+    for m in MS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        act_bytes = (m * k + m * n) * 2
+        base = None
+        for scheme, (op, weights, wbytes) in variants.items():
+            seconds = _graph_time(op, x, weights)
+            base = seconds if scheme == "bf16" else base
+            achieved = (wbytes + act_bytes) / seconds
+            rows.append(dict(shape=name, N=n, K=k, M=m, kernel=scheme, us=seconds * 1e6,
+                             gbps=achieved / 1e9, pct_copy_bw=100 * achieved / bandwidth,
+                             speedup_vs_bf16=base / seconds))
+        del x
+    return rows
+
+
+def print_table(rows: list[dict], bandwidth: float) -> None:
+    print(f"\ncopy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
+    print(f"{'shape':<20}{'M':>4} {'kernel':<7}{'us':>9}{'GB/s':>8}{'% copy':>8}{'x bf16':>8}")
+    for r in rows:
+        print(f"{r['shape']:<20}{r['M']:>4} {r['kernel']:<7}{r['us']:>9.2f}{r['gbps']:>8.0f}"
+              f"{r['pct_copy_bw']:>8.1f}{r['speedup_vs_bf16']:>8.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write all rows and the copy bandwidth here")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.bench_gpu needs a CUDA device")
+    bandwidth = copy_bandwidth()
+    rows = [row for name in args.shapes for row in bench_shape(name, *SHAPES[name], bandwidth)]
+    print_table(rows, bandwidth)
+    from kernels.triton_gemm import _qgemm_tuned
+
+    for key, config in _qgemm_tuned.cache.items():
+        print("tuned", key[:5], config)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Triton paged attention for decode and verification (layout: `kernels.attention` docstring).
+
+A program owns one sequence, one KV head and a chunk of BLOCK_Q of that sequence's query
+tokens, with all GROUP query heads that share the KV head stacked into one [BLOCK_Q * GROUP]
+row tile, so each key/value tile is loaded once for the whole group (GQA). It walks the
+context in tiles of BLOCK_KV token positions, gathering each token's physical slot through
+the block table (any page size works), and keeps an online softmax in float32. Masks:
+causal among the new tokens, the sequence length, and sink + sliding window; with a window,
+whole tiles before the window (other than the sink tiles) are skipped, not just masked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1 / math.log(2)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, t0, q_pos, head_ok, seq_len,
+                 block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
+                 window, num_sinks, qk_scale, BLOCK_KV: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Fold key/value positions t0 .. t0 + BLOCK_KV into the online softmax state."""
+    t = t0 + tl.arange(0, BLOCK_KV)
+    t_ok = t < seq_len
+    page = tl.load(bt_row + t // block_size, mask=t_ok, other=0).to(tl.int64)
+    slot = t % block_size
+    kv_mask = t_ok[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    if UPCAST:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+    visible = (t[None, :] <= q_pos[:, None]) & t_ok[None, :] & head_ok[:, None]
+    if HAS_WINDOW:
+        visible &= (t[None, :] > q_pos[:, None] - window) | (t[None, :] < num_sinks)
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if UPCAST:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc * alpha[:, None] + pv, m_new, l_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_bt, block_size, head_dim, window, num_sinks,
+    qk_scale, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    chunk = tl.program_id(2) * BLOCK_Q
+    if chunk < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+        qi = chunk + r // GROUP_PAD
+        h = r % GROUP_PAD
+        head_ok = (qi < q_len) & (h < GROUP)
+        q_pos = seq_len - q_len + qi
+        head = kv_head * GROUP + h
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < head_dim
+        row_mask = head_ok[:, None] & mask_d[None, :]
+        q_rows = (q_start + qi).to(tl.int64)
+        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh
+                    + offs_d[None, :], mask=row_mask, other=0.0)
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+        acc = tl.zeros((BLOCK_Q * GROUP_PAD, BLOCK_D), dtype=tl.float32)
+        m_i = tl.full((BLOCK_Q * GROUP_PAD,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_Q * GROUP_PAD,), dtype=tl.float32)
+        last_pos = tl.minimum(seq_len - q_len + chunk + BLOCK_Q, seq_len)  # exclusive
+        start = 0
+        if HAS_WINDOW:
+            sink_end = tl.cdiv(num_sinks, BLOCK_KV) * BLOCK_KV
+            for t0 in range(0, sink_end, BLOCK_KV):
+                acc, m_i, l_i = _attend_tile(
+                    acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
+                    block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
+                    window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
+            first_visible = tl.maximum(seq_len - q_len + chunk - window + 1, 0)
+            start = tl.maximum(first_visible // BLOCK_KV * BLOCK_KV, sink_end)
+        for t0 in range(start, last_pos, BLOCK_KV):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
+                block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
+                window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
+                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    num_sink_tokens: int = 0,
+    max_query_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as `kernels.attention.paged_attention_reference`; returns [tokens, heads, dim].
+
+    `max_query_len` (the longest q_len in the batch) sizes the grid; when None it is read
+    from `query_start_loc`, which costs a device-to-host sync. `out`: optional destination
+    shaped like `q`.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(2) != 1:
+        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim")
+    group = num_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_seqs else 0
+    out = torch.empty_like(q) if out is None else out
+    if num_seqs == 0 or max_query_len == 0:
+        return out
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(triton.next_power_of_2(min(max_query_len, 16)), max(1, 16 // group_pad))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        block_size, head_dim, sliding_window or 0, num_sink_tokens, scale * _LOG2E,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=64,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_WINDOW=sliding_window is not None,
+        UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if block_q * group_pad >= 64 else 4,
+    )
+    return out
+
