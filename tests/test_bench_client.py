@@ -9,6 +9,7 @@ import asyncio
 import importlib.util
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,7 +176,8 @@ def test_without_usage_counts_come_from_tokenizer_or_chunks(fake: FakeServer) ->
         [(8, 5, "tokenizer")] * 2
 
 
-def test_cli_sweep_writes_table_json_and_plots(fake: FakeServer, tmp_path, capsys) -> None:
+def test_cli_sweep_writes_table_json_and_plots(fake: FakeServer, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     fake.script(ttft=0.01, itl=0.01, chunks=(2, 2))
     out, png = tmp_path / "res.json", tmp_path / "lat.png"
     plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
@@ -193,10 +195,14 @@ def test_cli_sweep_writes_table_json_and_plots(fake: FakeServer, tmp_path, capsy
     assert run["ttft_ms"]["count"] == 4 and run["server"]["spec_decode_num_drafts"] == 8
     assert run["request_goodput"] == pytest.approx(run["request_throughput"])
     assert {"id", "ttft_s", "itls_s", "output_tokens", "token_source"} <= set(run["requests"][0])
+    readme = (Path(__file__).resolve().parents[1] / "bench" / "README.md").read_text()
+    documented = [doc, doc["config"], run, run["server"], run["requests"][0], run["ttft_ms"]]
+    undocumented = {k for part in documented for k in part if f'"{k}"' not in readme}
+    assert not undocumented, f"result keys missing from bench/README.md: {undocumented}"
     if plot:
         assert png.stat().st_size > 0 and (tmp_path / "lat_sweep.png").stat().st_size > 0
 
 
-def test_cli_reports_bad_input_with_exit_code_2(capsys) -> None:
+def test_cli_reports_bad_input_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--base-url", "http://127.0.0.1:9", "--model", "m", "--dataset", "jsonl"]) == 2
     assert "--dataset must be" in capsys.readouterr().err
