@@ -1,0 +1,152 @@
+"""Speculative decoding in the engine is lossless: same greedy tokens, same sampled distribution."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from server.engine.llm import LLM
+from server.engine.sampling_params import SamplingParams
+from tests.test_engine import run_staggered
+
+REPETITIVE = [
+    "Repeat this sentence three times: the cat sat on the mat near the door.",
+    "Rewrite this code with better names:\ndef f(a, b):\n    c = a + b\n    return c * c\n",
+    "Summarize: The river flows north through the valley. The river flows past the mill. "
+    "The river flows into the lake at the end of the valley.",
+    "List the numbers from 1 to 30 separated by commas.",
+]
+
+
+@pytest.fixture(scope="module")
+def spec_llm() -> LLM:
+    return LLM(dtype="float32", kv_cache_memory_gb=0.5, speculative="ngram", num_speculative_tokens=5,
+               debug_check_integrity=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_greedy_lossless_on_default_model(default_llm: LLM, spec_llm: LLM, batch: int) -> None:
+    prompts = [spec_llm.encode(REPETITIVE[i % len(REPETITIVE)] + " " * (i // len(REPETITIVE)), chat=True)
+               for i in range(batch)]
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    ref = [c.token_ids for c in default_llm.generate(prompts, params)]
+    got = spec_llm.generate(prompts, params)
+    assert [c.token_ids for c in got] == ref
+    assert sum(c.num_accepted_tokens for c in got) > 0  # speculation actually happened
+    staggered = run_staggered(spec_llm, prompts, params, every=3)
+    assert [c.token_ids for c in staggered] == ref
+    spec_llm.engine.blocks.check_integrity()
+    assert spec_llm.engine.blocks.usage == 0.0
+
+
+def test_greedy_lossless_tiny_with_rollbacks(tiny_model_dir) -> None:
+    path = str(tiny_model_dir("qwen2"))
+    common = dict(dtype="float32", num_kv_blocks=64, block_size=2, max_num_batched_tokens=48,
+                  debug_check_integrity=True)
+    plain = LLM(path, **common)
+    spec = LLM(path, speculative="ngram", num_speculative_tokens=4, **common)
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 9, 10, 9, 10], [3, 4, 5, 3, 4, 5, 3, 4, 5, 3]]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ref = [c.token_ids for c in plain.generate(prompts, params)]
+    got = spec.generate(prompts, params)
+    assert [c.token_ids for c in got] == ref
+    drafted = sum(c.num_draft_tokens for c in got)
+    accepted = sum(c.num_accepted_tokens for c in got)
+    assert drafted > accepted  # some drafts were rejected and rolled back
+    assert spec.engine.blocks.num_free_blocks == 64
+    spec.engine.blocks.check_integrity()
+
+
+class SamplingDrafter:
+    """Test drafter: draws each draft token from a fixed distribution q and reports q."""
+
+    name = "q-test"
+    needs_hidden_states = False
+
+    def __init__(self, q: torch.Tensor) -> None:
+        self.q = q
+        self.gen = torch.Generator().manual_seed(1234)
+
+    def propose(self, batch):
+        from drafters.base import Proposal
+
+        out = []
+        for r in batch.requests:
+            k = r.max_draft_tokens
+            tokens = torch.multinomial(self.q, k, replacement=True, generator=self.gen).tolist()
+            out.append(Proposal(tokens, self.q.expand(k, -1).clone()))
+        return out
+
+    def release(self, request_id: str) -> None:
+        pass
+
+
+def first_tokens(llm: LLM, prompt: list[int], n: int, seeds: range, params: dict) -> Counter:
+    out = llm.generate([prompt] * len(seeds),
+                       [SamplingParams(max_tokens=n, seed=s, ignore_eos=True, **params) for s in seeds])
+    return Counter(tuple(c.token_ids) for c in out)
+
+
+def chi_square_two_sample(a: Counter, b: Counter, min_count: int = 5) -> tuple[float, float]:
+    """Two-sample chi-square statistic (equal sample sizes) and its 1e-3 critical value.
+
+    Cells with fewer than `min_count` observations in both samples together are pooled into
+    one; the critical value uses the Wilson-Hilferty approximation of the chi-square quantile.
+    """
+    assert sum(a.values()) == sum(b.values())
+    cells, rare_a, rare_b = [], 0, 0
+    for key in set(a) | set(b):
+        if a[key] + b[key] >= min_count:
+            cells.append((a[key], b[key]))
+        else:
+            rare_a, rare_b = rare_a + a[key], rare_b + b[key]
+    if rare_a + rare_b:
+        cells.append((rare_a, rare_b))
+    stat = sum((x - y) ** 2 / (x + y) for x, y in cells)
+    df = len(cells) - 1
+    z = 3.09  # one-sided standard normal quantile for 1e-3
+    critical = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+    return stat, critical
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_sampled_distribution_matches_without_speculation(tiny_model_dir, wrong: bool) -> None:
+    """Empirical joint distribution of the first 2 sampled tokens, with vs without drafts,
+    compared by a two-sample chi-square test at significance 1e-3 (3000 samples a side);
+    a deliberately wrong rule (accept every draft) must fail the same test."""
+    from tests.tiny_models import save_tiny_model
+
+    vocab = 16
+    path = save_tiny_model("llama", tiny_model_dir("llama").parent / "tiny-v16", seed=3, vocab=vocab)
+    common = dict(dtype="float32", num_kv_blocks=2048, block_size=4, max_num_seqs=256,
+                  max_num_batched_tokens=4096)
+    params = dict(temperature=1.0, top_k=8)
+    prompt = [3, 7, 1, 9]
+    plain = LLM(str(path), **common)
+    ref = first_tokens(plain, prompt, 2, range(3000), params)
+    spec = LLM(str(path), speculative="ngram", num_speculative_tokens=2, **common)
+    q = torch.softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(5)), dim=0)
+    spec.engine.runner.drafter = SamplingDrafter(q)
+    spec.engine.scheduler.spec_policy.prior = 0.99  # always draft the maximum
+    if wrong:  # a deliberately wrong rule: accept every draft
+        import server.engine.runner as runner_mod
+
+        original = runner_mod.verify_sampled
+        runner_mod.verify_sampled = lambda d, p, q, g: list(d) + [int(torch.multinomial(p[-1], 1, generator=g))]
+    try:
+        # the first token is sampled without drafts; the drafts cover the 2nd (and a bonus 3rd)
+        got = first_tokens(spec, prompt, 3, range(10_000, 13_000), params)
+    finally:
+        if wrong:
+            runner_mod.verify_sampled = original
+    got2 = Counter()
+    for seq, count in got.items():
+        got2[seq[:2]] += count
+    stat, critical = chi_square_two_sample(ref, got2)
+    if wrong:
+        assert stat > 10 * critical
+    else:
+        assert stat < critical
