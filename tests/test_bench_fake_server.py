@@ -23,28 +23,38 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 TOL_S = 0.03
 MAX_S = 0.15
 REL = 0.25
 
 
-def _fake_app():
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.routing import Route
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
 
-    state: dict = {"script": {}, "arrivals": [], "in_flight": 0, "max_in_flight": 0,
-                   "requests": 0, "gen_tokens": 0}
 
-    def event(obj: dict) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
+def _text_chunk(n: int, chat: bool) -> dict:
+    piece = "tok " * n
+    delta = {"delta": {"content": piece}} if chat else {"text": piece}
+    return {"choices": [{"index": 0, **delta, "finish_reason": None}], "usage": None}
 
-    async def complete(request: Request) -> StreamingResponse | JSONResponse:
+
+class FakeOpenAI:
+    """The fake server's state and routes (runs in the child process)."""
+
+    def __init__(self) -> None:
+        self.script: dict = {}
+        self.arrivals: list[float] = []
+        self.in_flight = self.max_in_flight = self.requests = self.gen_tokens = 0
+
+    async def complete(self, request: Request) -> Response:
         t0 = time.perf_counter()
         body = await request.json()
         chat = request.url.path.endswith("/chat/completions")
@@ -52,73 +62,67 @@ def _fake_app():
         if "FAIL500" in text:
             return JSONResponse({"error": {"message": "scripted failure", "type": "server_error"}},
                                 status_code=500)
-        s = state["script"]
-        state["arrivals"].append(t0)
-        state["requests"] += 1
-        state["in_flight"] += 1
-        state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+        self.arrivals.append(t0)
+        self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return StreamingResponse(self._stream(t0, text, chat), media_type="text/event-stream")
 
-        def chunk(n: int) -> dict:
-            piece = "tok " * n
-            delta = {"delta": {"content": piece}} if chat else {"text": piece}
-            return {"choices": [{"index": 0, **delta, "finish_reason": None}], "usage": None}
+    async def _stream(self, t0: float, text: str, chat: bool) -> AsyncIterator[str]:
+        s = self.script
+        try:
+            if chat:
+                yield _event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+            for i, n in enumerate(s["chunks"]):
+                due = t0 + s["ttft"] + i * s["itl"]
+                if i and s["empty_between"]:  # a text-less chunk halfway through the gap
+                    await asyncio.sleep(max(0.0, due - s["itl"] / 2 - time.perf_counter()))
+                    yield _event({"choices": [{"index": 0, "delta": {"content": ""}}]})
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                if "BREAK" in text and i == 1:
+                    yield _event({"error": {"message": "scripted stream error"}})
+                    return
+                yield _event(_text_chunk(n, chat))
+                self.gen_tokens += n
+            yield _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+            if s["usage"]:
+                usage = {"prompt_tokens": len(text.split()), "completion_tokens": sum(s["chunks"])}
+                yield _event({"choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        finally:
+            self.in_flight -= 1
 
-        async def stream():
-            try:
-                if chat:
-                    yield event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
-                for i, n in enumerate(s["chunks"]):
-                    due = t0 + s["ttft"] + i * s["itl"]
-                    if i and s["empty_between"]:  # a text-less chunk halfway through the gap
-                        await asyncio.sleep(max(0.0, due - s["itl"] / 2 - time.perf_counter()))
-                        yield event({"choices": [{"index": 0, "delta": {"content": ""}}]})
-                    await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                    if "BREAK" in text and i == 1:
-                        yield event({"error": {"message": "scripted stream error"}})
-                        return
-                    yield event(chunk(n))
-                    state["gen_tokens"] += n
-                yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
-                if s["usage"]:
-                    usage = {"prompt_tokens": len(text.split()),
-                             "completion_tokens": sum(s["chunks"])}
-                    yield event({"choices": [], "usage": usage})
-                yield "data: [DONE]\n\n"
-            finally:
-                state["in_flight"] -= 1
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    async def metrics(request: Request) -> PlainTextResponse:
-        n = state["requests"]
-        lines = []
+    async def metrics(self, request: Request) -> Response:
+        n, lines = self.requests, []
         for name, value in (("spec_decode_num_drafts", 2 * n),
                             ("spec_decode_num_draft_tokens", 8 * n),
                             ("spec_decode_num_accepted_tokens", 5 * n),
-                            ("num_preemptions", 0), ("generation_tokens", state["gen_tokens"])):
+                            ("num_preemptions", 0), ("generation_tokens", self.gen_tokens)):
             lines += [f"# TYPE leapfrog:{name} counter",
                       f'leapfrog:{name}_total{{model_name="fake"}} {value}']
         lines += ["# TYPE leapfrog:kv_cache_usage_perc gauge",
-                  f'leapfrog:kv_cache_usage_perc{{model_name="fake"}} {0.25 * state["in_flight"]}']
+                  f'leapfrog:kv_cache_usage_perc{{model_name="fake"}} {0.25 * self.in_flight}']
         return PlainTextResponse("\n".join(lines) + "\n")
 
-    async def set_script(request: Request) -> JSONResponse:
-        state["script"] = await request.json()
-        state.update(arrivals=[], max_in_flight=0)
+    async def set_script(self, request: Request) -> Response:
+        self.script = await request.json()
+        self.arrivals, self.max_in_flight = [], 0
         return JSONResponse({"ok": True})
 
-    async def stats(request: Request) -> JSONResponse:
-        return JSONResponse({k: state[k] for k in ("arrivals", "max_in_flight", "in_flight")})
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse({"arrivals": self.arrivals, "max_in_flight": self.max_in_flight,
+                             "in_flight": self.in_flight})
 
-    async def models(request: Request) -> JSONResponse:
+    async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
-    return Starlette(routes=[
-        Route("/v1/chat/completions", complete, methods=["POST"]),
-        Route("/v1/completions", complete, methods=["POST"]),
-        Route("/v1/models", models), Route("/metrics", metrics),
-        Route("/script", set_script, methods=["POST"]), Route("/stats", stats),
-    ])
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/chat/completions", self.complete, methods=["POST"]),
+            Route("/v1/completions", self.complete, methods=["POST"]),
+            Route("/v1/models", self.models), Route("/metrics", self.metrics),
+            Route("/script", self.set_script, methods=["POST"]), Route("/stats", self.stats),
+        ])
 
 
 def _free_port() -> int:
@@ -167,4 +171,4 @@ def running_fake_server() -> Iterator[FakeServer]:
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(_fake_app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    uvicorn.run(FakeOpenAI().app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
