@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import string
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from server.engine.async_engine import QueueFullError
-
+from server.engine.async_engine import EngineStats, QueueFullError
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics
@@ -39,14 +37,6 @@ class FakeTokenizer:
                             add_generation_prompt: bool) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
-
-
-@dataclass
-class FakeStats:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
 
 
 class FakeEngine:
@@ -108,9 +98,9 @@ class FakeEngine:
     def is_alive(self) -> bool:
         return self.alive
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         used = 2 * len(self.active)
-        return FakeStats(len(self.active), 0, self.total_blocks - used, self.total_blocks)
+        return EngineStats(len(self.active), 0, self.total_blocks - used, self.total_blocks)
 
     def shutdown(self) -> None:
         self.alive = False

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from server.api.errors import ApiError, bad_request
 from server.api.generation import (
     ChoiceJob,
     ChoiceResult,
@@ -25,7 +26,7 @@ from server.api.generation import (
     unless_disconnected,
 )
 from server.api.state import EngineClient, ServerState
-from server.engine.async_engine import QueueFullError
+from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.outputs import RequestOutput
 
 logger = logging.getLogger("leapfrog.api")
@@ -99,6 +100,12 @@ class Generation:
         except QueueFullError as exc:
             self._log([], "rejected_queue_full")
             raise queue_full_error(self.state.retry_after_s) from exc
+        except EngineDeadError as exc:
+            self._log([], "engine_dead")
+            raise ApiError(503, "The engine has stopped.", code="engine_dead") from exc
+        except ValueError as exc:  # the engine refused the request (it never fits)
+            self._log([], "rejected_by_engine")
+            raise bad_request(str(exc)) from exc
         except ClientDisconnected:
             self._log([], "client_disconnected")
             return Response(status_code=_CLIENT_CLOSED)
