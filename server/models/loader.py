@@ -7,8 +7,10 @@ Nothing is ever downloaded: a missing file is an error naming the path.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,30 @@ class Checkpoint:
     tokenizer: PreTrainedTokenizerBase
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("LEAPFROG_CACHE_DIR", Path.home() / ".cache" / "leapfrog"))
+
+
+def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer and chat template from a GGUF file's metadata.
+
+    Building it from GGUF takes seconds, so the converted tokenizer is cached on disk, keyed
+    by the file's path, size and modification time (LEAPFROG_CACHE_DIR, default
+    ~/.cache/leapfrog); an unwritable cache only costs the conversion.
+    """
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = _cache_root() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tokenizer.save_pretrained(str(cached))
+    except OSError:
+        pass
+    return tokenizer
+
+
 def _hf_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
@@ -80,7 +106,7 @@ def open_checkpoint(model: str | None) -> Checkpoint:
             raise ValueError(f"unsupported model file {path}: expected a .gguf file or a HF directory")
         reader = open_gguf(path)
         config = gguf_config(reader)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = gguf_tokenizer(path)
         return Checkpoint(path, config, gguf_weights(reader, config), tokenizer)
     config_file = path / "config.json"
     if not config_file.is_file():
