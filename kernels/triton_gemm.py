@@ -8,7 +8,8 @@ broadcast row, and feeds tensor-core dots with float32 accumulation. int4 bytes 
 features j and j + 16 of a 32-feature chunk, so a sub-tile is two dots (low nibbles against
 x's low halves, high nibbles against the high halves) and no nibble interleaving.
 
-Decode and verification (M = 1..16) have too few output tiles to keep every SM streaming
+M = 1 goes to the GEMV kernel of `kernels.triton_gemv` (no tensor cores, no conversions).
+Verification and small batches (M = 2..16) have too few output tiles to keep every SM streaming
 weights, so K is split over SPLIT_K programs. Each writes its float32 partial tile to a
 workspace and bumps a per-tile counter; the last to arrive sums the partials in a fixed
 order (deterministic) and writes the output, then resets the counter to zero, so a GEMM is
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant import PackedWeight, dequantize
+from kernels.triton_gemv import gemv_supported, triton_gemv
 
 _SUB_MAX = 128  # features per sub-tile when the group is larger
 
@@ -52,13 +54,10 @@ def _dot(a, b_t, acc, UPCAST: tl.constexpr):
 @triton.jit
 def _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, live_n, sub, M, N, K,
              stride_xm, GROUP: tl.constexpr, SUB: tl.constexpr, INT4: tl.constexpr,
-             EVEN_K: tl.constexpr, UPCAST: tl.constexpr, GEMV: tl.constexpr):
+             EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] += x[:, sub tile] @ dequant(w[:, sub tile]).T.
 
     Scales and offsets load as zero outside `live_n`, which zeroes the whole contribution.
-
-    GEMV (BLOCK_M == 1): float32 multiply-adds and a row sum instead of a tensor-core dot,
-    which would pad M to 16 and stage the weight tile through shared memory.
     """
     k0 = sub * SUB
     g = k0 // GROUP
@@ -82,12 +81,8 @@ def _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, l
         x_hi = tl.load(x_row + (k_lo + 16)[None, :], mask=xmask, other=0.0)
         w_lo = (p & 15).to(tl.float32) * scale[:, None] + offset[:, None]
         w_hi = (p >> 4).to(tl.float32) * scale[:, None] + offset[:, None]
-        if GEMV:
-            prod = w_lo * x_lo.to(tl.float32) + w_hi * x_hi.to(tl.float32)
-            acc += tl.sum(prod, axis=1)[None, :]
-        else:
-            acc = _dot(x_lo, w_lo.to(x_lo.dtype), acc, UPCAST)
-            acc = _dot(x_hi, w_hi.to(x_lo.dtype), acc, UPCAST)
+        acc = _dot(x_lo, w_lo.to(x_lo.dtype), acc, UPCAST)
+        acc = _dot(x_hi, w_hi.to(x_lo.dtype), acc, UPCAST)
     else:
         k = k0 + tl.arange(0, SUB)
         mask_k = k < K
@@ -96,10 +91,7 @@ def _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n, l
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = p.to(tl.float32) * scale[:, None]
-        if GEMV:
-            acc += tl.sum(w * xv.to(tl.float32), axis=1)[None, :]
-        else:
-            acc = _dot(xv, w.to(xv.dtype), acc, UPCAST)
+        acc = _dot(xv, w.to(xv.dtype), acc, UPCAST)
     return acc
 
 
@@ -127,7 +119,7 @@ def _qgemm_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N,
             live_n = mask_n & (offs_n * 0 + first + u < end)
             acc = _subtile(acc, x_ptr, qw_ptr, s_ptr, o_ptr, offs_m, offs_n, mask_m, mask_n,
                            live_n, tl.minimum(first + u, end - 1), M, N, K, stride_xm, GROUP,
-                           SUB, INT4, EVEN_K, UPCAST, BLOCK_M == 1)
+                           SUB, INT4, EVEN_K, UPCAST)
     out_mask = mask_m[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
@@ -149,7 +141,7 @@ def _qgemm_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N,
 
 _TUNE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "UNROLL": u}, num_warps=w, num_stages=3)
-    for bn, w, splits in ((16, 4, (1, 2, 4, 8)), (32, 4, (1, 2, 4, 8)), (64, 4, (1, 4)),
+    for bn, w, splits in ((32, 4, (1, 2, 4, 8)), (64, 4, (1, 4)),
                           (128, 4, (1, 2)), (128, 8, (1,)), (256, 8, (1,)))
     for sk in splits for u in (2, 4)
 ]
@@ -159,7 +151,7 @@ def _prune(configs, named_args, **kwargs):
     n, num_sub = named_args["N"], -(-named_args["K"] // kwargs["SUB"])
     keep = [c for c in configs
             if c.kwargs["SPLIT_K"] <= num_sub and c.kwargs["BLOCK_N"] <= max(32, n)
-            and (c.kwargs["BLOCK_N"] >= 32 or kwargs["BLOCK_M"] == 1)]
+            and c.kwargs["BLOCK_N"] >= 32]
     if kwargs["BLOCK_M"] >= 64:  # enough tiles along M: split-K only adds traffic
         keep = [c for c in keep if c.kwargs["SPLIT_K"] <= 2] or keep
     return keep
@@ -197,18 +189,21 @@ def triton_quantized_linear(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] (float16/bfloat16/float32) @ W.T -> [M, N] in x's dtype (into `out` if given)."""
-    sub = sub_tile(packed)
-    if sub is None:
-        result = x @ dequantize(packed, x.dtype).t()
-        return result if out is None else out.copy_(result)
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # GEMV branch for int4 only: on the H200 it made int4 M = 1 faster and int8 2.6x slower
-    gemv = m == 1 and packed.scheme == "int4"
-    block_m = 1 if gemv else 16 if m <= 16 else 32 if m <= 32 else 64
+    sub = sub_tile(packed)
+    if sub is None and not (m == 1 and gemv_supported(packed)):
+        return out.copy_(x @ dequantize(packed, x.dtype).t())
+    if m == 1 and gemv_supported(packed):
+        gemv_config = None if config is None else {
+            "BLOCK_N": config.block_n, "WORDS": 32, "SPLIT_K": config.split_k,
+            "num_warps": config.num_warps}
+        return triton_gemv(x, packed, out, _tile_counters(x.device, triton.cdiv(n, 8)),
+                           gemv_config)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     m_bucket = min(triton.next_power_of_2(m), 128)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if config is None and interpret:
