@@ -176,12 +176,18 @@ build_image() {
     else
         log "no local CPU torch wheel: the build takes torch from the Dockerfile's index"
     fi
+    args+=(--network host --build-arg "BASE_IMAGE=$base")
     log "building $IMAGE on $base"
     local start=$SECONDS
-    DOCKER_BUILDKIT=0 timeout "$BUILD_TIMEOUT" docker build --network host --build-arg "BASE_IMAGE=$base" \
-        "${args[@]}" -t "$IMAGE" "$REPO_ROOT" >"$RUN_DIR/build.log" 2>&1 ||
+    DOCKER_BUILDKIT=0 timeout "$BUILD_TIMEOUT" docker build "${args[@]}" -t "$IMAGE" "$REPO_ROOT" \
+        >"$RUN_DIR/build.log" 2>&1 ||
         { tail -40 "$RUN_DIR/build.log" >&2; die "docker build failed (log: $RUN_DIR/build.log)"; }
     log "built $IMAGE in $((SECONDS - start))s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1 / 1e6}'))"
+    if [[ -n $DOCKERD_PID ]]; then
+        # Tag the builder stage (all cache hits) so the prune at exit keeps it for the next run.
+        DOCKER_BUILDKIT=0 docker build -q "${args[@]}" --target builder -t leapfrog-smoke/builder \
+            "$REPO_ROOT" >/dev/null
+    fi
 }
 
 check_image() {
