@@ -25,6 +25,7 @@ from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.spec_policy import SpecPolicy
 from server.metrics import Metrics
 from server.models.loader import build_model, open_checkpoint
+from server.models.quantize import pack_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,6 +71,7 @@ class LLMEngine:
         limit = checkpoint.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or min(limit, 8192), limit)
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len)
+        pack_model(self.model, config.quantization, checkpoint.path, self.device)
         self.blocks = BlockManager(self._num_blocks(dtype), config.block_size)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
         drafter = create_drafter(config.speculative) if config.speculative else None

@@ -1,0 +1,139 @@
+"""Serve a loaded model's linear layers from packed weights (`kernels.quant` layouts).
+
+Two sources of packed weights:
+
+- GGUF files: tensors stored as Q4_0, Q4_1 or Q8_0 are repacked from the file's block bytes
+  (`kernels.gguf_repack`), exactly, never through a float weight. llama.cpp stores Llama q/k
+  rows permuted for its interleaved RoPE; packing is per row, so un-permuting the rows of
+  the packed tensors (weights, scales, offsets alike) gives the same weight as the dense
+  loader's. A fused projection (qkv, gate/up) is the concatenation of its parts along the
+  output dimension when all parts share scheme and group size.
+- Dense weights (HF checkpoints, GGUF tensors of other types): round-to-nearest quantization
+  of the loaded weight to the `--quantization` scheme (int4 groups of 128, else 64 or 32;
+  int8 per output channel).
+
+Policy (`pack_model`): a GGUF file is served packed when a scheme is given or the model runs
+on CUDA (its Q4/Q8 tensors as stored; other tensors follow the scheme or stay dense); dense
+checkpoints are packed only when a scheme is given. Embeddings, norms and a tied LM head stay
+dense; an untied LM head follows the same rules as the other linears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kernels.gguf_repack import repack_gguf, supported_gguf_types
+from kernels.quant import SCHEMES, PackedWeight, quantize
+from server.models.config import ModelConfig
+from server.models.layers import Linear
+
+# fused module -> GGUF tensor names of its parts, in concatenation order
+_GGUF_PARTS = {
+    "qkv_proj": ("attn_q", "attn_k", "attn_v"),
+    "o_proj": ("attn_output",),
+    "gate_up_proj": ("ffn_gate", "ffn_up"),
+    "down_proj": ("ffn_down",),
+}
+
+
+def linear_modules(model: torch.nn.Module) -> Iterator[tuple[str, Linear]]:
+    """(name, Linear) for every projection: `layers.{i}.{module}` and `lm_head`."""
+    for i, layer in enumerate(model.layers):
+        for module in _GGUF_PARTS:
+            yield f"layers.{i}.{module}", getattr(layer, module)
+    if model.lm_head is not None:
+        yield "lm_head", model.lm_head
+
+
+def permute_rows(packed: PackedWeight, order: torch.Tensor) -> PackedWeight:
+    """The same weight with its output rows taken in `order` (packing is per row)."""
+    return PackedWeight(
+        packed.scheme, packed.out_features, packed.in_features, packed.group_size,
+        packed.qweight[order].contiguous(), packed.scales[order].contiguous(),
+        None if packed.offsets is None else packed.offsets[order].contiguous(),
+    )
+
+
+def concat_packed(parts: list[PackedWeight]) -> PackedWeight | None:
+    """Stack weights along the output dimension; None when their formats differ."""
+    first = parts[0]
+    if any((p.scheme, p.group_size, p.in_features) != (first.scheme, first.group_size,
+                                                        first.in_features) for p in parts):
+        return None
+    if len(parts) == 1:
+        return first
+    offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts])
+    return PackedWeight(
+        first.scheme, sum(p.out_features for p in parts), first.in_features, first.group_size,
+        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), offsets,
+    )
+
+
+def _unpermute_order(rows: int, heads: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation (see `gguf_loader._unpermute`)."""
+    return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
+
+
+def gguf_packed_linears(path: Path, config: ModelConfig) -> dict[str, PackedWeight]:
+    """Packed weights (on CPU) for every projection whose GGUF tensors are Q4_0/Q4_1/Q8_0."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+
+    def packed(name: str) -> PackedWeight | None:
+        t = tensors.get(name)
+        if t is None or int(t.tensor_type) not in supported_gguf_types():
+            return None
+        pw = repack_gguf(t.data, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
+        kind = name.split(".")[-2]
+        if config.architecture == "llama" and kind in heads:
+            pw = permute_rows(pw, _unpermute_order(pw.out_features, heads[kind]))
+        return pw
+
+    result: dict[str, PackedWeight] = {}
+    for i in range(config.num_layers):
+        for module, names in _GGUF_PARTS.items():
+            parts = [packed(f"blk.{i}.{n}.weight") for n in names]
+            if all(p is not None for p in parts):
+                fused = concat_packed(parts)
+                if fused is not None:
+                    result[f"layers.{i}.{module}"] = fused
+    if not config.tie_word_embeddings and (head := packed("output.weight")) is not None:
+        result["lm_head"] = head
+    return result
+
+
+def quantize_dense(weight: torch.Tensor, scheme: str) -> PackedWeight | None:
+    """Round-to-nearest packing of a dense [N, K] weight; None when no int4 group divides K."""
+    if scheme == "int8":
+        return quantize(weight, "int8")
+    group = next((g for g in (128, 64, 32) if weight.shape[1] % g == 0), None)
+    return None if group is None else quantize(weight, "int4", group)
+
+
+def pack_model(model: torch.nn.Module, scheme: str | None, checkpoint_path: Path | None,
+               device: torch.device) -> int:
+    """Swap packed weights into the model's linears (see the module policy); returns how many.
+
+    `checkpoint_path`: the file the model was loaded from (GGUF repacking reads it again).
+    """
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"quantization must be one of {SCHEMES} or None, got {scheme!r}")
+    use_gguf = (checkpoint_path is not None and checkpoint_path.suffix == ".gguf"
+                and checkpoint_path.is_file() and (scheme is not None or device.type == "cuda"))
+    from_file = gguf_packed_linears(checkpoint_path, model.config) if use_gguf else {}
+    count = 0
+    for name, linear in linear_modules(model):
+        if linear.packed is not None:
+            continue
+        pw = from_file.get(name)
+        if pw is None and scheme is not None:
+            pw = quantize_dense(linear.weight, scheme)
+        if pw is not None:
+            linear.set_packed(pw.to(device))
+            count += 1
+    return count
