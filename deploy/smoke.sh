@@ -96,13 +96,18 @@ ensure_docker() {
 
 # The first Debian mirror apt is configured with for $SUITE (deb822 or one-line format).
 apt_mirror() {
-    local files=(/etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list)
-    cat "${files[@]}" 2>/dev/null | awk -v suite="$SUITE" '
-        /^[[:space:]]*$/ { if (uri != "" && ok) { print uri; exit } uri = ""; ok = 0; next }
+    local files=() f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
+        [[ -f $f ]] && files+=("$f")
+    done
+    ((${#files[@]})) || return 0
+    awk -v suite="$SUITE" '
+        function found(u) { print u; done = 1; exit }
+        FNR == 1 || /^[[:space:]]*$/ { if (uri != "" && ok) found(uri); uri = ""; ok = 0 }
         /^URIs:/ { uri = $2 }
         /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite) ok = 1 }
-        /^deb[[:space:]]/ { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { if ($(i + 1) == suite) { print $i; exit } } }
-        END { if (uri != "" && ok) print uri }' | head -n 1
+        /^deb[[:space:]]/ { for (i = 2; i < NF; i++) if ($i ~ /^[a-z]+:\/\// && $(i + 1) == suite) found($i) }
+        END { if (!done && uri != "" && ok) print uri }' "${files[@]}"
 }
 
 # A Debian image with python3 and venv, imported from a debootstrapped rootfs (cached tarball).
@@ -271,17 +276,18 @@ check_drain() {
 }
 
 run_and_check() {
-    local port url
+    local port url metrics
     drun -d --name "$CONTAINER" -p 127.0.0.1::8000 --health-interval 2s "$IMAGE" >/dev/null
     CONTAINER_STARTED=1
-    port=$(docker port "$CONTAINER" 8000/tcp | head -n 1 | sed 's/.*://')
-    url=http://127.0.0.1:$port
+    port=$(docker port "$CONTAINER" 8000/tcp)
+    port=${port%%$'\n'*}
+    url=http://127.0.0.1:${port##*:}
     log "started $CONTAINER on $url; waiting for /ready"
     wait_ready "$url"
     log "ready"
     curl -fsS --max-time 10 -o /dev/null "$url/health" || die "/health failed"
-    curl -fsS --max-time 10 "$url/metrics" | grep -q '^leapfrog:num_requests_running' ||
-        die "/metrics has no leapfrog:num_requests_running"
+    metrics=$(curl -fsS --max-time 10 "$url/metrics") || die "/metrics failed"
+    grep -q '^leapfrog:num_requests_running' <<<"$metrics" || die "/metrics has no leapfrog:num_requests_running"
     check_chat "$url" >&2
     wait_healthy
     log "HEALTHCHECK reports healthy"
