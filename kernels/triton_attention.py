@@ -126,9 +126,11 @@ def paged_attention_triton(
 ) -> torch.Tensor:
     """Same contract as `kernels.attention.paged_attention_reference`; returns [tokens, heads, dim].
 
-    `max_query_len` (the longest q_len in the batch) sizes the grid; when None it is read
-    from `query_start_loc`, which costs a device-to-host sync. `out`: optional destination
-    shaped like `q`.
+    `max_query_len` (at least the longest q_len in the batch) sizes the grid; when None the
+    bound ``num_tokens - num_seqs + 1`` is used, which needs no device-to-host sync (and so
+    works inside CUDA graphs) and holds when every sequence has at least one query token;
+    programs past a sequence's queries exit at once. `out`: optional destination shaped
+    like `q`.
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -139,7 +141,7 @@ def paged_attention_triton(
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_seqs else 0
+        max_query_len = num_tokens - num_seqs + 1 if num_seqs else 0
     out = torch.empty_like(q) if out is None else out
     if num_seqs == 0 or max_query_len == 0:
         return out

@@ -1,15 +1,49 @@
 #!/usr/bin/env bash
-# One device call: GPU kernel tests at real sizes, then the GEMM benchmark (table + JSON).
-# Usage (repo root, on the CUDA machine): OUT=/some/dir scripts/gpu_session.sh
+# One device call: GPU tests, the GEMM kernel benchmark, the decode benchmark (tables + JSON).
+# Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
+# decode default"] scripts/gpu_session.sh
+#   tests    pytest tests/gpu (kernels at real sizes, engine graphs vs eager, packed serving)
+#   kernels  python3 -m kernels.bench_gpu            (W4A16/W8A16 vs bf16, Llama-3-8B shapes)
+#   decode   python3 -m server.benchmarks.gpu_decode (8B shape: bf16/int8/int4 vs roofline and
+#            transformers, batch 1 and 64)
+#   default  the default model ($GGUF) through the engine, graphs on and off
+# The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
 set -uo pipefail
 OUT="${OUT:-/tmp/leapfrog-gpu}"
+STEPS="${STEPS:-tests kernels decode default}"
+GGUF="${GGUF:-}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if ! python3 -c "import gguf" 2>/dev/null && compgen -G ".whl/gguf-*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/gguf-*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/pytest.log"
-tests_rc=${PIPESTATUS[0]}
-python3 -m kernels.bench_gpu --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+rc=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local status=${PIPESTATUS[0]}
+  echo "=== $name rc=$status"
+  [ "$status" -eq 0 ] || rc=1
+}
+for s in $STEPS; do
+  case $s in
+    tests) step tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+    kernels) step kernels 200 python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ;;
+    decode) step decode 300 python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" ;;
+    default)
+      if [ -n "$GGUF" ]; then
+        step default 200 python3 -m server.benchmarks.gpu_decode --skip-8b --gguf "$GGUF" \
+          --json "$OUT/default.json"
+      else
+        echo "=== default: skipped (no GGUF=...)"
+      fi ;;
+    *) echo "unknown step $s"; rc=1 ;;
+  esac
+done
+echo "session rc=$rc"
+exit $rc

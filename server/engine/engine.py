@@ -80,6 +80,8 @@ class LLMEngine:
             self.blocks, policy,
         )
         self.runner = ModelRunner(self.model, self.blocks, self.device, drafter)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.drafter = drafter
         self.metrics = Metrics(self.model_name)
         self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (

@@ -9,6 +9,7 @@ from drafters.verify import verify_greedy, verify_sampled
 from server.engine.batch_builder import build_inputs
 from server.engine.block_manager import BlockManager
 from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
+from server.engine.cuda_graphs import CudaGraphRunner
 from server.engine.sampler import filter_probs, processed_logits, sample, token_logprobs
 
 
@@ -23,30 +24,47 @@ class ModelRunner:
         self.blocks = blocks
         self.device = device
         self.drafter = drafter
+        self.graphs: CudaGraphRunner | None = None
         c = model.config
-        shape = (blocks.num_blocks, blocks.block_size, c.num_kv_heads, c.head_dim)
+        # one scratch block past the pool: padded CUDA-graph rows write their KV there
+        shape = (blocks.num_blocks + 1, blocks.block_size, c.num_kv_heads, c.head_dim)
         model.kv_caches = [
             (torch.zeros(shape, dtype=model.dtype, device=device), torch.zeros(shape, dtype=model.dtype, device=device))
             for _ in range(c.num_layers)
         ]
 
     @torch.inference_mode()
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Replay captured graphs for decode/verify steps (`server.engine.cuda_graphs`)."""
+        self.graphs = CudaGraphRunner(self.model, self.blocks.block_size, self.blocks.num_blocks,
+                                      max_model_len, max_batch)
+        self.graphs.capture_decode()
+
+    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
-        inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
-                              padded_groups=self.device.type == "cpu")
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
+        replay = self.graphs.run(out, tables) if self.graphs is not None else None
+        if replay is None:
+            inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
+                                  padded_groups=self.device.type == "cpu")
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
+            query_start, all_logits = inputs.query_start, None
+        else:
+            query_start, hidden, all_logits = replay  # every row's logits, in row order
         rows: list[int] = []
         owners: list[tuple[ScheduledRequest, int]] = []
-        for s, end in zip(out.scheduled, inputs.query_start[1:], strict=True):
+        for s, end in zip(out.scheduled, query_start[1:], strict=True):
             if s.reaches_end:
                 n = len(s.spec_token_ids) + 1
                 owners.append((s, len(rows)))
                 rows.extend(range(end - n, end))
         if not rows:
             return RunnerOutput({})
-        row_index = torch.tensor(rows, device=hidden.device)
-        logits = self.model.compute_logits(hidden[row_index]).cpu()  # [R, vocab]
+        if all_logits is not None:
+            logits = all_logits.cpu()  # [R, vocab]; rows are all of them
+        else:
+            row_index = torch.tensor(rows).to(hidden.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden[row_index]).cpu()  # [R, vocab]
         sampled: dict[str, SampledTokens] = {}
         last_rows: list[int] = []
         for s, first in owners:

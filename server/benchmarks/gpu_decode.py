@@ -1,0 +1,193 @@
+"""GPU decode benchmark: a Llama-3-8B-shaped model with random weights, and the default model.
+
+`python3 -m server.benchmarks.gpu_decode [--gguf PATH] [--json OUT.json]` on a CUDA machine.
+What each number times:
+
+- ``ours``: one decode step of our model through `CudaGraphRunner.step` (CUDA graph replay,
+  or the same padded step run eagerly): host-side input fill, one host-to-device copy per
+  buffer, the forward and LM head, and reading the greedy next tokens back to the host (the
+  step's one sync). The scheduler, sampler and detokenizer are not in it. tok/s = batch /
+  median seconds per step, at a context of `--context` tokens.
+- ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
+  the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
+- ``roofline``: measured copy bandwidth (bytes read + written per second of a device copy) /
+  bytes of every weight a decode step reads (all projections, packed or dense, the LM head
+  and norms; not the embedding table, of which a step reads one row per token).
+- ``engine``: the default model through `LLM.generate`, everything from scheduling to text;
+  tok/s = generated tokens / wall seconds, graphs on vs `enforce_eager`.
+
+int8/int4 are round-to-nearest (int8 per channel, int4 groups of 128) of every projection
+including the LM head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from kernels.bench_gpu import copy_bandwidth
+from server.engine.cuda_graphs import CudaGraphRunner
+from server.models.config import config_from_hf
+from server.models.llama import LlamaForCausalLM
+from server.models.quantize import linear_modules, quantize_dense
+
+BLOCK = 16
+
+
+def llama3_8b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+
+
+def build_models(hf_config) -> tuple[torch.nn.Module, LlamaForCausalLM]:
+    """transformers' model with its random init on the GPU, and ours loaded from it."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
+        ours = LlamaForCausalLM(config_from_hf(hf_config.to_dict()), torch.bfloat16, 4096)
+    ours.load_weights(hf.state_dict().items())
+    return hf, ours.eval()
+
+
+def time_transformers(hf: torch.nn.Module, prompt_len: int, new_tokens: int) -> float:
+    """Decode tokens/s of `generate` at batch 1, prefill excluded."""
+    ids = torch.randint(0, hf.config.vocab_size, (1, prompt_len), device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(2)
+    return (new_tokens - 1) / (run(new_tokens) - run(1))
+
+
+def weight_bytes(model: LlamaForCausalLM) -> int:
+    """Bytes a decode step reads from weights (see module docs)."""
+    total = 0
+    for _, lin in linear_modules(model):
+        total += lin.packed.nbytes() if lin.packed is not None else lin.weight.nbytes
+    norms = [model.norm] + [p for layer in model.layers for p in (layer.input_norm, layer.post_norm)]
+    return total + sum(p.nbytes for p in norms)
+
+
+def time_decode(model: LlamaForCausalLM, batch: int, context: int, steps: int,
+                graphed: bool) -> float:
+    """Median seconds of one decode step at `batch` sequences of `context` tokens."""
+    per_seq = -(-(context + steps + 8) // BLOCK)
+    num_blocks = batch * per_seq + 1
+    c = model.config
+    shape = (num_blocks, BLOCK, c.num_kv_heads, c.head_dim)
+    model.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device="cuda"),
+                        torch.zeros(shape, dtype=model.dtype, device="cuda"))
+                       for _ in range(c.num_layers)]
+    runner = CudaGraphRunner(model, BLOCK, num_blocks - 1, per_seq * BLOCK, batch, 1)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    tokens = [[1]] * batch
+    times = []
+    with torch.inference_mode():
+        for step in range(steps + 3):
+            start = time.perf_counter()
+            _, logits = runner.step(batch, 1, [context + step] * batch, tokens, tables, graphed)
+            tokens = [[t] for t in logits[:batch].argmax(-1).tolist()]
+            times.append(time.perf_counter() - start)
+    model.kv_caches = []
+    del runner
+    torch.cuda.empty_cache()
+    return statistics.median(times[3:])
+
+
+def bench_8b(bandwidth: float, context: int, hf_tokens: int) -> list[dict]:
+    hf, model = build_models(llama3_8b())
+    hf_tps = time_transformers(hf, context, hf_tokens)
+    del hf
+    torch.cuda.empty_cache()
+    packs = {"bf16": {}}
+    for scheme in ("int8", "int4"):
+        packs[scheme] = {name: quantize_dense(lin.weight, scheme)
+                         for name, lin in linear_modules(model)}
+    rows = []
+    for mode, pack in packs.items():
+        for name, lin in linear_modules(model):
+            lin.packed = pack.get(name)
+        roof = bandwidth / weight_bytes(model)
+        b1 = 1 / time_decode(model, 1, context, 64, graphed=True)
+        b1_eager = 1 / time_decode(model, 1, context, 16, graphed=False)
+        b64 = 64 / time_decode(model, 64, context, 16, graphed=True)
+        rows.append(dict(model="llama3-8b-shape", mode=mode, weight_gb=weight_bytes(model) / 1e9,
+                         roofline_tps=roof, batch1_tps=b1, batch1_eager_tps=b1_eager,
+                         pct_roofline=100 * b1 / roof, batch64_tps=b64,
+                         transformers_tps=hf_tps, x_transformers=b1 / hf_tps))
+        print_rows(rows[-1:])
+    for _, lin in linear_modules(model):
+        lin.packed = None
+    return rows
+
+
+def bench_default(path: str) -> list[dict]:
+    """The real default model through the engine, graphs on and off, batch 1 and 32."""
+    from server.engine.llm import LLM
+    from server.engine.sampling_params import SamplingParams
+
+    rows = []
+    for eager in (False, True):
+        llm = LLM(path, enforce_eager=eager, max_num_seqs=32, kv_cache_memory_gb=2.0)
+        answer = llm.generate(["What is the capital of France?"],
+                              SamplingParams(max_tokens=16, temperature=0.0), chat=True)[0].text
+        prompts = [llm.encode(f"Write a long story about the number {i}.") for i in range(32)]
+        row = dict(model="default (SmolLM2-135M Q4_1, packed)", mode="eager" if eager else "graphs",
+                   answer=answer)
+        for batch, tokens in ((1, 256), (32, 128)):
+            params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+            llm.generate(prompts[:batch], SamplingParams(max_tokens=4, ignore_eos=True))
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = llm.generate(prompts[:batch], params)
+            row[f"batch{batch}_tps"] = sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
+        rows.append(row)
+        print_rows(rows[-1:])
+        del llm
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}"
+                        for k, v in r.items()), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", help="the default model's GGUF file (engine benchmark)")
+    parser.add_argument("--context", type=int, default=256, help="tokens already in each sequence")
+    parser.add_argument("--hf-tokens", type=int, default=32, help="new tokens for transformers")
+    parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--json", help="write every row here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_decode needs a CUDA device")
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
+    rows = [] if args.skip_8b else bench_8b(bandwidth, args.context, args.hf_tokens)
+    if args.gguf:
+        rows += bench_default(args.gguf)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
