@@ -21,15 +21,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement (best is kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides")
+    p.add_argument("--quantization", default=None, help="also time our engine with packed weights (int4|int8)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--result-json", default=None, help="write results here")
 
 
-def _ours(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, float]:
+def _ours(args: argparse.Namespace, batch_sizes: list[int], quantization: str | None) -> dict[str, float]:
     from server.engine.llm import LLM
     from server.engine.sampling_params import SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(batch_sizes), max_num_batched_tokens=2048)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(batch_sizes), max_num_batched_tokens=2048,
+              quantization=quantization)
     ids = llm.encode(PROMPT, chat=True)
 
     def run(batch: int, n: int) -> None:
@@ -74,17 +77,27 @@ def _transformers(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str,
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    ours = _ours(args, batch_sizes)
     ref = {} if args.no_transformers else _transformers(args, batch_sizes)
+    runs = {"leapfrog": _ours(args, batch_sizes, None)}
+    if args.quantization:
+        runs[f"leapfrog {args.quantization}"] = _ours(args, batch_sizes, args.quantization)
+    headers = ["metric", "transformers"]
+    for name in runs:
+        headers += [name, "ratio"]
     rows = []
-    for key in ours:
-        ratio = ours[key] / ref[key] if key in ref else float("nan")
-        rows.append([key, ours[key], ref.get(key, float("nan")), ratio])
-    print(f"model={args.model or 'default'} dtype={args.dtype} tokens={args.tokens} (tokens/s)")
-    print(table(["metric", "leapfrog", "transformers", "ratio"], rows))
-    b1, top = ours["decode_b1"], ours[f"throughput_b{max(batch_sizes)}"]
-    print(f"batch-{max(batch_sizes)} throughput / batch-1 decode: {top / b1:.2f}x")
-    write_json(args.result_json, {"config": vars(args), "machine": machine(), "leapfrog": ours,
-                                  "transformers": ref})
+    for key in runs["leapfrog"]:
+        row: list[object] = [key, ref.get(key, float("nan"))]
+        for ours in runs.values():
+            row += [ours[key], ours[key] / ref[key] if key in ref else float("nan")]
+        rows.append(row)
+    print(f"model={args.model or 'default'} dtype={args.dtype} tokens={args.tokens} "
+          f"threads={torch.get_num_threads()} (tokens/s; ratio = leapfrog / transformers)")
+    print(table(headers, rows))
+    for name, ours in runs.items():
+        top = ours[f"throughput_b{max(batch_sizes)}"]
+        print(f"{name}: batch-{max(batch_sizes)} throughput / batch-1 decode = {top / ours['decode_b1']:.2f}x")
+    write_json(args.result_json, {"config": vars(args), "machine": machine(), "transformers": ref, **runs})
     return 0
