@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [row for name in args.shapes for row in bench_shape(name, *SHAPES[name], bandwidth)]
     print_table(rows, bandwidth)
     from kernels.triton_gemm import _qgemm_tuned
+    from kernels.triton_gemv import _gemv_tuned
 
-    for key, config in _qgemm_tuned.cache.items():
+    for key, config in [*_gemv_tuned.cache.items(), *_qgemm_tuned.cache.items()]:
         print("tuned", key[:5], config)
     if args.json:
         with open(args.json, "w") as f:

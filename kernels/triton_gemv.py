@@ -16,7 +16,8 @@ conversions, which issue at a quarter of the FMA rate):
 
 Word ``i`` of a 32-feature int4 chunk holds features ``4i + b`` (low nibble of byte b) and
 ``4i + b + 16`` (high nibble); an int8 word holds features ``4i .. 4i + 3``. A program owns
-BLOCK_N output features and a contiguous share of K (split-K over SPLIT_K programs, reduced
+BLOCK_N output features and a contiguous share of K, loading the next tile's words, scales
+and offsets before doing the current tile's arithmetic (split-K over SPLIT_K programs, reduced
 as in `kernels.triton_gemm`: partials to a workspace, the last program to arrive sums them
 in a fixed order and resets its counter).
 """
@@ -43,6 +44,23 @@ def _slot(part, word, x_ptr, feat, ok, MASK: tl.constexpr, INV: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(w_ptr, s_ptr, o_ptr, row_w, row_s, t, limit, rel, wi, mask_n, K,
+               GROUP: tl.constexpr, INT4: tl.constexpr, WORDS: tl.constexpr,
+               TILE_K: tl.constexpr):
+    """Tile t's words [BN, W] and each word's float32 scale and offset (zero from `limit` on)."""
+    base = t * TILE_K + rel
+    m2 = mask_n[:, None] & (base < limit)[None, :]
+    word = tl.load(row_w + (t * WORDS + wi)[None, :], mask=m2, other=0)
+    g = row_s + (base // GROUP)[None, :]
+    s = tl.load(s_ptr + g, mask=m2, other=0.0).to(tl.float32)
+    if INT4:
+        o = tl.load(o_ptr + g, mask=m2, other=0.0).to(tl.float32)
+    else:
+        o = s * -128.0  # symmetric int8 stored as q + 128
+    return word, s, o
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, stride_w,
                  GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
                  WORDS: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -64,14 +82,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s
     row_w = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     row_s = offs_n[:, None] * (K // GROUP)
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    limit = tl.minimum(K, end * TILE_K)  # this split's features end here
+    word, s, o = _load_tile(w_ptr, s_ptr, o_ptr, row_w, row_s, begin, limit, rel, wi,
+                            mask_n, K, GROUP, INT4, WORDS, TILE_K)
     for t in range(begin, end):
-        k0 = t * TILE_K
-        base = k0 + rel  # [W]
+        base = t * TILE_K + rel  # [W]
         ok = base < K
-        m2 = mask_n[:, None] & ok[None, :]
-        word = tl.load(row_w + (t * WORDS + wi)[None, :], mask=m2, other=0)
-        g = (base // GROUP)[None, :]
-        s = tl.load(s_ptr + row_s + g, mask=m2, other=0.0).to(tl.float32)
+        # the next tile's loads go out before this tile's arithmetic (two tiles in flight)
+        word_n, s_n, o_n = _load_tile(w_ptr, s_ptr, o_ptr, row_w, row_s, t + 1, limit,
+                                      rel, wi, mask_n, K, GROUP, INT4, WORDS, TILE_K)
         part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         if INT4:
             high = word >> 12  # bits 20, 24, 28 -> 8, 12, 16
@@ -84,7 +103,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s
             part, x6 = _slot(part, high, x_ptr, base + 3, ok, 0xF000, 0.000244140625)
             part, x7 = _slot(part, high, x_ptr, base + 19, ok, 0xF0000, 0.0000152587890625)
             sx = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-            o = tl.load(o_ptr + row_s + g, mask=m2, other=0.0).to(tl.float32)
         else:
             u = word ^ -2139062144  # 0x80808080: signed bytes -> q + 128
             high = u >> 16
@@ -93,8 +111,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s
             part, x2 = _slot(part, high, x_ptr, base + 2, ok, 0xFF, 1.0)
             part, x3 = _slot(part, high, x_ptr, base + 3, ok, 0xFF00, 0.00390625)
             sx = x0 + x1 + x2 + x3
-            o = s * -128.0
         acc += s * part + o * sx[None, :]
+        word, s, o = word_n, s_n, o_n
     total = tl.sum(acc, axis=1)  # [BLOCK_N]
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -114,8 +132,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "WORDS": words, "SPLIT_K": sk}, num_warps=warps, num_stages=1)
-    for bn, words, warps in ((8, 64, 2), (16, 32, 2), (16, 64, 4), (32, 32, 4), (32, 64, 4),
-                             (64, 32, 4), (64, 64, 8), (128, 32, 8))
+    for bn, words, warps in ((8, 64, 2), (16, 32, 2), (16, 64, 4), (16, 128, 4), (32, 32, 4),
+                             (32, 64, 4), (32, 128, 8), (64, 32, 4), (64, 64, 8), (128, 32, 8))
     for sk in (1, 2, 4, 8, 16)
 ]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, the GEMM kernel benchmark, the decode benchmark (tables + JSON).
 # Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
-# decode default"] scripts/gpu_session.sh
+# decode default"] [TESTS="pytest targets"] [KERNEL_ARGS="--shapes ..."] scripts/gpu_session.sh
 #   tests    pytest tests/gpu (kernels at real sizes, engine graphs vs eager, packed serving)
 #   kernels  python3 -m kernels.bench_gpu            (W4A16/W8A16 vs bf16, Llama-3-8B shapes)
 #   decode   python3 -m server.benchmarks.gpu_decode (8B shape: bf16/int8/int4 vs roofline and
@@ -32,8 +32,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 for s in $STEPS; do
   case $s in
-    tests) step tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
-    kernels) step kernels 200 python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ;;
+    tests) step tests 300 python3 -m pytest -q -x -p no:cacheprovider --tb=short ${TESTS:-tests/gpu} ;;
+    kernels) step kernels 200 python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
     decode) step decode 300 python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" ;;
     default)
       if [ -n "$GGUF" ]; then
