@@ -9,7 +9,7 @@ from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
 from server.engine.request import Request, RequestStatus
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.spec_policy import SpecPolicy
+from server.engine.spec_policy import SpecPolicy, StepCosts
 
 
 def make(num_blocks: int = 64, block_size: int = 4, max_seqs: int = 8, budget: int = 32,
@@ -193,14 +193,33 @@ def test_rollback_frees_emptied_blocks() -> None:
     s.blocks.check_integrity()
 
 
-def test_spec_policy_shrinks_with_low_acceptance_and_big_batches() -> None:
+def test_spec_policy_follows_acceptance_and_measured_costs() -> None:
     p = SpecPolicy(max_draft_tokens=6)
-    assert p.draft_length("x", base_tokens=1) >= 4
+    p.costs.observe(1, 0.050)
+    p.costs.observe(7, 0.052)  # verification nearly free: draft long
+    assert p.draft_length("x", step_tokens=1, producing=1, limit=6) >= 4
     for _ in range(20):
         p.observe("x", 4, 0)
-    assert p.draft_length("x", base_tokens=1) == 0
-    q = SpecPolicy(max_draft_tokens=6)
-    assert q.draft_length("y", base_tokens=256) < q.draft_length("y", base_tokens=1)
+    assert p.draft_length("x", step_tokens=1, producing=1, limit=6) == 0
+    for _ in range(200):  # idle steps slowly restore the estimate, so it tries again
+        p.observe("x", 0, 0)
+    assert p.draft_length("x", step_tokens=1, producing=1, limit=6) > 0
+    busy = SpecPolicy(max_draft_tokens=6)
+    for n in range(16, 120):
+        busy.costs.observe(n, 0.01 * n)  # compute bound: time grows with every token
+    assert busy.draft_length("y", step_tokens=64, producing=64, limit=6) == 0
+    assert busy.draft_length("y", step_tokens=64, producing=64, limit=0) == 0
+
+
+def test_step_costs_interpolate_and_fall_back_to_prior() -> None:
+    c = StepCosts(prior_knee=10)
+    assert c.time(11) == pytest.approx(2.0)  # no data: relative prior
+    c.observe(1, 1.0)
+    assert c.time(11) == pytest.approx(2.0)
+    c.observe(5, 3.0)
+    assert c.time(3) == pytest.approx(2.0) and c.time(9) == pytest.approx(5.0)
+    c.observe(5, 5.0)
+    assert c.time(5) == pytest.approx(3.4)  # exponential average
 
 
 def test_finished_request_status() -> None:

@@ -15,7 +15,7 @@ import torch
 from drafters.base import create_drafter
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
-from server.engine.contracts import SampledTokens
+from server.engine.contracts import SampledTokens, SchedulerOutput
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
@@ -140,7 +140,9 @@ class LLMEngine:
         outputs = [self._output(r, [], SampledTokens([], 0), now) for r in sched.ended]
         if not sched.scheduled:
             return outputs
+        start = time.perf_counter()
         result = self.runner.execute(sched)
+        self._record_step_cost(sched, time.perf_counter() - start)
         emitted = self.scheduler.update(sched, result)
         now = time.monotonic()
         outputs += [self._output(r, tokens, result.sampled[r.request_id], now) for r, tokens in emitted]
@@ -173,6 +175,12 @@ class LLMEngine:
             finished=r.is_finished, finish_reason=r.finish_reason,
             num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
         )
+
+    def _record_step_cost(self, sched: SchedulerOutput, seconds: float) -> None:
+        """Feed decode/verify-only step times to the speculation policy's cost table."""
+        policy = self.scheduler.spec_policy
+        if policy is not None and all(s.num_new_tokens == 1 + len(s.spec_token_ids) for s in sched.scheduled):
+            policy.costs.observe(sched.num_batched_tokens, seconds)
 
     def _record_tokens(self, tracked: _Tracked, r: Request, n: int, now: float) -> None:
         m = self.metrics

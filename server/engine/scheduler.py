@@ -153,8 +153,9 @@ class Scheduler:
     def _assign_draft_lengths(self, scheduled: list[ScheduledRequest]) -> None:
         if self.spec_policy is None:
             return
-        base_tokens = sum(s.num_new_tokens - len(s.spec_token_ids) for s in scheduled)
-        spare = self.config.max_num_batched_tokens - base_tokens
+        step_tokens = sum(s.num_new_tokens - len(s.spec_token_ids) for s in scheduled)
+        spare = self.config.max_num_batched_tokens - step_tokens
+        producing = sum(s.reaches_end for s in scheduled)
         for s in scheduled:
             if not s.reaches_end:
                 continue
@@ -162,10 +163,11 @@ class Scheduler:
             left = min(
                 r.params.max_tokens - len(r.output_token_ids) - 1,
                 self.config.max_model_len - r.num_tokens - 1,
-            )
-            k = min(self.spec_policy.draft_length(r.request_id, base_tokens), max(left - len(s.spec_token_ids), 0))
-            k = max(0, min(k, spare))
+            ) - len(s.spec_token_ids)
+            limit = max(0, min(left, spare))
+            k = self.spec_policy.draft_length(r.request_id, step_tokens, producing, limit) if limit else 0
             spare -= k
+            step_tokens += k
             s.num_draft_tokens_next = k
 
     # -- results ----------------------------------------------------------------------------

@@ -1,18 +1,47 @@
-"""Adaptive draft length: speculate only as far as it pays.
+"""Adaptive draft length: speculate only as far as it pays, measured, not assumed.
 
-Each request keeps an exponential average of its draft acceptance rate `a`. With i.i.d.
-acceptance, drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens per step. A step's time
-grows with its token count: T(n) ~ T0 + t*n. Extra draft tokens cost nothing while a step
-is weight-bandwidth bound (small n) and their full share once it is compute bound, so the
-relative cost of one draft token is r = n / (n + knee), where n is the step's tokens without
-drafts and `knee` the token count at which per-token work equals the fixed cost. We pick the
-k in [0, k_max] that maximises tokens per unit time, (1 - a^(k+1)) / (1 - a) / (1 + r*k).
-A request at k = 0 recovers its estimate slowly so it can try again later.
+Each request keeps an exponential average of its draft acceptance rate `a`; with i.i.d.
+acceptance, k drafts yield E(k) = (1 - a^(k+1)) / (1 - a) tokens per step. The engine
+reports every decode step's token count and duration to `StepCosts`, a table of measured
+step times T(n) (unmeasured sizes come from a linear fit, or an optimistic prior until there
+is one, so the policy explores). Drafts are handed out request by request: with n tokens
+already in the step and B requests producing tokens, a request gets the k that maximises
+the step's throughput (B - 1 + E(k)) / T(n + k). When verification is nearly free (a small
+batch, weight-bandwidth bound) long drafts win; when the batch fills and T grows with n,
+the same rule shrinks drafts to zero. A request at k = 0 recovers its estimate slowly so it
+can try again later.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepCosts:
+    """Measured step time by token count (exponential averages), with a fitted fallback."""
+
+    ema_weight: float = 0.2
+    prior_knee: float = 64.0
+    """Before any fit exists, T(n) is assumed to be T(1) * (1 + (n - 1) / prior_knee)."""
+    times: dict[int, float] = field(default_factory=dict)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        old = self.times.get(num_tokens)
+        self.times[num_tokens] = seconds if old is None else old + self.ema_weight * (seconds - old)
+
+    def time(self, num_tokens: int) -> float:
+        if num_tokens in self.times:
+            return self.times[num_tokens]
+        points = sorted(self.times.items())
+        if len(points) >= 2:
+            below = [p for p in points if p[0] < num_tokens]
+            above = [p for p in points if p[0] > num_tokens]
+            (n0, t0), (n1, t1) = (below[-1], above[0]) if below and above else (points[-2], points[-1])
+            slope = max(0.0, (t1 - t0) / (n1 - n0))
+            return max(1e-9, t0 + slope * (num_tokens - n0))
+        base = points[0][1] / (1 + (points[0][0] - 1) / self.prior_knee) if points else 1.0
+        return base * (1 + (num_tokens - 1) / self.prior_knee)
 
 
 @dataclass
@@ -20,10 +49,10 @@ class SpecPolicy:
     """Chooses each request's draft length for its next step."""
 
     max_draft_tokens: int
-    knee_tokens: float = 64.0
     ema_weight: float = 0.3
     prior: float = 0.6
-    recovery: float = 0.02
+    recovery: float = 0.005
+    costs: StepCosts = field(default_factory=StepCosts)
 
     def __post_init__(self) -> None:
         self._acceptance: dict[str, float] = {}
@@ -43,13 +72,14 @@ class SpecPolicy:
     def acceptance(self, request_id: str) -> float:
         return self._acceptance.get(request_id, self.prior)
 
-    def draft_length(self, request_id: str, base_tokens: int) -> int:
-        """Best k for this request given the step carries `base_tokens` non-draft tokens."""
+    def draft_length(self, request_id: str, step_tokens: int, producing: int, limit: int) -> int:
+        """Best k <= limit for this request, given `step_tokens` already in the step and
+        `producing` requests that will emit tokens in it."""
         a = min(self.acceptance(request_id), 0.999)
-        r = base_tokens / (base_tokens + self.knee_tokens)
-        best_k, best = 0, 1.0
-        for k in range(1, self.max_draft_tokens + 1):
-            value = (1 - a ** (k + 1)) / (1 - a) / (1 + r * k)
+        best_k, best = 0, producing / self.costs.time(step_tokens)
+        for k in range(1, min(limit, self.max_draft_tokens) + 1):
+            expected = (1 - a ** (k + 1)) / (1 - a)
+            value = (producing - 1 + expected) / self.costs.time(step_tokens + k)
             if value > best:
                 best_k, best = k, value
         return best_k
