@@ -8,7 +8,8 @@ broadcast row, and feeds tensor-core dots with float32 accumulation. int4 bytes 
 features j and j + 16 of a 32-feature chunk, so a sub-tile is two dots (low nibbles against
 x's low halves, high nibbles against the high halves) and no nibble interleaving.
 
-M = 1 goes to the GEMV kernel of `kernels.triton_gemv` (no tensor cores, no conversions).
+int8 at M = 1 goes to the GEMV kernel of `kernels.triton_gemv` (no tensor cores, no
+int-to-float conversions).
 Verification and small batches (M = 2..16) have too few output tiles to keep every SM streaming
 weights, so K is split over SPLIT_K programs. Each writes its float32 partial tile to a
 workspace and bumps a per-tile counter; the last to arrive sums the partials in a fixed

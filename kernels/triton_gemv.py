@@ -154,10 +154,16 @@ _gemv_tuned = triton.autotune(
 
 
 def gemv_supported(packed: PackedWeight) -> bool:
-    """Whether `triton_gemv` can read this weight as int32 words."""
+    """Whether `triton_quantized_linear` sends M = 1 here: int8 weights readable as words.
+
+    int4 is not dispatched here (it stays callable, and tested on CPU): on the H200 its
+    branch failed one accuracy check (M = 1, 14336x4096, group 128; docs/benchmarks/gpu.md)
+    and was no faster than the tensor-core kernel, so int4 M = 1 uses that kernel until the
+    failure is understood.
+    """
     q = packed.qweight
-    return (q.is_contiguous() and q.data_ptr() % 4 == 0 and packed.in_features % 8 == 0
-            and (packed.scheme == "int4" or packed.group_size % 4 == 0))
+    return (packed.scheme == "int8" and q.is_contiguous() and q.data_ptr() % 4 == 0
+            and packed.in_features % 4 == 0 and packed.group_size % 4 == 0)
 
 
 def triton_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor, counters: torch.Tensor,

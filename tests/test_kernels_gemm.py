@@ -35,7 +35,7 @@ def _weight(scheme: str, group: int | None, n: int, k: int):
                                           ("int8", None)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_triton_kernel_matches_reference(scheme, group, m):
-    """int4 at m = 1 takes the GEMV branch; everything else the tensor-core branch."""
+    """int8 at m = 1 takes the GEMV kernel; everything else the tensor-core kernel."""
     packed = _weight(scheme, group, 128, 256)
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(m, 256).to(dtype)

@@ -42,14 +42,29 @@ def test_cuda_graphs_match_eager_and_cpu(tiny_model_dir, spec):
     graphed.engine.blocks.check_integrity()
 
 
-def test_packed_default_layout_on_cuda(tiny_model_dir):
-    """int4 / int8 packed serving on CUDA (Triton GEMV/GEMM) agrees with the packed CPU path."""
-    path = tiny_model_dir("qwen2")
-    gen = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (2, 7)]
+def _prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """[len(ids), vocab] logits of one prefill through the engine's model, on its device."""
+    from server.models.batch import BatchMeta
+
+    model, dev, t = llm.engine.model, llm.engine.device, len(ids)
+    meta = BatchMeta(torch.arange(t, device=dev), torch.arange(t, dtype=torch.int32, device=dev)[None],
+                     torch.tensor([t], dtype=torch.int32, device=dev),
+                     torch.tensor([0, t], dtype=torch.int32, device=dev))
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids, device=dev), torch.arange(t, device=dev), meta)
+        return model.compute_logits(hidden).cpu()
+
+
+def test_packed_model_on_cuda_matches_cpu(tiny_model_dir):
+    """int4 / int8 packed serving on CUDA (Triton kernels) vs the packed CPU path, same weights.
+
+    Differences: the CPU kernels round activations to bfloat16, the Triton dots use TF32;
+    amplified through this random model that is ~2e-2 (as on CPU), so < 6e-2.
+    """
+    path = str(tiny_model_dir("qwen2"))
+    ids = torch.randint(3, 128, (21,), generator=torch.Generator().manual_seed(4)).tolist()
     for scheme in ("int8", "int4"):
-        _, gpu = _generate(path, prompts, device="cuda", quantization=scheme)
-        _, cpu = _generate(path, prompts, device="cpu", quantization=scheme)
-        same = sum(a == b for x, y in zip(gpu, cpu, strict=True)
-                   for a, b in zip(x.token_ids, y.token_ids, strict=False))
-        assert same >= 0.8 * sum(len(c.token_ids) for c in cpu), scheme
+        config = dict(dtype="float32", num_kv_blocks=16, block_size=4, quantization=scheme)
+        gpu = _prefill_logits(LLM(path, device="cuda", enforce_eager=True, **config), ids)
+        cpu = _prefill_logits(LLM(path, device="cpu", **config), ids)
+        assert float((gpu - cpu).norm() / cpu.norm()) < 6e-2, scheme
