@@ -34,6 +34,11 @@ def machine() -> dict[str, object]:
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def config_of(args: object) -> dict[str, object]:
+    """The command's options, without argparse's dispatch entry."""
+    return {k: v for k, v in vars(args).items() if not callable(v)}
+
+
 def write_json(path: str | None, payload: dict[str, object]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

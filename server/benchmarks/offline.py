@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from server.benchmarks.common import best_time, machine, table, write_json
+from server.benchmarks.common import best_time, config_of, machine, table, write_json
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
@@ -99,5 +99,5 @@ def run(args: argparse.Namespace) -> int:
     for name, ours in runs.items():
         top = ours[f"throughput_b{max(batch_sizes)}"]
         print(f"{name}: batch-{max(batch_sizes)} throughput / batch-1 decode = {top / ours['decode_b1']:.2f}x")
-    write_json(args.result_json, {"config": vars(args), "machine": machine(), "transformers": ref, **runs})
+    write_json(args.result_json, {"config": config_of(args), "machine": machine(), "transformers": ref, **runs})
     return 0

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 
 from bench.datasets import load_builtin_prompts
-from server.benchmarks.common import machine, table, write_json
+from server.benchmarks.common import config_of, machine, table, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
             rows.append([batch, cat, m["tokens"], m["mean_accepted_length"], m["acceptance_rate"], m["speedup"]])
     print(f"drafter={args.speculative} k={args.num_speculative_tokens} dtype={args.dtype} (greedy, outputs identical)")
     print(table(["batch", "category", "tokens", "mean acc. len", "accept rate", "speedup"], rows))
-    write_json(args.result_json, {"config": vars(args), "machine": machine(), "results": results})
+    write_json(args.result_json, {"config": config_of(args), "machine": machine(), "results": results})
     return 0
 
