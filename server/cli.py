@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from server.engine.config import EngineConfig
+
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
@@ -18,7 +20,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--speculative", default=None, help="drafter name (e.g. ngram); default off")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="most draft tokens per step")
+    p.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.num_speculative_tokens,
+                   help="most draft tokens per step")
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The curl and `openai` client examples in docs/api.md work as written (pointed at the
+"""The curl and `openai` client examples in docs/api.md and README.md work as written (pointed at the
 shared live server instead of port 8000)."""
 
 from __future__ import annotations
@@ -44,3 +44,17 @@ def test_openai_client_example() -> None:
     out = subprocess.run([sys.executable, "-c", _retarget(code)], check=True, capture_output=True,
                          text=True, timeout=120).stdout
     assert len(out.strip().splitlines()) >= 2, out  # the reply, then the streamed reply
+
+
+def test_readme_examples() -> None:
+    """The README's curl and openai examples, run as written against the live server."""
+    text = (REPO / "README.md").read_text()
+    curls = [b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if b.startswith("curl")]
+    (python,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(curls) == 1
+    reply = json.loads(subprocess.run(_retarget(curls[0]), shell=True, check=True, capture_output=True,
+                                      text=True, timeout=120).stdout)
+    assert reply["choices"][0]["message"]["content"]
+    out = subprocess.run([sys.executable, "-c", _retarget(python)], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert out.strip()

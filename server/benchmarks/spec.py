@@ -13,12 +13,14 @@ from collections import defaultdict
 
 from bench.datasets import load_builtin_prompts
 from server.benchmarks.common import config_of, machine, table, write_json
+from server.engine.config import EngineConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
     p.add_argument("--speculative", default="ngram", help="drafter to measure")
-    p.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per step")
+    p.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.num_speculative_tokens,
+                   help="most draft tokens per step (the adaptive policy may use fewer)")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     p.add_argument("--max-tokens", type=int, default=128, help="cap on each prompt's output tokens")
     p.add_argument("--prompts-per-category", type=int, default=3, help="prompts per category at batch 1")

@@ -35,7 +35,7 @@ class EngineConfig:
     """Memory for the KV cache when num_kv_blocks is not given."""
     speculative: str | None = None
     """Drafter name (e.g. ngram) or None for no speculation."""
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 8
     """Most draft tokens per request per step."""
     seed: int = 0
     """Seed for requests that give none."""

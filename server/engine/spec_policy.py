@@ -52,6 +52,9 @@ class SpecPolicy:
     ema_weight: float = 0.3
     prior: float = 0.6
     recovery: float = 0.005
+    margin: float = 0.03
+    """Draft only when the expected gain beats not drafting by this fraction: estimates are
+    noisy, and a marginal gain that is not there costs real time."""
     costs: StepCosts = field(default_factory=StepCosts)
 
     def __post_init__(self) -> None:
@@ -76,7 +79,7 @@ class SpecPolicy:
         """Best k <= limit for this request, given `step_tokens` already in the step and
         `producing` requests that will emit tokens in it."""
         a = min(self.acceptance(request_id), 0.999)
-        best_k, best = 0, producing / self.costs.time(step_tokens)
+        best_k, best = 0, (1 + self.margin) * producing / self.costs.time(step_tokens)
         for k in range(1, min(limit, self.max_draft_tokens) + 1):
             expected = (1 - a ** (k + 1)) / (1 - a)
             value = (producing - 1 + expected) / self.costs.time(step_tokens + k)
