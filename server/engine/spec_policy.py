@@ -22,7 +22,7 @@ class StepCosts:
     """Measured step time by token count (exponential averages), with a fitted fallback."""
 
     ema_weight: float = 0.2
-    prior_knee: float = 64.0
+    prior_knee: float = 16.0
     """Before any fit exists, T(n) is assumed to be T(1) * (1 + (n - 1) / prior_knee)."""
     times: dict[int, float] = field(default_factory=dict)
 
