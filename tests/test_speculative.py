@@ -9,6 +9,7 @@ import torch
 
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
+from server.engine.spec_policy import SpecPolicy
 from tests.test_engine import run_staggered
 
 REPETITIVE = [
@@ -84,6 +85,13 @@ class SamplingDrafter:
         pass
 
 
+class AlwaysDraft(SpecPolicy):
+    """Test policy: every request drafts as many tokens as it may, every step."""
+
+    def draft_length(self, request_id: str, step_tokens: int, producing: int, limit: int) -> int:
+        return min(limit, self.max_draft_tokens)
+
+
 def first_tokens(llm: LLM, prompt: list[int], n: int, seeds: range, params: dict) -> Counter:
     out = llm.generate([prompt] * len(seeds),
                        [SamplingParams(max_tokens=n, seed=s, ignore_eos=True, **params) for s in seeds])
@@ -130,7 +138,7 @@ def test_sampled_distribution_matches_without_speculation(tiny_model_dir, wrong:
     spec = LLM(str(path), speculative="ngram", num_speculative_tokens=2, **common)
     q = torch.softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(5)), dim=0)
     spec.engine.runner.drafter = SamplingDrafter(q)
-    spec.engine.scheduler.spec_policy.prior = 0.99  # always draft the maximum
+    spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=2)
     if wrong:  # a deliberately wrong rule: accept every draft
         import server.engine.runner as runner_mod
 
@@ -139,6 +147,7 @@ def test_sampled_distribution_matches_without_speculation(tiny_model_dir, wrong:
     try:
         # the first token is sampled without drafts; the drafts cover the 2nd (and a bonus 3rd)
         got = first_tokens(spec, prompt, 3, range(10_000, 13_000), params)
+        assert spec.engine.metrics.spec_decode_num_draft_tokens._value.get() >= 2 * 3000
     finally:
         if wrong:
             runner_mod.verify_sampled = original
