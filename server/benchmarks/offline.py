@@ -7,6 +7,7 @@ batch throughput is generated tokens / wall time for B prompts of N tokens each.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -27,6 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", default=None, help="write results here")
 
 
+def _measure(run: Callable[[int, int], None], args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, float]:
+    """Batch-1 decode rate and per-batch throughput of `run(batch, new_tokens)`."""
+    run(1, 4)  # warm-up
+    t1 = best_time(lambda: run(1, 1), args.repeats)
+    tn = best_time(lambda: run(1, args.tokens), args.repeats)
+    out = {"decode_b1": (args.tokens - 1) / (tn - t1)}
+    for b in batch_sizes:
+        out[f"throughput_b{b}"] = b * args.tokens / best_time(lambda b=b: run(b, args.tokens), args.repeats)
+    return out
+
+
 def _ours(args: argparse.Namespace, batch_sizes: list[int], quantization: str | None) -> dict[str, float]:
     from server.engine.llm import LLM
     from server.engine.sampling_params import SamplingParams
@@ -38,13 +50,7 @@ def _ours(args: argparse.Namespace, batch_sizes: list[int], quantization: str | 
     def run(batch: int, n: int) -> None:
         llm.generate([ids] * batch, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
 
-    run(1, 4)  # warm-up
-    t1 = best_time(lambda: run(1, 1), args.repeats)
-    tn = best_time(lambda: run(1, args.tokens), args.repeats)
-    out = {"decode_b1": (args.tokens - 1) / (tn - t1)}
-    for b in batch_sizes:
-        out[f"throughput_b{b}"] = b * args.tokens / best_time(lambda b=b: run(b, args.tokens), args.repeats)
-    return out
+    return _measure(run, args, batch_sizes)
 
 
 def _transformers(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, float]:
@@ -67,13 +73,7 @@ def _transformers(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str,
         model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, pad_token_id=tok.eos_token_id)
 
-    run(1, 4)
-    t1 = best_time(lambda: run(1, 1), args.repeats)
-    tn = best_time(lambda: run(1, args.tokens), args.repeats)
-    out = {"decode_b1": (args.tokens - 1) / (tn - t1)}
-    for b in batch_sizes:
-        out[f"throughput_b{b}"] = b * args.tokens / best_time(lambda b=b: run(b, args.tokens), args.repeats)
-    return out
+    return _measure(run, args, batch_sizes)
 
 
 def run(args: argparse.Namespace) -> int:
