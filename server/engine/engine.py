@@ -117,13 +117,11 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Finish a request now (its blocks return to the pool); None if unknown."""
-        tracked = self._tracked.pop(request_id, None)
+        tracked = self._tracked.get(request_id)
         self.scheduler.finish_request(request_id, "abort")
-        if self.drafter is not None:
-            self.drafter.release(request_id)
         if tracked is None:
             return None
-        self.metrics.request_success("abort")
+        self._forget(request_id, "abort")
         r = tracked.request
         return RequestOutput(r.request_id, [], "", r.num_prompt_tokens, len(r.output_token_ids),
                              finished=True, finish_reason="abort")
@@ -165,16 +163,20 @@ class LLMEngine:
         self._record_spec(sampled)
         logprobs = sampled.logprobs[: len(tokens)] if sampled.logprobs is not None else None
         if r.is_finished:
-            self._tracked.pop(r.request_id, None)
-            if self.drafter is not None:
-                self.drafter.release(r.request_id)
-            self.metrics.request_success(r.finish_reason or "stop")
+            self._forget(r.request_id, r.finish_reason or "stop")
             self.metrics.e2e_request_latency.observe(now - r.arrival_time)
         return RequestOutput(
             r.request_id, tokens, text, r.num_prompt_tokens, len(r.output_token_ids), logprobs,
             finished=r.is_finished, finish_reason=r.finish_reason,
             num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
         )
+
+    def _forget(self, request_id: str, reason: str) -> None:
+        """Drop a finished request's output state and drafter state; count it."""
+        self._tracked.pop(request_id, None)
+        if self.drafter is not None:
+            self.drafter.release(request_id)
+        self.metrics.request_success(reason)
 
     def _record_step_cost(self, sched: SchedulerOutput, seconds: float) -> None:
         """Feed decode/verify-only step times to the speculation policy's cost table."""

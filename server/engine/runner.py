@@ -81,24 +81,21 @@ class ModelRunner:
         r, p = s.request, s.request.params
         drafts = s.spec_token_ids
         stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
-        if p.greedy and not p.has_penalties and len(r.output_token_ids) >= p.min_tokens:
-            targets = logits.argmax(dim=-1).tolist()
-            tokens = verify_greedy(drafts, targets) if drafts else targets[:1]
+        scores = logits
+        if p.has_penalties or len(r.output_token_ids) < p.min_tokens:
+            # row j predicts the token after draft j-1: drafts count as history for penalties
+            scores = torch.stack([
+                processed_logits(logits[j], p, r.prompt_token_ids, r.output_token_ids + drafts[:j], stop_ids)
+                for j in range(len(drafts) + 1)
+            ])
+        if p.greedy:
+            tokens = verify_greedy(drafts, scores.argmax(dim=-1).tolist())
         else:
-            rows = []
-            for j in range(len(drafts) + 1):
-                history = r.output_token_ids + drafts[:j]
-                rows.append(processed_logits(logits[j], p, r.prompt_token_ids, history, stop_ids))
-            processed = torch.stack(rows)
-            if p.greedy:
-                targets = processed.argmax(dim=-1).tolist()
-                tokens = verify_greedy(drafts, targets) if drafts else targets[:1]
+            probs = torch.stack([filter_probs(row, p) for row in scores])
+            if drafts:
+                tokens = verify_sampled(drafts, probs, r.draft_probs, r.generator)
             else:
-                probs = torch.stack([filter_probs(row, p) for row in processed])
-                if drafts:
-                    tokens = verify_sampled(drafts, probs, r.draft_probs, r.generator)
-                else:
-                    tokens = [sample(probs[0], r.generator)]
+                tokens = [sample(probs[0], r.generator)]
         logprobs = None
         if p.logprobs is not None:
             logprobs = token_logprobs(logits[: len(tokens)], tokens, p.logprobs)

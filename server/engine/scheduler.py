@@ -114,14 +114,9 @@ class Scheduler:
 
     def _try_schedule(self, request: Request, budget: int, preempted: list[str]) -> ScheduledRequest | None:
         """Schedule a running request, preempting from the back of the batch for blocks."""
-        remaining_budget = budget
-        spec = request.spec_token_ids
         base = request.num_tokens - request.num_computed_tokens
-        if base >= remaining_budget:
-            spec = []
-        else:
-            spec = spec[: remaining_budget - base]
-        num_new = min(base + len(spec), remaining_budget)
+        spec = request.spec_token_ids[: max(0, budget - base)]  # drafts only fill spare budget
+        num_new = min(base + len(spec), budget)
         while not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
             if self.running == [request] and not self.waiting:
                 # Alone and still out of room: the cache can never hold it; end it here.
