@@ -45,11 +45,15 @@ class BatchMeta:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta, scale: float,
 ) -> torch.Tensor:
-    """Write this step's k/v into the paged cache, then attend. q: [T, heads, dim] -> same."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    """Write this step's k/v ([T, kv_heads, dim]) into the paged cache, then attend.
+
+    q: [T, heads, dim] -> same. k, v None: the caller has already written them.
+    """
+    if k is not None:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.groups is None:
         if q.is_cuda:
             from kernels.triton_attention import paged_attention_triton

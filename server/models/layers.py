@@ -1,8 +1,12 @@
-"""Building blocks of the Llama-family forward: linear (dense or packed), RoPE."""
+"""Building blocks of the Llama-family forward: linear (dense or packed), RoPE, and the
+pointwise steps (residual add + RMS norm, SwiGLU) that run either as torch ops or, with
+`fused`, as Triton kernels (`kernels.triton_fused`, imported only then: triton is optional).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +72,21 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled).float()
 
 
+@dataclass
+class RopeInputs:
+    """One forward's RoPE inputs, shared by every layer."""
+
+    positions: torch.Tensor
+    """[T] long."""
+    cos: torch.Tensor
+    """Fused path: the float32 table [max_pos, dim/2], gathered by the kernel; torch path:
+    gathered for `positions`, [T, 1, dim/2] in the activation dtype."""
+    sin: torch.Tensor
+    """Like `cos`."""
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """Rotate-half (NeoX-style) RoPE from a precomputed cos/sin table."""
+    """Rotate-half (NeoX-style) RoPE from precomputed float32 tables `cos`, `sin` [max_pos, dim/2]."""
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
@@ -77,12 +94,37 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_pos, dim/2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each token: [num_tokens, 1, dim/2], gathered once per forward."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+    def inputs(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> RopeInputs:
+        """The tables themselves for the fused kernel, else cos/sin gathered once per forward."""
+        if fused:
+            return RopeInputs(positions, self.cos, self.sin)
+        cos = self.cos[positions].unsqueeze(1).to(dtype)
+        return RopeInputs(positions, cos, self.sin[positions].unsqueeze(1).to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, heads, dim] -> rotated copy."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [T, hidden] -> (rms_norm(x + residual) * weight, x + residual); a None
+    residual counts as zero."""
+    if fused:
+        from kernels.triton_fused import add_rms_norm as kernel
+
+        return kernel(x, residual, weight, eps)
+    residual = x if residual is None else x + residual
+    return F.rms_norm(residual, (residual.shape[-1],), weight, eps), residual
+
+
+def silu_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+    """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I]."""
+    if fused:
+        from kernels.triton_fused import silu_mul as kernel
+
+        return kernel(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

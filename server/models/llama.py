@@ -3,7 +3,8 @@
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
 then `compute_logits(hidden[rows])`. q/k/v and gate/up projections are fused so each layer
-is a handful of torch ops.
+is a handful of ops. On CUDA the pointwise steps run as fused Triton kernels (residual add +
+norm, RoPE + KV-cache write, SwiGLU; `kernels.triton_fused`); elsewhere as torch ops.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import torch.nn.functional as F
 
 from server.models.batch import BatchMeta, attention
 from server.models.config import ModelConfig
-from server.models.layers import Linear, RotaryEmbedding, apply_rope
+from server.models.layers import (
+    Linear,
+    RopeInputs,
+    RotaryEmbedding,
+    add_rms_norm,
+    apply_rope,
+    silu_mul,
+)
 from server.models.registry import register_model
 
 
@@ -41,21 +49,28 @@ class DecoderLayer(torch.nn.Module):
         self.scale = c.head_dim ** -0.5
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor], meta: BatchMeta,
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
+        kv: tuple[torch.Tensor, torch.Tensor], meta: BatchMeta, fused: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, hidden] (the previous layer's output before its residual add)."""
-        residual = x if residual is None else x + residual
-        h = F.rms_norm(residual, (residual.shape[-1],), self.input_norm, self.eps)
-        qkv = self.qkv_proj(h).view(h.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
-        qk = apply_rope(qkv[:, : self.heads + self.kv_heads], cos, sin)
-        q, k = qk[:, : self.heads], qk[:, self.heads :]
-        v = qkv[:, self.heads + self.kv_heads :]
+        """x: [T, hidden] (the previous layer's output before its residual add); `fused` runs
+        the Triton kernels for the pointwise steps."""
+        t = x.shape[0]
+        h, residual = add_rms_norm(x, residual, self.input_norm, self.eps, fused)
+        qkv = self.qkv_proj(h)  # [T, (heads + 2 * kv_heads) * head_dim]
+        if fused:  # rotates q and k in place and writes k, v into the cache
+            from kernels.triton_fused import rope_kv_write
+
+            rope_kv_write(qkv, rope.positions, rope.cos, rope.sin, kv[0], kv[1],
+                          meta.slot_mapping, self.heads, self.kv_heads)
+            q, k, v = qkv.view(t, -1, self.head_dim)[:, : self.heads], None, None
+        else:
+            qkv = qkv.view(t, -1, self.head_dim)
+            qk = apply_rope(qkv[:, : self.heads + self.kv_heads], rope.cos, rope.sin)
+            q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, self.heads + self.kv_heads :]
         o = attention(q, k, v, kv[0], kv[1], meta, self.scale)
-        residual = residual + self.o_proj(o.reshape(h.shape[0], -1))
-        h = F.rms_norm(residual, (residual.shape[-1],), self.post_norm, self.eps)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up), residual
+        h, residual = add_rms_norm(self.o_proj(o.reshape(t, -1)), residual, self.post_norm,
+                                   self.eps, fused)
+        return self.down_proj(silu_mul(self.gate_up_proj(h), fused)), residual
 
 
 @register_model("llama", "mistral", "qwen2")
@@ -76,6 +91,9 @@ class LlamaForCausalLM(torch.nn.Module):
         )
         self.rope = RotaryEmbedding(config, max_positions)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # pointwise steps as Triton kernels: None = on CUDA tensors only; tests force True on
+        # CPU (under TRITON_INTERPRET=1)
+        self.fused_kernels: bool | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
@@ -86,12 +104,12 @@ class LlamaForCausalLM(torch.nn.Module):
         `num_layers` runs only the first layers (early exit); their KV is written as usual.
         """
         x = F.embedding(input_ids, self.embed)
-        cos, sin = self.rope.tables(positions, x.dtype)
+        fused = x.is_cuda if self.fused_kernels is None else self.fused_kernels
+        rope = self.rope.inputs(positions, x.dtype, fused)
         residual = None
         for layer, kv in zip(self.layers[:num_layers], self.kv_caches[:num_layers], strict=True):
-            x, residual = layer(x, residual, cos, sin, kv, meta)
-        x = x + residual
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
+            x, residual = layer(x, residual, rope, kv, meta, fused)
+        return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps, fused)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
