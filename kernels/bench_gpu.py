@@ -1,8 +1,10 @@
 """GPU kernel benchmark: W4A16 / W8A16 GEMMs of Llama-3-8B shapes against torch's bf16 matmul.
 
-Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. It measures the
-device's copy bandwidth in the same run (a large device-to-device copy, bytes read plus
-written), then for every shape and M times each GEMM as the replay of one CUDA graph that
+Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. Kernels: ``bf16``
+torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16``
+our packed kernels; "x bf16" is against cuBLAS. It measures the device's copy bandwidth in
+the same run (a large device-to-device copy, bytes read plus written), then for every
+shape and M times each GEMM as the replay of one CUDA graph that
 runs it over enough distinct weight copies to overflow the L2 cache, so the numbers are
 the steady state of back-to-back kernels reading weights from HBM. Achieved bytes/s count
 the packed weight, scales/offsets, activations and outputs once each.
@@ -19,7 +21,8 @@ from collections.abc import Callable
 import torch
 
 from kernels.gemm import quantized_linear
-from kernels.quant import PackedWeight, quantize_int4, quantize_int8
+from kernels.quant import PackedWeight, quantize_int4, quantize_int8, to_words
+from kernels.triton_gemv import dense_gemv
 
 SHAPES = {  # name: (N, K) = (out_features, in_features)
     "qo 4096x4096": (4096, 4096),
@@ -84,9 +87,10 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
     variants: dict[str, tuple[Callable, list, int]] = {}
     dense_copies = [w.clone() for _ in range(_copies(w.numel() * 2))]
     variants["bf16"] = (lambda x, wt: x @ wt.t(), dense_copies, w.numel() * 2)
+    variants["bf16-tr"] = (dense_gemv, dense_copies, w.numel() * 2)  # our GEMV, M = 1 only
     for scheme, make in (("w4a16", lambda: quantize_int4(w, 128)),
                          ("w8a16", lambda: quantize_int8(w, None))):
-        packed: PackedWeight = make()
+        packed: PackedWeight = to_words(make())
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
         variants[scheme] = (quantized_linear, copies, packed.nbytes())
     rows = []
@@ -95,6 +99,8 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
         act_bytes = (m * k + m * n) * 2
         base = None
         for scheme, (op, weights, wbytes) in variants.items():
+            if scheme == "bf16-tr" and m > 1:
+                continue
             seconds = _graph_time(op, x, weights)
             base = seconds if scheme == "bf16" else base
             achieved = (wbytes + act_bytes) / seconds
@@ -103,6 +109,33 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
                              speedup_vs_bf16=base / seconds))
         del x
     return rows
+
+
+def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
+    """Print the time of every M = 1 GEMV configuration (the autotuner's candidates)."""
+    from kernels.triton_gemm import _tile_counters
+    from kernels.triton_gemv import _configs, triton_gemv
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    counters = _tile_counters(x.device, n // 32)
+    for scheme, packed in (("w4a16", to_words(quantize_int4(w, 128))),
+                           ("w8a16", to_words(quantize_int8(w, None)))):
+        copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
+        line = []
+        for c in _configs():
+            if c.kwargs["split_k"] * -(-n // c.kwargs["BLOCK_N"]) < 132:
+                continue  # under one wave: never competitive
+            cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
+                   "num_warps": c.num_warps, "ROWS": c.kwargs["ROWS"]}
+            seconds = _graph_time(lambda x_, p_, cfg=cfg: triton_gemv(x_, p_, out, counters, cfg),
+                                  x, copies)
+            pct = 100 * packed.nbytes() / seconds / bandwidth
+            line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w/r{c.kwargs['ROWS']}"
+                                  f"/s{cfg['split_k']}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
+        best = " ".join(text for _, text in sorted(line)[:6])
+        print(f"sweep {name} {scheme} (fastest 6 of {len(line)}): {best}", flush=True)
 
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
@@ -117,16 +150,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows and the copy bandwidth here")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time every M = 1 GEMV configuration of each shape")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench_gpu needs a CUDA device")
     bandwidth = copy_bandwidth()
+    if args.sweep:
+        for name in args.shapes:
+            sweep_gemv(name, *SHAPES[name], bandwidth)
     rows = [row for name in args.shapes for row in bench_shape(name, *SHAPES[name], bandwidth)]
     print_table(rows, bandwidth)
     from kernels.triton_gemm import _qgemm_tuned
-    from kernels.triton_gemv import _gemv_tuned
+    from kernels.triton_gemv import _dense_tuned, _gemv_tuned
 
-    for key, config in [*_gemv_tuned.cache.items(), *_qgemm_tuned.cache.items()]:
+    for key, config in [*_gemv_tuned.cache.items(), *_dense_tuned.cache.items(),
+                        *_qgemm_tuned.cache.items()]:
         print("tuned", key[:5], config)
     if args.json:
         with open(args.json, "w") as f:

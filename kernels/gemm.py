@@ -1,7 +1,8 @@
 """Quantized linear layer: the one seam `quantized_linear(x, packed, bias)`.
 
 Dispatch (here and nowhere else):
-- CUDA tensors -> the Triton W4A16 / W8A16 kernel in `kernels.triton_gemm`.
+- CUDA tensors -> the Triton W4A16 / W8A16 kernels in `kernels.triton_gemm` (``words`` layout;
+  a ``rows`` weight is converted once and the copy cached).
 - CPU tensors -> torch's packed CPU kernels (bfloat16 activations, see `_cpu_linear`): int4 through `_weight_int4pack_mm_for_cpu`
   (its own nibble packing, built once per weight and kept in `PackedWeight.cache`), int8
   per channel through `_weight_int8pack_mm`, group-wise int8 (GGUF Q8_0) as one
@@ -43,6 +44,8 @@ def quantized_linear(
         from kernels.triton_gemm import triton_quantized_linear
 
         out = triton_quantized_linear(x2, packed)
+    elif packed.layout == "words":
+        raise ValueError("the words layout is for the CUDA kernels; use the rows layout on CPU")
     else:
         out = _cpu_linear(x2, packed)
     if bias is not None:

@@ -18,6 +18,15 @@ Physical layout (chosen for the Triton GEMM, which streams whole rows of the wei
 - ``scales`` (and ``offsets`` for int4): ``float16 [N, K // group_size]``, row-major. float16
   is what GGUF stores, so repacking is exact, and it halves the metadata bytes against
   float32; round-to-nearest quantization computes q against the float16-rounded values.
+
+The CUDA kernels read a second physical layout of the same codes, ``layout="words"``
+(`to_words`), built once when a model is packed for the GPU: the codes of 8 (int4) or 4
+(int8) consecutive input features of one output feature form an int32 word, field i (bits
+``i * bits``) holding feature ``per_word * r + i`` of word row r, int8 stored unsigned as
+``q + 128``; ``qweight`` is ``int32 [K // per_word, N]`` and ``scales``/``offsets`` are
+``float16 [K // group_size, N]``, so neighbouring output features are neighbouring words and
+a warp reading one word row reads contiguous memory. Row operations (GGUF un-permutation,
+concatenation) and the CPU kernels use the canonical ``rows`` layout.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 SCHEMES = ("int4", "int8")
+LAYOUTS = ("rows", "words")
 INT4_GROUP_SIZES = (32, 64, 128)
 CHUNK = 32  # int4 nibble-order chunk (features per 16 packed bytes)
 
@@ -46,27 +56,44 @@ class PackedWeight:
     qweight: torch.Tensor  # int4: uint8 [N, K // 2]; int8: int8 [N, K]
     scales: torch.Tensor  # float16 [N, K // group_size]
     offsets: torch.Tensor | None = None  # int4 only: float16 [N, K // group_size]
+    layout: str = "rows"  # or "words" (transposed shapes, see the module docs)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n, k, g = self.out_features, self.in_features, self.group_size
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if g <= 0 or k % g:
             raise ValueError(f"group_size {g} must divide in_features {k}")
-        if self.scheme == "int4":
-            if g % CHUNK:
-                raise ValueError(f"int4 group_size must be a multiple of {CHUNK}, got {g}")
+        if self.scheme == "int4" and g % CHUNK:
+            raise ValueError(f"int4 group_size must be a multiple of {CHUNK}, got {g}")
+        meta = (n, k // g)
+        if self.layout == "words":
+            if k % self.per_word:
+                raise ValueError(f"in_features {k} must be a multiple of {self.per_word}")
+            expect_q, qdtype, meta = (k // self.per_word, n), torch.int32, (k // g, n)
+        elif self.scheme == "int4":
             expect_q, qdtype = (n, k // 2), torch.uint8
         else:
             expect_q, qdtype = (n, k), torch.int8
         if tuple(self.qweight.shape) != expect_q or self.qweight.dtype != qdtype:
             raise ValueError(f"qweight must be {qdtype} {expect_q}, got "
                              f"{self.qweight.dtype} {tuple(self.qweight.shape)}")
-        if tuple(self.scales.shape) != (n, k // g):
-            raise ValueError(f"scales must be [{n}, {k // g}], got {tuple(self.scales.shape)}")
+        if tuple(self.scales.shape) != meta:
+            raise ValueError(f"scales must be {list(meta)}, got {list(self.scales.shape)}")
         if (self.offsets is None) != (self.scheme == "int8"):
             raise ValueError("offsets are required for int4 and absent for int8")
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.scheme == "int4" else 8
+
+    @property
+    def per_word(self) -> int:
+        """Codes per int32 word in the ``words`` layout."""
+        return 32 // self.bits
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +104,7 @@ class PackedWeight:
         return PackedWeight(
             self.scheme, self.out_features, self.in_features, self.group_size,
             self.qweight.to(device), self.scales.to(device),
-            None if self.offsets is None else self.offsets.to(device),
+            None if self.offsets is None else self.offsets.to(device), self.layout,
         )
 
     def nbytes(self) -> int:
@@ -98,6 +125,37 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     n, half = packed.shape
     chunks = packed.reshape(n, half // (CHUNK // 2), CHUNK // 2)
     return torch.stack([chunks & 15, chunks >> 4], dim=2).reshape(n, half * 2)
+
+
+def codes(packed: PackedWeight) -> torch.Tensor:
+    """int32 [N, K] codes of either layout: 0..15 for int4, -128..127 for int8."""
+    n, k = packed.out_features, packed.in_features
+    if packed.layout == "rows":
+        q = unpack_int4(packed.qweight) if packed.scheme == "int4" else packed.qweight
+        return q.to(torch.int32)
+    shifts = torch.arange(packed.per_word, device=packed.device, dtype=torch.int64) * packed.bits
+    words = packed.qweight.t().to(torch.int64) & 0xFFFFFFFF  # [N, K // per_word]
+    q = (words[..., None] >> shifts) & ((1 << packed.bits) - 1)
+    q = q.reshape(n, k).to(torch.int32)
+    return q if packed.scheme == "int4" else q - 128
+
+
+def to_words(packed: PackedWeight) -> PackedWeight:
+    """The same weight in the ``words`` layout (the CUDA kernels'); unchanged if already."""
+    if packed.layout == "words":
+        return packed
+    n, k, per = packed.out_features, packed.in_features, packed.per_word
+    q = codes(packed).to(torch.int64)
+    if packed.scheme == "int8":
+        q = q + 128
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * packed.bits
+    words = (q.reshape(n, k // per, per) << shifts).sum(dim=-1)  # [N, K // per] in 0..2**32-1
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return PackedWeight(
+        packed.scheme, n, k, packed.group_size, words.t().contiguous(),
+        packed.scales.t().contiguous(),
+        None if packed.offsets is None else packed.offsets.t().contiguous(), "words",
+    )
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -137,14 +195,16 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> PackedWeigh
 
 
 def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The [N, K] weight a `PackedWeight` stands for, computed in float32."""
+    """The [N, K] weight a `PackedWeight` stands for (either layout), computed in float32."""
     n, k, gs = packed.out_features, packed.in_features, packed.group_size
-    if packed.scheme == "int4":
-        q = unpack_int4(packed.qweight).float().reshape(n, k // gs, gs)
-        w = q * packed.scales.float()[..., None] + packed.offsets.float()[..., None]
-    else:
-        q = packed.qweight.float().reshape(n, k // gs, gs)
-        w = q * packed.scales.float()[..., None]
+    q = codes(packed).float().reshape(n, k // gs, gs)
+    scales, offsets = packed.scales, packed.offsets
+    if packed.layout == "words":
+        scales = scales.t()
+        offsets = None if offsets is None else offsets.t()
+    w = q * scales.float()[..., None]
+    if offsets is not None:
+        w = w + offsets.float()[..., None]
     return w.reshape(n, k).to(dtype)
 
 

@@ -1,25 +1,25 @@
-"""Triton W4A16 / W8A16 GEMV (one activation row, M = 1) for `kernels.quant.PackedWeight`.
+"""Triton W4A16 / W8A16 GEMV (one activation row, M = 1) over the ``words`` layout.
 
-Decode at batch 1 is a matrix-vector product that must stream the packed weight at HBM speed,
-so the inner loop spends as few instructions per weight as it can (no int-to-float
-conversions, which issue at a quarter of the FMA rate):
+Decode at batch 1 is a matrix-vector product that must stream the packed weight at HBM
+speed, so the inner loop spends as few instructions per weight as it can:
 
-- The packed weight is read as int32 words (8 int4 or 4 int8 weights each).
-- A weight becomes a float32 by OR-ing its bits, in place, into the mantissa of 2**23 and
-  subtracting 2**23: ``(word & (15 << p)) | 0x4B000000`` is ``2**23 + q * 2**p``, exact for
-  p <= 16 (nibbles higher in the word come from ``word >> 12``). The factor ``2**p`` is
-  undone on the activation side (``x * 2**-p``, exact). Per weight: one logic op, one
-  subtract, one multiply-add.
-- Scales and offsets leave the inner product: per word, ``acc += s * sum_j q_j x_j + o * sum_j x_j``
-  (int8 is symmetric, stored as ``q + 128`` after flipping each byte's sign bit, so its
-  offset is ``-128 * s``), which is two multiply-adds per 8 (or 4) weights.
+- A program owns BLOCK_N output features and a share of K. It loads a tile of ROWS word
+  rows, ``int32 [ROWS, BLOCK_N]``: every thread reads whole 16-byte vectors of neighbouring
+  output features, and the activations a tile needs are the same for all threads (loaded
+  once per thread, reused across its output features).
+- No int-to-float conversion: a code is moved (one shift, shared by two int4 fields) into
+  a window of the float32 mantissa and OR-ed with the bits of 1.0, which gives
+  ``f = 1 + u * 2**(p - 23)`` exactly (p: the window's low bit; 12 or 16 for int4, 15 for
+  int8). With the activation pre-scaled, ``x' = x * 2**(23 - p)``, ``f * x' = x' + u * x``,
+  so ``sum(u * x) = sum(f * x') - sum(x')``: per weight one logic op, one multiply-add and
+  half a shift. The windows keep the bias ``x'`` within 2**11 of the signal, so float32
+  keeps ~13 bits of the sum (the output is 16-bit).
+- Scales and offsets leave the inner product (a tile lies inside one quantization group):
+  ``out += s * sum(u * x) + o * sum(x)``; int8 codes are stored as ``u = q + 128``, so its
+  offset is ``-128 * s``.
 
-Word ``i`` of a 32-feature int4 chunk holds features ``4i + b`` (low nibble of byte b) and
-``4i + b + 16`` (high nibble); an int8 word holds features ``4i .. 4i + 3``. A program owns
-BLOCK_N output features and a contiguous share of K, loading the next tile's words, scales
-and offsets before doing the current tile's arithmetic (split-K over SPLIT_K programs, reduced
-as in `kernels.triton_gemm`: partials to a workspace, the last program to arrive sums them
-in a fixed order and resets its counter).
+Split-K over SPLIT_K programs is reduced as in `kernels.triton_gemm`: partials to a
+workspace, the last program to arrive sums them in a fixed order and resets its counter.
 """
 
 from __future__ import annotations
@@ -32,162 +32,272 @@ import triton.language as tl
 
 from kernels.quant import PackedWeight
 
-_MAX_SPLIT = 16
+
+@triton.jit
+def _field(w, FIELD: tl.constexpr, BITS: tl.constexpr):
+    """Code FIELD of each word as the float32 ``1 + u * 2**(P - 23)`` (see module docs)."""
+    if BITS == 4:
+        LEFT: tl.constexpr = 12 - 8 * (FIELD // 2)  # fields 2j, 2j+1 share one shift
+        P: tl.constexpr = 12 + 4 * (FIELD % 2)
+    else:
+        LEFT: tl.constexpr = 15 - 8 * FIELD
+        P: tl.constexpr = 15
+    if LEFT > 0:
+        w = w << LEFT
+    elif LEFT < 0:
+        w = w >> (-LEFT)  # arithmetic; the sign copies land above the window
+    FMASK: tl.constexpr = ((1 << BITS) - 1) << P
+    return ((w & FMASK) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _slot(part, word, x_ptr, feat, ok, MASK: tl.constexpr, INV: tl.constexpr):
-    """part [BN, W] += (word & MASK, as the integer q * 2**p) * x[feat] * 2**-p; also x[feat]."""
-    q = ((word & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    xv = tl.load(x_ptr + feat, mask=ok, other=0.0).to(tl.float32)  # [W]
-    return part + q * (xv * INV)[None, :], xv
+def _x_scale(FIELD: tl.constexpr, BITS: tl.constexpr):
+    """2**(23 - P) for code FIELD's window."""
+    if BITS == 4:
+        return 2048.0 if FIELD % 2 == 0 else 128.0
+    return 256.0
 
 
 @triton.jit
-def _load_tile(w_ptr, s_ptr, o_ptr, row_w, row_s, t, limit, rel, wi, mask_n, K,
-               GROUP: tl.constexpr, INT4: tl.constexpr, WORDS: tl.constexpr,
-               TILE_K: tl.constexpr):
-    """Tile t's words [BN, W] and each word's float32 scale and offset (zero from `limit` on)."""
-    base = t * TILE_K + rel
-    m2 = mask_n[:, None] & (base < limit)[None, :]
-    word = tl.load(row_w + (t * WORDS + wi)[None, :], mask=m2, other=0)
-    g = row_s + (base // GROUP)[None, :]
-    s = tl.load(s_ptr + g, mask=m2, other=0.0).to(tl.float32)
-    if INT4:
-        o = tl.load(o_ptr + g, mask=m2, other=0.0).to(tl.float32)
+def _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k, split_k,
+            REDUCE: tl.constexpr):
+    """Store a program's [BLOCK_N] result; with split-K, the last of the split_k programs of
+    these output features to arrive sums the partials (16 per load, fixed order) and stores."""
+    if not REDUCE:
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
-        o = s * -128.0  # symmetric int8 stored as q + 128
-    return word, s, o
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, stride_w,
-                 GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
-                 WORDS: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    PER_WORD: tl.constexpr = 8 if INT4 else 4
-    TILE_K: tl.constexpr = WORDS * PER_WORD
-    wi = tl.arange(0, WORDS)
-    if INT4:
-        rel = (wi // 4) * 32 + (wi % 4) * 4  # first feature of each word
-    else:
-        rel = wi * 4
-    num_tiles = tl.cdiv(K, TILE_K)
-    per_split = tl.cdiv(num_tiles, SPLIT_K)
-    begin = pid_k * per_split
-    end = tl.minimum(begin + per_split, num_tiles)
-    row_w = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-    row_s = offs_n[:, None] * (K // GROUP)
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    limit = tl.minimum(K, end * TILE_K)  # this split's features end here
-    word, s, o = _load_tile(w_ptr, s_ptr, o_ptr, row_w, row_s, begin, limit, rel, wi,
-                            mask_n, K, GROUP, INT4, WORDS, TILE_K)
-    for t in range(begin, end):
-        base = t * TILE_K + rel  # [W]
-        ok = base < K
-        # the next tile's loads go out before this tile's arithmetic (two tiles in flight)
-        word_n, s_n, o_n = _load_tile(w_ptr, s_ptr, o_ptr, row_w, row_s, t + 1, limit,
-                                      rel, wi, mask_n, K, GROUP, INT4, WORDS, TILE_K)
-        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-        if INT4:
-            high = word >> 12  # bits 20, 24, 28 -> 8, 12, 16
-            part, x0 = _slot(part, word, x_ptr, base, ok, 0xF, 1.0)
-            part, x1 = _slot(part, word, x_ptr, base + 16, ok, 0xF0, 0.0625)
-            part, x2 = _slot(part, word, x_ptr, base + 1, ok, 0xF00, 0.00390625)
-            part, x3 = _slot(part, word, x_ptr, base + 17, ok, 0xF000, 0.000244140625)
-            part, x4 = _slot(part, word, x_ptr, base + 2, ok, 0xF0000, 0.0000152587890625)
-            part, x5 = _slot(part, high, x_ptr, base + 18, ok, 0xF00, 0.00390625)
-            part, x6 = _slot(part, high, x_ptr, base + 3, ok, 0xF000, 0.000244140625)
-            part, x7 = _slot(part, high, x_ptr, base + 19, ok, 0xF0000, 0.0000152587890625)
-            sx = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-        else:
-            u = word ^ -2139062144  # 0x80808080: signed bytes -> q + 128
-            high = u >> 16
-            part, x0 = _slot(part, u, x_ptr, base, ok, 0xFF, 1.0)
-            part, x1 = _slot(part, u, x_ptr, base + 1, ok, 0xFF00, 0.00390625)
-            part, x2 = _slot(part, high, x_ptr, base + 2, ok, 0xFF, 1.0)
-            part, x3 = _slot(part, high, x_ptr, base + 3, ok, 0xFF00, 0.00390625)
-            sx = x0 + x1 + x2 + x3
-        acc += s * part + o * sx[None, :]
-        word, s, o = word_n, s_n, o_n
-    total = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(part_ptr + pid_k * N + offs_n, total, mask=mask_n)
+        tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mask_n)
         tl.debug_barrier()
         counter = cnt_ptr + pid_n
         arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for j in tl.static_range(SPLIT_K):
-                total += tl.load(part_ptr + j * N + offs_n, mask=mask_n, other=0.0,
-                                 cache_modifier=".cg")
+        if arrived == split_k - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for j in range(0, split_k, 16):
+                js = j + tl.arange(0, 16)
+                chunk = tl.load(part_ptr + js[:, None] * N + offs_n[None, :],
+                                mask=(js < split_k)[:, None] & mask_n[None, :], other=0.0,
+                                cache_modifier=".cg")
+                total += tl.sum(chunk, axis=0)
             tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
             tl.atomic_xchg(counter, 0)
 
 
-_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "WORDS": words, "SPLIT_K": sk}, num_warps=warps, num_stages=1)
-    for bn, words, warps in ((8, 64, 2), (16, 32, 2), (16, 64, 4), (16, 128, 4), (32, 32, 4),
-                             (32, 64, 4), (32, 128, 8), (64, 32, 4), (64, 64, 8), (128, 32, 8))
-    for sk in (1, 2, 4, 8, 16)
-]
+@triton.jit
+def _load_tile(w_ptr, s_ptr, o_ptr, t, end, rows, offs_n, mask_n, N, GROUP: tl.constexpr,
+               BITS: tl.constexpr, ROWS: tl.constexpr):
+    """Tile t's words [ROWS, BLOCK_N] and its group's float32 scale and offset [BLOCK_N]
+    (zeros when t >= end, the split's end)."""
+    live = mask_n & (offs_n * 0 + t < end)
+    w = tl.load(w_ptr + (t * ROWS + rows)[:, None] * N + offs_n[None, :], mask=live[None, :],
+                other=0)
+    meta = (t * ROWS * (32 // BITS)) // GROUP * N + offs_n
+    s = tl.load(s_ptr + meta, mask=live, other=0.0).to(tl.float32)
+    if BITS == 4:
+        o = tl.load(o_ptr + meta, mask=live, other=0.0).to(tl.float32)
+    else:
+        o = s * -128.0  # int8 codes are stored as q + 128
+    return w, s, o
+
+
+@triton.jit(do_not_specialize=["split_k"])
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, split_k,
+                 GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ROWS: tl.constexpr, REDUCE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, ROWS)
+    num_tiles = K // (ROWS * PER)
+    per_split = tl.cdiv(num_tiles, split_k)
+    begin = pid_k * per_split
+    end = tl.minimum(begin + per_split, num_tiles)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    w, s, o = _load_tile(w_ptr, s_ptr, o_ptr, begin, end, rows, offs_n, mask_n, N, GROUP, BITS,
+                         ROWS)
+    for t in range(begin, end):
+        # the next tile's loads go out before this tile's arithmetic
+        w_next, s_next, o_next = _load_tile(w_ptr, s_ptr, o_ptr, t + 1, end, rows, offs_n,
+                                            mask_n, N, GROUP, BITS, ROWS)
+        r = t * ROWS + rows
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        x_sum = 0.0
+        xp_sum = 0.0
+        for i in tl.static_range(PER):
+            xv = tl.load(x_ptr + r * PER + i).to(tl.float32)  # [ROWS], same for all threads
+            part += _field(w, i, BITS) * (xv * _x_scale(i, BITS))[:, None]
+            field_sum = tl.sum(xv, axis=0)
+            x_sum += field_sum
+            xp_sum += field_sum * _x_scale(i, BITS)
+        dot = tl.sum(part, axis=0) - xp_sum  # sum(u * x) per output feature
+        acc += s * dot + o * x_sum
+        w, s, o = w_next, s_next, o_next
+    _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k, split_k, REDUCE)
+
+
+def _configs() -> list[triton.Config]:
+    out = []
+    for block_n, warps in ((128, 1), (256, 1), (256, 2), (512, 4)):
+        for rows in (4, 8, 16):
+            for split in (1, 2, 4, 8, 16, 32, 64):
+                out.append(triton.Config({"BLOCK_N": block_n, "ROWS": rows, "split_k": split,
+                                          "REDUCE": split > 1}, num_warps=warps, num_stages=1))
+    return out
 
 
 def _prune(configs, named_args, **kwargs):
-    per_word = 8 if kwargs["INT4"] else 4
-    k, n = named_args["K"], named_args["N"]
-    keep = [c for c in configs if c.kwargs["SPLIT_K"] <= -(-k // (c.kwargs["WORDS"] * per_word))
-            and c.kwargs["BLOCK_N"] <= max(16, n)]
-    return keep or configs[:1]
+    """Keep configs whose tile fits the group and that launch ~1 to ~16 waves on 132 SMs."""
+    n, k = named_args["N"], named_args["K"]
+    per_group = kwargs["GROUP"] * kwargs["BITS"] // 32  # word rows per group
+    keep = []
+    for c in configs:
+        rows, split = c.kwargs["ROWS"], c.kwargs["split_k"]
+        programs = -(-n // c.kwargs["BLOCK_N"]) * split
+        if per_group % rows or split > k * kwargs["BITS"] // 32 // rows:
+            continue
+        if c.kwargs["BLOCK_N"] <= max(128, n) and (
+                132 <= programs <= 4096 or split == 1 and programs > 4096):
+            keep.append(c)
+    return keep or [triton.Config({"BLOCK_N": 128, "ROWS": tile_rows_for(per_group),
+                                   "split_k": 1, "REDUCE": False}, num_warps=1, num_stages=1)]
 
 
 _gemv_tuned = triton.autotune(
-    _CONFIGS, key=["N", "K", "GROUP", "INT4"], prune_configs_by={"early_config_prune": _prune},
+    _configs(), key=["N", "K", "GROUP", "BITS"], prune_configs_by={"early_config_prune": _prune},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
                                                            quantiles=quantiles),
 )(_gemv_kernel)
 
 
-def gemv_supported(packed: PackedWeight) -> bool:
-    """Whether `triton_quantized_linear` sends M = 1 here: int8 weights readable as words.
+_counters: dict[torch.device, torch.Tensor] = {}
 
-    int4 is not dispatched here (it stays callable, and tested on CPU): on the H200 its
-    branch failed one accuracy check (M = 1, 14336x4096, group 128; docs/benchmarks/gpu.md)
-    and was no faster than the tensor-core kernel, so int4 M = 1 uses that kernel until the
-    failure is understood.
-    """
-    q = packed.qweight
-    return (packed.scheme == "int8" and q.is_contiguous() and q.data_ptr() % 4 == 0
-            and packed.in_features % 4 == 0 and packed.group_size % 4 == 0)
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 split-K counters, one per output tile; the kernels leave them zero."""
+    cnt = _counters.get(device)
+    if cnt is None or cnt.numel() < tiles:
+        cnt = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _counters[device] = cnt
+    return cnt
+
+
+def tile_rows_for(per_group: int) -> int:
+    """Word rows per tile for a group of `per_group` word rows: 16 or fewer, dividing it."""
+    return next(r for r in (16, 8, 4, 2, 1) if per_group % r == 0)
 
 
 def triton_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor, counters: torch.Tensor,
                 config: dict | None = None) -> torch.Tensor:
-    """x [1, K] @ W.T -> out [1, N]. `counters`: int32 split-K counters, all zero, >= N / 8.
+    """x [1, K] @ W.T -> out [1, N] for a ``words``-layout weight. `counters`: int32
+    split-K counters, all zero, at least one per BLOCK_N output features (N / 128).
 
-    `config` ({"BLOCK_N", "WORDS", "SPLIT_K", "num_warps"}) skips autotuning; under
+    `config` ({"BLOCK_N", "split_k", "num_warps", optional "ROWS"}) skips autotuning; under
     TRITON_INTERPRET a small fixed config is used.
     """
     n, k = packed.out_features, packed.in_features
-    words = packed.qweight.view(torch.int32)  # [N, K // 8] int4, [N, K // 4] int8
     x = x.contiguous()
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
-        config = {"BLOCK_N": 16, "WORDS": 16, "SPLIT_K": 2, "num_warps": 4}
-    max_split = _MAX_SPLIT if config is None else config["SPLIT_K"]
+        config = {"BLOCK_N": 32, "split_k": 2, "num_warps": 1}
+    max_split = 64 if config is None else config["split_k"]
     part = torch.empty(max_split * n, dtype=torch.float32, device=x.device)
     offsets = packed.offsets if packed.offsets is not None else packed.scales
-    args = (x, words, packed.scales, offsets, out, part, counters, n, k, words.stride(0))
-    consts = dict(GROUP=packed.group_size, INT4=packed.scheme == "int4")
+    args = (x, packed.qweight, packed.scales, offsets, out, part, counters, n, k)
+    consts = dict(GROUP=packed.group_size, BITS=packed.bits)
     if config is None:
-        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](*args, **consts)
+        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
+            *args, **consts)
     else:
-        cfg = dict(config)
-        warps = cfg.pop("num_warps", 4)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-        _gemv_kernel[grid](*args, **consts, **cfg, num_warps=warps, num_stages=1)
+        split = config["split_k"]
+        grid = (triton.cdiv(n, config["BLOCK_N"]), split)
+        rows = config.get("ROWS") or tile_rows_for(packed.group_size // packed.per_word)
+        _gemv_kernel[grid](*args, split, **consts, BLOCK_N=config["BLOCK_N"], ROWS=rows,
+                           REDUCE=split > 1, num_warps=config.get("num_warps", 4), num_stages=1)
+    return out
+
+
+@triton.jit(do_not_specialize=["split_k"])
+def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, stride_w, split_k,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE: tl.constexpr):
+    """out[n] = sum_k w[n, k] x[k] for a row-major 16-bit weight: threads own 16-byte runs of
+    K in BLOCK_N rows and accumulate [BLOCK_N, BLOCK_K] float32 partials, reduced once."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kk = tl.arange(0, BLOCK_K)
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_tiles, split_k)
+    begin = pid_k * per_split
+    end = tl.minimum(begin + per_split, num_tiles)
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    limit = tl.minimum(K, end * BLOCK_K)  # this split's features end here
+    k = begin * BLOCK_K + kk
+    live = k < limit
+    w = tl.load(rows + k[None, :], mask=mask_n[:, None] & live[None, :], other=0.0)
+    for _ in range(begin, end):
+        k_next = k + BLOCK_K
+        live_next = k_next < limit
+        w_next = tl.load(rows + k_next[None, :], mask=mask_n[:, None] & live_next[None, :],
+                         other=0.0)
+        xv = tl.load(x_ptr + k, mask=live, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * xv[None, :]
+        w, k, live = w_next, k_next, live_next
+    _finish(tl.sum(acc, axis=1), out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k,
+            split_k, REDUCE)
+
+
+def _dense_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "split_k": split, "REDUCE": split > 1},
+                          num_warps=4, num_stages=1)
+            for bn in (8, 16, 32) for bk in (128, 256) for split in (1, 2, 4, 8, 16, 32)]
+
+
+def _dense_prune(configs, named_args, **kwargs):
+    """Keep configs that launch ~1 to ~32 waves of programs on a 132-SM device."""
+    n, k = named_args["N"], named_args["K"]
+    keep = []
+    for c in configs:
+        split = c.kwargs["split_k"]
+        programs = -(-n // c.kwargs["BLOCK_N"]) * split
+        if split <= -(-k // c.kwargs["BLOCK_K"]) and (
+                132 <= programs <= 8192 or split == 1 and programs > 8192):
+            keep.append(c)
+    return keep or configs[:1]
+
+
+_dense_tuned = triton.autotune(
+    _dense_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _dense_prune},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
+                                                           quantiles=quantiles),
+)(_dense_gemv_kernel)
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T -> [1, N] (in `out_dtype`, default x's), float32 accumulation.
+
+    For decode at batch 1 on CUDA, where cuBLAS reads small weights well below bandwidth.
+    `config` ({"BLOCK_N", "BLOCK_K", "split_k"}) skips autotuning (and applies under
+    TRITON_INTERPRET, where a small default is used otherwise).
+    """
+    n, k = weight.shape
+    if weight.stride(1) != 1:
+        raise ValueError("dense_gemv needs a weight with contiguous rows")
+    x = x.contiguous()
+    out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
+    if config is None and os.environ.get("TRITON_INTERPRET") == "1":
+        config = {"BLOCK_N": 8, "BLOCK_K": 32, "split_k": 2}
+    max_split = 32 if config is None else config["split_k"]
+    part = torch.empty(max_split * n, dtype=torch.float32, device=x.device)
+    args = (x, weight, out, part, _tile_counters(x.device, triton.cdiv(n, 8)), n, k,
+            weight.stride(0))
+    if config is None:
+        _dense_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](*args)
+    else:
+        split = config["split_k"]
+        _dense_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
+            *args, split, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            REDUCE=split > 1, num_warps=4, num_stages=1)
     return out

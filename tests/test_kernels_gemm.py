@@ -35,7 +35,7 @@ def _weight(scheme: str, group: int | None, n: int, k: int):
                                           ("int8", None)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_triton_kernel_matches_reference(scheme, group, m):
-    """int8 at m = 1 takes the GEMV kernel; everything else the tensor-core kernel."""
+    """m = 1 takes the GEMV kernel, m > 1 the tensor-core kernel."""
     packed = _weight(scheme, group, 128, 256)
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(m, 256).to(dtype)
@@ -45,11 +45,12 @@ def test_triton_kernel_matches_reference(scheme, group, m):
 
 
 @pytest.mark.parametrize("config", [triton_gemm.GemmConfig(32, 1), triton_gemm.GemmConfig(64, 3),
-                                    triton_gemm.GemmConfig(32, 8, unroll=4)])
+                                    triton_gemm.GemmConfig(64, 2, num_stages=4)])
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 @pytest.mark.parametrize("m", [1, 20])
 def test_triton_split_k_and_ragged_shapes(config, scheme, m):
-    # K = 352 is not a multiple of 128 (masked tail); N = 96 not a multiple of 64; M = 20 > 16
+    # K = 352 is not a multiple of 128 (masked tail); N = 96 not a multiple of 64; M = 20 > 16;
+    # int4 group 32: tiles of one group each
     packed = _weight(scheme, 32 if scheme == "int4" else None, 96, 352)
     for _ in range(2):  # a second call checks the split-K counters were reset
         x = torch.randn(m, 352, dtype=torch.float16)

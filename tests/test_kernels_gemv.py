@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.gemm import quantized_linear_reference  # noqa: E402
-from kernels.quant import PackedWeight, pack_int4  # noqa: E402
+from kernels.quant import PackedWeight, pack_int4, to_words  # noqa: E402
 
 triton_gemv = pytest.importorskip("kernels.triton_gemv")
 
@@ -36,11 +36,11 @@ def _packed(scheme: str, n: int, k: int, group: int) -> PackedWeight:
 
 
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 128), ("int8", 32), ("int8", 352)])
-@pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "WORDS": 32, "SPLIT_K": 1},
-                                    {"BLOCK_N": 32, "WORDS": 16, "SPLIT_K": 3}])
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "split_k": 1},
+                                    {"BLOCK_N": 64, "split_k": 3}])
 def test_gemv_exact_on_integer_data(scheme, group, config):
-    n, k = 40, 352 if group in (32, 352) else 384  # ragged N; K with a partial last tile
-    packed = _packed(scheme, n, k, group)
+    n, k = 40, 352 if group in (32, 352) else 384  # ragged N; split-K with uneven shares
+    packed = to_words(_packed(scheme, n, k, group))
     x = torch.randint(-3, 4, (1, k)).to(torch.float16)
     counters = torch.zeros(64, dtype=torch.int32)
     for _ in range(2):  # the second call checks the split-K counters were reset
@@ -49,3 +49,21 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
         ref = quantized_linear_reference(x.float(), packed).half()
         assert torch.equal(out, ref)
     assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "BLOCK_K": 64, "split_k": 1},
+                                    {"BLOCK_N": 8, "BLOCK_K": 32, "split_k": 5}])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_gemv_exact_on_integer_data(config, dtype):
+    """Ragged N and K (tails in both), uneven split-K shares, float32 output option."""
+    g = torch.Generator().manual_seed(1)
+    n, k = 37, 333
+    w = torch.randint(-4, 5, (n, k), generator=g).to(dtype)
+    x = torch.randint(-3, 4, (1, k), generator=g).to(dtype)
+    ref = x.double() @ w.double().t()
+    for _ in range(2):  # the second call checks the split-K counters were reset
+        out = triton_gemv.dense_gemv(x, w, torch.float32, config)
+        assert out.shape == (1, n) and out.dtype == torch.float32
+        assert torch.equal(out.double(), ref)
+    assert int(triton_gemv._counters[torch.device("cpu")].abs().sum()) == 0
+    assert torch.equal(triton_gemv.dense_gemv(x, w, config=config), ref.to(dtype))

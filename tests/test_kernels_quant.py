@@ -12,11 +12,13 @@ import torch
 from kernels.gguf_repack import Q4_0, Q4_1, Q8_0, repack_gguf
 from kernels.quant import (
     PackedWeight,
+    codes,
     dequantize,
     pack_int4,
     quantize,
     quantize_int4,
     quantize_int8,
+    to_words,
     unpack_int4,
 )
 
@@ -83,6 +85,29 @@ def test_packed_weight_validates_shapes_and_moves():
     moved = good.to("cpu")
     assert torch.equal(dequantize(moved), dequantize(good))
     assert good.nbytes() == 8 * 32 + 2 * 8 * 2 * 2
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 128), ("int8", 32), ("int8", None)])
+def test_words_layout_holds_the_same_weight(scheme, group):
+    w = torch.randn(24, 256)
+    rows = quantize(w, scheme, group)
+    words = to_words(rows)
+    per = 8 if scheme == "int4" else 4
+    assert words.layout == "words" and words.qweight.dtype == torch.int32
+    assert words.qweight.shape == (256 // per, 24)
+    assert words.scales.shape == (256 // rows.group_size, 24)
+    assert torch.equal(dequantize(words), dequantize(rows))
+    assert to_words(words) is words and words.to("cpu").layout == "words"
+    # field i (bits 4i or 8i) of word row r is feature per * r + i; int8 stored as q + 128
+    q = codes(rows)
+    word = int(words.qweight[5, 7]) & 0xFFFFFFFF
+    bits = 32 // per
+    for i in range(per):
+        expect = int(q[7, per * 5 + i]) + (128 if scheme == "int8" else 0)
+        assert (word >> (bits * i)) & ((1 << bits) - 1) == expect
+    with pytest.raises(ValueError, match="qweight"):
+        PackedWeight(scheme, 24, 256, rows.group_size, rows.qweight, words.scales,
+                     words.offsets, "words")
 
 
 @pytest.mark.parametrize("kind", [Q4_0, Q4_1, Q8_0])

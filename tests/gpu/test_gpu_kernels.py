@@ -36,6 +36,29 @@ def test_gemm_llama_shapes(n, k, scheme, m):
         assert _rel(out, quantized_linear_reference(x.float(), packed)) < 1.5e-2
 
 
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_gemv_every_config(n, k, scheme):
+    """Each configuration the M = 1 autotuner may pick gives the right answer."""
+    from kernels.gemm import quantized_linear_reference
+    from kernels.quant import quantize_int4, quantize_int8, to_words
+    from kernels.triton_gemm import _tile_counters
+    from kernels.triton_gemv import _configs, triton_gemv
+
+    w = torch.randn(n, k, device="cuda") * 0.02
+    packed = to_words(quantize_int4(w, 128) if scheme == "int4" else quantize_int8(w))
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = quantized_linear_reference(x.float(), packed)
+    for c in _configs():
+        if c.kwargs["split_k"] not in (1, 4, 64):
+            continue
+        config = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
+                  "num_warps": c.num_warps, "ROWS": c.kwargs["ROWS"]}
+        out = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        triton_gemv(x, packed, out, _tile_counters(x.device, n // 32), config)
+        assert _rel(out, ref) < 1e-2, config
+
+
 @pytest.mark.parametrize("split_k", [1, 3, 8])
 def test_gemm_gguf_group32_split_k(split_k):
     from kernels.gemm import quantized_linear_reference
@@ -74,3 +97,51 @@ def test_paged_attention_real_sizes(window, sinks, q_len):
     cpu = [t.cpu() for t in (q.float(), k_cache.float(), v_cache.float(), tables, lens, qsl)]
     ref = paged_attention_reference(*cpu, dim ** -0.5, window, sinks)  # the reference is CPU-only
     assert _rel(out.cpu(), ref) < 2e-2
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336), (49152, 576)])
+def test_dense_gemv_real_sizes(n, k):
+    from kernels.triton_gemv import dense_gemv
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ w.float().t()
+    for _ in range(2):  # autotuned, then the tuned config with the counters reused
+        assert _rel(dense_gemv(x, w, torch.float32), ref) < 1e-5
+        assert _rel(dense_gemv(x, w), ref) < 1e-2
+
+
+def test_fused_pointwise_kernels_compiled():
+    """The fused kernels against their torch references at 8B sizes (the CPU tests run them
+    interpreted); relative error < 1e-2 in bfloat16, the cache's unwritten slots untouched."""
+    from kernels.triton_fused import (
+        add_rms_norm,
+        add_rms_norm_reference,
+        rope_kv_write,
+        rope_kv_write_reference,
+        silu_mul,
+        silu_mul_reference,
+    )
+
+    t, hidden, heads, kv_heads, dim = 37, 4096, 32, 8, 128
+    x, res = (torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    for got, ref in zip(add_rms_norm(x, res, weight, 1e-5),
+                        add_rms_norm_reference(x, res, weight, 1e-5), strict=True):
+        assert _rel(got, ref) < 1e-2
+    gate_up = torch.randn(t, 2 * 14336, device="cuda", dtype=torch.bfloat16) * 4
+    assert _rel(silu_mul(gate_up), silu_mul_reference(gate_up)) < 1e-2
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    positions = torch.randint(0, 4000, (t,), device="cuda")
+    freqs = torch.outer(torch.arange(4096.0), 1e4 ** -(torch.arange(0, dim, 2) / dim)).cuda()
+    slots = torch.randperm(64 * 16, device="cuda")[:t]
+    caches = []
+    for fn in (rope_kv_write, rope_kv_write_reference):
+        q = qkv.clone()
+        k_cache, v_cache = (torch.full((64, 16, kv_heads, dim), float("nan"), device="cuda",
+                                       dtype=torch.bfloat16) for _ in range(2))
+        fn(q, positions, freqs.cos(), freqs.sin(), k_cache, v_cache, slots, heads, kv_heads)
+        caches.append((q, k_cache, v_cache))
+    for got, ref in zip(*caches, strict=True):
+        assert torch.equal(got.isnan(), ref.isnan())  # the same slots written
+        assert _rel(got.nan_to_num(), ref.nan_to_num()) < 1e-2
