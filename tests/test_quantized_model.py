@@ -86,3 +86,10 @@ def test_default_gguf_served_packed_from_file_bytes() -> None:
     params = SamplingParams(max_tokens=12, temperature=0.0)
     text = llm.generate(["What is the capital of France?"], params, chat=True)[0].text
     assert "Paris" in text, text
+
+
+def test_quantization_none_keeps_every_weight_dense(tiny_model_dir) -> None:
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", quantization="none",
+              num_kv_blocks=8)
+    assert all(lin.packed is None and lin.weight is not None
+               for _, lin in linear_modules(llm.engine.model))

@@ -14,7 +14,8 @@ What each number times:
   bytes of every weight a decode step reads (all projections, packed or dense, the LM head
   and norms; not the embedding table, of which a step reads one row per token).
 - ``engine``: the default model through `LLM.generate`, everything from scheduling to text;
-  tok/s = generated tokens / wall seconds, graphs on vs `enforce_eager`.
+  tok/s = generated tokens / wall seconds, graphs on vs `enforce_eager`, the file's Q4_1
+  weights packed (the CUDA default) vs dequantized to bf16 (`quantization="none"`).
 
 int8/int4 are round-to-nearest (int8 per channel, int4 groups of 128) of every projection
 including the LM head.
@@ -30,6 +31,7 @@ import time
 import torch
 
 from kernels.bench_gpu import copy_bandwidth
+from kernels.quant import to_words
 from server.engine.cuda_graphs import CudaGraphRunner
 from server.models.config import config_from_hf
 from server.models.llama import LlamaForCausalLM
@@ -115,7 +117,7 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int) -> list[dict]:
     torch.cuda.empty_cache()
     packs = {"bf16": {}}
     for scheme in ("int8", "int4"):
-        packs[scheme] = {name: quantize_dense(lin.weight, scheme)
+        packs[scheme] = {name: to_words(quantize_dense(lin.weight, scheme))
                          for name, lin in linear_modules(model)}
     rows = []
     for mode, pack in packs.items():
@@ -141,12 +143,14 @@ def bench_default(path: str) -> list[dict]:
     from server.engine.sampling_params import SamplingParams
 
     rows = []
-    for eager in (False, True):
-        llm = LLM(path, enforce_eager=eager, max_num_seqs=32, kv_cache_memory_gb=2.0)
+    for eager, quantization in ((False, None), (True, None), (False, "none")):
+        llm = LLM(path, enforce_eager=eager, max_num_seqs=32, kv_cache_memory_gb=2.0,
+                  quantization=quantization)
         answer = llm.generate(["What is the capital of France?"],
                               SamplingParams(max_tokens=16, temperature=0.0), chat=True)[0].text
         prompts = [llm.encode(f"Write a long story about the number {i}.") for i in range(32)]
-        row = dict(model="default (SmolLM2-135M Q4_1, packed)", mode="eager" if eager else "graphs",
+        weights = "bf16 dense" if quantization == "none" else "Q4_1 packed"
+        row = dict(model=f"default (SmolLM2-135M, {weights})", mode="eager" if eager else "graphs",
                    answer=answer)
         for batch, tokens in ((1, 256), (32, 128)):
             params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)

@@ -18,7 +18,8 @@ class EngineConfig:
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     quantization: str | None = None
-    """Weight-only quantization at load: None, int8 or int4."""
+    """Weight-only quantization at load: None (a GGUF's own 4/8-bit tensors are served packed
+    on CUDA), int8, int4, or none (serve every weight dense)."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to min(model limit, 8192)."""
     max_num_seqs: int = 64

@@ -22,6 +22,7 @@ from server.models.layers import (
     RotaryEmbedding,
     add_rms_norm,
     apply_rope,
+    dense_linear,
     silu_mul,
 )
 from server.models.registry import register_model
@@ -113,9 +114,10 @@ class LlamaForCausalLM(torch.nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed).float()
-        return self.lm_head(hidden).float()
+        if self.lm_head is not None and self.lm_head.packed is not None:
+            return self.lm_head(hidden).float()
+        head = self.embed if self.lm_head is None else self.lm_head.weight
+        return dense_linear(hidden, head, out_dtype=torch.float32)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...); every

@@ -12,10 +12,11 @@ Two sources of packed weights:
   of the loaded weight to the `--quantization` scheme (int4 groups of 128, else 64 or 32;
   int8 per output channel).
 
-Policy (`pack_model`): a GGUF file is served packed when a scheme is given or the model runs
-on CUDA (its Q4/Q8 tensors as stored; other tensors follow the scheme or stay dense); dense
-checkpoints are packed only when a scheme is given. Embeddings, norms and a tied LM head stay
-dense; an untied LM head follows the same rules as the other linears.
+Policy (`pack_model`): ``none`` packs nothing; a GGUF file is served packed when a scheme is
+given or the model runs on CUDA (its Q4/Q8 tensors as stored; other tensors follow the
+scheme or stay dense); dense checkpoints are packed only when a scheme is given.
+Embeddings, norms and a tied LM head stay dense; an untied LM head follows the same rules as
+the other linears. On CUDA the weights are held in the kernels' ``words`` layout only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from kernels.gguf_repack import repack_gguf, supported_gguf_types
-from kernels.quant import SCHEMES, PackedWeight, quantize
+from kernels.quant import SCHEMES, PackedWeight, quantize, to_words
 from server.models.config import ModelConfig
 from server.models.layers import Linear
 
@@ -121,8 +122,10 @@ def pack_model(model: torch.nn.Module, scheme: str | None, checkpoint_path: Path
 
     `checkpoint_path`: the file the model was loaded from (GGUF repacking reads it again).
     """
+    if scheme == "none":
+        return 0
     if scheme is not None and scheme not in SCHEMES:
-        raise ValueError(f"quantization must be one of {SCHEMES} or None, got {scheme!r}")
+        raise ValueError(f"quantization must be one of {SCHEMES}, none or None, got {scheme!r}")
     use_gguf = (checkpoint_path is not None and checkpoint_path.suffix == ".gguf"
                 and checkpoint_path.is_file() and (scheme is not None or device.type == "cuda"))
     from_file = gguf_packed_linears(checkpoint_path, model.config) if use_gguf else {}
@@ -134,6 +137,6 @@ def pack_model(model: torch.nn.Module, scheme: str | None, checkpoint_path: Path
         if pw is None and scheme is not None:
             pw = quantize_dense(linear.weight, scheme)
         if pw is not None:
-            linear.set_packed(pw.to(device))
+            linear.set_packed((to_words(pw) if device.type == "cuda" else pw).to(device))
             count += 1
     return count
