@@ -216,13 +216,50 @@ def triton_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor, counte
     return out
 
 
+@triton.jit
+def _x_tile(x_ptr, res_ptr, nw_ptr, k, live, rstd, K, PROLOGUE: tl.constexpr,
+            HAS_RES: tl.constexpr):
+    """The GEMV input at features k, as float32 values of x's dtype: x itself (PROLOGUE 0),
+    rms_norm(x + res) * nw (1), or silu(gate) * up of a [2K] gate/up row (2); rounded to
+    x's dtype where the separate kernels of `kernels.triton_fused` store their outputs."""
+    dtype = x_ptr.dtype.element_ty
+    if PROLOGUE == 2:
+        gate = tl.load(x_ptr + k, mask=live, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + k, mask=live, other=0.0).to(tl.float32)
+        return (gate / (1.0 + tl.exp(-gate)) * up).to(dtype).to(tl.float32)
+    v = tl.load(x_ptr + k, mask=live, other=0.0)
+    if PROLOGUE == 1:
+        if HAS_RES:
+            v = (v.to(tl.float32) + tl.load(res_ptr + k, mask=live, other=0.0).to(tl.float32))
+            v = v.to(dtype)
+        nw = tl.load(nw_ptr + k, mask=live, other=0.0).to(tl.float32)
+        v = (v.to(tl.float32) * rstd * nw).to(dtype)
+    return v.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["split_k"])
-def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, stride_w, split_k,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE: tl.constexpr):
+def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr, res_out_ptr,
+                       N, K, stride_w, eps, split_k, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, REDUCE: tl.constexpr, PROLOGUE: tl.constexpr,
+                       HAS_RES: tl.constexpr, BLOCK_ROW: tl.constexpr):
     """out[n] = sum_k w[n, k] x[k] for a row-major 16-bit weight: threads own 16-byte runs of
-    K in BLOCK_N rows and accumulate [BLOCK_N, BLOCK_K] float32 partials, reduced once."""
+    K in BLOCK_N rows and accumulate [BLOCK_N, BLOCK_K] float32 partials, reduced once.
+
+    PROLOGUE 1 (residual add + RMS norm of x, see `_x_tile`): every program computes the
+    row's rstd itself from the whole row; program (0, 0) also stores x + res."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    rstd = 0.0
+    if PROLOGUE == 1:
+        cols = tl.arange(0, BLOCK_ROW)
+        row = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+        if HAS_RES:
+            row = (row.to(tl.float32) + tl.load(res_ptr + cols, mask=cols < K, other=0.0)
+                   .to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if (pid_n == 0) & (pid_k == 0):
+                tl.store(res_out_ptr + cols, row, mask=cols < K)
+        row = row.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(row * row, axis=0) / K + eps)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     kk = tl.arange(0, BLOCK_K)
@@ -241,7 +278,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, stride_w,
         live_next = k_next < limit
         w_next = tl.load(rows + k_next[None, :], mask=mask_n[:, None] & live_next[None, :],
                          other=0.0)
-        xv = tl.load(x_ptr + k, mask=live, other=0.0).to(tl.float32)
+        xv = _x_tile(x_ptr, res_ptr, nw_ptr, k, live, rstd, K, PROLOGUE, HAS_RES)
         acc += w.to(tl.float32) * xv[None, :]
         w, k, live = w_next, k_next, live_next
     _finish(tl.sum(acc, axis=1), out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k,
@@ -268,17 +305,23 @@ def _dense_prune(configs, named_args, **kwargs):
 
 
 _dense_tuned = triton.autotune(
-    _dense_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _dense_prune},
+    _dense_configs(), key=["N", "K", "PROLOGUE"],
+    prune_configs_by={"early_config_prune": _dense_prune},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
                                                            quantiles=quantiles),
 )(_dense_gemv_kernel)
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,
-               config: dict | None = None) -> torch.Tensor:
+               config: dict | None = None, *, norm: tuple | None = None,
+               silu: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [1, K] @ weight[N, K].T -> [1, N] (in `out_dtype`, default x's), float32 accumulation.
 
     For decode at batch 1 on CUDA, where cuBLAS reads small weights well below bandwidth.
+    Fused input steps (each what `kernels.triton_fused` would compute and store first):
+    ``norm=(residual | None, norm_weight, eps)`` multiplies by ``rms_norm(x + residual) *
+    norm_weight`` and returns ``(out, x + residual)`` (x itself without a residual);
+    ``silu=True`` takes x = [1, 2K] gate/up and multiplies by ``silu(gate) * up``.
     `config` ({"BLOCK_N", "BLOCK_K", "split_k"}) skips autotuning (and applies under
     TRITON_INTERPRET, where a small default is used otherwise).
     """
@@ -286,18 +329,26 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | N
     if weight.stride(1) != 1:
         raise ValueError("dense_gemv needs a weight with contiguous rows")
     x = x.contiguous()
+    if x.shape != (1, 2 * k if silu else k):
+        raise ValueError(f"x has shape {tuple(x.shape)} for a {n}x{k} weight (silu={silu})")
     out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
         config = {"BLOCK_N": 8, "BLOCK_K": 32, "split_k": 2}
     max_split = 32 if config is None else config["split_k"]
     part = torch.empty(max_split * n, dtype=torch.float32, device=x.device)
-    args = (x, weight, out, part, _tile_counters(x.device, triton.cdiv(n, 8)), n, k,
-            weight.stride(0))
+    residual, norm_weight, eps = norm if norm is not None else (None, None, 0.0)
+    res_out = x if residual is None else torch.empty_like(x)
+    args = (x, weight, out, part, _tile_counters(x.device, triton.cdiv(n, 8)),
+            x if residual is None else residual.contiguous(),
+            x if norm_weight is None else norm_weight, res_out, n, k, weight.stride(0), eps)
+    consts = dict(PROLOGUE=2 if silu else 1 if norm is not None else 0,
+                  HAS_RES=residual is not None, BLOCK_ROW=triton.next_power_of_2(k))
     if config is None:
-        _dense_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](*args)
+        _dense_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
+            *args, **consts)
     else:
         split = config["split_k"]
         _dense_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
-            *args, split, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            *args, split, **consts, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
             REDUCE=split > 1, num_warps=4, num_stages=1)
-    return out
+    return (out, res_out) if norm is not None else out

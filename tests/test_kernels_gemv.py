@@ -67,3 +67,29 @@ def test_dense_gemv_exact_on_integer_data(config, dtype):
         assert torch.equal(out.double(), ref)
     assert int(triton_gemv._counters[torch.device("cpu")].abs().sum()) == 0
     assert torch.equal(triton_gemv.dense_gemv(x, w, config=config), ref.to(dtype))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_dense_gemv_fused_norm_and_silu_prologues(residual):
+    """The fused input steps equal the separate kernels' references followed by the GEMV
+    (float16: the interpreter rounds float16 to nearest; its bfloat16 casts truncate)."""
+    from kernels.triton_fused import add_rms_norm_reference, silu_mul_reference
+
+    g = torch.Generator().manual_seed(2)
+    n, k, dt = 24, 200, torch.float16
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dt)
+    x = torch.randn(1, k, generator=g).to(dt)
+    res = torch.randn(1, k, generator=g).to(dt) if residual else None
+    nw = (torch.rand(k, generator=g) + 0.5).to(dt)
+    for config in (None, {"BLOCK_N": 8, "BLOCK_K": 64, "split_k": 3}):
+        out, res_out = triton_gemv.dense_gemv(x, w, config=config, norm=(res, nw, 1e-5))
+        h, ref_res = add_rms_norm_reference(x, res, nw, 1e-5)
+        assert torch.equal(res_out, ref_res)
+        ref = h.float() @ w.float().t()
+        assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-3
+    gate_up = (torch.randn(1, 2 * k, generator=g) * 3).to(dt)
+    out = triton_gemv.dense_gemv(gate_up, w, torch.float32, silu=True)
+    ref = silu_mul_reference(gate_up).float() @ w.float().t()
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="shape"):
+        triton_gemv.dense_gemv(x, w, silu=True)

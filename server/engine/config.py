@@ -19,7 +19,7 @@ class EngineConfig:
     """auto (cuda when available), cpu or cuda."""
     quantization: str | None = None
     """Weight-only quantization at load: None (a GGUF's own 4/8-bit tensors are served packed
-    on CUDA), int8, int4, or none (serve every weight dense)."""
+    on CUDA for models over 2 GiB dense), int8, int4, or none (every weight dense)."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to min(model limit, 8192)."""
     max_num_seqs: int = 64

@@ -47,6 +47,33 @@ class Linear(torch.nn.Module):
             return F.linear(F.pad(x, (0, 0, 0, pad)), self.weight, self.bias)[:-pad]
         return dense_linear(x, self.weight, self.bias)
 
+    def _fusable(self, x: torch.Tensor, fused: bool) -> bool:
+        """One 16-bit row on CUDA with a dense weight: the input step fuses into the GEMV."""
+        return (fused and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.packed is None
+                and x.dtype == self.weight.dtype and x.dtype in (torch.bfloat16, torch.float16))
+
+    def after_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                   eps: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(rms_norm(x + residual) * norm_weight), x + residual), the norm fused into
+        the GEMV for batch-1 decode on CUDA (one kernel instead of two)."""
+        if not self._fusable(x, fused):
+            h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
+            return self(h), residual
+        from kernels.triton_gemv import dense_gemv
+
+        out, residual = dense_gemv(x, self.weight, norm=(residual, norm_weight, eps))
+        return (out if self.bias is None else out + self.bias), residual
+
+    def after_silu(self, gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+        """self(silu(gate) * up) of a [T, 2 * in_features] gate/up projection, the SwiGLU
+        fused into the GEMV for batch-1 decode on CUDA."""
+        if not self._fusable(gate_up, fused):
+            return self(silu_mul(gate_up, fused))
+        from kernels.triton_gemv import dense_gemv
+
+        out = dense_gemv(gate_up, self.weight, silu=True)
+        return out if self.bias is None else out + self.bias
+
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:

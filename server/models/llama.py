@@ -23,7 +23,6 @@ from server.models.layers import (
     add_rms_norm,
     apply_rope,
     dense_linear,
-    silu_mul,
 )
 from server.models.registry import register_model
 
@@ -56,8 +55,8 @@ class DecoderLayer(torch.nn.Module):
         """x: [T, hidden] (the previous layer's output before its residual add); `fused` runs
         the Triton kernels for the pointwise steps."""
         t = x.shape[0]
-        h, residual = add_rms_norm(x, residual, self.input_norm, self.eps, fused)
-        qkv = self.qkv_proj(h)  # [T, (heads + 2 * kv_heads) * head_dim]
+        # [T, (heads + 2 * kv_heads) * head_dim]
+        qkv, residual = self.qkv_proj.after_norm(x, residual, self.input_norm, self.eps, fused)
         if fused:  # rotates q and k in place and writes k, v into the cache
             from kernels.triton_fused import rope_kv_write
 
@@ -69,9 +68,9 @@ class DecoderLayer(torch.nn.Module):
             qk = apply_rope(qkv[:, : self.heads + self.kv_heads], rope.cos, rope.sin)
             q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, self.heads + self.kv_heads :]
         o = attention(q, k, v, kv[0], kv[1], meta, self.scale)
-        h, residual = add_rms_norm(self.o_proj(o.reshape(t, -1)), residual, self.post_norm,
-                                   self.eps, fused)
-        return self.down_proj(silu_mul(self.gate_up_proj(h), fused)), residual
+        gate_up, residual = self.gate_up_proj.after_norm(
+            self.o_proj(o.reshape(t, -1)), residual, self.post_norm, self.eps, fused)
+        return self.down_proj.after_silu(gate_up, fused), residual
 
 
 @register_model("llama", "mistral", "qwen2")

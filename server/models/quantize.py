@@ -12,9 +12,10 @@ Two sources of packed weights:
   of the loaded weight to the `--quantization` scheme (int4 groups of 128, else 64 or 32;
   int8 per output channel).
 
-Policy (`pack_model`): ``none`` packs nothing; a GGUF file is served packed when a scheme is
-given or the model runs on CUDA (its Q4/Q8 tensors as stored; other tensors follow the
-scheme or stay dense); dense checkpoints are packed only when a scheme is given.
+Policy (`pack_model`): ``none`` packs nothing; a GGUF file is served packed (its Q4/Q8
+tensors as stored; other tensors follow the scheme or stay dense) when a scheme is given, or
+on CUDA when its projections would take more than `PACK_ON_CUDA_ABOVE` bytes dense; dense
+checkpoints are packed only when a scheme is given.
 Embeddings, norms and a tied LM head stay dense; an untied LM head follows the same rules as
 the other linears. On CUDA the weights are held in the kernels' ``words`` layout only.
 """
@@ -78,6 +79,13 @@ def _unpermute_order(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
 
 
+# Below this size (dense projection weights) a model decodes at batch 1 bound by kernel
+# launches, not memory, and the dense 16-bit GEMV beats the packed one: the default model
+# (135M) on an H200 does 812 tok/s dense vs 343 packed with CUDA graphs
+# (docs/benchmarks/gpu.md); an 8B model is memory-bound and 1.5x faster packed int4.
+PACK_ON_CUDA_ABOVE = 2 * 2**30
+
+
 def gguf_packed_linears(path: Path, config: ModelConfig) -> dict[str, PackedWeight]:
     """Packed weights (on CPU) for every projection whose GGUF tensors are Q4_0/Q4_1/Q8_0."""
     from gguf import GGUFReader
@@ -126,8 +134,11 @@ def pack_model(model: torch.nn.Module, scheme: str | None, checkpoint_path: Path
         return 0
     if scheme is not None and scheme not in SCHEMES:
         raise ValueError(f"quantization must be one of {SCHEMES}, none or None, got {scheme!r}")
+    dense_bytes = sum(lin.weight.nbytes for _, lin in linear_modules(model) if lin.weight is not None)
     use_gguf = (checkpoint_path is not None and checkpoint_path.suffix == ".gguf"
-                and checkpoint_path.is_file() and (scheme is not None or device.type == "cuda"))
+                and checkpoint_path.is_file()
+                and (scheme is not None
+                     or device.type == "cuda" and dense_bytes > PACK_ON_CUDA_ABOVE))
     from_file = gguf_packed_linears(checkpoint_path, model.config) if use_gguf else {}
     count = 0
     for name, linear in linear_modules(model):
