@@ -7,6 +7,11 @@ context in tiles of BLOCK_KV token positions, gathering each token's physical sl
 the block table (any page size works), and keeps an online softmax in float32. Masks:
 causal among the new tokens, the sequence length, and sink + sliding window; with a window,
 whole tiles before the window (other than the sink tiles) are skipped, not just masked.
+
+Decode at small batch has few (sequence, KV head) tiles, each a serial walk over the
+context, so the context is split over SPLITS programs (split-KV, as in flash-decoding):
+each stores its unnormalized output and softmax max/sum, and the last to arrive (a
+per-tile counter, left at zero) merges them in split order.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_gemv import _tile_counters
 
 _LOG2E = 1 / math.log(2)
 
@@ -57,19 +64,54 @@ def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, t0, q_pos, head_ok, seq
 
 
 @triton.jit
+def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split,
+                  SPLITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Split-KV: store this split's softmax state; the last split of the tile to arrive
+    merges all of them in split order (deterministic) and reports `last`."""
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    base = tile * SPLITS
+    tl.store(ws_acc_ptr + ((base + split) * ROWS + r)[:, None] * BLOCK_D + d[None, :], acc)
+    tl.store(ws_ml_ptr + ((base + split) * 2 * ROWS) + r, m_i)
+    tl.store(ws_ml_ptr + ((base + split) * 2 * ROWS) + ROWS + r, l_i)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    last = arrived == SPLITS - 1
+    if last:
+        acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((ROWS,), dtype=tl.float32)
+        for j in tl.static_range(SPLITS):
+            m_j = tl.load(ws_ml_ptr + ((base + j) * 2 * ROWS) + r, cache_modifier=".cg")
+            l_j = tl.load(ws_ml_ptr + ((base + j) * 2 * ROWS) + ROWS + r, cache_modifier=".cg")
+            a_j = tl.load(ws_acc_ptr + ((base + j) * ROWS + r)[:, None] * BLOCK_D + d[None, :],
+                          cache_modifier=".cg")
+            m_new = tl.maximum(m_i, m_j)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            old, new = tl.exp2(m_i - m_safe), tl.exp2(m_j - m_safe)
+            acc = acc * old[:, None] + a_j * new[:, None]
+            l_i = l_i * old + l_j * new
+            m_i = m_new
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+    return acc, m_i, l_i, last
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_bt, block_size, head_dim, window, num_sinks,
-    qk_scale, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    UPCAST: tl.constexpr,
+    qk_scale, ws_acc_ptr, ws_ml_ptr, cnt_ptr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
-    chunk = tl.program_id(2) * BLOCK_Q
+    chunk_id = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
+    chunk = chunk_id * BLOCK_Q
     if chunk < q_len:
         seq_len = tl.load(seq_lens_ptr + seq)
         r = tl.arange(0, BLOCK_Q * GROUP_PAD)
@@ -94,21 +136,32 @@ def _paged_attention_kernel(
         start = 0
         if HAS_WINDOW:
             sink_end = tl.cdiv(num_sinks, BLOCK_KV) * BLOCK_KV
-            for t0 in range(0, sink_end, BLOCK_KV):
+            for t0 in range(0, tl.where(split == 0, sink_end, 0), BLOCK_KV):  # sinks: split 0
                 acc, m_i, l_i = _attend_tile(
                     acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
                     block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
                     window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
             first_visible = tl.maximum(seq_len - q_len + chunk - window + 1, 0)
             start = tl.maximum(first_visible // BLOCK_KV * BLOCK_KV, sink_end)
-        for t0 in range(start, last_pos, BLOCK_KV):
+        # this split's share of the remaining tiles
+        per_split = tl.cdiv(tl.cdiv(tl.maximum(last_pos - start, 0), BLOCK_KV), SPLITS) * BLOCK_KV
+        lo = start + split * per_split
+        for t0 in range(lo, tl.minimum(lo + per_split, last_pos), BLOCK_KV):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
                 block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
                 window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
-                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        if SPLITS > 1:
+            acc, m_i, l_i, last = _merge_splits(
+                acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr,
+                (seq * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // SPLITS) + chunk_id,
+                split, SPLITS, BLOCK_Q * GROUP_PAD, BLOCK_D)
+        else:
+            last = True
+        if last:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
+                     + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 def paged_attention_triton(
@@ -123,6 +176,7 @@ def paged_attention_triton(
     num_sink_tokens: int = 0,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `kernels.attention.paged_attention_reference`; returns [tokens, heads, dim].
 
@@ -130,7 +184,8 @@ def paged_attention_triton(
     bound ``num_tokens - num_seqs + 1`` is used, which needs no device-to-host sync (and so
     works inside CUDA graphs) and holds when every sequence has at least one query token;
     programs past a sequence's queries exit at once. `out`: optional destination shaped
-    like `q`.
+    like `q`. `splits` (a power of two) divides each context over that many programs
+    (split-KV, merged by the last to finish); None picks it from the grid size.
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -147,17 +202,25 @@ def paged_attention_triton(
         return out
     group_pad = triton.next_power_of_2(group)
     block_q = max(triton.next_power_of_2(min(max_query_len, 16)), max(1, 16 // group_pad))
+    block_d = max(16, triton.next_power_of_2(head_dim))
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
-    _paged_attention_kernel[grid](
+    chunks = triton.cdiv(max_query_len, block_q)
+    tiles = num_seqs * num_kv_heads * chunks
+    if splits is None:  # fill ~2 waves of a 132-SM device when there are few (seq, head) tiles
+        splits = 1 if interpret else min(16, triton.next_power_of_2(triton.cdiv(264, tiles)))
+    rows = block_q * group_pad
+    ws_acc = q.new_empty(tiles * splits * rows * block_d if splits > 1 else 1, dtype=torch.float32)
+    ws_ml = q.new_empty(tiles * splits * 2 * rows if splits > 1 else 1, dtype=torch.float32)
+    _paged_attention_kernel[(num_seqs, num_kv_heads, chunks * splits)](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         block_size, head_dim, sliding_window or 0, num_sink_tokens, scale * _LOG2E,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=64,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_WINDOW=sliding_window is not None,
-        UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if block_q * group_pad >= 64 else 4,
+        ws_acc, ws_ml, _tile_counters(q.device, tiles),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=64, BLOCK_D=block_d,
+        HAS_WINDOW=sliding_window is not None, SPLITS=splits,
+        UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if rows >= 64 else 4,
     )
     return out
 

@@ -147,7 +147,8 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep configs whose tile fits the group and that launch ~1 to ~16 waves on 132 SMs."""
+    """Keep configs whose tile fits the group and that launch ~1 to ~16 waves on 132 SMs
+    (or do not split K)."""
     n, k = named_args["N"], named_args["K"]
     per_group = kwargs["GROUP"] * kwargs["BITS"] // 32  # word rows per group
     keep = []
@@ -156,9 +157,8 @@ def _prune(configs, named_args, **kwargs):
         programs = -(-n // c.kwargs["BLOCK_N"]) * split
         if per_group % rows or split > k * kwargs["BITS"] // 32 // rows:
             continue
-        if c.kwargs["BLOCK_N"] <= max(128, n) and (
-                132 <= programs <= 4096 or split == 1 and programs > 4096):
-            keep.append(c)
+        if c.kwargs["BLOCK_N"] <= max(128, n) and (132 <= programs <= 4096 or split == 1):
+            keep.append(c)  # (split 1 always: small latency-bound shapes may prefer it)
     return keep or [triton.Config({"BLOCK_N": 128, "ROWS": tile_rows_for(per_group),
                                    "split_k": 1, "REDUCE": False}, num_warps=1, num_stages=1)]
 
@@ -292,14 +292,14 @@ def _dense_configs() -> list[triton.Config]:
 
 
 def _dense_prune(configs, named_args, **kwargs):
-    """Keep configs that launch ~1 to ~32 waves of programs on a 132-SM device."""
+    """Keep configs that launch ~1 to ~32 waves of programs on a 132-SM device (or do not
+    split K)."""
     n, k = named_args["N"], named_args["K"]
     keep = []
     for c in configs:
         split = c.kwargs["split_k"]
         programs = -(-n // c.kwargs["BLOCK_N"]) * split
-        if split <= -(-k // c.kwargs["BLOCK_K"]) and (
-                132 <= programs <= 8192 or split == 1 and programs > 8192):
+        if split <= -(-k // c.kwargs["BLOCK_K"]) and (132 <= programs <= 8192 or split == 1):
             keep.append(c)
     return keep or configs[:1]
 

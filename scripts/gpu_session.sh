@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, the GEMM kernel benchmark, the decode benchmark (tables + JSON).
+# GPU tests, the GEMM kernel benchmark, the decode benchmarks (tables + JSON), as one device call
+# per STEPS subset: all four steps take ~12 minutes on an H200, more than one call's 10, so a
+# full pass is two calls: STEPS="tests kernels", then STEPS="decode default".
 # Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
-# decode default"] [TESTS="pytest targets"] [KERNEL_ARGS="--shapes ..."] scripts/gpu_session.sh
+# decode default"] [TESTS="pytest targets"] [KERNEL_ARGS="--sweep --shapes ..."]
+# scripts/gpu_session.sh
 #   tests    pytest tests/gpu (kernels at real sizes, engine graphs vs eager, packed serving)
 #   kernels  python3 -m kernels.bench_gpu            (W4A16/W8A16 vs bf16, Llama-3-8B shapes)
 #   decode   python3 -m server.benchmarks.gpu_decode (8B shape: bf16/int8/int4 vs roofline and
@@ -32,9 +35,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 for s in $STEPS; do
   case $s in
-    tests) step tests 300 python3 -m pytest -q -x -p no:cacheprovider --tb=short ${TESTS:-tests/gpu} ;;
-    kernels) step kernels 200 python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
-    decode) step decode 300 python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" ;;
+    tests) step tests 240 python3 -m pytest -q -x -p no:cacheprovider --tb=short ${TESTS:-tests/gpu} ;;
+    kernels) step kernels 240 python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
+    decode) step decode 240 python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" ;;
     default)
       if [ -n "$GGUF" ]; then
         step default 200 python3 -m server.benchmarks.gpu_decode --skip-8b --gguf "$GGUF" \

@@ -48,15 +48,18 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_paged_attention_matches_reference(case, dtype):
+@pytest.mark.parametrize("dtype,splits", [(torch.float16, 1), (torch.bfloat16, 1),
+                                          (torch.float16, 4)])
+def test_paged_attention_matches_reference(case, dtype, splits):
+    """splits = 4: split-KV, including splits with no tile (37 tokens are one 64-tile)."""
     seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks = case
     q, k_cache, v_cache, tables, lens, qsl = _batch(seq_lens, q_lens, heads, kv_heads, dim,
                                                     block_size, dtype)
     scale = dim ** -0.5
     out = torch.full_like(q, float("nan"))
-    triton_attention.paged_attention_triton(q, k_cache, v_cache, tables, lens, qsl, scale,
-                                            window, sinks, out=out)
+    for _ in range(2):  # the second call checks the split-KV counters were reset
+        triton_attention.paged_attention_triton(q, k_cache, v_cache, tables, lens, qsl, scale,
+                                                window, sinks, out=out, splits=splits)
     ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens,
                                     qsl, scale, window, sinks)
     assert not torch.isnan(out).any()

@@ -13,6 +13,13 @@ from server.engine.cuda_graphs import CudaGraphRunner
 from server.engine.sampler import filter_probs, processed_logits, sample, token_logprobs
 
 
+def _plain_greedy(s: ScheduledRequest) -> bool:
+    """Whether a request's tokens are the argmax of its raw logits (nothing else needed)."""
+    p = s.request.params
+    return (p.greedy and not p.has_penalties and p.logprobs is None
+            and len(s.request.output_token_ids) >= p.min_tokens)
+
+
 class ModelRunner:
     """Owns the model and its KV cache tensors; executes scheduled steps."""
 
@@ -60,16 +67,21 @@ class ModelRunner:
                 rows.extend(range(end - n, end))
         if not rows:
             return RunnerOutput({})
-        if all_logits is not None:
-            logits = all_logits.cpu()  # [R, vocab]; rows are all of them
-        else:
+        if all_logits is None:
             row_index = torch.tensor(rows).to(hidden.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden[row_index]).cpu()  # [R, vocab]
+            all_logits = self.model.compute_logits(hidden[row_index])  # [R, vocab]
+        # plain greedy steps need only each row's argmax: no logits travel to the host
+        greedy = all(_plain_greedy(s) for s, _ in owners)
+        logits = all_logits.argmax(dim=-1).tolist() if greedy else all_logits.cpu()
         sampled: dict[str, SampledTokens] = {}
         last_rows: list[int] = []
         for s, first in owners:
             n = len(s.spec_token_ids) + 1
-            result = self._sample_request(s, logits[first : first + n])
+            if greedy:
+                result = SampledTokens(verify_greedy(s.spec_token_ids, logits[first:first + n]),
+                                       len(s.spec_token_ids))
+            else:
+                result = self._sample_request(s, logits[first : first + n])
             sampled[s.request.request_id] = result
             last_rows.append(rows[first + len(result.token_ids) - 1])
         if self.drafter is not None:
