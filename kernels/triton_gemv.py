@@ -1,4 +1,5 @@
-"""Triton W4A16 / W8A16 GEMV (one activation row, M = 1) over the ``words`` layout.
+"""Triton GEMVs (one activation row, M = 1): W4A16 / W8A16 over the ``words`` layout, and
+16-bit dense weights (`dense_gemv`).
 
 Decode at batch 1 is a matrix-vector product that must stream the packed weight at HBM
 speed, so the inner loop spends as few instructions per weight as it can:
@@ -18,8 +19,13 @@ speed, so the inner loop spends as few instructions per weight as it can:
   ``out += s * sum(u * x) + o * sum(x)``; int8 codes are stored as ``u = q + 128``, so its
   offset is ``-128 * s``.
 
-Split-K over SPLIT_K programs is reduced as in `kernels.triton_gemm`: partials to a
-workspace, the last program to arrive sums them in a fixed order and resets its counter.
+- The next tile's words, scale and offset are loaded before the current tile's arithmetic.
+
+`dense_gemv` reads a row-major 16-bit weight in 16-byte runs along K, and can fuse the step
+that produces its input (residual add + RMS norm, or SwiGLU) so batch-1 decode runs one
+kernel for both. Split-K (both GEMVs): each program stores its partial, bumps a counter of
+its output columns, and the last to arrive sums the partials in a fixed order (16 per load,
+deterministic) and resets the counter, so a GEMV is one launch, also inside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -171,12 +177,16 @@ _gemv_tuned = triton.autotune(
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []  # kept alive: captured CUDA graphs still point at them
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 split-K counters, one per output tile; the kernels leave them zero."""
+    """Zeroed int32 split-K counters, one per output tile; the kernels leave them zero.
+    Shared by every kernel on the device (they run one after another on one stream)."""
     cnt = _counters.get(device)
     if cnt is None or cnt.numel() < tiles:
+        if cnt is not None:
+            _outgrown.append(cnt)
         cnt = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
         _counters[device] = cnt
     return cnt
@@ -190,7 +200,7 @@ def tile_rows_for(per_group: int) -> int:
 def triton_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor, counters: torch.Tensor,
                 config: dict | None = None) -> torch.Tensor:
     """x [1, K] @ W.T -> out [1, N] for a ``words``-layout weight. `counters`: int32
-    split-K counters, all zero, at least one per BLOCK_N output features (N / 128).
+    split-K counters, all zero, one per program column (N / BLOCK_N) at least.
 
     `config` ({"BLOCK_N", "split_k", "num_warps", optional "ROWS"}) skips autotuning; under
     TRITON_INTERPRET a small fixed config is used.

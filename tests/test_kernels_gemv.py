@@ -93,3 +93,11 @@ def test_dense_gemv_fused_norm_and_silu_prologues(residual):
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-3
     with pytest.raises(ValueError, match="shape"):
         triton_gemv.dense_gemv(x, w, silu=True)
+
+
+def test_outgrown_counters_stay_alive():
+    """Graphs captured with the old counter buffer keep using it after the pool grows."""
+    old = triton_gemv._tile_counters(torch.device("cpu"), 8)
+    new = triton_gemv._tile_counters(torch.device("cpu"), old.numel() + 1)
+    assert new.numel() > old.numel() and int(new.abs().sum()) == 0
+    assert any(t is old for t in triton_gemv._outgrown)
