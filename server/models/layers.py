@@ -48,9 +48,8 @@ class Linear(torch.nn.Module):
         return dense_linear(x, self.weight, self.bias)
 
     def _fusable(self, x: torch.Tensor, fused: bool) -> bool:
-        """One 16-bit row on CUDA with a dense weight: the input step fuses into the GEMV."""
-        return (fused and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.packed is None
-                and x.dtype == self.weight.dtype and x.dtype in (torch.bfloat16, torch.float16))
+        """A dense weight and a GEMV input: the step producing x fuses into the GEMV."""
+        return fused and self.packed is None and _gemv_input(x, self.weight)
 
     def after_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                    eps: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,13 +74,18 @@ class Linear(torch.nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+def _gemv_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One 16-bit row on CUDA, in the weight's dtype: what `dense_gemv` serves."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear (result in `out_dtype`, default x's), except that one 16-bit row on CUDA goes
     to the Triton GEMV (`kernels.triton_gemv.dense_gemv`): at batch 1 cuBLAS reads the
     smaller decode weights well below memory bandwidth (57% on 4096x4096, H200)."""
-    if (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16)):
+    if _gemv_input(x, weight):
         from kernels.triton_gemv import dense_gemv
 
         out = dense_gemv(x, weight, out_dtype)
