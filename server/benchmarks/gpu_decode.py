@@ -16,8 +16,8 @@ What each number times:
 - ``engine``: the default model through `LLM.generate`, everything from scheduling to text;
   tok/s = generated tokens / wall seconds, graphs on vs `enforce_eager`, the file's Q4_1
   weights dequantized to bf16 (the default for a model this small) vs served packed
-  (`quantization="int4"`); ``step_only`` times the
-  engine's model through `CudaGraphRunner.step` as for the 8B rows.
+  (`quantization="int4"`); ``step_only`` times the engine's model through
+  `CudaGraphRunner.step` as for the 8B rows.
 
 int8/int4 are round-to-nearest (int8 per channel, int4 groups of 128) of every projection
 including the LM head.
