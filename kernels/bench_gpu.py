@@ -113,8 +113,7 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
 
 def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
     """Print the time of every M = 1 GEMV configuration (the autotuner's candidates)."""
-    from kernels.triton_gemm import _tile_counters
-    from kernels.triton_gemv import _configs, triton_gemv
+    from kernels.triton_gemv import _configs, _tile_counters, triton_gemv
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)

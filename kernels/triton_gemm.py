@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant import PackedWeight, dequantize, to_words
-from kernels.triton_gemv import _counters, _tile_counters, triton_gemv  # noqa: F401
+from kernels.triton_gemv import _tile_counters, triton_gemv
 
 
 @dataclass(frozen=True)

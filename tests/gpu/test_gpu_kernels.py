@@ -42,8 +42,7 @@ def test_gemv_every_config(n, k, scheme):
     """Each configuration the M = 1 autotuner may pick gives the right answer."""
     from kernels.gemm import quantized_linear_reference
     from kernels.quant import quantize_int4, quantize_int8, to_words
-    from kernels.triton_gemm import _tile_counters
-    from kernels.triton_gemv import _configs, triton_gemv
+    from kernels.triton_gemv import _configs, _tile_counters, triton_gemv
 
     w = torch.randn(n, k, device="cuda") * 0.02
     packed = to_words(quantize_int4(w, 128) if scheme == "int4" else quantize_int8(w))
