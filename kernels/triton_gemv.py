@@ -67,25 +67,37 @@ def _x_scale(FIELD: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k, split_k,
             REDUCE: tl.constexpr):
-    """Store a program's [BLOCK_N] result; with split-K, the last of the split_k programs of
-    these output features to arrive sums the partials (16 per load, fixed order) and stores."""
+    """Store a program's [BLOCK_N] result, or with split-K its partial (see
+    `_reduce_partials`)."""
     if not REDUCE:
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
         tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mask_n)
-        tl.debug_barrier()
-        counter = cnt_ptr + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == split_k - 1:
-            total = tl.zeros(acc.shape, dtype=tl.float32)
+        _reduce_partials(out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, 1, 0, pid_n, split_k)
+
+
+@triton.jit
+def _reduce_partials(out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, M, stride_om, pid_n,
+                     split_k):
+    """Split-K merge, called once a program has stored its float32 partial rows at
+    ``part_ptr + (pid_k * M + row) * N``: the last of the split_k programs of output
+    features offs_n to arrive sums the partials (16 per load, fixed order), stores the M
+    rows and resets the counter."""
+    tl.debug_barrier()
+    counter = cnt_ptr + pid_n
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+    if arrived == split_k - 1:
+        for r in range(0, M):
+            total = tl.zeros(offs_n.shape, dtype=tl.float32)
             for j in range(0, split_k, 16):
                 js = j + tl.arange(0, 16)
-                chunk = tl.load(part_ptr + js[:, None] * N + offs_n[None, :],
+                chunk = tl.load(part_ptr + (js[:, None] * M + r) * N + offs_n[None, :],
                                 mask=(js < split_k)[:, None] & mask_n[None, :], other=0.0,
                                 cache_modifier=".cg")
                 total += tl.sum(chunk, axis=0)
-            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-            tl.atomic_xchg(counter, 0)
+            tl.store(out_ptr + r * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
+                     mask=mask_n)
+        tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
