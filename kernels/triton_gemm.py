@@ -1,7 +1,8 @@
 """Triton W4A16 / W8A16 GEMM over the ``words`` layout (CUDA; CPU under TRITON_INTERPRET=1).
 
-One entry point, `triton_quantized_linear`; M = 1 goes to the GEMV of `kernels.triton_gemv`
-(CUDA cores, no conversions), M > 1 to the tensor-core kernel here. A program owns BLOCK_M
+One entry point, `triton_quantized_linear`; on CUDA, int4 with 1..4 bfloat16 rows goes to
+`kernels.triton_mma_gemv` (one mma per packed word), other M = 1 products to the GEMV of
+`kernels.triton_gemv` (CUDA cores, no conversions), the rest to the tensor-core kernel here. A program owns BLOCK_M
 rows of x and BLOCK_N output features and walks a share of K in tiles of BLOCK_K features
 inside one quantization group (`tile_k`): every feature row of the tile loads its word
 (per_word rows share one, so the repeats are L1 hits), shifts its own field out, and
@@ -30,12 +31,13 @@ import triton.language as tl
 
 from kernels.quant import PackedWeight, dequantize, to_words
 from kernels.triton_gemv import _tile_counters, triton_gemv
+from kernels.triton_mma_gemv import mma_gemv, mma_gemv_supported
 
 
 @dataclass(frozen=True)
 class GemmConfig:
     """Launch parameters; None in `triton_quantized_linear` means autotune (or a default).
-    At M = 1 (the GEMV) only block_n, split_k and num_warps apply."""
+    The GEMVs (M = 1, and int4 M <= 4 on CUDA) use only block_n, split_k and num_warps."""
 
     block_n: int = 64
     split_k: int = 1
@@ -159,17 +161,21 @@ def triton_quantized_linear(
     x = x.contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    small_config = None if config is None else {
+        "BLOCK_N": config.block_n, "split_k": config.split_k, "num_warps": config.num_warps}
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpret and mma_gemv_supported(x, packed):
+        if small_config is not None:  # every warp owns 32 output features or more
+            small_config["num_warps"] = max(1, min(config.num_warps, config.block_n // 32))
+        return mma_gemv(x, packed, out, small_config)
     if m == 1:
-        gemv_config = None if config is None else {
-            "BLOCK_N": config.block_n, "split_k": config.split_k, "num_warps": config.num_warps}
         return triton_gemv(x, packed, out, _tile_counters(x.device, triton.cdiv(n, 32)),
-                           gemv_config)
+                           small_config)
     block_k = tile_k(packed)
     if block_k is None:
         return out.copy_(x @ dequantize(packed, x.dtype).t())
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     m_bucket = min(triton.next_power_of_2(m), 128)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if config is None and interpret:
         config = GemmConfig()
     max_split = 8 if config is None else config.split_k

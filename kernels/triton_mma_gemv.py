@@ -1,0 +1,293 @@
+"""W4A16 for M = 1..4 activation rows (decode and short verification) on the tensor cores,
+over the ``words`` layout (CUDA, sm_80+; inline PTX, so not under TRITON_INTERPRET).
+
+The CUDA-core GEMV (`kernels.triton_gemv`) spends ~4.5 instructions per weight and lane
+(unpack, multiply-add, activation traffic: its SASS), which on an H200 takes longer than
+streaming the 4-bit weight. Here one ``mma.sync.m16n8k16`` (bf16 in, float32 accumulate)
+consumes one int32 word (8 codes) per lane after 3 shifts and 4 ``lop3``; with the loads,
+the bias mma and the per-group scaling a weight costs ~1.7 instructions (SASS, group 128),
+and the kernel is bound by load latency rather than issue (docs/benchmarks/gpu.md).
+
+Fragment plan (PTX ISA, m16n8k16 .bf16: lane = 4 * g + q). A 16-byte load gives lane
+(g, q) the words of 4 neighbouring output features ``4g + j`` (j = 0..3) in word row
+``r = 4c + q`` (features 8r..8r+7). Per word, ``(w >> 4i) & 0x000F000F | 0x43004300`` is
+the bfloat16 pair ``(128 + u_i, 128 + u_{i+4})``; the four pairs are the word's A fragment,
+so A row g holds codes 0, 4, 2, 6 of each of the 4 lanes' words (one output feature, 32
+input features) and row g + 8 holds codes 1, 5, 3, 7 (the same feature). B column 2m
+carries activation row m's features in row g's order, column 2m + 1 in row g + 8's; lane
+(g, q) supplies column g (``prmt`` of its 16-byte activation load). Then lane (g, m) ends
+with ``c0 + c3 = sum (128 + u) x_m`` for feature 4g + j over the 32 features. A second
+mma with A = 128 everywhere gives ``128 * sum x_m`` over the same features (c0 + c3 again).
+Accumulated over a quantization group G of the weight (G / 32 steps), the group adds
+``s * (D - B) + o * B / 128`` to a float32 accumulator: exact apart from float32 rounding
+(the +128 bias costs ~4 of float32's 24 bits). Rows past M repeat row M - 1 and their
+sums are dropped.
+
+A program owns BLOCK_N features (32 a warp and rep) and a share of K, walked in chunks of
+CHUNK steps two at a time: while one chunk is multiplied the other's words, activations,
+scales and offsets are in flight, with no register copies between iterations. Split-K
+partials are merged by the last program to arrive (`kernels.triton_gemv`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.quant import PackedWeight
+from kernels.triton_gemv import _reduce_partials, _tile_counters
+
+MAX_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
+
+
+def _step_asm(chain: bool) -> str:
+    """One mma step: outputs D_0..D_3 and the bias D_b (4 float32 each: $0..$19); inputs the
+    4 words ($20..$23), the lane's 4 activation words ($24..$27, bf16 pairs of features
+    8r..8r+7) and, when chaining, the previous D_0..D_3, D_b ($28..$47)."""
+    lines = [
+        "{",
+        ".reg .b32 a0, a1, a2, a3, t, b0, b1, sel, lane, nib, one28;",
+        ".reg .pred odd;",
+        ".reg .f32 z;",
+        "mov.u32 lane, %laneid;",
+        "and.b32 lane, lane, 4;",
+        "setp.ne.u32 odd, lane, 0;",
+        "selp.b32 sel, 0x7632, 0x5410, odd;",  # odd g: codes 1,5,3,7's features
+        "prmt.b32 b0, $24, $26, sel;",
+        "prmt.b32 b1, $25, $27, sel;",
+        "mov.b32 nib, 0x000F000F;",
+        "mov.b32 one28, 0x43004300;",
+        "mov.f32 z, 0f00000000;",
+    ]
+
+    def acc(i: int) -> str:
+        return ", ".join(f"${28 + 4 * i + p}" for p in range(4)) if chain else "z, z, z, z"
+
+    for j in range(4):
+        w = f"${20 + j}"
+        lines.append(f"lop3.b32 a0, {w}, nib, one28, 0xEA;")
+        for i, shift in ((1, 4), (2, 8), (3, 12)):
+            lines.append(f"shr.u32 t, {w}, {shift};")
+            lines.append(f"lop3.b32 a{i}, t, nib, one28, 0xEA;")
+        out = ", ".join(f"${4 * j + p}" for p in range(4))
+        lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                     f"{{{out}}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{{acc(j)}}};")
+    lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{$16, $17, $18, $19}, {one28, one28, one28, one28}, {b0, b1}, "
+                 f"{{{acc(4)}}};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+# Group end: acc_j += s_j * (c0 + c3 of D_j) + m_j * (c0 + c3 of D_b), m = o / 128 - s.
+# Outputs acc ($0..$3); inputs D_0..D_3 ($4..$19), D_b ($20..$23), acc, s, m ($24..$35).
+_FLUSH_ASM = tl.constexpr("\n".join(
+    ["{", ".reg .f32 xb, t;", "add.f32 xb, $20, $23;"]
+    + [line for j in range(4) for line in (
+        f"add.f32 t, ${4 + 4 * j}, ${7 + 4 * j};",
+        f"fma.rn.f32 ${j}, ${28 + j}, t, ${24 + j};",
+        f"fma.rn.f32 ${j}, ${32 + j}, xb, ${j};")]
+    + ["}"]))
+
+_STEP_FIRST = tl.constexpr(_step_asm(chain=False))
+_STEP_CHAIN = tl.constexpr(_step_asm(chain=True))
+_STEP_FIRST_IO = tl.constexpr(",".join(["=f"] * 20 + ["r"] * 8))
+_STEP_CHAIN_IO = tl.constexpr(",".join(["=f"] * 20 + ["r"] * 8 + ["f"] * 20))
+_FLUSH_IO = tl.constexpr(",".join(["=f"] * 4 + ["f"] * 32))
+
+
+@triton.jit
+def _mma_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr):
+    if FIRST:
+        return tl.inline_asm_elementwise(
+            _STEP_FIRST, _STEP_FIRST_IO, [w, xw],
+            dtype=(tl.float32,) * 5, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(
+        _STEP_CHAIN, _STEP_CHAIN_IO, [w, xw, d0, d1, d2, d3, db],
+        dtype=(tl.float32,) * 5, is_pure=True, pack=4)
+
+
+@triton.jit
+def _flush(d0, d1, d2, d3, db, acc, s, m):
+    return tl.inline_asm_elementwise(
+        _FLUSH_ASM, _FLUSH_IO, [d0, d1, d2, d3, db, acc, s, m],
+        dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def _pick(i: tl.constexpr, v0, v1, v2, v3):
+    return v0 if i == 0 else v1 if i == 1 else v2 if i == 2 else v3
+
+
+@triton.jit
+def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, q, n, live, N, GROUP: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """Chunk c's words and activation words (one tensor each a step; word rows
+    ``4 * (CHUNK * c + step) + q``) and the raw scales and offsets of its groups (one pair
+    a group; unused slots repeat the first). The caller clamps c; features past N (not
+    `live`) are left unloaded, their sums unused."""
+    words = w_ptr + (c * 4 * CHUNK + q) * N + n
+    x = x_words + c * 16 * CHUNK + q * 4
+    w0 = tl.load(words, mask=live)
+    x0 = tl.load(x)
+    w1, w2, w3, x1, x2, x3 = w0, w0, w0, x0, x0, x0
+    if CHUNK > 1:
+        w1 = tl.load(words + 4 * N, mask=live)
+        x1 = tl.load(x + 16)
+    if CHUNK > 2:
+        w2 = tl.load(words + 8 * N, mask=live)
+        w3 = tl.load(words + 12 * N, mask=live)
+        x2 = tl.load(x + 32)
+        x3 = tl.load(x + 48)
+    meta = (c * 32 * CHUNK) // GROUP * N + n
+    s0 = tl.load(s_ptr + meta, mask=live)
+    o0 = tl.load(o_ptr + meta, mask=live)
+    s1, o1, s2, o2, s3, o3 = s0, o0, s0, o0, s0, o0
+    if CHUNK * 32 // GROUP > 1:
+        s1 = tl.load(s_ptr + meta + N, mask=live)
+        o1 = tl.load(o_ptr + meta + N, mask=live)
+    if CHUNK * 32 // GROUP > 2:
+        s2 = tl.load(s_ptr + meta + 2 * N, mask=live)
+        o2 = tl.load(o_ptr + meta + 2 * N, mask=live)
+        s3 = tl.load(s_ptr + meta + 3 * N, mask=live)
+        o3 = tl.load(o_ptr + meta + 3 * N, mask=live)
+    return w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3
+
+
+@triton.jit
+def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
+           GROUP: tl.constexpr, CHUNK: tl.constexpr):
+    """acc after one chunk: CHUNK mma steps, a flush at the end of every group."""
+    GSTEPS: tl.constexpr = GROUP // 32  # steps per quantization group
+    d0, d1, d2, d3, db = acc, acc, acc, acc, acc  # (unread by the first step of a group)
+    for i in tl.static_range(CHUNK):
+        d0, d1, d2, d3, db = _mma_step(_pick(i, w0, w1, w2, w3), _pick(i, x0, x1, x2, x3),
+                                       d0, d1, d2, d3, db, i % GSTEPS == 0)
+        if (i + 1) % GSTEPS == 0:
+            gi = i // GSTEPS
+            s = _pick(gi, s0, s1, s2, s3).to(tl.float32)
+            o = _pick(gi, o0, o1, o2, o3).to(tl.float32)
+            acc = _flush(d0, d1, d2, d3, db, acc, s, o * 0.0078125 - s)
+    return acc
+
+
+@triton.jit(do_not_specialize=["split_k", "M"])
+def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
+                     stride_xm, stride_om, split_k, GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, REDUCE: tl.constexpr):
+    """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.arange(0, BLOCK_N * 4)  # element e: lane (e // 4) % 32 of its warp, word j = e % 4
+    j = e % 4
+    q = (e // 4) % 4
+    row_m = tl.minimum((e // 32) % 4, M - 1)  # lane group g supplies B column g (row g // 2)
+    n = pid_n * BLOCK_N + (e // 16) * 4 + j
+    x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_m * (stride_xm // 2) + j
+    num_chunks = K // (32 * CHUNK)
+    per_split = tl.cdiv(num_chunks, split_k)
+    begin = pid_k * per_split
+    end = tl.minimum(begin + per_split, num_chunks)
+    acc = tl.zeros((BLOCK_N * 4,), dtype=tl.float32)
+
+    # two chunks an iteration, each loaded while the other is multiplied (no register
+    # copies between iterations); loads past the end reread the last chunk
+    last = num_chunks - 1
+    live = n < N
+    a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = _load_chunk(
+        w_ptr, s_ptr, o_ptr, x_words, tl.minimum(begin, last), q, n, live, N, GROUP, CHUNK)
+    for c in range(begin, end, 2):
+        b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
+            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 1, last), q, n, live, N,
+                        GROUP, CHUNK))
+        acc = _chunk(acc, a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2,
+                     as3, ao3, GROUP, CHUNK)
+        a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = (
+            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 2, last), q, n, live, N,
+                        GROUP, CHUNK))
+        if c + 1 < end:
+            acc = _chunk(acc, b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2,
+                         bo2, bs3, bo3, GROUP, CHUNK)
+
+    # lane (g, q) holds row q's sums for features 4g + j
+    keep = live & (q < M)
+    if not REDUCE:
+        tl.store(out_ptr + q * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=keep)
+    else:
+        tl.store(part_ptr + (pid_k * M + q) * N + n, acc, mask=keep)
+        offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _reduce_partials(out_ptr, part_ptr, cnt_ptr, offs, offs < N, N, M, stride_om, pid_n,
+                         split_k)
+
+
+def _configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": 32 * warps * reps, "split_k": split, "REDUCE": split > 1},
+                          num_warps=warps, num_stages=1)
+            for warps in (1, 2, 4) for reps in (1, 2) for split in (1, 2, 4, 8, 16, 32)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K);
+    group 32 (a scale and offset pair a step, two chunks of them held) takes one rep a
+    warp, which keeps it within the 255 registers of a thread."""
+    n, k = named_args["N"], named_args["K"]
+    chunks = k // (32 * kwargs["CHUNK"])
+    keep = []
+    for c in configs:
+        split, block_n = c.kwargs["split_k"], c.kwargs["BLOCK_N"]
+        programs = -(-n // block_n) * split
+        if kwargs["GROUP"] == 32 and block_n > 32 * c.num_warps:
+            continue
+        if split <= chunks and (132 <= programs <= 4096 or split == 1):
+            keep.append(c)
+    return keep or configs[:1]
+
+
+_mma_tuned = triton.autotune(
+    _configs(), key=["N", "K", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
+                                                           quantiles=quantiles),
+)(_mma_gemv_kernel)
+
+
+@functools.cache
+def _has_mma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
+    """Whether `mma_gemv` serves this product: int4 ``words``, 1..4 bf16 rows on CUDA sm_80+."""
+    return (x.is_cuda and packed.scheme == "int4" and packed.layout == "words"
+            and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_ROWS and _has_mma(x.device))
+
+
+def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
+             config: dict | None = None) -> torch.Tensor:
+    """x [M <= 4, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 ``words``
+    weight. `config` ({"BLOCK_N", "split_k", "num_warps"}; BLOCK_N a multiple of 32 per
+    warp) skips autotuning."""
+    m, k = x.shape
+    n = packed.out_features
+    x = x.contiguous()
+    chunk = 4 if k % 128 == 0 else packed.group_size // 32
+    max_split = 32 if config is None else config["split_k"]
+    part = torch.empty(max_split * m * n, dtype=torch.float32, device=x.device)
+    counters = _tile_counters(x.device, triton.cdiv(n, 32))
+    args = (x, packed.qweight, packed.scales, packed.offsets, out, part, counters, m, n, k,
+            x.stride(0), out.stride(0))
+    consts = dict(GROUP=packed.group_size, CHUNK=chunk)
+    if config is None:
+        _mma_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
+            *args, **consts)
+    else:
+        split, warps = config["split_k"], config.get("num_warps", 1)
+        if config["BLOCK_N"] % (32 * warps):
+            raise ValueError(f"BLOCK_N must be a multiple of 32 per warp, got {config}")
+        _mma_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
+            *args, split, **consts, BLOCK_N=config["BLOCK_N"], REDUCE=split > 1,
+            num_warps=warps, num_stages=1)
+    return out
