@@ -2,7 +2,8 @@
 
 Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. Kernels: ``bf16``
 torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16``
-our packed kernels; "x bf16" is against cuBLAS. It measures the device's copy bandwidth in
+our packed kernels as the model calls them (int4 at M <= 4: the mma GEMV), ``w4-fma`` the
+CUDA-core int4 GEMV (M = 1 only); "x bf16" is against cuBLAS. It measures the device's copy bandwidth in
 the same run (a large device-to-device copy, bytes read plus written), then for every
 shape and M times each GEMM as the replay of one CUDA graph that
 runs it over enough distinct weight copies to overflow the L2 cache, so the numbers are
@@ -80,6 +81,13 @@ def _copies(nbytes: int) -> int:
     return max(2, min(128, math.ceil(3 * L2_BYTES / nbytes)))
 
 
+def _fma_gemv(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    from kernels.triton_gemv import _tile_counters, triton_gemv
+
+    out = torch.empty(1, packed.out_features, device=x.device, dtype=x.dtype)
+    return triton_gemv(x, packed, out, _tile_counters(x.device, packed.out_features // 32))
+
+
 def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
     """Rows of results for one weight shape at every M."""
     torch.manual_seed(0)
@@ -93,13 +101,15 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
         packed: PackedWeight = to_words(make())
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
         variants[scheme] = (quantized_linear, copies, packed.nbytes())
+        if scheme == "w4a16":  # the CUDA-core GEMV that M = 1 used before the mma kernel
+            variants["w4-fma"] = (_fma_gemv, copies, packed.nbytes())
     rows = []
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         act_bytes = (m * k + m * n) * 2
         base = None
         for scheme, (op, weights, wbytes) in variants.items():
-            if scheme == "bf16-tr" and m > 1:
+            if scheme in ("bf16-tr", "w4-fma") and m > 1:
                 continue
             seconds = _graph_time(op, x, weights)
             base = seconds if scheme == "bf16" else base
@@ -112,8 +122,11 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
 
 
 def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
-    """Print the time of every M = 1 GEMV configuration (the autotuner's candidates)."""
+    """Print the time of every M = 1 GEMV configuration (the autotuners' candidates): the
+    mma kernel for int4, the CUDA-core GEMV for int8."""
     from kernels.triton_gemv import _configs, _tile_counters, triton_gemv
+    from kernels.triton_mma_gemv import _configs as mma_configs
+    from kernels.triton_mma_gemv import mma_gemv
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -123,15 +136,20 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
                            ("w8a16", to_words(quantize_int8(w, None)))):
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
         line = []
-        for c in _configs():
+        for c in mma_configs() if scheme == "w4a16" else _configs():
             if c.kwargs["split_k"] * -(-n // c.kwargs["BLOCK_N"]) < 132:
                 continue  # under one wave: never competitive
             cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
-                   "num_warps": c.num_warps, "ROWS": c.kwargs["ROWS"]}
-            seconds = _graph_time(lambda x_, p_, cfg=cfg: triton_gemv(x_, p_, out, counters, cfg),
-                                  x, copies)
+                   "num_warps": c.num_warps, "ROWS": c.kwargs.get("ROWS")}
+            if scheme == "w4a16":
+                def op(x_, p_, cfg=cfg):
+                    return mma_gemv(x_, p_, out, cfg)
+            else:
+                def op(x_, p_, cfg=cfg):
+                    return triton_gemv(x_, p_, out, counters, cfg)
+            seconds = _graph_time(op, x, copies)
             pct = 100 * packed.nbytes() / seconds / bandwidth
-            line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w/r{c.kwargs['ROWS']}"
+            line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w/r{cfg['ROWS']}"
                                   f"/s{cfg['split_k']}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
         best = " ".join(text for _, text in sorted(line)[:6])
         print(f"sweep {name} {scheme} (fastest 6 of {len(line)}): {best}", flush=True)
@@ -162,9 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, bandwidth)
     from kernels.triton_gemm import _qgemm_tuned
     from kernels.triton_gemv import _dense_tuned, _gemv_tuned
+    from kernels.triton_mma_gemv import _mma_tuned
 
     for key, config in [*_gemv_tuned.cache.items(), *_dense_tuned.cache.items(),
-                        *_qgemm_tuned.cache.items()]:
+                        *_mma_tuned.cache.items(), *_qgemm_tuned.cache.items()]:
         print("tuned", key[:5], config)
     if args.json:
         with open(args.json, "w") as f:
