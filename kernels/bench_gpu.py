@@ -3,9 +3,9 @@
 Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. Kernels: ``bf16``
 torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16``
 our packed kernels as the model calls them (int4 at M <= 4: the mma GEMV), ``w4-fma`` the
-CUDA-core int4 GEMV (M = 1 only); "x bf16" is against cuBLAS. It measures the device's copy bandwidth in
-the same run (a large device-to-device copy, bytes read plus written), then for every
-shape and M times each GEMM as the replay of one CUDA graph that
+CUDA-core int4 GEMV (M = 1 only); "x bf16" is against cuBLAS. It measures the device's
+copy bandwidth in the same run (a large device-to-device copy, bytes read plus written),
+then for every shape and M times each GEMM as the replay of one CUDA graph that
 runs it over enough distinct weight copies to overflow the L2 cache, so the numbers are
 the steady state of back-to-back kernels reading weights from HBM. Achieved bytes/s count
 the packed weight, scales/offsets, activations and outputs once each.
@@ -149,7 +149,8 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
                     return triton_gemv(x_, p_, out, counters, cfg)
             seconds = _graph_time(op, x, copies)
             pct = 100 * packed.nbytes() / seconds / bandwidth
-            line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w/r{cfg['ROWS']}"
+            rows = f"/r{cfg['ROWS']}" if cfg["ROWS"] else ""
+            line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w{rows}"
                                   f"/s{cfg['split_k']}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
         best = " ".join(text for _, text in sorted(line)[:6])
         print(f"sweep {name} {scheme} (fastest 6 of {len(line)}): {best}", flush=True)
