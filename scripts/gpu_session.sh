@@ -10,6 +10,7 @@
 #   decode   python3 -m server.benchmarks.gpu_decode (8B shape: bf16/int8/int4 vs roofline and
 #            transformers, batch 1 and 64)
 #   default  the default model ($GGUF) through the engine, graphs on and off
+#   probe    python3 -m kernels.probe_loads (loads-only floor of the int4 GEMV's access pattern)
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
 set -uo pipefail
 OUT="${OUT:-/tmp/leapfrog-gpu}"
@@ -45,6 +46,7 @@ for s in $STEPS; do
       else
         echo "=== default: skipped (no GGUF=...)"
       fi ;;
+    probe) step probe 240 python3 -m kernels.probe_loads ;;
     *) echo "unknown step $s"; rc=1 ;;
   esac
 done
