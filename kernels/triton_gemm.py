@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant import PackedWeight, dequantize, to_words
-from kernels.triton_gemv import _tile_counters, triton_gemv
+from kernels.triton_gemv import _tile_counters, autotuned, triton_gemv
 from kernels.triton_mma_gemv import mma_gemv, mma_gemv_supported
 
 
@@ -127,12 +127,8 @@ def _prune(configs, named_args, **kwargs):
     return enough or keep or configs[:1]
 
 
-_qgemm_tuned = triton.autotune(
-    _TUNE_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "BITS"],
-    prune_configs_by={"early_config_prune": _prune},
-    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
-                                                           quantiles=quantiles),
-)(_qgemm_kernel)
+_qgemm_tuned = autotuned(_qgemm_kernel, _TUNE_CONFIGS, ["M_BUCKET", "N", "K", "GROUP", "BITS"],
+                         _prune)
 
 def tile_k(packed: PackedWeight) -> int | None:
     """Features per tensor-core tile (inside one group), or None when no tile fits."""

@@ -156,6 +156,23 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s
     _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k, split_k, REDUCE)
 
 
+def autotuned(kernel, configs: list[triton.Config], key: list[str],
+              prune) -> triton.runtime.Autotuner:
+    """`kernel` autotuned over `configs` (pruned by `prune`, cached per `key`), each
+    candidate timed briefly (5 ms warm-up, 20 ms of runs): the tuning of every GEMV/GEMM."""
+    return triton.autotune(
+        configs, key=key, prune_configs_by={"early_config_prune": prune},
+        do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
+                                                               quantiles=quantiles),
+    )(kernel)
+
+
+def fills_waves(n: int, block_n: int, split: int, most: int) -> bool:
+    """Whether cdiv(n, block_n) * split programs launch between one wave on a 132-SM
+    device and `most`, or K is not split (small latency-bound shapes may prefer that)."""
+    return 132 <= -(-n // block_n) * split <= most or split == 1
+
+
 def _configs() -> list[triton.Config]:
     out = []
     for block_n, warps in ((128, 1), (256, 1), (256, 2), (512, 4)):
@@ -174,20 +191,16 @@ def _prune(configs, named_args, **kwargs):
     keep = []
     for c in configs:
         rows, split = c.kwargs["ROWS"], c.kwargs["split_k"]
-        programs = -(-n // c.kwargs["BLOCK_N"]) * split
         if per_group % rows or split > k * kwargs["BITS"] // 32 // rows:
             continue
-        if c.kwargs["BLOCK_N"] <= max(128, n) and (132 <= programs <= 4096 or split == 1):
-            keep.append(c)  # (split 1 always: small latency-bound shapes may prefer it)
+        block_n = c.kwargs["BLOCK_N"]
+        if block_n <= max(128, n) and fills_waves(n, block_n, split, 4096):
+            keep.append(c)
     return keep or [triton.Config({"BLOCK_N": 128, "ROWS": tile_rows_for(per_group),
                                    "split_k": 1, "REDUCE": False}, num_warps=1, num_stages=1)]
 
 
-_gemv_tuned = triton.autotune(
-    _configs(), key=["N", "K", "GROUP", "BITS"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
-                                                           quantiles=quantiles),
-)(_gemv_kernel)
+_gemv_tuned = autotuned(_gemv_kernel, _configs(), ["N", "K", "GROUP", "BITS"], _prune)
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -322,18 +335,14 @@ def _dense_prune(configs, named_args, **kwargs):
     keep = []
     for c in configs:
         split = c.kwargs["split_k"]
-        programs = -(-n // c.kwargs["BLOCK_N"]) * split
-        if split <= -(-k // c.kwargs["BLOCK_K"]) and (132 <= programs <= 8192 or split == 1):
+        if split <= -(-k // c.kwargs["BLOCK_K"]) and fills_waves(n, c.kwargs["BLOCK_N"], split,
+                                                                  8192):
             keep.append(c)
     return keep or configs[:1]
 
 
-_dense_tuned = triton.autotune(
-    _dense_configs(), key=["N", "K", "PROLOGUE"],
-    prune_configs_by={"early_config_prune": _dense_prune},
-    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
-                                                           quantiles=quantiles),
-)(_dense_gemv_kernel)
+_dense_tuned = autotuned(_dense_gemv_kernel, _dense_configs(), ["N", "K", "PROLOGUE"],
+                         _dense_prune)
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant import PackedWeight
-from kernels.triton_gemv import _reduce_partials, _tile_counters
+from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fills_waves
 
 MAX_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
 
@@ -238,20 +238,14 @@ def _prune(configs, named_args, **kwargs):
     keep = []
     for c in configs:
         split, block_n = c.kwargs["split_k"], c.kwargs["BLOCK_N"]
-        programs = -(-n // block_n) * split
         if kwargs["GROUP"] == 32 and block_n > 32 * c.num_warps:
             continue
-        if split <= chunks and (132 <= programs <= 4096 or split == 1):
+        if split <= chunks and fills_waves(n, block_n, split, 4096):
             keep.append(c)
     return keep or configs[:1]
 
 
-_mma_tuned = triton.autotune(
-    _configs(), key=["N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune},
-    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
-                                                           quantiles=quantiles),
-)(_mma_gemv_kernel)
+_mma_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP"], _prune)
 
 
 @functools.cache
