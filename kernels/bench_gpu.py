@@ -3,7 +3,9 @@
 Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. Kernels: ``bf16``
 torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16``
 our packed kernels as the model calls them (int4 at M <= 4: the mma GEMV), ``w4-fma`` the
-CUDA-core int4 GEMV (M = 1 only); "x bf16" is against cuBLAS. It measures the device's
+CUDA-core int4 GEMV (M = 1 only), ``w4-nopdl`` / ``tr-nopdl`` the w4a16 / bf16-tr kernels
+launched without programmatic dependent launch (`kernels.pdl`; M = 1 only); "x bf16" is
+against cuBLAS. It measures the device's
 copy bandwidth in the same run (a large device-to-device copy, bytes read plus written),
 then for every shape and M times each GEMM as the replay of one CUDA graph that
 runs it over enough distinct weight copies to overflow the L2 cache, so the numbers are
@@ -21,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernels import pdl
 from kernels.gemm import quantized_linear
 from kernels.quant import PackedWeight, quantize_int4, quantize_int8, to_words
 from kernels.triton_gemv import dense_gemv
@@ -88,6 +91,17 @@ def _fma_gemv(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     return triton_gemv(x, packed, out, _tile_counters(x.device, packed.out_features // 32))
 
 
+def _without_pdl(op: Callable) -> Callable:
+    """`op` with every kernel launched (and captured) without PDL."""
+    def run(x: torch.Tensor, w: object) -> torch.Tensor:
+        pdl.ENABLED = False
+        try:
+            return op(x, w)
+        finally:
+            pdl.ENABLED = True
+    return run
+
+
 def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
     """Rows of results for one weight shape at every M."""
     torch.manual_seed(0)
@@ -96,6 +110,7 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
     dense_copies = [w.clone() for _ in range(_copies(w.numel() * 2))]
     variants["bf16"] = (lambda x, wt: x @ wt.t(), dense_copies, w.numel() * 2)
     variants["bf16-tr"] = (dense_gemv, dense_copies, w.numel() * 2)  # our GEMV, M = 1 only
+    variants["tr-nopdl"] = (_without_pdl(dense_gemv), dense_copies, w.numel() * 2)
     for scheme, make in (("w4a16", lambda: quantize_int4(w, 128)),
                          ("w8a16", lambda: quantize_int8(w, None))):
         packed: PackedWeight = to_words(make())
@@ -103,13 +118,14 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
         variants[scheme] = (quantized_linear, copies, packed.nbytes())
         if scheme == "w4a16":  # the CUDA-core GEMV that M = 1 used before the mma kernel
             variants["w4-fma"] = (_fma_gemv, copies, packed.nbytes())
+            variants["w4-nopdl"] = (_without_pdl(quantized_linear), copies, packed.nbytes())
     rows = []
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         act_bytes = (m * k + m * n) * 2
         base = None
         for scheme, (op, weights, wbytes) in variants.items():
-            if scheme in ("bf16-tr", "w4-fma") and m > 1:
+            if scheme in ("bf16-tr", "tr-nopdl", "w4-fma", "w4-nopdl") and m > 1:
                 continue
             seconds = _graph_time(op, x, weights)
             base = seconds if scheme == "bf16" else base
@@ -123,7 +139,8 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
 
 def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
     """Print the time of every M = 1 GEMV configuration (the autotuners' candidates): the
-    mma kernel for int4, the CUDA-core GEMV for int8."""
+    mma kernel for int4 (also capped at 96 and 80 registers a thread), the CUDA-core GEMV
+    for int8."""
     from kernels.triton_gemv import _configs, _tile_counters, triton_gemv
     from kernels.triton_mma_gemv import _configs as mma_configs
     from kernels.triton_mma_gemv import mma_gemv
@@ -136,11 +153,13 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
                            ("w8a16", to_words(quantize_int8(w, None)))):
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
         line = []
-        for c in mma_configs() if scheme == "w4a16" else _configs():
+        configs = mma_configs() if scheme == "w4a16" else _configs()
+        for c, maxnreg in [(c, r) for c in configs for r in (None, 96, 80)
+                           if r is None or scheme == "w4a16"]:
             if c.kwargs["split_k"] * -(-n // c.kwargs["BLOCK_N"]) < 132:
                 continue  # under one wave: never competitive
             cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
-                   "num_warps": c.num_warps, "ROWS": c.kwargs.get("ROWS")}
+                   "num_warps": c.num_warps, "ROWS": c.kwargs.get("ROWS"), "maxnreg": maxnreg}
             if scheme == "w4a16":
                 def op(x_, p_, cfg=cfg):
                     return mma_gemv(x_, p_, out, cfg)
@@ -149,35 +168,38 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
                     return triton_gemv(x_, p_, out, counters, cfg)
             seconds = _graph_time(op, x, copies)
             pct = 100 * packed.nbytes() / seconds / bandwidth
-            rows = f"/r{cfg['ROWS']}" if cfg["ROWS"] else ""
-            line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w{rows}"
+            extra = f"/r{cfg['ROWS']}" if cfg["ROWS"] else f"/reg{maxnreg}" if maxnreg else ""
+            line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w{extra}"
                                   f"/s{cfg['split_k']}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
-        best = " ".join(text for _, text in sorted(line)[:6])
-        print(f"sweep {name} {scheme} (fastest 6 of {len(line)}): {best}", flush=True)
+        best = " ".join(text for _, text in sorted(line)[:8])
+        print(f"sweep {name} {scheme} (fastest 8 of {len(line)}): {best}", flush=True)
 
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
     print(f"\ncopy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
-    print(f"{'shape':<20}{'M':>4} {'kernel':<7}{'us':>9}{'GB/s':>8}{'% copy':>8}{'x bf16':>8}")
+    print(f"{'shape':<20}{'M':>4} {'kernel':<9}{'us':>9}{'GB/s':>8}{'% copy':>8}{'x bf16':>8}")
     for r in rows:
-        print(f"{r['shape']:<20}{r['M']:>4} {r['kernel']:<7}{r['us']:>9.2f}{r['gbps']:>8.0f}"
+        print(f"{r['shape']:<20}{r['M']:>4} {r['kernel']:<9}{r['us']:>9.2f}{r['gbps']:>8.0f}"
               f"{r['pct_copy_bw']:>8.1f}{r['speedup_vs_bf16']:>8.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows and the copy bandwidth here")
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES),
+                        choices=[*SHAPES, *(name.split()[0] for name in SHAPES)],
+                        help="shapes by name or by its first word (qo, kv, gate/up, down)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time every M = 1 GEMV configuration of each shape")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench_gpu needs a CUDA device")
+    shapes = [name for name in SHAPES if name in args.shapes or name.split()[0] in args.shapes]
     bandwidth = copy_bandwidth()
     if args.sweep:
-        for name in args.shapes:
+        for name in shapes:
             sweep_gemv(name, *SHAPES[name], bandwidth)
-    rows = [row for name in args.shapes for row in bench_shape(name, *SHAPES[name], bandwidth)]
+    rows = [row for name in shapes for row in bench_shape(name, *SHAPES[name], bandwidth)]
     print_table(rows, bandwidth)
     from kernels.triton_gemm import _qgemm_tuned
     from kernels.triton_gemv import _dense_tuned, _gemv_tuned

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import await_inputs, pdl_args
 from kernels.triton_gemv import _tile_counters
 
 _LOG2E = 1 / math.log(2)
@@ -103,8 +104,9 @@ def _paged_attention_kernel(
     stride_vb, stride_vs, stride_vh, stride_bt, block_size, head_dim, window, num_sinks,
     qk_scale, ws_acc_ptr, ws_ml_ptr, cnt_ptr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     q_start = tl.load(qsl_ptr + seq)
@@ -221,6 +223,7 @@ def paged_attention_triton(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=64, BLOCK_D=block_d,
         HAS_WINDOW=sliding_window is not None, SPLITS=splits,
         UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if rows >= 64 else 4,
+        **pdl_args(q.device),
     )
     return out
 

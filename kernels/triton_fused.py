@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import await_inputs, pdl_args
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 math for low-precision inputs; float64 inputs give a float64 ground truth."""
@@ -27,7 +29,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                          stride_x, stride_res, stride_out, stride_res_out,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -63,6 +66,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         x, residual, weight, normed, residual_out, x.shape[1], eps,
         x.stride(0), residual.stride(0), normed.stride(0), residual_out.stride(0),
         HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+        **pdl_args(x.device),
     )
     return normed, residual_out
 
@@ -81,7 +85,8 @@ def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cac
                           stride_qkv, stride_table, block_size, stride_kb, stride_ks, stride_kh,
                           stride_vb, stride_vs, stride_vh, half,
                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                          BLOCK_HALF: tl.constexpr):
+                          BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
@@ -133,7 +138,7 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.T
         qkv.stride(0), cos_table.stride(0), k_cache.shape[1],
         *k_cache.stride()[:3], *v_cache.stride()[:3], head_dim // 2,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=1,
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=1, **pdl_args(qkv.device),
     )
 
 
@@ -153,7 +158,9 @@ def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_tabl
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -172,6 +179,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(n), 1024)
     _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(n, block))](
         gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+        **pdl_args(gate_up.device),
     )
     return out
 

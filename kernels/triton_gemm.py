@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight, dequantize, to_words
 from kernels.triton_gemv import _tile_counters, autotuned, triton_gemv
 from kernels.triton_mma_gemv import mma_gemv, mma_gemv_supported
@@ -58,7 +59,8 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 def _qgemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
                   stride_om, M_BUCKET, split_k, GROUP: tl.constexpr, BITS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  REDUCE: tl.constexpr, UPCAST: tl.constexpr):
+                  REDUCE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -183,7 +185,7 @@ def triton_quantized_linear(
     args = (x, packed.qweight, packed.scales, offsets, out, part, cnt, m, n, k, x.stride(0),
             out.stride(0), m_bucket)
     consts = dict(GROUP=packed.group_size, BITS=packed.bits, BLOCK_M=block_m, BLOCK_K=block_k,
-                  UPCAST=interpret and x.dtype == torch.bfloat16)
+                  UPCAST=interpret and x.dtype == torch.bfloat16, **pdl_args(x.device))
     if config is None:
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m), meta["split_k"])

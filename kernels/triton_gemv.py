@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
 
 
@@ -122,7 +123,7 @@ def _load_tile(w_ptr, s_ptr, o_ptr, t, end, rows, offs_n, mask_n, N, GROUP: tl.c
 @triton.jit(do_not_specialize=["split_k"])
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, split_k,
                  GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 ROWS: tl.constexpr, REDUCE: tl.constexpr):
+                 ROWS: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
@@ -136,6 +137,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     w, s, o = _load_tile(w_ptr, s_ptr, o_ptr, begin, end, rows, offs_n, mask_n, N, GROUP, BITS,
                          ROWS)
+    await_inputs(PDL)  # the first tile may load while the previous kernel finishes
     for t in range(begin, end):
         # the next tile's loads go out before this tile's arithmetic
         w_next, s_next, o_next = _load_tile(w_ptr, s_ptr, o_ptr, t + 1, end, rows, offs_n,
@@ -240,7 +242,7 @@ def triton_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor, counte
     part = torch.empty(max_split * n, dtype=torch.float32, device=x.device)
     offsets = packed.offsets if packed.offsets is not None else packed.scales
     args = (x, packed.qweight, packed.scales, offsets, out, part, counters, n, k)
-    consts = dict(GROUP=packed.group_size, BITS=packed.bits)
+    consts = dict(GROUP=packed.group_size, BITS=packed.bits, **pdl_args(x.device))
     if config is None:
         _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
             *args, **consts)
@@ -278,7 +280,7 @@ def _x_tile(x_ptr, res_ptr, nw_ptr, k, live, rstd, K, PROLOGUE: tl.constexpr,
 def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr, res_out_ptr,
                        N, K, stride_w, eps, split_k, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, REDUCE: tl.constexpr, PROLOGUE: tl.constexpr,
-                       HAS_RES: tl.constexpr, BLOCK_ROW: tl.constexpr):
+                       HAS_RES: tl.constexpr, BLOCK_ROW: tl.constexpr, PDL: tl.constexpr):
     """out[n] = sum_k w[n, k] x[k] for a row-major 16-bit weight: threads own 16-byte runs of
     K in BLOCK_N rows and accumulate [BLOCK_N, BLOCK_K] float32 partials, reduced once.
 
@@ -286,6 +288,19 @@ def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr
     row's rstd itself from the whole row; program (0, 0) also stores x + res."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kk = tl.arange(0, BLOCK_K)
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_tiles, split_k)
+    begin = pid_k * per_split
+    end = tl.minimum(begin + per_split, num_tiles)
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    limit = tl.minimum(K, end * BLOCK_K)  # this split's features end here
+    k = begin * BLOCK_K + kk
+    live = k < limit
+    w = tl.load(rows + k[None, :], mask=mask_n[:, None] & live[None, :], other=0.0)
+    await_inputs(PDL)  # the first tile may load while the previous kernel finishes
     rstd = 0.0
     if PROLOGUE == 1:
         cols = tl.arange(0, BLOCK_ROW)
@@ -297,19 +312,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr
                 tl.store(res_out_ptr + cols, row, mask=cols < K)
         row = row.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(row * row, axis=0) / K + eps)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    kk = tl.arange(0, BLOCK_K)
-    num_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(num_tiles, split_k)
-    begin = pid_k * per_split
-    end = tl.minimum(begin + per_split, num_tiles)
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    limit = tl.minimum(K, end * BLOCK_K)  # this split's features end here
-    k = begin * BLOCK_K + kk
-    live = k < limit
-    w = tl.load(rows + k[None, :], mask=mask_n[:, None] & live[None, :], other=0.0)
     for _ in range(begin, end):
         k_next = k + BLOCK_K
         live_next = k_next < limit
@@ -375,7 +378,8 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | N
             x if residual is None else residual.contiguous(),
             x if norm_weight is None else norm_weight, res_out, n, k, weight.stride(0), eps)
     consts = dict(PROLOGUE=2 if silu else 1 if norm is not None else 0,
-                  HAS_RES=residual is not None, BLOCK_ROW=triton.next_power_of_2(k))
+                  HAS_RES=residual is not None, BLOCK_ROW=triton.next_power_of_2(k),
+                  **pdl_args(x.device))
     if config is None:
         _dense_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
             *args, **consts)

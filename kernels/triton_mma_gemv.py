@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
 from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fills_waves
 
@@ -123,25 +124,20 @@ def _pick(i: tl.constexpr, v0, v1, v2, v3):
 
 
 @triton.jit
-def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, q, n, live, N, GROUP: tl.constexpr,
+def _load_words(w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP: tl.constexpr,
                 CHUNK: tl.constexpr):
-    """Chunk c's words and activation words (one tensor each a step; word rows
-    ``4 * (CHUNK * c + step) + q``) and the raw scales and offsets of its groups (one pair
-    a group; unused slots repeat the first). The caller clamps c; features past N (not
-    `live`) are left unloaded, their sums unused."""
+    """Chunk c's words (one tensor a step; word rows ``4 * (CHUNK * c + step) + q``) and
+    the raw scales and offsets of its groups (one pair a group; unused slots repeat the
+    first). The caller clamps c; features past N (not `live`) are left unloaded, their sums
+    unused."""
     words = w_ptr + (c * 4 * CHUNK + q) * N + n
-    x = x_words + c * 16 * CHUNK + q * 4
     w0 = tl.load(words, mask=live)
-    x0 = tl.load(x)
-    w1, w2, w3, x1, x2, x3 = w0, w0, w0, x0, x0, x0
+    w1, w2, w3 = w0, w0, w0
     if CHUNK > 1:
         w1 = tl.load(words + 4 * N, mask=live)
-        x1 = tl.load(x + 16)
     if CHUNK > 2:
         w2 = tl.load(words + 8 * N, mask=live)
         w3 = tl.load(words + 12 * N, mask=live)
-        x2 = tl.load(x + 32)
-        x3 = tl.load(x + 48)
     meta = (c * 32 * CHUNK) // GROUP * N + n
     s0 = tl.load(s_ptr + meta, mask=live)
     o0 = tl.load(o_ptr + meta, mask=live)
@@ -154,6 +150,30 @@ def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, q, n, live, N, GROUP: tl.conste
         o2 = tl.load(o_ptr + meta + 2 * N, mask=live)
         s3 = tl.load(s_ptr + meta + 3 * N, mask=live)
         o3 = tl.load(o_ptr + meta + 3 * N, mask=live)
+    return w0, w1, w2, w3, s0, o0, s1, o1, s2, o2, s3, o3
+
+
+@triton.jit
+def _load_acts(x_words, c, q, CHUNK: tl.constexpr):
+    """Chunk c's activation words, one tensor a step (c clamped by the caller)."""
+    x = x_words + c * 16 * CHUNK + q * 4
+    x0 = tl.load(x)
+    x1, x2, x3 = x0, x0, x0
+    if CHUNK > 1:
+        x1 = tl.load(x + 16)
+    if CHUNK > 2:
+        x2 = tl.load(x + 32)
+        x3 = tl.load(x + 48)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, q, n, live, N, GROUP: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """`_load_words` and `_load_acts` of chunk c, in `_chunk`'s argument order."""
+    w0, w1, w2, w3, s0, o0, s1, o1, s2, o2, s3, o3 = _load_words(
+        w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP, CHUNK)
+    x0, x1, x2, x3 = _load_acts(x_words, c, q, CHUNK)
     return w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3
 
 
@@ -177,7 +197,8 @@ def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
 @triton.jit(do_not_specialize=["split_k", "M"])
 def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                      stride_xm, stride_om, split_k, GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, REDUCE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, REDUCE: tl.constexpr,
+                     PDL: tl.constexpr):
     """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -197,8 +218,11 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     # copies between iterations); loads past the end reread the last chunk
     last = num_chunks - 1
     live = n < N
-    a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = _load_chunk(
-        w_ptr, s_ptr, o_ptr, x_words, tl.minimum(begin, last), q, n, live, N, GROUP, CHUNK)
+    first = tl.minimum(begin, last)
+    a0, a1, a2, a3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = _load_words(
+        w_ptr, s_ptr, o_ptr, first, q, n, live, N, GROUP, CHUNK)
+    await_inputs(PDL)  # the weights above may load while the previous kernel finishes
+    ax0, ax1, ax2, ax3 = _load_acts(x_words, first, q, CHUNK)
     for c in range(begin, end, 2):
         b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
             _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 1, last), q, n, live, N,
@@ -262,8 +286,8 @@ def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
 def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
              config: dict | None = None) -> torch.Tensor:
     """x [M <= 4, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 ``words``
-    weight. `config` ({"BLOCK_N", "split_k", "num_warps"}; BLOCK_N a multiple of 32 per
-    warp) skips autotuning."""
+    weight. `config` ({"BLOCK_N", "split_k", "num_warps", optional "maxnreg"}; BLOCK_N a
+    multiple of 32 per warp) skips autotuning."""
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
@@ -273,7 +297,7 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     counters = _tile_counters(x.device, triton.cdiv(n, 32))
     args = (x, packed.qweight, packed.scales, packed.offsets, out, part, counters, m, n, k,
             x.stride(0), out.stride(0))
-    consts = dict(GROUP=packed.group_size, CHUNK=chunk)
+    consts = dict(GROUP=packed.group_size, CHUNK=chunk, **pdl_args(x.device))
     if config is None:
         _mma_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
             *args, **consts)
@@ -283,5 +307,5 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
             raise ValueError(f"BLOCK_N must be a multiple of 32 per warp, got {config}")
         _mma_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
             *args, split, **consts, BLOCK_N=config["BLOCK_N"], REDUCE=split > 1,
-            num_warps=warps, num_stages=1)
+            num_warps=warps, num_stages=1, maxnreg=config.get("maxnreg"))
     return out

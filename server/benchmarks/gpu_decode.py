@@ -7,7 +7,8 @@ What each number times:
   or the same padded step run eagerly): host-side input fill, one host-to-device copy per
   buffer, the forward and LM head, and reading the greedy next tokens back to the host (the
   step's one sync). The scheduler, sampler and detokenizer are not in it. tok/s = batch /
-  median seconds per step, at a context of `--context` tokens.
+  median seconds per step, at a context of `--context` tokens. ``nopdl``: the same with
+  programmatic dependent launch off (`kernels.pdl`).
 - ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
   the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
 - ``roofline``: measured copy bandwidth (bytes read + written per second of a device copy) /
@@ -29,9 +30,11 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
+from kernels import pdl
 from kernels.bench_gpu import copy_bandwidth
 from kernels.quant import to_words
 from server.engine.cuda_graphs import CudaGraphRunner
@@ -86,9 +89,10 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
     return total + sum(p.nbytes for p in norms)
 
 
-def time_decode(model: LlamaForCausalLM, batch: int, context: int, steps: int,
-                graphed: bool) -> float:
-    """Median seconds of one decode step at `batch` sequences of `context` tokens."""
+def decode_steps(model: LlamaForCausalLM, batch: int, context: int, steps: int,
+                 graphed: bool) -> Iterator[tuple[float, torch.Tensor]]:
+    """Greedy decode steps at `batch` sequences of `context` tokens (a fresh KV cache and
+    `CudaGraphRunner`): (host seconds, logits [batch, vocab] on the device) per step."""
     per_seq = -(-(context + steps + 8) // BLOCK)
     num_blocks = batch * per_seq + 1
     c = model.config
@@ -99,16 +103,21 @@ def time_decode(model: LlamaForCausalLM, batch: int, context: int, steps: int,
     runner = CudaGraphRunner(model, BLOCK, num_blocks - 1, per_seq * BLOCK, batch, 1)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
     tokens = [[1]] * batch
-    times = []
     with torch.inference_mode():
-        for step in range(steps + 3):
+        for step in range(steps):
             start = time.perf_counter()
             _, logits = runner.step(batch, 1, [context + step] * batch, tokens, tables, graphed)
             tokens = [[t] for t in logits[:batch].argmax(-1).tolist()]
-            times.append(time.perf_counter() - start)
+            yield time.perf_counter() - start, logits[:batch]
     model.kv_caches = []
     del runner
     torch.cuda.empty_cache()
+
+
+def time_decode(model: LlamaForCausalLM, batch: int, context: int, steps: int,
+                graphed: bool) -> float:
+    """Median seconds of one decode step at `batch` sequences of `context` tokens."""
+    times = [seconds for seconds, _ in decode_steps(model, batch, context, steps + 3, graphed)]
     return statistics.median(times[3:])
 
 
@@ -127,10 +136,14 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int) -> list[dict]:
             lin.packed = pack.get(name)
         roof = bandwidth / weight_bytes(model)
         b1 = 1 / time_decode(model, 1, context, 64, graphed=True)
+        pdl.ENABLED = False  # the same step with every kernel launched after the last ends
+        b1_nopdl = 1 / time_decode(model, 1, context, 64, graphed=True)
+        pdl.ENABLED = True
         b1_eager = 1 / time_decode(model, 1, context, 16, graphed=False)
         b64 = 64 / time_decode(model, 64, context, 16, graphed=True)
         rows.append(dict(model="llama3-8b-shape", mode=mode, weight_gb=weight_bytes(model) / 1e9,
-                         roofline_tps=roof, batch1_tps=b1, batch1_eager_tps=b1_eager,
+                         roofline_tps=roof, batch1_tps=b1, batch1_nopdl_tps=b1_nopdl,
+                         batch1_eager_tps=b1_eager,
                          pct_roofline=100 * b1 / roof, batch64_tps=b64,
                          transformers_tps=hf_tps, x_transformers=b1 / hf_tps))
         print_rows(rows[-1:])

@@ -90,3 +90,38 @@ def test_batch1_fused_gemv_decode_matches_prefill(tiny_model_dir, arch):
                            torch.tensor([pos], device="cuda"), meta)
             logits = model.compute_logits(hidden).cpu()[0]
         assert float((logits - full[pos]).norm() / full[pos].norm()) < 3e-2, pos
+
+
+@pytest.mark.parametrize("scheme", [None, "int4"])
+def test_pdl_replay_matches_serialized_launches(scheme):
+    """With programmatic dependent launch (`kernels.pdl`) each kernel starts during its
+    predecessor's tail and loads weights before waiting for it. Decode steps replayed from
+    CUDA graphs (batch 1: GEMVs with fused norms and the mma GEMV; batch 4: the mma GEMV at
+    M = 4 and cuBLAS) must give bit-identical logits to the same kernels launched one after
+    another: a read before the wait would see the previous step's activations."""
+    from transformers import LlamaConfig
+
+    from kernels import pdl
+    from kernels.quant import to_words
+    from server.benchmarks.gpu_decode import build_models, decode_steps
+    from server.models.quantize import linear_modules, quantize_dense
+
+    if not pdl.use_pdl(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+")
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    _, model = build_models(config)
+    if scheme is not None:
+        for _, lin in linear_modules(model):
+            lin.packed = to_words(quantize_dense(lin.weight, scheme))
+    for batch in (1, 4):
+        overlapped = [logits.clone() for _, logits in decode_steps(model, batch, 300, 6, True)]
+        pdl.ENABLED = False
+        try:
+            serial = [logits.clone() for _, logits in decode_steps(model, batch, 300, 6, True)]
+        finally:
+            pdl.ENABLED = True
+        for step, (a, b) in enumerate(zip(overlapped, serial, strict=True)):
+            assert torch.isfinite(a).all()
+            assert torch.equal(a, b), (batch, step)
