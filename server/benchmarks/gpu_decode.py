@@ -152,13 +152,17 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int) -> list[dict]:
     return rows
 
 
-def bench_default(path: str) -> list[dict]:
-    """The real default model through the engine, graphs on and off, batch 1 and 32."""
+DEFAULT_CONFIGS = {"graphs": (False, None), "eager": (True, None), "int4": (False, "int4")}
+
+
+def bench_default(path: str, configs: list[str]) -> list[dict]:
+    """The real default model through the engine, batch 1 and 32, in `configs` (keys of
+    DEFAULT_CONFIGS: bf16 with graphs, bf16 eager, int4 packed with graphs)."""
     from server.engine.llm import LLM
     from server.engine.sampling_params import SamplingParams
 
     rows = []
-    for eager, quantization in ((False, None), (True, None), (False, "int4")):
+    for eager, quantization in (DEFAULT_CONFIGS[c] for c in configs):
         llm = LLM(path, enforce_eager=eager, max_num_seqs=32, kv_cache_memory_gb=2.0,
                   quantization=quantization)
         answer = llm.generate(["What is the capital of France?"],
@@ -166,7 +170,7 @@ def bench_default(path: str) -> list[dict]:
         prompts = [llm.encode(f"Write a long story about the number {i}.") for i in range(32)]
         weights = "Q4_1 packed" if quantization else "bf16 dense, the default"
         row = dict(model=f"default (SmolLM2-135M, {weights})", mode="eager" if eager else "graphs",
-                   answer=answer)
+                   pdl=pdl.ENABLED, answer=answer)
         for batch, tokens in ((1, 256), (32, 128)):
             params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
             llm.generate(prompts[:batch], SamplingParams(max_tokens=4, ignore_eos=True))
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gguf", help="the default model's GGUF file (engine benchmark)")
     parser.add_argument("--context", type=int, default=256, help="tokens already in each sequence")
     parser.add_argument("--hf-tokens", type=int, default=32, help="new tokens for transformers")
+    parser.add_argument("--default-configs", nargs="*", default=list(DEFAULT_CONFIGS),
+                        choices=list(DEFAULT_CONFIGS), help="engine runs of the default model")
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args(argv)
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = [] if args.skip_8b else bench_8b(bandwidth, args.context, args.hf_tokens)
     if args.gguf:
-        rows += bench_default(args.gguf)
+        rows += bench_default(args.gguf, args.default_configs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
