@@ -5,12 +5,12 @@ torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / `
 our packed kernels as the model calls them (int4 at M <= 4: the mma GEMV), ``w4-fma`` the
 CUDA-core int4 GEMV (M = 1 only), ``w4-nopdl`` / ``tr-nopdl`` the w4a16 / bf16-tr kernels
 launched without programmatic dependent launch (`kernels.pdl`; M = 1 only); "x bf16" is
-against cuBLAS. It measures the device's
-copy bandwidth in the same run (a large device-to-device copy, bytes read plus written),
-then for every shape and M times each GEMM as the replay of one CUDA graph that
-runs it over enough distinct weight copies to overflow the L2 cache, so the numbers are
-the steady state of back-to-back kernels reading weights from HBM. Achieved bytes/s count
-the packed weight, scales/offsets, activations and outputs once each.
+against cuBLAS. It measures the device's copy bandwidth in the same run (a large
+device-to-device copy, bytes read plus written), then for every shape and M times each
+GEMM as the replay of one CUDA graph that runs it over enough distinct weight copies to
+overflow the L2 cache, so the numbers are the steady state of back-to-back kernels reading
+weights from HBM. Achieved bytes/s count the packed weight, scales/offsets, activations and
+outputs once each.
 """
 
 from __future__ import annotations
@@ -94,11 +94,8 @@ def _fma_gemv(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
 def _without_pdl(op: Callable) -> Callable:
     """`op` with every kernel launched (and captured) without PDL."""
     def run(x: torch.Tensor, w: object) -> torch.Tensor:
-        pdl.ENABLED = False
-        try:
+        with pdl.disabled():
             return op(x, w)
-        finally:
-            pdl.ENABLED = True
     return run
 
 

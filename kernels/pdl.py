@@ -25,8 +25,10 @@ captured into CUDA graphs as programmatic edges. `LEAPFROG_PDL=0` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -40,6 +42,17 @@ ENABLED = os.environ.get("LEAPFROG_PDL", "1") != "0"
 @functools.cache
 def _capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Launch (and capture) without PDL inside the block, for side-by-side comparisons."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
 
 
 def use_pdl(device: torch.device) -> bool:

@@ -155,3 +155,20 @@ def test_fused_forward_matches_torch_path(dtype: torch.dtype) -> None:
     for a, b in pairs:
         rel = float((a.double() - b.double()).norm() / b.double().norm())
         assert rel < MODEL_TOL[dtype], rel
+
+
+def test_pdl_only_where_supported_and_switchable():
+    """Programmatic dependent launch (inline PTX) stays off on CPU and under the interpreter;
+    `disabled()` turns it off for a block and restores the previous setting."""
+    from kernels import pdl
+
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    assert not pdl.use_pdl(torch.device("cpu"))
+    assert pdl.pdl_args(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    before = pdl.ENABLED
+    for setting in (True, False):
+        pdl.ENABLED = setting
+        with pdl.disabled():
+            assert not pdl.ENABLED
+        assert pdl.ENABLED is setting
+    pdl.ENABLED = before

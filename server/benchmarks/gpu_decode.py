@@ -138,9 +138,8 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int) -> list[dict]:
         roof = bandwidth / weight_bytes(model)
         roof_all = bandwidth / (weight_bytes(model) + model.embed.nbytes)
         b1 = 1 / time_decode(model, 1, context, 64, graphed=True)
-        pdl.ENABLED = False  # the same step with every kernel launched after the last ends
-        b1_nopdl = 1 / time_decode(model, 1, context, 64, graphed=True)
-        pdl.ENABLED = True
+        with pdl.disabled():  # the same step, every kernel launched after the last ends
+            b1_nopdl = 1 / time_decode(model, 1, context, 64, graphed=True)
         b1_eager = 1 / time_decode(model, 1, context, 16, graphed=False)
         b64 = 64 / time_decode(model, 64, context, 16, graphed=True)
         rows.append(dict(model="llama3-8b-shape", mode=mode, weight_gb=weight_bytes(model) / 1e9,

@@ -117,11 +117,8 @@ def test_pdl_replay_matches_serialized_launches(scheme):
             lin.packed = to_words(quantize_dense(lin.weight, scheme))
     for batch in (1, 4):
         overlapped = [logits.clone() for _, logits in decode_steps(model, batch, 300, 6, True)]
-        pdl.ENABLED = False
-        try:
+        with pdl.disabled():
             serial = [logits.clone() for _, logits in decode_steps(model, batch, 300, 6, True)]
-        finally:
-            pdl.ENABLED = True
         for step, (a, b) in enumerate(zip(overlapped, serial, strict=True)):
             assert torch.isfinite(a).all()
             assert torch.equal(a, b), (batch, step)
