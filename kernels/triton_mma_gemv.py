@@ -1,5 +1,7 @@
 """W4A16 for M = 1..4 activation rows (decode and short verification) on the tensor cores,
-over the ``words`` layout (CUDA, sm_80+; inline PTX, so not under TRITON_INTERPRET).
+over the ``words`` layout (CUDA, sm_80+: inline PTX; TRITON_INTERPRET, which has no inline
+PTX, runs the same kernel with each mma step emulated in tensor ops, `_emulated_step`, so
+the CPU tests check all of it but the PTX itself).
 
 The CUDA-core GEMV (`kernels.triton_gemv`) spends ~4.5 instructions per weight and lane
 (unpack, multiply-add, activation traffic: its SASS), which on an H200 takes longer than
@@ -26,12 +28,14 @@ sums are dropped.
 A program owns BLOCK_N features (32 a warp and rep) and a share of K, walked in chunks of
 CHUNK steps two at a time: while one chunk is multiplied the other's words, activations,
 scales and offsets are in flight, with no register copies between iterations. Split-K
-partials are merged by the last program to arrive (`kernels.triton_gemv`).
+partials are merged by the last program to arrive (`kernels.triton_gemv`). The first
+chunk's words load before the kernel waits for its predecessor (`kernels.pdl`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -101,7 +105,9 @@ _FLUSH_IO = tl.constexpr(",".join(["=f"] * 4 + ["f"] * 32))
 
 
 @triton.jit
-def _mma_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr):
+def _mma_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr, EMULATE: tl.constexpr):
+    if EMULATE:
+        return _emulated_step(w, xw, d0, d1, d2, d3, db, FIRST)
     if FIRST:
         return tl.inline_asm_elementwise(
             _STEP_FIRST, _STEP_FIRST_IO, [w, xw],
@@ -112,10 +118,49 @@ def _mma_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr):
 
 
 @triton.jit
-def _flush(d0, d1, d2, d3, db, acc, s, m):
+def _flush(d0, d1, d2, d3, db, acc, s, m, EMULATE: tl.constexpr):
+    if EMULATE:  # every element of a lane holds its D's c0 + c3 (see _emulated_step)
+        j = tl.arange(0, acc.shape[0]) % 4
+        d = tl.where(j == 0, d0, tl.where(j == 1, d1, tl.where(j == 2, d2, d3)))
+        return acc + s * d + m * db
     return tl.inline_asm_elementwise(
         _FLUSH_ASM, _FLUSH_IO, [d0, d1, d2, d3, db, acc, s, m],
         dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def _emulated_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr):
+    """What `_step_asm` leaves in the lanes, in plain tensor ops for TRITON_INTERPRET (which
+    has no inline PTX): for lane (g, q), D_i's c0 + c3 = sum over the step's 32 features of
+    (128 + u) x_q for output feature 4g + i, and D_b's = 128 sum x_q, each in all four of
+    the lane's elements (c1 and c2, the cross terms, are never read). Elements are
+    [block of 32 features, g, q, j] in row-major order, as the kernel lays them out."""
+    B: tl.constexpr = w.shape[0] // 128
+    # activations: lane (g, q) word j = bfloat16 features 8r + 2j, 8r + 2j + 1 of row g // 2
+    halves = tl.reshape(xw, (B, 8, 4, 4, 1)) >> (tl.arange(0, 2) * 16)
+    x = (((halves & 0xFFFF) << 16).to(tl.float32, bitcast=True))  # [B, g, q, j, 2]
+    x = tl.reshape(x, (B, 4, 2, 4, 8))  # [B, row m, g % 2, q, feature 8r + p of the step]
+    x = tl.sum(tl.where(tl.arange(0, 2)[None, None, :, None, None] == 0, x, 0.0), axis=2)
+    bias = tl.sum(tl.sum(x, axis=3), axis=2) * 128.0  # [B, m]
+    db_new = tl.reshape(tl.broadcast_to(bias[:, None, :, None], (B, 8, 4, 4)), w.shape)
+    words = tl.reshape(w, (B, 8, 4, 4))  # [B, g, q (word row 4c + q), j (feature 4g + j)]
+    n0, n1 = _emulated_dot(words, x, 0), _emulated_dot(words, x, 1)
+    n2, n3 = _emulated_dot(words, x, 2), _emulated_dot(words, x, 3)
+    if FIRST:
+        return n0, n1, n2, n3, db_new
+    return d0 + n0, d1 + n1, d2 + n2, d3 + n3, db + db_new
+
+
+@triton.jit
+def _emulated_dot(words, x, i: tl.constexpr):
+    """Per element of lane (g, q): sum over the step of (128 + u) x_q for feature 4g + i."""
+    B: tl.constexpr = words.shape[0]
+    j = tl.arange(0, 4)[None, None, None, :]
+    word = tl.sum(tl.where(j == i, words, 0), axis=3)  # [B, g, q]
+    nibbles = tl.arange(0, 8)[None, None, None, :] * 4
+    u = ((word[:, :, :, None] >> nibbles) & 0xF).to(tl.float32) + 128.0  # [B, g, q, p]
+    dot = tl.sum(tl.sum(u[:, :, None, :, :] * x[:, None, :, :, :], axis=4), axis=3)  # [B, g, m]
+    return tl.reshape(tl.broadcast_to(dot[:, :, :, None], (B, 8, 4, 4)), (B * 128,))
 
 
 @triton.jit
@@ -179,18 +224,18 @@ def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, q, n, live, N, GROUP: tl.conste
 
 @triton.jit
 def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
-           GROUP: tl.constexpr, CHUNK: tl.constexpr):
+           GROUP: tl.constexpr, CHUNK: tl.constexpr, EMULATE: tl.constexpr):
     """acc after one chunk: CHUNK mma steps, a flush at the end of every group."""
     GSTEPS: tl.constexpr = GROUP // 32  # steps per quantization group
     d0, d1, d2, d3, db = acc, acc, acc, acc, acc  # (unread by the first step of a group)
     for i in tl.static_range(CHUNK):
         d0, d1, d2, d3, db = _mma_step(_pick(i, w0, w1, w2, w3), _pick(i, x0, x1, x2, x3),
-                                       d0, d1, d2, d3, db, i % GSTEPS == 0)
+                                       d0, d1, d2, d3, db, i % GSTEPS == 0, EMULATE)
         if (i + 1) % GSTEPS == 0:
             gi = i // GSTEPS
             s = _pick(gi, s0, s1, s2, s3).to(tl.float32)
             o = _pick(gi, o0, o1, o2, o3).to(tl.float32)
-            acc = _flush(d0, d1, d2, d3, db, acc, s, o * 0.0078125 - s)
+            acc = _flush(d0, d1, d2, d3, db, acc, s, o * 0.0078125 - s, EMULATE)
     return acc
 
 
@@ -198,7 +243,7 @@ def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
 def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                      stride_xm, stride_om, split_k, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, REDUCE: tl.constexpr,
-                     PDL: tl.constexpr):
+                     EMULATE: tl.constexpr, PDL: tl.constexpr):
     """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -228,13 +273,13 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
             _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 1, last), q, n, live, N,
                         GROUP, CHUNK))
         acc = _chunk(acc, a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2,
-                     as3, ao3, GROUP, CHUNK)
+                     as3, ao3, GROUP, CHUNK, EMULATE)
         a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = (
             _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 2, last), q, n, live, N,
                         GROUP, CHUNK))
         if c + 1 < end:
             acc = _chunk(acc, b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2,
-                         bo2, bs3, bo3, GROUP, CHUNK)
+                         bo2, bs3, bo3, GROUP, CHUNK, EMULATE)
 
     # lane (g, q) holds row q's sums for features 4g + j
     keep = live & (q < M)
@@ -297,7 +342,8 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     counters = _tile_counters(x.device, triton.cdiv(n, 32))
     args = (x, packed.qweight, packed.scales, packed.offsets, out, part, counters, m, n, k,
             x.stride(0), out.stride(0))
-    consts = dict(GROUP=packed.group_size, CHUNK=chunk, **pdl_args(x.device))
+    consts = dict(GROUP=packed.group_size, CHUNK=chunk,
+                  EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **pdl_args(x.device))
     if config is None:
         _mma_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
             *args, **consts)
