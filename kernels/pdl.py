@@ -33,7 +33,11 @@ from collections.abc import Iterator
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # Triton < 3.4 (torch < 2.8 pins one): launches without PDL
+    gdc_launch_dependents = gdc_wait = None
 
 ENABLED = os.environ.get("LEAPFROG_PDL", "1") != "0"
 """Whether kernels launch with PDL where the device supports it (benchmarks toggle it)."""
@@ -56,16 +60,16 @@ def disabled() -> Iterator[None]:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Launch with PDL on `device`: CUDA sm_90+, not under TRITON_INTERPRET, `ENABLED`."""
-    return (ENABLED and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and _capable(device))
+    """Launch with PDL on `device`: CUDA sm_90+, Triton 3.4+, not under TRITON_INTERPRET,
+    `ENABLED`."""
+    return (ENABLED and device.type == "cuda" and gdc_wait is not None
+            and os.environ.get("TRITON_INTERPRET") != "1" and _capable(device))
 
 
 def pdl_args(device: torch.device) -> dict[str, bool]:
-    """Launch keywords: the kernels' ``PDL`` constexpr and Triton's ``launch_pdl`` option,
-    both `use_pdl(device)`."""
-    pdl = use_pdl(device)
-    return {"PDL": pdl, "launch_pdl": pdl}
+    """Launch keywords: the kernels' ``PDL`` constexpr, and Triton's ``launch_pdl`` option
+    when it is on (older Triton does not know the option)."""
+    return {"PDL": True, "launch_pdl": True} if use_pdl(device) else {"PDL": False}
 
 
 @triton.jit

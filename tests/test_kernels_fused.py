@@ -164,7 +164,7 @@ def test_pdl_only_where_supported_and_switchable():
 
     assert os.environ["TRITON_INTERPRET"] == "1"
     assert not pdl.use_pdl(torch.device("cpu"))
-    assert pdl.pdl_args(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    assert pdl.pdl_args(torch.device("cpu")) == {"PDL": False}
     before = pdl.ENABLED
     for setting in (True, False):
         pdl.ENABLED = setting
