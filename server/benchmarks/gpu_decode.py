@@ -122,7 +122,40 @@ def time_decode(model: LlamaForCausalLM, batch: int, context: int, steps: int,
     return statistics.median(times[3:])
 
 
-def bench_8b(bandwidth: float, context: int, hf_tokens: int) -> list[dict]:
+def profile_step(model: LlamaForCausalLM, context: int, steps: int = 4) -> list[tuple]:
+    """Where a batch-1 decode step's device time goes: (kernel, launches per step, device
+    microseconds per step), largest first, from torch.profiler over eager steps with PDL
+    off (with PDL a kernel's time would include its wait for the previous kernel)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    totals: dict[str, list[float]] = {}
+    with pdl.disabled():
+        run = decode_steps(model, 1, context, steps + 2, graphed=False)
+        for _ in range(2):  # compilation and autotuning stay out of the profile
+            next(run)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in run:
+                pass
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us()
+    rows = [(name, n / steps, us / steps) for name, (n, us) in totals.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def print_profile(mode: str, rows: list[tuple], step_seconds: float) -> None:
+    total = sum(us for _, _, us in rows)
+    print(f"profile {mode}: kernels {total:.0f} us a step (eager, PDL off); graphed step "
+          f"with PDL {step_seconds * 1e6:.0f} us", flush=True)
+    for name, calls, us in rows[:16]:
+        print(f"  {us:8.1f} us {100 * us / total:5.1f}% {calls:6.1f}x {us / calls:7.2f} us  "
+              f"{name[:70]}", flush=True)
+
+
+def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = False) -> list[dict]:
     hf, model = build_models(llama3_8b())
     hf_tps = time_transformers(hf, context, hf_tokens)
     del hf
@@ -149,6 +182,8 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int) -> list[dict]:
                          batch64_tps=b64,
                          transformers_tps=hf_tps, x_transformers=b1 / hf_tps))
         print_rows(rows[-1:])
+        if profile:
+            print_profile(mode, profile_step(model, context), 1 / b1)
     for _, lin in linear_modules(model):
         lin.packed = None
     return rows
@@ -203,13 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--default-configs", nargs="*", default=list(DEFAULT_CONFIGS),
                         choices=list(DEFAULT_CONFIGS), help="engine runs of the default model")
     parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each 8B mode's per-kernel device time of a step")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_decode needs a CUDA device")
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
-    rows = [] if args.skip_8b else bench_8b(bandwidth, args.context, args.hf_tokens)
+    rows = [] if args.skip_8b else bench_8b(bandwidth, args.context, args.hf_tokens,
+                                            args.profile)
     if args.gguf:
         rows += bench_default(args.gguf, args.default_configs)
     if args.json:
