@@ -16,10 +16,10 @@ What each number times:
   and norms; not the embedding table, of which a step reads one row per token).
   ``pct_roofline_all`` counts the embedding table too, as issue 5's goal does.
 - ``engine``: the default model through `LLM.generate`, everything from scheduling to text;
-  tok/s = generated tokens / wall seconds, graphs on vs `enforce_eager`, the file's Q4_1
-  weights dequantized to bf16 (the default for a model this small) vs served packed
-  (`quantization="int4"`); ``step_only`` times the engine's model through
-  `CudaGraphRunner.step` as for the 8B rows.
+  tok/s = generated tokens / wall seconds (median of `--repeats` runs), graphs on vs
+  `enforce_eager`, the file's Q4_1 weights dequantized to bf16 (the default for a model
+  this small) vs served packed (`quantization="int4"`); ``step_only`` times the engine's
+  model through `CudaGraphRunner.step` as for the 8B rows.
 
 int8/int4 are round-to-nearest (int8 per channel, int4 groups of 128) of every projection
 including the LM head.
@@ -192,9 +192,11 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
 DEFAULT_CONFIGS = {"graphs": (False, None), "eager": (True, None), "int4": (False, "int4")}
 
 
-def bench_default(path: str, configs: list[str]) -> list[dict]:
+def bench_default(path: str, configs: list[str], repeats: int = 3) -> list[dict]:
     """The real default model through the engine, batch 1 and 32, in `configs` (keys of
-    DEFAULT_CONFIGS: bf16 with graphs, bf16 eager, int4 packed with graphs)."""
+    DEFAULT_CONFIGS: bf16 with graphs, bf16 eager, int4 packed with graphs); each timing
+    `repeats` times in a row, the median reported beside every run (the host's share of a
+    step makes single runs noisy)."""
     from server.engine.llm import LLM
     from server.engine.sampling_params import SamplingParams
 
@@ -211,10 +213,14 @@ def bench_default(path: str, configs: list[str]) -> list[dict]:
         for batch, tokens in ((1, 256), (32, 128)):
             params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
             llm.generate(prompts[:batch], SamplingParams(max_tokens=4, ignore_eos=True))
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = llm.generate(prompts[:batch], params)
-            row[f"batch{batch}_tps"] = sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
+            runs = []
+            for _ in range(repeats):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = llm.generate(prompts[:batch], params)
+                runs.append(sum(len(c.token_ids) for c in out) / (time.perf_counter() - start))
+            row[f"batch{batch}_tps"] = statistics.median(runs)
+            row[f"batch{batch}_runs"] = [round(r) for r in runs]
         if not eager:  # the same model's decode step alone: the rest is host-side engine work
             row["step_only_batch1_tps"] = 1 / time_decode(llm.engine.model, 1, 256, 64, True)
         rows.append(row)
@@ -237,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf-tokens", type=int, default=32, help="new tokens for transformers")
     parser.add_argument("--default-configs", nargs="*", default=list(DEFAULT_CONFIGS),
                         choices=list(DEFAULT_CONFIGS), help="engine runs of the default model")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each default-model measurement (median reported)")
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="also print each 8B mode's per-kernel device time of a step")
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [] if args.skip_8b else bench_8b(bandwidth, args.context, args.hf_tokens,
                                             args.profile)
     if args.gguf:
-        rows += bench_default(args.gguf, args.default_configs)
+        rows += bench_default(args.gguf, args.default_configs, args.repeats)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,

@@ -107,7 +107,7 @@ def test_pdl_replay_matches_serialized_launches(scheme):
     from server.models.quantize import linear_modules, quantize_dense
 
     if not pdl.use_pdl(torch.device("cuda")):
-        pytest.skip("PDL needs sm_90+")
+        pytest.skip("PDL needs sm_90+ and Triton 3.4+")
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                          num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
                          max_position_embeddings=4096, tie_word_embeddings=False)
