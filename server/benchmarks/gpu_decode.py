@@ -5,9 +5,10 @@ What each number times:
 
 - ``ours``: one decode step of our model through `CudaGraphRunner.step` (CUDA graph replay,
   or the same padded step run eagerly): host-side input fill, one host-to-device copy per
-  buffer, the forward and LM head, and reading the greedy next tokens back to the host (the
-  step's one sync). The scheduler, sampler and detokenizer are not in it. tok/s = batch /
-  median seconds per step, at a context of `--context` tokens. ``nopdl``: the same with
+  buffer, the forward, LM head and greedy argmax (in the graph, as the engine runs them),
+  and reading the greedy next tokens back to the host (the step's one sync). The
+  scheduler, sampler and detokenizer are not in it. tok/s = batch / median seconds per
+  step, at a context of `--context` tokens. ``nopdl``: the same with
   programmatic dependent launch off (`kernels.pdl`).
 - ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
   the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
@@ -93,7 +94,8 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
 def decode_steps(model: LlamaForCausalLM, batch: int, context: int, steps: int,
                  graphed: bool) -> Iterator[tuple[float, torch.Tensor]]:
     """Greedy decode steps at `batch` sequences of `context` tokens (a fresh KV cache and
-    `CudaGraphRunner`): (host seconds, logits [batch, vocab] on the device) per step."""
+    `CudaGraphRunner`, whose greedy tokens feed the next step): (host seconds, logits
+    [batch, vocab] on the device) per step."""
     per_seq = -(-(context + steps + 8) // BLOCK)
     num_blocks = batch * per_seq + 1
     c = model.config
@@ -107,8 +109,9 @@ def decode_steps(model: LlamaForCausalLM, batch: int, context: int, steps: int,
     with torch.inference_mode():
         for step in range(steps):
             start = time.perf_counter()
-            _, logits = runner.step(batch, 1, [context + step] * batch, tokens, tables, graphed)
-            tokens = [[t] for t in logits[:batch].argmax(-1).tolist()]
+            _, logits, greedy = runner.step(batch, 1, [context + step] * batch, tokens, tables,
+                                            graphed)
+            tokens = [[t] for t in greedy[:batch].tolist()]
             yield time.perf_counter() - start, logits[:batch]
     model.kv_caches = []
     del runner

@@ -5,11 +5,13 @@ draft tokens (q_len = 1 + drafts, the same Q for all; Q = 1 is plain decode) and
 fits a bucket (1, 2, 4, ..., 64). The batch is padded to the bucket with dummy sequences of
 Q tokens that write their KV into a scratch block the block manager never hands out, so a
 replay has static shapes: B * Q tokens, B sequences, a block table as wide as the longest
-allowed sequence. The forward and the LM head (logits of every token; in such a step every
-token's logits are sampled) are captured together. Inputs travel in two flat buffers (int64:
-ids, positions, slots; int32: block tables, seq_lens, query_start_loc) filled on the host
-in pinned memory and copied with one non-blocking copy each; nothing in a step syncs with
-the device except reading the logits back.
+allowed sequence. The forward, the LM head (logits of every token; in such a step every
+token's logits are sampled) and the greedy token of every row (`kernels.triton_argmax`, so
+plain greedy steps need no launch after the replay) are captured together. Inputs travel in
+two flat buffers (int64: ids, positions, slots; int32: block tables, seq_lens,
+query_start_loc) filled on the host in pinned memory and copied with one non-blocking copy
+each; nothing in a step syncs with the device except reading its results back (the tokens
+for plain greedy steps, else the logits).
 
 Decode graphs (Q = 1) are captured for every bucket at start; verification graphs on first
 use (capturing replays the step's own inputs, whose KV writes are idempotent). All graphs
@@ -34,6 +36,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # [B * Q, hidden]
     logits: torch.Tensor  # [B * Q, vocab] float32
+    tokens: torch.Tensor  # [B * Q] int64, the argmax of each row of logits
 
 
 class CudaGraphRunner:
@@ -78,9 +81,10 @@ class CudaGraphRunner:
         return next(b for b in self.buckets if b >= len(scheduled)), q
 
     def run(self, out: SchedulerOutput, tables: list[list[int]]
-            ) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
-        """Replay for a graphable step: (query_start, hidden [T, h], logits [T, vocab]) of its
-        real tokens (views of static buffers, valid until the next replay); else None."""
+            ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Replay for a graphable step: (query_start, hidden [T, h], logits [T, vocab],
+        greedy tokens [T]) of its real tokens (views of static buffers, valid until the next
+        replay); else None."""
         key = self.key(out)
         if key is None:
             return None
@@ -91,21 +95,23 @@ class CudaGraphRunner:
             begin = s.request.num_computed_tokens
             ids.append((s.request.all_token_ids + s.spec_token_ids)[begin:begin + q])
             starts.append(begin)
-        hidden, logits = self.step(b, q, starts, ids, tables)
+        hidden, logits, tokens = self.step(b, q, starts, ids, tables)
         t = len(out.scheduled) * q
-        return list(range(0, t + 1, q)), hidden[:t], logits[:t]
+        return list(range(0, t + 1, q)), hidden[:t], logits[:t], tokens[:t]
 
     def step(self, b: int, q: int, starts: list[int], ids: list[list[int]],
-             tables: list[list[int]], graphed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+             tables: list[list[int]], graphed: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of len(starts) <= b sequences, each computing q tokens from position
-        starts[i] (ids[i] its q token ids); hidden [b * q, h] and logits [b * q, vocab].
-        `graphed=False` runs the same padded step eagerly (for comparisons)."""
+        starts[i] (ids[i] its q token ids); hidden [b * q, h], logits [b * q, vocab] and the
+        greedy tokens [b * q]. `graphed=False` runs the same padded step eagerly (for
+        comparisons)."""
         self._fill(b, q, starts, ids, tables)
         if not graphed:
             return self._forward(b, q)
         graph = self.graphs.get((b, q)) or self._capture(b, q)
         graph.graph.replay()
-        return graph.hidden, graph.logits
+        return graph.hidden, graph.logits, graph.tokens
 
     def _views(self, b: int, q: int) -> tuple[torch.Tensor, ...]:
         """ids, positions, slots, block_tables, seq_lens, query_start_loc of a (B, Q) graph."""
@@ -140,10 +146,13 @@ class CudaGraphRunner:
         n32 = b * w + 2 * b + 1
         self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
 
-    def _forward(self, b: int, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, b: int, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
+
         ids, positions, slots, tables, lens, qsl = self._views(b, q)
         hidden = self.model(ids, positions, BatchMeta(slots, tables, lens, qsl))
-        return hidden, self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        return hidden, logits, greedy_tokens(logits)
 
     def _capture(self, b: int, q: int) -> _Graph:
         """Warm up (compiles and autotunes kernels), then capture; inputs are already filled."""
@@ -155,7 +164,7 @@ class CudaGraphRunner:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            hidden, logits = self._forward(b, q)
+            hidden, logits, tokens = self._forward(b, q)
         self.pool = graph.pool()
-        self.graphs[(b, q)] = _Graph(graph, hidden, logits)
+        self.graphs[(b, q)] = _Graph(graph, hidden, logits, tokens)
         return self.graphs[(b, q)]

@@ -13,6 +13,16 @@ from server.engine.cuda_graphs import CudaGraphRunner
 from server.engine.sampler import filter_probs, processed_logits, sample, token_logprobs
 
 
+def _greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax of each row of logits [R, vocab] -> [R]: one Triton launch on CUDA
+    (`kernels.triton_argmax`, imported only then: triton is optional), torch's on CPU."""
+    if logits.is_cuda:
+        from kernels.triton_argmax import greedy_tokens
+
+        return greedy_tokens(logits)
+    return logits.argmax(dim=-1)
+
+
 def _plain_greedy(s: ScheduledRequest) -> bool:
     """Whether a request's tokens are the argmax of its raw logits (nothing else needed)."""
     p = s.request.params
@@ -55,9 +65,9 @@ class ModelRunner:
             inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
                                   padded_groups=self.device.type == "cpu")
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
-            query_start, all_logits = inputs.query_start, None
-        else:
-            query_start, hidden, all_logits = replay  # every row's logits, in row order
+            query_start, all_logits, tokens = inputs.query_start, None, None
+        else:  # every row's logits and greedy token, in row order
+            query_start, hidden, all_logits, tokens = replay
         rows: list[int] = []
         owners: list[tuple[ScheduledRequest, int]] = []
         for s, end in zip(out.scheduled, query_start[1:], strict=True):
@@ -70,9 +80,13 @@ class ModelRunner:
         if all_logits is None:
             row_index = torch.tensor(rows).to(hidden.device, non_blocking=True)
             all_logits = self.model.compute_logits(hidden[row_index])  # [R, vocab]
-        # plain greedy steps need only each row's argmax: no logits travel to the host
+        # plain greedy steps need only each row's argmax (a replay computed it in its graph):
+        # no logits travel to the host
         greedy = all(_plain_greedy(s) for s, _ in owners)
-        logits = all_logits.argmax(dim=-1).tolist() if greedy else all_logits.cpu()
+        if greedy:
+            logits = (tokens if tokens is not None else _greedy_tokens(all_logits)).tolist()
+        else:
+            logits = all_logits.cpu()
         sampled: dict[str, SampledTokens] = {}
         last_rows: list[int] = []
         for s, first in owners:
