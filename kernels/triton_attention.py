@@ -11,7 +11,9 @@ whole tiles before the window (other than the sink tiles) are skipped, not just 
 Decode at small batch has few (sequence, KV head) tiles, each a serial walk over the
 context, so the context is split over SPLITS programs (split-KV, as in flash-decoding):
 each stores its unnormalized output and softmax max/sum, and the last to arrive (a
-per-tile counter, left at zero) merges them in split order.
+per-tile counter, left at zero) merges them in split order. Splits get whole tiles, so at
+short contexts only the first few have work: the others exit at once, the merge waits
+for (and reads) the splits with work, and a lone split writes its output directly.
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, t0, q_pos, head_ok, seq
 
 
 @triton.jit
-def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split,
+def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, active,
                   SPLITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Split-KV: store this split's softmax state; the last split of the tile to arrive
-    merges all of them in split order (deterministic) and reports `last`."""
+    """Split-KV: store this split's softmax state; the last of the tile's `active` splits
+    (those with positions to attend) to arrive merges them in split order (deterministic)
+    and reports `last`. Each split's weight comes from all maxima at once, so the partial
+    outputs load independently of each other."""
     r = tl.arange(0, ROWS)
     d = tl.arange(0, BLOCK_D)
     base = tile * SPLITS
@@ -77,22 +81,22 @@ def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split,
     tl.store(ws_ml_ptr + ((base + split) * 2 * ROWS) + ROWS + r, l_i)
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-    last = arrived == SPLITS - 1
+    last = arrived == active - 1
     if last:
+        j = tl.arange(0, SPLITS)
+        ml = ws_ml_ptr + (base + j)[:, None] * 2 * ROWS + r[None, :]
+        here = (j < active)[:, None]
+        m_j = tl.load(ml, mask=here, other=float("-inf"), cache_modifier=".cg")  # [SPLITS, ROWS]
+        l_j = tl.load(ml + ROWS, mask=here, other=0.0, cache_modifier=".cg")
+        m_i = tl.max(m_j, axis=0)
+        w_j = tl.exp2(m_j - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
+        l_i = tl.sum(w_j * l_j, axis=0)
         acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-        m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((ROWS,), dtype=tl.float32)
-        for j in tl.static_range(SPLITS):
-            m_j = tl.load(ws_ml_ptr + ((base + j) * 2 * ROWS) + r, cache_modifier=".cg")
-            l_j = tl.load(ws_ml_ptr + ((base + j) * 2 * ROWS) + ROWS + r, cache_modifier=".cg")
-            a_j = tl.load(ws_acc_ptr + ((base + j) * ROWS + r)[:, None] * BLOCK_D + d[None, :],
+        for k in range(0, active):
+            a_k = tl.load(ws_acc_ptr + ((base + k) * ROWS + r)[:, None] * BLOCK_D + d[None, :],
                           cache_modifier=".cg")
-            m_new = tl.maximum(m_i, m_j)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            old, new = tl.exp2(m_i - m_safe), tl.exp2(m_j - m_safe)
-            acc = acc * old[:, None] + a_j * new[:, None]
-            l_i = l_i * old + l_j * new
-            m_i = m_new
+            w_k = tl.sum(tl.where(j[:, None] == k, w_j, 0.0), axis=0)
+            acc += a_k * w_k[:, None]
         tl.atomic_xchg(cnt_ptr + tile, 0)
     return acc, m_i, l_i, last
 
@@ -106,16 +110,17 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
-    await_inputs(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    # the step's metadata is written before its first kernel (not by the previous one)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    await_inputs(PDL)
     chunk_id = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
     chunk = chunk_id * BLOCK_Q
     if chunk < q_len:
-        seq_len = tl.load(seq_lens_ptr + seq)
         r = tl.arange(0, BLOCK_Q * GROUP_PAD)
         qi = chunk + r // GROUP_PAD
         h = r % GROUP_PAD
@@ -145,21 +150,23 @@ def _paged_attention_kernel(
                     window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
             first_visible = tl.maximum(seq_len - q_len + chunk - window + 1, 0)
             start = tl.maximum(first_visible // BLOCK_KV * BLOCK_KV, sink_end)
-        # this split's share of the remaining tiles
-        per_split = tl.cdiv(tl.cdiv(tl.maximum(last_pos - start, 0), BLOCK_KV), SPLITS) * BLOCK_KV
+        # this split's share of the remaining tiles; splits past the last share (short
+        # contexts) have nothing to attend and take no part in the merge
+        tiles = tl.cdiv(tl.maximum(last_pos - start, 0), BLOCK_KV)
+        per_split = tl.cdiv(tiles, SPLITS) * BLOCK_KV
+        active = tl.maximum(tl.cdiv(tiles * BLOCK_KV, tl.maximum(per_split, 1)), 1)
         lo = start + split * per_split
         for t0 in range(lo, tl.minimum(lo + per_split, last_pos), BLOCK_KV):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
                 block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
                 window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
-        if SPLITS > 1:
+        last = split < active
+        if SPLITS > 1 and last and active > 1:
             acc, m_i, l_i, last = _merge_splits(
                 acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr,
                 (seq * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // SPLITS) + chunk_id,
-                split, SPLITS, BLOCK_Q * GROUP_PAD, BLOCK_D)
-        else:
-            last = True
+                split, active, SPLITS, BLOCK_Q * GROUP_PAD, BLOCK_D)
         if last:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh

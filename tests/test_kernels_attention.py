@@ -44,14 +44,17 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
     ([37, 70, 130], [5, 1, 4], 9, 3, 64, 16, None, 0),  # verification, GQA 3 (padded to 4)
     ([100, 200], [3, 5], 8, 2, 32, 8, 48, 4),  # sliding window + sinks, page 8 < tile
     ([90, 33], [20, 33], 4, 1, 16, 32, 16, 0),  # long queries (several chunks), window only
+    ([600, 64], [1, 2], 4, 2, 32, 16, None, 0),  # 10 and 1 tiles: uneven split-KV shares
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,splits", [(torch.float16, 1), (torch.bfloat16, 1),
-                                          (torch.float16, 4)])
+                                          (torch.float16, 4), (torch.float16, 8)])
 def test_paged_attention_matches_reference(case, dtype, splits):
-    """splits = 4: split-KV, including splits with no tile (37 tokens are one 64-tile)."""
+    """splits = 4 and 8: split-KV, including splits with no tile (37 tokens are one 64-tile,
+    merged by no one), a merge of fewer splits than launched (130 tokens: 3 of 4), and
+    uneven shares (600 tokens: 10 tiles as 3 + 3 + 3 + 1, or 2 x 5 of 8 splits)."""
     seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks = case
     q, k_cache, v_cache, tables, lens, qsl = _batch(seq_lens, q_lens, heads, kv_heads, dim,
                                                     block_size, dtype)

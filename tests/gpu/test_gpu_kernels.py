@@ -120,7 +120,9 @@ def test_paged_attention_real_sizes(window, sinks, q_len):
     from kernels.attention import paged_attention_reference
     from kernels.triton_attention import paged_attention_triton
 
-    seq_lens = [q_len + 7, 1000 + q_len, 2047]
+    # split-KV: one sequence short enough for a single split, one where 4 of the splits
+    # have work, two where all do
+    seq_lens = [q_len + 7, 256 + q_len, 1000 + q_len, 2047]
     heads, kv_heads, dim, bs = 32, 8, 128, 16
     max_blocks = -(-max(seq_lens) // bs)
     num_blocks = len(seq_lens) * max_blocks
