@@ -2,7 +2,7 @@
 
 Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. Kernels: ``bf16``
 torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16``
-our packed kernels as the model calls them (int4 at M <= 4: the mma GEMV), ``w4-fma`` the
+our packed kernels as the model calls them (int4 at M <= 16: the mma GEMV), ``w4-fma`` the
 CUDA-core int4 GEMV (M = 1 only), ``w4-nopdl`` / ``tr-nopdl`` the w4a16 / bf16-tr kernels
 launched without programmatic dependent launch (`kernels.pdl`; M = 1 only); "x bf16" is
 against cuBLAS. It measures the device's copy bandwidth in the same run (a large
@@ -34,7 +34,7 @@ SHAPES = {  # name: (N, K) = (out_features, in_features)
     "gate/up 14336x4096": (14336, 4096),
     "down 4096x14336": (4096, 14336),
 }
-MS = (1, 4, 16, 64)
+MS = (1, 4, 8, 12, 16, 64)
 L2_BYTES = 60 * 2**20
 
 

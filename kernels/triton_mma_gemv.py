@@ -1,4 +1,4 @@
-"""W4A16 for M = 1..4 activation rows (decode and short verification) on the tensor cores,
+"""W4A16 for M = 1..16 activation rows (decode and verification) on the tensor cores,
 over the ``words`` layout (CUDA, sm_80+: inline PTX; TRITON_INTERPRET, which has no inline
 PTX, runs the same kernel with each mma step emulated in tensor ops, `_emulated_step`, so
 the CPU tests check all of it but the PTX itself).
@@ -30,6 +30,11 @@ CHUNK steps two at a time: while one chunk is multiplied the other's words, acti
 scales and offsets are in flight, with no register copies between iterations. Split-K
 partials are merged by the last program to arrive (`kernels.triton_gemv`). The first
 chunk's words load before the kernel waits for its predecessor (`kernels.pdl`).
+
+One mma serves 4 rows. More rows (verification of up to 15 draft tokens) run as groups
+of 4, one program each, next to each other in the grid: the programs of one weight tile
+run at about the same time, so the tile is read from DRAM about once and the other
+groups find it in L2.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
 from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fills_waves
 
-MAX_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
+GROUP_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
+MAX_ROWS = 16  # rows served: up to 4 groups of GROUP_ROWS (grid axis 0)
 
 
 def _step_asm(chain: bool) -> str:
@@ -241,12 +247,21 @@ def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
 
 @triton.jit(do_not_specialize=["split_k", "M"])
 def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
-                     stride_xm, stride_om, split_k, GROUP: tl.constexpr,
+                     stride_xm, stride_om, split_k, max_split, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, REDUCE: tl.constexpr,
                      EMULATE: tl.constexpr, PDL: tl.constexpr):
-    """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features. Grid axis 0 is
+    the group of (up to 4) rows: the programs of all groups that read one weight tile
+    launch next to each other, so the tile comes from DRAM about once."""
+    pid_g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    # the group's rows, outputs, partials and counters
+    x_ptr += pid_g * 4 * stride_xm
+    out_ptr += pid_g * 4 * stride_om
+    M = tl.minimum(M - pid_g * 4, 4)
+    part_ptr += pid_g * max_split * 4 * N
+    cnt_ptr += pid_g * tl.num_programs(1)
     e = tl.arange(0, BLOCK_N * 4)  # element e: lane (e // 4) % 32 of its warp, word j = e % 4
     j = e % 4
     q = (e // 4) % 4
@@ -323,35 +338,39 @@ def _has_mma(device: torch.device) -> bool:
 
 
 def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
-    """Whether `mma_gemv` serves this product: int4 ``words``, 1..4 bf16 rows on CUDA sm_80+."""
+    """Whether `mma_gemv` serves this product: int4 ``words``, 1..16 bf16 rows on CUDA
+    sm_80+."""
     return (x.is_cuda and packed.scheme == "int4" and packed.layout == "words"
             and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_ROWS and _has_mma(x.device))
 
 
 def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
              config: dict | None = None) -> torch.Tensor:
-    """x [M <= 4, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 ``words``
-    weight. `config` ({"BLOCK_N", "split_k", "num_warps", optional "maxnreg"}; BLOCK_N a
-    multiple of 32 per warp) skips autotuning."""
+    """x [M <= 16, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 ``words``
+    weight, rows in groups of 4 (one program a group, tile and K share). `config`
+    ({"BLOCK_N", "split_k", "num_warps", optional "maxnreg"}; BLOCK_N a multiple of 32 per
+    warp) skips autotuning."""
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
     chunk = 4 if k % 128 == 0 else packed.group_size // 32
+    groups = triton.cdiv(m, GROUP_ROWS)
     max_split = 32 if config is None else config["split_k"]
-    part = torch.empty(max_split * m * n, dtype=torch.float32, device=x.device)
-    counters = _tile_counters(x.device, triton.cdiv(n, 32))
+    part = torch.empty(groups * max_split * GROUP_ROWS * n, dtype=torch.float32,
+                       device=x.device)
+    counters = _tile_counters(x.device, groups * triton.cdiv(n, 32))
     args = (x, packed.qweight, packed.scales, packed.offsets, out, part, counters, m, n, k,
             x.stride(0), out.stride(0))
     consts = dict(GROUP=packed.group_size, CHUNK=chunk,
                   EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **pdl_args(x.device))
     if config is None:
-        _mma_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
-            *args, **consts)
+        _mma_tuned[lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
+            *args, max_split=max_split, **consts)
     else:
         split, warps = config["split_k"], config.get("num_warps", 1)
         if config["BLOCK_N"] % (32 * warps):
             raise ValueError(f"BLOCK_N must be a multiple of 32 per warp, got {config}")
-        _mma_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
-            *args, split, **consts, BLOCK_N=config["BLOCK_N"], REDUCE=split > 1,
+        _mma_gemv_kernel[(groups, triton.cdiv(n, config["BLOCK_N"]), split)](
+            *args, split, max_split, **consts, BLOCK_N=config["BLOCK_N"], REDUCE=split > 1,
             num_warps=warps, num_stages=1, maxnreg=config.get("maxnreg"))
     return out

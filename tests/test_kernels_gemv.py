@@ -56,14 +56,15 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
                                     {"BLOCK_N": 64, "split_k": 3, "num_warps": 1},
                                     {"BLOCK_N": 64, "split_k": 2, "num_warps": 2}])
 def test_mma_gemv_exact_on_integer_data(n, k, group, config):
-    """The tensor-core int4 GEMV, M = 1..4 rows, with its mma steps emulated in tensor ops
-    (no inline PTX under the interpreter; tests/gpu runs the PTX): chunks of 4, 2 and 1
-    steps (K = 256, 192, 96), ragged N, uneven K splits, two reps a warp; exact in float32."""
+    """The tensor-core int4 GEMV, M = 1..16 rows (groups of 4, the last one partial), with
+    its mma steps emulated in tensor ops (no inline PTX under the interpreter; tests/gpu
+    runs the PTX): chunks of 4, 2 and 1 steps (K = 256, 192, 96), ragged N, uneven K
+    splits, two reps a warp; exact in float32."""
     from kernels.triton_mma_gemv import mma_gemv
 
     packed = to_words(_packed("int4", n, k, group))
     gen = torch.Generator().manual_seed(1)
-    for m in (1, 2, 3, 4):
+    for m in (1, 2, 3, 4, 6, 16):
         x = torch.randint(-4, 5, (m, k), generator=gen).to(torch.bfloat16)
         out = torch.full((m, n), float("nan"))
         mma_gemv(x, packed, out, config)
