@@ -249,19 +249,19 @@ def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
 def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                      stride_xm, stride_om, split_k, max_split, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, REDUCE: tl.constexpr,
-                     EMULATE: tl.constexpr, PDL: tl.constexpr):
+                     GROUPED: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
     """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features. Grid axis 0 is
-    the group of (up to 4) rows: the programs of all groups that read one weight tile
-    launch next to each other, so the tile comes from DRAM about once."""
-    pid_g = tl.program_id(0)
+    the group of (up to 4) rows (GROUPED: more than one): the programs of all groups that
+    read one weight tile launch next to each other."""
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    # the group's rows, outputs, partials and counters
-    x_ptr += pid_g * 4 * stride_xm
-    out_ptr += pid_g * 4 * stride_om
-    M = tl.minimum(M - pid_g * 4, 4)
-    part_ptr += pid_g * max_split * 4 * N
-    cnt_ptr += pid_g * tl.num_programs(1)
+    if GROUPED:  # the group's rows, outputs, split-K partials and counters
+        pid_g = tl.program_id(0)
+        x_ptr += pid_g * 4 * stride_xm
+        out_ptr += pid_g * 4 * stride_om
+        M = tl.minimum(M - pid_g * 4, 4)
+        part_ptr += pid_g * max_split * 4 * N
+        cnt_ptr += pid_g * tl.num_programs(1)
     e = tl.arange(0, BLOCK_N * 4)  # element e: lane (e // 4) % 32 of its warp, word j = e % 4
     j = e % 4
     q = (e // 4) % 4
@@ -329,7 +329,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-_mma_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP"], _prune)
+_mma_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP", "GROUPED"], _prune)
 
 
 @functools.cache
@@ -361,7 +361,7 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     counters = _tile_counters(x.device, groups * triton.cdiv(n, 32))
     args = (x, packed.qweight, packed.scales, packed.offsets, out, part, counters, m, n, k,
             x.stride(0), out.stride(0))
-    consts = dict(GROUP=packed.group_size, CHUNK=chunk,
+    consts = dict(GROUP=packed.group_size, CHUNK=chunk, GROUPED=groups > 1,
                   EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **pdl_args(x.device))
     if config is None:
         _mma_tuned[lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
