@@ -32,9 +32,10 @@ partials are merged by the last program to arrive (`kernels.triton_gemv`). The f
 chunk's words load before the kernel waits for its predecessor (`kernels.pdl`).
 
 One mma serves 4 rows. More rows (verification of up to 15 draft tokens) run as groups
-of 4, one program each, next to each other in the grid: the programs of one weight tile
-run at about the same time, so the tile is read from DRAM about once and the other
-groups find it in L2.
+of 4, one program each, the groups of a weight tile next to each other in the grid, so
+that they read it at about the same time. On an H200 two groups take 1.5-1.7x one
+group's time, so they share the reads only in part; up to 12 rows this beats the
+tensor-core GEMM of `kernels.triton_gemm`, at 16 they tie (docs/benchmarks/gpu.md).
 """
 
 from __future__ import annotations
