@@ -125,14 +125,18 @@ def time_decode(model: LlamaForCausalLM, batch: int, context: int, steps: int,
     return statistics.median(times[3:])
 
 
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # a decoder layer's linear layers, in order
+
+
 def profile_step(model: LlamaForCausalLM, context: int, steps: int = 4) -> list[tuple]:
     """Where a batch-1 decode step's device time goes: (kernel, launches per step, device
     microseconds per step), largest first, from torch.profiler over eager steps with PDL
-    off (with PDL a kernel's time would include its wait for the previous kernel)."""
+    off (with PDL a kernel's time would include its wait for the previous kernel). The
+    kernel of the linear layers (one launch each: 4 a layer and the LM head) is broken
+    down by layer, in launch order: "name [gate_up]"."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    totals: dict[str, list[float]] = {}
     with pdl.disabled():
         run = decode_steps(model, 1, context, steps + 2, graphed=False)
         for _ in range(2):  # compilation and autotuning stay out of the profile
@@ -140,13 +144,36 @@ def profile_step(model: LlamaForCausalLM, context: int, steps: int = 4) -> list[
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in run:
                 pass
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            entry = totals.setdefault(event.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.time_range.elapsed_us()
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    names = label_linears([e.name for e in events], steps, model.config.num_layers)
+    totals: dict[str, list[float]] = {}
+    for name, e in zip(names, events, strict=True):
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.time_range.elapsed_us()
     rows = [(name, n / steps, us / steps) for name, (n, us) in totals.items()]
     return sorted(rows, key=lambda r: -r[2])
+
+
+def label_linears(names: list[str], steps: int, layers: int) -> list[str]:
+    """Kernel names of `steps` decode steps in launch order, with each launch of the
+    kernel that runs the linear layers (the one launched exactly once per linear layer
+    and step) labelled by its layer: "name [qkv]" ... "name [lm_head]"."""
+    linears = len(PROJECTIONS) * layers + 1
+    launches: dict[str, int] = {}
+    for name in names:
+        launches[name] = launches.get(name, 0) + 1
+    index: dict[str, int] = {}
+    out = []
+    for name in names:
+        if launches[name] == steps * linears:
+            i = index[name] = index.get(name, -1) + 1
+            layer = i % linears
+            name += (" [lm_head]" if layer == linears - 1
+                     else f" [{PROJECTIONS[layer % len(PROJECTIONS)]}]")
+        out.append(name)
+    return out
 
 
 def print_profile(mode: str, rows: list[tuple], step_seconds: float) -> None:
