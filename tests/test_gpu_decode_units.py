@@ -1,6 +1,10 @@
 """CPU checks of the GPU decode benchmark's helpers."""
 
-import pytest
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+
+import pytest  # noqa: E402
 
 label_linears = pytest.importorskip("server.benchmarks.gpu_decode").label_linears  # triton
 
