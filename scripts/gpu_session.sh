@@ -3,8 +3,8 @@
 # per STEPS subset: all four steps take ~12 minutes on an H200, more than one call's 10, so a
 # full pass is two calls: STEPS="tests kernels", then STEPS="decode default".
 # Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
-# decode default"] [TESTS="pytest targets"] [KERNEL_ARGS="--sweep --shapes ..."]
-# [DECODE_ARGS="--profile"]
+# decode default"] [TESTS="pytest node ids, split on spaces"] [TESTS_K="a -k expression"]
+# [KERNEL_ARGS="--sweep --shapes ..."] [DECODE_ARGS="--profile"]
 # scripts/gpu_session.sh
 #   tests    pytest tests/gpu (kernels at real sizes, engine graphs vs eager, packed serving)
 #   kernels  python3 -m kernels.bench_gpu            (W4A16/W8A16 vs bf16, Llama-3-8B shapes)
@@ -37,7 +37,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 for s in $STEPS; do
   case $s in
-    tests) step tests 240 python3 -m pytest -q -x -p no:cacheprovider --tb=short ${TESTS:-tests/gpu} ;;
+    tests) step tests 240 python3 -m pytest -q -x -p no:cacheprovider --tb=short \
+      ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests/gpu} ;;
     kernels) step kernels 240 python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
     decode) step decode 240 python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" \
       ${DECODE_ARGS:-} ;;
