@@ -357,8 +357,9 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     chunk = 4 if k % 128 == 0 else packed.group_size // 32
     groups = triton.cdiv(m, GROUP_ROWS)
     max_split = 32 if config is None else config["split_k"]
-    part = torch.empty(groups * max_split * GROUP_ROWS * n, dtype=torch.float32,
-                       device=x.device)
+    # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart
+    rows = m if groups == 1 else groups * GROUP_ROWS
+    part = torch.empty(max_split * rows * n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, groups * triton.cdiv(n, 32))
     args = (x, packed.qweight, packed.scales, packed.offsets, out, part, counters, m, n, k,
             x.stride(0), out.stride(0))
