@@ -136,8 +136,7 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
 
 def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
     """Print the time of every M = 1 GEMV configuration (the autotuners' candidates): the
-    mma kernel for int4 (also capped at 96 and 80 registers a thread), the CUDA-core GEMV
-    for int8."""
+    mma kernel for int4, the CUDA-core GEMV for int8."""
     from kernels.triton_gemv import _configs, _tile_counters, triton_gemv
     from kernels.triton_mma_gemv import _configs as mma_configs
     from kernels.triton_mma_gemv import mma_gemv
@@ -151,12 +150,11 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
         line = []
         configs = mma_configs() if scheme == "w4a16" else _configs()
-        for c, maxnreg in [(c, r) for c in configs for r in (None, 96, 80)
-                           if r is None or scheme == "w4a16"]:
+        for c in configs:
             if c.kwargs["split_k"] * -(-n // c.kwargs["BLOCK_N"]) < 132:
                 continue  # under one wave: never competitive
             cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
-                   "num_warps": c.num_warps, "ROWS": c.kwargs.get("ROWS"), "maxnreg": maxnreg}
+                   "num_warps": c.num_warps, "ROWS": c.kwargs.get("ROWS")}
             if scheme == "w4a16":
                 def op(x_, p_, cfg=cfg):
                     return mma_gemv(x_, p_, out, cfg)
@@ -165,7 +163,7 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
                     return triton_gemv(x_, p_, out, counters, cfg)
             seconds = _graph_time(op, x, copies)
             pct = 100 * packed.nbytes() / seconds / bandwidth
-            extra = f"/r{cfg['ROWS']}" if cfg["ROWS"] else f"/reg{maxnreg}" if maxnreg else ""
+            extra = f"/r{cfg['ROWS']}" if cfg["ROWS"] else ""
             line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w{extra}"
                                   f"/s{cfg['split_k']}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
         best = " ".join(text for _, text in sorted(line)[:8])

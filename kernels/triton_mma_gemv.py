@@ -349,8 +349,8 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
              config: dict | None = None) -> torch.Tensor:
     """x [M <= 16, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 ``words``
     weight, rows in groups of 4 (one program a group, tile and K share). `config`
-    ({"BLOCK_N", "split_k", "num_warps", optional "maxnreg"}; BLOCK_N a multiple of 32 per
-    warp) skips autotuning."""
+    ({"BLOCK_N", "split_k", "num_warps"}; BLOCK_N a multiple of 32 per warp) skips
+    autotuning."""
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
@@ -374,5 +374,5 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
             raise ValueError(f"BLOCK_N must be a multiple of 32 per warp, got {config}")
         _mma_gemv_kernel[(groups, triton.cdiv(n, config["BLOCK_N"]), split)](
             *args, split, max_split, **consts, BLOCK_N=config["BLOCK_N"], REDUCE=split > 1,
-            num_warps=warps, num_stages=1, maxnreg=config.get("maxnreg"))
+            num_warps=warps, num_stages=1)
     return out

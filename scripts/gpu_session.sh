@@ -4,7 +4,7 @@
 # full pass is two calls: STEPS="tests kernels", then STEPS="decode default".
 # Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
 # decode default"] [TESTS="pytest node ids, split on spaces"] [TESTS_K="a -k expression"]
-# [KERNEL_ARGS="--sweep --shapes ..."] [DECODE_ARGS="--profile"]
+# [KERNEL_ARGS="--sweep --shapes ..."] [KERNEL_LIMIT=seconds (240)] [DECODE_ARGS="--profile"]
 # scripts/gpu_session.sh
 #   tests    pytest tests/gpu (kernels at real sizes, engine graphs vs eager, packed serving)
 #   kernels  python3 -m kernels.bench_gpu            (W4A16/W8A16 vs bf16, Llama-3-8B shapes)
@@ -39,7 +39,7 @@ for s in $STEPS; do
   case $s in
     tests) step tests 240 python3 -m pytest -q -x -p no:cacheprovider --tb=short \
       ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests/gpu} ;;
-    kernels) step kernels 240 python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
+    kernels) step kernels "${KERNEL_LIMIT:-240}" python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
     decode) step decode 240 python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" \
       ${DECODE_ARGS:-} ;;
     default)
