@@ -2,11 +2,12 @@
 
 Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. Kernels: ``bf16``
 torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16``
-our packed kernels as the model calls them (int4 at M <= 16: the mma GEMV), ``w4-fma`` the
-CUDA-core int4 GEMV (M = 1 only), ``w4-nopdl`` / ``tr-nopdl`` the w4a16 / bf16-tr kernels
-launched without programmatic dependent launch (`kernels.pdl`; M = 1 only); "x bf16" is
-against cuBLAS. It measures the device's copy bandwidth in the same run (a large
-device-to-device copy, bytes read plus written), then for every shape and M times each
+our packed kernels as the model calls them (int4 and int8 at M <= 16: the mma GEMV),
+``w4-fma`` / ``w8-fma`` the CUDA-core GEMV (M = 1 only), ``w4-nopdl`` / ``tr-nopdl`` the
+w4a16 / bf16-tr kernels launched without programmatic dependent launch (`kernels.pdl`;
+M = 1 only); "x bf16" is against cuBLAS. It measures the device's copy bandwidth in the
+same run (a large device-to-device copy, bytes read plus written), then for every shape
+and M times each
 GEMM as the replay of one CUDA graph that runs it over enough distinct weight copies to
 overflow the L2 cache, so the numbers are the steady state of back-to-back kernels reading
 weights from HBM. Achieved bytes/s count the packed weight, scales/offsets, activations and
@@ -113,8 +114,9 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
         packed: PackedWeight = to_words(make())
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
         variants[scheme] = (quantized_linear, copies, packed.nbytes())
-        if scheme == "w4a16":  # the CUDA-core GEMV that M = 1 used before the mma kernel
-            variants["w4-fma"] = (_fma_gemv, copies, packed.nbytes())
+        # the CUDA-core GEMV that M = 1 used before the mma kernel
+        variants[scheme[:2] + "-fma"] = (_fma_gemv, copies, packed.nbytes())
+        if scheme == "w4a16":
             variants["w4-nopdl"] = (_without_pdl(quantized_linear), copies, packed.nbytes())
     rows = []
     for m in MS:
@@ -122,7 +124,7 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
         act_bytes = (m * k + m * n) * 2
         base = None
         for scheme, (op, weights, wbytes) in variants.items():
-            if scheme in ("bf16-tr", "tr-nopdl", "w4-fma", "w4-nopdl") and m > 1:
+            if scheme in ("bf16-tr", "tr-nopdl", "w4-fma", "w8-fma", "w4-nopdl") and m > 1:
                 continue
             seconds = _graph_time(op, x, weights)
             base = seconds if scheme == "bf16" else base

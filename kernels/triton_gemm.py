@@ -1,7 +1,7 @@
 """Triton W4A16 / W8A16 GEMM over the ``words`` layout (CUDA; CPU under TRITON_INTERPRET=1).
 
-One entry point, `triton_quantized_linear`; on CUDA, int4 with 1..16 bfloat16 rows goes to
-`kernels.triton_mma_gemv` (one mma per packed word), other M = 1 products to the GEMV of
+One entry point, `triton_quantized_linear`; on CUDA, int4 and int8 with 1..16 bfloat16 rows
+go to `kernels.triton_mma_gemv` (one mma per packed word), other M = 1 products to the GEMV of
 `kernels.triton_gemv` (CUDA cores, no conversions), the rest to the tensor-core kernel
 here. A program owns BLOCK_M rows of x and BLOCK_N output features and walks a share of K
 in tiles of BLOCK_K features inside one quantization group (`tile_k`): every feature row
@@ -39,7 +39,7 @@ from kernels.triton_mma_gemv import mma_gemv, mma_gemv_supported
 @dataclass(frozen=True)
 class GemmConfig:
     """Launch parameters; None in `triton_quantized_linear` means autotune (or a default).
-    The GEMVs (M = 1, and int4 M <= 16 on CUDA) use only block_n, split_k and num_warps."""
+    The GEMVs (M = 1, and M <= 16 on CUDA) use only block_n, split_k and num_warps."""
 
     block_n: int = 64
     split_k: int = 1

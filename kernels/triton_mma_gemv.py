@@ -1,7 +1,7 @@
-"""W4A16 for M = 1..16 activation rows (decode and verification) on the tensor cores,
-over the ``words`` layout (CUDA, sm_80+: inline PTX; TRITON_INTERPRET, which has no inline
-PTX, runs the same kernel with each mma step emulated in tensor ops, `_emulated_step`, so
-the CPU tests check all of it but the PTX itself).
+"""W4A16 (and per-channel W8A16) for M = 1..16 activation rows (decode and verification)
+on the tensor cores, over the ``words`` layout (CUDA, sm_80+: inline PTX; TRITON_INTERPRET,
+which has no inline PTX, runs the same kernel with each mma step emulated in tensor ops,
+`_emulated_step`, so the CPU tests check all of it but the PTX itself).
 
 The CUDA-core GEMV (`kernels.triton_gemv`) spends ~4.5 instructions per weight and lane
 (unpack, multiply-add, activation traffic: its SASS), which on an H200 takes longer than
@@ -36,6 +36,15 @@ of 4, one program each, the groups of a weight tile next to each other in the gr
 that they read it at about the same time. On an H200 two groups take 1.5-1.7x one
 group's time, so they share the reads only in part; up to 12 rows this beats the
 tensor-core GEMM of `kernels.triton_gemm`, at 16 they tie (docs/benchmarks/gpu.md).
+
+int8 (``INT8``) runs the same steps over words of 4 codes u = q + 128 (16 input features
+a step): a word's nibbles are the low and high halves of its bytes, so codes 0, 4, 2, 6
+(row g) are the low nibbles of features 4r, 4r+2, 4r+1, 4r+3 and codes 1, 5, 3, 7 (row
+g + 8) their high nibbles, built with ``0x45004500`` into ``2048 + 16 u_hi``. Both B
+columns then carry those 4 features (``prmt`` of two activation words), D's c0 + c3 is
+``sum (2176 + u) x`` and the bias mma's ``256 sum x``, and a flush adds ``s (D - 9 B) = s
+sum (u - 128) x`` (the bias costs ~5 of float32's bits). Per-channel groups span chunks,
+so int8 flushes at every chunk end.
 """
 
 from __future__ import annotations
@@ -53,27 +62,36 @@ from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fil
 
 GROUP_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
 MAX_ROWS = 16  # rows served: up to 4 groups of GROUP_ROWS (grid axis 0)
+INT8_MAX_ROWS = 8  # int8 rows routed here (`mma_gemv_supported`)
 
 
-def _step_asm(chain: bool) -> str:
+def _step_asm(chain: bool, int8: bool) -> str:
     """One mma step: outputs D_0..D_3 and the bias D_b (4 float32 each: $0..$19); inputs the
-    4 words ($20..$23), the lane's 4 activation words ($24..$27, bf16 pairs of features
-    8r..8r+7) and, when chaining, the previous D_0..D_3, D_b ($28..$47)."""
+    4 words ($20..$23), the lane's 4 activation words ($24..$27: int4, bf16 pairs of
+    features 8r..8r+7; int8, those of 4r..4r+3 twice) and, when chaining, the previous
+    D_0..D_3, D_b ($28..$47)."""
     lines = [
         "{",
-        ".reg .b32 a0, a1, a2, a3, t, b0, b1, sel, lane, nib, one28;",
+        ".reg .b32 a0, a1, a2, a3, t, b0, b1, sel, lane, nib, one28, hi;",
         ".reg .pred odd;",
         ".reg .f32 z;",
-        "mov.u32 lane, %laneid;",
-        "and.b32 lane, lane, 4;",
-        "setp.ne.u32 odd, lane, 0;",
-        "selp.b32 sel, 0x7632, 0x5410, odd;",  # odd g: codes 1,5,3,7's features
-        "prmt.b32 b0, $24, $26, sel;",
-        "prmt.b32 b1, $25, $27, sel;",
         "mov.b32 nib, 0x000F000F;",
         "mov.b32 one28, 0x43004300;",
         "mov.f32 z, 0f00000000;",
     ]
+    if int8:  # both columns carry features (4r, 4r+2 | 4r+1, 4r+3); high nibbles x16
+        lines += ["prmt.b32 b0, $24, $25, 0x5410;", "prmt.b32 b1, $24, $25, 0x7632;",
+                  "mov.b32 hi, 0x45004500;"]
+    else:
+        lines += [
+            "mov.u32 lane, %laneid;",
+            "and.b32 lane, lane, 4;",
+            "setp.ne.u32 odd, lane, 0;",
+            "selp.b32 sel, 0x7632, 0x5410, odd;",  # odd g: codes 1,5,3,7's features
+            "prmt.b32 b0, $24, $26, sel;",
+            "prmt.b32 b1, $25, $27, sel;",
+            "mov.b32 hi, one28;",
+        ]
 
     def acc(i: int) -> str:
         return ", ".join(f"${28 + 4 * i + p}" for p in range(4)) if chain else "z, z, z, z"
@@ -81,9 +99,9 @@ def _step_asm(chain: bool) -> str:
     for j in range(4):
         w = f"${20 + j}"
         lines.append(f"lop3.b32 a0, {w}, nib, one28, 0xEA;")
-        for i, shift in ((1, 4), (2, 8), (3, 12)):
+        for i, shift in ((1, 4), (2, 8), (3, 12)):  # a1, a3: codes 1,5 and 3,7 (rows g + 8)
             lines.append(f"shr.u32 t, {w}, {shift};")
-            lines.append(f"lop3.b32 a{i}, t, nib, one28, 0xEA;")
+            lines.append(f"lop3.b32 a{i}, t, nib, {'hi' if i % 2 else 'one28'}, 0xEA;")
         out = ", ".join(f"${4 * j + p}" for p in range(4))
         lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                      f"{{{out}}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{{acc(j)}}};")
@@ -104,23 +122,26 @@ _FLUSH_ASM = tl.constexpr("\n".join(
         f"fma.rn.f32 ${j}, ${32 + j}, xb, ${j};")]
     + ["}"]))
 
-_STEP_FIRST = tl.constexpr(_step_asm(chain=False))
-_STEP_CHAIN = tl.constexpr(_step_asm(chain=True))
+_STEP_FIRST = tl.constexpr(_step_asm(chain=False, int8=False))
+_STEP_CHAIN = tl.constexpr(_step_asm(chain=True, int8=False))
+_STEP_FIRST8 = tl.constexpr(_step_asm(chain=False, int8=True))
+_STEP_CHAIN8 = tl.constexpr(_step_asm(chain=True, int8=True))
 _STEP_FIRST_IO = tl.constexpr(",".join(["=f"] * 20 + ["r"] * 8))
 _STEP_CHAIN_IO = tl.constexpr(",".join(["=f"] * 20 + ["r"] * 8 + ["f"] * 20))
 _FLUSH_IO = tl.constexpr(",".join(["=f"] * 4 + ["f"] * 32))
 
 
 @triton.jit
-def _mma_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr, EMULATE: tl.constexpr):
+def _mma_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr, INT8: tl.constexpr,
+              EMULATE: tl.constexpr):
     if EMULATE:
-        return _emulated_step(w, xw, d0, d1, d2, d3, db, FIRST)
+        return _emulated_step(w, xw, d0, d1, d2, d3, db, FIRST, INT8)
     if FIRST:
         return tl.inline_asm_elementwise(
-            _STEP_FIRST, _STEP_FIRST_IO, [w, xw],
+            _STEP_FIRST8 if INT8 else _STEP_FIRST, _STEP_FIRST_IO, [w, xw],
             dtype=(tl.float32,) * 5, is_pure=True, pack=4)
     return tl.inline_asm_elementwise(
-        _STEP_CHAIN, _STEP_CHAIN_IO, [w, xw, d0, d1, d2, d3, db],
+        _STEP_CHAIN8 if INT8 else _STEP_CHAIN, _STEP_CHAIN_IO, [w, xw, d0, d1, d2, d3, db],
         dtype=(tl.float32,) * 5, is_pure=True, pack=4)
 
 
@@ -136,36 +157,44 @@ def _flush(d0, d1, d2, d3, db, acc, s, m, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _emulated_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr):
+def _emulated_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr, INT8: tl.constexpr):
     """What `_step_asm` leaves in the lanes, in plain tensor ops for TRITON_INTERPRET (which
-    has no inline PTX): for lane (g, q), D_i's c0 + c3 = sum over the step's 32 features of
-    (128 + u) x_q for output feature 4g + i, and D_b's = 128 sum x_q, each in all four of
-    the lane's elements (c1 and c2, the cross terms, are never read). Elements are
-    [block of 32 features, g, q, j] in row-major order, as the kernel lays them out."""
+    has no inline PTX): for lane (g, q), D_i's c0 + c3 = sum over the step's features of
+    (bias + u) x_q for output feature 4g + i (int4: 32 features, bias 128; int8: 16
+    features, bias 128 + 2048 from the low and the x16 high nibble), and D_b's = 128 sum x_q
+    (int8: 256 sum x_q, both columns carrying the same features), each in all four of the
+    lane's elements (c1 and c2, the cross terms, are never read). Elements are [block of 32
+    features, g, q, j] in row-major order, as the kernel lays them out."""
     B: tl.constexpr = w.shape[0] // 128
-    # activations: lane (g, q) word j = bfloat16 features 8r + 2j, 8r + 2j + 1 of row g // 2
+    # activations: lane (g, q) word j = bfloat16 features 2j, 2j + 1 of its word row (int8:
+    # words j and j + 2 are the same) of row g // 2
     halves = tl.reshape(xw, (B, 8, 4, 4, 1)) >> (tl.arange(0, 2) * 16)
     x = (((halves & 0xFFFF) << 16).to(tl.float32, bitcast=True))  # [B, g, q, j, 2]
-    x = tl.reshape(x, (B, 4, 2, 4, 8))  # [B, row m, g % 2, q, feature 8r + p of the step]
+    x = tl.reshape(x, (B, 4, 2, 4, 8))  # [B, row m, g % 2, q, feature p of the word row]
     x = tl.sum(tl.where(tl.arange(0, 2)[None, None, :, None, None] == 0, x, 0.0), axis=2)
-    bias = tl.sum(tl.sum(x, axis=3), axis=2) * 128.0  # [B, m]
+    if INT8:  # features 4r..4r+3: p = 4..7 repeat them
+        x = tl.where(tl.arange(0, 8)[None, None, None, :] < 4, x, 0.0)
+    bias = tl.sum(tl.sum(x, axis=3), axis=2) * (256.0 if INT8 else 128.0)  # [B, m]
     db_new = tl.reshape(tl.broadcast_to(bias[:, None, :, None], (B, 8, 4, 4)), w.shape)
     words = tl.reshape(w, (B, 8, 4, 4))  # [B, g, q (word row 4c + q), j (feature 4g + j)]
-    n0, n1 = _emulated_dot(words, x, 0), _emulated_dot(words, x, 1)
-    n2, n3 = _emulated_dot(words, x, 2), _emulated_dot(words, x, 3)
+    n0, n1 = _emulated_dot(words, x, 0, INT8), _emulated_dot(words, x, 1, INT8)
+    n2, n3 = _emulated_dot(words, x, 2, INT8), _emulated_dot(words, x, 3, INT8)
     if FIRST:
         return n0, n1, n2, n3, db_new
     return d0 + n0, d1 + n1, d2 + n2, d3 + n3, db + db_new
 
 
 @triton.jit
-def _emulated_dot(words, x, i: tl.constexpr):
-    """Per element of lane (g, q): sum over the step of (128 + u) x_q for feature 4g + i."""
+def _emulated_dot(words, x, i: tl.constexpr, INT8: tl.constexpr):
+    """Per element of lane (g, q): sum over the step of (bias + u) x_q for feature 4g + i."""
     B: tl.constexpr = words.shape[0]
     j = tl.arange(0, 4)[None, None, None, :]
-    word = tl.sum(tl.where(j == i, words, 0), axis=3)  # [B, g, q]
-    nibbles = tl.arange(0, 8)[None, None, None, :] * 4
-    u = ((word[:, :, :, None] >> nibbles) & 0xF).to(tl.float32) + 128.0  # [B, g, q, p]
+    word = tl.sum(tl.where(j == i, words, 0), axis=3)[:, :, :, None]  # [B, g, q, 1]
+    p = tl.arange(0, 8)[None, None, None, :]
+    if INT8:  # byte p % 4 (x is zero for p >= 4)
+        u = ((word >> (p % 4) * 8) & 0xFF).to(tl.float32) + 2176.0
+    else:
+        u = ((word >> p * 4) & 0xF).to(tl.float32) + 128.0  # [B, g, q, p]
     dot = tl.sum(tl.sum(u[:, :, None, :, :] * x[:, None, :, :, :], axis=4), axis=3)  # [B, g, m]
     return tl.reshape(tl.broadcast_to(dot[:, :, :, None], (B, 8, 4, 4)), (B * 128,))
 
@@ -177,11 +206,12 @@ def _pick(i: tl.constexpr, v0, v1, v2, v3):
 
 @triton.jit
 def _load_words(w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP: tl.constexpr,
-                CHUNK: tl.constexpr):
+                CHUNK: tl.constexpr, INT8: tl.constexpr):
     """Chunk c's words (one tensor a step; word rows ``4 * (CHUNK * c + step) + q``) and
     the raw scales and offsets of its groups (one pair a group; unused slots repeat the
-    first). The caller clamps c; features past N (not `live`) are left unloaded, their sums
-    unused."""
+    first; int8 has no offsets, its slots repeat the scales). The caller clamps c; features
+    past N (not `live`) are left unloaded, their sums unused."""
+    FEATS: tl.constexpr = 16 if INT8 else 32  # input features a step
     words = w_ptr + (c * 4 * CHUNK + q) * N + n
     w0 = tl.load(words, mask=live)
     w1, w2, w3 = w0, w0, w0
@@ -190,59 +220,67 @@ def _load_words(w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP: tl.constexpr,
     if CHUNK > 2:
         w2 = tl.load(words + 8 * N, mask=live)
         w3 = tl.load(words + 12 * N, mask=live)
-    meta = (c * 32 * CHUNK) // GROUP * N + n
+    meta = (c * FEATS * CHUNK) // GROUP * N + n
     s0 = tl.load(s_ptr + meta, mask=live)
-    o0 = tl.load(o_ptr + meta, mask=live)
+    o0 = s0 if INT8 else tl.load(o_ptr + meta, mask=live)
     s1, o1, s2, o2, s3, o3 = s0, o0, s0, o0, s0, o0
-    if CHUNK * 32 // GROUP > 1:
+    if CHUNK * FEATS // GROUP > 1:
         s1 = tl.load(s_ptr + meta + N, mask=live)
-        o1 = tl.load(o_ptr + meta + N, mask=live)
-    if CHUNK * 32 // GROUP > 2:
+        o1 = s1 if INT8 else tl.load(o_ptr + meta + N, mask=live)
+    if CHUNK * FEATS // GROUP > 2:
         s2 = tl.load(s_ptr + meta + 2 * N, mask=live)
-        o2 = tl.load(o_ptr + meta + 2 * N, mask=live)
+        o2 = s2 if INT8 else tl.load(o_ptr + meta + 2 * N, mask=live)
         s3 = tl.load(s_ptr + meta + 3 * N, mask=live)
-        o3 = tl.load(o_ptr + meta + 3 * N, mask=live)
+        o3 = s3 if INT8 else tl.load(o_ptr + meta + 3 * N, mask=live)
     return w0, w1, w2, w3, s0, o0, s1, o1, s2, o2, s3, o3
 
 
 @triton.jit
-def _load_acts(x_words, c, q, CHUNK: tl.constexpr):
-    """Chunk c's activation words, one tensor a step (c clamped by the caller)."""
-    x = x_words + c * 16 * CHUNK + q * 4
+def _load_acts(x_words, c, q, CHUNK: tl.constexpr, INT8: tl.constexpr):
+    """Chunk c's activation words, one tensor a step (c clamped by the caller): a step's
+    16 words (int8: 8), the 4 of word row 4c + q (int8: 2) for lane (g, q)."""
+    STEP: tl.constexpr = 8 if INT8 else 16
+    x = x_words + c * STEP * CHUNK + q * (STEP // 4)
     x0 = tl.load(x)
     x1, x2, x3 = x0, x0, x0
     if CHUNK > 1:
-        x1 = tl.load(x + 16)
+        x1 = tl.load(x + STEP)
     if CHUNK > 2:
-        x2 = tl.load(x + 32)
-        x3 = tl.load(x + 48)
+        x2 = tl.load(x + 2 * STEP)
+        x3 = tl.load(x + 3 * STEP)
     return x0, x1, x2, x3
 
 
 @triton.jit
 def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, q, n, live, N, GROUP: tl.constexpr,
-                CHUNK: tl.constexpr):
+                CHUNK: tl.constexpr, INT8: tl.constexpr):
     """`_load_words` and `_load_acts` of chunk c, in `_chunk`'s argument order."""
     w0, w1, w2, w3, s0, o0, s1, o1, s2, o2, s3, o3 = _load_words(
-        w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP, CHUNK)
-    x0, x1, x2, x3 = _load_acts(x_words, c, q, CHUNK)
+        w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP, CHUNK, INT8)
+    x0, x1, x2, x3 = _load_acts(x_words, c, q, CHUNK, INT8)
     return w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3
 
 
 @triton.jit
 def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
-           GROUP: tl.constexpr, CHUNK: tl.constexpr, EMULATE: tl.constexpr):
-    """acc after one chunk: CHUNK mma steps, a flush at the end of every group."""
-    GSTEPS: tl.constexpr = GROUP // 32  # steps per quantization group
+           GROUP: tl.constexpr, CHUNK: tl.constexpr, INT8: tl.constexpr,
+           EMULATE: tl.constexpr):
+    """acc after one chunk: CHUNK mma steps, a flush at the end of every group (and of the
+    chunk, when a group spans chunks: int8 per channel). The flush adds s (D - 9 B) for
+    int8, whose D carries a bias of 2176 a code and B one of 256: s sum (u - 128) x."""
+    FEATS: tl.constexpr = 16 if INT8 else 32
+    GSTEPS: tl.constexpr = GROUP // FEATS  # steps per quantization group
+    FLUSH: tl.constexpr = GSTEPS if GSTEPS < CHUNK else CHUNK  # steps between flushes
     d0, d1, d2, d3, db = acc, acc, acc, acc, acc  # (unread by the first step of a group)
     for i in tl.static_range(CHUNK):
         d0, d1, d2, d3, db = _mma_step(_pick(i, w0, w1, w2, w3), _pick(i, x0, x1, x2, x3),
-                                       d0, d1, d2, d3, db, i % GSTEPS == 0, EMULATE)
-        if (i + 1) % GSTEPS == 0:
+                                       d0, d1, d2, d3, db, i % FLUSH == 0, INT8, EMULATE)
+        if (i + 1) % FLUSH == 0:
             gi = i // GSTEPS
             s = _pick(gi, s0, s1, s2, s3).to(tl.float32)
             o = _pick(gi, o0, o1, o2, o3).to(tl.float32)
-            acc = _flush(d0, d1, d2, d3, db, acc, s, o * 0.0078125 - s, EMULATE)
+            m = -9.0 * s if INT8 else o * 0.0078125 - s
+            acc = _flush(d0, d1, d2, d3, db, acc, s, m, EMULATE)
     return acc
 
 
@@ -250,10 +288,11 @@ def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
 def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                      stride_xm, stride_om, split_k, max_split, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, REDUCE: tl.constexpr,
-                     GROUPED: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
-    """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features. Grid axis 0 is
-    the group of (up to 4) rows (GROUPED: more than one): the programs of all groups that
-    read one weight tile launch next to each other."""
+                     GROUPED: tl.constexpr, INT8: tl.constexpr, EMULATE: tl.constexpr,
+                     PDL: tl.constexpr):
+    """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features (int8: 16). Grid
+    axis 0 is the group of (up to 4) rows (GROUPED: more than one): the programs of all
+    groups that read one weight tile launch next to each other."""
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     if GROUPED:  # the group's rows, outputs, split-K partials and counters
@@ -268,8 +307,9 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     q = (e // 4) % 4
     row_m = tl.minimum((e // 32) % 4, M - 1)  # lane group g supplies B column g (row g // 2)
     n = pid_n * BLOCK_N + (e // 16) * 4 + j
-    x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_m * (stride_xm // 2) + j
-    num_chunks = K // (32 * CHUNK)
+    x_words = (x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_m * (stride_xm // 2)
+               + (j % 2 if INT8 else j))
+    num_chunks = K // ((16 if INT8 else 32) * CHUNK)
     per_split = tl.cdiv(num_chunks, split_k)
     begin = pid_k * per_split
     end = tl.minimum(begin + per_split, num_chunks)
@@ -281,21 +321,21 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     live = n < N
     first = tl.minimum(begin, last)
     a0, a1, a2, a3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = _load_words(
-        w_ptr, s_ptr, o_ptr, first, q, n, live, N, GROUP, CHUNK)
+        w_ptr, s_ptr, o_ptr, first, q, n, live, N, GROUP, CHUNK, INT8)
     await_inputs(PDL)  # the weights above may load while the previous kernel finishes
-    ax0, ax1, ax2, ax3 = _load_acts(x_words, first, q, CHUNK)
+    ax0, ax1, ax2, ax3 = _load_acts(x_words, first, q, CHUNK, INT8)
     for c in range(begin, end, 2):
         b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
             _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 1, last), q, n, live, N,
-                        GROUP, CHUNK))
+                        GROUP, CHUNK, INT8))
         acc = _chunk(acc, a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2,
-                     as3, ao3, GROUP, CHUNK, EMULATE)
+                     as3, ao3, GROUP, CHUNK, INT8, EMULATE)
         a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = (
             _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 2, last), q, n, live, N,
-                        GROUP, CHUNK))
+                        GROUP, CHUNK, INT8))
         if c + 1 < end:
             acc = _chunk(acc, b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2,
-                         bo2, bs3, bo3, GROUP, CHUNK, EMULATE)
+                         bo2, bs3, bo3, GROUP, CHUNK, INT8, EMULATE)
 
     # lane (g, q) holds row q's sums for features 4g + j
     keep = live & (q < M)
@@ -319,18 +359,19 @@ def _prune(configs, named_args, **kwargs):
     group 32 (a scale and offset pair a step, two chunks of them held) takes one rep a
     warp, which keeps it within the 255 registers of a thread."""
     n, k = named_args["N"], named_args["K"]
-    chunks = k // (32 * kwargs["CHUNK"])
+    chunks = k // ((16 if kwargs["INT8"] else 32) * kwargs["CHUNK"])
     keep = []
     for c in configs:
         split, block_n = c.kwargs["split_k"], c.kwargs["BLOCK_N"]
-        if kwargs["GROUP"] == 32 and block_n > 32 * c.num_warps:
+        if kwargs["GROUP"] == 32 and not kwargs["INT8"] and block_n > 32 * c.num_warps:
             continue
         if split <= chunks and fills_waves(n, block_n, split, 4096):
             keep.append(c)
     return keep or configs[:1]
 
 
-_mma_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP", "GROUPED"], _prune)
+_mma_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP", "GROUPED", "INT8"],
+                       _prune)
 
 
 @functools.cache
@@ -338,32 +379,58 @@ def _has_mma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def _per_channel(packed: PackedWeight) -> bool:
+    """An int8 weight the kernel serves: one scale a channel, K in whole chunks of 64."""
+    return packed.group_size == packed.in_features and packed.in_features % 64 == 0
+
+
+def _int8_verified(packed: PackedWeight) -> bool:
+    """The int8 weights the device tests covered (run 41: per channel, an even number of
+    chunks, N a multiple of 32); `tests/gpu` also holds K = 576 with a ragged N, not yet
+    run on a device."""
+    return _per_channel(packed) and packed.in_features % 128 == 0 and packed.out_features % 32 == 0
+
+
 def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
-    """Whether `mma_gemv` serves this product: int4 ``words``, 1..16 bf16 rows on CUDA
-    sm_80+."""
-    return (x.is_cuda and packed.scheme == "int4" and packed.layout == "words"
-            and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_ROWS and _has_mma(x.device))
+    """Whether `mma_gemv` serves this product: bf16 rows on CUDA sm_80+ and a ``words``
+    weight, int4 with 1..16 rows or int8 quantized per channel with 1..8 rows, in the
+    shapes the device tests covered (`_int8_verified`). At 12 and 16 rows the tensor-core
+    GEMM serves int8 faster; int8 in groups (GGUF Q8_0) failed a device test and is not
+    taken (docs/benchmarks/gpu.md, run 41): the older kernels serve the rest."""
+    if packed.scheme == "int4":
+        most = MAX_ROWS
+    elif packed.scheme == "int8" and _int8_verified(packed):
+        most = INT8_MAX_ROWS
+    else:
+        return False
+    return (x.is_cuda and packed.layout == "words" and x.dtype == torch.bfloat16
+            and 1 <= x.shape[0] <= most and _has_mma(x.device))
 
 
 def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
              config: dict | None = None) -> torch.Tensor:
-    """x [M <= 16, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 ``words``
-    weight, rows in groups of 4 (one program a group, tile and K share). `config`
+    """x [M <= 16, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 or int8
+    ``words`` weight, rows in groups of 4 (one program a group, tile and K share). `config`
     ({"BLOCK_N", "split_k", "num_warps"}; BLOCK_N a multiple of 32 per warp) skips
     autotuning."""
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
-    chunk = 4 if k % 128 == 0 else packed.group_size // 32
+    int8 = packed.scheme == "int8"
+    if int8 and not _per_channel(packed):
+        raise ValueError("the mma GEMV takes int8 weights quantized per channel with K a "
+                         f"multiple of 64, got groups of {packed.group_size}, K = {k}")
+    chunk = 4 if int8 or k % 128 == 0 else packed.group_size // 32
     groups = triton.cdiv(m, GROUP_ROWS)
     max_split = 32 if config is None else config["split_k"]
     # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart
     rows = m if groups == 1 else groups * GROUP_ROWS
     part = torch.empty(max_split * rows * n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, groups * triton.cdiv(n, 32))
-    args = (x, packed.qweight, packed.scales, packed.offsets, out, part, counters, m, n, k,
+    offsets = packed.scales if int8 else packed.offsets  # (int8: never read)
+    args = (x, packed.qweight, packed.scales, offsets, out, part, counters, m, n, k,
             x.stride(0), out.stride(0))
-    consts = dict(GROUP=packed.group_size, CHUNK=chunk, GROUPED=groups > 1,
+    consts = dict(GROUP=packed.group_size, CHUNK=chunk, GROUPED=groups > 1, INT8=int8,
                   EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **pdl_args(x.device))
     if config is None:
         _mma_tuned[lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](

@@ -51,24 +51,41 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
     assert int(counters.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("n,k,group", [(40, 256, 128), (64, 192, 64), (48, 96, 32)])
+@pytest.mark.parametrize("scheme,n,k,group", [
+    ("int4", 40, 256, 128), ("int4", 64, 192, 64), ("int4", 48, 96, 32),
+    ("int8", 40, 256, 256), ("int8", 64, 192, 192), ("int8", 48, 320, 320)])
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "split_k": 1, "num_warps": 1},
                                     {"BLOCK_N": 64, "split_k": 3, "num_warps": 1},
                                     {"BLOCK_N": 64, "split_k": 2, "num_warps": 2}])
-def test_mma_gemv_exact_on_integer_data(n, k, group, config):
-    """The tensor-core int4 GEMV, M = 1..16 rows (groups of 4, the last one partial), with
-    its mma steps emulated in tensor ops (no inline PTX under the interpreter; tests/gpu
-    runs the PTX): chunks of 4, 2 and 1 steps (K = 256, 192, 96), ragged N, uneven K
+def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
+    """The tensor-core int4/int8 GEMV, M = 1..16 rows (groups of 4, the last one partial),
+    with its mma steps emulated in tensor ops (no inline PTX under the interpreter;
+    tests/gpu runs the PTX): int4 chunks of 4, 2 and 1 steps (K = 256, 192, 96); int8 per
+    channel (chunks of 4 steps of 16 features: 4, 3 and 5 of them); ragged N, uneven K
     splits, two reps a warp; exact in float32."""
     from kernels.triton_mma_gemv import mma_gemv
 
-    packed = to_words(_packed("int4", n, k, group))
+    packed = to_words(_packed(scheme, n, k, group))
     gen = torch.Generator().manual_seed(1)
     for m in (1, 2, 3, 4, 6, 16):
         x = torch.randint(-4, 5, (m, k), generator=gen).to(torch.bfloat16)
         out = torch.full((m, n), float("nan"))
         mma_gemv(x, packed, out, config)
         assert torch.equal(out, quantized_linear_reference(x.float(), packed)), m
+
+
+def test_mma_gemv_int8_routing():
+    """int8 reaches the mma GEMV per channel in the shapes the device tests covered; in
+    groups it is refused with a clear error."""
+    from kernels.triton_mma_gemv import _int8_verified, mma_gemv
+
+    assert _int8_verified(_packed("int8", 64, 256, 256))
+    assert not _int8_verified(_packed("int8", 64, 192, 192))  # an odd number of chunks
+    assert not _int8_verified(_packed("int8", 40, 256, 256))  # N not a multiple of 32
+    packed = to_words(_packed("int8", 32, 128, 32))
+    assert not _int8_verified(packed)
+    with pytest.raises(ValueError, match="per channel"):
+        mma_gemv(torch.zeros(1, 128, dtype=torch.bfloat16), packed, torch.empty(1, 32))
 
 
 @pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "BLOCK_K": 64, "split_k": 1},

@@ -58,19 +58,21 @@ def test_gemv_every_config(n, k, scheme):
         assert _rel(out, ref) < 1e-2, config
 
 
-@pytest.mark.parametrize("n,k,group", [(14336, 4096, 128), (4096, 14336, 128),
-                                       (1000, 576, 64), (1536, 576, 32), (576, 1536, 32)])
-def test_mma_gemv_every_config(n, k, group):
-    """The int4 tensor-core GEMV, M = 1..16 (groups of 4 rows), every configuration its
-    autotuner may pick (split-K 1/4/32), chunks of 4, 2 and 1 steps, N not a multiple of
-    32. Its float32 accumulation is exact but for rounding, so the bound is the bfloat16
-    output's."""
+@pytest.mark.parametrize("scheme,n,k,group", [
+    ("int4", 14336, 4096, 128), ("int4", 4096, 14336, 128), ("int4", 1000, 576, 64),
+    ("int4", 1536, 576, 32), ("int4", 576, 1536, 32), ("int8", 14336, 4096, None),
+    ("int8", 4096, 14336, None), ("int8", 1000, 576, None)])
+def test_mma_gemv_every_config(scheme, n, k, group):
+    """The tensor-core GEMV, M = 1..16 (groups of 4 rows), every configuration its
+    autotuner may pick (split-K 1/4/32); int4 chunks of 4, 2 and 1 steps, int8 per channel;
+    N not a multiple of 32. Its float32 accumulation is exact but for rounding, so the
+    bound is the bfloat16 output's."""
     from kernels.gemm import quantized_linear_reference
-    from kernels.quant import quantize_int4, to_words
+    from kernels.quant import quantize_int4, quantize_int8, to_words
     from kernels.triton_mma_gemv import _configs, mma_gemv
 
     w = torch.randn(n, k, device="cuda") * 0.02
-    packed = to_words(quantize_int4(w, group))
+    packed = to_words(quantize_int4(w, group) if scheme == "int4" else quantize_int8(w, group))
     for m in (1, 2, 3, 4, 7, 16):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 4
         ref = quantized_linear_reference(x.float(), packed)
@@ -85,19 +87,22 @@ def test_mma_gemv_every_config(n, k, group):
 
 
 def test_mma_gemv_serves_the_model_path():
-    """`quantized_linear` on CUDA sends int4 bf16 rows M <= 16 to the mma GEMV (autotuned)
-    and M = 17 elsewhere; both match the reference."""
+    """`quantized_linear` on CUDA sends int4 bf16 rows M <= 16 and per-channel int8 M <= 8
+    to the mma GEMV (autotuned), more rows elsewhere; all match the reference."""
     from kernels.gemm import quantized_linear, quantized_linear_reference
-    from kernels.quant import quantize_int4, to_words
-    from kernels.triton_mma_gemv import _mma_tuned
+    from kernels.quant import quantize_int4, quantize_int8, to_words
+    from kernels.triton_mma_gemv import _mma_tuned, mma_gemv_supported
 
-    packed = to_words(quantize_int4(torch.randn(2048, 1024, device="cuda") * 0.02, 32))
-    for m in (1, 4, 9, 17):
-        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-        out = quantized_linear(x, packed)
-        assert _rel(out, quantized_linear_reference(x.float(), packed)) < (
-            3e-3 if m <= 16 else 1.5e-2)
-    assert any(key[:2] == (2048, 1024) for key in _mma_tuned.cache)
+    w = torch.randn(2048, 1024, device="cuda") * 0.02
+    for packed in (to_words(quantize_int4(w, 32)), to_words(quantize_int8(w, None))):
+        for m in (1, 4, 9, 17):
+            x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+            assert mma_gemv_supported(x, packed) == (m <= (16 if packed.scheme == "int4" else 8))
+            out = quantized_linear(x, packed)
+            assert _rel(out, quantized_linear_reference(x.float(), packed)) < (
+                3e-3 if mma_gemv_supported(x, packed) else 1.5e-2)
+    keys = [key for key in _mma_tuned.cache if key[:2] == (2048, 1024)]
+    assert {key[4] for key in keys} == {False, True}  # the INT8 key: both schemes tuned
 
 
 @pytest.mark.parametrize("split_k", [1, 3, 8])
