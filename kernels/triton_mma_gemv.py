@@ -420,7 +420,11 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     if int8 and not _per_channel(packed):
         raise ValueError("the mma GEMV takes int8 weights quantized per channel with K a "
                          f"multiple of 64, got groups of {packed.group_size}, K = {k}")
-    chunk = 4 if int8 or k % 128 == 0 else packed.group_size // 32
+    # groups of 64 take chunks of 2: then a chunk holds no group end but its last. Two
+    # flushes inside a chunk (groups of 2 steps in chunks of 4) failed a device test with
+    # int8 (docs/benchmarks/gpu.md, run 41) and were never run with int4
+    group = packed.group_size
+    chunk = 4 if int8 or (k % 128 == 0 and group != 64) else group // 32
     groups = triton.cdiv(m, GROUP_ROWS)
     max_split = 32 if config is None else config["split_k"]
     # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart
@@ -430,7 +434,7 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     offsets = packed.scales if int8 else packed.offsets  # (int8: never read)
     args = (x, packed.qweight, packed.scales, offsets, out, part, counters, m, n, k,
             x.stride(0), out.stride(0))
-    consts = dict(GROUP=packed.group_size, CHUNK=chunk, GROUPED=groups > 1, INT8=int8,
+    consts = dict(GROUP=group, CHUNK=chunk, GROUPED=groups > 1, INT8=int8,
                   EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **pdl_args(x.device))
     if config is None:
         _mma_tuned[lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](

@@ -52,7 +52,7 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
 
 
 @pytest.mark.parametrize("scheme,n,k,group", [
-    ("int4", 40, 256, 128), ("int4", 64, 192, 64), ("int4", 48, 96, 32),
+    ("int4", 40, 256, 128), ("int4", 64, 192, 64), ("int4", 48, 96, 32), ("int4", 40, 256, 64),
     ("int8", 40, 256, 256), ("int8", 64, 192, 192), ("int8", 48, 320, 320)])
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "split_k": 1, "num_warps": 1},
                                     {"BLOCK_N": 64, "split_k": 3, "num_warps": 1},
@@ -60,7 +60,8 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
 def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
     """The tensor-core int4/int8 GEMV, M = 1..16 rows (groups of 4, the last one partial),
     with its mma steps emulated in tensor ops (no inline PTX under the interpreter;
-    tests/gpu runs the PTX): int4 chunks of 4, 2 and 1 steps (K = 256, 192, 96); int8 per
+    tests/gpu runs the PTX): int4 chunks of 4, 2 and 1 steps (K = 256, 192, 96; groups of
+    64 always in chunks of 2); int8 per
     channel (chunks of 4 steps of 16 features: 4, 3 and 5 of them); ragged N, uneven K
     splits, two reps a warp; exact in float32."""
     from kernels.triton_mma_gemv import mma_gemv

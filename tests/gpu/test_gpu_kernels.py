@@ -60,6 +60,7 @@ def test_gemv_every_config(n, k, scheme):
 
 @pytest.mark.parametrize("scheme,n,k,group", [
     ("int4", 14336, 4096, 128), ("int4", 4096, 14336, 128), ("int4", 1000, 576, 64),
+    ("int4", 4096, 4096, 64),
     ("int4", 1536, 576, 32), ("int4", 576, 1536, 32), ("int8", 14336, 4096, None),
     ("int8", 4096, 14336, None), ("int8", 1000, 576, None)])
 def test_mma_gemv_every_config(scheme, n, k, group):
