@@ -1,17 +1,16 @@
 """GPU kernel benchmark: W4A16 / W8A16 GEMMs of Llama-3-8B shapes against torch's bf16 matmul.
 
 Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. Kernels: ``bf16``
-torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16``
-our packed kernels as the model calls them (int4 and int8 at M <= 16: the mma GEMV),
-``w4-fma`` / ``w8-fma`` the CUDA-core GEMV (M = 1 only), ``w4-nopdl`` / ``tr-nopdl`` the
-w4a16 / bf16-tr kernels launched without programmatic dependent launch (`kernels.pdl`;
-M = 1 only); "x bf16" is against cuBLAS. It measures the device's copy bandwidth in the
-same run (a large device-to-device copy, bytes read plus written), then for every shape
-and M times each
-GEMM as the replay of one CUDA graph that runs it over enough distinct weight copies to
-overflow the L2 cache, so the numbers are the steady state of back-to-back kernels reading
-weights from HBM. Achieved bytes/s count the packed weight, scales/offsets, activations and
-outputs once each.
+torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16`` our
+packed kernels as the model calls them (the mma GEMV for int4 at M <= 16 and for per-channel
+int8 at M <= 8), ``w4-fma`` / ``w8-fma`` the CUDA-core GEMV (M = 1 only), ``w4-nopdl`` /
+``tr-nopdl`` the w4a16 / bf16-tr kernels launched without programmatic dependent launch
+(`kernels.pdl`; M = 1 only); "x bf16" is against cuBLAS. It measures the device's copy
+bandwidth in the same run (a large device-to-device copy, bytes read plus written), then for
+every shape and M times each GEMM as the replay of one CUDA graph that runs it over enough
+distinct weight copies to overflow the L2 cache, so the numbers are the steady state of
+back-to-back kernels reading weights from HBM. Achieved bytes/s count the packed weight,
+scales/offsets, activations and outputs once each.
 """
 
 from __future__ import annotations
