@@ -420,9 +420,9 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     if int8 and not _per_channel(packed):
         raise ValueError("the mma GEMV takes int8 weights quantized per channel with K a "
                          f"multiple of 64, got groups of {packed.group_size}, K = {k}")
-    # groups of 64 take chunks of 2: then a chunk holds no group end but its last. Two
-    # flushes inside a chunk (groups of 2 steps in chunks of 4) failed a device test with
-    # int8 (docs/benchmarks/gpu.md, run 41) and were never run with int4
+    # groups of 64 take chunks of 2 steps, so that each group ends where a chunk ends:
+    # groups of 2 steps in chunks of 4 failed a device test with int8
+    # (docs/benchmarks/gpu.md, run 41) and were never run with int4
     group = packed.group_size
     chunk = 4 if int8 or (k % 128 == 0 and group != 64) else group // 32
     groups = triton.cdiv(m, GROUP_ROWS)
