@@ -60,9 +60,8 @@ def test_gemv_every_config(n, k, scheme):
 
 @pytest.mark.parametrize("scheme,n,k,group", [
     ("int4", 14336, 4096, 128), ("int4", 4096, 14336, 128), ("int4", 1000, 576, 64),
-    ("int4", 4096, 4096, 64),
-    ("int4", 1536, 576, 32), ("int4", 576, 1536, 32), ("int8", 14336, 4096, None),
-    ("int8", 4096, 14336, None), ("int8", 1000, 576, None)])
+    ("int4", 4096, 4096, 64), ("int4", 1536, 576, 32), ("int4", 576, 1536, 32),
+    ("int8", 14336, 4096, None), ("int8", 4096, 14336, None), ("int8", 1000, 576, None)])
 def test_mma_gemv_every_config(scheme, n, k, group):
     """The tensor-core GEMV, M = 1..16 (groups of 4 rows), every configuration its
     autotuner may pick (split-K 1/4/32); int4 chunks of 4, 2 and 1 steps, int8 per channel;
