@@ -209,7 +209,7 @@ def _load_words(w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP: tl.constexpr,
                 CHUNK: tl.constexpr, INT8: tl.constexpr):
     """Chunk c's words (one tensor a step; word rows ``4 * (CHUNK * c + step) + q``) and
     the raw scales and offsets of its groups (one pair a group; unused slots repeat the
-    first; int8 has no offsets, its slots repeat the scales). The caller clamps c; features
+    first; int8 has no offsets, its slot repeats the scale). The caller clamps c; features
     past N (not `live`) are left unloaded, their sums unused."""
     FEATS: tl.constexpr = 16 if INT8 else 32  # input features a step
     words = w_ptr + (c * 4 * CHUNK + q) * N + n
@@ -224,14 +224,14 @@ def _load_words(w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP: tl.constexpr,
     s0 = tl.load(s_ptr + meta, mask=live)
     o0 = s0 if INT8 else tl.load(o_ptr + meta, mask=live)
     s1, o1, s2, o2, s3, o3 = s0, o0, s0, o0, s0, o0
-    if CHUNK * FEATS // GROUP > 1:
+    if CHUNK * FEATS // GROUP > 1:  # (int4 only: int8 groups span whole chunks)
         s1 = tl.load(s_ptr + meta + N, mask=live)
-        o1 = s1 if INT8 else tl.load(o_ptr + meta + N, mask=live)
+        o1 = tl.load(o_ptr + meta + N, mask=live)
     if CHUNK * FEATS // GROUP > 2:
         s2 = tl.load(s_ptr + meta + 2 * N, mask=live)
-        o2 = s2 if INT8 else tl.load(o_ptr + meta + 2 * N, mask=live)
+        o2 = tl.load(o_ptr + meta + 2 * N, mask=live)
         s3 = tl.load(s_ptr + meta + 3 * N, mask=live)
-        o3 = s3 if INT8 else tl.load(o_ptr + meta + 3 * N, mask=live)
+        o3 = tl.load(o_ptr + meta + 3 * N, mask=live)
     return w0, w1, w2, w3, s0, o0, s1, o1, s2, o2, s3, o3
 
 
