@@ -136,39 +136,39 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
 
 
 def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
-    """Print the time of every M = 1 GEMV configuration (the autotuners' candidates): the
-    mma kernel for int4, the CUDA-core GEMV for int8."""
-    from kernels.triton_gemv import _configs, _tile_counters, triton_gemv
-    from kernels.triton_mma_gemv import _configs as mma_configs
-    from kernels.triton_mma_gemv import mma_gemv
+    """Print the time of every M = 1 configuration of the mma GEMV (the autotuner's
+    candidates) for int4 and per-channel int8: the fastest 8, and the fastest with each
+    number of warp rows along K."""
+    from kernels.triton_mma_gemv import _configs, mma_gemv
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-    counters = _tile_counters(x.device, n // 32)
     for scheme, packed in (("w4a16", to_words(quantize_int4(w, 128))),
                            ("w8a16", to_words(quantize_int8(w, None)))):
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
         line = []
-        configs = mma_configs() if scheme == "w4a16" else _configs()
-        for c in configs:
-            if c.kwargs["split_k"] * -(-n // c.kwargs["BLOCK_N"]) < 132:
-                continue  # under one wave: never competitive
-            cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
-                   "num_warps": c.num_warps, "ROWS": c.kwargs.get("ROWS")}
-            if scheme == "w4a16":
-                def op(x_, p_, cfg=cfg):
-                    return mma_gemv(x_, p_, out, cfg)
-            else:
-                def op(x_, p_, cfg=cfg):
-                    return triton_gemv(x_, p_, out, counters, cfg)
+        for c in _configs():
+            split, warps_k = c.kwargs["split_k"], c.kwargs["WARPS_K"]
+            if split * warps_k * -(-n // c.kwargs["BLOCK_N"]) < 132:
+                continue  # under one warp row an SM: never competitive
+            cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": split, "num_warps": c.num_warps,
+                   "WARPS_K": warps_k}
+
+            def op(x_, p_, cfg=cfg):
+                return mma_gemv(x_, p_, out, cfg)
             seconds = _graph_time(op, x, copies)
             pct = 100 * packed.nbytes() / seconds / bandwidth
-            extra = f"/r{cfg['ROWS']}" if cfg["ROWS"] else ""
-            line.append((seconds, f"{cfg['BLOCK_N']}/{c.num_warps}w{extra}"
-                                  f"/s{cfg['split_k']}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
-        best = " ".join(text for _, text in sorted(line)[:8])
+            line.append((seconds, warps_k, f"{cfg['BLOCK_N']}/{c.num_warps}w/k{warps_k}"
+                                           f"/s{split}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
+        line.sort()
+        best = " ".join(text for _, _, text in line[:8])
         print(f"sweep {name} {scheme} (fastest 8 of {len(line)}): {best}", flush=True)
+        rows = {}
+        for _, warps_k, text in line:
+            rows.setdefault(warps_k, text)
+        print(f"sweep {name} {scheme} fastest by warp rows: {' '.join(rows.values())}",
+              flush=True)
 
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                         choices=[*SHAPES, *(name.split()[0] for name in SHAPES)],
                         help="shapes by name or by its first word (qo, kv, gate/up, down)")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time every M = 1 GEMV configuration of each shape")
+                        help="also time every M = 1 mma GEMV configuration of each shape")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench_gpu needs a CUDA device")

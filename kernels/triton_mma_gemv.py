@@ -79,28 +79,41 @@ def _load_words(w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP: tl.constexpr,
 
 
 @triton.jit
-def _load_acts(x_words, c, q, CHUNK: tl.constexpr, INT8: tl.constexpr):
+def _load_acts(x_words, c, ok, q, CHUNK: tl.constexpr, INT8: tl.constexpr,
+               WARPS_K: tl.constexpr):
     """Chunk c's activation words, one tensor a step (c clamped by the caller): a step's
-    16 words (int8: 8), the 4 of word row 4c + q (int8: 2) for lane (g, q)."""
+    16 words (int8: 8), the 4 of word row 4c + q (int8: 2) for lane (g, q). With several
+    warps along K, those whose chunk is past their end (not `ok`) get zeros, which add
+    nothing (D and the bias D_b are both 0)."""
     STEP: tl.constexpr = 8 if INT8 else 16
     x = x_words + c * STEP * CHUNK + q * (STEP // 4)
-    x0 = tl.load(x)
+    x0 = _load_act(x, ok, WARPS_K)
     x1, x2, x3 = x0, x0, x0
     if CHUNK > 1:
-        x1 = tl.load(x + STEP)
+        x1 = _load_act(x + STEP, ok, WARPS_K)
     if CHUNK > 2:
-        x2 = tl.load(x + 2 * STEP)
-        x3 = tl.load(x + 3 * STEP)
+        x2 = _load_act(x + 2 * STEP, ok, WARPS_K)
+        x3 = _load_act(x + 3 * STEP, ok, WARPS_K)
     return x0, x1, x2, x3
 
 
 @triton.jit
-def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, q, n, live, N, GROUP: tl.constexpr,
-                CHUNK: tl.constexpr, INT8: tl.constexpr):
-    """`_load_words` and `_load_acts` of chunk c, in `_chunk`'s argument order."""
+def _load_act(x, ok, WARPS_K: tl.constexpr):
+    if WARPS_K == 1:  # (the one warp row's chunk is never past its end)
+        return tl.load(x)
+    return tl.load(x, mask=ok, other=0)
+
+
+@triton.jit
+def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, end, last, q, n, live, N,
+                GROUP: tl.constexpr, CHUNK: tl.constexpr, INT8: tl.constexpr,
+                WARPS_K: tl.constexpr):
+    """`_load_words` and `_load_acts` of chunk c (clamped to `last`; zero activations
+    from `end` on), in `_chunk`'s argument order."""
     w0, w1, w2, w3, s0, o0, s1, o1, s2, o2, s3, o3 = _load_words(
-        w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP, CHUNK, INT8)
-    x0, x1, x2, x3 = _load_acts(x_words, c, q, CHUNK, INT8)
+        w_ptr, s_ptr, o_ptr, tl.minimum(c, last), q, n, live, N, GROUP, CHUNK, INT8)
+    x0, x1, x2, x3 = _load_acts(x_words, tl.minimum(c, last), c < end, q, CHUNK, INT8,
+                                WARPS_K)
     return w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3
 
 
@@ -130,12 +143,14 @@ def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
 @triton.jit(do_not_specialize=["split_k", "M"])
 def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                      stride_xm, stride_om, split_k, max_split, GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, REDUCE: tl.constexpr,
-                     GROUPED: tl.constexpr, INT8: tl.constexpr, EMULATE: tl.constexpr,
-                     PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, WARPS_K: tl.constexpr, CHUNK: tl.constexpr,
+                     REDUCE: tl.constexpr, GROUPED: tl.constexpr, INT8: tl.constexpr,
+                     EMULATE: tl.constexpr, PDL: tl.constexpr):
     """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features (int8: 16). Grid
     axis 0 is the group of (up to 4) rows (GROUPED: more than one): the programs of all
-    groups that read one weight tile launch next to each other."""
+    groups that read one weight tile launch next to each other. WARPS_K rows of warps
+    share the program's K range (row r takes chunks r, r + WARPS_K, ...) and sum their
+    accumulators at the end, so K splits without the split-K merge through memory."""
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     if GROUPED:  # the group's rows, outputs, split-K partials and counters
@@ -145,40 +160,48 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
         M = tl.minimum(M - pid_g * 4, 4)
         part_ptr += pid_g * max_split * 4 * N
         cnt_ptr += pid_g * tl.num_programs(1)
-    e = tl.arange(0, BLOCK_N * 4)  # element e: lane (e // 4) % 32 of its warp, word j = e % 4
+    # element e: warp row e // (4 BLOCK_N), lane (e // 4) % 32 of its warp, word j = e % 4
+    e = tl.arange(0, WARPS_K * BLOCK_N * 4)
+    r = e // (BLOCK_N * 4) if WARPS_K > 1 else 0
     j = e % 4
     q = (e // 4) % 4
     row_m = tl.minimum((e // 32) % 4, M - 1)  # lane group g supplies B column g (row g // 2)
-    n = pid_n * BLOCK_N + (e // 16) * 4 + j
+    n = pid_n * BLOCK_N + (e % (BLOCK_N * 4) // 16) * 4 + j
     x_words = (x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_m * (stride_xm // 2)
                + (j % 2 if INT8 else j))
     num_chunks = K // ((16 if INT8 else 32) * CHUNK)
     per_split = tl.cdiv(num_chunks, split_k)
     begin = pid_k * per_split
     end = tl.minimum(begin + per_split, num_chunks)
-    acc = tl.zeros((BLOCK_N * 4,), dtype=tl.float32)
+    acc = tl.zeros((WARPS_K * BLOCK_N * 4,), dtype=tl.float32)
 
     # two chunks an iteration, each loaded while the other is multiplied (no register
     # copies between iterations); loads past the end reread the last chunk
     last = num_chunks - 1
     live = n < N
-    first = tl.minimum(begin, last)
     a0, a1, a2, a3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = _load_words(
-        w_ptr, s_ptr, o_ptr, first, q, n, live, N, GROUP, CHUNK, INT8)
+        w_ptr, s_ptr, o_ptr, tl.minimum(begin + r, last), q, n, live, N, GROUP, CHUNK, INT8)
     await_inputs(PDL)  # the weights above may load while the previous kernel finishes
-    ax0, ax1, ax2, ax3 = _load_acts(x_words, first, q, CHUNK, INT8)
-    for c in range(begin, end, 2):
+    ax0, ax1, ax2, ax3 = _load_acts(x_words, tl.minimum(begin + r, last), begin + r < end, q,
+                                    CHUNK, INT8, WARPS_K)
+    for c in range(begin, end, 2 * WARPS_K):
         b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
-            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 1, last), q, n, live, N,
-                        GROUP, CHUNK, INT8))
+            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + WARPS_K + r, end, last, q, n, live,
+                        N, GROUP, CHUNK, INT8, WARPS_K))
         acc = _chunk(acc, a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2,
                      as3, ao3, GROUP, CHUNK, INT8, EMULATE)
         a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = (
-            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, tl.minimum(c + 2, last), q, n, live, N,
-                        GROUP, CHUNK, INT8))
-        if c + 1 < end:
+            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + 2 * WARPS_K + r, end, last, q, n,
+                        live, N, GROUP, CHUNK, INT8, WARPS_K))
+        if c + WARPS_K < end:  # (some warp row has a second chunk)
             acc = _chunk(acc, b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2,
                          bo2, bs3, bo3, GROUP, CHUNK, INT8, EMULATE)
+    if WARPS_K > 1:  # the warp rows' sums, laid out as one row's
+        acc = tl.sum(tl.reshape(acc, (WARPS_K, BLOCK_N * 4)), axis=0)
+        e = tl.arange(0, BLOCK_N * 4)
+        q = (e // 4) % 4
+        n = pid_n * BLOCK_N + (e // 16) * 4 + e % 4
+        live = n < N
 
     # lane (g, q) holds row q's sums for features 4g + j
     keep = live & (q < M)
@@ -192,23 +215,33 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
 
 
 def _configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": 32 * warps * reps, "split_k": split, "REDUCE": split > 1},
-                          num_warps=warps, num_stages=1)
-            for warps in (1, 2, 4) for reps in (1, 2) for split in (1, 2, 4, 8, 16, 32)]
+    """One row of 1, 2 or 4 warps along N with split-K 1..32 between programs, or rows of
+    2..16 warps along K in a program with split-K 1..4."""
+    def config(warps_n: int, warps_k: int, reps: int, split: int) -> triton.Config:
+        return triton.Config({"BLOCK_N": 32 * warps_n * reps, "WARPS_K": warps_k,
+                              "split_k": split, "REDUCE": split > 1},
+                             num_warps=warps_n * warps_k, num_stages=1)
+
+    return ([config(warps, 1, reps, split) for warps in (1, 2, 4) for reps in (1, 2)
+             for split in (1, 2, 4, 8, 16, 32)]
+            + [config(1, warps_k, reps, split) for warps_k in (2, 4, 8, 16) for reps in (1, 2)
+               for split in (1, 2, 4)])
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K);
-    group 32 (a scale and offset pair a step, two chunks of them held) takes one rep a
-    warp, which keeps it within the 255 registers of a thread."""
+    """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K)
+    and give every warp row a chunk; group 32 (a scale and offset pair a step, two chunks
+    of them held) takes one rep a warp, which keeps it within the 255 registers of a
+    thread."""
     n, k = named_args["N"], named_args["K"]
     chunks = k // ((16 if kwargs["INT8"] else 32) * kwargs["CHUNK"])
     keep = []
     for c in configs:
-        split, block_n = c.kwargs["split_k"], c.kwargs["BLOCK_N"]
-        if kwargs["GROUP"] == 32 and not kwargs["INT8"] and block_n > 32 * c.num_warps:
+        split, block_n, warps_k = c.kwargs["split_k"], c.kwargs["BLOCK_N"], c.kwargs["WARPS_K"]
+        if (kwargs["GROUP"] == 32 and not kwargs["INT8"]
+                and block_n > 32 * c.num_warps // warps_k):
             continue
-        if split <= chunks and fills_waves(n, block_n, split, 4096):
+        if split * warps_k <= chunks and fills_waves(n, block_n, split, 4096):
             keep.append(c)
     return keep or configs[:1]
 
@@ -254,8 +287,8 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
              config: dict | None = None) -> torch.Tensor:
     """x [M <= 16, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 or int8
     ``words`` weight, rows in groups of 4 (one program a group, tile and K share). `config`
-    ({"BLOCK_N", "split_k", "num_warps"}; BLOCK_N a multiple of 32 per warp) skips
-    autotuning."""
+    ({"BLOCK_N", "split_k", "num_warps", "WARPS_K"}; num_warps a multiple of WARPS_K,
+    BLOCK_N of 32 per warp along N) skips autotuning."""
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
@@ -284,9 +317,11 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
             *args, max_split=max_split, **consts)
     else:
         split, warps = config["split_k"], config.get("num_warps", 1)
-        if config["BLOCK_N"] % (32 * warps):
-            raise ValueError(f"BLOCK_N must be a multiple of 32 per warp, got {config}")
+        warps_k = config.get("WARPS_K", 1)
+        if warps % warps_k or config["BLOCK_N"] % (32 * warps // warps_k):
+            raise ValueError("num_warps must be a multiple of WARPS_K and BLOCK_N of 32 per "
+                             f"warp along N, got {config}")
         _mma_gemv_kernel[(groups, triton.cdiv(n, config["BLOCK_N"]), split)](
-            *args, split, max_split, **consts, BLOCK_N=config["BLOCK_N"], REDUCE=split > 1,
-            num_warps=warps, num_stages=1)
+            *args, split, max_split, **consts, BLOCK_N=config["BLOCK_N"], WARPS_K=warps_k,
+            REDUCE=split > 1, num_warps=warps, num_stages=1)
     return out

@@ -56,13 +56,16 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
     ("int8", 40, 256, 256), ("int8", 64, 192, 192), ("int8", 48, 320, 320)])
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "split_k": 1, "num_warps": 1},
                                     {"BLOCK_N": 64, "split_k": 3, "num_warps": 1},
-                                    {"BLOCK_N": 64, "split_k": 2, "num_warps": 2}])
+                                    {"BLOCK_N": 64, "split_k": 2, "num_warps": 2},
+                                    {"BLOCK_N": 32, "split_k": 1, "num_warps": 4, "WARPS_K": 4},
+                                    {"BLOCK_N": 64, "split_k": 2, "num_warps": 2, "WARPS_K": 2}])
 def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
     """The tensor-core int4/int8 GEMV, M = 1..16 rows (groups of 4, the last one partial),
     with its mma steps emulated in tensor ops (no inline PTX under the interpreter;
     tests/gpu runs the PTX): int4 chunks of 4, 2 and 1 steps (K = 256, 192, 96; groups of
     64 always in chunks of 2); int8 per channel (chunks of 4 steps of 16 features: 4, 3
-    and 5 of them); ragged N, uneven K splits, two reps a warp; exact in float32."""
+    and 5 of them); ragged N, uneven K splits, two reps a warp, warp rows along K (some
+    with no chunk); exact in float32."""
     from kernels.triton_mma_gemv import mma_gemv
 
     packed = to_words(_packed(scheme, n, k, group))

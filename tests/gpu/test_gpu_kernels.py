@@ -64,8 +64,8 @@ def test_gemv_every_config(n, k, scheme):
     ("int8", 14336, 4096, None), ("int8", 4096, 14336, None), ("int8", 1000, 576, None)])
 def test_mma_gemv_every_config(scheme, n, k, group):
     """The tensor-core GEMV, M = 1..16 (groups of 4 rows), every configuration its
-    autotuner may pick (split-K 1/4/32); int4 chunks of 4, 2 and 1 steps, int8 per channel;
-    N not a multiple of 32. Its float32 accumulation is exact but for rounding, so the
+    autotuner may pick (split-K 1/4/32, warp rows along K); int4 chunks of 4, 2 and 1
+    steps, int8 per channel; N not a multiple of 32. Its float32 accumulation is exact but for rounding, so the
     bound is the bfloat16 output's."""
     from kernels.gemm import quantized_linear_reference
     from kernels.quant import quantize_int4, quantize_int8, to_words
@@ -80,7 +80,7 @@ def test_mma_gemv_every_config(scheme, n, k, group):
             if c.kwargs["split_k"] not in (1, 4, 32) or c.kwargs["split_k"] > k // 32:
                 continue
             config = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
-                      "num_warps": c.num_warps}
+                      "num_warps": c.num_warps, "WARPS_K": c.kwargs["WARPS_K"]}
             out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             mma_gemv(x, packed, out, config)
             assert _rel(out, ref) < 3e-3, (m, config)
