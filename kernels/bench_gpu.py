@@ -135,15 +135,15 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
     return rows
 
 
-def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
-    """Print the time of every M = 1 configuration of the mma GEMV (the autotuner's
-    candidates) for int4 and per-channel int8: the fastest 8, and the fastest with each
+def sweep_gemv(name: str, n: int, k: int, bandwidth: float, m: int = 1) -> None:
+    """Print the time of every configuration of the mma GEMV (the autotuner's candidates)
+    at `m` rows for int4 and per-channel int8: the fastest 8, and the fastest with each
     number of warp rows along K."""
     from kernels.triton_mma_gemv import _configs, mma_gemv
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     for scheme, packed in (("w4a16", to_words(quantize_int4(w, 128))),
                            ("w8a16", to_words(quantize_int8(w, None)))):
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
@@ -163,11 +163,11 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float) -> None:
                                            f"/s{split}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
         line.sort()
         best = " ".join(text for _, _, text in line[:8])
-        print(f"sweep {name} {scheme} (fastest 8 of {len(line)}): {best}", flush=True)
+        print(f"sweep {name} M={m} {scheme} (fastest 8 of {len(line)}): {best}", flush=True)
         rows = {}
         for _, warps_k, text in line:
             rows.setdefault(warps_k, text)
-        print(f"sweep {name} {scheme} fastest by warp rows: {' '.join(rows.values())}",
+        print(f"sweep {name} M={m} {scheme} fastest by warp rows: {' '.join(rows.values())}",
               flush=True)
 
 
@@ -186,15 +186,21 @@ def main(argv: list[str] | None = None) -> None:
                         choices=[*SHAPES, *(name.split()[0] for name in SHAPES)],
                         help="shapes by name or by its first word (qo, kv, gate/up, down)")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time every M = 1 mma GEMV configuration of each shape")
+                        help="also time every mma GEMV configuration of each shape")
+    parser.add_argument("--sweep-rows", type=int, nargs="*", default=[1],
+                        help="the rows (M) the sweep times")
+    parser.add_argument("--sweep-only", action="store_true", help="skip the kernel table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench_gpu needs a CUDA device")
     shapes = [name for name in SHAPES if name in args.shapes or name.split()[0] in args.shapes]
     bandwidth = copy_bandwidth()
-    if args.sweep:
+    if args.sweep or args.sweep_only:
         for name in shapes:
-            sweep_gemv(name, *SHAPES[name], bandwidth)
+            for m in args.sweep_rows:
+                sweep_gemv(name, *SHAPES[name], bandwidth, m)
+    if args.sweep_only:
+        return
     rows = [row for name in shapes for row in bench_shape(name, *SHAPES[name], bandwidth)]
     print_table(rows, bandwidth)
     from kernels.triton_gemm import _qgemm_tuned

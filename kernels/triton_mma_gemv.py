@@ -215,8 +215,9 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
 
 
 def _configs() -> list[triton.Config]:
-    """One row of 1, 2 or 4 warps along N with split-K 1..32 between programs, or rows of
-    2..16 warps along K in a program with split-K 1..4."""
+    """One row of 1, 2 or 4 warps along N with split-K 1..32 between programs, or (more
+    than 4 rows only, `_prune`) rows of 2..16 warps along K in a program with split-K
+    1..4."""
     def config(warps_n: int, warps_k: int, reps: int, split: int) -> triton.Config:
         return triton.Config({"BLOCK_N": 32 * warps_n * reps, "WARPS_K": warps_k,
                               "split_k": split, "REDUCE": split > 1},
@@ -230,7 +231,8 @@ def _configs() -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K)
-    and give every warp row a chunk; group 32 (a scale and offset pair a step, two chunks
+    and give every warp row a chunk; warp rows along K only for more than 4 rows (at one
+    group of rows they never won: docs/benchmarks/gpu.md, run 43); group 32 (a scale and offset pair a step, two chunks
     of them held) takes one rep a warp, which keeps it within the 255 registers of a
     thread."""
     n, k = named_args["N"], named_args["K"]
@@ -240,6 +242,8 @@ def _prune(configs, named_args, **kwargs):
         split, block_n, warps_k = c.kwargs["split_k"], c.kwargs["BLOCK_N"], c.kwargs["WARPS_K"]
         if (kwargs["GROUP"] == 32 and not kwargs["INT8"]
                 and block_n > 32 * c.num_warps // warps_k):
+            continue
+        if warps_k > 1 and not kwargs["GROUPED"]:
             continue
         if split * warps_k <= chunks and fills_waves(n, block_n, split, 4096):
             keep.append(c)

@@ -79,6 +79,8 @@ def test_mma_gemv_every_config(scheme, n, k, group):
         for c in _configs():
             if c.kwargs["split_k"] not in (1, 4, 32) or c.kwargs["split_k"] > k // 32:
                 continue
+            if c.kwargs["WARPS_K"] > 1 and m <= 4:  # (taken for several groups of rows only)
+                continue
             config = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
                       "num_warps": c.num_warps, "WARPS_K": c.kwargs["WARPS_K"]}
             out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
