@@ -82,11 +82,14 @@ def _load_words(w_ptr, s_ptr, o_ptr, c, q, n, live, N, GROUP: tl.constexpr,
 def _load_acts(x_words, c, ok, q, CHUNK: tl.constexpr, INT8: tl.constexpr,
                WARPS_K: tl.constexpr):
     """Chunk c's activation words, one tensor a step (c clamped by the caller): a step's
-    16 words (int8: 8), the 4 of word row 4c + q (int8: 2) for lane (g, q). With several
-    warps along K, those whose chunk is past their end (not `ok`) get zeros, which add
-    nothing (D and the bias D_b are both 0)."""
+    16 words (int8: 8), the 4 of word row 4c + q for lane (g, q) (int8: those of word rows
+    q and q + 1, q even, of which the step uses q's 2). Loads of 4 aligned words (16 bytes)
+    for both schemes: besides the weights' they are what lays the tensors out 4 elements
+    a thread, the mma step's layout (docs/benchmarks/gpu.md, run 44). With several warps
+    along K, those whose chunk is past their end (not `ok`) get zeros, which add nothing
+    (D and the bias D_b are both 0)."""
     STEP: tl.constexpr = 8 if INT8 else 16
-    x = x_words + c * STEP * CHUNK + q * (STEP // 4)
+    x = x_words + c * STEP * CHUNK + (q // 2 * 4 if INT8 else q * 4)
     x0 = _load_act(x, ok, WARPS_K)
     x1, x2, x3 = x0, x0, x0
     if CHUNK > 1:
@@ -168,7 +171,7 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     row_m = tl.minimum((e // 32) % 4, M - 1)  # lane group g supplies B column g (row g // 2)
     n = pid_n * BLOCK_N + (e % (BLOCK_N * 4) // 16) * 4 + j
     x_words = (x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_m * (stride_xm // 2)
-               + (j % 2 if INT8 else j))
+               + j)
     num_chunks = K // ((16 if INT8 else 32) * CHUNK)
     per_split = tl.cdiv(num_chunks, split_k)
     begin = pid_k * per_split

@@ -37,8 +37,8 @@ import triton.language as tl
 def _step_asm(chain: bool, int8: bool) -> str:
     """One mma step: outputs D_0..D_3 and the bias D_b (4 float32 each: $0..$19); inputs the
     4 words ($20..$23), the lane's 4 activation words ($24..$27: int4, bf16 pairs of
-    features 8r..8r+7; int8, those of 4r..4r+3 twice) and, when chaining, the previous
-    D_0..D_3, D_b ($28..$47)."""
+    features 8r..8r+7; int8, those of 8 (r // 2)..8 (r // 2) + 7, of which features
+    4r..4r+3 are the lane's) and, when chaining, the previous D_0..D_3, D_b ($28..$47)."""
     lines = [
         "{",
         ".reg .b32 a0, a1, a2, a3, t, b0, b1, sel, lane, nib, one28, hi;",
@@ -49,8 +49,16 @@ def _step_asm(chain: bool, int8: bool) -> str:
         "mov.f32 z, 0f00000000;",
     ]
     if int8:  # both columns carry features (4r, 4r+2 | 4r+1, 4r+3); high nibbles x16
-        lines += ["prmt.b32 b0, $24, $25, 0x5410;", "prmt.b32 b1, $24, $25, 0x7632;",
-                  "mov.b32 hi, 0x45004500;"]
+        lines += [  # the lane's 4 words are features 8 (q // 2) .. + 7: odd q's are the last 4
+            "mov.u32 lane, %laneid;",
+            "and.b32 lane, lane, 1;",
+            "setp.ne.u32 odd, lane, 0;",
+            "selp.b32 t, $26, $24, odd;",
+            "selp.b32 sel, $27, $25, odd;",
+            "prmt.b32 b0, t, sel, 0x5410;",
+            "prmt.b32 b1, t, sel, 0x7632;",
+            "mov.b32 hi, 0x45004500;",
+        ]
     else:
         lines += [
             "mov.u32 lane, %laneid;",
@@ -144,8 +152,11 @@ def _emulated_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr, INT8: tl.cons
     x = (((halves & 0xFFFF) << 16).to(tl.float32, bitcast=True))  # [B, g, q, j, 2]
     x = tl.reshape(x, (B, 4, 2, 4, 8))  # [B, row m, g % 2, q, feature p of the word row]
     x = tl.sum(tl.where(tl.arange(0, 2)[None, None, :, None, None] == 0, x, 0.0), axis=2)
-    if INT8:  # features 4r..4r+3: p = 4..7 repeat them
-        x = tl.where(tl.arange(0, 8)[None, None, None, :] < 4, x, 0.0)
+    if INT8:  # the lane's features 4r..4r+3 are p = 0..3 (even q) or 4..7 (odd q): to p < 4
+        x = tl.reshape(x, (B, 4, 4, 2, 4))  # [B, m, q, half, p % 4]
+        odd = (tl.arange(0, 4) % 2)[None, None, :, None, None]
+        x = tl.sum(tl.where(tl.arange(0, 2)[None, None, None, :, None] == odd, x, 0.0), axis=3)
+        x = tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (0, 1, 2, 4, 3)), (B, 4, 4, 8))
     bias = tl.sum(tl.sum(x, axis=3), axis=2) * (256.0 if INT8 else 128.0)  # [B, m]
     db_new = tl.reshape(tl.broadcast_to(bias[:, None, :, None], (B, 8, 4, 4)), w.shape)
     words = tl.reshape(w, (B, 8, 4, 4))  # [B, g, q (word row 4c + q), j (feature 4g + j)]
