@@ -267,22 +267,15 @@ def _per_channel(packed: PackedWeight) -> bool:
     return packed.group_size == packed.in_features and packed.in_features % 64 == 0
 
 
-def _int8_verified(packed: PackedWeight) -> bool:
-    """The int8 weights the device tests covered (run 41: per channel, an even number of
-    chunks, N a multiple of 32); `tests/gpu` also holds K = 576 with a ragged N, not yet
-    run on a device."""
-    return _per_channel(packed) and packed.in_features % 128 == 0 and packed.out_features % 32 == 0
-
-
 def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
     """Whether `mma_gemv` serves this product: bf16 rows on CUDA sm_80+ and a ``words``
-    weight, int4 with 1..16 rows or int8 quantized per channel with 1..8 rows, in the
-    shapes the device tests covered (`_int8_verified`). At 12 and 16 rows the tensor-core
-    GEMM serves int8 faster; int8 in groups (GGUF Q8_0) failed a device test and is not
-    taken (docs/benchmarks/gpu.md, run 41): the older kernels serve the rest."""
+    weight, int4 with 1..16 rows or int8 quantized per channel (K a multiple of 64) with
+    1..8 rows. At 12 and 16 rows the tensor-core GEMM serves int8 faster; int8 in groups
+    (GGUF Q8_0) has no flush between groups inside a chunk here: the older kernels serve
+    the rest."""
     if packed.scheme == "int4":
         most = MAX_ROWS
-    elif packed.scheme == "int8" and _int8_verified(packed):
+    elif packed.scheme == "int8" and _per_channel(packed):
         most = INT8_MAX_ROWS
     else:
         return False

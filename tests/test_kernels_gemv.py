@@ -78,15 +78,16 @@ def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
 
 
 def test_mma_gemv_int8_routing():
-    """int8 reaches the mma GEMV per channel in the shapes the device tests covered; in
-    groups it is refused with a clear error."""
-    from kernels.triton_mma_gemv import _int8_verified, mma_gemv
+    """int8 reaches the mma GEMV per channel with K in whole chunks of 64 (any N, an odd
+    number of chunks: both ran on the device, run 45); in groups it is refused with a
+    clear error."""
+    from kernels.triton_mma_gemv import _per_channel, mma_gemv
 
-    assert _int8_verified(_packed("int8", 64, 256, 256))
-    assert not _int8_verified(_packed("int8", 64, 192, 192))  # an odd number of chunks
-    assert not _int8_verified(_packed("int8", 40, 256, 256))  # N not a multiple of 32
+    assert _per_channel(_packed("int8", 64, 256, 256))
+    assert _per_channel(_packed("int8", 40, 192, 192))  # ragged N, an odd number of chunks
+    assert not _per_channel(_packed("int8", 40, 96, 96))  # K not in whole chunks
     packed = to_words(_packed("int8", 32, 128, 32))
-    assert not _int8_verified(packed)
+    assert not _per_channel(packed)
     with pytest.raises(ValueError, match="per channel"):
         mma_gemv(torch.zeros(1, 128, dtype=torch.bfloat16), packed, torch.empty(1, 32))
 
