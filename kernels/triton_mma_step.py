@@ -4,10 +4,12 @@ quantization group into the float32 accumulator, and the same two in plain tenso
 TRITON_INTERPRET, which has no inline PTX (`_emulated_step`), so that the CPU tests check
 all of the GEMV but the PTX itself.
 
-Fragment plan (PTX ISA, m16n8k16 .bf16: lane = 4 * g + q). A 16-byte load gives lane
-(g, q) the words of 4 neighbouring output features ``4g + j`` (j = 0..3) in word row
-``r = 4c + q`` (features 8r..8r+7). Per word, ``(w >> 4i) & 0x000F000F | 0x43004300`` is
-the bfloat16 pair ``(128 + u_i, 128 + u_{i+4})``; the four pairs are the word's A fragment,
+Fragment plan (PTX ISA, m16n8k16 .bf16: lane = 4 * g + q). Triton lays the GEMV's tensors
+out 4 consecutive elements a thread (a lane's 4 words below) because its 16-byte loads
+fix that layout (`tests/test_kernels_mma_layout.py` checks the compiled kernel). A
+16-byte load gives lane (g, q) the words of 4 neighbouring output features ``4g + j``
+(j = 0..3) in word row ``r = 4c + q`` (features 8r..8r+7). Per word, ``(w >> 4i) &
+0x000F000F | 0x43004300`` is the bfloat16 pair ``(128 + u_i, 128 + u_{i+4})``; the four pairs are the word's A fragment,
 so A row g holds codes 0, 4, 2, 6 of each of the 4 lanes' words (one output feature, 32
 input features) and row g + 8 holds codes 1, 5, 3, 7 (the same feature). B column 2m
 carries activation row m's features in row g's order, column 2m + 1 in row g + 8's; lane
@@ -22,8 +24,10 @@ sums are dropped.
 int8 (``INT8``) runs the same steps over words of 4 codes u = q + 128 (16 input features
 a step): a word's nibbles are the low and high halves of its bytes, so codes 0, 4, 2, 6
 (row g) are the low nibbles of features 4r, 4r+2, 4r+1, 4r+3 and codes 1, 5, 3, 7 (row
-g + 8) their high nibbles, built with ``0x45004500`` into ``2048 + 16 u_hi``. Both B
-columns then carry those 4 features (``prmt`` of two activation words), D's c0 + c3 is
+g + 8) their high nibbles, built with ``0x45004500`` into ``2048 + 16 u_hi``. Lane (g,
+q) loads the 4 activation words of word rows 2 (q // 2) and 2 (q // 2) + 1 (16 aligned
+bytes, as int4 does: the loads that fix the kernel's layout) and takes the 2 of row q.
+Both B columns then carry those 4 features (``prmt`` of the 2 words), D's c0 + c3 is
 ``sum (2176 + u) x`` and the bias mma's ``256 sum x``, and a flush adds ``s (D - 9 B) = s
 sum (u - 128) x`` (the bias costs ~5 of float32's bits).
 """
