@@ -5,21 +5,21 @@ TRITON_INTERPRET, which has no inline PTX (`_emulated_step`), so that the CPU te
 all of the GEMV but the PTX itself.
 
 Fragment plan (PTX ISA, m16n8k16 .bf16: lane = 4 * g + q). Triton lays the GEMV's tensors
-out 4 consecutive elements a thread (a lane's 4 words below) because its 16-byte loads
-fix that layout (`tests/test_kernels_mma_layout.py` checks the compiled kernel). A
-16-byte load gives lane (g, q) the words of 4 neighbouring output features ``4g + j``
-(j = 0..3) in word row ``r = 4c + q`` (features 8r..8r+7). Per word, ``(w >> 4i) &
-0x000F000F | 0x43004300`` is the bfloat16 pair ``(128 + u_i, 128 + u_{i+4})``; the four pairs are the word's A fragment,
-so A row g holds codes 0, 4, 2, 6 of each of the 4 lanes' words (one output feature, 32
-input features) and row g + 8 holds codes 1, 5, 3, 7 (the same feature). B column 2m
-carries activation row m's features in row g's order, column 2m + 1 in row g + 8's; lane
-(g, q) supplies column g (``prmt`` of its 16-byte activation load). Then lane (g, m) ends
-with ``c0 + c3 = sum (128 + u) x_m`` for feature 4g + j over the 32 features. A second
-mma with A = 128 everywhere gives ``128 * sum x_m`` over the same features (c0 + c3 again).
-Accumulated over a quantization group G of the weight (G / 32 steps), the group adds
-``s * (D - B) + o * B / 128`` to a float32 accumulator: exact apart from float32 rounding
-(the +128 bias costs ~4 of float32's 24 bits). Rows past M repeat row M - 1 and their
-sums are dropped.
+out 4 consecutive elements a thread (a lane's 4 words below) because its 16-byte loads fix
+that layout (`tests/test_kernels_mma_layout.py` checks the compiled kernel). A 16-byte load
+gives lane (g, q) the words of 4 neighbouring output features ``4g + j`` (j = 0..3) in word
+row ``r = 4c + q`` (features 8r..8r+7). Per word, ``(w >> 4i) & 0x000F000F | 0x43004300``
+is the bfloat16 pair ``(128 + u_i, 128 + u_{i+4})``; the four pairs are the word's A
+fragment, so A row g holds codes 0, 4, 2, 6 of each of the 4 lanes' words (one output
+feature, 32 input features) and row g + 8 holds codes 1, 5, 3, 7 (the same feature). B
+column 2m carries activation row m's features in row g's order, column 2m + 1 in row g +
+8's; lane (g, q) supplies column g (``prmt`` of its 16-byte activation load). Then lane (g,
+m) ends with ``c0 + c3 = sum (128 + u) x_m`` for feature 4g + j over the 32 features. A
+second mma with A = 128 everywhere gives ``128 * sum x_m`` over the same features (c0 + c3
+again). Accumulated over a quantization group G of the weight (G / 32 steps), the group
+adds ``s * (D - B) + o * B / 128`` to a float32 accumulator: exact apart from float32
+rounding (the +128 bias costs ~4 of float32's 24 bits). Rows past M repeat row M - 1 and
+their sums are dropped.
 
 int8 (``INT8``) runs the same steps over words of 4 codes u = q + 128 (16 input features
 a step): a word's nibbles are the low and high halves of its bytes, so codes 0, 4, 2, 6
