@@ -295,6 +295,8 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
+    if x.data_ptr() % 16:  # 16-byte activation loads fix the layout the PTX needs
+        x = x.clone()
     int8 = packed.scheme == "int8"
     if int8 and not _per_channel(packed):
         raise ValueError("the mma GEMV takes int8 weights quantized per channel with K a "
