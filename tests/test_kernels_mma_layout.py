@@ -31,7 +31,7 @@ ARGS = ["x_ptr", "w_ptr", "s_ptr", "o_ptr", "out_ptr", "part_ptr", "cnt_ptr", "M
 TYPES = ["*bf16", "*i32", "*fp16", "*fp16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7
 for case in json.loads(sys.argv[1]):
     consts = dict(GROUP=case["group"], BLOCK_N=case["block_n"], WARPS_K=case["warps_k"],
-                  CHUNK=case["chunk"], REDUCE=False, GROUPED=case["warps_k"] > 1,
+                  CHUNK=case["chunk"], REDUCE=case["reduce"], GROUPED=case["warps_k"] > 1,
                   INT8=case["int8"], EMULATE=False, PDL=True)
     signature = dict(zip(ARGS, TYPES)) | {name: "constexpr" for name in consts}
     # what the launcher proves of aligned tensors and of integers divisible by 16
@@ -51,12 +51,13 @@ for case in json.loads(sys.argv[1]):
 """
 
 # int4 groups of 128/64/32 (chunks of 4/2/1 steps) and int8 per channel; one warp row
-# or several along K; N and the output stride divisible by 16 or not (N = 1000)
+# (with and without split-K) or several along K; N and the output stride divisible by 16
+# or not (N = 1000)
 _CASES = [dict(int8=int8, group=group, chunk=chunk, block_n=32 * reps, warps_k=warps_k,
-               warps=warps_k, divisible=divisible)
+               warps=warps_k, reduce=reduce, divisible=divisible)
           for int8, group, chunk in ((False, 128, 4), (False, 64, 2), (False, 32, 1),
                                      (True, 576, 4), (True, 4096, 4))
-          for warps_k, reps in ((1, 1), (1, 2), (8, 1))
+          for warps_k, reps, reduce in ((1, 1, True), (1, 2, False), (8, 1, False))
           for divisible in (["K", "stride_xm"], ["K", "stride_xm", "stride_om", "N"])]
 
 
