@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU tests, the GEMM kernel benchmark, the decode benchmarks (tables + JSON), as one device call
-# per STEPS subset: all four steps take ~12 minutes on an H200, more than one call's 10, so a
-# full pass is two calls: STEPS="tests kernels", then STEPS="decode default".
+# per STEPS subset: tests alone took 4.9 minutes on an H200 without the six int4 every-config
+# cases (run 44), so a full pass is three calls of at most 10 minutes: STEPS=tests,
+# STEPS=kernels, then STEPS="decode default".
 # Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
 # decode default"] [TESTS="pytest node ids, split on spaces"] [TESTS_K="a -k expression"]
 # [KERNEL_ARGS="--sweep --shapes ..."] [KERNEL_LIMIT=seconds (240)] [DECODE_ARGS="--profile"]
@@ -37,7 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 for s in $STEPS; do
   case $s in
-    tests) step tests 240 python3 -m pytest -q -x -p no:cacheprovider --tb=short \
+    tests) step tests 540 python3 -m pytest -q -x -p no:cacheprovider --tb=short \
       ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests/gpu} ;;
     kernels) step kernels "${KERNEL_LIMIT:-240}" python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
     decode) step decode 240 python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" \
