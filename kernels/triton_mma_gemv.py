@@ -105,6 +105,7 @@ def _load_acts(x_words, c, ok, q, CHUNK: tl.constexpr, INT8: tl.constexpr,
 
 @triton.jit
 def _load_act(x, ok, WARPS_K: tl.constexpr):
+    """One step's activation words, zeros where not `ok` (several warp rows only)."""
     if WARPS_K == 1:  # (the one warp row's chunk is never past its end)
         return tl.load(x)
     return tl.load(x, mask=ok, other=0)
@@ -238,9 +239,9 @@ def _configs() -> list[triton.Config]:
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K)
     and give every warp row a chunk; warp rows along K only for more than 4 rows (at one
-    group of rows they never won: docs/benchmarks/gpu.md, run 43); group 32 (a scale and offset pair a step, two chunks
-    of them held) takes one rep a warp, which keeps it within the 255 registers of a
-    thread."""
+    group of rows they never won: docs/benchmarks/gpu.md, run 43); group 32 (a scale and
+    offset pair a step, two chunks of them held) takes one rep a warp, which keeps it
+    within the 255 registers of a thread."""
     n, k = named_args["N"], named_args["K"]
     chunks = k // ((16 if kwargs["INT8"] else 32) * kwargs["CHUNK"])
     keep = []
