@@ -151,7 +151,7 @@ def _emulated_step(w, xw, d0, d1, d2, d3, db, FIRST: tl.constexpr, INT8: tl.cons
     features, g, q, j] in row-major order, as the kernel lays them out."""
     B: tl.constexpr = w.shape[0] // 128
     # activations: lane (g, q) word j = bfloat16 features 2j, 2j + 1 of its word row (int8:
-    # words j and j + 2 are the same) of row g // 2
+    # of word rows 2 (q // 2) and 2 (q // 2) + 1, 4 features each) of row g // 2
     halves = tl.reshape(xw, (B, 8, 4, 4, 1)) >> (tl.arange(0, 2) * 16)
     x = (((halves & 0xFFFF) << 16).to(tl.float32, bitcast=True))  # [B, g, q, j, 2]
     x = tl.reshape(x, (B, 4, 2, 4, 8))  # [B, row m, g % 2, q, feature p of the word row]
