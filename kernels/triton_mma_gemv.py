@@ -117,10 +117,10 @@ def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, end, last, q, n, live, N,
                 WARPS_K: tl.constexpr):
     """`_load_words` and `_load_acts` of chunk c (clamped to `last`; zero activations
     from `end` on), in `_chunk`'s argument order."""
+    read = tl.minimum(c, last)
     w0, w1, w2, w3, s0, o0, s1, o1, s2, o2, s3, o3 = _load_words(
-        w_ptr, s_ptr, o_ptr, tl.minimum(c, last), q, n, live, N, GROUP, CHUNK, INT8)
-    x0, x1, x2, x3 = _load_acts(x_words, tl.minimum(c, last), c < end, q, CHUNK, INT8,
-                                WARPS_K)
+        w_ptr, s_ptr, o_ptr, read, q, n, live, N, GROUP, CHUNK, INT8)
+    x0, x1, x2, x3 = _load_acts(x_words, read, c < end, q, CHUNK, INT8, WARPS_K)
     return w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3
 
 
@@ -186,11 +186,11 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     # copies between iterations); loads past the end reread the last chunk
     last = num_chunks - 1
     live = n < N
+    first = tl.minimum(begin + r, last)
     a0, a1, a2, a3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = _load_words(
-        w_ptr, s_ptr, o_ptr, tl.minimum(begin + r, last), q, n, live, N, GROUP, CHUNK, INT8)
+        w_ptr, s_ptr, o_ptr, first, q, n, live, N, GROUP, CHUNK, INT8)
     await_inputs(PDL)  # the weights above may load while the previous kernel finishes
-    ax0, ax1, ax2, ax3 = _load_acts(x_words, tl.minimum(begin + r, last), begin + r < end, q,
-                                    CHUNK, INT8, WARPS_K)
+    ax0, ax1, ax2, ax3 = _load_acts(x_words, first, begin + r < end, q, CHUNK, INT8, WARPS_K)
     for c in range(begin, end, 2 * WARPS_K):
         b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
             _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + WARPS_K + r, end, last, q, n, live,
