@@ -185,15 +185,18 @@ def print_profile(mode: str, rows: list[tuple], step_seconds: float) -> None:
               f"{name[:70]}", flush=True)
 
 
-def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = False) -> list[dict]:
+MODES = ("bf16", "int8", "int4")  # the 8B model's weights: dense, or packed by quantize_dense
+
+
+def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = False,
+             modes: tuple[str, ...] = MODES) -> list[dict]:
     hf, model = build_models(llama3_8b())
     hf_tps = time_transformers(hf, context, hf_tokens)
     del hf
     torch.cuda.empty_cache()
-    packs = {"bf16": {}}
-    for scheme in ("int8", "int4"):
-        packs[scheme] = {name: to_words(quantize_dense(lin.weight, scheme))
-                         for name, lin in linear_modules(model)}
+    packs = {mode: {} if mode == "bf16" else
+             {name: to_words(quantize_dense(lin.weight, mode))
+              for name, lin in linear_modules(model)} for mode in modes}
     rows = []
     for mode, pack in packs.items():
         for name, lin in linear_modules(model):
@@ -276,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each default-model measurement (median reported)")
     parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES),
+                        help="the 8B model's weight modes to time")
     parser.add_argument("--profile", action="store_true",
                         help="also print each 8B mode's per-kernel device time of a step")
     parser.add_argument("--json", help="write every row here")
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = [] if args.skip_8b else bench_8b(bandwidth, args.context, args.hf_tokens,
-                                            args.profile)
+                                            args.profile, tuple(args.modes))
     if args.gguf:
         rows += bench_default(args.gguf, args.default_configs, args.repeats)
     if args.json:
