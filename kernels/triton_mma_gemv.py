@@ -183,22 +183,18 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     acc = tl.zeros((WARPS_K * BLOCK_N * 4,), dtype=tl.float32)
 
     # two chunks an iteration, each loaded while the other is multiplied (no register
-    # copies between iterations); loads past the end reread the last chunk. The first two
-    # chunks' weights load before the wait for the previous kernel, so a program with at
-    # most two chunks (the small projections, split K) has no DRAM read left after it.
+    # copies between iterations); loads past the end reread the last chunk
     last = num_chunks - 1
     live = n < N
     first = tl.minimum(begin + r, last)
-    second = tl.minimum(begin + WARPS_K + r, last)
     a0, a1, a2, a3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = _load_words(
         w_ptr, s_ptr, o_ptr, first, q, n, live, N, GROUP, CHUNK, INT8)
-    b0, b1, b2, b3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = _load_words(
-        w_ptr, s_ptr, o_ptr, second, q, n, live, N, GROUP, CHUNK, INT8)
     await_inputs(PDL)  # the weights above may load while the previous kernel finishes
     ax0, ax1, ax2, ax3 = _load_acts(x_words, first, begin + r < end, q, CHUNK, INT8, WARPS_K)
-    bx0, bx1, bx2, bx3 = _load_acts(x_words, second, begin + WARPS_K + r < end, q, CHUNK,
-                                    INT8, WARPS_K)
     for c in range(begin, end, 2 * WARPS_K):
+        b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
+            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + WARPS_K + r, end, last, q, n, live,
+                        N, GROUP, CHUNK, INT8, WARPS_K))
         acc = _chunk(acc, a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2,
                      as3, ao3, GROUP, CHUNK, INT8, EMULATE)
         a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = (
@@ -207,9 +203,6 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
         if c + WARPS_K < end:  # (some warp row has a second chunk)
             acc = _chunk(acc, b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2,
                          bo2, bs3, bo3, GROUP, CHUNK, INT8, EMULATE)
-        b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
-            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + 3 * WARPS_K + r, end, last, q, n,
-                        live, N, GROUP, CHUNK, INT8, WARPS_K))
     if WARPS_K > 1:  # the warp rows' sums, laid out as one row's
         acc = tl.sum(tl.reshape(acc, (WARPS_K, BLOCK_N * 4)), axis=0)
         e = tl.arange(0, BLOCK_N * 4)
