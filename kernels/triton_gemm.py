@@ -1,7 +1,7 @@
 """Triton W4A16 / W8A16 GEMM over the ``words`` layout (CUDA; CPU under TRITON_INTERPRET=1).
 
 One entry point, `triton_quantized_linear`; on CUDA, int4 with 1..16 bfloat16 rows and
-per-channel int8 with 1..8 go to `kernels.triton_mma_gemv` (one mma per packed word,
+int8 (per channel or GGUF Q8_0) with 1..8 go to `kernels.triton_mma_gemv` (one mma per packed word,
 `mma_gemv_supported`), other M = 1 products to the GEMV of `kernels.triton_gemv` (CUDA
 cores, no conversions), the rest to the tensor-core kernel here. A program owns BLOCK_M rows
 of x and BLOCK_N output features and walks a share of K in tiles of BLOCK_K features inside

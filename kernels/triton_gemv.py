@@ -1,7 +1,7 @@
 """Triton GEMVs (one activation row, M = 1): W4A16 / W8A16 over the ``words`` layout, and
-16-bit dense weights (`dense_gemv`). On CUDA, int4 and per-channel int8 with bfloat16 rows
-go to the tensor-core kernel of `kernels.triton_mma_gemv` instead (`mma_gemv_supported`);
-the packed GEMV here serves grouped int8, other input dtypes, and the interpreter.
+16-bit dense weights (`dense_gemv`). On CUDA, int4 and int8 with bfloat16 rows go to the
+tensor-core kernel of `kernels.triton_mma_gemv` instead (`mma_gemv_supported`); the packed
+GEMV here serves the groupings it does not take, other input dtypes, and the interpreter.
 
 Decode at batch 1 is a matrix-vector product that must stream the packed weight at HBM
 speed, so the inner loop spends as few instructions per weight as it can:

@@ -1,4 +1,4 @@
-"""W4A16 (and per-channel W8A16) for M = 1..16 activation rows (decode and verification)
+"""W4A16 (and W8A16) for M = 1..16 activation rows (decode and verification)
 on the tensor cores, over the ``words`` layout (CUDA, sm_80+). The mma step, its fragment
 plan, the int8 variant and the step's emulation under TRITON_INTERPRET are in
 `kernels.triton_mma_step`; this module walks K, merges split-K partials and routes.
@@ -266,20 +266,24 @@ def _has_mma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def _per_channel(packed: PackedWeight) -> bool:
-    """An int8 weight the kernel serves: one scale a channel, K in whole chunks of 64."""
-    return packed.group_size == packed.in_features and packed.in_features % 64 == 0
+def _int8_chunk(packed: PackedWeight) -> int | None:
+    """Steps of 16 input features a chunk for an int8 weight the kernel serves, None for
+    others: groups of 32 (GGUF Q8_0) take chunks of one group (2 steps), groups of a
+    multiple of 64 (per channel among them) chunks of 4 steps, so that groups end where
+    chunks end; K is a whole number of chunks."""
+    group, k = packed.group_size, packed.in_features
+    chunk = 2 if group == 32 else 4 if group % 64 == 0 else None
+    return chunk if chunk is not None and k % (16 * chunk) == 0 else None
 
 
 def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
     """Whether `mma_gemv` serves this product: bf16 rows on CUDA sm_80+ and a ``words``
-    weight, int4 with 1..16 rows or int8 quantized per channel (K a multiple of 64) with
-    1..8 rows. At 12 and 16 rows the tensor-core GEMM serves int8 faster; int8 in groups
-    (GGUF Q8_0) has no flush between groups inside a chunk here: the older kernels serve
-    the rest."""
+    weight, int4 with 1..16 rows or int8 (per channel, or in groups of 32 or a multiple
+    of 64: `_int8_chunk`) with 1..8 rows. At 12 and 16 rows the tensor-core GEMM
+    serves int8 faster; the older kernels serve the rest."""
     if packed.scheme == "int4":
         most = MAX_ROWS
-    elif packed.scheme == "int8" and _per_channel(packed):
+    elif packed.scheme == "int8" and _int8_chunk(packed) is not None:
         most = INT8_MAX_ROWS
     else:
         return False
@@ -299,14 +303,15 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     if x.data_ptr() % 16:  # 16-byte activation loads fix the layout the PTX needs
         x = x.clone()
     int8 = packed.scheme == "int8"
-    if int8 and not _per_channel(packed):
-        raise ValueError("the mma GEMV takes int8 weights quantized per channel with K a "
-                         f"multiple of 64, got groups of {packed.group_size}, K = {k}")
-    # groups of 64 take chunks of 2 steps, so that each group ends where a chunk ends:
-    # groups of 2 steps in chunks of 4 failed a device test with int8
-    # (docs/benchmarks/gpu.md, run 41) and were never run with int4
+    if int8 and _int8_chunk(packed) is None:
+        raise ValueError("the mma GEMV takes int8 weights in groups of 32 or a multiple of "
+                         f"64 with K in whole chunks, got groups of {packed.group_size}, "
+                         f"K = {k}")
+    # int4 groups of 64 take chunks of 2 steps, so that each group ends where a chunk ends
+    # (flushes inside a chunk never ran on a device)
     group = packed.group_size
-    chunk = 4 if int8 or (k % 128 == 0 and group != 64) else group // 32
+    chunk = (_int8_chunk(packed) if int8 else 4 if k % 128 == 0 and group != 64
+             else group // 32)
     groups = triton.cdiv(m, GROUP_ROWS)
     max_split = 32 if config is None else config["split_k"]
     # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart

@@ -53,7 +53,8 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
 
 @pytest.mark.parametrize("scheme,n,k,group", [
     ("int4", 40, 256, 128), ("int4", 64, 192, 64), ("int4", 48, 96, 32), ("int4", 40, 256, 64),
-    ("int8", 40, 256, 256), ("int8", 64, 192, 192), ("int8", 48, 320, 320)])
+    ("int8", 40, 256, 256), ("int8", 64, 192, 192), ("int8", 48, 320, 320),
+    ("int8", 40, 96, 32), ("int8", 64, 256, 64)])
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "split_k": 1, "num_warps": 1},
                                     {"BLOCK_N": 64, "split_k": 3, "num_warps": 1},
                                     {"BLOCK_N": 64, "split_k": 2, "num_warps": 2},
@@ -64,7 +65,8 @@ def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
     with its mma steps emulated in tensor ops (no inline PTX under the interpreter;
     tests/gpu runs the PTX): int4 chunks of 4, 2 and 1 steps (K = 256, 192, 96; groups of
     64 always in chunks of 2); int8 per channel (chunks of 4 steps of 16 features: 4, 3
-    and 5 of them); ragged N, uneven K splits, two reps a warp, warp rows along K (some
+    and 5 of them), in groups of 32 (GGUF Q8_0: chunks of 2 steps, 3 of them) and of 64;
+    ragged N, uneven K splits, two reps a warp, warp rows along K (some
     with no chunk); exact in float32."""
     from kernels.triton_mma_gemv import mma_gemv
 
@@ -78,18 +80,20 @@ def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
 
 
 def test_mma_gemv_int8_routing():
-    """int8 reaches the mma GEMV per channel with K in whole chunks of 64 (any N, an odd
-    number of chunks: both ran on the device, run 45); in groups it is refused with a
-    clear error."""
-    from kernels.triton_mma_gemv import _per_channel, mma_gemv
+    """int8 reaches the mma GEMV per channel and in groups of 32 (GGUF Q8_0) or a multiple
+    of 64, with K in whole chunks (any N, an odd number of chunks); other groupings are
+    refused with a clear error."""
+    from kernels.triton_mma_gemv import _int8_chunk, mma_gemv
 
-    assert _per_channel(_packed("int8", 64, 256, 256))
-    assert _per_channel(_packed("int8", 40, 192, 192))  # ragged N, an odd number of chunks
-    assert not _per_channel(_packed("int8", 40, 96, 96))  # K not in whole chunks
-    packed = to_words(_packed("int8", 32, 128, 32))
-    assert not _per_channel(packed)
-    with pytest.raises(ValueError, match="per channel"):
-        mma_gemv(torch.zeros(1, 128, dtype=torch.bfloat16), packed, torch.empty(1, 32))
+    assert _int8_chunk(_packed("int8", 64, 256, 256)) == 4
+    assert _int8_chunk(_packed("int8", 40, 192, 192)) == 4  # ragged N, an odd chunk count
+    assert _int8_chunk(_packed("int8", 40, 96, 32)) == 2  # Q8_0: a group a chunk
+    assert _int8_chunk(_packed("int8", 40, 256, 128)) == 4
+    assert _int8_chunk(_packed("int8", 40, 96, 96)) is None  # K not in whole chunks of 64
+    packed = to_words(_packed("int8", 32, 96, 48))
+    assert _int8_chunk(packed) is None  # groups that would end inside a chunk
+    with pytest.raises(ValueError, match="groups of 48"):
+        mma_gemv(torch.zeros(1, 96, dtype=torch.bfloat16), packed, torch.empty(1, 32))
 
 
 @pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "BLOCK_K": 64, "split_k": 1},

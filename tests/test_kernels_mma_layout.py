@@ -54,13 +54,13 @@ for case in json.loads(sys.argv[1]):
     print(json.dumps(dict(case=case, steps=len(steps), layouts=layouts)))
 """
 
-# int4 groups of 128/64/32 (chunks of 4/2/1 steps) and int8 per channel; one warp row
-# (with and without split-K) or several along K; N and the output stride divisible by 16
-# or not (N = 1000)
+# int4 groups of 128/64/32 (chunks of 4/2/1 steps), int8 per channel and in groups of 32
+# (chunks of 2 steps); one warp row (with and without split-K) or several along K; N and
+# the output stride divisible by 16 or not (N = 1000)
 _CASES = [dict(int8=int8, group=group, chunk=chunk, block_n=32 * reps, warps_k=warps_k,
                warps=warps_k, reduce=reduce, divisible=divisible)
           for int8, group, chunk in ((False, 128, 4), (False, 64, 2), (False, 32, 1),
-                                     (True, 576, 4), (True, 4096, 4))
+                                     (True, 576, 4), (True, 4096, 4), (True, 32, 2))
           for warps_k, reps, reduce in ((1, 1, True), (1, 2, False), (8, 1, False))
           for divisible in (["K", "stride_xm"], ["K", "stride_xm", "stride_om", "N"])]
 

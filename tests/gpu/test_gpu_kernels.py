@@ -61,12 +61,14 @@ def test_gemv_every_config(n, k, scheme):
 @pytest.mark.parametrize("scheme,n,k,group", [
     ("int4", 14336, 4096, 128), ("int4", 4096, 14336, 128), ("int4", 1000, 576, 64),
     ("int4", 4096, 4096, 64), ("int4", 1536, 576, 32), ("int4", 576, 1536, 32),
-    ("int8", 14336, 4096, None), ("int8", 4096, 14336, None), ("int8", 1000, 576, None)])
+    ("int8", 14336, 4096, None), ("int8", 4096, 14336, None), ("int8", 1000, 576, None),
+    ("int8", 14336, 4096, 32), ("int8", 1000, 576, 32)])
 def test_mma_gemv_every_config(scheme, n, k, group):
     """The tensor-core GEMV, M = 1..16 (groups of 4 rows), every configuration its
     autotuner may pick (split-K 1/4/32, warp rows along K); int4 chunks of 4, 2 and 1
-    steps, int8 per channel; N not a multiple of 32. Its float32 accumulation is exact but
-    for rounding, so the bound is the bfloat16 output's."""
+    steps, int8 per channel and in groups of 32 (GGUF Q8_0: chunks of 2 steps); N not a
+    multiple of 32. Its float32 accumulation is exact but for rounding, so the bound is
+    the bfloat16 output's."""
     from kernels.gemm import quantized_linear_reference
     from kernels.quant import quantize_int4, quantize_int8, to_words
     from kernels.triton_mma_gemv import _configs, mma_gemv
