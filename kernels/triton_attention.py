@@ -32,12 +32,13 @@ _LOG2E = 1 / math.log(2)
 
 
 @triton.jit
-def _load_kv(k_ptr, v_ptr, bt_row, t0, lo, hi, block_size, stride_kb, stride_ks, stride_vb,
-             stride_vs, offs_d, mask_d, BLOCK_KV: tl.constexpr):
-    """Keys and values of positions t0 .. t0 + BLOCK_KV, those in [lo, hi) only (zeros
-    elsewhere), each gathered through the block table."""
+def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, t0, q_pos, head_ok, seq_len,
+                 block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
+                 window, num_sinks, qk_scale, BLOCK_KV: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Fold key/value positions t0 .. t0 + BLOCK_KV into the online softmax state."""
     t = t0 + tl.arange(0, BLOCK_KV)
-    t_ok = (t >= lo) & (t < hi)
+    t_ok = t < seq_len
     page = tl.load(bt_row + t // block_size, mask=t_ok, other=0).to(tl.int64)
     slot = t % block_size
     kv_mask = t_ok[:, None] & mask_d[None, :]
@@ -45,20 +46,11 @@ def _load_kv(k_ptr, v_ptr, bt_row, t0, lo, hi, block_size, stride_kb, stride_ks,
                 mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    return k, v
-
-
-@triton.jit
-def _fold_tile(acc, m_i, l_i, q, k, v, t0, q_pos, head_ok, seq_len, window, num_sinks,
-               qk_scale, BLOCK_KV: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """Fold positions t0 .. t0 + BLOCK_KV (keys k, values v) into the online softmax state."""
-    t = t0 + tl.arange(0, BLOCK_KV)
     if UPCAST:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
-    visible = (t[None, :] <= q_pos[:, None]) & (t < seq_len)[None, :] & head_ok[:, None]
+    visible = (t[None, :] <= q_pos[:, None]) & t_ok[None, :] & head_ok[:, None]
     if HAS_WINDOW:
         visible &= (t[None, :] > q_pos[:, None] - window) | (t[None, :] < num_sinks)
     s = tl.where(visible, s * qk_scale, float("-inf"))
@@ -72,18 +64,6 @@ def _fold_tile(acc, m_i, l_i, q, k, v, t0, q_pos, head_ok, seq_len, window, num_
     else:
         pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc * alpha[:, None] + pv, m_new, l_i
-
-
-@triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, t0, q_pos, head_ok, seq_len,
-                 block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
-                 window, num_sinks, qk_scale, BLOCK_KV: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """`_load_kv` and `_fold_tile` of positions t0 .. t0 + BLOCK_KV."""
-    k, v = _load_kv(k_ptr, v_ptr, bt_row, t0, 0, seq_len, block_size, stride_kb, stride_ks,
-                    stride_vb, stride_vs, offs_d, mask_d, BLOCK_KV)
-    return _fold_tile(acc, m_i, l_i, q, k, v, t0, q_pos, head_ok, seq_len, window, num_sinks,
-                      qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
 
 
 @triton.jit
@@ -112,14 +92,11 @@ def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, ac
         w_j = tl.exp2(m_j - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
         l_i = tl.sum(w_j * l_j, axis=0)
         acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-        for k0 in range(0, active, 4):  # 4 splits' outputs a round trip to L2
-            for i in tl.static_range(4):
-                k = k0 + i
-                a_k = tl.load(ws_acc_ptr + ((base + k) * ROWS + r)[:, None] * BLOCK_D
-                              + d[None, :], mask=(r * 0 + k < active)[:, None], other=0.0,
-                              cache_modifier=".cg")
-                w_k = tl.sum(tl.where(j[:, None] == k, w_j, 0.0), axis=0)
-                acc += a_k * w_k[:, None]
+        for k in range(0, active):
+            a_k = tl.load(ws_acc_ptr + ((base + k) * ROWS + r)[:, None] * BLOCK_D + d[None, :],
+                          cache_modifier=".cg")
+            w_k = tl.sum(tl.where(j[:, None] == k, w_j, 0.0), axis=0)
+            acc += a_k * w_k[:, None]
         tl.atomic_xchg(cnt_ptr + tile, 0)
     return acc, m_i, l_i, last
 
@@ -135,70 +112,51 @@ def _paged_attention_kernel(
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    chunk_id = tl.program_id(2) // SPLITS
-    split = tl.program_id(2) % SPLITS
-    chunk = chunk_id * BLOCK_Q
     # the step's metadata is written before its first kernel (not by the previous one)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
-    old_len = seq_len - q_len  # positions whose keys and values earlier steps wrote
-    last_pos = tl.minimum(old_len + chunk + BLOCK_Q, seq_len)  # exclusive
-    start = 0
-    sink_end = 0
-    if HAS_WINDOW:
-        sink_end = tl.cdiv(num_sinks, BLOCK_KV) * BLOCK_KV
-        first_visible = tl.maximum(old_len + chunk - window + 1, 0)
-        start = tl.maximum(first_visible // BLOCK_KV * BLOCK_KV, sink_end)
-    # this split's share of the tiles past the sinks; splits past the last share (short
-    # contexts) have nothing to attend and take no part in the merge
-    tiles = tl.cdiv(tl.maximum(last_pos - start, 0), BLOCK_KV)
-    per_split = tl.cdiv(tiles, SPLITS) * BLOCK_KV
-    active = tl.maximum(tl.cdiv(tiles * BLOCK_KV, tl.maximum(per_split, 1)), 1)
-    lo = start + split * per_split
-    hi = tl.where(chunk < q_len, tl.minimum(lo + per_split, last_pos), lo)
-    k_base = k_ptr + kv_head * stride_kh
-    v_base = v_ptr + kv_head * stride_vh
-    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
-    # the split's first tile as far as earlier steps wrote it loads before the wait for the
-    # previous kernel (which writes this step's keys and values)
-    k0, v0 = _load_kv(k_base, v_base, bt_row, lo, lo, tl.minimum(hi, old_len), block_size,
-                      stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d, BLOCK_KV)
     await_inputs(PDL)
+    chunk_id = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
+    chunk = chunk_id * BLOCK_Q
     if chunk < q_len:
         r = tl.arange(0, BLOCK_Q * GROUP_PAD)
         qi = chunk + r // GROUP_PAD
         h = r % GROUP_PAD
         head_ok = (qi < q_len) & (h < GROUP)
-        q_pos = old_len + qi
+        q_pos = seq_len - q_len + qi
         head = kv_head * GROUP + h
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < head_dim
         row_mask = head_ok[:, None] & mask_d[None, :]
         q_rows = (q_start + qi).to(tl.int64)
         q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh
                     + offs_d[None, :], mask=row_mask, other=0.0)
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
         acc = tl.zeros((BLOCK_Q * GROUP_PAD, BLOCK_D), dtype=tl.float32)
         m_i = tl.full((BLOCK_Q * GROUP_PAD,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_Q * GROUP_PAD,), dtype=tl.float32)
+        last_pos = tl.minimum(seq_len - q_len + chunk + BLOCK_Q, seq_len)  # exclusive
+        start = 0
         if HAS_WINDOW:
+            sink_end = tl.cdiv(num_sinks, BLOCK_KV) * BLOCK_KV
             for t0 in range(0, tl.where(split == 0, sink_end, 0), BLOCK_KV):  # sinks: split 0
                 acc, m_i, l_i = _attend_tile(
                     acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
                     block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
                     window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
-        if lo < hi:
-            if lo + BLOCK_KV > old_len:  # the tile holds this step's positions too
-                kn, vn = _load_kv(k_base, v_base, bt_row, lo, old_len, hi, block_size,
-                                  stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
-                                  BLOCK_KV)
-                new = (lo + tl.arange(0, BLOCK_KV) >= old_len)[:, None]
-                k0 = tl.where(new, kn, k0)
-                v0 = tl.where(new, vn, v0)
-            acc, m_i, l_i = _fold_tile(acc, m_i, l_i, q, k0, v0, lo, q_pos, head_ok, seq_len,
-                                       window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW,
-                                       UPCAST)
-        for t0 in range(lo + BLOCK_KV, hi, BLOCK_KV):
+            first_visible = tl.maximum(seq_len - q_len + chunk - window + 1, 0)
+            start = tl.maximum(first_visible // BLOCK_KV * BLOCK_KV, sink_end)
+        # this split's share of the remaining tiles; splits past the last share (short
+        # contexts) have nothing to attend and take no part in the merge
+        tiles = tl.cdiv(tl.maximum(last_pos - start, 0), BLOCK_KV)
+        per_split = tl.cdiv(tiles, SPLITS) * BLOCK_KV
+        active = tl.maximum(tl.cdiv(tiles * BLOCK_KV, tl.maximum(per_split, 1)), 1)
+        lo = start + split * per_split
+        for t0 in range(lo, tl.minimum(lo + per_split, last_pos), BLOCK_KV):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
                 block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
