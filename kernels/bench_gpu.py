@@ -203,17 +203,31 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = [row for name in shapes for row in bench_shape(name, *SHAPES[name], bandwidth)]
     print_table(rows, bandwidth)
+    tuned = tuned_configs()
+    for entry in tuned:
+        print("tuned", entry)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
+                       "torch": torch.__version__, "rows": rows, "tuned": tuned}, f, indent=1)
+
+
+def tuned_configs() -> list[dict]:
+    """The configuration each autotuned GEMV/GEMM kernel picked in this process, per key:
+    {"kernel", "key" (the tuner's key arguments by name), "config" (its parameters)}. The
+    picks differ between processes (single timings a few percent apart), so benchmarks
+    record them beside their figures."""
     from kernels.triton_gemm import _qgemm_tuned
     from kernels.triton_gemv import _dense_tuned, _gemv_tuned
     from kernels.triton_mma_gemv import _mma_tuned
 
-    for key, config in [*_gemv_tuned.cache.items(), *_dense_tuned.cache.items(),
-                        *_mma_tuned.cache.items(), *_qgemm_tuned.cache.items()]:
-        print("tuned", key[:5], config)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+    out = []
+    for name, tuner in (("gemv", _gemv_tuned), ("dense_gemv", _dense_tuned),
+                        ("mma_gemv", _mma_tuned), ("gemm", _qgemm_tuned)):
+        for key, config in tuner.cache.items():  # (keys end with the arguments' dtypes)
+            out.append({"kernel": name, "key": dict(zip(tuner.keys, key, strict=False)),
+                        "config": config.all_kwargs()})
+    return out
 
 
 if __name__ == "__main__":

@@ -22,3 +22,28 @@ def test_label_linears_by_launch_order():
         layer * 2 + ["gemv [lm_head]"]) * 2
     assert [name for name in labels if not name.startswith("gemv")] == [
         name for name in step * 2 if name != "gemv"]
+
+
+def test_tuned_configs_name_their_keys():
+    """The benchmarks' record of the autotuners' picks: each entry names its kernel, the
+    key arguments by name and the configuration's parameters, JSON-serializable."""
+    import json
+
+    import triton
+
+    from kernels.bench_gpu import tuned_configs
+    from kernels.triton_mma_gemv import _mma_tuned
+
+    key = (4096, 14336, 128, False, True, "torch.bfloat16")
+    _mma_tuned.cache[key] = triton.Config({"BLOCK_N": 64, "split_k": 16, "WARPS_K": 1},
+                                          num_warps=2, num_stages=1)
+    try:
+        entries = [e for e in tuned_configs() if e["kernel"] == "mma_gemv"]
+    finally:
+        del _mma_tuned.cache[key]
+    assert entries == [{"kernel": "mma_gemv",
+                        "key": {"N": 4096, "K": 14336, "GROUP": 128, "GROUPED": False,
+                                "INT8": True},
+                        "config": {"BLOCK_N": 64, "split_k": 16, "WARPS_K": 1,
+                                   "num_warps": 2, "num_ctas": 1, "num_stages": 1}}]
+    json.dumps(entries)

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import torch
 
 from kernels import pdl
-from kernels.bench_gpu import copy_bandwidth
+from kernels.bench_gpu import copy_bandwidth, tuned_configs
 from kernels.quant import to_words
 from server.engine.cuda_graphs import CudaGraphRunner
 from server.models.config import config_from_hf
@@ -293,10 +293,14 @@ def main(argv: list[str] | None = None) -> None:
                                             args.profile, tuple(args.modes))
     if args.gguf:
         rows += bench_default(args.gguf, args.default_configs, args.repeats)
+    tuned = tuned_configs()
+    for entry in tuned:
+        if entry["kernel"] == "mma_gemv":  # (int4/int8 decode: the picks explain spreads)
+            print("tuned", entry, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "tuned": tuned}, f, indent=1)
 
 
 if __name__ == "__main__":
