@@ -1,14 +1,14 @@
 """Triton W4A16 / W8A16 GEMM over the ``words`` layout (CUDA; CPU under TRITON_INTERPRET=1).
 
-One entry point, `triton_quantized_linear`; on CUDA, int4 with 1..16 bfloat16 rows and
-int8 (per channel or GGUF Q8_0) with 1..8 go to `kernels.triton_mma_gemv` (one mma per packed word,
-`mma_gemv_supported`), other M = 1 products to the GEMV of `kernels.triton_gemv` (CUDA
-cores, no conversions), the rest to the tensor-core kernel here. A program owns BLOCK_M rows
-of x and BLOCK_N output features and walks a share of K in tiles of BLOCK_K features inside
-one quantization group (`tile_k`): every feature row of the tile loads its word (per_word
-rows share one, so the repeats are L1 hits), shifts its own field out, and dequantizes it
-with the group's scale and offset (one row of BLOCK_N each) into a ``[BLOCK_K, BLOCK_N]``
-operand of one tensor-core dot with float32 accumulation.
+One entry point, `triton_quantized_linear`; on CUDA, int4 with 1..16 bfloat16 rows and int8
+(per channel or GGUF Q8_0) with 1..8 go to `kernels.triton_mma_gemv` (one mma per packed
+word, `mma_gemv_supported`), other M = 1 products to the GEMV of `kernels.triton_gemv`
+(CUDA cores, no conversions), the rest to the tensor-core kernel here. A program owns
+BLOCK_M rows of x and BLOCK_N output features and walks a share of K in tiles of BLOCK_K
+features inside one quantization group (`tile_k`): every feature row of the tile loads its
+word (per_word rows share one, so the repeats are L1 hits), shifts its own field out, and
+dequantizes it with the group's scale and offset (one row of BLOCK_N each) into a
+``[BLOCK_K, BLOCK_N]`` operand of one tensor-core dot with float32 accumulation.
 
 Verification and small batches have too few output tiles to keep every SM streaming
 weights, so K is split over SPLIT_K programs. Each writes its float32 partial tile to a
