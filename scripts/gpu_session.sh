@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU tests, the GEMM kernel benchmark, the decode benchmarks (tables + JSON), as one device call
-# per STEPS subset: tests alone took 4.9 minutes on an H200 without the six int4 every-config
-# cases (run 44), so a full pass is three calls of at most 10 minutes: STEPS=tests,
-# STEPS=kernels, then STEPS="decode default".
+# per STEPS subset: tests alone took 5.3 minutes on an H200 without the int4 every-config
+# cases and those 2 more (runs 49-50), so a full pass is three calls of at most 10 minutes:
+# STEPS=tests, STEPS=kernels, then STEPS="decode default".
 # Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
 # decode default"] [TESTS="pytest node ids, split on spaces"] [TESTS_K="a -k expression"]
 # [KERNEL_ARGS="--sweep --shapes ..."] [KERNEL_LIMIT=seconds (240)] [DECODE_ARGS="--profile"]
