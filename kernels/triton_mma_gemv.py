@@ -303,15 +303,15 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     if x.data_ptr() % 16:  # 16-byte activation loads fix the layout the PTX needs
         x = x.clone()
     int8 = packed.scheme == "int8"
-    if int8 and _int8_chunk(packed) is None:
-        raise ValueError("the mma GEMV takes int8 weights in groups of 32 or a multiple of "
-                         f"64 with K in whole chunks, got groups of {packed.group_size}, "
-                         f"K = {k}")
-    # int4 groups of 64 take chunks of 2 steps, so that each group ends where a chunk ends
-    # (flushes inside a chunk never ran on a device)
     group = packed.group_size
-    chunk = (_int8_chunk(packed) if int8 else 4 if k % 128 == 0 and group != 64
-             else group // 32)
+    if int8:
+        chunk = _int8_chunk(packed)
+        if chunk is None:
+            raise ValueError("the mma GEMV takes int8 weights in groups of 32 or a multiple "
+                             f"of 64 with K in whole chunks, got groups of {group}, K = {k}")
+    else:  # groups of 64 take chunks of 2 steps, so that each group ends where a chunk
+        # ends (flushes inside a chunk never ran on a device)
+        chunk = 4 if k % 128 == 0 and group != 64 else group // 32
     groups = triton.cdiv(m, GROUP_ROWS)
     max_split = 32 if config is None else config["split_k"]
     # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart
