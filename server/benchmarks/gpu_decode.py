@@ -9,7 +9,9 @@ What each number times:
   and reading the greedy next tokens back to the host (the step's one sync). The
   scheduler, sampler and detokenizer are not in it. tok/s = batch / median seconds per
   step, at a context of `--context` tokens. ``nopdl``: the same with
-  programmatic dependent launch off (`kernels.pdl`).
+  programmatic dependent launch off (`kernels.pdl`). ``device``: the batch-1 graph replayed
+  back to back with no host work between steps (device time alone; the gap to ``ours``
+  is the host's share).
 - ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
   the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
 - ``roofline``: measured copy bandwidth (bytes read + written per second of a device copy) /
@@ -29,6 +31,7 @@ including the LM head.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -91,11 +94,11 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
     return total + sum(p.nbytes for p in norms)
 
 
-def decode_steps(model: LlamaForCausalLM, batch: int, context: int, steps: int,
-                 graphed: bool) -> Iterator[tuple[float, torch.Tensor]]:
-    """Greedy decode steps at `batch` sequences of `context` tokens (a fresh KV cache and
-    `CudaGraphRunner`, whose greedy tokens feed the next step): (host seconds, logits
-    [batch, vocab] on the device) per step."""
+@contextlib.contextmanager
+def decode_runner(model: LlamaForCausalLM, batch: int, context: int, steps: int
+                  ) -> Iterator[tuple[CudaGraphRunner, list[list[int]]]]:
+    """A fresh KV cache for `batch` sequences of `context` + `steps` tokens, and a
+    `CudaGraphRunner` over it with each sequence's block table; freed on exit."""
     per_seq = -(-(context + steps + 8) // BLOCK)
     num_blocks = batch * per_seq + 1
     c = model.config
@@ -104,18 +107,43 @@ def decode_steps(model: LlamaForCausalLM, batch: int, context: int, steps: int,
                         torch.zeros(shape, dtype=model.dtype, device="cuda"))
                        for _ in range(c.num_layers)]
     runner = CudaGraphRunner(model, BLOCK, num_blocks - 1, per_seq * BLOCK, batch, 1)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    try:
+        yield runner, [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    finally:
+        model.kv_caches = []
+        del runner
+        torch.cuda.empty_cache()
+
+
+def decode_steps(model: LlamaForCausalLM, batch: int, context: int, steps: int,
+                 graphed: bool) -> Iterator[tuple[float, torch.Tensor]]:
+    """Greedy decode steps at `batch` sequences of `context` tokens (whose greedy tokens
+    feed the next step): (host seconds, logits [batch, vocab] on the device) per step."""
     tokens = [[1]] * batch
-    with torch.inference_mode():
+    with decode_runner(model, batch, context, steps) as (runner, tables), \
+            torch.inference_mode():
         for step in range(steps):
             start = time.perf_counter()
             _, logits, greedy = runner.step(batch, 1, [context + step] * batch, tokens, tables,
                                             graphed)
             tokens = [[t] for t in greedy[:batch].tolist()]
             yield time.perf_counter() - start, logits[:batch]
-    model.kv_caches = []
-    del runner
-    torch.cuda.empty_cache()
+
+
+def time_replays(model: LlamaForCausalLM, context: int, replays: int) -> float:
+    """Device seconds of one batch-1 decode step: the captured graph replayed `replays`
+    times back to back (the same inputs) between two syncs, so no host work sits between
+    steps; against `time_decode` this gives the host's share of a step."""
+    with decode_runner(model, 1, context, 1) as (runner, tables), torch.inference_mode():
+        runner.step(1, 1, [context], [[1]], tables)  # captures
+        graph = runner.graphs[(1, 1)].graph
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / replays
 
 
 def time_decode(model: LlamaForCausalLM, batch: int, context: int, steps: int,
@@ -207,10 +235,11 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
         with pdl.disabled():  # the same step, every kernel launched after the last ends
             b1_nopdl = 1 / time_decode(model, 1, context, 64, graphed=True)
         b1_eager = 1 / time_decode(model, 1, context, 16, graphed=False)
+        b1_device = 1 / time_replays(model, context, 64)
         b64 = 64 / time_decode(model, 64, context, 16, graphed=True)
         rows.append(dict(model="llama3-8b-shape", mode=mode, weight_gb=weight_bytes(model) / 1e9,
                          roofline_tps=roof, batch1_tps=b1, batch1_nopdl_tps=b1_nopdl,
-                         batch1_eager_tps=b1_eager,
+                         batch1_eager_tps=b1_eager, batch1_device_tps=b1_device,
                          pct_roofline=100 * b1 / roof, pct_roofline_all=100 * b1 / roof_all,
                          batch64_tps=b64,
                          transformers_tps=hf_tps, x_transformers=b1 / hf_tps))
