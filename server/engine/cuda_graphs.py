@@ -8,10 +8,11 @@ replay has static shapes: B * Q tokens, B sequences, a block table as wide as th
 allowed sequence. The forward, the LM head (logits of every token; in such a step every
 token's logits are sampled) and the greedy token of every row (`kernels.triton_argmax`, so
 plain greedy steps need no launch after the replay) are captured together. Inputs travel in
-two flat buffers (int64: ids, positions, slots; int32: block tables, seq_lens,
-query_start_loc) filled on the host in pinned memory and copied with one non-blocking copy
-each; nothing in a step syncs with the device except reading its results back (the tokens
-for plain greedy steps, else the logits).
+one flat int64 buffer (ids, positions, slots, then block tables, seq_lens and
+query_start_loc as int32 pairs; each 16-byte aligned), filled on the host in pinned memory
+with numpy (no Python loop over the batch's rows but one copy of each block table) and
+copied with one non-blocking copy; nothing in a step syncs with the device except reading
+its results back (the tokens for plain greedy steps, else the logits).
 
 Decode graphs (Q = 1) are captured for every bucket at start; verification graphs on first
 use (capturing replays the step's own inputs, whose KV writes are idempotent). All graphs
@@ -29,6 +30,10 @@ from server.engine.contracts import SchedulerOutput
 from server.models.batch import BatchMeta
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @dataclass
@@ -52,12 +57,14 @@ class CudaGraphRunner:
             next((b for b in BUCKETS if b >= max_batch), BUCKETS[-1])]
         self.max_query_len = max_query_len
         self.width = -(-max_model_len // block_size)
-        b, t = self.buckets[-1], self.buckets[-1] * max_query_len
         device = next(iter(model.kv_caches))[0].device
-        self.dev64 = torch.zeros(3 * t, dtype=torch.long, device=device)
-        self.dev32 = torch.zeros(b * self.width + 2 * b + 1, dtype=torch.int32, device=device)
-        self.host64 = torch.zeros(3 * t, dtype=torch.long).pin_memory()
-        self.host32 = torch.zeros_like(self.dev32, device="cpu").pin_memory()
+        # one int64 buffer holds a step's inputs (`_views`), so one copy moves them
+        used = self._layout(self.buckets[-1], max_query_len)[-1]
+        self.dev = torch.zeros(used, dtype=torch.long, device=device)
+        self.host = torch.zeros_like(self.dev, device="cpu")
+        if device.type == "cuda":
+            self.host = self.host.pin_memory()
+        self._host_views: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool: tuple | None = None
 
@@ -113,38 +120,53 @@ class CudaGraphRunner:
         graph.graph.replay()
         return graph.hidden, graph.logits, graph.tokens
 
-    def _views(self, b: int, q: int) -> tuple[torch.Tensor, ...]:
-        """ids, positions, slots, block_tables, seq_lens, query_start_loc of a (B, Q) graph."""
+    def _layout(self, b: int, q: int) -> tuple[int, ...]:
+        """Offsets in the input buffer (int64 elements) of a (B, Q) graph's positions, slots
+        and int32 part, that part's offsets (int32 elements) of seq_lens and
+        query_start_loc, and the int64 elements used: every input starts 16-byte aligned."""
+        t = b * q
+        pos, slots, part = _up(t, 2), 2 * _up(t, 2), 3 * _up(t, 2)
+        lens = _up(b * self.width, 4)
+        qsl = lens + _up(b, 4)
+        return pos, slots, part, lens, qsl, part + (qsl + _up(b + 1, 4)) // 2
+
+    def _views(self, b: int, q: int, buffer: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, ...]:
+        """ids, positions, slots, block_tables, seq_lens, query_start_loc of a (B, Q) graph:
+        views of `buffer` (default the device buffer) laid out by `_layout`."""
         t, w = b * q, self.width
-        d64, d32 = self.dev64, self.dev32
-        return (d64[:t], d64[t:2 * t], d64[2 * t:3 * t], d32[:b * w].view(b, w),
-                d32[b * w:b * w + b], d32[b * w + b:b * w + 2 * b + 1])
+        pos, slots, part, lens, qsl, used = self._layout(b, q)
+        d64 = self.dev if buffer is None else buffer
+        d32 = d64[part:used].view(torch.int32)
+        return (d64[:t], d64[pos:pos + t], d64[slots:slots + t], d32[:b * w].view(b, w),
+                d32[lens:lens + b], d32[qsl:qsl + b + 1])
 
     def _fill(self, b: int, q: int, starts: list[int], ids: list[list[int]],
               tables: list[list[int]]) -> None:
-        """Write a step's inputs (real sequences, then padding) and copy them to the device."""
-        t, w, bs = b * q, self.width, self.block_size
-        h64, h32 = self.host64.numpy(), self.host32.numpy()
-        offs = np.arange(q)
-        for i in range(b):
-            rows = slice(i * q, (i + 1) * q)
-            if i < len(starts):
-                pos = starts[i] + offs
-                table = np.asarray(tables[i])
-                h64[rows] = ids[i]
-                h32[i * w:i * w + len(table)] = table
-                h64[2 * t + i * q:2 * t + (i + 1) * q] = table[pos // bs] * bs + pos % bs
-            else:
-                pos = offs
-                h64[rows] = 0
-                h32[i * w:i * w + -(-q // bs)] = self.scratch_block
-                h64[2 * t + i * q:2 * t + (i + 1) * q] = self.scratch_slot + pos % bs
-            h64[t + i * q:t + (i + 1) * q] = pos
-            h32[b * w + i] = pos[-1] + 1
-        h32[b * w + b:b * w + 2 * b + 1] = np.arange(b + 1) * q
-        self.dev64[:3 * t].copy_(self.host64[:3 * t], non_blocking=True)
-        n32 = b * w + 2 * b + 1
-        self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
+        """Write a step's inputs (real sequences, then padding rows: ids 0, positions 0..Q-1,
+        KV in the scratch block) and copy them to the device in one copy."""
+        n, bs = len(starts), self.block_size
+        views = self._host_views.get((b, q))
+        if views is None:  # numpy views of the pinned buffer, made once a shape
+            views = tuple(v.numpy() for v in self._views(b, q, self.host))
+            self._host_views[(b, q)] = views
+        h_ids, h_pos, h_slots, h_tables, h_lens, h_qsl = views
+        for i, table in enumerate(tables):
+            h_tables[i, :len(table)] = table
+        h_tables[n:, :-(-q // bs)] = self.scratch_block
+        pos = h_pos.reshape(b, q)
+        pos[:] = np.arange(q)
+        if n:
+            pos[:n] += np.asarray(starts)[:, None]
+            h_ids.reshape(b, q)[:n] = ids
+        h_ids[n * q:] = 0
+        slots = h_slots.reshape(b, q)
+        slots[:n] = h_tables[np.arange(n)[:, None], pos[:n] // bs] * bs + pos[:n] % bs
+        slots[n:] = self.scratch_slot + pos[n:] % bs
+        h_lens[:] = pos[:, -1] + 1
+        h_qsl[:] = np.arange(b + 1) * q
+        used = self._layout(b, q)[-1]
+        self.dev[:used].copy_(self.host[:used], non_blocking=True)
 
     def _forward(self, b: int, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
