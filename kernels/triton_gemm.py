@@ -118,12 +118,24 @@ _TUNE_CONFIGS = [
 ]
 
 
+def fits_shared(config: triton.Config, block_m: int, block_k: int) -> bool:
+    """Whether `config`'s pipeline fits sm_90's 227 KB of shared memory: about stages - 1
+    tiles in flight, each holding a word per feature row (int32, BLOCK_K x BLOCK_N) and the
+    activations (bfloat16, BLOCK_M x BLOCK_K); compiled kernels need 0.9-1.2x that
+    (Triton 3.6-3.9), so 192 KB leaves room. BLOCK_K = 128 with BLOCK_N = 128 and 4 stages
+    needs 233-254 KB and cannot launch."""
+    tile = block_k * (4 * config.kwargs["BLOCK_N"] + 2 * block_m)
+    return (config.num_stages - 1) * tile <= 192 * 1024
+
+
 def _prune(configs, named_args, **kwargs):
-    """Keep configs that launch at least ~one wave (132 SMs) with the fewest K splits."""
+    """Keep configs that fit in shared memory and launch at least ~one wave (132 SMs) with
+    the fewest K splits."""
     n, k, m = named_args["N"], named_args["K"], named_args["M"]
     m_tiles = -(-m // kwargs["BLOCK_M"])
     keep = [c for c in configs if c.kwargs["split_k"] <= -(-k // kwargs["BLOCK_K"])
-            and c.kwargs["BLOCK_N"] <= max(64, n)]
+            and c.kwargs["BLOCK_N"] <= max(64, n)
+            and fits_shared(c, kwargs["BLOCK_M"], kwargs["BLOCK_K"])]
     enough = [c for c in keep if c.kwargs["split_k"] == 1
               or -(-n // c.kwargs["BLOCK_N"]) * m_tiles * c.kwargs["split_k"] // 2 < 264]
     return enough or keep or configs[:1]
