@@ -5,10 +5,13 @@ One entry point, `triton_quantized_linear`; on CUDA, int4 with 1..16 bfloat16 ro
 word, `mma_gemv_supported`), other M = 1 products to the GEMV of `kernels.triton_gemv`
 (CUDA cores, no conversions), the rest to the tensor-core kernel here. A program owns
 BLOCK_M rows of x and BLOCK_N output features and walks a share of K in tiles of BLOCK_K
-features inside one quantization group (`tile_k`): every feature row of the tile loads its
-word (per_word rows share one, so the repeats are L1 hits), shifts its own field out, and
-dequantizes it with the group's scale and offset (one row of BLOCK_N each) into a
-``[BLOCK_K, BLOCK_N]`` operand of one tensor-core dot with float32 accumulation.
+features inside one quantization group (`tile_k`): it loads the tile's words once
+(BLOCK_K / per_word rows), shifts every field out, and dequantizes the codes with the
+group's scale and offset (one row of BLOCK_N each) into a ``[BLOCK_K, BLOCK_N]`` operand,
+field-major (all first fields, then all second ones), of one tensor-core dot with float32
+accumulation; the activation tile's columns are shuffled into the same order in registers.
+Against loading each word once per feature row (8 times for int4) this took 0.9-0.6x
+the time on the 8B shapes at M = 17-128 (docs/benchmarks/gpu.md, run 56).
 
 Verification and small batches have too few output tiles to keep every SM streaming
 weights, so K is split over SPLIT_K programs. Each writes its float32 partial tile to a
@@ -77,21 +80,28 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     kk = tl.arange(0, BLOCK_K)
-    shift = ((kk % PER) * BITS)[:, None]
+    ROWS: tl.constexpr = BLOCK_K // PER  # word rows of a tile
+    rr = tl.arange(0, ROWS)
+    fields = tl.arange(0, PER) * BITS
     for t in range(begin, end):
         k = t * BLOCK_K + kk
         mask_k = k < K
-        # every feature's row reads its word (PER rows share one, served by L1)
-        w = tl.load(w_ptr + (k // PER)[:, None] * N + offs_n[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0)
+        rows = t * ROWS + rr
+        w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows < tl.cdiv(K, PER))[:, None] & mask_n[None, :], other=0)
+        # field j of word row r first: operand row j * ROWS + r is feature PER * r + j
+        u = tl.reshape((w[None, :, :] >> fields[:, None, None]) & FMASK, (BLOCK_K, BLOCK_N))
         meta = (t * BLOCK_K) // GROUP * N + offs_n  # the tile lies inside one group
         s = tl.load(s_ptr + meta, mask=mask_n, other=0.0).to(tl.float32)
         if BITS == 4:
             o = tl.load(o_ptr + meta, mask=mask_n, other=0.0).to(tl.float32)
         else:
             o = s * -128.0  # int8 codes are stored as q + 128
-        wd = ((w >> shift) & FMASK).to(tl.float32) * s[None, :] + o[None, :]
+        wd = u.to(tl.float32) * s[None, :] + o[None, :]
         xt = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # the activations' columns in the operand's order (a shuffle in registers)
+        xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_M, ROWS, PER)), (0, 2, 1)),
+                        (BLOCK_M, BLOCK_K))
         acc = _dot(xt, wd.to(xt.dtype), acc, UPCAST)
     out_mask = mask_m[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -113,29 +123,17 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
 
 
 _TUNE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "split_k": sk, "REDUCE": sk > 1}, num_warps=4, num_stages=st)
-    for bn in (64, 128) for st in (3, 4) for sk in (1, 2, 4, 8)
+    triton.Config({"BLOCK_N": bn, "split_k": sk, "REDUCE": sk > 1}, num_warps=wp, num_stages=st)
+    for bn in (64, 128) for st in (3, 4) for sk in (1, 2, 4, 8) for wp in (4, 8)
 ]
 
 
-def fits_shared(config: triton.Config, block_m: int, block_k: int) -> bool:
-    """Whether `config`'s pipeline fits sm_90's 227 KB of shared memory: about stages - 1
-    tiles in flight, each holding a word per feature row (int32, BLOCK_K x BLOCK_N) and the
-    activations (bfloat16, BLOCK_M x BLOCK_K); compiled kernels need 0.9-1.2x that
-    (Triton 3.6-3.9), so 192 KB leaves room. BLOCK_K = 128 with BLOCK_N = 128 and 4 stages
-    needs 233-254 KB and cannot launch."""
-    tile = block_k * (4 * config.kwargs["BLOCK_N"] + 2 * block_m)
-    return (config.num_stages - 1) * tile <= 192 * 1024
-
-
 def _prune(configs, named_args, **kwargs):
-    """Keep configs that fit in shared memory and launch at least ~one wave (132 SMs) with
-    the fewest K splits."""
+    """Keep configs that launch at least ~one wave (132 SMs) with the fewest K splits."""
     n, k, m = named_args["N"], named_args["K"], named_args["M"]
     m_tiles = -(-m // kwargs["BLOCK_M"])
     keep = [c for c in configs if c.kwargs["split_k"] <= -(-k // kwargs["BLOCK_K"])
-            and c.kwargs["BLOCK_N"] <= max(64, n)
-            and fits_shared(c, kwargs["BLOCK_M"], kwargs["BLOCK_K"])]
+            and c.kwargs["BLOCK_N"] <= max(64, n)]
     enough = [c for c in keep if c.kwargs["split_k"] == 1
               or -(-n // c.kwargs["BLOCK_N"]) * m_tiles * c.kwargs["split_k"] // 2 < 264]
     return enough or keep or configs[:1]

@@ -80,16 +80,3 @@ def test_quantized_linear_validates_inputs():
     with pytest.raises(ValueError, match="features"):
         quantized_linear(torch.randn(2, 32), packed)
 
-
-def test_autotuner_leaves_out_configs_beyond_shared_memory():
-    """BLOCK_K = 128 with BLOCK_N = 128 at 4 stages needs 233-254 KB of shared memory on
-    sm_90 (227 KB there): pruned; with 3 stages, or BLOCK_K = 64, it stays."""
-    def kept(block_m, block_k):
-        configs = triton_gemm._prune(triton_gemm._TUNE_CONFIGS, {"N": 4096, "K": 4096, "M": 64},
-                                     BLOCK_M=block_m, BLOCK_K=block_k)
-        return {(c.kwargs["BLOCK_N"], c.num_stages) for c in configs}
-
-    for block_m in (16, 32, 64):
-        assert (128, 4) not in kept(block_m, 128)
-        assert {(64, 3), (64, 4), (128, 3)} <= kept(block_m, 128)
-    assert (128, 4) in kept(64, 64)

@@ -112,20 +112,17 @@ def test_mma_gemv_serves_the_model_path():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [17, 64, 100])
 def test_gemm_int4_every_config(m, dtype):
-    """Each configuration the M > 16 autotuner may pick (those that fit in shared memory)
+    """Each configuration the M > 16 autotuner may pick launches (fits in shared memory) and
     gives the right answer for int4 in groups of 128 (N = 1000 ragged), in both
     half-precision activation types."""
     from kernels.gemm import quantized_linear_reference
     from kernels.quant import quantize_int4
-    from kernels.triton_gemm import _TUNE_CONFIGS, GemmConfig, fits_shared, triton_quantized_linear
+    from kernels.triton_gemm import _TUNE_CONFIGS, GemmConfig, triton_quantized_linear
 
     packed = quantize_int4(torch.randn(1000, 4096, device="cuda") * 0.02, 128)
     x = torch.randn(m, 4096, device="cuda", dtype=dtype)
     ref = quantized_linear_reference(x.float(), packed)
-    block_m = 32 if m <= 32 else 64
-    configs = [c for c in _TUNE_CONFIGS if fits_shared(c, block_m, 128)]
-    assert 0 < len(configs) < len(_TUNE_CONFIGS)  # BLOCK_N 128 at 4 stages is left out
-    for c in configs:
+    for c in _TUNE_CONFIGS:
         config = GemmConfig(c.kwargs["BLOCK_N"], c.kwargs["split_k"], c.num_warps, c.num_stages)
         out = torch.full((m, 1000), float("nan"), device="cuda", dtype=dtype)
         triton_quantized_linear(x, packed, config, out=out)
