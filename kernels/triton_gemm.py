@@ -10,7 +10,7 @@ features inside one quantization group (`tile_k`): it loads the tile's words onc
 group's scale and offset (one row of BLOCK_N each) into a ``[BLOCK_K, BLOCK_N]`` operand,
 field-major (all first fields, then all second ones), of one tensor-core dot with float32
 accumulation; the activation tile's columns are shuffled into the same order in registers.
-Against loading each word once per feature row (8 times for int4) this took 0.9-0.6x
+Against loading each word once per feature row (8 times for int4) this took 0.97-0.63x
 the time on the 8B shapes at M = 17-128 (docs/benchmarks/gpu.md, run 56).
 
 Verification and small batches have too few output tiles to keep every SM streaming
