@@ -75,6 +75,22 @@ def test_cpu_path_matches_reference_with_bias_and_batch_dims(scheme, group, dtyp
     assert _rel(quantized_linear(x, packed, bias), ref) < TOL[dtype]  # cached CPU packing
 
 
+def test_cpu_group_int8_as_two_nibble_weights_is_exact():
+    """Group-wise int8 (Q8_0) on CPU runs as int4 nibbles [16 d h | d l]: with power-of-two
+    scales and integer activations (exact in bfloat16) every product and sum is exact, so
+    the output equals the reference rounded to bfloat16, bit for bit, codes -127..127."""
+    packed = _weight("int8", 32, 64, 256)
+    packed.qweight[0, :255] = torch.arange(-127, 128, dtype=torch.int8)
+    groups = packed.scales.shape[1]
+    packed.scales = (2.0 ** -torch.randint(6, 10, (64, groups))).to(packed.scales.dtype)
+    packed.cache.clear()
+    x = torch.randint(-8, 9, (3, 256)).to(torch.bfloat16)
+    out = quantized_linear(x, packed)
+    assert ("cpu_int8_nibbles", torch.bfloat16) in packed.cache
+    ref = quantized_linear_reference(x.float(), packed).to(torch.bfloat16)
+    assert torch.equal(out, ref)
+
+
 def test_quantized_linear_validates_inputs():
     packed = _weight("int4", 32, 16, 64)
     with pytest.raises(ValueError, match="features"):

@@ -83,6 +83,14 @@ def test_default_gguf_served_packed_from_file_bytes() -> None:
     expect = torch.from_numpy(np.concatenate(parts))
     torch.testing.assert_close(dequantize(model.layers[0].qkv_proj.packed), expect,
                                atol=1e-6, rtol=1e-6)
+    # the tied LM head multiplies by the embedding as stored (Q8_0), the lookup's values
+    assert c.tie_word_embeddings
+    head = model.lm_head.packed
+    assert head is not None and head.scheme == "int8" and head.group_size == 32
+    assert torch.equal(dequantize(head), model.embed)
+    hidden = torch.randn(3, c.hidden_size)
+    dense_logits = hidden @ model.embed.t()
+    assert _rel(model.compute_logits(hidden), dense_logits) < 1e-2  # bfloat16 activations
     params = SamplingParams(max_tokens=12, temperature=0.0)
     text = llm.generate(["What is the capital of France?"], params, chat=True)[0].text
     assert "Paris" in text, text
