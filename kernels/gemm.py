@@ -6,8 +6,8 @@ Dispatch (here and nowhere else):
 - CPU tensors -> torch's packed CPU kernels (bfloat16 activations, see `_cpu_linear`): int4 through `_weight_int4pack_mm_for_cpu`
   (its own nibble packing, built once per weight and kept in `PackedWeight.cache`), int8
   per channel through `_weight_int8pack_mm`, group-wise int8 (GGUF Q8_0) as two int4
-  nibble weights side by side in one int4 matmul (`_cpu_int8`). Where a torch build lacks
-  these ops, dequantize-then-matmul.
+  nibble weights side by side in one int4 matmul (`_cpu_int8`). From `_CPU_DENSE_ROWS`
+  rows on (prefill), and where a torch build lacks these ops, dequantize-then-matmul.
 - `quantized_linear_reference`: dequantize in float32 and matmul; the ground truth.
 """
 
@@ -18,6 +18,12 @@ import torch
 from kernels.quant import PackedWeight, dequantize, unpack_int4
 
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
+# Rows from which the CPU path dequantizes to bfloat16 and runs the dense GEMM: on 2 cores
+# (torch 2.13, SmolLM2-135M shapes) the packed kernels' time grows with M at ~2-4x the
+# bfloat16 GEMM's rate, so at M = 128 int4 3072x576 takes 3.40 ms packed against 1.0
+# (dequantize) + 1.5 (GEMM), and int8 576x1536 1.72 against 1.11; at M = 64 int4 ties
+# (1.78 vs 1.89 ms) and Q8_0 3072x576 already gains (3.55 vs 1.94).
+_CPU_DENSE_ROWS = {"int4": 128, "int8": 64}
 
 
 def quantized_linear_reference(
@@ -66,10 +72,14 @@ def _cpu_linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     float32 activations are rounded to bfloat16 for torch's packed kernels, whose float32
     variants are 10-25x slower in torch 2.13 (measured: 49152x576 int4, M = 1: 24 ms vs
     1 ms); the kernels accumulate in float32 and the result is returned as float32.
+    From `_CPU_DENSE_ROWS` rows on (prefill, big batches) the weight is dequantized to
+    bfloat16 for the dense GEMM instead (a transient copy).
     """
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not _has_cpu_ops():
         return x @ dequantize(packed, x.dtype).t()
     xc = x.to(torch.bfloat16) if x.dtype == torch.float32 else x
+    if x.shape[0] >= _CPU_DENSE_ROWS[packed.scheme]:
+        return (xc @ dequantize(packed, xc.dtype).t()).to(x.dtype)
     if packed.scheme == "int4" and packed.group_size in _CPU_INT4_GROUPS:
         return _cpu_int4(xc, packed).to(x.dtype)
     if packed.scheme == "int8":

@@ -91,6 +91,27 @@ def test_cpu_group_int8_as_two_nibble_weights_is_exact():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", 32), ("int8", None)])
+def test_cpu_many_rows_take_the_dense_bfloat16_gemm(scheme, group, monkeypatch):
+    """From `_CPU_DENSE_ROWS` rows on (prefill) the CPU path multiplies by the weight
+    dequantized to bfloat16 instead of running the packed kernel; both match the reference
+    within bfloat16 rounding, and one row fewer still takes the packed kernel."""
+    from kernels import gemm
+
+    calls = []
+    real = gemm.dequantize
+    monkeypatch.setattr(gemm, "dequantize",
+                        lambda p, dtype=torch.float32: calls.append(dtype) or real(p, dtype))
+    rows = gemm._CPU_DENSE_ROWS[scheme]
+    for m, dense in ((rows - 1, False), (rows, True)):
+        packed = _weight(scheme, group, 80, 256)
+        x = torch.randn(m, 256)
+        calls.clear()
+        out = quantized_linear(x, packed)
+        assert calls == ([torch.bfloat16] if dense else []), m
+        assert _rel(out, quantized_linear_reference(x, packed)) < 5e-3
+
+
 def test_quantized_linear_validates_inputs():
     packed = _weight("int4", 32, 16, 64)
     with pytest.raises(ValueError, match="features"):
