@@ -5,7 +5,9 @@ torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / `
 packed kernels as the model calls them (the mma GEMV for int4 at M <= 16 and for per-channel
 int8 at M <= 8), ``w4-fma`` / ``w8-fma`` the CUDA-core GEMV (M = 1 only), ``w4-nopdl`` /
 ``tr-nopdl`` the w4a16 / bf16-tr kernels launched without programmatic dependent launch
-(`kernels.pdl`; M = 1 only); "x bf16" is against cuBLAS. It measures the device's copy
+(`kernels.pdl`; M = 1 only), ``w4-tc`` and ``w4-deq`` the two int4 routes above 16 rows
+(the tensor-core GEMM; dequantizing for cuBLAS), whichever `kernels.triton_gemm.DEQUANT_ROWS`
+picks (`--rows` sets the M values); "x bf16" is against cuBLAS. It measures the device's copy
 bandwidth in the same run (a large device-to-device copy, bytes read plus written), then for
 every shape and M times each GEMM as the replay of one CUDA graph that runs it over enough
 distinct weight copies to overflow the L2 cache, so the numbers are the steady state of
@@ -99,8 +101,23 @@ def _without_pdl(op: Callable) -> Callable:
     return run
 
 
-def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
-    """Rows of results for one weight shape at every M."""
+def _dequant_from(rows: int, op: Callable) -> Callable:
+    """`op` with `kernels.triton_gemm.DEQUANT_ROWS` set to `rows` while it runs."""
+    from kernels import triton_gemm
+
+    def run(*args: object) -> torch.Tensor:
+        saved, triton_gemm.DEQUANT_ROWS = triton_gemm.DEQUANT_ROWS, rows
+        try:
+            return op(*args)
+        finally:
+            triton_gemm.DEQUANT_ROWS = saved
+    return run
+
+
+def bench_shape(name: str, n: int, k: int, bandwidth: float, ms: tuple[int, ...] = MS
+                ) -> list[dict]:
+    """Rows of results for one weight shape at every M of `ms`."""
+
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     variants: dict[str, tuple[Callable, list, int]] = {}
@@ -117,13 +134,18 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
         variants[scheme[:2] + "-fma"] = (_fma_gemv, copies, packed.nbytes())
         if scheme == "w4a16":
             variants["w4-nopdl"] = (_without_pdl(quantized_linear), copies, packed.nbytes())
+            variants["w4-tc"] = (_dequant_from(1 << 30, quantized_linear), copies,
+                                 packed.nbytes())
+            variants["w4-deq"] = (_dequant_from(2, quantized_linear), copies, packed.nbytes())
     rows = []
-    for m in MS:
+    for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         act_bytes = (m * k + m * n) * 2
         base = None
         for scheme, (op, weights, wbytes) in variants.items():
             if scheme in ("bf16-tr", "tr-nopdl", "w4-fma", "w8-fma", "w4-nopdl") and m > 1:
+                continue
+            if scheme in ("w4-tc", "w4-deq") and m <= 16:
                 continue
             seconds = _graph_time(op, x, weights)
             base = seconds if scheme == "bf16" else base
@@ -190,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-rows", type=int, nargs="*", default=[1],
                         help="the rows (M) the sweep times")
     parser.add_argument("--sweep-only", action="store_true", help="skip the kernel table")
+    parser.add_argument("--rows", type=int, nargs="*", default=list(MS),
+                        help="the rows (M) of the kernel table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench_gpu needs a CUDA device")
@@ -201,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                 sweep_gemv(name, *SHAPES[name], bandwidth, m)
     if args.sweep_only:
         return
-    rows = [row for name in shapes for row in bench_shape(name, *SHAPES[name], bandwidth)]
+    rows = [row for name in shapes
+            for row in bench_shape(name, *SHAPES[name], bandwidth, tuple(args.rows))]
     print_table(rows, bandwidth)
     tuned = tuned_configs()
     for entry in tuned:

@@ -3,7 +3,8 @@
 One entry point, `triton_quantized_linear`; on CUDA, int4 with 1..16 bfloat16 rows and int8
 (per channel or GGUF Q8_0) with 1..8 go to `kernels.triton_mma_gemv` (one mma per packed
 word, `mma_gemv_supported`), other M = 1 products to the GEMV of `kernels.triton_gemv`
-(CUDA cores, no conversions), the rest to the tensor-core kernel here. A program owns
+(CUDA cores, no conversions), prefill-sized ones (`DEQUANT_ROWS`) to torch's dense GEMM
+over a transient dequantized copy (`dequantize_t`), the rest to the tensor-core kernel here. A program owns
 BLOCK_M rows of x and BLOCK_N output features and walks a share of K in tiles of BLOCK_K
 features inside one quantization group (`tile_k`): it loads the tile's words once
 (BLOCK_K / per_word rows), shifts every field out, and dequantizes the codes with the
@@ -142,6 +143,43 @@ def _prune(configs, named_args, **kwargs):
 _qgemm_tuned = autotuned(_qgemm_kernel, _TUNE_CONFIGS, ["M_BUCKET", "N", "K", "GROUP", "BITS"],
                          _prune)
 
+@triton.jit
+def _dequant_t_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, GROUP: tl.constexpr,
+                      BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W.T [K, N] in out's dtype from the ``words`` layout: a program expands BLOCK_R word
+    rows (PER features each) of BLOCK_N output features."""
+    PER: tl.constexpr = 32 // BITS
+    FMASK: tl.constexpr = (1 << BITS) - 1
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (r < K // PER)[:, None] & (n < N)[None, :]
+    w = tl.load(w_ptr + r[:, None] * N + n[None, :], mask=mask, other=0)
+    for j in tl.static_range(PER):
+        k = PER * r + j
+        meta = (k // GROUP)[:, None] * N + n[None, :]
+        s = tl.load(s_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+        if BITS == 4:
+            o = tl.load(o_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+        else:
+            o = s * -128.0  # int8 codes are stored as q + 128
+        v = ((w >> (j * BITS)) & FMASK).to(tl.float32) * s + o
+        tl.store(out_ptr + k[:, None] * N + n[None, :], v.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def dequantize_t(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """W.T [K, N] in `dtype` (a ``words`` weight on CUDA; CPU under TRITON_INTERPRET=1),
+    rounded once from the float32 value `kernels.quant.dequantize` gives."""
+    packed = words_of(packed)
+    k, n = packed.in_features, packed.out_features
+    out = torch.empty(k, n, dtype=dtype, device=packed.qweight.device)
+    offsets = packed.offsets if packed.offsets is not None else packed.scales
+    grid = (triton.cdiv(k // (32 // packed.bits), 16), triton.cdiv(n, 256))
+    _dequant_t_kernel[grid](packed.qweight, packed.scales, offsets, out, n, k,
+                            GROUP=packed.group_size, BITS=packed.bits, BLOCK_R=16, BLOCK_N=256)
+    return out
+
+
 def tile_k(packed: PackedWeight) -> int | None:
     """Features per tensor-core tile (inside one group), or None when no tile fits."""
     g = packed.group_size
@@ -157,6 +195,14 @@ def words_of(packed: PackedWeight) -> PackedWeight:
     if "words" not in packed.cache:
         packed.cache["words"] = to_words(packed)
     return packed.cache["words"]
+
+
+# From this many rows on, the weight is dequantized to x's dtype (a transient copy, W.T) for
+# torch's dense GEMM: the kernel above redoes its dequantization for every BLOCK_M rows, so
+# its time grows ~1.2 us a row on 28672x4096 (M = 64: 81 us, 128: 155; cuBLAS bf16 64-68
+# us), while the copy costs one pass over the weight (int4: 2.5 bytes a weight written and
+# read). Estimated, not yet timed end to end (docs/benchmarks/gpu.md, runs 56-58).
+DEQUANT_ROWS = 512
 
 
 def triton_quantized_linear(
@@ -180,6 +226,9 @@ def triton_quantized_linear(
     if m == 1:
         return triton_gemv(x, packed, out, _tile_counters(x.device, triton.cdiv(n, 32)),
                            small_config)
+    if m >= DEQUANT_ROWS and config is None:  # prefill: compute-bound, cuBLAS's ground
+        wt = dequantize_t(packed, x.dtype)
+        return torch.mm(x, wt, out=out) if out.is_contiguous() else out.copy_(x @ wt)
     block_k = tile_k(packed)
     if block_k is None:
         return out.copy_(x @ dequantize(packed, x.dtype).t())

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.gemm import quantized_linear, quantized_linear_reference  # noqa: E402
-from kernels.quant import quantize_int4, quantize_int8  # noqa: E402
+from kernels.quant import dequantize, quantize_int4, quantize_int8  # noqa: E402
 
 triton_gemm = pytest.importorskip("kernels.triton_gemm")
 triton_gemv = pytest.importorskip("kernels.triton_gemv")
@@ -110,6 +110,39 @@ def test_cpu_many_rows_take_the_dense_bfloat16_gemm(scheme, group, monkeypatch):
         out = quantized_linear(x, packed)
         assert calls == ([torch.bfloat16] if dense else []), m
         assert _rel(out, quantized_linear_reference(x, packed)) < 5e-3
+
+
+@pytest.mark.parametrize("scheme,group,n,k", [("int4", 32, 80, 96), ("int4", 128, 300, 256),
+                                              ("int8", 32, 80, 96), ("int8", None, 300, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_t_matches_dequantize(scheme, group, n, k, dtype):
+    """The Triton expansion of a ``words`` weight is W.T: float32 bit for bit the reference
+    (N ragged against the 256-wide tiles); bfloat16 within one unit in the last place of it
+    (the interpreter truncates the cast that the GPU rounds)."""
+    packed = _weight(scheme, group, n, k)
+    out = triton_gemm.dequantize_t(packed, dtype)
+    ref = dequantize(packed).t()
+    assert out.shape == (k, n) and out.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(out, ref)
+    else:
+        assert bool(((out.float() - ref).abs() <= ref.abs() * 2.0 ** -7).all())
+
+
+def test_prefill_rows_take_the_dense_gemm(monkeypatch):
+    """From DEQUANT_ROWS rows on the product runs as x @ dequantize_t(W) (and matches the
+    reference); one row fewer still runs the tensor-core kernel."""
+    calls = []
+    real = triton_gemm.dequantize_t
+    monkeypatch.setattr(triton_gemm, "dequantize_t", lambda p, d: calls.append(d) or real(p, d))
+    monkeypatch.setattr(triton_gemm, "DEQUANT_ROWS", 24)
+    packed = _weight("int4", 32, 48, 64)
+    for m, dense in ((23, False), (24, True)):
+        calls.clear()
+        x = torch.randn(m, 64)
+        out = triton_gemm.triton_quantized_linear(x, packed)
+        assert calls == ([torch.float32] if dense else []), m
+        assert _rel(out, quantized_linear_reference(x, packed)) < TOL[torch.float32]
 
 
 def test_quantized_linear_validates_inputs():

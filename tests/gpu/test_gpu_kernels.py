@@ -129,6 +129,23 @@ def test_gemm_int4_every_config(m, dtype):
         assert _rel(out, ref) < 3e-3, config
 
 
+@pytest.mark.parametrize("scheme,group", [("int4", 128), ("int8", 32), ("int8", None)])
+def test_prefill_rows_dequantize_for_cublas(scheme, group):
+    """Prefill-sized products (DEQUANT_ROWS rows and more) multiply by the Triton expansion
+    of the weight, which is the reference rounded once to bfloat16, bit for bit."""
+    from kernels.gemm import quantized_linear, quantized_linear_reference
+    from kernels.quant import dequantize, quantize_int4, quantize_int8
+    from kernels.triton_gemm import DEQUANT_ROWS, dequantize_t, words_of
+
+    w = torch.randn(1000, 4096, device="cuda") * 0.02
+    packed = words_of(quantize_int4(w, group) if scheme == "int4" else quantize_int8(w, group))
+    wt = dequantize_t(packed, torch.bfloat16)
+    assert torch.equal(wt, dequantize(packed).t().to(torch.bfloat16))
+    x = torch.randn(DEQUANT_ROWS + 88, 4096, device="cuda", dtype=torch.bfloat16)
+    out = quantized_linear(x, packed)
+    assert _rel(out, quantized_linear_reference(x.float(), packed)) < 3e-3
+
+
 @pytest.mark.parametrize("split_k", [1, 3, 8])
 def test_gemm_gguf_group32_split_k(split_k):
     from kernels.gemm import quantized_linear_reference
