@@ -91,6 +91,12 @@ def test_default_gguf_served_packed_from_file_bytes() -> None:
     hidden = torch.randn(3, c.hidden_size)
     dense_logits = hidden @ model.embed.t()
     assert _rel(model.compute_logits(hidden), dense_logits) < 1e-2  # bfloat16 activations
+    # from TIED_DENSE_ROWS rows the dense embedding serves (float32: the same logits)
+    from server.models.llama import TIED_DENSE_ROWS
+
+    hidden = torch.randn(TIED_DENSE_ROWS, c.hidden_size)
+    torch.testing.assert_close(model.compute_logits(hidden), hidden @ model.embed.t(),
+                               rtol=1e-5, atol=1e-4)
     params = SamplingParams(max_tokens=12, temperature=0.0)
     text = llm.generate(["What is the capital of France?"], params, chat=True)[0].text
     assert "Paris" in text, text
