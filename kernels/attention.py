@@ -82,19 +82,27 @@ def paged_attention_padded(
     q_index: torch.Tensor,
     mask: torch.Tensor,
     scale: float,
+    first_block: int | None = None,
 ) -> torch.Tensor:
     """Batched CPU path: every sequence padded to the longest query and context.
 
     `q_index`: [num_seqs, max_q] long, indices into `q` (padding points at any valid row);
     `mask`: [num_seqs, 1, max_q, max_blocks * block_size] bool, true where a query may attend.
+    `first_block`: one sequence whose table is the consecutive blocks from this one: keys and
+    values are read in place instead of gathered (at 1k tokens of context the gather cost
+    as much again as the attention's own read).
     Returns [num_seqs, max_q, num_heads, head_dim]; callers gather the real rows back.
     Both index tensors are built once per step and shared by all layers.
     """
-    num_seqs = block_tables.shape[0]
+    num_seqs, num_blocks = block_tables.shape
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    flat = block_tables.reshape(-1)
-    k = k_cache.index_select(0, flat).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, flat).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    if first_block is not None:
+        k, v = (c[first_block:first_block + num_blocks] for c in (k_cache, v_cache))
+    else:
+        flat = block_tables.reshape(-1)
+        k, v = k_cache.index_select(0, flat), v_cache.index_select(0, flat)
+    k = k.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = v.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     qp = q[q_index].transpose(1, 2)  # [num_seqs, heads, max_q, dim]
     out = F.scaled_dot_product_attention(
         qp, k.to(qp.dtype), v.to(qp.dtype), attn_mask=mask, scale=scale, enable_gqa=True

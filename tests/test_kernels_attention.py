@@ -77,3 +77,24 @@ def test_window_changes_the_result():
     windowed = triton_attention.paged_attention_triton(q, k_cache, v_cache, tables, lens, qsl,
                                                        0.25, sliding_window=8)
     assert float((full.float() - windowed.float()).abs().max()) > 1e-2
+
+
+def test_padded_path_reads_consecutive_blocks_in_place():
+    """A lone sequence on consecutive blocks reads its keys and values as a view of the
+    cache: the same result, bit for bit, as the gather; other tables keep the gather."""
+    from kernels.attention import paged_attention_padded
+    from server.engine.batch_builder import _consecutive_from
+
+    k_cache, v_cache = torch.randn(12, 4, 2, 8), torch.randn(12, 4, 2, 8)
+    q = torch.randn(3, 4, 8)
+    tables = torch.tensor([[5, 6, 7]])
+    q_index = torch.tensor([[0, 1, 2]])
+    mask = (torch.arange(12)[None, :] <= torch.arange(7, 10)[:, None])[None, None]
+    assert _consecutive_from(tables) == 5
+    assert _consecutive_from(torch.tensor([[5, 7, 8]])) is None
+    assert _consecutive_from(torch.tensor([[5, 6, 7], [8, 9, 10]])) is None
+    gathered = paged_attention_padded(q, k_cache, v_cache, tables, q_index, mask, 0.3)
+    in_place = paged_attention_padded(q, k_cache, v_cache, tables, q_index, mask, 0.3, 5)
+    assert torch.equal(gathered, in_place)
+    moved = paged_attention_padded(q, k_cache, v_cache, tables, q_index, mask, 0.3, 4)
+    assert not torch.equal(gathered, moved)  # the in-place read follows first_block

@@ -82,10 +82,22 @@ def _group(idx: list[int], lens: torch.Tensor, start_loc: torch.Tensor, q_lens: 
     mask = key_pos[None, None, :] <= q_pos[:, :, None]
     q_index = torch.where(valid, st[:, None] + j[None, :], st[:, None])
     token_index = None if everything else q_index[valid]
+    group_tables = tables[sel, :num_blocks].long()
     return PaddedGroup(
         token_index=token_index,
         q_index=q_index,
         out_index=valid.flatten().nonzero().squeeze(1),
-        block_tables=tables[sel, :num_blocks].long(),
+        block_tables=group_tables,
         mask=mask.unsqueeze(1),
+        first_block=_consecutive_from(group_tables),
     )
+
+
+def _consecutive_from(tables: torch.Tensor) -> int | None:
+    """The first block of a lone sequence whose blocks are consecutive (the block manager's
+    FIFO free list hands out runs), else None."""
+    if tables.shape[0] != 1:
+        return None
+    row = tables[0]
+    first = int(row[0])
+    return first if torch.equal(row, torch.arange(first, first + row.numel())) else None

@@ -26,6 +26,9 @@ class PaddedGroup:
     """[S_g, max_blocks] long."""
     mask: torch.Tensor
     """[S_g, 1, max_q, max_blocks * block_size] bool."""
+    first_block: int | None = None
+    """One sequence whose blocks are consecutive from this one: its keys and values are read
+    in place (a view of the cache), not gathered."""
 
 
 @dataclass
@@ -66,10 +69,12 @@ def attention(
         )
     if len(meta.groups) == 1 and meta.groups[0].token_index is None:
         g = meta.groups[0]
-        out = paged_attention_padded(q, k_cache, v_cache, g.block_tables, g.q_index, g.mask, scale)
+        out = paged_attention_padded(q, k_cache, v_cache, g.block_tables, g.q_index, g.mask, scale,
+                                     g.first_block)
         return out.reshape(-1, *q.shape[1:])[g.out_index]
     out = torch.empty_like(q)
     for g in meta.groups:
-        res = paged_attention_padded(q, k_cache, v_cache, g.block_tables, g.q_index, g.mask, scale)
+        res = paged_attention_padded(q, k_cache, v_cache, g.block_tables, g.q_index, g.mask, scale,
+                                     g.first_block)
         out[g.token_index] = res.reshape(-1, *q.shape[1:])[g.out_index]
     return out
