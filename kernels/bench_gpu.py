@@ -117,7 +117,6 @@ def _dequant_from(rows: int, op: Callable) -> Callable:
 def bench_shape(name: str, n: int, k: int, bandwidth: float, ms: tuple[int, ...] = MS
                 ) -> list[dict]:
     """Rows of results for one weight shape at every M of `ms`."""
-
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     variants: dict[str, tuple[Callable, list, int]] = {}

@@ -143,6 +143,7 @@ def _prune(configs, named_args, **kwargs):
 _qgemm_tuned = autotuned(_qgemm_kernel, _TUNE_CONFIGS, ["M_BUCKET", "N", "K", "GROUP", "BITS"],
                          _prune)
 
+
 @triton.jit
 def _dequant_t_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, GROUP: tl.constexpr,
                       BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -154,14 +155,15 @@ def _dequant_t_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, GROUP: tl.constexpr,
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (r < K // PER)[:, None] & (n < N)[None, :]
     w = tl.load(w_ptr + r[:, None] * N + n[None, :], mask=mask, other=0)
+    # a word's PER features lie in one group (groups are multiples of PER)
+    meta = (PER * r // GROUP)[:, None] * N + n[None, :]
+    s = tl.load(s_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    if BITS == 4:
+        o = tl.load(o_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    else:
+        o = s * -128.0  # int8 codes are stored as q + 128
     for j in tl.static_range(PER):
         k = PER * r + j
-        meta = (k // GROUP)[:, None] * N + n[None, :]
-        s = tl.load(s_ptr + meta, mask=mask, other=0.0).to(tl.float32)
-        if BITS == 4:
-            o = tl.load(o_ptr + meta, mask=mask, other=0.0).to(tl.float32)
-        else:
-            o = s * -128.0  # int8 codes are stored as q + 128
         v = ((w >> (j * BITS)) & FMASK).to(tl.float32) * s + o
         tl.store(out_ptr + k[:, None] * N + n[None, :], v.to(out_ptr.dtype.element_ty),
                  mask=mask)
