@@ -201,10 +201,10 @@ def words_of(packed: PackedWeight) -> PackedWeight:
 
 # From this many rows on, the weight is dequantized to x's dtype (a transient copy, W.T) for
 # torch's dense GEMM: the kernel above redoes its dequantization for every BLOCK_M rows, so
-# its time grows ~1.2 us a row on 28672x4096 (M = 64: 81 us, 128: 155; cuBLAS bf16 64-68
-# us), while the copy costs one pass over the weight (int4: 2.5 bytes a weight written and
-# read). Estimated, not yet timed end to end (docs/benchmarks/gpu.md, runs 56-58).
-DEQUANT_ROWS = 512
+# its time doubles from 64 rows to 128 and again to 256, while the copy costs one pass over
+# the weight (int4: 2.5 bytes a weight written and read). On an H200 (run 59, the 8B shapes)
+# the two tie at 128 rows, and at 256 the copy wins 1.6-2.0x (docs/benchmarks/gpu.md).
+DEQUANT_ROWS = 128
 
 
 def triton_quantized_linear(

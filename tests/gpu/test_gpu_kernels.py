@@ -146,6 +146,22 @@ def test_prefill_rows_dequantize_for_cublas(scheme, group):
     assert _rel(out, quantized_linear_reference(x.float(), packed)) < 3e-3
 
 
+def test_tied_q8_0_head_of_the_default_model():
+    """The default model's tied LM head served packed: its Q8_0 embedding (49152x576, groups
+    of 32) in the words layout, through `quantized_linear` at the row counts decoding,
+    verification and a short prefill give it (the mma GEMV, the CUDA-core GEMV or the
+    tensor-core GEMM by rows)."""
+    from kernels.gemm import quantized_linear, quantized_linear_reference
+    from kernels.quant import quantize_int8, to_words
+
+    packed = to_words(quantize_int8(torch.randn(49152, 576, device="cuda") * 0.05, 32))
+    for m in (1, 3, 4, 8, 9, 16, 17, 63):
+        x = torch.randn(m, 576, device="cuda", dtype=torch.bfloat16)
+        out = quantized_linear(x, packed)
+        assert out.shape == (m, 49152)
+        assert _rel(out, quantized_linear_reference(x.float(), packed)) < 1.5e-2, m
+
+
 @pytest.mark.parametrize("split_k", [1, 3, 8])
 def test_gemm_gguf_group32_split_k(split_k):
     from kernels.gemm import quantized_linear_reference
