@@ -122,3 +122,32 @@ def test_pdl_replay_matches_serialized_launches(scheme):
         for step, (a, b) in enumerate(zip(overlapped, serial, strict=True)):
             assert torch.isfinite(a).all()
             assert torch.equal(a, b), (batch, step)
+
+
+def test_gemv_sums_decode_matches_merged_gemvs():
+    """int4 batch-1 decode with the packed GEMVs handing their sums to the next kernel
+    (`kernels.triton_fused.GemvSums`) gives the logits of the same steps with GEMVs that
+    merge their own split-K partials, within bfloat16 rounding (the fixed-point sum rounds
+    once at 2^-32, the float32 merge at every add), the same greedy tokens, and leaves the
+    sums buffer zero."""
+    from transformers import LlamaConfig
+
+    from kernels.quant import to_words
+    from kernels.triton_mma_gemv import _sums, sums_disabled
+    from server.benchmarks.gpu_decode import build_models, decode_steps
+    from server.models.quantize import linear_modules, quantize_dense
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    _, model = build_models(config)
+    for _, lin in linear_modules(model):
+        lin.packed = to_words(quantize_dense(lin.weight, "int4"))
+    for graphed in (True, False):
+        sums = [logits.clone() for _, logits in decode_steps(model, 1, 300, 4, graphed)]
+        assert int(_sums[torch.device("cuda", 0)].abs().sum()) == 0
+        with sums_disabled():
+            merged = [logits.clone() for _, logits in decode_steps(model, 1, 300, 4, graphed)]
+        for a, b in zip(sums, merged, strict=True):
+            assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
