@@ -8,7 +8,7 @@ words fetched by the Hopper tensor-memory accelerator (TMA: one thread asks for 
 BLOCK_N] box, which lands in shared memory, several boxes in flight through Triton's
 pipeliner) instead of by every lane into registers. What the fastest of these reaches is
 what the GEMV could reach if its arithmetic hid completely behind its loads
-(docs/benchmarks/gpu.md, runs 12-21 and 59).
+(docs/benchmarks/gpu.md, runs 12-21 and 60-61).
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         w = torch.randint(-2**31, 2**31 - 1, (k8, n), dtype=torch.int32, device="cuda")
         copies = [w.clone() for _ in range(max(8, 240 * 2**20 // w.nbytes))]  # past L2
         best: dict[str, float] = {}
-        for block_n, rows, warps in () if "tma" not in kinds else ((32, 64, 1), (64, 64, 2), (128, 64, 4), (128, 32, 4)):
+        boxes = ((32, 64, 1), (64, 64, 2), (128, 64, 4), (128, 32, 4)) if "tma" in kinds else ()
+        for block_n, rows, warps in boxes:  # BLOCK_N x ROWS boxes, warps
             for split in (1, 2, 4, 8):
                 for stages in (3, 5):
                     programs = n // block_n * split
