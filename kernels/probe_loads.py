@@ -29,9 +29,10 @@ def _xor(a, b):
 
 
 @triton.jit
-def _strided(w_ptr, out_ptr, N, K8, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
-             SPLIT: tl.constexpr):
-    """The ``words`` layout [K / 8, N] as the GEMV reads it."""
+def _strided_walk(w_ptr, N, K8, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
+                  SPLIT: tl.constexpr):
+    """The XOR of this program's words, read as the GEMV reads the ``words`` layout [K / 8,
+    N]: element e is lane (e // 4) % 32's word e % 4 of row q = (e // 4) % 4 of each step."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     e = tl.arange(0, BLOCK_N * 4)
@@ -42,7 +43,16 @@ def _strided(w_ptr, out_ptr, N, K8, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
     for r in range(pid_k * rows, pid_k * rows + rows, 4 * STEPS):
         for i in tl.static_range(STEPS):
             acc ^= tl.load(w_ptr + (r + 4 * i + q) * N + n)
-    tl.store(out_ptr + pid_k * N * 4 + pid_n * BLOCK_N * 4 + e, acc)
+    return acc
+
+
+@triton.jit
+def _strided(w_ptr, out_ptr, N, K8, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
+             SPLIT: tl.constexpr):
+    """The ``words`` layout [K / 8, N] as the GEMV reads it."""
+    acc = _strided_walk(w_ptr, N, K8, BLOCK_N, STEPS, SPLIT)
+    e = tl.arange(0, BLOCK_N * 4)
+    tl.store(out_ptr + tl.program_id(1) * N * 4 + tl.program_id(0) * BLOCK_N * 4 + e, acc)
 
 
 @triton.jit
@@ -52,14 +62,7 @@ def _strided_merge(w_ptr, out_ptr, part_ptr, cnt_ptr, N, K8, BLOCK_N: tl.constex
     of one float32 partial a feature: what the merge adds to a launch."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    e = tl.arange(0, BLOCK_N * 4)
-    q = (e // 4) % 4
-    n = pid_n * BLOCK_N + (e // 16) * 4 + e % 4
-    rows = K8 // SPLIT
-    acc = tl.zeros((BLOCK_N * 4,), dtype=tl.int32)
-    for r in range(pid_k * rows, pid_k * rows + rows, 4 * STEPS):
-        for i in tl.static_range(STEPS):
-            acc ^= tl.load(w_ptr + (r + 4 * i + q) * N + n)
+    acc = _strided_walk(w_ptr, N, K8, BLOCK_N, STEPS, SPLIT)
     folded = tl.reduce(tl.reshape(acc, (BLOCK_N // 4, 4, 4)), 1, _xor)  # over q
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(part_ptr + pid_k * N + offs, tl.reshape(folded, (BLOCK_N,)).to(tl.float32))
