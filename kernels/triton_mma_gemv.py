@@ -362,7 +362,9 @@ def mma_gemv_sums(x: torch.Tensor, packed: PackedWeight,
     if buf is None or buf.numel() < m * n:
         if buf is not None:
             _outgrown.append(buf)
-        buf = torch.zeros(max(m * n, 1 << 16), dtype=torch.int64, device=x.device)
+        with torch.inference_mode(False):  # a normal tensor even when made in the engine's
+            # inference mode: the autotuner restores it with copy_, refused outside that mode
+            buf = torch.zeros(max(m * n, 1 << 16), dtype=torch.int64, device=x.device)
         _sums[x.device] = buf
     sums = buf[: m * n].view(m, n)
     _launch(x, packed, None, sums, 1, config, True)

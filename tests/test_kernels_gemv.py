@@ -107,6 +107,20 @@ def test_mma_gemv_sums_add_up_and_the_next_kernel_clears_them(config):
         mma_gemv_sums(torch.zeros(5, 256, dtype=torch.bfloat16), packed, config)
 
 
+def test_mma_gemv_sums_buffer_is_a_normal_tensor(monkeypatch):
+    """Made under the engine's inference mode, the sums buffer is still a normal tensor: the
+    autotuner restores it with copy_, which an inference tensor refuses outside inference
+    mode (run 67: a kernel test after the engine tests failed so on the device)."""
+    from kernels import triton_mma_gemv
+
+    monkeypatch.setattr(triton_mma_gemv, "_sums", {})
+    packed = to_words(_packed("int4", 64, 256, 128))
+    with torch.inference_mode():
+        triton_mma_gemv.mma_gemv_sums(torch.zeros(1, 256, dtype=torch.bfloat16), packed,
+                                      {"BLOCK_N": 32, "split_k": 1, "num_warps": 1})
+    assert not triton_mma_gemv._sums[torch.device("cpu")].is_inference()
+
+
 def test_mma_gemv_int8_routing():
     """int8 reaches the mma GEMV per channel and in groups of 32 (GGUF Q8_0) or a multiple
     of 64, with K in whole chunks (any N, an odd number of chunks); other groupings are
