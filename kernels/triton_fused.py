@@ -10,15 +10,61 @@ Math is float32, results are stored in the activation dtype. The number of token
 a grid dimension, never a kernel argument, so one compiled kernel serves every batch size;
 row widths are constexpr powers of two with masks. Nothing reads tensor data on the host, so
 all three can be captured in CUDA graphs.
+
+Each also takes its input as `GemvSums`: a split-K GEMV's sums, added by its programs into
+a zeroed int64 buffer in fixed point, which the kernel rounds to the activation dtype (as
+the GEMV's own store would have), then zeroes for the next GEMV. The GEMV then needs no
+merge of its own (`kernels.triton_mma_gemv.mma_gemv_sums`). Integer addition does not
+depend on the order of the programs' adds, so the result is deterministic.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.pdl import await_inputs, pdl_args
+
+FIXED_ONE = 2.0**32
+"""A GEMV's float32 sums count in units of 2^-32 in a `GemvSums` buffer: exact for |sum| <
+2^31 down to 2^-32 (split-K adds one rounding of at most 2^-32 a program)."""
+
+
+@dataclass
+class GemvSums:
+    """A GEMV's output [M, N] as int64 fixed-point sums (`FIXED_ONE`) not yet rounded to
+    `dtype`; the next kernel here reads and zeroes them, exactly once."""
+
+    sums: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.sums.shape
+
+
+@triton.jit
+def _load_input(ptr, offs, mask, DTYPE: tl.constexpr):
+    """Values at ptr + offs in DTYPE: int64 `GemvSums` are rounded to DTYPE and zeroed
+    behind; other inputs load as they are. (Triton may lay the zeros' store out over other
+    threads than the load, so a barrier keeps any thread from zeroing a value before the
+    thread that loads it has read it: without it the sums came out wrong on an H200.)"""
+    if ptr.dtype.element_ty == tl.int64:
+        v = tl.load(ptr + offs, mask=mask, other=0)
+        tl.debug_barrier()
+        tl.store(ptr + offs, tl.zeros_like(v), mask=mask)
+        v = (v.to(tl.float32) * (1.0 / 4294967296.0)).to(DTYPE)
+    else:
+        v = tl.load(ptr + offs, mask=mask, other=0)
+    return v
+
+
+def _input(x: torch.Tensor | GemvSums) -> tuple[torch.Tensor, torch.dtype]:
+    """(the tensor a kernel reads, the activation dtype) of an input."""
+    return (x.sums, x.dtype) if isinstance(x, GemvSums) else (x, x.dtype)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,10 +80,12 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, ep
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    dtype = res_out_ptr.dtype.element_ty
+    x = _load_input(x_ptr, row * stride_x + cols, mask, dtype)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    if HAS_RESIDUAL or x_ptr.dtype.element_ty == tl.int64:
         tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
     x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
@@ -46,21 +94,23 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, ep
              mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
+                 weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, hidden] -> (normed, residual_out), both [T, hidden] in x.dtype.
 
-    residual_out = x + residual rounded to x.dtype (x itself when residual is None), and
-    normed = residual_out * rsqrt(mean(residual_out^2) + eps) * weight in float32.
+    residual_out = x + residual rounded to x.dtype (x itself when residual is None; x
+    rounded when it is `GemvSums`), and normed = residual_out * rsqrt(mean(residual_out^2) +
+    eps) * weight in float32.
     """
+    x, dtype = _input(x)
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.shape == x.shape[-1:]
     has_residual = residual is not None
     if has_residual:
         assert residual.shape == x.shape and residual.stride(-1) == 1
     else:
-        residual = x  # a placeholder pointer: without HAS_RESIDUAL nothing reads or stores it
-    normed = torch.empty_like(x)
-    residual_out = torch.empty_like(x) if has_residual else x
+        residual = x  # a placeholder pointer: without HAS_RESIDUAL nothing reads it
+    normed = torch.empty(x.shape, dtype=dtype, device=x.device)
+    residual_out = x if not has_residual and x.dtype == dtype else torch.empty_like(normed)
     block = triton.next_power_of_2(x.shape[1])
     _add_rms_norm_kernel[(x.shape[0],)](
         x, residual, weight, normed, residual_out, x.shape[1], eps,
@@ -81,9 +131,9 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weigh
 
 
 @triton.jit
-def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                          stride_qkv, stride_table, block_size, stride_kb, stride_ks, stride_kh,
-                          stride_vb, stride_vs, stride_vh, half,
+def _rope_kv_write_kernel(in_ptr, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+                          slot_ptr, stride_qkv, stride_table, block_size, stride_kb, stride_ks,
+                          stride_kh, stride_vb, stride_vs, stride_vh, half,
                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                           BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     await_inputs(PDL)
@@ -91,18 +141,18 @@ def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cac
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
     mask = offs < half
-    src = qkv_ptr + t * stride_qkv + head * 2 * half + offs
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + half, mask=mask, other=0.0)
-    if head < NUM_HEADS + NUM_KV_HEADS:  # q or k: rotate in place
+    at = t * stride_qkv + head * 2 * half + offs
+    x1 = _load_input(in_ptr, at, mask, qkv_ptr.dtype.element_ty)
+    x2 = _load_input(in_ptr, at + half, mask, qkv_ptr.dtype.element_ty)
+    if head < NUM_HEADS + NUM_KV_HEADS:  # q or k: rotate (in place unless from GemvSums)
         pos = tl.load(pos_ptr + t)
         cos = tl.load(cos_ptr + pos * stride_table + offs, mask=mask, other=0.0)
         sin = tl.load(sin_ptr + pos * stride_table + offs, mask=mask, other=0.0)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         x1 = (a * cos - b * sin).to(x1.dtype)
         x2 = (b * cos + a * sin).to(x2.dtype)
-        tl.store(src, x1, mask=mask)
-        tl.store(src + half, x2, mask=mask)
+        tl.store(qkv_ptr + at, x1, mask=mask)
+        tl.store(qkv_ptr + at + half, x2, mask=mask)
     if head >= NUM_HEADS:  # k or v: store at the token's flat slot block * block_size + offset
         slot = tl.load(slot_ptr + t)
         block, offset = slot // block_size, slot % block_size
@@ -116,10 +166,13 @@ def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cac
         tl.store(dst + half, x2.to(dst.dtype.element_ty), mask=mask)
 
 
-def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
-                  sin_table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
-    """Rotate-half RoPE on the q and k heads of qkv in place, and store k, v in the cache.
+def rope_kv_write(qkv: torch.Tensor | GemvSums, positions: torch.Tensor,
+                  cos_table: torch.Tensor, sin_table: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                  num_kv_heads: int) -> torch.Tensor:
+    """Rotate-half RoPE on the q and k heads of qkv, and store k, v in the cache; returns
+    qkv with q and k rotated (the same tensor, rotated in place; for `GemvSums` a new one
+    whose v heads are left unwritten).
 
     qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim], heads in q, k, v order;
     positions, slot_mapping: [T] int64; cos_table, sin_table: [max_pos, head_dim / 2] float32;
@@ -128,24 +181,28 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.T
     """
     num_all = num_heads + 2 * num_kv_heads
     head_dim = k_cache.shape[-1]
+    src, dtype = _input(qkv)
+    qkv = src if src.dtype == dtype else torch.empty(src.shape, dtype=dtype, device=src.device)
     assert qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] == num_all * head_dim
     assert k_cache.shape == v_cache.shape and k_cache.shape[2] == num_kv_heads
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert cos_table.stride() == sin_table.stride() and cos_table.shape[1] * 2 == head_dim
     assert cos_table.stride(1) == 1 and cos_table.dtype == sin_table.dtype == torch.float32
     _rope_kv_write_kernel[(qkv.shape[0], num_all)](
-        qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
+        src, qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos_table.stride(0), k_cache.shape[1],
         *k_cache.stride()[:3], *v_cache.stride()[:3], head_dim // 2,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=1, **pdl_args(qkv.device),
     )
+    return qkv
 
 
 def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
                             sin_table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
-    """Torch version of `rope_kv_write`."""
+                            slot_mapping: torch.Tensor, num_heads: int,
+                            num_kv_heads: int) -> torch.Tensor:
+    """Torch version of `rope_kv_write` (plain tensors)."""
     heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, -1)
     qk = heads[:, : num_heads + num_kv_heads].to(_acc_dtype(qkv.dtype))
     cos = cos_table[positions].unsqueeze(1).to(qk.dtype)  # [T, 1, head_dim / 2]
@@ -155,6 +212,7 @@ def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_tabl
     k, v = heads[:, num_heads : num_heads + num_kv_heads], heads[:, num_heads + num_kv_heads :]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    return qkv
 
 
 @triton.jit
@@ -164,18 +222,19 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK:
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    src = gate_up_ptr + row * stride_in + cols
-    gate = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(src + n_cols, mask=mask, other=0.0).to(tl.float32)
+    at = row * stride_in + cols
+    gate = _load_input(gate_up_ptr, at, mask, out_ptr.dtype.element_ty).to(tl.float32)
+    up = _load_input(gate_up_ptr, at + n_cols, mask, out_ptr.dtype.element_ty).to(tl.float32)
     out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor | GemvSums) -> torch.Tensor:
     """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I] in gate_up.dtype."""
+    gate_up, dtype = _input(gate_up)
     assert gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0
     n = gate_up.shape[1] // 2
-    out = gate_up.new_empty(gate_up.shape[0], n)
+    out = torch.empty(gate_up.shape[0], n, dtype=dtype, device=gate_up.device)
     block = min(triton.next_power_of_2(n), 1024)
     _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(n, block))](
         gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,

@@ -158,12 +158,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s
     _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k, split_k, REDUCE)
 
 
-def autotuned(kernel, configs: list[triton.Config], key: list[str],
-              prune) -> triton.runtime.Autotuner:
-    """`kernel` autotuned over `configs` (pruned by `prune`, cached per `key`), each
-    candidate timed briefly (5 ms warm-up, 20 ms of runs): the tuning of every GEMV/GEMM."""
+def autotuned(kernel, configs: list[triton.Config], key: list[str], prune,
+              **options: object) -> triton.runtime.Autotuner:
+    """`kernel` autotuned over `configs` (pruned by `prune`, cached per `key`; `options`
+    to `triton.autotune`), each candidate timed briefly (5 ms warm-up, 20 ms of runs): the
+    tuning of every GEMV/GEMM."""
     return triton.autotune(
-        configs, key=key, prune_configs_by={"early_config_prune": prune},
+        configs, key=key, prune_configs_by={"early_config_prune": prune}, **options,
         do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
                                                                quantiles=quantiles),
     )(kernel)

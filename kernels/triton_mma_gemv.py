@@ -28,8 +28,10 @@ against 9.1 for the fastest with one row (run 44); at one group none won (run 43
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -37,7 +39,14 @@ import triton.language as tl
 
 from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
-from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fills_waves
+from kernels.triton_fused import GemvSums
+from kernels.triton_gemv import (
+    _outgrown,
+    _reduce_partials,
+    _tile_counters,
+    autotuned,
+    fills_waves,
+)
 from kernels.triton_mma_step import flush, mma_step
 
 GROUP_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
@@ -152,12 +161,14 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
                      stride_xm, stride_om, split_k, max_split, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, WARPS_K: tl.constexpr, CHUNK: tl.constexpr,
                      REDUCE: tl.constexpr, GROUPED: tl.constexpr, INT8: tl.constexpr,
-                     EMULATE: tl.constexpr, PDL: tl.constexpr):
+                     EMULATE: tl.constexpr, PDL: tl.constexpr, SUMS: tl.constexpr = False):
     """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features (int8: 16). Grid
     axis 0 is the group of (up to 4) rows (GROUPED: more than one): the programs of all
     groups that read one weight tile launch next to each other. WARPS_K rows of warps
     share the program's K range (row r takes chunks r, r + WARPS_K, ...) and sum their
-    accumulators at the end, so K splits without the split-K merge through memory."""
+    accumulators at the end, so K splits without the split-K merge through memory. SUMS
+    (one group of rows): every program adds its sums in fixed point to part_ptr, int64 [M,
+    N] (`kernels.triton_fused.GemvSums`), instead of storing or merging them."""
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     if GROUPED:  # the group's rows, outputs, split-K partials and counters
@@ -212,7 +223,10 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
 
     # lane (g, q) holds row q's sums for features 4g + j
     keep = live & (q < M)
-    if not REDUCE:
+    if SUMS:
+        tl.atomic_add(part_ptr + q * N + n, (acc * 4294967296.0).to(tl.int64), mask=keep,
+                      sem="relaxed")
+    elif not REDUCE:
         tl.store(out_ptr + q * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=keep)
     else:
         tl.store(part_ptr + (pid_k * M + q) * N + n, acc, mask=keep)
@@ -259,6 +273,10 @@ def _prune(configs, named_args, **kwargs):
 
 _mma_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP", "GROUPED", "INT8"],
                        _prune)
+# the same kernel adding into GemvSums: tuned apart (no merge changes which split wins), its
+# sums buffer restored after every timed run so that only the real one adds
+_sums_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP", "INT8"], _prune,
+                        restore_value=["part_ptr"])
 
 
 @functools.cache
@@ -297,6 +315,66 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     ``words`` weight, rows in groups of 4 (one program a group, tile and K share). `config`
     ({"BLOCK_N", "split_k", "num_warps", "WARPS_K"}; num_warps a multiple of WARPS_K,
     BLOCK_N of 32 per warp along N) skips autotuning."""
+    m, n = x.shape[0], packed.out_features
+    groups = triton.cdiv(m, GROUP_ROWS)
+    max_split = 32 if config is None else config["split_k"]
+    # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart
+    rows = m if groups == 1 else groups * GROUP_ROWS
+    part = torch.empty(max_split * rows * n, dtype=torch.float32, device=x.device)
+    _launch(x, packed, out, part, max_split, config, False)
+    return out
+
+
+_sums: dict[torch.device, torch.Tensor] = {}
+SUMS_ENABLED = os.environ.get("LEAPFROG_GEMV_SUMS", "1") != "0"
+"""Whether the decoder layers take `mma_gemv_sums` where it serves (benchmarks toggle it)."""
+
+
+@contextlib.contextmanager
+def sums_disabled() -> Iterator[None]:
+    """The decoder layers' GEMVs merge their own split-K partials inside the block (for
+    side-by-side comparisons)."""
+    global SUMS_ENABLED
+    before, SUMS_ENABLED = SUMS_ENABLED, False
+    try:
+        yield
+    finally:
+        SUMS_ENABLED = before
+
+
+def mma_gemv_sums_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
+    """Whether `mma_gemv_sums` serves this product (and `SUMS_ENABLED`)."""
+    return SUMS_ENABLED and x.shape[0] <= GROUP_ROWS and mma_gemv_supported(x, packed)
+
+
+def mma_gemv_sums(x: torch.Tensor, packed: PackedWeight,
+                  config: dict | None = None) -> GemvSums:
+    """`mma_gemv` of 1..4 rows whose programs add their sums into a zeroed int64 buffer
+    (`kernels.triton_fused.GemvSums`) instead of merging split-K partials: the merge's
+    round trips (~2 us a launch on an H200, docs/benchmarks/gpu.md run 61) move into the
+    next fused kernel, which reads the sums anyway. One buffer serves the device: each
+    GemvSums must be consumed before the next is made (they are, in the decoder layer's
+    chain of kernels on one stream)."""
+    m, n = x.shape[0], packed.out_features
+    if m > GROUP_ROWS:
+        raise ValueError(f"GemvSums serve up to {GROUP_ROWS} rows, got {m}")
+    buf = _sums.get(x.device)
+    if buf is None or buf.numel() < m * n:
+        if buf is not None:
+            _outgrown.append(buf)
+        with torch.inference_mode(False):  # a normal tensor even when made in the engine's
+            # inference mode: the autotuner restores it with copy_, refused outside that mode
+            buf = torch.zeros(max(m * n, 1 << 16), dtype=torch.int64, device=x.device)
+        _sums[x.device] = buf
+    sums = buf[: m * n].view(m, n)
+    _launch(x, packed, None, sums, 1, config, True)
+    return GemvSums(sums, x.dtype)
+
+
+def _launch(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None,
+            part: torch.Tensor, max_split: int, config: dict | None, sums: bool) -> None:
+    """The kernel over x's rows: into `out` through the float32 split-K partials `part`,
+    or (`sums`) added into the int64 GemvSums buffer `part`."""
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()
@@ -313,18 +391,16 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
         # ends (flushes inside a chunk never ran on a device)
         chunk = 4 if k % 128 == 0 and group != 64 else group // 32
     groups = triton.cdiv(m, GROUP_ROWS)
-    max_split = 32 if config is None else config["split_k"]
-    # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart
-    rows = m if groups == 1 else groups * GROUP_ROWS
-    part = torch.empty(max_split * rows * n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, groups * triton.cdiv(n, 32))
     offsets = packed.scales if int8 else packed.offsets  # (int8: never read)
-    args = (x, packed.qweight, packed.scales, offsets, out, part, counters, m, n, k,
-            x.stride(0), out.stride(0))
+    args = (x, packed.qweight, packed.scales, offsets, part if sums else out, part, counters,
+            m, n, k, x.stride(0), n if sums else out.stride(0))
     consts = dict(GROUP=group, CHUNK=chunk, GROUPED=groups > 1, INT8=int8,
-                  EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **pdl_args(x.device))
+                  EMULATE=os.environ.get("TRITON_INTERPRET") == "1", SUMS=sums,
+                  **pdl_args(x.device))
     if config is None:
-        _mma_tuned[lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
+        tuner = _sums_tuned if sums else _mma_tuned
+        tuner[lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
             *args, max_split=max_split, **consts)
     else:
         split, warps = config["split_k"], config.get("num_warps", 1)
@@ -334,5 +410,4 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
                              f"warp along N, got {config}")
         _mma_gemv_kernel[(groups, triton.cdiv(n, config["BLOCK_N"]), split)](
             *args, split, max_split, **consts, BLOCK_N=config["BLOCK_N"], WARPS_K=warps_k,
-            REDUCE=split > 1, num_warps=warps, num_stages=1)
-    return out
+            REDUCE=split > 1 and not sums, num_warps=warps, num_stages=1)

@@ -143,6 +143,48 @@ def _run_two_steps(model: LlamaForCausalLM) -> torch.Tensor:
 MODEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
+def _as_sums(x: torch.Tensor) -> tuple[object, torch.Tensor]:
+    """(GemvSums holding x rounded to bfloat16, that bfloat16 tensor): what a GEMV hands
+    over, and what it would have stored. The values convert exactly both ways, so the
+    rounding mode (the interpreter truncates) does not enter."""
+    rounded = x.to(torch.bfloat16)
+    sums = (rounded.double() * fused.FIXED_ONE).to(torch.int64)
+    return fused.GemvSums(sums, torch.bfloat16), rounded
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_kernels_take_gemv_sums(with_residual: bool) -> None:
+    """Each fused kernel given a GEMV's fixed-point sums (`GemvSums`) gives what it gives
+    for the bfloat16 tensor the GEMV would have stored, bit for bit, and zeroes the sums."""
+    t, hidden, heads, kv_heads, head_dim = 1, 64, 4, 2, 16
+    x = _randn(t, hidden, dtype=torch.float32, seed=3, scale=3.0)
+    sums, rounded = _as_sums(x)
+    residual = _randn(t, hidden, dtype=torch.bfloat16, seed=4) if with_residual else None
+    weight = _randn(hidden, dtype=torch.bfloat16, seed=5, scale=0.2) + 1
+    got, expect = fused.add_rms_norm(sums, residual, weight, 1e-5), fused.add_rms_norm(
+        rounded, residual, weight, 1e-5)
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+    assert int(sums.sums.abs().sum()) == 0
+
+    sums, rounded = _as_sums(_randn(3, 2 * hidden, dtype=torch.float32, seed=6))
+    assert torch.equal(fused.silu_mul(sums), fused.silu_mul(rounded))
+    assert int(sums.sums.abs().sum()) == 0
+
+    width = (heads + 2 * kv_heads) * head_dim
+    sums, rounded = _as_sums(_randn(2, width, dtype=torch.float32, seed=7))
+    positions, slots = torch.tensor([5, 9]), torch.tensor([3, 6])
+    cos, sin = torch.rand(16, head_dim // 2), torch.rand(16, head_dim // 2)
+    caches = [torch.zeros(2, 4, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(4)]
+    got = fused.rope_kv_write(sums, positions, cos, sin, caches[0], caches[1], slots, heads,
+                              kv_heads)
+    expect = fused.rope_kv_write(rounded, positions, cos, sin, caches[2], caches[3], slots,
+                                 heads, kv_heads)
+    q_k = (heads + kv_heads) * head_dim  # (the v heads of a GemvSums result stay unwritten)
+    assert torch.equal(got[:, :q_k], expect[:, :q_k])
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert int(sums.sums.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_forward_matches_torch_path(dtype: torch.dtype) -> None:
     torch_model, fused_model = _tiny_model(dtype), _tiny_model(dtype)
@@ -155,6 +197,48 @@ def test_fused_forward_matches_torch_path(dtype: torch.dtype) -> None:
     for a, b in pairs:
         rel = float((a.double() - b.double()).norm() / b.double().norm())
         assert rel < MODEL_TOL[dtype], rel
+
+
+def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None:
+    """Batch-1 decode of a packed model on CUDA leaves every projection's sums unrounded
+    for the next fused kernel (`Linear.project`). The same path runs here, interpreted,
+    with the mma GEMV emulated and allowed on CPU, against the CPU's packed kernels: the
+    hidden states agree within bfloat16 rounding, and each GEMV handed over its sums."""
+    from kernels import triton_mma_gemv
+    from kernels.triton_gemm import words_of
+    from server.models.quantize import linear_modules, quantize_dense
+
+    def run(model: LlamaForCausalLM) -> torch.Tensor:
+        table = torch.tensor([[0, 1]], dtype=torch.int32)
+        with torch.inference_mode():
+            model(torch.tensor([3, 9, 27, 17]), torch.arange(4), BatchMeta(
+                torch.arange(4), table, torch.tensor([4], dtype=torch.int32),
+                torch.tensor([0, 4], dtype=torch.int32)))
+            return torch.cat([model(torch.tensor([t]), torch.tensor([p]), BatchMeta(
+                torch.tensor([p]), table, torch.tensor([p + 1], dtype=torch.int32),
+                torch.tensor([0, 1], dtype=torch.int32))) for p, t in ((4, 40),)])
+
+    models = [_tiny_model(torch.bfloat16) for _ in range(2)]
+    for model in models:
+        model.fused_kernels = True
+        for _, lin in linear_modules(model):
+            lin.set_packed(quantize_dense(lin.weight, "int4"))
+    calls = []
+
+    def sums_on_cpu(x, packed):
+        calls.append(packed.out_features)
+        return real(x, words_of(packed), {"BLOCK_N": 32, "split_k": 3, "num_warps": 1})
+
+    real = triton_mma_gemv.mma_gemv_sums
+    monkeypatch.setattr(triton_mma_gemv, "mma_gemv_sums_supported", lambda x, p: True)
+    monkeypatch.setattr(triton_mma_gemv, "mma_gemv_sums", sums_on_cpu)
+    got = run(models[0])
+    assert calls == [960, 576, 192, 576] * 2  # qkv, o, gate/up, down of 2 layers
+    monkeypatch.setattr(triton_mma_gemv, "mma_gemv_sums_supported", lambda x, p: False)
+    expected = run(models[1])
+    rel = float((got.double() - expected.double()).norm() / expected.double().norm())
+    assert rel < 2e-2, rel
+    assert int(triton_mma_gemv._sums[torch.device("cpu")].abs().sum()) == 0
 
 
 def test_pdl_only_where_supported_and_switchable():

@@ -79,6 +79,48 @@ def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
         assert torch.equal(out, quantized_linear_reference(x.float(), packed)), m
 
 
+@pytest.mark.parametrize("config", [{"BLOCK_N": 32, "split_k": 1, "num_warps": 1},
+                                    {"BLOCK_N": 64, "split_k": 3, "num_warps": 2},
+                                    {"BLOCK_N": 32, "split_k": 2, "num_warps": 4, "WARPS_K": 4}])
+def test_mma_gemv_sums_add_up_and_the_next_kernel_clears_them(config):
+    """`mma_gemv_sums` (no split-K merge): every program adds its sums into the device's
+    int64 buffer in fixed point, whose value is the product exactly; the fused kernel that
+    takes them (here the SwiGLU) reads them and leaves the buffer zero for the next GEMV.
+    Rows 1..4 (one group)."""
+    from kernels.triton_fused import FIXED_ONE, silu_mul
+    from kernels.triton_mma_gemv import _sums, mma_gemv_sums
+
+    for scheme, group in (("int4", 128), ("int8", 32)):
+        packed = to_words(_packed(scheme, 64, 256, group))  # N = 2 x 32: a gate and an up
+        gen = torch.Generator().manual_seed(2)
+        for m in (1, 3, 4):
+            x = torch.randint(-4, 5, (m, 256), generator=gen).to(torch.bfloat16)
+            ref = quantized_linear_reference(x.float(), packed)
+            sums = mma_gemv_sums(x, packed, config)
+            assert sums.dtype == torch.bfloat16 and sums.shape == (m, 64)
+            assert torch.equal(sums.sums.double() / FIXED_ONE, ref.double()), (scheme, m)
+            # (an ulp of gate and up: the interpreter truncates, torch rounds to nearest)
+            torch.testing.assert_close(silu_mul(sums), silu_mul(ref.to(torch.bfloat16)),
+                                       rtol=2**-5, atol=1e-6)
+            assert int(_sums[x.device].abs().sum()) == 0
+    with pytest.raises(ValueError, match="up to 4 rows"):
+        mma_gemv_sums(torch.zeros(5, 256, dtype=torch.bfloat16), packed, config)
+
+
+def test_mma_gemv_sums_buffer_is_a_normal_tensor(monkeypatch):
+    """Made under the engine's inference mode, the sums buffer is still a normal tensor: the
+    autotuner restores it with copy_, which an inference tensor refuses outside inference
+    mode (run 67: a kernel test after the engine tests failed so on the device)."""
+    from kernels import triton_mma_gemv
+
+    monkeypatch.setattr(triton_mma_gemv, "_sums", {})
+    packed = to_words(_packed("int4", 64, 256, 128))
+    with torch.inference_mode():
+        triton_mma_gemv.mma_gemv_sums(torch.zeros(1, 256, dtype=torch.bfloat16), packed,
+                                      {"BLOCK_N": 32, "split_k": 1, "num_warps": 1})
+    assert not triton_mma_gemv._sums[torch.device("cpu")].is_inference()
+
+
 def test_mma_gemv_int8_routing():
     """int8 reaches the mma GEMV per channel and in groups of 32 (GGUF Q8_0) or a multiple
     of 64, with K in whole chunks (any N, an odd number of chunks); other groupings are

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 
 from server.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from kernels.triton_fused import GemvSums
+
+Activations = Union[torch.Tensor, "GemvSums"]
+"""A layer's activations: a tensor, or on the fused CUDA path a GEMV's unrounded sums."""
 
 # float32 CPU GEMMs with 2 or 3 rows run ~1.5x slower than with 4 on this class of CPU
 # (measured: 494/561 us vs 397 us for a 1536x576 weight out of cache); such inputs, common in
@@ -47,27 +54,39 @@ class Linear(torch.nn.Module):
             return F.linear(F.pad(x, (0, 0, 0, pad)), self.weight, self.bias)[:-pad]
         return dense_linear(x, self.weight, self.bias)
 
-    def _fusable(self, x: torch.Tensor, fused: bool) -> bool:
+    def _fusable(self, x: Activations, fused: bool) -> bool:
         """A dense weight and a GEMV input: the step producing x fuses into the GEMV."""
-        return fused and self.packed is None and _gemv_input(x, self.weight)
+        return (fused and self.packed is None and isinstance(x, torch.Tensor)
+                and _gemv_input(x, self.weight))
 
-    def after_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                   eps: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, fused: bool) -> Activations:
+        """self(x), except that with `fused`, for a packed weight without bias at batch-1
+        decode on CUDA (the mma GEMV), the sums are left unrounded for the next fused
+        kernel (`kernels.triton_fused.GemvSums`): the GEMV then has no split-K merge."""
+        if fused and self.packed is not None and self.bias is None and x.shape[0] == 1:
+            from kernels.triton_mma_gemv import mma_gemv_sums, mma_gemv_sums_supported
+
+            if mma_gemv_sums_supported(x, self.packed):
+                return mma_gemv_sums(x, self.packed)
+        return self(x)
+
+    def after_norm(self, x: Activations, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                   eps: float, fused: bool) -> tuple[Activations, torch.Tensor]:
         """(self(rms_norm(x + residual) * norm_weight), x + residual), the norm fused into
-        the GEMV for batch-1 decode on CUDA (one kernel instead of two)."""
+        the GEMV for batch-1 decode on CUDA (one kernel instead of two); see `project`."""
         if not self._fusable(x, fused):
             h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
-            return self(h), residual
+            return self.project(h, fused), residual
         from kernels.triton_gemv import dense_gemv
 
         out, residual = dense_gemv(x, self.weight, norm=(residual, norm_weight, eps))
         return (out if self.bias is None else out + self.bias), residual
 
-    def after_silu(self, gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+    def after_silu(self, gate_up: Activations, fused: bool) -> Activations:
         """self(silu(gate) * up) of a [T, 2 * in_features] gate/up projection, the SwiGLU
-        fused into the GEMV for batch-1 decode on CUDA."""
+        fused into the GEMV for batch-1 decode on CUDA; see `project`."""
         if not self._fusable(gate_up, fused):
-            return self(silu_mul(gate_up, fused))
+            return self.project(silu_mul(gate_up, fused), fused)
         from kernels.triton_gemv import dense_gemv
 
         out = dense_gemv(gate_up, self.weight, silu=True)
@@ -154,10 +173,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+def add_rms_norm(x: Activations, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, hidden] -> (rms_norm(x + residual) * weight, x + residual); a None
-    residual counts as zero."""
+    residual counts as zero. GemvSums come only with `fused`."""
     if fused:
         from kernels.triton_fused import add_rms_norm as kernel
 
@@ -166,8 +185,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return F.rms_norm(residual, (residual.shape[-1],), weight, eps), residual
 
 
-def silu_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
-    """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I]."""
+def silu_mul(gate_up: Activations, fused: bool) -> torch.Tensor:
+    """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I]. GemvSums come only
+    with `fused`."""
     if fused:
         from kernels.triton_fused import silu_mul as kernel
 

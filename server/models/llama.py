@@ -5,8 +5,9 @@ decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> 
 then `compute_logits(hidden[rows])`. q/k/v and gate/up projections are fused so each layer
 is a handful of ops. On CUDA the pointwise steps run as fused Triton kernels (residual add +
 norm, RoPE + KV-cache write, SwiGLU; `kernels.triton_fused`), and at batch 1 the norms and
-the SwiGLU run inside the GEMVs of the next projection (`Linear.after_norm`, `after_silu`);
-elsewhere they are torch ops.
+the SwiGLU run inside the dense GEMVs of the next projection (`Linear.after_norm`,
+`after_silu`), while packed GEMVs hand their unrounded sums to those kernels, which finish
+their split-K merge (`Linear.project`); elsewhere they are torch ops.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from server.models.batch import BatchMeta, attention
 from server.models.config import ModelConfig
 from server.models.layers import (
+    Activations,
     Linear,
     RopeInputs,
     RotaryEmbedding,
@@ -51,19 +53,19 @@ class DecoderLayer(torch.nn.Module):
         self.scale = c.head_dim ** -0.5
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
+        self, x: Activations, residual: torch.Tensor | None, rope: RopeInputs,
         kv: tuple[torch.Tensor, torch.Tensor], meta: BatchMeta, fused: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Activations, torch.Tensor]:
         """x: [T, hidden] (the previous layer's output before its residual add); `fused` runs
         the Triton kernels for the pointwise steps."""
         t = x.shape[0]
         # [T, (heads + 2 * kv_heads) * head_dim]
         qkv, residual = self.qkv_proj.after_norm(x, residual, self.input_norm, self.eps, fused)
-        if fused:  # rotates q and k in place and writes k, v into the cache
+        if fused:  # rotates q and k and writes k, v into the cache
             from kernels.triton_fused import rope_kv_write
 
-            rope_kv_write(qkv, rope.positions, rope.cos, rope.sin, kv[0], kv[1],
-                          meta.slot_mapping, self.heads, self.kv_heads)
+            qkv = rope_kv_write(qkv, rope.positions, rope.cos, rope.sin, kv[0], kv[1],
+                                meta.slot_mapping, self.heads, self.kv_heads)
             q, k, v = qkv.view(t, -1, self.head_dim)[:, : self.heads], None, None
         else:
             qkv = qkv.view(t, -1, self.head_dim)
@@ -71,7 +73,8 @@ class DecoderLayer(torch.nn.Module):
             q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, self.heads + self.kv_heads :]
         o = attention(q, k, v, kv[0], kv[1], meta, self.scale)
         gate_up, residual = self.gate_up_proj.after_norm(
-            self.o_proj(o.reshape(t, -1)), residual, self.post_norm, self.eps, fused)
+            self.o_proj.project(o.reshape(t, -1), fused), residual, self.post_norm, self.eps,
+            fused)
         return self.down_proj.after_silu(gate_up, fused), residual
 
 

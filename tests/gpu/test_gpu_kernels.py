@@ -90,6 +90,37 @@ def test_mma_gemv_every_config(scheme, n, k, group):
             assert _rel(out, ref) < 3e-3, (m, config)
 
 
+@pytest.mark.parametrize("scheme,n,k,group", [
+    ("int4", 6144, 4096, 128), ("int4", 4096, 4096, 128), ("int4", 28672, 4096, 128),
+    ("int4", 4096, 14336, 128), ("int4", 960, 576, 32), ("int8", 4096, 4096, 32)])
+def test_mma_gemv_sums_every_config(scheme, n, k, group):
+    """The GEMV handing its sums on (`mma_gemv_sums`, int64 fixed point added by every
+    program) at the 8B and default-model shapes, 1-4 rows, every configuration its tuner
+    may pick and the tuned one: the sums are the merging GEMV's float32 result within its
+    rounding, and the fused kernel that reads them (the SwiGLU, on gate/up halves) leaves
+    the buffer zero."""
+    from kernels.quant import quantize_int4, quantize_int8, to_words
+    from kernels.triton_fused import FIXED_ONE, silu_mul
+    from kernels.triton_mma_gemv import _configs, _sums, mma_gemv, mma_gemv_sums
+
+    w = torch.randn(n, k, device="cuda") * 0.02
+    packed = to_words(quantize_int4(w, group) if scheme == "int4" else quantize_int8(w, group))
+    for m in (1, 3, 4):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = mma_gemv(x, packed, torch.empty(m, n, device="cuda", dtype=torch.float32))
+        configs = [None] + [
+            {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
+             "num_warps": c.num_warps} for c in _configs()
+            if c.kwargs["WARPS_K"] == 1 and c.kwargs["split_k"] in (1, 4, 32)
+            and c.kwargs["split_k"] <= k // 32]
+        for config in configs:
+            sums = mma_gemv_sums(x, packed, config)
+            got = sums.sums.double() / FIXED_ONE
+            assert float((got - ref.double()).norm() / ref.double().norm()) < 1e-5, (m, config)
+            silu_mul(sums)
+            assert int(_sums[x.device].abs().sum()) == 0, (m, config)
+
+
 def test_mma_gemv_serves_the_model_path():
     """`quantized_linear` on CUDA sends int4 bf16 rows M <= 16 and per-channel int8 M <= 8
     to the mma GEMV (autotuned), more rows elsewhere; all match the reference."""
