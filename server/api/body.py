@@ -37,7 +37,34 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
                           code="invalid_json") from exc
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    where = _lone_surrogate(data, "")
+    if where is not None:
+        raise bad_request(f"Invalid value for '{where}': the text holds a lone UTF-16 surrogate "
+                          "(a \\ud800-\\udfff escape without its pair), which is not Unicode.",
+                          param=where, code="invalid_value")
     return data
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path (pydantic style, `messages.0.content`) of the first string, key or value,
+    holding a lone UTF-16 surrogate: JSON's \\u escapes allow them, tokenizers refuse them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+        value, list) else ()
+    for key, item in items:
+        name = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
+        where = f"{path}.{name}" if path else str(name)
+        if isinstance(key, str) and name != key:
+            return where
+        found = _lone_surrogate(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 async def parse_body(request: Request, model: type[M], limit: int) -> M:

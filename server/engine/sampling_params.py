@@ -71,6 +71,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise SamplingParamsError(name, f"{name} must be in [-2, 2], got {value}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise SamplingParamsError("seed", f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise SamplingParamsError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
 
