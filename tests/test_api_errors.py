@@ -75,6 +75,16 @@ def test_validation_errors_name_the_field(server, body, param, code) -> None:
     _ok(client)
 
 
+def test_seed_at_the_top_of_its_range_serves_every_choice(server) -> None:
+    """Choice i of n takes seed + i, wrapped to 64 bits: the largest seed with n = 2 is
+    served, not refused as out of range."""
+    client, _ = server
+    resp = client.post(CHAT, json={"messages": MSGS, "n": 2, "seed": 2**63 - 1,
+                                   "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert [c["index"] for c in resp.json()["choices"]] == [0, 1]
+
+
 def test_unsupported_field_is_named_in_message(server) -> None:
     client, _ = server
     err = _error(client.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400)

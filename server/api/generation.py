@@ -1,7 +1,7 @@
 """Fan-out and collection: one API request becomes n engine requests, merged into one stream.
 
 SamplingParams has no `n`, so choice i runs as engine request `<id>-<i>` (seed + i when a seed
-is given). Cancellation is structural: closing the merged stream cancels the per-choice pump
+is given, wrapped to 64 bits). Cancellation is structural: closing the merged stream cancels the per-choice pump
 tasks, which closes each engine stream, and the engine aborts those requests and frees their
 KV blocks. A non-streaming handler races its collection against the client's disconnect.
 """
@@ -83,11 +83,16 @@ def make_jobs(request_id: str, prompts: list[list[int]], n: int,
     for p, prompt in enumerate(prompts):
         for i in range(n):
             index = p * n + i
-            seed = None if params.seed is None else params.seed + i
+            seed = None if params.seed is None else _wrap_int64(params.seed + i)
             job_params = params if n == 1 else _with_seed(params, seed)
             rid = request_id if len(prompts) * n == 1 else f"{request_id}-{index}"
             jobs.append(ChoiceJob(index, rid, prompt, job_params))
     return jobs
+
+
+def _wrap_int64(value: int) -> int:
+    """`value` wrapped into the 64-bit signed range seeds take (seed + i past the top)."""
+    return (value + 2**63) % 2**64 - 2**63
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
