@@ -100,6 +100,19 @@ def test_malformed_json_is_400(server) -> None:
     _ok(client)
 
 
+def test_deeply_nested_json_is_400() -> None:
+    """Nesting past Python's recursion limit (json.loads raises RecursionError) is a 400,
+    and the server keeps serving."""
+    engine = FakeEngine(max_model_len=64)
+    with app_in_thread(lambda: engine, ApiConfig(max_body_bytes=100_000)) as (url, _):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            raw = b'{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+            err = _error(client.post(CHAT, content=raw,
+                                     headers={"content-type": "application/json"}), 400)
+            assert err["code"] == "invalid_json" and "nested" in err["message"]
+            _ok(client)
+
+
 def test_context_length_exceeded_names_both_numbers(server) -> None:
     client, _ = server
     prompt = "x" * 50

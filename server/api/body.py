@@ -32,12 +32,15 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         chunks.append(chunk)
     try:
         data = json.loads(b"".join(chunks))
+        where = _lone_surrogate(data, "")
+    except RecursionError as exc:
+        raise bad_request("The JSON body of your request is nested too deeply.",
+                          code="invalid_json") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"We could not parse the JSON body of your request: {exc}",
                           code="invalid_json") from exc
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    where = _lone_surrogate(data, "")
     if where is not None:
         raise bad_request(f"Invalid value for '{where}': the text holds a lone UTF-16 surrogate "
                           "(a \\ud800-\\udfff escape without its pair), which is not Unicode.",

@@ -1,9 +1,10 @@
 """Fan-out and collection: one API request becomes n engine requests, merged into one stream.
 
 SamplingParams has no `n`, so choice i runs as engine request `<id>-<i>` (seed + i when a seed
-is given, wrapped to 64 bits). Cancellation is structural: closing the merged stream cancels the per-choice pump
-tasks, which closes each engine stream, and the engine aborts those requests and frees their
-KV blocks. A non-streaming handler races its collection against the client's disconnect.
+is given, wrapped to 64 bits). Cancellation is structural: closing the merged stream cancels
+the per-choice pump tasks, which closes each engine stream, and the engine aborts those
+requests and frees their KV blocks. A non-streaming handler races its collection against the
+client's disconnect.
 """
 
 from __future__ import annotations
