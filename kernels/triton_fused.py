@@ -14,7 +14,7 @@ all three can be captured in CUDA graphs.
 Each also takes its input as `GemvSums`: a split-K GEMV's sums, added by its programs into
 a zeroed int64 buffer in fixed point, which the kernel rounds to the activation dtype (as
 the GEMV's own store would have), then zeroes for the next GEMV. The GEMV then needs no
-merge of its own (`kernels.triton_mma_gemv.mma_gemv_sums`). Integer addition does not
+merge of its own (`kernels.gemv_sums.mma_gemv_sums`). Integer addition does not
 depend on the order of the programs' adds, so the result is deterministic.
 """
 

@@ -28,10 +28,8 @@ against 9.1 for the fastest with one row (run 44); at one group none won (run 43
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from collections.abc import Iterator
 
 import torch
 import triton
@@ -39,14 +37,7 @@ import triton.language as tl
 
 from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
-from kernels.triton_fused import GemvSums
-from kernels.triton_gemv import (
-    _outgrown,
-    _reduce_partials,
-    _tile_counters,
-    autotuned,
-    fills_waves,
-)
+from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fills_waves
 from kernels.triton_mma_step import flush, mma_step
 
 GROUP_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
@@ -321,60 +312,14 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart
     rows = m if groups == 1 else groups * GROUP_ROWS
     part = torch.empty(max_split * rows * n, dtype=torch.float32, device=x.device)
-    _launch(x, packed, out, part, max_split, config, False)
+    launch(x, packed, out, part, max_split, config, False)
     return out
 
 
-_sums: dict[torch.device, torch.Tensor] = {}
-SUMS_ENABLED = os.environ.get("LEAPFROG_GEMV_SUMS", "1") != "0"
-"""Whether the decoder layers take `mma_gemv_sums` where it serves (benchmarks toggle it)."""
-
-
-@contextlib.contextmanager
-def sums_disabled() -> Iterator[None]:
-    """The decoder layers' GEMVs merge their own split-K partials inside the block (for
-    side-by-side comparisons)."""
-    global SUMS_ENABLED
-    before, SUMS_ENABLED = SUMS_ENABLED, False
-    try:
-        yield
-    finally:
-        SUMS_ENABLED = before
-
-
-def mma_gemv_sums_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
-    """Whether `mma_gemv_sums` serves this product (and `SUMS_ENABLED`)."""
-    return SUMS_ENABLED and x.shape[0] <= GROUP_ROWS and mma_gemv_supported(x, packed)
-
-
-def mma_gemv_sums(x: torch.Tensor, packed: PackedWeight,
-                  config: dict | None = None) -> GemvSums:
-    """`mma_gemv` of 1..4 rows whose programs add their sums into a zeroed int64 buffer
-    (`kernels.triton_fused.GemvSums`) instead of merging split-K partials: the merge's
-    round trips (~2 us a launch on an H200, docs/benchmarks/gpu.md run 61) move into the
-    next fused kernel, which reads the sums anyway. One buffer serves the device: each
-    GemvSums must be consumed before the next is made (they are, in the decoder layer's
-    chain of kernels on one stream)."""
-    m, n = x.shape[0], packed.out_features
-    if m > GROUP_ROWS:
-        raise ValueError(f"GemvSums serve up to {GROUP_ROWS} rows, got {m}")
-    buf = _sums.get(x.device)
-    if buf is None or buf.numel() < m * n:
-        if buf is not None:
-            _outgrown.append(buf)
-        with torch.inference_mode(False):  # a normal tensor even when made in the engine's
-            # inference mode: the autotuner restores it with copy_, refused outside that mode
-            buf = torch.zeros(max(m * n, 1 << 16), dtype=torch.int64, device=x.device)
-        _sums[x.device] = buf
-    sums = buf[: m * n].view(m, n)
-    _launch(x, packed, None, sums, 1, config, True)
-    return GemvSums(sums, x.dtype)
-
-
-def _launch(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None,
+def launch(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None,
             part: torch.Tensor, max_split: int, config: dict | None, sums: bool) -> None:
     """The kernel over x's rows: into `out` through the float32 split-K partials `part`,
-    or (`sums`) added into the int64 GemvSums buffer `part`."""
+    or (`sums`) added into the int64 GemvSums buffer `part` (`kernels.gemv_sums`)."""
     m, k = x.shape
     n = packed.out_features
     x = x.contiguous()

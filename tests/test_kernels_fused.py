@@ -204,7 +204,7 @@ def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None
     for the next fused kernel (`Linear.project`). The same path runs here, interpreted,
     with the mma GEMV emulated and allowed on CPU, against the CPU's packed kernels: the
     hidden states agree within bfloat16 rounding, and each GEMV handed over its sums."""
-    from kernels import triton_mma_gemv
+    from kernels import gemv_sums
     from kernels.triton_gemm import words_of
     from server.models.quantize import linear_modules, quantize_dense
 
@@ -229,16 +229,16 @@ def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None
         calls.append(packed.out_features)
         return real(x, words_of(packed), {"BLOCK_N": 32, "split_k": 3, "num_warps": 1})
 
-    real = triton_mma_gemv.mma_gemv_sums
-    monkeypatch.setattr(triton_mma_gemv, "mma_gemv_sums_supported", lambda x, p: True)
-    monkeypatch.setattr(triton_mma_gemv, "mma_gemv_sums", sums_on_cpu)
+    real = gemv_sums.mma_gemv_sums
+    monkeypatch.setattr(gemv_sums, "mma_gemv_sums_supported", lambda x, p: True)
+    monkeypatch.setattr(gemv_sums, "mma_gemv_sums", sums_on_cpu)
     got = run(models[0])
     assert calls == [960, 576, 192, 576] * 2  # qkv, o, gate/up, down of 2 layers
-    monkeypatch.setattr(triton_mma_gemv, "mma_gemv_sums_supported", lambda x, p: False)
+    monkeypatch.setattr(gemv_sums, "mma_gemv_sums_supported", lambda x, p: False)
     expected = run(models[1])
     rel = float((got.double() - expected.double()).norm() / expected.double().norm())
     assert rel < 2e-2, rel
-    assert int(triton_mma_gemv._sums[torch.device("cpu")].abs().sum()) == 0
+    assert int(gemv_sums._sums[torch.device("cpu")].abs().sum()) == 0
 
 
 def test_pdl_only_where_supported_and_switchable():

@@ -87,8 +87,8 @@ def test_mma_gemv_sums_add_up_and_the_next_kernel_clears_them(config):
     int64 buffer in fixed point, whose value is the product exactly; the fused kernel that
     takes them (here the SwiGLU) reads them and leaves the buffer zero for the next GEMV.
     Rows 1..4 (one group)."""
+    from kernels.gemv_sums import _sums, mma_gemv_sums
     from kernels.triton_fused import FIXED_ONE, silu_mul
-    from kernels.triton_mma_gemv import _sums, mma_gemv_sums
 
     for scheme, group in (("int4", 128), ("int8", 32)):
         packed = to_words(_packed(scheme, 64, 256, group))  # N = 2 x 32: a gate and an up
@@ -111,14 +111,14 @@ def test_mma_gemv_sums_buffer_is_a_normal_tensor(monkeypatch):
     """Made under the engine's inference mode, the sums buffer is still a normal tensor: the
     autotuner restores it with copy_, which an inference tensor refuses outside inference
     mode (run 67: a kernel test after the engine tests failed so on the device)."""
-    from kernels import triton_mma_gemv
+    from kernels import gemv_sums
 
-    monkeypatch.setattr(triton_mma_gemv, "_sums", {})
+    monkeypatch.setattr(gemv_sums, "_sums", {})
     packed = to_words(_packed("int4", 64, 256, 128))
     with torch.inference_mode():
-        triton_mma_gemv.mma_gemv_sums(torch.zeros(1, 256, dtype=torch.bfloat16), packed,
-                                      {"BLOCK_N": 32, "split_k": 1, "num_warps": 1})
-    assert not triton_mma_gemv._sums[torch.device("cpu")].is_inference()
+        gemv_sums.mma_gemv_sums(torch.zeros(1, 256, dtype=torch.bfloat16), packed,
+                                {"BLOCK_N": 32, "split_k": 1, "num_warps": 1})
+    assert not gemv_sums._sums[torch.device("cpu")].is_inference()
 
 
 def test_mma_gemv_int8_routing():

@@ -12,7 +12,7 @@ What each number times:
   programmatic dependent launch off (`kernels.pdl`). ``device``: the batch-1 graph replayed
   back to back with no host work between steps (device time alone; the gap to ``ours``
   is the host's share). ``device_nosums``: the same with the packed GEMVs merging their
-  own split-K partials (`kernels.triton_mma_gemv.sums_disabled`); best of two rounds each.
+  own split-K partials (`kernels.gemv_sums.sums_disabled`); best of two rounds each.
 - ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
   the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
 - ``roofline``: measured copy bandwidth (bytes read + written per second of a device copy) /
@@ -42,8 +42,8 @@ import torch
 
 from kernels import pdl
 from kernels.bench_gpu import copy_bandwidth, tuned_configs
+from kernels.gemv_sums import sums_disabled
 from kernels.quant import to_words
-from kernels.triton_mma_gemv import sums_disabled
 from server.engine.cuda_graphs import CudaGraphRunner
 from server.models.config import config_from_hf
 from server.models.llama import LlamaForCausalLM

@@ -64,7 +64,7 @@ class Linear(torch.nn.Module):
         decode on CUDA (the mma GEMV), the sums are left unrounded for the next fused
         kernel (`kernels.triton_fused.GemvSums`): the GEMV then has no split-K merge."""
         if fused and self.packed is not None and self.bias is None and x.shape[0] == 1:
-            from kernels.triton_mma_gemv import mma_gemv_sums, mma_gemv_sums_supported
+            from kernels.gemv_sums import mma_gemv_sums, mma_gemv_sums_supported
 
             if mma_gemv_sums_supported(x, self.packed):
                 return mma_gemv_sums(x, self.packed)

@@ -136,8 +136,8 @@ def test_gemv_sums_decode_matches_merged_gemvs():
     layers and 4 steps (run 66), hence the bound of 5e-2."""
     from transformers import LlamaConfig
 
+    from kernels.gemv_sums import _sums, sums_disabled
     from kernels.quant import to_words
-    from kernels.triton_mma_gemv import _sums, sums_disabled
     from server.benchmarks.gpu_decode import build_models, decode_steps
     from server.models.quantize import linear_modules, quantize_dense
 

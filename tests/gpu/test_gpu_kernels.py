@@ -99,9 +99,10 @@ def test_mma_gemv_sums_every_config(scheme, n, k, group):
     may pick and the tuned one: the sums are the merging GEMV's float32 result within its
     rounding, and the fused kernel that reads them (the SwiGLU, on gate/up halves) leaves
     the buffer zero."""
+    from kernels.gemv_sums import _sums, mma_gemv_sums
     from kernels.quant import quantize_int4, quantize_int8, to_words
     from kernels.triton_fused import FIXED_ONE, silu_mul
-    from kernels.triton_mma_gemv import _configs, _sums, mma_gemv, mma_gemv_sums
+    from kernels.triton_mma_gemv import _configs, mma_gemv
 
     w = torch.randn(n, k, device="cuda") * 0.02
     packed = to_words(quantize_int4(w, group) if scheme == "int4" else quantize_int8(w, group))
