@@ -214,9 +214,9 @@ def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None
             model(torch.tensor([3, 9, 27, 17]), torch.arange(4), BatchMeta(
                 torch.arange(4), table, torch.tensor([4], dtype=torch.int32),
                 torch.tensor([0, 4], dtype=torch.int32)))
-            return torch.cat([model(torch.tensor([t]), torch.tensor([p]), BatchMeta(
-                torch.tensor([p]), table, torch.tensor([p + 1], dtype=torch.int32),
-                torch.tensor([0, 1], dtype=torch.int32))) for p, t in ((4, 40),)])
+            return model(torch.tensor([40]), torch.tensor([4]), BatchMeta(  # decode at 4
+                torch.tensor([4]), table, torch.tensor([5], dtype=torch.int32),
+                torch.tensor([0, 1], dtype=torch.int32)))
 
     models = [_tiny_model(torch.bfloat16) for _ in range(2)]
     for model in models:
