@@ -159,7 +159,7 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float, ms: tuple[int, ...]
 def sweep_gemv(name: str, n: int, k: int, bandwidth: float, m: int = 1) -> None:
     """Print the time of every configuration of the mma GEMV (the autotuner's candidates)
     at `m` rows for int4 and per-channel int8: the fastest 8, and the fastest with each
-    number of warp rows along K."""
+    number of warp rows along K (labels: BLOCK_N/warps/warp rows/split/rows a program)."""
     from kernels.triton_mma_gemv import _configs, mma_gemv
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -170,18 +170,20 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float, m: int = 1) -> None:
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
         line = []
         for c in _configs():
-            split, warps_k = c.kwargs["split_k"], c.kwargs["WARPS_K"]
+            split, warps_k, rows = c.kwargs["split_k"], c.kwargs["WARPS_K"], c.kwargs["ROWS"]
             if split * warps_k * -(-n // c.kwargs["BLOCK_N"]) < 132:
                 continue  # under one warp row an SM: never competitive
+            if rows > 4 and (m <= 4 or scheme == "w8a16"):
+                continue  # (int4 with more than 4 rows only)
             cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": split, "num_warps": c.num_warps,
-                   "WARPS_K": warps_k}
+                   "WARPS_K": warps_k, "ROWS": rows}
 
             def op(x_, p_, cfg=cfg):
                 return mma_gemv(x_, p_, out, cfg)
             seconds = _graph_time(op, x, copies)
             pct = 100 * packed.nbytes() / seconds / bandwidth
             line.append((seconds, warps_k, f"{cfg['BLOCK_N']}/{c.num_warps}w/k{warps_k}"
-                                           f"/s{split}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
+                                           f"/s{split}/r{rows}:{seconds * 1e6:.1f}us({pct:.0f}%)"))
         line.sort()
         best = " ".join(text for _, _, text in line[:8])
         print(f"sweep {name} M={m} {scheme} (fastest 8 of {len(line)}): {best}", flush=True)

@@ -16,12 +16,15 @@ scales and offsets are in flight, with no register copies between iterations. Sp
 partials are merged by the last program to arrive (`kernels.triton_gemv`). The first
 chunk's words load before the kernel waits for its predecessor (`kernels.pdl`).
 
-One mma serves 4 rows. More rows (verification of up to 15 draft tokens) run as groups
-of 4, one program each, the groups of a weight tile next to each other in the grid, so
-that they read it at about the same time. On an H200 two groups take 1.5-1.7x one
-group's time, so they share the reads only in part; up to 12 rows this beats the
-tensor-core GEMM of `kernels.triton_gemm`, at 16 they tie (docs/benchmarks/gpu.md). With
-several groups a program may also put WARPS_K rows of warps along K, summed in shared
+One mma serves 4 rows. More rows (verification of up to 15 draft tokens) run as groups,
+one program each, the groups of a weight tile next to each other in the grid, so that
+they read it at about the same time (two groups of 4 take 1.5-1.7x one group's time on an
+H200: they share the reads only in part). int4 groups may hold 8 rows instead
+(`mma_step8`: the same words, 6 mma a step instead of 5 for twice the rows), which on the
+8B shapes at 5-16 rows took 0.53-0.86x the time of groups of 4, but is slower on a
+1024-feature projection, whose programs are then too few: the autotuner picks the group
+size (ROWS) with the rest of the configuration (docs/benchmarks/gpu.md, run 70). With
+more than 4 rows a program may also put WARPS_K rows of warps along K, summed in shared
 memory at the end: on 4096x4096 at 8 rows the fastest such configuration took 7.4 us
 against 9.1 for the fastest with one row (run 44); at one group none won (run 43).
 """
@@ -38,10 +41,11 @@ import triton.language as tl
 from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
 from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fills_waves
-from kernels.triton_mma_step import flush, mma_step
+from kernels.triton_mma_step import flush, flush8, mma_step, mma_step8
 
 GROUP_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
-MAX_ROWS = 16  # rows served: up to 4 groups of GROUP_ROWS (grid axis 0)
+INT4_GROUP_ROWS = 8  # int4 with more than 4 rows: 8 a program (`mma_step8`)
+MAX_ROWS = 16  # rows served (groups of ROWS along grid axis 0)
 INT8_MAX_ROWS = 8  # int8 rows routed here (`mma_gemv_supported`)
 
 
@@ -125,37 +129,47 @@ def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, end, last, q, n, live, N,
 
 
 @triton.jit
-def _chunk(acc, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
+def _chunk(acc, acc2, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
            GROUP: tl.constexpr, CHUNK: tl.constexpr, INT8: tl.constexpr,
-           EMULATE: tl.constexpr):
-    """acc after one chunk: CHUNK mma steps, a flush at the end of every group (and of the
-    chunk, when a group spans chunks: int8 per channel). The flush adds s (D - 9 B) for
-    int8, whose D carries a bias of 2176 a code and B one of 256: s sum (u - 128) x."""
+           ROWS: tl.constexpr, EMULATE: tl.constexpr):
+    """acc (and with 8 rows acc2, the odd rows) after one chunk: CHUNK mma steps, a flush
+    at the end of every group (and of the chunk, when a group spans chunks: int8 per
+    channel). The flush adds s (D - 9 B) for int8, whose D carries a bias of 2176 a code
+    and B one of 256: s sum (u - 128) x."""
     FEATS: tl.constexpr = 16 if INT8 else 32
     GSTEPS: tl.constexpr = GROUP // FEATS  # steps per quantization group
     FLUSH: tl.constexpr = GSTEPS if GSTEPS < CHUNK else CHUNK  # steps between flushes
     d0, d1, d2, d3, db = acc, acc, acc, acc, acc  # (unread by the first step of a group)
     for i in tl.static_range(CHUNK):
-        d0, d1, d2, d3, db = mma_step(_pick(i, w0, w1, w2, w3), _pick(i, x0, x1, x2, x3),
-                                       d0, d1, d2, d3, db, i % FLUSH == 0, INT8, EMULATE)
+        w, x = _pick(i, w0, w1, w2, w3), _pick(i, x0, x1, x2, x3)
+        if ROWS == 8:
+            d0, d1, db = mma_step8(w, x, d0, d1, db, i % FLUSH == 0, EMULATE)
+        else:
+            d0, d1, d2, d3, db = mma_step(w, x, d0, d1, d2, d3, db, i % FLUSH == 0, INT8,
+                                           EMULATE)
         if (i + 1) % FLUSH == 0:
             gi = i // GSTEPS
             s = _pick(gi, s0, s1, s2, s3).to(tl.float32)
             o = _pick(gi, o0, o1, o2, o3).to(tl.float32)
             m = -9.0 * s if INT8 else o * 0.0078125 - s
-            acc = flush(d0, d1, d2, d3, db, acc, s, m, EMULATE)
-    return acc
+            if ROWS == 8:
+                acc, acc2 = flush8(d0, d1, db, acc, acc2, s, m, EMULATE)
+            else:
+                acc = flush(d0, d1, d2, d3, db, acc, s, m, EMULATE)
+    return acc, acc2
 
 
-@triton.jit(do_not_specialize=["split_k", "M"])
+@triton.jit(do_not_specialize=["split_k", "M", "M_KEY"])
 def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
-                     stride_xm, stride_om, split_k, max_split, GROUP: tl.constexpr,
+                     stride_xm, stride_om, split_k, max_split, M_KEY, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, WARPS_K: tl.constexpr, CHUNK: tl.constexpr,
                      REDUCE: tl.constexpr, GROUPED: tl.constexpr, INT8: tl.constexpr,
-                     EMULATE: tl.constexpr, PDL: tl.constexpr, SUMS: tl.constexpr = False):
+                     EMULATE: tl.constexpr, PDL: tl.constexpr, SUMS: tl.constexpr = False,
+                     ROWS: tl.constexpr = 4):
     """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features (int8: 16). Grid
-    axis 0 is the group of (up to 4) rows (GROUPED: more than one): the programs of all
-    groups that read one weight tile launch next to each other. WARPS_K rows of warps
+    axis 0 is the group of ROWS rows (4, or 8 for int4: `mma_step8`; GROUPED: more than 4
+    rows in all): the programs of all groups that read one weight tile launch next to each
+    other. M_KEY (M, with 1-4 as one) only keys the autotuner. WARPS_K rows of warps
     share the program's K range (row r takes chunks r, r + WARPS_K, ...) and sum their
     accumulators at the end, so K splits without the split-K merge through memory. SUMS
     (one group of rows): every program adds its sums in fixed point to part_ptr, int64 [M,
@@ -164,17 +178,18 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     pid_k = tl.program_id(2)
     if GROUPED:  # the group's rows, outputs, split-K partials and counters
         pid_g = tl.program_id(0)
-        x_ptr += pid_g * 4 * stride_xm
-        out_ptr += pid_g * 4 * stride_om
-        M = tl.minimum(M - pid_g * 4, 4)
-        part_ptr += pid_g * max_split * 4 * N
+        x_ptr += pid_g * ROWS * stride_xm
+        out_ptr += pid_g * ROWS * stride_om
+        M = tl.minimum(M - pid_g * ROWS, ROWS)
+        part_ptr += pid_g * max_split * ROWS * N
         cnt_ptr += pid_g * tl.num_programs(1)
     # element e: warp row e // (4 BLOCK_N), lane (e // 4) % 32 of its warp, word j = e % 4
     e = tl.arange(0, WARPS_K * BLOCK_N * 4)
     r = e // (BLOCK_N * 4) if WARPS_K > 1 else 0
     j = e % 4
     q = (e // 4) % 4
-    row_m = tl.minimum((e // 32) % 4, M - 1)  # lane group g supplies B column g (row g // 2)
+    # lane group g supplies B column g: activation row g // 2 (4 rows) or g (8 rows)
+    row_m = tl.minimum((e // 16) % 8 if ROWS == 8 else (e // 32) % 4, M - 1)
     n = pid_n * BLOCK_N + (e % (BLOCK_N * 4) // 16) * 4 + j
     x_words = (x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_m * (stride_xm // 2)
                + j)
@@ -183,6 +198,7 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     begin = pid_k * per_split
     end = tl.minimum(begin + per_split, num_chunks)
     acc = tl.zeros((WARPS_K * BLOCK_N * 4,), dtype=tl.float32)
+    acc2 = acc  # (8 rows: the odd rows' sums)
 
     # two chunks an iteration, each loaded while the other is multiplied (no register
     # copies between iterations); loads past the end reread the last chunk
@@ -197,54 +213,72 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
         b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
             _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + WARPS_K + r, end, last, q, n, live,
                         N, GROUP, CHUNK, INT8, WARPS_K))
-        acc = _chunk(acc, a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2,
-                     as3, ao3, GROUP, CHUNK, INT8, EMULATE)
+        acc, acc2 = _chunk(acc, acc2, a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1,
+                           as2, ao2, as3, ao3, GROUP, CHUNK, INT8, ROWS, EMULATE)
         a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = (
             _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + 2 * WARPS_K + r, end, last, q, n,
                         live, N, GROUP, CHUNK, INT8, WARPS_K))
         if c + WARPS_K < end:  # (some warp row has a second chunk)
-            acc = _chunk(acc, b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2,
-                         bo2, bs3, bo3, GROUP, CHUNK, INT8, EMULATE)
+            acc, acc2 = _chunk(acc, acc2, b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1,
+                               bo1, bs2, bo2, bs3, bo3, GROUP, CHUNK, INT8, ROWS, EMULATE)
     if WARPS_K > 1:  # the warp rows' sums, laid out as one row's
         acc = tl.sum(tl.reshape(acc, (WARPS_K, BLOCK_N * 4)), axis=0)
+        if ROWS == 8:
+            acc2 = tl.sum(tl.reshape(acc2, (WARPS_K, BLOCK_N * 4)), axis=0)
         e = tl.arange(0, BLOCK_N * 4)
         q = (e // 4) % 4
         n = pid_n * BLOCK_N + (e // 16) * 4 + e % 4
         live = n < N
 
-    # lane (g, q) holds row q's sums for features 4g + j
-    keep = live & (q < M)
+    # lane (g, q) holds row q's sums for features 4g + j (8 rows: rows 2q and 2q + 1)
     if SUMS:
-        tl.atomic_add(part_ptr + q * N + n, (acc * 4294967296.0).to(tl.int64), mask=keep,
-                      sem="relaxed")
-    elif not REDUCE:
-        tl.store(out_ptr + q * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=keep)
+        tl.atomic_add(part_ptr + q * N + n, (acc * 4294967296.0).to(tl.int64),
+                      mask=live & (q < M), sem="relaxed")
     else:
-        tl.store(part_ptr + (pid_k * M + q) * N + n, acc, mask=keep)
-        offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _reduce_partials(out_ptr, part_ptr, cnt_ptr, offs, offs < N, N, M, stride_om, pid_n,
-                         split_k)
+        if ROWS == 8:
+            _store_rows(acc, 2 * q, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om, REDUCE)
+            _store_rows(acc2, 2 * q + 1, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om,
+                        REDUCE)
+        else:
+            _store_rows(acc, q, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om, REDUCE)
+        if REDUCE:
+            offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _reduce_partials(out_ptr, part_ptr, cnt_ptr, offs, offs < N, N, M, stride_om,
+                             pid_n, split_k)
+
+
+@triton.jit
+def _store_rows(acc, row, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om,
+                REDUCE: tl.constexpr):
+    """Store the lane's sums of `row` into out, or (REDUCE) into this split's partials."""
+    keep = live & (row < M)
+    if REDUCE:
+        tl.store(part_ptr + (pid_k * M + row) * N + n, acc, mask=keep)
+    else:
+        tl.store(out_ptr + row * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 def _configs() -> list[triton.Config]:
     """One row of 1, 2 or 4 warps along N with split-K 1..32 between programs, or (more
     than 4 rows only, `_prune`) 2, 4 or 8 rows of one warp along K in a program without
     split-K: the fastest warp-row configuration of every shape in runs 43-44 was one of
-    these."""
-    def config(warps_n: int, warps_k: int, reps: int, split: int) -> triton.Config:
+    these. Each with 4 rows a program, and with 8 (int4 with more than 4 rows only)."""
+    def config(warps_n: int, warps_k: int, reps: int, split: int, rows: int) -> triton.Config:
         return triton.Config({"BLOCK_N": 32 * warps_n * reps, "WARPS_K": warps_k,
-                              "split_k": split, "REDUCE": split > 1},
+                              "split_k": split, "REDUCE": split > 1, "ROWS": rows},
                              num_warps=warps_n * warps_k, num_stages=1)
 
-    return ([config(warps, 1, reps, split) for warps in (1, 2, 4) for reps in (1, 2)
+    return [c for rows in (GROUP_ROWS, INT4_GROUP_ROWS) for c in
+            [config(warps, 1, reps, split, rows) for warps in (1, 2, 4) for reps in (1, 2)
              for split in (1, 2, 4, 8, 16, 32)]
-            + [config(1, warps_k, 1, 1) for warps_k in (2, 4, 8)])
+            + [config(1, warps_k, 1, 1, rows) for warps_k in (2, 4, 8)]]
 
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K)
     and give every warp row a chunk; warp rows along K only for more than 4 rows (at one
-    group of rows they never won: docs/benchmarks/gpu.md, run 43); group 32 (a scale and
+    group of rows they never won: docs/benchmarks/gpu.md, run 43), and so are 8 rows a
+    program (int4 only); group 32 (a scale and
     offset pair a step, two chunks of them held) takes one rep a warp, which keeps it
     within the 255 registers of a thread."""
     n, k = named_args["N"], named_args["K"]
@@ -255,14 +289,16 @@ def _prune(configs, named_args, **kwargs):
         if (kwargs["GROUP"] == 32 and not kwargs["INT8"]
                 and block_n > 32 * c.num_warps // warps_k):
             continue
-        if warps_k > 1 and not kwargs["GROUPED"]:
+        if (warps_k > 1 or c.kwargs["ROWS"] > GROUP_ROWS) and not kwargs["GROUPED"]:
+            continue
+        if c.kwargs["ROWS"] > GROUP_ROWS and kwargs["INT8"]:
             continue
         if split * warps_k <= chunks and fills_waves(n, block_n, split, 4096):
             keep.append(c)
     return keep or configs[:1]
 
 
-_mma_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP", "GROUPED", "INT8"],
+_mma_tuned = autotuned(_mma_gemv_kernel, _configs(), ["N", "K", "GROUP", "M_KEY", "INT8"],
                        _prune)
 # the same kernel adding into GemvSums: tuned apart (no merge changes which split wins), its
 # sums buffer restored after every timed run so that only the real one adds
@@ -303,14 +339,14 @@ def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
 def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
              config: dict | None = None) -> torch.Tensor:
     """x [M <= 16, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 or int8
-    ``words`` weight, rows in groups of 4 (one program a group, tile and K share). `config`
-    ({"BLOCK_N", "split_k", "num_warps", "WARPS_K"}; num_warps a multiple of WARPS_K,
-    BLOCK_N of 32 per warp along N) skips autotuning."""
+    ``words`` weight, rows in groups of 4 or (int4) 8 (one program a group, tile and K
+    share). `config` ({"BLOCK_N", "split_k", "num_warps", "WARPS_K", "ROWS"}; num_warps a
+    multiple of WARPS_K, BLOCK_N of 32 per warp along N, ROWS 4 by default) skips
+    autotuning."""
     m, n = x.shape[0], packed.out_features
-    groups = triton.cdiv(m, GROUP_ROWS)
     max_split = 32 if config is None else config["split_k"]
-    # split-K partials: a group's rows at stride N, groups (if several) max_split * 4 rows apart
-    rows = m if groups == 1 else groups * GROUP_ROWS
+    # split-K partials: a group's rows at stride N, groups max_split * ROWS rows apart
+    rows = m if m <= GROUP_ROWS else triton.cdiv(m, INT4_GROUP_ROWS) * INT4_GROUP_ROWS
     part = torch.empty(max_split * rows * n, dtype=torch.float32, device=x.device)
     launch(x, packed, out, part, max_split, config, False)
     return out
@@ -335,24 +371,30 @@ def launch(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None,
     else:  # groups of 64 take chunks of 2 steps, so that each group ends where a chunk
         # ends (flushes inside a chunk never ran on a device)
         chunk = 4 if k % 128 == 0 and group != 64 else group // 32
-    groups = triton.cdiv(m, GROUP_ROWS)
-    counters = _tile_counters(x.device, groups * triton.cdiv(n, 32))
+    counters = _tile_counters(x.device, triton.cdiv(m, GROUP_ROWS) * triton.cdiv(n, 32))
     offsets = packed.scales if int8 else packed.offsets  # (int8: never read)
     args = (x, packed.qweight, packed.scales, offsets, part if sums else out, part, counters,
             m, n, k, x.stride(0), n if sums else out.stride(0))
-    consts = dict(GROUP=group, CHUNK=chunk, GROUPED=groups > 1, INT8=int8,
+    # a tuning for 1-4 rows, and one for each count above (the best group size and split
+    # differ between 5 and 8 rows: docs/benchmarks/gpu.md, run 71)
+    m_key = max(m, GROUP_ROWS)
+    consts = dict(GROUP=group, CHUNK=chunk, GROUPED=m > GROUP_ROWS, INT8=int8,
                   EMULATE=os.environ.get("TRITON_INTERPRET") == "1", SUMS=sums,
                   **pdl_args(x.device))
     if config is None:
         tuner = _sums_tuned if sums else _mma_tuned
-        tuner[lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
-            *args, max_split=max_split, **consts)
+        tuner[lambda meta: (triton.cdiv(m, meta["ROWS"]), triton.cdiv(n, meta["BLOCK_N"]),
+                            meta["split_k"])](*args, max_split=max_split, M_KEY=m_key,
+                                              **consts)
     else:
         split, warps = config["split_k"], config.get("num_warps", 1)
-        warps_k = config.get("WARPS_K", 1)
+        warps_k, rows = config.get("WARPS_K", 1), config.get("ROWS", GROUP_ROWS)
         if warps % warps_k or config["BLOCK_N"] % (32 * warps // warps_k):
             raise ValueError("num_warps must be a multiple of WARPS_K and BLOCK_N of 32 per "
                              f"warp along N, got {config}")
-        _mma_gemv_kernel[(groups, triton.cdiv(n, config["BLOCK_N"]), split)](
-            *args, split, max_split, **consts, BLOCK_N=config["BLOCK_N"], WARPS_K=warps_k,
-            REDUCE=split > 1 and not sums, num_warps=warps, num_stages=1)
+        if rows not in (GROUP_ROWS, INT4_GROUP_ROWS) or rows > GROUP_ROWS and (int8 or sums):
+            raise ValueError(f"ROWS is 4, or 8 for int4 without sums, got {config}")
+        _mma_gemv_kernel[(triton.cdiv(m, rows), triton.cdiv(n, config["BLOCK_N"]), split)](
+            *args, split, max_split, m_key, **consts, BLOCK_N=config["BLOCK_N"],
+            WARPS_K=warps_k, REDUCE=split > 1 and not sums, ROWS=rows, num_warps=warps,
+            num_stages=1)

@@ -34,7 +34,7 @@ def test_tuned_configs_name_their_keys():
     from kernels.bench_gpu import tuned_configs
     from kernels.triton_mma_gemv import _mma_tuned
 
-    key = (4096, 14336, 128, False, True, "torch.bfloat16")
+    key = (4096, 14336, 128, 4, True, "torch.bfloat16")
     _mma_tuned.cache[key] = triton.Config({"BLOCK_N": 64, "split_k": 16, "WARPS_K": 1},
                                           num_warps=2, num_stages=1)
     try:
@@ -42,7 +42,7 @@ def test_tuned_configs_name_their_keys():
     finally:
         del _mma_tuned.cache[key]
     assert entries == [{"kernel": "mma_gemv",
-                        "key": {"N": 4096, "K": 14336, "GROUP": 128, "GROUPED": False,
+                        "key": {"N": 4096, "K": 14336, "GROUP": 128, "M_KEY": 4,
                                 "INT8": True},
                         "config": {"BLOCK_N": 64, "split_k": 16, "WARPS_K": 1,
                                    "num_warps": 2, "num_ctas": 1, "num_stages": 1}}]

@@ -31,14 +31,15 @@ from triton.compiler import ASTSource
 from kernels.triton_mma_gemv import _mma_gemv_kernel
 
 ARGS = ["x_ptr", "w_ptr", "s_ptr", "o_ptr", "out_ptr", "part_ptr", "cnt_ptr", "M", "N", "K",
-        "stride_xm", "stride_om", "split_k", "max_split"]
+        "stride_xm", "stride_om", "split_k", "max_split", "M_KEY"]
 for case in json.loads(sys.argv[1]):
     out = "*i64" if case["sums"] else "*bf16"  # (SUMS: both are the int64 GemvSums)
     types = ["*bf16", "*i32", "*fp16", "*fp16", out, "*i64" if case["sums"] else "*fp32",
-             "*i32"] + ["i32"] * 7
+             "*i32"] + ["i32"] * 8
     consts = dict(GROUP=case["group"], BLOCK_N=case["block_n"], WARPS_K=case["warps_k"],
                   CHUNK=case["chunk"], REDUCE=case["reduce"], GROUPED=case["warps_k"] > 1,
-                  INT8=case["int8"], EMULATE=False, PDL=True, SUMS=case["sums"])
+                  INT8=case["int8"], EMULATE=False, PDL=True, SUMS=case["sums"],
+                  ROWS=case["rows"])
     signature = dict(zip(ARGS, types)) | {name: "constexpr" for name in consts}
     # what the launcher proves of aligned tensors and of integers divisible by 16
     aligned = ARGS[:7] + case["divisible"]
@@ -58,14 +59,17 @@ for case in json.loads(sys.argv[1]):
 
 # int4 groups of 128/64/32 (chunks of 4/2/1 steps), int8 per channel and in groups of 32
 # (chunks of 2 steps); one warp row (with and without split-K) or several along K; N and
-# the output stride divisible by 16 or not (N = 1000); and the sums handed on (GemvSums,
-# one warp row), whose int64 atomics must not change the steps' layout
+# the output stride divisible by 16 or not (N = 1000); the sums handed on (GemvSums, one
+# warp row), whose int64 atomics must not change the steps' layout; and int4 steps over 8
+# rows (`mma_step8`)
 _CASES = [dict(int8=int8, group=group, chunk=chunk, block_n=32 * reps, warps_k=warps_k,
-               warps=warps_k, reduce=reduce, divisible=divisible, sums=sums)
+               warps=warps_k, reduce=reduce, divisible=divisible, sums=sums, rows=rows)
           for int8, group, chunk in ((False, 128, 4), (False, 64, 2), (False, 32, 1),
                                      (True, 576, 4), (True, 4096, 4), (True, 32, 2))
+          for rows in ((4,) if int8 else (4, 8))
           for warps_k, reps, reduce, sums in ((1, 1, True, False), (1, 2, False, False),
                                               (8, 1, False, False), (1, 1, True, True))
+          if not (sums and rows == 8)
           for divisible in (["K", "stride_xm"], ["K", "stride_xm", "stride_om", "N"])]
 
 

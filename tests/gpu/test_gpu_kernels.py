@@ -64,8 +64,9 @@ def test_gemv_every_config(n, k, scheme):
     ("int8", 14336, 4096, None), ("int8", 4096, 14336, None), ("int8", 1000, 576, None),
     ("int8", 14336, 4096, 32), ("int8", 1000, 576, 32)])
 def test_mma_gemv_every_config(scheme, n, k, group):
-    """The tensor-core GEMV, M = 1..16 (groups of 4 rows), every configuration its
-    autotuner may pick (split-K 1/4/32, warp rows along K); int4 chunks of 4, 2 and 1
+    """The tensor-core GEMV, M = 1..16 (groups of 4 rows, or of 8 for int4), every
+    configuration its autotuner may pick (split-K 1/4/32, warp rows along K, 4 or 8 rows a
+    program); int4 chunks of 4, 2 and 1
     steps, int8 per channel and in groups of 32 (GGUF Q8_0: chunks of 2 steps); N not a
     multiple of 32. Its float32 accumulation is exact but for rounding, so the bound is
     the bfloat16 output's."""
@@ -81,10 +82,13 @@ def test_mma_gemv_every_config(scheme, n, k, group):
         for c in _configs():
             if c.kwargs["split_k"] not in (1, 4, 32) or c.kwargs["split_k"] > k // 32:
                 continue
-            if c.kwargs["WARPS_K"] > 1 and m <= 4:  # (taken for several groups of rows only)
+            if (c.kwargs["WARPS_K"] > 1 or c.kwargs["ROWS"] > 4) and m <= 4:
+                continue  # (taken for more than 4 rows only)
+            if c.kwargs["ROWS"] > 4 and scheme == "int8":
                 continue
             config = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
-                      "num_warps": c.num_warps, "WARPS_K": c.kwargs["WARPS_K"]}
+                      "num_warps": c.num_warps, "WARPS_K": c.kwargs["WARPS_K"],
+                      "ROWS": c.kwargs["ROWS"]}
             out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             mma_gemv(x, packed, out, config)
             assert _rel(out, ref) < 3e-3, (m, config)
@@ -112,7 +116,8 @@ def test_mma_gemv_sums_every_config(scheme, n, k, group):
         configs = [None] + [
             {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
              "num_warps": c.num_warps} for c in _configs()
-            if c.kwargs["WARPS_K"] == 1 and c.kwargs["split_k"] in (1, 4, 32)
+            if c.kwargs["WARPS_K"] == 1 and c.kwargs["ROWS"] == 4
+            and c.kwargs["split_k"] in (1, 4, 32)
             and c.kwargs["split_k"] <= k // 32]
         for config in configs:
             sums = mma_gemv_sums(x, packed, config)
