@@ -113,6 +113,7 @@ _FLUSH_ASM = tl.constexpr("\n".join(
         f"fma.rn.f32 ${j}, ${32 + j}, xb, ${j};")]
     + ["}"]))
 
+
 def _step8_asm(chain: bool) -> str:
     """One int4 step over 8 activation rows: outputs D_01, D_23 and D_b (4 float32 each:
     $0..$11); inputs the 4 words ($12..$15), the lane's activation words ($16..$19: row g,
