@@ -50,7 +50,11 @@ def _ok(client: httpx.Client) -> None:
     ({"messages": MSGS, "max_tokens": 0}, "max_tokens", "invalid_value"),
     ({"messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
     ({"messages": MSGS, "n": 5}, "n", "invalid_value"),
-    ({"messages": MSGS, "top_logprobs": 2}, None, "invalid_value"),
+    ({"messages": MSGS, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    ({"messages": MSGS, "stream_options": {"include_usage": True}}, "stream_options",
+     "invalid_value"),
+    ({"messages": MSGS, "max_tokens": 2, "max_completion_tokens": 3}, "max_completion_tokens",
+     "invalid_value"),
     ({"messages": MSGS, "stop_token_ids": [100000]}, "stop_token_ids", "invalid_value"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content", "invalid_value"),
@@ -72,6 +76,17 @@ def test_validation_errors_name_the_field(server, body, param, code) -> None:
     assert err["code"] == code
     if param:
         assert param.split(".")[0] in err["message"] or err["code"] == "invalid_value"
+    _ok(client)
+
+
+def test_checks_across_fields_name_a_field_in_plain_words(server) -> None:
+    """A model-level check has no field location: its 400 takes the field from the error's
+    context and keeps the check's own sentence (no "Invalid value for" with nothing after)."""
+    client, _ = server
+    err = _error(client.post("/tokenize", json={}), 400)
+    assert (err["param"], err["message"]) == ("prompt", "send exactly one of prompt or messages")
+    err = _error(client.post(CHAT, json={"messages": MSGS, "top_logprobs": 2}), 400)
+    assert err["message"] == "top_logprobs requires logprobs to be true"
     _ok(client)
 
 

@@ -73,12 +73,15 @@ def from_validation_error(exc: ValidationError) -> ApiError:
         return bad_request(f"Unsupported parameter: '{param}' is not supported by this server.",
                            param=param, code="unsupported_parameter")
     message = err["msg"]
+    if not loc:  # a check across fields: its message names them, its context the param
+        return bad_request(message, param=(err.get("ctx") or {}).get("param"),
+                           code="invalid_value")
     if len(loc) < len(err["loc"]):
         message = "the value does not have any of the accepted types"
     elif message.startswith("Value error, "):
         message = message[len("Value error, "):]
-    where = f"'{param}': " if param else ""
-    return bad_request(f"Invalid value for {where}{message}", param=param, code="invalid_value")
+    return bad_request(f"Invalid value for '{param}': {message}", param=param,
+                       code="invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -7,8 +7,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4
+
+
+def _conflict(param: str, message: str) -> PydanticCustomError:
+    """A check across fields (a model validator, whose errors have no location): the error
+    names `param` in its context, which the 400 reports (`server.api.errors`)."""
+    return PydanticCustomError("field_conflict", message, {"param": param})
 
 
 class _Strict(BaseModel):
@@ -63,7 +70,7 @@ class SamplingRequest(_Strict):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise _conflict("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     def stop_list(self) -> list[str]:
@@ -125,10 +132,11 @@ class ChatCompletionRequest(SamplingRequest):
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise _conflict("top_logprobs", "top_logprobs requires logprobs to be true")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
-            raise ValueError("max_tokens and max_completion_tokens disagree; send one")
+            raise _conflict("max_completion_tokens",
+                            "max_tokens and max_completion_tokens disagree; send one")
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -175,7 +183,7 @@ class TokenizeRequest(_Strict):
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("send exactly one of prompt or messages")
+            raise _conflict("prompt", "send exactly one of prompt or messages")
         return self
 
 
