@@ -66,10 +66,11 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
 def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
     """The tensor-core int4/int8 GEMV, M = 1..16 rows (groups of 4 or, int4 only, of 8;
     the last one partial), with its mma steps emulated in tensor ops (no inline PTX under
-    the interpreter; tests/gpu runs the PTX): int4 chunks of 4, 2 and 1 steps (K = 256, 192, 96; groups of
-    64 always in chunks of 2); int8 per channel (chunks of 4 steps of 16 features: 4, 3
-    and 5 of them), in groups of 32 (GGUF Q8_0: chunks of 2 steps, 3 of them) and of 64;
-    ragged N, uneven K splits, two reps a warp, warp rows along K (some with no chunk);
+    the interpreter; tests/gpu runs the PTX): int4 chunks of 4, 2 and 1 steps (K = 256,
+    192, 96; groups of 64 always in chunks of 2); int8 per channel (chunks of 4 steps of 16
+    features: 4, 3 and 5 of them), in groups of 32 (GGUF Q8_0: chunks of 2 steps, 3 of
+    them) and of 64; ragged N, uneven K splits, two reps a warp, warp rows along K (some
+    with no chunk);
     exact in float32."""
     from kernels.triton_mma_gemv import mma_gemv
 

@@ -37,7 +37,8 @@ for case in json.loads(sys.argv[1]):
     types = ["*bf16", "*i32", "*fp16", "*fp16", out, "*i64" if case["sums"] else "*fp32",
              "*i32"] + ["i32"] * 8
     consts = dict(GROUP=case["group"], BLOCK_N=case["block_n"], WARPS_K=case["warps_k"],
-                  CHUNK=case["chunk"], REDUCE=case["reduce"], GROUPED=case["warps_k"] > 1,
+                  CHUNK=case["chunk"], REDUCE=case["reduce"],
+                  GROUPED=case["warps_k"] > 1 or case["rows"] > 4,
                   INT8=case["int8"], EMULATE=False, PDL=True, SUMS=case["sums"],
                   ROWS=case["rows"])
     signature = dict(zip(ARGS, types)) | {name: "constexpr" for name in consts}

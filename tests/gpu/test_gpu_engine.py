@@ -98,8 +98,8 @@ def test_pdl_replay_matches_serialized_launches(scheme):
     predecessor's tail and loads weights before waiting for it. Decode steps replayed from
     CUDA graphs (batch 1: GEMVs with fused norms and the mma GEMV; batches 4, 8 and 16: the
     mma GEMV at M = 4, 8 and 16, int4 in groups of 8 rows or 4, and cuBLAS) must give
-    bit-identical logits to the same kernels launched one after
-    another: a read before the wait would see the previous step's activations."""
+    bit-identical logits to the same kernels launched one after another: a read before the
+    wait would see the previous step's activations."""
     from transformers import LlamaConfig
 
     from kernels import pdl
