@@ -23,7 +23,7 @@ Activations = Union[torch.Tensor, "GemvSums"]
 # float32 CPU products of up to this many rows split the weight's output features into
 # _CPU_SPLITS blocks multiplied as one batched product, which torch spreads over its threads
 # (MKL runs a product of a few rows on one core). On 2 cores, SmolLM2's projections out of
-# cache took 0.45-0.86x the time of F.linear at 1-8 rows and 0.69-1.04x at 16, and default-
+# cache took 0.45-0.97x the time of F.linear at 1-8 rows and 0.69-1.04x at 16, and default-
 # model decode ran ~1.45x faster (docs/benchmarks/README.md); one row gives F.linear's bits.
 _CPU_SPLIT_ROWS = 16
 _CPU_SPLITS = 4
@@ -103,7 +103,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear (result in `out_dtype`, default x's), except that one 16-bit row on CUDA goes
     to the Triton GEMV (`kernels.triton_gemv.dense_gemv`): at batch 1 cuBLAS reads the
-    smaller decode weights well below memory bandwidth (57% on 4096x4096, H200)."""
+    smaller decode weights well below memory bandwidth (57% on 4096x4096, H200), and float32
+    CPU products of a few rows are split over the threads (`_CPU_SPLIT_ROWS`)."""
     if _gemv_input(x, weight):
         from kernels.triton_gemv import dense_gemv
 
@@ -121,7 +122,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def _split_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A float32 CPU product of 1.._CPU_SPLIT_ROWS rows that `dense_linear` splits."""
-    return (not x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= _CPU_SPLIT_ROWS
+    return (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= _CPU_SPLIT_ROWS
             and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
             and weight.shape[0] % _CPU_SPLITS == 0)
 
