@@ -20,13 +20,10 @@ if TYPE_CHECKING:
 Activations = Union[torch.Tensor, "GemvSums"]
 """A layer's activations: a tensor, or on the fused CUDA path a GEMV's unrounded sums."""
 
-# float32 CPU products of up to this many rows split the weight's output features into
-# _CPU_SPLITS blocks multiplied as one batched product, which torch spreads over its threads
-# (MKL runs a product of a few rows on one core). On 2 cores, SmolLM2's projections out of
-# cache took 0.45-0.97x the time of F.linear at 1-8 rows and 0.69-1.04x at 16, and default-
-# model decode ran ~1.45x faster (docs/benchmarks/README.md); one row gives F.linear's bits.
-_CPU_SPLIT_ROWS = 16
-_CPU_SPLITS = 4
+# float32 CPU GEMMs with 2 or 3 rows run ~1.5x slower than with 4 on this class of CPU
+# (measured: 494/561 us vs 397 us for a 1536x576 weight out of cache); such inputs, common in
+# speculative verification, are padded to 4 rows. Rows are computed independently.
+_PAD_ROWS = {2: 2, 3: 1}
 
 
 class Linear(torch.nn.Module):
@@ -52,6 +49,9 @@ class Linear(torch.nn.Module):
             from kernels.gemm import quantized_linear
 
             return quantized_linear(x, self.packed, self.bias)
+        pad = _PAD_ROWS.get(x.shape[0], 0) if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda else 0
+        if pad:
+            return F.linear(F.pad(x, (0, 0, 0, pad)), self.weight, self.bias)[:-pad]
         return dense_linear(x, self.weight, self.bias)
 
     def _fusable(self, x: Activations, fused: bool) -> bool:
@@ -103,28 +103,14 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear (result in `out_dtype`, default x's), except that one 16-bit row on CUDA goes
     to the Triton GEMV (`kernels.triton_gemv.dense_gemv`): at batch 1 cuBLAS reads the
-    smaller decode weights well below memory bandwidth (57% on 4096x4096, H200), and float32
-    CPU products of a few rows are split over the threads (`_CPU_SPLIT_ROWS`)."""
+    smaller decode weights well below memory bandwidth (57% on 4096x4096, H200)."""
     if _gemv_input(x, weight):
         from kernels.triton_gemv import dense_gemv
 
         out = dense_gemv(x, weight, out_dtype)
         return out if bias is None else out + bias
-    if _split_input(x, weight):
-        m, n = x.shape[0], weight.shape[0]
-        blocks = weight.view(_CPU_SPLITS, n // _CPU_SPLITS, weight.shape[1]).transpose(1, 2)
-        out = torch.bmm(x.expand(_CPU_SPLITS, *x.shape), blocks).transpose(0, 1).reshape(m, n)
-        out = out if bias is None else out + bias
-    else:
-        out = F.linear(x, weight, bias)
+    out = F.linear(x, weight, bias)
     return out if out_dtype is None else out.to(out_dtype)
-
-
-def _split_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A float32 CPU product of 1.._CPU_SPLIT_ROWS rows that `dense_linear` splits."""
-    return (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= _CPU_SPLIT_ROWS
-            and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
-            and weight.shape[0] % _CPU_SPLITS == 0)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
