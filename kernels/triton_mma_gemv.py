@@ -278,9 +278,8 @@ def _prune(configs, named_args, **kwargs):
     """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K)
     and give every warp row a chunk; warp rows along K only for more than 4 rows (at one
     group of rows they never won: docs/benchmarks/gpu.md, run 43), and so are 8 rows a
-    program (int4 only); group 32 (a scale and
-    offset pair a step, two chunks of them held) takes one rep a warp, which keeps it
-    within the 255 registers of a thread."""
+    program (int4 only); group 32 (a scale and offset pair a step, two chunks of them held)
+    takes one rep a warp, which keeps it within the 255 registers of a thread."""
     n, k = named_args["N"], named_args["K"]
     chunks = k // ((16 if kwargs["INT8"] else 32) * kwargs["CHUNK"])
     keep = []
