@@ -173,8 +173,9 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float, m: int = 1) -> None:
             split, warps_k, rows = c.kwargs["split_k"], c.kwargs["WARPS_K"], c.kwargs["ROWS"]
             if split * warps_k * -(-n // c.kwargs["BLOCK_N"]) < 132:
                 continue  # under one warp row an SM: never competitive
-            if rows > 4 and (m <= 4 or scheme == "w8a16"):
-                continue  # (int4 with more than 4 rows only)
+            if rows > 4 and (m <= 4 or scheme == "w8a16") or rows == 16 and (
+                    m <= 8 or c.kwargs["BLOCK_N"] > 32 * c.num_warps // warps_k):
+                continue  # (int4 with more than 4 rows only; 16: more than 8, one rep a warp)
             cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": split, "num_warps": c.num_warps,
                    "WARPS_K": warps_k, "ROWS": rows}
 

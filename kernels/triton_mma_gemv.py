@@ -23,7 +23,11 @@ H200: they share the reads only in part). int4 groups may hold 8 rows instead
 (`mma_step8`: the same words, 6 mma a step instead of 5 for twice the rows), which on the
 8B shapes at 5-16 rows took 0.53-0.86x the time of groups of 4, but is slower on a
 1024-feature projection, whose programs are then too few: the autotuner picks the group
-size (ROWS) with the rest of the configuration (docs/benchmarks/gpu.md, run 70). With
+size (ROWS) with the rest of the configuration (docs/benchmarks/gpu.md, run 70). A
+program of 16 rows (9-16: verification of 8 or more draft tokens) runs the 8-row step
+twice on each word, with the activations of rows 0-7 and of rows 8-15: ptxas unpacks the
+word once for both (the same LOP3 count as 8 rows in the sm_90 SASS, twice the mma), so
+the words are loaded and unpacked once for 16 rows. With
 more than 4 rows a program may also put WARPS_K rows of warps along K, summed in shared
 memory at the end: on 4096x4096 at 8 rows the fastest such configuration took 7.4 us
 against 9.1 for the fastest with one row (run 44); at one group none won (run 43).
@@ -44,7 +48,7 @@ from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fil
 from kernels.triton_mma_step import flush, flush8, mma_step, mma_step8
 
 GROUP_ROWS = 4  # activation rows one mma serves (B's 8 columns, two per row)
-INT4_GROUP_ROWS = 8  # int4 with more than 4 rows: 8 a program (`mma_step8`)
+INT4_GROUP_ROWS = (8, 16)  # int4 with more than 4 rows: 8 or 16 a program (`mma_step8`)
 MAX_ROWS = 16  # rows served (groups of ROWS along grid axis 0)
 INT8_MAX_ROWS = 8  # int8 rows routed here (`mma_gemv_supported`)
 
@@ -116,34 +120,43 @@ def _load_act(x, ok, WARPS_K: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c, end, last, q, n, live, N,
+def _load_chunk(w_ptr, s_ptr, o_ptr, x_words, y_words, c, end, last, q, n, live, N,
                 GROUP: tl.constexpr, CHUNK: tl.constexpr, INT8: tl.constexpr,
-                WARPS_K: tl.constexpr):
+                WARPS_K: tl.constexpr, ROWS: tl.constexpr):
     """`_load_words` and `_load_acts` of chunk c (clamped to `last`; zero activations
-    from `end` on), in `_chunk`'s argument order."""
+    from `end` on; with 16 rows also those of rows 8-15, from `y_words`), in `_chunk`'s
+    argument order."""
     read = tl.minimum(c, last)
     w0, w1, w2, w3, s0, o0, s1, o1, s2, o2, s3, o3 = _load_words(
         w_ptr, s_ptr, o_ptr, read, q, n, live, N, GROUP, CHUNK, INT8)
     x0, x1, x2, x3 = _load_acts(x_words, read, c < end, q, CHUNK, INT8, WARPS_K)
-    return w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3
+    y0, y1, y2, y3 = x0, x1, x2, x3
+    if ROWS == 16:
+        y0, y1, y2, y3 = _load_acts(y_words, read, c < end, q, CHUNK, INT8, WARPS_K)
+    return w0, w1, w2, w3, x0, x1, x2, x3, y0, y1, y2, y3, s0, o0, s1, o1, s2, o2, s3, o3
 
 
 @triton.jit
-def _chunk(acc, acc2, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3, o3,
-           GROUP: tl.constexpr, CHUNK: tl.constexpr, INT8: tl.constexpr,
-           ROWS: tl.constexpr, EMULATE: tl.constexpr):
-    """acc (and with 8 rows acc2, the odd rows) after one chunk: CHUNK mma steps, a flush
-    at the end of every group (and of the chunk, when a group spans chunks: int8 per
-    channel). The flush adds s (D - 9 B) for int8, whose D carries a bias of 2176 a code
-    and B one of 256: s sum (u - 128) x."""
+def _chunk(acc, acc2, acc3, acc4, w0, w1, w2, w3, x0, x1, x2, x3, y0, y1, y2, y3, s0, o0,
+           s1, o1, s2, o2, s3, o3, GROUP: tl.constexpr, CHUNK: tl.constexpr,
+           INT8: tl.constexpr, ROWS: tl.constexpr, EMULATE: tl.constexpr):
+    """acc (and with 8 or 16 rows acc2, the odd rows; with 16 acc3 and acc4, those of rows
+    8-15, from the activations y) after one chunk: CHUNK mma steps, a flush at the end of
+    every group (and of the chunk, when a group spans chunks: int8 per channel). The flush
+    adds s (D - 9 B) for int8, whose D carries a bias of 2176 a code and B one of 256: s
+    sum (u - 128) x."""
     FEATS: tl.constexpr = 16 if INT8 else 32
     GSTEPS: tl.constexpr = GROUP // FEATS  # steps per quantization group
     FLUSH: tl.constexpr = GSTEPS if GSTEPS < CHUNK else CHUNK  # steps between flushes
     d0, d1, d2, d3, db = acc, acc, acc, acc, acc  # (unread by the first step of a group)
+    e0, e1, eb = acc, acc, acc  # (16 rows: rows 8-15's D_01, D_23, D_b)
     for i in tl.static_range(CHUNK):
         w, x = _pick(i, w0, w1, w2, w3), _pick(i, x0, x1, x2, x3)
-        if ROWS == 8:
+        if ROWS > 4:  # (16 rows: the same words twice, which ptxas unpacks once)
             d0, d1, db = mma_step8(w, x, d0, d1, db, i % FLUSH == 0, EMULATE)
+            if ROWS == 16:
+                e0, e1, eb = mma_step8(w, _pick(i, y0, y1, y2, y3), e0, e1, eb,
+                                       i % FLUSH == 0, EMULATE)
         else:
             d0, d1, d2, d3, db = mma_step(w, x, d0, d1, d2, d3, db, i % FLUSH == 0, INT8,
                                            EMULATE)
@@ -152,11 +165,13 @@ def _chunk(acc, acc2, w0, w1, w2, w3, x0, x1, x2, x3, s0, o0, s1, o1, s2, o2, s3
             s = _pick(gi, s0, s1, s2, s3).to(tl.float32)
             o = _pick(gi, o0, o1, o2, o3).to(tl.float32)
             m = -9.0 * s if INT8 else o * 0.0078125 - s
-            if ROWS == 8:
+            if ROWS > 4:
                 acc, acc2 = flush8(d0, d1, db, acc, acc2, s, m, EMULATE)
+                if ROWS == 16:
+                    acc3, acc4 = flush8(e0, e1, eb, acc3, acc4, s, m, EMULATE)
             else:
                 acc = flush(d0, d1, d2, d3, db, acc, s, m, EMULATE)
-    return acc, acc2
+    return acc, acc2, acc3, acc4
 
 
 @triton.jit(do_not_specialize=["split_k", "M", "M_KEY"])
@@ -167,9 +182,9 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
                      EMULATE: tl.constexpr, PDL: tl.constexpr, SUMS: tl.constexpr = False,
                      ROWS: tl.constexpr = 4):
     """See the module docs; CHUNK is 1, 2 or 4 steps of 32 input features (int8: 16). Grid
-    axis 0 is the group of ROWS rows (4, or 8 for int4: `mma_step8`; GROUPED: more than 4
-    rows in all): the programs of all groups that read one weight tile launch next to each
-    other. M_KEY (M, with 1-4 as one) only keys the autotuner. WARPS_K rows of warps
+    axis 0 is the group of ROWS rows (4, or 8 or 16 for int4: `mma_step8`; GROUPED: more
+    than 4 rows in all): the programs of all groups that read one weight tile launch next
+    to each other. M_KEY (M, with 1-4 as one) only keys the autotuner. WARPS_K rows of warps
     share the program's K range (row r takes chunks r, r + WARPS_K, ...) and sum their
     accumulators at the end, so K splits without the split-K merge through memory. SUMS
     (one group of rows): every program adds its sums in fixed point to part_ptr, int64 [M,
@@ -188,17 +203,19 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
     r = e // (BLOCK_N * 4) if WARPS_K > 1 else 0
     j = e % 4
     q = (e // 4) % 4
-    # lane group g supplies B column g: activation row g // 2 (4 rows) or g (8 rows)
-    row_m = tl.minimum((e // 16) % 8 if ROWS == 8 else (e // 32) % 4, M - 1)
+    # lane group g supplies B column g: activation row g // 2 (4 rows) or g (8 rows; 16
+    # rows: g and g + 8, for two B operands)
+    row_m = tl.minimum((e // 16) % 8 if ROWS > 4 else (e // 32) % 4, M - 1)
     n = pid_n * BLOCK_N + (e % (BLOCK_N * 4) // 16) * 4 + j
-    x_words = (x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row_m * (stride_xm // 2)
-               + j)
+    x_base = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + j
+    x_words = x_base + row_m * (stride_xm // 2)
+    y_words = x_base + tl.minimum(row_m + 8, M - 1) * (stride_xm // 2)
     num_chunks = K // ((16 if INT8 else 32) * CHUNK)
     per_split = tl.cdiv(num_chunks, split_k)
     begin = pid_k * per_split
     end = tl.minimum(begin + per_split, num_chunks)
     acc = tl.zeros((WARPS_K * BLOCK_N * 4,), dtype=tl.float32)
-    acc2 = acc  # (8 rows: the odd rows' sums)
+    acc2, acc3, acc4 = acc, acc, acc  # (8 and 16 rows: the odd rows; 16: rows 8-15)
 
     # two chunks an iteration, each loaded while the other is multiplied (no register
     # copies between iterations); loads past the end reread the last chunk
@@ -209,37 +226,52 @@ def _mma_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, M, 
         w_ptr, s_ptr, o_ptr, first, q, n, live, N, GROUP, CHUNK, INT8)
     await_inputs(PDL)  # the weights above may load while the previous kernel finishes
     ax0, ax1, ax2, ax3 = _load_acts(x_words, first, begin + r < end, q, CHUNK, INT8, WARPS_K)
+    ay0, ay1, ay2, ay3 = ax0, ax1, ax2, ax3
+    if ROWS == 16:
+        ay0, ay1, ay2, ay3 = _load_acts(y_words, first, begin + r < end, q, CHUNK, INT8,
+                                        WARPS_K)
     for c in range(begin, end, 2 * WARPS_K):
-        b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3 = (
-            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + WARPS_K + r, end, last, q, n, live,
-                        N, GROUP, CHUNK, INT8, WARPS_K))
-        acc, acc2 = _chunk(acc, acc2, a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1,
-                           as2, ao2, as3, ao3, GROUP, CHUNK, INT8, ROWS, EMULATE)
-        a0, a1, a2, a3, ax0, ax1, ax2, ax3, as0, ao0, as1, ao1, as2, ao2, as3, ao3 = (
-            _load_chunk(w_ptr, s_ptr, o_ptr, x_words, c + 2 * WARPS_K + r, end, last, q, n,
-                        live, N, GROUP, CHUNK, INT8, WARPS_K))
+        (b0, b1, b2, b3, bx0, bx1, bx2, bx3, by0, by1, by2, by3, bs0, bo0, bs1, bo1, bs2, bo2,
+         bs3, bo3) = _load_chunk(w_ptr, s_ptr, o_ptr, x_words, y_words, c + WARPS_K + r, end,
+                                 last, q, n, live, N, GROUP, CHUNK, INT8, WARPS_K, ROWS)
+        acc, acc2, acc3, acc4 = _chunk(
+            acc, acc2, acc3, acc4, a0, a1, a2, a3, ax0, ax1, ax2, ax3, ay0, ay1, ay2, ay3,
+            as0, ao0, as1, ao1, as2, ao2, as3, ao3, GROUP, CHUNK, INT8, ROWS, EMULATE)
+        (a0, a1, a2, a3, ax0, ax1, ax2, ax3, ay0, ay1, ay2, ay3, as0, ao0, as1, ao1, as2, ao2,
+         as3, ao3) = _load_chunk(w_ptr, s_ptr, o_ptr, x_words, y_words, c + 2 * WARPS_K + r,
+                                 end, last, q, n, live, N, GROUP, CHUNK, INT8, WARPS_K, ROWS)
         if c + WARPS_K < end:  # (some warp row has a second chunk)
-            acc, acc2 = _chunk(acc, acc2, b0, b1, b2, b3, bx0, bx1, bx2, bx3, bs0, bo0, bs1,
-                               bo1, bs2, bo2, bs3, bo3, GROUP, CHUNK, INT8, ROWS, EMULATE)
+            acc, acc2, acc3, acc4 = _chunk(
+                acc, acc2, acc3, acc4, b0, b1, b2, b3, bx0, bx1, bx2, bx3, by0, by1, by2, by3,
+                bs0, bo0, bs1, bo1, bs2, bo2, bs3, bo3, GROUP, CHUNK, INT8, ROWS, EMULATE)
     if WARPS_K > 1:  # the warp rows' sums, laid out as one row's
         acc = tl.sum(tl.reshape(acc, (WARPS_K, BLOCK_N * 4)), axis=0)
-        if ROWS == 8:
+        if ROWS > 4:
             acc2 = tl.sum(tl.reshape(acc2, (WARPS_K, BLOCK_N * 4)), axis=0)
+        if ROWS == 16:
+            acc3 = tl.sum(tl.reshape(acc3, (WARPS_K, BLOCK_N * 4)), axis=0)
+            acc4 = tl.sum(tl.reshape(acc4, (WARPS_K, BLOCK_N * 4)), axis=0)
         e = tl.arange(0, BLOCK_N * 4)
         q = (e // 4) % 4
         n = pid_n * BLOCK_N + (e // 16) * 4 + e % 4
         live = n < N
 
-    # lane (g, q) holds row q's sums for features 4g + j (8 rows: rows 2q and 2q + 1)
+    # lane (g, q) holds row q's sums for features 4g + j (8 rows: rows 2q and 2q + 1; 16
+    # rows: also 8 + 2q and 9 + 2q)
     if SUMS:
         tl.atomic_add(part_ptr + q * N + n, (acc * 4294967296.0).to(tl.int64),
                       mask=live & (q < M), sem="relaxed")
     else:
-        if ROWS == 8:
+        if ROWS > 4:
             _store_rows(acc, 2 * q, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om, REDUCE)
             _store_rows(acc2, 2 * q + 1, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om,
                         REDUCE)
-        else:
+        if ROWS == 16:
+            _store_rows(acc3, 2 * q + 8, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om,
+                        REDUCE)
+            _store_rows(acc4, 2 * q + 9, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om,
+                        REDUCE)
+        if ROWS == 4:
             _store_rows(acc, q, live, M, out_ptr, part_ptr, pid_k, N, n, stride_om, REDUCE)
         if REDUCE:
             offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,13 +294,13 @@ def _configs() -> list[triton.Config]:
     """One row of 1, 2 or 4 warps along N with split-K 1..32 between programs, or (more
     than 4 rows only, `_prune`) 2, 4 or 8 rows of one warp along K in a program without
     split-K: the fastest warp-row configuration of every shape in runs 43-44 was one of
-    these. Each with 4 rows a program, and with 8 (int4 with more than 4 rows only)."""
+    these. Each with 4 rows a program, and with 8 or 16 (int4 with more than 4 rows only)."""
     def config(warps_n: int, warps_k: int, reps: int, split: int, rows: int) -> triton.Config:
         return triton.Config({"BLOCK_N": 32 * warps_n * reps, "WARPS_K": warps_k,
                               "split_k": split, "REDUCE": split > 1, "ROWS": rows},
                              num_warps=warps_n * warps_k, num_stages=1)
 
-    return [c for rows in (GROUP_ROWS, INT4_GROUP_ROWS) for c in
+    return [c for rows in (GROUP_ROWS, *INT4_GROUP_ROWS) for c in
             [config(warps, 1, reps, split, rows) for warps in (1, 2, 4) for reps in (1, 2)
              for split in (1, 2, 4, 8, 16, 32)]
             + [config(1, warps_k, 1, 1, rows) for warps_k in (2, 4, 8)]]
@@ -278,19 +310,21 @@ def _prune(configs, named_args, **kwargs):
     """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K)
     and give every warp row a chunk; warp rows along K only for more than 4 rows (at one
     group of rows they never won: docs/benchmarks/gpu.md, run 43), and so are 8 rows a
-    program (int4 only); group 32 (a scale and offset pair a step, two chunks of them held)
-    takes one rep a warp, which keeps it within the 255 registers of a thread."""
+    program (int4 only), 16 only for more than 8; group 32 (a scale and offset pair a step,
+    two chunks of them held) and 16 rows (two sets of activations and sums) take one rep a
+    warp, which keeps them within the 255 registers of a thread."""
     n, k = named_args["N"], named_args["K"]
     chunks = k // ((16 if kwargs["INT8"] else 32) * kwargs["CHUNK"])
     keep = []
     for c in configs:
         split, block_n, warps_k = c.kwargs["split_k"], c.kwargs["BLOCK_N"], c.kwargs["WARPS_K"]
-        if (kwargs["GROUP"] == 32 and not kwargs["INT8"]
+        rows = c.kwargs["ROWS"]
+        if ((kwargs["GROUP"] == 32 and not kwargs["INT8"] or rows == 16)
                 and block_n > 32 * c.num_warps // warps_k):
             continue
-        if (warps_k > 1 or c.kwargs["ROWS"] > GROUP_ROWS) and not kwargs["GROUPED"]:
+        if (warps_k > 1 or rows > GROUP_ROWS) and not kwargs["GROUPED"]:
             continue
-        if c.kwargs["ROWS"] > GROUP_ROWS and kwargs["INT8"]:
+        if rows > GROUP_ROWS and kwargs["INT8"] or rows == 16 and kwargs["M_KEY"] <= 8:
             continue
         if split * warps_k <= chunks and fills_waves(n, block_n, split, 4096):
             keep.append(c)
@@ -338,14 +372,14 @@ def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
 def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
              config: dict | None = None) -> torch.Tensor:
     """x [M <= 16, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 or int8
-    ``words`` weight, rows in groups of 4 or (int4) 8 (one program a group, tile and K
-    share). `config` ({"BLOCK_N", "split_k", "num_warps", "WARPS_K", "ROWS"}; num_warps a
+    ``words`` weight, rows in groups of 4 or (int4) 8 or 16 (one program a group, tile and
+    K share). `config` ({"BLOCK_N", "split_k", "num_warps", "WARPS_K", "ROWS"}; num_warps a
     multiple of WARPS_K, BLOCK_N of 32 per warp along N, ROWS 4 by default) skips
     autotuning."""
     m, n = x.shape[0], packed.out_features
     max_split = 32 if config is None else config["split_k"]
     # split-K partials: a group's rows at stride N, groups max_split * ROWS rows apart
-    rows = m if m <= GROUP_ROWS else triton.cdiv(m, INT4_GROUP_ROWS) * INT4_GROUP_ROWS
+    rows = m if m <= GROUP_ROWS else triton.cdiv(m, 8) * 8
     part = torch.empty(max_split * rows * n, dtype=torch.float32, device=x.device)
     launch(x, packed, out, part, max_split, config, False)
     return out
@@ -391,8 +425,8 @@ def launch(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None,
         if warps % warps_k or config["BLOCK_N"] % (32 * warps // warps_k):
             raise ValueError("num_warps must be a multiple of WARPS_K and BLOCK_N of 32 per "
                              f"warp along N, got {config}")
-        if rows not in (GROUP_ROWS, INT4_GROUP_ROWS) or rows > GROUP_ROWS and (int8 or sums):
-            raise ValueError(f"ROWS is 4, or 8 for int4 without sums, got {config}")
+        if rows not in (GROUP_ROWS, *INT4_GROUP_ROWS) or rows > GROUP_ROWS and (int8 or sums):
+            raise ValueError(f"ROWS is 4, or 8 or 16 for int4 without sums, got {config}")
         _mma_gemv_kernel[(triton.cdiv(m, rows), triton.cdiv(n, config["BLOCK_N"]), split)](
             *args, split, max_split, m_key, **consts, BLOCK_N=config["BLOCK_N"],
             WARPS_K=warps_k, REDUCE=split > 1 and not sums, ROWS=rows, num_warps=warps,

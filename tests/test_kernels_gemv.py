@@ -62,10 +62,13 @@ def test_gemv_exact_on_integer_data(scheme, group, config):
                                     {"BLOCK_N": 64, "split_k": 2, "num_warps": 2, "WARPS_K": 2},
                                     {"BLOCK_N": 64, "split_k": 3, "num_warps": 2, "ROWS": 8},
                                     {"BLOCK_N": 32, "split_k": 1, "num_warps": 2, "WARPS_K": 2,
-                                     "ROWS": 8}])
+                                     "ROWS": 8},
+                                    {"BLOCK_N": 64, "split_k": 3, "num_warps": 2, "ROWS": 16},
+                                    {"BLOCK_N": 32, "split_k": 1, "num_warps": 2, "WARPS_K": 2,
+                                     "ROWS": 16}])
 def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
-    """The tensor-core int4/int8 GEMV, M = 1..16 rows (groups of 4 or, int4 only, of 8;
-    the last one partial), with its mma steps emulated in tensor ops (no inline PTX under
+    """The tensor-core int4/int8 GEMV, M = 1..16 rows (groups of 4 or, int4 only, of 8 or
+    16; the last one partial), with its mma steps emulated in tensor ops (no inline PTX under
     the interpreter; tests/gpu runs the PTX): int4 chunks of 4, 2 and 1 steps (K = 256,
     192, 96; groups of 64 always in chunks of 2); int8 per channel (chunks of 4 steps of 16
     features: 4, 3 and 5 of them), in groups of 32 (GGUF Q8_0: chunks of 2 steps, 3 of
@@ -80,7 +83,9 @@ def test_mma_gemv_exact_on_integer_data(scheme, n, k, group, config):
         with pytest.raises(ValueError, match="ROWS"):
             mma_gemv(torch.zeros(6, k, dtype=torch.bfloat16), packed, torch.empty(6, n), config)
         return
-    for m in (1, 2, 3, 4, 6, 16) if config.get("ROWS", 4) == 4 else (3, 5, 8, 11, 16):
+    rows = config.get("ROWS", 4)
+    for m in (1, 2, 3, 4, 6, 16) if rows == 4 else (3, 5, 8, 11, 16) if rows == 8 else (
+            3, 9, 13, 16):
         x = torch.randint(-4, 5, (m, k), generator=gen).to(torch.bfloat16)
         out = torch.full((m, n), float("nan"))
         mma_gemv(x, packed, out, config)

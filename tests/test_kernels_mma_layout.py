@@ -62,15 +62,15 @@ for case in json.loads(sys.argv[1]):
 # (chunks of 2 steps); one warp row (with and without split-K) or several along K; N and
 # the output stride divisible by 16 or not (N = 1000); the sums handed on (GemvSums, one
 # warp row), whose int64 atomics must not change the steps' layout; and int4 steps over 8
-# rows (`mma_step8`)
+# rows (`mma_step8`) and over 16 (two of them a step; one rep a warp, as the tuner keeps)
 _CASES = [dict(int8=int8, group=group, chunk=chunk, block_n=32 * reps, warps_k=warps_k,
                warps=warps_k, reduce=reduce, divisible=divisible, sums=sums, rows=rows)
           for int8, group, chunk in ((False, 128, 4), (False, 64, 2), (False, 32, 1),
                                      (True, 576, 4), (True, 4096, 4), (True, 32, 2))
-          for rows in ((4,) if int8 else (4, 8))
+          for rows in ((4,) if int8 else (4, 8, 16))
           for warps_k, reps, reduce, sums in ((1, 1, True, False), (1, 2, False, False),
                                               (8, 1, False, False), (1, 1, True, True))
-          if not (sums and rows == 8)
+          if not (sums and rows > 4 or rows == 16 and reps == 2)
           for divisible in (["K", "stride_xm"], ["K", "stride_xm", "stride_om", "N"])]
 
 

@@ -96,10 +96,10 @@ def test_batch1_fused_gemv_decode_matches_prefill(tiny_model_dir, arch):
 def test_pdl_replay_matches_serialized_launches(scheme):
     """With programmatic dependent launch (`kernels.pdl`) each kernel starts during its
     predecessor's tail and loads weights before waiting for it. Decode steps replayed from
-    CUDA graphs (batch 1: GEMVs with fused norms and the mma GEMV; batches 4, 8 and 16: the
-    mma GEMV at M = 4, 8 and 16, int4 in groups of 8 rows or 4, and cuBLAS) must give
-    bit-identical logits to the same kernels launched one after another: a read before the
-    wait would see the previous step's activations."""
+    CUDA graphs (batch 1: GEMVs with fused norms and the mma GEMV; batches 4, 8, 12 and 16:
+    the mma GEMV at M = 4, 8, 12 and 16, int4 in groups of 16, 8 or 4 rows, and cuBLAS) must
+    give bit-identical logits to the same kernels launched one after another: a read before
+    the wait would see the previous step's activations."""
     from transformers import LlamaConfig
 
     from kernels import pdl
@@ -116,7 +116,7 @@ def test_pdl_replay_matches_serialized_launches(scheme):
     if scheme is not None:
         for _, lin in linear_modules(model):
             lin.packed = to_words(quantize_dense(lin.weight, scheme))
-    for batch in (1, 4, 8, 16):
+    for batch in (1, 4, 8, 12, 16):
         overlapped = [logits.clone() for _, logits in decode_steps(model, batch, 300, 6, True)]
         with pdl.disabled():
             serial = [logits.clone() for _, logits in decode_steps(model, batch, 300, 6, True)]

@@ -64,9 +64,9 @@ def test_gemv_every_config(n, k, scheme):
     ("int8", 14336, 4096, None), ("int8", 4096, 14336, None), ("int8", 1000, 576, None),
     ("int8", 14336, 4096, 32), ("int8", 1000, 576, 32)])
 def test_mma_gemv_every_config(scheme, n, k, group):
-    """The tensor-core GEMV, M = 1..16 (groups of 4 rows, or of 8 for int4), every
-    configuration its autotuner may pick (split-K 1/4/32, warp rows along K, 4 or 8 rows a
-    program); int4 chunks of 4, 2 and 1 steps, int8 per channel and in groups of 32 (GGUF
+    """The tensor-core GEMV, M = 1..16 (groups of 4 rows, or of 8 or 16 for int4), every
+    configuration its autotuner may pick (split-K 1/4/32, warp rows along K, 4, 8 or 16
+    rows a program); int4 chunks of 4, 2 and 1 steps, int8 per channel and in groups of 32 (GGUF
     Q8_0: chunks of 2 steps); N not a multiple of 32. Its float32 accumulation is exact but for rounding, so the bound is
     the bfloat16 output's."""
     from kernels.gemm import quantized_linear_reference
@@ -75,7 +75,7 @@ def test_mma_gemv_every_config(scheme, n, k, group):
 
     w = torch.randn(n, k, device="cuda") * 0.02
     packed = to_words(quantize_int4(w, group) if scheme == "int4" else quantize_int8(w, group))
-    for m in (1, 2, 3, 4, 7, 16):
+    for m in (1, 2, 3, 4, 7, 11, 16):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 4
         ref = quantized_linear_reference(x.float(), packed)
         for c in _configs():
@@ -85,6 +85,9 @@ def test_mma_gemv_every_config(scheme, n, k, group):
                 continue  # (taken for more than 4 rows only)
             if c.kwargs["ROWS"] > 4 and scheme == "int8":
                 continue
+            if c.kwargs["ROWS"] == 16 and (
+                    m <= 8 or c.kwargs["BLOCK_N"] > 32 * c.num_warps // c.kwargs["WARPS_K"]):
+                continue  # (more than 8 rows, one rep a warp)
             config = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
                       "num_warps": c.num_warps, "WARPS_K": c.kwargs["WARPS_K"],
                       "ROWS": c.kwargs["ROWS"]}
