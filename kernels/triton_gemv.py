@@ -32,9 +32,7 @@ deterministic) and resets the counter, so a GEMV is one launch, also inside CUDA
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 
 import torch
 import triton
@@ -160,43 +158,16 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s
     _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k, split_k, REDUCE)
 
 
-_FLUSH_BYTES = 256 * 2**20  # several times the L2 cache of any GPU
-
-
-@functools.cache
-def _l2_flush(device: int) -> torch.Tensor:
-    return torch.zeros(_FLUSH_BYTES // 4, dtype=torch.float32, device=f"cuda:{device}")
-
-
-def time_from_hbm(fn: Callable[[], object], quantiles: list[float], reps: int = 50
-                  ) -> list[float]:
-    """Quantiles of the milliseconds of one run of `fn`, each run after L2 is emptied by
-    reading a large buffer, so that its operands come from HBM as a model's weights do.
-    (`triton.testing.do_bench` empties L2 by zeroing a buffer, which leaves it full of
-    dirty lines whose write-back then shares HBM with the kernel being timed.)"""
-    if os.environ.get("TRITON_INTERPRET") == "1":  # (no CUDA events)
-        return triton.testing.do_bench(fn, warmup=1, rep=1, quantiles=quantiles)
-    flush = _l2_flush(torch.cuda.current_device())
-    fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, end in events:
-        flush.sum()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    times = torch.tensor([start.elapsed_time(end) for start, end in events])
-    return torch.quantile(times, torch.tensor(quantiles)).tolist()
-
-
 def autotuned(kernel, configs: list[triton.Config], key: list[str], prune,
               **options: object) -> triton.runtime.Autotuner:
     """`kernel` autotuned over `configs` (pruned by `prune`, cached per `key`; `options`
-    to `triton.autotune`), each candidate timed over 50 runs from HBM (`time_from_hbm`):
-    the tuning of every GEMV/GEMM."""
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
-                           do_bench=time_from_hbm, **options)(kernel)
+    to `triton.autotune`), each candidate timed briefly (5 ms warm-up, 20 ms of runs): the
+    tuning of every GEMV/GEMM."""
+    return triton.autotune(
+        configs, key=key, prune_configs_by={"early_config_prune": prune}, **options,
+        do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20,
+                                                               quantiles=quantiles),
+    )(kernel)
 
 
 def fills_waves(n: int, block_n: int, split: int, most: int) -> bool:
