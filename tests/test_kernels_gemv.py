@@ -134,6 +134,29 @@ def test_mma_gemv_sums_buffer_is_a_normal_tensor(monkeypatch):
     assert not gemv_sums._sums[torch.device("cpu")].is_inference()
 
 
+@pytest.mark.parametrize("m_key", [4, 8, 9, 16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_mma_gemv_tuning_candidates(m_key, int8):
+    """The tuner's candidates (8B shapes): 4 rows a program only, one warp row, for one
+    group of rows; int4 beyond 4 rows adds 8 rows a program, and beyond 8 rows 16 (with one
+    rep a warp, for registers); int8 keeps 4."""
+    from kernels.triton_mma_gemv import _configs, _prune
+
+    for n, k in ((6144, 4096), (4096, 14336), (28672, 4096)):
+        kept = _prune(_configs(), {"N": n, "K": k}, GROUP=128, INT8=int8, CHUNK=4,
+                      GROUPED=m_key > 4, M_KEY=m_key)
+        rows = {c.kwargs["ROWS"] for c in kept}
+        if int8 or m_key == 4:
+            assert rows == {4}
+        else:
+            assert rows == ({4, 8} if m_key <= 8 else {4, 8, 16})
+        if m_key == 4:
+            assert all(c.kwargs["WARPS_K"] == 1 for c in kept)
+        for c in kept:
+            if c.kwargs["ROWS"] == 16:
+                assert c.kwargs["BLOCK_N"] == 32 * c.num_warps // c.kwargs["WARPS_K"], c
+
+
 def test_mma_gemv_int8_routing():
     """int8 reaches the mma GEMV per channel and in groups of 32 (GGUF Q8_0) or a multiple
     of 64, with K in whole chunks (any N, an odd number of chunks); other groupings are
