@@ -20,12 +20,6 @@ if TYPE_CHECKING:
 Activations = Union[torch.Tensor, "GemvSums"]
 """A layer's activations: a tensor, or on the fused CUDA path a GEMV's unrounded sums."""
 
-# float32 CPU GEMMs with 2 or 3 rows run ~1.5x slower than with 4 on this class of CPU
-# (measured: 494/561 us vs 397 us for a 1536x576 weight out of cache); such inputs, common in
-# speculative verification, are padded to 4 rows. Rows are computed independently.
-_PAD_ROWS = {2: 2, 3: 1}
-
-
 class Linear(torch.nn.Module):
     """y = x W^T (+ b) over a dense weight [out, in]; `quantize` swaps in a packed one."""
 
@@ -49,9 +43,6 @@ class Linear(torch.nn.Module):
             from kernels.gemm import quantized_linear
 
             return quantized_linear(x, self.packed, self.bias)
-        pad = _PAD_ROWS.get(x.shape[0], 0) if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda else 0
-        if pad:
-            return F.linear(F.pad(x, (0, 0, 0, pad)), self.weight, self.bias)[:-pad]
         return dense_linear(x, self.weight, self.bias)
 
     def _fusable(self, x: Activations, fused: bool) -> bool:
