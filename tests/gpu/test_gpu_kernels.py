@@ -66,9 +66,9 @@ def test_gemv_every_config(n, k, scheme):
 def test_mma_gemv_every_config(scheme, n, k, group):
     """The tensor-core GEMV, M = 1..16 (groups of 4 rows, or of 8 or 16 for int4), every
     configuration its autotuner may pick (split-K 1/4/32, warp rows along K, 4, 8 or 16
-    rows a program); int4 chunks of 4, 2 and 1 steps, int8 per channel and in groups of 32 (GGUF
-    Q8_0: chunks of 2 steps); N not a multiple of 32. Its float32 accumulation is exact but for rounding, so the bound is
-    the bfloat16 output's."""
+    rows a program); int4 chunks of 4, 2 and 1 steps, int8 per channel and in groups of 32
+    (GGUF Q8_0: chunks of 2 steps); N not a multiple of 32. Its float32 accumulation is
+    exact but for rounding, so the bound is the bfloat16 output's."""
     from kernels.gemm import quantized_linear_reference
     from kernels.quant import quantize_int4, quantize_int8, to_words
     from kernels.triton_mma_gemv import _configs, mma_gemv
