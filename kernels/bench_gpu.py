@@ -246,11 +246,12 @@ def tuned_configs() -> list[dict]:
     record them beside their figures."""
     from kernels.triton_gemm import _qgemm_tuned
     from kernels.triton_gemv import _dense_tuned, _gemv_tuned
-    from kernels.triton_mma_gemv import _mma_tuned
+    from kernels.triton_mma_gemv import _mma_tuned, _sums_tuned
 
     out = []
     for name, tuner in (("gemv", _gemv_tuned), ("dense_gemv", _dense_tuned),
-                        ("mma_gemv", _mma_tuned), ("gemm", _qgemm_tuned)):
+                        ("mma_gemv", _mma_tuned), ("mma_gemv_sums", _sums_tuned),
+                        ("gemm", _qgemm_tuned)):
         for key, config in tuner.cache.items():  # (keys end with the arguments' dtypes)
             out.append({"kernel": name, "key": dict(zip(tuner.keys, key, strict=False)),
                         "config": config.all_kwargs()})

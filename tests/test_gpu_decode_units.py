@@ -32,18 +32,25 @@ def test_tuned_configs_name_their_keys():
     import triton
 
     from kernels.bench_gpu import tuned_configs
-    from kernels.triton_mma_gemv import _mma_tuned
+    from kernels.triton_mma_gemv import _mma_tuned, _sums_tuned
 
     key = (4096, 14336, 128, 4, True, "torch.bfloat16")
+    sums_key = (6144, 4096, 128, False, "torch.bfloat16")
     _mma_tuned.cache[key] = triton.Config({"BLOCK_N": 64, "split_k": 16, "WARPS_K": 1},
                                           num_warps=2, num_stages=1)
+    _sums_tuned.cache[sums_key] = triton.Config({"BLOCK_N": 32, "split_k": 8, "WARPS_K": 1},
+                                                num_warps=1, num_stages=1)
     try:
-        entries = [e for e in tuned_configs() if e["kernel"] == "mma_gemv"]
+        entries = [e for e in tuned_configs() if e["kernel"].startswith("mma_gemv")]
     finally:
-        del _mma_tuned.cache[key]
+        del _mma_tuned.cache[key], _sums_tuned.cache[sums_key]
     assert entries == [{"kernel": "mma_gemv",
                         "key": {"N": 4096, "K": 14336, "GROUP": 128, "M_KEY": 4,
                                 "INT8": True},
                         "config": {"BLOCK_N": 64, "split_k": 16, "WARPS_K": 1,
-                                   "num_warps": 2, "num_ctas": 1, "num_stages": 1}}]
+                                   "num_warps": 2, "num_ctas": 1, "num_stages": 1}},
+                       {"kernel": "mma_gemv_sums",
+                        "key": {"N": 6144, "K": 4096, "GROUP": 128, "INT8": False},
+                        "config": {"BLOCK_N": 32, "split_k": 8, "WARPS_K": 1,
+                                   "num_warps": 1, "num_ctas": 1, "num_stages": 1}}]
     json.dumps(entries)
