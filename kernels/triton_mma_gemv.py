@@ -378,7 +378,8 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     autotuning."""
     m, n = x.shape[0], packed.out_features
     max_split = 32 if config is None else config["split_k"]
-    # split-K partials: a group's rows at stride N, groups max_split * ROWS rows apart
+    # split-K partials: a group's rows at stride N, groups max_split * ROWS rows apart (M
+    # rounded up to 8 covers groups of 4 and 8; one group of 16 stores only its M rows)
     rows = m if m <= GROUP_ROWS else triton.cdiv(m, 8) * 8
     part = torch.empty(max_split * rows * n, dtype=torch.float32, device=x.device)
     launch(x, packed, out, part, max_split, config, False)
