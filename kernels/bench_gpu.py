@@ -160,7 +160,7 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float, m: int = 1) -> None:
     """Print the time of every configuration of the mma GEMV (the autotuner's candidates)
     at `m` rows for int4 and per-channel int8: the fastest 8, and the fastest with each
     number of warp rows along K (labels: BLOCK_N/warps/warp rows/split/rows a program)."""
-    from kernels.triton_mma_gemv import _configs, mma_gemv
+    from kernels.triton_mma_gemv import _configs, mma_gemv, rows_fit
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -173,9 +173,8 @@ def sweep_gemv(name: str, n: int, k: int, bandwidth: float, m: int = 1) -> None:
             split, warps_k, rows = c.kwargs["split_k"], c.kwargs["WARPS_K"], c.kwargs["ROWS"]
             if split * warps_k * -(-n // c.kwargs["BLOCK_N"]) < 132:
                 continue  # under one warp row an SM: never competitive
-            if rows > 4 and (m <= 4 or scheme == "w8a16") or rows == 16 and (
-                    m <= 8 or c.kwargs["BLOCK_N"] > 32 * c.num_warps // warps_k):
-                continue  # (int4 with more than 4 rows only; 16: more than 8, one rep a warp)
+            if not rows_fit(c, m, scheme == "w8a16"):
+                continue
             cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": split, "num_warps": c.num_warps,
                    "WARPS_K": warps_k, "ROWS": rows}
 

@@ -306,25 +306,34 @@ def _configs() -> list[triton.Config]:
             + [config(1, warps_k, 1, 1, rows) for warps_k in (2, 4, 8)]]
 
 
+def rows_fit(c: triton.Config, m: int, int8: bool) -> bool:
+    """Whether configuration c's rows a program suit a product of m rows: 4 always; 8 (int4
+    only) beyond 4 rows, and 16 beyond 8, with one rep a warp (two sets of activations and
+    sums: more reps would pass the 255 registers of a thread)."""
+    rows = c.kwargs["ROWS"]
+    if rows == GROUP_ROWS:
+        return True
+    if int8 or m <= GROUP_ROWS:
+        return False
+    return rows == 8 or m > 8 and c.kwargs["BLOCK_N"] == 32 * c.num_warps // c.kwargs["WARPS_K"]
+
+
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose programs fill ~1 to ~16 waves on 132 SMs (or do not split K)
     and give every warp row a chunk; warp rows along K only for more than 4 rows (at one
-    group of rows they never won: docs/benchmarks/gpu.md, run 43), and so are 8 rows a
-    program (int4 only), 16 only for more than 8; group 32 (a scale and offset pair a step,
-    two chunks of them held) and 16 rows (two sets of activations and sums) take one rep a
-    warp, which keeps them within the 255 registers of a thread."""
+    group of rows they never won: docs/benchmarks/gpu.md, run 43), and rows a program as
+    `rows_fit` allows; group 32 (a scale and offset pair a step, two chunks of them held)
+    takes one rep a warp, which keeps it within the 255 registers of a thread."""
     n, k = named_args["N"], named_args["K"]
     chunks = k // ((16 if kwargs["INT8"] else 32) * kwargs["CHUNK"])
     keep = []
     for c in configs:
         split, block_n, warps_k = c.kwargs["split_k"], c.kwargs["BLOCK_N"], c.kwargs["WARPS_K"]
-        rows = c.kwargs["ROWS"]
-        if ((kwargs["GROUP"] == 32 and not kwargs["INT8"] or rows == 16)
+        if (kwargs["GROUP"] == 32 and not kwargs["INT8"]
                 and block_n > 32 * c.num_warps // warps_k):
             continue
-        if (warps_k > 1 or rows > GROUP_ROWS) and not kwargs["GROUPED"]:
-            continue
-        if rows > GROUP_ROWS and kwargs["INT8"] or rows == 16 and kwargs["M_KEY"] <= 8:
+        if warps_k > 1 and not kwargs["GROUPED"] or not rows_fit(c, kwargs["M_KEY"],
+                                                                  kwargs["INT8"]):
             continue
         if split * warps_k <= chunks and fills_waves(n, block_n, split, 4096):
             keep.append(c)

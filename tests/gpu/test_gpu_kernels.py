@@ -71,7 +71,7 @@ def test_mma_gemv_every_config(scheme, n, k, group):
     exact but for rounding, so the bound is the bfloat16 output's."""
     from kernels.gemm import quantized_linear_reference
     from kernels.quant import quantize_int4, quantize_int8, to_words
-    from kernels.triton_mma_gemv import _configs, mma_gemv
+    from kernels.triton_mma_gemv import _configs, mma_gemv, rows_fit
 
     w = torch.randn(n, k, device="cuda") * 0.02
     packed = to_words(quantize_int4(w, group) if scheme == "int4" else quantize_int8(w, group))
@@ -81,13 +81,8 @@ def test_mma_gemv_every_config(scheme, n, k, group):
         for c in _configs():
             if c.kwargs["split_k"] not in (1, 4, 32) or c.kwargs["split_k"] > k // 32:
                 continue
-            if (c.kwargs["WARPS_K"] > 1 or c.kwargs["ROWS"] > 4) and m <= 4:
-                continue  # (taken for more than 4 rows only)
-            if c.kwargs["ROWS"] > 4 and scheme == "int8":
-                continue
-            if c.kwargs["ROWS"] == 16 and (
-                    m <= 8 or c.kwargs["BLOCK_N"] > 32 * c.num_warps // c.kwargs["WARPS_K"]):
-                continue  # (more than 8 rows, one rep a warp)
+            if c.kwargs["WARPS_K"] > 1 and m <= 4 or not rows_fit(c, m, scheme == "int8"):
+                continue  # (as the tuner prunes them)
             config = {"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
                       "num_warps": c.num_warps, "WARPS_K": c.kwargs["WARPS_K"],
                       "ROWS": c.kwargs["ROWS"]}
