@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import gemv_table
 from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
 
@@ -345,6 +346,14 @@ def _dense_prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
+def dense_candidates(n: int, k: int) -> list[dict]:
+    """The configurations the autotuner tries for `dense_gemv` of an [n, k] weight (as its
+    config argument), for tuning scripts (`kernels.tune_gpu`)."""
+    return [{"BLOCK_N": c.kwargs["BLOCK_N"], "BLOCK_K": c.kwargs["BLOCK_K"],
+             "split_k": c.kwargs["split_k"]}
+            for c in _dense_prune(_dense_configs(), {"N": n, "K": k})]
+
+
 _dense_tuned = autotuned(_dense_gemv_kernel, _dense_configs(), ["N", "K", "PROLOGUE"],
                          _dense_prune)
 
@@ -359,8 +368,9 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | N
     ``norm=(residual | None, norm_weight, eps)`` multiplies by ``rms_norm(x + residual) *
     norm_weight`` and returns ``(out, x + residual)`` (x itself without a residual);
     ``silu=True`` takes x = [1, 2K] gate/up and multiplies by ``silu(gate) * up``.
-    `config` ({"BLOCK_N", "BLOCK_K", "split_k"}) skips autotuning (and applies under
-    TRITON_INTERPRET, where a small default is used otherwise).
+    `config` ({"BLOCK_N", "BLOCK_K", "split_k"}) is launched as given (also under
+    TRITON_INTERPRET, where a small default is used otherwise); without it, the device's
+    table (`kernels.gemv_table`) or the autotuner picks.
     """
     n, k = weight.shape
     if weight.stride(1) != 1:
@@ -369,6 +379,9 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | N
     if x.shape != (1, 2 * k if silu else k):
         raise ValueError(f"x has shape {tuple(x.shape)} for a {n}x{k} weight (silu={silu})")
     out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
+    prologue = 2 if silu else 1 if norm is not None else 0
+    if config is None:  # the device's table, if it has this key (`kernels.gemv_table`)
+        config = gemv_table.lookup("dense_gemv", x.device, N=n, K=k, PROLOGUE=prologue)
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
         config = {"BLOCK_N": 8, "BLOCK_K": 32, "split_k": 2}
     max_split = 32 if config is None else config["split_k"]
@@ -378,7 +391,7 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | N
     args = (x, weight, out, part, _tile_counters(x.device, triton.cdiv(n, 8)),
             x if residual is None else residual.contiguous(),
             x if norm_weight is None else norm_weight, res_out, n, k, weight.stride(0), eps)
-    consts = dict(PROLOGUE=2 if silu else 1 if norm is not None else 0,
+    consts = dict(PROLOGUE=prologue,
                   HAS_RES=residual is not None, BLOCK_ROW=triton.next_power_of_2(k),
                   **pdl_args(x.device))
     if config is None:

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import gemv_table
 from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
 from kernels.triton_gemv import _reduce_partials, _tile_counters, autotuned, fills_waves
@@ -233,14 +234,38 @@ def _has_mma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def _int8_chunk(packed: PackedWeight) -> int | None:
-    """Steps of 16 input features a chunk for an int8 weight the kernel serves, None for
-    others: groups of 32 (GGUF Q8_0) take chunks of one group (2 steps), groups of a
-    multiple of 64 (per channel among them) chunks of 4 steps, so that groups end where
+def _int8_chunk(k: int, group: int) -> int | None:
+    """Steps of 16 input features a chunk for an int8 weight of K = k the kernel serves,
+    None for others: groups of 32 (GGUF Q8_0) take chunks of one group (2 steps), groups of
+    a multiple of 64 (per channel among them) chunks of 4 steps, so that groups end where
     chunks end; K is a whole number of chunks."""
-    group, k = packed.group_size, packed.in_features
     chunk = 2 if group == 32 else 4 if group % 64 == 0 else None
     return chunk if chunk is not None and k % (16 * chunk) == 0 else None
+
+
+def _chunk(k: int, group: int, int8: bool) -> int:
+    """Steps a chunk of the kernel's K walk (`_mma_gemv_kernel`'s CHUNK) for a weight."""
+    if int8:
+        chunk = _int8_chunk(k, group)
+        if chunk is None:
+            raise ValueError("the mma GEMV takes int8 weights in groups of 32 or a multiple "
+                             f"of 64 with K in whole chunks, got groups of {group}, K = {k}")
+        return chunk
+    # groups of 64 take chunks of 2 steps, so that each group ends where a chunk ends
+    # (flushes inside a chunk never ran on a device)
+    return 4 if k % 128 == 0 and group != 64 else group // 32
+
+
+def candidates(n: int, k: int, group: int, int8: bool, m: int) -> list[dict]:
+    """The configurations the autotuner tries for a product of m rows by an [n, k] weight
+    in groups of `group` (as `mma_gemv`'s config argument), for tuning scripts
+    (`kernels.tune_gpu`)."""
+    kept = _prune(_configs(), {"N": n, "K": k}, GROUP=group, INT8=int8,
+                  CHUNK=_chunk(k, group, int8), GROUPED=m > GROUP_ROWS,
+                  M_KEY=max(m, GROUP_ROWS))
+    return [{"BLOCK_N": c.kwargs["BLOCK_N"], "split_k": c.kwargs["split_k"],
+             "num_warps": c.num_warps, "WARPS_K": c.kwargs["WARPS_K"], "ROWS": c.kwargs["ROWS"]}
+            for c in kept]
 
 
 def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
@@ -250,7 +275,8 @@ def mma_gemv_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
     serves int8 faster; the older kernels serve the rest."""
     if packed.scheme == "int4":
         most = MAX_ROWS
-    elif packed.scheme == "int8" and _int8_chunk(packed) is not None:
+    elif packed.scheme == "int8" and _int8_chunk(packed.in_features,
+                                                  packed.group_size) is not None:
         most = INT8_MAX_ROWS
     else:
         return False
@@ -263,8 +289,8 @@ def mma_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor,
     """x [M <= 16, K] bf16 @ W.T -> out [M, N] (float32 accumulation) for an int4 or int8
     ``words`` weight, rows in groups of 4 or (int4) 8 or 16 (one program a group, tile and
     K share). `config` ({"BLOCK_N", "split_k", "num_warps", "WARPS_K", "ROWS"}; num_warps a
-    multiple of WARPS_K, BLOCK_N of 32 per warp along N, ROWS 4 by default) skips
-    autotuning."""
+    multiple of WARPS_K, BLOCK_N of 32 per warp along N, ROWS 4 by default) is launched as
+    given; without it, the device's table (`kernels.gemv_table`) or the autotuner picks."""
     m, n = x.shape[0], packed.out_features
     max_split = 32 if config is None else config["split_k"]
     # split-K partials: a group's rows at stride N, groups max_split * ROWS rows apart (M
@@ -286,14 +312,7 @@ def launch(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None,
         x = x.clone()
     int8 = packed.scheme == "int8"
     group = packed.group_size
-    if int8:
-        chunk = _int8_chunk(packed)
-        if chunk is None:
-            raise ValueError("the mma GEMV takes int8 weights in groups of 32 or a multiple "
-                             f"of 64 with K in whole chunks, got groups of {group}, K = {k}")
-    else:  # groups of 64 take chunks of 2 steps, so that each group ends where a chunk
-        # ends (flushes inside a chunk never ran on a device)
-        chunk = 4 if k % 128 == 0 and group != 64 else group // 32
+    chunk = _chunk(k, group, int8)
     counters = _tile_counters(x.device, triton.cdiv(m, GROUP_ROWS) * triton.cdiv(n, 32))
     offsets = packed.scales if int8 else packed.offsets  # (int8: never read)
     args = (x, packed.qweight, packed.scales, offsets, part if sums else out, part, counters,
@@ -301,6 +320,9 @@ def launch(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None,
     # a tuning for 1-4 rows, and one for each count above (the best group size and split
     # differ between 5 and 8 rows: docs/benchmarks/gpu.md, run 71)
     m_key = max(m, GROUP_ROWS)
+    if config is None:  # the device's table, if it has this key (`kernels.gemv_table`)
+        key = dict(N=n, K=k, GROUP=group, INT8=int8) | ({} if sums else dict(M_KEY=m_key))
+        config = gemv_table.lookup("mma_gemv_sums" if sums else "mma_gemv", x.device, **key)
     consts = dict(GROUP=group, CHUNK=chunk, GROUPED=m > GROUP_ROWS, INT8=int8,
                   EMULATE=os.environ.get("TRITON_INTERPRET") == "1", SUMS=sums,
                   **pdl_args(x.device))

@@ -6,6 +6,7 @@
 # Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
 # decode default"] [TESTS="pytest node ids, split on spaces"] [TESTS_K="a -k expression"]
 # [KERNEL_ARGS="--sweep --shapes ..."] [KERNEL_LIMIT=seconds (240)] [DECODE_ARGS="--profile"]
+# [TUNE_ARGS="--schemes int4 --rows 1"] [TUNE_LIMIT=seconds (540)]
 # scripts/gpu_session.sh
 #   tests    pytest tests/gpu (kernels at real sizes, engine graphs vs eager, packed serving)
 #   kernels  python3 -m kernels.bench_gpu            (W4A16/W8A16 vs bf16, Llama-3-8B shapes)
@@ -13,6 +14,7 @@
 #            transformers, batch 1 and 64)
 #   default  the default model ($GGUF) through the engine, graphs on and off
 #   probe    python3 -m kernels.probe_loads (loads-only floor of the int4 GEMV's access pattern)
+#   tune     python3 -m kernels.tune_gpu [$TUNE_ARGS] (the device's GEMV table, into $OUT)
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
 set -uo pipefail
 OUT="${OUT:-/tmp/leapfrog-gpu}"
@@ -51,6 +53,11 @@ for s in $STEPS; do
         echo "=== default: skipped (no GGUF=...)"
       fi ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
+    tune)  # this device's GEMV table ($OUT/table.json, to copy to kernels/tables/), which
+      # the later steps of the call then use
+      step tune "${TUNE_LIMIT:-540}" python3 -m kernels.tune_gpu --out "$OUT/table.json" \
+        ${TUNE_ARGS:-}
+      [ -f "$OUT/table.json" ] && export LEAPFROG_GEMV_TABLE="$OUT/table.json" ;;
     *) echo "unknown step $s"; rc=1 ;;
   esac
 done

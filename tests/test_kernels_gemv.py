@@ -163,13 +163,13 @@ def test_mma_gemv_int8_routing():
     refused with a clear error."""
     from kernels.triton_mma_gemv import _int8_chunk, mma_gemv
 
-    assert _int8_chunk(_packed("int8", 64, 256, 256)) == 4
-    assert _int8_chunk(_packed("int8", 40, 192, 192)) == 4  # ragged N, an odd chunk count
-    assert _int8_chunk(_packed("int8", 40, 96, 32)) == 2  # Q8_0: a group a chunk
-    assert _int8_chunk(_packed("int8", 40, 256, 128)) == 4
-    assert _int8_chunk(_packed("int8", 40, 96, 96)) is None  # K not in whole chunks of 64
+    assert _int8_chunk(256, 256) == 4
+    assert _int8_chunk(192, 192) == 4  # an odd chunk count
+    assert _int8_chunk(96, 32) == 2  # Q8_0: a group a chunk
+    assert _int8_chunk(256, 128) == 4
+    assert _int8_chunk(96, 96) is None  # K not in whole chunks of 64
+    assert _int8_chunk(96, 48) is None  # groups that would end inside a chunk
     packed = to_words(_packed("int8", 32, 96, 48))
-    assert _int8_chunk(packed) is None  # groups that would end inside a chunk
     with pytest.raises(ValueError, match="groups of 48"):
         mma_gemv(torch.zeros(1, 96, dtype=torch.bfloat16), packed, torch.empty(1, 32))
 

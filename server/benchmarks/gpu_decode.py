@@ -12,7 +12,9 @@ What each number times:
   programmatic dependent launch off (`kernels.pdl`). ``device``: the batch-1 graph replayed
   back to back with no host work between steps (device time alone; the gap to ``ours``
   is the host's share). ``device_nosums``: the same with the packed GEMVs merging their
-  own split-K partials (`kernels.gemv_sums.sums_disabled`); best of two rounds each.
+  own split-K partials (`kernels.gemv_sums.sums_disabled`); ``device_autotuned``: the
+  same with the GEMVs' configurations picked by the autotuner in this process instead of
+  the device's table (`kernels.gemv_table.disabled`); best of two alternating rounds each.
 - ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
   the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
 - ``roofline``: measured copy bandwidth (bytes read + written per second of a device copy) /
@@ -40,7 +42,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kernels import pdl
+from kernels import gemv_table, pdl
 from kernels.bench_gpu import copy_bandwidth, tuned_configs
 from kernels.gemv_sums import sums_disabled
 from kernels.quant import to_words
@@ -237,16 +239,20 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
         with pdl.disabled():  # the same step, every kernel launched after the last ends
             b1_nopdl = 1 / time_decode(model, 1, context, 64, graphed=True)
         b1_eager = 1 / time_decode(model, 1, context, 16, graphed=False)
-        b1_device, b1_nosums = 0.0, 0.0
-        for _ in range(2):  # alternating: the device's time with and without GemvSums
+        b1_device, b1_nosums, b1_autotuned = 0.0, 0.0, 0.0
+        for _ in range(2):  # alternating: the device's time as served, without GemvSums,
+            # and with the autotuner's picks instead of the device's table
             b1_device = max(b1_device, 1 / time_replays(model, context, 64))
             with sums_disabled():
                 b1_nosums = max(b1_nosums, 1 / time_replays(model, context, 64))
+            with gemv_table.disabled():
+                b1_autotuned = max(b1_autotuned, 1 / time_replays(model, context, 64))
         b64 = 64 / time_decode(model, 64, context, 16, graphed=True)
         rows.append(dict(model="llama3-8b-shape", mode=mode, weight_gb=weight_bytes(model) / 1e9,
                          roofline_tps=roof, batch1_tps=b1, batch1_nopdl_tps=b1_nopdl,
                          batch1_eager_tps=b1_eager, batch1_device_tps=b1_device,
                          batch1_device_nosums_tps=b1_nosums,
+                         batch1_device_autotuned_tps=b1_autotuned,
                          pct_roofline=100 * b1 / roof, pct_roofline_all=100 * b1 / roof_all,
                          batch64_tps=b64,
                          transformers_tps=hf_tps, x_transformers=b1 / hf_tps))
