@@ -48,7 +48,7 @@ class CudaGraphRunner:
     """Captures and replays the model for graphable steps (see module docs)."""
 
     def __init__(self, model: torch.nn.Module, block_size: int, scratch_block: int,
-                 max_model_len: int, max_batch: int, max_query_len: int = 8) -> None:
+                 max_model_len: int, max_batch: int, max_query_len: int) -> None:
         self.model = model
         self.block_size = block_size
         self.scratch_slot = scratch_block * block_size

@@ -81,7 +81,9 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, self.blocks, self.device, drafter)
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+            # (verification of k drafts runs k + 1 tokens a sequence)
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len,
+                                           1 + config.num_speculative_tokens * bool(policy))
         self.drafter = drafter
         self.metrics = Metrics(self.model_name)
         self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (

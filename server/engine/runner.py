@@ -51,10 +51,12 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
-        """Replay captured graphs for decode/verify steps (`server.engine.cuda_graphs`)."""
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_query_len: int
+                           ) -> None:
+        """Replay captured graphs for decode/verify steps (`server.engine.cuda_graphs`) of up
+        to `max_query_len` tokens a sequence."""
         self.graphs = CudaGraphRunner(self.model, self.blocks.block_size, self.blocks.num_blocks,
-                                      max_model_len, max_batch)
+                                      max_model_len, max_batch, max_query_len)
         self.graphs.capture_decode()
 
     @torch.inference_mode()

@@ -159,3 +159,22 @@ def test_gemv_sums_decode_matches_merged_gemvs():
             rel = float((a.float() - b.float()).norm() / b.float().norm())
             print(f"graphed={graphed} step {step}: relative difference to merged {rel:.2e}")
             assert rel < 5e-2, (graphed, step)
+
+
+def test_int4_ngram_verification_graphed_matches_eager(tiny_model_dir):
+    """n-gram speculation with 8 draft tokens over int4 weights in bfloat16: verification
+    multiplies up to 9 rows a step, which the tensor-core GEMV serves (16 rows a program),
+    graphed (a (1, 9) graph captured on first use) and eager; both give the same greedy
+    tokens. The prompt holds tokens 3..98 twice, so a step whose last token is one of 3..90
+    finds 8 tokens to draft after its most recent earlier occurrence (224 tokens in all,
+    within the tiny model's 256 positions)."""
+    path = str(tiny_model_dir("llama"))
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    config = dict(device="cuda", dtype="bfloat16", num_kv_blocks=128, block_size=4,
+                  quantization="int4", speculative="ngram", num_speculative_tokens=8)
+    graphed, eager = LLM(path, **config), LLM(path, enforce_eager=True, **config)
+    prompt = list(range(3, 99)) * 2
+    a, b = graphed.generate([prompt], params)[0], eager.generate([prompt], params)[0]
+    assert a.token_ids == b.token_ids
+    assert a.num_draft_tokens > 0
+    assert (1, 9) in graphed.engine.runner.graphs.graphs
