@@ -1,11 +1,14 @@
 """Tune a model's decode GEMVs on this CUDA device into the device's table (`kernels.gemv_table`).
 
-`python3 -m kernels.tune_gpu [--model llama3-8b | --config config.json] [--schemes int4 bf16]
-[--rows 1 5 ... 16] [--out PATH]` takes every projection of the model's decoder layers
-(fused qkv, o, fused gate/up, down) and its LM head, and for each weight scheme:
+`python3 -m kernels.tune_gpu [--model llama3-8b | default | PATH | --config config.json]
+[--schemes int4 bf16] [--group G] [--rows 1 5 ... 16] [--out PATH]` takes every projection
+of the model's decoder layers (fused qkv, o, fused gate/up, down) and its LM head (`--model`:
+the built-in 8B shape, or a model as the server takes it: the default model, a GGUF file or
+a Hugging Face directory; only its config is read), and for each weight scheme:
 
 - int4 / int8, packed as the server packs dense checkpoints
-  (`server.models.quantize.quantize_dense`): the tensor-core GEMV (`kernels.triton_mma_gemv`)
+  (`server.models.quantize.quantize_dense`), or in groups of G (`--group 32` for the int4
+  and Q8_0 tensors of GGUF files): the tensor-core GEMV (`kernels.triton_mma_gemv`)
   at each row count of --rows (1 stands for the tuner's key of 1-4 rows; int8 stops at 8),
   and at one row handing its sums to the next kernel (`kernels.gemv_sums`, the layers only);
 - bf16: the dense GEMV (one row), with the input step the decoder layer fuses into it
@@ -54,14 +57,14 @@ def fastest(make_op: Callable[[dict], Callable], configs: list[dict], x: torch.T
     return configs[best[1]], best[0]
 
 
-def packed_copies(n: int, k: int, scheme: str) -> list:
-    """A random [n, k] weight packed as the server packs dense checkpoints, and enough
-    copies of it to overflow L2."""
-    from kernels.quant import to_words
+def packed_copies(n: int, k: int, scheme: str, group: int | None) -> list:
+    """A random [n, k] weight packed as the server packs dense checkpoints (or in groups of
+    `group`), and enough copies of it to overflow L2."""
+    from kernels.quant import quantize, to_words
     from server.models.quantize import quantize_dense
 
-    packed = to_words(quantize_dense(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-                                     * 0.02, scheme))
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed = to_words(quantize_dense(w, scheme) if group is None else quantize(w, scheme, group))
     return [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
 
 
@@ -125,10 +128,14 @@ def tune_dense(name: str, n: int, k: int, prologue: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["llama3-8b"], default="llama3-8b",
-                        help="a model shape built in (server.benchmarks.gpu_decode)")
+    parser.add_argument("--model", default="llama3-8b",
+                        help="llama3-8b (the shape of server.benchmarks.gpu_decode), default "
+                             "(the embedded default model), or a GGUF file or HF directory")
     parser.add_argument("--config", help="a Hugging Face config.json instead of --model")
     parser.add_argument("--schemes", nargs="*", choices=SCHEMES, default=["int4", "bf16"])
+    parser.add_argument("--group", type=int,
+                        help="group size of the packed weights (default: as the server "
+                             "quantizes dense checkpoints; 32 for GGUF's Q4_0/Q4_1/Q8_0)")
     parser.add_argument("--rows", type=int, nargs="*", default=list(ROWS),
                         help="rows of the packed GEMV's keys (1 is the key of 1-4 rows)")
     parser.add_argument("--out", help="the table to write (default: this device's, in the "
@@ -140,12 +147,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.config:
         with open(args.config) as f:
-            hf = json.load(f)
-    else:
+            config = config_from_hf(json.load(f))
+    elif args.model == "llama3-8b":
         from server.benchmarks.gpu_decode import llama3_8b
 
-        hf = llama3_8b().to_dict()
-    shapes = projections(config_from_hf(hf))
+        config = config_from_hf(llama3_8b().to_dict())
+    else:
+        from server.models.loader import open_checkpoint
+
+        config = open_checkpoint(None if args.model == "default" else args.model).config
+    shapes = projections(config)
     device_name = torch.cuda.get_device_name()
     path = table_path(device_name) if args.out is None else Path(args.out)
     import triton
@@ -164,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             write_table(path, device_name, run if not written else None, entries)
             written += len(entries)
             continue
-        weights = {name: packed_copies(n, k, scheme) for name, (n, k, _) in shapes.items()}
+        weights = {name: packed_copies(n, k, scheme, args.group)
+                   for name, (n, k, _) in shapes.items()}
         for m in args.rows:
             entries = [e for name, copies in weights.items() for e in tune_packed(name, copies, m)]
             write_table(path, device_name, run if not written else None, entries)

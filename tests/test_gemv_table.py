@@ -137,3 +137,20 @@ def test_shipped_tables_hold_configurations_the_tuner_could_pick():
                 allowed = candidates(key["N"], key["K"], key["GROUP"], key["INT8"], m)
                 assert e["kernel"] == "mma_gemv" or m == 4
             assert e["config"] in allowed, (path.name, e)
+
+
+def test_tuning_covers_every_projection_of_a_decode_step():
+    """`kernels.tune_gpu` tunes the shapes a decode step multiplies: fused qkv (with the
+    GQA heads), o, fused gate/up, down and the LM head, each with the input step the dense
+    GEMV fuses (1: the norm, 2: the SwiGLU), for the default model and the 8B shape."""
+    from kernels.tune_gpu import projections
+    from server.benchmarks.gpu_decode import llama3_8b
+    from server.models.config import config_from_hf
+    from server.models.loader import open_checkpoint
+
+    assert projections(open_checkpoint(None).config) == {
+        "qkv": ((9 + 2 * 3) * 64, 576, 1), "o": (576, 576, 0), "gate_up": (2 * 1536, 576, 1),
+        "down": (576, 1536, 2), "lm_head": (49152, 576, 0)}
+    assert projections(config_from_hf(llama3_8b().to_dict())) == {
+        "qkv": (6144, 4096, 1), "o": (4096, 4096, 0), "gate_up": (28672, 4096, 1),
+        "down": (4096, 14336, 2), "lm_head": (128256, 4096, 0)}
