@@ -1,11 +1,14 @@
 """CUDA graphs for decode and verification steps, one per (batch-size bucket, query length).
 
 A step is graphable when every scheduled request computes exactly its newest token plus its
-draft tokens (q_len = 1 + drafts, the same Q for all; Q = 1 is plain decode) and the batch
-fits a bucket (1, 2, 4, ..., 64). The batch is padded to the bucket with dummy sequences of
-Q tokens that write their KV into a scratch block the block manager never hands out, so a
-replay has static shapes: B * Q tokens, B sequences, a block table as wide as the longest
-allowed sequence. The forward, the LM head (logits of every token; in such a step every
+draft tokens (1 + drafts tokens; Q = 1 for all is plain decode) and the batch fits a bucket
+(1, 2, 4, ..., 64). Q is the step's largest count: a request with fewer tokens is padded
+at the end to Q with tokens whose KV goes to a scratch block the block manager never hands
+out (causal attention keeps its real tokens from seeing them; the padding rows' outputs
+are not read), and the batch is padded to the bucket with dummy sequences of Q tokens, all
+in the scratch block. So a replay has static shapes: B * Q tokens, B sequences, a block
+table as wide as the longest allowed sequence, and a verification step whose requests
+drafted different numbers of tokens (n-gram lookups find 0 to k) is still graphed. The forward, the LM head (logits of every token; in such a step every
 token's logits are sampled) and the greedy token of every row (`kernels.triton_argmax`, so
 plain greedy steps need no launch after the replay) are captured together. Inputs travel in
 one flat int64 buffer (ids, positions, slots, then block tables, seq_lens and
@@ -56,6 +59,7 @@ class CudaGraphRunner:
         self.buckets = [b for b in BUCKETS if b < max_batch] + [
             next((b for b in BUCKETS if b >= max_batch), BUCKETS[-1])]
         self.max_query_len = max_query_len
+        self.max_model_len = max_model_len
         self.width = -(-max_model_len // block_size)
         device = next(iter(model.kv_caches))[0].device
         # one int64 buffer holds a step's inputs (`_views`), so one copy moves them
@@ -77,21 +81,22 @@ class CudaGraphRunner:
     def key(self, out: SchedulerOutput) -> tuple[int, int] | None:
         """(bucket, Q) when the step is graphable, else None."""
         scheduled = out.scheduled
-        if not scheduled or len(scheduled) > self.buckets[-1]:
+        if not scheduled or len(scheduled) > self.buckets[-1] or not all(
+                s.reaches_end and s.num_new_tokens == len(s.spec_token_ids) + 1
+                for s in scheduled):
             return None
-        q = scheduled[0].num_new_tokens
-        if q > self.max_query_len or not all(
-            s.reaches_end and s.num_new_tokens == q == len(s.spec_token_ids) + 1
-            for s in scheduled
-        ):
+        q = max(s.num_new_tokens for s in scheduled)
+        # (padding tokens take the positions after a request's own: within the RoPE tables)
+        if q > self.max_query_len or any(s.request.num_computed_tokens + q > self.max_model_len
+                                         for s in scheduled):
             return None
         return next(b for b in self.buckets if b >= len(scheduled)), q
 
     def run(self, out: SchedulerOutput, tables: list[list[int]]
             ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Replay for a graphable step: (query_start, hidden [T, h], logits [T, vocab],
-        greedy tokens [T]) of its real tokens (views of static buffers, valid until the next
-        replay); else None."""
+        """Replay for a graphable step: (the end of each request's rows, hidden [T, h],
+        logits [T, vocab], greedy tokens [T]) of the real sequences' Q rows each (views of
+        static buffers, valid until the next replay); else None."""
         key = self.key(out)
         if key is None:
             return None
@@ -100,19 +105,20 @@ class CudaGraphRunner:
         ids: list[list[int]] = []
         for s in out.scheduled:
             begin = s.request.num_computed_tokens
-            ids.append((s.request.all_token_ids + s.spec_token_ids)[begin:begin + q])
+            ids.append((s.request.all_token_ids + s.spec_token_ids)[begin:begin + s.num_new_tokens])
             starts.append(begin)
         hidden, logits, tokens = self.step(b, q, starts, ids, tables)
         t = len(out.scheduled) * q
-        return list(range(0, t + 1, q)), hidden[:t], logits[:t], tokens[:t]
+        return ([i * q + len(row) for i, row in enumerate(ids)], hidden[:t], logits[:t],
+                tokens[:t])
 
     def step(self, b: int, q: int, starts: list[int], ids: list[list[int]],
              tables: list[list[int]], graphed: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step of len(starts) <= b sequences, each computing q tokens from position
-        starts[i] (ids[i] its q token ids); hidden [b * q, h], logits [b * q, vocab] and the
-        greedy tokens [b * q]. `graphed=False` runs the same padded step eagerly (for
-        comparisons)."""
+        """One step of len(starts) <= b sequences, each computing 1..q tokens from position
+        starts[i] (ids[i] its token ids; padded to q); hidden [b * q, h], logits [b * q,
+        vocab] and the greedy tokens [b * q], sequence i's rows from i * q. `graphed=False`
+        runs the same padded step eagerly (for comparisons)."""
         self._fill(b, q, starts, ids, tables)
         if not graphed:
             return self._forward(b, q)
@@ -143,25 +149,38 @@ class CudaGraphRunner:
 
     def _fill(self, b: int, q: int, starts: list[int], ids: list[list[int]],
               tables: list[list[int]]) -> None:
-        """Write a step's inputs (real sequences, then padding rows: ids 0, positions 0..Q-1,
-        KV in the scratch block) and copy them to the device in one copy."""
+        """Write a step's inputs (real sequences, each padded to Q tokens with id 0 at the
+        next positions and KV in the scratch block; then padding sequences: ids 0,
+        positions 0..Q-1, KV in the scratch block) and copy them to the device in one copy."""
         n, bs = len(starts), self.block_size
         views = self._host_views.get((b, q))
         if views is None:  # numpy views of the pinned buffer, made once a shape
             views = tuple(v.numpy() for v in self._views(b, q, self.host))
             self._host_views[(b, q)] = views
         h_ids, h_pos, h_slots, h_tables, h_lens, h_qsl = views
-        for i, table in enumerate(tables):
+        for i, (table, start) in enumerate(zip(tables, starts, strict=True)):
             h_tables[i, :len(table)] = table
+            # padding tokens past the request's blocks read the scratch block (the rest of
+            # the row holds whatever earlier steps of other shapes left there)
+            h_tables[i, len(table):-(-(start + q) // bs)] = self.scratch_block
         h_tables[n:, :-(-q // bs)] = self.scratch_block
         pos = h_pos.reshape(b, q)
         pos[:] = np.arange(q)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+        rows = h_ids.reshape(b, q)
         if n:
             pos[:n] += np.asarray(starts)[:, None]
-            h_ids.reshape(b, q)[:n] = ids
+            if (lengths == q).all():
+                rows[:n] = ids
+            else:
+                for i, row in enumerate(ids):
+                    rows[i, :len(row)] = row
+                    rows[i, len(row):] = 0
         h_ids[n * q:] = 0
         slots = h_slots.reshape(b, q)
         slots[:n] = h_tables[np.arange(n)[:, None], pos[:n] // bs] * bs + pos[:n] % bs
+        padding = np.arange(q) >= lengths[:, None]  # [n, q]: a request's padding tokens
+        slots[:n][padding] = self.scratch_slot + pos[:n][padding] % bs
         slots[n:] = self.scratch_slot + pos[n:] % bs
         h_lens[:] = pos[:, -1] + 1
         h_qsl[:] = np.arange(b + 1) * q

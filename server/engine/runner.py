@@ -67,12 +67,12 @@ class ModelRunner:
             inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
                                   padded_groups=self.device.type == "cpu")
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
-            query_start, all_logits, tokens = inputs.query_start, None, None
+            ends, all_logits, tokens = inputs.query_start[1:], None, None
         else:  # every row's logits and greedy token, in row order
-            query_start, hidden, all_logits, tokens = replay
+            ends, hidden, all_logits, tokens = replay
         rows: list[int] = []
         owners: list[tuple[ScheduledRequest, int]] = []
-        for s, end in zip(out.scheduled, query_start[1:], strict=True):
+        for s, end in zip(out.scheduled, ends, strict=True):
             if s.reaches_end:
                 n = len(s.spec_token_ids) + 1
                 owners.append((s, len(rows)))
@@ -89,6 +89,9 @@ class ModelRunner:
             logits = (tokens if tokens is not None else _greedy_tokens(all_logits)).tolist()
         else:
             logits = all_logits.cpu()
+        if replay is not None and len(rows) < hidden.shape[0]:  # a replay's rows include
+            # the padding tokens of requests that drafted fewer tokens: keep the real ones
+            logits = [logits[r] for r in rows] if greedy else logits[rows]
         sampled: dict[str, SampledTokens] = {}
         last_rows: list[int] = []
         for s, first in owners:
