@@ -8,12 +8,14 @@ out (causal attention keeps its real tokens from seeing them; the padding rows' 
 are not read), and the batch is padded to the bucket with dummy sequences of Q tokens, all
 in the scratch block. So a replay has static shapes: B * Q tokens, B sequences, a block
 table as wide as the longest allowed sequence, and a verification step whose requests
-drafted different numbers of tokens (n-gram lookups find 0 to k) is still graphed. The forward, the LM head (logits of every token; in such a step every
-token's logits are sampled) and the greedy token of every row (`kernels.triton_argmax`, so
+drafted different numbers of tokens (n-gram lookups find 0 to k) is still graphed. The
+forward, the LM head (logits of every token; in such a step every token's logits are
+sampled) and the greedy token of every row (`kernels.triton_argmax`, so
 plain greedy steps need no launch after the replay) are captured together. Inputs travel in
 one flat int64 buffer (ids, positions, slots, then block tables, seq_lens and
 query_start_loc as int32 pairs; each 16-byte aligned), filled on the host in pinned memory
-with numpy (no Python loop over the batch's rows but one copy of each block table) and
+with numpy (no Python loop over the batch's rows but one copy of each block table, and of
+each request's ids when their counts differ) and
 copied with one non-blocking copy; nothing in a step syncs with the device except reading
 its results back (the tokens for plain greedy steps, else the logits).
 
@@ -105,7 +107,8 @@ class CudaGraphRunner:
         ids: list[list[int]] = []
         for s in out.scheduled:
             begin = s.request.num_computed_tokens
-            ids.append((s.request.all_token_ids + s.spec_token_ids)[begin:begin + s.num_new_tokens])
+            tokens = s.request.all_token_ids + s.spec_token_ids
+            ids.append(tokens[begin:begin + s.num_new_tokens])
             starts.append(begin)
         hidden, logits, tokens = self.step(b, q, starts, ids, tables)
         t = len(out.scheduled) * q
