@@ -62,6 +62,9 @@ def _device_table(device: torch.device) -> dict[tuple, dict]:
     setting = os.environ.get("LEAPFROG_GEMV_TABLE", "")
     if setting == "off":
         return {}
+    if setting and not Path(setting).is_file():
+        raise ValueError(f"LEAPFROG_GEMV_TABLE names {setting}, which is not a file (give a "
+                         "table written by kernels.tune_gpu, or 'off')")
     path = Path(setting) if setting else table_path(torch.cuda.get_device_name(device))
     return read_table(path) if path.is_file() else {}
 

@@ -56,7 +56,7 @@ def test_write_merges_by_key_and_lookup_finds_it(table_file):
     assert gemv_table.lookup("mma_gemv", cuda, **key, M_KEY=4)["split_k"] == 4
 
 
-def test_off_and_malformed_tables(table_file, monkeypatch):
+def test_off_malformed_and_missing_tables(table_file, monkeypatch):
     table_file.write_text(json.dumps({"device": "GPU X", "runs": [],
                                       "entries": [dict(ENTRY, kernel="gemm")]}))
     with pytest.raises(ValueError, match="malformed.*gemm"):
@@ -64,6 +64,10 @@ def test_off_and_malformed_tables(table_file, monkeypatch):
     monkeypatch.setenv("LEAPFROG_GEMV_TABLE", "off")
     gemv_table._device_table.cache_clear()
     assert gemv_table.lookup("mma_gemv", torch.device("cuda", 0), N=64) is None
+    monkeypatch.setenv("LEAPFROG_GEMV_TABLE", str(table_file.with_name("missing.json")))
+    gemv_table._device_table.cache_clear()
+    with pytest.raises(ValueError, match="missing.json, which is not a file"):
+        gemv_table.lookup("mma_gemv", torch.device("cuda", 0), N=64)
 
 
 def test_table_path_names_the_device():
