@@ -48,13 +48,18 @@ def projections(config) -> dict[str, tuple[int, int, int]]:
             "down": (h, i, 2), "lm_head": (config.vocab_size, h, 0)}
 
 
-def fastest(make_op: Callable[[dict], Callable], configs: list[dict], x: torch.Tensor,
-            weights: list) -> tuple[dict, float]:
-    """The configuration whose op runs fastest over `weights`, and its seconds."""
+def tabled(label: str, kernel: str, key: dict, configs: list[dict],
+           make_op: Callable[[dict], Callable], x: torch.Tensor, weights: list) -> dict:
+    """The table entry of `kernel` at `key`: the configuration whose op runs fastest over
+    `weights`, with its time (printed after `label`)."""
     first = sorted((_graph_time(make_op(c), x, weights), i) for i, c in enumerate(configs))
-    best = min((min(t, *(_graph_time(make_op(configs[i]), x, weights) for _ in range(2))), i)
-               for t, i in first[:4])
-    return configs[best[1]], best[0]
+    seconds, best = min(
+        (min(t, *(_graph_time(make_op(configs[i]), x, weights) for _ in range(2))), i)
+        for t, i in first[:4])
+    print(f"{label} {kernel}: {configs[best]} {seconds * 1e6:.2f} us (of {len(configs)})",
+          flush=True)
+    return dict(kernel=kernel, key=key, config=configs[best], us=round(seconds * 1e6, 2),
+                candidates=len(configs))
 
 
 def packed_copies(n: int, k: int, scheme: str, group: int | None) -> list:
@@ -87,16 +92,13 @@ def tune_packed(name: str, copies: list, m: int) -> list[dict]:
         kinds.append(("mma_gemv_sums", key, lambda c: lambda x_, p_: mma_gemv_sums(x_, p_, c)))
     entries = []
     for kernel, kernel_key, make_op in kinds:
-        configs = candidates(n, k, packed.group_size, int8, m)
-        config, seconds = fastest(make_op, configs, x, copies)
+        entries.append(tabled(f"{name} {n}x{k} {packed.scheme} M={m}", kernel, kernel_key,
+                              candidates(n, k, packed.group_size, int8, m), make_op, x,
+                              copies))
         if kernel == "mma_gemv_sums":  # the timed runs added into the device's sums
             # buffer; one more run returns the region they used, which is then cleared (as
             # the next fused kernel would), so that later sums in this process start at 0
-            make_op(config)(x, packed).sums.zero_()
-        entries.append(dict(kernel=kernel, key=kernel_key, config=config,
-                            us=round(seconds * 1e6, 2), candidates=len(configs)))
-        print(f"{name} {n}x{k} {packed.scheme} M={m} {kernel}: {config} "
-              f"{seconds * 1e6:.2f} us (of {len(configs)})", flush=True)
+            make_op(entries[-1]["config"])(x, packed).sums.zero_()
     return entries
 
 
@@ -118,12 +120,8 @@ def tune_dense(name: str, n: int, k: int, prologue: int) -> dict:
         out_dtype = torch.float32 if name == "lm_head" else None
         return lambda x_, w_: dense_gemv(x_, w_, out_dtype, config=c)
 
-    configs = dense_candidates(n, k)
-    config, seconds = fastest(make_op, configs, x, copies)
-    print(f"{name} {n}x{k} bf16 dense: {config} {seconds * 1e6:.2f} us (of {len(configs)})",
-          flush=True)
-    return dict(kernel="dense_gemv", key=dict(N=n, K=k, PROLOGUE=prologue), config=config,
-                us=round(seconds * 1e6, 2), candidates=len(configs))
+    return tabled(f"{name} {n}x{k} bf16", "dense_gemv", dict(N=n, K=k, PROLOGUE=prologue),
+                  dense_candidates(n, k), make_op, x, copies)
 
 
 def main(argv: list[str] | None = None) -> None:
