@@ -28,7 +28,7 @@ import torch
 from kernels import pdl
 from kernels.gemm import quantized_linear
 from kernels.quant import PackedWeight, quantize_int4, quantize_int8, to_words
-from kernels.triton_gemv import dense_gemv
+from kernels.triton_dense_gemv import dense_gemv
 
 SHAPES = {  # name: (N, K) = (out_features, in_features)
     "qo 4096x4096": (4096, 4096),
@@ -243,8 +243,9 @@ def tuned_configs() -> list[dict]:
     {"kernel", "key" (the tuner's key arguments by name), "config" (its parameters)}. The
     picks differ between processes (single timings a few percent apart), so benchmarks
     record them beside their figures."""
+    from kernels.triton_dense_gemv import _dense_tuned
     from kernels.triton_gemm import _qgemm_tuned
-    from kernels.triton_gemv import _dense_tuned, _gemv_tuned
+    from kernels.triton_gemv import _gemv_tuned
     from kernels.triton_mma_gemv import _mma_tuned, _sums_tuned
 
     out = []

@@ -7,7 +7,7 @@ on an H200, int4 batch-1 decode of the 8B shape ranged 401-497 tok/s over the sa
 (docs/benchmarks/gpu.md, runs 38-77). A table holds, per tuner key, the configuration
 that graph replays over weight copies ranked fastest on that device, as vLLM ships tuned
 configurations per device. Where the table has the key, `kernels.triton_mma_gemv.launch`
-and `kernels.triton_gemv.dense_gemv` launch that configuration; elsewhere they autotune.
+and `kernels.triton_dense_gemv.dense_gemv` launch that configuration; elsewhere they autotune.
 
 A table is JSON: {"device": torch.cuda.get_device_name(), "runs": [how the entries were
 made], "entries": [{"kernel": "mma_gemv" | "mma_gemv_sums" | "dense_gemv", "key": {the tuner's

@@ -1,5 +1,6 @@
-"""Triton GEMVs (one activation row, M = 1): W4A16 / W8A16 over the ``words`` layout, and
-16-bit dense weights (`dense_gemv`). On CUDA, int4 and int8 with bfloat16 rows go to the
+"""Triton GEMVs (one activation row, M = 1): W4A16 / W8A16 over the ``words`` layout (the
+16-bit dense GEMV is `kernels.triton_dense_gemv`), and what the GEMVs share: split-K
+merging, tile counters, autotuning. On CUDA, int4 and int8 with bfloat16 rows go to the
 tensor-core kernel of `kernels.triton_mma_gemv` instead (`mma_gemv_supported`); the packed
 GEMV here serves the groupings it does not take, other input dtypes, and the interpreter.
 
@@ -23,9 +24,7 @@ speed, so the inner loop spends as few instructions per weight as it can:
 
 - The next tile's words, scale and offset are loaded before the current tile's arithmetic.
 
-`dense_gemv` reads a row-major 16-bit weight in 16-byte runs along K, and can fuse the step
-that produces its input (residual add + RMS norm, or SwiGLU) so batch-1 decode runs one
-kernel for both. Split-K (both GEMVs): each program stores its partial, bumps a counter of
+Split-K (this GEMV and the dense one): each program stores its partial, bumps a counter of
 its output columns, and the last to arrive sums the partials in a fixed order (16 per load,
 deterministic) and resets the counter, so a GEMV is one launch, also inside CUDA graphs.
 """
@@ -38,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import gemv_table
 from kernels.pdl import await_inputs, pdl_args
 from kernels.quant import PackedWeight
 
@@ -255,151 +253,3 @@ def triton_gemv(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor, counte
         _gemv_kernel[grid](*args, split, **consts, BLOCK_N=config["BLOCK_N"], ROWS=rows,
                            REDUCE=split > 1, num_warps=config.get("num_warps", 4), num_stages=1)
     return out
-
-
-@triton.jit
-def _x_tile(x_ptr, res_ptr, nw_ptr, k, live, rstd, K, PROLOGUE: tl.constexpr,
-            HAS_RES: tl.constexpr):
-    """The GEMV input at features k, as float32 values of x's dtype: x itself (PROLOGUE 0),
-    rms_norm(x + res) * nw (1), or silu(gate) * up of a [2K] gate/up row (2); rounded to
-    x's dtype where the separate kernels of `kernels.triton_fused` store their outputs."""
-    dtype = x_ptr.dtype.element_ty
-    if PROLOGUE == 2:
-        gate = tl.load(x_ptr + k, mask=live, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + k, mask=live, other=0.0).to(tl.float32)
-        return (gate / (1.0 + tl.exp(-gate)) * up).to(dtype).to(tl.float32)
-    v = tl.load(x_ptr + k, mask=live, other=0.0)
-    if PROLOGUE == 1:
-        if HAS_RES:
-            v = (v.to(tl.float32) + tl.load(res_ptr + k, mask=live, other=0.0).to(tl.float32))
-            v = v.to(dtype)
-        nw = tl.load(nw_ptr + k, mask=live, other=0.0).to(tl.float32)
-        v = (v.to(tl.float32) * rstd * nw).to(dtype)
-    return v.to(tl.float32)
-
-
-@triton.jit(do_not_specialize=["split_k"])
-def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr, res_out_ptr,
-                       N, K, stride_w, eps, split_k, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, REDUCE: tl.constexpr, PROLOGUE: tl.constexpr,
-                       HAS_RES: tl.constexpr, BLOCK_ROW: tl.constexpr, PDL: tl.constexpr):
-    """out[n] = sum_k w[n, k] x[k] for a row-major 16-bit weight: threads own 16-byte runs of
-    K in BLOCK_N rows and accumulate [BLOCK_N, BLOCK_K] float32 partials, reduced once.
-
-    PROLOGUE 1 (residual add + RMS norm of x, see `_x_tile`): every program computes the
-    row's rstd itself from the whole row; program (0, 0) also stores x + res."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    kk = tl.arange(0, BLOCK_K)
-    num_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(num_tiles, split_k)
-    begin = pid_k * per_split
-    end = tl.minimum(begin + per_split, num_tiles)
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-    limit = tl.minimum(K, end * BLOCK_K)  # this split's features end here
-    k = begin * BLOCK_K + kk
-    live = k < limit
-    w = tl.load(rows + k[None, :], mask=mask_n[:, None] & live[None, :], other=0.0)
-    await_inputs(PDL)  # the first tile may load while the previous kernel finishes
-    rstd = 0.0
-    if PROLOGUE == 1:
-        cols = tl.arange(0, BLOCK_ROW)
-        row = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-        if HAS_RES:
-            row = (row.to(tl.float32) + tl.load(res_ptr + cols, mask=cols < K, other=0.0)
-                   .to(tl.float32)).to(x_ptr.dtype.element_ty)
-            if (pid_n == 0) & (pid_k == 0):
-                tl.store(res_out_ptr + cols, row, mask=cols < K)
-        row = row.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(row * row, axis=0) / K + eps)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for _ in range(begin, end):
-        k_next = k + BLOCK_K
-        live_next = k_next < limit
-        w_next = tl.load(rows + k_next[None, :], mask=mask_n[:, None] & live_next[None, :],
-                         other=0.0)
-        xv = _x_tile(x_ptr, res_ptr, nw_ptr, k, live, rstd, K, PROLOGUE, HAS_RES)
-        acc += w.to(tl.float32) * xv[None, :]
-        w, k, live = w_next, k_next, live_next
-    _finish(tl.sum(acc, axis=1), out_ptr, part_ptr, cnt_ptr, offs_n, mask_n, N, pid_n, pid_k,
-            split_k, REDUCE)
-
-
-def _dense_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "split_k": split, "REDUCE": split > 1},
-                          num_warps=4, num_stages=1)
-            for bn in (8, 16, 32) for bk in (128, 256) for split in (1, 2, 4, 8, 16, 32)]
-
-
-def _dense_prune(configs, named_args, **kwargs):
-    """Keep configs that launch ~1 to ~32 waves of programs on a 132-SM device (or do not
-    split K)."""
-    n, k = named_args["N"], named_args["K"]
-    keep = []
-    for c in configs:
-        split = c.kwargs["split_k"]
-        if split <= -(-k // c.kwargs["BLOCK_K"]) and fills_waves(n, c.kwargs["BLOCK_N"], split,
-                                                                  8192):
-            keep.append(c)
-    return keep or configs[:1]
-
-
-def dense_candidates(n: int, k: int) -> list[dict]:
-    """The configurations the autotuner tries for `dense_gemv` of an [n, k] weight (as its
-    config argument), for tuning scripts (`kernels.tune_gpu`)."""
-    return [{"BLOCK_N": c.kwargs["BLOCK_N"], "BLOCK_K": c.kwargs["BLOCK_K"],
-             "split_k": c.kwargs["split_k"]}
-            for c in _dense_prune(_dense_configs(), {"N": n, "K": k})]
-
-
-_dense_tuned = autotuned(_dense_gemv_kernel, _dense_configs(), ["N", "K", "PROLOGUE"],
-                         _dense_prune)
-
-
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,
-               config: dict | None = None, *, norm: tuple | None = None,
-               silu: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x [1, K] @ weight[N, K].T -> [1, N] (in `out_dtype`, default x's), float32 accumulation.
-
-    For decode at batch 1 on CUDA, where cuBLAS reads small weights well below bandwidth.
-    Fused input steps (each what `kernels.triton_fused` would compute and store first):
-    ``norm=(residual | None, norm_weight, eps)`` multiplies by ``rms_norm(x + residual) *
-    norm_weight`` and returns ``(out, x + residual)`` (x itself without a residual);
-    ``silu=True`` takes x = [1, 2K] gate/up and multiplies by ``silu(gate) * up``.
-    `config` ({"BLOCK_N", "BLOCK_K", "split_k"}) is launched as given (also under
-    TRITON_INTERPRET, where a small default is used otherwise); without it, the device's
-    table (`kernels.gemv_table`) or the autotuner picks.
-    """
-    n, k = weight.shape
-    if weight.stride(1) != 1:
-        raise ValueError("dense_gemv needs a weight with contiguous rows")
-    x = x.contiguous()
-    if x.shape != (1, 2 * k if silu else k):
-        raise ValueError(f"x has shape {tuple(x.shape)} for a {n}x{k} weight (silu={silu})")
-    out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
-    prologue = 2 if silu else 1 if norm is not None else 0
-    if config is None:  # the device's table, if it has this key (`kernels.gemv_table`)
-        config = gemv_table.lookup("dense_gemv", x.device, N=n, K=k, PROLOGUE=prologue)
-    if config is None and os.environ.get("TRITON_INTERPRET") == "1":
-        config = {"BLOCK_N": 8, "BLOCK_K": 32, "split_k": 2}
-    max_split = 32 if config is None else config["split_k"]
-    part = torch.empty(max_split * n, dtype=torch.float32, device=x.device)
-    residual, norm_weight, eps = norm if norm is not None else (None, None, 0.0)
-    res_out = x if residual is None else torch.empty_like(x)
-    args = (x, weight, out, part, _tile_counters(x.device, triton.cdiv(n, 8)),
-            x if residual is None else residual.contiguous(),
-            x if norm_weight is None else norm_weight, res_out, n, k, weight.stride(0), eps)
-    consts = dict(PROLOGUE=prologue,
-                  HAS_RES=residual is not None, BLOCK_ROW=triton.next_power_of_2(k),
-                  **pdl_args(x.device))
-    if config is None:
-        _dense_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])](
-            *args, **consts)
-    else:
-        split = config["split_k"]
-        _dense_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
-            *args, split, **consts, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-            REDUCE=split > 1, num_warps=4, num_stages=1)
-    return (out, res_out) if norm is not None else out

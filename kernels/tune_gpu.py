@@ -104,7 +104,7 @@ def tune_packed(name: str, copies: list, m: int) -> list[dict]:
 
 def tune_dense(name: str, n: int, k: int, prologue: int) -> dict:
     """The table entry of the dense bf16 GEMV for one projection, with its prologue."""
-    from kernels.triton_gemv import dense_candidates, dense_gemv
+    from kernels.triton_dense_gemv import dense_candidates, dense_gemv
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     copies = [w] + [w.clone() for _ in range(_copies(w.nbytes) - 1)]

@@ -88,8 +88,8 @@ def test_kernels_launch_the_tabled_configuration(monkeypatch):
     dense GEMV ask the table with their tuner's key and launch what it returns (exact
     products on integer data; a configuration the kernel refuses shows it was used)."""
     from kernels.gemv_sums import mma_gemv_sums
+    from kernels.triton_dense_gemv import dense_gemv
     from kernels.triton_fused import FIXED_ONE
-    from kernels.triton_gemv import dense_gemv
     from kernels.triton_mma_gemv import mma_gemv
 
     asked = []
@@ -124,7 +124,7 @@ def test_shipped_tables_hold_configurations_the_tuner_could_pick():
     """Every entry of every table in the package is a candidate of its key's tuner
     (`candidates` / `dense_candidates`): a table never launches what the autotuner would
     have pruned, such as a group of rows that does not fit the product."""
-    from kernels.triton_gemv import dense_candidates
+    from kernels.triton_dense_gemv import dense_candidates
     from kernels.triton_mma_gemv import candidates
 
     tables = sorted(gemv_table.TABLE_DIR.glob("*.json"))

@@ -18,6 +18,7 @@ from kernels.gemm import quantized_linear_reference  # noqa: E402
 from kernels.quant import PackedWeight, pack_int4, to_words  # noqa: E402
 
 triton_gemv = pytest.importorskip("kernels.triton_gemv")
+triton_dense_gemv = pytest.importorskip("kernels.triton_dense_gemv")
 
 
 def _packed(scheme: str, n: int, k: int, group: int) -> PackedWeight:
@@ -185,11 +186,11 @@ def test_dense_gemv_exact_on_integer_data(config, dtype):
     x = torch.randint(-3, 4, (1, k), generator=g).to(dtype)
     ref = x.double() @ w.double().t()
     for _ in range(2):  # the second call checks the split-K counters were reset
-        out = triton_gemv.dense_gemv(x, w, torch.float32, config)
+        out = triton_dense_gemv.dense_gemv(x, w, torch.float32, config)
         assert out.shape == (1, n) and out.dtype == torch.float32
         assert torch.equal(out.double(), ref)
     assert int(triton_gemv._counters[torch.device("cpu")].abs().sum()) == 0
-    assert torch.equal(triton_gemv.dense_gemv(x, w, config=config), ref.to(dtype))
+    assert torch.equal(triton_dense_gemv.dense_gemv(x, w, config=config), ref.to(dtype))
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -205,17 +206,17 @@ def test_dense_gemv_fused_norm_and_silu_prologues(residual):
     res = torch.randn(1, k, generator=g).to(dt) if residual else None
     nw = (torch.rand(k, generator=g) + 0.5).to(dt)
     for config in (None, {"BLOCK_N": 8, "BLOCK_K": 64, "split_k": 3}):
-        out, res_out = triton_gemv.dense_gemv(x, w, config=config, norm=(res, nw, 1e-5))
+        out, res_out = triton_dense_gemv.dense_gemv(x, w, config=config, norm=(res, nw, 1e-5))
         h, ref_res = add_rms_norm_reference(x, res, nw, 1e-5)
         assert torch.equal(res_out, ref_res)
         ref = h.float() @ w.float().t()
         assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-3
     gate_up = (torch.randn(1, 2 * k, generator=g) * 3).to(dt)
-    out = triton_gemv.dense_gemv(gate_up, w, torch.float32, silu=True)
+    out = triton_dense_gemv.dense_gemv(gate_up, w, torch.float32, silu=True)
     ref = silu_mul_reference(gate_up).float() @ w.float().t()
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-3
     with pytest.raises(ValueError, match="shape"):
-        triton_gemv.dense_gemv(x, w, silu=True)
+        triton_dense_gemv.dense_gemv(x, w, silu=True)
 
 
 def test_outgrown_counters_stay_alive():

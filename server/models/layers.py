@@ -68,7 +68,7 @@ class Linear(torch.nn.Module):
         if not self._fusable(x, fused):
             h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
             return self.project(h, fused), residual
-        from kernels.triton_gemv import dense_gemv
+        from kernels.triton_dense_gemv import dense_gemv
 
         out, residual = dense_gemv(x, self.weight, norm=(residual, norm_weight, eps))
         return (out if self.bias is None else out + self.bias), residual
@@ -78,7 +78,7 @@ class Linear(torch.nn.Module):
         fused into the GEMV for batch-1 decode on CUDA; see `project`."""
         if not self._fusable(gate_up, fused):
             return self.project(silu_mul(gate_up, fused), fused)
-        from kernels.triton_gemv import dense_gemv
+        from kernels.triton_dense_gemv import dense_gemv
 
         out = dense_gemv(gate_up, self.weight, silu=True)
         return out if self.bias is None else out + self.bias
@@ -93,10 +93,10 @@ def _gemv_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear (result in `out_dtype`, default x's), except that one 16-bit row on CUDA goes
-    to the Triton GEMV (`kernels.triton_gemv.dense_gemv`): at batch 1 cuBLAS reads the
+    to the Triton GEMV (`kernels.triton_dense_gemv.dense_gemv`): at batch 1 cuBLAS reads the
     smaller decode weights well below memory bandwidth (57% on 4096x4096, H200)."""
     if _gemv_input(x, weight):
-        from kernels.triton_gemv import dense_gemv
+        from kernels.triton_dense_gemv import dense_gemv
 
         out = dense_gemv(x, weight, out_dtype)
         return out if bias is None else out + bias

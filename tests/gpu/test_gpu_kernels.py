@@ -240,7 +240,7 @@ def test_paged_attention_real_sizes(window, sinks, q_len):
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336), (49152, 576)])
 def test_dense_gemv_real_sizes(n, k):
-    from kernels.triton_gemv import dense_gemv
+    from kernels.triton_dense_gemv import dense_gemv
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -309,7 +309,7 @@ def test_argmax_captured_after_a_pdl_kernel():
     programs start during the GEMV's tail and must wait before loading), and beside a
     64-row call; replayed twice with new inputs, outputs poisoned before each replay."""
     from kernels.triton_argmax import greedy_tokens
-    from kernels.triton_gemv import dense_gemv
+    from kernels.triton_dense_gemv import dense_gemv
 
     vocab, hidden = 128256, 576
     w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16)

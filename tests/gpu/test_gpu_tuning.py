@@ -20,8 +20,8 @@ def test_tuned_table_drives_the_kernels(tmp_path, monkeypatch):
     from kernels.gemm import quantized_linear_reference
     from kernels.gemv_sums import _sums, mma_gemv_sums
     from kernels.quant import quantize_int4, to_words
+    from kernels.triton_dense_gemv import dense_gemv
     from kernels.triton_fused import FIXED_ONE
-    from kernels.triton_gemv import dense_gemv
     from kernels.triton_mma_gemv import candidates, mma_gemv
 
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
