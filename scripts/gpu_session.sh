@@ -13,6 +13,8 @@
 #   decode   python3 -m server.benchmarks.gpu_decode (8B shape: bf16/int8/int4 vs roofline and
 #            transformers, batch 1 and 64)
 #   default  the default model ($GGUF) through the engine, graphs on and off
+#   spec     n-gram speculation on vs off, the default model ($GGUF) through the engine in
+#            bfloat16, dense then int4-packed weights [$SPEC_ARGS] (python3 -m server.benchmarks.spec)
 #   probe    python3 -m kernels.probe_loads (loads-only floor of the int4 GEMV's access pattern)
 #   tune     python3 -m kernels.tune_gpu [$TUNE_ARGS] (the device's GEMV table, into $OUT)
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
@@ -51,6 +53,15 @@ for s in $STEPS; do
           --json "$OUT/default.json"
       else
         echo "=== default: skipped (no GGUF=...)"
+      fi ;;
+    spec)
+      if [ -n "$GGUF" ]; then
+        for q in none int4; do
+          step "spec_$q" 270 python3 -m server.benchmarks.spec "$GGUF" --dtype bfloat16 \
+            --quantization "$q" --on-mismatch count --result-json "$OUT/spec_$q.json" ${SPEC_ARGS:-}
+        done
+      else
+        echo "=== spec: skipped (no GGUF=...)"
       fi ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
     tune)  # this device's GEMV table ($OUT/table.json, to copy to kernels/tables/), which

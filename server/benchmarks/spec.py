@@ -2,7 +2,10 @@
 
 Both engines (speculation off and on) are loaded in one process and run the same greedy
 requests back to back, so the speedup is a ratio from one run. The tokens must be identical
-(lossless); the benchmark fails loudly if they are not.
+(lossless); the benchmark fails loudly if they are not, unless `--on-mismatch count`: on a
+GPU in 16-bit dtypes, verifying k + 1 rows rounds differently from decoding one row, so a
+near-tie between two tokens may go either way, and the run then counts the requests whose
+outputs differ and the first position where they do.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-per-category", type=int, default=3, help="prompts per category at batch 1")
     p.add_argument("--categories", default=None, help="comma-separated subset of categories")
     p.add_argument("--dtype", default="float32", help="compute dtype for both engines")
+    p.add_argument("--quantization", default=None, help="weight quantization for both engines")
+    p.add_argument("--on-mismatch", choices=("fail", "count"), default="fail",
+                   help="when speculative and plain outputs differ: fail, or count them")
     p.add_argument("--repeats", type=int, default=2,
                    help="interleaved off/on runs per measurement; the fastest of each is kept")
     p.add_argument("--result-json", default=None, help="write results here")
@@ -34,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _engines(args: argparse.Namespace, max_batch: int) -> tuple[object, object]:
     from server.engine.llm import LLM
 
-    common = dict(dtype=args.dtype, max_num_seqs=max_batch, max_num_batched_tokens=1024)
+    common = dict(dtype=args.dtype, quantization=args.quantization, max_num_seqs=max_batch,
+                  max_num_batched_tokens=1024)
     off = LLM(args.model, **common)
     on = LLM(args.model, speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
              **common)
@@ -50,20 +57,29 @@ def _timed(llm: object, prompts: list[list[int]], max_tokens: list[int]) -> tupl
     return time.perf_counter() - start, results
 
 
+def _divergence(a: list[int], b: list[int]) -> int | None:
+    """First position where two token lists differ (in content or length), else None."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                None if len(a) == len(b) else min(len(a), len(b)))
+
+
 def _measure(off: object, on: object, prompts: list[list[int]], max_tokens: list[int], batch: int,
-             repeats: int) -> dict:
+             repeats: int, on_mismatch: str = "fail") -> dict:
     t_off = t_on = 0.0
     tokens = drafted = accepted = steps = 0
+    diverged: list[int] = []
     for i in range(0, len(prompts), batch):
         chunk, caps = prompts[i : i + batch], max_tokens[i : i + batch]
         best_off = best_on = float("inf")
         for _ in range(repeats):  # interleaved, so slow spells of a shared machine hit both
             dt_off, ref = _timed(off, chunk, caps)
             dt_on, res = _timed(on, chunk, caps)
-            if [r.token_ids for r in res] != [r.token_ids for r in ref]:
-                raise RuntimeError("speculative output differs from plain greedy output (lossless check failed)")
             best_off, best_on = min(best_off, dt_off), min(best_on, dt_on)
         t_off, t_on = t_off + best_off, t_on + best_on
+        at = [_divergence(r.token_ids, s.token_ids) for r, s in zip(ref, res, strict=True)]
+        if on_mismatch == "fail" and any(i is not None for i in at):
+            raise RuntimeError("speculative output differs from plain greedy output (lossless check failed)")
+        diverged += [i for i in at if i is not None]
         for r in res:
             tokens += len(r.token_ids)
             drafted += r.num_draft_tokens
@@ -71,7 +87,8 @@ def _measure(off: object, on: object, prompts: list[list[int]], max_tokens: list
             steps += r.num_steps
     return {"tokens": tokens, "time_off_s": t_off, "time_on_s": t_on, "speedup": t_off / t_on,
             "drafted": drafted, "accepted": accepted, "mean_accepted_length": tokens / steps,
-            "acceptance_rate": accepted / drafted if drafted else 0.0}
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mismatched": len(diverged), "first_divergence": diverged}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,11 +109,20 @@ def run(args: argparse.Namespace) -> int:
             prompts = [tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=False) for p in chosen]
             caps = [min(p.max_tokens, args.max_tokens) for p in chosen]
-            m = _measure(off, on, prompts, caps, batch, args.repeats)
+            m = _measure(off, on, prompts, caps, batch, args.repeats, args.on_mismatch)
             results.append({"batch": batch, "category": cat, **m})
-            rows.append([batch, cat, m["tokens"], m["mean_accepted_length"], m["acceptance_rate"], m["speedup"]])
-    print(f"drafter={args.speculative} k={args.num_speculative_tokens} dtype={args.dtype} (greedy, outputs identical)")
-    print(table(["batch", "category", "tokens", "mean acc. len", "accept rate", "speedup"], rows))
+            rows.append([batch, cat, m["tokens"], m["mean_accepted_length"], m["acceptance_rate"], m["speedup"],
+                         m["mismatched"]])
+    mismatched = sum(r["mismatched"] for r in results)
+    outputs = "outputs identical" if not mismatched else f"{mismatched} outputs differ"
+    print(f"drafter={args.speculative} k={args.num_speculative_tokens} dtype={args.dtype} "
+          f"quantization={args.quantization} device={off.engine.device} (greedy, {outputs})")
+    print(table(["batch", "category", "tokens", "mean acc. len", "accept rate", "speedup", "differ"], rows))
     write_json(args.result_json, {"config": config_of(args), "machine": machine(), "results": results})
     return 0
 
+
+if __name__ == "__main__":  # `python -m server.benchmarks.spec`: without the CLI's server imports
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
