@@ -211,6 +211,41 @@ def test_spec_policy_follows_acceptance_and_measured_costs() -> None:
     assert busy.draft_length("y", step_tokens=64, producing=64, limit=0) == 0
 
 
+def test_padded_steps_choose_one_draft_length_for_all() -> None:
+    """CUDA-graph steps cost bucket * Q tokens whoever drafts: the step as a whole drafts
+    when verification is nearly free, up to each request's limit."""
+    p = SpecPolicy(max_draft_tokens=4, buckets=(1, 2, 4, 8))
+    assert p.padded_size(3, 5) == 20 and p.padded_size(9, 1) is None
+    for n in (4, 8, 12, 16, 20):
+        p.costs.observe(n, 0.010)  # bandwidth bound: flat
+    requests = [("a", 4), ("b", 2), ("c", 0)]
+    assert p.padded_draft_lengths(requests, spare=64) == [4, 2, 0]
+    assert p.padded_draft_lengths(requests, spare=3) == [1, 1, 0]  # 2 + 2 > 3
+    steep = SpecPolicy(max_draft_tokens=4, buckets=(1, 2, 4, 8))
+    for n in (4, 8, 12, 16, 20):
+        steep.costs.observe(n, 0.01 * n)  # compute bound
+    assert steep.padded_draft_lengths(requests, spare=64) == [0, 0, 0]
+    with pytest.raises(ValueError, match="bucket"):
+        p.padded_draft_lengths([("x", 1)] * 9, spare=64)
+
+
+def test_scheduler_pads_drafts_of_decoding_steps_only() -> None:
+    policy = SpecPolicy(max_draft_tokens=3, buckets=(1, 2, 4))
+    for n in (4, 8, 12, 16):
+        policy.costs.observe(n, 0.010)
+    s = make(budget=64, policy=policy)
+    s.add_request(req("a", 4, max_tokens=20))
+    s.add_request(req("b", 4, max_tokens=3))
+    out = s.schedule()  # prompts: the per-request rule (sum of tokens, flat prior: drafts)
+    s.update(out, fake_run(out))
+    s.add_request(req("c", 4, max_tokens=20))
+    out = s.schedule()  # a and b decode, c's prompt: not padded
+    assert [x.request.request_id for x in out.scheduled] == ["a", "b", "c"]
+    s.update(out, fake_run(out))
+    out = s.schedule()  # decoding only: one Q, b capped by its max_tokens
+    assert [x.num_draft_tokens_next for x in out.scheduled] == [3, 0, 3]
+
+
 def test_step_costs_interpolate_and_fall_back_to_prior() -> None:
     c = StepCosts(prior_knee=10)
     assert c.time(11) == pytest.approx(2.0)  # no data: relative prior
@@ -228,3 +263,22 @@ def test_finished_request_status() -> None:
     out = s.schedule()
     (r, toks), = s.update(out, fake_run(out))
     assert r.status == RequestStatus.FINISHED and r.finish_reason == "length" and toks == [7]
+
+
+def test_engine_prices_steps_by_computed_tokens_and_skips_captures() -> None:
+    from types import SimpleNamespace
+
+    from server.engine.engine import LLMEngine
+
+    policy = SpecPolicy(max_draft_tokens=4)
+    engine = SimpleNamespace(scheduler=SimpleNamespace(spec_policy=policy))
+    s = make(budget=64, policy=policy)
+    s.add_request(req("a", 4, max_tokens=20))
+    s.update(out := s.schedule(), fake_run(out))
+    decode = s.schedule()  # 1 token + its drafts
+    assert decode.num_batched_tokens == 1 + len(decode.scheduled[0].spec_token_ids)
+    LLMEngine._record_step_cost(engine, decode, RunnerOutput({}, padded_tokens=8, captured=True), 9.0)
+    assert policy.costs.times == {}  # a capture's time is not a step's
+    LLMEngine._record_step_cost(engine, decode, RunnerOutput({}, padded_tokens=8), 0.5)
+    LLMEngine._record_step_cost(engine, decode, RunnerOutput({}), 0.25)
+    assert policy.costs.times == {8: 0.5, decode.num_batched_tokens: 0.25}

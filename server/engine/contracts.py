@@ -59,3 +59,7 @@ class RunnerOutput:
     """Per-request results of one step, keyed by request id."""
 
     sampled: dict[str, SampledTokens]
+    padded_tokens: int | None = None
+    """Tokens a CUDA-graph replay computed (bucket * Q, padding included); None if eager."""
+    captured: bool = False
+    """The step captured a CUDA graph first: its time says nothing of later steps'."""

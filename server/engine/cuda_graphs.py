@@ -42,6 +42,20 @@ def _up(n: int, multiple: int) -> int:
 
 
 @dataclass
+class Replay:
+    """A replayed step's results: views of the graph's static buffers, valid until the next
+    replay, holding the real sequences' Q rows each."""
+
+    key: tuple[int, int]
+    """(bucket, Q): the step computed bucket * Q tokens."""
+    ends: list[int]
+    """The end of each request's rows (row i * Q + its token count)."""
+    hidden: torch.Tensor  # [T, hidden]
+    logits: torch.Tensor  # [T, vocab] float32
+    tokens: torch.Tensor  # [T] int64, the argmax of each row
+
+
+@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # [B * Q, hidden]
@@ -94,11 +108,8 @@ class CudaGraphRunner:
             return None
         return next(b for b in self.buckets if b >= len(scheduled)), q
 
-    def run(self, out: SchedulerOutput, tables: list[list[int]]
-            ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Replay for a graphable step: (the end of each request's rows, hidden [T, h],
-        logits [T, vocab], greedy tokens [T]) of the real sequences' Q rows each (views of
-        static buffers, valid until the next replay); else None."""
+    def run(self, out: SchedulerOutput, tables: list[list[int]]) -> Replay | None:
+        """Replay (capturing first if new) a graphable step; None for any other step."""
         key = self.key(out)
         if key is None:
             return None
@@ -112,8 +123,8 @@ class CudaGraphRunner:
             starts.append(begin)
         hidden, logits, tokens = self.step(b, q, starts, ids, tables)
         t = len(out.scheduled) * q
-        return ([i * q + len(row) for i, row in enumerate(ids)], hidden[:t], logits[:t],
-                tokens[:t])
+        return Replay(key, [i * q + len(row) for i, row in enumerate(ids)], hidden[:t],
+                      logits[:t], tokens[:t])
 
     def step(self, b: int, q: int, starts: list[int], ids: list[list[int]],
              tables: list[list[int]], graphed: bool = True

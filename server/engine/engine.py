@@ -15,7 +15,7 @@ import torch
 from drafters.base import create_drafter
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
-from server.engine.contracts import SampledTokens, SchedulerOutput
+from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
@@ -84,6 +84,8 @@ class LLMEngine:
             # (verification of k drafts runs k + 1 tokens a sequence)
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len,
                                            1 + config.num_speculative_tokens * bool(policy))
+            if policy is not None:  # decoding steps are replayed padded: drafts choose one Q
+                policy.buckets = tuple(self.runner.graphs.buckets)
         self.drafter = drafter
         self.metrics = Metrics(self.model_name)
         self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (
@@ -142,7 +144,7 @@ class LLMEngine:
             return outputs
         start = time.perf_counter()
         result = self.runner.execute(sched)
-        self._record_step_cost(sched, time.perf_counter() - start)
+        self._record_step_cost(sched, result, time.perf_counter() - start)
         emitted = self.scheduler.update(sched, result)
         now = time.monotonic()
         outputs += [self._output(r, tokens, result.sampled[r.request_id], now) for r, tokens in emitted]
@@ -180,11 +182,15 @@ class LLMEngine:
             self.drafter.release(request_id)
         self.metrics.request_success(reason)
 
-    def _record_step_cost(self, sched: SchedulerOutput, seconds: float) -> None:
-        """Feed decode/verify-only step times to the speculation policy's cost table."""
+    def _record_step_cost(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
+        """Feed decode/verify-only step times to the speculation policy's cost table, by the
+        tokens the step computed (a replay's padding included). A step that captured a graph
+        is left out: one such time would price its size out of the policy's reach for good."""
         policy = self.scheduler.spec_policy
-        if policy is not None and all(s.num_new_tokens == 1 + len(s.spec_token_ids) for s in sched.scheduled):
-            policy.costs.observe(sched.num_batched_tokens, seconds)
+        if policy is None or result.captured:
+            return
+        if all(s.num_new_tokens == 1 + len(s.spec_token_ids) for s in sched.scheduled):
+            policy.costs.observe(result.padded_tokens or sched.num_batched_tokens, seconds)
 
     def _record_tokens(self, tracked: _Tracked, r: Request, n: int, now: float) -> None:
         m = self.metrics

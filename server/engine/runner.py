@@ -62,14 +62,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
-        replay = self.graphs.run(out, tables) if self.graphs is not None else None
+        graphs = self.graphs
+        captured = len(graphs.graphs) if graphs is not None else 0
+        replay = graphs.run(out, tables) if graphs is not None else None
+        captured = graphs is not None and len(graphs.graphs) > captured
+        padded = None
         if replay is None:
             inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
                                   padded_groups=self.device.type == "cpu")
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
             ends, all_logits, tokens = inputs.query_start[1:], None, None
         else:  # every row's logits and greedy token, in row order
-            ends, hidden, all_logits, tokens = replay
+            ends, hidden, all_logits, tokens = replay.ends, replay.hidden, replay.logits, replay.tokens
+            padded = replay.key[0] * replay.key[1]
         rows: list[int] = []
         owners: list[tuple[ScheduledRequest, int]] = []
         for s, end in zip(out.scheduled, ends, strict=True):
@@ -78,7 +83,7 @@ class ModelRunner:
                 owners.append((s, len(rows)))
                 rows.extend(range(end - n, end))
         if not rows:
-            return RunnerOutput({})
+            return RunnerOutput({}, padded, captured)
         if all_logits is None:
             row_index = torch.tensor(rows).to(hidden.device, non_blocking=True)
             all_logits = self.model.compute_logits(hidden[row_index])  # [R, vocab]
@@ -105,7 +110,7 @@ class ModelRunner:
             last_rows.append(rows[first + len(result.token_ids) - 1])
         if self.drafter is not None:
             self._draft(owners, sampled, hidden, last_rows)
-        return RunnerOutput(sampled)
+        return RunnerOutput(sampled, padded, captured)
 
     def _sample_request(self, s: ScheduledRequest, logits: torch.Tensor) -> SampledTokens:
         """logits: [k+1, vocab] for the request's newest token and its k drafts."""

@@ -146,24 +146,35 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _assign_draft_lengths(self, scheduled: list[ScheduledRequest]) -> None:
-        if self.spec_policy is None:
+        policy = self.spec_policy
+        if policy is None:
             return
         step_tokens = sum(s.num_new_tokens - len(s.spec_token_ids) for s in scheduled)
         spare = self.config.max_num_batched_tokens - step_tokens
-        producing = sum(s.reaches_end for s in scheduled)
-        for s in scheduled:
-            if not s.reaches_end:
-                continue
-            r = s.request
-            left = min(
-                r.params.max_tokens - len(r.output_token_ids) - 1,
-                self.config.max_model_len - r.num_tokens - 1,
-            ) - len(s.spec_token_ids)
-            limit = max(0, min(left, spare))
-            k = self.spec_policy.draft_length(r.request_id, step_tokens, producing, limit) if limit else 0
+        producing = [s for s in scheduled if s.reaches_end]
+        limits = [max(0, min(self._draft_room(s), spare)) for s in producing]
+        # a step of decoding requests only (no prompt chunk): the next one will likely be one
+        # too, which the CUDA graphs (when present) replay padded
+        decoding = all(s.reaches_end and s.num_new_tokens == 1 + len(s.spec_token_ids)
+                       for s in scheduled)
+        if decoding and policy.padded_size(len(producing), 1):
+            ids = [s.request.request_id for s in producing]
+            lengths = policy.padded_draft_lengths(list(zip(ids, limits, strict=True)), spare)
+            for s, k in zip(producing, lengths, strict=True):
+                s.num_draft_tokens_next = k
+            return
+        for s, limit in zip(producing, limits, strict=True):
+            limit = min(limit, spare)
+            k = policy.draft_length(s.request.request_id, step_tokens, len(producing), limit) if limit else 0
             spare -= k
             step_tokens += k
             s.num_draft_tokens_next = k
+
+    def _draft_room(self, s: ScheduledRequest) -> int:
+        """Most drafts a request's next step may verify (its max_tokens and max_model_len)."""
+        r = s.request
+        return min(r.params.max_tokens - len(r.output_token_ids) - 1,
+                   self.config.max_model_len - r.num_tokens - 1) - len(s.spec_token_ids)
 
     # -- results ----------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[tuple[Request, list[int]]]:

@@ -10,6 +10,13 @@ the step's throughput (B - 1 + E(k)) / T(n + k). When verification is nearly fre
 batch, weight-bandwidth bound) long drafts win; when the batch fills and T grows with n,
 the same rule shrinks drafts to zero. A request at k = 0 recovers its estimate slowly so it
 can try again later.
+
+Steps that CUDA graphs replay (`server.engine.cuda_graphs`) are padded: B requests of up to
+Q tokens each cost what bucket(B) * Q tokens cost, whoever drafted. Handing drafts out one
+request at a time would then never start (the first request alone pays for everyone's
+padding), so with `buckets` set, a step of graphable requests chooses one Q for all of them:
+the Q that maximises sum_i E_i(min(Q - 1, limit_i)) / T(bucket(B) * Q), and every request
+drafts up to Q - 1 (drafts cost the padded step nothing more).
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ class SpecPolicy:
     """Draft only when the expected gain beats not drafting by this fraction: estimates are
     noisy, and a marginal gain that is not there costs real time."""
     costs: StepCosts = field(default_factory=StepCosts)
+    buckets: tuple[int, ...] | None = None
+    """Batch-size buckets of padded (CUDA-graph) steps; None when steps are not padded."""
 
     def __post_init__(self) -> None:
         self._acceptance: dict[str, float] = {}
@@ -75,14 +84,41 @@ class SpecPolicy:
     def acceptance(self, request_id: str) -> float:
         return self._acceptance.get(request_id, self.prior)
 
+    def _expected(self, request_id: str, k: int) -> float:
+        """Tokens a step yields for this request with k drafts (i.i.d. acceptance)."""
+        a = min(self.acceptance(request_id), 0.999)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def padded_size(self, num_seqs: int, q: int) -> int | None:
+        """Tokens a padded step of `num_seqs` requests of up to q tokens costs; None when
+        steps are not padded or the batch is past the largest bucket."""
+        bucket = next((b for b in self.buckets or () if b >= num_seqs), None)
+        return None if bucket is None else bucket * q
+
+    def padded_draft_lengths(self, requests: list[tuple[str, int]], spare: int) -> list[int]:
+        """Draft lengths of a padded step's requests, (request id, most drafts it may take)
+        each, at most `spare` drafts in all: one Q for the step (see module docs)."""
+        n = len(requests)
+        size = self.padded_size(n, 1)
+        if size is None:
+            raise ValueError(f"{n} requests exceed the largest padded bucket")
+        best_q, best = 1, (1 + self.margin) * n / self.costs.time(size)
+        for q in range(2, self.max_draft_tokens + 2):
+            lengths = [min(q - 1, limit) for _, limit in requests]
+            if sum(lengths) > spare:
+                break
+            value = sum(self._expected(r, k) for (r, _), k in zip(requests, lengths, strict=True))
+            value /= self.costs.time(size * q)
+            if value > best:
+                best_q, best = q, value
+        return [min(best_q - 1, limit) for _, limit in requests]
+
     def draft_length(self, request_id: str, step_tokens: int, producing: int, limit: int) -> int:
         """Best k <= limit for this request, given `step_tokens` already in the step and
         `producing` requests that will emit tokens in it."""
-        a = min(self.acceptance(request_id), 0.999)
         best_k, best = 0, (1 + self.margin) * producing / self.costs.time(step_tokens)
         for k in range(1, min(limit, self.max_draft_tokens) + 1):
-            expected = (1 - a ** (k + 1)) / (1 - a)
-            value = (producing - 1 + expected) / self.costs.time(step_tokens + k)
+            value = (producing - 1 + self._expected(request_id, k)) / self.costs.time(step_tokens + k)
             if value > best:
                 best_k, best = k, value
         return best_k
