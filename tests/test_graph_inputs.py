@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine.cuda_graphs import CudaGraphRunner
+from server.engine.cuda_graphs import CudaGraphRunner, query_buckets
 
 BS = 4  # block size
 SCRATCH = 50  # the scratch block
 
 
-def runner() -> CudaGraphRunner:
+def runner(max_query_len: int = 3) -> CudaGraphRunner:
     cache = torch.zeros(SCRATCH + 1, BS, 1, 8)
     model = types.SimpleNamespace(kv_caches=[(cache, cache)])
-    return CudaGraphRunner(model, BS, SCRATCH, max_model_len=40, max_batch=8, max_query_len=3)
+    return CudaGraphRunner(model, BS, SCRATCH, max_model_len=40, max_batch=8,
+                           max_query_len=max_query_len)
 
 
 def expected(b: int, q: int, starts: list[int], ids: list[list[int]],
@@ -110,6 +111,20 @@ def test_graph_key_pads_verification_to_the_longest():
     assert r.key(_scheduled((38, 0, True), (5, 2, True))) is None  # padding to 40
     assert r.key(_scheduled((5, 0, False))) is None
     assert r.key(_scheduled(*[(5, 0, True)] * 9)) is None  # past the largest bucket
+
+
+def test_query_buckets_round_verification_up():
+    """Verification of 2^i drafts (2^i + 1 tokens) and the longest allowed count have graphs;
+    other counts pad up to the next."""
+    assert query_buckets(1) == (1,)
+    assert query_buckets(4) == (1, 2, 3, 4)
+    assert query_buckets(9) == (1, 2, 3, 5, 9)
+    assert query_buckets(12) == (1, 2, 3, 5, 9, 12)
+    r = runner(max_query_len=9)
+    assert r.key(_scheduled((5, 3, True), (6, 0, True))) == (2, 5)  # 4 tokens -> 5
+    assert r.key(_scheduled((5, 5, True))) == (1, 9)
+    assert r.key(_scheduled((5, 8, True))) == (1, 9)
+    assert r.key(_scheduled((5, 9, True))) is None
 
 
 def test_padding_tokens_leave_real_rows_and_the_cache_alone(tiny_model_dir):

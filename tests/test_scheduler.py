@@ -227,6 +227,8 @@ def test_padded_steps_choose_one_draft_length_for_all() -> None:
     assert steep.padded_draft_lengths(requests, spare=64) == [0, 0, 0]
     with pytest.raises(ValueError, match="bucket"):
         p.padded_draft_lengths([("x", 1)] * 9, spare=64)
+    p.query_buckets = (1, 2, 3)  # the graphs' counts: Q = 4, 5 are not among them
+    assert p.padded_draft_lengths(requests, spare=64) == [2, 2, 0]
 
 
 def test_scheduler_pads_drafts_of_decoding_steps_only() -> None:

@@ -1,8 +1,9 @@
-"""CUDA graphs for decode and verification steps, one per (batch-size bucket, query length).
+"""CUDA graphs for decode and verification steps, one per (batch-size bucket, query bucket).
 
 A step is graphable when every scheduled request computes exactly its newest token plus its
 draft tokens (1 + drafts tokens; Q = 1 for all is plain decode) and the batch fits a bucket
-(1, 2, 4, ..., 64). Q is the step's largest count: a request with fewer tokens is padded
+(1, 2, 4, ..., 64). Q is the step's largest count rounded up to a query bucket (1, 2, 3, 5,
+9, 17, ... up to 1 + the most drafts): a request with fewer tokens is padded
 at the end to Q with tokens whose KV goes to a scratch block the block manager never hands
 out (causal attention keeps its real tokens from seeing them; the padding rows' outputs
 are not read), and the batch is padded to the bucket with dummy sequences of Q tokens, all
@@ -19,9 +20,9 @@ each request's ids when their counts differ) and
 copied with one non-blocking copy; nothing in a step syncs with the device except reading
 its results back (the tokens for plain greedy steps, else the logits).
 
-Decode graphs (Q = 1) are captured for every bucket at start; verification graphs on first
-use (capturing replays the step's own inputs, whose KV writes are idempotent). All graphs
-share one memory pool.
+Every graph is captured at start (`capture_all`; a capture while serving stalls every
+request for the capture, and for Triton's autotuning of a new row count, seconds with
+packed weights). All graphs share one memory pool.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ from server.engine.contracts import SchedulerOutput
 from server.models.batch import BatchMeta
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def query_buckets(max_query_len: int) -> tuple[int, ...]:
+    """1, 2, 3, 5, 9, 17, ... (2^i + 1: verification of 2^i drafts), up to max_query_len,
+    which is one too."""
+    qs = {1, max_query_len}
+    qs.update(q for q in (2 ** i + 1 for i in range(max_query_len.bit_length()))
+              if q < max_query_len)
+    return tuple(sorted(qs))
 
 
 def _up(n: int, multiple: int) -> int:
@@ -74,12 +84,12 @@ class CudaGraphRunner:
         self.scratch_block = scratch_block
         self.buckets = [b for b in BUCKETS if b < max_batch] + [
             next((b for b in BUCKETS if b >= max_batch), BUCKETS[-1])]
-        self.max_query_len = max_query_len
+        self.query_buckets = query_buckets(max_query_len)
         self.max_model_len = max_model_len
         self.width = -(-max_model_len // block_size)
         device = next(iter(model.kv_caches))[0].device
         # one int64 buffer holds a step's inputs (`_views`), so one copy moves them
-        used = self._layout(self.buckets[-1], max_query_len)[-1]
+        used = self._layout(self.buckets[-1], self.query_buckets[-1])[-1]
         self.dev = torch.zeros(used, dtype=torch.long, device=device)
         self.host = torch.zeros_like(self.dev, device="cpu")
         if device.type == "cuda":
@@ -88,11 +98,12 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool: tuple | None = None
 
-    def capture_decode(self) -> None:
-        """Capture every Q = 1 bucket, largest first (so smaller ones reuse its pool)."""
-        for b in reversed(self.buckets):
-            self._fill(b, 1, [], [], [])
-            self._capture(b, 1)
+    def capture_all(self) -> None:
+        """Capture every (bucket, Q), largest first (so smaller ones reuse its pool)."""
+        for q in reversed(self.query_buckets):
+            for b in reversed(self.buckets):
+                self._fill(b, q, [], [], [])
+                self._capture(b, q)
 
     def key(self, out: SchedulerOutput) -> tuple[int, int] | None:
         """(bucket, Q) when the step is graphable, else None."""
@@ -101,9 +112,10 @@ class CudaGraphRunner:
                 s.reaches_end and s.num_new_tokens == len(s.spec_token_ids) + 1
                 for s in scheduled):
             return None
-        q = max(s.num_new_tokens for s in scheduled)
+        most = max(s.num_new_tokens for s in scheduled)
+        q = next((q for q in self.query_buckets if q >= most), None)
         # (padding tokens take the positions after a request's own: within the RoPE tables)
-        if q > self.max_query_len or any(s.request.num_computed_tokens + q > self.max_model_len
+        if q is None or any(s.request.num_computed_tokens + q > self.max_model_len
                                          for s in scheduled):
             return None
         return next(b for b in self.buckets if b >= len(scheduled)), q

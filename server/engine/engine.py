@@ -86,6 +86,7 @@ class LLMEngine:
                                            1 + config.num_speculative_tokens * bool(policy))
             if policy is not None:  # decoding steps are replayed padded: drafts choose one Q
                 policy.buckets = tuple(self.runner.graphs.buckets)
+                policy.query_buckets = self.runner.graphs.query_buckets
         self.drafter = drafter
         self.metrics = Metrics(self.model_name)
         self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (

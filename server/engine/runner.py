@@ -57,7 +57,7 @@ class ModelRunner:
         to `max_query_len` tokens a sequence."""
         self.graphs = CudaGraphRunner(self.model, self.blocks.block_size, self.blocks.num_blocks,
                                       max_model_len, max_batch, max_query_len)
-        self.graphs.capture_decode()
+        self.graphs.capture_all()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:

@@ -14,9 +14,10 @@ can try again later.
 Steps that CUDA graphs replay (`server.engine.cuda_graphs`) are padded: B requests of up to
 Q tokens each cost what bucket(B) * Q tokens cost, whoever drafted. Handing drafts out one
 request at a time would then never start (the first request alone pays for everyone's
-padding), so with `buckets` set, a step of graphable requests chooses one Q for all of them:
-the Q that maximises sum_i E_i(min(Q - 1, limit_i)) / T(bucket(B) * Q), and every request
-drafts up to Q - 1 (drafts cost the padded step nothing more).
+padding), so with `buckets` set, a step of graphable requests chooses one Q (of the graphs'
+query buckets) for all of them: the Q that maximises
+sum_i E_i(min(Q - 1, limit_i)) / T(bucket(B) * Q), and every request drafts up to Q - 1
+(drafts cost the padded step nothing more).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class SpecPolicy:
     costs: StepCosts = field(default_factory=StepCosts)
     buckets: tuple[int, ...] | None = None
     """Batch-size buckets of padded (CUDA-graph) steps; None when steps are not padded."""
+    query_buckets: tuple[int, ...] = ()
+    """Token counts a padded step rounds its longest request's up to (1 + drafts); none
+    given: every count."""
 
     def __post_init__(self) -> None:
         self._acceptance: dict[str, float] = {}
@@ -103,7 +107,9 @@ class SpecPolicy:
         if size is None:
             raise ValueError(f"{n} requests exceed the largest padded bucket")
         best_q, best = 1, (1 + self.margin) * n / self.costs.time(size)
-        for q in range(2, self.max_draft_tokens + 2):
+        for q in self.query_buckets or range(2, self.max_draft_tokens + 2):
+            if not 1 < q <= self.max_draft_tokens + 1:
+                continue
             lengths = [min(q - 1, limit) for _, limit in requests]
             if sum(lengths) > spare:
                 break
