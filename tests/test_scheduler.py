@@ -211,6 +211,22 @@ def test_spec_policy_follows_acceptance_and_measured_costs() -> None:
     assert busy.draft_length("y", step_tokens=64, producing=64, limit=0) == 0
 
 
+def test_new_requests_start_from_finished_requests_estimates() -> None:
+    p = SpecPolicy(max_draft_tokens=4, prior=0.6, start_weight=0.5)
+    p.observe("a", 4, 0)  # a verified: 0.6 -> 0.42
+    p.observe("b", 0, 0)  # b never verified: its end moves nothing
+    p.forget("b")
+    assert p.acceptance("new") == pytest.approx(0.6)
+    p.forget("a")
+    assert p.acceptance("new") == pytest.approx(0.51)
+    assert p.acceptance("a") == pytest.approx(0.51)  # forgotten: starts again
+    for _ in range(10):
+        p.observe("c", 4, 4)
+    high = p.acceptance("c")
+    p.observe("c", 0, 0)  # an idle step restores low estimates, never lowers high ones
+    assert high > 0.9 and p.acceptance("c") == high
+
+
 def test_padded_steps_choose_one_draft_length_for_all() -> None:
     """CUDA-graph steps cost bucket * Q tokens whoever drafts: the step as a whole drafts
     when verification is nearly free, up to each request's limit."""

@@ -123,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"drafter={args.speculative} k={args.num_speculative_tokens} dtype={args.dtype} "
           f"quantization={args.quantization} device={off.engine.device} (greedy, {outputs})")
     print(table(["batch", "category", "tokens", "mean acc. len", "accept rate", "speedup", "differ"], rows))
-    write_json(args.result_json, {"config": config_of(args), "machine": machine(), "results": results})
+    policy = on.engine.scheduler.spec_policy  # what the adaptive policy measured and learned
+    costs = {n: round(t * 1e3, 3) for n, t in sorted(policy.costs.times.items())}
+    print(f"step times (ms) by tokens computed: {costs}; new requests' acceptance estimate "
+          f"{policy.start:.2f}")
+    write_json(args.result_json, {"config": config_of(args), "machine": machine(), "results": results,
+                                  "step_costs_ms": costs, "start_acceptance": policy.start})
     return 0
 
 

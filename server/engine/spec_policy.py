@@ -9,7 +9,8 @@ already in the step and B requests producing tokens, a request gets the k that m
 the step's throughput (B - 1 + E(k)) / T(n + k). When verification is nearly free (a small
 batch, weight-bandwidth bound) long drafts win; when the batch fills and T grows with n,
 the same rule shrinks drafts to zero. A request at k = 0 recovers its estimate slowly so it
-can try again later.
+can try again later. New requests start from what finished requests ended at (the prior
+until then), so a workload whose drafts mostly fail does not explore at every request.
 
 Steps that CUDA graphs replay (`server.engine.cuda_graphs`) are padded: B requests of up to
 Q tokens each cost what bucket(B) * Q tokens cost, whoever drafted. Handing drafts out one
@@ -59,6 +60,11 @@ class SpecPolicy:
     max_draft_tokens: int
     ema_weight: float = 0.3
     prior: float = 0.6
+    """A request's first estimate until requests have finished, and the level idle steps
+    restore a lower estimate to."""
+    start_weight: float = 0.25
+    """New requests start from an average of finished requests' last estimates, moved by
+    this weight by each: a workload that rejects most drafts stops paying for exploring."""
     recovery: float = 0.005
     margin: float = 0.03
     """Draft only when the expected gain beats not drafting by this fraction: estimates are
@@ -72,21 +78,28 @@ class SpecPolicy:
 
     def __post_init__(self) -> None:
         self._acceptance: dict[str, float] = {}
+        self._verified: set[str] = set()
+        self.start = self.prior
 
     def observe(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
         """Record one verification (drafted > 0) or an idle step (drafted == 0)."""
-        a = self._acceptance.get(request_id, self.prior)
+        a = self.acceptance(request_id)
         if num_drafted > 0:
             a = (1 - self.ema_weight) * a + self.ema_weight * (num_accepted / num_drafted)
-        else:
+            self._verified.add(request_id)
+        elif a < self.prior:
             a = min(self.prior, a + self.recovery)
         self._acceptance[request_id] = a
 
     def forget(self, request_id: str) -> None:
-        self._acceptance.pop(request_id, None)
+        """A request ended: its estimate, if it verified drafts, moves the start estimate."""
+        a = self._acceptance.pop(request_id, None)
+        if request_id in self._verified:
+            self._verified.discard(request_id)
+            self.start += self.start_weight * (a - self.start)
 
     def acceptance(self, request_id: str) -> float:
-        return self._acceptance.get(request_id, self.prior)
+        return self._acceptance.get(request_id, self.start)
 
     def _expected(self, request_id: str, k: int) -> float:
         """Tokens a step yields for this request with k drafts (i.i.d. acceptance)."""
