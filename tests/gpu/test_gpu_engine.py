@@ -164,7 +164,7 @@ def test_gemv_sums_decode_matches_merged_gemvs():
 def test_int4_ngram_verification_graphed_matches_eager(tiny_model_dir):
     """n-gram speculation with 8 draft tokens over int4 weights in bfloat16: verification
     multiplies up to 9 rows a step, which the tensor-core GEMV serves (16 rows a program),
-    graphed (a (1, 9) graph captured on first use) and eager; both give the same greedy
+    graphed (the (1, 9) graph, captured at start-up) and eager; both give the same greedy
     tokens. The prompt holds tokens 3..98 twice, so a step whose last token is one of 3..90
     finds 8 tokens to draft after its most recent earlier occurrence (224 tokens in all,
     within the tiny model's 256 positions)."""
