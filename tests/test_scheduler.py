@@ -283,7 +283,7 @@ def test_finished_request_status() -> None:
     assert r.status == RequestStatus.FINISHED and r.finish_reason == "length" and toks == [7]
 
 
-def test_engine_prices_steps_by_computed_tokens_and_skips_captures() -> None:
+def test_engine_prices_steps_by_computed_tokens() -> None:
     from types import SimpleNamespace
 
     from server.engine.engine import LLMEngine
@@ -295,8 +295,6 @@ def test_engine_prices_steps_by_computed_tokens_and_skips_captures() -> None:
     s.update(out := s.schedule(), fake_run(out))
     decode = s.schedule()  # 1 token + its drafts
     assert decode.num_batched_tokens == 1 + len(decode.scheduled[0].spec_token_ids)
-    LLMEngine._record_step_cost(engine, decode, RunnerOutput({}, padded_tokens=8, captured=True), 9.0)
-    assert policy.costs.times == {}  # a capture's time is not a step's
     LLMEngine._record_step_cost(engine, decode, RunnerOutput({}, padded_tokens=8), 0.5)
     LLMEngine._record_step_cost(engine, decode, RunnerOutput({}), 0.25)
     assert policy.costs.times == {8: 0.5, decode.num_batched_tokens: 0.25}

@@ -61,5 +61,3 @@ class RunnerOutput:
     sampled: dict[str, SampledTokens]
     padded_tokens: int | None = None
     """Tokens a CUDA-graph replay computed (bucket * Q, padding included); None if eager."""
-    captured: bool = False
-    """The step captured a CUDA graph first: its time says nothing of later steps'."""

@@ -185,10 +185,11 @@ class LLMEngine:
 
     def _record_step_cost(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
         """Feed decode/verify-only step times to the speculation policy's cost table, by the
-        tokens the step computed (a replay's padding included). A step that captured a graph
-        is left out: one such time would price its size out of the policy's reach for good."""
+        tokens the step computed (a replay's padding included). (No step captures a graph:
+        `capture_all` ran at start-up. A capture's time, taken for a step's, would price its
+        size out of the policy's reach for good, as it did before.)"""
         policy = self.scheduler.spec_policy
-        if policy is None or result.captured:
+        if policy is None:
             return
         if all(s.num_new_tokens == 1 + len(s.spec_token_ids) for s in sched.scheduled):
             policy.costs.observe(result.padded_tokens or sched.num_batched_tokens, seconds)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from drafters.base import DraftBatch, Drafter, DraftRequest
@@ -11,6 +14,8 @@ from server.engine.block_manager import BlockManager
 from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from server.engine.cuda_graphs import CudaGraphRunner
 from server.engine.sampler import filter_probs, processed_logits, sample, token_logprobs
+
+log = logging.getLogger("leapfrog.engine")
 
 
 def _greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -55,17 +60,18 @@ class ModelRunner:
                            ) -> None:
         """Replay captured graphs for decode/verify steps (`server.engine.cuda_graphs`) of up
         to `max_query_len` tokens a sequence."""
+        start = time.perf_counter()
         self.graphs = CudaGraphRunner(self.model, self.blocks.block_size, self.blocks.num_blocks,
                                       max_model_len, max_batch, max_query_len)
         self.graphs.capture_all()
+        log.info("captured %d CUDA graphs (batch buckets %s, query buckets %s) in %.1f s",
+                 len(self.graphs.graphs), self.graphs.buckets, self.graphs.query_buckets,
+                 time.perf_counter() - start)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
-        graphs = self.graphs
-        captured = len(graphs.graphs) if graphs is not None else 0
-        replay = graphs.run(out, tables) if graphs is not None else None
-        captured = graphs is not None and len(graphs.graphs) > captured
+        replay = self.graphs.run(out, tables) if self.graphs is not None else None
         padded = None
         if replay is None:
             inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
@@ -83,7 +89,7 @@ class ModelRunner:
                 owners.append((s, len(rows)))
                 rows.extend(range(end - n, end))
         if not rows:
-            return RunnerOutput({}, padded, captured)
+            return RunnerOutput({}, padded)
         if all_logits is None:
             row_index = torch.tensor(rows).to(hidden.device, non_blocking=True)
             all_logits = self.model.compute_logits(hidden[row_index])  # [R, vocab]
@@ -110,7 +116,7 @@ class ModelRunner:
             last_rows.append(rows[first + len(result.token_ids) - 1])
         if self.drafter is not None:
             self._draft(owners, sampled, hidden, last_rows)
-        return RunnerOutput(sampled, padded, captured)
+        return RunnerOutput(sampled, padded)
 
     def _sample_request(self, s: ScheduledRequest, logits: torch.Tensor) -> SampledTokens:
         """logits: [k+1, vocab] for the request's newest token and its k drafts."""
