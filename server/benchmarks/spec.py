@@ -82,9 +82,9 @@ def _measure(off: object, on: object, prompts: list[list[int]], max_tokens: list
             best_off, best_on = min(best_off, dt_off), min(best_on, dt_on)
         t_off, t_on = t_off + best_off, t_on + best_on
         at = [_divergence(r.token_ids, s.token_ids) for r, s in zip(ref, res, strict=True)]
-        if on_mismatch == "fail" and any(i is not None for i in at):
+        if on_mismatch == "fail" and any(d is not None for d in at):
             raise RuntimeError("speculative output differs from plain greedy output (lossless check failed)")
-        diverged += [i for i in at if i is not None]
+        diverged += [d for d in at if d is not None]
         for r in res:
             tokens += len(r.token_ids)
             drafted += r.num_draft_tokens

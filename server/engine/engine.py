@@ -185,9 +185,9 @@ class LLMEngine:
 
     def _record_step_cost(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
         """Feed decode/verify-only step times to the speculation policy's cost table, by the
-        tokens the step computed (a replay's padding included). (No step captures a graph:
-        `capture_all` ran at start-up. A capture's time, taken for a step's, would price its
-        size out of the policy's reach for good, as it did before.)"""
+        tokens the step computed (a replay's padding included). No step captures a graph
+        (`capture_all` runs at start-up): a capture's time, taken for a step's, would price
+        its size out of the policy's reach for good."""
         policy = self.scheduler.spec_policy
         if policy is None:
             return
