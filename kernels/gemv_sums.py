@@ -10,37 +10,27 @@ zeroes the buffer. `Linear.project` (`server.models.layers`) chooses it where
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 
 from kernels.quant import PackedWeight
+from kernels.switch import Switch
 from kernels.triton_fused import GemvSums
 from kernels.triton_gemv import _outgrown
 from kernels.triton_mma_gemv import GROUP_ROWS, launch, mma_gemv_supported
 
 _sums: dict[torch.device, torch.Tensor] = {}
-SUMS_ENABLED = os.environ.get("LEAPFROG_GEMV_SUMS", "1") != "0"
+SUMS_ENABLED = Switch(os.environ.get("LEAPFROG_GEMV_SUMS", "1") != "0")
 """Whether the decoder layers take `mma_gemv_sums` where it serves (benchmarks toggle it)."""
-
-
-@contextlib.contextmanager
-def sums_disabled() -> Iterator[None]:
-    """The decoder layers' GEMVs merge their own split-K partials inside the block (for
-    side-by-side comparisons)."""
-    global SUMS_ENABLED
-    before, SUMS_ENABLED = SUMS_ENABLED, False
-    try:
-        yield
-    finally:
-        SUMS_ENABLED = before
+sums_disabled = SUMS_ENABLED.off
+"""The decoder layers' GEMVs merge their own split-K partials inside the block (for
+side-by-side comparisons)."""
 
 
 def mma_gemv_sums_supported(x: torch.Tensor, packed: PackedWeight) -> bool:
     """Whether `mma_gemv_sums` serves this product (and `SUMS_ENABLED`)."""
-    return SUMS_ENABLED and x.shape[0] <= GROUP_ROWS and mma_gemv_supported(x, packed)
+    return SUMS_ENABLED.on and x.shape[0] <= GROUP_ROWS and mma_gemv_supported(x, packed)
 
 
 def mma_gemv_sums(x: torch.Tensor, packed: PackedWeight,

@@ -18,19 +18,19 @@ LEAPFROG_GEMV_TABLE names another file, or "off" for none.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from kernels.switch import Switch
+
 TABLE_DIR = Path(__file__).with_name("tables")
 KERNELS = ("mma_gemv", "mma_gemv_sums", "dense_gemv")
-_enabled = True
+_enabled = Switch(True)
 
 
 def table_path(device_name: str) -> Path:
@@ -72,7 +72,7 @@ def _device_table(device: torch.device) -> dict[tuple, dict]:
 def lookup(kernel: str, device: torch.device, **key: int | bool) -> dict | None:
     """The tabled configuration of `kernel` for the tuner key `key` on `device` (a copy),
     or None: not on CUDA, no table, no such entry, or inside `disabled()`."""
-    if not _enabled or device.type != "cuda":
+    if not _enabled.on or device.type != "cuda":
         return None
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -80,15 +80,8 @@ def lookup(kernel: str, device: torch.device, **key: int | bool) -> dict | None:
     return None if config is None else dict(config)
 
 
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Every lookup misses while inside: the kernels autotune (for side-by-side timing)."""
-    global _enabled
-    before, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = before
+disabled = _enabled.off
+"""Every lookup misses while inside: the kernels autotune (for side-by-side timing)."""
 
 
 def write_table(path: Path, device_name: str, run: dict | None, entries: list[dict]) -> None:

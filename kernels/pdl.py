@@ -25,22 +25,24 @@ captured into CUDA graphs as programmatic edges. `LEAPFROG_PDL=0` turns it off.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.switch import Switch
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # Triton < 3.4 (torch < 2.8 pins one): launches without PDL
     gdc_launch_dependents = gdc_wait = None
 
-ENABLED = os.environ.get("LEAPFROG_PDL", "1") != "0"
+ENABLED = Switch(os.environ.get("LEAPFROG_PDL", "1") != "0")
 """Whether kernels launch with PDL where the device supports it (benchmarks toggle it)."""
+disabled = ENABLED.off
+"""Launch (and capture) without PDL inside the block, for side-by-side comparisons."""
 
 
 @functools.cache
@@ -48,21 +50,10 @@ def _capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Launch (and capture) without PDL inside the block, for side-by-side comparisons."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = before
-
-
 def use_pdl(device: torch.device) -> bool:
     """Launch with PDL on `device`: CUDA sm_90+, Triton 3.4+, not under TRITON_INTERPRET,
     `ENABLED`."""
-    return (ENABLED and device.type == "cuda" and gdc_wait is not None
+    return (ENABLED.on and device.type == "cuda" and gdc_wait is not None
             and os.environ.get("TRITON_INTERPRET") != "1" and _capable(device))
 
 

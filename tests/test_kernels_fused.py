@@ -249,10 +249,10 @@ def test_pdl_only_where_supported_and_switchable():
     assert os.environ["TRITON_INTERPRET"] == "1"
     assert not pdl.use_pdl(torch.device("cpu"))
     assert pdl.pdl_args(torch.device("cpu")) == {"PDL": False}
-    before = pdl.ENABLED
+    before = pdl.ENABLED.on
     for setting in (True, False):
-        pdl.ENABLED = setting
+        pdl.ENABLED.on = setting
         with pdl.disabled():
             assert not pdl.ENABLED
-        assert pdl.ENABLED is setting
-    pdl.ENABLED = before
+        assert pdl.ENABLED.on is setting
+    pdl.ENABLED.on = before

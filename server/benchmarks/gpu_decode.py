@@ -284,7 +284,7 @@ def bench_default(path: str, configs: list[str], repeats: int = 3) -> list[dict]
         prompts = [llm.encode(f"Write a long story about the number {i}.") for i in range(32)]
         weights = "Q4_1 packed" if quantization else "bf16 dense, the default"
         row = dict(model=f"default (SmolLM2-135M, {weights})", mode="eager" if eager else "graphs",
-                   pdl=pdl.ENABLED, answer=answer)
+                   pdl=bool(pdl.ENABLED), answer=answer)
         for batch, tokens in ((1, 256), (32, 128)):
             params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
             llm.generate(prompts[:batch], SamplingParams(max_tokens=4, ignore_eos=True))
