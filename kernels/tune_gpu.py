@@ -77,7 +77,7 @@ def tune_packed(name: str, copies: list, m: int) -> list[dict]:
     """Table entries of the mma GEMV at m rows (and at one row of its sums, for the layers'
     projections) for one packed projection; none where the kernel does not serve it."""
     from kernels.gemv_sums import mma_gemv_sums
-    from kernels.triton_mma_gemv import candidates, mma_gemv, mma_gemv_supported
+    from kernels.triton_mma_gemv import GROUP_ROWS, candidates, mma_gemv, mma_gemv_supported
 
     packed = copies[0]
     n, k, int8 = packed.out_features, packed.in_features, packed.scheme == "int8"
@@ -86,7 +86,7 @@ def tune_packed(name: str, copies: list, m: int) -> list[dict]:
         return []
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     key = dict(N=n, K=k, GROUP=packed.group_size, INT8=int8)
-    kinds = [("mma_gemv", key | {"M_KEY": max(m, 4)},
+    kinds = [("mma_gemv", key | {"M_KEY": max(m, GROUP_ROWS)},
               lambda c: lambda x_, p_: mma_gemv(x_, p_, out, c))]
     if m == 1 and name != "lm_head":
         kinds.append(("mma_gemv_sums", key, lambda c: lambda x_, p_: mma_gemv_sums(x_, p_, c)))
