@@ -16,6 +16,11 @@ from collections.abc import Sequence
 from drafters.base import DraftBatch, Drafter, Proposal, register_drafter
 
 
+_FEW = 4
+"""New starts up to which `sync` stores n-grams one by one (2 new tokens: 4.3 us a sync
+against 9.2 through zipped slices, on this repo's CPU); more go through dict.update."""
+
+
 class _NgramIndex:
     """The n-gram index of one request's append-only history.
 
@@ -43,8 +48,11 @@ class _NgramIndex:
         for n, table in self.last_start.items():
             # Already indexed: starts i with i + n <= seen - 1. New: up to len - n - 1.
             lo, hi = max(0, seen - n), len(tokens) - n
-            if lo < hi:
-                # Later starts overwrite earlier ones: the most recent occurrence wins.
+            # Later starts overwrite earlier ones: the most recent occurrence wins.
+            if hi - lo <= _FEW:  # a decode step's few tokens: plain stores are cheaper
+                for i in range(lo, hi):
+                    table[tuple(tokens[i : i + n])] = i
+            elif lo < hi:
                 grams = zip(*(tokens[lo + j : hi + j] for j in range(n)), strict=True)
                 table.update(zip(grams, range(lo, hi), strict=True))
 
