@@ -14,7 +14,8 @@
 #            transformers, batch 1 and 64)
 #   default  the default model ($GGUF) through the engine, graphs on and off
 #   spec     n-gram speculation on vs off, the default model ($GGUF) through the engine in
-#            bfloat16, dense then int4-packed weights [$SPEC_ARGS] (python3 -m server.benchmarks.spec)
+#            bfloat16, dense then int4-packed weights [$SPEC_QUANTS="none int4"] [$SPEC_ARGS]
+#            (python3 -m server.benchmarks.spec)
 #   probe    python3 -m kernels.probe_loads (loads-only floor of the int4 GEMV's access pattern)
 #   tune     python3 -m kernels.tune_gpu [$TUNE_ARGS] (the device's GEMV table, into $OUT)
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
@@ -56,7 +57,7 @@ for s in $STEPS; do
       fi ;;
     spec)
       if [ -n "$GGUF" ]; then
-        for q in none int4; do
+        for q in ${SPEC_QUANTS:-none int4}; do
           step "spec_$q" 270 python3 -m server.benchmarks.spec "$GGUF" --dtype bfloat16 \
             --quantization "$q" --on-mismatch count --result-json "$OUT/spec_$q.json" ${SPEC_ARGS:-}
         done

@@ -21,6 +21,13 @@ def req(rid: str, n_prompt: int, max_tokens: int = 8, **kw: object) -> Request:
     return Request(rid, list(range(10, 10 + n_prompt)), SamplingParams(max_tokens=max_tokens, **kw), (2,))
 
 
+def measure(observe, sizes_and_times) -> None:
+    """Observe each (size, seconds) three times: trusted (`StepCosts.trusted`)."""
+    for size, seconds in sizes_and_times:
+        for _ in range(3):
+            observe(size, seconds)
+
+
 def fake_run(out: SchedulerOutput, token: int = 7, accept_all: bool = False) -> RunnerOutput:
     """Every request that reaches its end samples `token` (drafts all rejected unless accept_all)."""
     sampled = {}
@@ -231,15 +238,15 @@ def test_padded_steps_choose_one_draft_length_for_all() -> None:
     """CUDA-graph steps cost bucket * Q tokens whoever drafts: the step as a whole drafts
     when verification is nearly free, up to each request's limit."""
     p = SpecPolicy(max_draft_tokens=4, buckets=(1, 2, 4, 8))
-    assert p.padded_size(3, 5) == 20 and p.padded_size(9, 1) is None
-    for n in (4, 8, 12, 16, 20):
-        p.costs.observe(n, 0.010)  # bandwidth bound: flat
+    assert p.pads(3) and p.pads(8) and not p.pads(9)
+    for q in range(1, 6):
+        p.observe_padded(3, q, 0.010)  # bandwidth bound: flat
     requests = [("a", 4), ("b", 2), ("c", 0)]
     assert p.padded_draft_lengths(requests, spare=64) == [4, 2, 0]
     assert p.padded_draft_lengths(requests, spare=3) == [1, 1, 0]  # 2 + 2 > 3
     steep = SpecPolicy(max_draft_tokens=4, buckets=(1, 2, 4, 8))
-    for n in (4, 8, 12, 16, 20):
-        steep.costs.observe(n, 0.01 * n)  # compute bound
+    for q in range(1, 6):
+        steep.observe_padded(3, q, 0.01 * q)  # compute bound
     assert steep.padded_draft_lengths(requests, spare=64) == [0, 0, 0]
     with pytest.raises(ValueError, match="bucket"):
         p.padded_draft_lengths([("x", 1)] * 9, spare=64)
@@ -247,10 +254,57 @@ def test_padded_steps_choose_one_draft_length_for_all() -> None:
     assert p.padded_draft_lengths(requests, spare=64) == [2, 2, 0]
 
 
+def test_padded_costs_are_kept_per_request_count() -> None:
+    """A step of 16 requests is priced by steps of 16: steps of fewer requests (less host
+    work) with more tokens each must not make drafting look free."""
+    p = SpecPolicy(max_draft_tokens=8, buckets=(16,), query_buckets=(1, 2, 3, 5, 9))
+    measure(lambda q, t: p.observe_padded(16, q, t),
+            ((1, 0.0020), (2, 0.0032), (3, 0.0036), (5, 0.0040), (9, 0.0050)))
+    measure(lambda q, t: p.observe_padded(9, q, t), ((5, 0.0015),))  # 9 requests padded to 16: less host work, cheaper
+    requests = [(f"r{i}", 8) for i in range(16)]
+    for r, _ in requests:
+        p.observe(r, 4, 1)  # acceptance 0.6 -> 0.495
+    assert p.padded_draft_lengths(requests, spare=256) == [0] * 16
+    assert sorted(p.padded_costs) == [9, 16] and p.padded_costs[16].time(5) == 0.0040
+
+
+def test_padded_step_keeps_only_drafts_that_pay_for_their_padding() -> None:
+    """Asked for drafts, most requests' drafters found none: one request's long draft would
+    pad all four to 9 tokens, so the step verifies only what pays (and frees its blocks)."""
+    policy = SpecPolicy(max_draft_tokens=8, buckets=(4,), query_buckets=(1, 2, 3, 5, 9))
+    measure(lambda q, t: policy.observe_padded(4, q, t),
+            ((1, 0.0020), (2, 0.0022), (3, 0.0024), (5, 0.0028), (9, 0.0040)))
+    s = make(budget=256, block_size=4, policy=policy)
+    for rid in "abcd":
+        s.add_request(req(rid, 3, max_tokens=40))
+    s.update(out := s.schedule(), fake_run(out))  # the prompts (not padded)
+    s.requests["a"].spec_token_ids = [5] * 8  # 3 prompt + 1 token + 8 drafts: 3 blocks
+    s.requests["b"].spec_token_ids = [6]
+    out = s.schedule()
+    kept = {x.request.request_id: x.spec_token_ids for x in out.scheduled}
+    # acceptance 0.6: Q = 2 yields 5.2 tokens in 2.2 ms, Q = 3 5.56 in 2.4, Q = 9 6.08 in 4
+    assert kept == {"a": [5], "b": [6], "c": [], "d": []}
+    a = out.scheduled[0]
+    assert a.num_new_tokens == 2 and s.requests["a"].spec_token_ids == [5]
+    assert out.num_batched_tokens == 2 + 2 + 1 + 1
+    assert len(s.blocks.block_table("a")) == 2  # 4 computed + 2 new = 6 slots
+    s.blocks.check_integrity()
+    for rid in "abcd":  # the drafts of these requests are rarely accepted: none pay
+        for _ in range(10):
+            policy.observe(rid, 4, 0)
+    s.update(out, fake_run(out))
+    s.requests["a"].spec_token_ids = [5] * 8
+    out = s.schedule()
+    assert all(x.spec_token_ids == [] for x in out.scheduled)
+    assert out.num_batched_tokens == 4 and len(s.blocks.block_table("a")) == 2
+
+
 def test_scheduler_pads_drafts_of_decoding_steps_only() -> None:
     policy = SpecPolicy(max_draft_tokens=3, buckets=(1, 2, 4))
     for n in (4, 8, 12, 16):
         policy.costs.observe(n, 0.010)
+    for q in (1, 2, 3, 4):
+        policy.observe_padded(2, q, 0.010)
     s = make(budget=64, policy=policy)
     s.add_request(req("a", 4, max_tokens=20))
     s.add_request(req("b", 4, max_tokens=3))
@@ -271,8 +325,24 @@ def test_step_costs_interpolate_and_fall_back_to_prior() -> None:
     assert c.time(11) == pytest.approx(2.0)
     c.observe(5, 3.0)
     assert c.time(3) == pytest.approx(2.0) and c.time(9) == pytest.approx(5.0)
-    c.observe(5, 5.0)
-    assert c.time(5) == pytest.approx(3.4)  # exponential average
+    c.observe(5, 5.0)  # 2 observations: no more than size 1 predicts (the prior's 1.4)
+    assert c.times[5] == pytest.approx(4.0) and c.time(5) == pytest.approx(1.4)
+    c.observe(5, 4.5)
+    assert c.time(5) == pytest.approx(4.5)  # trusted: the median
+    c.observe(5, 100.0)  # a stall moves the median, not the estimate with it
+    assert c.time(5) == pytest.approx(4.75)
+
+
+def test_step_costs_retry_a_size_whose_first_step_stalled() -> None:
+    """A size measured once, slowly, is estimated from the others until measured again."""
+    c = StepCosts()
+    for _ in range(3):
+        c.observe(1, 1.0)
+    c.observe(3, 50.0)  # e.g. a collection during the step
+    assert c.time(3) == pytest.approx(1.125)  # the prior from size 1
+    c.observe(3, 1.2)
+    c.observe(3, 1.2)
+    assert c.time(3) == pytest.approx(1.2)
 
 
 def test_finished_request_status() -> None:
@@ -295,6 +365,7 @@ def test_engine_prices_steps_by_computed_tokens() -> None:
     s.update(out := s.schedule(), fake_run(out))
     decode = s.schedule()  # 1 token + its drafts
     assert decode.num_batched_tokens == 1 + len(decode.scheduled[0].spec_token_ids)
-    LLMEngine._record_step_cost(engine, decode, RunnerOutput({}, padded_tokens=8), 0.5)
+    LLMEngine._record_step_cost(engine, decode, RunnerOutput({}, query_len=8), 0.5)
     LLMEngine._record_step_cost(engine, decode, RunnerOutput({}), 0.25)
-    assert policy.costs.times == {8: 0.5, decode.num_batched_tokens: 0.25}
+    assert policy.costs.times == {decode.num_batched_tokens: 0.25}
+    assert policy.padded_costs[1].times == {8: 0.5}

@@ -96,6 +96,10 @@ def _measure(off: object, on: object, prompts: list[list[int]], max_tokens: list
             "mismatched": len(diverged), "first_divergence": diverged}
 
 
+def _ms(times: dict[int, float]) -> dict[int, float]:
+    return {n: round(t * 1e3, 3) for n, t in sorted(times.items())}
+
+
 def run(args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     wanted = set(args.categories.split(",")) if args.categories else None
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             by_cat[p.category].append(p)
     off, on = _engines(args, max(batch_sizes))
     tok = off.tokenizer
+    policy = on.engine.scheduler.spec_policy
     off.generate([tok("warm up").input_ids])
     on.generate([tok("warm up").input_ids])
     results, rows = [], []
@@ -115,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
                                                return_dict=False) for p in chosen]
             caps = [min(p.max_tokens, args.max_tokens) for p in chosen]
             m = _measure(off, on, prompts, caps, batch, args.repeats, args.on_mismatch)
+            # what the adaptive policy had learned by the end of the category
+            learned = policy.padded_costs.get(batch)
+            m["policy_after"] = {"start_acceptance": round(policy.start, 3),
+                                 "padded_costs_ms": _ms(learned.times) if learned else None}
+            print(f"batch {batch} {cat}: speedup {m['speedup']:.2f}, then {m['policy_after']}",
+                  flush=True)
             results.append({"batch": batch, "category": cat, **m})
             rows.append([batch, cat, m["tokens"], m["mean_accepted_length"], m["acceptance_rate"], m["speedup"],
                          m["mismatched"]])
@@ -123,12 +134,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"drafter={args.speculative} k={args.num_speculative_tokens} dtype={args.dtype} "
           f"quantization={args.quantization} device={off.engine.device} (greedy, {outputs})")
     print(table(["batch", "category", "tokens", "mean acc. len", "accept rate", "speedup", "differ"], rows))
-    policy = on.engine.scheduler.spec_policy  # what the adaptive policy measured and learned
-    costs = {n: round(t * 1e3, 3) for n, t in sorted(policy.costs.times.items())}
-    print(f"step times (ms) by tokens computed: {costs}; new requests' acceptance estimate "
-          f"{policy.start:.2f}")
+    costs = _ms(policy.costs.times)  # what the adaptive policy measured
+    padded = {b: _ms(c.times) for b, c in sorted(policy.padded_costs.items())}
+    print(f"step times (ms) by tokens computed: {costs}")
+    if padded:
+        print(f"padded step times (ms) by requests, then tokens a request: {padded}")
+    print(f"new requests' acceptance estimate {policy.start:.2f}")
     write_json(args.result_json, {"config": config_of(args), "machine": machine(), "results": results,
-                                  "step_costs_ms": costs, "start_acceptance": policy.start})
+                                  "step_costs_ms": costs, "padded_step_costs_ms": padded,
+                                  "start_acceptance": policy.start})
     return 0
 
 

@@ -59,5 +59,6 @@ class RunnerOutput:
     """Per-request results of one step, keyed by request id."""
 
     sampled: dict[str, SampledTokens]
-    padded_tokens: int | None = None
-    """Tokens a CUDA-graph replay computed (bucket * Q, padding included); None if eager."""
+    query_len: int | None = None
+    """Tokens a sequence of a CUDA-graph replay computed (Q, padding included); None if
+    eager."""

@@ -184,15 +184,19 @@ class LLMEngine:
         self.metrics.request_success(reason)
 
     def _record_step_cost(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
-        """Feed decode/verify-only step times to the speculation policy's cost table, by the
-        tokens the step computed (a replay's padding included). No step captures a graph
-        (`capture_all` runs at start-up): a capture's time, taken for a step's, would price
-        its size out of the policy's reach for good."""
+        """Feed decode/verify-only step times to the speculation policy's cost tables: a
+        replay's by its requests and tokens a request (padding included), others by the
+        tokens computed. No step captures a graph (`capture_all` runs at start-up): a
+        capture's time, taken for a step's, would price its size out of the policy's reach
+        for good."""
         policy = self.scheduler.spec_policy
         if policy is None:
             return
         if all(s.num_new_tokens == 1 + len(s.spec_token_ids) for s in sched.scheduled):
-            policy.costs.observe(result.padded_tokens or sched.num_batched_tokens, seconds)
+            if result.query_len is not None:
+                policy.observe_padded(len(sched.scheduled), result.query_len, seconds)
+            else:
+                policy.costs.observe(sched.num_batched_tokens, seconds)
 
     def _record_tokens(self, tracked: _Tracked, r: Request, n: int, now: float) -> None:
         m = self.metrics

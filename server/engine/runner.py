@@ -72,7 +72,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
         replay = self.graphs.run(out, tables) if self.graphs is not None else None
-        padded = None
+        query_len = None
         if replay is None:
             inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
                                   padded_groups=self.device.type == "cpu")
@@ -80,7 +80,7 @@ class ModelRunner:
             ends, all_logits, tokens = inputs.query_start[1:], None, None
         else:  # every row's logits and greedy token, in row order
             ends, hidden, all_logits, tokens = replay.ends, replay.hidden, replay.logits, replay.tokens
-            padded = replay.key[0] * replay.key[1]
+            query_len = replay.key[1]
         rows: list[int] = []
         owners: list[tuple[ScheduledRequest, int]] = []
         for s, end in zip(out.scheduled, ends, strict=True):
@@ -89,7 +89,7 @@ class ModelRunner:
                 owners.append((s, len(rows)))
                 rows.extend(range(end - n, end))
         if not rows:
-            return RunnerOutput({}, padded)
+            return RunnerOutput({}, query_len)
         if all_logits is None:
             row_index = torch.tensor(rows).to(hidden.device, non_blocking=True)
             all_logits = self.model.compute_logits(hidden[row_index])  # [R, vocab]
@@ -116,7 +116,7 @@ class ModelRunner:
             last_rows.append(rows[first + len(result.token_ids) - 1])
         if self.drafter is not None:
             self._draft(owners, sampled, hidden, last_rows)
-        return RunnerOutput(sampled, padded)
+        return RunnerOutput(sampled, query_len)
 
     def _sample_request(self, s: ScheduledRequest, logits: torch.Tensor) -> SampledTokens:
         """logits: [k+1, vocab] for the request's newest token and its k drafts."""

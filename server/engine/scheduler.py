@@ -108,6 +108,7 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new, []))
             budget -= num_new
+        self._trim_padded_drafts(scheduled)
         self._assign_draft_lengths(scheduled)
         total = sum(s.num_new_tokens for s in scheduled)
         return SchedulerOutput(scheduled, total, preempted, ended)
@@ -155,9 +156,7 @@ class Scheduler:
         limits = [max(0, min(self._draft_room(s), spare)) for s in producing]
         # a step of decoding requests only (no prompt chunk): the next one will likely be one
         # too, which the CUDA graphs (when present) replay padded
-        decoding = all(s.reaches_end and s.num_new_tokens == 1 + len(s.spec_token_ids)
-                       for s in scheduled)
-        if decoding and policy.padded_size(len(producing), 1):
+        if _decoding(scheduled) and policy.pads(len(producing)):
             ids = [s.request.request_id for s in producing]
             lengths = policy.padded_draft_lengths(list(zip(ids, limits, strict=True)), spare)
             for s, k in zip(producing, lengths, strict=True):
@@ -169,6 +168,27 @@ class Scheduler:
             spare -= k
             step_tokens += k
             s.num_draft_tokens_next = k
+
+    def _trim_padded_drafts(self, scheduled: list[ScheduledRequest]) -> None:
+        """A padded step verifies as many tokens a request as its longest draft asks: now
+        that the drafts are known, keep only as many as pay for that padding (the policy's
+        rule again, each request limited to the drafts it has)."""
+        policy = self.spec_policy
+        if policy is None or not _decoding(scheduled) or not policy.pads(len(scheduled)):
+            return
+        drafts = [len(s.spec_token_ids) for s in scheduled]
+        if not any(drafts):
+            return
+        keep = policy.padded_draft_lengths(
+            [(s.request.request_id, n) for s, n in zip(scheduled, drafts, strict=True)], sum(drafts))
+        for s, n, k in zip(scheduled, drafts, keep, strict=True):
+            if k < n:
+                r = s.request
+                s.spec_token_ids, r.spec_token_ids = s.spec_token_ids[:k], r.spec_token_ids[:k]
+                if r.draft_probs is not None:
+                    r.draft_probs = r.draft_probs[:k]
+                s.num_new_tokens -= n - k
+                self.blocks.truncate(r.request_id, r.num_computed_tokens + s.num_new_tokens)
 
     def _draft_room(self, s: ScheduledRequest) -> int:
         """Most drafts a request's next step may verify (its max_tokens and max_model_len)."""
@@ -217,3 +237,8 @@ class Scheduler:
             if n >= p.max_tokens or r.num_tokens >= self.config.max_model_len:
                 return new, "length"
         return new, None
+
+
+def _decoding(scheduled: list[ScheduledRequest]) -> bool:
+    """A step of decoding requests only (no prompt chunk): what CUDA graphs replay."""
+    return all(s.reaches_end and s.num_new_tokens == 1 + len(s.spec_token_ids) for s in scheduled)

@@ -3,8 +3,8 @@
 Each request keeps an exponential average of its draft acceptance rate `a`; with i.i.d.
 acceptance, k drafts yield E(k) = (1 - a^(k+1)) / (1 - a) tokens per step. The engine
 reports every decode step's token count and duration to `StepCosts`, a table of measured
-step times T(n) (unmeasured sizes come from a linear fit, or an optimistic prior until there
-is one, so the policy explores). Drafts are handed out request by request: with n tokens
+step times T(n) (medians of recent steps; unmeasured sizes come from a linear fit, or an
+optimistic prior until there is one, so the policy explores). Drafts are handed out request by request: with n tokens
 already in the step and B requests producing tokens, a request gets the k that maximises
 the step's throughput (B - 1 + E(k)) / T(n + k). When verification is nearly free (a small
 batch, weight-bandwidth bound) long drafts win; when the batch fills and T grows with n,
@@ -16,41 +16,77 @@ Steps that CUDA graphs replay (`server.engine.cuda_graphs`) are padded: B reques
 Q tokens each cost what bucket(B) * Q tokens cost, whoever drafted. Handing drafts out one
 request at a time would then never start (the first request alone pays for everyone's
 padding), so with `buckets` set, a step of graphable requests chooses one Q (of the graphs'
-query buckets) for all of them: the Q that maximises
-sum_i E_i(min(Q - 1, limit_i)) / T(bucket(B) * Q), and every request drafts up to Q - 1
-(drafts cost the padded step nothing more).
+query buckets) for all of them: the Q that maximises sum_i Y_i(min(Q - 1, limit_i)) /
+T_B(Q), and every request drafts up to Q - 1 (drafts cost the padded step nothing more).
+Costs are measured per number of requests B, by Q (`padded_costs`): a GPU step of a small
+model is mostly the host's per-request work, so a step of fewer requests costs less at the
+same padded size, and one table by size, fed by steps of fewer requests, made drafting look
+cheaper for 16 requests than it was. The drafter may propose fewer drafts than asked, or
+none (an n-gram lookup that finds no match), while padding is paid for the longest: so
+the scheduler applies the same rule again once the drafts are known, with each request's
+proposal length as its limit, and drops the drafts that would not pay for their padding.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 
 @dataclass
 class StepCosts:
-    """Measured step time by token count (exponential averages), with a fitted fallback."""
+    """Measured step times by size (tokens computed, or a padded step's Q): the median of
+    each size's latest observations, with a fitted fallback."""
 
-    ema_weight: float = 0.2
+    window: int = 9
+    """Observations a size's median is taken over."""
+    trusted: int = 3
+    """Until a size has this many observations, its estimate is at most what the other
+    sizes predict: one slow first step (a collection, the host busy elsewhere) would
+    otherwise price a size out for good, as the policy stops choosing it and it is never
+    measured again."""
     prior_knee: float = 16.0
     """Before any fit exists, T(n) is assumed to be T(1) * (1 + (n - 1) / prior_knee)."""
     times: dict[int, float] = field(default_factory=dict)
+    """Each size's median."""
+    _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+    _memo: dict[int, float] = field(default_factory=dict, repr=False)
+    """time()'s answers since the last observation: the policy asks for the same sizes
+    many times a step (request by request, draft length by draft length)."""
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        old = self.times.get(num_tokens)
-        self.times[num_tokens] = seconds if old is None else old + self.ema_weight * (seconds - old)
+    def observe(self, size: int, seconds: float) -> None:
+        recent = self._recent.setdefault(size, deque(maxlen=self.window))
+        recent.append(seconds)
+        self.times[size] = statistics.median(recent)
+        self._memo.clear()
 
-    def time(self, num_tokens: int) -> float:
-        if num_tokens in self.times:
-            return self.times[num_tokens]
-        points = sorted(self.times.items())
+    def time(self, size: int) -> float:
+        t = self._memo.get(size)
+        if t is None:
+            t = self._memo[size] = self._estimate(size)
+        return t
+
+    def _estimate(self, size: int) -> float:
+        measured = self.times.get(size)
+        if measured is not None and len(self._recent[size]) >= self.trusted:
+            return measured
+        others = [(n, t) for n, t in self.times.items() if n != size]
+        trusted = [(n, t) for n, t in others if len(self._recent[n]) >= self.trusted]
+        guess = self._fit(sorted(trusted or others), size)
+        return guess if measured is None else min(measured, guess)
+
+    def _fit(self, points: list[tuple[int, float]], size: int) -> float:
+        """T(size) from other sizes' times: linear between the nearest measured sizes (or
+        past the last two), the prior's shape from a single one."""
         if len(points) >= 2:
-            below = [p for p in points if p[0] < num_tokens]
-            above = [p for p in points if p[0] > num_tokens]
+            below = [p for p in points if p[0] < size]
+            above = [p for p in points if p[0] > size]
             (n0, t0), (n1, t1) = (below[-1], above[0]) if below and above else (points[-2], points[-1])
             slope = max(0.0, (t1 - t0) / (n1 - n0))
-            return max(1e-9, t0 + slope * (num_tokens - n0))
+            return max(1e-9, t0 + slope * (size - n0))
         base = points[0][1] / (1 + (points[0][0] - 1) / self.prior_knee) if points else 1.0
-        return base * (1 + (num_tokens - 1) / self.prior_knee)
+        return base * (1 + (size - 1) / self.prior_knee)
 
 
 @dataclass
@@ -70,6 +106,9 @@ class SpecPolicy:
     """Draft only when the expected gain beats not drafting by this fraction: estimates are
     noisy, and a marginal gain that is not there costs real time."""
     costs: StepCosts = field(default_factory=StepCosts)
+    """Unpadded steps' times by tokens computed."""
+    padded_costs: dict[int, StepCosts] = field(default_factory=dict)
+    """Padded steps' times by requests in the step, then by Q."""
     buckets: tuple[int, ...] | None = None
     """Batch-size buckets of padded (CUDA-graph) steps; None when steps are not padded."""
     query_buckets: tuple[int, ...] = ()
@@ -101,33 +140,32 @@ class SpecPolicy:
     def acceptance(self, request_id: str) -> float:
         return self._acceptance.get(request_id, self.start)
 
-    def _expected(self, request_id: str, k: int) -> float:
-        """Tokens a step yields for this request with k drafts (i.i.d. acceptance)."""
-        a = min(self.acceptance(request_id), 0.999)
-        return (1 - a ** (k + 1)) / (1 - a)
+    def observe_padded(self, num_seqs: int, query_len: int, seconds: float) -> None:
+        """Record a padded step of `num_seqs` requests, `query_len` tokens each."""
+        self.padded_costs.setdefault(num_seqs, StepCosts()).observe(query_len, seconds)
 
-    def padded_size(self, num_seqs: int, q: int) -> int | None:
-        """Tokens a padded step of `num_seqs` requests of up to q tokens costs; None when
-        steps are not padded or the batch is past the largest bucket."""
-        bucket = next((b for b in self.buckets or () if b >= num_seqs), None)
-        return None if bucket is None else bucket * q
+    def pads(self, num_seqs: int) -> bool:
+        """Whether a decoding step of `num_seqs` requests is a padded replay."""
+        return any(b >= num_seqs for b in self.buckets or ())
 
     def padded_draft_lengths(self, requests: list[tuple[str, int]], spare: int) -> list[int]:
         """Draft lengths of a padded step's requests, (request id, most drafts it may take)
-        each, at most `spare` drafts in all: one Q for the step (see module docs)."""
+        each, at most `spare` drafts in all: one Q for the step (see module docs). The
+        limits are what each may be asked for, or, once drafted, how many it has."""
         n = len(requests)
-        size = self.padded_size(n, 1)
-        if size is None:
+        if not self.pads(n):
             raise ValueError(f"{n} requests exceed the largest padded bucket")
-        best_q, best = 1, (1 + self.margin) * n / self.costs.time(size)
+        costs = self.padded_costs.get(n) or StepCosts()
+        best_q, best = 1, (1 + self.margin) * n / costs.time(1)
+        rates = [min(self.acceptance(r), 0.999) for r, _ in requests]
         for q in self.query_buckets or range(2, self.max_draft_tokens + 2):
             if not 1 < q <= self.max_draft_tokens + 1:
                 continue
             lengths = [min(q - 1, limit) for _, limit in requests]
             if sum(lengths) > spare:
                 break
-            value = sum(self._expected(r, k) for (r, _), k in zip(requests, lengths, strict=True))
-            value /= self.costs.time(size * q)
+            value = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(rates, lengths, strict=True))
+            value /= costs.time(q)
             if value > best:
                 best_q, best = q, value
         return [min(best_q - 1, limit) for _, limit in requests]
@@ -136,8 +174,12 @@ class SpecPolicy:
         """Best k <= limit for this request, given `step_tokens` already in the step and
         `producing` requests that will emit tokens in it."""
         best_k, best = 0, (1 + self.margin) * producing / self.costs.time(step_tokens)
+        a = min(self.acceptance(request_id), 0.999)
+        tokens, term = float(producing), 1.0  # producing - 1 + E(k), E(k) = 1 + a + ... + a^k
         for k in range(1, min(limit, self.max_draft_tokens) + 1):
-            value = (producing - 1 + self._expected(request_id, k)) / self.costs.time(step_tokens + k)
+            term *= a
+            tokens += term
+            value = tokens / self.costs.time(step_tokens + k)
             if value > best:
                 best_k, best = k, value
         return best_k
