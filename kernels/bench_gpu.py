@@ -1,7 +1,7 @@
 """GPU kernel benchmark: W4A16 / W8A16 GEMMs of Llama-3-8B shapes against torch's bf16 matmul.
 
 Run on a CUDA machine: `python3 -m kernels.bench_gpu --json OUT.json`. Kernels: ``bf16``
-torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M = 1 only), ``w4a16`` / ``w8a16`` our
+torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M <= 16), ``w4a16`` / ``w8a16`` our
 packed kernels as the model calls them (the mma GEMV for int4 at M <= 16 and for per-channel
 int8 at M <= 8), ``w4-fma`` / ``w8-fma`` the CUDA-core GEMV (M = 1 only), ``w4-nopdl`` /
 ``tr-nopdl`` the w4a16 / bf16-tr kernels launched without programmatic dependent launch
@@ -28,13 +28,19 @@ import torch
 from kernels import pdl
 from kernels.gemm import quantized_linear
 from kernels.quant import PackedWeight, quantize_int4, quantize_int8, to_words
-from kernels.triton_dense_gemv import dense_gemv
+from kernels.triton_dense_gemv import ROWS_MAX, dense_gemv
 
 SHAPES = {  # name: (N, K) = (out_features, in_features)
     "qo 4096x4096": (4096, 4096),
     "kv 1024x4096": (1024, 4096),
     "gate/up 14336x4096": (14336, 4096),
     "down 4096x14336": (4096, 14336),
+}
+SMOL_SHAPES = {  # the default model's (SmolLM2-135M), by name only (--shapes smol-...)
+    "smol-qkv 960x576": (960, 576),
+    "smol-gate/up 3072x576": (3072, 576),
+    "smol-down 576x1536": (576, 1536),
+    "smol-head 49152x576": (49152, 576),
 }
 MS = (1, 4, 8, 12, 16, 64)
 L2_BYTES = 60 * 2**20
@@ -122,9 +128,10 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float, ms: tuple[int, ...]
     variants: dict[str, tuple[Callable, list, int]] = {}
     dense_copies = [w.clone() for _ in range(_copies(w.numel() * 2))]
     variants["bf16"] = (lambda x, wt: x @ wt.t(), dense_copies, w.numel() * 2)
-    variants["bf16-tr"] = (dense_gemv, dense_copies, w.numel() * 2)  # our GEMV, M = 1 only
+    variants["bf16-tr"] = (dense_gemv, dense_copies, w.numel() * 2)  # our GEMV, M <= 16
     variants["tr-nopdl"] = (_without_pdl(dense_gemv), dense_copies, w.numel() * 2)
-    for scheme, make in (("w4a16", lambda: quantize_int4(w, 128)),
+    group = 128 if k % 128 == 0 else 32  # (the default model's K = 576: GGUF's groups of 32)
+    for scheme, make in (("w4a16", lambda: quantize_int4(w, group)),
                          ("w8a16", lambda: quantize_int8(w, None))):
         packed: PackedWeight = to_words(make())
         copies = [packed] + [packed.to("cuda") for _ in range(_copies(packed.nbytes()) - 1)]
@@ -142,7 +149,9 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float, ms: tuple[int, ...]
         act_bytes = (m * k + m * n) * 2
         base = None
         for scheme, (op, weights, wbytes) in variants.items():
-            if scheme in ("bf16-tr", "tr-nopdl", "w4-fma", "w8-fma", "w4-nopdl") and m > 1:
+            if scheme in ("tr-nopdl", "w4-fma", "w8-fma", "w4-nopdl") and m > 1:
+                continue
+            if scheme == "bf16-tr" and m > ROWS_MAX:
                 continue
             if scheme in ("w4-tc", "w4-deq") and m <= 16:
                 continue
@@ -205,9 +214,11 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows and the copy bandwidth here")
+    every = {**SHAPES, **SMOL_SHAPES}
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES),
-                        choices=[*SHAPES, *(name.split()[0] for name in SHAPES)],
-                        help="shapes by name or by its first word (qo, kv, gate/up, down)")
+                        choices=[*every, *(name.split()[0] for name in every)],
+                        help="shapes by name or by its first word (qo, kv, gate/up, down; "
+                        "the default model's smol-qkv, smol-gate/up, smol-down, smol-head)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time every mma GEMV configuration of each shape")
     parser.add_argument("--sweep-rows", type=int, nargs="*", default=[1],
@@ -218,16 +229,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench_gpu needs a CUDA device")
-    shapes = [name for name in SHAPES if name in args.shapes or name.split()[0] in args.shapes]
+    shapes = [name for name in every if name in args.shapes or name.split()[0] in args.shapes]
     bandwidth = copy_bandwidth()
     if args.sweep or args.sweep_only:
         for name in shapes:
             for m in args.sweep_rows:
-                sweep_gemv(name, *SHAPES[name], bandwidth, m)
+                sweep_gemv(name, *every[name], bandwidth, m)
     if args.sweep_only:
         return
     rows = [row for name in shapes
-            for row in bench_shape(name, *SHAPES[name], bandwidth, tuple(args.rows))]
+            for row in bench_shape(name, *every[name], bandwidth, tuple(args.rows))]
     print_table(rows, bandwidth)
     tuned = tuned_configs()
     for entry in tuned:
@@ -243,13 +254,14 @@ def tuned_configs() -> list[dict]:
     {"kernel", "key" (the tuner's key arguments by name), "config" (its parameters)}. The
     picks differ between processes (single timings a few percent apart), so benchmarks
     record them beside their figures."""
-    from kernels.triton_dense_gemv import _dense_tuned
+    from kernels.triton_dense_gemv import _dense_tuned, _rows_tuned
     from kernels.triton_gemm import _qgemm_tuned
     from kernels.triton_gemv import _gemv_tuned
     from kernels.triton_mma_gemv import _mma_tuned, _sums_tuned
 
     out = []
     for name, tuner in (("gemv", _gemv_tuned), ("dense_gemv", _dense_tuned),
+                        ("dense_rows", _rows_tuned),
                         ("mma_gemv", _mma_tuned), ("mma_gemv_sums", _sums_tuned),
                         ("gemm", _qgemm_tuned)):
         for key, config in tuner.cache.items():  # (keys end with the arguments' dtypes)

@@ -219,6 +219,51 @@ def test_dense_gemv_fused_norm_and_silu_prologues(residual):
         triton_dense_gemv.dense_gemv(x, w, silu=True)
 
 
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "BLOCK_K": 64, "split_k": 1},
+                                    {"BLOCK_N": 32, "BLOCK_K": 32, "split_k": 5}])
+@pytest.mark.parametrize("m", [2, 9, 16])
+def test_dense_gemv_rows_exact_on_integer_data(config, m):
+    """2-16 rows (one dot a tile, rows padded to 16): ragged N and K, uneven split-K
+    shares, every row exact."""
+    g = torch.Generator().manual_seed(m)
+    n, k, dtype = 37, 333, torch.float16
+    w = torch.randint(-4, 5, (n, k), generator=g).to(dtype)
+    x = torch.randint(-3, 4, (m, k), generator=g).to(dtype)
+    ref = x.double() @ w.double().t()
+    for _ in range(2):  # the second call checks the split-K counters were reset
+        out = triton_dense_gemv.dense_gemv(x, w, torch.float32, config)
+        assert out.shape == (m, n) and out.dtype == torch.float32
+        assert torch.equal(out.double(), ref)
+    assert int(triton_gemv._counters[torch.device("cpu")].abs().sum()) == 0
+    assert torch.equal(triton_dense_gemv.dense_gemv(x, w, config=config), ref.to(dtype))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        triton_dense_gemv.dense_gemv(torch.zeros(17, k, dtype=dtype), w)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_dense_gemv_rows_fused_norm_and_silu_prologues(residual):
+    """The fused input steps of 5 rows equal the separate kernels' references followed by
+    the product, row by row (each row its own norm)."""
+    from kernels.triton_fused import add_rms_norm_reference, silu_mul_reference
+
+    g = torch.Generator().manual_seed(3)
+    m, n, k, dt = 5, 24, 200, torch.float16
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dt)
+    x = torch.randn(m, k, generator=g).to(dt) * torch.arange(1, m + 1).to(dt)[:, None]
+    res = torch.randn(m, k, generator=g).to(dt) if residual else None
+    nw = (torch.rand(k, generator=g) + 0.5).to(dt)
+    for config in (None, {"BLOCK_N": 16, "BLOCK_K": 64, "split_k": 3}):
+        out, res_out = triton_dense_gemv.dense_gemv(x, w, config=config, norm=(res, nw, 1e-5))
+        h, ref_res = add_rms_norm_reference(x, res, nw, 1e-5)
+        assert torch.equal(res_out, ref_res)
+        ref = h.float() @ w.float().t()
+        assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-3
+    gate_up = (torch.randn(m, 2 * k, generator=g) * 3).to(dt)
+    out = triton_dense_gemv.dense_gemv(gate_up, w, torch.float32, silu=True)
+    ref = silu_mul_reference(gate_up).float() @ w.float().t()
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-3
+
+
 def test_outgrown_counters_stay_alive():
     """Graphs captured with the old counter buffer keep using it after the pool grows."""
     old = triton_gemv._tile_counters(torch.device("cpu"), 8)

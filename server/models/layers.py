@@ -64,7 +64,8 @@ class Linear(torch.nn.Module):
     def after_norm(self, x: Activations, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                    eps: float, fused: bool) -> tuple[Activations, torch.Tensor]:
         """(self(rms_norm(x + residual) * norm_weight), x + residual), the norm fused into
-        the GEMV for batch-1 decode on CUDA (one kernel instead of two); see `project`."""
+        the dense GEMV of up to GEMV_ROWS rows on CUDA (one kernel instead of two); see
+        `project`."""
         if not self._fusable(x, fused):
             h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
             return self.project(h, fused), residual
@@ -75,7 +76,7 @@ class Linear(torch.nn.Module):
 
     def after_silu(self, gate_up: Activations, fused: bool) -> Activations:
         """self(silu(gate) * up) of a [T, 2 * in_features] gate/up projection, the SwiGLU
-        fused into the GEMV for batch-1 decode on CUDA; see `project`."""
+        fused into the dense GEMV of up to GEMV_ROWS rows on CUDA; see `project`."""
         if not self._fusable(gate_up, fused):
             return self.project(silu_mul(gate_up, fused), fused)
         from kernels.triton_dense_gemv import dense_gemv
@@ -84,17 +85,25 @@ class Linear(torch.nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+GEMV_ROWS = 6
+"""Rows up to which 16-bit dense products on CUDA go to `dense_gemv` (with the norm or the
+SwiGLU before them fused in): the default model's graphed steps on an H200 took 0.89-0.99x
+the device time at 2-6 rows, 1.02-1.18x at 8-16, against cuBLAS with separate pointwise
+kernels (docs/benchmarks/gpu.md, run 97)."""
+
+
 def _gemv_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One 16-bit row on CUDA, in the weight's dtype: what `dense_gemv` serves."""
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16))
+    """1 to GEMV_ROWS 16-bit rows on CUDA, in the weight's dtype: what `dense_gemv` serves
+    (decode of small batches, verification of a few drafts)."""
+    return (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= GEMV_ROWS
+            and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16))
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """F.linear (result in `out_dtype`, default x's), except that one 16-bit row on CUDA goes
-    to the Triton GEMV (`kernels.triton_dense_gemv.dense_gemv`): at batch 1 cuBLAS reads the
-    smaller decode weights well below memory bandwidth (57% on 4096x4096, H200)."""
+    """F.linear (result in `out_dtype`, default x's), except that 1 to GEMV_ROWS 16-bit rows
+    on CUDA go to the Triton GEMV (`kernels.triton_dense_gemv.dense_gemv`): at batch 1 cuBLAS
+    reads the smaller decode weights well below memory bandwidth (57% on 4096x4096, H200)."""
     if _gemv_input(x, weight):
         from kernels.triton_dense_gemv import dense_gemv
 

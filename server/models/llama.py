@@ -4,10 +4,10 @@ One forward serves a flat batch of every scheduled token of every request (prefi
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
 then `compute_logits(hidden[rows])`. q/k/v and gate/up projections are fused so each layer
 is a handful of ops. On CUDA the pointwise steps run as fused Triton kernels (residual add +
-norm, RoPE + KV-cache write, SwiGLU; `kernels.triton_fused`), and at batch 1 the norms and
-the SwiGLU run inside the dense GEMVs of the next projection (`Linear.after_norm`,
-`after_silu`), while packed GEMVs hand their unrounded sums to those kernels, which finish
-their split-K merge (`Linear.project`); elsewhere they are torch ops.
+norm, RoPE + KV-cache write, SwiGLU; `kernels.triton_fused`); steps of up to 6 tokens run
+the norms and the SwiGLU inside the dense GEMVs of the next projection (`Linear.after_norm`,
+`after_silu`), and at batch 1 packed GEMVs hand their unrounded sums to those kernels, which
+finish their split-K merge (`Linear.project`); elsewhere they are torch ops.
 """
 
 from __future__ import annotations

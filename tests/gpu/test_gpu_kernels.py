@@ -238,16 +238,37 @@ def test_paged_attention_real_sizes(window, sinks, q_len):
     assert _rel(out.cpu(), ref) < 2e-2
 
 
+@pytest.mark.parametrize("m", [1, 2, 9, 16])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336), (49152, 576)])
-def test_dense_gemv_real_sizes(n, k):
+def test_dense_gemv_real_sizes(n, k, m):
     from kernels.triton_dense_gemv import dense_gemv
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w.float().t()
     for _ in range(2):  # autotuned, then the tuned config with the counters reused
         assert _rel(dense_gemv(x, w, torch.float32), ref) < 1e-5
         assert _rel(dense_gemv(x, w), ref) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_dense_gemv_fused_prologues_real_sizes(m):
+    """The norm (with a residual) and the SwiGLU fused into 1 and 9 rows at the 8B shapes,
+    against the separate kernels' references followed by the product."""
+    from kernels.triton_dense_gemv import dense_gemv
+    from kernels.triton_fused import add_rms_norm_reference, silu_mul_reference
+
+    w = torch.randn(6144, 4096, device="cuda", dtype=torch.bfloat16)
+    x, res = (torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    nw = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    out, res_out = dense_gemv(x, w, torch.float32, norm=(res, nw, 1e-5))
+    h, ref_res = add_rms_norm_reference(x, res, nw, 1e-5)
+    assert torch.equal(res_out, ref_res)
+    assert _rel(out, h.float() @ w.float().t()) < 1e-2
+    down = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(m, 2 * 14336, device="cuda", dtype=torch.bfloat16) * 3
+    out = dense_gemv(gate_up, down, torch.float32, silu=True)
+    assert _rel(out, silu_mul_reference(gate_up).float() @ down.float().t()) < 1e-2
 
 
 def test_fused_pointwise_kernels_compiled():
