@@ -6,8 +6,10 @@ below memory bandwidth.
 that produces its input (residual add + RMS norm, or SwiGLU), so a decode step runs one
 kernel for both. One row accumulates [BLOCK_N, BLOCK_K] products on the CUDA cores; 2 to 16
 rows (`ROWS_MAX`) take one tensor-core dot a tile, the rows padded to 16, so a verification
-step of up to 15 drafts reads each weight once, as decoding does. Split-K merges as the
-packed GEMV's does (`kernels.triton_gemv`).
+step reads each weight once, as decoding does, with the same fused steps. The padded rows
+cost the same at 2 rows as at 16, so against cuBLAS this wins only at a few rows: the
+model routes up to `server.models.layers.GEMV_ROWS` rows here (docs/benchmarks/gpu.md, run
+97). Split-K merges as the packed GEMV's does (`kernels.triton_gemv`).
 """
 
 from __future__ import annotations

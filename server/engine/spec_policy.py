@@ -4,11 +4,11 @@ Each request keeps an exponential average of its draft acceptance rate `a`; with
 acceptance, k drafts yield E(k) = (1 - a^(k+1)) / (1 - a) tokens per step. The engine
 reports every decode step's token count and duration to `StepCosts`, a table of measured
 step times T(n) (medians of recent steps; unmeasured sizes come from a linear fit, or an
-optimistic prior until there is one, so the policy explores). Drafts are handed out request by request: with n tokens
-already in the step and B requests producing tokens, a request gets the k that maximises
-the step's throughput (B - 1 + E(k)) / T(n + k). When verification is nearly free (a small
-batch, weight-bandwidth bound) long drafts win; when the batch fills and T grows with n,
-the same rule shrinks drafts to zero. A request at k = 0 recovers its estimate slowly so it
+optimistic prior until there is one, so the policy explores). Drafts are handed out request
+by request: with n tokens already in the step and B requests producing tokens, a request
+gets the k that maximises the step's throughput (B - 1 + E(k)) / T(n + k). When
+verification is nearly free (a small batch, weight-bandwidth bound) long drafts win; when
+the batch fills and T grows with n, the same rule shrinks drafts to zero. A request at k = 0 recovers its estimate slowly so it
 can try again later. New requests start from what finished requests ended at (the prior
 until then), so a workload whose drafts mostly fail does not explore at every request.
 
@@ -16,7 +16,7 @@ Steps that CUDA graphs replay (`server.engine.cuda_graphs`) are padded: B reques
 Q tokens each cost what bucket(B) * Q tokens cost, whoever drafted. Handing drafts out one
 request at a time would then never start (the first request alone pays for everyone's
 padding), so with `buckets` set, a step of graphable requests chooses one Q (of the graphs'
-query buckets) for all of them: the Q that maximises sum_i Y_i(min(Q - 1, limit_i)) /
+query buckets) for all of them: the Q that maximises sum_i E_i(min(Q - 1, limit_i)) /
 T_B(Q), and every request drafts up to Q - 1 (drafts cost the padded step nothing more).
 Costs are measured per number of requests B, by Q (`padded_costs`): a GPU step of a small
 model is mostly the host's per-request work, so a step of fewer requests costs less at the
