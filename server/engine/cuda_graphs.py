@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from server.engine.contracts import SchedulerOutput
+from server.engine.request import Request
 from server.models.batch import BatchMeta
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -126,13 +127,9 @@ class CudaGraphRunner:
         if key is None:
             return None
         b, q = key
-        starts: list[int] = []
-        ids: list[list[int]] = []
-        for s in out.scheduled:
-            begin = s.request.num_computed_tokens
-            tokens = s.request.all_token_ids + s.spec_token_ids
-            ids.append(tokens[begin:begin + s.num_new_tokens])
-            starts.append(begin)
+        # (a graphable step computes each request's newest token and its drafts)
+        starts = [s.request.num_computed_tokens for s in out.scheduled]
+        ids = [[_newest(s.request), *s.spec_token_ids] for s in out.scheduled]
         hidden, logits, tokens = self.step(b, q, starts, ids, tables)
         t = len(out.scheduled) * q
         return Replay(key, [i * q + len(row) for i, row in enumerate(ids)], hidden[:t],
@@ -235,3 +232,8 @@ class CudaGraphRunner:
         self.pool = graph.pool()
         self.graphs[(b, q)] = _Graph(graph, hidden, logits, tokens)
         return self.graphs[(b, q)]
+
+
+def _newest(request: Request) -> int:
+    """The request's last token (its prompt's, before any output), without copying both."""
+    return (request.output_token_ids or request.prompt_token_ids)[-1]
