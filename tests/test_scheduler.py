@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import pytest
 
 from server.engine.block_manager import BlockManager, OutOfBlocksError
@@ -21,7 +23,8 @@ def req(rid: str, n_prompt: int, max_tokens: int = 8, **kw: object) -> Request:
     return Request(rid, list(range(10, 10 + n_prompt)), SamplingParams(max_tokens=max_tokens, **kw), (2,))
 
 
-def measure(observe, sizes_and_times) -> None:
+def measure(observe: Callable[[int, float], None],
+            sizes_and_times: Iterable[tuple[int, float]]) -> None:
     """Observe each (size, seconds) three times: trusted (`StepCosts.trusted`)."""
     for size, seconds in sizes_and_times:
         for _ in range(3):
@@ -260,7 +263,8 @@ def test_padded_costs_are_kept_per_request_count() -> None:
     p = SpecPolicy(max_draft_tokens=8, buckets=(16,), query_buckets=(1, 2, 3, 5, 9))
     measure(lambda q, t: p.observe_padded(16, q, t),
             ((1, 0.0020), (2, 0.0032), (3, 0.0036), (5, 0.0040), (9, 0.0050)))
-    measure(lambda q, t: p.observe_padded(9, q, t), ((5, 0.0015),))  # 9 requests padded to 16: less host work, cheaper
+    # 9 requests padded to 16: less host work, so cheaper at the same padded size
+    measure(lambda q, t: p.observe_padded(9, q, t), ((5, 0.0015),))
     requests = [(f"r{i}", 8) for i in range(16)]
     for r, _ in requests:
         p.observe(r, 4, 1)  # acceptance 0.6 -> 0.495
