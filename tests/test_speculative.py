@@ -59,6 +59,16 @@ def test_greedy_lossless_tiny_with_rollbacks(tiny_model_dir) -> None:
     assert drafted > accepted  # some drafts were rejected and rolled back
     assert spec.engine.blocks.num_free_blocks == 64
     spec.engine.blocks.check_integrity()
+    # the metrics: accepted drafts by position add up, and a later position never has more
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(
+        spec.engine.metrics.render().decode())}
+    per_pos = {int(x.labels["position"]): x.value for x in
+               families["leapfrog:spec_decode_num_accepted_tokens_per_pos"].samples
+               if x.name.endswith("_total")}
+    assert sum(per_pos.values()) == accepted > 0
+    assert [per_pos[i] for i in sorted(per_pos)] == sorted(per_pos.values(), reverse=True)
 
 
 class SamplingDrafter:
