@@ -136,6 +136,7 @@ class LLMEngine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.preempted:
             self.metrics.num_preemptions.inc(len(sched.preempted))
@@ -143,15 +144,14 @@ class LLMEngine:
         outputs = [self._output(r, [], SampledTokens([], 0), now) for r in sched.ended]
         if not sched.scheduled:
             return outputs
-        start = time.perf_counter()
         result = self.runner.execute(sched)
-        self._record_step_cost(sched, result, time.perf_counter() - start)
         emitted = self.scheduler.update(sched, result)
         now = time.monotonic()
         outputs += [self._output(r, tokens, result.sampled[r.request_id], now) for r, tokens in emitted]
         if self.config.debug_check_integrity:
             self.blocks.check_integrity()
         self._record_gauges()
+        self._record_step_cost(sched, result, time.perf_counter() - start)
         return outputs
 
     def _output(self, r: Request, tokens: list[int], sampled: SampledTokens, now: float) -> RequestOutput:
@@ -186,9 +186,11 @@ class LLMEngine:
     def _record_step_cost(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
         """Feed decode/verify-only step times to the speculation policy's cost tables: a
         replay's by its requests and tokens a request (padding included), others by the
-        tokens computed. No step captures a graph (`capture_all` runs at start-up): a
-        capture's time, taken for a step's, would price its size out of the policy's reach
-        for good."""
+        tokens computed. The time is the whole step's (scheduling, the forward, verification
+        and drafting, the outputs), as drafting changes all of it: on a GPU a small model's
+        step is mostly such host work. No step captures a graph (`capture_all` runs at
+        start-up): a capture's time, taken for a step's, would price its size out of the
+        policy's reach for good."""
         policy = self.scheduler.spec_policy
         if policy is None:
             return
