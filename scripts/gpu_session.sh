@@ -12,7 +12,8 @@
 #   kernels  python3 -m kernels.bench_gpu            (W4A16/W8A16 vs bf16, Llama-3-8B shapes)
 #   decode   python3 -m server.benchmarks.gpu_decode (8B shape: bf16/int8/int4 vs roofline and
 #            transformers, batch 1 and 64)
-#   default  the default model ($GGUF) through the engine, graphs on and off
+#   default  the default model ($GGUF) through the engine, graphs on and off [$DEFAULT_ARGS:
+#            --graph-costs for the device time of a step by batch and Q; --default-configs ...]
 #   spec     n-gram speculation on vs off, the default model ($GGUF) through the engine in
 #            bfloat16, dense then int4-packed weights [$SPEC_QUANTS="none int4"] [$SPEC_ARGS]
 #            (python3 -m server.benchmarks.spec)
@@ -50,8 +51,8 @@ for s in $STEPS; do
       ${DECODE_ARGS:-} ;;
     default)
       if [ -n "$GGUF" ]; then
-        step default 200 python3 -m server.benchmarks.gpu_decode --skip-8b --gguf "$GGUF" \
-          --json "$OUT/default.json"
+        step default 300 python3 -m server.benchmarks.gpu_decode --skip-8b --gguf "$GGUF" \
+          --json "$OUT/default.json" ${DEFAULT_ARGS:-}
       else
         echo "=== default: skipped (no GGUF=...)"
       fi ;;

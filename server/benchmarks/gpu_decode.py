@@ -26,6 +26,8 @@ What each number times:
   `enforce_eager`, the file's Q4_1 weights dequantized to bf16 (the default for a model
   this small) vs served packed (`quantization="int4"`); ``step_only`` times the engine's
   model through `CudaGraphRunner.step` as for the 8B rows.
+- ``graph costs`` (`--graph-costs`): the default model's graph of each (batch, Q) replayed
+  back to back, device time of one step; Q = 1 decodes, Q > 1 verifies Q - 1 drafts.
 
 int8/int4 are round-to-nearest (int8 per channel, int4 groups of 128) of every projection
 including the LM head.
@@ -99,10 +101,11 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
 
 
 @contextlib.contextmanager
-def decode_runner(model: LlamaForCausalLM, batch: int, context: int, steps: int
-                  ) -> Iterator[tuple[CudaGraphRunner, list[list[int]]]]:
+def decode_runner(model: LlamaForCausalLM, batch: int, context: int, steps: int,
+                  max_query_len: int = 1) -> Iterator[tuple[CudaGraphRunner, list[list[int]]]]:
     """A fresh KV cache for `batch` sequences of `context` + `steps` tokens, and a
-    `CudaGraphRunner` over it with each sequence's block table; freed on exit."""
+    `CudaGraphRunner` over it (steps of up to `max_query_len` tokens a sequence) with each
+    sequence's block table; freed on exit."""
     per_seq = -(-(context + steps + 8) // BLOCK)
     num_blocks = batch * per_seq + 1
     c = model.config
@@ -110,7 +113,8 @@ def decode_runner(model: LlamaForCausalLM, batch: int, context: int, steps: int
     model.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device="cuda"),
                         torch.zeros(shape, dtype=model.dtype, device="cuda"))
                        for _ in range(c.num_layers)]
-    runner = CudaGraphRunner(model, BLOCK, num_blocks - 1, per_seq * BLOCK, batch, 1)
+    runner = CudaGraphRunner(model, BLOCK, num_blocks - 1, per_seq * BLOCK, batch,
+                             max_query_len)
     try:
         yield runner, [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
     finally:
@@ -148,6 +152,37 @@ def time_replays(model: LlamaForCausalLM, context: int, replays: int) -> float:
             graph.replay()
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / replays
+
+
+def graph_costs(model: LlamaForCausalLM, context: int, batches: tuple[int, ...],
+                max_query_len: int, replays: int = 50) -> dict[tuple[int, int], float]:
+    """Device seconds of one step by (batch, Q), for Q in the graph runner's query buckets
+    up to `max_query_len`: each CUDA graph replayed back to back between two syncs, as
+    `time_replays`. Against Q = 1 (decode), what verifying Q - 1 drafts a sequence costs
+    at each batch, which is what the speculation policy weighs."""
+    out = {}
+    with decode_runner(model, max(batches), context, max_query_len, max_query_len) as (
+            runner, tables), torch.inference_mode():
+        for b in batches:
+            for q in runner.query_buckets:
+                runner.step(b, q, [context] * b, [[1] * q] * b, tables[:b])  # captures
+                graph = runner.graphs[(b, q)].graph
+                graph.replay()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(replays):
+                    graph.replay()
+                torch.cuda.synchronize()
+                out[(b, q)] = (time.perf_counter() - start) / replays
+    return out
+
+
+def print_graph_costs(label: str, costs: dict[tuple[int, int], float]) -> None:
+    queries = sorted({q for _, q in costs})
+    print(f"device us a step by batch and Q ({label}):", flush=True)
+    for b in sorted({b for b, _ in costs}):
+        print(f"  b={b:<3}" + "".join(f"  Q={q} {costs[(b, q)] * 1e6:6.0f}" for q in queries),
+              flush=True)
 
 
 def time_decode(model: LlamaForCausalLM, batch: int, context: int, steps: int,
@@ -305,6 +340,25 @@ def bench_default(path: str, configs: list[str], repeats: int = 3) -> list[dict]
     return rows
 
 
+def bench_graph_costs(path: str, context: int) -> list[dict]:
+    """`graph_costs` of the default model at batches 1-16 and Q up to 9 (8 drafts), its
+    weights in bf16 and Q4_1-packed."""
+    from server.engine.llm import LLM
+
+    rows = []
+    for quantization in (None, "int4"):
+        llm = LLM(path, enforce_eager=True, max_num_seqs=1, kv_cache_memory_gb=0.5,
+                  quantization=quantization)
+        weights = "Q4_1 packed" if quantization else "bf16 dense"
+        costs = graph_costs(llm.engine.model, context, (1, 2, 4, 8, 16), 9)
+        print_graph_costs(f"default model, {weights}", costs)
+        rows += [dict(model=f"default (SmolLM2-135M, {weights})", batch=b, query=q,
+                      device_us=seconds * 1e6) for (b, q), seconds in sorted(costs.items())]
+        del llm
+        torch.cuda.empty_cache()
+    return rows
+
+
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}"
@@ -325,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the 8B model's weight modes to time")
     parser.add_argument("--profile", action="store_true",
                         help="also print each 8B mode's per-kernel device time of a step")
+    parser.add_argument("--graph-costs", action="store_true",
+                        help="with --gguf: also the default model's device time of a step by "
+                        "batch and tokens a sequence (decode against verification)")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -335,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
                                             args.profile, tuple(args.modes))
     if args.gguf:
         rows += bench_default(args.gguf, args.default_configs, args.repeats)
+        if args.graph_costs:
+            rows += bench_graph_costs(args.gguf, args.context)
     tuned = tuned_configs()
     for entry in tuned:
         if entry["kernel"] == "mma_gemv":  # (int4/int8 decode: the picks explain spreads)
