@@ -46,6 +46,38 @@ def _x_tile(x_ptr, res_ptr, nw_ptr, k, live, rstd, K, PROLOGUE: tl.constexpr,
     return v.to(tl.float32)
 
 
+@triton.jit
+def _walk_start(w_ptr, pid_n, pid_k, N, K, stride_w, split_k, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """A program's share of the K walk (both kernels): its BLOCK_N output features, its
+    split's tiles [begin, end) and where its features end (limit), the weight rows, and the
+    first tile's features k and weights w [BLOCK_N, BLOCK_K], loaded (before the PDL wait:
+    no kernel writes weights)."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kk = tl.arange(0, BLOCK_K)
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_tiles, split_k)
+    begin = pid_k * per_split
+    end = tl.minimum(begin + per_split, num_tiles)
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    limit = tl.minimum(K, end * BLOCK_K)
+    k = begin * BLOCK_K + kk
+    live = k < limit
+    w = tl.load(rows + k[None, :], mask=mask_n[:, None] & live[None, :], other=0.0)
+    return offs_n, mask_n, kk, begin, end, rows, limit, k, live, w
+
+
+@triton.jit
+def _next_tile(rows, k, limit, mask_n, BLOCK_K: tl.constexpr):
+    """The next tile's weights, features and mask, loaded while the current one is used."""
+    k_next = k + BLOCK_K
+    live_next = k_next < limit
+    w_next = tl.load(rows + k_next[None, :], mask=mask_n[:, None] & live_next[None, :],
+                     other=0.0)
+    return w_next, k_next, live_next
+
+
 @triton.jit(do_not_specialize=["split_k"])
 def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr, res_out_ptr,
                        N, K, stride_w, eps, split_k, BLOCK_N: tl.constexpr,
@@ -58,18 +90,8 @@ def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr
     row's rstd itself from the whole row; program (0, 0) also stores x + res."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    kk = tl.arange(0, BLOCK_K)
-    num_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(num_tiles, split_k)
-    begin = pid_k * per_split
-    end = tl.minimum(begin + per_split, num_tiles)
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-    limit = tl.minimum(K, end * BLOCK_K)  # this split's features end here
-    k = begin * BLOCK_K + kk
-    live = k < limit
-    w = tl.load(rows + k[None, :], mask=mask_n[:, None] & live[None, :], other=0.0)
+    offs_n, mask_n, _, begin, end, rows, limit, k, live, w = _walk_start(
+        w_ptr, pid_n, pid_k, N, K, stride_w, split_k, BLOCK_N, BLOCK_K)
     await_inputs(PDL)  # the first tile may load while the previous kernel finishes
     rstd = 0.0
     if PROLOGUE == 1:
@@ -84,10 +106,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr
         rstd = 1.0 / tl.sqrt(tl.sum(row * row, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for _ in range(begin, end):
-        k_next = k + BLOCK_K
-        live_next = k_next < limit
-        w_next = tl.load(rows + k_next[None, :], mask=mask_n[:, None] & live_next[None, :],
-                         other=0.0)
+        w_next, k_next, live_next = _next_tile(rows, k, limit, mask_n, BLOCK_K)
         xv = _x_tile(x_ptr, res_ptr, nw_ptr, k, live, rstd, K, PROLOGUE, HAS_RES)
         acc += w.to(tl.float32) * xv[None, :]
         w, k, live = w_next, k_next, live_next
@@ -132,21 +151,11 @@ def _dense_rows_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr
     x + res."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n, kk, begin, end, rows, limit, k, live, w = _walk_start(
+        w_ptr, pid_n, pid_k, N, K, stride_w, split_k, BLOCK_N, BLOCK_K)
+    await_inputs(PDL)  # the first tile may load while the previous kernel finishes
     offs_m = tl.arange(0, 16)
     mask_m = offs_m < M
-    kk = tl.arange(0, BLOCK_K)
-    num_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(num_tiles, split_k)
-    begin = pid_k * per_split
-    end = tl.minimum(begin + per_split, num_tiles)
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-    limit = tl.minimum(K, end * BLOCK_K)
-    k = begin * BLOCK_K + kk
-    live = k < limit
-    w = tl.load(rows + k[None, :], mask=mask_n[:, None] & live[None, :], other=0.0)
-    await_inputs(PDL)  # the first tile may load while the previous kernel finishes
     rstd = tl.zeros((16,), dtype=tl.float32)
     if PROLOGUE == 1:
         first = (pid_n == 0) & (pid_k == 0)
@@ -165,10 +174,7 @@ def _dense_rows_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr
         rstd = 1.0 / tl.sqrt(rstd / K + eps)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for _ in range(begin, end):
-        k_next = k + BLOCK_K
-        live_next = k_next < limit
-        w_next = tl.load(rows + k_next[None, :], mask=mask_n[:, None] & live_next[None, :],
-                         other=0.0)
+        w_next, k_next, live_next = _next_tile(rows, k, limit, mask_n, BLOCK_K)
         xt = _rows_tile(x_ptr, res_ptr, nw_ptr, offs_m, mask_m, k, live, rstd, stride_x, K,
                         PROLOGUE, HAS_RES)
         acc = tl.dot(xt, tl.trans(w), acc)
