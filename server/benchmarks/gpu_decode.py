@@ -144,14 +144,18 @@ def time_replays(model: LlamaForCausalLM, context: int, replays: int) -> float:
     steps; against `time_decode` this gives the host's share of a step."""
     with decode_runner(model, 1, context, 1) as (runner, tables), torch.inference_mode():
         runner.step(1, 1, [context], [[1]], tables)  # captures
-        graph = runner.graphs[(1, 1)].graph
+        return _replay_seconds(runner.graphs[(1, 1)].graph, replays)
+
+
+def _replay_seconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Seconds a replay of `graph`, `replays` back to back between two syncs (after one)."""
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
         graph.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / replays
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / replays
 
 
 def graph_costs(model: LlamaForCausalLM, context: int, batches: tuple[int, ...],
@@ -166,14 +170,7 @@ def graph_costs(model: LlamaForCausalLM, context: int, batches: tuple[int, ...],
         for b in batches:
             for q in runner.query_buckets:
                 runner.step(b, q, [context] * b, [[1] * q] * b, tables[:b])  # captures
-                graph = runner.graphs[(b, q)].graph
-                graph.replay()
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(replays):
-                    graph.replay()
-                torch.cuda.synchronize()
-                out[(b, q)] = (time.perf_counter() - start) / replays
+                out[(b, q)] = _replay_seconds(runner.graphs[(b, q)].graph, replays)
     return out
 
 
