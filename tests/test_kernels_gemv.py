@@ -194,24 +194,26 @@ def test_dense_gemv_exact_on_integer_data(config, dtype):
 
 
 @pytest.mark.parametrize("residual", [True, False])
-def test_dense_gemv_fused_norm_and_silu_prologues(residual):
-    """The fused input steps equal the separate kernels' references followed by the GEMV
-    (float16: the interpreter rounds float16 to nearest; its bfloat16 casts truncate)."""
+@pytest.mark.parametrize("m", [1, 5])
+def test_dense_gemv_fused_norm_and_silu_prologues(residual, m):
+    """The fused input steps equal the separate kernels' references followed by the GEMV,
+    at one row and at 5 (the row kernel; each row its own norm) (float16: the interpreter
+    rounds float16 to nearest; its bfloat16 casts truncate)."""
     from kernels.triton_fused import add_rms_norm_reference, silu_mul_reference
 
     g = torch.Generator().manual_seed(2)
     n, k, dt = 24, 200, torch.float16
     w = (torch.randn(n, k, generator=g) * 0.1).to(dt)
-    x = torch.randn(1, k, generator=g).to(dt)
-    res = torch.randn(1, k, generator=g).to(dt) if residual else None
+    x = torch.randn(m, k, generator=g).to(dt) * torch.arange(1, m + 1).to(dt)[:, None]
+    res = torch.randn(m, k, generator=g).to(dt) if residual else None
     nw = (torch.rand(k, generator=g) + 0.5).to(dt)
-    for config in (None, {"BLOCK_N": 8, "BLOCK_K": 64, "split_k": 3}):
+    for config in (None, {"BLOCK_N": 8 if m == 1 else 16, "BLOCK_K": 64, "split_k": 3}):
         out, res_out = triton_dense_gemv.dense_gemv(x, w, config=config, norm=(res, nw, 1e-5))
         h, ref_res = add_rms_norm_reference(x, res, nw, 1e-5)
         assert torch.equal(res_out, ref_res)
         ref = h.float() @ w.float().t()
         assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-3
-    gate_up = (torch.randn(1, 2 * k, generator=g) * 3).to(dt)
+    gate_up = (torch.randn(m, 2 * k, generator=g) * 3).to(dt)
     out = triton_dense_gemv.dense_gemv(gate_up, w, torch.float32, silu=True)
     ref = silu_mul_reference(gate_up).float() @ w.float().t()
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-3
@@ -238,30 +240,6 @@ def test_dense_gemv_rows_exact_on_integer_data(config, m):
     assert torch.equal(triton_dense_gemv.dense_gemv(x, w, config=config), ref.to(dtype))
     with pytest.raises(ValueError, match="at most 16 rows"):
         triton_dense_gemv.dense_gemv(torch.zeros(17, k, dtype=dtype), w)
-
-
-@pytest.mark.parametrize("residual", [True, False])
-def test_dense_gemv_rows_fused_norm_and_silu_prologues(residual):
-    """The fused input steps of 5 rows equal the separate kernels' references followed by
-    the product, row by row (each row its own norm)."""
-    from kernels.triton_fused import add_rms_norm_reference, silu_mul_reference
-
-    g = torch.Generator().manual_seed(3)
-    m, n, k, dt = 5, 24, 200, torch.float16
-    w = (torch.randn(n, k, generator=g) * 0.1).to(dt)
-    x = torch.randn(m, k, generator=g).to(dt) * torch.arange(1, m + 1).to(dt)[:, None]
-    res = torch.randn(m, k, generator=g).to(dt) if residual else None
-    nw = (torch.rand(k, generator=g) + 0.5).to(dt)
-    for config in (None, {"BLOCK_N": 16, "BLOCK_K": 64, "split_k": 3}):
-        out, res_out = triton_dense_gemv.dense_gemv(x, w, config=config, norm=(res, nw, 1e-5))
-        h, ref_res = add_rms_norm_reference(x, res, nw, 1e-5)
-        assert torch.equal(res_out, ref_res)
-        ref = h.float() @ w.float().t()
-        assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-3
-    gate_up = (torch.randn(m, 2 * k, generator=g) * 3).to(dt)
-    out = triton_dense_gemv.dense_gemv(gate_up, w, torch.float32, silu=True)
-    ref = silu_mul_reference(gate_up).float() @ w.float().t()
-    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-3
 
 
 def test_outgrown_counters_stay_alive():
