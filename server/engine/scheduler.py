@@ -108,8 +108,14 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new, []))
             budget -= num_new
-        self._trim_padded_drafts(scheduled)
-        self._assign_draft_lengths(scheduled)
+        policy = self.spec_policy
+        if policy is not None:
+            # a step of decoding requests only (no prompt chunk) is one the CUDA graphs (when
+            # present) replay padded, and the next one will likely be one too
+            padded = _decoding(scheduled) and policy.pads(len(scheduled))
+            if padded:
+                self._trim_padded_drafts(scheduled, policy)
+            self._assign_draft_lengths(scheduled, policy, padded)
         total = sum(s.num_new_tokens for s in scheduled)
         return SchedulerOutput(scheduled, total, preempted, ended)
 
@@ -146,17 +152,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _assign_draft_lengths(self, scheduled: list[ScheduledRequest]) -> None:
-        policy = self.spec_policy
-        if policy is None:
-            return
+    def _assign_draft_lengths(self, scheduled: list[ScheduledRequest], policy: SpecPolicy,
+                              padded: bool) -> None:
+        """How many drafts each request may get for its next step: one Q for all of a
+        `padded` step (see `SpecPolicy`), else request by request."""
         step_tokens = sum(s.num_new_tokens - len(s.spec_token_ids) for s in scheduled)
         spare = self.config.max_num_batched_tokens - step_tokens
         producing = [s for s in scheduled if s.reaches_end]
         limits = [max(0, min(self._draft_room(s), spare)) for s in producing]
-        # a step of decoding requests only (no prompt chunk): the next one will likely be one
-        # too, which the CUDA graphs (when present) replay padded
-        if _decoding(scheduled) and policy.pads(len(producing)):
+        if padded:
             ids = [s.request.request_id for s in producing]
             lengths = policy.padded_draft_lengths(list(zip(ids, limits, strict=True)), spare)
             for s, k in zip(producing, lengths, strict=True):
@@ -169,13 +173,10 @@ class Scheduler:
             step_tokens += k
             s.num_draft_tokens_next = k
 
-    def _trim_padded_drafts(self, scheduled: list[ScheduledRequest]) -> None:
+    def _trim_padded_drafts(self, scheduled: list[ScheduledRequest], policy: SpecPolicy) -> None:
         """A padded step verifies as many tokens a request as its longest draft asks: now
         that the drafts are known, keep only as many as pay for that padding (the policy's
         rule again, each request limited to the drafts it has)."""
-        policy = self.spec_policy
-        if policy is None or not _decoding(scheduled) or not policy.pads(len(scheduled)):
-            return
         drafts = [len(s.spec_token_ids) for s in scheduled]
         if not any(drafts):
             return
