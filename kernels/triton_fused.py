@@ -76,10 +76,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                          stride_x, stride_res, stride_out, stride_res_out,
                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the wait: a weight
+    await_inputs(PDL)
     dtype = res_out_ptr.dtype.element_ty
     x = _load_input(x_ptr, row * stride_x + cols, mask, dtype)
     if HAS_RESIDUAL:
@@ -89,7 +90,6 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, ep
         tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
     x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (x * rstd * w).to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -136,25 +136,29 @@ def _rope_kv_write_kernel(in_ptr, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_pt
                           stride_kh, stride_vb, stride_vs, stride_vh, half,
                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                           BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
-    await_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
     mask = offs < half
+    # positions and slots are the step's inputs, written before its first kernel: they and
+    # the rotation load while the previous kernel finishes
+    rotate = head < NUM_HEADS + NUM_KV_HEADS  # q or k
+    turns = offs < tl.where(rotate, half, 0)
+    pos = tl.load(pos_ptr + t)
+    cos = tl.load(cos_ptr + pos * stride_table + offs, mask=turns, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_table + offs, mask=turns, other=0.0)
+    slot = tl.load(slot_ptr + t)
+    await_inputs(PDL)
     at = t * stride_qkv + head * 2 * half + offs
     x1 = _load_input(in_ptr, at, mask, qkv_ptr.dtype.element_ty)
     x2 = _load_input(in_ptr, at + half, mask, qkv_ptr.dtype.element_ty)
-    if head < NUM_HEADS + NUM_KV_HEADS:  # q or k: rotate (in place unless from GemvSums)
-        pos = tl.load(pos_ptr + t)
-        cos = tl.load(cos_ptr + pos * stride_table + offs, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + pos * stride_table + offs, mask=mask, other=0.0)
+    if rotate:  # (in place unless from GemvSums)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         x1 = (a * cos - b * sin).to(x1.dtype)
         x2 = (b * cos + a * sin).to(x2.dtype)
         tl.store(qkv_ptr + at, x1, mask=mask)
         tl.store(qkv_ptr + at + half, x2, mask=mask)
     if head >= NUM_HEADS:  # k or v: store at the token's flat slot block * block_size + offset
-        slot = tl.load(slot_ptr + t)
         block, offset = slot // block_size, slot % block_size
         if head < NUM_HEADS + NUM_KV_HEADS:
             dst = (k_cache_ptr + block * stride_kb + offset * stride_ks
