@@ -45,6 +45,7 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
     ([100, 200], [3, 5], 8, 2, 32, 8, 48, 4),  # sliding window + sinks, page 8 < tile
     ([90, 33], [20, 33], 4, 1, 16, 32, 16, 0),  # long queries (several chunks), window only
     ([600, 64], [1, 2], 4, 2, 32, 16, None, 0),  # 10 and 1 tiles: uneven split-KV shares
+    ([66, 129], [5, 9], 4, 2, 32, 16, None, 0),  # a step's new tokens across a tile edge
 ]
 
 
