@@ -5,7 +5,10 @@ torch's matmul (cuBLAS), ``bf16-tr`` our 16-bit GEMV (M <= 16), ``w4a16`` / ``w8
 packed kernels as the model calls them (the mma GEMV for int4 at M <= 16 and for per-channel
 int8 at M <= 8), ``w4-fma`` / ``w8-fma`` the CUDA-core GEMV (M = 1 only), ``w4-nopdl`` /
 ``tr-nopdl`` the w4a16 / bf16-tr kernels launched without programmatic dependent launch
-(`kernels.pdl`; M = 1 only), ``w4-tc`` and ``w4-deq`` the two int4 routes above 16 rows
+(`kernels.pdl`; M = 1 only), ``w4-sums`` the int4 GEMV as the decoder layers run it at
+M <= 4 (`kernels.gemv_sums`: no split-K merge of its own; its programs add their sums into
+one int64 buffer that the next kernel, a norm, RoPE or SwiGLU that runs anyway, rounds and
+zeroes), ``w4-tc`` and ``w4-deq`` the two int4 routes above 16 rows
 (the tensor-core GEMM; dequantizing for cuBLAS), whichever `kernels.triton_gemm.DEQUANT_ROWS`
 picks (`--rows` sets the M values); "x bf16" is against cuBLAS. It measures the device's copy
 bandwidth in the same run (a large device-to-device copy, bytes read plus written), then for
@@ -27,6 +30,7 @@ import torch
 
 from kernels import pdl
 from kernels.gemm import quantized_linear
+from kernels.gemv_sums import mma_gemv_sums, mma_gemv_sums_supported
 from kernels.quant import PackedWeight, quantize_int4, quantize_int8, to_words
 from kernels.triton_dense_gemv import ROWS_MAX, dense_gemv
 
@@ -35,6 +39,10 @@ SHAPES = {  # name: (N, K) = (out_features, in_features)
     "kv 1024x4096": (1024, 4096),
     "gate/up 14336x4096": (14336, 4096),
     "down 4096x14336": (4096, 14336),
+}
+FUSED_SHAPES = {  # Llama-3-8B's projections as its decoder layers run them, fused (by name)
+    "qkv 6144x4096": (6144, 4096),
+    "gate_up 28672x4096": (28672, 4096),
 }
 SMOL_SHAPES = {  # the default model's (SmolLM2-135M), by name only (--shapes smol-...)
     "smol-qkv 960x576": (960, 576),
@@ -99,6 +107,11 @@ def _fma_gemv(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     return triton_gemv(x, packed, out, _tile_counters(x.device, packed.out_features // 32))
 
 
+def _sums_gemv(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """The GEMV's int64 sums (left in the device's buffer, as the layers leave them)."""
+    return mma_gemv_sums(x, packed).sums
+
+
 def _without_pdl(op: Callable) -> Callable:
     """`op` with every kernel launched (and captured) without PDL."""
     def run(x: torch.Tensor, w: object) -> torch.Tensor:
@@ -140,6 +153,7 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float, ms: tuple[int, ...]
         variants[scheme[:2] + "-fma"] = (_fma_gemv, copies, packed.nbytes())
         if scheme == "w4a16":
             variants["w4-nopdl"] = (_without_pdl(quantized_linear), copies, packed.nbytes())
+            variants["w4-sums"] = (_sums_gemv, copies, packed.nbytes())
             variants["w4-tc"] = (_dequant_from(1 << 30, quantized_linear), copies,
                                  packed.nbytes())
             variants["w4-deq"] = (_dequant_from(2, quantized_linear), copies, packed.nbytes())
@@ -155,7 +169,11 @@ def bench_shape(name: str, n: int, k: int, bandwidth: float, ms: tuple[int, ...]
                 continue
             if scheme in ("w4-tc", "w4-deq") and m <= 16:
                 continue
+            if scheme == "w4-sums" and not mma_gemv_sums_supported(x, weights[0]):
+                continue
             seconds = _graph_time(op, x, weights)
+            if scheme == "w4-sums":  # the timed runs added into the device's sums buffer:
+                op(x, weights[0]).zero_()  # zero it, as the next kernel would
             base = seconds if scheme == "bf16" else base
             achieved = (wbytes + act_bytes) / seconds
             rows.append(dict(shape=name, N=n, K=k, M=m, kernel=scheme, us=seconds * 1e6,
@@ -214,11 +232,12 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows and the copy bandwidth here")
-    every = {**SHAPES, **SMOL_SHAPES}
+    every = {**SHAPES, **FUSED_SHAPES, **SMOL_SHAPES}
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES),
                         choices=[*every, *(name.split()[0] for name in every)],
                         help="shapes by name or by its first word (qo, kv, gate/up, down; "
-                        "the default model's smol-qkv, smol-gate/up, smol-down, smol-head)")
+                        "the 8B layers' fused qkv, gate_up; the default model's smol-qkv, "
+                        "smol-gate/up, smol-down, smol-head)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time every mma GEMV configuration of each shape")
     parser.add_argument("--sweep-rows", type=int, nargs="*", default=[1],
