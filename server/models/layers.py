@@ -46,9 +46,12 @@ class Linear(torch.nn.Module):
         return dense_linear(x, self.weight, self.bias)
 
     def _fusable(self, x: Activations, fused: bool) -> bool:
-        """A dense weight and a GEMV input: the step producing x fuses into the GEMV."""
+        """A dense weight and one GEMV input row: the step producing x fuses into the GEMV.
+        (At 2 to GEMV_ROWS rows the separate pointwise kernel and the plain row kernel took
+        0.87-0.89x the device time of the fused row kernel in the default model's graphed
+        steps on an H200, docs/benchmarks/gpu.md run 108.)"""
         return (fused and self.packed is None and isinstance(x, torch.Tensor)
-                and _gemv_input(x, self.weight))
+                and x.shape[0] == 1 and _gemv_input(x, self.weight))
 
     def project(self, x: torch.Tensor, fused: bool) -> Activations:
         """self(x), except that with `fused`, for a packed weight without bias at batch-1
@@ -64,8 +67,7 @@ class Linear(torch.nn.Module):
     def after_norm(self, x: Activations, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                    eps: float, fused: bool) -> tuple[Activations, torch.Tensor]:
         """(self(rms_norm(x + residual) * norm_weight), x + residual), the norm fused into
-        the dense GEMV of up to GEMV_ROWS rows on CUDA (one kernel instead of two); see
-        `project`."""
+        the dense GEMV of one row on CUDA (one kernel instead of two); see `project`."""
         if not self._fusable(x, fused):
             h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
             return self.project(h, fused), residual
@@ -76,7 +78,7 @@ class Linear(torch.nn.Module):
 
     def after_silu(self, gate_up: Activations, fused: bool) -> Activations:
         """self(silu(gate) * up) of a [T, 2 * in_features] gate/up projection, the SwiGLU
-        fused into the dense GEMV of up to GEMV_ROWS rows on CUDA; see `project`."""
+        fused into the dense GEMV of one row on CUDA; see `project`."""
         if not self._fusable(gate_up, fused):
             return self.project(silu_mul(gate_up, fused), fused)
         from kernels.triton_dense_gemv import dense_gemv
@@ -86,10 +88,10 @@ class Linear(torch.nn.Module):
 
 
 GEMV_ROWS = 6
-"""Rows up to which 16-bit dense products on CUDA go to `dense_gemv` (with the norm or the
-SwiGLU before them fused in): the default model's graphed steps on an H200 took 0.89-0.99x
-the device time at 2-6 rows, 1.02-1.18x at 8-16, against cuBLAS with separate pointwise
-kernels (docs/benchmarks/gpu.md, run 97)."""
+"""Rows up to which 16-bit dense products on CUDA go to `dense_gemv` (at one row with the
+norm or the SwiGLU before them fused in): the default model's graphed steps on an H200 took
+0.89-0.99x the device time at 2-6 rows, 1.02-1.18x at 8-16, against cuBLAS with separate
+pointwise kernels (docs/benchmarks/gpu.md, run 97)."""
 
 
 def _gemv_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
