@@ -148,6 +148,7 @@ class LLMEngine:
         emitted = self.scheduler.update(sched, result)
         now = time.monotonic()
         outputs += [self._output(r, tokens, result.sampled[r.request_id], now) for r, tokens in emitted]
+        self._record_step_tokens(emitted, result.sampled)
         if self.config.debug_check_integrity:
             self.blocks.check_integrity()
         self._record_gauges()
@@ -164,8 +165,7 @@ class LLMEngine:
             self.scheduler.finish_request(r.request_id, "stop")
             text += tracked.detok.add([], final=True)
         if tokens:
-            self._record_tokens(tracked, r, len(tokens), now)
-        self._record_spec(sampled)
+            self._record_latency(tracked, r, now)
         logprobs = sampled.logprobs[: len(tokens)] if sampled.logprobs is not None else None
         if r.is_finished:
             self._forget(r.request_id, r.finish_reason or "stop")
@@ -200,9 +200,8 @@ class LLMEngine:
             else:
                 policy.costs.observe(sched.num_batched_tokens, seconds)
 
-    def _record_tokens(self, tracked: _Tracked, r: Request, n: int, now: float) -> None:
+    def _record_latency(self, tracked: _Tracked, r: Request, now: float) -> None:
         m = self.metrics
-        m.generation_tokens.inc(n)
         if tracked.last_token_time is None:
             m.time_to_first_token.observe(now - r.arrival_time)
             m.prompt_tokens.inc(r.num_prompt_tokens)
@@ -212,16 +211,32 @@ class LLMEngine:
             m.inter_token_latency.observe(now - tracked.last_token_time)
         tracked.last_token_time = now
 
-    def _record_spec(self, sampled: SampledTokens) -> None:
-        if sampled.num_draft_tokens == 0:
-            return
+    def _record_step_tokens(self, emitted: list[tuple[Request, list[int]]],
+                            sampled: dict[str, SampledTokens]) -> None:
+        """A step's token and speculation counters, each added to once a step (a counter's
+        update takes a lock: per request, they were ~5 us of a 16-request step's host work)."""
         m = self.metrics
-        accepted = len(sampled.token_ids) - 1
-        m.spec_decode_num_drafts.inc()
-        m.spec_decode_num_draft_tokens.inc(sampled.num_draft_tokens)
-        m.spec_decode_num_accepted_tokens.inc(accepted)
-        for position in range(accepted):
-            m.accepted_at(position)
+        generated = drafts = drafted = accepted = 0
+        at: list[int] = []  # requests that accepted at least i + 1 drafts, by position i
+        for r, tokens in emitted:
+            generated += len(tokens)
+            result = sampled[r.request_id]
+            if result.num_draft_tokens:
+                n = len(result.token_ids) - 1
+                drafts += 1
+                drafted += result.num_draft_tokens
+                accepted += n
+                at.extend([0] * (n - len(at)))
+                for position in range(n):
+                    at[position] += 1
+        if generated:
+            m.generation_tokens.inc(generated)
+        if drafts:
+            m.spec_decode_num_drafts.inc(drafts)
+            m.spec_decode_num_draft_tokens.inc(drafted)
+            m.spec_decode_num_accepted_tokens.inc(accepted)
+            for position, count in enumerate(at):
+                m.accepted_at(position, count)
 
     def _is_stop_token(self, r: Request, token: int) -> bool:
         return token in r.params.stop_token_ids or (not r.params.ignore_eos and token in self.eos_token_ids)
