@@ -7,12 +7,54 @@ can only change speed, never the output.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
 import torch
+
+
+class History(Sequence[int]):
+    """A request's tokens read as one sequence without copying them: its prompt, its output
+    so far and a step's new tokens, joined. A drafter reads the end of it each step (a
+    copy of the whole would cost O(context) a request a step). It shows the request's lists
+    as they are: read it during `propose`, do not keep it."""
+
+    __slots__ = ("_parts", "_len")
+
+    def __init__(self, *parts: Sequence[int]) -> None:
+        self._parts = parts
+        self._len = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain(*self._parts)
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._len)
+            if step != 1:
+                return list(self)[index]
+            out: list[int] = []
+            offset = 0
+            for part in self._parts:
+                if start < offset + len(part) and stop > offset:
+                    out.extend(part[max(start - offset, 0):stop - offset])
+                offset += len(part)
+            return out
+        i = index + self._len if index < 0 else index
+        if not 0 <= i < self._len:
+            raise IndexError("History index out of range")
+        *head, last = self._parts
+        for part in head:
+            if i < len(part):
+                return part[i]
+            i -= len(part)
+        return last[i]
 
 
 @dataclass
@@ -21,7 +63,8 @@ class DraftRequest:
 
     request_id: str
     token_ids: Sequence[int]
-    """Prompt plus every token generated so far; the last one is the newest token."""
+    """Prompt plus every token generated so far; the last one is the newest token (the
+    engine passes a `History`)."""
     max_draft_tokens: int
     """Propose at most this many tokens (>= 1)."""
 

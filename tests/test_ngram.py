@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from drafters.base import DraftBatch, DraftRequest, Proposal, create_drafter
+from drafters.base import DraftBatch, DraftRequest, History, Proposal, create_drafter
 from drafters.ngram import NgramDrafter
 
 
@@ -121,3 +121,29 @@ def test_release_forgets_the_request() -> None:
     drafter.release("never-seen")
     assert "x" not in drafter._indexes
     assert _propose(drafter, [4, 4], request_id="x") == [4]
+
+
+def test_history_reads_as_the_joined_lists() -> None:
+    """`History` (prompt, output, a step's new tokens: what the engine hands drafters)
+    indexes, slices and iterates as their concatenation, and drafts from it match drafts
+    from the copied list."""
+    rng = random.Random(1)
+    for _ in range(200):
+        parts = [[rng.randrange(5) for _ in range(rng.randrange(0, 6))] for _ in range(3)]
+        history, joined = History(*parts), parts[0] + parts[1] + parts[2]
+        assert len(history) == len(joined) and list(history) == joined
+        for start in range(-7, 8):
+            for stop in (*range(-7, 8), None):
+                assert history[start:stop] == joined[start:stop]
+            assert history[start::2] == joined[start::2]
+            if -len(joined) <= start < len(joined):
+                assert history[start] == joined[start]
+            else:
+                with pytest.raises(IndexError):
+                    history[start]
+    drafter, copied = NgramDrafter(), NgramDrafter()
+    prompt, output = [1, 2, 3, 4, 1, 2], []
+    for new in ([3], [5, 1], [2, 3, 4], [1]):
+        got = _propose(drafter, History(prompt, output, new), request_id="h")
+        assert got == _propose(copied, prompt + output + new, request_id="c")
+        output.extend(new)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from drafters.base import DraftBatch, Drafter, DraftRequest
+from drafters.base import DraftBatch, Drafter, DraftRequest, History
 from drafters.verify import verify_greedy, verify_sampled
 from server.engine.batch_builder import build_inputs
 from server.engine.block_manager import BlockManager
@@ -149,7 +149,9 @@ class ModelRunner:
         if not wanted:
             return
         requests = [
-            DraftRequest(s.request.request_id, s.request.all_token_ids + sampled[s.request.request_id].token_ids,
+            DraftRequest(s.request.request_id,
+                         History(s.request.prompt_token_ids, s.request.output_token_ids,
+                                 sampled[s.request.request_id].token_ids),
                          s.num_draft_tokens_next)
             for s, _ in wanted
         ]
