@@ -22,7 +22,8 @@ its results back (the tokens for plain greedy steps, else the logits).
 
 Every graph is captured at start (`capture_all`; a capture while serving stalls every
 request for the capture, and for Triton's autotuning of a new row count, seconds with
-packed weights). All graphs share one memory pool.
+packed weights) and replayed once there, which uploads it to the device. All graphs share
+one memory pool.
 """
 
 from __future__ import annotations
@@ -229,6 +230,12 @@ class CudaGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden, logits, tokens = self._forward(b, q)
+        # a graph's first replay also uploads it to the device (docs/benchmarks/gpu.md, run
+        # 105: the launch of graphs replayed once or twice in a run took 0.27-0.30 ms, of
+        # the others 0.01-0.02): paid here, not by the first step that needs the graph and
+        # the speculation policy's first cost of it. (The inputs are the ones the capture
+        # ran on: this replay writes the same KV again.)
+        graph.replay()
         self.pool = graph.pool()
         self.graphs[(b, q)] = _Graph(graph, hidden, logits, tokens)
         return self.graphs[(b, q)]
