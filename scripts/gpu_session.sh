@@ -17,6 +17,9 @@
 #   spec     n-gram speculation on vs off, the default model ($GGUF) through the engine in
 #            bfloat16, dense then int4-packed weights [$SPEC_QUANTS="none int4"] [$SPEC_ARGS]
 #            (python3 -m server.benchmarks.spec)
+#   phases   where an engine step's time goes by step shape, host phases against the graph's
+#            device time, the default model ($GGUF) in bfloat16 with n-gram drafts
+#            (python3 -m server.benchmarks.phases) [$PHASES_ARGS]
 #   probe    python3 -m kernels.probe_loads (loads-only floor of the int4 GEMV's access pattern)
 #   tune     python3 -m kernels.tune_gpu [$TUNE_ARGS] (the device's GEMV table, into $OUT)
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
@@ -64,6 +67,13 @@ for s in $STEPS; do
         done
       else
         echo "=== spec: skipped (no GGUF=...)"
+      fi ;;
+    phases)
+      if [ -n "$GGUF" ]; then
+        step phases 240 python3 -m server.benchmarks.phases "$GGUF" --dtype bfloat16 \
+          --result-json "$OUT/phases.json" ${PHASES_ARGS:-}
+      else
+        echo "=== phases: skipped (no GGUF=...)"
       fi ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
     tune)  # this device's GEMV table ($OUT/table.json, to copy to kernels/tables/), which

@@ -1,4 +1,4 @@
-"""`leapfrog` command line: serve, generate, bench (serve | offline | spec)."""
+"""`leapfrog` command line: serve, generate, bench (serve | offline | spec | phases)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from bench import serve as bench_serve
     from server.api.cli_args import add_arguments as add_serve_arguments
-    from server.benchmarks import offline, spec
+    from server.benchmarks import offline, phases, spec
 
     parser = argparse.ArgumentParser(prog="leapfrog", description="LLM inference server with speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", bench_serve, "load-test any OpenAI-compatible server over HTTP"),
         ("offline", offline, "offline decode speed vs transformers on the same weights"),
         ("spec", spec, "speculative decoding speedup and acceptance per prompt category"),
+        ("phases", phases, "where an engine step's time goes (host phases, model), by step shape"),
     ):
         p = bench.add_parser(name, help=text)
         module.add_arguments(p)
