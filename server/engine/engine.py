@@ -213,8 +213,9 @@ class LLMEngine:
 
     def _record_step_tokens(self, emitted: list[tuple[Request, list[int]]],
                             sampled: dict[str, SampledTokens]) -> None:
-        """A step's token and speculation counters, each added to once a step (a counter's
-        update takes a lock: per request, they were ~5 us of a 16-request step's host work)."""
+        """A step's token and speculation counters, each added to once a step, not once a
+        request: each update takes a lock (the outputs of a 16-request step with n-gram
+        drafts took ~160 us against ~185 on this repo's CPU)."""
         m = self.metrics
         generated = drafts = drafted = accepted = 0
         at: list[int] = []  # requests that accepted at least i + 1 drafts, by position i
