@@ -176,11 +176,38 @@ class CudaGraphRunner:
         """Write a step's inputs (real sequences, each padded to Q tokens with id 0 at the
         next positions and KV in the scratch block; then padding sequences: ids 0,
         positions 0..Q-1, KV in the scratch block) and copy them to the device in one copy."""
-        n, bs = len(starts), self.block_size
         views = self._host_views.get((b, q))
         if views is None:  # numpy views of the pinned buffer, made once a shape
             views = tuple(v.numpy() for v in self._views(b, q, self.host))
             self._host_views[(b, q)] = views
+        if q == 1:
+            self._fill_decode(b, starts, ids, tables, views)
+        else:
+            self._fill_padded(b, q, starts, ids, tables, views)
+        used = self._layout(b, q)[-1]
+        self.dev[:used].copy_(self.host[:used], non_blocking=True)
+
+    def _fill_decode(self, b: int, starts: list[int], ids: list[list[int]],
+                     tables: list[list[int]], views: tuple[np.ndarray, ...]) -> None:
+        """`_fill_padded` of a decode step (Q = 1) from Python's integers, without its
+        index arrays: a token's slot is in its own blocks, so no block entry past them is
+        read (on this repo's CPU: 8.8 against 21.8 us at batch 1, 25 against 46 at 16)."""
+        n, bs = len(starts), self.block_size
+        h_ids, h_pos, h_slots, h_tables, h_lens, h_qsl = views
+        for i, table in enumerate(tables):
+            h_tables[i, :len(table)] = table
+        h_tables[n:, 0] = self.scratch_block
+        h_ids[:n] = [row[0] for row in ids]
+        h_pos[:n] = starts
+        h_slots[:n] = [table[s // bs] * bs + s % bs for table, s in zip(tables, starts, strict=True)]
+        h_lens[:n] = [s + 1 for s in starts]
+        h_ids[n:], h_pos[n:], h_slots[n:], h_lens[n:] = 0, 0, self.scratch_slot, 1
+        h_qsl[:] = np.arange(b + 1)
+
+    def _fill_padded(self, b: int, q: int, starts: list[int], ids: list[list[int]],
+                     tables: list[list[int]], views: tuple[np.ndarray, ...]) -> None:
+        """`_fill`'s writes for any Q."""
+        n, bs = len(starts), self.block_size
         h_ids, h_pos, h_slots, h_tables, h_lens, h_qsl = views
         for i, (table, start) in enumerate(zip(tables, starts, strict=True)):
             h_tables[i, :len(table)] = table
@@ -208,8 +235,6 @@ class CudaGraphRunner:
         slots[n:] = self.scratch_slot + pos[n:] % bs
         h_lens[:] = pos[:, -1] + 1
         h_qsl[:] = np.arange(b + 1) * q
-        used = self._layout(b, q)[-1]
-        self.dev[:used].copy_(self.host[:used], non_blocking=True)
 
     def _forward(self, b: int, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
