@@ -15,9 +15,8 @@ sampled) and the greedy token of every row (`kernels.triton_argmax`, so
 plain greedy steps need no launch after the replay) are captured together. Inputs travel in
 one flat int64 buffer (ids, positions, slots, then block tables, seq_lens and
 query_start_loc as int32 pairs; each 16-byte aligned), filled on the host in pinned memory
-with numpy (no Python loop over the batch's rows but one copy of each block table, and of
-each request's ids when their counts differ) and
-copied with one non-blocking copy; nothing in a step syncs with the device except reading
+(each input gathered from Python's integers and written with one assignment: per-element
+numpy index arrays cost more at these sizes) and copied with one non-blocking copy; nothing in a step syncs with the device except reading
 its results back (the tokens for plain greedy steps, else the logits).
 
 Every graph is captured at start (`capture_all`; a capture while serving stalls every
@@ -206,34 +205,35 @@ class CudaGraphRunner:
 
     def _fill_padded(self, b: int, q: int, starts: list[int], ids: list[list[int]],
                      tables: list[list[int]], views: tuple[np.ndarray, ...]) -> None:
-        """`_fill`'s writes for any Q."""
-        n, bs = len(starts), self.block_size
+        """`_fill`'s writes for any Q: each input gathered in a Python list, then written
+        with one assignment (in a 16-request verification step through a stand-in for the
+        replay, 160-194 us against 242-274 with numpy index arrays for each input)."""
+        n, bs, scratch = len(starts), self.block_size, self.scratch_slot
         h_ids, h_pos, h_slots, h_tables, h_lens, h_qsl = views
-        for i, (table, start) in enumerate(zip(tables, starts, strict=True)):
+        flat_ids: list[int] = []
+        flat_pos: list[int] = []
+        flat_slots: list[int] = []
+        for i, (table, start, row) in enumerate(zip(tables, starts, ids, strict=True)):
             h_tables[i, :len(table)] = table
-            # padding tokens past the request's blocks read the scratch block (the rest of
-            # the row holds whatever earlier steps of other shapes left there)
-            h_tables[i, len(table):-(-(start + q) // bs)] = self.scratch_block
+            end = -(-(start + q) // bs)
+            if end > len(table):  # padding tokens past the request's blocks read the
+                # scratch block (the rest of the row holds what other shapes left there)
+                h_tables[i, len(table):end] = self.scratch_block
+            positions = range(start, start + q)
+            flat_ids += row
+            flat_ids += [0] * (q - len(row))
+            flat_pos += positions
+            flat_slots += [table[p // bs] * bs + p % bs for p in positions[:len(row)]]
+            flat_slots += [scratch + p % bs for p in positions[len(row):]]
         h_tables[n:, :-(-q // bs)] = self.scratch_block
-        pos = h_pos.reshape(b, q)
-        pos[:] = np.arange(q)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
-        rows = h_ids.reshape(b, q)
-        if n:
-            pos[:n] += np.asarray(starts)[:, None]
-            if (lengths == q).all():
-                rows[:n] = ids
-            else:
-                for i, row in enumerate(ids):
-                    rows[i, :len(row)] = row
-                    rows[i, len(row):] = 0
-        h_ids[n * q:] = 0
-        slots = h_slots.reshape(b, q)
-        slots[:n] = h_tables[np.arange(n)[:, None], pos[:n] // bs] * bs + pos[:n] % bs
-        padding = np.arange(q) >= lengths[:, None]  # [n, q]: a request's padding tokens
-        slots[:n][padding] = self.scratch_slot + pos[:n][padding] % bs
-        slots[n:] = self.scratch_slot + pos[n:] % bs
-        h_lens[:] = pos[:, -1] + 1
+        t = n * q
+        h_ids[:t], h_pos[:t], h_slots[:t] = flat_ids, flat_pos, flat_slots
+        pad = np.arange(q)
+        h_ids[t:] = 0
+        h_pos[t:].reshape(b - n, q)[:] = pad
+        h_slots[t:].reshape(b - n, q)[:] = scratch + pad % bs
+        h_lens[:n] = [start + q for start in starts]
+        h_lens[n:] = q
         h_qsl[:] = np.arange(b + 1) * q
 
     def _forward(self, b: int, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
