@@ -6,9 +6,9 @@ every step's phases are timed: scheduling, filling a CUDA graph's inputs, the mo
 forward and LM head), drafting, the scheduler's update of the results and the outputs
 (detokenizing, metrics). Steps are grouped by shape: a replayed graph's (bucket, Q) on
 CUDA; (requests, most tokens a request) for other decode or verification steps; steps
-with a prompt chunk as "prefill". Each cell is a median in microseconds; "host" is a
-step's wall time less its model time: what serving adds to the device (or the CPU's
-forward). On an H200 this showed that the default model's verification steps are slow on
+with a prompt chunk as "prefill", steps that only end requests as "idle". Each cell is a
+median in microseconds; "host" is a step's wall time less its model time: what serving
+adds to the device (or the CPU's forward). On an H200 this showed that the default model's verification steps are slow on
 the device, not the host, at batch 1, and that the host takes half of a 16-request step
 with n-gram drafts (docs/benchmarks/gpu.md, run 105).
 
@@ -101,9 +101,11 @@ class StepTimer:
     def _after_schedule(self, out: object) -> None:
         graphs = self.engine.runner.graphs
         key = graphs.key(out) if graphs is not None else None
-        if key is not None:
+        if not out.scheduled:  # (a step that only ends requests)
+            self._shape = "idle"
+        elif key is not None:
             self._shape = f"graph {key}"
-        elif out.scheduled and all(s.num_new_tokens == 1 + len(s.spec_token_ids)
+        elif all(s.num_new_tokens == 1 + len(s.spec_token_ids)
                                    and s.reaches_end for s in out.scheduled):
             most = max(s.num_new_tokens for s in out.scheduled)
             self._shape = f"eager ({len(out.scheduled)}, {most})"
