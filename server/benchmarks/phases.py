@@ -8,9 +8,9 @@ forward and LM head), drafting, the scheduler's update of the results and the ou
 CUDA; (requests, most tokens a request) for other decode or verification steps; steps
 with a prompt chunk as "prefill", steps that only end requests as "idle". Each cell is a
 median in microseconds; "host" is a step's wall time less its model time: what serving
-adds to the device (or the CPU's forward). On an H200 this showed that the default model's verification steps are slow on
-the device, not the host, at batch 1, and that the host takes half of a 16-request step
-with n-gram drafts (docs/benchmarks/gpu.md, run 105).
+adds to the device (or the CPU's forward). On an H200 this showed that the default
+model's verification steps are slow on the device, not the host, at batch 1, and that the
+host takes half of a 16-request step with n-gram drafts (docs/benchmarks/gpu.md, run 105).
 
 The timers wrap the engine's own methods on its instances: a benchmark's view of the
 internals, not an API.
