@@ -89,9 +89,11 @@ class Linear(torch.nn.Module):
 
 GEMV_ROWS = 6
 """Rows up to which 16-bit dense products on CUDA go to `dense_gemv` (at one row with the
-norm or the SwiGLU before them fused in): the default model's graphed steps on an H200 took
-0.89-0.99x the device time at 2-6 rows, 1.02-1.18x at 8-16, against cuBLAS with separate
-pointwise kernels (docs/benchmarks/gpu.md, run 97)."""
+norm or the SwiGLU before them fused in). The default model's graphed steps on an H200
+(docs/benchmarks/gpu.md): at 2-6 rows the fused row kernel took 0.89-0.99x the device time
+of cuBLAS after separate pointwise kernels (run 97), and the plain row kernel after them
+0.87-0.89x that of the fused one (run 108); at 8-16 rows the row kernel took 1.02-1.18x
+cuBLAS's (run 97)."""
 
 
 def _gemv_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
