@@ -28,6 +28,7 @@ import torch
 
 from server.benchmarks.common import config_of, machine, table, write_json
 from server.engine.config import EngineConfig
+from server.engine.scheduler import _decoding
 
 PHASES = ("schedule", "fill", "model", "draft", "update", "outputs")
 
@@ -90,9 +91,9 @@ class StepTimer:
         """Undo `attach`: drop the instance attributes that shadow the engine's methods."""
         e = self.engine
         for obj in (e, e.scheduler, e.runner, e.model, e.runner.graphs):
-            for name in ("step", "schedule", "update", "_draft", "_output", "forward",
-                         "compute_logits", "_fill"):
-                if obj is not None:
+            if obj is not None:
+                for name in ("step", "schedule", "update", "_draft", "_output", "forward",
+                             "compute_logits", "_fill"):
                     obj.__dict__.pop(name, None)
         if e.runner.graphs is not None:
             for captured in e.runner.graphs.graphs.values():
@@ -105,8 +106,7 @@ class StepTimer:
             self._shape = "idle"
         elif key is not None:
             self._shape = f"graph {key}"
-        elif all(s.num_new_tokens == 1 + len(s.spec_token_ids)
-                                   and s.reaches_end for s in out.scheduled):
+        elif _decoding(out.scheduled):
             most = max(s.num_new_tokens for s in out.scheduled)
             self._shape = f"eager ({len(out.scheduled)}, {most})"
         else:
@@ -186,7 +186,6 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.result_json, {"config": config_of(args), "machine": machine(),
                                   "results": results})
     return 0
-
 
 
 if __name__ == "__main__":  # `python -m server.benchmarks.phases`: without the CLI's server imports
