@@ -105,7 +105,8 @@ def test_pdl_replay_matches_serialized_launches(scheme):
 
     from kernels import pdl
     from kernels.quant import to_words
-    from server.benchmarks.gpu_decode import build_models, decode_steps
+    from server.benchmarks.gpu_decode import build_models
+    from server.benchmarks.gpu_steps import decode_steps
     from server.models.quantize import linear_modules, quantize_dense
 
     if not pdl.use_pdl(torch.device("cuda")):
@@ -140,7 +141,8 @@ def test_gemv_sums_decode_matches_merged_gemvs():
 
     from kernels.gemv_sums import _sums, sums_disabled
     from kernels.quant import to_words
-    from server.benchmarks.gpu_decode import build_models, decode_steps
+    from server.benchmarks.gpu_decode import build_models
+    from server.benchmarks.gpu_steps import decode_steps
     from server.models.quantize import linear_modules, quantize_dense
 
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
