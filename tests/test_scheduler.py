@@ -349,6 +349,44 @@ def test_step_costs_retry_a_size_whose_first_step_stalled() -> None:
     assert c.time(3) == pytest.approx(1.2)
 
 
+def test_step_costs_replace_a_size_unobserved_for_long() -> None:
+    """Observations of a size that went unobserved for `refresh` observations replace its
+    old ones; until then new ones join them."""
+    c = StepCosts(refresh=8)
+    measure(c.observe, ((1, 4.0),))  # slow first steps (say, the graphs' first replays)
+    c.observe(1, 1.0)
+    assert c.time(1) == pytest.approx(4.0) and c.age(1) == 0
+    for _ in range(8):
+        c.observe(2, 2.0)
+    assert c.age(1) == 8 and c.age(3) == c.ticks == 12
+    c.observe(1, 1.5)  # expired: this one alone, estimated from the others until trusted
+    assert c.times[1] == pytest.approx(1.5) and c.time(1) == pytest.approx(1.5)
+
+
+def test_padded_policy_remeasures_the_plain_step() -> None:
+    """Plain 16-request steps priced too high (slow first steps) keep drafting chosen; every
+    `explore_every` steps without a plain one, asking before drafting takes one, and the
+    new measurement replaces the old."""
+    p = SpecPolicy(max_draft_tokens=8, buckets=(16,), query_buckets=(1, 2, 3, 5, 9),
+                   explore_every=10)
+    p.padded_costs[16] = StepCosts(refresh=10)
+    measure(lambda q, t: p.observe_padded(16, q, t),
+            ((2, 0.0022), (3, 0.0024), (5, 0.0027), (9, 0.0030), (1, 0.0040)))
+    requests = [(f"r{i}", 8) for i in range(16)]
+    for r, _ in requests:
+        p.observe(r, 4, 1)  # acceptance 0.6 -> 0.495
+    drafting = [2] * 16  # Q = 3: 1.74 tokens a request in 2.4 ms, against 1 in 4
+    for _ in range(9):
+        assert p.padded_draft_lengths(requests, 256, explore=True) == drafting
+        p.observe_padded(16, 2, 0.0022)
+    p.observe_padded(16, 2, 0.0022)  # the tenth step since the last plain one
+    assert p.padded_draft_lengths(requests, 256, explore=True) == [0] * 16
+    assert p.padded_draft_lengths(requests, 256) == drafting  # (only when asked to)
+    p.observe_padded(16, 1, 0.0012)  # the plain step as it is now
+    assert p.padded_costs[16].time(1) == pytest.approx(0.0012)
+    assert p.padded_draft_lengths(requests, 256, explore=True) == [0] * 16  # not worth it
+
+
 def test_finished_request_status() -> None:
     s = make()
     s.add_request(req("a", 3, max_tokens=1))

@@ -162,7 +162,8 @@ class Scheduler:
         limits = [max(0, min(self._draft_room(s), spare)) for s in producing]
         if padded:
             ids = [s.request.request_id for s in producing]
-            lengths = policy.padded_draft_lengths(list(zip(ids, limits, strict=True)), spare)
+            lengths = policy.padded_draft_lengths(list(zip(ids, limits, strict=True)), spare,
+                                                  explore=True)
             for s, k in zip(producing, lengths, strict=True):
                 s.num_draft_tokens_next = k
             return

@@ -24,7 +24,10 @@ same padded size, and one table by size, fed by steps of fewer requests, made dr
 cheaper for 16 requests than it was. The drafter may propose fewer drafts than asked, or
 none (an n-gram lookup that finds no match), while padding is paid for the longest: so
 the scheduler applies the same rule again once the drafts are known, with each request's
-proposal length as its limit, and drops the drafts that would not pay for their padding.
+proposal length as its limit, and drops the drafts that would not pay for their padding. A request count's plain step (Q
+= 1) is measured at least once every `explore_every` of its steps, and a size's
+measurements expire when it goes unobserved (`StepCosts.refresh`): estimates track the
+batch as it is, not as it was when a size was last chosen.
 """
 
 from __future__ import annotations
@@ -48,8 +51,16 @@ class StepCosts:
     measured again."""
     prior_knee: float = 16.0
     """Before any fit exists, T(n) is assumed to be T(1) * (1 + (n - 1) / prior_knee)."""
+    refresh: int = 64
+    """A size last observed this many observations ago: its next observation replaces its
+    old ones, which describe a batch long gone (and may be a first step's stall that kept
+    the policy away from the size since)."""
     times: dict[int, float] = field(default_factory=dict)
     """Each size's median."""
+    ticks: int = 0
+    """Observations so far, of any size."""
+    _seen: dict[int, int] = field(default_factory=dict, repr=False)
+    """Each size's latest observation, as `ticks` then."""
     _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
     _memo: dict[int, float] = field(default_factory=dict, repr=False)
     """time()'s answers since the last observation: the policy asks for the same sizes
@@ -57,9 +68,17 @@ class StepCosts:
 
     def observe(self, size: int, seconds: float) -> None:
         recent = self._recent.setdefault(size, deque(maxlen=self.window))
+        if self.age(size) >= self.refresh:
+            recent.clear()
         recent.append(seconds)
+        self.ticks += 1
+        self._seen[size] = self.ticks
         self.times[size] = statistics.median(recent)
         self._memo.clear()
+
+    def age(self, size: int) -> int:
+        """Observations (of any size) since `size` was last observed; all of them if never."""
+        return self.ticks - self._seen.get(size, 0)
 
     def time(self, size: int) -> float:
         t = self._memo.get(size)
@@ -114,6 +133,9 @@ class SpecPolicy:
     query_buckets: tuple[int, ...] = ()
     """Token counts a padded step rounds its longest request's up to (1 + drafts); none
     given: every count."""
+    explore_every: int = 64
+    """Padded steps of a request count after which, if none of them was a plain step (Q =
+    1), one is taken to measure it (see `padded_draft_lengths`)."""
 
     def __post_init__(self) -> None:
         self._acceptance: dict[str, float] = {}
@@ -148,14 +170,25 @@ class SpecPolicy:
         """Whether a decoding step of `num_seqs` requests is a padded replay."""
         return any(b >= num_seqs for b in self.buckets or ())
 
-    def padded_draft_lengths(self, requests: list[tuple[str, int]], spare: int) -> list[int]:
+    def padded_draft_lengths(self, requests: list[tuple[str, int]], spare: int,
+                             explore: bool = False) -> list[int]:
         """Draft lengths of a padded step's requests, (request id, most drafts it may take)
         each, at most `spare` drafts in all: one Q for the step (see module docs). The
-        limits are what each may be asked for, or, once drafted, how many it has."""
+        limits are what each may be asked for, or, once drafted, how many it has.
+
+        `explore` (asking, before drafting): no drafts when this request count's last
+        `explore_every` steps held no plain one. The plain step is what every draft length
+        is judged against, and a plain step's time jumps to a verification step's (the
+        drafting, the longer fill and outputs), which no fit of the other sizes predicts:
+        once its median is too high (a slow first step), the rule alone never measures it
+        again (an H200 priced 16-request plain steps at 2.7-4.7 ms, above its 2.2 ms steps
+        of Q = 2, where a plain step takes ~1.5: docs/benchmarks/gpu.md, run 111)."""
         n = len(requests)
         if not self.pads(n):
             raise ValueError(f"{n} requests exceed the largest padded bucket")
         costs = self.padded_costs.get(n) or StepCosts()
+        if explore and costs.age(1) >= self.explore_every:
+            return [0] * n
         best_q, best = 1, (1 + self.margin) * n / costs.time(1)
         rates = [min(self.acceptance(r), 0.999) for r, _ in requests]
         for q in self.query_buckets or range(2, self.max_draft_tokens + 2):
