@@ -71,6 +71,48 @@ def test_greedy_lossless_tiny_with_rollbacks(tiny_model_dir) -> None:
     assert [per_pos[i] for i in sorted(per_pos)] == sorted(per_pos.values(), reverse=True)
 
 
+def test_a_step_is_priced_with_the_drafting_that_made_its_drafts(tiny_model_dir,
+                                                                  monkeypatch) -> None:
+    """The speculation policy's cost of a step includes the drafting at the end of the step
+    before (which made the drafts it verifies), not its own drafting for the next step. On
+    a clock that only drafting moves (1 s a call), each step's recorded cost is therefore
+    the previous step's drafting time."""
+    import types
+
+    from server.engine import engine as engine_module
+    from server.engine import runner as runner_module
+    from server.engine.engine import LLMEngine
+
+    now = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0], monotonic=lambda: now[0])
+    monkeypatch.setattr(engine_module, "time", clock)
+    monkeypatch.setattr(runner_module, "time", clock)
+    spec = LLM(str(tiny_model_dir("qwen2")), dtype="float32", speculative="ngram",
+               num_speculative_tokens=4)
+    drafter = spec.engine.runner.drafter
+    propose = drafter.propose
+
+    def slow_propose(batch):
+        now[0] += 1.0
+        return propose(batch)
+
+    monkeypatch.setattr(drafter, "propose", slow_propose)
+    steps: list[tuple[float, float]] = []  # (recorded cost, this step's drafting)
+    record = LLMEngine._record_step_cost
+
+    def spy(self, sched, result, seconds):
+        steps.append((seconds, result.draft_seconds))
+        record(self, sched, result, seconds)
+
+    monkeypatch.setattr(LLMEngine, "_record_step_cost", spy)
+    spec.generate([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 9, 10, 9, 10, 3]],
+                  SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    costs = [cost for cost, _ in steps]
+    drafting = [d for _, d in steps]
+    assert costs == [0.0] + drafting[:-1]
+    assert costs != drafting and 1.0 in drafting  # (each step's own drafting: not this)
+
+
 class SamplingDrafter:
     """Test drafter: draws each draft token from a fixed distribution q and reports q."""
 

@@ -62,3 +62,5 @@ class RunnerOutput:
     query_len: int | None = None
     """Tokens a sequence of a CUDA-graph replay computed (Q, padding included); None if
     eager."""
+    draft_seconds: float = 0.0
+    """Time this step spent drafting the next step's tokens."""

@@ -94,6 +94,7 @@ class LLMEngine:
         )))
         self._tracked: dict[str, _Tracked] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self._drafting = 0.0  # seconds the previous step spent drafting this step's tokens
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         if self.config.num_kv_blocks:
@@ -152,7 +153,9 @@ class LLMEngine:
         if self.config.debug_check_integrity:
             self.blocks.check_integrity()
         self._record_gauges()
-        self._record_step_cost(sched, result, time.perf_counter() - start)
+        seconds = time.perf_counter() - start - result.draft_seconds + self._drafting
+        self._drafting = result.draft_seconds
+        self._record_step_cost(sched, result, seconds)
         return outputs
 
     def _output(self, r: Request, tokens: list[int], sampled: SampledTokens, now: float) -> RequestOutput:
@@ -186,11 +189,13 @@ class LLMEngine:
     def _record_step_cost(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
         """Feed decode/verify-only step times to the speculation policy's cost tables: a
         replay's by its requests and tokens a request (padding included), others by the
-        tokens computed. The time is the whole step's (scheduling, the forward, verification
-        and drafting, the outputs), as drafting changes all of it: on a GPU a small model's
-        step is mostly such host work. No step captures a graph (`capture_all` runs at
-        start-up): a capture's time, taken for a step's, would price its size out of the
-        policy's reach for good."""
+        tokens computed. The time is the whole step's (scheduling, the forward, verification,
+        the outputs), as drafting changes all of it: on a GPU a small model's step is mostly
+        such host work. Its drafting is the one that made its drafts, at the end of the
+        step before, not the one it does for the next step, which the next step's size
+        pays for: a plain step after which requests draft is still a plain step. No step
+        captures a graph (`capture_all` runs at start-up): a capture's time, taken for a
+        step's, would price its size out of the policy's reach for good."""
         policy = self.scheduler.spec_policy
         if policy is None:
             return

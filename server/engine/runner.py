@@ -114,9 +114,12 @@ class ModelRunner:
                 result = self._sample_request(s, logits[first : first + n])
             sampled[s.request.request_id] = result
             last_rows.append(rows[first + len(result.token_ids) - 1])
+        drafting = 0.0
         if self.drafter is not None:
+            start = time.perf_counter()
             self._draft(owners, sampled, hidden, last_rows)
-        return RunnerOutput(sampled, query_len)
+            drafting = time.perf_counter() - start
+        return RunnerOutput(sampled, query_len, drafting)
 
     def _sample_request(self, s: ScheduledRequest, logits: torch.Tensor) -> SampledTokens:
         """logits: [k+1, vocab] for the request's newest token and its k drafts."""
