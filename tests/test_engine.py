@@ -116,3 +116,59 @@ def test_default_model_batch_invariance_and_stop_strings(default_llm: LLM) -> No
     assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
     default_llm.engine.blocks.check_integrity()
     assert default_llm.engine.blocks.usage == 0.0
+
+
+def test_overlapped_outputs_are_the_same_one_step_later(tiny_model_dir) -> None:
+    """With `overlap_outputs` (on CUDA by default; forced here) a step's outputs come from
+    the next step's call, made while the device runs it: the same tokens, greedy and
+    seeded, with speculation, staggered arrivals and aborts, and nothing left behind."""
+    path = str(tiny_model_dir("llama"))
+    common = dict(dtype="float32", num_kv_blocks=256, block_size=4, max_num_batched_tokens=64)
+    plain = LLM(path, **common)
+    over = LLM(path, speculative="ngram", num_speculative_tokens=3, debug_check_integrity=True,
+               **common)
+    e = over.engine
+    prompts = mixed_prompts(6)
+    seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
+    greedy = [c.token_ids for c in plain.generate(prompts, GREEDY)]
+    sampled = [c.token_ids for c in plain.generate(prompts, seeded)]
+    # (seeded sampling with drafts depends on the draft lengths, which depend on measured
+    # step times: compared without speculation)
+    e.overlap_outputs = plain.engine.overlap_outputs = True
+    for llm, params, ref in ((over, GREEDY, greedy), (plain, seeded, sampled)):
+        assert [c.token_ids for c in llm.generate(prompts, params)] == ref
+        assert [c.token_ids for c in run_staggered(llm, prompts, params, every=2)] == ref
+    e.add_request("a", prompts[1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    assert e.step() == [] and e.has_unfinished()  # the prompt's token: pending
+    (first,) = e.step()  # the prompt's token, while the second is computed
+    assert first.new_token_ids == ref_first(plain, prompts[1]) and not first.finished
+    assert not e.scheduler.has_work() and e.has_unfinished()  # done, its outputs pending
+    (last,) = e.step()
+    assert last.finished and last.finish_reason == "length" and not e.has_unfinished()
+    e.add_request("b", prompts[2], SamplingParams(max_tokens=50, ignore_eos=True))
+    e.step()
+    e.step()
+    assert e.abort_request("b").finish_reason == "abort"
+    assert e.step() == [] and not e.has_unfinished()  # its pending tokens: dropped
+    assert e.blocks.usage == 0.0 and e.drafter._indexes == {} and not e._tracked
+
+
+def ref_first(llm: LLM, prompt: list[int]) -> list[int]:
+    return llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))[0].token_ids
+
+
+@pytest.mark.slow
+def test_default_model_stop_strings_with_overlapped_outputs(default_llm: LLM, monkeypatch) -> None:
+    """A stop string found in a step's outputs while the next step runs: that step's token
+    of the request is dropped, the text and tokens are those made without overlap."""
+    prompt = default_llm.encode("1, 2, 3, 4,")
+    full = default_llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0.0,
+                                                         ignore_eos=True))[0]
+    stop = full.text.strip().split(",")[2].strip() or ","
+    params = SamplingParams(max_tokens=20, temperature=0.0, stop=[stop])
+    ref = default_llm.generate([prompt], params)[0]
+    assert ref.finish_reason == "stop" and len(ref.token_ids) < 20
+    monkeypatch.setattr(default_llm.engine, "overlap_outputs", True)
+    for got in default_llm.generate([prompt, prompt], params):
+        assert (got.text, got.token_ids, got.finish_reason) == (ref.text, ref.token_ids, "stop")
+    assert default_llm.engine.blocks.usage == 0.0 and not default_llm.engine.has_unfinished()

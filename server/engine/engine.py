@@ -1,7 +1,8 @@
-"""The synchronous engine: schedule -> execute -> update, plus output processing.
+"""The synchronous engine: schedule -> launch -> finish -> update, plus output processing.
 
 `LLMEngine.step()` runs one step and returns a `RequestOutput` delta for every request that
-produced tokens or finished. The async client (`async_engine`) and the offline API (`llm`)
+produced tokens or finished (on CUDA, those of the step before: its outputs are made while
+the device runs the step). The async client (`async_engine`) and the offline API (`llm`)
 both drive it.
 """
 
@@ -44,6 +45,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+@dataclass
+class _Emitted:
+    """A step's new tokens by request (`Scheduler.update`) and the runner's results."""
+
+    emitted: list[tuple[Request, list[int]]]
+    sampled: dict[str, SampledTokens]
 
 
 @dataclass
@@ -95,6 +104,9 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self._drafting = 0.0  # seconds the previous step spent drafting this step's tokens
+        self._pending: _Emitted | None = None  # a step's results whose outputs are not made
+        # the outputs of a step are made during the next step's device work (see `step`)
+        self.overlap_outputs = self.device.type == "cuda"
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         if self.config.num_kv_blocks:
@@ -133,29 +145,49 @@ class LLMEngine:
                              finished=True, finish_reason="abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._pending is not None
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run a step; return the outputs of the requests that got tokens or finished. With
+        `overlap_outputs` (CUDA), a step's outputs (detokenizing, stop strings, metrics)
+        are made while the device runs the next step, and returned by that step's call:
+        the host's share of a small model's step on a GPU is large (docs/benchmarks/gpu.md,
+        run 105). A request that a stop string ends then computes one token more, dropped.
+        """
         start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.preempted:
             self.metrics.num_preemptions.inc(len(sched.preempted))
+        launched = self.runner.launch(sched) if sched.scheduled else None
+        outputs = self._flush()
         now = time.monotonic()
-        outputs = [self._output(r, [], SampledTokens([], 0), now) for r in sched.ended]
-        if not sched.scheduled:
+        outputs += [self._output(r, [], SampledTokens([], 0), now) for r in sched.ended]
+        if launched is None:
             return outputs
-        result = self.runner.execute(sched)
-        emitted = self.scheduler.update(sched, result)
-        now = time.monotonic()
-        outputs += [self._output(r, tokens, result.sampled[r.request_id], now) for r, tokens in emitted]
-        self._record_step_tokens(emitted, result.sampled)
+        result = self.runner.finish(launched)
+        self._pending = _Emitted(self.scheduler.update(sched, result), result.sampled)
+        if not self.overlap_outputs:
+            outputs += self._flush()
         if self.config.debug_check_integrity:
             self.blocks.check_integrity()
-        self._record_gauges()
         seconds = time.perf_counter() - start - result.draft_seconds + self._drafting
         self._drafting = result.draft_seconds
         self._record_step_cost(sched, result, seconds)
+        return outputs
+
+    def _flush(self) -> list[RequestOutput]:
+        """The outputs of the step whose results are pending (none if none is), and its
+        metrics; requests aborted since get none."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        emitted = [(r, tokens) for r, tokens in pending.emitted if r.request_id in self._tracked]
+        now = time.monotonic()
+        outputs = [self._output(r, tokens, pending.sampled[r.request_id], now)
+                   for r, tokens in emitted]
+        self._record_step_tokens(emitted, pending.sampled)
+        self._record_gauges()
         return outputs
 
     def _output(self, r: Request, tokens: list[int], sampled: SampledTokens, now: float) -> RequestOutput:

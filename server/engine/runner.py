@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,25 @@ def _plain_greedy(s: ScheduledRequest) -> bool:
     p = s.request.params
     return (p.greedy and not p.has_penalties and p.logprobs is None
             and len(s.request.output_token_ids) >= p.min_tokens)
+
+
+@dataclass
+class Launched:
+    """A step whose device work is queued (`ModelRunner.launch`), for `ModelRunner.finish`."""
+
+    hidden: torch.Tensor
+    """[T, hidden] (a replay's: views of its graph's buffers, valid until the next replay)."""
+    query_len: int | None
+    """As `RunnerOutput.query_len`."""
+    rows: list[int]
+    """The rows of `hidden` whose logits are sampled, request by request."""
+    owners: list[tuple[ScheduledRequest, int]]
+    """Each request that samples, with the index in `rows` of its first row."""
+    greedy: bool
+    """Whether every such request takes the argmax of its raw logits."""
+    result: torch.Tensor | None
+    """On the device: those rows' greedy tokens when `greedy` (a replay's: all rows), else
+    their logits; None when no row is sampled."""
 
 
 class ModelRunner:
@@ -69,7 +89,9 @@ class ModelRunner:
                  time.perf_counter() - start)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def launch(self, out: SchedulerOutput) -> Launched:
+        """Queue a step's device work (the replay, or the forward and its LM head and greedy
+        tokens) without waiting for it: on CUDA the host is free until `finish`."""
         tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
         replay = self.graphs.run(out, tables) if self.graphs is not None else None
         query_len = None
@@ -89,7 +111,7 @@ class ModelRunner:
                 owners.append((s, len(rows)))
                 rows.extend(range(end - n, end))
         if not rows:
-            return RunnerOutput({}, query_len)
+            return Launched(hidden, query_len, rows, owners, False, None)
         if all_logits is None:
             row_index = torch.tensor(rows).to(hidden.device, non_blocking=True)
             all_logits = self.model.compute_logits(hidden[row_index])  # [R, vocab]
@@ -97,11 +119,21 @@ class ModelRunner:
         # no logits travel to the host
         greedy = all(_plain_greedy(s) for s, _ in owners)
         if greedy:
-            logits = (tokens if tokens is not None else _greedy_tokens(all_logits)).tolist()
+            result = tokens if tokens is not None else _greedy_tokens(all_logits)
         else:
-            logits = all_logits.cpu()
-        if replay is not None and len(rows) < hidden.shape[0]:  # a replay's rows include
-            # the padding tokens of requests that drafted fewer tokens: keep the real ones
+            result = all_logits
+        return Launched(hidden, query_len, rows, owners, greedy, result)
+
+    @torch.inference_mode()
+    def finish(self, step: Launched) -> RunnerOutput:
+        """Wait for a launched step's results; verify or sample each request's tokens and
+        draft its next ones."""
+        rows, owners, greedy = step.rows, step.owners, step.greedy
+        if not rows:
+            return RunnerOutput({}, step.query_len)
+        logits = step.result.tolist() if greedy else step.result.cpu()
+        if step.query_len is not None and len(rows) < step.hidden.shape[0]:  # a replay's
+            # rows include the padding tokens of requests that drafted fewer: keep the real ones
             logits = [logits[r] for r in rows] if greedy else logits[rows]
         sampled: dict[str, SampledTokens] = {}
         last_rows: list[int] = []
@@ -117,9 +149,9 @@ class ModelRunner:
         drafting = 0.0
         if self.drafter is not None:
             start = time.perf_counter()
-            self._draft(owners, sampled, hidden, last_rows)
+            self._draft(owners, sampled, step.hidden, last_rows)
             drafting = time.perf_counter() - start
-        return RunnerOutput(sampled, query_len, drafting)
+        return RunnerOutput(sampled, step.query_len, drafting)
 
     def _sample_request(self, s: ScheduledRequest, logits: torch.Tensor) -> SampledTokens:
         """logits: [k+1, vocab] for the request's newest token and its k drafts."""
@@ -148,7 +180,9 @@ class ModelRunner:
 
     def _draft(self, owners: list[tuple[ScheduledRequest, int]], sampled: dict[str, SampledTokens],
                hidden: torch.Tensor, last_rows: list[int]) -> None:
-        wanted = [(s, row) for (s, _), row in zip(owners, last_rows, strict=True) if s.num_draft_tokens_next > 0]
+        # (a request a stop string ended while this step ran has no next step)
+        wanted = [(s, row) for (s, _), row in zip(owners, last_rows, strict=True)
+                  if s.num_draft_tokens_next > 0 and not s.request.is_finished]
         if not wanted:
             return
         requests = [
