@@ -221,6 +221,28 @@ def test_spec_policy_follows_acceptance_and_measured_costs() -> None:
     assert busy.draft_length("y", step_tokens=64, producing=64, limit=0) == 0
 
 
+def test_a_draft_asked_for_and_not_found_counts_as_rejected() -> None:
+    """A request whose drafter finds nothing to propose (an n-gram lookup without a match)
+    loses acceptance as if its drafts were rejected, so that it stops being asked."""
+    policy = SpecPolicy(max_draft_tokens=4)
+    policy.costs.observe(1, 0.050)
+    policy.costs.observe(5, 0.051)  # verification nearly free: every request is asked
+    s = make(budget=64, policy=policy)
+    s.add_request(req("a", 4, max_tokens=40))
+    s.add_request(req("b", 4, max_tokens=40))
+    out = s.schedule()
+    assert [x.num_draft_tokens_next for x in out.scheduled] == [4, 4]
+    result = fake_run(out)
+    result.sampled["b"].next_draft = [5, 5]  # b's drafter found two, a's none
+    s.update(out, result)
+    assert policy.acceptance("a") == pytest.approx(0.42)  # 0.6 * (1 - 0.3)
+    assert policy.acceptance("b") == pytest.approx(0.6)
+    for _ in range(6):
+        out = s.schedule()
+        s.update(out, fake_run(out, accept_all=True))  # a's drafter never finds any
+    assert s.schedule().scheduled[0].num_draft_tokens_next == 0
+
+
 def test_new_requests_start_from_finished_requests_estimates() -> None:
     p = SpecPolicy(max_draft_tokens=4, prior=0.6, start_weight=0.5)
     p.observe("a", 4, 0)  # a verified: 0.6 -> 0.42
