@@ -221,26 +221,35 @@ def test_spec_policy_follows_acceptance_and_measured_costs() -> None:
     assert busy.draft_length("y", step_tokens=64, producing=64, limit=0) == 0
 
 
-def test_a_draft_asked_for_and_not_found_counts_as_rejected() -> None:
+def test_drafts_asked_for_count_only_as_often_as_found() -> None:
     """A request whose drafter finds nothing to propose (an n-gram lookup without a match)
-    loses acceptance as if its drafts were rejected, so that it stops being asked."""
+    expects drafts only as often as they are found, so that it stops being asked (and
+    paying for the asking) while its lookups keep failing."""
     policy = SpecPolicy(max_draft_tokens=4)
-    policy.costs.observe(1, 0.050)
-    policy.costs.observe(5, 0.051)  # verification nearly free: every request is asked
+    measure(policy.costs.observe, ((1, 0.050), (6, 0.060)))  # verification costs 4% a token
     s = make(budget=64, policy=policy)
     s.add_request(req("a", 4, max_tokens=40))
     s.add_request(req("b", 4, max_tokens=40))
     out = s.schedule()
-    assert [x.num_draft_tokens_next for x in out.scheduled] == [4, 4]
+    assert all(x.num_draft_tokens_next > 0 for x in out.scheduled)
     result = fake_run(out)
     result.sampled["b"].next_draft = [5, 5]  # b's drafter found two, a's none
     s.update(out, result)
-    assert policy.acceptance("a") == pytest.approx(0.42)  # 0.6 * (1 - 0.3)
-    assert policy.acceptance("b") == pytest.approx(0.6)
-    for _ in range(6):
+    assert policy.found("a") == pytest.approx(0.7) and policy.found("b") == 1.0
+    assert policy.acceptance("a") == policy.acceptance("b") == pytest.approx(0.6)
+    assert policy.expected_tokens("a", 2) == pytest.approx(1 + 0.7 * (0.6 + 0.36))
+    for _ in range(6):  # a's drafter never finds any; b's drafts are all accepted
         out = s.schedule()
-        s.update(out, fake_run(out, accept_all=True))  # a's drafter never finds any
-    assert s.schedule().scheduled[0].num_draft_tokens_next == 0
+        result = fake_run(out, accept_all=True)
+        result.sampled["b"].next_draft = [5] * out.scheduled[1].num_draft_tokens_next
+        s.update(out, result)
+    a, b = s.schedule().scheduled
+    assert a.num_draft_tokens_next == 0 and b.num_draft_tokens_next > 0
+    for _ in range(200):  # steps without asking slowly restore it, so it tries again
+        policy.observe("a", 0, 0)
+    assert policy.found("a") == 1.0
+    policy.forget("a")
+    assert policy.found("a") == 1.0
 
 
 def test_new_requests_start_from_finished_requests_estimates() -> None:

@@ -218,12 +218,8 @@ class Scheduler:
             if self.spec_policy is not None:
                 self.spec_policy.observe(r.request_id, sampled.num_draft_tokens, len(sampled.token_ids) - 1)
             new_tokens, reason = self._append_tokens(r, sampled.token_ids)
-            if (self.spec_policy is not None and s.num_draft_tokens_next
-                    and not sampled.next_draft and reason is None):
-                # asked for drafts, the drafter found none (an n-gram lookup without a
-                # match): as drafts that were all rejected, or a request whose lookups keep
-                # failing would be asked (and pay for the asking) every step
-                self.spec_policy.observe(r.request_id, s.num_draft_tokens_next, 0)
+            if self.spec_policy is not None and s.num_draft_tokens_next and reason is None:
+                self.spec_policy.observe_proposal(r.request_id, bool(sampled.next_draft))
             r.spec_token_ids = sampled.next_draft
             r.draft_probs = sampled.next_draft_probs
             self.blocks.truncate(r.request_id, r.num_computed_tokens)

@@ -1,7 +1,9 @@
 """Adaptive draft length: speculate only as far as it pays, measured, not assumed.
 
-Each request keeps an exponential average of its draft acceptance rate `a`; with i.i.d.
-acceptance, k drafts yield E(k) = (1 - a^(k+1)) / (1 - a) tokens per step. The engine
+Each request keeps exponential averages of its draft acceptance rate `a` and of the share
+`h` of the steps it was asked for drafts in which its drafter found any (an n-gram lookup
+can find no match); with i.i.d. acceptance, asking for k drafts yields E(k) = 1 + h (a +
+a^2 + ... + a^k) tokens per step. The engine
 reports every decode step's token count and duration to `StepCosts`, a table of measured
 step times T(n) (medians of recent steps; unmeasured sizes come from a linear fit, or an
 optimistic prior until there is one, so the policy explores). Drafts are handed out request
@@ -139,6 +141,7 @@ class SpecPolicy:
 
     def __post_init__(self) -> None:
         self._acceptance: dict[str, float] = {}
+        self._found: dict[str, float] = {}
         self._verified: set[str] = set()
         self.start = self.prior
 
@@ -148,13 +151,32 @@ class SpecPolicy:
         if num_drafted > 0:
             a = (1 - self.ema_weight) * a + self.ema_weight * (num_accepted / num_drafted)
             self._verified.add(request_id)
-        elif a < self.prior:
-            a = min(self.prior, a + self.recovery)
+        else:
+            if a < self.prior:
+                a = min(self.prior, a + self.recovery)
+            h = self._found.get(request_id)
+            if h is not None and h < 1.0:
+                self._found[request_id] = min(1.0, h + self.recovery)
         self._acceptance[request_id] = a
+
+    def observe_proposal(self, request_id: str, found: bool) -> None:
+        """Record whether the drafter, asked for drafts, proposed any."""
+        h = self.found(request_id)
+        self._found[request_id] = (1 - self.ema_weight) * h + self.ema_weight * found
+
+    def found(self, request_id: str) -> float:
+        """The share of asks in which the drafter proposed drafts (1 until it fails)."""
+        return self._found.get(request_id, 1.0)
+
+    def expected_tokens(self, request_id: str, k: int) -> float:
+        """E(k): the tokens a step yields when this request is asked for k drafts."""
+        a = min(self.acceptance(request_id), 0.999)
+        return 1 + self.found(request_id) * a * (1 - a ** k) / (1 - a)
 
     def forget(self, request_id: str) -> None:
         """A request ended: its estimate, if it verified drafts, moves the start estimate."""
         a = self._acceptance.pop(request_id, None)
+        self._found.pop(request_id, None)
         if request_id in self._verified:
             self._verified.discard(request_id)
             self.start += self.start_weight * (a - self.start)
@@ -190,14 +212,14 @@ class SpecPolicy:
         if explore and costs.age(1) >= self.explore_every:
             return [0] * n
         best_q, best = 1, (1 + self.margin) * n / costs.time(1)
-        rates = [min(self.acceptance(r), 0.999) for r, _ in requests]
         for q in self.query_buckets or range(2, self.max_draft_tokens + 2):
             if not 1 < q <= self.max_draft_tokens + 1:
                 continue
             lengths = [min(q - 1, limit) for _, limit in requests]
             if sum(lengths) > spare:
                 break
-            value = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(rates, lengths, strict=True))
+            value = sum(self.expected_tokens(r, k) for (r, _), k in zip(requests, lengths,
+                                                                          strict=True))
             value /= costs.time(q)
             if value > best:
                 best_q, best = q, value
@@ -208,7 +230,8 @@ class SpecPolicy:
         `producing` requests that will emit tokens in it."""
         best_k, best = 0, (1 + self.margin) * producing / self.costs.time(step_tokens)
         a = min(self.acceptance(request_id), 0.999)
-        tokens, term = float(producing), 1.0  # producing - 1 + E(k), E(k) = 1 + a + ... + a^k
+        term = self.found(request_id)
+        tokens = float(producing)  # producing - 1 + E(k), E(k) = 1 + h (a + ... + a^k)
         for k in range(1, min(limit, self.max_draft_tokens) + 1):
             term *= a
             tokens += term
