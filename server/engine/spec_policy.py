@@ -212,14 +212,16 @@ class SpecPolicy:
         if explore and costs.age(1) >= self.explore_every:
             return [0] * n
         best_q, best = 1, (1 + self.margin) * n / costs.time(1)
+        # E(k) - 1 = c (1 - a^k), c = h a / (1 - a): `expected_tokens`, its factors once
+        gains = [(self.found(r) * a / (1 - a), a)
+                 for r, _ in requests for a in (min(self.acceptance(r), 0.999),)]
         for q in self.query_buckets or range(2, self.max_draft_tokens + 2):
             if not 1 < q <= self.max_draft_tokens + 1:
                 continue
             lengths = [min(q - 1, limit) for _, limit in requests]
             if sum(lengths) > spare:
                 break
-            value = sum(self.expected_tokens(r, k) for (r, _), k in zip(requests, lengths,
-                                                                          strict=True))
+            value = n + sum(c * (1 - a ** k) for (c, a), k in zip(gains, lengths, strict=True))
             value /= costs.time(q)
             if value > best:
                 best_q, best = q, value
