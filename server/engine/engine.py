@@ -129,7 +129,8 @@ class LLMEngine:
             torch.randint(0, 2**62, (1,), generator=self._seed_rng)
         )
         generator.manual_seed(seed)
-        request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids, generator=generator)
+        request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids,
+                          generator=generator, seed=seed)
         self.scheduler.add_request(request)
         self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop))
 

@@ -36,6 +36,9 @@ class Request:
     """[len(spec_token_ids), vocab] draft distribution, or None (deterministic drafts)."""
     generator: torch.Generator | None = None
     """Per-request RNG so seeded sampling ignores what else is batched."""
+    seed: int = 0
+    """`generator`'s seed, which also seeds sampling on the device
+    (`server.engine.sampler.sample_rows`)."""
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
     num_draft_tokens: int = 0

@@ -14,7 +14,13 @@ from server.engine.batch_builder import build_inputs
 from server.engine.block_manager import BlockManager
 from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from server.engine.cuda_graphs import CudaGraphRunner
-from server.engine.sampler import filter_probs, processed_logits, sample, token_logprobs
+from server.engine.sampler import (
+    filter_probs,
+    processed_logits,
+    sample,
+    sample_rows,
+    token_logprobs,
+)
 
 log = logging.getLogger("leapfrog.engine")
 
@@ -36,6 +42,34 @@ def _plain_greedy(s: ScheduledRequest) -> bool:
             and len(s.request.output_token_ids) >= p.min_tokens)
 
 
+def _plain_sampled(s: ScheduledRequest) -> bool:
+    """Whether a request's token is a draw from its raw logits under temperature, top-k,
+    top-p and min-p alone, with no drafts to verify (what `sample_rows` serves)."""
+    p = s.request.params
+    return (not p.greedy and not p.has_penalties and p.logprobs is None
+            and len(s.request.output_token_ids) >= p.min_tokens and not s.spec_token_ids)
+
+
+def _device_sampling(logits: torch.Tensor) -> bool:
+    """Whether sampled rows are drawn where the logits are (CUDA) rather than on the host,
+    one request at a time (tests switch it on for the CPU)."""
+    return logits.is_cuda
+
+
+def _sample_on_device(owners: list[tuple[ScheduledRequest, int]], logits: torch.Tensor
+                      ) -> torch.Tensor:
+    """`sample_rows` of the sampled rows' logits [R, vocab], each request's parameters and
+    its seed at its output position; greedy requests' rows take the argmax."""
+    rows = [(s.request.params, s.request.seed, len(s.request.output_token_ids) + j)
+            for s, _ in owners for j in range(len(s.spec_token_ids) + 1)]
+    floats = torch.tensor([(p.temperature, p.top_k, p.top_p, p.min_p) for p, _, _ in rows],
+                          dtype=torch.float32).to(logits.device, non_blocking=True)
+    ints = torch.tensor([(seed, position) for _, seed, position in rows],
+                        dtype=torch.int64).to(logits.device, non_blocking=True)
+    return sample_rows(logits, floats[:, 0], floats[:, 1].long(), floats[:, 2], floats[:, 3],
+                       ints[:, 0], ints[:, 1])
+
+
 @dataclass
 class Launched:
     """A step whose device work is queued (`ModelRunner.launch`), for `ModelRunner.finish`."""
@@ -48,11 +82,15 @@ class Launched:
     """The rows of `hidden` whose logits are sampled, request by request."""
     owners: list[tuple[ScheduledRequest, int]]
     """Each request that samples, with the index in `rows` of its first row."""
-    greedy: bool
-    """Whether every such request takes the argmax of its raw logits."""
+    tokens: bool
+    """Whether the device computed every such row's token: the argmax of its raw logits
+    (greedy requests), or a draw from them (`_plain_sampled` requests)."""
     result: torch.Tensor | None
-    """On the device: those rows' greedy tokens when `greedy` (a replay's: all rows), else
-    their logits; None when no row is sampled."""
+    """On the device: those rows' tokens when `tokens`, else their logits; None when no
+    row is sampled."""
+    by_row: bool
+    """`result` has an entry for every row of `hidden` (a replay's, padding rows included),
+    of which `rows` are taken; else one for each of `rows`."""
 
 
 class ModelRunner:
@@ -111,35 +149,42 @@ class ModelRunner:
                 owners.append((s, len(rows)))
                 rows.extend(range(end - n, end))
         if not rows:
-            return Launched(hidden, query_len, rows, owners, False, None)
+            return Launched(hidden, query_len, rows, owners, False, None, False)
+
+        def row_index() -> torch.Tensor:
+            return torch.tensor(rows).to(hidden.device, non_blocking=True)
+
         if all_logits is None:
-            row_index = torch.tensor(rows).to(hidden.device, non_blocking=True)
-            all_logits = self.model.compute_logits(hidden[row_index])  # [R, vocab]
-        # plain greedy steps need only each row's argmax (a replay computed it in its graph):
-        # no logits travel to the host
-        greedy = all(_plain_greedy(s) for s, _ in owners)
-        if greedy:
+            all_logits = self.model.compute_logits(hidden[row_index()])  # [R, vocab]
+        # a replay's logits and greedy tokens cover every row, padding included
+        by_row = replay is not None and len(rows) < hidden.shape[0]
+        # plain greedy steps need only each row's argmax (a replay computed it in its graph),
+        # plain sampled ones a draw on the device: no logits travel to the host
+        if all(_plain_greedy(s) for s, _ in owners):
             result = tokens if tokens is not None else _greedy_tokens(all_logits)
-        else:
-            result = all_logits
-        return Launched(hidden, query_len, rows, owners, greedy, result)
+            return Launched(hidden, query_len, rows, owners, True, result, by_row)
+        if (all(_plain_greedy(s) or _plain_sampled(s) for s, _ in owners)
+                and _device_sampling(all_logits)):
+            logits = all_logits[row_index()] if by_row else all_logits
+            return Launched(hidden, query_len, rows, owners, True,
+                            _sample_on_device(owners, logits), False)
+        return Launched(hidden, query_len, rows, owners, False, all_logits, by_row)
 
     @torch.inference_mode()
     def finish(self, step: Launched) -> RunnerOutput:
         """Wait for a launched step's results; verify or sample each request's tokens and
         draft its next ones."""
-        rows, owners, greedy = step.rows, step.owners, step.greedy
+        rows, owners, on_device = step.rows, step.owners, step.tokens
         if not rows:
             return RunnerOutput({}, step.query_len)
-        logits = step.result.tolist() if greedy else step.result.cpu()
-        if step.query_len is not None and len(rows) < step.hidden.shape[0]:  # a replay's
-            # rows include the padding tokens of requests that drafted fewer: keep the real ones
-            logits = [logits[r] for r in rows] if greedy else logits[rows]
+        logits = step.result.tolist() if on_device else step.result.cpu()
+        if step.by_row:  # (the padding tokens of requests that drafted fewer)
+            logits = [logits[r] for r in rows] if on_device else logits[rows]
         sampled: dict[str, SampledTokens] = {}
         last_rows: list[int] = []
         for s, first in owners:
             n = len(s.spec_token_ids) + 1
-            if greedy:
+            if on_device:  # (a sampled request has no drafts: its one token)
                 result = SampledTokens(verify_greedy(s.spec_token_ids, logits[first:first + n]),
                                        len(s.spec_token_ids))
             else:

@@ -181,3 +181,28 @@ def test_int4_ngram_verification_graphed_matches_eager(tiny_model_dir):
     assert a.token_ids == b.token_ids
     assert a.num_draft_tokens > 0
     assert (1, 9) in graphed.engine.runner.graphs.graphs
+
+
+def test_device_sampling_matches_cpu_and_reproduces(tiny_model_dir):
+    """`sample_rows` on CUDA draws what it draws on the CPU from the same logits (the same
+    uniforms; temperature only, where no filter's cut can fall between the two devices'
+    roundings); through the engine with graphs, seeded requests reproduce alone or
+    batched, and the host's logits never leave the device for them."""
+    from server.engine import runner as runner_module
+    from server.engine.sampler import sample_rows
+
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, 49152, generator=gen) * 3
+    t, zeros = torch.full((64,), 0.9), torch.zeros(64)
+    args = (t, zeros.long(), torch.ones(64), zeros, torch.arange(64) * 31 + 1, torch.arange(64))
+    cpu = sample_rows(logits, *args)
+    cuda = sample_rows(logits.cuda(), *(a.cuda() for a in args))
+    assert cuda.tolist() == cpu.tolist()
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=4,
+              max_num_seqs=8, device="cuda")
+    assert runner_module._device_sampling(torch.zeros(1, device="cuda"))
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    params = [SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True)
+              for s in (1, 2, 3)]
+    alone = [llm.generate([p], [s])[0].token_ids for p, s in zip(prompts, params, strict=True)]
+    assert [c.token_ids for c in llm.generate(prompts, params)] == alone
