@@ -42,6 +42,11 @@ def test_sample_rows_draws_from_filter_probs(params: SamplingParams) -> None:
                          torch.full((n,), params.top_k), torch.full((n,), params.top_p),
                          torch.full((n,), params.min_p), torch.arange(n) * 7919 + 3,
                          torch.full((n,), 5))
+    if not (params.top_k or params.top_p < 1.0 or params.min_p):  # the filters' pass: a no-op
+        unfiltered = sample_rows(logits.expand(n, vocab), torch.full((n,), params.temperature),
+                                 torch.zeros(n, dtype=torch.long), torch.ones(n), torch.zeros(n),
+                                 torch.arange(n) * 7919 + 3, torch.full((n,), 5), filtered=False)
+        assert torch.equal(unfiltered, tokens)
     share = torch.bincount(tokens, minlength=vocab).double() / n
     error = (expected * (1 - expected) / n).sqrt()
     assert ((share - expected).abs() <= 4.5 * error + 1e-12).all()

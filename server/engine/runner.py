@@ -66,8 +66,9 @@ def _sample_on_device(owners: list[tuple[ScheduledRequest, int]], logits: torch.
                           dtype=torch.float32).to(logits.device, non_blocking=True)
     ints = torch.tensor([(seed, position) for _, seed, position in rows],
                         dtype=torch.int64).to(logits.device, non_blocking=True)
+    filtered = any(p.top_k or p.top_p < 1.0 or p.min_p > 0.0 for p, _, _ in rows)
     return sample_rows(logits, floats[:, 0], floats[:, 1].long(), floats[:, 2], floats[:, 3],
-                       ints[:, 0], ints[:, 1])
+                       ints[:, 0], ints[:, 1], filtered)
 
 
 @dataclass

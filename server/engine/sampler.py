@@ -97,15 +97,25 @@ def uniforms(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                 top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
+                positions: torch.Tensor, filtered: bool = True) -> torch.Tensor:
     """[R, V] float32 logits -> [R] int64 tokens, one row a request with its own sampling
     parameters ([R] each; temperature 0: the argmax; top_k 0: off): `filter_probs` for all
     rows at once, then the exponential race, argmax p / E with E = -log U, U from
     `uniforms`, which picks token i with probability p_i. Where the host path samples one
     request at a time (a softmax and, for top-p, a sort over the vocabulary each, ~1-4 ms
-    a row on this repo's CPU), this runs where the logits are: no logits leave the GPU."""
+    a row on this repo's CPU), this runs where the logits are: no logits leave the GPU.
+    `filtered` False (no row asks for top-k, top-p or min-p) skips the filters' sort."""
     greedy = temperature == 0
     probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)
+    if filtered:
+        probs = _filter_rows(probs, top_k, top_p, min_p)
+    race = probs.double() / -torch.log(uniforms(seeds, positions, probs.shape[1]))
+    return torch.where(greedy, logits.argmax(dim=-1), race.argmax(dim=-1))
+
+
+def _filter_rows(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 min_p: torch.Tensor) -> torch.Tensor:
+    """`filter_probs`'s top-k, top-p and min-p of each row [R, V], not renormalised."""
     ordered = probs.sort(dim=-1, descending=True).values
     rank = torch.arange(probs.shape[1], device=probs.device)
     ordered = torch.where((top_k[:, None] == 0) | (rank[None, :] < top_k[:, None]), ordered, 0.0)
@@ -115,9 +125,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     # the smallest probability kept by top-k and top-p, then min-p's floor
     floor = torch.where(kept, ordered, float("inf")).amin(dim=-1)
     floor = torch.maximum(floor, min_p * ordered[:, 0])
-    probs = torch.where(probs >= floor[:, None], probs, 0.0)
-    race = probs.double() / -torch.log(uniforms(seeds, positions, probs.shape[1]))
-    return torch.where(greedy, logits.argmax(dim=-1), race.argmax(dim=-1))
+    return torch.where(probs >= floor[:, None], probs, 0.0)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> list[TokenLogprob]:
