@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.sampling import uniforms
 from server.engine import runner as runner_module
 from server.engine.llm import LLM
-from server.engine.sampler import filter_probs, sample_rows, uniforms
+from server.engine.sampler import filter_probs, sample_rows
 from server.engine.sampling_params import SamplingParams
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.sampling import race_tokens
 from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
@@ -71,46 +72,24 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _wrap(x: int) -> int:
-    """A 64-bit constant as torch's signed int64."""
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_MIX = (_wrap(0x9E3779B97F4A7C15), _wrap(0xBF58476D1CE4E5B9), _wrap(0x94D049BB133111EB))
-
-
-def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> extends the sign)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def uniforms(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[R, vocab] float64 in (0, 1): SplitMix64 of (seed, position, token), so row r's
-    numbers depend on seeds[r] and positions[r] alone, on any device."""
-    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    z = (seeds * _MIX[1] + positions * _MIX[2])[:, None] + token[None, :] * _MIX[0] + _MIX[0]
-    z = (z ^ _shift(z, 30)) * _MIX[1]
-    z = (z ^ _shift(z, 27)) * _MIX[2]
-    z = z ^ _shift(z, 31)
-    return (_shift(z, 11).double() + 0.5) * 2.0 ** -53
-
-
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                 top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
                 positions: torch.Tensor, filtered: bool = True) -> torch.Tensor:
     """[R, V] float32 logits -> [R] int64 tokens, one row a request with its own sampling
     parameters ([R] each; temperature 0: the argmax; top_k 0: off): `filter_probs` for all
-    rows at once, then the exponential race, argmax p / E with E = -log U, U from
-    `uniforms`, which picks token i with probability p_i. Where the host path samples one
-    request at a time (a softmax and, for top-p, a sort over the vocabulary each, ~1-4 ms
-    a row on this repo's CPU), this runs where the logits are: no logits leave the GPU.
-    `filtered` False (no row asks for top-k, top-p or min-p) skips the filters' sort."""
+    rows at once, then the Gumbel race of `kernels.sampling` (seeded by each request's seed
+    and output position), which picks each token with its filtered probability. Where the
+    host path samples one request at a time (a softmax and, for top-p, a sort over the
+    vocabulary each, ~1-4 ms a row on this repo's CPU), this runs where the logits are: no
+    logits leave the GPU. `filtered` False (no row asks for top-k, top-p or min-p) races
+    logits / temperature directly, without the softmax and the filters' sort."""
     greedy = temperature == 0
-    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)
+    temperature = torch.where(greedy, 1.0, temperature)
+    x = logits
     if filtered:
-        probs = _filter_rows(probs, top_k, top_p, min_p)
-    race = probs.double() / -torch.log(uniforms(seeds, positions, probs.shape[1]))
-    return torch.where(greedy, logits.argmax(dim=-1), race.argmax(dim=-1))
+        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        x, temperature = _filter_rows(probs, top_k, top_p, min_p).log(), torch.ones_like(temperature)
+    return torch.where(greedy, logits.argmax(dim=-1), race_tokens(x, temperature, seeds, positions))
 
 
 def _filter_rows(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
