@@ -11,7 +11,16 @@ float64 (53-bit uniforms: no U rounds to 0 or 1), the scores are stored as float
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from kernels.switch import Switch
+
+TRITON_RACE = Switch(os.environ.get("LEAPFROG_TRITON_RACE", "0") == "1")
+"""Whether CUDA races run `kernels.triton_sample` (else the reference's torch operations,
+which ran on an H200: docs/benchmarks/gpu.md, runs 118-119). Off until the kernel has run
+on a GPU (`tests/gpu/test_gpu_kernels.py::test_race_scores_match_the_reference`)."""
 
 
 def _wrap(x: int) -> int:
@@ -50,9 +59,10 @@ def race_scores_reference(x: torch.Tensor, temperature: torch.Tensor, seeds: tor
 def race_tokens(x: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
     """[R] int64: each row's winner of the race over x [R, V] float32 / temperature [R]
-    with seeds and positions [R] int64: on CUDA two Triton launches (the scores, then the
-    argmax of `kernels.triton_argmax`), elsewhere the reference and torch's argmax."""
-    if x.is_cuda:
+    with seeds and positions [R] int64: with `TRITON_RACE` on CUDA two Triton launches (the
+    scores, then the argmax of `kernels.triton_argmax`), else the reference and torch's
+    argmax."""
+    if x.is_cuda and TRITON_RACE:
         from kernels.triton_argmax import greedy_tokens
         from kernels.triton_sample import race_scores
 
