@@ -93,3 +93,20 @@ def test_engine_samples_on_the_device_path(tiny_model_dir, monkeypatch) -> None:
     mixed = llm.generate(prompts[:2], [seeded[0], SamplingParams(max_tokens=10, seed=9,
                                                                 repetition_penalty=1.3)])
     assert calls == [] and mixed[0].token_ids != [] and len(mixed[1].token_ids) == 10
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_temperatures_near_zero_are_greedy(tiny_model_dir, monkeypatch, device_path) -> None:
+    """Below GREEDY_BELOW a temperature is greedy on either path: logits / 1e-40 overflow
+    float32, and sampling from the NaN softmax failed the step (and with it every request
+    in it)."""
+    monkeypatch.setattr(runner_module, "_device_sampling", lambda logits: device_path)
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=4)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    greedy = [c.token_ids for c in llm.generate(prompts, SamplingParams(max_tokens=6,
+                                                                       temperature=0.0))]
+    for t in (1e-40, 1e-8, 9e-6):
+        params = [SamplingParams(max_tokens=6, temperature=t),
+                  SamplingParams(max_tokens=6, temperature=0.8, seed=1)]  # (one sampled)
+        got = llm.generate(prompts, params)
+        assert got[0].token_ids == greedy[0] and len(got[1].token_ids) == 6

@@ -62,7 +62,8 @@ def _sample_on_device(owners: list[tuple[ScheduledRequest, int]], logits: torch.
     its seed at its output position; greedy requests' rows take the argmax."""
     rows = [(s.request.params, s.request.seed, len(s.request.output_token_ids) + j)
             for s, _ in owners for j in range(len(s.spec_token_ids) + 1)]
-    floats = torch.tensor([(p.temperature, p.top_k, p.top_p, p.min_p) for p, _, _ in rows],
+    floats = torch.tensor([(0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p)
+                           for p, _, _ in rows],
                           dtype=torch.float32).to(logits.device, non_blocking=True)
     ints = torch.tensor([(seed, position) for _, seed, position in rows],
                         dtype=torch.int64).to(logits.device, non_blocking=True)

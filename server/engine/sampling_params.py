@@ -13,6 +13,11 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are greedy, as in vLLM: logits / 1e-40 overflow float32, and
+the softmax of the result is NaN (a request at such a temperature failed its step)."""
+
+
 @dataclass
 class SamplingParams:
     """How one sequence is sampled and when it stops."""
@@ -22,7 +27,7 @@ class SamplingParams:
     min_tokens: int = 0
     """EOS and stop tokens are suppressed until this many tokens exist."""
     temperature: float = 1.0
-    """0 means greedy (argmax)."""
+    """0 (or below GREEDY_BELOW) means greedy (argmax)."""
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]."""
     top_k: int = 0
@@ -78,7 +83,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:
