@@ -26,10 +26,10 @@ same padded size, and one table by size, fed by steps of fewer requests, made dr
 cheaper for 16 requests than it was. The drafter may propose fewer drafts than asked, or
 none (an n-gram lookup that finds no match), while padding is paid for the longest: so
 the scheduler applies the same rule again once the drafts are known, with each request's
-proposal length as its limit, and drops the drafts that would not pay for their padding. A request count's plain step (Q
-= 1) is measured at least once every `explore_every` of its steps, and a size's
-measurements expire when it goes unobserved (`StepCosts.refresh`): estimates track the
-batch as it is, not as it was when a size was last chosen.
+proposal length as its limit, and drops the drafts that would not pay for their padding.
+A request count's plain step (Q = 1) is measured at least once every `explore_every` of
+its steps, and a size's measurements expire when it goes unobserved (`StepCosts.refresh`):
+estimates track the batch as it is, not as it was when a size was last chosen.
 """
 
 from __future__ import annotations
@@ -168,10 +168,11 @@ class SpecPolicy:
         """The share of asks in which the drafter proposed drafts (1 until it fails)."""
         return self._found.get(request_id, 1.0)
 
-    def expected_tokens(self, request_id: str, k: int) -> float:
-        """E(k): the tokens a step yields when this request is asked for k drafts."""
+    def _gain(self, request_id: str) -> tuple[float, float]:
+        """(c, a) with E(k) = 1 + c (1 - a^k): the tokens a step yields when this request
+        is asked for k drafts (c = h a / (1 - a), a capped below 1)."""
         a = min(self.acceptance(request_id), 0.999)
-        return 1 + self.found(request_id) * a * (1 - a ** k) / (1 - a)
+        return self.found(request_id) * a / (1 - a), a
 
     def forget(self, request_id: str) -> None:
         """A request ended: its estimate, if it verified drafts, moves the start estimate."""
@@ -212,9 +213,7 @@ class SpecPolicy:
         if explore and costs.age(1) >= self.explore_every:
             return [0] * n
         best_q, best = 1, (1 + self.margin) * n / costs.time(1)
-        # E(k) - 1 = c (1 - a^k), c = h a / (1 - a): `expected_tokens`, its factors once
-        gains = [(self.found(r) * a / (1 - a), a)
-                 for r, _ in requests for a in (min(self.acceptance(r), 0.999),)]
+        gains = [self._gain(r) for r, _ in requests]
         for q in self.query_buckets or range(2, self.max_draft_tokens + 2):
             if not 1 < q <= self.max_draft_tokens + 1:
                 continue
@@ -231,13 +230,9 @@ class SpecPolicy:
         """Best k <= limit for this request, given `step_tokens` already in the step and
         `producing` requests that will emit tokens in it."""
         best_k, best = 0, (1 + self.margin) * producing / self.costs.time(step_tokens)
-        a = min(self.acceptance(request_id), 0.999)
-        term = self.found(request_id)
-        tokens = float(producing)  # producing - 1 + E(k), E(k) = 1 + h (a + ... + a^k)
-        for k in range(1, min(limit, self.max_draft_tokens) + 1):
-            term *= a
-            tokens += term
-            value = tokens / self.costs.time(step_tokens + k)
+        c, a = self._gain(request_id)
+        for k in range(1, min(limit, self.max_draft_tokens) + 1):  # (B - 1 + E(k)) / T(n + k)
+            value = (producing + c * (1 - a ** k)) / self.costs.time(step_tokens + k)
             if value > best:
                 best_k, best = k, value
         return best_k
