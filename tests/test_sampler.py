@@ -110,3 +110,26 @@ def test_temperatures_near_zero_are_greedy(tiny_model_dir, monkeypatch, device_p
                   SamplingParams(max_tokens=6, temperature=0.8, seed=1)]  # (one sampled)
         got = llm.generate(prompts, params)
         assert got[0].token_ids == greedy[0] and len(got[1].token_ids) == 6
+
+
+def test_nucleus_keeps_what_a_full_sort_keeps() -> None:
+    """top-p over the head of the vocabulary (`_nucleus`, widened until it holds the mass)
+    keeps the tokens the rule over a full sort keeps: rows of 10 to 49,152 tokens, flat and
+    peaked, with zeros (top-k before it), any top_p."""
+    from server.engine.sampler import _nucleus
+
+    def full_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+        ordered, order = probs.sort(descending=True)
+        cumulative = ordered.cumsum(0)
+        drop = cumulative - ordered > top_p * cumulative[-1]
+        return probs.scatter(0, order, ordered.masked_fill(drop, 0.0))
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(150):
+        vocab = (10, 300, 49152)[trial % 3]
+        probs = torch.softmax(torch.randn(vocab, generator=g) * (0.5 + 6 * trial / 150), 0)
+        if trial % 5 == 0:
+            probs[: vocab // 3] = 0
+        top_p = float(torch.rand(1, generator=g)) * 0.99 + 0.005
+        kept, expected = _nucleus(probs, top_p), full_sort(probs, top_p)
+        assert torch.equal(kept > 0, expected > 0) and torch.equal(kept[kept > 0], probs[kept > 0])
