@@ -49,7 +49,8 @@ def test_fill_writes_every_input(b: int, q: int, n: int, mixed: bool) -> None:
     rng = np.random.default_rng(b * 10 + q)
     r = runner()
     r.dev.fill_(-7)  # poison: every value a step reads must be written
-    r.host.fill_(-7)
+    for host in r.hosts:
+        host.fill_(-7)
     tables = [[int(x) for x in rng.permutation(SCRATCH)[: int(rng.integers(3, 10))]]
               for _ in range(n)]
     lengths = [int(rng.integers(1, q + 1)) if mixed else q for _ in range(n)]
@@ -90,12 +91,12 @@ def test_fill_of_another_shape_keeps_each_graph_layout() -> None:
     assert qsl.tolist() == [0, 1, 2]
 
 
-def _scheduled(*requests: tuple[int, int, bool]) -> types.SimpleNamespace:
+def _scheduled(*requests: tuple[int, int, bool], ahead: int = 0) -> types.SimpleNamespace:
     """A SchedulerOutput stand-in: (computed tokens, draft tokens, reaches the end) each."""
     return types.SimpleNamespace(scheduled=[
         types.SimpleNamespace(request=types.SimpleNamespace(num_computed_tokens=done),
                               spec_token_ids=[7] * drafts, num_new_tokens=1 + drafts,
-                              reaches_end=end)
+                              reaches_end=end, ahead=ahead)
         for done, drafts, end in requests])
 
 
@@ -109,6 +110,9 @@ def test_graph_key_pads_verification_to_the_longest():
     assert r.key(_scheduled((5, 3, True))) is None  # 4 tokens > 3
     assert r.key(_scheduled((37, 2, True))) == (1, 3)  # positions 37..39
     assert r.key(_scheduled((38, 0, True), (5, 2, True))) is None  # padding to 40
+    assert r.key(_scheduled((38, 0, True))) == (1, 1)  # position 38
+    assert r.key(_scheduled((38, 0, True), ahead=1)) == (1, 1)  # launched ahead: 39
+    assert r.key(_scheduled((39, 0, True), ahead=1)) is None  # 40
     assert r.key(_scheduled((5, 0, False))) is None
     assert r.key(_scheduled(*[(5, 0, True)] * 9)) is None  # past the largest bucket
 
@@ -184,9 +188,9 @@ def test_engine_reads_the_real_rows_of_padded_steps(tiny_model_dir):
     lengths = []
     eager_step = graphs.step
 
-    def step(b, q, starts, ids, tables, graphed=True):
+    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None):
         lengths.append([len(row) for row in ids])
-        return eager_step(b, q, starts, ids, tables, graphed=False)
+        return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids)
 
     graphs.step = step
     runner.graphs = graphs

@@ -199,3 +199,51 @@ def test_finished_request_status() -> None:
     out = s.schedule()
     (r, toks), = s.update(out, fake_run(out))
     assert r.status == RequestStatus.FINISHED and r.finish_reason == "length" and toks == [7]
+
+
+def test_schedule_ahead_decodes_the_running_batch_one_token_further() -> None:
+    """While a decode step runs, the next one: each request one token on (`ahead`), its
+    KV slot allocated; requests the running step certainly finishes (max_tokens,
+    max_model_len) left out; the step after that takes the tokens in order."""
+    s = make(block_size=4, max_len=12)
+    for r in (req("a", 3, max_tokens=8), req("b", 2, max_tokens=2), req("c", 10)):
+        s.add_request(r)
+    s.update(prefill := s.schedule(), fake_run(prefill))  # 1 token each: a 4, b 3, c 11
+    decode = s.schedule()
+    assert [x.num_new_tokens for x in decode.scheduled] == [1, 1, 1]
+    ahead = s.schedule_ahead(decode)
+    # b's second token ends it (max_tokens 2), c's twelfth max_model_len
+    assert [(x.request.request_id, x.num_new_tokens, x.ahead) for x in ahead.scheduled] == [
+        ("a", 1, 1)]
+    assert ahead.scheduled[0].reaches_end
+    assert len(s.blocks.block_table("a")) == 2  # position 5 of "a": a second block
+    emitted = s.update(decode, fake_run(decode, token=5))
+    assert [(r.request_id, t) for r, t in emitted] == [("a", [5]), ("b", [5]), ("c", [5])]
+    assert s.requests.keys() == {"a"}
+    assert len(s.blocks.block_table("a")) == 2  # kept for the step launched ahead
+    s.update(ahead, fake_run(ahead, token=6))
+    a = s.requests["a"]
+    assert a.output_token_ids == [7, 5, 6] and a.num_computed_tokens == 5
+    s.blocks.check_integrity()
+
+
+def test_schedule_ahead_only_when_nothing_else_would_run() -> None:
+    """No step ahead with a request waiting that the batch could admit, with speculation,
+    after a step that was not plain decode, or without free blocks for the next tokens."""
+    s = make(max_seqs=2)
+    s.add_request(req("a", 3))
+    s.update(first := s.schedule(), fake_run(first))
+    s.add_request(req("b", 3))
+    decode = s.schedule()  # a decodes, b's prompt
+    assert s.schedule_ahead(decode) is None
+    s.update(decode, fake_run(decode))
+    s.add_request(req("c", 3))  # waits: the batch is full
+    both = s.schedule()
+    assert s.schedule_ahead(both) is not None
+    assert make(policy=SpecPolicy(3)).schedule_ahead(SchedulerOutput([], 0)) is None
+    tight = make(num_blocks=2, block_size=4)
+    tight.add_request(req("a", 4))
+    tight.add_request(req("b", 4))
+    tight.update(full := tight.schedule(), fake_run(full))
+    decode = tight.schedule()  # position 4 of each needs a second block: preempts b
+    assert decode.preempted and tight.schedule_ahead(decode) is None

@@ -24,7 +24,10 @@ class ModelInputs:
 
 
 def build_inputs(out: SchedulerOutput, block_tables: list[list[int]], block_size: int,
-                 device: torch.device, padded_groups: bool) -> ModelInputs:
+                 device: torch.device, padded_groups: bool,
+                 ahead_ids: torch.Tensor | None = None) -> ModelInputs:
+    """`ahead_ids`: a decode step's token ids on the device, one a request, from the step
+    before, which still runs (`ScheduledRequest.ahead`)."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -32,9 +35,9 @@ def build_inputs(out: SchedulerOutput, block_tables: list[list[int]], block_size
     seq_lens: list[int] = []
     for s, table in zip(out.scheduled, block_tables, strict=True):
         r = s.request
-        begin = r.num_computed_tokens
-        tokens = (r.all_token_ids + s.spec_token_ids)[begin : begin + s.num_new_tokens]
-        ids.extend(tokens)
+        begin = r.num_computed_tokens + s.ahead
+        if ahead_ids is None:
+            ids.extend((r.all_token_ids + s.spec_token_ids)[begin : begin + s.num_new_tokens])
         pos = range(begin, begin + s.num_new_tokens)
         positions.extend(pos)
         slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
@@ -53,7 +56,7 @@ def build_inputs(out: SchedulerOutput, block_tables: list[list[int]], block_size
         groups=groups,
     )
     return ModelInputs(
-        torch.tensor(ids, dtype=torch.long, device=device),
+        ahead_ids if ahead_ids is not None else torch.tensor(ids, dtype=torch.long, device=device),
         torch.tensor(positions, dtype=torch.long, device=device),
         meta,
         starts,

@@ -21,6 +21,10 @@ class ScheduledRequest:
     """Draft tokens included at the end of this step's tokens (maybe trimmed by budget)."""
     num_draft_tokens_next: int = 0
     """How many tokens the drafter may propose for this request's next step (0 = none)."""
+    ahead: int = 0
+    """Tokens the step before this one produces for the request that its state does not
+    hold yet when this step is launched (1 in a step launched before its predecessor
+    finished, `Scheduler.schedule_ahead`): this step's token comes from the device."""
 
     @property
     def reaches_end(self) -> bool:

@@ -93,10 +93,13 @@ class CudaGraphRunner:
         # one int64 buffer holds a step's inputs (`_views`), so one copy moves them
         used = self._layout(self.buckets[-1], self.query_buckets[-1])[-1]
         self.dev = torch.zeros(used, dtype=torch.long, device=device)
-        self.host = torch.zeros_like(self.dev, device="cpu")
+        # two pinned host buffers take turns: a step is filled while the copy of the one
+        # before (launched ahead of its predecessor's end) may still wait in the stream
+        self.hosts = [torch.zeros_like(self.dev, device="cpu") for _ in range(2)]
         if device.type == "cuda":
-            self.host = self.host.pin_memory()
-        self._host_views: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+            self.hosts = [h.pin_memory() for h in self.hosts]
+        self._turn = 0
+        self._host_views: dict[tuple[int, int, int], tuple[np.ndarray, ...]] = {}
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool: tuple | None = None
 
@@ -117,33 +120,43 @@ class CudaGraphRunner:
         most = max(s.num_new_tokens for s in scheduled)
         q = next((q for q in self.query_buckets if q >= most), None)
         # (padding tokens take the positions after a request's own: within the RoPE tables)
-        if q is None or any(s.request.num_computed_tokens + q > self.max_model_len
-                                         for s in scheduled):
+        if q is None or any(s.request.num_computed_tokens + s.ahead + q > self.max_model_len
+                            for s in scheduled):
             return None
         return next(b for b in self.buckets if b >= len(scheduled)), q
 
-    def run(self, out: SchedulerOutput, tables: list[list[int]]) -> Replay | None:
-        """Replay (capturing first if new) a graphable step; None for any other step."""
+    def run(self, out: SchedulerOutput, tables: list[list[int]],
+            ahead_ids: torch.Tensor | None = None) -> Replay | None:
+        """Replay (capturing first if new) a graphable step; None for any other step.
+        `ahead_ids`: a decode step's token ids on the device, from the step before, which
+        still runs (`ScheduledRequest.ahead`)."""
         key = self.key(out)
         if key is None:
             return None
         b, q = key
         # (a graphable step computes each request's newest token and its drafts)
-        starts = [s.request.num_computed_tokens for s in out.scheduled]
-        ids = [[_newest(s.request), *s.spec_token_ids] for s in out.scheduled]
-        hidden, logits, tokens = self.step(b, q, starts, ids, tables)
+        starts = [s.request.num_computed_tokens + s.ahead for s in out.scheduled]
+        if ahead_ids is None:
+            ids = [[_newest(s.request), *s.spec_token_ids] for s in out.scheduled]
+        else:
+            ids = [[0]] * len(out.scheduled)  # (written on the device below)
+        hidden, logits, tokens = self.step(b, q, starts, ids, tables, ahead_ids=ahead_ids)
         t = len(out.scheduled) * q
         return Replay(key, [i * q + len(row) for i, row in enumerate(ids)], hidden[:t],
                       logits[:t], tokens[:t])
 
     def step(self, b: int, q: int, starts: list[int], ids: list[list[int]],
-             tables: list[list[int]], graphed: bool = True
+             tables: list[list[int]], graphed: bool = True,
+             ahead_ids: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of len(starts) <= b sequences, each computing 1..q tokens from position
         starts[i] (ids[i] its token ids; padded to q); hidden [b * q, h], logits [b * q,
         vocab] and the greedy tokens [b * q], sequence i's rows from i * q. `graphed=False`
-        runs the same padded step eagerly (for comparisons)."""
+        runs the same padded step eagerly (for comparisons). `ahead_ids` (q = 1): the
+        sequences' token ids on the device instead of ids'."""
         self._fill(b, q, starts, ids, tables)
+        if ahead_ids is not None:
+            self.dev[: len(starts)].copy_(ahead_ids)
         if not graphed:
             return self._forward(b, q)
         graph = self.graphs.get((b, q)) or self._capture(b, q)
@@ -176,16 +189,18 @@ class CudaGraphRunner:
         """Write a step's inputs (real sequences, each padded to Q tokens with id 0 at the
         next positions and KV in the scratch block; then padding sequences: ids 0,
         positions 0..Q-1, KV in the scratch block) and copy them to the device in one copy."""
-        views = self._host_views.get((b, q))
+        self._turn ^= 1
+        host = self.hosts[self._turn]
+        views = self._host_views.get((self._turn, b, q))
         if views is None:  # numpy views of the pinned buffer, made once a shape
-            views = tuple(v.numpy() for v in self._views(b, q, self.host))
-            self._host_views[(b, q)] = views
+            views = tuple(v.numpy() for v in self._views(b, q, host))
+            self._host_views[(self._turn, b, q)] = views
         if q == 1:
             self._fill_decode(b, starts, ids, tables, views)
         else:
             self._fill_padded(b, q, starts, ids, tables, views)
         used = self._layout(b, q)[-1]
-        self.dev[:used].copy_(self.host[:used], non_blocking=True)
+        self.dev[:used].copy_(host[:used], non_blocking=True)
 
     def _fill_decode(self, b: int, starts: list[int], ids: list[list[int]],
                      tables: list[list[int]], views: tuple[np.ndarray, ...]) -> None:

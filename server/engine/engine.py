@@ -20,7 +20,7 @@ from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
-from server.engine.runner import ModelRunner
+from server.engine.runner import Launched, ModelRunner
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.spec_policy import SpecPolicy
@@ -107,6 +107,9 @@ class LLMEngine:
         self._pending: _Emitted | None = None  # a step's results whose outputs are not made
         # the outputs of a step are made during the next step's device work (see `step`)
         self.overlap_outputs = self.device.type == "cuda"
+        # a decode step launched before the one it follows finished (see `step`)
+        self._ahead: tuple[SchedulerOutput, Launched] | None = None
+        self.launch_ahead = self.runner.graphs is not None and drafter is None
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         if self.config.num_kv_blocks:
@@ -146,7 +149,8 @@ class LLMEngine:
                              finished=True, finish_reason="abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._pending is not None
+        return (self.scheduler.has_work() or self._pending is not None
+                or self._ahead is not None)
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -155,12 +159,25 @@ class LLMEngine:
         are made while the device runs the next step, and returned by that step's call:
         the host's share of a small model's step on a GPU is large (docs/benchmarks/gpu.md,
         run 105). A request that a stop string ends then computes one token more, dropped.
+        With `launch_ahead` (CUDA graphs, no speculation), a decode step whose tokens the
+        device computes has the next decode step queued behind it before the host waits for
+        it (`Scheduler.schedule_ahead`; its input tokens go from one step to the next on the
+        device), so the device does not idle while the host takes in a step and schedules
+        the next; that step is this method's next call's. A request that a stop token or
+        string ends computes up to two tokens more, dropped.
         """
         start = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if sched.preempted:
-            self.metrics.num_preemptions.inc(len(sched.preempted))
-        launched = self.runner.launch(sched) if sched.scheduled else None
+        if self._ahead is not None:  # launched by the last call: its inputs are in place
+            (sched, launched), self._ahead = self._ahead, None
+        else:
+            sched = self.scheduler.schedule()
+            if sched.preempted:
+                self.metrics.num_preemptions.inc(len(sched.preempted))
+            launched = self.runner.launch(sched) if sched.scheduled else None
+        if launched is not None and self.launch_ahead and launched.tokens:
+            ahead = self.scheduler.schedule_ahead(sched)
+            if ahead is not None:
+                self._ahead = ahead, self.runner.launch(ahead, after=launched)
         outputs = self._flush()
         now = time.monotonic()
         outputs += [self._output(r, [], SampledTokens([], 0), now) for r in sched.ended]

@@ -35,11 +35,17 @@ def _greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def _num_outputs(s: ScheduledRequest) -> int:
+    """Output tokens the request has when this step's tokens come (the step before's
+    included, when this step was launched ahead of it)."""
+    return len(s.request.output_token_ids) + s.ahead
+
+
 def _plain_greedy(s: ScheduledRequest) -> bool:
     """Whether a request's tokens are the argmax of its raw logits (nothing else needed)."""
     p = s.request.params
     return (p.greedy and not p.has_penalties and p.logprobs is None
-            and len(s.request.output_token_ids) >= p.min_tokens)
+            and _num_outputs(s) >= p.min_tokens)
 
 
 def _plain_sampled(s: ScheduledRequest) -> bool:
@@ -47,7 +53,7 @@ def _plain_sampled(s: ScheduledRequest) -> bool:
     top-p and min-p alone, with no drafts to verify (what `sample_rows` serves)."""
     p = s.request.params
     return (not p.greedy and not p.has_penalties and p.logprobs is None
-            and len(s.request.output_token_ids) >= p.min_tokens and not s.spec_token_ids)
+            and _num_outputs(s) >= p.min_tokens and not s.spec_token_ids)
 
 
 def _device_sampling(logits: torch.Tensor) -> bool:
@@ -60,7 +66,7 @@ def _sample_on_device(owners: list[tuple[ScheduledRequest, int]], logits: torch.
                       ) -> torch.Tensor:
     """`sample_rows` of the sampled rows' logits [R, vocab], each request's parameters and
     its seed at its output position; greedy requests' rows take the argmax."""
-    rows = [(s.request.params, s.request.seed, len(s.request.output_token_ids) + j)
+    rows = [(s.request.params, s.request.seed, _num_outputs(s) + j)
             for s, _ in owners for j in range(len(s.spec_token_ids) + 1)]
     floats = torch.tensor([(0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p)
                            for p, _, _ in rows],
@@ -93,6 +99,15 @@ class Launched:
     by_row: bool
     """`result` has an entry for every row of `hidden` (a replay's, padding rows included),
     of which `rows` are taken; else one for each of `rows`."""
+    copied: tuple[torch.Tensor, torch.cuda.Event] | None = None
+    """When `tokens` on CUDA: `result` copied to pinned host memory, and the event after
+    the copy: `finish` waits for that, not for later steps queued behind (`launch`'s
+    `after`)."""
+
+    def token_index(self, s: ScheduledRequest) -> int:
+        """Where in `result` a decoding request's one token is (`tokens` only)."""
+        first = next(first for owner, first in self.owners if owner.request is s.request)
+        return self.rows[first] if self.by_row else first
 
 
 class ModelRunner:
@@ -107,6 +122,9 @@ class ModelRunner:
         self.device = device
         self.drafter = drafter
         self.graphs: CudaGraphRunner | None = None
+        # pinned host copies of steps' tokens, taking turns (`_copy_tokens`)
+        self._host_tokens = [torch.empty(0, dtype=torch.long) for _ in range(2)]
+        self._turn = 0
         c = model.config
         # one scratch block past the pool: padded CUDA-graph rows write their KV there
         shape = (blocks.num_blocks + 1, blocks.block_size, c.num_kv_heads, c.head_dim)
@@ -129,15 +147,22 @@ class ModelRunner:
                  time.perf_counter() - start)
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> Launched:
+    def launch(self, out: SchedulerOutput, after: Launched | None = None) -> Launched:
         """Queue a step's device work (the replay, or the forward and its LM head and greedy
-        tokens) without waiting for it: on CUDA the host is free until `finish`."""
+        tokens) without waiting for it: on CUDA the host is free until `finish`. `after`:
+        the step before, still running, whose tokens (on the device) are this decode step's
+        input (`Scheduler.schedule_ahead`)."""
         tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
-        replay = self.graphs.run(out, tables) if self.graphs is not None else None
+        ids = None
+        if after is not None:  # each request's token of the step before, on the device
+            index = [after.token_index(s) for s in out.scheduled]
+            ids = (after.result[: len(index)] if index == list(range(len(index))) else
+                   after.result[torch.tensor(index).to(self.device, non_blocking=True)])
+        replay = self.graphs.run(out, tables, ids) if self.graphs is not None else None
         query_len = None
         if replay is None:
             inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
-                                  padded_groups=self.device.type == "cpu")
+                                  padded_groups=self.device.type == "cpu", ahead_ids=ids)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
             ends, all_logits, tokens = inputs.query_start[1:], None, None
         else:  # every row's logits and greedy token, in row order
@@ -164,13 +189,34 @@ class ModelRunner:
         # plain sampled ones a draw on the device: no logits travel to the host
         if all(_plain_greedy(s) for s, _ in owners):
             result = tokens if tokens is not None else _greedy_tokens(all_logits)
-            return Launched(hidden, query_len, rows, owners, True, result, by_row)
+            return Launched(hidden, query_len, rows, owners, True, result, by_row,
+                            self._copy_tokens(result))
         if (all(_plain_greedy(s) or _plain_sampled(s) for s, _ in owners)
                 and _device_sampling(all_logits)):
             logits = all_logits[row_index()] if by_row else all_logits
-            return Launched(hidden, query_len, rows, owners, True,
-                            _sample_on_device(owners, logits), False)
+            result = _sample_on_device(owners, logits)
+            return Launched(hidden, query_len, rows, owners, True, result, False,
+                            self._copy_tokens(result))
+        if after is not None:
+            raise ValueError("a step launched ahead must compute its tokens on the device")
         return Launched(hidden, query_len, rows, owners, False, all_logits, by_row)
+
+    def _copy_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event] | None:
+        """On CUDA: a copy of a step's tokens queued into pinned host memory, and an event
+        after it; two buffers take turns, so that one step's tokens are read while the next
+        step's copy is queued."""
+        if not tokens.is_cuda:
+            return None
+        n = tokens.numel()
+        self._turn ^= 1
+        host = self._host_tokens[self._turn]
+        if host.numel() < n:
+            host = self._host_tokens[self._turn] = torch.empty(
+                max(n, 2 * host.numel()), dtype=tokens.dtype, pin_memory=True)
+        host[:n].copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host[:n], event
 
     @torch.inference_mode()
     def finish(self, step: Launched) -> RunnerOutput:
@@ -179,7 +225,12 @@ class ModelRunner:
         rows, owners, on_device = step.rows, step.owners, step.tokens
         if not rows:
             return RunnerOutput({}, step.query_len)
-        logits = step.result.tolist() if on_device else step.result.cpu()
+        if step.copied is not None:
+            host, event = step.copied
+            event.synchronize()
+            logits = host.tolist()
+        else:
+            logits = step.result.tolist() if on_device else step.result.cpu()
         if step.by_row:  # (the padding tokens of requests that drafted fewer)
             logits = [logits[r] for r in rows] if on_device else logits[rows]
         sampled: dict[str, SampledTokens] = {}

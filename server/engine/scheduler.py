@@ -119,6 +119,32 @@ class Scheduler:
         total = sum(s.num_new_tokens for s in scheduled)
         return SchedulerOutput(scheduled, total, preempted, ended)
 
+    def schedule_ahead(self, previous: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `previous` while `previous` still runs: each of its requests
+        decodes the token `previous` is producing (`ScheduledRequest.ahead`), which only the
+        device holds yet. None unless `previous` decoded every running request one token,
+        without speculation, no waiting request could be admitted instead, and the KV
+        cache has room for the next token of each without preempting. Requests that
+        `previous` certainly finishes (max_tokens, max_model_len) are left out; one it
+        finishes otherwise (a stop token) computes a token that `update` drops."""
+        running = [s.request for s in previous.scheduled if not s.request.is_finished]
+        if (self.spec_policy is not None or previous.preempted or previous.ended
+                or len(running) != len(self.running)
+                or self.waiting and len(self.running) < self.config.max_num_seqs
+                or not all(s.num_new_tokens == 1 and not s.spec_token_ids and s.reaches_end
+                           for s in previous.scheduled)):
+            return None
+        going = [r for r in running if len(r.output_token_ids) + 1 < r.params.max_tokens
+                 and r.num_tokens + 1 < self.config.max_model_len]
+        # KV slots through the token each computes (position num_tokens)
+        extra = sum(self.blocks.blocks_needed(r.num_tokens + 1) - len(
+            self.blocks.block_table(r.request_id)) for r in going)
+        if not going or extra > self.blocks.num_free_blocks:
+            return None
+        for r in going:
+            self.blocks.allocate(r.request_id, r.num_tokens + 1)
+        return SchedulerOutput([ScheduledRequest(r, 1, [], ahead=1) for r in going], len(going))
+
     def _try_schedule(self, request: Request, budget: int, preempted: list[str]) -> ScheduledRequest | None:
         """Schedule a running request, preempting from the back of the batch for blocks."""
         base = request.num_tokens - request.num_computed_tokens
@@ -222,7 +248,8 @@ class Scheduler:
                 self.spec_policy.observe_proposal(r.request_id, bool(sampled.next_draft))
             r.spec_token_ids = sampled.next_draft
             r.draft_probs = sampled.next_draft_probs
-            self.blocks.truncate(r.request_id, r.num_computed_tokens)
+            if rejected:  # (not otherwise: a step launched ahead holds the next slot)
+                self.blocks.truncate(r.request_id, r.num_computed_tokens)
             emitted.append((r, new_tokens))
             if reason is not None:
                 self.finish_request(r.request_id, reason)

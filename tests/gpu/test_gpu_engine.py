@@ -206,3 +206,35 @@ def test_device_sampling_matches_cpu_and_reproduces(tiny_model_dir):
               for s in (1, 2, 3)]
     alone = [llm.generate([p], [s])[0].token_ids for p, s in zip(prompts, params, strict=True)]
     assert [c.token_ids for c in llm.generate(prompts, params)] == alone
+
+
+def test_steps_launched_ahead_give_the_tokens_of_steps_in_turn(tiny_model_dir):
+    """With graphs, decode steps are launched ahead of the step they follow (the engine's
+    `launch_ahead`, on by default): greedy and seeded sampled requests of 2 to 24 tokens,
+    some ended by a stop token, give the tokens of the same engine with it off; steps did
+    go ahead, and every block returns to the pool."""
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=4,
+              max_num_seqs=8, device="cuda")
+    engine = llm.engine
+    assert engine.launch_ahead
+    ahead = []
+    launch = engine.runner.launch
+
+    def recording(out, after=None):
+        ahead.append(after is not None)
+        return launch(out, after)
+
+    engine.runner.launch = recording
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15] * 4]
+    first = llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    runs = {}
+    for on in (True, False):
+        engine.launch_ahead = on
+        runs[on] = [[c.token_ids for c in llm.generate(prompts, params)] for params in (
+            [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (24, 2, 9, 17)],
+            SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[first.token_ids[4]]),
+            [SamplingParams(max_tokens=m, temperature=1.0, top_p=0.9, seed=m, ignore_eos=True)
+             for m in (24, 2, 9, 17)])]
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert runs[True] == runs[False]
+    assert sum(ahead) > 20

@@ -1,0 +1,110 @@
+"""Decode steps launched ahead of the step they follow (`LLMEngine.launch_ahead`), on CPU:
+the graph runner's steps run eagerly (its inputs and row layout without a capture), and
+each ahead step's input tokens come from the step before as a tensor, as on CUDA. The
+engine gives the same tokens, texts and finish reasons as without, and every block
+returns to the pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine.cuda_graphs import CudaGraphRunner
+from server.engine.llm import LLM
+from server.engine.sampling_params import SamplingParams
+
+BS = 4
+
+
+def _launching_ahead(llm: LLM) -> list[bool]:
+    """Route llm's decode steps through a CudaGraphRunner stepped eagerly and turn
+    launch_ahead on; returns a list that records, launch by launch, whether the step was
+    launched ahead of the one before."""
+    engine = llm.engine
+    runner = engine.runner
+    graphs = CudaGraphRunner(runner.model, BS, runner.blocks.num_blocks, engine.max_model_len,
+                             max_batch=8, max_query_len=1)
+    eager_step = graphs.step
+
+    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None):
+        return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids)
+
+    graphs.step = step
+    runner.graphs = graphs
+    engine.launch_ahead = True
+    launched: list[bool] = []
+    launch = runner.launch
+
+    def recording(out, after=None):
+        launched.append(after is not None)
+        return launch(out, after)
+
+    runner.launch = recording
+    return launched
+
+
+def _pair(tiny_model_dir) -> tuple[LLM, LLM, list[bool]]:
+    path = str(tiny_model_dir("llama"))
+    common = dict(device="cpu", dtype="float32", num_kv_blocks=64, block_size=BS,
+                  debug_check_integrity=True)
+    plain, ahead = LLM(path, **common), LLM(path, **common)
+    return plain, ahead, _launching_ahead(ahead)
+
+
+PROMPTS = [[5, 6, 7, 8] * 3, [9, 10] * 5, [3, 4, 5, 3, 4, 5, 3], [11, 12, 13], [40]]
+
+
+def _same(got, want) -> None:
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.text for c in got] == [c.text for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_launching_ahead_changes_no_output(tiny_model_dir, monkeypatch, sampled):
+    """Greedy, and seeded sampling drawn as on the device (`sample_rows`, whose draw
+    depends on each request's seed and output position): requests of 1 to 19 tokens,
+    ended by max_tokens, by stop tokens and by stop strings taken from the outputs, so
+    that some end while a step launched ahead of theirs runs."""
+    from server.engine import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "_device_sampling", lambda logits: True)
+    plain, ahead, launched = _pair(tiny_model_dir)
+    base = dict(temperature=0.8, top_p=0.9, seed=3) if sampled else dict(temperature=0.0)
+    free = [SamplingParams(max_tokens=m, ignore_eos=True, **base) for m in (19, 1, 7, 12, 2)]
+    first = plain.generate(PROMPTS, free)
+    assert [len(c.token_ids) for c in first] == [19, 1, 7, 12, 2]
+    stopping = [SamplingParams(max_tokens=19, stop_token_ids=[first[0].token_ids[5]], **base),
+                SamplingParams(max_tokens=19, stop=[first[3].text[-3:]], **base),
+                *free[2:]]
+    stopping[3] = SamplingParams(max_tokens=12, stop=[first[3].text[-3:]], **base)
+    for params in (free, stopping):
+        _same(ahead.generate(PROMPTS, params), plain.generate(PROMPTS, params))
+    assert sum(launched) > 10  # most decode steps went ahead
+    for llm in (plain, ahead):
+        assert not llm.engine.has_unfinished()
+        assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_requests_arriving_and_aborted_while_steps_run_ahead(tiny_model_dir):
+    """A request added while decode steps go ahead is admitted (the next step is then
+    scheduled as usual), one aborted mid-way returns its blocks, and the others' tokens
+    are those of the engine without steps ahead."""
+    plain, ahead, launched = _pair(tiny_model_dir)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = {c.prompt_token_ids[0]: c.token_ids for c in plain.generate(PROMPTS, params)}
+    engine = ahead.engine
+    got: dict[str, list[int]] = {}
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(f"r{i}", prompt, params)
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        if steps == 6:
+            engine.add_request("late", PROMPTS[3], params)
+            engine.abort_request("r1")
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert got["r0"] == want[5] and got["r2"] == want[3] and got["late"] == want[11]
+    assert len(got["r1"]) < 16
+    assert any(launched)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
