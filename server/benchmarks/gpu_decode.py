@@ -24,8 +24,10 @@ What each number times:
 - ``engine``: the default model through `LLM.generate`, everything from scheduling to text;
   tok/s = generated tokens / wall seconds (median of `--repeats` runs), graphs on vs
   `enforce_eager`, the file's Q4_1 weights dequantized to bf16 (the default for a model
-  this small) vs served packed (`quantization="int4"`); ``step_only`` times the engine's
-  model through `CudaGraphRunner.step` as for the 8B rows.
+  this small) vs served packed (`quantization="int4"`); ``in_turn``: with graphs, the same
+  engine with decode steps launched only once the step before has finished
+  (`LLMEngine.launch_ahead` off), alternating with the runs as served; ``step_only``
+  times the engine's model through `CudaGraphRunner.step` as for the 8B rows.
 - ``graph costs`` (`--graph-costs`): the default model's graph of each (batch, Q) replayed
   back to back, device time of one step; Q = 1 decodes, Q > 1 verifies Q - 1 drafts.
 
@@ -230,17 +232,25 @@ def bench_default(path: str, configs: list[str], repeats: int = 3) -> list[dict]
         weights = "Q4_1 packed" if quantization else "bf16 dense, the default"
         row = dict(model=f"default (SmolLM2-135M, {weights})", mode="eager" if eager else "graphs",
                    pdl=bool(pdl.ENABLED), answer=answer)
+        ahead = llm.engine.launch_ahead
         for batch, tokens in ((1, 256), (32, 128)):
             params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
             llm.generate(prompts[:batch], SamplingParams(max_tokens=4, ignore_eos=True))
-            runs = []
+            runs: dict[bool, list[float]] = {True: [], False: []}
             for _ in range(repeats):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                out = llm.generate(prompts[:batch], params)
-                runs.append(sum(len(c.token_ids) for c in out) / (time.perf_counter() - start))
-            row[f"batch{batch}_tps"] = statistics.median(runs)
-            row[f"batch{batch}_runs"] = [round(r) for r in runs]
+                for on in (True, False) if ahead else (False,):
+                    llm.engine.launch_ahead = on
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    out = llm.generate(prompts[:batch], params)
+                    runs[on].append(sum(len(c.token_ids) for c in out)
+                                    / (time.perf_counter() - start))
+            llm.engine.launch_ahead = ahead
+            served = runs[ahead]
+            row[f"batch{batch}_tps"] = statistics.median(served)
+            row[f"batch{batch}_runs"] = [round(r) for r in served]
+            if ahead:
+                row[f"batch{batch}_in_turn_tps"] = statistics.median(runs[False])
         if not eager:  # the same model's decode step alone: the rest is host-side engine work
             row["step_only_batch1_tps"] = 1 / time_decode(llm.engine.model, 1, 256, 64, True)
         rows.append(row)
