@@ -186,6 +186,7 @@ def paged_attention_triton(
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
     splits: int | None = None,
+    block_kv: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `kernels.attention.paged_attention_reference`; returns [tokens, heads, dim].
 
@@ -195,6 +196,12 @@ def paged_attention_triton(
     programs past a sequence's queries exit at once. `out`: optional destination shaped
     like `q`. `splits` (a power of two) divides each context over that many programs
     (split-KV, merged by the last to finish); None picks it from the grid size.
+    `block_kv`: key/value positions a tile (a power of two, at least 16); None: 128 for
+    tiles of at most 16 query rows (decode, short verification) and head dims up to 64,
+    else 64. (On an H200, docs/benchmarks/gpu.md runs 129-130: alone, 128 took 0.83-1.05x
+    the time of 64 for both the default model's heads and the 8B's; in whole graphed
+    decode steps 0.95-1.01x for the default model's, 0.94-1.07x for the 8B's, slower at
+    batch 1.)
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -218,6 +225,8 @@ def paged_attention_triton(
     if splits is None:  # fill ~2 waves of a 132-SM device when there are few (seq, head) tiles
         splits = 1 if interpret else min(16, triton.next_power_of_2(triton.cdiv(264, tiles)))
     rows = block_q * group_pad
+    if block_kv is None:
+        block_kv = 128 if rows <= 16 and block_d <= 64 else 64
     ws_acc = q.new_empty(tiles * splits * rows * block_d if splits > 1 else 1, dtype=torch.float32)
     ws_ml = q.new_empty(tiles * splits * 2 * rows if splits > 1 else 1, dtype=torch.float32)
     _paged_attention_kernel[(num_seqs, num_kv_heads, chunks * splits)](
@@ -227,7 +236,7 @@ def paged_attention_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         block_size, head_dim, sliding_window or 0, num_sink_tokens, scale * _LOG2E,
         ws_acc, ws_ml, _tile_counters(q.device, tiles),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=64, BLOCK_D=block_d,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_D=block_d,
         HAS_WINDOW=sliding_window is not None, SPLITS=splits,
         UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if rows >= 64 else 4,
         **pdl_args(q.device),

@@ -21,6 +21,8 @@
 #            device time, the default model ($GGUF) in bfloat16 with n-gram drafts
 #            (python3 -m server.benchmarks.phases) [$PHASES_ARGS]
 #   probe    python3 -m kernels.probe_loads (loads-only floor of the int4 GEMV's access pattern)
+#   attention python3 -m kernels.bench_attention (decode attention by tile size and split
+#            count, the default model's and the 8B's shapes) [$ATTENTION_ARGS]
 #   tune     python3 -m kernels.tune_gpu [$TUNE_ARGS] (the device's GEMV table, into $OUT)
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
 set -uo pipefail
@@ -76,6 +78,8 @@ for s in $STEPS; do
         echo "=== phases: skipped (no GGUF=...)"
       fi ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
+    attention) step attention 300 python3 -m kernels.bench_attention --json "$OUT/attention.json" \
+      ${ATTENTION_ARGS:-} ;;
     tune)  # this device's GEMV table ($OUT/table.json, to copy to kernels/tables/), which
       # the later steps of the call then use
       step tune "${TUNE_LIMIT:-540}" python3 -m kernels.tune_gpu --out "$OUT/table.json" \

@@ -52,10 +52,12 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,splits", [(torch.float16, 1), (torch.bfloat16, 1),
                                           (torch.float16, 4), (torch.float16, 8)])
-def test_paged_attention_matches_reference(case, dtype, splits):
-    """splits = 4 and 8: split-KV, including splits with no tile (37 tokens are one 64-tile,
-    merged by no one), a merge of fewer splits than launched (130 tokens: 3 of 4), and
-    uneven shares (600 tokens: 10 tiles as 3 + 3 + 3 + 1, or 2 x 5 of 8 splits)."""
+@pytest.mark.parametrize("block_kv", [64, 128])
+def test_paged_attention_matches_reference(case, dtype, splits, block_kv):
+    """splits = 4 and 8: split-KV, including splits with no tile (37 tokens are one tile,
+    merged by no one), a merge of fewer splits than launched (130 tokens: 3 of 4 64-tiles),
+    and uneven shares (600 tokens: 10 64-tiles as 3 + 3 + 3 + 1, or 2 x 5 of 8 splits; 5
+    128-tiles as 2 + 2 + 1)."""
     seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks = case
     q, k_cache, v_cache, tables, lens, qsl = _batch(seq_lens, q_lens, heads, kv_heads, dim,
                                                     block_size, dtype)
@@ -63,7 +65,8 @@ def test_paged_attention_matches_reference(case, dtype, splits):
     out = torch.full_like(q, float("nan"))
     for _ in range(2):  # the second call checks the split-KV counters were reset
         triton_attention.paged_attention_triton(q, k_cache, v_cache, tables, lens, qsl, scale,
-                                                window, sinks, out=out, splits=splits)
+                                                window, sinks, out=out, splits=splits,
+                                                block_kv=block_kv)
     ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens,
                                     qsl, scale, window, sinks)
     assert not torch.isnan(out).any()
