@@ -9,7 +9,8 @@ causal among the new tokens, the sequence length, and sink + sliding window; wit
 whole tiles before the window (other than the sink tiles) are skipped, not just masked.
 
 Decode at small batch has few (sequence, KV head) tiles, each a serial walk over the
-context, so the context is split over SPLITS programs (split-KV, as in flash-decoding):
+context, so the context is split over `splits` programs (split-KV, as in flash-decoding;
+a launch argument, so one compiled kernel serves every split count):
 each stores its unnormalized output and softmax max/sum, and the last to arrive (a
 per-tile counter, left at zero) merges them in split order. Splits get whole tiles, so at
 short contexts only the first few have work: the others exit at once, the merge waits
@@ -68,14 +69,15 @@ def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, t0, q_pos, head_ok, seq
 
 @triton.jit
 def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, active,
-                  SPLITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                  splits, MAX_SPLITS: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     """Split-KV: store this split's softmax state; the last of the tile's `active` splits
     (those with positions to attend) to arrive merges them in split order (deterministic)
     and reports `last`. Each split's weight comes from all maxima at once, so the partial
     outputs load independently of each other."""
     r = tl.arange(0, ROWS)
     d = tl.arange(0, BLOCK_D)
-    base = tile * SPLITS
+    base = tile * splits
     tl.store(ws_acc_ptr + ((base + split) * ROWS + r)[:, None] * BLOCK_D + d[None, :], acc)
     tl.store(ws_ml_ptr + ((base + split) * 2 * ROWS) + r, m_i)
     tl.store(ws_ml_ptr + ((base + split) * 2 * ROWS) + ROWS + r, l_i)
@@ -83,10 +85,10 @@ def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, ac
     arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
     last = arrived == active - 1
     if last:
-        j = tl.arange(0, SPLITS)
+        j = tl.arange(0, MAX_SPLITS)
         ml = ws_ml_ptr + (base + j)[:, None] * 2 * ROWS + r[None, :]
         here = (j < active)[:, None]
-        m_j = tl.load(ml, mask=here, other=float("-inf"), cache_modifier=".cg")  # [SPLITS, ROWS]
+        m_j = tl.load(ml, mask=here, other=float("-inf"), cache_modifier=".cg")  # [MAX_SPLITS, ROWS]
         l_j = tl.load(ml + ROWS, mask=here, other=0.0, cache_modifier=".cg")
         m_i = tl.max(m_j, axis=0)
         w_j = tl.exp2(m_j - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
@@ -101,14 +103,15 @@ def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, ac
     return acc, m_i, l_i, last
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_bt, block_size, head_dim, window, num_sinks,
     qk_scale, ws_acc_ptr, ws_ml_ptr, cnt_ptr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    splits, HAS_WINDOW: tl.constexpr, MAX_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -117,8 +120,8 @@ def _paged_attention_kernel(
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
     await_inputs(PDL)
-    chunk_id = tl.program_id(2) // SPLITS
-    split = tl.program_id(2) % SPLITS
+    chunk_id = tl.program_id(2) // splits
+    split = tl.program_id(2) % splits
     chunk = chunk_id * BLOCK_Q
     if chunk < q_len:
         r = tl.arange(0, BLOCK_Q * GROUP_PAD)
@@ -153,7 +156,7 @@ def _paged_attention_kernel(
         # this split's share of the remaining tiles; splits past the last share (short
         # contexts) have nothing to attend and take no part in the merge
         tiles = tl.cdiv(tl.maximum(last_pos - start, 0), BLOCK_KV)
-        per_split = tl.cdiv(tiles, SPLITS) * BLOCK_KV
+        per_split = tl.cdiv(tiles, splits) * BLOCK_KV
         active = tl.maximum(tl.cdiv(tiles * BLOCK_KV, tl.maximum(per_split, 1)), 1)
         lo = start + split * per_split
         for t0 in range(lo, tl.minimum(lo + per_split, last_pos), BLOCK_KV):
@@ -162,11 +165,11 @@ def _paged_attention_kernel(
                 block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
                 window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
         last = split < active
-        if SPLITS > 1 and last and active > 1:
+        if splits > 1 and last and active > 1:
             acc, m_i, l_i, last = _merge_splits(
                 acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr,
-                (seq * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // SPLITS) + chunk_id,
-                split, active, SPLITS, BLOCK_Q * GROUP_PAD, BLOCK_D)
+                (seq * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // splits) + chunk_id,
+                split, active, splits, MAX_SPLITS, BLOCK_Q * GROUP_PAD, BLOCK_D)
         if last:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
@@ -237,7 +240,8 @@ def paged_attention_triton(
         block_size, head_dim, sliding_window or 0, num_sink_tokens, scale * _LOG2E,
         ws_acc, ws_ml, _tile_counters(q.device, tiles),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_D=block_d,
-        HAS_WINDOW=sliding_window is not None, SPLITS=splits,
+        splits=splits, HAS_WINDOW=sliding_window is not None,
+        MAX_SPLITS=max(16, triton.next_power_of_2(splits)),
         UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if rows >= 64 else 4,
         **pdl_args(q.device),
     )

@@ -172,3 +172,26 @@ def test_default_model_stop_strings_with_overlapped_outputs(default_llm: LLM, mo
     for got in default_llm.generate([prompt, prompt], params):
         assert (got.text, got.token_ids, got.finish_reason) == (ref.text, ref.token_ids, "stop")
     assert default_llm.engine.blocks.usage == 0.0 and not default_llm.engine.has_unfinished()
+
+
+def test_warm_up_writes_only_the_scratch_block(tiny_model_dir) -> None:
+    """`ModelRunner.warm_up` (run at start-up on CUDA) runs its dummy sequences of 1 to 64
+    tokens through the model with their KV in the scratch block only: the pool's blocks
+    keep their contents, and generation after it gives the tokens it gives without."""
+    path = str(tiny_model_dir("llama"))
+    warmed, plain = (LLM(path, dtype="float32", num_kv_blocks=32, block_size=4) for _ in "ab")
+    runner = warmed.engine.runner
+    for k, v in runner.model.kv_caches:
+        k[:-1].fill_(3.0)
+        v[:-1].fill_(3.0)
+    calls = []
+    forward = runner.model.forward
+    runner.model.forward = lambda ids, *a, **kw: calls.append(len(ids)) or forward(ids, *a, **kw)
+    runner.warm_up(64)
+    assert calls == [1, 2, 4, 8, 16, 32, 64]
+    for k, v in runner.model.kv_caches:
+        assert bool((k[:-1] == 3.0).all() and (v[:-1] == 3.0).all())
+        assert not bool((k[-1] == 0).all())  # the scratch block took the writes
+    prompts = mixed_prompts(3)
+    assert [c.token_ids for c in warmed.generate(prompts, GREEDY)] == [
+        c.token_ids for c in plain.generate(prompts, GREEDY)]

@@ -89,6 +89,8 @@ class LLMEngine:
             self.blocks, policy,
         )
         self.runner = ModelRunner(self.model, self.blocks, self.device, drafter)
+        if self.device.type == "cuda":  # (prefill and verification shapes: see warm_up)
+            self.runner.warm_up(min(config.max_num_batched_tokens, self.max_model_len, 128))
         if self.device.type == "cuda" and not config.enforce_eager:
             # (verification of k drafts runs k + 1 tokens a sequence)
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len,

@@ -21,6 +21,7 @@ from server.engine.sampler import (
     sample_rows,
     token_logprobs,
 )
+from server.models.batch import BatchMeta
 
 log = logging.getLogger("leapfrog.engine")
 
@@ -145,6 +146,27 @@ class ModelRunner:
         log.info("captured %d CUDA graphs (batch buckets %s, query buckets %s) in %.1f s",
                  len(self.graphs.graphs), self.graphs.buckets, self.graphs.query_buckets,
                  time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int) -> None:
+        """Run the model eagerly over one dummy sequence of 1, 2, 4, ... up to `max_tokens`
+        tokens, its KV in the scratch block: the Triton kernels' variants that steps of
+        other sizes than the graphs' need (attention by query rows, the packed GEMM by
+        row bucket) compile and tune now, not in the first requests of those sizes (on an
+        H200 each new attention variant stalled its step by 0.8-1.4 s: docs/benchmarks/
+        gpu.md, run 132)."""
+        scratch, bs = self.blocks.num_blocks, self.blocks.block_size
+        n = 1
+        while n <= max_tokens:
+            positions = torch.arange(n, device=self.device)
+            table = torch.full((1, -(-n // bs)), scratch, dtype=torch.int32, device=self.device)
+            meta = BatchMeta(scratch * bs + positions % bs, table,
+                             torch.tensor([n], dtype=torch.int32, device=self.device),
+                             torch.tensor([0, n], dtype=torch.int32, device=self.device))
+            hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
+                                positions, meta)
+            self.model.compute_logits(hidden[-1:])
+            n *= 2
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, after: Launched | None = None) -> Launched:

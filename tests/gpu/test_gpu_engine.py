@@ -238,3 +238,23 @@ def test_steps_launched_ahead_give_the_tokens_of_steps_in_turn(tiny_model_dir):
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert runs[True] == runs[False]
     assert sum(ahead) > 20
+
+
+def test_first_requests_of_new_shapes_compile_no_attention_kernel(tiny_model_dir):
+    """After start-up (graphs captured, `ModelRunner.warm_up` run), prefills of 3 to 200
+    tokens, alone and batched, and their decode, need no attention kernel compiled: each
+    would stall its step for about a second (docs/benchmarks/gpu.md, run 132)."""
+    from kernels import triton_attention
+
+    def compiled() -> int:
+        return sum(len(c[0]) for c in triton_attention._paged_attention_kernel
+                   .device_caches.values())
+
+    llm = LLM(str(tiny_model_dir("llama")), dtype="bfloat16", num_kv_blocks=256, block_size=16,
+              max_num_seqs=8, device="cuda")
+    before = compiled()
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for prompts in ([[5] * 3], [[6] * 5], [[7] * 9], [[8] * 40], [[9] * 130],
+                    [[10] * 3, [11] * 17, [12] * 70], [[13] * 200]):
+        llm.generate(prompts, params)
+    assert compiled() == before
