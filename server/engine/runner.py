@@ -105,10 +105,12 @@ class Launched:
     the copy: `finish` waits for that, not for later steps queued behind (`launch`'s
     `after`)."""
 
-    def token_index(self, s: ScheduledRequest) -> int:
-        """Where in `result` a decoding request's one token is (`tokens` only)."""
-        first = next(first for owner, first in self.owners if owner.request is s.request)
-        return self.rows[first] if self.by_row else first
+    def token_indices(self, scheduled: list[ScheduledRequest]) -> list[int]:
+        """Where in `result` each of these decoding requests' one token is (`tokens`
+        only)."""
+        where = {owner.request.request_id: self.rows[first] if self.by_row else first
+                 for owner, first in self.owners}
+        return [where[s.request.request_id] for s in scheduled]
 
 
 class ModelRunner:
@@ -177,7 +179,7 @@ class ModelRunner:
         tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
         ids = None
         if after is not None:  # each request's token of the step before, on the device
-            index = [after.token_index(s) for s in out.scheduled]
+            index = after.token_indices(out.scheduled)
             ids = (after.result[: len(index)] if index == list(range(len(index))) else
                    after.result[torch.tensor(index).to(self.device, non_blocking=True)])
         replay = self.graphs.run(out, tables, ids) if self.graphs is not None else None

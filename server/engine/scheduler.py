@@ -137,8 +137,8 @@ class Scheduler:
         going = [r for r in running if len(r.output_token_ids) + 1 < r.params.max_tokens
                  and r.num_tokens + 1 < self.config.max_model_len]
         # KV slots through the token each computes (position num_tokens)
-        extra = sum(self.blocks.blocks_needed(r.num_tokens + 1) - len(
-            self.blocks.block_table(r.request_id)) for r in going)
+        extra = sum(max(0, self.blocks.blocks_needed(r.num_tokens + 1) - len(
+            self.blocks.block_table(r.request_id))) for r in going)
         if not going or extra > self.blocks.num_free_blocks:
             return None
         for r in going:
