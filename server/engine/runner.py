@@ -36,6 +36,15 @@ def _greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def _on_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`; on CUDA through pinned memory, so that the
+    copy queues behind the stream's work: a copy from pageable memory may first wait for
+    the stream, which would hold a step launched ahead until the step before ends."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _num_outputs(s: ScheduledRequest) -> int:
     """Output tokens the request has when this step's tokens come (the step before's
     included, when this step was launched ahead of it)."""
@@ -69,11 +78,10 @@ def _sample_on_device(owners: list[tuple[ScheduledRequest, int]], logits: torch.
     its seed at its output position; greedy requests' rows take the argmax."""
     rows = [(s.request.params, s.request.seed, _num_outputs(s) + j)
             for s, _ in owners for j in range(len(s.spec_token_ids) + 1)]
-    floats = torch.tensor([(0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p)
-                           for p, _, _ in rows],
-                          dtype=torch.float32).to(logits.device, non_blocking=True)
-    ints = torch.tensor([(seed, position) for _, seed, position in rows],
-                        dtype=torch.int64).to(logits.device, non_blocking=True)
+    floats = _on_device([(0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p)
+                         for p, _, _ in rows], torch.float32, logits.device)
+    ints = _on_device([(seed, position) for _, seed, position in rows], torch.int64,
+                      logits.device)
     filtered = any(p.top_k or p.top_p < 1.0 or p.min_p > 0.0 for p, _, _ in rows)
     return sample_rows(logits, floats[:, 0], floats[:, 1].long(), floats[:, 2], floats[:, 3],
                        ints[:, 0], ints[:, 1], filtered)
@@ -181,7 +189,7 @@ class ModelRunner:
         if after is not None:  # each request's token of the step before, on the device
             index = after.token_indices(out.scheduled)
             ids = (after.result[: len(index)] if index == list(range(len(index))) else
-                   after.result[torch.tensor(index).to(self.device, non_blocking=True)])
+                   after.result[_on_device(index, torch.long, self.device)])
         replay = self.graphs.run(out, tables, ids) if self.graphs is not None else None
         query_len = None
         if replay is None:
@@ -203,7 +211,7 @@ class ModelRunner:
             return Launched(hidden, query_len, rows, owners, False, None, False)
 
         def row_index() -> torch.Tensor:
-            return torch.tensor(rows).to(hidden.device, non_blocking=True)
+            return _on_device(rows, torch.long, hidden.device)
 
         if all_logits is None:
             all_logits = self.model.compute_logits(hidden[row_index()])  # [R, vocab]
