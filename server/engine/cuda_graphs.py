@@ -16,9 +16,10 @@ plain greedy steps need no launch after the replay) are captured together. Input
 one flat int64 buffer (ids, positions, slots, then block tables, seq_lens and
 query_start_loc as int32 pairs; each 16-byte aligned), filled on the host in pinned memory
 (each input gathered from Python's integers and written with one assignment: numpy index
-arrays cost more at these sizes) and copied with one non-blocking copy; nothing in a step
-syncs with the device except reading its results back (the tokens for plain greedy steps,
-else the logits).
+arrays cost more at these sizes; two buffers take turns) and copied with one non-blocking
+copy; a decode step launched before the step it follows has ended takes its token ids
+from that step's tokens, on the device. Nothing in a step syncs with the device except
+reading its results back (the tokens for plain greedy steps, else the logits).
 
 Every graph is captured at start (`capture_all`; a capture while serving stalls every
 request for the capture, and for Triton's autotuning of a new row count, seconds with
