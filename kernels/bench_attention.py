@@ -36,7 +36,7 @@ def _inputs(shape: str, batch: int, context: int) -> tuple:
     return q, caches, tables, lens, qsl
 
 
-def _time(inputs: tuple, splits: int | None, block_kv: int) -> float:
+def _time(inputs: tuple, splits: int | None, block_kv: int | None) -> float:
     """Seconds a launch, over one graph of a launch a layer."""
     q, caches, tables, lens, qsl = inputs
     out = torch.empty_like(q)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batches:
             for context in args.contexts:
                 inputs = _inputs(shape, batch, context)
-                default = _time(inputs, None, 64)
+                default = _time(inputs, None, None)
                 timed = {(b, s): _time(inputs, s, b) for b in args.block_kv for s in args.splits}
                 del inputs
                 (b, s), best = min(timed.items(), key=lambda kv: kv[1])
