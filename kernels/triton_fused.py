@@ -2,6 +2,9 @@
 reference (same signature, suffix `_reference`), which the tests compare against.
 
 - `add_rms_norm`: residual add + RMS norm (one program per row).
+- `add_norm_deferred`: the same for a packed GEMV's row at batch-1 decode, over many
+  programs, leaving the norm's scale (rsqrt of the mean square) for the kernel after the
+  GEMV: see `RowNorm`.
 - `rope_kv_write`: RoPE on the q and k heads of the qkv projection, in place, plus the store
   of k and v into the paged KV cache (one program per (token, head)).
 - `silu_mul`: the SwiGLU activation silu(gate) * up.
@@ -15,7 +18,8 @@ Each also takes its input as `GemvSums`: a split-K GEMV's sums, added by its pro
 a zeroed int64 buffer in fixed point, which the kernel rounds to the activation dtype (as
 the GEMV's own store would have), then zeroes for the next GEMV. The GEMV then needs no
 merge of its own (`kernels.gemv_sums.mma_gemv_sums`). Integer addition does not
-depend on the order of the programs' adds, so the result is deterministic.
+depend on the order of the programs' adds, so the result is deterministic. Sums with a
+`RowNorm` are scaled by it as they are read.
 """
 
 from __future__ import annotations
@@ -34,12 +38,26 @@ FIXED_ONE = 2.0**32
 
 
 @dataclass
+class RowNorm:
+    """An RMS norm's scale still owed to each row of a GEMV's output: rsqrt(sum of the row's
+    `partials` / `width` + `eps`), where `partials` [M, P] float32 are the sums of squares
+    of P slices of the norm's input row (`add_norm_deferred`). The norm's weight was
+    applied before the GEMV; the row's scale, a scalar, commutes with it."""
+
+    partials: torch.Tensor
+    width: int
+    eps: float
+
+
+@dataclass
 class GemvSums:
     """A GEMV's output [M, N] as int64 fixed-point sums (`FIXED_ONE`) not yet rounded to
-    `dtype`; the next kernel here reads and zeroes them, exactly once."""
+    `dtype` (nor scaled by `norm`, if any); the next kernel here reads and zeroes them,
+    exactly once."""
 
     sums: torch.Tensor
     dtype: torch.dtype
+    norm: RowNorm | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -47,16 +65,29 @@ class GemvSums:
 
 
 @triton.jit
-def _load_input(ptr, offs, mask, DTYPE: tl.constexpr):
-    """Values at ptr + offs in DTYPE: int64 `GemvSums` are rounded to DTYPE and zeroed
-    behind; other inputs load as they are. (Triton may lay the zeros' store out over other
-    threads than the load, so a barrier keeps any thread from zeroing a value before the
-    thread that loads it has read it: without it the sums came out wrong on an H200.)"""
+def _row_scale(ss_ptr, row, n_ss, inv_width, eps, SS_BLOCK: tl.constexpr):
+    """A `RowNorm`'s scale of `row` from its n_ss partial sums of squares (summed in one
+    fixed order); 1 when SS_BLOCK is 0 (no RowNorm)."""
+    scale = 1.0
+    if SS_BLOCK > 0:
+        i = tl.arange(0, SS_BLOCK)
+        ss = tl.load(ss_ptr + row * n_ss + i, mask=i < n_ss, other=0.0)
+        scale = 1.0 / tl.sqrt(tl.sum(ss, axis=0) * inv_width + eps)
+    return scale
+
+
+@triton.jit
+def _load_input(ptr, offs, mask, DTYPE: tl.constexpr, scale):
+    """Values at ptr + offs in DTYPE: int64 `GemvSums` are scaled by `scale` (`_row_scale`),
+    rounded to DTYPE and zeroed behind; other inputs load as they are. (Triton may lay the
+    zeros' store out over other threads than the load, so a barrier keeps any thread from
+    zeroing a value before the thread that loads it has read it: without it the sums came
+    out wrong on an H200.)"""
     if ptr.dtype.element_ty == tl.int64:
         v = tl.load(ptr + offs, mask=mask, other=0)
         tl.debug_barrier()
         tl.store(ptr + offs, tl.zeros_like(v), mask=mask)
-        v = (v.to(tl.float32) * (1.0 / 4294967296.0)).to(DTYPE)
+        v = (v.to(tl.float32) * (1.0 / 4294967296.0) * scale).to(DTYPE)
     else:
         v = tl.load(ptr + offs, mask=mask, other=0)
     return v
@@ -67,6 +98,18 @@ def _input(x: torch.Tensor | GemvSums) -> tuple[torch.Tensor, torch.dtype]:
     return (x.sums, x.dtype) if isinstance(x, GemvSums) else (x, x.dtype)
 
 
+def _norm_args(x: torch.Tensor | GemvSums) -> tuple[tuple, dict[str, int]]:
+    """The kernels' `_row_scale` arguments for an input: (ss_ptr, n_ss, inv_width, eps)
+    and SS_BLOCK (0 without a `RowNorm`; then ss_ptr is any tensor, never read)."""
+    norm = x.norm if isinstance(x, GemvSums) else None
+    if norm is None:
+        return (_input(x)[0], 0, 1.0, 0.0), {"SS_BLOCK": 0}
+    p = norm.partials
+    assert p.dim() == 2 and p.stride(1) == 1 and p.stride(0) == p.shape[1]
+    return ((p, p.shape[1], 1.0 / norm.width, norm.eps),
+            {"SS_BLOCK": triton.next_power_of_2(p.shape[1])})
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 math for low-precision inputs; float64 inputs give a float64 ground truth."""
     return torch.promote_types(dtype, torch.float32)
@@ -74,15 +117,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
-                         stride_x, stride_res, stride_out, stride_res_out,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                         stride_x, stride_res, stride_out, stride_res_out, ss_ptr, n_ss,
+                         inv_width, ss_eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                         SS_BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the wait: a weight
     await_inputs(PDL)
     dtype = res_out_ptr.dtype.element_ty
-    x = _load_input(x_ptr, row * stride_x + cols, mask, dtype)
+    scale = _row_scale(ss_ptr, row, n_ss, inv_width, ss_eps, SS_BLOCK)
+    x = _load_input(x_ptr, row * stride_x + cols, mask, dtype, scale)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
@@ -102,6 +147,7 @@ def add_rms_norm(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
     rounded when it is `GemvSums`), and normed = residual_out * rsqrt(mean(residual_out^2) +
     eps) * weight in float32.
     """
+    norm_args, norm_consts = _norm_args(x)
     x, dtype = _input(x)
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.shape == x.shape[-1:]
     has_residual = residual is not None
@@ -114,9 +160,9 @@ def add_rms_norm(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
     block = triton.next_power_of_2(x.shape[1])
     _add_rms_norm_kernel[(x.shape[0],)](
         x, residual, weight, normed, residual_out, x.shape[1], eps,
-        x.stride(0), residual.stride(0), normed.stride(0), residual_out.stride(0),
+        x.stride(0), residual.stride(0), normed.stride(0), residual_out.stride(0), *norm_args,
         HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
-        **pdl_args(x.device),
+        **norm_consts, **pdl_args(x.device),
     )
     return normed, residual_out
 
@@ -131,11 +177,80 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weigh
 
 
 @triton.jit
+def _add_norm_deferred_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, ss_ptr, n_cols,
+                              stride_x, stride_res, stride_out, stride_res_out,
+                              HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                              PDL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    cols = part * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the wait: a weight
+    await_inputs(PDL)
+    dtype = res_out_ptr.dtype.element_ty
+    x = _load_input(x_ptr, row * stride_x + cols, mask, dtype, 1.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    if HAS_RESIDUAL or x_ptr.dtype.element_ty == tl.int64:
+        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
+    x = x.to(tl.float32)
+    tl.store(ss_ptr + row * tl.num_programs(1) + part, tl.sum(x * x, axis=0))
+    tl.store(out_ptr + row * stride_out + cols, (x * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+DEFERRED_BLOCK = 256
+"""Columns a program of `add_norm_deferred` (16 programs for a row of 4096)."""
+
+
+def add_norm_deferred(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
+                      weight: torch.Tensor, eps: float,
+                      ) -> tuple[torch.Tensor, torch.Tensor, RowNorm]:
+    """`add_rms_norm` less its scale: (residual_out * weight, residual_out, the RowNorm that
+    scales a GEMV's output of the first by rsqrt(mean(residual_out^2) + eps)), where
+    residual_out = x + residual as in `add_rms_norm`. Its programs each take DEFERRED_BLOCK
+    columns of a row and store their sum of squares, so no program waits on a whole row's
+    reduction; the GEMV's next kernel sums the partials (`_row_scale`)."""
+    if isinstance(x, GemvSums) and x.norm is not None:
+        raise ValueError("add_norm_deferred takes sums without a RowNorm of their own")
+    x, dtype = _input(x)
+    assert x.dim() == 2 and x.stride(-1) == 1 and weight.shape == x.shape[-1:]
+    has_residual = residual is not None
+    if has_residual:
+        assert residual.shape == x.shape and residual.stride(-1) == 1
+    else:
+        residual = x  # a placeholder pointer: without HAS_RESIDUAL nothing reads it
+    rows, width = x.shape
+    parts = triton.cdiv(width, DEFERRED_BLOCK)
+    weighted = torch.empty(x.shape, dtype=dtype, device=x.device)
+    residual_out = x if not has_residual and x.dtype == dtype else torch.empty_like(weighted)
+    partials = torch.empty(rows, parts, dtype=torch.float32, device=x.device)
+    _add_norm_deferred_kernel[(rows, parts)](
+        x, residual, weight, weighted, residual_out, partials, width, x.stride(0),
+        residual.stride(0), weighted.stride(0), residual_out.stride(0),
+        HAS_RESIDUAL=has_residual, BLOCK=DEFERRED_BLOCK, num_warps=2, **pdl_args(x.device),
+    )
+    return weighted, residual_out, RowNorm(partials, width, eps)
+
+
+def add_norm_deferred_reference(x: torch.Tensor, residual: torch.Tensor | None,
+                                weight: torch.Tensor, eps: float,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch version of `add_norm_deferred`, with the rows' scales [T, 1] in place of the
+    RowNorm."""
+    residual_out = x if residual is None else x + residual
+    r = residual_out.to(_acc_dtype(x.dtype))
+    scale = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+    return (r * weight.to(r.dtype)).to(x.dtype), residual_out, scale
+
+
+@triton.jit
 def _rope_kv_write_kernel(in_ptr, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
                           slot_ptr, stride_qkv, stride_table, block_size, stride_kb, stride_ks,
-                          stride_kh, stride_vb, stride_vs, stride_vh, half,
-                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                          BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+                          stride_kh, stride_vb, stride_vs, stride_vh, half, ss_ptr, n_ss,
+                          inv_width, ss_eps, NUM_HEADS: tl.constexpr,
+                          NUM_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                          SS_BLOCK: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
@@ -150,8 +265,9 @@ def _rope_kv_write_kernel(in_ptr, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_pt
     slot = tl.load(slot_ptr + t)
     await_inputs(PDL)
     at = t * stride_qkv + head * 2 * half + offs
-    x1 = _load_input(in_ptr, at, mask, qkv_ptr.dtype.element_ty)
-    x2 = _load_input(in_ptr, at + half, mask, qkv_ptr.dtype.element_ty)
+    scale = _row_scale(ss_ptr, t, n_ss, inv_width, ss_eps, SS_BLOCK)
+    x1 = _load_input(in_ptr, at, mask, qkv_ptr.dtype.element_ty, scale)
+    x2 = _load_input(in_ptr, at + half, mask, qkv_ptr.dtype.element_ty, scale)
     if rotate:  # (in place unless from GemvSums)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         x1 = (a * cos - b * sin).to(x1.dtype)
@@ -185,6 +301,7 @@ def rope_kv_write(qkv: torch.Tensor | GemvSums, positions: torch.Tensor,
     """
     num_all = num_heads + 2 * num_kv_heads
     head_dim = k_cache.shape[-1]
+    norm_args, norm_consts = _norm_args(qkv)
     src, dtype = _input(qkv)
     qkv = src if src.dtype == dtype else torch.empty(src.shape, dtype=dtype, device=src.device)
     assert qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] == num_all * head_dim
@@ -195,9 +312,10 @@ def rope_kv_write(qkv: torch.Tensor | GemvSums, positions: torch.Tensor,
     _rope_kv_write_kernel[(qkv.shape[0], num_all)](
         src, qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos_table.stride(0), k_cache.shape[1],
-        *k_cache.stride()[:3], *v_cache.stride()[:3], head_dim // 2,
+        *k_cache.stride()[:3], *v_cache.stride()[:3], head_dim // 2, *norm_args,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=1, **pdl_args(qkv.device),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=1, **norm_consts,
+        **pdl_args(qkv.device),
     )
     return qkv
 
@@ -220,29 +338,33 @@ def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_tabl
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr,
+def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, ss_ptr, n_ss,
+                     inv_width, ss_eps, BLOCK: tl.constexpr, SS_BLOCK: tl.constexpr,
                      PDL: tl.constexpr):
     await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     at = row * stride_in + cols
-    gate = _load_input(gate_up_ptr, at, mask, out_ptr.dtype.element_ty).to(tl.float32)
-    up = _load_input(gate_up_ptr, at + n_cols, mask, out_ptr.dtype.element_ty).to(tl.float32)
+    scale = _row_scale(ss_ptr, row, n_ss, inv_width, ss_eps, SS_BLOCK)
+    dtype = out_ptr.dtype.element_ty
+    gate = _load_input(gate_up_ptr, at, mask, dtype, scale).to(tl.float32)
+    up = _load_input(gate_up_ptr, at + n_cols, mask, dtype, scale).to(tl.float32)
     out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor | GemvSums) -> torch.Tensor:
     """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I] in gate_up.dtype."""
+    norm_args, norm_consts = _norm_args(gate_up)
     gate_up, dtype = _input(gate_up)
     assert gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0
     n = gate_up.shape[1] // 2
     out = torch.empty(gate_up.shape[0], n, dtype=dtype, device=gate_up.device)
     block = min(triton.next_power_of_2(n), 1024)
     _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(n, block))](
-        gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
-        **pdl_args(gate_up.device),
+        gate_up, out, n, gate_up.stride(0), out.stride(0), *norm_args, BLOCK=block,
+        num_warps=4, **norm_consts, **pdl_args(gate_up.device),
     )
     return out
 

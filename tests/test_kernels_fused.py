@@ -152,6 +152,75 @@ def _as_sums(x: torch.Tensor) -> tuple[object, torch.Tensor]:
     return fused.GemvSums(sums, torch.bfloat16), rounded
 
 
+@pytest.mark.parametrize("t,hidden", [(1, 576), (2, 1000)])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("as_sums", [True, False])
+def test_add_norm_deferred(t: int, hidden: int, with_residual: bool, as_sums: bool) -> None:
+    """The deferred norm over slices of the row (3 and 4 programs a row here): the
+    weighted row and residual as its reference gives them, and a RowNorm whose partial
+    sums of squares give the reference's scale; sums it reads are zeroed."""
+    x = _randn(t, hidden, dtype=torch.float32, seed=8, scale=3.0)
+    sums, rounded = _as_sums(x)
+    residual = _randn(t, hidden, dtype=torch.bfloat16, seed=9) if with_residual else None
+    weight = _randn(hidden, dtype=torch.bfloat16, seed=10, scale=0.2) + 1
+    weighted, residual_out, norm = fused.add_norm_deferred(sums if as_sums else rounded,
+                                                           residual, weight, 1e-5)
+    ref_weighted, ref_residual, ref_scale = fused.add_norm_deferred_reference(
+        rounded, residual, weight, 1e-5)
+    _assert_close(residual_out, ref_residual, RTOL[torch.bfloat16])
+    # the weighting of the kernel's own residual_out (an ulp off the reference's at most)
+    _assert_close(weighted, fused.add_norm_deferred_reference(residual_out, None, weight,
+                                                             1e-5)[0], RTOL[torch.bfloat16])
+    _assert_close(weighted, ref_weighted, 2 * RTOL[torch.bfloat16])
+    assert norm.partials.shape == (t, -(-hidden // fused.DEFERRED_BLOCK)) and norm.width == hidden
+    scale = torch.rsqrt(norm.partials.double().sum(1, keepdim=True) / hidden + norm.eps)
+    _assert_close(scale, ref_scale, 2.0**-7)  # (the kernel squares its own residual_out)
+    if as_sums:
+        assert int(sums.sums.abs().sum()) == 0
+        with pytest.raises(ValueError, match="RowNorm"):
+            fused.add_norm_deferred(fused.GemvSums(sums.sums, torch.bfloat16, norm), None,
+                                    weight, 1e-5)
+
+
+def test_kernels_scale_sums_by_their_row_norm() -> None:
+    """Sums with a RowNorm reach each fused kernel scaled by their row's rsqrt(sum of the
+    partials / width + eps): bit for bit what the kernel gives for the scaled rows as a
+    tensor. (The scales are powers of two, so scaling is exact and no rounding enters.)"""
+    t, heads, kv_heads, head_dim = 2, 4, 2, 16
+    partials = torch.tensor([[64.0, 64.0, 128.0], [10.0, 2.0, 4.0]])  # mean squares 4, 1/4
+    norm = fused.RowNorm(partials, 64, 0.0)
+    scale = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+
+    def scaled(x: torch.Tensor) -> tuple[object, torch.Tensor]:
+        sums, rounded = _as_sums(x)
+        return (fused.GemvSums(sums.sums, torch.bfloat16, norm),
+                (rounded.double() * scale).to(torch.bfloat16))
+
+    sums, expect = scaled(_randn(t, 2 * 48, dtype=torch.float32, seed=11, scale=3.0))
+    assert torch.equal(fused.silu_mul(sums), fused.silu_mul(expect))
+    assert int(sums.sums.abs().sum()) == 0
+
+    sums, expect = scaled(_randn(t, 64, dtype=torch.float32, seed=12, scale=3.0))
+    weight = _randn(64, dtype=torch.bfloat16, seed=13, scale=0.2) + 1
+    got = fused.add_rms_norm(sums, None, weight, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got, fused.add_rms_norm(expect, None, weight,
+                                                                         1e-5), strict=True))
+
+    width = (heads + 2 * kv_heads) * head_dim
+    sums, expect = scaled(_randn(t, width, dtype=torch.float32, seed=14))
+    positions, slots = torch.tensor([5, 9]), torch.tensor([3, 6])
+    cos, sin = torch.rand(16, head_dim // 2), torch.rand(16, head_dim // 2)
+    caches = [torch.zeros(2, 4, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(4)]
+    got = fused.rope_kv_write(sums, positions, cos, sin, caches[0], caches[1], slots, heads,
+                              kv_heads)
+    want = fused.rope_kv_write(expect, positions, cos, sin, caches[2], caches[3], slots, heads,
+                               kv_heads)
+    q_k = (heads + kv_heads) * head_dim
+    assert torch.equal(got[:, :q_k], want[:, :q_k])
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert int(sums.sums.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_kernels_take_gemv_sums(with_residual: bool) -> None:
     """Each fused kernel given a GEMV's fixed-point sums (`GemvSums`) gives what it gives
@@ -201,7 +270,8 @@ def test_fused_forward_matches_torch_path(dtype: torch.dtype) -> None:
 
 def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None:
     """Batch-1 decode of a packed model on CUDA leaves every projection's sums unrounded
-    for the next fused kernel (`Linear.project`). The same path runs here, interpreted,
+    for the next fused kernel (`Linear.project`), the norms' scales deferred to the
+    kernels after qkv and gate/up (`Linear.after_norm`). The same path runs here, interpreted,
     with the mma GEMV emulated and allowed on CPU, against the CPU's packed kernels: the
     hidden states agree within bfloat16 rounding, and each GEMV handed over its sums."""
     from kernels import gemv_sums
@@ -229,11 +299,17 @@ def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None
         calls.append(packed.out_features)
         return real(x, words_of(packed), {"BLOCK_N": 32, "split_k": 3, "num_warps": 1})
 
-    real = gemv_sums.mma_gemv_sums
+    def deferred(*args):
+        norms.append(args[0].shape)
+        return real_norm(*args)
+
+    real, real_norm, norms = gemv_sums.mma_gemv_sums, fused.add_norm_deferred, []
     monkeypatch.setattr(gemv_sums, "mma_gemv_sums_supported", lambda x, p: True)
     monkeypatch.setattr(gemv_sums, "mma_gemv_sums", sums_on_cpu)
+    monkeypatch.setattr(fused, "add_norm_deferred", deferred)
     got = run(models[0])
     assert calls == [960, 576, 192, 576] * 2  # qkv, o, gate/up, down of 2 layers
+    assert len(norms) == 4  # the norms before qkv and gate/up, their scales deferred
     monkeypatch.setattr(gemv_sums, "mma_gemv_sums_supported", lambda x, p: False)
     expected = run(models[1])
     rel = float((got.double() - expected.double()).norm() / expected.double().norm())

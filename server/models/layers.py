@@ -6,7 +6,7 @@ pointwise steps (residual add + RMS norm, SwiGLU) that run either as torch ops o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Union
 
 import torch
@@ -53,21 +53,38 @@ class Linear(torch.nn.Module):
         return (fused and self.packed is None and isinstance(x, torch.Tensor)
                 and x.shape[0] == 1 and _gemv_input(x, self.weight))
 
+    def _hands_sums(self, x: torch.Tensor, fused: bool) -> bool:
+        """Whether `project` leaves this product's sums unrounded (x: its input, or a tensor
+        of the input's shape, dtype and device)."""
+        if fused and self.packed is not None and self.bias is None and x.shape[0] == 1:
+            from kernels.gemv_sums import mma_gemv_sums_supported
+
+            return mma_gemv_sums_supported(x, self.packed)
+        return False
+
     def project(self, x: torch.Tensor, fused: bool) -> Activations:
         """self(x), except that with `fused`, for a packed weight without bias at batch-1
         decode on CUDA (the mma GEMV), the sums are left unrounded for the next fused
         kernel (`kernels.triton_fused.GemvSums`): the GEMV then has no split-K merge."""
-        if fused and self.packed is not None and self.bias is None and x.shape[0] == 1:
-            from kernels.gemv_sums import mma_gemv_sums, mma_gemv_sums_supported
+        if self._hands_sums(x, fused):
+            from kernels.gemv_sums import mma_gemv_sums
 
-            if mma_gemv_sums_supported(x, self.packed):
-                return mma_gemv_sums(x, self.packed)
+            return mma_gemv_sums(x, self.packed)
         return self(x)
 
     def after_norm(self, x: Activations, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                    eps: float, fused: bool) -> tuple[Activations, torch.Tensor]:
         """(self(rms_norm(x + residual) * norm_weight), x + residual), the norm fused into
-        the dense GEMV of one row on CUDA (one kernel instead of two); see `project`."""
+        the dense GEMV of one row on CUDA (one kernel instead of two); see `project`. Where
+        `project` hands on sums, the norm's scale goes with them to the next kernel
+        (`kernels.triton_fused.add_norm_deferred`): the norm's programs then each take a
+        slice of the row, none waiting on the whole row's sum of squares."""
+        if self._hands_sums(x if residual is None else residual, fused):
+            from kernels.gemv_sums import mma_gemv_sums
+            from kernels.triton_fused import add_norm_deferred
+
+            weighted, residual, norm = add_norm_deferred(x, residual, norm_weight, eps)
+            return replace(mma_gemv_sums(weighted, self.packed), norm=norm), residual
         if not self._fusable(x, fused):
             h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
             return self.project(h, fused), residual

@@ -7,7 +7,8 @@ is a handful of ops. On CUDA the pointwise steps run as fused Triton kernels (re
 norm, RoPE + KV-cache write, SwiGLU; `kernels.triton_fused`); steps of up to 6 tokens run
 the norms and the SwiGLU inside the dense GEMVs of the next projection (`Linear.after_norm`,
 `after_silu`), and at batch 1 packed GEMVs hand their unrounded sums to those kernels, which
-finish their split-K merge (`Linear.project`); elsewhere they are torch ops.
+finish their split-K merge (`Linear.project`), and the norms before them leave the norm's
+scale to the kernel after the GEMV (`Linear.after_norm`); elsewhere they are torch ops.
 """
 
 from __future__ import annotations

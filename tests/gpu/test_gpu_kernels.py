@@ -124,6 +124,35 @@ def test_mma_gemv_sums_every_config(scheme, n, k, group):
             assert int(_sums[x.device].abs().sum()) == 0, (m, config)
 
 
+def test_deferred_norm_through_the_gemv_real_sizes():
+    """The 8B gate/up at batch 1 as the packed decoder layer runs it: the norm's scale
+    deferred (`add_norm_deferred`), the GEMV's sums, the SwiGLU scaling them as it reads
+    them; against the norm, the dense product of the packed weight and the SwiGLU in
+    float32. The buffer is left zero."""
+    from kernels.gemm import quantized_linear_reference
+    from kernels.gemv_sums import _sums, mma_gemv_sums
+    from kernels.quant import quantize_int4, to_words
+    from kernels.triton_fused import (
+        add_norm_deferred,
+        add_rms_norm_reference,
+        silu_mul,
+        silu_mul_reference,
+    )
+
+    packed = to_words(quantize_int4(torch.randn(28672, 4096, device="cuda") * 0.02, 128))
+    x, res = (torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16) * 4 for _ in range(2))
+    weight = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    weighted, residual_out, norm = add_norm_deferred(x, res, weight, 1e-5)
+    normed, ref_residual = add_rms_norm_reference(x.float(), res.float(), weight.float(), 1e-5)
+    assert _rel(residual_out, ref_residual) < 1e-2
+    sums = mma_gemv_sums(weighted, packed)
+    sums.norm = norm
+    got = silu_mul(sums)
+    ref = silu_mul_reference(quantized_linear_reference(normed, packed).float())
+    assert _rel(got, ref) < 1.5e-2
+    assert int(_sums[x.device].abs().sum()) == 0
+
+
 def test_mma_gemv_serves_the_model_path():
     """`quantized_linear` on CUDA sends int4 bf16 rows M <= 16 and per-channel int8 M <= 8
     to the mma GEMV (autotuned), more rows elsewhere; all match the reference."""
