@@ -6,7 +6,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in th
 
 import pytest  # noqa: E402
 
-label_linears = pytest.importorskip("server.benchmarks.gpu_decode").label_linears  # triton
+gpu_decode = pytest.importorskip("server.benchmarks.gpu_decode")  # (needs triton)
+label_linears = gpu_decode.label_linears
 
 
 def test_label_linears_by_launch_order():
@@ -22,6 +23,17 @@ def test_label_linears_by_launch_order():
         layer * 2 + ["gemv [lm_head]"]) * 2
     assert [name for name in labels if not name.startswith("gemv")] == [
         name for name in step * 2 if name != "gemv"]
+
+
+def test_marginal_times_count_how_far_each_kernel_moves_the_end():
+    """Kernels overlapping under PDL: each counts only the time by which it moves the latest
+    end of the kernels before it; the totals add up to the span, per step."""
+    events = [("gemv", 0.0, 10.0), ("norm", 8.0, 12.0),  # starts during gemv: 2 beyond it
+              ("gemv", 9.0, 30.0), ("rope", 11.0, 25.0),  # rope ends within gemv: 0
+              ("norm", 31.0, 33.0)]  # after a gap of 1, which it counts
+    rows = gpu_decode.marginal_times(events, steps=2)
+    assert rows == [("gemv", 1.0, 14.0), ("norm", 1.0, 2.5), ("rope", 0.5, 0.0)]
+    assert sum(t for _, _, t in rows) * 2 == 33.0
 
 
 def test_tuned_configs_name_their_keys():

@@ -49,7 +49,7 @@ from kernels.bench_gpu import copy_bandwidth, tuned_configs
 from kernels.gemv_sums import sums_disabled
 from kernels.quant import to_words
 from server.benchmarks.gpu_steps import (
-    decode_steps,
+    decode_runner,
     graph_costs,
     print_graph_costs,
     time_decode,
@@ -107,31 +107,46 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
 PROJECTIONS = ("qkv", "o", "gate_up", "down")  # a decoder layer's linear layers, in order
 
 
-def profile_step(model: LlamaForCausalLM, context: int, steps: int = 4) -> list[tuple]:
-    """Where a batch-1 decode step's device time goes: (kernel, launches per step, device
-    microseconds per step), largest first, from torch.profiler over eager steps with PDL
-    off (with PDL a kernel's time would include its wait for the previous kernel). The
+def profile_step(model: LlamaForCausalLM, context: int, steps: int = 8) -> list[tuple]:
+    """Where a batch-1 decode step's device time goes, as served: (kernel, launches per
+    step, marginal microseconds per step), largest first, from torch.profiler over the
+    step's CUDA graph replayed `steps` times back to back, PDL on (`marginal_times`). The
     kernel of the linear layers (one launch each: 4 a layer and the LM head) is broken
     down by layer, in launch order: "name [gate_up]"."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with pdl.disabled():
-        run = decode_steps(model, 1, context, steps + 2, graphed=False)
-        for _ in range(2):  # compilation and autotuning stay out of the profile
-            next(run)
+    with decode_runner(model, 1, context, 1) as (runner, tables), torch.inference_mode():
+        runner.step(1, 1, [context], [[1]], tables)  # captures (compiles and tunes first)
+        graph = runner.graphs[(1, 1)].graph
+        for _ in range(2):
+            graph.replay()
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in run:
-                pass
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
     events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
     names = label_linears([e.name for e in events], steps, model.config.num_layers)
+    return marginal_times([(name, e.time_range.start, e.time_range.end)
+                           for name, e in zip(names, events, strict=True)], steps)
+
+
+def marginal_times(events: list[tuple[str, float, float]], steps: int) -> list[tuple]:
+    """(name, launches per step, marginal time per step) by kernel name, largest first, of
+    kernels (name, start, end) in start order over `steps` steps. A kernel's marginal time
+    is how far it moves the latest end of the kernels before it (0 when it ends within
+    them): with PDL a kernel starts during its predecessor and waits, so its own duration
+    counts the wait; the marginal times add up to the span from the first start."""
     totals: dict[str, list[float]] = {}
-    for name, e in zip(names, events, strict=True):
+    latest = events[0][1] if events else 0.0
+    for name, _, end in events:
         entry = totals.setdefault(name, [0, 0.0])
         entry[0] += 1
-        entry[1] += e.time_range.elapsed_us()
-    rows = [(name, n / steps, us / steps) for name, (n, us) in totals.items()]
+        entry[1] += max(end - latest, 0.0)
+        latest = max(latest, end)
+    rows = [(name, n / steps, t / steps) for name, (n, t) in totals.items()]
     return sorted(rows, key=lambda r: -r[2])
 
 
@@ -157,8 +172,8 @@ def label_linears(names: list[str], steps: int, layers: int) -> list[str]:
 
 def print_profile(mode: str, rows: list[tuple], step_seconds: float) -> None:
     total = sum(us for _, _, us in rows)
-    print(f"profile {mode}: kernels {total:.0f} us a step (eager, PDL off); graphed step "
-          f"with PDL {step_seconds * 1e6:.0f} us", flush=True)
+    print(f"profile {mode}: kernels' marginal time {total:.0f} us a step (graph replays back "
+          f"to back, PDL on); graphed step {step_seconds * 1e6:.0f} us", flush=True)
     for name, calls, us in rows[:16]:
         print(f"  {us:8.1f} us {100 * us / total:5.1f}% {calls:6.1f}x {us / calls:7.2f} us  "
               f"{name[:70]}", flush=True)
@@ -298,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES),
                         help="the 8B model's weight modes to time")
     parser.add_argument("--profile", action="store_true",
-                        help="also print each 8B mode's per-kernel device time of a step")
+                        help="also print each 8B mode's per-kernel marginal device time of "
+                        "a graphed batch-1 step")
     parser.add_argument("--graph-costs", action="store_true",
                         help="with --gguf: also the default model's device time of a step by "
                         "batch and tokens a sequence (decode against verification)")
