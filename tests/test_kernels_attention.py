@@ -102,3 +102,24 @@ def test_padded_path_reads_consecutive_blocks_in_place():
     assert torch.equal(gathered, in_place)
     moved = paged_attention_padded(q, k_cache, v_cache, tables, q_index, mask, 0.3, 4)
     assert not torch.equal(gathered, moved)  # the in-place read follows first_block
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,context", [(9, 3, 64, 100), (8, 2, 32, 37)])
+def test_attention_floor_stand_ins_do_what_they_time(heads, kv_heads, dim, context):
+    """`kernels.bench_attention --floor`'s stand-ins: the one-tile kernel (level 2) is decode
+    attention over the whole context (so its time is that of real work), level 1 copies q,
+    level 0 writes nothing."""
+    from kernels.bench_attention import floor_attention
+
+    q, k_cache, v_cache, tables, lens, qsl = _batch([context, 11], [1, 1], heads, kv_heads,
+                                                    dim, 16, torch.float16)
+    ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens,
+                                    qsl, dim ** -0.5)
+    tile = triton_attention.triton.next_power_of_2(context)
+    out = floor_attention(q, k_cache, v_cache, tables, lens, torch.full_like(q, float("nan")),
+                          tile, 2)
+    assert float((out.float() - ref).norm() / ref.norm()) < TOL[torch.float16]
+    assert torch.equal(floor_attention(q, k_cache, v_cache, tables, lens, torch.zeros_like(q),
+                                       tile, 1), q)
+    assert torch.isnan(floor_attention(q, k_cache, v_cache, tables, lens,
+                                       torch.full_like(q, float("nan")), tile, 0)).all()
