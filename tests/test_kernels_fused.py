@@ -106,10 +106,11 @@ def test_rope_kv_write(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: 
         _assert_close(got, truth, RTOL[dtype])
 
 
-def _tiny_model(dtype: torch.dtype) -> LlamaForCausalLM:
+def _tiny_model(dtype: torch.dtype, attention_bias: bool = False) -> LlamaForCausalLM:
     """Two layers with the default model's attention shape (9 heads, 3 KV heads, dim 64)."""
     config = ModelConfig("llama", vocab_size=64, hidden_size=576, intermediate_size=96,
-                         num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64)
+                         num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64,
+                         attention_bias=attention_bias)
     model = LlamaForCausalLM(config, dtype, max_positions=64)
     gen = torch.Generator().manual_seed(5)
     for p in model.parameters():
@@ -268,12 +269,15 @@ def test_fused_forward_matches_torch_path(dtype: torch.dtype) -> None:
         assert rel < MODEL_TOL[dtype], rel
 
 
-def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None:
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch,
+                                                             attention_bias: bool) -> None:
     """Batch-1 decode of a packed model on CUDA leaves every projection's sums unrounded
     for the next fused kernel (`Linear.project`), the norms' scales deferred to the
     kernels after qkv and gate/up (`Linear.after_norm`). The same path runs here, interpreted,
     with the mma GEMV emulated and allowed on CPU, against the CPU's packed kernels: the
-    hidden states agree within bfloat16 rounding, and each GEMV handed over its sums."""
+    hidden states agree within bfloat16 rounding, and each GEMV handed over its sums. A qkv
+    projection with a bias (Qwen2) takes the plain norm and GEMV; the rest as before."""
     from kernels import gemv_sums
     from kernels.triton_gemm import words_of
     from server.models.quantize import linear_modules, quantize_dense
@@ -288,7 +292,7 @@ def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None
                 torch.tensor([4]), table, torch.tensor([5], dtype=torch.int32),
                 torch.tensor([0, 1], dtype=torch.int32)))
 
-    models = [_tiny_model(torch.bfloat16) for _ in range(2)]
+    models = [_tiny_model(torch.bfloat16, attention_bias) for _ in range(2)]
     for model in models:
         model.fused_kernels = True
         for _, lin in linear_modules(model):
@@ -308,8 +312,10 @@ def test_decode_hands_packed_gemv_sums_to_the_fused_kernels(monkeypatch) -> None
     monkeypatch.setattr(gemv_sums, "mma_gemv_sums", sums_on_cpu)
     monkeypatch.setattr(fused, "add_norm_deferred", deferred)
     got = run(models[0])
-    assert calls == [960, 576, 192, 576] * 2  # qkv, o, gate/up, down of 2 layers
-    assert len(norms) == 4  # the norms before qkv and gate/up, their scales deferred
+    # qkv, o, gate/up, down of 2 layers, and the norms before qkv and gate/up (scales
+    # deferred); with a qkv bias, neither qkv's sums nor its norm's
+    assert calls == ([576, 192, 576] if attention_bias else [960, 576, 192, 576]) * 2
+    assert len(norms) == (2 if attention_bias else 4)
     monkeypatch.setattr(gemv_sums, "mma_gemv_sums_supported", lambda x, p: False)
     expected = run(models[1])
     rel = float((got.double() - expected.double()).norm() / expected.double().norm())
