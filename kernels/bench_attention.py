@@ -107,8 +107,8 @@ def floor_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_kv: int, level: int) -> torch.Tensor:
     """The `--floor` stand-ins for decode attention (one query token a sequence, a program a
     (sequence, KV head)): level 0 only waits (PDL), 1 also copies q to `out`, 2 computes the
-    attention over the first `block_kv` positions (at least the longest context) in one tile,
-    bit for bit a plain single-tile attention."""
+    attention over the first `block_kv` positions (at least the longest context) in one tile
+    (in float32, with the probabilities rounded to q's dtype for the second dot)."""
     assert out.shape == q.shape and out.stride() == q.stride()
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
