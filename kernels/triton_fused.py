@@ -116,6 +116,39 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
+def _add_residual(x_ptr, res_ptr, res_out_ptr, row, cols, mask, stride_x, stride_res,
+                  stride_res_out, scale, HAS_RESIDUAL: tl.constexpr):
+    """A norm's input row in float32: x (`_load_input`, scaled by `scale`) plus the residual,
+    rounded to the activation dtype, and stored as the new residual wherever it is not x
+    itself."""
+    dtype = res_out_ptr.dtype.element_ty
+    x = _load_input(x_ptr, row * stride_x + cols, mask, dtype, scale)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    if HAS_RESIDUAL or x_ptr.dtype.element_ty == tl.int64:
+        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
+    return x.to(tl.float32)
+
+
+def _norm_inputs(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
+                 weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """A norm kernel's (x, residual, residual_out, HAS_RESIDUAL) for its inputs: residual is
+    a placeholder pointer (x) when there is none, and residual_out is x itself when x is
+    already the new residual (a tensor in the activation dtype, no residual)."""
+    x, dtype = _input(x)
+    assert x.dim() == 2 and x.stride(-1) == 1 and weight.shape == x.shape[-1:]
+    has_residual = residual is not None
+    if has_residual:
+        assert residual.shape == x.shape and residual.stride(-1) == 1
+    else:
+        residual = x  # without HAS_RESIDUAL nothing reads it
+    residual_out = (x if not has_residual and x.dtype == dtype
+                    else torch.empty(x.shape, dtype=dtype, device=x.device))
+    return x, residual, residual_out, has_residual
+
+
+@triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                          stride_x, stride_res, stride_out, stride_res_out, ss_ptr, n_ss,
                          inv_width, ss_eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
@@ -125,15 +158,9 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, ep
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the wait: a weight
     await_inputs(PDL)
-    dtype = res_out_ptr.dtype.element_ty
     scale = _row_scale(ss_ptr, row, n_ss, inv_width, ss_eps, SS_BLOCK)
-    x = _load_input(x_ptr, row * stride_x + cols, mask, dtype, scale)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-    if HAS_RESIDUAL or x_ptr.dtype.element_ty == tl.int64:
-        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
-    x = x.to(tl.float32)
+    x = _add_residual(x_ptr, res_ptr, res_out_ptr, row, cols, mask, stride_x, stride_res,
+                      stride_res_out, scale, HAS_RESIDUAL)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     tl.store(out_ptr + row * stride_out + cols, (x * rstd * w).to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -148,15 +175,8 @@ def add_rms_norm(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
     eps) * weight in float32.
     """
     norm_args, norm_consts = _norm_args(x)
-    x, dtype = _input(x)
-    assert x.dim() == 2 and x.stride(-1) == 1 and weight.shape == x.shape[-1:]
-    has_residual = residual is not None
-    if has_residual:
-        assert residual.shape == x.shape and residual.stride(-1) == 1
-    else:
-        residual = x  # a placeholder pointer: without HAS_RESIDUAL nothing reads it
-    normed = torch.empty(x.shape, dtype=dtype, device=x.device)
-    residual_out = x if not has_residual and x.dtype == dtype else torch.empty_like(normed)
+    x, residual, residual_out, has_residual = _norm_inputs(x, residual, weight)
+    normed = torch.empty(x.shape, dtype=residual_out.dtype, device=x.device)
     block = triton.next_power_of_2(x.shape[1])
     _add_rms_norm_kernel[(x.shape[0],)](
         x, residual, weight, normed, residual_out, x.shape[1], eps,
@@ -187,14 +207,8 @@ def _add_norm_deferred_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, ss_pt
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the wait: a weight
     await_inputs(PDL)
-    dtype = res_out_ptr.dtype.element_ty
-    x = _load_input(x_ptr, row * stride_x + cols, mask, dtype, 1.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-    if HAS_RESIDUAL or x_ptr.dtype.element_ty == tl.int64:
-        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
-    x = x.to(tl.float32)
+    x = _add_residual(x_ptr, res_ptr, res_out_ptr, row, cols, mask, stride_x, stride_res,
+                      stride_res_out, 1.0, HAS_RESIDUAL)
     tl.store(ss_ptr + row * tl.num_programs(1) + part, tl.sum(x * x, axis=0))
     tl.store(out_ptr + row * stride_out + cols, (x * w).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -213,17 +227,10 @@ def add_norm_deferred(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
     reduction; the GEMV's next kernel sums the partials (`_row_scale`)."""
     if isinstance(x, GemvSums) and x.norm is not None:
         raise ValueError("add_norm_deferred takes sums without a RowNorm of their own")
-    x, dtype = _input(x)
-    assert x.dim() == 2 and x.stride(-1) == 1 and weight.shape == x.shape[-1:]
-    has_residual = residual is not None
-    if has_residual:
-        assert residual.shape == x.shape and residual.stride(-1) == 1
-    else:
-        residual = x  # a placeholder pointer: without HAS_RESIDUAL nothing reads it
+    x, residual, residual_out, has_residual = _norm_inputs(x, residual, weight)
     rows, width = x.shape
     parts = triton.cdiv(width, DEFERRED_BLOCK)
-    weighted = torch.empty(x.shape, dtype=dtype, device=x.device)
-    residual_out = x if not has_residual and x.dtype == dtype else torch.empty_like(weighted)
+    weighted = torch.empty(x.shape, dtype=residual_out.dtype, device=x.device)
     partials = torch.empty(rows, parts, dtype=torch.float32, device=x.device)
     _add_norm_deferred_kernel[(rows, parts)](
         x, residual, weight, weighted, residual_out, partials, width, x.stride(0),
