@@ -188,9 +188,10 @@ def test_engine_reads_the_real_rows_of_padded_steps(tiny_model_dir):
     lengths = []
     eager_step = graphs.step
 
-    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None):
+    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None):
         lengths.append([len(row) for row in ids])
-        return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids)
+        return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids,
+                          sparse_tables=sparse_tables)
 
     graphs.step = step
     runner.graphs = graphs
@@ -205,3 +206,69 @@ def test_engine_reads_the_real_rows_of_padded_steps(tiny_model_dir):
                 assert abs(x.logprob - y.logprob) < 1e-4
     assert any(len(set(step)) > 1 for step in lengths)  # some steps were padded
     assert sum(c.num_accepted_tokens for c in got) > 0
+
+
+def test_fill_writes_the_sparse_pool_inputs() -> None:
+    """With a hybrid cache's second pool, a step's inputs hold that pool's slots and block
+    tables too (its own scratch block for padding), and the first pool's stay as they are."""
+    from server.engine.block_manager import SinkWindow
+
+    sparse_scratch = 30
+    cache = torch.zeros(SCRATCH + 1, BS, 1, 8)
+    r = CudaGraphRunner(types.SimpleNamespace(kv_caches=[(cache, cache)]), BS, SCRATCH,
+                        max_model_len=40, max_batch=8, max_query_len=3,
+                        sparse=(sparse_scratch, SinkWindow(8, 2)))
+    r.dev.fill_(-7)
+    for host in r.hosts:
+        host.fill_(-7)
+    tables, sparse_tables = [[3, 4], [5, 6, 7]], [[20, 21], [22, SCRATCH, 23]]
+    for b, q, ids in ((4, 3, [[1, 2, 3], [4, 5]]), (2, 1, [[9], [8]])):
+        starts = [4, 8]
+        r._fill(b, q, starts, ids, tables, sparse_tables)
+        views = r._views(b, q)
+        sparse_views = r._sparse_views(b, q)
+        assert all((v.data_ptr() - r.dev.data_ptr()) % 16 == 0 for v in views + sparse_views)
+        want = expected(b, q, starts, ids, tables)
+        assert views[2].tolist() == want["slots"]
+        want = expected(b, q, starts, ids, sparse_tables)
+        assert sparse_views[0].tolist() == [
+            s if s // BS != SCRATCH else sparse_scratch * BS + s % BS for s in want["slots"]]
+        for i, table in enumerate(sparse_tables):
+            assert sparse_views[1][i, :len(table)].tolist() == table
+        assert (sparse_views[1][len(starts):, 0] == sparse_scratch).all()
+
+
+def test_engine_replays_hybrid_steps(tiny_model_dir):
+    """A hybrid KV cache (sink + window layers, their own pool) through `CudaGraphRunner`
+    (stepped eagerly on CPU) with n-gram speculation gives the tokens of the hybrid engine
+    without graphs."""
+    from server.engine.llm import LLM
+    from server.engine.sampling_params import SamplingParams
+
+    path = str(tiny_model_dir("llama"))
+    common = dict(device="cpu", dtype="float32", num_kv_blocks=64, block_size=BS,
+                  speculative="ngram", num_speculative_tokens=3, sliding_window=6,
+                  num_sink_tokens=1, full_attention_layers=(0,), max_num_seqs=8)
+    plain, replayed = LLM(path, **common), LLM(path, **common)
+    runner = replayed.engine.runner
+    runner.enable_cuda_graphs = None  # (nothing is captured: see step below)
+    pools = runner.blocks.pools
+    graphs = CudaGraphRunner(runner.model, BS, pools[0].hole, replayed.engine.max_model_len,
+                             max_batch=8, max_query_len=4, sparse=(pools[1].hole, pools[1].window))
+    eager_step = graphs.step
+    steps = []
+
+    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None):
+        steps.append(sparse_tables)
+        return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids,
+                          sparse_tables=sparse_tables)
+
+    graphs.step = step
+    runner.graphs = graphs
+    prompts = [[5, 6, 7, 8] * 3, [9, 10] * 5, [3, 4, 5, 3, 4, 5, 3], [11, 12, 13]]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    want, got = plain.generate(prompts, params), replayed.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    # the sparse pool's tables reached the graphs, holes (past the window) included
+    assert any(pools[1].hole in t for tables in steps for t in tables)
+    assert replayed.engine.blocks.usage == 0.0

@@ -21,12 +21,15 @@ def _launching_ahead(llm: LLM) -> list[bool]:
     launched ahead of the one before."""
     engine = llm.engine
     runner = engine.runner
-    graphs = CudaGraphRunner(runner.model, BS, runner.blocks.num_blocks, engine.max_model_len,
-                             max_batch=8, max_query_len=1)
+    pools = runner.blocks.pools
+    graphs = CudaGraphRunner(runner.model, BS, pools[0].hole, engine.max_model_len,
+                             max_batch=8, max_query_len=1, window=pools[0].window,
+                             sparse=(pools[1].hole, pools[1].window) if len(pools) > 1 else None)
     eager_step = graphs.step
 
-    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None):
-        return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids)
+    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None):
+        return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids,
+                          sparse_tables=sparse_tables)
 
     graphs.step = step
     runner.graphs = graphs
@@ -42,10 +45,10 @@ def _launching_ahead(llm: LLM) -> list[bool]:
     return launched
 
 
-def _pair(tiny_model_dir) -> tuple[LLM, LLM, list[bool]]:
+def _pair(tiny_model_dir, **config: object) -> tuple[LLM, LLM, list[bool]]:
     path = str(tiny_model_dir("llama"))
     common = dict(device="cpu", dtype="float32", num_kv_blocks=64, block_size=BS,
-                  debug_check_integrity=True)
+                  debug_check_integrity=True, **config)
     plain, ahead = LLM(path, **common), LLM(path, **common)
     return plain, ahead, _launching_ahead(ahead)
 
@@ -108,3 +111,16 @@ def test_requests_arriving_and_aborted_while_steps_run_ahead(tiny_model_dir):
     assert len(got["r1"]) < 16
     assert any(launched)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("full_attention_layers", [(1,), ()])
+def test_launching_ahead_through_a_hybrid_cache(tiny_model_dir, full_attention_layers):
+    """Steps launched ahead while the window layers' blocks slide out of their window (and
+    go to other requests): the tokens of the hybrid engine without steps ahead, with a
+    full-attention layer and without."""
+    plain, ahead, launched = _pair(tiny_model_dir, sliding_window=5, num_sink_tokens=2,
+                                   full_attention_layers=full_attention_layers, max_num_seqs=5)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    _same(ahead.generate(PROMPTS, params), plain.generate(PROMPTS, params))
+    assert sum(launched) > 10
+    assert ahead.engine.blocks.usage == 0.0

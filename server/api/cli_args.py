@@ -63,6 +63,14 @@ def _add_switch(group: Any, flag: str, help: str) -> None:
     group.add_argument(flag, action="store_true", default=_env_bool(name), help=f"{help} (env {name})")
 
 
+def _layer_list(raw: str) -> tuple[int, ...]:
+    """`0,1,5` -> (0, 1, 5); '' -> ()."""
+    try:
+        return tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated layer numbers, got {raw!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every `serve` flag (engine and HTTP server) to `parser`."""
     e, a = EngineConfig(), ApiConfig()
@@ -92,6 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "KV cache size in blocks; unset: sized from --kv-cache-memory-gb")
     _add(eng, "--kv-cache-memory-gb", float, e.kv_cache_memory_gb,
          "Memory for the KV cache when --num-kv-blocks is not given")
+    _add(eng, "--sliding-window", int, e.sliding_window,
+         "Hybrid KV cache: tokens of recent context the sink + window layers see; their "
+         "older blocks leave the cache. Unset: every layer sees the whole context")
+    _add(eng, "--num-sink-tokens", int, e.num_sink_tokens,
+         "With --sliding-window: first tokens every sink + window layer also sees")
+    _add(eng, "--full-attention-layers", _layer_list, e.full_attention_layers,
+         "With --sliding-window: comma-separated layers that keep full attention ('' for "
+         "none); unset: layers 0 and 1 and every fourth after them")
     _add(eng, "--speculative", str, e.speculative, "Drafter name (e.g. ngram); unset: no speculation")
     _add(eng, "--num-speculative-tokens", int, e.num_speculative_tokens,
          "Most draft tokens per request per step")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from server.engine.block_manager import SinkWindow, window_kwargs
 from server.engine.contracts import SchedulerOutput
 from server.models.batch import BatchMeta, PaddedGroup
 
@@ -23,69 +25,90 @@ class ModelInputs:
     """Row of each scheduled request's first token in the flat batch (plus the total)."""
 
 
-def build_inputs(out: SchedulerOutput, block_tables: list[list[int]], block_size: int,
+def build_inputs(out: SchedulerOutput, block_tables: list[list[list[int]]], block_size: int,
                  device: torch.device, padded_groups: bool,
-                 ahead_ids: torch.Tensor | None = None) -> ModelInputs:
-    """`ahead_ids`: a decode step's token ids on the device, one a request, from the step
-    before, which still runs (`ScheduledRequest.ahead`)."""
+                 ahead_ids: torch.Tensor | None = None,
+                 windows: Sequence[SinkWindow | None] = (None,)) -> ModelInputs:
+    """`block_tables[p][i]`: scheduled request i's blocks in KV pool p, whose layers attend
+    with `windows[p]` (`BlockManager.pools`); the first pool's metadata holds the second's
+    as `BatchMeta.sparse`. `ahead_ids`: a decode step's token ids on the device, one a
+    request, from the step before, which still runs (`ScheduledRequest.ahead`)."""
     ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
     starts = [0]
     seq_lens: list[int] = []
-    for s, table in zip(out.scheduled, block_tables, strict=True):
+    for s in out.scheduled:
         r = s.request
         begin = r.num_computed_tokens + s.ahead
         if ahead_ids is None:
             ids.extend((r.all_token_ids + s.spec_token_ids)[begin : begin + s.num_new_tokens])
-        pos = range(begin, begin + s.num_new_tokens)
-        positions.extend(pos)
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+        positions.extend(range(begin, begin + s.num_new_tokens))
         starts.append(starts[-1] + s.num_new_tokens)
         seq_lens.append(begin + s.num_new_tokens)
-    max_blocks = max(len(t) for t in block_tables)
-    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     start_loc = torch.tensor(starts, dtype=torch.int32)
-    groups = _groups(lens, start_loc, tables, block_size) if padded_groups else None
-    meta = BatchMeta(
+    metas = [_meta(pool, window, positions, lens, start_loc, block_size, device, padded_groups)
+             for pool, window in zip(block_tables, windows, strict=True)]
+    if len(metas) > 1:
+        metas[0].sparse = metas[1]
+    return ModelInputs(
+        ahead_ids if ahead_ids is not None else torch.tensor(ids, dtype=torch.long, device=device),
+        torch.tensor(positions, dtype=torch.long, device=device),
+        metas[0],
+        starts,
+    )
+
+
+def _meta(block_tables: list[list[int]], window: SinkWindow | None, positions: list[int],
+          lens: torch.Tensor, start_loc: torch.Tensor, block_size: int, device: torch.device,
+          padded_groups: bool) -> BatchMeta:
+    """One KV pool's slots, block tables (and CPU groups) for a step."""
+    slots: list[int] = []
+    starts = start_loc.tolist()
+    for i, table in enumerate(block_tables):
+        slots.extend(table[p // block_size] * block_size + p % block_size
+                     for p in positions[starts[i]:starts[i + 1]])
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32)
+    groups = _groups(lens, start_loc, tables, block_size, window) if padded_groups else None
+    return BatchMeta(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         block_tables=tables.to(device),
         seq_lens=lens.to(device),
         query_start_loc=start_loc.to(device),
         groups=groups,
-    )
-    return ModelInputs(
-        ahead_ids if ahead_ids is not None else torch.tensor(ids, dtype=torch.long, device=device),
-        torch.tensor(positions, dtype=torch.long, device=device),
-        meta,
-        starts,
+        **window_kwargs(window),
     )
 
 
-def _groups(lens: torch.Tensor, start_loc: torch.Tensor, tables: torch.Tensor, block_size: int) -> list[PaddedGroup]:
+def _groups(lens: torch.Tensor, start_loc: torch.Tensor, tables: torch.Tensor, block_size: int,
+            window: SinkWindow | None) -> list[PaddedGroup]:
     q_lens = start_loc[1:] - start_loc[:-1]
     short = (q_lens <= SHORT_QUERY).nonzero().squeeze(1).tolist()
     long = (q_lens > SHORT_QUERY).nonzero().squeeze(1).tolist()
     members = ([short] if short else []) + [[i] for i in long]
     everything = len(members) == 1
-    return [_group(idx, lens, start_loc, q_lens, tables, block_size, everything) for idx in members]
+    return [_group(idx, lens, start_loc, q_lens, tables, block_size, everything, window)
+            for idx in members]
 
 
 def _group(idx: list[int], lens: torch.Tensor, start_loc: torch.Tensor, q_lens: torch.Tensor,
-           tables: torch.Tensor, block_size: int, everything: bool) -> PaddedGroup:
+           tables: torch.Tensor, block_size: int, everything: bool,
+           window: SinkWindow | None) -> PaddedGroup:
     sel = torch.tensor(idx)
     ql, sl, st = q_lens[sel].long(), lens[sel].long(), start_loc[:-1][sel].long()
     max_q = int(ql.max())
-    num_blocks = -(-int(sl.max()) // block_size)
+    columns = _columns(sl, ql, block_size, window)
     j = torch.arange(max_q)
     valid = j[None, :] < ql[:, None]  # [S, max_q]
-    q_pos = torch.where(valid, sl[:, None] - ql[:, None] + j[None, :], 0)
-    key_pos = torch.arange(num_blocks * block_size)
-    mask = key_pos[None, None, :] <= q_pos[:, :, None]
+    q_pos = torch.where(valid, sl[:, None] - ql[:, None] + j[None, :], 0)[:, :, None]
+    key_pos = (columns[:, None] * block_size + torch.arange(block_size)).reshape(-1)
+    mask = key_pos <= q_pos
+    if window is not None:
+        mask &= (key_pos > q_pos - window.window) | (key_pos < window.num_sinks)
     q_index = torch.where(valid, st[:, None] + j[None, :], st[:, None])
     token_index = None if everything else q_index[valid]
-    group_tables = tables[sel, :num_blocks].long()
+    group_tables = tables[sel][:, columns].long()
     return PaddedGroup(
         token_index=token_index,
         q_index=q_index,
@@ -94,6 +117,21 @@ def _group(idx: list[int], lens: torch.Tensor, start_loc: torch.Tensor, q_lens: 
         mask=mask.unsqueeze(1),
         first_block=_consecutive_from(group_tables),
     )
+
+
+def _columns(seq_lens: torch.Tensor, q_lens: torch.Tensor, block_size: int,
+             window: SinkWindow | None) -> torch.Tensor:
+    """The logical blocks a group's queries read: all of them, or with a window the sinks'
+    and those from the earliest block any of its queries' windows reaches (the blocks
+    between hold nothing a query sees; in the pool they may be holes)."""
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    if window is None:
+        return torch.arange(num_blocks)
+    sinks = -(-window.num_sinks // block_size)
+    first = max(0, int((seq_lens - q_lens).min()) - window.window + 1) // block_size
+    if first <= sinks:
+        return torch.arange(num_blocks)
+    return torch.cat([torch.arange(sinks), torch.arange(first, num_blocks)])
 
 
 def _consecutive_from(tables: torch.Tensor) -> int | None:

@@ -34,6 +34,15 @@ class EngineConfig:
     """KV cache size in blocks; None sizes it from kv_cache_memory_gb."""
     kv_cache_memory_gb: float = 1.0
     """Memory for the KV cache when num_kv_blocks is not given."""
+    sliding_window: int | None = None
+    """Hybrid KV cache: tokens of recent context the sink + window layers see (besides the
+    sinks); their blocks before it return to the pool. None: every layer sees the whole
+    context."""
+    num_sink_tokens: int = 4
+    """With sliding_window: the first tokens every sink + window layer also sees."""
+    full_attention_layers: tuple[int, ...] | None = None
+    """With sliding_window: the layers that keep full attention (empty: none); None: the
+    first two and every fourth after them (see `default_full_attention_layers`)."""
     speculative: str | None = None
     """Drafter name (e.g. ngram) or None for no speculation."""
     num_speculative_tokens: int = 8
@@ -47,6 +56,25 @@ class EngineConfig:
     num_threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
 
+    def windowed_layers(self, num_layers: int) -> frozenset[int]:
+        """The layers that attend to sinks + a window (none without sliding_window); raises
+        ValueError for a window below 1, negative sinks or a layer out of range."""
+        if self.sliding_window is None:
+            if self.full_attention_layers is not None:
+                raise ValueError("full_attention_layers needs sliding_window")
+            return frozenset()
+        if self.sliding_window < 1 or self.num_sink_tokens < 0:
+            raise ValueError(f"need sliding_window >= 1 and num_sink_tokens >= 0, got "
+                             f"{self.sliding_window} and {self.num_sink_tokens}")
+        full = self.full_attention_layers
+        if full is None:
+            full = default_full_attention_layers(num_layers)
+        wrong = sorted(i for i in full if not 0 <= i < num_layers)
+        if wrong:
+            raise ValueError(f"full_attention_layers {wrong} out of range: the model has "
+                             f"{num_layers} layers")
+        return frozenset(range(num_layers)) - set(full)
+
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> EngineConfig:
         known = {f.name for f in fields(cls)}
@@ -54,3 +82,9 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine config keys: {unknown}")
         return cls(**values)  # type: ignore[arg-type]
+
+
+def default_full_attention_layers(num_layers: int) -> tuple[int, ...]:
+    """Full-attention layers of a hybrid cache when none are named: layers 0 and 1 and
+    every fourth after them."""
+    return tuple(sorted({0, 1} | set(range(5, num_layers, 4)) & set(range(num_layers))))

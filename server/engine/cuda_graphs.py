@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.engine.block_manager import SinkWindow, window_kwargs
 from server.engine.contracts import SchedulerOutput
 from server.engine.request import Request
 from server.models.batch import BatchMeta
@@ -80,11 +81,18 @@ class CudaGraphRunner:
     """Captures and replays the model for graphable steps (see module docs)."""
 
     def __init__(self, model: torch.nn.Module, block_size: int, scratch_block: int,
-                 max_model_len: int, max_batch: int, max_query_len: int) -> None:
+                 max_model_len: int, max_batch: int, max_query_len: int,
+                 window: SinkWindow | None = None,
+                 sparse: tuple[int, SinkWindow] | None = None) -> None:
+        """`scratch_block` and `window`: the KV pool's (`BlockManager.pools[0]`); `sparse`:
+        in a hybrid cache, the sink + window layers' pool's scratch block and window
+        (`BatchMeta.sparse`), whose slots and block tables a step's inputs hold too."""
         self.model = model
         self.block_size = block_size
         self.scratch_slot = scratch_block * block_size
         self.scratch_block = scratch_block
+        self.window = window
+        self.sparse = sparse
         self.buckets = [b for b in BUCKETS if b < max_batch] + [
             next((b for b in BUCKETS if b >= max_batch), BUCKETS[-1])]
         self.query_buckets = query_buckets(max_query_len)
@@ -127,10 +135,12 @@ class CudaGraphRunner:
         return next(b for b in self.buckets if b >= len(scheduled)), q
 
     def run(self, out: SchedulerOutput, tables: list[list[int]],
-            ahead_ids: torch.Tensor | None = None) -> Replay | None:
+            ahead_ids: torch.Tensor | None = None,
+            sparse_tables: list[list[int]] | None = None) -> Replay | None:
         """Replay (capturing first if new) a graphable step; None for any other step.
         `ahead_ids`: a decode step's token ids on the device, from the step before, which
-        still runs (`ScheduledRequest.ahead`)."""
+        still runs (`ScheduledRequest.ahead`). `sparse_tables`: the requests' blocks in
+        the sink + window layers' pool (with `sparse`)."""
         key = self.key(out)
         if key is None:
             return None
@@ -141,21 +151,23 @@ class CudaGraphRunner:
             ids = [[_newest(s.request), *s.spec_token_ids] for s in out.scheduled]
         else:
             ids = [[0]] * len(out.scheduled)  # (written on the device below)
-        hidden, logits, tokens = self.step(b, q, starts, ids, tables, ahead_ids=ahead_ids)
+        hidden, logits, tokens = self.step(b, q, starts, ids, tables, ahead_ids=ahead_ids,
+                                           sparse_tables=sparse_tables)
         t = len(out.scheduled) * q
         return Replay(key, [i * q + len(row) for i, row in enumerate(ids)], hidden[:t],
                       logits[:t], tokens[:t])
 
     def step(self, b: int, q: int, starts: list[int], ids: list[list[int]],
              tables: list[list[int]], graphed: bool = True,
-             ahead_ids: torch.Tensor | None = None
+             ahead_ids: torch.Tensor | None = None,
+             sparse_tables: list[list[int]] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of len(starts) <= b sequences, each computing 1..q tokens from position
         starts[i] (ids[i] its token ids; padded to q); hidden [b * q, h], logits [b * q,
         vocab] and the greedy tokens [b * q], sequence i's rows from i * q. `graphed=False`
         runs the same padded step eagerly (for comparisons). `ahead_ids` (q = 1): the
-        sequences' token ids on the device instead of ids'."""
-        self._fill(b, q, starts, ids, tables)
+        sequences' token ids on the device instead of ids'. `sparse_tables`: as `run`'s."""
+        self._fill(b, q, starts, ids, tables, sparse_tables)
         if ahead_ids is not None:
             self.dev[: len(starts)].copy_(ahead_ids)
         if not graphed:
@@ -165,28 +177,42 @@ class CudaGraphRunner:
         return graph.hidden, graph.logits, graph.tokens
 
     def _layout(self, b: int, q: int) -> tuple[int, ...]:
-        """Offsets in the input buffer (int64 elements) of a (B, Q) graph's positions, slots
-        and int32 part, that part's offsets (int32 elements) of seq_lens and
-        query_start_loc, and the int64 elements used: every input starts 16-byte aligned."""
-        t = b * q
-        pos, slots, part = _up(t, 2), 2 * _up(t, 2), 3 * _up(t, 2)
-        lens = _up(b * self.width, 4)
+        """Offsets in the input buffer (int64 elements) of a (B, Q) graph's positions, slots,
+        the sparse pool's slots and the int32 part, that part's offsets (int32 elements) of
+        the sparse pool's block tables, seq_lens and query_start_loc, and the int64
+        elements used: every input starts 16-byte aligned (the sparse pool's inputs take
+        no room without one)."""
+        t, sparse = b * q, self.sparse is not None
+        pos, slots = _up(t, 2), 2 * _up(t, 2)
+        sparse_slots = 3 * _up(t, 2)
+        part = sparse_slots + sparse * _up(t, 2)
+        sparse_tables = _up(b * self.width, 4)
+        lens = sparse_tables + sparse * _up(b * self.width, 4)
         qsl = lens + _up(b, 4)
-        return pos, slots, part, lens, qsl, part + (qsl + _up(b + 1, 4)) // 2
+        return pos, slots, sparse_slots, part, sparse_tables, lens, qsl, part + (qsl + _up(b + 1, 4)) // 2
 
     def _views(self, b: int, q: int, buffer: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, ...]:
         """ids, positions, slots, block_tables, seq_lens, query_start_loc of a (B, Q) graph:
         views of `buffer` (default the device buffer) laid out by `_layout`."""
         t, w = b * q, self.width
-        pos, slots, part, lens, qsl, used = self._layout(b, q)
+        pos, slots, _, part, _, lens, qsl, used = self._layout(b, q)
         d64 = self.dev if buffer is None else buffer
         d32 = d64[part:used].view(torch.int32)
         return (d64[:t], d64[pos:pos + t], d64[slots:slots + t], d32[:b * w].view(b, w),
                 d32[lens:lens + b], d32[qsl:qsl + b + 1])
 
+    def _sparse_views(self, b: int, q: int, buffer: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sparse pool's slots and block tables of a (B, Q) graph (as `_views`)."""
+        t, w = b * q, self.width
+        _, _, slots, part, tables, _, _, used = self._layout(b, q)
+        d64 = self.dev if buffer is None else buffer
+        d32 = d64[part:used].view(torch.int32)
+        return d64[slots:slots + t], d32[tables:tables + b * w].view(b, w)
+
     def _fill(self, b: int, q: int, starts: list[int], ids: list[list[int]],
-              tables: list[list[int]]) -> None:
+              tables: list[list[int]], sparse_tables: list[list[int]] | None = None) -> None:
         """Write a step's inputs (real sequences, each padded to Q tokens with id 0 at the
         next positions and KV in the scratch block; then padding sequences: ids 0,
         positions 0..Q-1, KV in the scratch block) and copy them to the device in one copy."""
@@ -195,60 +221,71 @@ class CudaGraphRunner:
         views = self._host_views.get((self._turn, b, q))
         if views is None:  # numpy views of the pinned buffer, made once a shape
             views = tuple(v.numpy() for v in self._views(b, q, host))
+            if self.sparse is not None:
+                views += tuple(v.numpy() for v in self._sparse_views(b, q, host))
             self._host_views[(self._turn, b, q)] = views
+        # each pool's tables, scratch block, and host views of its slots and block tables
+        pools = [(tables, self.scratch_block, views[2], views[3])]
+        if self.sparse is not None:
+            pools.append((sparse_tables or [], self.sparse[0], views[6], views[7]))
         if q == 1:
-            self._fill_decode(b, starts, ids, tables, views)
+            self._fill_decode(b, starts, ids, pools, views)
         else:
-            self._fill_padded(b, q, starts, ids, tables, views)
+            self._fill_padded(b, q, starts, ids, pools, views)
         used = self._layout(b, q)[-1]
         self.dev[:used].copy_(host[:used], non_blocking=True)
 
     def _fill_decode(self, b: int, starts: list[int], ids: list[list[int]],
-                     tables: list[list[int]], views: tuple[np.ndarray, ...]) -> None:
+                     pools: list[tuple], views: tuple[np.ndarray, ...]) -> None:
         """`_fill_padded` of a decode step (Q = 1) from Python's integers, without its
         index arrays: a token's slot is in its own blocks, so no block entry past them is
         read (on this repo's CPU: 8.8 against 21.8 us at batch 1, 25 against 46 at 16)."""
         n, bs = len(starts), self.block_size
-        h_ids, h_pos, h_slots, h_tables, h_lens, h_qsl = views
-        for i, table in enumerate(tables):
-            h_tables[i, :len(table)] = table
-        h_tables[n:, 0] = self.scratch_block
+        h_ids, h_pos, _, _, h_lens, h_qsl = views[:6]
+        for tables, scratch, h_slots, h_tables in pools:
+            for i, table in enumerate(tables):
+                h_tables[i, :len(table)] = table
+            h_tables[n:, 0] = scratch
+            h_slots[:n] = [table[s // bs] * bs + s % bs
+                           for table, s in zip(tables, starts, strict=True)]
+            h_slots[n:] = scratch * bs
         h_ids[:n] = [row[0] for row in ids]
         h_pos[:n] = starts
-        h_slots[:n] = [table[s // bs] * bs + s % bs for table, s in zip(tables, starts, strict=True)]
         h_lens[:n] = [s + 1 for s in starts]
-        h_ids[n:], h_pos[n:], h_slots[n:], h_lens[n:] = 0, 0, self.scratch_slot, 1
+        h_ids[n:], h_pos[n:], h_lens[n:] = 0, 0, 1
         h_qsl[:] = np.arange(b + 1)
 
     def _fill_padded(self, b: int, q: int, starts: list[int], ids: list[list[int]],
-                     tables: list[list[int]], views: tuple[np.ndarray, ...]) -> None:
+                     pools: list[tuple], views: tuple[np.ndarray, ...]) -> None:
         """`_fill`'s writes for any Q: each input gathered in a Python list, then written
         with one assignment (in a 16-request verification step through a stand-in for the
         replay, 160-194 us against 242-274 with numpy index arrays for each input)."""
-        n, bs, scratch = len(starts), self.block_size, self.scratch_slot
-        h_ids, h_pos, h_slots, h_tables, h_lens, h_qsl = views
+        n, bs = len(starts), self.block_size
+        h_ids, h_pos, _, _, h_lens, h_qsl = views[:6]
         flat_ids: list[int] = []
         flat_pos: list[int] = []
-        flat_slots: list[int] = []
-        for i, (table, start, row) in enumerate(zip(tables, starts, ids, strict=True)):
-            h_tables[i, :len(table)] = table
-            end = -(-(start + q) // bs)
-            if end > len(table):  # padding tokens past the request's blocks read the
-                # scratch block (the rest of the row holds what other shapes left there)
-                h_tables[i, len(table):end] = self.scratch_block
-            positions = range(start, start + q)
+        for start, row in zip(starts, ids, strict=True):
             flat_ids += row
             flat_ids += [0] * (q - len(row))
-            flat_pos += positions
-            flat_slots += [table[p // bs] * bs + p % bs for p in positions[:len(row)]]
-            flat_slots += [scratch + p % bs for p in positions[len(row):]]
-        h_tables[n:, :-(-q // bs)] = self.scratch_block
+            flat_pos += range(start, start + q)
+        for tables, scratch, h_slots, h_tables in pools:
+            flat_slots: list[int] = []
+            for i, (table, start, row) in enumerate(zip(tables, starts, ids, strict=True)):
+                h_tables[i, :len(table)] = table
+                end = -(-(start + q) // bs)
+                if end > len(table):  # padding tokens past the request's blocks read the
+                    # scratch block (the rest of the row holds what other shapes left there)
+                    h_tables[i, len(table):end] = scratch
+                positions = range(start, start + q)
+                flat_slots += [table[p // bs] * bs + p % bs for p in positions[:len(row)]]
+                flat_slots += [scratch * bs + p % bs for p in positions[len(row):]]
+            h_tables[n:, :-(-q // bs)] = scratch
+            h_slots[:n * q] = flat_slots
+            h_slots[n * q:].reshape(b - n, q)[:] = scratch * bs + np.arange(q) % bs
         t = n * q
-        h_ids[:t], h_pos[:t], h_slots[:t] = flat_ids, flat_pos, flat_slots
-        pad = np.arange(q)
+        h_ids[:t], h_pos[:t] = flat_ids, flat_pos
         h_ids[t:] = 0
-        h_pos[t:].reshape(b - n, q)[:] = pad
-        h_slots[t:].reshape(b - n, q)[:] = scratch + pad % bs
+        h_pos[t:].reshape(b - n, q)[:] = np.arange(q)
         h_lens[:n] = [start + q for start in starts]
         h_lens[n:] = q
         h_qsl[:] = np.arange(b + 1) * q
@@ -257,7 +294,11 @@ class CudaGraphRunner:
         from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
 
         ids, positions, slots, tables, lens, qsl = self._views(b, q)
-        hidden = self.model(ids, positions, BatchMeta(slots, tables, lens, qsl))
+        meta = BatchMeta(slots, tables, lens, qsl, **window_kwargs(self.window))
+        if self.sparse is not None:
+            meta.sparse = BatchMeta(*self._sparse_views(b, q), lens, qsl,
+                                    **window_kwargs(self.sparse[1]))
+        hidden = self.model(ids, positions, meta)
         logits = self.model.compute_logits(hidden)
         return hidden, logits, greedy_tokens(logits)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from drafters.base import create_drafter
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockManager, BlockPool, SinkWindow
 from server.engine.config import EngineConfig
 from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -81,14 +81,15 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or min(limit, 8192), limit)
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len)
         pack_model(self.model, config.quantization, checkpoint.path, self.device)
-        self.blocks = BlockManager(self._num_blocks(dtype), config.block_size)
+        windowed = config.windowed_layers(self.model_config.num_layers)
+        self.blocks = self._block_manager(dtype, windowed)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
         drafter = create_drafter(config.speculative) if config.speculative else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.blocks, policy,
         )
-        self.runner = ModelRunner(self.model, self.blocks, self.device, drafter)
+        self.runner = ModelRunner(self.model, self.blocks, self.device, drafter, windowed)
         if self.device.type == "cuda":  # (prefill and verification shapes: see warm_up)
             self.runner.warm_up(min(config.max_num_batched_tokens, self.max_model_len, 128))
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -113,13 +114,34 @@ class LLMEngine:
         self._ahead: tuple[SchedulerOutput, Launched] | None = None
         self.launch_ahead = self.runner.graphs is not None and drafter is None
 
-    def _num_blocks(self, dtype: torch.dtype) -> int:
-        if self.config.num_kv_blocks:
-            return self.config.num_kv_blocks
-        c = self.model_config
-        per_block = 2 * c.num_layers * self.config.block_size * c.num_kv_heads * c.head_dim
-        per_block *= torch.finfo(dtype).bits // 8
-        return max(1, int(self.config.kv_cache_memory_gb * 2**30 // per_block))
+    def _block_manager(self, dtype: torch.dtype, windowed: frozenset[int]) -> BlockManager:
+        """The KV pools: with sink + window layers, theirs first, sized for the most blocks
+        max_num_seqs requests hold at once (`SinkWindow.pool_blocks`); the rest of
+        kv_cache_memory_gb (or num_kv_blocks) goes to the full-attention layers' pool."""
+        c, cfg = self.model_config, self.config
+        bs = cfg.block_size
+        per_layer = 2 * bs * c.num_kv_heads * c.head_dim * (torch.finfo(dtype).bits // 8)
+        budget = cfg.kv_cache_memory_gb * 2**30
+        window_pool = None
+        if windowed:
+            window = SinkWindow(cfg.sliding_window, cfg.num_sink_tokens)
+            most = min(window.pool_blocks(cfg.max_num_seqs, cfg.max_num_batched_tokens, bs),
+                       cfg.max_num_seqs * (-(-self.max_model_len // bs) + 1))
+            window_pool = BlockPool(most, bs, window)
+            budget -= window_pool.num_blocks * per_layer * len(windowed)
+        full_layers = c.num_layers - len(windowed)
+        if not full_layers:
+            return BlockManager(0, bs, window_pool)
+        num_blocks = cfg.num_kv_blocks or int(budget // (per_layer * full_layers))
+        if window_pool is None:
+            return BlockManager(max(1, num_blocks), bs)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_gb {cfg.kv_cache_memory_gb} leaves no room for the full-"
+                f"attention layers' KV after the window layers' "
+                f"{window_pool.num_blocks * per_layer * len(windowed) / 2**30:.2f} GiB "
+                "(max_num_seqs requests' windows)")
+        return BlockManager(num_blocks, bs, window_pool)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

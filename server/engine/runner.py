@@ -11,7 +11,7 @@ import torch
 from drafters.base import DraftBatch, Drafter, DraftRequest, History
 from drafters.verify import verify_greedy, verify_sampled
 from server.engine.batch_builder import build_inputs
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockManager, BlockPool, window_kwargs
 from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from server.engine.cuda_graphs import CudaGraphRunner
 from server.engine.sampler import (
@@ -126,8 +126,10 @@ class ModelRunner:
 
     def __init__(
         self, model: torch.nn.Module, blocks: BlockManager, device: torch.device,
-        drafter: Drafter | None = None,
+        drafter: Drafter | None = None, windowed: frozenset[int] = frozenset(),
     ) -> None:
+        """`windowed`: the layers that attend to sinks + a window, whose KV lives in the
+        last of `blocks.pools` (the others' in the first)."""
         self.model = model
         self.blocks = blocks
         self.device = device
@@ -137,12 +139,23 @@ class ModelRunner:
         self._host_tokens = [torch.empty(0, dtype=torch.long) for _ in range(2)]
         self._turn = 0
         c = model.config
-        # one scratch block past the pool: padded CUDA-graph rows write their KV there
-        shape = (blocks.num_blocks + 1, blocks.block_size, c.num_kv_heads, c.head_dim)
-        model.kv_caches = [
-            (torch.zeros(shape, dtype=model.dtype, device=device), torch.zeros(shape, dtype=model.dtype, device=device))
-            for _ in range(c.num_layers)
-        ]
+        pools = blocks.pools
+        if bool(windowed) != (pools[-1].window is not None) or (
+                len(pools) == 1 and windowed and len(windowed) < c.num_layers):
+            raise ValueError("the windowed layers and the block manager's pools disagree")
+        self.windows = [p.window for p in pools]
+
+        def cache(pool: BlockPool) -> torch.Tensor:
+            # one scratch block past the pool: padded CUDA-graph rows write their KV there,
+            # and a window pool's holes point at it
+            shape = (pool.num_blocks + 1, blocks.block_size, c.num_kv_heads, c.head_dim)
+            return torch.zeros(shape, dtype=model.dtype, device=device)
+
+        model.kv_caches = []
+        for i, layer in enumerate(model.layers):
+            layer.windowed = i in windowed
+            pool = pools[-1] if layer.windowed else pools[0]
+            model.kv_caches.append((cache(pool), cache(pool)))
 
     @torch.inference_mode()
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_query_len: int
@@ -150,8 +163,11 @@ class ModelRunner:
         """Replay captured graphs for decode/verify steps (`server.engine.cuda_graphs`) of up
         to `max_query_len` tokens a sequence."""
         start = time.perf_counter()
-        self.graphs = CudaGraphRunner(self.model, self.blocks.block_size, self.blocks.num_blocks,
-                                      max_model_len, max_batch, max_query_len)
+        pools = self.blocks.pools
+        sparse = (pools[1].hole, pools[1].window) if len(pools) > 1 else None
+        self.graphs = CudaGraphRunner(self.model, self.blocks.block_size, pools[0].hole,
+                                      max_model_len, max_batch, max_query_len,
+                                      window=pools[0].window, sparse=sparse)
         self.graphs.capture_all()
         log.info("captured %d CUDA graphs (batch buckets %s, query buckets %s) in %.1f s",
                  len(self.graphs.graphs), self.graphs.buckets, self.graphs.query_buckets,
@@ -165,16 +181,22 @@ class ModelRunner:
         row bucket) compile and tune now, not in the first requests of those sizes (on an
         H200 each new attention variant stalled its step by 0.8-1.4 s: docs/benchmarks/
         gpu.md, run 132)."""
-        scratch, bs = self.blocks.num_blocks, self.blocks.block_size
+        bs = self.blocks.block_size
         n = 1
         while n <= max_tokens:
             positions = torch.arange(n, device=self.device)
-            table = torch.full((1, -(-n // bs)), scratch, dtype=torch.int32, device=self.device)
-            meta = BatchMeta(scratch * bs + positions % bs, table,
-                             torch.tensor([n], dtype=torch.int32, device=self.device),
-                             torch.tensor([0, n], dtype=torch.int32, device=self.device))
+            metas = []
+            for pool in self.blocks.pools:
+                table = torch.full((1, -(-n // bs)), pool.hole, dtype=torch.int32,
+                                   device=self.device)
+                metas.append(BatchMeta(
+                    pool.hole * bs + positions % bs, table,
+                    torch.tensor([n], dtype=torch.int32, device=self.device),
+                    torch.tensor([0, n], dtype=torch.int32, device=self.device),
+                    **window_kwargs(pool.window)))
+            metas[0].sparse = metas[1] if len(metas) > 1 else None
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
-                                positions, meta)
+                                positions, metas[0])
             self.model.compute_logits(hidden[-1:])
             n *= 2
 
@@ -184,17 +206,21 @@ class ModelRunner:
         tokens) without waiting for it: on CUDA the host is free until `finish`. `after`:
         the step before, still running, whose tokens (on the device) are this decode step's
         input (`Scheduler.schedule_ahead`)."""
-        tables = [self.blocks.block_table(s.request.request_id) for s in out.scheduled]
+        tables = [self.blocks.block_tables(s.request.request_id) for s in out.scheduled]
+        by_pool = [list(pool) for pool in zip(*tables, strict=True)]
         ids = None
         if after is not None:  # each request's token of the step before, on the device
             index = after.token_indices(out.scheduled)
             ids = (after.result[: len(index)] if index == list(range(len(index))) else
                    after.result[_on_device(index, torch.long, self.device)])
-        replay = self.graphs.run(out, tables, ids) if self.graphs is not None else None
+        replay = None
+        if self.graphs is not None:
+            replay = self.graphs.run(out, by_pool[0], ids, by_pool[1] if len(by_pool) > 1 else None)
         query_len = None
         if replay is None:
-            inputs = build_inputs(out, tables, self.blocks.block_size, self.device,
-                                  padded_groups=self.device.type == "cpu", ahead_ids=ids)
+            inputs = build_inputs(out, by_pool, self.blocks.block_size, self.device,
+                                  padded_groups=self.device.type == "cpu", ahead_ids=ids,
+                                  windows=self.windows)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
             ends, all_logits, tokens = inputs.query_start[1:], None, None
         else:  # every row's logits and greedy token, in row order

@@ -52,7 +52,7 @@ class Scheduler:
             raise ValueError(
                 f"prompt has {request.num_prompt_tokens} tokens; max_model_len is {self.config.max_model_len}"
             )
-        if self.blocks.blocks_needed(request.num_prompt_tokens + 1) > self.blocks.num_blocks:
+        if not self.blocks.fits(request.num_prompt_tokens + 1):
             raise ValueError(
                 f"prompt needs more KV blocks than the whole cache holds ({self.blocks.num_blocks})"
             )
@@ -137,9 +137,8 @@ class Scheduler:
         going = [r for r in running if len(r.output_token_ids) + 1 < r.params.max_tokens
                  and r.num_tokens + 1 < self.config.max_model_len]
         # KV slots through the token each computes (position num_tokens)
-        extra = sum(max(0, self.blocks.blocks_needed(r.num_tokens + 1) - len(
-            self.blocks.block_table(r.request_id))) for r in going)
-        if not going or extra > self.blocks.num_free_blocks:
+        if not going or not self.blocks.can_allocate_all([(r.request_id, r.num_tokens + 1)
+                                                          for r in going]):
             return None
         for r in going:
             self.blocks.allocate(r.request_id, r.num_tokens + 1)
@@ -236,6 +235,7 @@ class Scheduler:
             r.num_computed_tokens += s.num_new_tokens
             sampled = result.sampled.get(r.request_id)
             if sampled is None:
+                self.blocks.slide(r.request_id, r.num_computed_tokens)
                 continue
             rejected = len(s.spec_token_ids) - (len(sampled.token_ids) - 1)
             r.num_computed_tokens -= rejected
@@ -250,6 +250,8 @@ class Scheduler:
             r.draft_probs = sampled.next_draft_probs
             if rejected:  # (not otherwise: a step launched ahead holds the next slot)
                 self.blocks.truncate(r.request_id, r.num_computed_tokens)
+            # (after the rollback: the positions computed again see the window before them)
+            self.blocks.slide(r.request_id, r.num_computed_tokens)
             emitted.append((r, new_tokens))
             if reason is not None:
                 self.finish_request(r.request_id, reason)

@@ -45,28 +45,36 @@ class BatchMeta:
     """[num_seqs + 1] int32."""
     groups: list[PaddedGroup] | None = None
     """CPU path groups; None selects the kernel path (`kernels.attention` on CUDA)."""
+    sliding_window: int | None = None
+    """The layers reading this cache attend to sinks + a window (`kernels.attention`)."""
+    num_sink_tokens: int = 0
+    sparse: BatchMeta | None = None
+    """In a hybrid cache: the sink + window layers' own slots and block tables (their
+    pool's); None: every layer uses these."""
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta, scale: float,
 ) -> torch.Tensor:
-    """Write this step's k/v ([T, kv_heads, dim]) into the paged cache, then attend.
+    """Write this step's k/v ([T, kv_heads, dim]) into the paged cache, then attend (with
+    `meta`'s window, if any; the CPU path's groups hold it in their masks).
 
     q: [T, heads, dim] -> same. k, v None: the caller has already written them.
     """
     if k is not None:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.groups is None:
+        window = meta.sliding_window, meta.num_sink_tokens
         if q.is_cuda:
             from kernels.triton_attention import paged_attention_triton
 
             return paged_attention_triton(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
-            )
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+                *window)
         return paged_attention_reference(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
-        )
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+            *window)
     if len(meta.groups) == 1 and meta.groups[0].token_index is None:
         g = meta.groups[0]
         out = paged_attention_padded(q, k_cache, v_cache, g.block_tables, g.q_index, g.mask, scale,

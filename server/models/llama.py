@@ -52,6 +52,8 @@ class DecoderLayer(torch.nn.Module):
         self.eps = c.rms_norm_eps
         self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.head_dim ** -0.5
+        # attends to sinks + a window: reads `BatchMeta.sparse` when the cache is hybrid
+        self.windowed = False
 
     def forward(
         self, x: Activations, residual: torch.Tensor | None, rope: RopeInputs,
@@ -60,6 +62,8 @@ class DecoderLayer(torch.nn.Module):
         """x: [T, hidden] (the previous layer's output before its residual add); `fused` runs
         the Triton kernels for the pointwise steps."""
         t = x.shape[0]
+        if self.windowed and meta.sparse is not None:
+            meta = meta.sparse
         # [T, (heads + 2 * kv_heads) * head_dim]
         qkv, residual = self.qkv_proj.after_norm(x, residual, self.input_norm, self.eps, fused)
         if fused:  # rotates q and k and writes k, v into the cache

@@ -1,0 +1,152 @@
+"""`leapfrog bench hybrid`: what a hybrid KV cache (sink + window layers beside full-attention
+ones) costs in quality and gives in memory and decode speed, against full attention.
+
+For each configuration, in one process:
+- quality: the mean negative log-likelihood (and perplexity) of a long English text
+  (Python's own documentation, `pydoc_data`, so the text is on every machine), teacher
+  forced in one forward through the engine's model with its attention policy per layer
+  (`kernels.attention`'s reference attention), over all positions and over those past the
+  largest window;
+- memory: the tokens of context the KV cache holds in `--kv-cache-memory-gb` (the
+  full-attention layers' pool, after the window pool's share for `--max-num-seqs`
+  requests), and the KV bytes a token of context costs beyond the window;
+- speed: batch-1 decode tokens/s after a prompt of `--decode-context` tokens, through the
+  engine ((N - 1) / (t(N tokens) - t(1 token)), so the prefill cancels out).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from server.benchmarks.common import best_time, config_of, machine, table, write_json
+
+CHUNK = 512  # rows of logits at a time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
+    p.add_argument("--windows", default="256,1024", help="comma-separated sliding windows")
+    p.add_argument("--num-sink-tokens", type=int, default=4, help="sinks of the hybrid runs")
+    p.add_argument("--text-tokens", type=int, default=4096, help="tokens of text scored")
+    p.add_argument("--decode-context", type=int, default=3072,
+                   help="prompt tokens before the timed decode (0: no timing)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded when timed")
+    p.add_argument("--repeats", type=int, default=2, help="runs per timing (best is kept)")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="cache size for the memory figures")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="requests the window pool is sized for")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--result-json", default=None, help="write results here")
+
+
+def _text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _configs(windows: list[int], sinks: int) -> list[tuple[str, dict[str, object]]]:
+    """(name, engine settings): full attention, then per window the default full-attention
+    layers with and without sinks, and every layer windowed."""
+    out: list[tuple[str, dict[str, object]]] = [("full", {})]
+    for w in windows:
+        out += [
+            (f"w{w} s{sinks} default", {"sliding_window": w, "num_sink_tokens": sinks}),
+            (f"w{w} s0 default", {"sliding_window": w, "num_sink_tokens": 0}),
+            (f"w{w} s{sinks} all", {"sliding_window": w, "num_sink_tokens": sinks,
+                                    "full_attention_layers": ()}),
+        ]
+    return out
+
+
+@torch.inference_mode()
+def _nll(llm: object, ids: list[int]) -> torch.Tensor:
+    """Negative log-likelihood of each token of `ids` after the first: one forward over
+    fresh contiguous caches, each layer attending as the engine's runner set it."""
+    from server.engine.block_manager import window_kwargs
+    from server.models.batch import BatchMeta
+
+    engine = llm.engine
+    model, bs = engine.model, engine.blocks.block_size
+    n, c = len(ids), model.config
+    num_blocks = -(-n // bs)
+    saved = model.kv_caches
+    model.kv_caches = [tuple(torch.zeros(num_blocks + 1, bs, c.num_kv_heads, c.head_dim,
+                                         dtype=model.dtype) for _ in "kv") for _ in model.layers]
+    args = (torch.arange(n), torch.arange(num_blocks, dtype=torch.int32)[None],
+            torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32))
+    metas = [BatchMeta(*args, **window_kwargs(w)) for w in engine.runner.windows]
+    metas[0].sparse = metas[1] if len(metas) > 1 else None
+    try:
+        hidden = model(torch.tensor(ids), torch.arange(n), metas[0])
+    finally:
+        model.kv_caches = saved
+    target = torch.tensor(ids[1:])
+    parts = []
+    for start in range(0, n - 1, CHUNK):
+        logits = model.compute_logits(hidden[start:min(start + CHUNK, n - 1)])
+        rows = target[start:start + CHUNK]
+        parts.append(-logits.log_softmax(-1).gather(1, rows[:, None]).squeeze(1))
+    return torch.cat(parts)
+
+
+def _decode_rate(llm: object, ids: list[int], args: argparse.Namespace) -> float:
+    from server.engine.sampling_params import SamplingParams
+
+    def run(n: int) -> None:
+        llm.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+    t1 = best_time(lambda: run(1), args.repeats)
+    tn = best_time(lambda: run(args.decode_tokens), args.repeats)
+    return (args.decode_tokens - 1) / (tn - t1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.engine.llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    windows = [int(w) for w in args.windows.split(",")]
+    common = dict(dtype="float32", device="cpu", kv_cache_memory_gb=args.kv_cache_memory_gb,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512,
+                  max_model_len=max(args.text_tokens, args.decode_context + args.decode_tokens) + 1)
+    rows, results = [], []
+    ids: list[int] = []
+    for name, settings in _configs(windows, args.num_sink_tokens):
+        llm = LLM(args.model, **common, **settings)
+        if not ids:
+            ids = llm.encode(_text())[: args.text_tokens]
+        nll = _nll(llm, ids)
+        past = nll[max(windows):]
+        blocks = llm.engine.blocks
+        c, bs = llm.engine.model_config, blocks.block_size
+        full_layers = c.num_layers - sum(layer.windowed for layer in llm.engine.model.layers)
+        capacity = blocks.num_blocks * bs if full_layers else None
+        per_token = 2 * full_layers * c.num_kv_heads * c.head_dim * 4
+        rate = _decode_rate(llm, ids[: args.decode_context], args) if args.decode_context else None
+        result = {"config": name, "settings": settings, "full_attention_layers": full_layers,
+                  "nll": nll.mean().item(), "ppl": nll.mean().exp().item(),
+                  "nll_past_largest_window": past.mean().item(), "context_tokens": capacity,
+                  "kv_bytes_per_token": per_token, "decode_tok_s": rate}
+        results.append(result)
+        rows.append([name, full_layers, result["ppl"], past.mean().exp().item(),
+                     "unbounded" if capacity is None else capacity, per_token,
+                     "-" if rate is None else rate])
+        print(rows[-1], flush=True)
+        del llm
+    full = results[0]
+    print(f"model={args.model or 'default'} text_tokens={len(ids)} decode_context="
+          f"{args.decode_context} kv_cache_memory_gb={args.kv_cache_memory_gb} "
+          f"max_num_seqs={args.max_num_seqs} threads={torch.get_num_threads()}")
+    print(table(["config", "full layers", "ppl", f"ppl past {max(windows)}", "context tokens",
+                 "KV bytes/token", "decode tok/s"], rows))
+    if full["decode_tok_s"]:
+        for r in results[1:]:
+            print(f"{r['config']}: decode {r['decode_tok_s'] / full['decode_tok_s']:.2f}x full, "
+                  f"context {r['context_tokens'] / full['context_tokens']:.2f}x full"
+                  if r["context_tokens"] else f"{r['config']}: decode "
+                  f"{r['decode_tok_s'] / full['decode_tok_s']:.2f}x full")
+    write_json(args.result_json, {"machine": machine(), "config": config_of(args),
+                                  "results": results})
+    return 0

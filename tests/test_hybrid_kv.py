@@ -1,0 +1,207 @@
+"""The hybrid KV cache: sink + sliding-window layers whose blocks outside the window leave
+the cache, beside full-attention layers; the engine's tokens against a teacher-forced
+forward with the same attention, speculation, memory and flags."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.block_manager import BlockManager, BlockPool, OutOfBlocksError, SinkWindow
+from server.engine.config import EngineConfig, default_full_attention_layers
+from server.engine.llm import LLM
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.models.batch import BatchMeta
+from tests.test_scheduler import fake_run, req
+
+BS = 4
+WINDOW = SinkWindow(window=8, num_sinks=2)
+HYBRID = dict(dtype="float32", block_size=BS, sliding_window=WINDOW.window,
+              num_sink_tokens=WINDOW.num_sinks, full_attention_layers=(1,), num_kv_blocks=200,
+              max_num_batched_tokens=16, max_num_seqs=4, debug_check_integrity=True)
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+def prompts(n: int) -> list[list[int]]:
+    return [[3 + (7 * i + 5 * j) % 125 for j in range(20 + 9 * i)] for i in range(n)]
+
+
+def test_slide_leaves_holes_outside_the_window_and_frees_them() -> None:
+    pool = BlockPool(16, BS, WINDOW)
+    pool.allocate("a", 30)  # 8 blocks
+    table = list(pool.block_table("a"))
+    pool.slide("a", 20)  # queries from position 20 see 13..20 and the sinks 0, 1
+    # block 0 holds the sinks, block 3 (12..15) position 13: blocks 1 and 2 go
+    assert pool.block_table("a") == [table[0], pool.hole, pool.hole, *table[3:]]
+    assert pool.num_free_blocks == 16 - 8 + 2
+    pool.check_integrity()
+    pool.slide("a", 20)  # again: nothing more
+    assert pool.num_free_blocks == 10
+    pool.truncate("a", 21)  # a rollback keeps the holes
+    assert pool.block_table("a")[:3] == [table[0], pool.hole, pool.hole]
+    assert len(pool.block_table("a")) == 6
+    pool.slide("a", 29)  # 22..29 visible: blocks 3 and 4 go too
+    assert pool.block_table("a")[1:5] == [pool.hole] * 4
+    pool.check_integrity()
+    pool.free("a")
+    assert pool.num_free_blocks == 16
+    pool.check_integrity()
+    full = BlockPool(16, BS)  # no window: sliding changes nothing
+    full.allocate("a", 30)
+    full.slide("a", 30)
+    assert pool.hole not in full.block_table("a")
+
+
+def test_manager_allocates_all_pools_or_none() -> None:
+    bm = BlockManager(4, BS, BlockPool(3, BS, WINDOW))
+    bm.allocate("a", 12)  # 3 blocks in each
+    assert [len(t) for t in bm.block_tables("a")] == [3, 3]
+    with pytest.raises(OutOfBlocksError):
+        bm.allocate("b", 8)  # the full pool has 1 left, the window pool 0
+    assert bm.block_tables("b") == [[], []] and bm.num_free_blocks == 1
+    assert bm.usage == 1.0  # the fuller pool
+    assert not bm.can_allocate_all([("c", 1)])  # the window pool has none
+    assert bm.can_allocate_all([("a", 12)])
+    bm.slide("a", 11)  # 4..11 visible: block 0 holds the sinks, nothing to drop yet
+    bm.slide("a", 13)  # 6..13: block 1 still visible
+    assert bm.pools[1].num_free_blocks == 0
+    bm.free("a")
+    assert bm.usage == 0.0
+    bm.check_integrity()
+
+
+def test_scheduler_keeps_window_pool_bounded_through_long_decodes() -> None:
+    """Requests far longer than the window, with drafts rolled back, never hold more
+    window blocks than `SinkWindow.most_blocks` says, all of them together no more than
+    `pool_blocks` (no request is preempted), and give them all back."""
+    budget, seqs = 16, 3
+    per_request = WINDOW.most_blocks(budget, BS)
+    blocks = BlockManager(200, BS, BlockPool(WINDOW.pool_blocks(seqs, budget, BS), BS, WINDOW))
+    s = Scheduler(SchedulerConfig(seqs, budget, 256), blocks)
+    for i in range(5):
+        s.add_request(req(f"r{i}", 30 + 7 * i, max_tokens=60))
+    steps = 0
+    while s.has_work():
+        out = s.schedule()
+        for item in out.scheduled:  # a draft of 3 on every decode, all rejected
+            if item.reaches_end and not item.spec_token_ids:
+                item.request.spec_token_ids = [5, 6, 7]
+        s.update(out, fake_run(out))
+        blocks.check_integrity()
+        for r in s.running:
+            held = [b for b in blocks.pools[1].block_table(r.request_id) if b != blocks.pools[1].hole]
+            assert len(held) <= per_request
+        steps += 1
+    assert steps > 60 and s.num_preemptions == 0
+    assert blocks.pools[1].num_free_blocks == blocks.pools[1].num_blocks
+    assert blocks.num_free_blocks == 200
+
+
+def _teacher_forced(llm: LLM, ids: list[int]) -> list[int]:
+    """Greedy next tokens of every position of `ids` from one forward through the engine's
+    model with fresh contiguous caches and `kernels.attention`'s reference attention (the
+    window from `visible_mask`, no block freed)."""
+    model, n = llm.engine.model, len(ids)
+    nb = -(-n // BS)
+    saved = model.kv_caches
+    c = model.config
+    model.kv_caches = [tuple(torch.zeros(nb + 1, BS, c.num_kv_heads, c.head_dim) for _ in "kv")
+                       for _ in model.layers]
+    args = (torch.arange(n), torch.arange(nb, dtype=torch.int32)[None],
+            torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32))
+    meta = BatchMeta(*args, sparse=BatchMeta(*args, sliding_window=WINDOW.window,
+                                             num_sink_tokens=WINDOW.num_sinks))
+    try:
+        with torch.inference_mode():
+            logits = model.compute_logits(model(torch.tensor(ids), torch.arange(n), meta))
+    finally:
+        model.kv_caches = saved
+    return logits.argmax(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def hybrid_llm(tiny_model_dir) -> LLM:
+    return LLM(str(tiny_model_dir("llama")), **HYBRID)
+
+
+def test_engine_matches_a_teacher_forced_forward(tiny_model_dir, hybrid_llm: LLM) -> None:
+    """Five requests of 60-116 tokens through a window of 8 (blocks freed and handed to
+    other requests all along, prefill chunked, the batch over max_num_seqs) give the
+    greedy tokens of one forward over the whole text; the window changes them."""
+    got = hybrid_llm.generate(prompts(5), GREEDY)
+    for prompt, c in zip(prompts(5), got, strict=True):
+        text = prompt + c.token_ids
+        assert _teacher_forced(hybrid_llm, text[:-1])[len(prompt) - 1:] == c.token_ids
+    full = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=BS, num_kv_blocks=200)
+    assert [c.token_ids for c in full.generate(prompts(5), GREEDY)] != [c.token_ids for c in got]
+    blocks = hybrid_llm.engine.blocks
+    assert blocks.usage == 0.0
+    assert blocks.pools[1].num_blocks == WINDOW.pool_blocks(4, 16, BS)
+
+
+def test_speculation_keeps_the_hybrid_output(tiny_model_dir, hybrid_llm: LLM) -> None:
+    """n-gram drafts verified through the window layers (rolled back when rejected) leave
+    the tokens as they are without speculation."""
+    texts = [[5, 6, 7, 8] * 3, [9, 10] * 5, [3, 4, 5, 3, 4, 5, 3], [11, 12, 13], prompts(1)[0]]
+    want = hybrid_llm.generate(texts, GREEDY)
+    spec = LLM(str(tiny_model_dir("llama")), **HYBRID, speculative="ngram", num_speculative_tokens=4)
+    got = spec.generate(texts, GREEDY)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert sum(c.num_accepted_tokens for c in got) > 0
+    assert spec.engine.blocks.usage == 0.0
+
+
+def test_every_layer_windowed(tiny_model_dir) -> None:
+    """No full-attention layer: one window pool, which bounds no context."""
+    llm = LLM(str(tiny_model_dir("llama")), **{**HYBRID, "full_attention_layers": ()})
+    assert len(llm.engine.blocks.pools) == 1 and llm.engine.blocks.num_blocks == WINDOW.pool_blocks(4, 16, BS)
+    (c,) = llm.generate([prompts(3)[2]], GREEDY)
+    assert len(c.token_ids) == GREEDY.max_tokens
+    assert llm.engine.blocks.usage == 0.0
+
+
+def test_memory_goes_to_the_full_attention_layers(tiny_model_dir) -> None:
+    """For the same memory, a hybrid cache holds more tokens of context: the window pool
+    takes max_num_seqs windows, the full-attention layers (1 of 3) all the rest."""
+    common = dict(dtype="float32", block_size=BS, kv_cache_memory_gb=2**-10, max_num_seqs=4)
+    path = str(tiny_model_dir("llama"))
+    full = LLM(path, **common).engine.blocks
+    hybrid = LLM(path, **common, sliding_window=8, full_attention_layers=(1,)).engine.blocks
+    per_layer = 2 * BS * 2 * 16 * 4  # bytes of a block of one layer: K and V, 2 heads of 16
+    assert full.num_blocks == 2**20 // (3 * per_layer)
+    # the window pool's blocks for its 2 layers first, the rest for the 1 full layer
+    assert hybrid.num_blocks == (2**20 - hybrid.pools[1].num_blocks * 2 * per_layer) // per_layer
+    assert hybrid.num_blocks > 2 * full.num_blocks
+    with pytest.raises(ValueError, match="leaves no room"):
+        LLM(path, **{**common, "max_num_seqs": 4096}, sliding_window=8, full_attention_layers=(1,))
+
+
+def test_config_errors_and_default_layers() -> None:
+    assert default_full_attention_layers(30) == (0, 1, 5, 9, 13, 17, 21, 25, 29)
+    assert default_full_attention_layers(3) == (0, 1)
+    assert EngineConfig().windowed_layers(30) == frozenset()
+    assert EngineConfig(sliding_window=64).windowed_layers(3) == {2}
+    with pytest.raises(ValueError, match="out of range"):
+        EngineConfig(sliding_window=64, full_attention_layers=(3,)).windowed_layers(3)
+    with pytest.raises(ValueError, match="needs sliding_window"):
+        EngineConfig(full_attention_layers=(0,)).windowed_layers(3)
+    with pytest.raises(ValueError, match="sliding_window >= 1"):
+        EngineConfig(sliding_window=0).windowed_layers(3)
+
+
+def test_serve_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from server.api.cli_args import add_arguments, configs_from_args
+
+    monkeypatch.setenv("LEAPFROG_FULL_ATTENTION_LAYERS", "")  # (read by add_arguments)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    engine, _ = configs_from_args(parser.parse_args(["--sliding-window", "512"]))
+    assert engine.sliding_window == 512 and engine.full_attention_layers == ()
+    engine, _ = configs_from_args(parser.parse_args(
+        ["--sliding-window", "256", "--num-sink-tokens", "8", "--full-attention-layers", "0, 4"]))
+    assert (engine.num_sink_tokens, engine.full_attention_layers) == (8, (0, 4))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--full-attention-layers", "first"])
