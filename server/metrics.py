@@ -46,7 +46,8 @@ class Metrics:
             p + "num_requests_waiting", "Requests waiting to be scheduled.", label, registry=r,
         ).labels(model_name)
         self.kv_cache_usage_perc = Gauge(
-            p + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", label,
+            p + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1; in a hybrid cache, of "
+            "its fuller pool).", label,
             registry=r,
         ).labels(model_name)
         self.prompt_tokens = Counter(

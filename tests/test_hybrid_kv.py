@@ -178,10 +178,10 @@ def test_memory_goes_to_the_full_attention_layers(tiny_model_dir) -> None:
 
 
 def test_config_errors_and_default_layers() -> None:
-    assert default_full_attention_layers(30) == (0, 1, 5, 9, 13, 17, 21, 25, 29)
-    assert default_full_attention_layers(3) == (0, 1)
+    assert default_full_attention_layers(30) == (2, 5, 8, 11, 14, 17, 20, 23, 26, 29)
+    assert default_full_attention_layers(4) == (0, 3)
     assert EngineConfig().windowed_layers(30) == frozenset()
-    assert EngineConfig(sliding_window=64).windowed_layers(3) == {2}
+    assert EngineConfig(sliding_window=64).windowed_layers(3) == {0, 1}
     with pytest.raises(ValueError, match="out of range"):
         EngineConfig(sliding_window=64, full_attention_layers=(3,)).windowed_layers(3)
     with pytest.raises(ValueError, match="needs sliding_window"):
@@ -205,3 +205,32 @@ def test_serve_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (engine.num_sink_tokens, engine.full_attention_layers) == (8, (0, 4))
     with pytest.raises(SystemExit):
         parser.parse_args(["--full-attention-layers", "first"])
+
+
+def test_hybrid_bench(tiny_model_dir, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`leapfrog bench hybrid` on a tiny model: configurations parsed, a window as long as
+    the text scores it as full attention does, a short one does not, and the memory and
+    speed figures are written."""
+    import argparse
+    import json
+
+    from server.benchmarks import hybrid
+
+    monkeypatch.setattr(hybrid, "_text", lambda: " ".join(f"w{3 + i * 7 % 120}" for i in range(80)))
+    parser = argparse.ArgumentParser()
+    hybrid.add_arguments(parser)
+    out = tmp_path / "hybrid.json"
+    args = parser.parse_args([str(tiny_model_dir("llama")), "--configs", "128/2/default;8/2/;8/0/1",
+                              "--text-tokens", "64", "--decode-context", "24", "--decode-tokens",
+                              "4", "--repeats", "1", "--max-num-seqs", "2", "--kv-cache-memory-gb",
+                              "0.001", "--result-json", str(out)])
+    assert hybrid.run(args) == 0
+    full, long, short, no_sinks = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in (long, short, no_sinks)] == ["w128 s2 default", "w8 s2 none", "w8 s0 1"]
+    assert long["settings"] == {"sliding_window": 128, "num_sink_tokens": 2}
+    assert (long["full_attention_layers"], short["full_attention_layers"], no_sinks["full_attention_layers"]) == (1, 0, 1)
+    assert long["nll"] == pytest.approx(full["nll"], rel=1e-5)
+    assert short["nll"] != pytest.approx(full["nll"], rel=1e-3)
+    assert short["context_tokens"] is None and long["context_tokens"] > full["context_tokens"]
+    assert long["kv_bytes_per_token"] * 3 == full["kv_bytes_per_token"]
+    assert all(r["decode_tok_s"] > 0 for r in (full, long, short, no_sinks))

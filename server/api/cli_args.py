@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "With --sliding-window: first tokens every sink + window layer also sees")
     _add(eng, "--full-attention-layers", _layer_list, e.full_attention_layers,
          "With --sliding-window: comma-separated layers that keep full attention ('' for "
-         "none); unset: layers 0 and 1 and every fourth after them")
+         "none); unset: the last layer and every third before it")
     _add(eng, "--speculative", str, e.speculative, "Drafter name (e.g. ngram); unset: no speculation")
     _add(eng, "--num-speculative-tokens", int, e.num_speculative_tokens,
          "Most draft tokens per request per step")

@@ -23,12 +23,16 @@ import torch
 from server.benchmarks.common import best_time, config_of, machine, table, write_json
 
 CHUNK = 512  # rows of logits at a time
+# the default layout with and without sinks, and no full-attention layer, at two windows
+CONFIGS = "256/4/default;256/0/default;256/4/;1024/4/default;1024/4/"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
-    p.add_argument("--windows", default="256,1024", help="comma-separated sliding windows")
-    p.add_argument("--num-sink-tokens", type=int, default=4, help="sinks of the hybrid runs")
+    p.add_argument("--configs", default=CONFIGS,
+                   help="semicolon-separated WINDOW/SINKS/LAYERS hybrid configurations (LAYERS: "
+                   "'default', comma-separated full-attention layers, or empty for none), each "
+                   "against full attention")
     p.add_argument("--text-tokens", type=int, default=4096, help="tokens of text scored")
     p.add_argument("--decode-context", type=int, default=3072,
                    help="prompt tokens before the timed decode (0: no timing)")
@@ -46,17 +50,15 @@ def _text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _configs(windows: list[int], sinks: int) -> list[tuple[str, dict[str, object]]]:
-    """(name, engine settings): full attention, then per window the default full-attention
-    layers with and without sinks, and every layer windowed."""
+def _configs(spec: str) -> list[tuple[str, dict[str, object]]]:
+    """(name, engine settings): full attention, then each WINDOW/SINKS/LAYERS of `spec`."""
     out: list[tuple[str, dict[str, object]]] = [("full", {})]
-    for w in windows:
-        out += [
-            (f"w{w} s{sinks} default", {"sliding_window": w, "num_sink_tokens": sinks}),
-            (f"w{w} s0 default", {"sliding_window": w, "num_sink_tokens": 0}),
-            (f"w{w} s{sinks} all", {"sliding_window": w, "num_sink_tokens": sinks,
-                                    "full_attention_layers": ()}),
-        ]
+    for item in spec.split(";"):
+        window, sinks, layers = item.split("/")
+        settings: dict[str, object] = {"sliding_window": int(window), "num_sink_tokens": int(sinks)}
+        if layers != "default":
+            settings["full_attention_layers"] = tuple(int(x) for x in layers.split(",") if x)
+        out.append((f"w{window} s{sinks} {layers or 'none'}", settings))
     return out
 
 
@@ -107,18 +109,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    windows = [int(w) for w in args.windows.split(",")]
+    configs = _configs(args.configs)
+    largest = max(int(settings["sliding_window"]) for _, settings in configs[1:])
     common = dict(dtype="float32", device="cpu", kv_cache_memory_gb=args.kv_cache_memory_gb,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512,
                   max_model_len=max(args.text_tokens, args.decode_context + args.decode_tokens) + 1)
     rows, results = [], []
     ids: list[int] = []
-    for name, settings in _configs(windows, args.num_sink_tokens):
+    for name, settings in configs:
         llm = LLM(args.model, **common, **settings)
         if not ids:
             ids = llm.encode(_text())[: args.text_tokens]
         nll = _nll(llm, ids)
-        past = nll[max(windows):]
+        past = nll[largest:]
         blocks = llm.engine.blocks
         c, bs = llm.engine.model_config, blocks.block_size
         full_layers = c.num_layers - sum(layer.windowed for layer in llm.engine.model.layers)
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model={args.model or 'default'} text_tokens={len(ids)} decode_context="
           f"{args.decode_context} kv_cache_memory_gb={args.kv_cache_memory_gb} "
           f"max_num_seqs={args.max_num_seqs} threads={torch.get_num_threads()}")
-    print(table(["config", "full layers", "ppl", f"ppl past {max(windows)}", "context tokens",
+    print(table(["config", "full layers", "ppl", f"ppl past {largest}", "context tokens",
                  "KV bytes/token", "decode tok/s"], rows))
     if full["decode_tok_s"]:
         for r in results[1:]:

@@ -42,7 +42,7 @@ class EngineConfig:
     """With sliding_window: the first tokens every sink + window layer also sees."""
     full_attention_layers: tuple[int, ...] | None = None
     """With sliding_window: the layers that keep full attention (empty: none); None: the
-    first two and every fourth after them (see `default_full_attention_layers`)."""
+    last and every third before it (`default_full_attention_layers`)."""
     speculative: str | None = None
     """Drafter name (e.g. ngram) or None for no speculation."""
     num_speculative_tokens: int = 8
@@ -85,6 +85,9 @@ class EngineConfig:
 
 
 def default_full_attention_layers(num_layers: int) -> tuple[int, ...]:
-    """Full-attention layers of a hybrid cache when none are named: layers 0 and 1 and
-    every fourth after them."""
-    return tuple(sorted({0, 1} | set(range(5, num_layers, 4)) & set(range(num_layers))))
+    """Full-attention layers of a hybrid cache when none are named: the last layer and every
+    third before it (a third of the layers). On the default model (30 layers, window 64,
+    1,024 tokens of text) this layout lost the least of the 10-layer layouts tried
+    (perplexity 14.4 against 12.7 with full attention; every third from layer 0: 16.4;
+    the last ten: 15.7), as well as every second layer (14.3): docs/benchmarks/README.md."""
+    return tuple(range((num_layers - 1) % 3, num_layers, 3))

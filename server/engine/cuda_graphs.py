@@ -14,10 +14,11 @@ forward, the LM head (logits of every token; in such a step every token's logits
 sampled) and the greedy token of every row (`kernels.triton_argmax`, so
 plain greedy steps need no launch after the replay) are captured together. Inputs travel in
 one flat int64 buffer (ids, positions, slots, then block tables, seq_lens and
-query_start_loc as int32 pairs; each 16-byte aligned), filled on the host in pinned memory
-(each input gathered from Python's integers and written with one assignment: numpy index
-arrays cost more at these sizes; two buffers take turns) and copied with one non-blocking
-copy; a decode step launched before the step it follows has ended takes its token ids
+query_start_loc as int32 pairs; each 16-byte aligned; a hybrid KV cache adds its sink +
+window pool's slots and block tables, whose padding goes to that pool's scratch block),
+filled on the host in pinned memory (each input gathered from Python's integers and written
+with one assignment: numpy index arrays cost more at these sizes; two buffers take turns)
+and copied with one non-blocking copy; a decode step launched before the step it follows has ended takes its token ids
 from that step's tokens, on the device. Nothing in a step syncs with the device except
 reading its results back (the tokens for plain greedy steps, else the logits).
 
@@ -89,7 +90,6 @@ class CudaGraphRunner:
         (`BatchMeta.sparse`), whose slots and block tables a step's inputs hold too."""
         self.model = model
         self.block_size = block_size
-        self.scratch_slot = scratch_block * block_size
         self.scratch_block = scratch_block
         self.window = window
         self.sparse = sparse

@@ -43,6 +43,26 @@ def test_cuda_graphs_match_eager_and_cpu(tiny_model_dir, spec):
     graphed.engine.blocks.check_integrity()
 
 
+@pytest.mark.parametrize("spec", [None, "ngram"])
+def test_hybrid_cache_on_cuda_matches_eager_and_cpu(tiny_model_dir, spec):
+    """A hybrid KV cache (window 6 after 1 sink on layers 0 and 2; full attention on 1)
+    over prompts and outputs far past the window: graphs (steps launched ahead without
+    speculation), eager CUDA and the CPU give the same greedy tokens."""
+    path = tiny_model_dir("llama")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (3, 17, 40)]
+    hybrid = {"sliding_window": 6, "num_sink_tokens": 1, "full_attention_layers": (1,)}
+    if spec:
+        hybrid.update(speculative=spec, num_speculative_tokens=3)
+    graphed, with_graphs = _generate(path, prompts, device="cuda", **hybrid)
+    _, eager = _generate(path, prompts, device="cuda", enforce_eager=True, **hybrid)
+    _, cpu = _generate(path, prompts, device="cpu", **hybrid)
+    assert [c.token_ids for c in with_graphs] == [c.token_ids for c in eager]
+    assert [c.token_ids for c in with_graphs] == [c.token_ids for c in cpu]
+    assert graphed.engine.runner.graphs is not None and graphed.engine.blocks.usage == 0.0
+    graphed.engine.blocks.check_integrity()
+
+
 def _prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     """[len(ids), vocab] logits of one prefill through the engine's model, on its device."""
     from server.models.batch import BatchMeta
