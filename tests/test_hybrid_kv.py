@@ -13,6 +13,7 @@ from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.models.batch import BatchMeta
+from server.models.config import ModelConfig
 from tests.test_scheduler import fake_run, req
 
 BS = 4
@@ -178,16 +179,20 @@ def test_memory_goes_to_the_full_attention_layers(tiny_model_dir) -> None:
 
 
 def test_config_errors_and_default_layers() -> None:
+    model = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                        num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16)
     assert default_full_attention_layers(30) == (2, 5, 8, 11, 14, 17, 20, 23, 26, 29)
     assert default_full_attention_layers(4) == (0, 3)
-    assert EngineConfig().windowed_layers(30) == frozenset()
-    assert EngineConfig(sliding_window=64).windowed_layers(3) == {0, 1}
+    assert EngineConfig().attention_layout(model) == (frozenset(), None)
+    assert EngineConfig(sliding_window=64).attention_layout(model) == ({0, 1}, SinkWindow(64, 4))
+    every = EngineConfig(sliding_window=64, full_attention_layers=(0, 1, 2))
+    assert every.attention_layout(model) == (frozenset(), None)  # nothing windowed
     with pytest.raises(ValueError, match="out of range"):
-        EngineConfig(sliding_window=64, full_attention_layers=(3,)).windowed_layers(3)
+        EngineConfig(sliding_window=64, full_attention_layers=(3,)).attention_layout(model)
     with pytest.raises(ValueError, match="needs sliding_window"):
-        EngineConfig(full_attention_layers=(0,)).windowed_layers(3)
-    with pytest.raises(ValueError, match="sliding_window >= 1"):
-        EngineConfig(sliding_window=0).windowed_layers(3)
+        EngineConfig(full_attention_layers=(0,)).attention_layout(model)
+    with pytest.raises(ValueError, match="window >= 1"):
+        EngineConfig(sliding_window=0).attention_layout(model)
 
 
 def test_serve_flags(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,6 +47,27 @@ def test_tiny_models_match_transformers(arch: str, tiny_model_dir) -> None:
     assert llm.engine.blocks.num_free_blocks == 64
 
 
+@pytest.mark.parametrize(("arch", "window"), [
+    ("mistral", {"sliding_window": 8}),
+    ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1})])
+def test_models_with_a_sliding_window_match_transformers(arch: str, window: dict, tmp_path) -> None:
+    """A model trained with a sliding window (Mistral's on every layer; Qwen2's from
+    max_window_layers on) is served with it, in its own KV pool, past the window."""
+    from tests.tiny_models import save_tiny_model
+
+    path = save_tiny_model(arch, tmp_path, **window)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+    layers = [layer.windowed for layer in llm.engine.model.layers]
+    assert layers == ([True] * 3 if arch == "mistral" else [False, True, True])
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 13, 30)]
+    check_against_hf(llm, hf, prompts, 32)
+    assert llm.engine.blocks.usage == 0.0
+    with pytest.raises(ValueError, match="its own sliding window"):
+        LLM(str(path), dtype="float32", sliding_window=16)
+
+
 @pytest.mark.slow
 def test_default_model_matches_transformers(default_llm: LLM) -> None:
     from server.models.loader import default_model_path

@@ -18,11 +18,12 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_config(arch: str, vocab: int = VOCAB) -> PretrainedConfig:
+def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> PretrainedConfig:
+    """`overrides`: more config fields (e.g. a sliding window)."""
     common = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **overrides,
     )
     if arch == "llama":
         return LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
@@ -32,7 +33,7 @@ def tiny_config(arch: str, vocab: int = VOCAB) -> PretrainedConfig:
             "original_max_position_embeddings": 64,
         })
     if arch == "mistral":
-        return MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
+        return MistralConfig(**{"sliding_window": None, **common}, rope_theta=10000.0)
     if arch == "qwen2":
         return Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
     raise ValueError(arch)
@@ -45,10 +46,12 @@ def tiny_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2")
 
 
-def save_tiny_model(arch: str, directory: Path, seed: int = 0, vocab: int = VOCAB) -> Path:
-    """Write a random model (safetensors + config + tokenizer) and return the directory."""
+def save_tiny_model(arch: str, directory: Path, seed: int = 0, vocab: int = VOCAB,
+                    **overrides: object) -> Path:
+    """Write a random model (safetensors + config + tokenizer) and return the directory;
+    `overrides` as `tiny_config`'s."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, **overrides), dtype=torch.float32)
     with torch.no_grad():  # larger weights make the random model's distributions peaked
         for p in model.parameters():
             if p.dim() == 2:

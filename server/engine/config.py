@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from server.engine.block_manager import SinkWindow
+from server.models.config import ModelConfig
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -56,24 +59,32 @@ class EngineConfig:
     num_threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
 
-    def windowed_layers(self, num_layers: int) -> frozenset[int]:
-        """The layers that attend to sinks + a window (none without sliding_window); raises
-        ValueError for a window below 1, negative sinks or a layer out of range."""
+    def attention_layout(self, model: ModelConfig) -> tuple[frozenset[int], SinkWindow | None]:
+        """The layers that attend to sinks + a window, and that window: the model's own
+        sliding window (`ModelConfig.window_layers`, no sinks) or, with sliding_window, the
+        hybrid cache's; (empty, None) for full attention everywhere. Raises ValueError for
+        a window below 1, negative sinks, a layer out of range, or sliding_window on a
+        model that has a window of its own."""
+        n = model.num_layers
         if self.sliding_window is None:
             if self.full_attention_layers is not None:
                 raise ValueError("full_attention_layers needs sliding_window")
-            return frozenset()
-        if self.sliding_window < 1 or self.num_sink_tokens < 0:
-            raise ValueError(f"need sliding_window >= 1 and num_sink_tokens >= 0, got "
-                             f"{self.sliding_window} and {self.num_sink_tokens}")
+            if model.sliding_window is None:
+                return frozenset(), None
+            return frozenset(model.window_layers), SinkWindow(model.sliding_window)
+        if model.sliding_window is not None:
+            raise ValueError(f"the model attends with its own sliding window of "
+                             f"{model.sliding_window} tokens; sliding_window cannot change it")
+        window = SinkWindow(self.sliding_window, self.num_sink_tokens)
         full = self.full_attention_layers
         if full is None:
-            full = default_full_attention_layers(num_layers)
-        wrong = sorted(i for i in full if not 0 <= i < num_layers)
+            full = default_full_attention_layers(n)
+        wrong = sorted(i for i in full if not 0 <= i < n)
         if wrong:
             raise ValueError(f"full_attention_layers {wrong} out of range: the model has "
-                             f"{num_layers} layers")
-        return frozenset(range(num_layers)) - set(full)
+                             f"{n} layers")
+        windowed = frozenset(range(n)) - set(full)
+        return (windowed, window) if windowed else (frozenset(), None)
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> EngineConfig:

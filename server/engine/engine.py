@@ -81,8 +81,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or min(limit, 8192), limit)
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len)
         pack_model(self.model, config.quantization, checkpoint.path, self.device)
-        windowed = config.windowed_layers(self.model_config.num_layers)
-        self.blocks = self._block_manager(dtype, windowed)
+        windowed, window = config.attention_layout(self.model_config)
+        self.blocks = self._block_manager(dtype, windowed, window)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
         drafter = create_drafter(config.speculative) if config.speculative else None
         self.scheduler = Scheduler(
@@ -114,7 +114,8 @@ class LLMEngine:
         self._ahead: tuple[SchedulerOutput, Launched] | None = None
         self.launch_ahead = self.runner.graphs is not None and drafter is None
 
-    def _block_manager(self, dtype: torch.dtype, windowed: frozenset[int]) -> BlockManager:
+    def _block_manager(self, dtype: torch.dtype, windowed: frozenset[int],
+                       window: SinkWindow | None) -> BlockManager:
         """The KV pools: with sink + window layers, theirs first, sized for the most blocks
         max_num_seqs requests hold at once (`SinkWindow.pool_blocks`); the rest of
         kv_cache_memory_gb (or num_kv_blocks) goes to the full-attention layers' pool."""
@@ -123,8 +124,7 @@ class LLMEngine:
         per_layer = 2 * bs * c.num_kv_heads * c.head_dim * (torch.finfo(dtype).bits // 8)
         budget = cfg.kv_cache_memory_gb * 2**30
         window_pool = None
-        if windowed:
-            window = SinkWindow(cfg.sliding_window, cfg.num_sink_tokens)
+        if window is not None:
             most = min(window.pool_blocks(cfg.max_num_seqs, cfg.max_num_batched_tokens, bs),
                        cfg.max_num_seqs * (-(-self.max_model_len // bs) + 1))
             window_pool = BlockPool(most, bs, window)

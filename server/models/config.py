@@ -28,6 +28,11 @@ class ModelConfig:
     """q/k/v projections carry a bias (Qwen2)."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    sliding_window: int | None = None
+    """The window of the layers the model was trained to attend with a sliding window
+    (`window_layers`; Mistral's sliding_window, Qwen2's use_sliding_window): a query at s
+    sees the keys at t > s - sliding_window."""
+    window_layers: tuple[int, ...] = ()
 
 
 _ARCH_ALIASES = {
@@ -57,6 +62,26 @@ def _eos_tuple(value: object) -> tuple[int, ...]:
     return (int(value),)
 
 
+def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
+    """(sliding_window, the layers that use it) as transformers reads the config: its
+    `layer_types` when given, else Mistral's window on every layer and Qwen2's (only with
+    use_sliding_window) on the layers from max_window_layers on."""
+    window = hf.get("sliding_window")
+    layers = hf["num_hidden_layers"]
+    if arch == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if window is None or arch == "llama":
+        return None, ()
+    types = hf.get("layer_types")
+    if types is not None:
+        chosen = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    elif arch == "qwen2":
+        chosen = tuple(range(hf.get("max_window_layers", layers), layers))
+    else:
+        chosen = tuple(range(layers))
+    return (int(window), chosen) if chosen else (None, ())
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """Build from a parsed HF config.json."""
     archs = hf.get("architectures") or [hf.get("model_type", "")]
@@ -67,6 +92,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         params = hf["rope_parameters"]
         if params.get("rope_type", "default") != "default":
             scaling = params
+    window, window_layers = _window_layers(hf, arch)
     return ModelConfig(
         architecture=arch,
         vocab_size=hf["vocab_size"],
@@ -84,4 +110,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
         attention_bias=hf.get("attention_bias", arch == "qwen2"),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
+        sliding_window=window,
+        window_layers=window_layers,
     )
