@@ -24,6 +24,9 @@
 #   attention python3 -m kernels.bench_attention (decode attention by tile size and split
 #            count, the default model's and the 8B's shapes) [$ATTENTION_ARGS]
 #   tune     python3 -m kernels.tune_gpu [$TUNE_ARGS] (the device's GEMV table, into $OUT)
+#   hybrid   hybrid KV cache vs full attention, the default model ($GGUF) in bfloat16:
+#            perplexity, context per GiB, batch-1 decode at long context (never run on a GPU
+#            yet) (python3 -m server.benchmarks.hybrid) [$HYBRID_ARGS]
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
 set -uo pipefail
 OUT="${OUT:-/tmp/leapfrog-gpu}"
@@ -76,6 +79,13 @@ for s in $STEPS; do
           --result-json "$OUT/phases.json" ${PHASES_ARGS:-}
       else
         echo "=== phases: skipped (no GGUF=...)"
+      fi ;;
+    hybrid)
+      if [ -n "$GGUF" ]; then
+        step hybrid 300 python3 -m server.benchmarks.hybrid "$GGUF" --device cuda \
+          --dtype bfloat16 --result-json "$OUT/hybrid.json" ${HYBRID_ARGS:-}
+      else
+        echo "=== hybrid: skipped (no GGUF=...)"
       fi ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
     attention) step attention 300 python3 -m kernels.bench_attention --json "$OUT/attention.json" \

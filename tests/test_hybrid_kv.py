@@ -239,3 +239,28 @@ def test_hybrid_bench(tiny_model_dir, tmp_path, monkeypatch: pytest.MonkeyPatch)
     assert short["context_tokens"] is None and long["context_tokens"] > full["context_tokens"]
     assert long["kv_bytes_per_token"] * 3 == full["kv_bytes_per_token"]
     assert all(r["decode_tok_s"] > 0 for r in (full, long, short, no_sinks))
+
+
+def test_same_memory_runs_more_long_requests_at_once(tiny_model_dir) -> None:
+    """In a cache where full attention fits 3 of 6 requests of 64 tokens at once (60 blocks
+    of 3 layers), so that requests are preempted and recomputed, the hybrid cache (one
+    full-attention layer; the window pool's 34 blocks of 2 layers first) runs all 6
+    together, none preempted."""
+    memory = 60 * 3 * 1024 / 2**30  # 1,024 bytes: a block of one layer (2 x 4 x 2 x 16 x 4)
+    common = dict(dtype="float32", block_size=BS, max_num_seqs=6, max_num_batched_tokens=16,
+                  kv_cache_memory_gb=memory)
+    path = str(tiny_model_dir("llama"))
+    most, preempted = {}, {}
+    for name, extra in (("full", {}), ("hybrid", dict(sliding_window=WINDOW.window,
+                                                     num_sink_tokens=WINDOW.num_sinks,
+                                                     full_attention_layers=(1,)))):
+        engine = LLM(path, **common, **extra).engine
+        for i, prompt in enumerate(prompts(6)):
+            engine.add_request(str(i), prompt[:40], SamplingParams(max_tokens=24, ignore_eos=True))
+        most[name] = 0
+        while engine.has_unfinished():
+            engine.step()
+            most[name] = max(most[name], len(engine.scheduler.running))
+        preempted[name] = engine.scheduler.num_preemptions
+        assert engine.blocks.usage == 0.0
+    assert most["hybrid"] == 6 and preempted["hybrid"] == 0 and preempted["full"] > 0

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per timing (best is kept)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="cache size for the memory figures")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests the window pool is sized for")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--result-json", default=None, help="write results here")
 
@@ -74,22 +76,26 @@ def _nll(llm: object, ids: list[int]) -> torch.Tensor:
     n, c = len(ids), model.config
     num_blocks = -(-n // bs)
     saved = model.kv_caches
+    dev = engine.device
     model.kv_caches = [tuple(torch.zeros(num_blocks + 1, bs, c.num_kv_heads, c.head_dim,
-                                         dtype=model.dtype) for _ in "kv") for _ in model.layers]
-    args = (torch.arange(n), torch.arange(num_blocks, dtype=torch.int32)[None],
-            torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32))
+                                         dtype=model.dtype, device=dev) for _ in "kv")
+                       for _ in model.layers]
+    positions = torch.arange(n, device=dev)
+    args = (positions, torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
+            torch.tensor([n], dtype=torch.int32, device=dev),
+            torch.tensor([0, n], dtype=torch.int32, device=dev))
     metas = [BatchMeta(*args, **window_kwargs(w)) for w in engine.runner.windows]
     metas[0].sparse = metas[1] if len(metas) > 1 else None
     try:
-        hidden = model(torch.tensor(ids), torch.arange(n), metas[0])
+        hidden = model(torch.tensor(ids, device=dev), positions, metas[0])
     finally:
         model.kv_caches = saved
-    target = torch.tensor(ids[1:])
+    target = torch.tensor(ids[1:], device=dev)
     parts = []
     for start in range(0, n - 1, CHUNK):
         logits = model.compute_logits(hidden[start:min(start + CHUNK, n - 1)])
         rows = target[start:start + CHUNK]
-        parts.append(-logits.log_softmax(-1).gather(1, rows[:, None]).squeeze(1))
+        parts.append(-logits.log_softmax(-1).gather(1, rows[:, None]).squeeze(1).cpu())
     return torch.cat(parts)
 
 
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     configs = _configs(args.configs)
     largest = max(int(settings["sliding_window"]) for _, settings in configs[1:])
-    common = dict(dtype="float32", device="cpu", kv_cache_memory_gb=args.kv_cache_memory_gb,
+    common = dict(dtype=args.dtype, device=args.device, kv_cache_memory_gb=args.kv_cache_memory_gb,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512,
                   max_model_len=max(args.text_tokens, args.decode_context + args.decode_tokens) + 1)
     rows, results = [], []
@@ -126,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         c, bs = llm.engine.model_config, blocks.block_size
         full_layers = c.num_layers - sum(layer.windowed for layer in llm.engine.model.layers)
         capacity = blocks.num_blocks * bs if full_layers else None
-        per_token = 2 * full_layers * c.num_kv_heads * c.head_dim * 4
+        per_token = (2 * full_layers * c.num_kv_heads * c.head_dim
+                     * llm.engine.model.dtype.itemsize)
         rate = _decode_rate(llm, ids[: args.decode_context], args) if args.decode_context else None
         result = {"config": name, "settings": settings, "full_attention_layers": full_layers,
                   "nll": nll.mean().item(), "ppl": nll.mean().exp().item(),
@@ -139,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         print(rows[-1], flush=True)
         del llm
     full = results[0]
-    print(f"model={args.model or 'default'} text_tokens={len(ids)} decode_context="
+    print(f"model={args.model or 'default'} device={args.device} dtype={args.dtype} "
+          f"text_tokens={len(ids)} decode_context="
           f"{args.decode_context} kv_cache_memory_gb={args.kv_cache_memory_gb} "
           f"max_num_seqs={args.max_num_seqs} threads={torch.get_num_threads()}")
     print(table(["config", "full layers", "ppl", f"ppl past {largest}", "context tokens",
@@ -153,3 +161,9 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.result_json, {"machine": machine(), "config": config_of(args),
                                   "results": results})
     return 0
+
+
+if __name__ == "__main__":  # `python -m server.benchmarks.hybrid`: without the CLI's server imports
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
