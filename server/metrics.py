@@ -60,6 +60,14 @@ class Metrics:
             p + "request_success", "Finished requests by reason.",
             label + ["finished_reason"], registry=r,
         )
+        self.prefix_cache_queries = Counter(
+            p + "prefix_cache_queries", "Tokens of admitted requests looked up in the prefix "
+            "cache (with --enable-prefix-caching).", label, registry=r,
+        ).labels(model_name)
+        self.prefix_cache_hits = Counter(
+            p + "prefix_cache_hits", "Of those, tokens found cached (not computed again).",
+            label, registry=r,
+        ).labels(model_name)
         self.num_preemptions = Counter(
             p + "num_preemptions", "Requests preempted (recomputed later).", label, registry=r,
         ).labels(model_name)

@@ -51,7 +51,7 @@ def test_block_manager_allocate_truncate_free() -> None:
 def test_integrity_check_catches_corruption() -> None:
     bm = BlockManager(4, 4)
     bm.allocate("a", 4)
-    bm.pools[0]._free.append(bm.block_table("a")[0])  # corrupt: a used block is also free
+    bm.pools[0]._free[bm.block_table("a")[0]] = None  # corrupt: a used block is also free
     with pytest.raises(AssertionError):
         bm.check_integrity()
 

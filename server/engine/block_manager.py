@@ -7,11 +7,19 @@ A cache is one pool of blocks per group of layers that share an attention policy
 (`BlockManager`): the full-attention layers' pool, and in a hybrid cache a second pool for
 the sink + sliding-window layers (`SinkWindow`), whose block tables keep only the blocks
 that a query can still see (`BlockPool.slide`) and return the rest to their pool.
+
+With prefix caching, a full-attention pool keeps the blocks of fully computed token blocks
+under a hash of all the tokens up to their end (`BlockPool.commit`); freed, they stay in
+the free list, oldest first, until they are handed out again, and a new request whose
+tokens begin the same way takes them instead of computing them (`BlockPool.reuse_prefix`).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -67,18 +75,29 @@ class BlockPool:
     number of block tables that hold the block.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, window: SinkWindow | None = None) -> None:
+    def __init__(self, num_blocks: int, block_size: int, window: SinkWindow | None = None,
+                 cache_prefixes: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        if cache_prefixes and window is not None:
+            raise ValueError("prefix caching needs full attention")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.window = window
+        self.cache_prefixes = cache_prefixes
         self.hole = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        # free blocks, the longest free first (insertion order; O(1) removal of a cached
+        # block that a request takes back)
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refcount = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
         # logical blocks before this index are sinks or holes (`slide`), by owner
         self._slid: dict[str, int] = {}
+        # prefix caching: the block holding the tokens whose hash chain ends in a hash,
+        # each such block's hash, and by owner the hashes of its first (computed) blocks
+        self._by_hash: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._hashes: dict[str, list[bytes]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -112,9 +131,55 @@ class BlockPool:
                 del self._tables[owner]
             raise OutOfBlocksError(f"need {extra} blocks, {len(self._free)} free")
         for _ in range(extra):
-            block = self._free.popleft()
+            block = self._free.popitem(last=False)[0]
+            cached = self._hash_of.pop(block, None)
+            if cached is not None:  # handed out again: no longer a cached prefix
+                del self._by_hash[cached]
             self._refcount[block] = 1
             table.append(block)
+
+    def reuse_prefix(self, owner: str, token_ids: list[int]) -> int:
+        """With prefix caching, for an owner that holds no blocks: take the cached blocks
+        of the longest run of `token_ids`' first full blocks (leaving at least its last
+        token to compute, so no step writes into a shared block). Returns the tokens
+        they hold (0 without caching or a hit)."""
+        if not self.cache_prefixes or owner in self._tables:
+            return 0
+        hashes: list[bytes] = []
+        table: list[int] = []
+        bs = self.block_size
+        for j in range((len(token_ids) - 1) // bs):
+            h = _chain(hashes[-1] if hashes else b"", token_ids[j * bs:(j + 1) * bs])
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            if self._refcount[block] == 0:
+                del self._free[block]
+            self._refcount[block] += 1
+            hashes.append(h)
+            table.append(block)
+        if table:
+            self._tables[owner], self._hashes[owner] = table, hashes
+        return len(table) * bs
+
+    def commit(self, owner: str, num_computed_tokens: int,
+               token_ids: Callable[[], list[int]]) -> None:
+        """With prefix caching: cache the owner's blocks that the first
+        `num_computed_tokens` fill (`token_ids()`: its tokens, asked for only when a block
+        is newly full). A prefix cached in another block already keeps that block."""
+        table = self._tables.get(owner)
+        if not self.cache_prefixes or not table:
+            return
+        hashes = self._hashes.setdefault(owner, [])
+        full = min(num_computed_tokens // self.block_size, len(table))
+        if full <= len(hashes):
+            return
+        tokens, bs = token_ids(), self.block_size
+        for j in range(len(hashes), full):
+            h = _chain(hashes[-1] if hashes else b"", tokens[j * bs:(j + 1) * bs])
+            hashes.append(h)
+            if h not in self._by_hash and table[j] not in self._hash_of:
+                self._by_hash[h], self._hash_of[table[j]] = table[j], h
 
     def truncate(self, owner: str, num_tokens: int) -> None:
         """Release the owner's blocks past the first `num_tokens` slots (speculative
@@ -143,8 +208,10 @@ class BlockPool:
             self._slid[owner] = end
 
     def free(self, owner: str) -> None:
-        """Release every block the owner holds (finish, abort, preemption)."""
+        """Release every block the owner holds (finish, abort, preemption); cached ones
+        stay cached until handed out again, the last of a table first."""
         self._slid.pop(owner, None)
+        self._hashes.pop(owner, None)
         for block in reversed(self._tables.pop(owner, [])):
             if block != self.hole:
                 self._release(block)
@@ -152,12 +219,13 @@ class BlockPool:
     def _release(self, block: int) -> None:
         self._refcount[block] -= 1
         if self._refcount[block] == 0:
-            self._free.append(block)
+            self._free[block] = None
 
     def check_integrity(self) -> None:
         """Assert the invariants above; raises AssertionError with the first violation."""
         free = set(self._free)
-        assert len(free) == len(self._free), "a block is in the free list twice"
+        assert all(self._hash_of.get(b) == h for h, b in self._by_hash.items()), "hash maps disagree"
+        assert len(self._by_hash) == len(self._hash_of), "hash maps disagree"
         held = [0] * self.num_blocks
         for owner, table in self._tables.items():
             for j, block in enumerate(table):
@@ -174,6 +242,12 @@ class BlockPool:
                 )
 
 
+def _chain(previous: bytes, tokens: list[int]) -> bytes:
+    """The hash of a block's tokens after the blocks whose chain ends in `previous`: a
+    cryptographic one, so that no prompt can be made to collide with another's prefix."""
+    return hashlib.blake2b(previous + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
 class BlockManager:
     """The block tables of every layer group, grown, rolled back and freed together.
 
@@ -184,11 +258,16 @@ class BlockManager:
     context.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, window_pool: BlockPool | None = None) -> None:
+    def __init__(self, num_blocks: int, block_size: int, window_pool: BlockPool | None = None,
+                 cache_prefixes: bool = False) -> None:
+        """`cache_prefixes`: prefix caching, for a cache of full attention only."""
         if window_pool is not None and (window_pool.window is None or window_pool.block_size != block_size):
             raise ValueError("window_pool needs a window and the same block size")
-        self.pools = ([BlockPool(num_blocks, block_size)] if num_blocks or window_pool is None
-                      else []) + ([window_pool] if window_pool is not None else [])
+        if cache_prefixes and window_pool is not None:
+            raise ValueError("prefix caching does not serve sink + window layers")
+        self.pools = ([BlockPool(num_blocks, block_size, cache_prefixes=cache_prefixes)]
+                      if num_blocks or window_pool is None else []
+                      ) + ([window_pool] if window_pool is not None else [])
         self.block_size = block_size
 
     @property
@@ -243,6 +322,15 @@ class BlockManager:
         """Release the owner's blocks past the first `num_tokens` slots (speculative rollback)."""
         for p in self.pools:
             p.truncate(owner, num_tokens)
+
+    def reuse_prefix(self, owner: str, token_ids: list[int]) -> int:
+        """Cached tokens an owner that holds no blocks takes (`BlockPool.reuse_prefix`)."""
+        return self.pools[0].reuse_prefix(owner, token_ids)
+
+    def commit(self, owner: str, num_computed_tokens: int,
+               token_ids: Callable[[], list[int]]) -> None:
+        """Cache the owner's newly filled blocks (`BlockPool.commit`)."""
+        self.pools[0].commit(owner, num_computed_tokens, token_ids)
 
     def slide(self, owner: str, num_computed_tokens: int) -> None:
         """Release the window pools' blocks that no later query can see (`BlockPool.slide`)."""

@@ -46,6 +46,10 @@ class EngineConfig:
     full_attention_layers: tuple[int, ...] | None = None
     """With sliding_window: the layers that keep full attention (empty: none); None: the
     last and every third before it (`default_full_attention_layers`)."""
+    enable_prefix_caching: bool = False
+    """Keep the KV of computed token blocks, found by a hash of all tokens up to each
+    block's end, so that requests which begin the same way (a system prompt, a
+    conversation's earlier turns) skip computing it; full attention only."""
     speculative: str | None = None
     """Drafter name (e.g. ngram) or None for no speculation."""
     num_speculative_tokens: int = 8

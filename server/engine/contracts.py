@@ -42,6 +42,10 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)
     ended: list[Request] = field(default_factory=list)
     """Requests the scheduler finished itself (the KV cache can never hold them)."""
+    prefix_queries: int = 0
+    """Tokens of the requests admitted this step, looked up in the prefix cache."""
+    prefix_hits: int = 0
+    """Of those, the tokens found cached (not computed again)."""
 
 
 @dataclass

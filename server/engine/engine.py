@@ -124,6 +124,9 @@ class LLMEngine:
         per_layer = 2 * bs * c.num_kv_heads * c.head_dim * (torch.finfo(dtype).bits // 8)
         budget = cfg.kv_cache_memory_gb * 2**30
         window_pool = None
+        if window is not None and cfg.enable_prefix_caching:
+            raise ValueError("prefix caching does not serve sink + window layers (a hybrid "
+                             "cache, or the model's own sliding window)")
         if window is not None:
             most = min(window.pool_blocks(cfg.max_num_seqs, cfg.max_num_batched_tokens, bs),
                        cfg.max_num_seqs * (-(-self.max_model_len // bs) + 1))
@@ -134,7 +137,7 @@ class LLMEngine:
             return BlockManager(0, bs, window_pool)
         num_blocks = cfg.num_kv_blocks or int(budget // (per_layer * full_layers))
         if window_pool is None:
-            return BlockManager(max(1, num_blocks), bs)
+            return BlockManager(max(1, num_blocks), bs, cache_prefixes=cfg.enable_prefix_caching)
         if num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory_gb {cfg.kv_cache_memory_gb} leaves no room for the full-"
@@ -197,6 +200,9 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             if sched.preempted:
                 self.metrics.num_preemptions.inc(len(sched.preempted))
+            if sched.prefix_queries:
+                self.metrics.prefix_cache_queries.inc(sched.prefix_queries)
+                self.metrics.prefix_cache_hits.inc(sched.prefix_hits)
             launched = self.runner.launch(sched) if sched.scheduled else None
         if launched is not None and self.launch_ahead and launched.tokens:
             ahead = self.scheduler.schedule_ahead(sched)

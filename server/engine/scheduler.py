@@ -95,11 +95,18 @@ class Scheduler:
             scheduled.append(item)
             budget -= item.num_new_tokens
             i += 1
+        queried = hits = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
+            cached = self.blocks.reuse_prefix(request.request_id, request.all_token_ids)
+            request.num_computed_tokens = cached
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+                self.blocks.free(request.request_id)  # (the cached blocks, until it fits)
+                request.num_computed_tokens = 0
                 break
+            queried += request.num_tokens
+            hits += cached
             self.blocks.allocate(request.request_id, request.num_computed_tokens + num_new)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -117,7 +124,7 @@ class Scheduler:
                 self._trim_padded_drafts(scheduled, policy)
             self._assign_draft_lengths(scheduled, policy, padded)
         total = sum(s.num_new_tokens for s in scheduled)
-        return SchedulerOutput(scheduled, total, preempted, ended)
+        return SchedulerOutput(scheduled, total, preempted, ended, queried, hits)
 
     def schedule_ahead(self, previous: SchedulerOutput) -> SchedulerOutput | None:
         """The step after `previous` while `previous` still runs: each of its requests
@@ -235,7 +242,7 @@ class Scheduler:
             r.num_computed_tokens += s.num_new_tokens
             sampled = result.sampled.get(r.request_id)
             if sampled is None:
-                self.blocks.slide(r.request_id, r.num_computed_tokens)
+                self._computed(r)
                 continue
             rejected = len(s.spec_token_ids) - (len(sampled.token_ids) - 1)
             r.num_computed_tokens -= rejected
@@ -250,12 +257,18 @@ class Scheduler:
             r.draft_probs = sampled.next_draft_probs
             if rejected:  # (not otherwise: a step launched ahead holds the next slot)
                 self.blocks.truncate(r.request_id, r.num_computed_tokens)
-            # (after the rollback: the positions computed again see the window before them)
-            self.blocks.slide(r.request_id, r.num_computed_tokens)
+            self._computed(r)  # (after the rollback)
             emitted.append((r, new_tokens))
             if reason is not None:
                 self.finish_request(r.request_id, reason)
         return emitted
+
+    def _computed(self, r: Request) -> None:
+        """After a step: the blocks no later query of the request sees leave a window pool
+        (the positions computed again after a rollback see the window before them), and
+        its newly filled blocks are cached (prefix caching)."""
+        self.blocks.slide(r.request_id, r.num_computed_tokens)
+        self.blocks.commit(r.request_id, r.num_computed_tokens, lambda: r.all_token_ids)
 
     def _append_tokens(self, r: Request, tokens: list[int]) -> tuple[list[int], str | None]:
         p = r.params
