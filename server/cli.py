@@ -48,7 +48,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from bench import serve as bench_serve
     from server.api.cli_args import add_arguments as add_serve_arguments
-    from server.benchmarks import hybrid, offline, phases, spec
+    from server.benchmarks import hybrid, offline, phases, prefix, spec
 
     parser = argparse.ArgumentParser(prog="leapfrog", description="LLM inference server with speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("offline", offline, "offline decode speed vs transformers on the same weights"),
         ("spec", spec, "speculative decoding speedup and acceptance per prompt category"),
         ("phases", phases, "where an engine step's time goes (host phases, model), by step shape"),
+        ("prefix", prefix, "prefix caching on vs off: chat requests sharing a system prompt"),
         ("hybrid", hybrid, "hybrid KV cache (sink + window layers) vs full attention: quality, "
          "memory, decode speed"),
     ):

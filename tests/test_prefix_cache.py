@@ -120,3 +120,25 @@ def test_prefix_caching_refuses_a_hybrid_cache(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="prefix caching"):
         LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=BS,
             enable_prefix_caching=True, sliding_window=8)
+
+
+def test_prefix_bench(tiny_model_dir, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`leapfrog bench prefix` on a tiny model (its prompts stand in for the chat ones):
+    both runs timed per request, the outputs compared, the JSON written."""
+    import argparse
+    import json
+
+    from server.benchmarks import prefix
+
+    monkeypatch.setattr(prefix, "_prompts", lambda llm, args: _prompts()[: args.requests])
+    parser = argparse.ArgumentParser()
+    prefix.add_arguments(parser)
+    out = tmp_path / "prefix.json"
+    args = parser.parse_args([str(tiny_model_dir("llama")), "--requests", "3", "--tokens", "5",
+                              "--result-json", str(out)])
+    assert prefix.run(args) == 0
+    results = json.loads(out.read_text())["results"]
+    for mode in ("off", "on"):
+        assert results[mode]["same_output"] is True
+        assert len(results[mode]["ttft_s"]) == len(results[mode]["total_s"]) == 3
+        assert all(0 < a <= b for a, b in zip(results[mode]["ttft_s"], results[mode]["total_s"], strict=True))
