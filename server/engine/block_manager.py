@@ -70,9 +70,12 @@ class BlockPool:
     hold past the pool) marks a logical block released because no query can see it any
     more (`slide`); holes lie between the sink blocks and the window and hold no block.
 
+    With `cache_prefixes`, blocks of computed tokens are also cached (`commit`), free or
+    not, until the free list hands them out again; `reuse_prefix` shares them.
+
     Invariants (`check_integrity`): every block is either free (refcount 0, in the free list
     exactly once) or used (refcount >= 1, not in the free list); used refcounts equal the
-    number of block tables that hold the block.
+    number of block tables that hold the block; the cache's two maps agree.
     """
 
     def __init__(self, num_blocks: int, block_size: int, window: SinkWindow | None = None,
