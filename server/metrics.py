@@ -62,7 +62,7 @@ class Metrics:
         )
         self.prefix_cache_queries = Counter(
             p + "prefix_cache_queries", "Tokens of admitted requests looked up in the prefix "
-            "cache (with --enable-prefix-caching).", label, registry=r,
+            "cache.", label, registry=r,
         ).labels(model_name)
         self.prefix_cache_hits = Counter(
             p + "prefix_cache_hits", "Of those, tokens found cached (not computed again).",

@@ -63,7 +63,8 @@ def _llms(tiny_model_dir, **config: object) -> tuple[LLM, LLM]:
     path = str(tiny_model_dir("llama"))
     common = {"dtype": "float32", "num_kv_blocks": 64, "block_size": BS,
               "max_num_batched_tokens": 32, "debug_check_integrity": True, **config}
-    return LLM(path, **common), LLM(path, **common, enable_prefix_caching=True)
+    return (LLM(path, **common, enable_prefix_caching=False),
+            LLM(path, **common, enable_prefix_caching=True))
 
 
 def _prompts() -> list[list[int]]:
@@ -116,10 +117,28 @@ def test_outputs_match_under_speculation_and_preemption(tiny_model_dir, config) 
     assert cached.engine.metrics.prefix_cache_hits._value.get() > 0
 
 
-def test_prefix_caching_refuses_a_hybrid_cache(tiny_model_dir) -> None:
+def test_on_by_default_where_it_applies(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, prefix caching serves full attention and stays off beside sink + window
+    layers; asked for there, it is an error; the serve flag and its variable set it."""
+    import argparse
+
+    from server.api.cli_args import add_arguments, configs_from_args
+
+    path = str(tiny_model_dir("llama"))
+    common = dict(dtype="float32", num_kv_blocks=64, block_size=BS)
+    assert LLM(path, **common).engine.blocks.pools[0].cache_prefixes
+    assert not LLM(path, **common, sliding_window=8).engine.blocks.pools[0].cache_prefixes
     with pytest.raises(ValueError, match="prefix caching"):
-        LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=BS,
-            enable_prefix_caching=True, sliding_window=8)
+        LLM(path, **common, enable_prefix_caching=True, sliding_window=8)
+
+    def parsed(*flags: str) -> bool | None:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return configs_from_args(parser.parse_args(list(flags)))[0].enable_prefix_caching
+
+    assert parsed() is None and parsed("--no-enable-prefix-caching") is False
+    monkeypatch.setenv("LEAPFROG_ENABLE_PREFIX_CACHING", "false")
+    assert parsed() is False and parsed("--enable-prefix-caching") is True
 
 
 def test_prefix_bench(tiny_model_dir, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,9 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "Most draft tokens per request per step")
     _add(eng, "--seed", int, e.seed, "Seed for requests that give none")
     _add(eng, "--num-threads", int, e.num_threads, "CPU threads for torch; unset: torch's default")
-    _add_switch(eng, "--enable-prefix-caching",
-                "Reuse the KV of prompts' shared beginnings (system prompts, earlier turns); "
-                "full attention only")
+    name = env_name("--enable-prefix-caching")
+    eng.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+        default=_env_bool(name) if name in os.environ else e.enable_prefix_caching,
+        help="Reuse the KV of prompts' shared beginnings (system prompts, earlier turns); "
+        "unset: on unless --sliding-window or the model's own window is in use (env "
+        f"{name})")
     _add_switch(eng, "--enforce-eager", "Disable CUDA graphs and compilation")
     _add_switch(eng, "--debug-check-integrity",
                 "Check the KV block manager after every engine step (slow)")

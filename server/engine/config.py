@@ -46,10 +46,12 @@ class EngineConfig:
     full_attention_layers: tuple[int, ...] | None = None
     """With sliding_window: the layers that keep full attention (empty: none); None: the
     last and every third before it (`default_full_attention_layers`)."""
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool | None = None
     """Keep the KV of computed token blocks, found by a hash of all tokens up to each
     block's end, so that requests which begin the same way (a system prompt, a
-    conversation's earlier turns) skip computing it; full attention only."""
+    conversation's earlier turns) skip computing it. Full attention only: None turns it
+    on unless some layer attends to sinks + a window; True insists (an error with such
+    layers); False turns it off."""
     speculative: str | None = None
     """Drafter name (e.g. ngram) or None for no speculation."""
     num_speculative_tokens: int = 8

@@ -124,7 +124,7 @@ class LLMEngine:
         per_layer = 2 * bs * c.num_kv_heads * c.head_dim * (torch.finfo(dtype).bits // 8)
         budget = cfg.kv_cache_memory_gb * 2**30
         window_pool = None
-        if window is not None and cfg.enable_prefix_caching:
+        if window is not None and cfg.enable_prefix_caching is True:
             raise ValueError("prefix caching does not serve sink + window layers (a hybrid "
                              "cache, or the model's own sliding window)")
         if window is not None:
@@ -137,7 +137,8 @@ class LLMEngine:
             return BlockManager(0, bs, window_pool)
         num_blocks = cfg.num_kv_blocks or int(budget // (per_layer * full_layers))
         if window_pool is None:
-            return BlockManager(max(1, num_blocks), bs, cache_prefixes=cfg.enable_prefix_caching)
+            return BlockManager(max(1, num_blocks), bs,
+                                cache_prefixes=cfg.enable_prefix_caching is not False)
         if num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory_gb {cfg.kv_cache_memory_gb} leaves no room for the full-"
