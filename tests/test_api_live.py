@@ -191,3 +191,21 @@ def test_metrics_parse_and_move(url, client, model) -> None:
     assert after[key] - before.get(key, 0) == 1
     assert after["leapfrog:e2e_request_latency_seconds_count"] > before.get(
         "leapfrog:e2e_request_latency_seconds_count", 0)
+
+
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(url, client, model) -> None:
+    """The second of two chats sharing a system prompt reports, in its usage and in the
+    metrics, the prompt tokens found cached (whole 16-token blocks, never its last)."""
+    system = "You are a terse assistant for a lighthouse museum. " * 6
+    before = _samples(url)
+    replies = [client.chat.completions.create(
+        model=model, messages=[{"role": "system", "content": system},
+                               {"role": "user", "content": question}],
+        max_tokens=4, temperature=0) for question in ("Opening hours?", "Where is it?")]
+    first, second = (r.usage for r in replies)
+    assert first.prompt_tokens_details.cached_tokens == 0
+    cached = second.prompt_tokens_details.cached_tokens
+    assert 48 <= cached < second.prompt_tokens and cached % 16 == 0
+    after = _samples(url)
+    assert after["leapfrog:prefix_cache_hits_total"] - before.get(
+        "leapfrog:prefix_cache_hits_total", 0) == cached

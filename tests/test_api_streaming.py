@@ -52,7 +52,8 @@ def test_chat_stream_chunks_and_usage(served) -> None:
     assert reasons == {0: "length", 1: "length"}
     assert events[-1]["choices"] == []
     assert events[-1]["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 10,
-                                   "total_tokens": len(prompt) + 10}
+                                   "total_tokens": len(prompt) + 10,
+                                   "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_completions_multi_prompt_echo_and_stop(served) -> None:

@@ -52,6 +52,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_cached_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
         self.num_prompt_tokens = out.num_prompt_tokens
@@ -62,6 +63,7 @@ class ChoiceResult:
         self.num_output_tokens = out.num_output_tokens
         self.num_draft_tokens = out.num_draft_tokens
         self.num_accepted_tokens = out.num_accepted_tokens
+        self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
 

@@ -46,11 +46,17 @@ class Formatter(Protocol):
 
 
 def usage(results: list[ChoiceResult], prompt_lengths: list[int]) -> dict[str, Any]:
-    """OpenAI usage (prompt tokens counted once per prompt), plus speculation counts if any."""
+    """OpenAI usage (prompt tokens counted once per prompt, and of them those found in the
+    prefix cache: for each prompt, its best-served choice's), plus speculation counts if
+    any."""
     prompt = sum(prompt_lengths)
     completion = sum(r.num_output_tokens for r in results)
+    n = len(results) // len(prompt_lengths)  # (choice index = prompt index * n + i)
+    cached = sum(max(r.num_cached_tokens for r in results[p * n:(p + 1) * n])
+                 for p in range(len(prompt_lengths)))
     body: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                            "total_tokens": prompt + completion}
+                            "total_tokens": prompt + completion,
+                            "prompt_tokens_details": {"cached_tokens": cached}}
     drafts = sum(r.num_draft_tokens for r in results)
     if drafts:
         body["speculative"] = {"draft_tokens": drafts,

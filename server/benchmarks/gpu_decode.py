@@ -239,8 +239,9 @@ def bench_default(path: str, configs: list[str], repeats: int = 3) -> list[dict]
 
     rows = []
     for eager, quantization in (DEFAULT_CONFIGS[c] for c in configs):
+        # (no prefix caching: repeated prompts are computed each time, as before it)
         llm = LLM(path, enforce_eager=eager, max_num_seqs=32, kv_cache_memory_gb=2.0,
-                  quantization=quantization)
+                  quantization=quantization, enable_prefix_caching=False)
         answer = llm.generate(["What is the capital of France?"],
                               SamplingParams(max_tokens=16, temperature=0.0), chat=True)[0].text
         prompts = [llm.encode(f"Write a long story about the number {i}.") for i in range(32)]
@@ -283,7 +284,7 @@ def bench_graph_costs(path: str, context: int) -> list[dict]:
     rows = []
     for quantization in (None, "int4"):
         llm = LLM(path, enforce_eager=True, max_num_seqs=1, kv_cache_memory_gb=0.5,
-                  quantization=quantization)
+                  quantization=quantization, enable_prefix_caching=False)
         weights = "Q4_1 packed" if quantization else "bf16 dense"
         costs = graph_costs(llm.engine.model, context, (1, 2, 4, 8, 16), 9)
         print_graph_costs(f"default model, {weights}", costs)

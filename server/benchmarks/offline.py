@@ -43,8 +43,9 @@ def _ours(args: argparse.Namespace, batch_sizes: list[int], quantization: str | 
     from server.engine.llm import LLM
     from server.engine.sampling_params import SamplingParams
 
+    # (no prefix caching: the repeated prompts are computed each time, as transformers does)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(batch_sizes), max_num_batched_tokens=2048,
-              quantization=quantization)
+              quantization=quantization, enable_prefix_caching=False)
     ids = llm.encode(PROMPT, chat=True)
 
     def run(batch: int, n: int) -> None:

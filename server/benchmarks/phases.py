@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     speculative = None if args.speculative in (None, "none") else args.speculative
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
               max_num_seqs=max(batch_sizes), max_num_batched_tokens=1024, speculative=speculative,
-              num_speculative_tokens=args.num_speculative_tokens)
+              num_speculative_tokens=args.num_speculative_tokens,
+              enable_prefix_caching=False)  # (each step shape as before it)
     tok = llm.tokenizer
     by_cat: dict[str, list] = defaultdict(list)
     for p in load_builtin_prompts():

@@ -40,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _engines(args: argparse.Namespace, max_batch: int) -> tuple[object, object]:
     from server.engine.llm import LLM
 
+    # (no prefix caching: each repeat computes its prompts, as before it)
     common = dict(dtype=args.dtype, quantization=args.quantization, max_num_seqs=max_batch,
-                  max_num_batched_tokens=1024)
+                  max_num_batched_tokens=1024, enable_prefix_caching=False)
     start = time.perf_counter()
     off = LLM(args.model, **common)
     middle = time.perf_counter()

@@ -258,6 +258,7 @@ class LLMEngine:
             r.request_id, tokens, text, r.num_prompt_tokens, len(r.output_token_ids), logprobs,
             finished=r.is_finished, finish_reason=r.finish_reason,
             num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
+            num_cached_tokens=r.num_cached_tokens,
         )
 
     def _forget(self, request_id: str, reason: str) -> None:

@@ -35,3 +35,5 @@ class RequestOutput:
     """Cumulative draft tokens proposed for this request (speculation)."""
     num_accepted_tokens: int = 0
     """Cumulative draft tokens accepted."""
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache (not computed) when first scheduled."""

@@ -41,6 +41,8 @@ class Request:
     (`server.engine.sampler.sample_rows`)."""
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache when the request was first scheduled."""
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 

@@ -112,6 +112,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = cached
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new, []))
             budget -= num_new
