@@ -123,7 +123,7 @@ class BlockPool:
         return max(0, self.blocks_needed(num_tokens) - len(self._tables.get(owner, ())))
 
     def can_allocate(self, owner: str, num_tokens: int) -> bool:
-        return self.extra_blocks(owner, num_tokens) <= len(self._free)
+        return -(-num_tokens // self.block_size) - len(self._tables.get(owner, ())) <= len(self._free)
 
     def allocate(self, owner: str, num_tokens: int) -> None:
         """Grow the owner's table so it covers `num_tokens` token slots."""
@@ -272,6 +272,9 @@ class BlockManager:
                       if num_blocks or window_pool is None else []
                       ) + ([window_pool] if window_pool is not None else [])
         self.block_size = block_size
+        # the lone pool, whose calls skip the loops over pools (the scheduler makes some for
+        # every request of every step)
+        self._only = self.pools[0] if len(self.pools) == 1 else None
 
     @property
     def num_blocks(self) -> int:
@@ -305,6 +308,8 @@ class BlockManager:
         return True
 
     def can_allocate(self, owner: str, num_tokens: int) -> bool:
+        if self._only is not None:
+            return self._only.can_allocate(owner, num_tokens)
         return all(p.can_allocate(owner, num_tokens) for p in self.pools)
 
     def can_allocate_all(self, wants: list[tuple[str, int]]) -> bool:
@@ -315,6 +320,9 @@ class BlockManager:
     def allocate(self, owner: str, num_tokens: int) -> None:
         """Grow the owner's tables so they cover `num_tokens` token slots; on
         OutOfBlocksError nothing is changed."""
+        if self._only is not None:
+            self._only.allocate(owner, num_tokens)
+            return
         for p in self.pools:
             if not p.can_allocate(owner, num_tokens):
                 p.allocate(owner, num_tokens)  # raises with the pool's numbers

@@ -43,6 +43,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # what `_computed` has to do after a step, decided once (it runs for every request
+        # of every step)
+        self._slides = any(p.window is not None for p in block_manager.pools)
+        self._caches = block_manager.pools[0].cache_prefixes
 
     # -- admission and removal -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -240,10 +244,11 @@ class Scheduler:
             r = s.request
             if r.is_finished:  # aborted while the step ran
                 continue
+            before = r.num_computed_tokens
             r.num_computed_tokens += s.num_new_tokens
             sampled = result.sampled.get(r.request_id)
             if sampled is None:
-                self._computed(r)
+                self._computed(r, before)
                 continue
             rejected = len(s.spec_token_ids) - (len(sampled.token_ids) - 1)
             r.num_computed_tokens -= rejected
@@ -258,18 +263,23 @@ class Scheduler:
             r.draft_probs = sampled.next_draft_probs
             if rejected:  # (not otherwise: a step launched ahead holds the next slot)
                 self.blocks.truncate(r.request_id, r.num_computed_tokens)
-            self._computed(r)  # (after the rollback)
+            self._computed(r, before)  # (after the rollback)
             emitted.append((r, new_tokens))
             if reason is not None:
                 self.finish_request(r.request_id, reason)
         return emitted
 
-    def _computed(self, r: Request) -> None:
-        """After a step: the blocks no later query of the request sees leave a window pool
-        (the positions computed again after a rollback see the window before them), and
-        its newly filled blocks are cached (prefix caching)."""
-        self.blocks.slide(r.request_id, r.num_computed_tokens)
-        self.blocks.commit(r.request_id, r.num_computed_tokens, lambda: r.all_token_ids)
+    def _computed(self, r: Request, before: int) -> None:
+        """After a step that took the request from `before` computed tokens to its
+        `num_computed_tokens`: the blocks no later query of it sees leave a window pool (the
+        positions computed again after a rollback see the window before them), and the
+        blocks it filled are cached (prefix caching; a step fills one only when it crosses
+        a block's end, 1 in 16 decode steps)."""
+        if self._slides:
+            self.blocks.slide(r.request_id, r.num_computed_tokens)
+        bs = self.blocks.block_size
+        if self._caches and before // bs < r.num_computed_tokens // bs:
+            self.blocks.commit(r.request_id, r.num_computed_tokens, lambda: r.all_token_ids)
 
     def _append_tokens(self, r: Request, tokens: list[int]) -> tuple[list[int], str | None]:
         p = r.params
