@@ -12,7 +12,6 @@ from server.engine.config import EngineConfig, default_full_attention_layers
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.models.batch import BatchMeta
 from server.models.config import ModelConfig
 from tests.test_scheduler import fake_run, req
 
@@ -103,22 +102,10 @@ def _teacher_forced(llm: LLM, ids: list[int]) -> list[int]:
     """Greedy next tokens of every position of `ids` from one forward through the engine's
     model with fresh contiguous caches and `kernels.attention`'s reference attention (the
     window from `visible_mask`, no block freed)."""
-    model, n = llm.engine.model, len(ids)
-    nb = -(-n // BS)
-    saved = model.kv_caches
-    c = model.config
-    model.kv_caches = [tuple(torch.zeros(nb + 1, BS, c.num_kv_heads, c.head_dim) for _ in "kv")
-                       for _ in model.layers]
-    args = (torch.arange(n), torch.arange(nb, dtype=torch.int32)[None],
-            torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32))
-    meta = BatchMeta(*args, sparse=BatchMeta(*args, sliding_window=WINDOW.window,
-                                             num_sink_tokens=WINDOW.num_sinks))
-    try:
-        with torch.inference_mode():
-            logits = model.compute_logits(model(torch.tensor(ids), torch.arange(n), meta))
-    finally:
-        model.kv_caches = saved
-    return logits.argmax(-1).tolist()
+    from server.benchmarks.hybrid import teacher_forced_hidden
+
+    with torch.inference_mode():
+        return llm.engine.model.compute_logits(teacher_forced_hidden(llm, ids)).argmax(-1).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +117,9 @@ def test_engine_matches_a_teacher_forced_forward(tiny_model_dir, hybrid_llm: LLM
     """Five requests of 60-116 tokens through a window of 8 (blocks freed and handed to
     other requests all along, prefill chunked, the batch over max_num_seqs) give the
     greedy tokens of one forward over the whole text; the window changes them."""
+    # (the reference forward attends as the runner set the layers: check that setting)
+    assert hybrid_llm.engine.runner.windows == [None, WINDOW]
+    assert [layer.windowed for layer in hybrid_llm.engine.model.layers] == [True, False, True]
     got = hybrid_llm.generate(prompts(5), GREEDY)
     for prompt, c in zip(prompts(5), got, strict=True):
         text = prompt + c.token_ids

@@ -65,9 +65,10 @@ def _configs(spec: str) -> list[tuple[str, dict[str, object]]]:
 
 
 @torch.inference_mode()
-def _nll(llm: object, ids: list[int]) -> torch.Tensor:
-    """Negative log-likelihood of each token of `ids` after the first: one forward over
-    fresh contiguous caches, each layer attending as the engine's runner set it."""
+def teacher_forced_hidden(llm: object, ids: list[int]) -> torch.Tensor:
+    """Final hidden states [len(ids), hidden] of one forward over `ids` through the
+    engine's model, with fresh contiguous caches (no block freed) and each layer attending
+    as the engine's runner set it (`kernels.attention`'s reference attention on CPU)."""
     from server.engine.block_manager import window_kwargs
     from server.models.batch import BatchMeta
 
@@ -87,13 +88,21 @@ def _nll(llm: object, ids: list[int]) -> torch.Tensor:
     metas = [BatchMeta(*args, **window_kwargs(w)) for w in engine.runner.windows]
     metas[0].sparse = metas[1] if len(metas) > 1 else None
     try:
-        hidden = model(torch.tensor(ids, device=dev), positions, metas[0])
+        return model(torch.tensor(ids, device=dev), positions, metas[0])
     finally:
         model.kv_caches = saved
-    target = torch.tensor(ids[1:], device=dev)
+
+
+@torch.inference_mode()
+def _nll(llm: object, ids: list[int]) -> torch.Tensor:
+    """Negative log-likelihood of each token of `ids` after the first
+    (`teacher_forced_hidden`)."""
+    model = llm.engine.model
+    hidden = teacher_forced_hidden(llm, ids)
+    target = torch.tensor(ids[1:], device=hidden.device)
     parts = []
-    for start in range(0, n - 1, CHUNK):
-        logits = model.compute_logits(hidden[start:min(start + CHUNK, n - 1)])
+    for start in range(0, len(ids) - 1, CHUNK):
+        logits = model.compute_logits(hidden[start:min(start + CHUNK, len(ids) - 1)])
         rows = target[start:start + CHUNK]
         parts.append(-logits.log_softmax(-1).gather(1, rows[:, None]).squeeze(1).cpu())
     return torch.cat(parts)

@@ -123,7 +123,7 @@ class BlockPool:
         return max(0, self.blocks_needed(num_tokens) - len(self._tables.get(owner, ())))
 
     def can_allocate(self, owner: str, num_tokens: int) -> bool:
-        return -(-num_tokens // self.block_size) - len(self._tables.get(owner, ())) <= len(self._free)
+        return self.extra_blocks(owner, num_tokens) <= len(self._free)
 
     def allocate(self, owner: str, num_tokens: int) -> None:
         """Grow the owner's table so it covers `num_tokens` token slots."""
