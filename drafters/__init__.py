@@ -1,3 +1,3 @@
 """Speculative decoding: drafter interface, drafters, lossless verification."""
 
-from drafters import ngram  # noqa: F401  (registers the built-in drafters)
+from drafters import head, ngram  # noqa: F401  (registers the built-in drafters)

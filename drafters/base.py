@@ -108,6 +108,15 @@ class Drafter(ABC):
     def release(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Forget per-request state (the request finished or was aborted)."""
 
+    @classmethod
+    def for_target(cls, model: torch.nn.Module, path: str | None) -> Drafter:
+        """The drafter of an engine serving `model`; `path` names trained weights
+        (`--speculative-model`), which only trained drafters take."""
+        if path is not None:
+            raise ValueError(f"drafter {cls.name!r} takes no trained weights "
+                             f"(--speculative-model)")
+        return cls()
+
 
 D = TypeVar("D", bound=type[Drafter])
 _REGISTRY: dict[str, type[Drafter]] = {}
@@ -125,9 +134,18 @@ def available_drafters() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_drafter(name: str, **kwargs: object) -> Drafter:
-    """Instantiate a registered drafter; unknown names are a ValueError listing the choices."""
+def _drafter_class(name: str) -> type[Drafter]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown drafter {name!r}; choose from {available_drafters()}")
-    factory: Callable[..., Drafter] = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def create_drafter(name: str, **kwargs: object) -> Drafter:
+    """Instantiate a registered drafter; unknown names are a ValueError listing the choices."""
+    factory: Callable[..., Drafter] = _drafter_class(name)
     return factory(**kwargs)
+
+
+def drafter_for_target(name: str, model: torch.nn.Module, path: str | None = None) -> Drafter:
+    """The registered drafter `name` for an engine serving `model` (`Drafter.for_target`)."""
+    return _drafter_class(name).for_target(model, path)

@@ -1,4 +1,4 @@
-"""`leapfrog` command line: serve, generate, bench (serve | offline | spec | phases)."""
+"""`leapfrog` command line: serve, generate, bench (serve | offline | spec | ...), train-drafter."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--speculative", default=None, help="drafter name (e.g. ngram); default off")
+    p.add_argument("--speculative", default=None, help="drafter name (ngram, head); default off")
+    p.add_argument("--speculative-model", default=None, help="trained drafter weights (head)")
     p.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.num_speculative_tokens,
                    help="most draft tokens per step")
 
@@ -29,6 +30,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from server.engine.sampling_params import SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, speculative=args.speculative,
+              speculative_model=args.speculative_model,
               num_speculative_tokens=args.num_speculative_tokens)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
@@ -47,6 +49,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from bench import serve as bench_serve
+    from server import train_drafter
     from server.api.cli_args import add_arguments as add_serve_arguments
     from server.benchmarks import hybrid, offline, phases, prefix, spec
 
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a completion for one prompt and print it")
     _generate_arguments(gen)
     gen.set_defaults(func=_run_generate)
+    train = sub.add_parser("train-drafter", help="train a draft head for a model (self-distilled)")
+    train_drafter.add_arguments(train)
+    train.set_defaults(func=train_drafter.run)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     for name, module, text in (
         ("serve", bench_serve, "load-test any OpenAI-compatible server over HTTP"),

@@ -108,7 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(eng, "--full-attention-layers", _layer_list, e.full_attention_layers,
          "With --sliding-window: comma-separated layers that keep full attention ('' for "
          "none); unset: the last layer and every third before it")
-    _add(eng, "--speculative", str, e.speculative, "Drafter name (e.g. ngram); unset: no speculation")
+    _add(eng, "--speculative", str, e.speculative,
+         "Drafter: ngram (prompt lookup) or head (a trained draft head, with "
+         "--speculative-model); unset: no speculation")
+    _add(eng, "--speculative-model", str, e.speculative_model,
+         "Trained drafter weights (the file `leapfrog train-drafter` writes)")
     _add(eng, "--num-speculative-tokens", int, e.num_speculative_tokens,
          "Most draft tokens per request per step")
     _add(eng, "--seed", int, e.seed, "Seed for requests that give none")

@@ -67,30 +67,13 @@ def _configs(spec: str) -> list[tuple[str, dict[str, object]]]:
 @torch.inference_mode()
 def teacher_forced_hidden(llm: object, ids: list[int]) -> torch.Tensor:
     """Final hidden states [len(ids), hidden] of one forward over `ids` through the
-    engine's model, with fresh contiguous caches (no block freed) and each layer attending
-    as the engine's runner set it (`kernels.attention`'s reference attention on CPU)."""
+    engine's model (`LlamaForCausalLM.teacher_forced`), each layer attending as the
+    engine's runner set it (`kernels.attention`'s reference attention on CPU)."""
     from server.engine.block_manager import window_kwargs
-    from server.models.batch import BatchMeta
 
     engine = llm.engine
-    model, bs = engine.model, engine.blocks.block_size
-    n, c = len(ids), model.config
-    num_blocks = -(-n // bs)
-    saved = model.kv_caches
-    dev = engine.device
-    model.kv_caches = [tuple(torch.zeros(num_blocks + 1, bs, c.num_kv_heads, c.head_dim,
-                                         dtype=model.dtype, device=dev) for _ in "kv")
-                       for _ in model.layers]
-    positions = torch.arange(n, device=dev)
-    args = (positions, torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
-            torch.tensor([n], dtype=torch.int32, device=dev),
-            torch.tensor([0, n], dtype=torch.int32, device=dev))
-    metas = [BatchMeta(*args, **window_kwargs(w)) for w in engine.runner.windows]
-    metas[0].sparse = metas[1] if len(metas) > 1 else None
-    try:
-        return model(torch.tensor(ids, device=dev), positions, metas[0])
-    finally:
-        model.kv_caches = saved
+    return engine.model.teacher_forced(ids, engine.blocks.block_size,
+                                       [window_kwargs(w) for w in engine.runner.windows])
 
 
 @torch.inference_mode()

@@ -21,7 +21,8 @@ from server.engine.config import EngineConfig
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
-    p.add_argument("--speculative", default="ngram", help="drafter to measure")
+    p.add_argument("--speculative", default="ngram", help="drafter to measure (ngram, head)")
+    p.add_argument("--speculative-model", default=None, help="trained drafter weights (head)")
     p.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.num_speculative_tokens,
                    help="most draft tokens per step (the adaptive policy may use fewer)")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
@@ -46,8 +47,8 @@ def _engines(args: argparse.Namespace, max_batch: int) -> tuple[object, object]:
     start = time.perf_counter()
     off = LLM(args.model, **common)
     middle = time.perf_counter()
-    on = LLM(args.model, speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-             **common)
+    on = LLM(args.model, speculative=args.speculative, speculative_model=args.speculative_model,
+             num_speculative_tokens=args.num_speculative_tokens, **common)
     # (on CUDA, start-up captures the graphs: decode only without speculation)
     print(f"start-up: {middle - start:.1f} s without speculation, "
           f"{time.perf_counter() - middle:.1f} s with", flush=True)

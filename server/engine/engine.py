@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafters.base import create_drafter
+from drafters.base import drafter_for_target
 from server.engine.block_manager import BlockManager, BlockPool, SinkWindow
 from server.engine.config import EngineConfig
 from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
@@ -68,6 +68,8 @@ class LLMEngine:
     """Loads the model and runs steps; not thread-safe (one driver thread)."""
 
     def __init__(self, config: EngineConfig) -> None:
+        if config.speculative_model is not None and not config.speculative:
+            raise ValueError("speculative_model needs a drafter (speculative)")
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -84,7 +86,8 @@ class LLMEngine:
         windowed, window = config.attention_layout(self.model_config)
         self.blocks = self._block_manager(dtype, windowed, window)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
-        drafter = create_drafter(config.speculative) if config.speculative else None
+        drafter = (drafter_for_target(config.speculative, self.model, config.speculative_model)
+                   if config.speculative else None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.blocks, policy,

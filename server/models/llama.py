@@ -13,7 +13,7 @@ scale to the kernel after the GEMV (`Linear.after_norm`); elsewhere they are tor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,29 @@ class LlamaForCausalLM(torch.nn.Module):
         for layer, kv in zip(self.layers[:num_layers], self.kv_caches[:num_layers], strict=True):
             x, residual = layer(x, residual, rope, kv, meta, fused)
         return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps, fused)[0]
+
+    def teacher_forced(self, ids: list[int], block_size: int = 16,
+                       windows: Sequence[dict[str, int | None]] = ({},)) -> torch.Tensor:
+        """Final hidden states [len(ids), hidden] of one forward over `ids` with fresh
+        contiguous caches (the model's own are set aside), e.g. to score a text or to train a
+        drafter. `windows`: `BatchMeta` window settings, the first for every layer, a second
+        for the layers marked `windowed`."""
+        n, c, dev = len(ids), self.config, self.embed.device
+        num_blocks = -(-n // block_size)
+        saved = self.kv_caches
+        self.kv_caches = [tuple(torch.zeros(num_blocks + 1, block_size, c.num_kv_heads,
+                                            c.head_dim, dtype=self.dtype, device=dev)
+                                for _ in "kv") for _ in self.layers]
+        positions = torch.arange(n, device=dev)
+        args = (positions, torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
+                torch.tensor([n], dtype=torch.int32, device=dev),
+                torch.tensor([0, n], dtype=torch.int32, device=dev))
+        metas = [BatchMeta(*args, **w) for w in windows]
+        metas[0].sparse = metas[1] if len(metas) > 1 else None
+        try:
+            return self(torch.tensor(ids, device=dev), positions, metas[0])
+        finally:
+            self.kv_caches = saved
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]. A packed tied head (see

@@ -1,0 +1,196 @@
+"""A trained draft head fed by the target's hidden states (EAGLE / Hydra style), with an
+early exit on its own confidence (Kangaroo's second exit).
+
+One step of the head maps (feature f, token x) to the next feature: f is the target's
+final hidden state at the token before x (for the first draft) or the head's own previous
+output (for the drafts after it), x the token that follows it:
+
+    z  = W_in [norm_a(f); norm_b(embed[x])]
+    z  = z + down(silu(gate(norm_c(z))) * up(norm_c(z)))
+    f' = norm_d(z)                                      (regressed onto the target's next hidden)
+    logits = f' @ E^T                                   (E: the target's LM-head rows of the draft vocabulary)
+
+The draft vocabulary is the `draft_vocab_size` tokens the target emitted most in training
+(a reduced head, as in FR-Spec / EAGLE-3): on the default model the full head is a fifth of
+a forward, which drafting k tokens would pay k times. Drafting is greedy (argmax; verified
+as one-hot q, which keeps sampled requests exact) and stops early, after the first draft,
+at a token whose probability under the head is below `threshold`.
+
+The head owns no per-request state and no KV cache: all its context comes through the
+target's hidden state. Its weights (`save`/`load`: one safetensors file) are trained by
+`leapfrog train-drafter` (`drafters.train`); the LM-head rows and the embedding are the
+target's own, taken at load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from drafters.base import DraftBatch, Drafter, Proposal, register_drafter
+
+FORMAT = "leapfrog-draft-head-1"
+"""The `format` entry of a saved head's metadata."""
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The shape of a draft head and the target it was trained for."""
+
+    hidden_size: int
+    """The target's hidden size."""
+    intermediate_size: int
+    """Width of the head's SwiGLU block."""
+    vocab_size: int
+    """The target's vocabulary size."""
+    num_layers: int
+    """The target's layer count (with hidden and vocab sizes: the check that a saved head
+    is loaded for the model it was trained on)."""
+    rms_norm_eps: float = 1e-6
+    threshold: float = 0.2
+    """Drafting stops before a draft (after the first) whose head probability is below it."""
+
+
+class DraftHead(torch.nn.Module):
+    """The head's weights and its step; `vocab` [V] holds the draft vocabulary's token ids
+    and `lm_rows` [V, hidden] the target's LM-head rows for them (frozen)."""
+
+    def __init__(self, config: HeadConfig, vocab: torch.Tensor, lm_rows: torch.Tensor) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.config = config
+        self.fc = torch.nn.Linear(2 * h, h, bias=False)
+        self.gate_up = torch.nn.Linear(h, 2 * i, bias=False)
+        self.down = torch.nn.Linear(i, h, bias=False)
+        self.norms = torch.nn.Parameter(torch.ones(4, h))
+        self.register_buffer("vocab", vocab.to(torch.long), persistent=False)
+        self.register_buffer("lm_rows", lm_rows, persistent=False)
+
+    def _norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.norms[i], self.config.rms_norm_eps)
+
+    def step(self, feature: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] feature and embedding of the token after it -> the next feature."""
+        z = self.fc(torch.cat([self._norm(feature, 0), self._norm(token_embedding, 1)], -1))
+        gate, up = self.gate_up(self._norm(z, 2)).chunk(2, -1)
+        return self._norm(z + self.down(F.silu(gate) * up), 3)
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits over the draft vocabulary [N, V]."""
+        return F.linear(feature, self.lm_rows).float()
+
+    def save(self, path: str | Path, **metadata: str) -> None:
+        """One safetensors file: the weights, the draft vocabulary, and the config as JSON
+        metadata (plus any string `metadata`, e.g. what it was trained on)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors["vocab"] = self.vocab.cpu()
+        save_file(tensors, str(path), metadata={
+            "format": FORMAT, "config": json.dumps(asdict(self.config)), **metadata})
+
+
+def target_head_rows(model: torch.nn.Module, vocab: torch.Tensor) -> torch.Tensor:
+    """The target's LM-head rows [len(vocab), hidden] for `vocab`, dense in the model's
+    dtype (a packed head is dequantized row by row: the values it serves)."""
+    head = model.lm_head
+    if head is None:  # tied: the embedding is the head, and it is kept dense
+        return model.embed[vocab.to(model.embed.device)]
+    if head.packed is not None:
+        from kernels.quant import dequantize
+        from server.models.quantize import permute_rows
+
+        rows = permute_rows(head.packed, vocab.to(head.packed.qweight.device))
+        return dequantize(rows, model.dtype)
+    return head.weight[vocab.to(head.weight.device)]
+
+
+def config_for(model: torch.nn.Module, intermediate_size: int | None = None,
+               threshold: float = HeadConfig.threshold) -> HeadConfig:
+    """A head config for a target model (`server.models.llama.LlamaForCausalLM`)."""
+    c = model.config
+    return HeadConfig(c.hidden_size, intermediate_size or c.intermediate_size // 2,
+                      c.vocab_size, c.num_layers, c.rms_norm_eps, threshold)
+
+
+def load_head(path: str | Path, model: torch.nn.Module) -> DraftHead:
+    """Load a saved head for `model` (on its device and dtype); a head trained for another
+    model shape, or a file that is not a head, is a ValueError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"draft head file {str(path)!r} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:  # safetensors raises its own error types for bad files
+        raise ValueError(f"{path}: not a safetensors file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a Leapfrog draft head (format {meta.get('format')!r})")
+    config = HeadConfig(**json.loads(meta["config"]))
+    c = model.config
+    want = (c.hidden_size, c.vocab_size, c.num_layers)
+    have = (config.hidden_size, config.vocab_size, config.num_layers)
+    if want != have:
+        raise ValueError(f"{path}: the head was trained for a model of hidden size, vocabulary "
+                         f"and layers {have}; this model has {want}")
+    vocab = tensors.pop("vocab")
+    device = model.embed.device
+    head = DraftHead(config, vocab, target_head_rows(model, vocab))
+    head.load_state_dict(tensors)
+    return head.to(device=device, dtype=model.dtype).requires_grad_(False).eval()
+
+
+@register_drafter
+class HeadDrafter(Drafter):
+    """Drafts with a trained `DraftHead` from the target's hidden state at each request's
+    newest token's predecessor; greedy, deterministic proposals."""
+
+    name = "head"
+    needs_hidden_states = True
+
+    def __init__(self, head: DraftHead, embed: torch.Tensor) -> None:
+        self.head = head
+        self.embed = embed
+
+    @classmethod
+    def for_target(cls, model: torch.nn.Module, path: str | None) -> HeadDrafter:
+        if path is None:
+            raise ValueError("the head drafter needs trained weights: --speculative-model "
+                             "PATH (a file `leapfrog train-drafter` wrote)")
+        return cls(load_head(path, model), model.embed)
+
+    @torch.inference_mode()
+    def propose(self, batch: DraftBatch) -> list[Proposal]:
+        requests = batch.requests
+        if batch.hidden_states is None:
+            raise ValueError("the head drafter needs the target's hidden states")
+        head = self.head
+        device = self.embed.device
+        feature = batch.hidden_states.to(self.embed.dtype)
+        tokens = torch.tensor([r.token_ids[-1] for r in requests], device=device)
+        most = max(r.max_draft_tokens for r in requests)
+        drafts, confident = [], []
+        for _ in range(most):
+            feature = head.step(feature, F.embedding(tokens, self.embed))
+            best, index = head.logits(feature).softmax(-1).max(-1)
+            tokens = head.vocab[index]
+            drafts.append(tokens)
+            confident.append(best >= head.config.threshold)
+            if not bool(confident[-1].any()):
+                break
+        ids = torch.stack(drafts, 1).tolist()  # [N, steps]
+        sure = torch.stack(confident, 1).tolist()
+        proposals = []
+        for r, row, ok in zip(requests, ids, sure, strict=True):
+            n = 1  # the first draft always; then while the head is confident
+            while n < min(len(row), r.max_draft_tokens) and ok[n]:
+                n += 1
+            proposals.append(Proposal(row[:n]))
+        return proposals

@@ -1,0 +1,145 @@
+"""`leapfrog train-drafter`: train a draft head (`drafters.head`) for a model.
+
+1. Data. By default the target answers prompts itself, greedily, through the engine
+   (self-distillation): the built-in training prompts (`drafters/data/train_prompts.jsonl`,
+   disjoint from the benchmark prompts) or `--data`: JSONL prompts in the benchmark format
+   (`messages` or `prompt`, optional `max_tokens`), or plain text (a `.txt` file, or JSONL
+   lines with `text`), trained on as it is in chunks of `--max-text-tokens`.
+2. One teacher-forced forward of the target per sequence gives its hidden states.
+3. The head trains on them (`drafters.train.train_head`) and is saved as one safetensors
+   file, which `leapfrog serve --speculative head --speculative-model FILE` loads. The held-out
+   sequences' offline acceptance is printed and saved in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+from drafters.head import HeadConfig
+from drafters.train import TrainConfig
+
+BUILTIN = "drafters/data/train_prompts.jsonl"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    t, h = TrainConfig(), HeadConfig
+    p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
+    p.add_argument("--output", "-o", required=True, help="file to write the head to (.safetensors)")
+    p.add_argument("--data", default=None,
+                   help=f"training data: JSONL prompts the model answers, or text (.txt, or "
+                   f"JSONL lines with 'text'); default: the built-in prompts ({BUILTIN})")
+    p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="answer length cap (default: each prompt's max_tokens)")
+    p.add_argument("--max-text-tokens", type=int, default=1024, help="chunk length for text data")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="answers generated at once")
+    p.add_argument("--steps", type=int, default=t.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="positions per step")
+    p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate")
+    p.add_argument("--unroll", type=int, default=t.unroll, help="draft steps trained per position")
+    p.add_argument("--draft-vocab-size", type=int, default=t.draft_vocab_size,
+                   help="tokens the head can propose (the corpus's most frequent)")
+    p.add_argument("--intermediate-size", type=int, default=None,
+                   help="the head's MLP width (default: half the model's)")
+    p.add_argument("--threshold", type=float, default=h.threshold,
+                   help="confidence below which drafting stops (after the first draft)")
+    p.add_argument("--holdout", type=float, default=t.holdout, help="share of sequences held out")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="the model's dtype (the head trains in float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--result-json", default=None, help="write the training report here")
+
+
+def _read_data(path: str | None) -> tuple[list[object], list[str]]:
+    """(prompts, texts) from `--data` (see the module docs)."""
+    from bench.datasets import load_jsonl_prompts
+
+    if path is None:
+        return load_jsonl_prompts(resources.files("drafters").joinpath("data/train_prompts.jsonl")), []
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"train-drafter: no data file {path!r}")
+    if file.suffix == ".txt":
+        return [], [file.read_text(encoding="utf-8")]
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if lines and "text" in json.loads(lines[0]):
+        return [], [str(json.loads(line)["text"]) for line in lines]
+    return load_jsonl_prompts(file), []
+
+
+def _sequences(llm: object, prompts: list[object], texts: list[str],
+               args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    """(token ids, first trained position) per sequence: prompts with the model's greedy
+    answers (trained from the prompt's last token), text chunks (trained throughout)."""
+    from server.engine.sampling_params import SamplingParams
+
+    out: list[tuple[list[int], int]] = []
+    if prompts:
+        ids = [llm.tokenizer.apply_chat_template(p.messages, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
+               for p in prompts]
+        params = [SamplingParams(max_tokens=args.max_tokens or p.max_tokens, temperature=0.0)
+                  for p in prompts]
+        start = time.perf_counter()
+        results = llm.generate(ids, params)
+        made = sum(len(r.token_ids) for r in results)
+        print(f"answers: {len(results)} prompts, {made} tokens in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        eos = llm.engine.eos_token_ids
+        for r in results:
+            tail = r.token_ids
+            if r.finish_reason == "stop" and eos and (not tail or tail[-1] not in eos):
+                tail = [*tail, eos[0]]  # (an answer that stopped at EOS ends with it)
+            out.append((r.prompt_token_ids + tail, len(r.prompt_token_ids) - 1))
+    size = args.max_text_tokens
+    for text in texts:
+        ids = llm.tokenizer(text).input_ids
+        out.extend((ids[i:i + size], 0) for i in range(0, len(ids), size))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from drafters.head import config_for
+    from drafters.train import build_corpus, train_head
+    from server.engine.llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts, texts = _read_data(args.data)
+    if args.max_prompts is not None:
+        prompts = prompts[: args.max_prompts]
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              enable_prefix_caching=False)
+    model = llm.engine.model
+    sequences = _sequences(llm, prompts, texts, args)
+    start = time.perf_counter()
+    corpus = build_corpus(model, sequences)
+    print(f"hidden states: {len(sequences)} sequences, {len(corpus.tokens)} tokens, "
+          f"{corpus.num_positions} trained positions in {time.perf_counter() - start:.0f} s",
+          flush=True)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      unroll=args.unroll, draft_vocab_size=args.draft_vocab_size,
+                      holdout=args.holdout, seed=args.seed)
+    head_config = config_for(model, args.intermediate_size, args.threshold)
+    head, report = train_head(model, corpus, head_config, cfg)
+    report.update(model=llm.engine.model_name, data=args.data or BUILTIN,
+                  sequences=len(sequences), tokens=len(corpus.tokens))
+    head.save(args.output, model=llm.engine.model_name, data=args.data or BUILTIN,
+              held_out=json.dumps(report.get("held_out", {})))
+    held = report.get("held_out")
+    if held:
+        print(f"held out ({report['held_out_positions']} positions, {args.unroll} drafts): "
+              f"mean accepted length {held['mean_accepted_length']:.2f}, first draft right "
+              f"{held['first_draft_accuracy']:.1%}, target's token in the draft vocabulary "
+              f"{held['vocab_coverage']:.1%}")
+    print(f"wrote {args.output}")
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
