@@ -75,8 +75,16 @@ class DraftBatch:
 
     requests: list[DraftRequest]
     hidden_states: torch.Tensor | None = None
-    """[num_requests, hidden]: the target's final hidden state at each request's newest
-    token, for drafters with `needs_hidden_states`; None otherwise."""
+    """[num_requests, hidden]: the target's final hidden state at the token before each
+    request's newest one (the state that predicted it), for drafters with
+    `needs_hidden_states`; None otherwise."""
+    forward: Callable[[list[int], torch.Tensor, int], torch.Tensor] | None = None
+    """For drafters with `num_draft_layers`: forward(rows, tokens, offset) runs one token of
+    each request in `rows` (indexes into `requests`; tokens [len(rows)]) at position
+    (newest token's position + offset) through the target's first num_draft_layers layers,
+    writing their KV, and returns the final-normed hidden states [len(rows), hidden]. The
+    engine reserves the KV slots of the positions a request's drafts may take; verification
+    overwrites them."""
 
 
 @dataclass
@@ -100,6 +108,9 @@ class Drafter(ABC):
 
     name: ClassVar[str]
     needs_hidden_states: ClassVar[bool] = False
+    num_draft_layers: int = 0
+    """The target's first layers the drafter runs its drafts through (`DraftBatch.forward`);
+    0: none."""
 
     @abstractmethod
     def propose(self, batch: DraftBatch) -> list[Proposal]:

@@ -1,5 +1,6 @@
-"""A trained draft head fed by the target's hidden states (EAGLE / Hydra style), with an
-early exit on its own confidence (Kangaroo's second exit).
+"""Trained drafters: a draft head fed by the target's hidden states (EAGLE / Hydra style),
+and self-speculation through the target's first layers plus an adapter (Kangaroo); both
+exit early on their own confidence (Kangaroo's second exit).
 
 One step of the head maps (feature f, token x) to the next feature: f is the target's
 final hidden state at the token before x (for the first draft) or the head's own previous
@@ -9,6 +10,11 @@ output (for the drafts after it), x the token that follows it:
     z  = z + down(silu(gate(norm_c(z))) * up(norm_c(z)))
     f' = norm_d(z)                                      (regressed onto the target's next hidden)
     logits = f' @ E^T                                   (E: the target's LM-head rows of the draft vocabulary)
+
+The self-speculation adapter (`HeadConfig.exit_layer` = L) is the same block fed only
+norm_a(s), s the token's hidden state after the target's first L layers (final-normed), and
+regressed onto the target's final hidden state at that token: each draft runs through those
+L layers (their KV cache is the target's, so the whole context is seen) and the adapter.
 
 The draft vocabulary is the `draft_vocab_size` tokens the target emitted most in training
 (a reduced head, as in FR-Spec / EAGLE-3): on the default model the full head is a fifth of
@@ -53,6 +59,10 @@ class HeadConfig:
     rms_norm_eps: float = 1e-6
     threshold: float = 0.2
     """Drafting stops before a draft (after the first) whose head probability is below it."""
+    exit_layer: int | None = None
+    """None: a draft head on the target's final hidden state and the next token (drafter
+    `head`). A layer count L: the adapter of self-speculation (drafter `early-exit`), fed the
+    hidden state after the target's first L layers at the token itself."""
 
 
 class DraftHead(torch.nn.Module):
@@ -63,7 +73,7 @@ class DraftHead(torch.nn.Module):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
         self.config = config
-        self.fc = torch.nn.Linear(2 * h, h, bias=False)
+        self.fc = torch.nn.Linear((1 if config.exit_layer else 2) * h, h, bias=False)
         self.gate_up = torch.nn.Linear(h, 2 * i, bias=False)
         self.down = torch.nn.Linear(i, h, bias=False)
         self.norms = torch.nn.Parameter(torch.ones(4, h))
@@ -73,9 +83,14 @@ class DraftHead(torch.nn.Module):
     def _norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.norms[i], self.config.rms_norm_eps)
 
-    def step(self, feature: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] feature and embedding of the token after it -> the next feature."""
-        z = self.fc(torch.cat([self._norm(feature, 0), self._norm(token_embedding, 1)], -1))
+    def step(self, feature: torch.Tensor, token_embedding: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """[N, hidden] feature and embedding of the token after it -> the next feature (an
+        adapter, `exit_layer` set, takes the feature alone: its token's shallow state)."""
+        z = self._norm(feature, 0)
+        if token_embedding is not None:
+            z = torch.cat([z, self._norm(token_embedding, 1)], -1)
+        z = self.fc(z)
         gate, up = self.gate_up(self._norm(z, 2)).chunk(2, -1)
         return self._norm(z + self.down(F.silu(gate) * up), 3)
 
@@ -110,11 +125,17 @@ def target_head_rows(model: torch.nn.Module, vocab: torch.Tensor) -> torch.Tenso
 
 
 def config_for(model: torch.nn.Module, intermediate_size: int | None = None,
-               threshold: float = HeadConfig.threshold) -> HeadConfig:
-    """A head config for a target model (`server.models.llama.LlamaForCausalLM`)."""
+               threshold: float = HeadConfig.threshold, exit_layer: int | None = None
+               ) -> HeadConfig:
+    """A head config (or with `exit_layer`, an adapter's) for a target model
+    (`server.models.llama.LlamaForCausalLM`); an exit layer outside 1 to num_layers - 1 is a
+    ValueError."""
     c = model.config
+    if exit_layer is not None and not 0 < exit_layer < c.num_layers:
+        raise ValueError(f"exit_layer must be 1 to {c.num_layers - 1} (the model has "
+                         f"{c.num_layers} layers), got {exit_layer}")
     return HeadConfig(c.hidden_size, intermediate_size or c.intermediate_size // 2,
-                      c.vocab_size, c.num_layers, c.rms_norm_eps, threshold)
+                      c.vocab_size, c.num_layers, c.rms_norm_eps, threshold, exit_layer)
 
 
 def load_head(path: str | Path, model: torch.nn.Module) -> DraftHead:
@@ -161,10 +182,11 @@ class HeadDrafter(Drafter):
 
     @classmethod
     def for_target(cls, model: torch.nn.Module, path: str | None) -> HeadDrafter:
-        if path is None:
-            raise ValueError("the head drafter needs trained weights: --speculative-model "
-                             "PATH (a file `leapfrog train-drafter` wrote)")
-        return cls(load_head(path, model), model.embed)
+        head = _trained(cls.name, model, path)
+        if head.config.exit_layer is not None:
+            raise ValueError(f"{path}: an early-exit adapter (trained with --exit-layer); "
+                             f"serve it with --speculative early-exit")
+        return cls(head, model.embed)
 
     @torch.inference_mode()
     def propose(self, batch: DraftBatch) -> list[Proposal]:
@@ -194,3 +216,62 @@ class HeadDrafter(Drafter):
                 n += 1
             proposals.append(Proposal(row[:n]))
         return proposals
+
+
+def _trained(name: str, model: torch.nn.Module, path: str | None) -> DraftHead:
+    if path is None:
+        raise ValueError(f"the {name} drafter needs trained weights: --speculative-model "
+                         f"PATH (a file `leapfrog train-drafter` wrote)")
+    return load_head(path, model)
+
+
+@register_drafter
+class EarlyExitDrafter(Drafter):
+    """Self-speculation (Kangaroo's double early exit): each draft runs through the target's
+    own first `exit_layer` layers (their KV cache is the target's: the context is already
+    there) and a small trained adapter with the target's LM-head rows; drafting stops early
+    when the adapter is unsure (`HeadConfig.threshold`). Greedy, deterministic proposals."""
+
+    name = "early-exit"
+
+    def __init__(self, head: DraftHead) -> None:
+        if head.config.exit_layer is None:
+            raise ValueError("an early-exit drafter needs an adapter trained with --exit-layer")
+        self.head = head
+        self.num_draft_layers = head.config.exit_layer
+
+    @classmethod
+    def for_target(cls, model: torch.nn.Module, path: str | None) -> EarlyExitDrafter:
+        head = _trained(cls.name, model, path)
+        if head.config.exit_layer is None:
+            raise ValueError(f"{path}: a draft head, not an early-exit adapter; serve it with "
+                             f"--speculative head, or train one with --exit-layer")
+        return cls(head)
+
+    @torch.inference_mode()
+    def propose(self, batch: DraftBatch) -> list[Proposal]:
+        requests = batch.requests
+        if batch.forward is None:
+            raise ValueError("the early-exit drafter needs the target's shallow forward")
+        head = self.head
+        drafts: list[list[int]] = [[] for _ in requests]
+        rows = list(range(len(requests)))
+        tokens = torch.tensor([r.token_ids[-1] for r in requests], device=head.vocab.device)
+        offset = 0
+        while rows:
+            feature = head.step(batch.forward(rows, tokens, offset))
+            best, index = head.logits(feature).softmax(-1).max(-1)
+            tokens = head.vocab[index]
+            sure = (best >= head.config.threshold).tolist()
+            going = []
+            for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                if offset and not sure[i]:
+                    continue  # (the first draft always; then while the adapter is sure)
+                drafts[row].append(token)
+                if len(drafts[row]) < requests[row].max_draft_tokens:
+                    going.append(i)
+            if len(going) < len(rows):
+                rows = [rows[i] for i in going]
+                tokens = tokens[torch.tensor(going, dtype=torch.long, device=tokens.device)]
+            offset += 1
+        return [Proposal(d) for d in drafts]

@@ -16,6 +16,11 @@ steps; step j is trained
 with weight `decay`**(j - 1). Training on the target's own greedy answers (self-distillation,
 what `leapfrog train-drafter` does by default) makes the tokens it steps with the ones
 verification accepts.
+
+An early-exit adapter (`HeadConfig.exit_layer` L) is trained the same way, except that each
+step's input is the target's own state after its first L layers at that position (from a
+second forward, of L layers): drafting runs those layers on every draft, so there is no
+feature of its own to carry from step to step.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ class Corpus:
     """[N] long: the index of the last position of each position's sequence."""
     starts: list[torch.Tensor]
     """Per sequence, the positions drafting is trained from (each has a next token)."""
+    inputs: torch.Tensor | None = None
+    """[N, hidden]: for an early-exit adapter, the hidden state after the target's first
+    layers at every position (final-normed, as the drafter sees it); None for a head."""
 
     @property
     def num_positions(self) -> int:
@@ -75,16 +83,19 @@ class Corpus:
 
 @torch.inference_mode()
 def build_corpus(model: torch.nn.Module, sequences: Sequence[tuple[list[int], int]],
-                 log: Callable[[str], None] = print) -> Corpus:
+                 log: Callable[[str], None] = print, exit_layer: int | None = None) -> Corpus:
     """Run the target over each (token ids, first trained position) and gather its hidden
-    states; sequences shorter than 2 tokens are skipped."""
-    hidden, tokens, last, starts = [], [], [], []
+    states (and with `exit_layer`, those after its first exit_layer layers); sequences
+    shorter than 2 tokens are skipped."""
+    hidden, tokens, last, starts, inputs = [], [], [], [], []
     offset, begun = 0, time.perf_counter()
     for i, (ids, first) in enumerate(sequences):
         n = len(ids)
         if n < 2:
             continue
         hidden.append(model.teacher_forced(ids).float().cpu())
+        if exit_layer is not None:
+            inputs.append(model.teacher_forced(ids, num_layers=exit_layer).float().cpu())
         tokens.append(torch.tensor(ids))
         last.append(torch.full((n,), offset + n - 1))
         starts.append(torch.arange(offset + max(first, 0), offset + n - 1))
@@ -94,7 +105,8 @@ def build_corpus(model: torch.nn.Module, sequences: Sequence[tuple[list[int], in
                 f"{time.perf_counter() - begun:.0f} s")
     if not hidden:
         raise ValueError("no sequence of at least 2 tokens to train on")
-    return Corpus(torch.cat(hidden), torch.cat(tokens), torch.cat(last), starts)
+    return Corpus(torch.cat(hidden), torch.cat(tokens), torch.cat(last), starts,
+                  torch.cat(inputs) if inputs else None)
 
 
 def draft_vocabulary(corpus: Corpus, size: int, vocab_size: int) -> torch.Tensor:
@@ -135,15 +147,26 @@ def _losses(head: DraftHead, embed: torch.Tensor, corpus: Corpus, starts: torch.
     total = torch.zeros((), device=device)
     for j in range(batches.unroll):
         target = corpus.hidden[pos[:, j]].to(device, dtype)
-        feature = head.step(feature, F.embedding(tokens[:, j].to(device), embed))
+        feature = _step(head, corpus, feature, tokens[:, j], pos[:, j], embed, dtype)
         with torch.no_grad():
             teacher = head.logits(target).softmax(-1)
         mask = valid[:, j].to(device)
         ce = -(teacher * head.logits(feature).log_softmax(-1)).sum(-1)
         reg = F.smooth_l1_loss(feature.float(), target.float(), reduction="none").mean(-1)
         per = (ce + cfg.feature_weight * reg) * mask
-        total = total + cfg.decay ** j * per.sum() / mask.sum().clamp(min=1)
+        # (an adapter's steps each start from the target's own shallow state: no decay)
+        weight = 1.0 if corpus.inputs is not None else cfg.decay ** j
+        total = total + weight * per.sum() / mask.sum().clamp(min=1)
     return total
+
+
+def _step(head: DraftHead, corpus: Corpus, feature: torch.Tensor, token: torch.Tensor,
+          pos: torch.Tensor, embed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One draft step: a head's from its previous feature and the token after it, an
+    adapter's from the token's shallow state at `pos`."""
+    if corpus.inputs is not None:
+        return head.step(corpus.inputs[pos].to(embed.device, dtype))
+    return head.step(feature, F.embedding(token.to(embed.device), embed))
 
 
 @torch.no_grad()
@@ -165,16 +188,16 @@ def evaluate(head: DraftHead, model: torch.nn.Module, corpus: Corpus, starts: to
     nxt = torch.where(pos + 1 <= c.last[starts][:, None], c.tokens[(pos + 1).clamp(max=len(c.tokens) - 1)], -1)
     follows = nxt == targets
     feature = c.hidden[starts].to(device, dtype)
-    token = tokens[:, 0].to(device)
+    token = tokens[:, 0]
     alive = torch.ones(len(starts), dtype=torch.bool)
     accepted = torch.zeros(len(starts))
     for j in range(k):
-        feature = head.step(feature, F.embedding(token, model.embed))
+        feature = _step(head, corpus, feature, token, pos[:, j], model.embed, dtype)
         draft = head.vocab[head.logits(feature).argmax(-1)].cpu()
         alive &= valid[:, j] & (draft == targets[:, j])
         accepted += alive.float()
         alive &= follows[:, j]
-        token = draft.to(device)
+        token = draft
     covered = torch.isin(targets[:, 0], head.vocab.cpu()).float().mean()
     return {"mean_accepted_length": 1 + accepted.mean().item(), "vocab_coverage": covered.item(),
             "first_draft_accuracy": (accepted >= 1).float().mean().item()}
@@ -184,6 +207,9 @@ def train_head(model: torch.nn.Module, corpus: Corpus, head_config: HeadConfig,
                cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[DraftHead, dict]:
     """Train a draft head for `model` on `corpus`; returns it (frozen, in the model's dtype)
     and a report (loss curve points, held-out acceptance)."""
+    if (head_config.exit_layer is not None) != (corpus.inputs is not None):
+        raise ValueError("an early-exit adapter trains on a corpus built with its exit_layer, "
+                         "a head on one built without")
     torch.manual_seed(cfg.seed)
     device = model.embed.device
     # the head trains in float32 whatever the model's dtype; it serves in the model's

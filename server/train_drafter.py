@@ -1,13 +1,17 @@
-"""`leapfrog train-drafter`: train a draft head (`drafters.head`) for a model.
+"""`leapfrog train-drafter`: train a draft head, or with `--exit-layer` a self-speculation
+adapter (`drafters.head`), for a model.
 
 1. Data. By default the target answers prompts itself, greedily, through the engine
    (self-distillation): the built-in training prompts (`drafters/data/train_prompts.jsonl`,
    disjoint from the benchmark prompts) or `--data`: JSONL prompts in the benchmark format
    (`messages` or `prompt`, optional `max_tokens`), or plain text (a `.txt` file, or JSONL
-   lines with `text`), trained on as it is in chunks of `--max-text-tokens`.
+   lines with `text`), trained on as it is in chunks of `--max-text-tokens`, or token
+   sequences that `--save-sequences` wrote (JSONL `ids`, and `first`: the position
+   training starts from).
 2. One teacher-forced forward of the target per sequence gives its hidden states.
 3. The head trains on them (`drafters.train.train_head`) and is saved as one safetensors
-   file, which `leapfrog serve --speculative head --speculative-model FILE` loads. The held-out
+   file, which `leapfrog serve --speculative head --speculative-model FILE` loads
+   (`--speculative early-exit` for an adapter). The held-out
    sequences' offline acceptance is printed and saved in the file's metadata.
 """
 
@@ -32,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help=f"training data: JSONL prompts the model answers, or text (.txt, or "
                    f"JSONL lines with 'text'); default: the built-in prompts ({BUILTIN})")
+    p.add_argument("--save-sequences", default=None,
+                   help="also write the token sequences trained on (JSONL 'ids' and 'first', "
+                   "which --data reads back: another run skips generating the answers)")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="answer length cap (default: each prompt's max_tokens)")
@@ -45,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens the head can propose (the corpus's most frequent)")
     p.add_argument("--intermediate-size", type=int, default=None,
                    help="the head's MLP width (default: half the model's)")
+    p.add_argument("--exit-layer", type=int, default=None,
+                   help="train a self-speculation adapter on the model's first N layers "
+                   "(serve with --speculative early-exit) instead of a draft head")
     p.add_argument("--threshold", type=float, default=h.threshold,
                    help="confidence below which drafting stops (after the first draft)")
     p.add_argument("--holdout", type=float, default=t.holdout, help="share of sequences held out")
@@ -55,21 +65,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", default=None, help="write the training report here")
 
 
-def _read_data(path: str | None) -> tuple[list[object], list[str]]:
-    """(prompts, texts) from `--data` (see the module docs)."""
+def _read_data(path: str | None) -> tuple[list[object], list[str], list[tuple[list[int], int]]]:
+    """(prompts, texts, token sequences) from `--data` (see the module docs)."""
     from bench.datasets import load_jsonl_prompts
 
     if path is None:
-        return load_jsonl_prompts(resources.files("drafters").joinpath("data/train_prompts.jsonl")), []
+        builtin = resources.files("drafters").joinpath("data/train_prompts.jsonl")
+        return load_jsonl_prompts(builtin), [], []
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"train-drafter: no data file {path!r}")
     if file.suffix == ".txt":
-        return [], [file.read_text(encoding="utf-8")]
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if lines and "text" in json.loads(lines[0]):
-        return [], [str(json.loads(line)["text"]) for line in lines]
-    return load_jsonl_prompts(file), []
+        return [], [file.read_text(encoding="utf-8")], []
+    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    if rows and "text" in rows[0]:
+        return [], [str(row["text"]) for row in rows], []
+    if rows and "ids" in rows[0]:
+        return [], [], [([int(t) for t in row["ids"]], int(row["first"])) for row in rows]
+    return load_jsonl_prompts(file), [], []
 
 
 def _sequences(llm: object, prompts: list[object], texts: list[str],
@@ -112,22 +126,25 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts, texts = _read_data(args.data)
+    prompts, texts, sequences = _read_data(args.data)
     if args.max_prompts is not None:
         prompts = prompts[: args.max_prompts]
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=False)
     model = llm.engine.model
-    sequences = _sequences(llm, prompts, texts, args)
+    sequences += _sequences(llm, prompts, texts, args)
+    if args.save_sequences:
+        Path(args.save_sequences).write_text("".join(
+            json.dumps({"ids": ids, "first": first}) + "\n" for ids, first in sequences))
     start = time.perf_counter()
-    corpus = build_corpus(model, sequences)
+    head_config = config_for(model, args.intermediate_size, args.threshold, args.exit_layer)
+    corpus = build_corpus(model, sequences, exit_layer=args.exit_layer)
     print(f"hidden states: {len(sequences)} sequences, {len(corpus.tokens)} tokens, "
           f"{corpus.num_positions} trained positions in {time.perf_counter() - start:.0f} s",
           flush=True)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       unroll=args.unroll, draft_vocab_size=args.draft_vocab_size,
                       holdout=args.holdout, seed=args.seed)
-    head_config = config_for(model, args.intermediate_size, args.threshold)
     head, report = train_head(model, corpus, head_config, cfg)
     report.update(model=llm.engine.model_name, data=args.data or BUILTIN,
                   sequences=len(sequences), tokens=len(corpus.tokens))

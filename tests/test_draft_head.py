@@ -187,3 +187,111 @@ def test_train_drafter_command(tmp_path: Path) -> None:
     assert len(done[0].token_ids) == 8
     with pytest.raises(ValueError, match="needs a drafter"):
         LLM(dtype="float32", speculative_model=str(out))
+
+
+# -- self-speculation: the target's first layers and an adapter ------------------------------
+EXIT = 1  # of the tiny model's 3 layers
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tiny, tmp_path_factory) -> Path:
+    llm, seqs = tiny
+    model = llm.engine.model
+    corpus = build_corpus(model, seqs, log=lambda _: None, exit_layer=EXIT)
+    assert corpus.inputs is not None and corpus.inputs.shape == corpus.hidden.shape
+    with pytest.raises(ValueError, match="corpus built with"):
+        train_head(model, corpus, config_for(model), TrainConfig(steps=1), log=lambda _: None)
+    cfg = TrainConfig(steps=300, batch_size=128, lr=1e-2, draft_vocab_size=64, holdout=0.2)
+    head, report = train_head(model, corpus, config_for(model, exit_layer=EXIT), cfg,
+                              log=lambda _: None)
+    assert report["curve"][-1]["loss"] < 0.8 * report["curve"][0]["loss"]
+    fitted = evaluate(head, model, corpus, torch.cat(corpus.starts), 4)
+    assert fitted["first_draft_accuracy"] > 0.15
+    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
+    head.save(path)
+    return path
+
+
+def test_adapter_and_head_files_are_not_interchangeable(tiny, adapter_file, trained,
+                                                        tmp_path: Path) -> None:
+    model = tiny[0].engine.model
+    with pytest.raises(ValueError, match="--speculative early-exit"):
+        drafter_for_target("head", model, str(adapter_file))
+    head_file = tmp_path / "head.safetensors"
+    trained[0].save(head_file)
+    with pytest.raises(ValueError, match="--speculative head"):
+        drafter_for_target("early-exit", model, str(head_file))
+    assert drafter_for_target("early-exit", model, str(adapter_file)).num_draft_layers == EXIT
+    with pytest.raises(ValueError, match="exit_layer must be 1 to 2"):
+        config_for(model, exit_layer=3)
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 0.0},
+    {"temperature": 0.0, "sliding_window": 6, "num_sink_tokens": 2,
+     "full_attention_layers": (2,)},
+    {"temperature": 0.8},
+], ids=["greedy", "greedy-hybrid-cache", "sampled"])
+def test_early_exit_output_is_the_targets(tiny, adapter_file, tiny_model_dir,
+                                          settings: dict) -> None:
+    """Drafts write the first layers' KV after each request's newest token, into slots the
+    scheduler reserved; verification overwrites them. Greedy output equals the plain
+    engine's, with block boundaries every 2 tokens, rollbacks, a hybrid cache whose window
+    slides, and the shallow states the drafter sees are a fresh forward's."""
+    settings = dict(settings)
+    temperature = settings.pop("temperature")
+    model_dir = str(tiny_model_dir("qwen2"))
+    common = dict(dtype="float32", num_kv_blocks=96, block_size=2, max_num_batched_tokens=48,
+                  debug_check_integrity=True, enable_prefix_caching=False, **settings)
+    plain = LLM(model_dir, **common)
+    spec = LLM(model_dir, speculative="early-exit", speculative_model=str(adapter_file),
+               num_speculative_tokens=4, **common)
+    spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
+    drafter = spec.engine.runner.drafter
+    propose, seen = drafter.propose, []
+
+    def spy(batch):
+        forward = batch.forward
+
+        def recorded(rows, tokens, offset):
+            out = forward(rows, tokens, offset)
+            seen.append(([list(batch.requests[i].token_ids) for i in rows], tokens.tolist(),
+                         offset, out.clone()))
+            return out
+
+        batch.forward = recorded
+        return propose(batch)
+
+    drafter.propose = spy
+    _, seqs = tiny
+    prompts = [ids[: first + 1] for ids, first in seqs[:4]]
+    params = [SamplingParams(max_tokens=30, ignore_eos=True, temperature=temperature, seed=i)
+              for i in range(len(prompts))]
+    got = spec.generate(prompts, params)
+    if temperature == 0.0:
+        assert [c.token_ids for c in got] == [c.token_ids for c in
+                                              plain.generate(prompts, params)]
+    assert all(len(c.token_ids) == 30 for c in got)
+    assert sum(c.num_draft_tokens for c in got) > sum(c.num_accepted_tokens for c in got) > 0
+    assert spec.engine.blocks.num_free_blocks == plain.engine.blocks.num_free_blocks
+    # each shallow state: the last row of a forward of the first layers over the history
+    # and the drafts before it (a windowed layer attending to its sinks + window)
+    model = spec.engine.model
+    windows = [{}]
+    if "sliding_window" in settings:
+        windows.append({"sliding_window": 6, "num_sink_tokens": 2})
+    drafts: dict[int, list[int]] = {}
+    checked = 0
+    for histories, tokens, offset, out in seen[:40]:
+        for i, history in enumerate(histories):
+            key = hash(tuple(history))
+            if offset == 0:
+                drafts[key] = []
+            sequence = history + drafts[key]
+            if offset:
+                sequence = [*sequence, tokens[i]]
+                drafts[key].append(tokens[i])
+            want = model.teacher_forced(sequence, 2, windows, num_layers=EXIT)[-1]
+            torch.testing.assert_close(out[i], want, rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert checked > 20

@@ -45,18 +45,28 @@ def build_inputs(out: SchedulerOutput, block_tables: list[list[list[int]]], bloc
         positions.extend(range(begin, begin + s.num_new_tokens))
         starts.append(starts[-1] + s.num_new_tokens)
         seq_lens.append(begin + s.num_new_tokens)
+    return ModelInputs(
+        ahead_ids if ahead_ids is not None else torch.tensor(ids, dtype=torch.long, device=device),
+        torch.tensor(positions, dtype=torch.long, device=device),
+        batch_meta(block_tables, positions, seq_lens, starts, block_size, device, padded_groups,
+                   windows),
+        starts,
+    )
+
+
+def batch_meta(block_tables: list[list[list[int]]], positions: list[int], seq_lens: list[int],
+               starts: list[int], block_size: int, device: torch.device, padded_groups: bool,
+               windows: Sequence[SinkWindow | None] = (None,)) -> BatchMeta:
+    """The attention metadata of a flat batch: sequence i's tokens are rows starts[i] to
+    starts[i + 1] at `positions`, and it has seq_lens[i] tokens of context with them;
+    `block_tables` and `windows` as `build_inputs`'."""
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     start_loc = torch.tensor(starts, dtype=torch.int32)
     metas = [_meta(pool, window, positions, lens, start_loc, block_size, device, padded_groups)
              for pool, window in zip(block_tables, windows, strict=True)]
     if len(metas) > 1:
         metas[0].sparse = metas[1]
-    return ModelInputs(
-        ahead_ids if ahead_ids is not None else torch.tensor(ids, dtype=torch.long, device=device),
-        torch.tensor(positions, dtype=torch.long, device=device),
-        metas[0],
-        starts,
-    )
+    return metas[0]
 
 
 def _meta(block_tables: list[list[int]], window: SinkWindow | None, positions: list[int],

@@ -90,7 +90,7 @@ class LLMEngine:
                    if config.speculative else None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
-            self.blocks, policy,
+            self.blocks, policy, draft_slots=bool(drafter and drafter.num_draft_layers),
         )
         self.runner = ModelRunner(self.model, self.blocks, self.device, drafter, windowed)
         if self.device.type == "cuda":  # (prefill and verification shapes: see warm_up)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from drafters.base import DraftBatch, Drafter, DraftRequest, History
 from drafters.verify import verify_greedy, verify_sampled
-from server.engine.batch_builder import build_inputs
+from server.engine.batch_builder import batch_meta, build_inputs
 from server.engine.block_manager import BlockManager, BlockPool, window_kwargs
 from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from server.engine.cuda_graphs import CudaGraphRunner
@@ -334,6 +335,25 @@ class ModelRunner:
             logprobs = token_logprobs(logits[: len(tokens)], tokens, p.logprobs)
         return SampledTokens(tokens, len(drafts), logprobs)
 
+    def _shallow_forward(self, request_ids: list[str], newest: list[int]
+                         ) -> Callable[[list[int], torch.Tensor, int], torch.Tensor]:
+        """`DraftBatch.forward` for these requests, whose newest tokens are at positions
+        `newest`: their drafts' KV goes into the slots the scheduler reserved after them
+        (`Scheduler`'s draft_slots)."""
+        tables = [self.blocks.block_tables(rid) for rid in request_ids]
+        layers = self.drafter.num_draft_layers
+
+        def forward(rows: list[int], tokens: torch.Tensor, offset: int) -> torch.Tensor:
+            positions = [newest[i] + offset for i in rows]
+            by_pool = [list(pool) for pool in zip(*(tables[i] for i in rows), strict=True)]
+            meta = batch_meta(by_pool, positions, [p + 1 for p in positions],
+                              list(range(len(rows) + 1)), self.blocks.block_size, self.device,
+                              self.device.type == "cpu", self.windows)
+            return self.model(tokens, torch.tensor(positions, device=self.device), meta,
+                              num_layers=layers)
+
+        return forward
+
     def _draft(self, owners: list[tuple[ScheduledRequest, int]], sampled: dict[str, SampledTokens],
                hidden: torch.Tensor, last_rows: list[int]) -> None:
         # (a request a stop string ended while this step ran has no next step)
@@ -348,10 +368,13 @@ class ModelRunner:
                          s.num_draft_tokens_next)
             for s, _ in wanted
         ]
-        states = None
+        states = forward = None
         if self.drafter.needs_hidden_states:
             states = hidden[torch.tensor([row for _, row in wanted], device=hidden.device)]
-        proposals = self.drafter.propose(DraftBatch(requests, states))
+        if self.drafter.num_draft_layers:
+            forward = self._shallow_forward([r.request_id for r in requests],
+                                            [len(r.token_ids) - 1 for r in requests])
+        proposals = self.drafter.propose(DraftBatch(requests, states, forward))
         for (s, _), proposal in zip(wanted, proposals, strict=True):
             result = sampled[s.request.request_id]
             k = s.num_draft_tokens_next

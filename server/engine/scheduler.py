@@ -34,11 +34,16 @@ class Scheduler:
     """Owns the waiting queue, the running batch and the block manager."""
 
     def __init__(
-        self, config: SchedulerConfig, block_manager: BlockManager, spec_policy: SpecPolicy | None = None
+        self, config: SchedulerConfig, block_manager: BlockManager, spec_policy: SpecPolicy | None = None,
+        draft_slots: bool = False,
     ) -> None:
+        """`draft_slots`: the drafter writes its drafts' KV (self-speculation through the
+        target's first layers): a request that will draft gets the slots its drafts may
+        take, after this step's tokens, when it is scheduled."""
         self.config = config
         self.blocks = block_manager
         self.spec_policy = spec_policy
+        self.draft_slots = draft_slots
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -128,6 +133,8 @@ class Scheduler:
             if padded:
                 self._trim_padded_drafts(scheduled, policy)
             self._assign_draft_lengths(scheduled, policy, padded)
+            if self.draft_slots:
+                self._reserve_draft_slots(scheduled)
         total = sum(s.num_new_tokens for s in scheduled)
         return SchedulerOutput(scheduled, total, preempted, ended, queried, hits)
 
@@ -209,6 +216,22 @@ class Scheduler:
             k = policy.draft_length(s.request.request_id, step_tokens, len(producing), limit) if limit else 0
             spare -= k
             step_tokens += k
+            s.num_draft_tokens_next = k
+
+    def _reserve_draft_slots(self, scheduled: list[ScheduledRequest]) -> None:
+        """Allocate the KV slots of each request's next drafts: after this step its newest
+        token is at most at position computed + this step's tokens, and its k drafts write
+        from there. Drafts the cache has no room for are not asked for (no preemption)."""
+        for s in scheduled:
+            k = s.num_draft_tokens_next
+            if not k:
+                continue
+            r = s.request
+            end = r.num_computed_tokens + s.num_new_tokens
+            while k and not self.blocks.can_allocate(r.request_id, end + k):
+                k -= 1
+            if k:
+                self.blocks.allocate(r.request_id, end + k)
             s.num_draft_tokens_next = k
 
     def _trim_padded_drafts(self, scheduled: list[ScheduledRequest], policy: SpecPolicy) -> None:

@@ -130,11 +130,12 @@ class LlamaForCausalLM(torch.nn.Module):
         return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps, fused)[0]
 
     def teacher_forced(self, ids: list[int], block_size: int = 16,
-                       windows: Sequence[dict[str, int | None]] = ({},)) -> torch.Tensor:
+                       windows: Sequence[dict[str, int | None]] = ({},),
+                       num_layers: int | None = None) -> torch.Tensor:
         """Final hidden states [len(ids), hidden] of one forward over `ids` with fresh
         contiguous caches (the model's own are set aside), e.g. to score a text or to train a
-        drafter. `windows`: `BatchMeta` window settings, the first for every layer, a second
-        for the layers marked `windowed`."""
+        drafter; `num_layers` as `forward`'s. `windows`: `BatchMeta` window settings, the
+        first for every layer, a second for the layers marked `windowed`."""
         n, c, dev = len(ids), self.config, self.embed.device
         num_blocks = -(-n // block_size)
         saved = self.kv_caches
@@ -148,7 +149,7 @@ class LlamaForCausalLM(torch.nn.Module):
         metas = [BatchMeta(*args, **w) for w in windows]
         metas[0].sparse = metas[1] if len(metas) > 1 else None
         try:
-            return self(torch.tensor(ids, device=dev), positions, metas[0])
+            return self(torch.tensor(ids, device=dev), positions, metas[0], num_layers)
         finally:
             self.kv_caches = saved
 
