@@ -27,6 +27,9 @@
 #   hybrid   hybrid KV cache vs full attention, the default model ($GGUF) in bfloat16:
 #            perplexity, context per GiB, batch-1 decode at long context (never run on a GPU
 #            yet) (python3 -m server.benchmarks.hybrid) [$HYBRID_ARGS]
+#   drafter  trains a draft head for the default model ($GGUF) from 8 sampled answers to each
+#            built-in training prompt, then n-gram's spec benchmark with it in bfloat16 (never
+#            run on a GPU yet) [$DRAFTER_ARGS]
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
 set -uo pipefail
 OUT="${OUT:-/tmp/leapfrog-gpu}"
@@ -86,6 +89,18 @@ for s in $STEPS; do
           --dtype bfloat16 --result-json "$OUT/hybrid.json" ${HYBRID_ARGS:-}
       else
         echo "=== hybrid: skipped (no GGUF=...)"
+      fi ;;
+    drafter)
+      if [ -n "$GGUF" ]; then
+        step drafter_train 420 python3 -m server.cli train-drafter "$GGUF" --device cuda \
+          --dtype bfloat16 -o "$OUT/head.safetensors" --answers-per-prompt 8 --temperature 0.7 \
+          --max-num-seqs 64 --steps 4000 --batch-size 1024 --result-json "$OUT/drafter.json" \
+          ${DRAFTER_ARGS:-}
+        step drafter_spec 270 python3 -m server.benchmarks.spec "$GGUF" --dtype bfloat16 \
+          --speculative head --speculative-model "$OUT/head.safetensors" --on-mismatch count \
+          --result-json "$OUT/spec_head.json"
+      else
+        echo "=== drafter: skipped (no GGUF=...)"
       fi ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
     attention) step attention 300 python3 -m kernels.bench_attention --json "$OUT/attention.json" \

@@ -1,9 +1,10 @@
 """`leapfrog train-drafter`: train a draft head, or with `--exit-layer` a self-speculation
 adapter (`drafters.head`), for a model.
 
-1. Data. By default the target answers prompts itself, greedily, through the engine
-   (self-distillation): the built-in training prompts (`drafters/data/train_prompts.jsonl`,
-   disjoint from the benchmark prompts) or `--data`: JSONL prompts in the benchmark format
+1. Data. By default the target answers prompts itself through the engine, greedily or
+   `--answers-per-prompt` times at `--temperature` (self-distillation): the built-in
+   training prompts (`drafters/data/train_prompts.jsonl`, disjoint from the benchmark
+   prompts) or `--data`: JSONL prompts in the benchmark format
    (`messages` or `prompt`, optional `max_tokens`), or plain text (a `.txt` file, or JSONL
    lines with `text`), trained on as it is in chunks of `--max-text-tokens`, or token
    sequences that `--save-sequences` wrote (JSONL `ids`, and `first`: the position
@@ -33,15 +34,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t, h = TrainConfig(), HeadConfig
     p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
     p.add_argument("--output", "-o", required=True, help="file to write the head to (.safetensors)")
-    p.add_argument("--data", default=None,
-                   help=f"training data: JSONL prompts the model answers, or text (.txt, or "
-                   f"JSONL lines with 'text'); default: the built-in prompts ({BUILTIN})")
+    p.add_argument("--data", action="append", default=None,
+                   help=f"training data (repeat for more files): JSONL prompts the model "
+                   f"answers, text (.txt, or JSONL lines with 'text'), or saved sequences "
+                   f"(--save-sequences); default: the built-in prompts ({BUILTIN})")
     p.add_argument("--save-sequences", default=None,
                    help="also write the token sequences trained on (JSONL 'ids' and 'first', "
                    "which --data reads back: another run skips generating the answers)")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="answer length cap (default: each prompt's max_tokens)")
+    p.add_argument("--answers-per-prompt", type=int, default=1,
+                   help="answers generated for each prompt (more than 1 needs --temperature)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of the answers (0: greedy)")
     p.add_argument("--max-text-tokens", type=int, default=1024, help="chunk length for text data")
     p.add_argument("--max-num-seqs", type=int, default=32, help="answers generated at once")
     p.add_argument("--steps", type=int, default=t.steps, help="optimizer steps")
@@ -88,17 +94,19 @@ def _read_data(path: str | None) -> tuple[list[object], list[str], list[tuple[li
 
 def _sequences(llm: object, prompts: list[object], texts: list[str],
                args: argparse.Namespace) -> list[tuple[list[int], int]]:
-    """(token ids, first trained position) per sequence: prompts with the model's greedy
-    answers (trained from the prompt's last token), text chunks (trained throughout)."""
+    """(token ids, first trained position) per sequence: prompts with the model's answers
+    (trained from the prompt's last token), text chunks (trained throughout)."""
     from server.engine.sampling_params import SamplingParams
 
     out: list[tuple[list[int], int]] = []
     if prompts:
+        n = args.answers_per_prompt
         ids = [llm.tokenizer.apply_chat_template(p.messages, add_generation_prompt=True,
                                                  tokenize=True, return_dict=False)
-               for p in prompts]
-        params = [SamplingParams(max_tokens=args.max_tokens or p.max_tokens, temperature=0.0)
-                  for p in prompts]
+               for p in prompts for _ in range(n)]
+        params = [SamplingParams(max_tokens=args.max_tokens or p.max_tokens,
+                                 temperature=args.temperature, seed=args.seed * n + i)
+                  for p in prompts for i in range(n)]
         start = time.perf_counter()
         results = llm.generate(ids, params)
         made = sum(len(r.token_ids) for r in results)
@@ -117,6 +125,10 @@ def _sequences(llm: object, prompts: list[object], texts: list[str],
     return out
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -126,7 +138,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts, texts, sequences = _read_data(args.data)
+    if args.answers_per_prompt < 1 or (args.answers_per_prompt > 1 and args.temperature <= 0):
+        raise SystemExit("train-drafter: --answers-per-prompt must be 1, or more with "
+                         "--temperature above 0 (greedy answers would repeat)")
+    prompts, texts, sequences = [], [], []
+    for path in args.data or [None]:
+        more = _read_data(path)
+        prompts, texts, sequences = prompts + more[0], texts + more[1], sequences + more[2]
     if args.max_prompts is not None:
         prompts = prompts[: args.max_prompts]
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
@@ -138,17 +156,18 @@ def run(args: argparse.Namespace) -> int:
             json.dumps({"ids": ids, "first": first}) + "\n" for ids, first in sequences))
     start = time.perf_counter()
     head_config = config_for(model, args.intermediate_size, args.threshold, args.exit_layer)
-    corpus = build_corpus(model, sequences, exit_layer=args.exit_layer)
+    corpus = build_corpus(model, sequences, _log, args.exit_layer)
     print(f"hidden states: {len(sequences)} sequences, {len(corpus.tokens)} tokens, "
           f"{corpus.num_positions} trained positions in {time.perf_counter() - start:.0f} s",
           flush=True)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       unroll=args.unroll, draft_vocab_size=args.draft_vocab_size,
                       holdout=args.holdout, seed=args.seed)
-    head, report = train_head(model, corpus, head_config, cfg)
-    report.update(model=llm.engine.model_name, data=args.data or BUILTIN,
-                  sequences=len(sequences), tokens=len(corpus.tokens))
-    head.save(args.output, model=llm.engine.model_name, data=args.data or BUILTIN,
+    head, report = train_head(model, corpus, head_config, cfg, _log)
+    data = ", ".join(args.data or [BUILTIN])
+    report.update(model=llm.engine.model_name, data=data, sequences=len(sequences),
+                  tokens=len(corpus.tokens))
+    head.save(args.output, model=llm.engine.model_name, data=data,
               held_out=json.dumps(report.get("held_out", {})))
     held = report.get("held_out")
     if held:

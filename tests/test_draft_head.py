@@ -187,6 +187,8 @@ def test_train_drafter_command(tmp_path: Path) -> None:
     assert len(done[0].token_ids) == 8
     with pytest.raises(ValueError, match="needs a drafter"):
         LLM(dtype="float32", speculative_model=str(out))
+    with pytest.raises(SystemExit, match="--temperature above 0"):
+        main(["train-drafter", "-o", str(out), "--answers-per-prompt", "2"])
 
 
 # -- self-speculation: the target's first layers and an adapter ------------------------------

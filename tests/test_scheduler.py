@@ -247,3 +247,33 @@ def test_schedule_ahead_only_when_nothing_else_would_run() -> None:
     tight.update(full := tight.schedule(), fake_run(full))
     decode = tight.schedule()  # position 4 of each needs a second block: preempts b
     assert decode.preempted and tight.schedule_ahead(decode) is None
+
+
+def test_draft_slots_reserved_for_drafts_that_write_kv() -> None:
+    """With draft_slots (self-speculation), a request that will draft k tokens holds the KV
+    slots they may write, after this step's tokens; a tight cache asks for fewer drafts and
+    preempts nobody."""
+    s = Scheduler(SchedulerConfig(8, 64, 256), BlockManager(4, 4),
+                  AlwaysDraftPolicy(max_draft_tokens=4), draft_slots=True)
+    r = req("a", 6, max_tokens=40)
+    s.add_request(r)
+    out = s.schedule()  # 6 prompt tokens; the newest token at position 6, drafts 6..9
+    assert out.scheduled[0].num_draft_tokens_next == 4
+    assert len(s.blocks.block_table("a")) == 3  # 6 + 4 = 10 slots
+    s.update(out, fake_run(out))
+    r.spec_token_ids = [5, 6, 7, 8]
+    out = s.schedule()  # 6 computed + 5 tokens; the next drafts write from 11: 15 slots
+    assert out.scheduled[0].num_draft_tokens_next == 4
+    assert len(s.blocks.block_table("a")) == 4
+    s.update(out, fake_run(out, accept_all=True))
+    r.spec_token_ids = [5, 6, 7, 8]
+    out = s.schedule()  # 11 computed + 5: 16 slots, all 4 blocks; no room for drafts
+    assert out.scheduled[0].num_draft_tokens_next == 0 and not out.preempted
+    s.blocks.check_integrity()
+
+
+class AlwaysDraftPolicy(SpecPolicy):
+    """Every request may draft as many tokens as it has room for."""
+
+    def draft_length(self, request_id: str, step_tokens: int, producing: int, limit: int) -> int:
+        return min(limit, self.max_draft_tokens)
