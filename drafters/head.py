@@ -1,6 +1,7 @@
 """Trained drafters: a draft head fed by the target's hidden states (EAGLE / Hydra style),
 and self-speculation through the target's first layers plus an adapter (Kangaroo); both
-exit early on their own confidence (Kangaroo's second exit).
+exit early on their own confidence (Kangaroo's second exit). `ngram-head` asks prompt
+lookup first and the head where it finds nothing.
 
 One step of the head maps (feature f, token x) to the next feature: f is the target's
 final hidden state at the token before x (for the first draft) or the head's own previous
@@ -275,3 +276,36 @@ class EarlyExitDrafter(Drafter):
                 tokens = tokens[torch.tensor(going, dtype=torch.long, device=tokens.device)]
             offset += 1
         return [Proposal(d) for d in drafts]
+
+
+@register_drafter
+class NgramHeadDrafter(Drafter):
+    """Prompt lookup first, the draft head where it finds nothing: n-gram matches are cheap
+    and often long where the answer repeats its context (summaries, rewrites), the head
+    drafts where it does not (arithmetic, new prose)."""
+
+    name = "ngram-head"
+    needs_hidden_states = True
+
+    def __init__(self, head: HeadDrafter) -> None:
+        from drafters.ngram import NgramDrafter
+
+        self.ngram = NgramDrafter()
+        self.head = head
+
+    @classmethod
+    def for_target(cls, model: torch.nn.Module, path: str | None) -> NgramHeadDrafter:
+        return cls(HeadDrafter.for_target(model, path))
+
+    def propose(self, batch: DraftBatch) -> list[Proposal]:
+        proposals = self.ngram.propose(DraftBatch(batch.requests))
+        empty = [i for i, p in enumerate(proposals) if not p.token_ids]
+        if empty:
+            index = torch.tensor(empty, device=batch.hidden_states.device)
+            rest = DraftBatch([batch.requests[i] for i in empty], batch.hidden_states[index])
+            for i, p in zip(empty, self.head.propose(rest), strict=True):
+                proposals[i] = p
+        return proposals
+
+    def release(self, request_id: str) -> None:
+        self.ngram.release(request_id)

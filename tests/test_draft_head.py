@@ -297,3 +297,35 @@ def test_early_exit_output_is_the_targets(tiny, adapter_file, tiny_model_dir,
             torch.testing.assert_close(out[i], want, rtol=1e-4, atol=1e-4)
             checked += 1
     assert checked > 20
+
+
+def test_ngram_head_asks_the_head_only_where_lookup_finds_nothing(tiny, trained,
+                                                                  tmp_path: Path) -> None:
+    from drafters.ngram import NgramDrafter
+
+    llm, _ = tiny
+    model = llm.engine.model
+    path = tmp_path / "head.safetensors"
+    trained[0].save(path)
+    drafter = drafter_for_target("ngram-head", model, str(path))
+    repeats, fresh = [5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 12, 13]
+    hidden = torch.cat([model.teacher_forced(repeats)[-2:-1], model.teacher_forced(fresh)[-2:-1]])
+    requests = [DraftRequest("r", repeats, 3), DraftRequest("f", fresh, 3)]
+    got = drafter.propose(DraftBatch(requests, hidden))
+    assert got[0].token_ids == NgramDrafter().propose(DraftBatch(requests[:1]))[0].token_ids
+    assert got[0].token_ids == [8, 5, 6]
+    alone = HeadDrafter(load_head(path, model), model.embed)
+    assert got[1].token_ids == alone.propose(DraftBatch(requests[1:], hidden[1:]))[0].token_ids
+    assert got[1].token_ids
+    drafter.release("r")
+    # in the engine: the target's own greedy output
+    common = dict(dtype="float32", num_kv_blocks=64, block_size=2, enable_prefix_caching=False)
+    model_dir = llm.engine.config.model
+    prompts = [repeats, fresh]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    spec = LLM(model_dir, speculative="ngram-head", speculative_model=str(path), **common)
+    spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
+    got = spec.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in
+                                          LLM(model_dir, **common).generate(prompts, params)]
+    assert sum(c.num_draft_tokens for c in got) > 0
