@@ -200,7 +200,8 @@ def evaluate(head: DraftHead, model: torch.nn.Module, corpus: Corpus, starts: to
         token = draft
     covered = torch.isin(targets[:, 0], head.vocab.cpu()).float().mean()
     return {"mean_accepted_length": 1 + accepted.mean().item(), "vocab_coverage": covered.item(),
-            "first_draft_accuracy": (accepted >= 1).float().mean().item()}
+            "first_draft_accuracy": (accepted >= 1).float().mean().item(),
+            "positions": len(starts)}
 
 
 def train_head(model: torch.nn.Module, corpus: Corpus, head_config: HeadConfig,
@@ -261,5 +262,4 @@ def train_head(model: torch.nn.Module, corpus: Corpus, head_config: HeadConfig,
               "train_seconds": time.perf_counter() - begun}
     if held:
         report["held_out"] = evaluate(head, model, corpus, torch.cat(held), cfg.unroll)
-        report["held_out_positions"] = int(sum(len(h) for h in held))
     return head, report

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
               held_out=json.dumps(report.get("held_out", {})))
     held = report.get("held_out")
     if held:
-        print(f"held out ({report['held_out_positions']} positions, {args.unroll} drafts): "
+        print(f"held out ({held['positions']} positions, {args.unroll} drafts): "
               f"mean accepted length {held['mean_accepted_length']:.2f}, first draft right "
               f"{held['first_draft_accuracy']:.1%}, target's token in the draft vocabulary "
               f"{held['vocab_coverage']:.1%}")

@@ -77,7 +77,10 @@ def test_training_fits_the_targets_predictions(tiny, trained) -> None:
     assert fitted["mean_accepted_length"] > 1.15
     assert 0.5 < fitted["vocab_coverage"] <= 1.0
     assert set(report["held_out"]) == {"mean_accepted_length", "vocab_coverage",
-                                       "first_draft_accuracy"}
+                                       "first_draft_accuracy", "positions"}
+    held = sum(len(corpus.starts[i]) for i in range(len(corpus.starts))) - report[
+        "train_positions"]
+    assert report["held_out"]["positions"] == min(held, 4096)
 
 
 def test_save_and_load_round_trip(tiny, trained, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from drafters.base import DraftBatch, Drafter, Proposal
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 from server.engine.spec_policy import SpecPolicy
@@ -115,28 +116,22 @@ def test_a_step_is_priced_with_the_drafting_that_made_its_drafts(tiny_model_dir,
     assert costs != drafting and 1.0 in drafting  # (each step's own drafting: not this)
 
 
-class SamplingDrafter:
+class SamplingDrafter(Drafter):
     """Test drafter: draws each draft token from a fixed distribution q and reports q."""
 
     name = "q-test"
-    needs_hidden_states = False
 
     def __init__(self, q: torch.Tensor) -> None:
         self.q = q
         self.gen = torch.Generator().manual_seed(1234)
 
-    def propose(self, batch):
-        from drafters.base import Proposal
-
+    def propose(self, batch: DraftBatch) -> list[Proposal]:
         out = []
         for r in batch.requests:
             k = r.max_draft_tokens
             tokens = torch.multinomial(self.q, k, replacement=True, generator=self.gen).tolist()
             out.append(Proposal(tokens, self.q.expand(k, -1).clone()))
         return out
-
-    def release(self, request_id: str) -> None:
-        pass
 
 
 class AlwaysDraft(SpecPolicy):

@@ -109,8 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "With --sliding-window: comma-separated layers that keep full attention ('' for "
          "none); unset: the last layer and every third before it")
     _add(eng, "--speculative", str, e.speculative,
-         "Drafter: ngram (prompt lookup) or head (a trained draft head, with "
-         "--speculative-model); unset: no speculation")
+         "Drafter: ngram (prompt lookup); head (a trained draft head), early-exit "
+         "(self-speculation) or ngram-head (lookup, then the head), each with "
+         "--speculative-model; unset: no speculation")
     _add(eng, "--speculative-model", str, e.speculative_model,
          "Trained drafter weights (the file `leapfrog train-drafter` writes)")
     _add(eng, "--num-speculative-tokens", int, e.num_speculative_tokens,
