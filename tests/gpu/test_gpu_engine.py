@@ -63,6 +63,33 @@ def test_hybrid_cache_on_cuda_matches_eager_and_cpu(tiny_model_dir, spec):
     graphed.engine.blocks.check_integrity()
 
 
+@pytest.mark.parametrize("drafter", ["head", "early-exit", "ngram-head"])
+def test_trained_drafters_on_cuda_match_cpu(tiny_model_dir, tmp_path, drafter):
+    """A (random) draft head or early-exit adapter on CUDA, with graphs: the greedy tokens
+    of the CPU engine without speculation; the adapter's drafts write the first layer's KV
+    into reserved slots."""
+    from drafters.head import DraftHead, config_for, target_head_rows
+
+    path = tiny_model_dir("llama")
+    model = LLM(str(path), dtype="float32").engine.model
+    torch.manual_seed(0)
+    vocab = torch.arange(3, 67)
+    config = config_for(model, threshold=0.0,
+                        exit_layer=1 if drafter == "early-exit" else None)
+    weights = tmp_path / "drafter.safetensors"
+    DraftHead(config, vocab, target_head_rows(model, vocab)).save(weights)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (2, 9, 21)]
+    spec = {"speculative": drafter, "speculative_model": str(weights),
+            "num_speculative_tokens": 3}
+    graphed, on_cuda = _generate(path, prompts, device="cuda", **spec)
+    _, cpu = _generate(path, prompts, device="cpu")
+    assert [c.token_ids for c in on_cuda] == [c.token_ids for c in cpu]
+    assert sum(c.num_draft_tokens for c in on_cuda) > 0
+    assert graphed.engine.blocks.usage == 0.0
+    graphed.engine.blocks.check_integrity()
+
+
 def _prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     """[len(ids), vocab] logits of one prefill through the engine's model, on its device."""
     from server.models.batch import BatchMeta
