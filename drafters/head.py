@@ -58,6 +58,7 @@ class HeadConfig:
     """The target's layer count (with hidden and vocab sizes: the check that a saved head
     is loaded for the model it was trained on)."""
     rms_norm_eps: float = 1e-6
+    """The target's RMS-norm epsilon, used by the head's norms."""
     threshold: float = 0.2
     """Drafting stops before a draft (after the first) whose head probability is below it."""
     exit_layer: int | None = None

@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 2e-3
     """Peak learning rate (AdamW; linear warm-up over 5% of the steps, cosine decay)."""
     weight_decay: float = 0.0
+    """AdamW's weight decay."""
     unroll: int = 4
     """Draft steps trained from each start position."""
     decay: float = 0.8
@@ -58,6 +59,7 @@ class TrainConfig:
     holdout: float = 0.05
     """Share of the sequences kept out of training to measure the head on."""
     seed: int = 0
+    """Seed of the initial weights, the held-out split and the batches."""
 
 
 @dataclass

@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not Path(args.output).resolve().parent.is_dir():
+        raise SystemExit(f"train-drafter: no directory for --output {args.output!r}")
     if args.answers_per_prompt < 1 or (args.answers_per_prompt > 1 and args.temperature <= 0):
         raise SystemExit("train-drafter: --answers-per-prompt must be 1, or more with "
                          "--temperature above 0 (greedy answers would repeat)")
@@ -150,12 +152,15 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=False)
     model = llm.engine.model
+    try:  # (bad settings fail here, not after the answers and the training)
+        head_config = config_for(model, args.intermediate_size, args.threshold, args.exit_layer)
+    except ValueError as e:
+        raise SystemExit(f"train-drafter: {e}") from None
     sequences += _sequences(llm, prompts, texts, args)
     if args.save_sequences:
         Path(args.save_sequences).write_text("".join(
             json.dumps({"ids": ids, "first": first}) + "\n" for ids, first in sequences))
     start = time.perf_counter()
-    head_config = config_for(model, args.intermediate_size, args.threshold, args.exit_layer)
     corpus = build_corpus(model, sequences, _log, args.exit_layer)
     print(f"hidden states: {len(sequences)} sequences, {len(corpus.tokens)} tokens, "
           f"{corpus.num_positions} trained positions in {time.perf_counter() - start:.0f} s",

@@ -192,6 +192,10 @@ def test_train_drafter_command(tmp_path: Path) -> None:
         LLM(dtype="float32", speculative_model=str(out))
     with pytest.raises(SystemExit, match="--temperature above 0"):
         main(["train-drafter", "-o", str(out), "--answers-per-prompt", "2"])
+    with pytest.raises(SystemExit, match="no directory"):
+        main(["train-drafter", "-o", str(tmp_path / "missing" / "h.safetensors")])
+    with pytest.raises(SystemExit, match="exit_layer must be 1 to 29"):
+        main(["train-drafter", "-o", str(out), "--exit-layer", "30", "--data", str(data)])
 
 
 # -- self-speculation: the target's first layers and an adapter ------------------------------
