@@ -184,11 +184,7 @@ class HeadDrafter(Drafter):
 
     @classmethod
     def for_target(cls, model: torch.nn.Module, path: str | None) -> HeadDrafter:
-        head = _trained(cls.name, model, path)
-        if head.config.exit_layer is not None:
-            raise ValueError(f"{path}: an early-exit adapter (trained with --exit-layer); "
-                             f"serve it with --speculative early-exit")
-        return cls(head, model.embed)
+        return cls(_trained(cls.name, model, path, adapter=False), model.embed)
 
     @torch.inference_mode()
     def propose(self, batch: DraftBatch) -> list[Proposal]:
@@ -220,11 +216,20 @@ class HeadDrafter(Drafter):
         return proposals
 
 
-def _trained(name: str, model: torch.nn.Module, path: str | None) -> DraftHead:
+def _trained(name: str, model: torch.nn.Module, path: str | None, adapter: bool) -> DraftHead:
+    """The drafter `name`'s weights: an early-exit adapter (`adapter`) or a draft head; the
+    other kind, or no file, is a ValueError that says what to do."""
     if path is None:
         raise ValueError(f"the {name} drafter needs trained weights: --speculative-model "
                          f"PATH (a file `leapfrog train-drafter` wrote)")
-    return load_head(path, model)
+    head = load_head(path, model)
+    if adapter and head.config.exit_layer is None:
+        raise ValueError(f"{path}: a draft head, not an early-exit adapter; serve it with "
+                         f"--speculative head, or train one with --exit-layer")
+    if not adapter and head.config.exit_layer is not None:
+        raise ValueError(f"{path}: an early-exit adapter (trained with --exit-layer); "
+                         f"serve it with --speculative early-exit")
+    return head
 
 
 @register_drafter
@@ -244,11 +249,7 @@ class EarlyExitDrafter(Drafter):
 
     @classmethod
     def for_target(cls, model: torch.nn.Module, path: str | None) -> EarlyExitDrafter:
-        head = _trained(cls.name, model, path)
-        if head.config.exit_layer is None:
-            raise ValueError(f"{path}: a draft head, not an early-exit adapter; serve it with "
-                             f"--speculative head, or train one with --exit-layer")
-        return cls(head)
+        return cls(_trained(cls.name, model, path, adapter=True))
 
     @torch.inference_mode()
     def propose(self, batch: DraftBatch) -> list[Proposal]:

@@ -111,43 +111,35 @@ def build_corpus(model: torch.nn.Module, sequences: Sequence[tuple[list[int], in
                   torch.cat(inputs) if inputs else None)
 
 
-def draft_vocabulary(corpus: Corpus, size: int, vocab_size: int) -> torch.Tensor:
-    """The `size` token ids that occur most often in the corpus's trained stretches (ties:
-    lower id first), sorted by id."""
+def draft_vocabulary(tokens: torch.Tensor, starts: list[torch.Tensor], size: int,
+                     vocab_size: int) -> torch.Tensor:
+    """The `size` token ids that occur most often after the start positions `starts` of
+    `tokens` (a corpus's trained stretches; ties: lower id first), sorted by id."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for s in corpus.starts:
-        counts += torch.bincount(corpus.tokens[s + 1], minlength=vocab_size)
+    for s in starts:
+        counts += torch.bincount(tokens[s + 1], minlength=vocab_size)
     order = torch.argsort(-counts, stable=True)[: min(size, vocab_size)]
     return order.sort().values
 
 
-class _Batches:
-    """Random start positions and their unrolled inputs and targets."""
-
-    def __init__(self, corpus: Corpus, starts: torch.Tensor, unroll: int, seed: int) -> None:
-        self.corpus, self.starts, self.unroll = corpus, starts, unroll
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def sample(self, n: int) -> torch.Tensor:
-        return self.starts[torch.randint(len(self.starts), (n,), generator=self.rng)]
-
-    def unrolled(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(positions [n, unroll] clamped to their sequence, valid mask, tokens there)."""
-        c = self.corpus
-        pos = starts[:, None] + torch.arange(1, self.unroll + 1)
-        valid = pos <= c.last[starts][:, None]
-        pos = torch.minimum(pos, c.last[starts][:, None])
-        return pos, valid, c.tokens[pos]
+def _unrolled(corpus: Corpus, starts: torch.Tensor, unroll: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each start, the `unroll` positions after it clamped to its sequence [n, unroll],
+    which of them are inside it, and the tokens there."""
+    last = corpus.last[starts][:, None]
+    pos = starts[:, None] + torch.arange(1, unroll + 1)
+    valid = pos <= last
+    pos = torch.minimum(pos, last)
+    return pos, valid, corpus.tokens[pos]
 
 
 def _losses(head: DraftHead, embed: torch.Tensor, corpus: Corpus, starts: torch.Tensor,
-            batches: _Batches, cfg: TrainConfig, device: torch.device,
-            dtype: torch.dtype) -> torch.Tensor:
+            cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The weighted loss of one batch of start positions."""
-    pos, valid, tokens = batches.unrolled(starts)
+    pos, valid, tokens = _unrolled(corpus, starts, cfg.unroll)
     feature = corpus.hidden[starts].to(device, dtype)
     total = torch.zeros((), device=device)
-    for j in range(batches.unroll):
+    for j in range(cfg.unroll):
         target = corpus.hidden[pos[:, j]].to(device, dtype)
         feature = _step(head, corpus, feature, tokens[:, j], pos[:, j], embed, dtype)
         with torch.no_grad():
@@ -182,8 +174,7 @@ def evaluate(head: DraftHead, model: torch.nn.Module, corpus: Corpus, starts: to
     starts = starts[:limit]
     device, dtype = model.embed.device, model.dtype
     c = corpus
-    batches = _Batches(corpus, starts, k, 0)
-    pos, valid, tokens = batches.unrolled(starts)
+    pos, valid, tokens = _unrolled(corpus, starts, k)
     targets = torch.stack([model.compute_logits(c.hidden[pos[:, j]].to(device, dtype))
                            .argmax(-1).cpu() for j in range(k)], 1)  # [n, k]
     # the text follows the target at position t + j + 1 (next token after pos j)
@@ -224,8 +215,7 @@ def train_head(model: torch.nn.Module, corpus: Corpus, head_config: HeadConfig,
     train_starts = torch.cat(train)
     if len(train_starts) == 0:
         raise ValueError("no training positions")
-    vocab = draft_vocabulary(Corpus(corpus.hidden, corpus.tokens, corpus.last, train),
-                             cfg.draft_vocab_size, head_config.vocab_size)
+    vocab = draft_vocabulary(corpus.tokens, train, cfg.draft_vocab_size, head_config.vocab_size)
     lm_rows = target_head_rows(model, vocab).to(device, dtype)
     head = DraftHead(head_config, vocab.to(device), lm_rows).to(device)
     with torch.no_grad():  # start the output norm at the target's final norm
@@ -241,12 +231,12 @@ def train_head(model: torch.nn.Module, corpus: Corpus, head_config: HeadConfig,
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
-    batches = _Batches(corpus, train_starts, cfg.unroll, cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed)
     curve, running, begun = [], 0.0, time.perf_counter()
     every = max(1, cfg.steps // 20)
     for step in range(cfg.steps):
-        loss = _losses(head, embed, corpus, batches.sample(cfg.batch_size), batches, cfg,
-                       device, dtype)
+        starts = train_starts[torch.randint(len(train_starts), (cfg.batch_size,), generator=rng)]
+        loss = _losses(head, embed, corpus, starts, cfg, device, dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -54,7 +54,7 @@ def test_corpus_positions_follow_each_prompt(tiny) -> None:
     # the hidden states are the model's own at every position
     want = llm.engine.model.teacher_forced(ids)
     torch.testing.assert_close(corpus.hidden[: len(ids)], want, rtol=0, atol=0)
-    vocab = draft_vocabulary(corpus, 5, 128)
+    vocab = draft_vocabulary(corpus.tokens, corpus.starts, 5, 128)
     assert len(vocab) == 5 and vocab.tolist() == sorted(vocab.tolist())
 
 
