@@ -103,6 +103,44 @@ def _merge_splits(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, ac
     return acc, m_i, l_i, last
 
 
+@triton.jit
+def _merge_decode(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, active, splits,
+                  out_ptr, q_row, kv_head, stride_ot, stride_oh, head_dim,
+                  MAX_SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP: tl.constexpr,
+                  GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Split-KV for one query token a sequence: only the GROUP_PAD rows of that token
+    (the program's other rows hold zeros) are stored, and the last of the tile's `active`
+    splits to arrive loads every split's rows at once, merges them and stores the output."""
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.sum(tl.reshape(acc, (BLOCK_Q, GROUP_PAD, BLOCK_D)), axis=0)
+    m_i = tl.max(tl.reshape(m_i, (BLOCK_Q, GROUP_PAD)), axis=0)
+    l_i = tl.sum(tl.reshape(l_i, (BLOCK_Q, GROUP_PAD)), axis=0)
+    base = tile * splits
+    tl.store(ws_acc_ptr + ((base + split) * GROUP_PAD + g)[:, None] * BLOCK_D + d[None, :], acc)
+    tl.store(ws_ml_ptr + (base + split) * 2 * GROUP_PAD + g, m_i)
+    tl.store(ws_ml_ptr + (base + split) * 2 * GROUP_PAD + GROUP_PAD + g, l_i)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    if arrived == active - 1:
+        j = tl.arange(0, MAX_SPLITS)
+        here = j < active
+        ml = ws_ml_ptr + (base + j)[:, None] * 2 * GROUP_PAD + g[None, :]
+        m_j = tl.load(ml, mask=here[:, None], other=float("-inf"), cache_modifier=".cg")
+        l_j = tl.load(ml + GROUP_PAD, mask=here[:, None], other=0.0, cache_modifier=".cg")
+        m_all = tl.max(m_j, axis=0)
+        w_j = tl.exp2(m_j - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
+        l_all = tl.sum(w_j * l_j, axis=0)
+        a_j = tl.load(ws_acc_ptr + ((base + j)[:, None, None] * GROUP_PAD + g[None, :, None])
+                      * BLOCK_D + d[None, None, :], mask=here[:, None, None], other=0.0,
+                      cache_modifier=".cg")
+        out = tl.sum(a_j * w_j[:, :, None], axis=0) / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+        tl.store(out_ptr + q_row * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh
+                 + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(g < GROUP)[:, None] & (d < head_dim)[None, :])
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
 @triton.jit(do_not_specialize=["splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
@@ -111,7 +149,7 @@ def _paged_attention_kernel(
     qk_scale, ws_acc_ptr, ws_ml_ptr, cnt_ptr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
     splits, HAS_WINDOW: tl.constexpr, MAX_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
-    PDL: tl.constexpr,
+    DECODE: tl.constexpr, PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -166,10 +204,17 @@ def _paged_attention_kernel(
                 window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
         last = split < active
         if splits > 1 and last and active > 1:
-            acc, m_i, l_i, last = _merge_splits(
-                acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr,
-                (seq * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // splits) + chunk_id,
-                split, active, splits, MAX_SPLITS, BLOCK_Q * GROUP_PAD, BLOCK_D)
+            tile = (seq * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // splits) + chunk_id
+            if DECODE:  # (the merging program stores the output)
+                _merge_decode(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, active,
+                              splits, out_ptr, q_start.to(tl.int64), kv_head, stride_ot,
+                              stride_oh, head_dim, MAX_SPLITS, BLOCK_Q, GROUP, GROUP_PAD,
+                              BLOCK_D)
+                last = split < 0
+            else:
+                acc, m_i, l_i, last = _merge_splits(
+                    acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, active,
+                    splits, MAX_SPLITS, BLOCK_Q * GROUP_PAD, BLOCK_D)
         if last:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
@@ -230,6 +275,10 @@ def paged_attention_triton(
     rows = block_q * group_pad
     if block_kv is None:
         block_kv = 128 if rows <= 16 and block_d <= 64 else 64
+    decode = max_query_len == 1
+    max_splits = max(16, triton.next_power_of_2(splits))
+    # (a decode merge holds every split's rows of a program at once)
+    warps = 8 if rows >= 64 or decode and max_splits * group_pad * block_d > 8192 else 4
     ws_acc = q.new_empty(tiles * splits * rows * block_d if splits > 1 else 1, dtype=torch.float32)
     ws_ml = q.new_empty(tiles * splits * 2 * rows if splits > 1 else 1, dtype=torch.float32)
     _paged_attention_kernel[(num_seqs, num_kv_heads, chunks * splits)](
@@ -241,8 +290,8 @@ def paged_attention_triton(
         ws_acc, ws_ml, _tile_counters(q.device, tiles),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_D=block_d,
         splits=splits, HAS_WINDOW=sliding_window is not None,
-        MAX_SPLITS=max(16, triton.next_power_of_2(splits)),
-        UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if rows >= 64 else 4,
+        MAX_SPLITS=max_splits, UPCAST=interpret and q.dtype == torch.bfloat16, DECODE=decode,
+        num_warps=warps,
         **pdl_args(q.device),
     )
     return out

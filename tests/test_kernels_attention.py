@@ -52,7 +52,7 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,splits", [(torch.float16, 1), (torch.bfloat16, 1),
                                           (torch.float16, 4), (torch.float16, 8)])
-@pytest.mark.parametrize("block_kv", [64, 128])
+@pytest.mark.parametrize("block_kv", [32, 64, 128])
 def test_paged_attention_matches_reference(case, dtype, splits, block_kv):
     """splits = 4 and 8: split-KV, including splits with no tile (37 tokens are one tile,
     merged by no one), a merge of fewer splits than launched (130 tokens: 3 of 4 64-tiles),
