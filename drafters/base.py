@@ -119,6 +119,12 @@ class Drafter(ABC):
     def release(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Forget per-request state (the request finished or was aborted)."""
 
+    def capture_graphs(self, batch_sizes: Sequence[int],  # noqa: B027 - optional hook
+                       draft_lengths: Sequence[int]) -> None:
+        """On CUDA, with the engine's graphs: capture whatever device work drafting does for
+        up to max(batch_sizes) requests and max(draft_lengths) drafts, in those buckets (an
+        eager launch costs the host ~10-20 us)."""
+
     @classmethod
     def for_target(cls, model: torch.nn.Module, path: str | None) -> Drafter:
         """The drafter of an engine serving `model`; `path` names trained weights

@@ -32,6 +32,7 @@ target's own, taken at load.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -181,32 +182,50 @@ class HeadDrafter(Drafter):
     def __init__(self, head: DraftHead, embed: torch.Tensor) -> None:
         self.head = head
         self.embed = embed
+        self.graphs: _DraftGraphs | None = None
 
     @classmethod
     def for_target(cls, model: torch.nn.Module, path: str | None) -> HeadDrafter:
         return cls(_trained(cls.name, model, path, adapter=False), model.embed)
 
     @torch.inference_mode()
-    def propose(self, batch: DraftBatch) -> list[Proposal]:
-        requests = batch.requests
-        if batch.hidden_states is None:
-            raise ValueError("the head drafter needs the target's hidden states")
+    def capture_graphs(self, batch_sizes: Sequence[int], draft_lengths: Sequence[int]) -> None:
+        self.graphs = _DraftGraphs(self._draft, self.head.config.hidden_size, self.embed,
+                                   batch_sizes, draft_lengths)
+
+    def _draft(self, feature: torch.Tensor, tokens: torch.Tensor, steps: int,
+               stop_when_unsure: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`steps` draft steps from features [N, hidden] and the tokens after them [N]: each
+        row's drafts [N, steps] and the head's probability of each (fewer steps with
+        `stop_when_unsure`, once every row has a draft after its first that the head is
+        unsure of: one host sync a step)."""
         head = self.head
-        device = self.embed.device
-        feature = batch.hidden_states.to(self.embed.dtype)
-        tokens = torch.tensor([r.token_ids[-1] for r in requests], device=device)
-        most = max(r.max_draft_tokens for r in requests)
-        drafts, confident = [], []
-        for _ in range(most):
+        drafts, probs = [], []
+        going = torch.ones_like(tokens, dtype=torch.bool)  # every draft so far kept
+        for i in range(steps):
             feature = head.step(feature, F.embedding(tokens, self.embed))
             best, index = head.logits(feature).softmax(-1).max(-1)
             tokens = head.vocab[index]
             drafts.append(tokens)
-            confident.append(best >= head.config.threshold)
-            if not bool(confident[-1].any()):
-                break
-        ids = torch.stack(drafts, 1).tolist()  # [N, steps]
-        sure = torch.stack(confident, 1).tolist()
+            probs.append(best)
+            if stop_when_unsure and i:  # (the first draft is kept, sure or not)
+                going &= best >= head.config.threshold
+                if not bool(going.any()):
+                    break
+        return torch.stack(drafts, 1), torch.stack(probs, 1)
+
+    @torch.inference_mode()
+    def propose(self, batch: DraftBatch) -> list[Proposal]:
+        requests = batch.requests
+        if batch.hidden_states is None:
+            raise ValueError("the head drafter needs the target's hidden states")
+        feature = batch.hidden_states.to(self.embed.dtype)
+        tokens = torch.tensor([r.token_ids[-1] for r in requests])
+        most = max(r.max_draft_tokens for r in requests)
+        replay = self.graphs.run(feature, tokens, most) if self.graphs is not None else None
+        drafts, probs = replay or self._draft(feature, tokens.to(self.embed.device), most, True)
+        ids = drafts.tolist()  # [N, steps]
+        sure = (probs >= self.head.config.threshold).tolist()
         proposals = []
         for r, row, ok in zip(requests, ids, sure, strict=True):
             n = 1  # the first draft always; then while the head is confident
@@ -214,6 +233,53 @@ class HeadDrafter(Drafter):
                 n += 1
             proposals.append(Proposal(row[:n]))
         return proposals
+
+
+class _DraftGraphs:
+    """A head's draft loop as CUDA graphs, one per (requests bucket, draft steps). Eager, a
+    draft step is ~30 kernel launches, which the H200 machine's host issued in ~500 us for
+    ~50 us of device work (docs/benchmarks/gpu.md, run 148); a replay is one launch. The
+    graphs run every step (no early stop: that needs a host sync a step); rows past a
+    batch's own in its bucket compute on stale inputs, which no row reads."""
+
+    def __init__(self, draft: Callable[..., tuple[torch.Tensor, torch.Tensor]], hidden_size: int,
+                 embed: torch.Tensor, batch_sizes: Sequence[int], draft_lengths: Sequence[int]
+                 ) -> None:
+        self.batch_sizes, self.draft_lengths = sorted(batch_sizes), sorted(draft_lengths)
+        rows = self.batch_sizes[-1]
+        self.feature = torch.zeros(rows, hidden_size, dtype=embed.dtype, device=embed.device)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=embed.device)
+        side = torch.cuda.Stream()  # (the kernels' first calls, outside any capture)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            draft(self.feature, self.tokens, self.draft_lengths[-1], False)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]]
+        self.graphs = {}
+        pool = None
+        for b in reversed(self.batch_sizes):  # largest first: the smaller reuse its pool
+            for steps in reversed(self.draft_lengths):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = draft(self.feature[:b], self.tokens[:b], steps, False)
+                graph.replay()  # (a graph's first replay uploads it: paid here)
+                pool = graph.pool()
+                self.graphs[b, steps] = graph, out
+
+    def run(self, feature: torch.Tensor, tokens: torch.Tensor, steps: int
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The drafts and probabilities [N, >= steps] of features [N, hidden] and host tokens
+        [N]; None when no graph is that large."""
+        n = feature.shape[0]
+        b = next((b for b in self.batch_sizes if b >= n), None)
+        s = next((s for s in self.draft_lengths if s >= steps), None)
+        if b is None or s is None:
+            return None
+        self.feature[:n].copy_(feature)
+        self.tokens[:n].copy_(tokens)
+        graph, (drafts, probs) = self.graphs[b, s]
+        graph.replay()
+        return drafts[:n], probs[:n]
 
 
 def _trained(name: str, model: torch.nn.Module, path: str | None, adapter: bool) -> DraftHead:
@@ -308,6 +374,9 @@ class NgramHeadDrafter(Drafter):
             for i, p in zip(empty, self.head.propose(rest), strict=True):
                 proposals[i] = p
         return proposals
+
+    def capture_graphs(self, batch_sizes: Sequence[int], draft_lengths: Sequence[int]) -> None:
+        self.head.capture_graphs(batch_sizes, draft_lengths)
 
     def release(self, request_id: str) -> None:
         self.ngram.release(request_id)

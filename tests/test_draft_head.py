@@ -140,6 +140,46 @@ def test_drafting_rules(tiny, trained) -> None:
     assert all(p.probs is None for p in full)  # deterministic: verified as one-hot q
 
 
+class _FullSteps:
+    """`_DraftGraphs.run` without CUDA: every step of the next draft length up (1, 2, 4, 8),
+    no early stop, as the graphs compute them."""
+
+    def __init__(self, drafter: HeadDrafter) -> None:
+        self.drafter = drafter
+
+    def run(self, feature: torch.Tensor, tokens: torch.Tensor, steps: int):
+        padded = next(s for s in (1, 2, 4, 8) if s >= steps)
+        return self.drafter._draft(feature, tokens, padded, False)
+
+
+def test_drafts_computed_to_a_padded_length_are_trimmed_like_the_eager_loop(tiny, trained
+                                                                            ) -> None:
+    """The graphed loop runs a padded number of steps for every row; the proposals equal the
+    eager loop's, which stops once no row is sure, at every threshold."""
+    llm, seqs = tiny
+    model = llm.engine.model
+    head = trained[0]
+    eager, graphed = HeadDrafter(head, model.embed), HeadDrafter(head, model.embed)
+    graphed.graphs = _FullSteps(graphed)
+    seq = seqs[1][0]
+    hidden = model.teacher_forced(seq)[[-2, 3, 6, 9]]
+    requests = [DraftRequest("a", seq, 5), DraftRequest("b", seq[:5], 3),
+                DraftRequest("c", seq[:8], 1), DraftRequest("d", seq[:11], 7)]
+    tokens = torch.tensor([r.token_ids[-1] for r in requests])
+    probs = eager._draft(hidden, tokens, 7, False)[1][:, 1:].flatten()
+    saved = head.config
+    lengths = set()
+    try:  # thresholds between the head's own probabilities, so that they cut somewhere
+        for threshold in (0.0, *probs.quantile(torch.tensor([0.2, 0.4, 0.6, 0.8])), 1.01):
+            head.config = replace(saved, threshold=float(threshold))
+            want = eager.propose(DraftBatch(requests, hidden))
+            assert graphed.propose(DraftBatch(requests, hidden)) == want
+            lengths.add(tuple(len(p.token_ids) for p in want))
+    finally:
+        head.config = saved
+    assert len(lengths) > 2  # the thresholds did cut the drafts at different places
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 def test_engine_output_is_the_targets(tiny, trained, tmp_path: Path, tiny_model_dir,
                                       sampled: bool) -> None:

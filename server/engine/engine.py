@@ -102,6 +102,8 @@ class LLMEngine:
             if policy is not None:  # decoding steps are replayed padded: drafts choose one Q
                 policy.buckets = tuple(self.runner.graphs.buckets)
                 policy.query_buckets = self.runner.graphs.query_buckets
+                drafter.capture_graphs(policy.buckets,
+                                       [q - 1 for q in policy.query_buckets if q > 1])
         self.drafter = drafter
         self.metrics = Metrics(self.model_name)
         self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (

@@ -8,6 +8,8 @@ in TF32).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -88,6 +90,42 @@ def test_trained_drafters_on_cuda_match_cpu(tiny_model_dir, tmp_path, drafter):
     assert sum(c.num_draft_tokens for c in on_cuda) > 0
     assert graphed.engine.blocks.usage == 0.0
     graphed.engine.blocks.check_integrity()
+
+
+def test_head_drafts_replayed_from_graphs_are_the_eager_ones(tiny_model_dir, tmp_path):
+    """A (random) draft head's loop captured per (requests bucket, draft length) proposes
+    what the eager loop proposes, for batches between the buckets, at thresholds that cut
+    the drafts at different places; the engine captured the graphs at start-up."""
+    from drafters.base import DraftBatch, DraftRequest
+    from drafters.head import DraftHead, HeadDrafter, config_for, target_head_rows
+
+    path = tiny_model_dir("llama")
+    model = LLM(str(path), dtype="float32").engine.model
+    torch.manual_seed(0)
+    vocab = torch.arange(3, 67)
+    weights = tmp_path / "head.safetensors"
+    DraftHead(config_for(model), vocab, target_head_rows(model, vocab)).save(weights)
+    llm = LLM(str(path), dtype="float32", device="cuda", speculative="head",
+              speculative_model=str(weights), num_speculative_tokens=4, max_num_seqs=8)
+    graphed = llm.engine.drafter
+    assert set(graphed.graphs.graphs) == {(b, s) for b in (1, 2, 4, 8) for s in (1, 2, 4)}
+    eager = HeadDrafter(graphed.head, graphed.embed)
+    hidden_size = graphed.head.config.hidden_size
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 3, 5, 8):
+        hidden = torch.randn(n, hidden_size, generator=gen).cuda()
+        requests = [DraftRequest(str(i), torch.randint(3, 128, (4,), generator=gen).tolist(),
+                                 1 + i % 4) for i in range(n)]
+        tokens = torch.tensor([r.token_ids[-1] for r in requests], device="cuda")
+        probs = eager._draft(hidden, tokens, 4, False)[1][:, 1:].flatten().float().cpu()
+        saved = graphed.head.config
+        try:
+            for threshold in (0.0, *probs.quantile(torch.tensor([0.25, 0.5, 0.75])), 1.01):
+                graphed.head.config = replace(saved, threshold=float(threshold))
+                batch = DraftBatch(requests, hidden)
+                assert graphed.propose(batch) == eager.propose(batch)
+        finally:
+            graphed.head.config = saved
 
 
 def _prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
