@@ -25,11 +25,11 @@
 #            count, the default model's and the 8B's shapes) [$ATTENTION_ARGS]
 #   tune     python3 -m kernels.tune_gpu [$TUNE_ARGS] (the device's GEMV table, into $OUT)
 #   hybrid   hybrid KV cache vs full attention, the default model ($GGUF) in bfloat16:
-#            perplexity, context per GiB, batch-1 decode at long context (never run on a GPU
-#            yet) (python3 -m server.benchmarks.hybrid) [$HYBRID_ARGS]
-#   drafter  trains a draft head for the default model ($GGUF) from 8 sampled answers to each
-#            built-in training prompt, then n-gram's spec benchmark with it in bfloat16 (never
-#            run on a GPU yet) [$DRAFTER_ARGS]
+#            perplexity, context per GiB, batch-1 decode at long context (run 149: ~90 s for 4 configs)
+#            (python3 -m server.benchmarks.hybrid) [$HYBRID_ARGS]
+#   drafter  trains a draft head for the default model ($GGUF) from 4 sampled answers to each
+#            built-in training prompt (run 147: ~100 s), then `bench spec --speculative head`
+#            with it in bfloat16 [$DRAFTER_ARGS]
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
 set -uo pipefail
 OUT="${OUT:-/tmp/leapfrog-gpu}"
@@ -92,9 +92,9 @@ for s in $STEPS; do
       fi ;;
     drafter)
       if [ -n "$GGUF" ]; then
-        step drafter_train 420 python3 -m server.cli train-drafter "$GGUF" --device cuda \
-          --dtype bfloat16 -o "$OUT/head.safetensors" --answers-per-prompt 8 --temperature 0.7 \
-          --max-num-seqs 64 --steps 4000 --batch-size 1024 --result-json "$OUT/drafter.json" \
+        step drafter_train 240 python3 -m server.cli train-drafter "$GGUF" --device cuda \
+          --dtype bfloat16 -o "$OUT/head.safetensors" --answers-per-prompt 4 --temperature 0.7 \
+          --max-num-seqs 64 --steps 3000 --batch-size 1024 --result-json "$OUT/drafter.json" \
           ${DRAFTER_ARGS:-}
         step drafter_spec 270 python3 -m server.benchmarks.spec "$GGUF" --dtype bfloat16 \
           --speculative head --speculative-model "$OUT/head.safetensors" --on-mismatch count \
