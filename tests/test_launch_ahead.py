@@ -6,7 +6,10 @@ returns to the pool."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+import torch
 
 from server.engine.cuda_graphs import CudaGraphRunner
 from server.engine.llm import LLM
@@ -123,4 +126,50 @@ def test_launching_ahead_through_a_hybrid_cache(tiny_model_dir, full_attention_l
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     _same(ahead.generate(PROMPTS, params), plain.generate(PROMPTS, params))
     assert sum(launched) > 10
+    assert ahead.engine.blocks.usage == 0.0
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "head", "early-exit"])
+def test_launching_ahead_with_speculation(tiny_model_dir, tmp_path, drafter):
+    """With speculation, a step after which no request drafts has the next one launched
+    ahead, and the policy sizes the drafts after that one (here: drafts after every third
+    step scheduled): the greedy tokens of the engine without speculation, some steps
+    launched ahead and some drafted, draft heads fed the right hidden states, and the
+    self-speculation drafts' KV in slots reserved after the step ahead's token."""
+    from drafters.head import DraftHead, config_for, target_head_rows
+
+    path = str(tiny_model_dir("llama"))
+    common = dict(device="cpu", dtype="float32", num_kv_blocks=64, block_size=BS,
+                  debug_check_integrity=True)
+    plain = LLM(path, **common)
+    spec = {"speculative": drafter, "num_speculative_tokens": 3}
+    if drafter != "ngram":  # random weights, sure of every draft: all are proposed
+        vocab = torch.arange(3, 67)
+        model = plain.engine.model
+        config = config_for(model, threshold=0.0,
+                            exit_layer=1 if drafter == "early-exit" else None)
+        spec["speculative_model"] = str(tmp_path / "drafter.safetensors")
+        DraftHead(config, vocab, target_head_rows(model, vocab)).save(spec["speculative_model"])
+    ahead = LLM(path, **common, **spec)
+    launched = _launching_ahead(ahead)
+    scheduler, steps, drafting_ahead = ahead.engine.scheduler, [0], []
+
+    def counting(schedule: Callable[..., object]) -> Callable[..., object]:
+        def counted(*args: object) -> object:
+            steps[0] += 1
+            out = schedule(*args)
+            if args and out is not None:  # a step ahead: do requests draft after it?
+                drafting_ahead.append(any(s.num_draft_tokens_next for s in out.scheduled))
+            return out
+        return counted
+
+    scheduler.schedule = counting(scheduler.schedule)
+    scheduler.schedule_ahead = counting(scheduler.schedule_ahead)
+    scheduler.spec_policy.draft_length = lambda rid, step_tokens, producing, limit: (
+        min(limit, 3) if steps[0] % 3 == 0 else 0)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    got = ahead.generate(PROMPTS, params)
+    _same(got, plain.generate(PROMPTS, params))
+    assert sum(launched) > 5 and any(drafting_ahead)
+    assert sum(c.num_draft_tokens for c in got) > 10
     assert ahead.engine.blocks.usage == 0.0

@@ -228,8 +228,8 @@ def test_schedule_ahead_decodes_the_running_batch_one_token_further() -> None:
 
 
 def test_schedule_ahead_only_when_nothing_else_would_run() -> None:
-    """No step ahead with a request waiting that the batch could admit, with speculation,
-    after a step that was not plain decode, or without free blocks for the next tokens."""
+    """No step ahead with a request waiting that the batch could admit, after a step that
+    was not plain decode, or without free blocks for the next tokens."""
     s = make(max_seqs=2)
     s.add_request(req("a", 3))
     s.update(first := s.schedule(), fake_run(first))
@@ -247,6 +247,53 @@ def test_schedule_ahead_only_when_nothing_else_would_run() -> None:
     tight.update(full := tight.schedule(), fake_run(full))
     decode = tight.schedule()  # position 4 of each needs a second block: preempts b
     assert decode.preempted and tight.schedule_ahead(decode) is None
+
+
+class ChosenDraftsPolicy(SpecPolicy):
+    """Every request drafts `next` tokens (as room allows) after the step being scheduled."""
+
+    next = 0
+
+    def draft_length(self, request_id: str, step_tokens: int, producing: int, limit: int) -> int:
+        return min(limit, self.next)
+
+
+def test_schedule_ahead_with_speculation_follows_steps_asking_no_drafts() -> None:
+    """With speculation, a step ahead only follows a plain step after which no request
+    drafts (nothing waits for its hidden states); the policy then sizes the drafts after
+    the step ahead, and their KV slots (draft_slots) come after its token, not the
+    running step's."""
+    policy = ChosenDraftsPolicy(max_draft_tokens=4)
+    s = Scheduler(SchedulerConfig(8, 64, 256), BlockManager(16, 4), policy, draft_slots=True)
+    r = req("a", 6, max_tokens=40)
+    s.add_request(r)
+    s.update(prefill := s.schedule(), fake_run(prefill))  # newest token at position 6
+    policy.next = 2
+    decode = s.schedule()  # position 6; drafts asked after it
+    assert decode.scheduled[0].num_draft_tokens_next == 2
+    assert s.schedule_ahead(decode) is None
+    s.update(decode, fake_run(decode))  # (no drafts proposed)
+    policy.next = 0
+    decode = s.schedule()  # position 7, no drafts after it
+    policy.next = 4
+    ahead = s.schedule_ahead(decode)
+    assert [(x.num_new_tokens, x.ahead, x.num_draft_tokens_next) for x in ahead.scheduled] == [
+        (1, 1, 4)]
+    # the step ahead computes position 8; its newest token at 9, the drafts write 9..12
+    assert len(s.blocks.block_table("a")) == 4
+    s.update(decode, fake_run(decode))
+    s.update(ahead, fake_run(ahead))
+    assert r.num_computed_tokens == 9 and len(r.output_token_ids) == 4
+    s.blocks.check_integrity()
+    # max_model_len 13: drafts after the step ahead fit at positions 10..12 only
+    policy.next = 0
+    s = Scheduler(SchedulerConfig(8, 64, 13), BlockManager(16, 4), policy, draft_slots=True)
+    s.add_request(req("b", 6, max_tokens=40))
+    for _ in range(2):
+        s.update(out := s.schedule(), fake_run(out))
+    decode = s.schedule()  # position 7, no drafts after it
+    policy.next = 4
+    assert s.schedule_ahead(decode).scheduled[0].num_draft_tokens_next == 3
 
 
 def test_draft_slots_reserved_for_drafts_that_write_kv() -> None:

@@ -117,7 +117,7 @@ class LLMEngine:
         self.overlap_outputs = self.device.type == "cuda"
         # a decode step launched before the one it follows finished (see `step`)
         self._ahead: tuple[SchedulerOutput, Launched] | None = None
-        self.launch_ahead = self.runner.graphs is not None and drafter is None
+        self.launch_ahead = self.runner.graphs is not None
 
     def _block_manager(self, dtype: torch.dtype, windowed: frozenset[int],
                        window: SinkWindow | None) -> BlockManager:
@@ -192,12 +192,12 @@ class LLMEngine:
         are made while the device runs the next step, and returned by that step's call:
         the host's share of a small model's step on a GPU is large (docs/benchmarks/gpu.md,
         run 105). A request that a stop string ends then computes one token more, dropped.
-        With `launch_ahead` (CUDA graphs, no speculation), a decode step whose tokens the
-        device computes has the next decode step queued behind it before the host waits for
-        it (`Scheduler.schedule_ahead`; its input tokens go from one step to the next on the
-        device), so the device does not idle while the host takes in a step and schedules
-        the next; that step is this method's next call's. A request that a stop token or
-        string ends computes up to two tokens more, dropped.
+        With `launch_ahead` (CUDA graphs), a decode step whose tokens the device computes,
+        and after which no request drafts, has the next decode step queued behind it before
+        the host waits for it (`Scheduler.schedule_ahead`; its input tokens go from one step
+        to the next on the device), so the device does not idle while the host takes in a
+        step and schedules the next; that step is this method's next call's. A request that
+        a stop token or string ends computes up to two tokens more, dropped.
         """
         start = time.perf_counter()
         if self._ahead is not None:  # launched by the last call: its inputs are in place

@@ -142,16 +142,19 @@ class Scheduler:
         """The step after `previous` while `previous` still runs: each of its requests
         decodes the token `previous` is producing (`ScheduledRequest.ahead`), which only the
         device holds yet. None unless `previous` decoded every running request one token,
-        without speculation, no waiting request could be admitted instead, and the KV
-        cache has room for the next token of each without preempting. Requests that
-        `previous` certainly finishes (max_tokens, max_model_len) are left out; one it
-        finishes otherwise (a stop token) computes a token that `update` drops."""
+        without drafts and with none asked for after it (with speculation: the policy chose
+        a plain step next, so nothing waits for `previous`'s hidden states), no waiting
+        request could be admitted instead, and the KV cache has room for the next token of
+        each without preempting. Requests that `previous` certainly finishes (max_tokens,
+        max_model_len) are left out; one it finishes otherwise (a stop token) computes a
+        token that `update` drops. With speculation the policy then sizes the drafts after
+        the step ahead, as after any step."""
         running = [s.request for s in previous.scheduled if not s.request.is_finished]
-        if (self.spec_policy is not None or previous.preempted or previous.ended
+        if (previous.preempted or previous.ended
                 or len(running) != len(self.running)
                 or self.waiting and len(self.running) < self.config.max_num_seqs
                 or not all(s.num_new_tokens == 1 and not s.spec_token_ids and s.reaches_end
-                           for s in previous.scheduled)):
+                           and not s.num_draft_tokens_next for s in previous.scheduled)):
             return None
         going = [r for r in running if len(r.output_token_ids) + 1 < r.params.max_tokens
                  and r.num_tokens + 1 < self.config.max_model_len]
@@ -161,7 +164,13 @@ class Scheduler:
             return None
         for r in going:
             self.blocks.allocate(r.request_id, r.num_tokens + 1)
-        return SchedulerOutput([ScheduledRequest(r, 1, [], ahead=1) for r in going], len(going))
+        scheduled = [ScheduledRequest(r, 1, [], ahead=1) for r in going]
+        policy = self.spec_policy
+        if policy is not None:
+            self._assign_draft_lengths(scheduled, policy, policy.pads(len(scheduled)))
+            if self.draft_slots:
+                self._reserve_draft_slots(scheduled)
+        return SchedulerOutput(scheduled, len(going))
 
     def _try_schedule(self, request: Request, budget: int, preempted: list[str]) -> ScheduledRequest | None:
         """Schedule a running request, preempting from the back of the batch for blocks."""
@@ -227,7 +236,7 @@ class Scheduler:
             if not k:
                 continue
             r = s.request
-            end = r.num_computed_tokens + s.num_new_tokens
+            end = r.num_computed_tokens + s.ahead + s.num_new_tokens
             while k and not self.blocks.can_allocate(r.request_id, end + k):
                 k -= 1
             if k:
@@ -256,7 +265,7 @@ class Scheduler:
         """Most drafts a request's next step may verify (its max_tokens and max_model_len)."""
         r = s.request
         return min(r.params.max_tokens - len(r.output_token_ids) - 1,
-                   self.config.max_model_len - r.num_tokens - 1) - len(s.spec_token_ids)
+                   self.config.max_model_len - r.num_tokens - 1) - len(s.spec_token_ids) - s.ahead
 
     # -- results ----------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[tuple[Request, list[int]]]:
