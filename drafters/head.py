@@ -201,7 +201,7 @@ class HeadDrafter(Drafter):
         unsure of: one host sync a step)."""
         head = self.head
         drafts, probs = [], []
-        going = torch.ones_like(tokens, dtype=torch.bool)  # every draft so far kept
+        going = None  # (stop_when_unsure) rows whose every draft so far is kept
         for i in range(steps):
             feature = head.step(feature, F.embedding(tokens, self.embed))
             best, index = head.logits(feature).softmax(-1).max(-1)
@@ -209,7 +209,8 @@ class HeadDrafter(Drafter):
             drafts.append(tokens)
             probs.append(best)
             if stop_when_unsure and i:  # (the first draft is kept, sure or not)
-                going &= best >= head.config.threshold
+                sure = best >= head.config.threshold
+                going = sure if going is None else going & sure
                 if not bool(going.any()):
                     break
         return torch.stack(drafts, 1), torch.stack(probs, 1)
