@@ -30,17 +30,15 @@
 #   drafter  trains a draft head for the default model ($GGUF) from 4 sampled answers to each
 #            built-in training prompt (run 147: ~100 s), then `bench spec --speculative head`
 #            with it in bfloat16 [$DRAFTER_ARGS]
-# The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed.
+# The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed
+# (scripts/gpu_env.sh, which ad-hoc commands source too).
 set -uo pipefail
 OUT="${OUT:-/tmp/leapfrog-gpu}"
 STEPS="${STEPS:-tests kernels decode default}"
 GGUF="${GGUF:-}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import gguf" 2>/dev/null && compgen -G ".whl/gguf-*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/gguf-*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
