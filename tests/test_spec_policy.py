@@ -210,6 +210,29 @@ def test_step_costs_replace_a_size_unobserved_for_long() -> None:
     assert c.times[1] == pytest.approx(1.5) and c.time(1) == pytest.approx(1.5)
 
 
+def test_step_costs_retry_a_stale_size_priced_by_slow_first_steps() -> None:
+    """A size measured slow early on (a GPU's clocks rising from idle) and never chosen
+    since is estimated, once stale, at most as the sizes measured since predict; the
+    policy tries it again, and that one new measurement is trusted."""
+    p = SpecPolicy(max_draft_tokens=8, buckets=(1,), query_buckets=(1, 2))
+    p.padded_costs[1] = c = StepCosts(refresh=8)
+    measure(lambda q, t: p.observe_padded(1, q, t), ((1, 0.0006), (2, 0.0022)))
+    p.observe("r", 4, 3)  # acceptance 0.6 -> 0.645
+    requests = [("r", 8)]
+    assert p.padded_draft_lengths(requests, 256) == [0]  # 1.65 tokens in 2.2 ms: no
+    for _ in range(7):
+        p.observe_padded(1, 1, 0.0006)
+    assert p.padded_draft_lengths(requests, 256) == [0] and c.age(2) == 7
+    p.observe_padded(1, 1, 0.0006)  # stale: at most the prior from size 1's 0.6 ms
+    assert c.time(2) == pytest.approx(0.0006 * (1 + 1 / 16))
+    assert p.padded_draft_lengths(requests, 256) == [1]
+    p.observe_padded(1, 2, 0.0009)  # the size as it is now: trusted at once
+    assert c.time(2) == pytest.approx(0.0009)
+    assert p.padded_draft_lengths(requests, 256) == [1]  # 1.65 tokens in 0.9 ms: yes
+    p.observe_padded(1, 2, 0.0025)  # (later measurements join it)
+    assert c.time(2) == pytest.approx(0.0017)
+
+
 def test_padded_policy_remeasures_the_plain_step() -> None:
     """Plain 16-request steps priced too high (slow first steps) keep drafting chosen; every
     `explore_every` steps without a plain one, asking before drafting takes one, and the
@@ -222,13 +245,17 @@ def test_padded_policy_remeasures_the_plain_step() -> None:
     requests = [(f"r{i}", 8) for i in range(16)]
     for r, _ in requests:
         p.observe(r, 4, 1)  # acceptance 0.6 -> 0.495
-    drafting = [2] * 16  # Q = 3: 1.74 tokens a request in 2.4 ms, against 1 in 4
-    for _ in range(9):
-        assert p.padded_draft_lengths(requests, 256, explore=True) == drafting
-        p.observe_padded(16, 2, 0.0022)
-    p.observe_padded(16, 2, 0.0022)  # the tenth step since the last plain one
+    cost = {2: 0.0022, 3: 0.0024, 5: 0.0027, 9: 0.0030}
+    # Q = 3: 1.74 tokens a request in 2.4 ms, against 1 in 4 (later Q = 5, once stale, is
+    # tried again: 1.92 in the 2.6 ms that Q = 3 and 9 predict)
+    assert p.padded_draft_lengths(requests, 256, explore=True) == [2] * 16
+    for _ in range(10):
+        lengths = p.padded_draft_lengths(requests, 256, explore=True)
+        assert lengths != [0] * 16
+        p.observe_padded(16, lengths[0] + 1, cost[lengths[0] + 1])
+    # the tenth step since the last plain one
     assert p.padded_draft_lengths(requests, 256, explore=True) == [0] * 16
-    assert p.padded_draft_lengths(requests, 256) == drafting  # (only when asked to)
+    assert p.padded_draft_lengths(requests, 256) != [0] * 16  # (only when asked to)
     p.observe_padded(16, 1, 0.0012)  # the plain step as it is now
     assert p.padded_costs[16].time(1) == pytest.approx(0.0012)
     assert p.padded_draft_lengths(requests, 256, explore=True) == [0] * 16  # not worth it

@@ -28,8 +28,9 @@ none (an n-gram lookup that finds no match), while padding is paid for the longe
 the scheduler applies the same rule again once the drafts are known, with each request's
 proposal length as its limit, and drops the drafts that would not pay for their padding.
 A request count's plain step (Q = 1) is measured at least once every `explore_every` of
-its steps, and a size's measurements expire when it goes unobserved (`StepCosts.refresh`):
-estimates track the batch as it is, not as it was when a size was last chosen.
+its steps, and a size unobserved for long is estimated from the sizes observed since, at
+most, and measured again when chosen (`StepCosts.refresh`): estimates track the batch as
+it is, not as it was when a size was last chosen.
 """
 
 from __future__ import annotations
@@ -54,9 +55,13 @@ class StepCosts:
     prior_knee: float = 16.0
     """Before any fit exists, T(n) is assumed to be T(1) * (1 + (n - 1) / prior_knee)."""
     refresh: int = 64
-    """A size last observed this many observations ago: its next observation replaces its
-    old ones, which describe a batch long gone (and may be a first step's stall that kept
-    the policy away from the size since)."""
+    """A size last observed this many observations ago is stale: it is estimated at most at
+    what the sizes observed since predict (the policy may choose it again), and its next
+    observation replaces its old ones, which describe a batch long gone, or steps slowed
+    by something since gone: on an H200 a process's first steps, as the clocks rose from
+    idle, priced padded steps of 2 and 3 tokens at 2.2 and 7.0 ms against 1.1 and 1.3 in
+    a warm process, and drafting never paid again (docs/benchmarks/gpu.md, run 152). That
+    one new observation is trusted: a size chosen again is measured once per `refresh`."""
     times: dict[int, float] = field(default_factory=dict)
     """Each size's median."""
     ticks: int = 0
@@ -64,14 +69,17 @@ class StepCosts:
     _seen: dict[int, int] = field(default_factory=dict, repr=False)
     """Each size's latest observation, as `ticks` then."""
     _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+    _refreshed: set[int] = field(default_factory=set, repr=False)
+    """Sizes whose old observations a new one replaced (see `refresh`)."""
     _memo: dict[int, float] = field(default_factory=dict, repr=False)
     """time()'s answers since the last observation: the policy asks for the same sizes
     many times a step (request by request, draft length by draft length)."""
 
     def observe(self, size: int, seconds: float) -> None:
         recent = self._recent.setdefault(size, deque(maxlen=self.window))
-        if self.age(size) >= self.refresh:
+        if self.age(size) >= self.refresh and recent:
             recent.clear()
+            self._refreshed.add(size)
         recent.append(seconds)
         self.ticks += 1
         self._seen[size] = self.ticks
@@ -88,13 +96,18 @@ class StepCosts:
             t = self._memo[size] = self._estimate(size)
         return t
 
+    def _trusted(self, size: int) -> bool:
+        return len(self._recent[size]) >= self.trusted or size in self._refreshed
+
     def _estimate(self, size: int) -> float:
         measured = self.times.get(size)
-        if measured is not None and len(self._recent[size]) >= self.trusted:
+        stale = self.age(size) >= self.refresh
+        if measured is not None and not stale and self._trusted(size):
             return measured
         others = [(n, t) for n, t in self.times.items() if n != size]
-        trusted = [(n, t) for n, t in others if len(self._recent[n]) >= self.trusted]
-        guess = self._fit(sorted(trusted or others), size)
+        fresh = [(n, t) for n, t in others if self.age(n) < self.refresh] or others
+        trusted = [(n, t) for n, t in fresh if self._trusted(n)]
+        guess = self._fit(sorted(trusted or fresh), size)
         return guess if measured is None else min(measured, guess)
 
     def _fit(self, points: list[tuple[int, float]], size: int) -> float:
