@@ -58,10 +58,10 @@ class StepCosts:
     """A size last observed this many observations ago is stale: it is estimated at most at
     what the sizes observed since predict (the policy may choose it again), and its next
     observation replaces its old ones, which describe a batch long gone, or steps slowed
-    by something since gone: on an H200 a process's first steps priced padded steps of 2
-    and 3 tokens at 2.2 and 7.0 ms, against 1.1 and 1.3 in another process, and drafting
-    never paid again (docs/benchmarks/gpu.md, run 152). That one new observation is
-    trusted: a size chosen again is measured once per `refresh`."""
+    by something since gone: on an H200 one process priced padded steps of 2 and 3 tokens
+    at 2.2 and 7.0 ms (early on, by what it learned), against 1.1 and 1.3 in another, and
+    drafting never paid again (docs/benchmarks/gpu.md, run 152). That one new observation
+    is trusted: a size chosen again is measured once per `refresh`."""
     times: dict[int, float] = field(default_factory=dict)
     """Each size's median."""
     ticks: int = 0
