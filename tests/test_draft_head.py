@@ -155,7 +155,8 @@ class _FullSteps:
 def test_drafts_computed_to_a_padded_length_are_trimmed_like_the_eager_loop(tiny, trained
                                                                             ) -> None:
     """The graphed loop runs a padded number of steps for every row; the proposals equal the
-    eager loop's, which stops once no row is sure, at every threshold."""
+    eager loop's, which stops once every row has an unsure draft after its first, at every
+    threshold."""
     llm, seqs = tiny
     model = llm.engine.model
     head = trained[0]
