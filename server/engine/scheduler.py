@@ -125,16 +125,7 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new, []))
             budget -= num_new
-        policy = self.spec_policy
-        if policy is not None:
-            # a step of decoding requests only (no prompt chunk) is one the CUDA graphs (when
-            # present) replay padded, and the next one will likely be one too
-            padded = _decoding(scheduled) and policy.pads(len(scheduled))
-            if padded:
-                self._trim_padded_drafts(scheduled, policy)
-            self._assign_draft_lengths(scheduled, policy, padded)
-            if self.draft_slots:
-                self._reserve_draft_slots(scheduled)
+        self._plan_drafts(scheduled)
         total = sum(s.num_new_tokens for s in scheduled)
         return SchedulerOutput(scheduled, total, preempted, ended, queried, hits)
 
@@ -165,11 +156,7 @@ class Scheduler:
         for r in going:
             self.blocks.allocate(r.request_id, r.num_tokens + 1)
         scheduled = [ScheduledRequest(r, 1, [], ahead=1) for r in going]
-        policy = self.spec_policy
-        if policy is not None:
-            self._assign_draft_lengths(scheduled, policy, policy.pads(len(scheduled)))
-            if self.draft_slots:
-                self._reserve_draft_slots(scheduled)
+        self._plan_drafts(scheduled)
         return SchedulerOutput(scheduled, len(going))
 
     def _try_schedule(self, request: Request, budget: int, preempted: list[str]) -> ScheduledRequest | None:
@@ -204,6 +191,21 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    def _plan_drafts(self, scheduled: list[ScheduledRequest]) -> None:
+        """With speculation: trim a padded step's drafts to what pays, size each request's
+        drafts after this step, and reserve their KV slots (`draft_slots`)."""
+        policy = self.spec_policy
+        if policy is None:
+            return
+        # a step of decoding requests only (no prompt chunk) is one the CUDA graphs (when
+        # present) replay padded, and the next one will likely be one too
+        padded = _decoding(scheduled) and policy.pads(len(scheduled))
+        if padded:
+            self._trim_padded_drafts(scheduled, policy)
+        self._assign_draft_lengths(scheduled, policy, padded)
+        if self.draft_slots:
+            self._reserve_draft_slots(scheduled)
 
     def _assign_draft_lengths(self, scheduled: list[ScheduledRequest], policy: SpecPolicy,
                               padded: bool) -> None:
