@@ -125,6 +125,16 @@ class Drafter(ABC):
         up to max(batch_sizes) requests and max(draft_lengths) drafts, in those buckets (an
         eager launch costs the host ~10-20 us)."""
 
+    def device_drafts(self) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+        """A function that drafts from device tensors alone, with no host sync: (features
+        [N, hidden], the tokens after them [N], steps) -> drafts [N, steps], greedy and
+        deterministic, each the first `steps` drafts `propose` would give with no early
+        stop. The engine's verification graphs then draft each request's next step on the
+        device (`server.engine.cuda_graphs`), so that the next verification step can be
+        launched before the host has seen this one's tokens. None (the default): the
+        drafter needs the host (history lookups, early stops)."""
+        return None
+
     @classmethod
     def for_target(cls, model: torch.nn.Module, path: str | None) -> Drafter:
         """The drafter of an engine serving `model`; `path` names trained weights

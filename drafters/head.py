@@ -193,6 +193,12 @@ class HeadDrafter(Drafter):
         self.graphs = _DraftGraphs(self._draft, self.head.config.hidden_size, self.embed,
                                    batch_sizes, draft_lengths)
 
+    def device_drafts(self) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+        def drafts(feature: torch.Tensor, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+            return self._draft(feature.to(self.embed.dtype), tokens, steps, False)[0]
+
+        return drafts
+
     def _draft(self, feature: torch.Tensor, tokens: torch.Tensor, steps: int,
                stop_when_unsure: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """`steps` draft steps from features [N, hidden] and the tokens after them [N]: each

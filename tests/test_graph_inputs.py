@@ -188,10 +188,11 @@ def test_engine_reads_the_real_rows_of_padded_steps(tiny_model_dir):
     lengths = []
     eager_step = graphs.step
 
-    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None):
+    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None,
+             advance=False):
         lengths.append([len(row) for row in ids])
         return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids,
-                          sparse_tables=sparse_tables)
+                          sparse_tables=sparse_tables, advance=advance)
 
     graphs.step = step
     runner.graphs = graphs
@@ -258,10 +259,11 @@ def test_engine_replays_hybrid_steps(tiny_model_dir):
     eager_step = graphs.step
     steps = []
 
-    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None):
+    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None,
+             advance=False):
         steps.append(sparse_tables)
         return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids,
-                          sparse_tables=sparse_tables)
+                          sparse_tables=sparse_tables, advance=advance)
 
     graphs.step = step
     runner.graphs = graphs

@@ -6,6 +6,7 @@ returns to the pool."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -18,25 +19,29 @@ from server.engine.sampling_params import SamplingParams
 BS = 4
 
 
-def _launching_ahead(llm: LLM) -> list[bool]:
-    """Route llm's decode steps through a CudaGraphRunner stepped eagerly and turn
+def _launching_ahead(llm: LLM, max_query_len: int = 1) -> list[bool]:
+    """Route llm's decode (and verification: `max_query_len`) steps through a
+    CudaGraphRunner stepped eagerly, with the drafter's device loop if it has one, and turn
     launch_ahead on; returns a list that records, launch by launch, whether the step was
     launched ahead of the one before."""
     engine = llm.engine
     runner = engine.runner
     pools = runner.blocks.pools
+    draft = engine.drafter.device_drafts() if engine.drafter is not None else None
     graphs = CudaGraphRunner(runner.model, BS, pools[0].hole, engine.max_model_len,
-                             max_batch=8, max_query_len=1, window=pools[0].window,
-                             sparse=(pools[1].hole, pools[1].window) if len(pools) > 1 else None)
+                             max_batch=8, max_query_len=max_query_len, window=pools[0].window,
+                             sparse=(pools[1].hole, pools[1].window) if len(pools) > 1 else None,
+                             draft=draft)
     eager_step = graphs.step
 
-    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None):
+    def step(b, q, starts, ids, tables, graphed=True, ahead_ids=None, sparse_tables=None,
+             advance=False):
         return eager_step(b, q, starts, ids, tables, graphed=False, ahead_ids=ahead_ids,
-                          sparse_tables=sparse_tables)
+                          sparse_tables=sparse_tables, advance=advance)
 
     graphs.step = step
     runner.graphs = graphs
-    engine.launch_ahead = True
+    engine.launch_ahead = engine.verify_ahead = True
     launched: list[bool] = []
     launch = runner.launch
 
@@ -136,20 +141,14 @@ def test_launching_ahead_with_speculation(tiny_model_dir, tmp_path, drafter):
     step scheduled): the greedy tokens of the engine without speculation, some steps
     launched ahead and some drafted, draft heads fed the right hidden states, and the
     self-speculation drafts' KV in slots reserved after the step ahead's token."""
-    from drafters.head import DraftHead, config_for, target_head_rows
-
     path = str(tiny_model_dir("llama"))
     common = dict(device="cpu", dtype="float32", num_kv_blocks=64, block_size=BS,
                   debug_check_integrity=True)
     plain = LLM(path, **common)
     spec = {"speculative": drafter, "num_speculative_tokens": 3}
-    if drafter != "ngram":  # random weights, sure of every draft: all are proposed
-        vocab = torch.arange(3, 67)
-        model = plain.engine.model
-        config = config_for(model, threshold=0.0,
-                            exit_layer=1 if drafter == "early-exit" else None)
-        spec["speculative_model"] = str(tmp_path / "drafter.safetensors")
-        DraftHead(config, vocab, target_head_rows(model, vocab)).save(spec["speculative_model"])
+    if drafter != "ngram":
+        spec["speculative_model"] = _head_file(plain, str(tmp_path / "drafter.safetensors"),
+                                               1 if drafter == "early-exit" else None)
     ahead = LLM(path, **common, **spec)
     launched = _launching_ahead(ahead)
     scheduler, steps, drafting_ahead = ahead.engine.scheduler, [0], []
@@ -173,3 +172,91 @@ def test_launching_ahead_with_speculation(tiny_model_dir, tmp_path, drafter):
     assert sum(launched) > 5 and any(drafting_ahead)
     assert sum(c.num_draft_tokens for c in got) > 10
     assert ahead.engine.blocks.usage == 0.0
+
+
+def _head_file(llm: LLM, path: str, exit_layer: int | None = None,
+               vocab: list[int] | None = None) -> str:
+    """A draft head (or adapter) with random weights for llm's model, sure of every draft
+    (threshold 0: all are proposed), over `vocab` (default tokens 3-66), saved at `path`."""
+    from drafters.head import DraftHead, config_for, target_head_rows
+
+    torch.manual_seed(0)
+    vocab = torch.tensor(vocab) if vocab is not None else torch.arange(3, 67)
+    model = llm.engine.model
+    config = config_for(model, threshold=0.0, exit_layer=exit_layer)
+    DraftHead(config, vocab, target_head_rows(model, vocab)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_verification_steps_launched_ahead(tiny_model_dir, tmp_path, hybrid):
+    """With a draft head, verification graphs draft every request's next step on the
+    device, and while the policy asks for as many drafts again the next verification step
+    is launched ahead, its tokens, positions and KV slots (a hybrid cache's both pools')
+    taken on the device: the greedy tokens, texts and finish reasons of the engine without
+    speculation, with requests ended by max_tokens, stop tokens and stop strings while a
+    step ahead of theirs runs; the drafts the host records are the ones the device
+    verified; every block returns to the pool."""
+    path = str(tiny_model_dir("llama"))
+    common = dict(device="cpu", dtype="float32", num_kv_blocks=96, block_size=BS,
+                  debug_check_integrity=True, max_num_seqs=5)
+    if hybrid:
+        common.update(sliding_window=5, num_sink_tokens=2, full_attention_layers=(1,))
+    plain = LLM(path, **common)
+    free = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+            for m in (30, 1, 9, 17, 4)]
+    first = plain.generate(PROMPTS, free)
+    # drafts from the target's commonest tokens: some are accepted
+    common_tokens = Counter(t for c in first for t in c.token_ids).most_common(3)
+    head = _head_file(plain, str(tmp_path / "head.safetensors"),
+                      vocab=[t for t, _ in common_tokens])
+    spec = LLM(path, **common, speculative="head", num_speculative_tokens=4,
+               speculative_model=head)
+    launched = _launching_ahead(spec, max_query_len=5)
+    engine = spec.engine
+    engine.scheduler.spec_policy.draft_length = lambda rid, step_tokens, producing, limit: (
+        min(limit, 2))
+    # the drafts of each verification step launched ahead: as the device took them, and as
+    # the host has them when it takes in the step's results
+    on_device: list[list[int]] = []
+    on_host: list[list[int]] = []
+    graphs = engine.runner.graphs
+    take, update = graphs._take_next, engine.scheduler.update
+
+    def taking(b, q, n):
+        on_device.extend(graphs.next.ids[: n * q].view(n, q)[:, 1:].tolist())
+        take(b, q, n)
+
+    def recording(output, result, ahead=None):
+        on_host.extend(s.spec_token_ids for s in output.scheduled if s.ahead > 1)
+        return update(output, result, ahead)
+
+    graphs._take_next, engine.scheduler.update = taking, recording
+    stopping = [SamplingParams(max_tokens=30, temperature=0.0,
+                               stop_token_ids=[first[0].token_ids[11]]),
+                SamplingParams(max_tokens=30, temperature=0.0, stop=[first[3].text[-3:]]),
+                *free[2:]]
+    for params in (free, stopping):
+        got = spec.generate(PROMPTS, params)
+        _same(got, plain.generate(PROMPTS, params))
+    assert sum(launched) > 5
+    assert len(on_device) > 5 and on_host == on_device
+    assert sum(c.num_accepted_tokens for c in got) > 0
+    assert not engine.has_unfinished()
+    assert engine.blocks.usage == 0.0
+
+
+def test_verify_ahead_off_launches_no_verification_ahead(tiny_model_dir, tmp_path):
+    """`verify_ahead` off: verification steps wait for the step before (decode steps
+    still go ahead), with the same tokens."""
+    path = str(tiny_model_dir("llama"))
+    common = dict(device="cpu", dtype="float32", num_kv_blocks=64, block_size=BS)
+    plain = LLM(path, **common)
+    spec = LLM(path, **common, speculative="head", num_speculative_tokens=2,
+               speculative_model=_head_file(plain, str(tmp_path / "head.safetensors")))
+    launched = _launching_ahead(spec, max_query_len=3)
+    spec.engine.verify_ahead = False
+    spec.engine.scheduler.spec_policy.draft_length = lambda *args: min(args[-1], 2)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    _same(spec.generate(PROMPTS, params), plain.generate(PROMPTS, params))
+    assert not any(launched)

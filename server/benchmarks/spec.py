@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="when speculative and plain outputs differ: fail, or count them")
     p.add_argument("--repeats", type=int, default=2,
                    help="interleaved off/on runs per measurement; the fastest of each is kept")
+    p.add_argument("--no-verify-ahead", action="store_true",
+                   help="CUDA: verification steps wait for the step before (LLMEngine.verify_ahead off)")
     p.add_argument("--result-json", default=None, help="write results here")
 
 
@@ -49,6 +51,7 @@ def _engines(args: argparse.Namespace, max_batch: int) -> tuple[object, object]:
     middle = time.perf_counter()
     on = LLM(args.model, speculative=args.speculative, speculative_model=args.speculative_model,
              num_speculative_tokens=args.num_speculative_tokens, **common)
+    on.engine.verify_ahead &= not args.no_verify_ahead
     # (on CUDA, start-up captures the graphs: decode only without speculation)
     print(f"start-up: {middle - start:.1f} s without speculation, "
           f"{time.perf_counter() - middle:.1f} s with", flush=True)

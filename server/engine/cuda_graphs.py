@@ -22,6 +22,13 @@ and copied with one non-blocking copy; a decode step launched before the step it
 from that step's tokens, on the device. Nothing in a step syncs with the device except
 reading its results back (the tokens for plain greedy steps, else the logits).
 
+With a drafter that drafts on the device alone (`Drafter.device_drafts`: the draft head),
+a verification graph (Q > 1) also verifies its drafts greedily and drafts each sequence's
+next step from the row after its accepted drafts (`_advance`): the next step's token ids,
+positions and lengths, on the device. The next verification step can then be launched
+before this one ends (`advance`): its block tables come from the host, as always, and its
+KV slots are computed from them on the device (`_take_next`).
+
 Every graph is captured at start (`capture_all`; a capture while serving stalls every
 request for the capture, and for Triton's autotuning of a new row count, seconds with
 packed weights) and replayed once there, which uploads it to the device. All graphs share
@@ -30,6 +37,7 @@ one memory pool.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +76,20 @@ class Replay:
     hidden: torch.Tensor  # [T, hidden]
     logits: torch.Tensor  # [T, vocab] float32
     tokens: torch.Tensor  # [T] int64, the argmax of each row
+    next_ids: torch.Tensor | None = None
+    """[T] with `draft`, in a step that verified Q - 1 drafts of every sequence: each
+    sequence's next input tokens (its greedy token after the drafts it accepted, then the
+    Q - 1 drafts that follow it), as the successor launched with `advance` takes them."""
+
+
+@dataclass
+class _Next:
+    """A verification step's successor's inputs, computed on the device (`_advance`): each
+    sequence's Q token ids and positions, and its length after them."""
+
+    ids: torch.Tensor  # [B * Q] int64
+    positions: torch.Tensor  # [B * Q] int64
+    seq_lens: torch.Tensor  # [B] int32
 
 
 @dataclass
@@ -76,6 +98,7 @@ class _Graph:
     hidden: torch.Tensor  # [B * Q, hidden]
     logits: torch.Tensor  # [B * Q, vocab] float32
     tokens: torch.Tensor  # [B * Q] int64, the argmax of each row of logits
+    next: _Next | None  # (with `draft`, Q > 1)
 
 
 class CudaGraphRunner:
@@ -84,11 +107,18 @@ class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, block_size: int, scratch_block: int,
                  max_model_len: int, max_batch: int, max_query_len: int,
                  window: SinkWindow | None = None,
-                 sparse: tuple[int, SinkWindow] | None = None) -> None:
+                 sparse: tuple[int, SinkWindow] | None = None,
+                 draft: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+                 ) -> None:
         """`scratch_block` and `window`: the KV pool's (`BlockManager.pools[0]`); `sparse`:
         in a hybrid cache, the sink + window layers' pool's scratch block and window
-        (`BatchMeta.sparse`), whose slots and block tables a step's inputs hold too."""
+        (`BatchMeta.sparse`), whose slots and block tables a step's inputs hold too.
+        `draft`: a drafter's device loop (`Drafter.device_drafts`); graphs of Q > 1 then
+        also verify the step's drafts greedily and draft the next step (`_advance`)."""
         self.model = model
+        self.draft = draft
+        self.next: _Next | None = None
+        """The last step's successor's inputs (`_advance`), for a step with `advance`."""
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.window = window
@@ -136,45 +166,78 @@ class CudaGraphRunner:
 
     def run(self, out: SchedulerOutput, tables: list[list[int]],
             ahead_ids: torch.Tensor | None = None,
-            sparse_tables: list[list[int]] | None = None) -> Replay | None:
+            sparse_tables: list[list[int]] | None = None, advance: bool = False
+            ) -> Replay | None:
         """Replay (capturing first if new) a graphable step; None for any other step.
         `ahead_ids`: a decode step's token ids on the device, from the step before, which
-        still runs (`ScheduledRequest.ahead`). `sparse_tables`: the requests' blocks in
-        the sink + window layers' pool (with `sparse`)."""
+        still runs (`ScheduledRequest.ahead`). `advance`: a verification step whose inputs
+        the step before, still running, computed on the device (`Replay.next_ids`): same
+        requests, same Q. `sparse_tables`: the requests' blocks in the sink + window
+        layers' pool (with `sparse`)."""
         key = self.key(out)
         if key is None:
+            if advance:  # (its inputs exist only on the device: no eager step can take them)
+                raise ValueError("a verification step launched ahead must be graphable")
             return None
         b, q = key
         # (a graphable step computes each request's newest token and its drafts)
         starts = [s.request.num_computed_tokens + s.ahead for s in out.scheduled]
-        if ahead_ids is None:
+        if ahead_ids is None and not advance:
             ids = [[_newest(s.request), *s.spec_token_ids] for s in out.scheduled]
-        else:
-            ids = [[0]] * len(out.scheduled)  # (written on the device below)
+        else:  # (written on the device: `step`)
+            ids = [[0] * (1 + len(s.spec_token_ids)) for s in out.scheduled]
         hidden, logits, tokens = self.step(b, q, starts, ids, tables, ahead_ids=ahead_ids,
-                                           sparse_tables=sparse_tables)
+                                           sparse_tables=sparse_tables, advance=advance)
         t = len(out.scheduled) * q
+        verified = self.next is not None and all(len(row) == q for row in ids)
         return Replay(key, [i * q + len(row) for i, row in enumerate(ids)], hidden[:t],
-                      logits[:t], tokens[:t])
+                      logits[:t], tokens[:t], self.next.ids[:t] if verified else None)
 
     def step(self, b: int, q: int, starts: list[int], ids: list[list[int]],
              tables: list[list[int]], graphed: bool = True,
              ahead_ids: torch.Tensor | None = None,
-             sparse_tables: list[list[int]] | None = None
+             sparse_tables: list[list[int]] | None = None, advance: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of len(starts) <= b sequences, each computing 1..q tokens from position
         starts[i] (ids[i] its token ids; padded to q); hidden [b * q, h], logits [b * q,
-        vocab] and the greedy tokens [b * q], sequence i's rows from i * q. `graphed=False`
-        runs the same padded step eagerly (for comparisons). `ahead_ids` (q = 1): the
-        sequences' token ids on the device instead of ids'. `sparse_tables`: as `run`'s."""
+        vocab] and the greedy tokens [b * q], sequence i's rows from i * q; with `draft`
+        and q > 1, `next` holds the successor's inputs. `graphed=False` runs the same
+        padded step eagerly (for comparisons). `ahead_ids` (q = 1): the sequences' token
+        ids on the device instead of ids'. `advance`: the real sequences' ids, positions,
+        slots and lengths are the last step's `next` (the host's `starts` then only bound
+        them: blocks are read up to starts[i] + q). `sparse_tables`: as `run`'s."""
         self._fill(b, q, starts, ids, tables, sparse_tables)
         if ahead_ids is not None:
             self.dev[: len(starts)].copy_(ahead_ids)
+        if advance:
+            self._take_next(b, q, len(starts))
         if not graphed:
-            return self._forward(b, q)
+            hidden, logits, tokens, self.next = self._forward(b, q)
+            return hidden, logits, tokens
         graph = self.graphs.get((b, q)) or self._capture(b, q)
         graph.graph.replay()
+        self.next = graph.next
         return graph.hidden, graph.logits, graph.tokens
+
+    def _take_next(self, b: int, q: int, n: int) -> None:
+        """Write the last step's `next` of the first n sequences into a (b, q) step's inputs,
+        and their KV slots from the step's block tables (filled now: the blocks of the new
+        positions may be younger than the step that computed them), on the device, queued
+        behind that step."""
+        nxt = self.next
+        if nxt is None or nxt.ids.numel() != b * q:
+            raise ValueError(f"no successor inputs of a ({b}, {q}) verification step to take")
+        ids, positions, slots, tables, seq_lens, _ = self._views(b, q)
+        t, bs = n * q, self.block_size
+        ids[:t].copy_(nxt.ids[:t])
+        positions[:t].copy_(nxt.positions[:t])
+        seq_lens[:n].copy_(nxt.seq_lens[:n])
+        pos = nxt.positions[:t].view(n, q)
+        block, offset = pos // bs, (pos % bs).flatten()
+        slots[:t].copy_(tables[:n].gather(1, block).flatten() * bs + offset)
+        if self.sparse is not None:
+            sparse_slots, sparse_tables = self._sparse_views(b, q)
+            sparse_slots[:t].copy_(sparse_tables[:n].gather(1, block).flatten() * bs + offset)
 
     def _layout(self, b: int, q: int) -> tuple[int, ...]:
         """Offsets in the input buffer (int64 elements) of a (B, Q) graph's positions, slots,
@@ -290,7 +353,8 @@ class CudaGraphRunner:
         h_lens[n:] = q
         h_qsl[:] = np.arange(b + 1) * q
 
-    def _forward(self, b: int, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, b: int, q: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Next | None]:
         from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
 
         ids, positions, slots, tables, lens, qsl = self._views(b, q)
@@ -300,7 +364,29 @@ class CudaGraphRunner:
                                     **window_kwargs(self.sparse[1]))
         hidden = self.model(ids, positions, meta)
         logits = self.model.compute_logits(hidden)
-        return hidden, logits, greedy_tokens(logits)
+        tokens = greedy_tokens(logits)
+        nxt = None
+        if self.draft is not None and q > 1:
+            nxt = self._advance(b, q, hidden, tokens)
+        return hidden, logits, tokens, nxt
+
+    def _advance(self, b: int, q: int, hidden: torch.Tensor, tokens: torch.Tensor) -> _Next:
+        """Verify each sequence's q - 1 drafts greedily on the device and draft its next
+        step: it accepts the drafts its greedy tokens repeat, up to the first that differs;
+        its next step computes the greedy token after them and q - 1 drafts from that row
+        (`draft`), at the positions that follow. The host makes the same choice from the
+        same tokens (`drafters.verify.verify_greedy`). A sequence that drafted fewer has
+        padding in their place: its `next` is not used (`Replay.next_ids` is None)."""
+        ids, positions = self._views(b, q)[:2]
+        greedy, drafted = tokens.view(b, q), ids.view(b, q)
+        accepted = (greedy[:, :-1] == drafted[:, 1:]).long().cumprod(1).sum(1)  # [b]
+        rows = torch.arange(b, device=tokens.device) * q + accepted
+        first = tokens[rows]
+        drafts = self.draft(hidden[rows], first, q - 1)  # [b, q - 1]
+        start = positions.view(b, q)[:, 0] + accepted + 1
+        pos = start[:, None] + torch.arange(q, device=tokens.device)  # [b, q]
+        return _Next(torch.cat([first[:, None], drafts], 1).flatten(), pos.flatten(),
+                     (start + q).int())
 
     def _capture(self, b: int, q: int) -> _Graph:
         """Warm up (compiles and autotunes kernels), then capture; inputs are already filled."""
@@ -312,7 +398,7 @@ class CudaGraphRunner:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            hidden, logits, tokens = self._forward(b, q)
+            hidden, logits, tokens, nxt = self._forward(b, q)
         # a graph's first replay also uploads it to the device (docs/benchmarks/gpu.md, run
         # 105: the launch of graphs replayed once or twice in a run took 0.27-0.30 ms, of
         # the others 0.01-0.02): paid here, not by the first step that needs the graph and
@@ -320,7 +406,7 @@ class CudaGraphRunner:
         # ran on: this replay writes the same KV again.)
         graph.replay()
         self.pool = graph.pool()
-        self.graphs[(b, q)] = _Graph(graph, hidden, logits, tokens)
+        self.graphs[(b, q)] = _Graph(graph, hidden, logits, tokens, nxt)
         return self.graphs[(b, q)]
 
 

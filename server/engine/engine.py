@@ -118,6 +118,9 @@ class LLMEngine:
         # a decode step launched before the one it follows finished (see `step`)
         self._ahead: tuple[SchedulerOutput, Launched] | None = None
         self.launch_ahead = self.runner.graphs is not None
+        # a verification step launched before the one it follows finished, its inputs
+        # drafted on the device (a drafter with `device_drafts`; see `step`)
+        self.verify_ahead = self.launch_ahead
 
     def _block_manager(self, dtype: torch.dtype, windowed: frozenset[int],
                        window: SinkWindow | None) -> BlockManager:
@@ -196,8 +199,12 @@ class LLMEngine:
         and after which no request drafts, has the next decode step queued behind it before
         the host waits for it (`Scheduler.schedule_ahead`; its input tokens go from one step
         to the next on the device), so the device does not idle while the host takes in a
-        step and schedules the next; that step is this method's next call's. A request that
-        a stop token or string ends computes up to two tokens more, dropped.
+        step and schedules the next; that step is this method's next call's. With
+        `verify_ahead` too, a verification step whose graph drafted every request's next
+        step on the device has that step queued behind it likewise
+        (`Scheduler.schedule_verify_ahead`): its tokens, positions and drafts go from one
+        step to the next on the device. A request that a stop token or string ends
+        computes up to two steps' tokens more, dropped.
         """
         start = time.perf_counter()
         if self._ahead is not None:  # launched by the last call: its inputs are in place
@@ -212,6 +219,8 @@ class LLMEngine:
             launched = self.runner.launch(sched) if sched.scheduled else None
         if launched is not None and self.launch_ahead and launched.tokens:
             ahead = self.scheduler.schedule_ahead(sched)
+            if ahead is None and launched.next_ids is not None and self.verify_ahead:
+                ahead = self.scheduler.schedule_verify_ahead(sched)
             if ahead is not None:
                 self._ahead = ahead, self.runner.launch(ahead, after=launched)
         outputs = self._flush()
@@ -220,7 +229,9 @@ class LLMEngine:
         if launched is None:
             return outputs
         result = self.runner.finish(launched)
-        self._pending = _Emitted(self.scheduler.update(sched, result), result.sampled)
+        self._pending = _Emitted(
+            self.scheduler.update(sched, result, self._ahead[0] if self._ahead else None),
+            result.sampled)
         if not self.overlap_outputs:
             outputs += self._flush()
         if self.config.debug_check_integrity:

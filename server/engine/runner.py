@@ -109,10 +109,14 @@ class Launched:
     by_row: bool
     """`result` has an entry for every row of `hidden` (a replay's, padding rows included),
     of which `rows` are taken; else one for each of `rows`."""
+    next_ids: torch.Tensor | None = None
+    """When `tokens`, in a replay whose graph drafted on the device (`Replay.next_ids`):
+    by row, each request's next step's input tokens (its last token, then its next
+    drafts), which a step launched ahead takes on the device."""
     copied: tuple[torch.Tensor, torch.cuda.Event] | None = None
-    """When `tokens` on CUDA: `result` copied to pinned host memory, and the event after
-    the copy: `finish` waits for that, not for later steps queued behind (`launch`'s
-    `after`)."""
+    """When `tokens` on CUDA: `result` (then `next_ids`) copied to pinned host memory, and
+    the event after the copy: `finish` waits for that, not for later steps queued behind
+    (`launch`'s `after`)."""
 
     def token_indices(self, scheduled: list[ScheduledRequest]) -> list[int]:
         """Where in `result` each of these decoding requests' one token is (`tokens`
@@ -166,9 +170,10 @@ class ModelRunner:
         start = time.perf_counter()
         pools = self.blocks.pools
         sparse = (pools[1].hole, pools[1].window) if len(pools) > 1 else None
+        draft = self.drafter.device_drafts() if self.drafter is not None else None
         self.graphs = CudaGraphRunner(self.model, self.blocks.block_size, pools[0].hole,
                                       max_model_len, max_batch, max_query_len,
-                                      window=pools[0].window, sparse=sparse)
+                                      window=pools[0].window, sparse=sparse, draft=draft)
         self.graphs.capture_all()
         log.info("captured %d CUDA graphs (batch buckets %s, query buckets %s) in %.1f s",
                  len(self.graphs.graphs), self.graphs.buckets, self.graphs.query_buckets,
@@ -206,17 +211,20 @@ class ModelRunner:
         """Queue a step's device work (the replay, or the forward and its LM head and greedy
         tokens) without waiting for it: on CUDA the host is free until `finish`. `after`:
         the step before, still running, whose tokens (on the device) are this decode step's
-        input (`Scheduler.schedule_ahead`)."""
+        input (`Scheduler.schedule_ahead`), or whose graph drafted this verification step's
+        inputs (`Scheduler.schedule_verify_ahead`)."""
         tables = [self.blocks.block_tables(s.request.request_id) for s in out.scheduled]
         by_pool = [list(pool) for pool in zip(*tables, strict=True)]
         ids = None
-        if after is not None:  # each request's token of the step before, on the device
+        advance = after is not None and after.next_ids is not None
+        if after is not None and not advance:  # each request's token of the step before
             index = after.token_indices(out.scheduled)
             ids = (after.result[: len(index)] if index == list(range(len(index))) else
                    after.result[_on_device(index, torch.long, self.device)])
         replay = None
         if self.graphs is not None:
-            replay = self.graphs.run(out, by_pool[0], ids, by_pool[1] if len(by_pool) > 1 else None)
+            replay = self.graphs.run(out, by_pool[0], ids, by_pool[1] if len(by_pool) > 1 else None,
+                                     advance=advance)
         query_len = None
         if replay is None:
             inputs = build_inputs(out, by_pool, self.blocks.block_size, self.device,
@@ -248,34 +256,39 @@ class ModelRunner:
         # plain sampled ones a draw on the device: no logits travel to the host
         if all(_plain_greedy(s) for s, _ in owners):
             result = tokens if tokens is not None else _greedy_tokens(all_logits)
-            return Launched(hidden, query_len, rows, owners, True, result, by_row,
-                            self._copy_tokens(result))
+            next_ids = replay.next_ids if replay is not None else None
+            return Launched(hidden, query_len, rows, owners, True, result, by_row, next_ids,
+                            self._copy_tokens(result, next_ids))
         if (all(_plain_greedy(s) or _plain_sampled(s) for s, _ in owners)
                 and _device_sampling(all_logits)):
             logits = all_logits[row_index()] if by_row else all_logits
             result = _sample_on_device(owners, logits)
             return Launched(hidden, query_len, rows, owners, True, result, False,
-                            self._copy_tokens(result))
+                            copied=self._copy_tokens(result))
         if after is not None:
             raise ValueError("a step launched ahead must compute its tokens on the device")
         return Launched(hidden, query_len, rows, owners, False, all_logits, by_row)
 
-    def _copy_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event] | None:
-        """On CUDA: a copy of a step's tokens queued into pinned host memory, and an event
-        after it; two buffers take turns, so that one step's tokens are read while the next
-        step's copy is queued."""
+    def _copy_tokens(self, tokens: torch.Tensor, next_ids: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.cuda.Event] | None:
+        """On CUDA: a copy of a step's tokens (then its `next_ids`, if any) queued into
+        pinned host memory, and an event after it; two buffers take turns, so that one
+        step's tokens are read while the next step's copy is queued."""
         if not tokens.is_cuda:
             return None
         n = tokens.numel()
+        m = n + (next_ids.numel() if next_ids is not None else 0)
         self._turn ^= 1
         host = self._host_tokens[self._turn]
-        if host.numel() < n:
+        if host.numel() < m:
             host = self._host_tokens[self._turn] = torch.empty(
-                max(n, 2 * host.numel()), dtype=tokens.dtype, pin_memory=True)
+                max(m, 2 * host.numel()), dtype=tokens.dtype, pin_memory=True)
         host[:n].copy_(tokens, non_blocking=True)
+        if next_ids is not None:
+            host[n:m].copy_(next_ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return host[:n], event
+        return host[:m], event
 
     @torch.inference_mode()
     def finish(self, step: Launched) -> RunnerOutput:
@@ -284,12 +297,17 @@ class ModelRunner:
         rows, owners, on_device = step.rows, step.owners, step.tokens
         if not rows:
             return RunnerOutput({}, step.query_len)
+        next_ids = None
         if step.copied is not None:
             host, event = step.copied
             event.synchronize()
             logits = host.tolist()
+            if step.next_ids is not None:
+                logits, next_ids = logits[:step.result.numel()], logits[step.result.numel():]
         else:
             logits = step.result.tolist() if on_device else step.result.cpu()
+            if step.next_ids is not None:
+                next_ids = step.next_ids.tolist()
         if step.by_row:  # (the padding tokens of requests that drafted fewer)
             logits = [logits[r] for r in rows] if on_device else logits[rows]
         sampled: dict[str, SampledTokens] = {}
@@ -303,6 +321,13 @@ class ModelRunner:
                 result = self._sample_request(s, logits[first : first + n])
             sampled[s.request.request_id] = result
             last_rows.append(rows[first + len(result.token_ids) - 1])
+        if next_ids is not None:  # the drafts the graph made after each request's last token
+            q = step.query_len
+            for s, first in owners:
+                if 0 < s.num_draft_tokens_next < q:
+                    row = rows[first] + 1
+                    sampled[s.request.request_id].next_draft = next_ids[
+                        row:row + s.num_draft_tokens_next]
         drafting = 0.0
         if self.drafter is not None:
             start = time.perf_counter()
@@ -357,8 +382,10 @@ class ModelRunner:
     def _draft(self, owners: list[tuple[ScheduledRequest, int]], sampled: dict[str, SampledTokens],
                hidden: torch.Tensor, last_rows: list[int]) -> None:
         # (a request a stop string ended while this step ran has no next step)
+        # (nor one whose drafts the graph made: `finish`)
         wanted = [(s, row) for (s, _), row in zip(owners, last_rows, strict=True)
-                  if s.num_draft_tokens_next > 0 and not s.request.is_finished]
+                  if s.num_draft_tokens_next > 0 and not s.request.is_finished
+                  and not sampled[s.request.request_id].next_draft]
         if not wanted:
             return
         requests = [

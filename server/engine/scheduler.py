@@ -140,12 +140,10 @@ class Scheduler:
         max_model_len) are left out; one it finishes otherwise (a stop token) computes a
         token that `update` drops. With speculation the policy then sizes the drafts after
         the step ahead, as after any step."""
-        running = [s.request for s in previous.scheduled if not s.request.is_finished]
-        if (previous.preempted or previous.ended
-                or len(running) != len(self.running)
-                or self.waiting and len(self.running) < self.config.max_num_seqs
-                or not all(s.num_new_tokens == 1 and not s.spec_token_ids and s.reaches_end
-                           and not s.num_draft_tokens_next for s in previous.scheduled)):
+        running = self._continuing(previous)
+        if running is None or not all(
+                s.num_new_tokens == 1 and not s.spec_token_ids and not s.num_draft_tokens_next
+                for s in previous.scheduled):
             return None
         going = [r for r in running if len(r.output_token_ids) + 1 < r.params.max_tokens
                  and r.num_tokens + 1 < self.config.max_model_len]
@@ -158,6 +156,55 @@ class Scheduler:
         scheduled = [ScheduledRequest(r, 1, [], ahead=1) for r in going]
         self._plan_drafts(scheduled)
         return SchedulerOutput(scheduled, len(going))
+
+    def schedule_verify_ahead(self, previous: SchedulerOutput) -> SchedulerOutput | None:
+        """The verification step after `previous` while `previous` still runs, when
+        `previous` verified Q - 1 drafts of every request and drafted Q - 1 more on the
+        device after each one's last token (`ModelRunner`'s graphs with a drafter's device
+        loop): the same requests verify those drafts, Q tokens each, from positions only the
+        device knows yet (`ScheduledRequest.ahead` is Q, their upper bound; the drafts are
+        placeholders until `update` takes in `previous`). None unless every request is
+        greedy-only territory for the step (past its min_tokens), the policy asked for Q - 1
+        drafts after `previous` from each, no waiting request could be admitted instead, no
+        request can reach max_tokens or max_model_len in either step, and the KV cache has
+        room for both steps' tokens without preempting. The policy sizes the drafts after
+        this step, as after any step; `update(previous, ..., ahead=this)` keeps the blocks
+        this step writes."""
+        running = self._continuing(previous)
+        # (the step's rows are previous's, in order: none may have left)
+        if running is None or len(running) < len(previous.scheduled):
+            return None
+        q = previous.scheduled[0].num_new_tokens
+        if q < 2 or not all(
+                s.num_new_tokens == q and len(s.spec_token_ids) == q - 1
+                and s.num_draft_tokens_next == q - 1 for s in previous.scheduled):
+            return None
+        if not all(len(r.output_token_ids) >= r.params.min_tokens
+                   and len(r.output_token_ids) + 2 * q < r.params.max_tokens
+                   and r.num_computed_tokens + 2 * q < self.config.max_model_len
+                   for r in running):
+            return None
+        # KV slots through the step's last token: previous's first position + 2Q - 1
+        ends = [(r.request_id, r.num_computed_tokens + 2 * q) for r in running]
+        if not self.blocks.can_allocate_all(ends):
+            return None
+        for rid, end in ends:
+            self.blocks.allocate(rid, end)
+        scheduled = [ScheduledRequest(r, q, [0] * (q - 1), ahead=q) for r in running]
+        self._plan_drafts(scheduled, trim=False)
+        return SchedulerOutput(scheduled, q * len(running))
+
+    def _continuing(self, previous: SchedulerOutput) -> list[Request] | None:
+        """`previous`'s requests, when a step may be launched ahead of it: it ran every
+        running request through its newest token, ended and preempted none, and no waiting
+        request could be admitted instead; None otherwise."""
+        running = [s.request for s in previous.scheduled if not s.request.is_finished]
+        if (previous.preempted or previous.ended
+                or len(running) != len(self.running)
+                or self.waiting and len(self.running) < self.config.max_num_seqs
+                or not all(s.reaches_end for s in previous.scheduled)):
+            return None
+        return running
 
     def _try_schedule(self, request: Request, budget: int, preempted: list[str]) -> ScheduledRequest | None:
         """Schedule a running request, preempting from the back of the batch for blocks."""
@@ -192,16 +239,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _plan_drafts(self, scheduled: list[ScheduledRequest]) -> None:
-        """With speculation: trim a padded step's drafts to what pays, size each request's
-        drafts after this step, and reserve their KV slots (`draft_slots`)."""
+    def _plan_drafts(self, scheduled: list[ScheduledRequest], trim: bool = True) -> None:
+        """With speculation: trim a padded step's drafts to what pays (`trim`: not those of
+        a step whose drafts only the device has), size each request's drafts after this
+        step, and reserve their KV slots (`draft_slots`)."""
         policy = self.spec_policy
         if policy is None:
             return
         # a step of decoding requests only (no prompt chunk) is one the CUDA graphs (when
         # present) replay padded, and the next one will likely be one too
         padded = _decoding(scheduled) and policy.pads(len(scheduled))
-        if padded:
+        if padded and trim:
             self._trim_padded_drafts(scheduled, policy)
         self._assign_draft_lengths(scheduled, policy, padded)
         if self.draft_slots:
@@ -270,9 +318,14 @@ class Scheduler:
                    self.config.max_model_len - r.num_tokens - 1) - len(s.spec_token_ids) - s.ahead
 
     # -- results ----------------------------------------------------------------------------
-    def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[tuple[Request, list[int]]]:
+    def update(self, output: SchedulerOutput, result: RunnerOutput,
+               ahead: SchedulerOutput | None = None) -> list[tuple[Request, list[int]]]:
         """Apply a step's results. Returns (request, new tokens) for requests that got tokens;
-        requests that hit EOS, a stop token, max_tokens or max_model_len are finished and freed."""
+        requests that hit EOS, a stop token, max_tokens or max_model_len are finished and
+        freed. `ahead`: the step launched after this one, still running: a request keeps
+        the blocks of its tokens there, and a verification step's drafts (placeholders:
+        `schedule_verify_ahead`) become the ones this step's results name."""
+        following = {s.request.request_id: s for s in ahead.scheduled} if ahead else {}
         emitted: list[tuple[Request, list[int]]] = []
         for s in output.scheduled:
             r = s.request
@@ -295,8 +348,12 @@ class Scheduler:
                 self.spec_policy.observe_proposal(r.request_id, bool(sampled.next_draft))
             r.spec_token_ids = sampled.next_draft
             r.draft_probs = sampled.next_draft_probs
-            if rejected:  # (not otherwise: a step launched ahead holds the next slot)
-                self.blocks.truncate(r.request_id, r.num_computed_tokens)
+            after = following.get(r.request_id)
+            if after is not None and after.spec_token_ids:
+                after.spec_token_ids = list(r.spec_token_ids)
+            if rejected:  # (not otherwise: a plain step launched ahead holds the next slot)
+                held = after.num_new_tokens if after is not None else 0
+                self.blocks.truncate(r.request_id, r.num_computed_tokens + held)
             self._computed(r, before)  # (after the rollback)
             emitted.append((r, new_tokens))
             if reason is not None:

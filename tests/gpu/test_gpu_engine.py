@@ -325,6 +325,58 @@ def test_steps_launched_ahead_give_the_tokens_of_steps_in_turn(tiny_model_dir):
     assert sum(ahead) > 20
 
 
+def test_verification_steps_launched_ahead_on_cuda(tiny_model_dir, tmp_path):
+    """A draft head's verification graphs verify and draft on the device, and the next
+    verification step goes ahead of the one it follows (`LLMEngine.verify_ahead`): greedy
+    requests of 1 to 30 tokens, some ended by a stop token, give the tokens of the CPU
+    engine without speculation, with it on and off; steps did go ahead with their drafts
+    taken on the device, and every block returns to the pool."""
+    from collections import Counter
+
+    from drafters.head import DraftHead, config_for, target_head_rows
+
+    path = tiny_model_dir("llama")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15] * 4]
+    params = [[SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+               for m in (30, 1, 9, 17)]]
+    cpu = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+    want = [[c.token_ids for c in cpu.generate(prompts, p)] for p in params]
+    params.append(SamplingParams(max_tokens=30, temperature=0.0,
+                                 stop_token_ids=[want[0][0][12]]))
+    want.append([c.token_ids for c in cpu.generate(prompts, params[1])])
+    # drafts from the target's commonest tokens, every one proposed: some are accepted
+    torch.manual_seed(0)
+    vocab = torch.tensor([t for t, _ in Counter(t for ids in want[0] for t in ids)
+                          .most_common(3)])
+    model = cpu.engine.model
+    weights = tmp_path / "head.safetensors"
+    DraftHead(config_for(model, threshold=0.0), vocab, target_head_rows(model, vocab)
+              ).save(weights)
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=8,
+              device="cuda", speculative="head", speculative_model=str(weights),
+              num_speculative_tokens=2)
+    engine = llm.engine
+    assert engine.verify_ahead
+    engine.scheduler.spec_policy.padded_draft_lengths = (
+        lambda wanted, spare, explore=False: [min(limit, 2) for _, limit in wanted])
+    advanced = []
+    launch = engine.runner.launch
+
+    def recording(out, after=None):
+        advanced.append(after is not None and after.next_ids is not None)
+        return launch(out, after)
+
+    engine.runner.launch = recording
+    for on in (True, False):
+        engine.verify_ahead = on
+        got = [llm.generate(prompts, p) for p in params]
+        assert [[c.token_ids for c in run] for run in got] == want
+        assert sum(c.num_accepted_tokens for c in got[0]) > 0
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+        assert (sum(advanced) > 10) == on
+        advanced.clear()
+
+
 def test_first_requests_of_new_shapes_compile_no_attention_kernel(tiny_model_dir):
     """After start-up (graphs captured, `ModelRunner.warm_up` run), prefills of 3 to 200
     tokens, alone and batched, and their decode, need no attention kernel compiled: each
