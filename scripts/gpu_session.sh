@@ -30,6 +30,9 @@
 #   drafter  trains a draft head for the default model ($GGUF) from 4 sampled answers to each
 #            built-in training prompt (run 147: ~100 s), then `bench spec --speculative head`
 #            with it in bfloat16 [$DRAFTER_ARGS]
+#   verify   `bench spec --speculative head` with $HEAD (default: the `drafter` step's head),
+#            verification steps launched ahead on, then off (--no-verify-ahead), in bfloat16
+#            [$VERIFY_ARGS, e.g. "--batch-sizes 1"]
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed
 # (scripts/gpu_env.sh, which ad-hoc commands source too).
 set -uo pipefail
@@ -99,6 +102,18 @@ for s in $STEPS; do
           --result-json "$OUT/spec_head.json"
       else
         echo "=== drafter: skipped (no GGUF=...)"
+      fi ;;
+    verify)
+      head="${HEAD:-$OUT/head.safetensors}"
+      if [ -n "$GGUF" ] && [ -f "$head" ]; then
+        for mode in on off; do
+          step "verify_$mode" 270 python3 -m server.benchmarks.spec "$GGUF" --dtype bfloat16 \
+            --speculative head --speculative-model "$head" --on-mismatch count \
+            --result-json "$OUT/spec_head_verify_$mode.json" \
+            $([ "$mode" = off ] && echo --no-verify-ahead) ${VERIFY_ARGS:-}
+        done
+      else
+        echo "=== verify: skipped (needs GGUF=... and a head: HEAD=... or the drafter step)"
       fi ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
     attention) step attention 300 python3 -m kernels.bench_attention --json "$OUT/attention.json" \
