@@ -85,6 +85,13 @@ class Metrics:
             "Draft tokens accepted at each draft position.", label + ["position"], registry=r,
         )
         self._per_pos: dict[int, object] = {}
+        steps_ahead = Counter(
+            p + "steps_launched_ahead", "Steps queued before the step they follow had "
+            "finished (CUDA graphs), by kind: decode, or verification (drafts made on the "
+            "device).", label + ["kind"], registry=r,
+        )
+        self.steps_ahead = {kind: steps_ahead.labels(model_name, kind)
+                            for kind in ("decode", "verification")}
 
     def request_success(self, finished_reason: str) -> None:
         self._request_success.labels(self.model_name, finished_reason).inc()

@@ -222,9 +222,11 @@ def test_verification_steps_launched_ahead(tiny_model_dir, tmp_path, hybrid):
     on_host: list[list[int]] = []
     graphs = engine.runner.graphs
     take, update = graphs._take_next, engine.scheduler.update
+    taken = [0]
 
     def taking(b, q, n):
         on_device.extend(graphs.next.ids[: n * q].view(n, q)[:, 1:].tolist())
+        taken[0] += 1
         take(b, q, n)
 
     def recording(output, result, ahead=None):
@@ -241,6 +243,10 @@ def test_verification_steps_launched_ahead(tiny_model_dir, tmp_path, hybrid):
         _same(got, plain.generate(PROMPTS, params))
     assert sum(launched) > 5
     assert len(on_device) > 5 and on_host == on_device
+    counted = {kind: engine.metrics.registry.get_sample_value(
+        "leapfrog:steps_launched_ahead_total", {"model_name": engine.model_name, "kind": kind})
+        for kind in ("decode", "verification")}
+    assert counted == {"decode": sum(launched) - taken[0], "verification": taken[0]}
     assert sum(c.num_accepted_tokens for c in got) > 0
     assert not engine.has_unfinished()
     assert engine.blocks.usage == 0.0

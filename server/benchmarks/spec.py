@@ -73,8 +73,17 @@ def _divergence(a: list[int], b: list[int]) -> int | None:
                 None if len(a) == len(b) else min(len(a), len(b)))
 
 
+def _verifications_ahead(llm: object) -> int:
+    """Verification steps the engine has launched ahead of the step they follow (CUDA)."""
+    engine = llm.engine
+    return int(engine.metrics.registry.get_sample_value(
+        "leapfrog:steps_launched_ahead_total",
+        {"model_name": engine.model_name, "kind": "verification"}) or 0)
+
+
 def _measure(off: object, on: object, prompts: list[list[int]], max_tokens: list[int], batch: int,
              repeats: int, on_mismatch: str = "fail") -> dict:
+    ahead = _verifications_ahead(on)
     t_off = t_on = 0.0
     tokens = drafted = accepted = steps = 0
     diverged: list[int] = []
@@ -98,7 +107,8 @@ def _measure(off: object, on: object, prompts: list[list[int]], max_tokens: list
     return {"tokens": tokens, "time_off_s": t_off, "time_on_s": t_on, "speedup": t_off / t_on,
             "drafted": drafted, "accepted": accepted, "mean_accepted_length": tokens / steps,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "mismatched": len(diverged), "first_divergence": diverged}
+            "mismatched": len(diverged), "first_divergence": diverged,
+            "verification_steps_ahead": _verifications_ahead(on) - ahead}
 
 
 def _ms(times: dict[int, float]) -> dict[int, float]:
@@ -129,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
             learned = policy.padded_costs.get(batch)
             m["policy_after"] = {"start_acceptance": round(policy.start, 3),
                                  "padded_costs_ms": _ms(learned.times) if learned else None}
-            print(f"batch {batch} {cat}: speedup {m['speedup']:.2f}, then {m['policy_after']}",
+            print(f"batch {batch} {cat}: speedup {m['speedup']:.2f}, verification steps "
+                  f"launched ahead {m['verification_steps_ahead']}, then {m['policy_after']}",
                   flush=True)
             results.append({"batch": batch, "category": cat, **m})
             rows.append([batch, cat, m["tokens"], m["mean_accepted_length"], m["acceptance_rate"], m["speedup"],

@@ -23,8 +23,10 @@ class ScheduledRequest:
     """How many tokens the drafter may propose for this request's next step (0 = none)."""
     ahead: int = 0
     """Tokens the step before this one produces for the request that its state does not
-    hold yet when this step is launched (1 in a step launched before its predecessor
-    finished, `Scheduler.schedule_ahead`): this step's token comes from the device."""
+    hold yet when this step is launched: 1 in a decode step launched before its
+    predecessor finished (`Scheduler.schedule_ahead`), whose token comes from the device;
+    Q, their most, in a verification step of Q tokens launched so
+    (`Scheduler.schedule_verify_ahead`), whose tokens and positions come from the device."""
 
     @property
     def reaches_end(self) -> bool:

@@ -218,11 +218,12 @@ class LLMEngine:
                 self.metrics.prefix_cache_hits.inc(sched.prefix_hits)
             launched = self.runner.launch(sched) if sched.scheduled else None
         if launched is not None and self.launch_ahead and launched.tokens:
-            ahead = self.scheduler.schedule_ahead(sched)
+            kind, ahead = "decode", self.scheduler.schedule_ahead(sched)
             if ahead is None and launched.next_ids is not None and self.verify_ahead:
-                ahead = self.scheduler.schedule_verify_ahead(sched)
+                kind, ahead = "verification", self.scheduler.schedule_verify_ahead(sched)
             if ahead is not None:
                 self._ahead = ahead, self.runner.launch(ahead, after=launched)
+                self.metrics.steps_ahead[kind].inc()
         outputs = self._flush()
         now = time.monotonic()
         outputs += [self._output(r, [], SampledTokens([], 0), now) for r in sched.ended]

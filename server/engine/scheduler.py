@@ -163,9 +163,9 @@ class Scheduler:
         device after each one's last token (`ModelRunner`'s graphs with a drafter's device
         loop): the same requests verify those drafts, Q tokens each, from positions only the
         device knows yet (`ScheduledRequest.ahead` is Q, their upper bound; the drafts are
-        placeholders until `update` takes in `previous`). None unless every request is
-        greedy-only territory for the step (past its min_tokens), the policy asked for Q - 1
-        drafts after `previous` from each, no waiting request could be admitted instead, no
+        placeholders until `update` takes in `previous`). None unless every request is past
+        its min_tokens (no stop token to hold back), the policy asked for Q - 1 drafts
+        after `previous` from each, no waiting request could be admitted instead, no
         request can reach max_tokens or max_model_len in either step, and the KV cache has
         room for both steps' tokens without preempting. The policy sizes the drafts after
         this step, as after any step; `update(previous, ..., ahead=this)` keeps the blocks
