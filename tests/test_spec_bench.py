@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
 from server.benchmarks.spec import _divergence, _measure
+from server.metrics import Metrics
 
 
 @dataclass
@@ -18,12 +20,16 @@ class _Result:
 
 
 class _FakeLLM:
-    """Answers each prompt with fixed tokens (prompt -> outputs)."""
+    """Answers each prompt with fixed tokens (prompt -> outputs); with drafts, each generate
+    call counts one verification step launched ahead in its engine's metrics."""
 
     def __init__(self, outputs: dict[tuple[int, ...], list[int]], drafted: int = 0) -> None:
         self.outputs, self.drafted = outputs, drafted
+        self.engine = SimpleNamespace(model_name="fake", metrics=Metrics("fake"))
 
     def generate(self, prompts: list[list[int]], params: list) -> list[_Result]:
+        if self.drafted:
+            self.engine.metrics.steps_ahead["verification"].inc()
         out = [self.outputs[tuple(p)] for p in prompts]
         return [_Result(o, self.drafted, self.drafted // 2, max(1, len(o) // 2)) for o in out]
 
@@ -44,5 +50,6 @@ def test_measure_fails_on_differing_outputs_unless_counting() -> None:
     m = _measure(plain, spec, prompts, [3, 3, 3], batch=2, repeats=2, on_mismatch="count")
     assert (m["mismatched"], m["first_divergence"]) == (1, [1])
     assert m["tokens"] == 6 and m["drafted"] == 12 and m["accepted"] == 6
+    assert m["verification_steps_ahead"] == 4  # (2 chunks, 2 repeats)
     same = _measure(plain, plain, prompts, [3, 3, 3], batch=1, repeats=1)
     assert (same["mismatched"], same["first_divergence"]) == (0, [])
