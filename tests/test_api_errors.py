@@ -42,7 +42,10 @@ def _ok(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize(("body", "param", "code"), [
     ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
-    ({"messages": MSGS, "logit_bias": {"1": 2}}, "logit_bias", "unsupported_parameter"),
+    ({"messages": MSGS, "suffix": "x"}, "suffix", "unsupported_parameter"),
+    ({"messages": MSGS, "logit_bias": {"one": 2}}, "logit_bias.one", "invalid_value"),
+    ({"messages": MSGS, "logit_bias": {"1": 101}}, "logit_bias", "invalid_value"),
+    ({"messages": MSGS, "logit_bias": {"100000": 1}}, "logit_bias", "invalid_value"),
     ({"messages": MSGS, "response_format": {"type": "json_object"}}, "response_format",
      "invalid_value"),
     ({"messages": MSGS, "temperature": 3}, "temperature", "invalid_value"),

@@ -83,6 +83,28 @@ def test_penalties_and_min_tokens(tiny_llm: LLM) -> None:
     assert len(held.token_ids) >= 4 and plain.token_ids[0] not in held.token_ids[:4]
 
 
+def test_logit_bias(tiny_llm: LLM) -> None:
+    """A bias of +100 makes its token every token, greedy or sampled (logprobs stay the
+    model's); -100 keeps the greedy token out; ids outside the vocabulary are refused."""
+    prompt = mixed_prompts(3)[2]
+    plain = tiny_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0,
+                                                       ignore_eos=True, logprobs=0))[0]
+    forced = next(t for t in range(3, 128) if t not in plain.token_ids)
+    for base in (dict(temperature=0.0), dict(temperature=1.0, seed=5)):
+        out = tiny_llm.generate([prompt], SamplingParams(
+            max_tokens=12, ignore_eos=True, logprobs=0, logit_bias={forced: 100.0}, **base))[0]
+        assert out.token_ids == [forced] * 12
+        assert all(lp.logprob < -1.0 for lp in out.logprobs)  # (the model's own: unlikely)
+    banned = tiny_llm.generate([prompt], SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias={plain.token_ids[0]: -100.0}))[0]
+    assert banned.token_ids[0] != plain.token_ids[0]
+    assert plain.token_ids[0] not in banned.token_ids
+    with pytest.raises(ValueError, match="token ids"):
+        tiny_llm.engine.add_request("b1", prompt, SamplingParams(logit_bias={100000: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={5: 101.0})
+
+
 def test_abort_frees_blocks(tiny_llm: LLM) -> None:
     engine = tiny_llm.engine
     engine.add_request("x", mixed_prompts(5)[4], SamplingParams(max_tokens=100, ignore_eos=True))

@@ -72,6 +72,12 @@ def test_greedy_lossless_tiny_with_rollbacks(tiny_model_dir) -> None:
                if x.name.endswith("_total")}
     assert sum(per_pos.values()) == accepted > 0
     assert [per_pos[i] for i in sorted(per_pos)] == sorted(per_pos.values(), reverse=True)
+    # drafts verified against biased logits (the host's path): still the plain tokens
+    biased = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                            logit_bias={ref[0][0]: -100.0, 7: 3.0})
+    got = spec.generate(prompts, biased)
+    assert [c.token_ids for c in got] == [c.token_ids for c in plain.generate(prompts, biased)]
+    assert sum(c.num_draft_tokens for c in got) > 0
 
 
 def test_a_step_is_priced_with_the_drafting_that_made_its_drafts(tiny_model_dir,

@@ -51,9 +51,12 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
     """Map request fields onto SamplingParams; fields the client left out keep their defaults."""
     stop_token_ids = list(req.stop_token_ids or [])
     check_token_ids(stop_token_ids, tokenizer, "stop_token_ids")
+    logit_bias = dict(req.logit_bias or {})
+    check_token_ids(list(logit_bias), tokenizer, "logit_bias")
     values: dict[str, Any] = {
         "max_tokens": max_tokens, "stop": req.stop_list(), "stop_token_ids": stop_token_ids,
         "ignore_eos": req.ignore_eos, "seed": req.seed, "logprobs": logprobs,
+        "logit_bias": logit_bias,
     }
     for name in _OPTIONAL_FLOATS_AND_INTS:
         value = getattr(req, name)

@@ -103,6 +103,7 @@ def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
     values["seed"] = seed
     values["stop"] = list(params.stop)
     values["stop_token_ids"] = list(params.stop_token_ids)
+    values["logit_bias"] = dict(params.logit_bias)
     return SamplingParams(**values)
 
 

@@ -1,5 +1,5 @@
 """OpenAI request models (pydantic). Unknown fields are rejected (extra="forbid"), so a field
-we do not support (tools, logit_bias, suffix, ...) gets a 400 that names it instead of being
+we do not support (tools, suffix, ...) gets a 400 that names it instead of being
 silently ignored. Range checks on sampling values are SamplingParams' job."""
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class SamplingRequest(_Strict):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
+    logit_bias: dict[int, float] | None = None
+    """Token id (a JSON object's keys are strings: pydantic parses them) -> bias."""
     ignore_eos: bool = False
     user: str | None = None
     stream: bool = False

@@ -55,7 +55,7 @@ def _num_outputs(s: ScheduledRequest) -> int:
 def _plain_greedy(s: ScheduledRequest) -> bool:
     """Whether a request's tokens are the argmax of its raw logits (nothing else needed)."""
     p = s.request.params
-    return (p.greedy and not p.has_penalties and p.logprobs is None
+    return (p.greedy and not p.adjusts_logits and p.logprobs is None
             and _num_outputs(s) >= p.min_tokens)
 
 
@@ -63,7 +63,7 @@ def _plain_sampled(s: ScheduledRequest) -> bool:
     """Whether a request's token is a draw from its raw logits under temperature, top-k,
     top-p and min-p alone, with no drafts to verify (what `sample_rows` serves)."""
     p = s.request.params
-    return (not p.greedy and not p.has_penalties and p.logprobs is None
+    return (not p.greedy and not p.adjusts_logits and p.logprobs is None
             and _num_outputs(s) >= p.min_tokens and not s.spec_token_ids)
 
 
@@ -341,7 +341,7 @@ class ModelRunner:
         drafts = s.spec_token_ids
         stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
         scores = logits
-        if p.has_penalties or len(r.output_token_ids) < p.min_tokens:
+        if p.adjusts_logits or len(r.output_token_ids) < p.min_tokens:
             # row j predicts the token after draft j-1: drafts count as history for penalties
             scores = torch.stack([
                 processed_logits(logits[j], p, r.prompt_token_ids, r.output_token_ids + drafts[:j], stop_ids)

@@ -1,4 +1,5 @@
-"""Turn logits into tokens: penalties, temperature, top-k/top-p/min-p, seeded sampling.
+"""Turn logits into tokens: penalties and logit bias, temperature, top-k/top-p/min-p,
+seeded sampling.
 
 `target_probs` gives the processed distribution a request samples from (also what
 speculative verification compares drafts against); `sample` draws from it with the
@@ -19,8 +20,9 @@ from server.engine.sampling_params import SamplingParams
 def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
 ) -> torch.Tensor:
-    """logits: [V] float32 for one row; returns a penalized copy (or the input if none apply)."""
-    if not params.has_penalties:
+    """logits: [V] float32 for one row; returns a penalized and biased copy (or the input if
+    neither applies)."""
+    if not params.adjusts_logits:
         return logits
     logits = logits.clone()
     out = torch.tensor(list(output_ids), dtype=torch.long)
@@ -31,6 +33,9 @@ def apply_penalties(
     if out.numel() and (params.presence_penalty or params.frequency_penalty):
         counts = torch.zeros_like(logits).index_add_(0, out, torch.ones(out.numel()))
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
     return logits
 
 

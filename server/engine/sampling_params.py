@@ -50,6 +50,9 @@ class SamplingParams:
     """Keep generating past the EOS token."""
     logprobs: int | None = None
     """Return the chosen token's logprob and this many top alternatives (0..20)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """OpenAI's logit_bias: added to these tokens' logits (each in [-100, 100]) before
+    sampling, greedy or not; logprobs stay the model's."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -80,15 +83,22 @@ class SamplingParams:
             raise SamplingParamsError("seed", f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise SamplingParamsError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
+        for token, bias in self.logit_bias.items():
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise SamplingParamsError(
+                    "logit_bias", f"logit_bias maps token ids >= 0 to biases in [-100, 100], "
+                    f"got {token}: {bias}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
     @property
-    def has_penalties(self) -> bool:
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change the logits a token is chosen from."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
         )
