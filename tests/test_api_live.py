@@ -4,6 +4,7 @@ client, curl-like httpx calls and prometheus_client's parser. One shared server 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -118,6 +119,28 @@ def test_errors_then_keeps_serving(url, client, model) -> None:
                      headers={"content-type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
     assert client.chat.completions.create(model=model, messages=MSG, max_tokens=2).choices
+
+
+def test_json_schema_output_and_logit_bias(client, model) -> None:
+    """response_format json_schema through the official client: the reply parses and
+    follows the schema, and ends by itself; an impossible schema is a 400; logit_bias +100
+    on one token makes it every token."""
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    reply = client.chat.completions.create(
+        model=model, max_tokens=60, temperature=0,
+        messages=[{"role": "user", "content": "Describe a cat as JSON with its name and age."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}})
+    choice = reply.choices[0]
+    cat = json.loads(choice.message.content)
+    assert set(cat) == {"name", "age"} and isinstance(cat["age"], int)
+    assert choice.finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="JSON schema"):
+        client.chat.completions.create(model=model, messages=MSG, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    forced = client.chat.completions.create(model=model, messages=MSG, max_tokens=5,
+                                            temperature=0, logit_bias={"33": 100})
+    assert forced.choices[0].message.content == "1" * 5
 
 
 def test_32_concurrent_streams_match_solo_greedy(url, model) -> None:

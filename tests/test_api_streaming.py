@@ -32,7 +32,7 @@ def test_chat_stream_chunks_and_usage(served) -> None:
     url, engine, _ = served
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
             "n": 2, "seed": 3, "stream_options": {"include_usage": True},
-            "logit_bias": {"5": -2.5}}
+            "logit_bias": {"5": -2.5}, "response_format": {"type": "json_object"}}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = _events(resp)
@@ -48,6 +48,7 @@ def test_chat_stream_chunks_and_usage(served) -> None:
     rids = sorted(r for r in engine.params if engine.params[r].seed in (3, 4))[-2:]
     assert [engine.params[r].seed for r in rids] == [3, 4]  # seed + i per choice
     assert [engine.params[r].logit_bias for r in rids] == [{5: -2.5}] * 2
+    assert [engine.params[r].json_schema for r in rids] == ['{"type": "object"}'] * 2
     for i in (0, 1):
         seeded = engine.script(prompt, engine.params[rids[i]])[:5]
         assert texts[i] == seeded

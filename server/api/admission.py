@@ -47,8 +47,9 @@ def check_token_ids(ids: list[int], tokenizer: Any, param: str) -> None:
 
 
 def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
-                    tokenizer: Any) -> SamplingParams:
-    """Map request fields onto SamplingParams; fields the client left out keep their defaults."""
+                    tokenizer: Any, json_schema: str | None = None) -> SamplingParams:
+    """Map request fields onto SamplingParams; fields the client left out keep their defaults.
+    `json_schema`: the JSON the output must be (chat's response_format)."""
     stop_token_ids = list(req.stop_token_ids or [])
     check_token_ids(stop_token_ids, tokenizer, "stop_token_ids")
     logit_bias = dict(req.logit_bias or {})
@@ -56,7 +57,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
     values: dict[str, Any] = {
         "max_tokens": max_tokens, "stop": req.stop_list(), "stop_token_ids": stop_token_ids,
         "ignore_eos": req.ignore_eos, "seed": req.seed, "logprobs": logprobs,
-        "logit_bias": logit_bias,
+        "logit_bias": logit_bias, "json_schema": json_schema,
     }
     for name in _OPTIONAL_FLOATS_AND_INTS:
         value = getattr(req, name)

@@ -4,6 +4,7 @@ silently ignored. Range checks on sampling values are SamplingParams' job."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -126,9 +127,25 @@ class ChatCompletionRequest(SamplingRequest):
 
     @field_validator("response_format")
     @classmethod
-    def _text_format_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and (value.get("type") != "text" or set(value) != {"type"}):
-            raise ValueError(f"response_format type {value.get('type')!r} is not supported; only 'text'")
+    def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """{"type": "text" | "json_object"}, or {"type": "json_schema", "json_schema":
+        {"name": ..., "schema": {...}, "strict": ..., "description": ...}}."""
+        if value is None:
+            return value
+        kind = value.get("type")
+        if kind in ("text", "json_object"):
+            if set(value) != {"type"}:
+                raise ValueError(f"response_format of type {kind!r} takes no other field")
+        elif kind == "json_schema":
+            spec = value.get("json_schema")
+            if (set(value) != {"type", "json_schema"} or not isinstance(spec, dict)
+                    or not isinstance(spec.get("schema", {}), dict)
+                    or set(spec) - {"name", "schema", "strict", "description"}):
+                raise ValueError("response_format json_schema takes {'json_schema': {'name': "
+                                 "..., 'schema': {...}, 'strict': ..., 'description': ...}}")
+        else:
+            raise ValueError(f"response_format type {kind!r} is not supported; use 'text', "
+                             "'json_object' or 'json_schema'")
         return value
 
     @model_validator(mode="after")
@@ -146,6 +163,17 @@ class ChatCompletionRequest(SamplingRequest):
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def json_schema(self) -> str | None:
+        """The JSON schema the output must follow (`SamplingParams.json_schema`), as JSON
+        text; None for free text. json_object is any object; a json_schema without a
+        schema, any JSON value."""
+        fmt = self.response_format or {"type": "text"}
+        if fmt["type"] == "json_object":
+            return '{"type": "object"}'
+        if fmt["type"] == "json_schema":
+            return json.dumps(fmt["json_schema"].get("schema", {}))
+        return None
 
 
 class CompletionRequest(SamplingRequest):

@@ -96,7 +96,8 @@ async def create_chat_completion(request: Request, state: ServerState, api: ApiC
         logger.debug("request %s prompt: %r", request_id, text)
     max_tokens = resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids),
                                     engine.max_model_len)
-    params = sampling_params(req, max_tokens, req.num_logprobs(), engine.tokenizer)
+    params = sampling_params(req, max_tokens, req.num_logprobs(), engine.tokenizer,
+                             req.json_schema())
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
     jobs = make_jobs(request_id, [prompt_ids], req.n, params)
     texts = TokenTexts(engine.tokenizer) if req.logprobs else None

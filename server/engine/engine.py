@@ -24,6 +24,7 @@ from server.engine.runner import Launched, ModelRunner
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.spec_policy import SpecPolicy
+from server.engine.structured import Grammars
 from server.metrics import Metrics
 from server.models.loader import build_model, open_checkpoint
 from server.models.quantize import pack_model
@@ -110,6 +111,7 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )))
         self._tracked: dict[str, _Tracked] = {}
+        self.grammars = Grammars(self.tokenizer, checkpoint.config.vocab_size)
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self._drafting = 0.0  # seconds the previous step spent drafting this step's tokens
         self._pending: _Emitted | None = None  # a step's results whose outputs are not made
@@ -172,6 +174,8 @@ class LLMEngine:
         generator.manual_seed(seed)
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids,
                           generator=generator, seed=seed)
+        if params.json_schema is not None:
+            request.grammar = self.grammars.matcher(params.json_schema)
         self.scheduler.add_request(request)
         self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop))
 

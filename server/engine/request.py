@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,9 @@ class Request:
     """Prompt tokens found in the prefix cache when the request was first scheduled."""
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    grammar: Any = None
+    """With `params.json_schema`: its matcher (`server.engine.structured`), advanced by each
+    output token."""
 
     @property
     def num_prompt_tokens(self) -> int:

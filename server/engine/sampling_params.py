@@ -53,6 +53,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     """OpenAI's logit_bias: added to these tokens' logits (each in [-100, 100]) before
     sampling, greedy or not; logprobs stay the model's."""
+    json_schema: str | None = None
+    """A JSON schema (as JSON text) the output must follow (`server.engine.structured`;
+    `{"type": "object"}` for OpenAI's json_object); None: free text."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -83,6 +86,10 @@ class SamplingParams:
             raise SamplingParamsError("seed", f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise SamplingParamsError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.json_schema is not None and (self.min_tokens or self.ignore_eos):
+            raise SamplingParamsError(
+                "min_tokens" if self.min_tokens else "ignore_eos",
+                "JSON output ends where its JSON does: min_tokens and ignore_eos do not apply")
         for token, bias in self.logit_bias.items():
             if token < 0 or not -100.0 <= bias <= 100.0:
                 raise SamplingParamsError(
@@ -95,10 +102,12 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether penalties or a logit bias change the logits a token is chosen from."""
+        """Whether penalties, a logit bias or a JSON schema change the logits a token is
+        chosen from."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or bool(self.logit_bias)
+            or self.json_schema is not None
         )

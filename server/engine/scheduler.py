@@ -312,8 +312,11 @@ class Scheduler:
                 self.blocks.truncate(r.request_id, r.num_computed_tokens + s.num_new_tokens)
 
     def _draft_room(self, s: ScheduledRequest) -> int:
-        """Most drafts a request's next step may verify (its max_tokens and max_model_len)."""
+        """Most drafts a request's next step may verify (its max_tokens and max_model_len;
+        none for JSON output, whose mask follows the tokens kept)."""
         r = s.request
+        if r.grammar is not None:
+            return 0
         return min(r.params.max_tokens - len(r.output_token_ids) - 1,
                    self.config.max_model_len - r.num_tokens - 1) - len(s.spec_token_ids) - s.ahead
 
@@ -379,6 +382,8 @@ class Scheduler:
         for token in tokens:
             r.output_token_ids.append(token)
             new.append(token)
+            if r.grammar is not None:
+                r.grammar.accept_token(token)
             n = len(r.output_token_ids)
             if token in stops and n > p.min_tokens:
                 return new, "stop"

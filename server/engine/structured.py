@@ -1,0 +1,73 @@
+"""Structured output: a request whose text must be JSON (OpenAI's `response_format` of type
+`json_object`, or `json_schema` with a schema) is sampled from logits masked to the tokens
+that keep its output a prefix of such JSON, through xgrammar's grammar matchers (an
+optional dependency: `pip install leapfrog[structured]`).
+
+The mask is applied on the host, where the request's other logit adjustments are
+(`server.engine.sampler.processed_logits`): its steps leave the device's greedy and sampling
+paths, and it takes no drafts. Each token the request keeps advances its matcher
+(`Scheduler._append_tokens`); once the JSON is complete only the end-of-sequence token is
+allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+
+class Grammars:
+    """An engine's compiled JSON grammars, by schema, over its tokenizer; xgrammar is imported
+    with the first one."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._compiler: Any = None
+        self._compiled: dict[str, Any] = {}
+
+    def matcher(self, schema: str) -> Any:
+        """A fresh matcher (`xgrammar.GrammarMatcher`) for outputs that follow `schema` (JSON
+        text); a schema that is not one, or xgrammar missing, is a ValueError."""
+        compiled = self._compiled.get(schema)
+        if compiled is None:
+            try:
+                parsed = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the JSON schema is not JSON: {exc}") from exc
+            if not isinstance(parsed, dict):
+                raise ValueError("the JSON schema must be a JSON object")
+            try:
+                compiled = self._compiler_for().compile_json_schema(schema)
+            except RuntimeError as exc:  # xgrammar's error for schemas it cannot take, after
+                # a time and source location
+                reason = str(exc).strip().rsplit(".cc:", 1)[-1].split(": ", 1)[-1]
+                raise ValueError(f"unsupported JSON schema: {reason}") from exc
+            self._compiled[schema] = compiled
+        import xgrammar
+
+        return xgrammar.GrammarMatcher(compiled)
+
+    def _compiler_for(self) -> Any:
+        if self._compiler is None:
+            try:
+                import xgrammar
+            except ImportError as exc:
+                raise ValueError("JSON output (response_format json_object or json_schema) "
+                                 "needs xgrammar: pip install 'leapfrog[structured]'") from exc
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer,
+                                                           vocab_size=self.vocab_size)
+            self._compiler = xgrammar.GrammarCompiler(info)
+        return self._compiler
+
+
+def mask_logits(matcher: Any, logits: torch.Tensor) -> torch.Tensor:
+    """A copy of one row's logits [V] with every token the matcher refuses next at -inf."""
+    import xgrammar
+
+    mask = xgrammar.allocate_token_bitmask(1, logits.shape[-1])
+    matcher.fill_next_token_bitmask(mask)
+    masked = logits.clone().unsqueeze(0)
+    xgrammar.apply_token_bitmask_inplace(masked, mask)
+    return masked[0]

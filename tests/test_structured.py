@@ -1,0 +1,93 @@
+"""JSON output (`SamplingParams.json_schema`, `server.engine.structured`) on the real default
+model: replies parse and follow their schema, batched with free-text requests and in an
+engine that speculates; schemas xgrammar cannot take are refused when the request is added."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.engine.llm import LLM
+from server.engine.sampling_params import SamplingParams, SamplingParamsError
+
+pytestmark = pytest.mark.slow
+
+CAT = json.dumps({"type": "object", "required": ["name", "age"],
+                  "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}})
+PETS = json.dumps({
+    "$defs": {"pet": {"type": "object", "required": ["kind", "name"], "properties": {
+        "kind": {"enum": ["cat", "dog"]}, "name": {"type": "string", "pattern": "^[A-Z][a-z]+$"}}}},
+    "type": "object", "required": ["pets"],
+    "properties": {"pets": {"type": "array", "items": {"$ref": "#/$defs/pet"},
+                            "minItems": 2, "maxItems": 2}}})
+
+
+def _chat(llm: LLM, text: str) -> list[int]:
+    return llm.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+
+
+def _check(text: str, schema: str) -> None:
+    reply = json.loads(text)
+    if schema == CAT:
+        assert set(reply) == {"name", "age"} and isinstance(reply["age"], int)
+    else:
+        assert len(reply["pets"]) == 2
+        for pet in reply["pets"]:
+            assert set(pet) == {"kind", "name"} and pet["kind"] in ("cat", "dog")
+            assert pet["name"][:1].isupper() and pet["name"][1:].islower()
+
+
+def test_json_replies_follow_their_schemas(default_llm: LLM) -> None:
+    """Greedy and sampled replies to two schemas, batched with a free-text request that
+    keeps its own tokens; each JSON reply ends by itself once complete."""
+    cat, pets = _chat(default_llm, "Describe a cat as JSON."), _chat(default_llm, "Two pets?")
+    free = SamplingParams(max_tokens=20, temperature=0.0)
+    alone = default_llm.generate([pets], free)[0].token_ids
+    params = [SamplingParams(max_tokens=80, temperature=0.0, json_schema=CAT),
+              SamplingParams(max_tokens=120, temperature=0.8, seed=4, json_schema=PETS),
+              free]
+    got = default_llm.generate([cat, pets, pets], params)
+    for out, schema in zip(got[:2], (CAT, PETS), strict=True):
+        _check(out.text, schema)
+        assert out.finish_reason == "stop"
+    assert got[2].token_ids == alone
+    anything = default_llm.generate([cat], SamplingParams(
+        max_tokens=6, temperature=0.0, json_schema='{"type": "object"}'))[0]
+    assert anything.text.lstrip().startswith("{")
+
+
+def test_json_replies_in_an_engine_that_speculates() -> None:
+    """With n-gram speculation on, a JSON request takes no drafts (its mask follows the
+    tokens it keeps), gets the reply of the engine without speculation, and its batch
+    neighbour still drafts."""
+    from tests.test_speculative import AlwaysDraft
+
+    common = dict(dtype="float32", kv_cache_memory_gb=0.5)
+    plain = LLM(**common)
+    spec = LLM(**common, speculative="ngram", num_speculative_tokens=4)
+    spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
+    # (a reply that copies its prompt: lookups would find drafts for both)
+    prompts = [_chat(plain, 'Copy this JSON exactly: {"name": "Tom", "age": 3}'),
+               _chat(plain, "Repeat three times: the cat sat on the mat.")]
+    params = [SamplingParams(max_tokens=60, temperature=0.0, json_schema=CAT),
+              SamplingParams(max_tokens=60, temperature=0.0)]
+    got = spec.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in plain.generate(prompts, params)]
+    _check(got[0].text, CAT)
+    assert got[0].num_draft_tokens == 0 and got[1].num_draft_tokens > 0
+
+
+def test_refused_schemas_and_combinations(default_llm: LLM) -> None:
+    engine = default_llm.engine
+    prompt = _chat(default_llm, "hi")
+    for schema, reason in (('{"type": "nonsense"}', "Unsupported type"),
+                           ("[1, 2]", "must be a JSON object"), ("{oops", "not JSON")):
+        with pytest.raises(ValueError, match=reason):
+            engine.add_request("bad", prompt, SamplingParams(json_schema=schema))
+    assert not engine.has_unfinished()
+    for extra in (dict(min_tokens=2), dict(ignore_eos=True)):
+        with pytest.raises(SamplingParamsError):
+            SamplingParams(json_schema=CAT, **extra)
