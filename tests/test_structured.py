@@ -60,9 +60,13 @@ def test_json_replies_follow_their_schemas(default_llm: LLM) -> None:
 
 
 def test_json_replies_in_an_engine_that_speculates() -> None:
-    """With n-gram speculation on, a JSON request takes no drafts (its mask follows the
-    tokens it keeps), gets the reply of the engine without speculation, and its batch
-    neighbour still drafts."""
+    """With n-gram speculation on, a JSON request's drafts are verified against what its
+    grammar allows after the drafts before each (`structured.mask_rows`): greedy replies are
+    the engine's without speculation, drafts were verified and accepted, and a JSON reply
+    that the schema cuts short of the copied text still parses."""
+    import torch
+    import xgrammar
+
     from tests.test_speculative import AlwaysDraft
 
     common = dict(dtype="float32", kv_cache_memory_gb=0.5)
@@ -70,14 +74,41 @@ def test_json_replies_in_an_engine_that_speculates() -> None:
     spec = LLM(**common, speculative="ngram", num_speculative_tokens=4)
     spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
     # (a reply that copies its prompt: lookups would find drafts for both)
-    prompts = [_chat(plain, 'Copy this JSON exactly: {"name": "Tom", "age": 3}'),
-               _chat(plain, "Repeat three times: the cat sat on the mat.")]
+    # the second schema refuses the copied name, and then drafts of the copy from the middle
+    lower = json.dumps({"type": "object", "required": ["name", "age"], "properties": {
+        "name": {"type": "string", "pattern": "^[a-z]+$"}, "age": {"type": "integer"}}})
+    copy = _chat(plain, 'Copy this JSON exactly: {"name": "Tom", "age": 3}')
+    prompts = [copy, copy, _chat(plain, "Repeat three times: the cat sat on the mat.")]
     params = [SamplingParams(max_tokens=60, temperature=0.0, json_schema=CAT),
+              SamplingParams(max_tokens=60, temperature=0.0, json_schema=lower),
               SamplingParams(max_tokens=60, temperature=0.0)]
+    engine = spec.engine
+    steps = engine.step
+
+    def checked_step() -> list:
+        """A step, then each JSON request's matcher against a fresh one fed its output:
+        the same next-token mask (drafts taken in for verification were given back)."""
+        outputs = steps()
+        for r in engine.scheduler.running:
+            if r.grammar is None or r.grammar.is_terminated():
+                continue
+            fresh = engine.grammars.matcher(r.params.json_schema)
+            assert all(fresh.accept_token(t) for t in r.output_token_ids)
+            masks = [xgrammar.allocate_token_bitmask(1, engine.model_config.vocab_size)
+                     for _ in range(2)]
+            r.grammar.fill_next_token_bitmask(masks[0])
+            fresh.fill_next_token_bitmask(masks[1])
+            assert torch.equal(*masks)
+        return outputs
+
+    engine.step = checked_step
     got = spec.generate(prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in plain.generate(prompts, params)]
     _check(got[0].text, CAT)
-    assert got[0].num_draft_tokens == 0 and got[1].num_draft_tokens > 0
+    named = json.loads(got[1].text)
+    assert set(named) == {"name", "age"} and named["name"].islower()
+    for out in got[:2]:
+        assert out.num_draft_tokens > out.num_accepted_tokens > 0
 
 
 def test_refused_schemas_and_combinations(default_llm: LLM) -> None:

@@ -22,7 +22,7 @@ from server.engine.sampler import (
     sample_rows,
     token_logprobs,
 )
-from server.engine.structured import mask_logits
+from server.engine.structured import mask_rows
 from server.models.batch import BatchMeta
 
 log = logging.getLogger("leapfrog.engine")
@@ -348,8 +348,8 @@ class ModelRunner:
                 processed_logits(logits[j], p, r.prompt_token_ids, r.output_token_ids + drafts[:j], stop_ids)
                 for j in range(len(drafts) + 1)
             ])
-        if r.grammar is not None:  # (no drafts: `Scheduler._draft_room`)
-            scores = mask_logits(r.grammar, scores[0])[None]
+        if r.grammar is not None:  # row j: what the JSON grammar allows after drafts[:j]
+            scores = mask_rows(r.grammar, scores, drafts)
         if p.greedy:
             tokens = verify_greedy(drafts, scores.argmax(dim=-1).tolist())
         else:

@@ -8,6 +8,7 @@ no prefill/decode phases: a request wants `num_tokens + drafts` tokens computed 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from server.engine.block_manager import BlockManager
 from server.engine.contracts import RunnerOutput, ScheduledRequest, SchedulerOutput
 from server.engine.request import Request, RequestStatus
 from server.engine.spec_policy import SpecPolicy
+
+log = logging.getLogger("leapfrog.engine")
 
 
 @dataclass(frozen=True)
@@ -312,11 +315,8 @@ class Scheduler:
                 self.blocks.truncate(r.request_id, r.num_computed_tokens + s.num_new_tokens)
 
     def _draft_room(self, s: ScheduledRequest) -> int:
-        """Most drafts a request's next step may verify (its max_tokens and max_model_len;
-        none for JSON output, whose mask follows the tokens kept)."""
+        """Most drafts a request's next step may verify (its max_tokens and max_model_len)."""
         r = s.request
-        if r.grammar is not None:
-            return 0
         return min(r.params.max_tokens - len(r.output_token_ids) - 1,
                    self.config.max_model_len - r.num_tokens - 1) - len(s.spec_token_ids) - s.ahead
 
@@ -380,10 +380,14 @@ class Scheduler:
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
         new: list[int] = []
         for token in tokens:
+            if r.grammar is not None and not r.grammar.accept_token(token):
+                # (the token was chosen from the grammar's own mask: this is a bug; the
+                # reply ends before the token rather than leave its JSON)
+                log.error("request %s: the JSON grammar refused token %d; ending the reply",
+                          r.request_id, token)
+                return new, "stop"
             r.output_token_ids.append(token)
             new.append(token)
-            if r.grammar is not None:
-                r.grammar.accept_token(token)
             n = len(r.output_token_ids)
             if token in stops and n > p.min_tokens:
                 return new, "stop"

@@ -5,9 +5,10 @@ optional dependency: `pip install leapfrog[structured]`).
 
 The mask is applied on the host, where the request's other logit adjustments are
 (`server.engine.sampler.processed_logits`): its steps leave the device's greedy and sampling
-paths, and it takes no drafts. Each token the request keeps advances its matcher
-(`Scheduler._append_tokens`); once the JSON is complete only the end-of-sequence token is
-allowed.
+paths. A step that verifies drafts masks each row with what the grammar allows after the
+drafts before it (`mask_rows`), so verification stays exact. Each token the request keeps
+advances its matcher (`Scheduler._append_tokens`); once the JSON is complete only the
+end-of-sequence token is allowed.
 """
 
 from __future__ import annotations
@@ -62,12 +63,26 @@ class Grammars:
         return self._compiler
 
 
-def mask_logits(matcher: Any, logits: torch.Tensor) -> torch.Tensor:
-    """A copy of one row's logits [V] with every token the matcher refuses next at -inf."""
+def mask_rows(matcher: Any, scores: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+    """A copy of a verification step's logits [len(drafts) + 1, V] with, in row j, every
+    token at -inf that the matcher refuses after drafts[:j]. The drafts are taken in and
+    then given back (the matcher ends as it began). Rows after a draft the grammar refuses
+    are left unmasked: verification rejects that draft (its row gives it no probability),
+    so they are never read; nor are rows after an end-of-sequence draft, where the reply
+    ends."""
     import xgrammar
 
-    mask = xgrammar.allocate_token_bitmask(1, logits.shape[-1])
-    matcher.fill_next_token_bitmask(mask)
-    masked = logits.clone().unsqueeze(0)
-    xgrammar.apply_token_bitmask_inplace(masked, mask)
-    return masked[0]
+    masked = scores.clone()
+    mask = xgrammar.allocate_token_bitmask(1, scores.shape[-1])
+    taken = 0
+    for j in range(len(drafts) + 1):
+        matcher.fill_next_token_bitmask(mask)
+        xgrammar.apply_token_bitmask_inplace(masked[j:j + 1], mask)
+        if j == len(drafts) or not matcher.accept_token(drafts[j]):
+            break
+        taken += 1
+        if matcher.is_terminated():  # (an end-of-sequence draft: the reply ends there)
+            break
+    if taken:
+        matcher.rollback(taken)
+    return masked
