@@ -151,11 +151,9 @@ class Scheduler:
         going = [r for r in running if len(r.output_token_ids) + 1 < r.params.max_tokens
                  and r.num_tokens + 1 < self.config.max_model_len]
         # KV slots through the token each computes (position num_tokens)
-        if not going or not self.blocks.can_allocate_all([(r.request_id, r.num_tokens + 1)
-                                                          for r in going]):
+        if not going or not self._allocate_all([(r.request_id, r.num_tokens + 1)
+                                                for r in going]):
             return None
-        for r in going:
-            self.blocks.allocate(r.request_id, r.num_tokens + 1)
         scheduled = [ScheduledRequest(r, 1, [], ahead=1) for r in going]
         self._plan_drafts(scheduled)
         return SchedulerOutput(scheduled, len(going))
@@ -188,14 +186,21 @@ class Scheduler:
                    for r in running):
             return None
         # KV slots through the step's last token: previous's first position + 2Q - 1
-        ends = [(r.request_id, r.num_computed_tokens + 2 * q) for r in running]
-        if not self.blocks.can_allocate_all(ends):
+        if not self._allocate_all([(r.request_id, r.num_computed_tokens + 2 * q)
+                                   for r in running]):
             return None
-        for rid, end in ends:
-            self.blocks.allocate(rid, end)
         scheduled = [ScheduledRequest(r, q, [0] * (q - 1), ahead=q) for r in running]
         self._plan_drafts(scheduled, trim=False)
         return SchedulerOutput(scheduled, q * len(running))
+
+    def _allocate_all(self, wants: list[tuple[str, int]]) -> bool:
+        """Allocate every (request id, token slots) when the cache holds them all together,
+        without preempting; whether it did."""
+        if not self.blocks.can_allocate_all(wants):
+            return False
+        for rid, num_tokens in wants:
+            self.blocks.allocate(rid, num_tokens)
+        return True
 
     def _continuing(self, previous: SchedulerOutput) -> list[Request] | None:
         """`previous`'s requests, when a step may be launched ahead of it: it ran every
