@@ -3,7 +3,10 @@
 Dispatch (here and nowhere else):
 - CUDA tensors -> the Triton W4A16 / W8A16 kernels in `kernels.triton_gemm` (``words`` layout;
   a ``rows`` weight is converted once and the copy cached).
-- CPU tensors -> torch's packed CPU kernels (bfloat16 activations, see `_cpu_linear`): int4 through `_weight_int4pack_mm_for_cpu`
+- CPU tensors -> the native kernel `kernels.cpu_native` (AVX-512 VNNI: activations quantized
+  to int8 per block of 32, integer dot products) for fewer than `_NATIVE_DENSE_ROWS` rows
+  where it is built; else torch's packed CPU kernels (bfloat16 activations, see
+  `_cpu_linear`): int4 through `_weight_int4pack_mm_for_cpu`
   (its own nibble packing, built once per weight and kept in `PackedWeight.cache`), int8
   per channel through `_weight_int8pack_mm`, group-wise int8 (GGUF Q8_0) as two int4
   nibble weights side by side in one int4 matmul (`_cpu_int8`). From `_CPU_DENSE_ROWS`
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import cpu_native
 from kernels.quant import PackedWeight, dequantize, unpack_int4
 
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
@@ -24,6 +28,10 @@ _CPU_INT4_GROUPS = (32, 64, 128, 256)
 # (dequantize) + 1.5 (GEMM), and int8 576x1536 1.72 against 1.11; at M = 64 int4 ties
 # (1.78 vs 1.89 ms) and Q8_0 3072x576 already gains (3.55 vs 1.94).
 _CPU_DENSE_ROWS = {"int4": 128, "int8": 64}
+# The same for the native kernel (`kernels.cpu_native`), measured the same way: at M = 64 it
+# takes 0.60-1.34 ms on 3072x576 and 576x1536 (int4 and Q8_0) against 0.98-1.91 dequantized,
+# at M = 128 1.23-3.06 against 1.12-2.65.
+_NATIVE_DENSE_ROWS = {"int4": 96, "int8": 96}
 
 
 def quantized_linear_reference(
@@ -67,15 +75,19 @@ def _has_cpu_ops() -> bool:
 
 
 def _cpu_linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """[M, K] -> [M, N] on the CPU.
+    """[M, K] -> [M, N] on the CPU: the native kernel where it runs (see the module docs).
 
-    float32 activations are rounded to bfloat16 for torch's packed kernels, whose float32
-    variants are 10-25x slower in torch 2.13 (measured: 49152x576 int4, M = 1: 24 ms vs
+    Otherwise float32 activations are rounded to bfloat16 for torch's packed kernels, whose
+    float32 variants are 10-25x slower in torch 2.13 (measured: 49152x576 int4, M = 1: 24 ms vs
     1 ms); the kernels accumulate in float32 and the result is returned as float32.
     From `_CPU_DENSE_ROWS` rows on (prefill, big batches) the weight is dequantized to
     bfloat16 for the dense GEMM instead (a transient copy).
     """
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not _has_cpu_ops():
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return x @ dequantize(packed, x.dtype).t()
+    if x.shape[0] < _NATIVE_DENSE_ROWS[packed.scheme] and cpu_native.supports(packed):
+        return cpu_native.linear(x, packed)
+    if not _has_cpu_ops():
         return x @ dequantize(packed, x.dtype).t()
     xc = x.to(torch.bfloat16) if x.dtype == torch.float32 else x
     if x.shape[0] >= _CPU_DENSE_ROWS[packed.scheme]:

@@ -1,19 +1,22 @@
 """quantized_linear: the Triton kernel (interpreted on CPU) and the CPU path vs the reference.
 
 Thresholds (relative Frobenius error against the float32 reference on the same packed
-weight): float32 CPU path 1e-2 (it rounds activations to bfloat16), float16 kernel 3e-3,
+weight): float32 CPU path 1e-2 (torch's kernels round activations to bfloat16, the native
+kernel quantizes them to int8 per block of 32), float16 kernel 3e-3,
 bfloat16 kernel 1.5e-2 (the dequantized weight is rounded to bfloat16 before the dot).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from kernels import cpu_native  # noqa: E402
 from kernels.gemm import quantized_linear, quantized_linear_reference  # noqa: E402
 from kernels.quant import dequantize, quantize_int4, quantize_int8  # noqa: E402
 
@@ -25,6 +28,26 @@ TOL = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-2}
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert not torch.isnan(out).any(), "unwritten (poisoned) or NaN outputs"
     return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_kernels(request) -> Iterator[str]:
+    """Each CPU kernel family in turn: the native one (skipped where it cannot run here) and
+    torch's packed kernels (the native one turned off)."""
+    if request.param == "native" and not cpu_native.available():
+        pytest.skip("the native CPU kernel cannot run here")
+    if request.param == "torch":
+        with cpu_native.turned_off():
+            yield request.param
+    else:
+        yield request.param
+
+
+@pytest.fixture
+def torch_kernels() -> Iterator[None]:
+    """torch's packed CPU kernels only (the native one turned off)."""
+    with cpu_native.turned_off():
+        yield
 
 
 def _weight(scheme: str, group: int | None, n: int, k: int):
@@ -64,7 +87,7 @@ def test_triton_split_k_and_ragged_shapes(config, scheme, m):
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 64), ("int8", 32),
                                           ("int8", None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_path_matches_reference_with_bias_and_batch_dims(scheme, group, dtype):
+def test_cpu_path_matches_reference_with_bias_and_batch_dims(scheme, group, dtype, cpu_kernels):
     packed = _weight(scheme, group, 80, 192)
     x = torch.randn(2, 3, 192).to(dtype)
     bias = torch.randn(80)
@@ -75,7 +98,7 @@ def test_cpu_path_matches_reference_with_bias_and_batch_dims(scheme, group, dtyp
     assert _rel(quantized_linear(x, packed, bias), ref) < TOL[dtype]  # cached CPU packing
 
 
-def test_cpu_group_int8_as_two_nibble_weights_is_exact():
+def test_cpu_group_int8_as_two_nibble_weights_is_exact(torch_kernels):
     """Group-wise int8 (Q8_0) on CPU runs as int4 nibbles [16 d h | d l]: with power-of-two
     scales and integer activations (exact in bfloat16) every product and sum is exact, so
     the output equals the reference rounded to bfloat16, bit for bit, codes -127..127."""
@@ -92,7 +115,7 @@ def test_cpu_group_int8_as_two_nibble_weights_is_exact():
 
 
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", 32), ("int8", None)])
-def test_cpu_many_rows_take_the_dense_bfloat16_gemm(scheme, group, monkeypatch):
+def test_cpu_many_rows_take_the_dense_bfloat16_gemm(scheme, group, monkeypatch, torch_kernels):
     """From `_CPU_DENSE_ROWS` rows on (prefill) the CPU path multiplies by the weight
     dequantized to bfloat16 instead of running the packed kernel; both match the reference
     within bfloat16 rounding, and one row fewer still takes the packed kernel."""

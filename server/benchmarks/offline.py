@@ -39,7 +39,15 @@ def _measure(run: Callable[[int, int], None], args: argparse.Namespace, batch_si
     return out
 
 
-def _ours(args: argparse.Namespace, batch_sizes: list[int], quantization: str | None) -> dict[str, float]:
+def _ours(args: argparse.Namespace, batch_sizes: list[int], quantization: str | None,
+          torch_kernels: bool = False) -> dict[str, float]:
+    """Our engine; `torch_kernels`: packed weights through torch's CPU kernels, not the
+    native one."""
+    if torch_kernels:
+        from kernels import cpu_native
+
+        with cpu_native.turned_off():
+            return _ours(args, batch_sizes, quantization)
     from server.engine.llm import LLM
     from server.engine.sampling_params import SamplingParams
 
@@ -85,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
     runs = {"leapfrog": _ours(args, batch_sizes, None)}
     if args.quantization:
         runs[f"leapfrog {args.quantization}"] = _ours(args, batch_sizes, args.quantization)
+        from kernels import cpu_native
+
+        if cpu_native.available():  # the same with torch's packed CPU kernels, side by side
+            runs[f"{args.quantization} torch kernels"] = _ours(
+                args, batch_sizes, args.quantization, torch_kernels=True)
     headers = ["metric", "transformers"]
     for name in runs:
         headers += [name, "ratio"]

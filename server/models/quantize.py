@@ -159,4 +159,8 @@ def pack_model(model: torch.nn.Module, scheme: str | None, checkpoint_path: Path
         if pw is not None:
             linear.set_packed((to_words(pw) if device.type == "cuda" else pw).to(device))
             count += 1
+    if count and device.type == "cpu":
+        from kernels import cpu_native
+
+        cpu_native.available()  # build or load the native kernel now, not in the first step
     return count

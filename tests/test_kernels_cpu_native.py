@@ -1,0 +1,162 @@
+"""The native CPU kernel (kernels/cpu_gemm.c through kernels.cpu_native) against the float32
+reference: exact where int16 activations lose nothing, within 1e-4 relative Frobenius error
+on random data (activations quantized to int16 per block of 32: measured ~2e-5, float32
+rounding of the sums included), rows independent
+of the batch bit for bit, and the build, cache and fallback around it. Skipped on machines
+where it cannot run (no AVX-512 VNNI or no C compiler)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from kernels import cpu_native, gemm
+from kernels.gemm import quantized_linear, quantized_linear_reference
+from kernels.quant import PackedWeight, quantize_int4, quantize_int8, to_words
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(),
+                                reason="the native CPU kernel cannot run here")
+
+# K: one pair of blocks; 18 blocks (a partial register of scales); 34 (two full, one partial).
+# N: below, at and past the 4-feature tiles.
+SHAPES = [(1, 64), (5, 576), (18, 1088)]
+TORCH_TOL = 1e-2  # where torch's kernels take the product: activations rounded to bfloat16
+WEIGHTS = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", None)]
+
+
+def _weight(scheme: str, group: int | None, n: int, k: int) -> PackedWeight:
+    w = torch.randn(n, k) * 0.05
+    if scheme == "int4":
+        return quantize_int4(w, group if k % group == 0 else 32)
+    return quantize_int8(w, group)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("scheme,group", WEIGHTS)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_exact_when_activation_blocks_quantize_exactly(scheme, group, n, k):
+    """Activations k * 2^-10 (k integer) whose every block of 32 holds +-32767 * 2^-10
+    quantize to int16 with scale 2^-10 and lose nothing; with power-of-two weight scales and
+    offsets (and small int8 codes) every product and partial sum is exact in float32, so the
+    kernel must give the reference bit for bit: a misplaced nibble, block, scale or output
+    element cannot pass."""
+    packed = _weight(scheme, group, n, k)
+    g = packed.scales.shape[1]
+    packed.scales = (2.0 ** -torch.randint(4, 6, (n, g))).to(torch.float16)
+    if packed.offsets is not None:
+        packed.offsets = (-(2.0 ** -torch.randint(1, 4, (n, g)))).to(torch.float16)
+    else:
+        packed.qweight = torch.randint(-8, 9, packed.qweight.shape, dtype=torch.int8)
+    x = torch.randint(-127, 128, (7, k)).float()
+    x[:, ::32] = 32767.0 * torch.sign(torch.randn(7, k // 32))
+    x = x * 2.0 ** -10
+    out = cpu_native.linear(x, packed)
+    assert torch.equal(out, quantized_linear_reference(x, packed))
+
+
+@pytest.mark.parametrize("scheme,group", WEIGHTS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+def test_random_inputs_match_reference(scheme, group, n, k, m):
+    packed = _weight(scheme, group, n, k)
+    x = torch.randn(m, k)
+    out = cpu_native.linear(x, packed)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert _rel(out, quantized_linear_reference(x, packed)) < 1e-4
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", 32)])
+def test_a_row_does_not_depend_on_the_batch(scheme, group):
+    """Each row of a 9-row product (4-row tiles, then single rows) equals the row alone,
+    bit for bit: a request's tokens do not change with what is batched beside it."""
+    packed = _weight(scheme, group, 37, 576)
+    x = torch.randn(9, 576)
+    out = cpu_native.linear(x, packed)
+    for i in range(9):
+        assert torch.equal(cpu_native.linear(x[i:i + 1], packed)[0], out[i]), i
+    assert torch.equal(cpu_native.linear(x[2:7], packed), out[2:7])
+
+
+def test_bfloat16_activations_come_back_in_bfloat16():
+    packed = _weight("int4", 32, 8, 128)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    out = cpu_native.linear(x, packed)
+    assert out.dtype == torch.bfloat16
+    assert _rel(out.float(), quantized_linear_reference(x.float(), packed)) < 1.5e-2
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_linear_takes_it_below_the_dense_rows(scheme, monkeypatch):
+    calls = []
+    real = cpu_native.linear
+    monkeypatch.setattr(cpu_native, "linear", lambda x, p: calls.append(x.shape[0]) or real(x, p))
+    packed = _weight(scheme, 32, 16, 128)
+    rows = gemm._NATIVE_DENSE_ROWS[scheme]
+    for m in (1, rows - 1, rows):
+        x = torch.randn(m, 128)
+        assert _rel(quantized_linear(x, packed), quantized_linear_reference(x, packed)) < TORCH_TOL
+    assert calls == [1, rows - 1]
+
+
+def test_weights_it_cannot_take_go_to_torch(monkeypatch):
+    """K not a multiple of 64, or the words layout, is not the native kernel's."""
+    assert not cpu_native.supports(_weight("int4", 32, 16, 96))
+    assert not cpu_native.supports(to_words(_weight("int4", 32, 16, 128)))
+    with pytest.raises(RuntimeError, match="cannot take"):
+        cpu_native.linear(torch.randn(1, 96), _weight("int4", 32, 16, 96))
+    packed = _weight("int8", 32, 16, 96)
+    x = torch.randn(3, 96)
+    assert _rel(quantized_linear(x, packed), quantized_linear_reference(x, packed)) < TORCH_TOL
+
+
+def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):
+    """A build lands under the hash of source and flags (an edited source gets a new name),
+    and the library reports the instruction set it was compiled for."""
+    path = cpu_native.build(tmp_path)
+    assert path == tmp_path / cpu_native.library_name()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    assert ctypes.CDLL(str(path)).lf_cpu_gemm_isa() == 1
+    monkeypatch.setattr(cpu_native, "FLAGS", (*cpu_native.FLAGS, "-DUNUSED"))
+    assert cpu_native.library_name() != path.name
+
+
+def test_load_builds_into_the_cache_and_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEAPFROG_CACHE_DIR", str(tmp_path))
+    assert cpu_native._load() is not None
+    assert (tmp_path / cpu_native.library_name()).is_file()
+    monkeypatch.setenv("LEAPFROG_NATIVE_KERNELS", "0")
+    assert cpu_native._load() is None
+
+
+def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LEAPFROG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    bogus = tmp_path / "cpu_gemm.c"
+    bogus.write_text("this is not C")
+    monkeypatch.setattr(cpu_native, "SOURCE", bogus)
+    with caplog.at_level("WARNING", logger="kernels.cpu_native"):
+        assert cpu_native._load() is None
+    assert "unavailable" in caplog.text
+    assert list(tmp_path.iterdir()) == [bogus]
+
+
+def test_turned_off_hands_every_weight_to_torch():
+    packed = _weight("int4", 32, 16, 128)
+    assert cpu_native.supports(packed)
+    with cpu_native.turned_off():
+        assert not cpu_native.supports(packed)
+        x = torch.randn(2, 128)
+        out = quantized_linear(x, packed)
+        assert "native_meta" not in packed.cache and packed.cache  # torch's packing instead
+        assert _rel(out, quantized_linear_reference(x, packed)) < TORCH_TOL
+    assert cpu_native.supports(packed)
