@@ -208,10 +208,13 @@ with open(path, "rb") as f:
     assert f.read(4) == b"GGUF", path
 print(f"{path} ({os.path.getsize(path) / 1e6:.0f} MB)")') || die "the default model is not in the image"
     native=$(drun --rm --entrypoint python "$IMAGE" -c 'from kernels import cpu_native
-lib = cpu_native.SOURCE.with_name(cpu_native.library_name())
-assert lib.is_file(), lib
-print("built in" + (", used on this CPU" if cpu_native.available() else ", unused: this CPU lacks AVX-512 VNNI"))') ||
-        die "the native CPU kernel is not built into the image"
+for v in cpu_native.VARIANTS:
+    lib = cpu_native.SOURCE.with_name(cpu_native.library_name(v))
+    assert lib.is_file(), lib
+in_use = cpu_native.variant_in_use()
+assert in_use or not cpu_native.runnable(), "this CPU can run it, but it does not load"
+print("built in, this CPU runs: %s" % (in_use or "none (torch kernels)"))') ||
+        die "the native CPU kernel is not built into the image, or does not load"
     log "image ok: uid $uid; leapfrog and leapfrog serve answer --help; model $model; native CPU kernel $native"
 }
 

@@ -1,14 +1,15 @@
-"""The native CPU kernel `cpu_gemm.c` (packed int4/int8 x int8-quantized activations, AVX-512
-VNNI): built once per machine with the system C compiler, loaded with ctypes.
+"""The native CPU kernel `cpu_gemm.c` (packed int4/int8 weights x float32 activations
+quantized to int16 per block of 32): built once per machine with the system C compiler, one
+library per instruction set (`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
 
-`linear(x, packed)` is the entry point; `available()` says whether it can run here. The
-library is looked for next to this module (where an image build puts it:
+`linear(x, packed)` is the entry point; `available()` says whether it can run here. The best
+variant the CPU has is used (``LEAPFROG_NATIVE_KERNELS=avx2`` picks one, ``=0`` none). Its
+library is looked for next to this module (where an image build puts every variant:
 ``python -m kernels.cpu_native``), then in the user cache (``$LEAPFROG_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/leapfrog``, else ``~/.cache/leapfrog``), and compiled into the cache when
 neither has it. Its file name carries a hash of the source and flags, so an edited source
-is never served by a stale build. Without a compiler, on a CPU lacking the instructions,
-or with ``LEAPFROG_NATIVE_KERNELS=0``, `available()` is False and `kernels.gemm` keeps
-torch's packed kernels.
+is never served by a stale build. Without a compiler or on a CPU lacking the instructions
+`available()` is False and `kernels.gemm` keeps torch's packed kernels.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,22 +35,40 @@ from kernels.quant import PackedWeight
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernel: its compiler flags, the CPU flags (/proc/cpuinfo) it needs,
+    and the number its `lf_cpu_gemm_isa()` returns."""
+
+    name: str
+    flags: tuple[str, ...]
+    cpu_flags: frozenset[str]
+    isa: int
+
+
 SOURCE = Path(__file__).with_name("cpu_gemm.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-         "-mavx512vnni", "-mfma", "-mf16c")
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"}
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+VARIANTS = (  # best first
+    Variant("avx512vnni", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
+                           "-mf16c"),
+            frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"}), 1),
+    Variant("avx2", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), 2),
+)
 BLOCK = 32  # activation block (and the granularity of the kernel's weight scales)
 K_MULTIPLE = 64  # the kernel takes input features two blocks at a time
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
+_fn: Callable[..., int] | None = None
+_variant: Variant | None = None
 _tried = False
 _off = False
 
 
-def library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    return f"cpu_gemm-{digest}.so"
+def library_name(variant: Variant) -> str:
+    flags = " ".join(FLAGS + variant.flags).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + flags).hexdigest()[:16]
+    return f"cpu_gemm-{variant.name}-{digest}.so"
 
 
 def cache_dir() -> Path:
@@ -58,31 +78,31 @@ def cache_dir() -> Path:
     return Path(base) / "leapfrog"
 
 
-def cpu_supported() -> bool:
-    """Linux on x86-64 with every instruction set the kernel is compiled for."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux on x86-64; empty elsewhere)."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return frozenset()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return CPU_FLAGS <= set(flags)
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
 
 
-def build(out_dir: Path) -> Path:
-    """Compile the kernel into `out_dir` (atomically: a concurrent build loses nothing)."""
+def build(out_dir: Path, variant: Variant) -> Path:
+    """Compile one variant into `out_dir` (atomically: a concurrent build loses nothing)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / library_name()
+    target = out_dir / library_name(variant)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True,
+        subprocess.run([compiler, *FLAGS, *variant.flags, "-o", tmp, str(SOURCE)], check=True,
                        capture_output=True, text=True, timeout=300)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide an image's build from its user
         os.replace(tmp, target)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"{compiler} failed: {e.stderr.strip()[-2000:]}") from e
@@ -92,18 +112,18 @@ def build(out_dir: Path) -> Path:
     return target
 
 
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("LEAPFROG_NATIVE_KERNELS", "1") == "0" or not cpu_supported():
-        return None
-    name = library_name()
+def load(variant: Variant) -> Callable[..., int] | None:
+    """The variant's `lf_cpu_gemm`, built into the cache if no library is found; None (with
+    a warning) when it cannot be built or loaded."""
+    name = library_name(variant)
     found = next((p for p in (SOURCE.with_name(name), cache_dir() / name) if p.is_file()), None)
     try:
-        path = found or build(cache_dir())
+        path = found or build(cache_dir(), variant)
         lib = ctypes.CDLL(str(path))  # after torch: its libgomp.so.1 is the one linked
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        logger.warning("native CPU kernels unavailable, using torch's: %s", e)
+        logger.warning("native CPU kernels (%s) unavailable, using torch's: %s", variant.name, e)
         return None
-    if lib.lf_cpu_gemm_isa() != 1:
+    if lib.lf_cpu_gemm_isa() != variant.isa:
         return None
     fn = lib.lf_cpu_gemm
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -111,17 +131,39 @@ def _load() -> ctypes.CDLL | None:
                    ctypes.c_void_p]
     fn.restype = ctypes.c_int
     logger.info("native CPU kernels: %s", path)
-    return lib
+    return fn
+
+
+def runnable() -> list[Variant]:
+    """The variants this CPU can run, best first (``LEAPFROG_NATIVE_KERNELS`` may narrow it to
+    one by name, or to none with 0)."""
+    choice = os.environ.get("LEAPFROG_NATIVE_KERNELS", "")
+    have = cpu_flags()
+    return [v for v in VARIANTS if v.cpu_flags <= have and choice in ("", "1", v.name)]
+
+
+def _load() -> tuple[Variant, Callable[..., int]] | None:
+    for variant in runnable():
+        fn = load(variant)
+        if fn is not None:
+            return variant, fn
+    return None
 
 
 def available() -> bool:
     """Whether `linear` can run here (builds or loads the library on first call)."""
-    global _lib, _tried
+    global _fn, _variant, _tried
     if not _tried:
         with _lock:
             if not _tried:
-                _lib, _tried = _load(), True
-    return _lib is not None
+                _variant, _fn = _load() or (None, None)
+                _tried = True
+    return _fn is not None
+
+
+def variant_in_use() -> str | None:
+    """The name of the variant `linear` runs here, None where none does."""
+    return _variant.name if available() else None
 
 
 @contextmanager
@@ -136,10 +178,15 @@ def turned_off() -> Iterator[None]:
         _off = before
 
 
+def _takes(packed: PackedWeight) -> bool:
+    return (packed.layout == "rows" and packed.in_features % K_MULTIPLE == 0
+            and packed.qweight.is_contiguous())
+
+
 def supports(packed: PackedWeight) -> bool:
-    """Whether `linear` takes this weight: the rows layout, K a multiple of 64, contiguous."""
-    return (not _off and packed.layout == "rows" and packed.in_features % K_MULTIPLE == 0
-            and packed.qweight.is_contiguous() and available())
+    """Whether `linear` takes this weight: the rows layout, K a multiple of 64, contiguous,
+    and a variant runs here (not `turned_off`)."""
+    return not _off and _takes(packed) and available()
 
 
 def _block_meta(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,15 +204,21 @@ def _block_meta(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | None
     return packed.cache["native_meta"]
 
 
-def linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """x [M, K] @ dequantize(packed).T through the native kernel, in x's dtype (computed
-    from float32 activations quantized to int8 per block of 32; see cpu_gemm.c)."""
-    if not supports(packed):
-        raise RuntimeError("the native CPU kernel cannot take this weight here")
+def linear(x: torch.Tensor, packed: PackedWeight, fn: Callable[..., int] | None = None
+           ) -> torch.Tensor:
+    """x [M, K] @ dequantize(packed).T through the native kernel (`fn`: a variant's from
+    `load`, else the one `available` chose), in x's dtype; computed from float32
+    activations quantized to int16 per block of 32 (see cpu_gemm.c)."""
+    if fn is None:
+        if not supports(packed):
+            raise RuntimeError("the native CPU kernel cannot take this weight here")
+        fn = _fn
+    elif not _takes(packed):
+        raise RuntimeError("the native CPU kernel cannot take this weight")
     xf = x.to(torch.float32).contiguous()
     scales, offsets = _block_meta(packed)
     out = torch.empty(xf.shape[0], packed.out_features, dtype=torch.float32)
-    rc = _lib.lf_cpu_gemm(
+    rc = fn(
         int(packed.scheme == "int4"), xf.data_ptr(), xf.shape[0], packed.in_features,
         packed.qweight.data_ptr(), scales.data_ptr(),
         None if offsets is None else offsets.data_ptr(), packed.out_features, out.data_ptr())
@@ -174,6 +227,6 @@ def linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-if __name__ == "__main__":  # image builds: put the library next to this module
-    logging.basicConfig(level=logging.INFO)
-    print(build(SOURCE.parent))
+if __name__ == "__main__":  # image builds: every variant's library next to this module
+    for v in VARIANTS:
+        print(build(SOURCE.parent, v))

@@ -3,8 +3,8 @@
 Dispatch (here and nowhere else):
 - CUDA tensors -> the Triton W4A16 / W8A16 kernels in `kernels.triton_gemm` (``words`` layout;
   a ``rows`` weight is converted once and the copy cached).
-- CPU tensors -> the native kernel `kernels.cpu_native` (AVX-512 VNNI: activations quantized
-  to int8 per block of 32, integer dot products) for fewer than `_NATIVE_DENSE_ROWS` rows
+- CPU tensors -> the native kernel `kernels.cpu_native` (AVX-512 VNNI or AVX2: activations
+  quantized to int16 per block of 32, integer dot products) for fewer than `_NATIVE_DENSE_ROWS` rows
   where it is built; else torch's packed CPU kernels (bfloat16 activations, see
   `_cpu_linear`): int4 through `_weight_int4pack_mm_for_cpu`
   (its own nibble packing, built once per weight and kept in `PackedWeight.cache`), int8

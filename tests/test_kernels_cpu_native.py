@@ -2,8 +2,9 @@
 reference: exact where int16 activations lose nothing, within 1e-4 relative Frobenius error
 on random data (activations quantized to int16 per block of 32: measured ~2e-5, float32
 rounding of the sums included), rows independent
-of the batch bit for bit, and the build, cache and fallback around it. Skipped on machines
-where it cannot run (no AVX-512 VNNI or no C compiler)."""
+of the batch bit for bit, and the build, cache and fallback around it. The kernel tests run
+every variant this CPU has (AVX-512 VNNI, AVX2); all is skipped where none can run (another
+CPU, or no C compiler)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ from kernels.quant import PackedWeight, quantize_int4, quantize_int8, to_words
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(),
                                 reason="the native CPU kernel cannot run here")
+
+
+@pytest.fixture(params=[v.name for v in cpu_native.VARIANTS])
+def kernel(request):
+    variant = next(v for v in cpu_native.VARIANTS if v.name == request.param)
+    if not variant.cpu_flags <= cpu_native.cpu_flags():
+        pytest.skip(f"this CPU cannot run the {variant.name} variant")
+    fn = cpu_native.load(variant)
+    assert fn is not None
+    return fn
 
 # K: one pair of blocks; 18 blocks (a partial register of scales); 34 (two full, one partial).
 # N: below, at and past the 4-feature tiles.
@@ -44,7 +55,7 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("scheme,group", WEIGHTS)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_exact_when_activation_blocks_quantize_exactly(scheme, group, n, k):
+def test_exact_when_activation_blocks_quantize_exactly(scheme, group, n, k, kernel):
     """Activations k * 2^-10 (k integer) whose every block of 32 holds +-32767 * 2^-10
     quantize to int16 with scale 2^-10 and lose nothing; with power-of-two weight scales and
     offsets (and small int8 codes) every product and partial sum is exact in float32, so the
@@ -60,37 +71,37 @@ def test_exact_when_activation_blocks_quantize_exactly(scheme, group, n, k):
     x = torch.randint(-127, 128, (7, k)).float()
     x[:, ::32] = 32767.0 * torch.sign(torch.randn(7, k // 32))
     x = x * 2.0 ** -10
-    out = cpu_native.linear(x, packed)
+    out = cpu_native.linear(x, packed, kernel)
     assert torch.equal(out, quantized_linear_reference(x, packed))
 
 
 @pytest.mark.parametrize("scheme,group", WEIGHTS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
-def test_random_inputs_match_reference(scheme, group, n, k, m):
+def test_random_inputs_match_reference(scheme, group, n, k, m, kernel):
     packed = _weight(scheme, group, n, k)
     x = torch.randn(m, k)
-    out = cpu_native.linear(x, packed)
+    out = cpu_native.linear(x, packed, kernel)
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert _rel(out, quantized_linear_reference(x, packed)) < 1e-4
 
 
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", 32)])
-def test_a_row_does_not_depend_on_the_batch(scheme, group):
+def test_a_row_does_not_depend_on_the_batch(scheme, group, kernel):
     """Each row of a 9-row product (4-row tiles, then single rows) equals the row alone,
     bit for bit: a request's tokens do not change with what is batched beside it."""
     packed = _weight(scheme, group, 37, 576)
     x = torch.randn(9, 576)
-    out = cpu_native.linear(x, packed)
+    out = cpu_native.linear(x, packed, kernel)
     for i in range(9):
-        assert torch.equal(cpu_native.linear(x[i:i + 1], packed)[0], out[i]), i
-    assert torch.equal(cpu_native.linear(x[2:7], packed), out[2:7])
+        assert torch.equal(cpu_native.linear(x[i:i + 1], packed, kernel)[0], out[i]), i
+    assert torch.equal(cpu_native.linear(x[2:7], packed, kernel), out[2:7])
 
 
-def test_bfloat16_activations_come_back_in_bfloat16():
+def test_bfloat16_activations_come_back_in_bfloat16(kernel):
     packed = _weight("int4", 32, 8, 128)
     x = torch.randn(2, 128).to(torch.bfloat16)
-    out = cpu_native.linear(x, packed)
+    out = cpu_native.linear(x, packed, kernel)
     assert out.dtype == torch.bfloat16
     assert _rel(out.float(), quantized_linear_reference(x.float(), packed)) < 1.5e-2
 
@@ -121,21 +132,34 @@ def test_weights_it_cannot_take_go_to_torch(monkeypatch):
 
 def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):
     """A build lands under the hash of source and flags (an edited source gets a new name),
-    and the library reports the instruction set it was compiled for."""
-    path = cpu_native.build(tmp_path)
-    assert path == tmp_path / cpu_native.library_name()
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
-    assert ctypes.CDLL(str(path)).lf_cpu_gemm_isa() == 1
+    readable by every user, and each library reports the instruction set it was compiled
+    for."""
+    for variant in cpu_native.VARIANTS:
+        path = cpu_native.build(tmp_path, variant)
+        assert path == tmp_path / cpu_native.library_name(variant)
+        assert path.stat().st_mode & 0o777 == 0o755  # readable by others: an image's user
+        if variant.cpu_flags <= cpu_native.cpu_flags():
+            assert ctypes.CDLL(str(path)).lf_cpu_gemm_isa() == variant.isa
+    names = {cpu_native.library_name(v) for v in cpu_native.VARIANTS}
+    assert {p.name for p in tmp_path.iterdir()} == names  # no temporary left behind
     monkeypatch.setattr(cpu_native, "FLAGS", (*cpu_native.FLAGS, "-DUNUSED"))
-    assert cpu_native.library_name() != path.name
+    assert not names & {cpu_native.library_name(v) for v in cpu_native.VARIANTS}
 
 
-def test_load_builds_into_the_cache_and_can_be_turned_off(tmp_path, monkeypatch):
+def test_load_builds_the_best_variant_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LEAPFROG_CACHE_DIR", str(tmp_path))
-    assert cpu_native._load() is not None
-    assert (tmp_path / cpu_native.library_name()).is_file()
+    variant, fn = cpu_native._load()
+    assert variant == cpu_native.runnable()[0] and fn is not None
+    assert [p.name for p in tmp_path.iterdir()] == [cpu_native.library_name(variant)]
+
+
+def test_the_environment_picks_a_variant_or_none(monkeypatch):
+    have = [v for v in cpu_native.VARIANTS if v.cpu_flags <= cpu_native.cpu_flags()]
+    assert cpu_native.runnable() == have
+    monkeypatch.setenv("LEAPFROG_NATIVE_KERNELS", "avx2")
+    assert [v.name for v in cpu_native.runnable()] == ["avx2"]
     monkeypatch.setenv("LEAPFROG_NATIVE_KERNELS", "0")
-    assert cpu_native._load() is None
+    assert cpu_native.runnable() == [] and cpu_native._load() is None
 
 
 def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
