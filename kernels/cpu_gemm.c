@@ -3,8 +3,8 @@
  * y[M, N] = x[M, K] @ W^T for a weight in kernels.quant's canonical "rows" layout, with
  * per-block scales (and int4 offsets) given for every block of 32 input features.
  * Each activation row is quantized to int16 per block of 32 (d = max|x| / 32767,
- * a = round(x / d): a relative error of at most 1.5e-5 of the block's largest value, below
- * float32 rounding of the sums that follow at these sizes... and far below bfloat16's 2e-3).
+ * a = round(x / d): each value off by at most 1.5e-5 of the block's largest one, where
+ * bfloat16 rounds each value by up to 2e-3 of itself).
  * A block's product with the weight codes q is then integer multiply-adds (vpdpwssd, 16-bit
  * pairs into 32-bit sums), scaled by the weight's and the block's scales in float32:
  *   int4, w = q s + o, q in 0..15:   y = sum_b s_b d_b (q . a)_b + o_b d_b sum(a_b)

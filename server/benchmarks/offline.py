@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         runs[f"leapfrog {args.quantization}"] = _ours(args, batch_sizes, args.quantization)
         from kernels import cpu_native
 
-        if cpu_native.available():  # the same with torch's packed CPU kernels, side by side
+        if not torch.cuda.is_available() and cpu_native.available():
+            # the same with torch's packed CPU kernels, side by side
             runs[f"{args.quantization} torch kernels"] = _ours(
                 args, batch_sizes, args.quantization, torch_kernels=True)
     headers = ["metric", "transformers"]
