@@ -189,10 +189,12 @@ def supports(packed: PackedWeight) -> bool:
     return not _off and _takes(packed) and available()
 
 
-def _block_meta(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """float16 scales (and int4 offsets) per block of 32 input features, [N, K // 32]: the
-    packed tensors themselves at group 32, repeated for larger groups (built once)."""
-    if "native_meta" not in packed.cache:
+def _arguments(packed: PackedWeight) -> tuple:
+    """The kernel's weight arguments (int4 flag, K, weight, scales and offsets addresses, N),
+    built once: float16 scales (and int4 offsets) per block of 32 input features, the packed
+    tensors themselves at group 32, repeated for larger groups. The tensors are kept in the
+    cache with their addresses."""
+    if "native" not in packed.cache:
         reps = packed.group_size // BLOCK
 
         def blocks(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -200,8 +202,12 @@ def _block_meta(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | None
                 return t
             return t.to(torch.float16).repeat_interleave(reps, dim=1).contiguous()
 
-        packed.cache["native_meta"] = (blocks(packed.scales), blocks(packed.offsets))
-    return packed.cache["native_meta"]
+        scales, offsets = blocks(packed.scales), blocks(packed.offsets)
+        args = (int(packed.scheme == "int4"), packed.in_features, packed.qweight.data_ptr(),
+                scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
+                packed.out_features)
+        packed.cache["native"] = (args, (packed.qweight, scales, offsets))
+    return packed.cache["native"][0]
 
 
 def linear(x: torch.Tensor, packed: PackedWeight, fn: Callable[..., int] | None = None
@@ -215,16 +221,13 @@ def linear(x: torch.Tensor, packed: PackedWeight, fn: Callable[..., int] | None 
         fn = _fn
     elif not _takes(packed):
         raise RuntimeError("the native CPU kernel cannot take this weight")
-    xf = x.to(torch.float32).contiguous()
-    scales, offsets = _block_meta(packed)
-    out = torch.empty(xf.shape[0], packed.out_features, dtype=torch.float32)
-    rc = fn(
-        int(packed.scheme == "int4"), xf.data_ptr(), xf.shape[0], packed.in_features,
-        packed.qweight.data_ptr(), scales.data_ptr(),
-        None if offsets is None else offsets.data_ptr(), packed.out_features, out.data_ptr())
-    if rc != 0:
+    int4, k, weight, scales, offsets, n = _arguments(packed)
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    m = xf.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    if fn(int4, xf.data_ptr(), m, k, weight, scales, offsets, n, out.data_ptr()) != 0:
         raise MemoryError("the native CPU kernel could not allocate its scratch memory")
-    return out.to(x.dtype)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 if __name__ == "__main__":  # image builds: every variant's library next to this module

@@ -181,6 +181,6 @@ def test_turned_off_hands_every_weight_to_torch():
         assert not cpu_native.supports(packed)
         x = torch.randn(2, 128)
         out = quantized_linear(x, packed)
-        assert "native_meta" not in packed.cache and packed.cache  # torch's packing instead
+        assert "native" not in packed.cache and packed.cache  # torch's packing instead
         assert _rel(out, quantized_linear_reference(x, packed)) < TORCH_TOL
     assert cpu_native.supports(packed)
