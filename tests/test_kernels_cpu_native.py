@@ -184,3 +184,14 @@ def test_turned_off_hands_every_weight_to_torch():
         assert "native" not in packed.cache and packed.cache  # torch's packing instead
         assert _rel(out, quantized_linear_reference(x, packed)) < TORCH_TOL
     assert cpu_native.supports(packed)
+
+
+def test_the_benchmark_times_every_variant_and_torch(monkeypatch):
+    from kernels import bench_cpu
+
+    monkeypatch.setattr(bench_cpu, "SHAPES", [("tiny", 32, 128, "int4"), ("head", 48, 64, "int8")])
+    rows = bench_cpu.run([1, 3], copies=2, repeats=1)
+    assert [(r["shape"], r["rows"]) for r in rows] == [("tiny", 1), ("tiny", 3), ("head", 1),
+                                                       ("head", 3)]
+    names = [v.name for v in cpu_native.runnable()]
+    assert all(r[c] > 0 for r in rows for c in [*names, "torch", "dense_f32"])
