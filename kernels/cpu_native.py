@@ -180,12 +180,12 @@ def turned_off() -> Iterator[None]:
 
 def _takes(packed: PackedWeight) -> bool:
     return (packed.layout == "rows" and packed.in_features % K_MULTIPLE == 0
-            and packed.qweight.is_contiguous())
+            and packed.qweight.device.type == "cpu" and packed.qweight.is_contiguous())
 
 
 def supports(packed: PackedWeight) -> bool:
-    """Whether `linear` takes this weight: the rows layout, K a multiple of 64, contiguous,
-    and a variant runs here (not `turned_off`)."""
+    """Whether `linear` takes this weight: the rows layout in CPU memory, K a multiple of 64,
+    contiguous, and a variant runs here (not `turned_off`)."""
     return not _off and _takes(packed) and available()
 
 
@@ -221,6 +221,8 @@ def linear(x: torch.Tensor, packed: PackedWeight, fn: Callable[..., int] | None 
         fn = _fn
     elif not _takes(packed):
         raise RuntimeError("the native CPU kernel cannot take this weight")
+    if x.device.type != "cpu":
+        raise ValueError(f"the native CPU kernel takes CPU activations, got {x.device}")
     int4, k, weight, scales, offsets, n = _arguments(packed)
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     m = xf.shape[0]

@@ -120,9 +120,14 @@ def test_quantized_linear_takes_it_below_the_dense_rows(scheme, monkeypatch):
 
 
 def test_weights_it_cannot_take_go_to_torch(monkeypatch):
-    """K not a multiple of 64, or the words layout, is not the native kernel's."""
+    """K not a multiple of 64, the words layout, or tensors off the CPU are not the native
+    kernel's."""
     assert not cpu_native.supports(_weight("int4", 32, 16, 96))
     assert not cpu_native.supports(to_words(_weight("int4", 32, 16, 128)))
+    meta = _weight("int4", 32, 16, 128).to("meta")  # not in CPU memory: never its addresses
+    assert not cpu_native.supports(meta)
+    with pytest.raises(ValueError, match="CPU activations"):
+        cpu_native.linear(torch.randn(1, 128, device="meta"), _weight("int4", 32, 16, 128))
     with pytest.raises(RuntimeError, match="cannot take"):
         cpu_native.linear(torch.randn(1, 96), _weight("int4", 32, 16, 96))
     packed = _weight("int8", 32, 16, 96)
