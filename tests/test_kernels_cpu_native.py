@@ -1,10 +1,9 @@
 """The native CPU kernel (kernels/cpu_gemm.c through kernels.cpu_native) against the float32
 reference: exact where int16 activations lose nothing, within 1e-4 relative Frobenius error
 on random data (activations quantized to int16 per block of 32: measured ~2e-5, float32
-rounding of the sums included), rows independent
-of the batch bit for bit, and the build, cache and fallback around it. The kernel tests run
-every variant this CPU has (AVX-512 VNNI, AVX2); all is skipped where none can run (another
-CPU, or no C compiler)."""
+rounding of the sums included), rows independent of the batch bit for bit, and the build,
+cache and fallback around it. The kernel tests run every variant this CPU has (AVX-512
+VNNI, AVX2); all is skipped where none can run (another CPU, or no C compiler)."""
 
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ def kernel(request):
     fn = cpu_native.load(variant)
     assert fn is not None
     return fn
+
 
 # K: one pair of blocks; 18 blocks (a partial register of scales); 34 (two full, one partial).
 # N: below, at and past the 4-feature tiles.
