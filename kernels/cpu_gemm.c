@@ -111,7 +111,7 @@ static void NAME(const int16_t *a, const float *d, const float *t, int64_t K, in
     __m512 acc[NR][MT], sd[NR][MT];                                                          \
     for (int r = 0; r < NR; r++)                                                             \
         for (int m = 0; m < MT; m++) { acc[r][m] = _mm512_setzero_ps(); sd[r][m] = acc[r][m]; } \
-    for (int r = 0; r < NR; r++) {                                                           \
+    for (int r = 0; r < NR && n0 + NR * PREFETCH_ROWS + r < N; r++) { /* rows ahead */      \
         const char *p = (const char *)(w + (n0 + NR * PREFETCH_ROWS + r) * row_bytes);       \
         for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);         \
     }                                                                                        \
@@ -258,7 +258,7 @@ static void NAME(const int16_t *a, const float *d, const float *t, int64_t K, in
     __m256 acc[NR][MT], sd[NR][MT];                                                          \
     for (int r = 0; r < NR; r++)                                                             \
         for (int m = 0; m < MT; m++) { acc[r][m] = _mm256_setzero_ps(); sd[r][m] = acc[r][m]; } \
-    for (int r = 0; r < NR; r++) {                                                           \
+    for (int r = 0; r < NR && n0 + NR * PREFETCH_ROWS + r < N; r++) { /* rows ahead */      \
         const char *p = (const char *)(w + (n0 + NR * PREFETCH_ROWS + r) * row_bytes);       \
         for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);         \
     }                                                                                        \
