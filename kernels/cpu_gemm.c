@@ -59,13 +59,13 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *a, floa
 }
 
 /* 16 float16 values from p (fewer where `left` < 16: the rest are zero) as float32 */
-static inline __m512 load_half16(const uint16_t *p, int64_t left)
+static inline __m512 load_half(const uint16_t *p, int64_t left)
 {
     __mmask16 k = left >= SPAN ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
 }
 
-static inline __m512 load_float16(const float *p, int64_t left)
+static inline __m512 load_floats(const float *p, int64_t left)
 {
     __mmask16 k = left >= SPAN ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
     return _mm512_maskz_loadu_ps(k, p);
@@ -99,36 +99,16 @@ __attribute__((constructor)) static void init_lanes(void)
             lanes[i][l] = 2 * i + l / 8;
 }
 
-/* NR output features x MT activation rows.  The per-(row, feature) operation sequence is
- * the same in every instantiation. */
-#define TILE(NAME, NR, MT)                                                                   \
-static void NAME(const int16_t *a, const float *d, const float *t, int64_t K, int int4,      \
-                 const uint8_t *w, const uint16_t *sc, const uint16_t *of, int64_t n0,       \
-                 float *y, int64_t N)                                                        \
-{                                                                                            \
-    const int64_t nb = K / BLOCK, npairs = K / PAIR;                                         \
-    const int64_t row_bytes = int4 ? K / 2 : K;                                              \
-    __m512 acc[NR][MT], sd[NR][MT];                                                          \
-    for (int r = 0; r < NR; r++)                                                             \
-        for (int m = 0; m < MT; m++) { acc[r][m] = _mm512_setzero_ps(); sd[r][m] = acc[r][m]; } \
-    for (int r = 0; r < NR && n0 + NR * PREFETCH_ROWS + r < N; r++) { /* rows ahead */      \
-        const char *p = (const char *)(w + (n0 + NR * PREFETCH_ROWS + r) * row_bytes);       \
-        for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);         \
-    }                                                                                        \
-    for (int64_t j = 0; j < npairs; j++) {                                                   \
-        const int64_t b = 2 * j;                                                             \
-        if (b % SPAN == 0) {                                                                 \
-            for (int r = 0; r < NR; r++) {                                                   \
-                __m512 s = load_half16(sc + (n0 + r) * nb + b, nb - b);                      \
-                __m512 o = int4 ? load_half16(of + (n0 + r) * nb + b, nb - b)                \
-                                : _mm512_setzero_ps();                                       \
-                for (int m = 0; m < MT; m++) {                                               \
-                    sd[r][m] = _mm512_mul_ps(s, load_float16(d + m * nb + b, nb - b));       \
-                    acc[r][m] = _mm512_fmadd_ps(o, load_float16(t + m * nb + b, nb - b),     \
-                                                acc[r][m]);                                  \
-                }                                                                            \
-            }                                                                                \
-        }                                                                                    \
+typedef __m512 vfloat;
+#define VZERO _mm512_setzero_ps
+#define VMUL _mm512_mul_ps
+#define VFMA _mm512_fmadd_ps
+#define VSUM _mm512_reduce_add_ps
+
+/* The products of pair j (blocks b, b + 1) for a tile's NR features and MT rows: lanes 0-7
+ * of a product hold block b, lanes 8-15 block b + 1, each scaled by its entry of sd. */
+#define PAIR_STEP(NR, MT)                                                                    \
+    {                                                                                        \
         const __m512i idx = _mm512_load_si512((const void *)lanes[(b % SPAN) / 2]);           \
         __m512i a0[MT], a1[MT];                                                              \
         for (int m = 0; m < MT; m++) {                                                       \
@@ -144,19 +124,10 @@ static void NAME(const int16_t *a, const float *d, const float *t, int64_t K, in
                                             _mm512_permutexvar_ps(idx, sd[r][m]), acc[r][m]); \
             }                                                                                \
         }                                                                                    \
-    }                                                                                        \
-    for (int r = 0; r < NR; r++)                                                             \
-        for (int m = 0; m < MT; m++) y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);    \
-}
+    }
 
-/* the tiles the driver uses: FEATURES_1 features x 1 row, FEATURES_4 x 4 rows, and 1 x 1,
- * 1 x 4 for the last N % 4 features */
-#define FEATURES_1 4
+#define FEATURES_1 4  /* features of the 1-row tile, and of the 4-row one */
 #define FEATURES_4 2
-TILE(tile_wide_1, FEATURES_1, 1)
-TILE(tile_wide_4, FEATURES_4, 4)
-TILE(tile_one_1, 1, 1)
-TILE(tile_one_4, 1, 4)
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define ISA 2
@@ -202,7 +173,7 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *a, floa
     }
 }
 
-static inline __m256 load_half8(const uint16_t *p, int64_t left)
+static inline __m256 load_half(const uint16_t *p, int64_t left)
 {
     if (left >= SPAN) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     uint16_t tmp[SPAN] = {0};
@@ -210,7 +181,7 @@ static inline __m256 load_half8(const uint16_t *p, int64_t left)
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
 }
 
-static inline __m256 load_float8(const float *p, int64_t left)
+static inline __m256 load_floats(const float *p, int64_t left)
 {
     if (left >= SPAN) return _mm256_loadu_ps(p);
     float tmp[SPAN] = {0};
@@ -247,36 +218,18 @@ static inline void weight_pair(const uint8_t *row, int64_t j, int int4, __m256i 
     }
 }
 
-/* NR output features x MT activation rows, 8 lanes: a block's 32-bit sums in one register */
-#define TILE(NAME, NR, MT)                                                                   \
-static void NAME(const int16_t *a, const float *d, const float *t, int64_t K, int int4,      \
-                 const uint8_t *w, const uint16_t *sc, const uint16_t *of, int64_t n0,       \
-                 float *y, int64_t N)                                                        \
-{                                                                                            \
-    const int64_t nb = K / BLOCK, npairs = K / PAIR;                                         \
-    const int64_t row_bytes = int4 ? K / 2 : K;                                              \
-    __m256 acc[NR][MT], sd[NR][MT];                                                          \
-    for (int r = 0; r < NR; r++)                                                             \
-        for (int m = 0; m < MT; m++) { acc[r][m] = _mm256_setzero_ps(); sd[r][m] = acc[r][m]; } \
-    for (int r = 0; r < NR && n0 + NR * PREFETCH_ROWS + r < N; r++) { /* rows ahead */      \
-        const char *p = (const char *)(w + (n0 + NR * PREFETCH_ROWS + r) * row_bytes);       \
-        for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);         \
-    }                                                                                        \
-    for (int64_t j = 0; j < npairs; j++) {                                                   \
-        const int64_t b = 2 * j;                                                             \
-        if (b % SPAN == 0) {                                                                 \
-            for (int r = 0; r < NR; r++) {                                                   \
-                __m256 s = load_half8(sc + (n0 + r) * nb + b, nb - b);                       \
-                __m256 o = int4 ? load_half8(of + (n0 + r) * nb + b, nb - b)                 \
-                                : _mm256_setzero_ps();                                       \
-                for (int m = 0; m < MT; m++) {                                               \
-                    sd[r][m] = _mm256_mul_ps(s, load_float8(d + m * nb + b, nb - b));        \
-                    acc[r][m] = _mm256_fmadd_ps(o, load_float8(t + m * nb + b, nb - b),      \
-                                                acc[r][m]);                                  \
-                }                                                                            \
-            }                                                                                \
-        }                                                                                    \
-        const __m256i i0 = _mm256_set1_epi32((int)(b % SPAN)), i1 = _mm256_set1_epi32((int)(b % SPAN) + 1); \
+typedef __m256 vfloat;
+#define VZERO _mm256_setzero_ps
+#define VMUL _mm256_mul_ps
+#define VFMA _mm256_fmadd_ps
+#define VSUM hsum8
+
+/* The products of pair j (blocks b, b + 1) for a tile's NR features and MT rows, 8 lanes:
+ * a block's 32-bit sums in one register, scaled by its entry of sd. */
+#define PAIR_STEP(NR, MT)                                                                    \
+    {                                                                                        \
+        const __m256i i0 = _mm256_set1_epi32((int)(b % SPAN));                               \
+        const __m256i i1 = _mm256_set1_epi32((int)(b % SPAN) + 1);                           \
         for (int r = 0; r < NR; r++) {                                                       \
             __m256i wv[4];                                                                   \
             weight_pair(w + (n0 + r) * row_bytes, j, int4, wv);                              \
@@ -292,21 +245,55 @@ static void NAME(const int16_t *a, const float *d, const float *t, int64_t K, in
                                             _mm256_permutevar8x32_ps(sd[r][m], i1), acc[r][m]); \
             }                                                                                \
         }                                                                                    \
-    }                                                                                        \
-    for (int r = 0; r < NR; r++)                                                             \
-        for (int m = 0; m < MT; m++) y[m * N + n0 + r] = hsum8(acc[r][m]);                   \
-}
+    }
 
 #define FEATURES_1 2  /* 16 registers */
 #define FEATURES_4 1
-TILE(tile_wide_1, FEATURES_1, 1)
-TILE(tile_wide_4, FEATURES_4, 4)
-TILE(tile_one_1, 1, 1)
-TILE(tile_one_4, 1, 4)
 
 #else
 #error "cpu_gemm.c needs AVX-512 VNNI or AVX2 + FMA + F16C"
 #endif
+
+/* NR output features x MT activation rows.  The per-(row, feature) operation sequence is
+ * the same in every instantiation, so a row's result does not depend on the tiling. */
+#define TILE(NAME, NR, MT)                                                                   \
+static void NAME(const int16_t *a, const float *d, const float *t, int64_t K, int int4,      \
+                 const uint8_t *w, const uint16_t *sc, const uint16_t *of, int64_t n0,       \
+                 float *y, int64_t N)                                                        \
+{                                                                                            \
+    const int64_t nb = K / BLOCK, npairs = K / PAIR;                                         \
+    const int64_t row_bytes = int4 ? K / 2 : K;                                              \
+    vfloat acc[NR][MT], sd[NR][MT];                                                          \
+    for (int r = 0; r < NR; r++)                                                             \
+        for (int m = 0; m < MT; m++) { acc[r][m] = VZERO(); sd[r][m] = acc[r][m]; }          \
+    for (int r = 0; r < NR && n0 + NR * PREFETCH_ROWS + r < N; r++) { /* rows ahead */      \
+        const char *p = (const char *)(w + (n0 + NR * PREFETCH_ROWS + r) * row_bytes);       \
+        for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);         \
+    }                                                                                        \
+    for (int64_t j = 0; j < npairs; j++) {                                                   \
+        const int64_t b = 2 * j;                                                             \
+        if (b % SPAN == 0) {  /* the scales and offsets of the next SPAN blocks */           \
+            for (int r = 0; r < NR; r++) {                                                   \
+                vfloat s = load_half(sc + (n0 + r) * nb + b, nb - b);                        \
+                vfloat o = int4 ? load_half(of + (n0 + r) * nb + b, nb - b) : VZERO();       \
+                for (int m = 0; m < MT; m++) {                                               \
+                    sd[r][m] = VMUL(s, load_floats(d + m * nb + b, nb - b));                 \
+                    acc[r][m] = VFMA(o, load_floats(t + m * nb + b, nb - b), acc[r][m]);     \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        PAIR_STEP(NR, MT)                                                                    \
+    }                                                                                        \
+    for (int r = 0; r < NR; r++)                                                             \
+        for (int m = 0; m < MT; m++) y[m * N + n0 + r] = VSUM(acc[r][m]);                    \
+}
+
+/* the tiles the driver uses: FEATURES_1 features x 1 row, FEATURES_4 x 4 rows, and 1 x 1,
+ * 1 x 4 for the last N % 4 features */
+TILE(tile_wide_1, FEATURES_1, 1)
+TILE(tile_wide_4, FEATURES_4, 4)
+TILE(tile_one_1, 1, 1)
+TILE(tile_one_4, 1, 4)
 
 /* The instruction set this library was compiled for (the loader checks it): 1 = AVX-512
  * VNNI, 2 = AVX2. */
