@@ -45,15 +45,26 @@ def test_greedy_lossless_on_default_model(default_llm: LLM, spec_llm: LLM, batch
     assert spec_llm.engine.blocks.usage == 0.0
 
 
-def test_greedy_lossless_tiny_with_rollbacks(tiny_model_dir) -> None:
-    path = str(tiny_model_dir("qwen2"))
+TINY_PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 9, 10, 9, 10],
+                [3, 4, 5, 3, 4, 5, 3, 4, 5, 3]]
+
+
+def _plain_and_always_drafting(path: str, **config: object) -> tuple[LLM, LLM]:
+    """A tiny model's plain engine, and one with n-gram speculation drafting 4 tokens every
+    step (the random model's output defeats most lookups, after which the policy would stop
+    asking)."""
     common = dict(dtype="float32", num_kv_blocks=64, block_size=2, max_num_batched_tokens=48,
-                  debug_check_integrity=True)
+                  **config)
     plain = LLM(path, **common)
     spec = LLM(path, speculative="ngram", num_speculative_tokens=4, **common)
-    # (the random model's output defeats most lookups, after which the policy stops asking)
     spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
-    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 9, 10, 9, 10], [3, 4, 5, 3, 4, 5, 3, 4, 5, 3]]
+    return plain, spec
+
+
+def test_greedy_lossless_tiny_with_rollbacks(tiny_model_dir) -> None:
+    plain, spec = _plain_and_always_drafting(str(tiny_model_dir("qwen2")),
+                                             debug_check_integrity=True)
+    prompts = TINY_PROMPTS
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     ref = [c.token_ids for c in plain.generate(prompts, params)]
     got = spec.generate(prompts, params)
@@ -91,13 +102,8 @@ def test_greedy_lossless_int4_through_the_native_kernel(tiny_model_dir, monkeypa
     rows = []
     real = cpu_native.linear
     monkeypatch.setattr(cpu_native, "linear", lambda x, p: rows.append(x.shape[0]) or real(x, p))
-    path = str(tiny_model_dir("llama"))
-    common = dict(dtype="float32", num_kv_blocks=64, block_size=2, max_num_batched_tokens=48,
-                  quantization="int4")
-    plain = LLM(path, **common)
-    spec = LLM(path, speculative="ngram", num_speculative_tokens=4, **common)
-    spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
-    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 9, 10, 9, 10], [3, 4, 5, 3, 4, 5, 3, 4, 5, 3]]
+    plain, spec = _plain_and_always_drafting(str(tiny_model_dir("llama")), quantization="int4")
+    prompts = TINY_PROMPTS
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     ref = [c.token_ids for c in plain.generate(prompts, params)]
     alone = [plain.generate([p], params)[0].token_ids for p in prompts]
