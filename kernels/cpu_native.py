@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.quant import PackedWeight
+from kernels.quant import PackedWeight, unpack_int4
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ VARIANTS = (  # best first
     Variant("avx2", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), 2),
 )
 BLOCK = 32  # activation block (and the granularity of the kernel's weight scales)
-K_MULTIPLE = 64  # the kernel takes input features two blocks at a time
+PANEL = 16  # output features of a panel of the kernel's weight layout
 
 _lock = threading.Lock()
 _fn: Callable[..., int] | None = None
@@ -179,34 +179,55 @@ def turned_off() -> Iterator[None]:
 
 
 def _takes(packed: PackedWeight) -> bool:
-    return (packed.layout == "rows" and packed.in_features % K_MULTIPLE == 0
+    return (packed.layout == "rows" and packed.in_features % BLOCK == 0
             and packed.qweight.device.type == "cpu" and packed.qweight.is_contiguous())
 
 
 def supports(packed: PackedWeight) -> bool:
-    """Whether `linear` takes this weight: the rows layout in CPU memory, K a multiple of 64,
+    """Whether `linear` takes this weight: the rows layout in CPU memory, K a multiple of 32,
     contiguous, and a variant runs here (not `turned_off`)."""
     return not _off and _takes(packed) and available()
 
 
+def panels(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The weight in the kernel's panels of `PANEL` output features (cpu_gemm.c's header),
+    the last one padded with zero features: int4 codes as int32 words [P, K / 8, PANEL]
+    (inputs 8 r + 2 i and 8 r + 2 i + 1 at bits 4 i and 16 + 4 i), int8 codes as pairs
+    [P, K / 2, PANEL, 2]; float16 scales and offsets [P, K / 32, PANEL] (repeated for groups
+    larger than 32)."""
+    n, k = packed.out_features, packed.in_features
+    p = -(-n // PANEL)
+    pad = p * PANEL - n
+
+    def by_panel(t: torch.Tensor) -> torch.Tensor:  # [N, C, ...] -> [P, C, PANEL, ...]
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+        return t.reshape(p, PANEL, *t.shape[1:]).transpose(1, 2).contiguous()
+
+    if packed.scheme == "int4":
+        q = unpack_int4(packed.qweight).to(torch.int64).reshape(n, k // 8, 4, 2)
+        shifts = torch.tensor([0, 16]) + 4 * torch.arange(4)[:, None]
+        words = (q << shifts).sum(dim=(2, 3))  # in 0 .. 2**32 - 1
+        weight = by_panel(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+    else:
+        weight = by_panel(packed.qweight.reshape(n, k // 2, 2))
+    reps = packed.group_size // BLOCK
+
+    def blocks(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else by_panel(t.to(torch.float16).repeat_interleave(reps, 1))
+
+    return weight, blocks(packed.scales), blocks(packed.offsets)
+
+
 def _arguments(packed: PackedWeight) -> tuple:
     """The kernel's weight arguments (int4 flag, K, weight, scales and offsets addresses, N),
-    built once: float16 scales (and int4 offsets) per block of 32 input features, the packed
-    tensors themselves at group 32, repeated for larger groups. The tensors are kept in the
-    cache with their addresses."""
+    built once from the `panels`, which are kept in the weight's cache with their
+    addresses."""
     if "native" not in packed.cache:
-        reps = packed.group_size // BLOCK
-
-        def blocks(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or reps == 1 and t.dtype == torch.float16 and t.is_contiguous():
-                return t
-            return t.to(torch.float16).repeat_interleave(reps, dim=1).contiguous()
-
-        scales, offsets = blocks(packed.scales), blocks(packed.offsets)
-        args = (int(packed.scheme == "int4"), packed.in_features, packed.qweight.data_ptr(),
+        weight, scales, offsets = panels(packed)
+        args = (int(packed.scheme == "int4"), packed.in_features, weight.data_ptr(),
                 scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
                 packed.out_features)
-        packed.cache["native"] = (args, (packed.qweight, scales, offsets))
+        packed.cache["native"] = (args, (weight, scales, offsets))
     return packed.cache["native"][0]
 
 

@@ -4,9 +4,9 @@ Dispatch (here and nowhere else):
 - CUDA tensors -> the Triton W4A16 / W8A16 kernels in `kernels.triton_gemm` (``words`` layout;
   a ``rows`` weight is converted once and the copy cached).
 - CPU tensors -> the native kernel `kernels.cpu_native` (AVX-512 VNNI or AVX2: activations
-  quantized to int16 per block of 32, integer dot products) for fewer than `_NATIVE_DENSE_ROWS` rows
-  where it is built; else torch's packed CPU kernels (bfloat16 activations, see
-  `_cpu_linear`): int4 through `_weight_int4pack_mm_for_cpu`
+  quantized to int16 per block of 32, integer dot products) for every row count where it is
+  built (a row's result then does not depend on the batch, `takes_every_row_count`); else
+  torch's packed CPU kernels (bfloat16 activations, see `_cpu_linear`): int4 through `_weight_int4pack_mm_for_cpu`
   (its own nibble packing, built once per weight and kept in `PackedWeight.cache`), int8
   per channel through `_weight_int8pack_mm`, group-wise int8 (GGUF Q8_0) as two int4
   nibble weights side by side in one int4 matmul (`_cpu_int8`). From `_CPU_DENSE_ROWS`
@@ -28,10 +28,6 @@ _CPU_INT4_GROUPS = (32, 64, 128, 256)
 # (dequantize) + 1.5 (GEMM), and int8 576x1536 1.72 against 1.11; at M = 64 int4 ties
 # (1.78 vs 1.89 ms) and Q8_0 3072x576 already gains (3.55 vs 1.94).
 _CPU_DENSE_ROWS = {"int4": 128, "int8": 64}
-# The same for the native kernel (`kernels.cpu_native`), measured the same way: at M = 64 it
-# takes 0.60-1.34 ms on 3072x576 and 576x1536 (int4 and Q8_0) against 0.98-1.91 dequantized,
-# at M = 128 1.23-3.06 against 1.12-2.65.
-_NATIVE_DENSE_ROWS = {"int4": 96, "int8": 96}
 
 
 def quantized_linear_reference(
@@ -67,6 +63,14 @@ def quantized_linear(
     return out.reshape(*lead, packed.out_features)
 
 
+def takes_every_row_count(packed: PackedWeight) -> bool:
+    """Whether `quantized_linear` runs this weight through one kernel whatever the number of
+    rows, each row's result independent of the others (the native CPU kernel), so that a
+    dense copy of the weight is never needed for speed and results do not depend on the
+    batch."""
+    return packed.layout == "rows" and cpu_native.supports(packed)
+
+
 def _has_cpu_ops() -> bool:
     ops = torch.ops.aten
     return all(hasattr(ops, name) for name in (
@@ -85,7 +89,7 @@ def _cpu_linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     """
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return x @ dequantize(packed, x.dtype).t()
-    if x.shape[0] < _NATIVE_DENSE_ROWS[packed.scheme] and cpu_native.supports(packed):
+    if cpu_native.supports(packed):
         return cpu_native.linear(x, packed)
     if not _has_cpu_ops():
         return x @ dequantize(packed, x.dtype).t()

@@ -1,8 +1,8 @@
 """The native CPU kernel (kernels/cpu_gemm.c through kernels.cpu_native) against the float32
 reference: exact where int16 activations lose nothing, within 1e-4 relative Frobenius error
 on random data (activations quantized to int16 per block of 32: measured ~2e-5, float32
-rounding of the sums included), rows independent of the batch bit for bit, and the build,
-cache and fallback around it. The kernel tests run every variant this CPU has (AVX-512
+rounding of the sums included), rows independent of the batch and of the variant bit for
+bit, and the build, cache and fallback around it. The kernel tests run every variant this CPU has (AVX-512
 VNNI, AVX2); all is skipped where none can run (another CPU, or no C compiler)."""
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def kernel(request):
     return fn
 
 
-# K: one pair of blocks; 18 blocks (a partial register of scales); 34 (two full, one partial).
-# N: below, at and past the 4-feature tiles.
-SHAPES = [(1, 64), (5, 576), (18, 1088)]
+# K: one block, 3, 18, 34. N: one feature, a part of a panel of 16 (AVX2: of its first half
+# of 8), a panel and a part, two panels and the first half of a third.
+SHAPES = [(1, 32), (5, 576), (18, 1088), (40, 96)]
 TORCH_TOL = 1e-2  # where torch's kernels take the product: activations rounded to bfloat16
 WEIGHTS = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", None)]
 
@@ -77,7 +77,7 @@ def test_exact_when_activation_blocks_quantize_exactly(scheme, group, n, k, kern
 
 @pytest.mark.parametrize("scheme,group", WEIGHTS)
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("m", [1, 3, 4, 9])
+@pytest.mark.parametrize("m", [1, 3, 8, 13])  # tiles of 8 rows (AVX2: 4) and what is left
 def test_random_inputs_match_reference(scheme, group, n, k, m, kernel):
     packed = _weight(scheme, group, n, k)
     x = torch.randn(m, k)
@@ -88,14 +88,28 @@ def test_random_inputs_match_reference(scheme, group, n, k, m, kernel):
 
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", 32)])
 def test_a_row_does_not_depend_on_the_batch(scheme, group, kernel):
-    """Each row of a 9-row product (4-row tiles, then single rows) equals the row alone,
-    bit for bit: a request's tokens do not change with what is batched beside it."""
+    """Each row of a 21-row product (tiles of 8 or 4 rows, then what is left) equals the row
+    alone, bit for bit: a request's tokens do not change with what is batched beside it."""
     packed = _weight(scheme, group, 37, 576)
-    x = torch.randn(9, 576)
+    x = torch.randn(21, 576)
     out = cpu_native.linear(x, packed, kernel)
-    for i in range(9):
+    for i in range(21):
         assert torch.equal(cpu_native.linear(x[i:i + 1], packed, kernel)[0], out[i]), i
-    assert torch.equal(cpu_native.linear(x[2:7], packed, kernel), out[2:7])
+    for a, b in ((2, 7), (3, 21), (0, 12)):
+        assert torch.equal(cpu_native.linear(x[a:b], packed, kernel), out[a:b])
+
+
+@pytest.mark.parametrize("scheme,group", WEIGHTS)
+def test_the_variants_agree_bit_for_bit(scheme, group):
+    """Every variant does the same float operations per (row, feature), so AVX-512 and AVX2
+    give the same bits: a served model's outputs do not depend on the CPU's instruction set."""
+    fns = [cpu_native.load(v) for v in cpu_native.runnable()]
+    if len(fns) < 2:
+        pytest.skip("one variant runs here")
+    packed = _weight(scheme, group, 40, 576)
+    x = torch.randn(13, 576)
+    first = cpu_native.linear(x, packed, fns[0])
+    assert all(torch.equal(cpu_native.linear(x, packed, fn), first) for fn in fns[1:])
 
 
 def test_bfloat16_activations_come_back_in_bfloat16(kernel):
@@ -107,31 +121,36 @@ def test_bfloat16_activations_come_back_in_bfloat16(kernel):
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_quantized_linear_takes_it_below_the_dense_rows(scheme, monkeypatch):
+def test_quantized_linear_takes_it_at_every_row_count(scheme, monkeypatch):
+    """Decode rows and prefill chunks alike, so a row's result through the seam does not
+    depend on how many rows share its product."""
     calls = []
     real = cpu_native.linear
     monkeypatch.setattr(cpu_native, "linear", lambda x, p: calls.append(x.shape[0]) or real(x, p))
     packed = _weight(scheme, 32, 16, 128)
-    rows = gemm._NATIVE_DENSE_ROWS[scheme]
-    for m in (1, rows - 1, rows):
-        x = torch.randn(m, 128)
-        assert _rel(quantized_linear(x, packed), quantized_linear_reference(x, packed)) < TORCH_TOL
-    assert calls == [1, rows - 1]
+    assert gemm.takes_every_row_count(packed)
+    x = torch.randn(300, 128)
+    out = quantized_linear(x, packed)
+    assert _rel(out, quantized_linear_reference(x, packed)) < 1e-4
+    for m in (1, 64, 200):
+        assert torch.equal(quantized_linear(x[:m], packed), out[:m]), m
+    assert calls == [300, 1, 64, 200]
 
 
 def test_weights_it_cannot_take_go_to_torch(monkeypatch):
-    """K not a multiple of 64, the words layout, or tensors off the CPU are not the native
+    """K not a multiple of 32, the words layout, or tensors off the CPU are not the native
     kernel's."""
-    assert not cpu_native.supports(_weight("int4", 32, 16, 96))
+    assert not cpu_native.supports(_weight("int8", None, 16, 80))
+    assert not gemm.takes_every_row_count(_weight("int8", None, 16, 80))
     assert not cpu_native.supports(to_words(_weight("int4", 32, 16, 128)))
     meta = _weight("int4", 32, 16, 128).to("meta")  # not in CPU memory: never its addresses
     assert not cpu_native.supports(meta)
     with pytest.raises(ValueError, match="CPU activations"):
         cpu_native.linear(torch.randn(1, 128, device="meta"), _weight("int4", 32, 16, 128))
     with pytest.raises(RuntimeError, match="cannot take"):
-        cpu_native.linear(torch.randn(1, 96), _weight("int4", 32, 16, 96))
-    packed = _weight("int8", 32, 16, 96)
-    x = torch.randn(3, 96)
+        cpu_native.linear(torch.randn(1, 80), _weight("int8", None, 16, 80))
+    packed = _weight("int8", None, 16, 80)
+    x = torch.randn(3, 80)
     assert _rel(quantized_linear(x, packed), quantized_linear_reference(x, packed)) < TORCH_TOL
 
 
