@@ -113,3 +113,16 @@ def test_quantization_none_keeps_every_weight_dense(tiny_model_dir) -> None:
               num_kv_blocks=8)
     assert all(lin.packed is None and lin.weight is not None
                for _, lin in linear_modules(llm.engine.model))
+
+
+def test_permute_rows_takes_a_permutation_or_a_selection() -> None:
+    """A draft head's vocabulary selects rows of a packed LM head (`target_head_rows`)."""
+    from kernels.quant import quantize_int4, quantize_int8
+    from server.models.quantize import permute_rows
+
+    w = torch.randn(12, 64)
+    for packed in (quantize_int4(w, 32), quantize_int8(w, 32)):
+        for order in (torch.randperm(12), torch.tensor([7, 0, 3])):
+            rows = permute_rows(packed, order)
+            assert rows.out_features == len(order)
+            assert torch.equal(dequantize(rows), dequantize(packed)[order])

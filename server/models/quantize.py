@@ -56,9 +56,10 @@ def linear_modules(model: torch.nn.Module) -> Iterator[tuple[str, Linear]]:
 
 
 def permute_rows(packed: PackedWeight, order: torch.Tensor) -> PackedWeight:
-    """The same weight with its output rows taken in `order` (packing is per row)."""
+    """The weight's output rows taken in `order`, a permutation or a selection (packing is
+    per row)."""
     return PackedWeight(
-        packed.scheme, packed.out_features, packed.in_features, packed.group_size,
+        packed.scheme, len(order), packed.in_features, packed.group_size,
         packed.qweight[order].contiguous(), packed.scales[order].contiguous(),
         None if packed.offsets is None else packed.offsets[order].contiguous(),
     )
