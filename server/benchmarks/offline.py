@@ -1,7 +1,8 @@
 """`leapfrog bench offline`: our engine vs `transformers` generate, same weights and dtype.
 
 Decode speed is measured as (N - 1) / (t(N tokens) - t(1 token)) so prefill cancels out;
-batch throughput is generated tokens / wall time for B prompts of N tokens each.
+batch throughput is generated tokens / wall time for B prompts of N tokens each; prefill is
+`PREFILL_TOKENS` / the time to answer one prompt of that many tokens with one token.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from server.benchmarks.common import best_time, config_of, machine, table, write_json
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+PREFILL_TOKENS = 512
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,19 +25,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement (best is kept)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides")
-    p.add_argument("--quantization", default=None, help="also time our engine with packed weights (int4|int8)")
+    p.add_argument("--quantization", default=None,
+                   help="also time our engine with packed weights (int4|int8), or every weight "
+                        "dense (none)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--result-json", default=None, help="write results here")
 
 
-def _measure(run: Callable[[int, int], None], args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, float]:
-    """Batch-1 decode rate and per-batch throughput of `run(batch, new_tokens)`."""
-    run(1, 4)  # warm-up
-    t1 = best_time(lambda: run(1, 1), args.repeats)
-    tn = best_time(lambda: run(1, args.tokens), args.repeats)
-    out = {"decode_b1": (args.tokens - 1) / (tn - t1)}
+def _measure(run: Callable[[int, int, bool], None], args: argparse.Namespace,
+             batch_sizes: list[int]) -> dict[str, float]:
+    """Batch-1 decode rate, prefill rate and per-batch throughput of `run(batch, new_tokens,
+    long)` (long: the `PREFILL_TOKENS` prompt)."""
+    run(1, 4, False)  # warm-up
+    t1 = best_time(lambda: run(1, 1, False), args.repeats)
+    tn = best_time(lambda: run(1, args.tokens, False), args.repeats)
+    out = {"decode_b1": (args.tokens - 1) / (tn - t1),
+           f"prefill_{PREFILL_TOKENS}": PREFILL_TOKENS / best_time(lambda: run(1, 1, True),
+                                                                  args.repeats)}
     for b in batch_sizes:
-        out[f"throughput_b{b}"] = b * args.tokens / best_time(lambda b=b: run(b, args.tokens), args.repeats)
+        out[f"throughput_b{b}"] = b * args.tokens / best_time(
+            lambda b=b: run(b, args.tokens, False), args.repeats)
     return out
 
 
@@ -55,11 +64,18 @@ def _ours(args: argparse.Namespace, batch_sizes: list[int], quantization: str | 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(batch_sizes), max_num_batched_tokens=2048,
               quantization=quantization, enable_prefix_caching=False)
     ids = llm.encode(PROMPT, chat=True)
+    long_ids = _long_prompt(ids)
 
-    def run(batch: int, n: int) -> None:
-        llm.generate([ids] * batch, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    def run(batch: int, n: int, long: bool) -> None:
+        llm.generate([long_ids if long else ids] * batch,
+                     SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
 
     return _measure(run, args, batch_sizes)
+
+
+def _long_prompt(ids: list[int]) -> list[int]:
+    """`PREFILL_TOKENS` ids: the prompt repeated."""
+    return (ids * (PREFILL_TOKENS // len(ids) + 1))[:PREFILL_TOKENS]
 
 
 def _transformers(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, float]:
@@ -76,9 +92,11 @@ def _transformers(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str,
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
 
+    long_ids = torch.tensor([_long_prompt(ids[0].tolist())])
+
     @torch.inference_mode()
-    def run(batch: int, n: int) -> None:
-        x = ids.repeat(batch, 1)
+    def run(batch: int, n: int, long: bool) -> None:
+        x = (long_ids if long else ids).repeat(batch, 1)
         model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, pad_token_id=tok.eos_token_id)
 
@@ -95,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         runs[f"leapfrog {args.quantization}"] = _ours(args, batch_sizes, args.quantization)
         from kernels import cpu_native
 
-        if not torch.cuda.is_available() and cpu_native.available():
+        if (args.quantization != "none" and not torch.cuda.is_available()
+                and cpu_native.available()):
             # the same with torch's packed CPU kernels, side by side
             runs[f"{args.quantization} torch kernels"] = _ours(
                 args, batch_sizes, args.quantization, torch_kernels=True)
