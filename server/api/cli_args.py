@@ -93,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          choices=["auto", "float32", "bfloat16", "float16"])
     _add(eng, "--device", str, e.device, "Device to run on", choices=["auto", "cpu", "cuda"])
     _add(eng, "--quantization", str, e.quantization,
-         "Weight-only quantization applied at load (int8 or int4); none serves a GGUF dense "
-         "on CUDA too", choices=["int8", "int4", "none"])
+         "Weight-only quantization applied at load (int8 or int4); unset, a GGUF's 4/8-bit "
+         "tensors are served as stored where a packed kernel pays (the native CPU kernel, "
+         "CUDA above 2 GiB); none serves every weight dense", choices=["int8", "int4", "none"])
     _add(eng, "--block-size", int, e.block_size, "Tokens per KV cache block")
     _add(eng, "--num-kv-blocks", int, e.num_kv_blocks,
          "KV cache size in blocks; unset: sized from --kv-cache-memory-gb")

@@ -22,7 +22,8 @@ class EngineConfig:
     """auto (cuda when available), cpu or cuda."""
     quantization: str | None = None
     """Weight-only quantization at load: None (a GGUF's own 4/8-bit tensors are served packed
-    on CUDA for models over 2 GiB dense), int8, int4, or none (every weight dense)."""
+    on a CPU where the native kernel runs, and on CUDA for models over 2 GiB dense), int8,
+    int4, or none (every weight dense)."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to min(model limit, 8192)."""
     max_num_seqs: int = 64
