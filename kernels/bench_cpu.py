@@ -65,8 +65,8 @@ def _times(x: torch.Tensor, weights: list[PackedWeight], dense: list[torch.Tenso
 
 
 def run(rows: list[int], copies: int, repeats: int) -> list[dict]:
-    variants = [(v.name, fn) for v in cpu_native.runnable()
-                if (fn := cpu_native.load(v)) is not None]
+    variants = [(v.name, lib) for v in cpu_native.runnable()
+                if (lib := cpu_native.load(v)) is not None]
     results = []
     for name, n, k, scheme in SHAPES:
         weights = _weights(n, k, scheme, copies)

@@ -30,6 +30,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>  /* sqrtf, inlined: -fno-math-errno */
 #include <stdlib.h>
 
 #define BLOCK 32
@@ -270,4 +271,29 @@ int lf_cpu_gemm(int int4, const float *x, int64_t M, int64_t K, const void *w,
     free(a);
     free(d);
     return 0;
+}
+
+/* out = rms_norm(x + residual) * weight and res_out = x + residual, row by row (residual
+ * NULL: x alone, and res_out is not written).  The sum of squares is kept in 16 partial
+ * sums over columns k mod 16, added pairwise at the end, so that both builds and every
+ * batch give a row the same bits.  K must be a multiple of 16. */
+void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *weight, float eps,
+                         int64_t M, int64_t K, float *out, float *res_out)
+{
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        const float *h = residual ? res_out + m * K : xr;
+        float part[16] = {0};
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+            for (int l = 0; l < 16; l++) {
+                const float v = residual ? xr[k0 + l] + residual[m * K + k0 + l] : xr[k0 + l];
+                if (residual) res_out[m * K + k0 + l] = v;
+                part[l] += v * v;
+            }
+        }
+        for (int w = 8; w > 0; w /= 2)
+            for (int l = 0; l < w; l++) part[l] += part[l + w];
+        const float inv = 1.0f / sqrtf(part[0] / (float)K + eps);
+        for (int64_t k = 0; k < K; k++) out[m * K + k] = h[k] * inv * weight[k];
+    }
 }

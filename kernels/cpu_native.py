@@ -2,7 +2,8 @@
 quantized to int16 per block of 32): built once per machine with the system C compiler, one
 library per instruction set (`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
 
-`linear(x, packed)` is the entry point; `available()` says whether it can run here. The best
+`linear(x, packed)` is the entry point (and `add_rms_norm`, the decoder's residual add and
+RMSNorm, which torch runs as several small ops); `available()` says whether it can run here. The best
 variant the CPU has is used (``LEAPFROG_NATIVE_KERNELS=avx2`` picks one, ``=0`` none). Its
 library is looked for next to this module (where an image build puts every variant:
 ``python -m kernels.cpu_native``), then in the user cache (``$LEAPFROG_CACHE_DIR``, else
@@ -47,8 +48,16 @@ class Variant:
     isa: int
 
 
+@dataclass(frozen=True)
+class Library:
+    """A loaded variant's entry points: `lf_cpu_gemm` and `lf_cpu_add_rms_norm`."""
+
+    gemm: Callable[..., int]
+    add_rms_norm: Callable[..., None]
+
+
 SOURCE = Path(__file__).with_name("cpu_gemm.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 VARIANTS = (  # best first
     Variant("avx512vnni", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
                            "-mf16c"),
@@ -59,7 +68,7 @@ BLOCK = 32  # activation block (and the granularity of the kernel's weight scale
 PANEL = 16  # output features of a panel of the kernel's weight layout
 
 _lock = threading.Lock()
-_fn: Callable[..., int] | None = None
+_lib: Library | None = None
 _variant: Variant | None = None
 _tried = False
 _off = False
@@ -112,8 +121,8 @@ def build(out_dir: Path, variant: Variant) -> Path:
     return target
 
 
-def load(variant: Variant) -> Callable[..., int] | None:
-    """The variant's `lf_cpu_gemm`, built into the cache if no library is found; None (with
+def load(variant: Variant) -> Library | None:
+    """The variant's entry points, built into the cache if no library is found; None (with
     a warning) when it cannot be built or loaded."""
     name = library_name(variant)
     found = next((p for p in (SOURCE.with_name(name), cache_dir() / name) if p.is_file()), None)
@@ -125,13 +134,15 @@ def load(variant: Variant) -> Callable[..., int] | None:
         return None
     if lib.lf_cpu_gemm_isa() != variant.isa:
         return None
-    fn = lib.lf_cpu_gemm
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p]
-    fn.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    gemm = lib.lf_cpu_gemm
+    gemm.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, i64, p]
+    gemm.restype = ctypes.c_int
+    norm = lib.lf_cpu_add_rms_norm
+    norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p]
+    norm.restype = None
     logger.info("native CPU kernels: %s", path)
-    return fn
+    return Library(gemm, norm)
 
 
 def runnable() -> list[Variant]:
@@ -142,23 +153,23 @@ def runnable() -> list[Variant]:
     return [v for v in VARIANTS if v.cpu_flags <= have and choice in ("", "1", v.name)]
 
 
-def _load() -> tuple[Variant, Callable[..., int]] | None:
+def _load() -> tuple[Variant, Library] | None:
     for variant in runnable():
-        fn = load(variant)
-        if fn is not None:
-            return variant, fn
+        lib = load(variant)
+        if lib is not None:
+            return variant, lib
     return None
 
 
 def available() -> bool:
     """Whether `linear` can run here (builds or loads the library on first call)."""
-    global _fn, _variant, _tried
+    global _lib, _variant, _tried
     if not _tried:
         with _lock:
             if not _tried:
-                _variant, _fn = _load() or (None, None)
+                _variant, _lib = _load() or (None, None)
                 _tried = True
-    return _fn is not None
+    return _lib is not None
 
 
 def variant_in_use() -> str | None:
@@ -168,8 +179,8 @@ def variant_in_use() -> str | None:
 
 @contextmanager
 def turned_off() -> Iterator[None]:
-    """Within it `supports` is False, so `kernels.gemm` takes torch's kernels (side-by-side
-    benchmarks, tests of the torch path)."""
+    """Within it `supports` is False and `add_rms_norm` declines, so `kernels.gemm` and the
+    model take torch's kernels (side-by-side benchmarks, tests of the torch path)."""
     global _off
     before, _off = _off, True
     try:
@@ -231,15 +242,14 @@ def _arguments(packed: PackedWeight) -> tuple:
     return packed.cache["native"][0]
 
 
-def linear(x: torch.Tensor, packed: PackedWeight, fn: Callable[..., int] | None = None
-           ) -> torch.Tensor:
-    """x [M, K] @ dequantize(packed).T through the native kernel (`fn`: a variant's from
+def linear(x: torch.Tensor, packed: PackedWeight, lib: Library | None = None) -> torch.Tensor:
+    """x [M, K] @ dequantize(packed).T through the native kernel (`lib`: a variant's from
     `load`, else the one `available` chose), in x's dtype; computed from float32
     activations quantized to int16 per block of 32 (see cpu_gemm.c)."""
-    if fn is None:
+    if lib is None:
         if not supports(packed):
             raise RuntimeError("the native CPU kernel cannot take this weight here")
-        fn = _fn
+        lib = _lib
     elif not _takes(packed):
         raise RuntimeError("the native CPU kernel cannot take this weight")
     if x.device.type != "cpu":
@@ -248,9 +258,38 @@ def linear(x: torch.Tensor, packed: PackedWeight, fn: Callable[..., int] | None 
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     m = xf.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    if fn(int4, xf.data_ptr(), m, k, weight, scales, offsets, n, out.data_ptr()) != 0:
+    if lib.gemm(int4, xf.data_ptr(), m, k, weight, scales, offsets, n, out.data_ptr()) != 0:
         raise MemoryError("the native CPU kernel could not allocate its scratch memory")
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _float_rows(t: torch.Tensor, k: int) -> bool:
+    return t.is_cpu and t.dtype == torch.float32 and t.shape[-1] == k and t.is_contiguous()
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float, lib: Library | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(x + residual) * weight, x + residual) for float32 rows of a multiple of 16
+    features in CPU memory (a None residual counts as zero), each row's bits independent of
+    the others and of the variant; None where the native kernels do not take them (then
+    the caller uses torch's ops). About 2 us at the default model's 576 features, where
+    torch's rms_norm alone takes ~10."""
+    if lib is None:
+        if _off or not available():
+            return None
+        lib = _lib
+    k = x.shape[-1]
+    if not (x.dim() == 2 and k % 16 == 0 and _float_rows(x, k) and weight.dim() == 1
+            and _float_rows(weight, k)
+            and (residual is None or residual.shape == x.shape and _float_rows(residual, k))):
+        return None
+    out = torch.empty_like(x)
+    summed = x if residual is None else torch.empty_like(x)
+    lib.add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                     weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr(),
+                     summed.data_ptr())
+    return out, summed
 
 
 if __name__ == "__main__":  # image builds: every variant's library next to this module

@@ -25,9 +25,9 @@ def kernel(request):
     variant = next(v for v in cpu_native.VARIANTS if v.name == request.param)
     if not variant.cpu_flags <= cpu_native.cpu_flags():
         pytest.skip(f"this CPU cannot run the {variant.name} variant")
-    fn = cpu_native.load(variant)
-    assert fn is not None
-    return fn
+    lib = cpu_native.load(variant)
+    assert lib is not None
+    return lib
 
 
 # K: one block, 3, 18, 34. N: one feature, a part of a panel of 16 (AVX2: of its first half
@@ -103,13 +103,13 @@ def test_a_row_does_not_depend_on_the_batch(scheme, group, kernel):
 def test_the_variants_agree_bit_for_bit(scheme, group):
     """Every variant does the same float operations per (row, feature), so AVX-512 and AVX2
     give the same bits: a served model's outputs do not depend on the CPU's instruction set."""
-    fns = [cpu_native.load(v) for v in cpu_native.runnable()]
-    if len(fns) < 2:
+    libs = [cpu_native.load(v) for v in cpu_native.runnable()]
+    if len(libs) < 2:
         pytest.skip("one variant runs here")
     packed = _weight(scheme, group, 40, 576)
     x = torch.randn(13, 576)
-    first = cpu_native.linear(x, packed, fns[0])
-    assert all(torch.equal(cpu_native.linear(x, packed, fn), first) for fn in fns[1:])
+    first = cpu_native.linear(x, packed, libs[0])
+    assert all(torch.equal(cpu_native.linear(x, packed, lib), first) for lib in libs[1:])
 
 
 def test_bfloat16_activations_come_back_in_bfloat16(kernel):
@@ -154,6 +154,39 @@ def test_weights_it_cannot_take_go_to_torch(monkeypatch):
     assert _rel(quantized_linear(x, packed), quantized_linear_reference(x, packed)) < TORCH_TOL
 
 
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_matches_torch_and_rows_stand_alone(with_residual, kernel):
+    """The residual sum exact, the norm within float32 rounding of torch's, every row's
+    bits those of the row alone."""
+    x, w = torch.randn(9, 576), torch.randn(576)
+    residual = torch.randn(9, 576) if with_residual else None
+    out, summed = cpu_native.add_rms_norm(x, residual, w, 1e-5, kernel)
+    expect = x if residual is None else x + residual
+    assert torch.equal(summed, expect)
+    torch.testing.assert_close(out, torch.rms_norm(expect, (576,), w, 1e-5), rtol=1e-5, atol=1e-6)
+    for i in (0, 4, 8):
+        alone = cpu_native.add_rms_norm(x[i:i + 1].clone(), None if residual is None
+                                        else residual[i:i + 1].clone(), w, 1e-5, kernel)
+        assert torch.equal(alone[0][0], out[i]), i
+
+
+def test_add_rms_norm_variants_agree_and_declines_what_it_cannot_take():
+    libs = [cpu_native.load(v) for v in cpu_native.runnable()]
+    x, r, w = torch.randn(5, 576), torch.randn(5, 576), torch.randn(576)
+    first = cpu_native.add_rms_norm(x, r, w, 1e-6, libs[0])[0]
+    assert all(torch.equal(cpu_native.add_rms_norm(x, r, w, 1e-6, lib)[0], first)
+               for lib in libs[1:])
+    small = torch.randn(2, 64) * 1e-3  # mean square 1e-6: eps counts
+    torch.testing.assert_close(cpu_native.add_rms_norm(small, None, w[:64], 1e-5, libs[0])[0],
+                               torch.rms_norm(small, (64,), w[:64], 1e-5), rtol=1e-5, atol=1e-6)
+    assert cpu_native.add_rms_norm(x[:, :40], None, w[:40], 1e-6) is None  # not 16k columns
+    assert cpu_native.add_rms_norm(x.bfloat16(), None, w, 1e-6) is None
+    assert cpu_native.add_rms_norm(x.t().contiguous().t(), None, w, 1e-6) is None
+    assert cpu_native.add_rms_norm(x, r[:2], w, 1e-6) is None
+    with cpu_native.turned_off():
+        assert cpu_native.add_rms_norm(x, r, w, 1e-6) is None
+
+
 def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):
     """A build lands under the hash of source and flags (an edited source gets a new name),
     readable by every user, and each library reports the instruction set it was compiled
@@ -172,8 +205,8 @@ def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):
 
 def test_load_builds_the_best_variant_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LEAPFROG_CACHE_DIR", str(tmp_path))
-    variant, fn = cpu_native._load()
-    assert variant == cpu_native.runnable()[0] and fn is not None
+    variant, lib = cpu_native._load()
+    assert variant == cpu_native.runnable()[0] and lib is not None
     assert [p.name for p in tmp_path.iterdir()] == [cpu_native.library_name(variant)]
 
 

@@ -202,6 +202,12 @@ def add_rms_norm(x: Activations, residual: torch.Tensor | None, weight: torch.Te
         from kernels.triton_fused import add_rms_norm as kernel
 
         return kernel(x, residual, weight, eps)
+    if x.device.type == "cpu":  # float32 rows: the native kernel, where it runs
+        from kernels import cpu_native
+
+        native = cpu_native.add_rms_norm(x, residual, weight, eps)
+        if native is not None:
+            return native
     residual = x if residual is None else x + residual
     return F.rms_norm(residual, (residual.shape[-1],), weight, eps), residual
 
