@@ -6,11 +6,12 @@ Dispatch (here and nowhere else):
 - CPU tensors -> the native kernel `kernels.cpu_native` (AVX-512 VNNI or AVX2: activations
   quantized to int16 per block of 32, integer dot products) for every row count where it is
   built (a row's result then does not depend on the batch, `takes_every_row_count`); else
-  torch's packed CPU kernels (bfloat16 activations, see `_cpu_linear`): int4 through `_weight_int4pack_mm_for_cpu`
-  (its own nibble packing, built once per weight and kept in `PackedWeight.cache`), int8
-  per channel through `_weight_int8pack_mm`, group-wise int8 (GGUF Q8_0) as two int4
-  nibble weights side by side in one int4 matmul (`_cpu_int8`). From `_CPU_DENSE_ROWS`
-  rows on (prefill), and where a torch build lacks these ops, dequantize-then-matmul.
+  torch's packed CPU kernels (bfloat16 activations, see `_cpu_linear`): int4 through
+  `_weight_int4pack_mm_for_cpu` (its own nibble packing, built once per weight and kept in
+  `PackedWeight.cache`), int8 per channel through `_weight_int8pack_mm`, group-wise int8 (GGUF
+  Q8_0) as two int4 nibble weights side by side in one int4 matmul (`_cpu_int8`). From
+  `_CPU_DENSE_ROWS` rows on (prefill), and where a torch build lacks these ops,
+  dequantize-then-matmul.
 - `quantized_linear_reference`: dequantize in float32 and matmul; the ground truth.
 """
 
@@ -46,10 +47,10 @@ def quantized_linear(
     """x [*, K] -> [*, N] through the packed weight, on x's device, in x's dtype."""
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {packed.in_features}")
-    if x.device != packed.device:
+    # (cheap checks first: at one row on the CPU this seam's own cost counts, ~120 calls a token)
+    if x.is_cpu != packed.qweight.is_cpu or not x.is_cpu and x.device != packed.device:
         raise ValueError(f"x is on {x.device} but the weight is on {packed.device}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, packed.in_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, packed.in_features)
     if x.is_cuda:
         from kernels.triton_gemm import triton_quantized_linear
 
@@ -60,7 +61,7 @@ def quantized_linear(
         out = _cpu_linear(x2, packed)
     if bias is not None:
         out = out + bias.to(out.dtype)
-    return out.reshape(*lead, packed.out_features)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], packed.out_features)
 
 
 def takes_every_row_count(packed: PackedWeight) -> bool:

@@ -2,8 +2,9 @@
 reference: exact where int16 activations lose nothing, within 1e-4 relative Frobenius error
 on random data (activations quantized to int16 per block of 32: measured ~2e-5, float32
 rounding of the sums included), rows independent of the batch and of the variant bit for
-bit, and the build, cache and fallback around it. The kernel tests run every variant this CPU has (AVX-512
-VNNI, AVX2); all is skipped where none can run (another CPU, or no C compiler)."""
+bit, the native add + RMSNorm, and the build, cache and fallback around them. The kernel
+tests run every variant this CPU has (AVX-512 VNNI, AVX2); all is skipped where none can run
+(another CPU, or no C compiler)."""
 
 from __future__ import annotations
 
