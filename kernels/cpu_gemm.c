@@ -66,6 +66,7 @@ static inline void store_lanes(float *y, vfloat v, int lanes)
 static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *a, float *d, float *t)
 {
     const int64_t nb = K / BLOCK;
+    #pragma omp parallel for schedule(static) if (M >= 8)  /* rows are independent */
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < nb; b++) {
             const float *xb = x + m * K + b * BLOCK;
@@ -120,6 +121,7 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *a, floa
 {
     const int64_t nb = K / BLOCK;
     const __m256 sign = _mm256_set1_ps(-0.0f);
+    #pragma omp parallel for schedule(static) if (M >= 8)  /* rows are independent */
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < nb; b++) {
             const float *xb = x + m * K + b * BLOCK;
