@@ -299,3 +299,34 @@ void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *wei
         for (int64_t k = 0; k < K; k++) out[m * K + k] = h[k] * inv * weight[k];
     }
 }
+
+static inline void rotate(const float *x, const float *c, const float *s, int64_t half,
+                          float *out)
+{
+    for (int64_t i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        out[i] = x1 * c[i] - x2 * s[i];
+        out[i + half] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+/* Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin [T, dim / 2]),
+ * q into q_out [T, heads, dim], k and v into the caches' flat slots [slots, kv_heads, dim]
+ * at slots[t].  Returns 0, or -1 (writing nothing) when a slot is outside 0..num_slots-1. */
+int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
+                         int64_t dim, const float *cos, const float *sin, const int64_t *slots,
+                         int64_t num_slots, float *k_cache, float *v_cache, float *q_out)
+{
+    const int64_t half = dim / 2, row = (heads + 2 * kv_heads) * dim, kv = kv_heads * dim;
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        const float *x = qkv + t * row, *c = cos + t * half, *s = sin + t * half;
+        for (int64_t h = 0; h < heads; h++)
+            rotate(x + h * dim, c, s, half, q_out + (t * heads + h) * dim);
+        for (int64_t h = 0; h < kv_heads; h++)
+            rotate(x + (heads + h) * dim, c, s, half, k_cache + slots[t] * kv + h * dim);
+        for (int64_t i = 0; i < kv; i++) v_cache[slots[t] * kv + i] = x[(heads + kv_heads) * dim + i];
+    }
+    return 0;
+}

@@ -3,7 +3,8 @@ quantized to int16 per block of 32): built once per machine with the system C co
 library per instruction set (`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
 
 `linear(x, packed)` is the entry point (and `add_rms_norm`, the decoder's residual add and
-RMSNorm, which torch runs as several small ops); `available()` says whether it can run here.
+RMSNorm, and `rope_kv_write`, RoPE and the KV cache write, which torch runs as several small
+ops each); `available()` says whether it can run here.
 The best variant the CPU has is used (``LEAPFROG_NATIVE_KERNELS=avx2`` picks one, ``=0``
 none). Its library is looked for next to this module (where an image build puts every
 variant: ``python -m kernels.cpu_native``), then in the user cache (``$LEAPFROG_CACHE_DIR``,
@@ -50,10 +51,12 @@ class Variant:
 
 @dataclass(frozen=True)
 class Library:
-    """A loaded variant's entry points: `lf_cpu_gemm` and `lf_cpu_add_rms_norm`."""
+    """A loaded variant's entry points: `lf_cpu_gemm`, `lf_cpu_add_rms_norm` and
+    `lf_cpu_rope_kv_write`."""
 
     gemm: Callable[..., int]
     add_rms_norm: Callable[..., None]
+    rope_kv_write: Callable[..., int]
 
 
 SOURCE = Path(__file__).with_name("cpu_gemm.c")
@@ -141,8 +144,11 @@ def load(variant: Variant) -> Library | None:
     norm = lib.lf_cpu_add_rms_norm
     norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p]
     norm.restype = None
+    rope = lib.lf_cpu_rope_kv_write
+    rope.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, p]
+    rope.restype = ctypes.c_int
     logger.info("native CPU kernels: %s", path)
-    return Library(gemm, norm)
+    return Library(gemm, norm, rope)
 
 
 def runnable() -> list[Variant]:
@@ -292,6 +298,36 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                      weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr(),
                      summed.data_ptr())
     return out, summed
+
+
+def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                  heads: int, kv_heads: int, lib: Library | None = None) -> torch.Tensor | None:
+    """Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin: [T, 1,
+    dim / 2], `layers.RotaryEmbedding.inputs`), k and v stored at the caches' flat slots;
+    returns the rotated q [T, heads, dim]. Float32 tensors in CPU memory, contiguous; None
+    where the native kernels do not take them (the caller then rotates and stores with
+    torch's ops). One call instead of ~15 small ops a layer."""
+    if lib is None:
+        if _off or not available():
+            return None
+        lib = _lib
+    t, width, dim = qkv.shape
+    if not (width == heads + 2 * kv_heads and dim % 2 == 0 and _float_rows(qkv, dim)
+            and cos.shape == sin.shape == (t, 1, dim // 2) and _float_rows(cos, dim // 2)
+            and _float_rows(sin, dim // 2) and k_cache.shape[-2:] == (kv_heads, dim)
+            and v_cache.shape == k_cache.shape and _float_rows(k_cache, dim)
+            and _float_rows(v_cache, dim) and slot_mapping.is_cpu
+            and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (t,)
+            and slot_mapping.is_contiguous()):
+        return None
+    q = torch.empty(t, heads, dim)
+    slots = k_cache.numel() // (kv_heads * dim)
+    if lib.rope_kv_write(qkv.data_ptr(), t, heads, kv_heads, dim, cos.data_ptr(),
+                         sin.data_ptr(), slot_mapping.data_ptr(), slots, k_cache.data_ptr(),
+                         v_cache.data_ptr(), q.data_ptr()) != 0:
+        raise IndexError(f"a KV slot outside 0..{slots - 1}")
+    return q
 
 
 if __name__ == "__main__":  # image builds: every variant's library next to this module

@@ -2,9 +2,9 @@
 reference: exact where int16 activations lose nothing, within 1e-4 relative Frobenius error
 on random data (activations quantized to int16 per block of 32: measured ~2e-5, float32
 rounding of the sums included), rows independent of the batch and of the variant bit for
-bit, the native add + RMSNorm, and the build, cache and fallback around them. The kernel
-tests run every variant this CPU has (AVX-512 VNNI, AVX2); all is skipped where none can run
-(another CPU, or no C compiler)."""
+bit; the native add + RMSNorm and RoPE + KV write; and the build, cache and fallback around
+them. The kernel tests run every variant this CPU has (AVX-512 VNNI, AVX2); all is skipped
+where none can run (another CPU, or no C compiler)."""
 
 from __future__ import annotations
 
@@ -186,6 +186,57 @@ def test_add_rms_norm_variants_agree_and_declines_what_it_cannot_take():
     assert cpu_native.add_rms_norm(x, r[:2], w, 1e-6) is None
     with cpu_native.turned_off():
         assert cpu_native.add_rms_norm(x, r, w, 1e-6) is None
+
+
+def _rope_case(t: int = 5, heads: int = 9, kv_heads: int = 3, dim: int = 64):
+    qkv = torch.randn(t, heads + 2 * kv_heads, dim)
+    cos, sin = torch.randn(t, 1, dim // 2), torch.randn(t, 1, dim // 2)
+    caches = torch.randn(4, 16, kv_heads, dim), torch.randn(4, 16, kv_heads, dim)
+    return qkv, cos, sin, caches, torch.tensor([3, 17, 40, 2, 63][:t])
+
+
+def test_rope_kv_write_matches_torch_and_rows_stand_alone(kernel):
+    """q and k rotated as `apply_rope` does (within float32 rounding: the kernel may fuse a
+    multiply-add), k and v at their slots and nowhere else, a token's bits the same alone."""
+    from kernels.attention import write_kv
+    from server.models.layers import apply_rope
+
+    qkv, cos, sin, (kc, vc), slots = _rope_case()
+    k_ref, v_ref = kc.clone(), vc.clone()
+    qk = apply_rope(qkv[:, :12], cos, sin)
+    write_kv(qk[:, 9:], qkv[:, 12:], k_ref, v_ref, slots)
+    k_out, v_out = kc.clone(), vc.clone()
+    q = cpu_native.rope_kv_write(qkv, cos, sin, k_out, v_out, slots, 9, 3, kernel)
+    torch.testing.assert_close(q, qk[:, :9], rtol=0, atol=2e-6)
+    torch.testing.assert_close(k_out, k_ref, rtol=0, atol=2e-6)
+    assert torch.equal(v_out, v_ref)
+    for i in (0, 3):
+        k1, v1 = kc.clone(), vc.clone()
+        q1 = cpu_native.rope_kv_write(qkv[i:i + 1].clone(), cos[i:i + 1].clone(),
+                                      sin[i:i + 1].clone(), k1, v1, slots[i:i + 1].clone(), 9,
+                                      3, kernel)
+        assert torch.equal(q1[0], q[i])
+        assert torch.equal(k1.view(-1, 3, 64)[slots[i]], k_out.view(-1, 3, 64)[slots[i]])
+
+
+def test_rope_kv_write_variants_agree_and_refuses_bad_slots_and_declines():
+    libs = [cpu_native.load(v) for v in cpu_native.runnable()]
+    qkv, cos, sin, (kc, vc), slots = _rope_case()
+    outs = []
+    for lib in libs:
+        k, v = kc.clone(), vc.clone()
+        outs.append((cpu_native.rope_kv_write(qkv, cos, sin, k, v, slots, 9, 3, lib), k))
+    assert all(torch.equal(q, outs[0][0]) and torch.equal(k, outs[0][1]) for q, k in outs)
+    k, v = kc.clone(), vc.clone()
+    with pytest.raises(IndexError, match="slot"):
+        cpu_native.rope_kv_write(qkv, cos, sin, k, v, torch.tensor([0, 1, 2, 3, 64]), 9, 3)
+    assert torch.equal(k, kc) and torch.equal(v, vc)  # nothing written
+    assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots, 8, 3) is None  # heads
+    assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots.int(), 9, 3) is None
+    assert cpu_native.rope_kv_write(qkv, cos, sin, kc.bfloat16(), vc.bfloat16(), slots, 9,
+                                    3) is None
+    with cpu_native.turned_off():
+        assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots, 9, 3) is None
 
 
 def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_native
 from kernels.gemm import takes_every_row_count
 from server.models.batch import BatchMeta, attention
 from server.models.config import ModelConfig
@@ -75,8 +76,16 @@ class DecoderLayer(torch.nn.Module):
             q, k, v = qkv.view(t, -1, self.head_dim)[:, : self.heads], None, None
         else:
             qkv = qkv.view(t, -1, self.head_dim)
-            qk = apply_rope(qkv[:, : self.heads + self.kv_heads], rope.cos, rope.sin)
-            q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, self.heads + self.kv_heads :]
+            # float32 on the CPU: one native call rotates q, k and writes k, v into the cache
+            q = None if qkv.is_cuda else cpu_native.rope_kv_write(
+                qkv, rope.cos, rope.sin, kv[0], kv[1], meta.slot_mapping, self.heads,
+                self.kv_heads)
+            if q is not None:
+                k, v = None, None
+            else:
+                qk = apply_rope(qkv[:, : self.heads + self.kv_heads], rope.cos, rope.sin)
+                q, k, v = (qk[:, : self.heads], qk[:, self.heads :],
+                           qkv[:, self.heads + self.kv_heads :])
         o = attention(q, k, v, kv[0], kv[1], meta, self.scale)
         gate_up, residual = self.gate_up_proj.after_norm(
             self.o_proj.project(o.reshape(t, -1), fused), residual, self.post_norm, self.eps,
