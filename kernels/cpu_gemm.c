@@ -326,7 +326,8 @@ int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_
             rotate(x + h * dim, c, s, half, q_out + (t * heads + h) * dim);
         for (int64_t h = 0; h < kv_heads; h++)
             rotate(x + (heads + h) * dim, c, s, half, k_cache + slots[t] * kv + h * dim);
-        for (int64_t i = 0; i < kv; i++) v_cache[slots[t] * kv + i] = x[(heads + kv_heads) * dim + i];
+        const float *v = x + (heads + kv_heads) * dim;
+        for (int64_t i = 0; i < kv; i++) v_cache[slots[t] * kv + i] = v[i];
     }
     return 0;
 }
