@@ -14,10 +14,10 @@ Two sources of packed weights:
 
 Policy (`pack_model`): ``none`` packs nothing; a GGUF file is served packed (its Q4/Q8
 tensors as stored; other tensors follow the scheme or stay dense) when a scheme is given, on
-CUDA when its projections would take more than `PACK_ON_CUDA_ABOVE` bytes dense, and on a CPU
-where the native kernel runs (`kernels.cpu_native`: near-exact, every row independent of the
-batch, and 2.6x dense float32 at batch-1 decode of the default model); dense checkpoints are
-packed only when a scheme is given.
+CUDA when its projections would take more than `PACK_ON_CUDA_ABOVE` bytes dense, and on a
+CPU where the native kernel runs (`kernels.cpu_native`: near-exact, every row independent of
+the batch, and 2.1-2.6x dense float32 at batch-1 decode of the default model); dense
+checkpoints are packed only when a scheme is given.
 Embeddings and norms stay dense; an untied LM head follows the same rules as the other
 linears. A tied LM head stays the dense embedding, except in a GGUF file served packed whose
 embedding is stored Q4_0/Q4_1/Q8_0: then the head multiplies by the packed tensor (the
