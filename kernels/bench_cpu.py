@@ -53,10 +53,10 @@ def _time(call: Callable[[PackedWeight], object], weights: list[PackedWeight],
 
 
 def _times(x: torch.Tensor, weights: list[PackedWeight], dense: list[torch.Tensor],
-           variants: list[tuple[str, Callable[..., int]]], repeats: int) -> dict[str, float]:
+           variants: list[tuple[str, cpu_native.Library]], repeats: int) -> dict[str, float]:
     """Microseconds a product of x by each weight: each native variant, torch's, dense."""
-    out = {name: _time(lambda p, fn=fn: cpu_native.linear(x, p, fn), weights, repeats)
-           for name, fn in variants}
+    out = {name: _time(lambda p, lib=lib: cpu_native.linear(x, p, lib), weights, repeats)
+           for name, lib in variants}
     with cpu_native.turned_off():
         out["torch"] = _time(lambda p: quantized_linear(x, p), weights, repeats)
     by_id = {id(p): d for p, d in zip(weights, dense, strict=True)}

@@ -271,6 +271,11 @@ def linear(x: torch.Tensor, packed: PackedWeight, lib: Library | None = None) ->
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
+def _in_use() -> Library | None:
+    """The library the model's ops run on: None where none loads, or inside `turned_off`."""
+    return None if _off or not available() else _lib
+
+
 def _float_rows(t: torch.Tensor, k: int) -> bool:
     return t.is_cpu and t.dtype == torch.float32 and t.shape[-1] == k and t.is_contiguous()
 
@@ -283,10 +288,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     the others and of the variant; None where the native kernels do not take them (then
     the caller uses torch's ops). ~7 us a call at the default model's 576 features, most
     of it the call itself, where torch's add and rms_norm take ~13."""
+    lib = lib or _in_use()
     if lib is None:
-        if _off or not available():
-            return None
-        lib = _lib
+        return None
     k = x.shape[-1]
     if not (x.dim() == 2 and k % 16 == 0 and _float_rows(x, k) and weight.dim() == 1
             and _float_rows(weight, k)
@@ -308,10 +312,9 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     returns the rotated q [T, heads, dim]. Float32 tensors in CPU memory, contiguous; None
     where the native kernels do not take them (the caller then rotates and stores with
     torch's ops). One call instead of ~15 small ops a layer."""
+    lib = lib or _in_use()
     if lib is None:
-        if _off or not available():
-            return None
-        lib = _lib
+        return None
     t, width, dim = qkv.shape
     if not (width == heads + 2 * kv_heads and dim % 2 == 0 and _float_rows(qkv, dim)
             and cos.shape == sin.shape == (t, 1, dim // 2) and _float_rows(cos, dim // 2)

@@ -69,7 +69,7 @@ def takes_every_row_count(packed: PackedWeight) -> bool:
     rows, each row's result independent of the others (the native CPU kernel), so that a
     dense copy of the weight is never needed for speed and results do not depend on the
     batch."""
-    return packed.layout == "rows" and cpu_native.supports(packed)
+    return cpu_native.supports(packed)  # (the rows layout only)
 
 
 def _has_cpu_ops() -> bool:

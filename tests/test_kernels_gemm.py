@@ -2,7 +2,7 @@
 
 Thresholds (relative Frobenius error against the float32 reference on the same packed
 weight): float32 CPU path 1e-2 (torch's kernels round activations to bfloat16, the native
-kernel quantizes them to int8 per block of 32), float16 kernel 3e-3,
+kernel quantizes them to int16 per block of 32), float16 kernel 3e-3,
 bfloat16 kernel 1.5e-2 (the dequantized weight is rounded to bfloat16 before the dot).
 """
 

@@ -202,7 +202,7 @@ def add_rms_norm(x: Activations, residual: torch.Tensor | None, weight: torch.Te
         from kernels.triton_fused import add_rms_norm as kernel
 
         return kernel(x, residual, weight, eps)
-    if x.device.type == "cpu":  # float32 rows: the native kernel, where it runs
+    if x.is_cpu:  # float32 rows: the native kernel, where it runs
         from kernels import cpu_native
 
         native = cpu_native.add_rms_norm(x, residual, weight, eps)
