@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import cpu_native
 from tests.tiny_models import save_tiny_model
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -23,6 +24,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
         return cache[arch]
 
     return make
+
+
+@pytest.fixture(params=[v.name for v in cpu_native.VARIANTS])
+def native_lib(request):
+    """Each variant of the native CPU kernels (`kernels.cpu_native`) this CPU runs, loaded;
+    a variant it cannot run is skipped."""
+    variant = next(v for v in cpu_native.VARIANTS if v.name == request.param)
+    if not variant.cpu_flags <= cpu_native.cpu_flags():
+        pytest.skip(f"this CPU cannot run the {variant.name} variant")
+    lib = cpu_native.load(variant)
+    if lib is None:
+        pytest.skip(f"the {variant.name} variant cannot be built or loaded here")
+    return lib
 
 
 @pytest.fixture(scope="session")

@@ -14,29 +14,11 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in th
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.attention import paged_attention_reference, write_kv  # noqa: E402
+from kernels.attention import paged_attention_reference  # noqa: E402
+from tests.paged import random_paged_batch as _batch  # noqa: E402
 
 triton_attention = pytest.importorskip("kernels.triton_attention")
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def _batch(seq_lens, q_lens, heads, kv_heads, dim, block_size, dtype):
-    """Random paged cache with shuffled physical blocks; returns the kernel's arguments."""
-    max_blocks = max(-(-s // block_size) for s in seq_lens)
-    num_blocks = len(seq_lens) * max_blocks + 3
-    perm = torch.randperm(num_blocks)
-    tables = perm[: len(seq_lens) * max_blocks].reshape(len(seq_lens), max_blocks).int()
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(dtype)
-    # overwrite the context through write_kv so the slot layout is the engine's
-    for i, s in enumerate(seq_lens):
-        pos = torch.arange(s)
-        slots = tables[i, pos // block_size].long() * block_size + pos % block_size
-        write_kv(torch.randn(s, kv_heads, dim), torch.randn(s, kv_heads, dim), k_cache, v_cache,
-                 slots)
-    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
-    q = torch.randn(int(qsl[-1]), heads, dim).to(dtype)
-    return q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), qsl
 
 
 CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks

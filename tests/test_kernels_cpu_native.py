@@ -21,16 +21,6 @@ pytestmark = pytest.mark.skipif(not cpu_native.available(),
                                 reason="the native CPU kernel cannot run here")
 
 
-@pytest.fixture(params=[v.name for v in cpu_native.VARIANTS])
-def kernel(request):
-    variant = next(v for v in cpu_native.VARIANTS if v.name == request.param)
-    if not variant.cpu_flags <= cpu_native.cpu_flags():
-        pytest.skip(f"this CPU cannot run the {variant.name} variant")
-    lib = cpu_native.load(variant)
-    assert lib is not None
-    return lib
-
-
 # K: one block, 3, 18, 34. N: one feature, a part of a panel of 16 (AVX2: of its first half
 # of 8), a panel and a part, two panels and the first half of a third.
 SHAPES = [(1, 32), (5, 576), (18, 1088), (40, 96)]
@@ -56,7 +46,7 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("scheme,group", WEIGHTS)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_exact_when_activation_blocks_quantize_exactly(scheme, group, n, k, kernel):
+def test_exact_when_activation_blocks_quantize_exactly(scheme, group, n, k, native_lib):
     """Activations k * 2^-10 (k integer) whose every block of 32 holds +-32767 * 2^-10
     quantize to int16 with scale 2^-10 and lose nothing; with power-of-two weight scales and
     offsets (and small int8 codes) every product and partial sum is exact in float32, so the
@@ -72,32 +62,32 @@ def test_exact_when_activation_blocks_quantize_exactly(scheme, group, n, k, kern
     x = torch.randint(-127, 128, (7, k)).float()
     x[:, ::32] = 32767.0 * torch.sign(torch.randn(7, k // 32))
     x = x * 2.0 ** -10
-    out = cpu_native.linear(x, packed, kernel)
+    out = cpu_native.linear(x, packed, native_lib)
     assert torch.equal(out, quantized_linear_reference(x, packed))
 
 
 @pytest.mark.parametrize("scheme,group", WEIGHTS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", [1, 3, 8, 13])  # tiles of 8 rows (AVX2: 4) and what is left
-def test_random_inputs_match_reference(scheme, group, n, k, m, kernel):
+def test_random_inputs_match_reference(scheme, group, n, k, m, native_lib):
     packed = _weight(scheme, group, n, k)
     x = torch.randn(m, k)
-    out = cpu_native.linear(x, packed, kernel)
+    out = cpu_native.linear(x, packed, native_lib)
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert _rel(out, quantized_linear_reference(x, packed)) < 1e-4
 
 
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", 32)])
-def test_a_row_does_not_depend_on_the_batch(scheme, group, kernel):
+def test_a_row_does_not_depend_on_the_batch(scheme, group, native_lib):
     """Each row of a 21-row product (tiles of 8 or 4 rows, then what is left) equals the row
     alone, bit for bit: a request's tokens do not change with what is batched beside it."""
     packed = _weight(scheme, group, 37, 576)
     x = torch.randn(21, 576)
-    out = cpu_native.linear(x, packed, kernel)
+    out = cpu_native.linear(x, packed, native_lib)
     for i in range(21):
-        assert torch.equal(cpu_native.linear(x[i:i + 1], packed, kernel)[0], out[i]), i
+        assert torch.equal(cpu_native.linear(x[i:i + 1], packed, native_lib)[0], out[i]), i
     for a, b in ((2, 7), (3, 21), (0, 12)):
-        assert torch.equal(cpu_native.linear(x[a:b], packed, kernel), out[a:b])
+        assert torch.equal(cpu_native.linear(x[a:b], packed, native_lib), out[a:b])
 
 
 @pytest.mark.parametrize("scheme,group", WEIGHTS)
@@ -113,10 +103,10 @@ def test_the_variants_agree_bit_for_bit(scheme, group):
     assert all(torch.equal(cpu_native.linear(x, packed, lib), first) for lib in libs[1:])
 
 
-def test_bfloat16_activations_come_back_in_bfloat16(kernel):
+def test_bfloat16_activations_come_back_in_bfloat16(native_lib):
     packed = _weight("int4", 32, 8, 128)
     x = torch.randn(2, 128).to(torch.bfloat16)
-    out = cpu_native.linear(x, packed, kernel)
+    out = cpu_native.linear(x, packed, native_lib)
     assert out.dtype == torch.bfloat16
     assert _rel(out.float(), quantized_linear_reference(x.float(), packed)) < 1.5e-2
 
@@ -156,18 +146,18 @@ def test_weights_it_cannot_take_go_to_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_add_rms_norm_matches_torch_and_rows_stand_alone(with_residual, kernel):
+def test_add_rms_norm_matches_torch_and_rows_stand_alone(with_residual, native_lib):
     """The residual sum exact, the norm within float32 rounding of torch's, every row's
     bits those of the row alone."""
     x, w = torch.randn(9, 576), torch.randn(576)
     residual = torch.randn(9, 576) if with_residual else None
-    out, summed = cpu_native.add_rms_norm(x, residual, w, 1e-5, kernel)
+    out, summed = cpu_native.add_rms_norm(x, residual, w, 1e-5, native_lib)
     expect = x if residual is None else x + residual
     assert torch.equal(summed, expect)
     torch.testing.assert_close(out, torch.rms_norm(expect, (576,), w, 1e-5), rtol=1e-5, atol=1e-6)
     for i in (0, 4, 8):
         alone = cpu_native.add_rms_norm(x[i:i + 1].clone(), None if residual is None
-                                        else residual[i:i + 1].clone(), w, 1e-5, kernel)
+                                        else residual[i:i + 1].clone(), w, 1e-5, native_lib)
         assert torch.equal(alone[0][0], out[i]), i
 
 
@@ -195,7 +185,7 @@ def _rope_case(t: int = 5, heads: int = 9, kv_heads: int = 3, dim: int = 64):
     return qkv, cos, sin, caches, torch.tensor([3, 17, 40, 2, 63][:t])
 
 
-def test_rope_kv_write_matches_torch_and_rows_stand_alone(kernel):
+def test_rope_kv_write_matches_torch_and_rows_stand_alone(native_lib):
     """q and k rotated as `apply_rope` does (within float32 rounding: the kernel may fuse a
     multiply-add), k and v at their slots and nowhere else, a token's bits the same alone."""
     from kernels.attention import write_kv
@@ -206,7 +196,7 @@ def test_rope_kv_write_matches_torch_and_rows_stand_alone(kernel):
     qk = apply_rope(qkv[:, :12], cos, sin)
     write_kv(qk[:, 9:], qkv[:, 12:], k_ref, v_ref, slots)
     k_out, v_out = kc.clone(), vc.clone()
-    q = cpu_native.rope_kv_write(qkv, cos, sin, k_out, v_out, slots, 9, 3, kernel)
+    q = cpu_native.rope_kv_write(qkv, cos, sin, k_out, v_out, slots, 9, 3, native_lib)
     torch.testing.assert_close(q, qk[:, :9], rtol=0, atol=2e-6)
     torch.testing.assert_close(k_out, k_ref, rtol=0, atol=2e-6)
     assert torch.equal(v_out, v_ref)
@@ -214,7 +204,7 @@ def test_rope_kv_write_matches_torch_and_rows_stand_alone(kernel):
         k1, v1 = kc.clone(), vc.clone()
         q1 = cpu_native.rope_kv_write(qkv[i:i + 1].clone(), cos[i:i + 1].clone(),
                                       sin[i:i + 1].clone(), k1, v1, slots[i:i + 1].clone(), 9,
-                                      3, kernel)
+                                      3, native_lib)
         assert torch.equal(q1[0], q[i])
         assert torch.equal(k1.view(-1, 3, 64)[slots[i]], k_out.view(-1, 3, 64)[slots[i]])
 
