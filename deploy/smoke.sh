@@ -209,7 +209,7 @@ with open(path, "rb") as f:
 print(f"{path} ({os.path.getsize(path) / 1e6:.0f} MB)")') || die "the default model is not in the image"
     native=$(drun --rm --entrypoint python "$IMAGE" -c 'from kernels import cpu_native
 for v in cpu_native.VARIANTS:
-    lib = cpu_native.SOURCE.with_name(cpu_native.library_name(v))
+    lib = cpu_native.SOURCES[0].with_name(cpu_native.library_name(v))
     assert lib.is_file(), lib
 in_use = cpu_native.variant_in_use()
 assert in_use or not cpu_native.runnable(), "this CPU can run it, but it does not load"

@@ -30,7 +30,6 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
-#include <math.h>  /* sqrtf, inlined: -fno-math-errno */
 #include <stdlib.h>
 
 #define BLOCK 32
@@ -272,62 +271,5 @@ int lf_cpu_gemm(int int4, const float *x, int64_t M, int64_t K, const void *w,
     }
     free(a);
     free(d);
-    return 0;
-}
-
-/* out = rms_norm(x + residual) * weight and res_out = x + residual, row by row (residual
- * NULL: x alone, and res_out is not written).  The sum of squares is kept in 16 partial
- * sums over columns k mod 16, added pairwise at the end, so that both builds and every
- * batch give a row the same bits.  K must be a multiple of 16. */
-void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *weight, float eps,
-                         int64_t M, int64_t K, float *out, float *res_out)
-{
-    for (int64_t m = 0; m < M; m++) {
-        const float *xr = x + m * K;
-        const float *h = residual ? res_out + m * K : xr;
-        float part[16] = {0};
-        for (int64_t k0 = 0; k0 < K; k0 += 16) {
-            for (int l = 0; l < 16; l++) {
-                const float v = residual ? xr[k0 + l] + residual[m * K + k0 + l] : xr[k0 + l];
-                if (residual) res_out[m * K + k0 + l] = v;
-                part[l] += v * v;
-            }
-        }
-        for (int w = 8; w > 0; w /= 2)
-            for (int l = 0; l < w; l++) part[l] += part[l + w];
-        const float inv = 1.0f / sqrtf(part[0] / (float)K + eps);
-        for (int64_t k = 0; k < K; k++) out[m * K + k] = h[k] * inv * weight[k];
-    }
-}
-
-static inline void rotate(const float *x, const float *c, const float *s, int64_t half,
-                          float *out)
-{
-    for (int64_t i = 0; i < half; i++) {
-        const float x1 = x[i], x2 = x[i + half];
-        out[i] = x1 * c[i] - x2 * s[i];
-        out[i + half] = x2 * c[i] + x1 * s[i];
-    }
-}
-
-/* Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin [T, dim / 2]),
- * q into q_out [T, heads, dim], k and v into the caches' flat slots [slots, kv_heads, dim]
- * at slots[t].  Returns 0, or -1 (writing nothing) when a slot is outside 0..num_slots-1. */
-int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
-                         int64_t dim, const float *cos, const float *sin, const int64_t *slots,
-                         int64_t num_slots, float *k_cache, float *v_cache, float *q_out)
-{
-    const int64_t half = dim / 2, row = (heads + 2 * kv_heads) * dim, kv = kv_heads * dim;
-    for (int64_t t = 0; t < T; t++)
-        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
-    for (int64_t t = 0; t < T; t++) {
-        const float *x = qkv + t * row, *c = cos + t * half, *s = sin + t * half;
-        for (int64_t h = 0; h < heads; h++)
-            rotate(x + h * dim, c, s, half, q_out + (t * heads + h) * dim);
-        for (int64_t h = 0; h < kv_heads; h++)
-            rotate(x + (heads + h) * dim, c, s, half, k_cache + slots[t] * kv + h * dim);
-        const float *v = x + (heads + kv_heads) * dim;
-        for (int64_t i = 0; i < kv; i++) v_cache[slots[t] * kv + i] = v[i];
-    }
     return 0;
 }

@@ -1,15 +1,17 @@
-"""The native CPU kernel `cpu_gemm.c` (packed int4/int8 weights x float32 activations
-quantized to int16 per block of 32): built once per machine with the system C compiler, one
-library per instruction set (`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
+"""The native CPU kernels: `cpu_gemm.c` (packed int4/int8 weights x float32 activations
+quantized to int16 per block of 32) and `cpu_ops.c` (a decoder layer's float32 steps around
+it), built once per machine with the system C compiler into one library per instruction set
+(`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
 
 `linear(x, packed)` is the entry point (and `add_rms_norm`, the decoder's residual add and
 RMSNorm, and `rope_kv_write`, RoPE and the KV cache write, which torch runs as several small
-ops each); `available()` says whether it can run here.
+ops each, and `paged_attention`, attention of short queries straight from the paged cache);
+`available()` says whether it can run here.
 The best variant the CPU has is used (``LEAPFROG_NATIVE_KERNELS=avx2`` picks one, ``=0``
 none). Its library is looked for next to this module (where an image build puts every
 variant: ``python -m kernels.cpu_native``), then in the user cache (``$LEAPFROG_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/leapfrog``, else ``~/.cache/leapfrog``), and compiled into the cache
-when neither has it. Its file name carries a hash of the source and flags, so an edited
+when neither has it. Its file name carries a hash of the sources and flags, so an edited
 source is never served by a stale build. Without a compiler or on a CPU lacking the
 instructions `available()` is False and `kernels.gemm` keeps torch's packed kernels.
 """
@@ -51,15 +53,16 @@ class Variant:
 
 @dataclass(frozen=True)
 class Library:
-    """A loaded variant's entry points: `lf_cpu_gemm`, `lf_cpu_add_rms_norm` and
-    `lf_cpu_rope_kv_write`."""
+    """A loaded variant's entry points: `lf_cpu_gemm`, `lf_cpu_add_rms_norm`,
+    `lf_cpu_rope_kv_write` and `lf_cpu_paged_attention`."""
 
     gemm: Callable[..., int]
     add_rms_norm: Callable[..., None]
     rope_kv_write: Callable[..., int]
+    attention: Callable[..., int]
 
 
-SOURCE = Path(__file__).with_name("cpu_gemm.c")
+SOURCES = (Path(__file__).with_name("cpu_gemm.c"), Path(__file__).with_name("cpu_ops.c"))
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 VARIANTS = (  # best first
     Variant("avx512vnni", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
@@ -79,8 +82,8 @@ _off = False
 
 def library_name(variant: Variant) -> str:
     flags = " ".join(FLAGS + variant.flags).encode()
-    digest = hashlib.sha256(SOURCE.read_bytes() + flags).hexdigest()[:16]
-    return f"cpu_gemm-{variant.name}-{digest}.so"
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + flags).hexdigest()[:16]
+    return f"cpu_kernels-{variant.name}-{digest}.so"
 
 
 def cache_dir() -> Path:
@@ -112,8 +115,8 @@ def build(out_dir: Path, variant: Variant) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, *variant.flags, "-o", tmp, str(SOURCE)], check=True,
-                       capture_output=True, text=True, timeout=300)
+        subprocess.run([compiler, *FLAGS, *variant.flags, "-o", tmp, *map(str, SOURCES)],
+                       check=True, capture_output=True, text=True, timeout=300)
         os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide an image's build from its user
         os.replace(tmp, target)
     except subprocess.CalledProcessError as e:
@@ -128,7 +131,8 @@ def load(variant: Variant) -> Library | None:
     """The variant's entry points, built into the cache if no library is found; None (with
     a warning) when it cannot be built or loaded."""
     name = library_name(variant)
-    found = next((p for p in (SOURCE.with_name(name), cache_dir() / name) if p.is_file()), None)
+    found = next((p for p in (SOURCES[0].with_name(name), cache_dir() / name) if p.is_file()),
+                 None)
     try:
         path = found or build(cache_dir(), variant)
         lib = ctypes.CDLL(str(path))  # after torch: its libgomp.so.1 is the one linked
@@ -147,8 +151,11 @@ def load(variant: Variant) -> Library | None:
     rope = lib.lf_cpu_rope_kv_write
     rope.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, p]
     rope.restype = ctypes.c_int
+    attention = lib.lf_cpu_paged_attention
+    attention.argtypes = [p, p, i64, i64, i64, p, p, i64, i64, ctypes.c_float, p]
+    attention.restype = ctypes.c_int
     logger.info("native CPU kernels: %s", path)
-    return Library(gemm, norm, rope)
+    return Library(gemm, norm, rope, attention)
 
 
 def runnable() -> list[Variant]:
@@ -185,7 +192,7 @@ def variant_in_use() -> str | None:
 
 @contextmanager
 def turned_off() -> Iterator[None]:
-    """Within it `supports` is False and `add_rms_norm` declines, so `kernels.gemm` and the
+    """Within it `supports` is False and the other ops decline, so `kernels.gemm` and the
     model take torch's kernels (side-by-side benchmarks, tests of the torch path)."""
     global _off
     before, _off = _off, True
@@ -333,6 +340,64 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return q
 
 
+class AttentionStep(ctypes.Structure):
+    """One step's sequences for `paged_attention`, shared by every layer (cpu_ops.c's
+    struct lf_attention_step; `attention_step` builds it and keeps its tensors alive)."""
+
+    _fields_ = [("tables", ctypes.c_void_p), ("max_blocks", ctypes.c_int64),
+                ("seq_lens", ctypes.c_void_p), ("query_start", ctypes.c_void_p),
+                ("seqs", ctypes.c_void_p), ("num_listed", ctypes.c_int64),
+                ("window", ctypes.c_int64), ("sinks", ctypes.c_int64)]
+
+
+def attention_step(block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   query_start_loc: torch.Tensor, seqs: list[int], sliding_window: int | None,
+                   num_sink_tokens: int) -> AttentionStep | None:
+    """The step's sequences `seqs` (indices into the int32 tables, lengths and offsets of
+    `kernels.attention`'s layout, in CPU memory) for `paged_attention`; None where the
+    native kernels do not run."""
+    if _in_use() is None:
+        return None
+    tensors = tuple(t.to("cpu", torch.int32).contiguous() for t in (
+        block_tables, seq_lens, query_start_loc, torch.tensor(seqs, dtype=torch.int32)))
+    if tensors[0].dim() != 2 or not all(0 <= i < tensors[1].numel() for i in seqs):
+        raise ValueError("attention_step: a block table row per sequence, and listed "
+                         "sequences among them")
+    tables, lens, starts, listed = tensors
+    step = AttentionStep(tables.data_ptr(), tables.shape[1], lens.data_ptr(), starts.data_ptr(),
+                         listed.data_ptr(), len(seqs), sliding_window or 0, num_sink_tokens)
+    step.tensors = tensors
+    return step
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    step: AttentionStep, scale: float, out: torch.Tensor,
+                    lib: Library | None = None) -> bool:
+    """Attention of `step`'s sequences' queries into their rows of `out` ([T, heads, dim],
+    as q), from one layer's paged caches; a row's bits depend only on its own query and
+    keys. False, with nothing written, where the native kernels do not take these tensors
+    (float32 in CPU memory, contiguous, dim a multiple of 16): the caller then uses
+    torch's. Its cost grows with each query's keys, so it suits decode and verification
+    steps: a prefill of hundreds of tokens runs faster through torch's blocked attention."""
+    lib = lib or _in_use()
+    if lib is None:
+        return False
+    t, heads, dim = q.shape
+    if not (dim % 16 == 0 and _float_rows(q, dim) and _float_rows(out, dim)
+            and out.shape == q.shape and k_cache.dim() == 4 and k_cache.shape[-1] == dim
+            and heads % k_cache.shape[2] == 0 and v_cache.shape == k_cache.shape
+            and _float_rows(k_cache, dim) and _float_rows(v_cache, dim)):
+        return False
+    rc = lib.attention(ctypes.addressof(step), q.data_ptr(), heads, k_cache.shape[2], dim,
+                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
+                       k_cache.shape[1], scale, out.data_ptr())
+    if rc == -1:
+        raise IndexError("a block table names a block outside the KV cache")
+    if rc != 0:
+        raise MemoryError("the native attention could not allocate its scratch memory")
+    return True
+
+
 if __name__ == "__main__":  # image builds: every variant's library next to this module
     for v in VARIANTS:
-        print(build(SOURCE.parent, v))
+        print(build(SOURCES[0].parent, v))

@@ -230,7 +230,7 @@ def test_rope_kv_write_variants_agree_and_refuses_bad_slots_and_declines():
 
 
 def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):
-    """A build lands under the hash of source and flags (an edited source gets a new name),
+    """A build lands under the hash of sources and flags (an edited source gets a new name),
     readable by every user, and each library reports the instruction set it was compiled
     for."""
     for variant in cpu_native.VARIANTS:
@@ -266,7 +266,7 @@ def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog)
     monkeypatch.setenv("CC", "false")
     bogus = tmp_path / "cpu_gemm.c"
     bogus.write_text("this is not C")
-    monkeypatch.setattr(cpu_native, "SOURCE", bogus)
+    monkeypatch.setattr(cpu_native, "SOURCES", (bogus,))
     with caplog.at_level("WARNING", logger="kernels.cpu_native"):
         assert cpu_native._load() is None
     assert "unavailable" in caplog.text

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kernels import cpu_native
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 
@@ -39,14 +42,18 @@ def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n:
             torch.testing.assert_close(ours_vals, ref_top.values, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
-def test_tiny_models_match_transformers(arch: str, tiny_model_dir) -> None:
+def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir) -> None:
+    """With the native CPU kernels (norms, RoPE, decode attention) where they run, and
+    with torch's ops alone."""
     path = tiny_model_dir(arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 30)]
-    check_against_hf(llm, hf, prompts, 32)
+    with contextlib.nullcontext() if native else cpu_native.turned_off():
+        check_against_hf(llm, hf, prompts, 32)
     llm.engine.blocks.check_integrity()
     assert llm.engine.blocks.num_free_blocks == 64
 

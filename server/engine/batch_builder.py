@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from kernels import cpu_native
 from server.engine.block_manager import SinkWindow, window_kwargs
 from server.engine.contracts import SchedulerOutput
-from server.models.batch import BatchMeta, PaddedGroup
+from server.models.batch import BatchMeta, CpuGroup, PaddedGroup
 
-# Sequences with at most this many query tokens share one padded attention batch on CPU;
-# longer ones (prefill chunks) get a group each so padding never multiplies their cost.
+# Sequences with at most this many query tokens share one padded attention batch on CPU
+# (or go to the native kernel, `kernels.cpu_native.paged_attention`); longer ones (prefill
+# chunks) get a group each so padding never multiplies their cost.
 SHORT_QUERY = 16
 
 
@@ -92,19 +95,23 @@ def _meta(block_tables: list[list[int]], window: SinkWindow | None, positions: l
 
 
 def _groups(lens: torch.Tensor, start_loc: torch.Tensor, tables: torch.Tensor, block_size: int,
-            window: SinkWindow | None) -> list[PaddedGroup]:
+            window: SinkWindow | None) -> list[CpuGroup]:
     q_lens = start_loc[1:] - start_loc[:-1]
     short = (q_lens <= SHORT_QUERY).nonzero().squeeze(1).tolist()
     long = (q_lens > SHORT_QUERY).nonzero().squeeze(1).tolist()
     members = ([short] if short else []) + [[i] for i in long]
     everything = len(members) == 1
-    return [_group(idx, lens, start_loc, q_lens, tables, block_size, everything, window)
+    return [CpuGroup(partial(_padded, idx, lens, start_loc, q_lens, tables, block_size, everything,
+                             window),
+                     cpu_native.attention_step(tables, lens, start_loc, idx,
+                                               **window_kwargs(window))
+                     if idx is short else None)
             for idx in members]
 
 
-def _group(idx: list[int], lens: torch.Tensor, start_loc: torch.Tensor, q_lens: torch.Tensor,
-           tables: torch.Tensor, block_size: int, everything: bool,
-           window: SinkWindow | None) -> PaddedGroup:
+def _padded(idx: list[int], lens: torch.Tensor, start_loc: torch.Tensor, q_lens: torch.Tensor,
+            tables: torch.Tensor, block_size: int, everything: bool,
+            window: SinkWindow | None) -> PaddedGroup:
     sel = torch.tensor(idx)
     ql, sl, st = q_lens[sel].long(), lens[sel].long(), start_loc[:-1][sel].long()
     max_q = int(ql.max())

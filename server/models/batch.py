@@ -5,16 +5,19 @@ Built once per step by the model runner and shared by every layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from kernels import cpu_native
 from kernels.attention import paged_attention_padded, paged_attention_reference, write_kv
 
 
 @dataclass
 class PaddedGroup:
-    """Sequences whose attention runs as one padded batch (the CPU path)."""
+    """Sequences whose attention runs as one padded batch through torch (the CPU path)."""
 
     token_index: torch.Tensor | None
     """[T_g] rows of the flat batch this group's queries come from; None = all rows, in order."""
@@ -32,6 +35,23 @@ class PaddedGroup:
 
 
 @dataclass
+class CpuGroup:
+    """Sequences whose attention the CPU path runs together: through the native kernel
+    where it takes them, else as a `PaddedGroup`, built on first use (most steps never
+    need it)."""
+
+    build_padded: Callable[[], PaddedGroup]
+    native: cpu_native.AttentionStep | None = None
+    """Where the group's queries are short (decode and verification steps) and the native
+    CPU kernels run: its sequences for `kernels.cpu_native.paged_attention`, which reads
+    their keys and values straight from the paged cache."""
+
+    @cached_property
+    def padded(self) -> PaddedGroup:
+        return self.build_padded()
+
+
+@dataclass
 class BatchMeta:
     """Everything attention needs besides q/k/v."""
 
@@ -43,7 +63,7 @@ class BatchMeta:
     """[num_seqs] int32: context length including this step's tokens."""
     query_start_loc: torch.Tensor
     """[num_seqs + 1] int32."""
-    groups: list[PaddedGroup] | None = None
+    groups: list[CpuGroup] | None = None
     """CPU path groups; None selects the kernel path (`kernels.attention` on CUDA)."""
     sliding_window: int | None = None
     """The layers reading this cache attend to sinks + a window (`kernels.attention`)."""
@@ -75,14 +95,15 @@ def attention(
         return paged_attention_reference(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
             *window)
-    if len(meta.groups) == 1 and meta.groups[0].token_index is None:
-        g = meta.groups[0]
-        out = paged_attention_padded(q, k_cache, v_cache, g.block_tables, g.q_index, g.mask, scale,
-                                     g.first_block)
-        return out.reshape(-1, *q.shape[1:])[g.out_index]
     out = torch.empty_like(q)
     for g in meta.groups:
-        res = paged_attention_padded(q, k_cache, v_cache, g.block_tables, g.q_index, g.mask, scale,
-                                     g.first_block)
-        out[g.token_index] = res.reshape(-1, *q.shape[1:])[g.out_index]
+        if g.native is not None and cpu_native.paged_attention(q, k_cache, v_cache, g.native,
+                                                               scale, out):
+            continue
+        p = g.padded
+        res = paged_attention_padded(q, k_cache, v_cache, p.block_tables, p.q_index, p.mask, scale,
+                                     p.first_block).reshape(-1, *q.shape[1:])[p.out_index]
+        if p.token_index is None:  # the only group: every row, in order
+            return res
+        out[p.token_index] = res
     return out

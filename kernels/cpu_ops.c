@@ -1,0 +1,332 @@
+/* The float32 steps of a decoder layer around its products, on x86 CPUs (built with
+ * cpu_gemm.c into one library per instruction set, kernels/cpu_native.py): residual add +
+ * RMSNorm, RoPE + KV cache write, and paged attention for short queries.
+ *
+ * Plain C that the compiler vectorizes.  Every reduction runs over 16 fixed lanes (element
+ * k goes to lane k mod 16), added pairwise at the end, so a row's result takes the same
+ * float operations in the same order whatever else is batched and on either instruction
+ * set (AVX-512 and AVX2 agree bit for bit).
+ */
+#include <math.h>  /* sqrtf, inlined: -fno-math-errno */
+#include <stdint.h>
+#include <stdlib.h>
+
+#define LANES 16
+
+static inline float lanes_sum(float *part)
+{
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) part[l] += part[l + w];
+    return part[0];
+}
+
+/* out = rms_norm(x + residual) * weight and res_out = x + residual, row by row (residual
+ * NULL: x alone, and res_out is not written).  K must be a multiple of 16. */
+void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *weight, float eps,
+                         int64_t M, int64_t K, float *out, float *res_out)
+{
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        const float *h = residual ? res_out + m * K : xr;
+        float part[LANES] = {0};
+        for (int64_t k0 = 0; k0 < K; k0 += LANES) {
+            for (int l = 0; l < LANES; l++) {
+                const float v = residual ? xr[k0 + l] + residual[m * K + k0 + l] : xr[k0 + l];
+                if (residual) res_out[m * K + k0 + l] = v;
+                part[l] += v * v;
+            }
+        }
+        const float inv = 1.0f / sqrtf(lanes_sum(part) / (float)K + eps);
+        for (int64_t k = 0; k < K; k++) out[m * K + k] = h[k] * inv * weight[k];
+    }
+}
+
+static inline void rotate(const float *x, const float *c, const float *s, int64_t half,
+                          float *out)
+{
+    for (int64_t i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        out[i] = x1 * c[i] - x2 * s[i];
+        out[i + half] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+/* Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin [T, dim / 2]),
+ * q into q_out [T, heads, dim], k and v into the caches' flat slots [slots, kv_heads, dim]
+ * at slots[t].  Returns 0, or -1 (writing nothing) when a slot is outside 0..num_slots-1. */
+int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
+                         int64_t dim, const float *cos, const float *sin, const int64_t *slots,
+                         int64_t num_slots, float *k_cache, float *v_cache, float *q_out)
+{
+    const int64_t half = dim / 2, row = (heads + 2 * kv_heads) * dim, kv = kv_heads * dim;
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        const float *x = qkv + t * row, *c = cos + t * half, *s = sin + t * half;
+        for (int64_t h = 0; h < heads; h++)
+            rotate(x + h * dim, c, s, half, q_out + (t * heads + h) * dim);
+        for (int64_t h = 0; h < kv_heads; h++)
+            rotate(x + (heads + h) * dim, c, s, half, k_cache + slots[t] * kv + h * dim);
+        const float *v = x + (heads + kv_heads) * dim;
+        for (int64_t i = 0; i < kv; i++) v_cache[slots[t] * kv + i] = v[i];
+    }
+    return 0;
+}
+
+/* The visible keys of a query at position s: [0, *sink_end) and [*start, s] (window 0: all). */
+static inline void visible(int64_t s, int64_t window, int64_t sinks, int64_t *sink_end,
+                           int64_t *start)
+{
+    *start = window > 0 && s - window + 1 > 0 ? s - window + 1 : 0;
+    *sink_end = sinks < *start ? sinks : *start;
+}
+
+/* Whether every block the listed queries read is inside the cache. */
+static int tables_valid(const int32_t *tables, int64_t max_blocks, const int32_t *seq_lens,
+                        const int32_t *query_start, const int32_t *seqs, int64_t num_listed,
+                        int64_t block_size, int64_t num_blocks, int64_t window, int64_t sinks)
+{
+    for (int64_t i = 0; i < num_listed; i++) {
+        const int64_t seq = seqs[i], len = seq_lens[seq];
+        const int64_t first_q = len - (query_start[seq + 1] - query_start[seq]);
+        int64_t sink_end, start;
+        visible(first_q, window, sinks, &sink_end, &start);
+        if (len > max_blocks * block_size) return 0;
+        for (int64_t b = 0; b * block_size < len; b++) {
+            const int64_t lo = b * block_size, hi = lo + block_size;
+            if (lo >= sink_end && hi <= start) continue;  /* read by none of its queries */
+            if (tables[seq * max_blocks + b] < 0 || tables[seq * max_blocks + b] >= num_blocks)
+                return 0;
+        }
+    }
+    return 1;
+}
+
+/* offs[t] = the cache offset (of element 0, kv head 0) of key t, for t in [t0, t1). */
+static void key_offsets(const int32_t *table, int64_t block_size, int64_t row_stride,
+                        int64_t t0, int64_t t1, int64_t *offs)
+{
+    int64_t b = t0 / block_size, o = t0 % block_size;
+    for (int64_t t = t0; t < t1; t++) {
+        offs[t] = (table[b] * block_size + o) * row_stride;
+        if (++o == block_size) o = 0, b++;
+    }
+}
+
+/* 8 floats (or int32s): GCC's vector extension, one AVX register, operations lane-wise. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8_unaligned __attribute__((vector_size(32), aligned(4)));
+#define SHUFFLE __builtin_shufflevector
+#define PAD 16  /* a row's keys and scores are padded to a multiple of this */
+
+static inline v8 load8(const float *p) { return *(const v8_unaligned *)p; }
+static inline void store8(float *p, v8 v) { *(v8_unaligned *)p = v; }
+static inline v8 splat8(float x) { return (v8){0} + x; }
+static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
+
+/* e^x for x <= 0 (below -87: e^-87), to ~2 ulp: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by
+ * a degree-7 polynomial (Cephes' expf coefficients), 2^n put into the exponent bits (n
+ * rounded to nearest with the 1.5 * 2^23 trick). */
+static inline v8 exp8(v8 x)
+{
+    x = select8(x > -87.0f, x, splat8(-87.0f));
+    const v8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const v8 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    v8 p = splat8(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+}
+
+/* q . k in 16 lanes (element d in lane d mod 16), lanes l and l + 8 added. */
+static inline v8 dot_halves(const float *q, const float *k, int64_t dim)
+{
+    v8 lo = load8(q) * load8(k), hi = load8(q + 8) * load8(k + 8);
+    for (int64_t d0 = 16; d0 < dim; d0 += 16) {
+        lo += load8(q + d0) * load8(k + d0);
+        hi += load8(q + d0 + 8) * load8(k + d0 + 8);
+    }
+    return lo + hi;
+}
+
+/* The dot products of q with 8 keys: `dot_halves`, then lanes l and l + 4, l + 2, l + 1
+ * added (as `lanes_sum` adds them) by a transposing tree, after which lanes 0..7 hold keys
+ * 0, 2, 4, 6, 1, 3, 5, 7, put back in order at the end. */
+static inline v8 dot8(const float *q, const float *k_cache, const int64_t *offs, int64_t dim)
+{
+    v8 p[8];
+    for (int i = 0; i < 8; i++) p[i] = dot_halves(q, k_cache + offs[i], dim);
+    for (int i = 0; i < 4; i++)  /* [key 2i lanes 0..3, key 2i + 1 lanes 0..3] */
+        p[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+             + SHUFFLE(p[2 * i], p[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; i++)  /* keys 4i, 4i + 2, 4i + 1, 4i + 3: two lanes each */
+        p[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+             + SHUFFLE(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    const v8 sums = SHUFFLE(p[0], p[1], 0, 2, 8, 10, 4, 6, 12, 14)
+                  + SHUFFLE(p[0], p[1], 1, 3, 9, 11, 5, 7, 13, 15);
+    return SHUFFLE(sums, sums, 0, 4, 1, 5, 2, 6, 3, 7);
+}
+
+/* One query row over its n visible keys at cache offsets offs[0 .. n) (readable up to the
+ * next multiple of PAD: any keys' there); scores: scratch of n rounded up to PAD.  Key i's
+ * exponential goes to lane i mod 16 of the softmax's sum; out[d] sums over keys in order. */
+static inline __attribute__((always_inline)) void attend_row(
+    const float *q, const float *k_cache, const float *v_cache, const int64_t *offs, int64_t n,
+    int64_t dim, float scale, float *scores, float *out)
+{
+    const int64_t padded = (n + PAD - 1) / PAD * PAD;
+    for (int64_t i = 0; i < padded; i += 8)
+        store8(scores + i, dot8(q, k_cache, offs + i, dim) * scale);
+    for (int64_t i = n; i < padded; i++) scores[i] = -INFINITY;
+    v8 top8 = load8(scores);
+    for (int64_t i = 8; i < padded; i += 8) {
+        const v8 s = load8(scores + i);
+        top8 = select8(s > top8, s, top8);
+    }
+    float top = top8[0];
+    for (int l = 1; l < 8; l++) top = top8[l] > top ? top8[l] : top;
+    v8 lo = {0}, hi = {0};
+    for (int64_t i = 0; i < padded; i += 16) {
+        const v8 e_lo = select8(load8(scores + i) > -INFINITY, exp8(load8(scores + i) - top),
+                                splat8(0.0f));
+        const v8 e_hi = select8(load8(scores + i + 8) > -INFINITY,
+                                exp8(load8(scores + i + 8) - top), splat8(0.0f));
+        store8(scores + i, e_lo);
+        store8(scores + i + 8, e_hi);
+        lo += e_lo;
+        hi += e_hi;
+    }
+    float part[LANES];
+    store8(part, lo);
+    store8(part + 8, hi);
+    const float inv = 1.0f / lanes_sum(part);
+    int64_t d0 = 0;
+    for (; d0 + 64 <= dim; d0 += 64) {  /* 64 columns a pass over the values */
+        v8 acc[8] = {0};
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = v_cache + offs[j] + d0;
+            for (int c = 0; c < 8; c++) acc[c] += scores[j] * load8(v + 8 * c);
+        }
+        for (int c = 0; c < 8; c++) store8(out + d0 + 8 * c, acc[c] * inv);
+    }
+    for (; d0 < dim; d0 += 16) {
+        v8 a = {0}, b = {0};
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = v_cache + offs[j] + d0;
+            a += scores[j] * load8(v);
+            b += scores[j] * load8(v + 8);
+        }
+        store8(out + d0, a * inv);
+        store8(out + d0 + 8, b * inv);
+    }
+}
+
+/* `attend_row`, compiled apart for the common head sizes (q then stays in registers). */
+static void attend(const float *q, const float *k_cache, const float *v_cache,
+                   const int64_t *offs, int64_t n, int64_t dim, float scale, float *scores,
+                   float *out)
+{
+    if (dim == 64)
+        attend_row(q, k_cache, v_cache, offs, n, 64, scale, scores, out);
+    else if (dim == 128)
+        attend_row(q, k_cache, v_cache, offs, n, 128, scale, scores, out);
+    else
+        attend_row(q, k_cache, v_cache, offs, n, dim, scale, scores, out);
+}
+
+/* One step's sequences for lf_cpu_paged_attention, shared by every layer (built once a
+ * step: kernels/cpu_native.py's AttentionStep): block tables [num_seqs, max_blocks], each
+ * sequence's context length and first query row (query_start [num_seqs + 1]), the
+ * sequences to attend for, and the mask (window 0: none). */
+struct lf_attention_step {
+    const int32_t *tables;
+    int64_t max_blocks;
+    const int32_t *seq_lens, *query_start, *seqs;
+    int64_t num_listed, window, sinks;
+};
+
+/* Paged attention of the step's listed sequences' queries (kernels/attention.py's layout
+ * and masks), each (sequence, head) a task: q, out [T, heads, dim], caches [num_blocks,
+ * block_size, kv_heads, dim]; dim a multiple of 16.  Returns 0; -1 (writing nothing) when a
+ * table names a block outside the cache; -2 when scratch memory cannot be had. */
+int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
+                           int64_t kv_heads, int64_t dim, const float *k_cache,
+                           const float *v_cache, int64_t num_blocks, int64_t block_size,
+                           float scale, float *out)
+{
+    const int32_t *tables = step->tables, *seq_lens = step->seq_lens;
+    const int32_t *query_start = step->query_start, *seqs = step->seqs;
+    const int64_t max_blocks = step->max_blocks, num_listed = step->num_listed;
+    const int64_t window = step->window, sinks = step->sinks;
+    if (!tables_valid(tables, max_blocks, seq_lens, query_start, seqs, num_listed, block_size,
+                      num_blocks, window, sinks))
+        return -1;
+    /* every listed sequence's key offsets by position, then PAD more (padding lanes'; any
+     * key's: their results are dropped) */
+    int64_t *base = malloc(sizeof(int64_t) * (size_t)(num_listed + 1));
+    if (!base) return -2;
+    int64_t longest = 0, work = 0;
+    base[0] = 0;
+    for (int64_t i = 0; i < num_listed; i++) {
+        const int64_t len = seq_lens[seqs[i]];
+        longest = len > longest ? len : longest;
+        work += len * (query_start[seqs[i] + 1] - query_start[seqs[i]]);
+        base[i + 1] = base[i] + len + PAD;
+    }
+    int64_t *offs = malloc(sizeof(int64_t) * (size_t)base[num_listed]);
+    const int64_t group = heads / kv_heads, tasks = num_listed * heads;
+    const int64_t stride = kv_heads * dim, row_bytes = (longest + PAD) * (int64_t)sizeof(float);
+    int failed = !offs;
+    /* threads pay from ~200 keys a query at 9 heads of 64 (2 cores: 17 us against 19) */
+    #pragma omp parallel if (!failed && work * heads * dim >= 131072)
+    {
+        /* a row's scores, and its keys' offsets where a window splits them */
+        float *scores = failed ? NULL : malloc((size_t)row_bytes * 3 + sizeof(int64_t));
+        int64_t *split = scores ? (int64_t *)(scores + ((longest + PAD + 1) & ~(int64_t)1)) : NULL;
+        if (!scores) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < num_listed; i++) {
+            if (failed) continue;
+            const int64_t seq = seqs[i], len = seq_lens[seq];
+            int64_t sink_end, start, *o = offs + base[i];
+            visible(len - (query_start[seq + 1] - query_start[seq]), window, sinks, &sink_end,
+                    &start);
+            key_offsets(tables + seq * max_blocks, block_size, stride, 0, sink_end, o);
+            key_offsets(tables + seq * max_blocks, block_size, stride, start, len, o);
+            for (int64_t t = len; t < len + PAD; t++) o[t] = o[start];
+        }
+        #pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (failed) continue;
+            const int64_t seq = seqs[task / heads], h = task % heads, kv = (h / group) * dim;
+            const int64_t len = seq_lens[seq], q0 = query_start[seq];
+            const int64_t q_len = query_start[seq + 1] - q0;
+            const int64_t *o = offs + base[task / heads];
+            for (int64_t j = 0; j < q_len; j++) {
+                const int64_t s = len - q_len + j, row = ((q0 + j) * heads + h) * dim;
+                int64_t sink_end, start;
+                visible(s, window, sinks, &sink_end, &start);
+                const int64_t *keys = o + start, n = sink_end + s + 1 - start;
+                if (sink_end > 0) {  /* sinks, then the window: copied into one list */
+                    for (int64_t t = 0; t < sink_end; t++) split[t] = o[t];
+                    for (int64_t t = start; t < len + PAD; t++) split[sink_end + t - start] = o[t];
+                    keys = split;
+                }
+                attend(q + row, k_cache + kv, v_cache + kv, keys, n, dim, scale, scores,
+                       out + row);
+            }
+        }
+        free(scores);
+    }
+    free(offs);
+    free(base);
+    return failed ? -2 : 0;
+}

@@ -1,0 +1,140 @@
+"""The native CPU paged attention (kernels/cpu_ops.c through
+`kernels.cpu_native.paged_attention`) against `paged_attention_reference`: within 3e-6
+relative Frobenius error in float32 (measured 2e-7 to 8e-7: the kernel's exponential is a
+polynomial good to ~2 ulp); a row's bits independent of the batch, of the number of queries
+beside it (verification against decode) and of the variant; keys outside a window never
+read; a bad block table refused with nothing written. Outputs are poisoned with NaN
+beforehand so any unwritten element fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_native
+from kernels.attention import paged_attention_reference
+from tests.paged import random_paged_batch
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(),
+                                reason="the native CPU kernels cannot run here")
+TOL = 3e-6
+
+CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
+    ([37, 5, 130], [1, 1, 1], 4, 4, 32, 16, None, 0),  # decode, MHA, tails of 5 and 2 keys
+    ([37, 70, 130, 16], [5, 1, 4, 16], 9, 3, 64, 16, None, 0),  # verification, GQA 3
+    ([1, 8, 9, 17, 33], [1, 8, 2, 16, 3], 2, 1, 128, 4, None, 0),  # dim 128; key counts
+    ([100, 200, 41], [3, 5, 1], 8, 2, 48, 8, 48, 4),  # window + sinks; dim 48 (generic)
+    ([90, 33], [16, 12], 4, 1, 16, 32, 16, 0),  # window only, every query its own
+    ([300], [9], 6, 2, 64, 16, 1000, 4),  # a window longer than the context
+]
+
+
+def _native(q, k_cache, v_cache, tables, lens, qsl, scale, window, sinks, seqs=None, lib=None):
+    out = torch.full_like(q, float("nan"))
+    step = cpu_native.attention_step(tables, lens, qsl, list(range(len(lens))) if seqs is None
+                                     else seqs, window, sinks)
+    assert cpu_native.paged_attention(q, k_cache, v_cache, step, scale, out, lib)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case, native_lib):
+    seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks = case
+    batch = random_paged_batch(seq_lens, q_lens, heads, kv_heads, dim, block_size, torch.float32)
+    scale = dim ** -0.5 * 4  # scores spread over tens: the exponential's range is exercised
+    out = _native(*batch, scale, window, sinks, lib=native_lib)
+    ref = paged_attention_reference(*batch, scale, window, sinks)
+    assert not torch.isnan(out).any()
+    err = float((out - ref).norm() / ref.norm())
+    assert err < TOL, err
+
+
+def test_listed_sequences_only(native_lib):
+    """Rows of sequences not listed stay as they were (the caller fills them by torch)."""
+    q, k, v, tables, lens, qsl = random_paged_batch([20, 40, 60], [2, 3, 1], 4, 2, 32, 16,
+                                                    torch.float32)
+    out = _native(q, k, v, tables, lens, qsl, 0.2, None, 0, seqs=[2, 0], lib=native_lib)
+    assert torch.isnan(out[2:5]).all() and not torch.isnan(out[:2]).any()
+    assert not torch.isnan(out[5:]).any()
+
+
+def test_a_row_depends_on_nothing_beside_it(native_lib):
+    """Bit for bit: a sequence alone as in a batch, and each of a verification step's
+    queries as the decode step at its position (the keys after it unseen) gives it, so that
+    speculation and batching leave greedy outputs exactly as they were."""
+    q, k, v, tables, lens, qsl = random_paged_batch([50, 77, 23], [5, 1, 3], 9, 3, 64, 16,
+                                                    torch.float32)
+    out = _native(q, k, v, tables, lens, qsl, 0.125, 48, 4, lib=native_lib)
+    for i in range(3):
+        a, b = int(qsl[i]), int(qsl[i + 1])
+        for j in range(a, b):  # query j as the only query of a context ending at it
+            length = int(lens[i]) - (b - 1 - j)
+            alone = _native(q[j:j + 1].clone(), k, v, tables[i:i + 1].clone(),
+                            torch.tensor([length], dtype=torch.int32),
+                            torch.tensor([0, 1], dtype=torch.int32), 0.125, 48, 4,
+                            lib=native_lib)
+            assert torch.equal(alone[0], out[j]), (i, j)
+
+
+def test_the_variants_agree_bit_for_bit():
+    libs = [cpu_native.load(v) for v in cpu_native.runnable()]
+    if len(libs) < 2:
+        pytest.skip("one variant runs here")
+    batch = random_paged_batch([37, 70, 130], [5, 1, 9], 9, 3, 64, 16, torch.float32)
+    first = _native(*batch, 0.125, 64, 4, lib=libs[0])
+    assert all(torch.equal(_native(*batch, 0.125, 64, 4, lib=lib), first) for lib in libs[1:])
+
+
+def test_keys_outside_the_window_are_never_read(native_lib):
+    """NaN in every key and value no query sees, and in the table entries of blocks none
+    reads (a hybrid pool's holes): the result is still the clean cache's."""
+    window, sinks, block = 16, 4, 4
+    q, k, v, tables, lens, qsl = random_paged_batch([70], [3], 4, 2, 32, block, torch.float32)
+    ref = paged_attention_reference(q, k, v, tables, lens, qsl, 0.2, window, sinks)
+    first_seen = 70 - 3 - window + 1
+    for t in range(sinks, first_seen):
+        slot = int(tables[0, t // block]) * block + t % block
+        k.view(-1, 2, 32)[slot] = float("nan")
+        v.view(-1, 2, 32)[slot] = float("nan")
+    tables[0, 2:first_seen // block] = -7
+    out = _native(q, k, v, tables, lens, qsl, 0.2, window, sinks, lib=native_lib)
+    assert float((out - ref).norm() / ref.norm()) < TOL
+
+
+def test_a_bad_block_table_raises_and_writes_nothing(native_lib):
+    q, k, v, tables, lens, qsl = random_paged_batch([40, 20], [1, 1], 4, 2, 32, 16,
+                                                    torch.float32)
+    tables[1, 0] = k.shape[0]
+    step = cpu_native.attention_step(tables, lens, qsl, [0, 1], None, 0)
+    out = torch.full_like(q, float("nan"))
+    with pytest.raises(IndexError, match="outside the KV cache"):
+        cpu_native.paged_attention(q, k, v, step, 0.2, out, native_lib)
+    assert torch.isnan(out).all()
+    with pytest.raises(ValueError, match="listed sequences among them"):
+        cpu_native.attention_step(tables, lens, qsl, [2], None, 0)
+
+
+def test_declines_what_it_cannot_take():
+    q, k, v, tables, lens, qsl = random_paged_batch([40], [2], 4, 2, 32, 16, torch.float32)
+    step = cpu_native.attention_step(tables.long(), lens, qsl, [0], None, 0)  # made int32
+
+    def takes(q=q, k=k, v=v) -> bool:
+        out = torch.empty(q.shape, dtype=q.dtype)
+        return cpu_native.paged_attention(q, k, v, step, 0.2, out)
+
+    assert takes()
+    assert not takes(q=q.bfloat16())
+    assert not takes(k=k.bfloat16(), v=v.bfloat16())
+    assert not takes(q=q[..., :24].contiguous(), k=k[..., :24].contiguous(),
+                     v=v[..., :24].contiguous())  # dim not a multiple of 16
+    assert not takes(q=q.transpose(0, 1).contiguous().transpose(0, 1))
+    assert not takes(k=k[:, :, :1].contiguous(), v=v[:, :, :1].contiguous().repeat(1, 1, 2, 1))
+    with cpu_native.turned_off():
+        assert not takes()
+        assert cpu_native.attention_step(tables, lens, qsl, [0], None, 0) is None
+
