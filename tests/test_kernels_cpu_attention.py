@@ -138,3 +138,33 @@ def test_declines_what_it_cannot_take():
         assert not takes()
         assert cpu_native.attention_step(tables, lens, qsl, [0], None, 0) is None
 
+
+def test_the_engine_path_and_its_benchmark(tmp_path):
+    """A decode step's metadata offers its short sequences to the kernel, and the engine's
+    attention call gives the padded torch path's result; `leapfrog bench attention` times
+    both sides (the torch side really without the kernel) and puts the kernel back."""
+    import json
+
+    from server.benchmarks import attention as bench
+    from server.cli import main
+    from server.engine.batch_builder import batch_meta
+    from server.models.batch import attention
+
+    k, v = torch.randn(8, 16, 3, 64), torch.randn(8, 16, 3, 64)
+    q = torch.randn(3, 9, 64)
+    meta = batch_meta([[[0, 1], [2, 3, 4], [5]]], [20, 40, 7], [21, 41, 8], [0, 1, 2, 3], 16,
+                      torch.device("cpu"), True)
+    assert meta.groups[0].native is not None
+    with bench._torch_attention():
+        torch_meta = batch_meta([[[0, 1], [2, 3, 4], [5]]], [20, 40, 7], [21, 41, 8],
+                                [0, 1, 2, 3], 16, torch.device("cpu"), True)
+    assert torch_meta.groups[0].native is None
+    native, padded = (attention(q, None, None, k, v, m, 0.125) for m in (meta, torch_meta))
+    assert float((native - padded).norm() / padded.norm()) < TOL
+    out = tmp_path / "attention.json"
+    assert main(["bench", "attention", "--batch-sizes", "2", "--contexts", "40", "--queries",
+                 "1,3", "--repeats", "1", "--no-decode", "--result-json", str(out)]) == 0
+    calls = json.loads(out.read_text())["calls"]
+    assert [(c["batch"], c["context"], c["queries"]) for c in calls] == [(2, 40, 1), (2, 40, 3)]
+    assert all(c["native_us"] > 0 and c["torch_us"] > 0 for c in calls)
+    assert cpu_native.attention_step(*meta.groups[0].native.tensors[:3], [0], None, 0) is not None
