@@ -2,10 +2,11 @@
  * cpu_gemm.c into one library per instruction set, kernels/cpu_native.py): residual add +
  * RMSNorm, RoPE + KV cache write, and paged attention for short queries.
  *
- * Plain C that the compiler vectorizes.  Every reduction runs over 16 fixed lanes (element
- * k goes to lane k mod 16), added pairwise at the end, so a row's result takes the same
- * float operations in the same order whatever else is batched and on either instruction
- * set (AVX-512 and AVX2 agree bit for bit).
+ * Plain C that the compiler vectorizes (GCC's vector extension where it would not).  Every
+ * sum has a fixed order: over a row's elements in 16 lanes (element k in lane k mod 16)
+ * added pairwise at the end, over keys one key after another; so a row's result takes the
+ * same float operations in the same order whatever else is batched and on either
+ * instruction set (AVX-512 and AVX2 agree bit for bit).
  */
 #include <math.h>  /* sqrtf, inlined: -fno-math-errno */
 #include <stdint.h>
@@ -125,12 +126,13 @@ static inline void store8(float *p, v8 v) { *(v8_unaligned *)p = v; }
 static inline v8 splat8(float x) { return (v8){0} + x; }
 static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
 
-/* e^x for x <= 0 (below -87: e^-87), to ~2 ulp: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by
- * a degree-7 polynomial (Cephes' expf coefficients), 2^n put into the exponent bits (n
- * rounded to nearest with the 1.5 * 2^23 trick). */
+/* e^x for x in [-87, 88] (outside it, the end's), to ~2 ulp: x = n ln 2 + r with |r| <=
+ * ln 2 / 2, e^r by a degree-7 polynomial (Cephes' expf coefficients), 2^n put into the
+ * exponent bits (n rounded to nearest with the 1.5 * 2^23 trick). */
 static inline v8 exp8(v8 x)
 {
     x = select8(x > -87.0f, x, splat8(-87.0f));
+    x = select8(x < 88.0f, x, splat8(88.0f));
     const v8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const v8 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
     v8 p = splat8(1.9875691500e-4f);
@@ -141,6 +143,18 @@ static inline v8 exp8(v8 x)
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     return p * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+}
+
+/* out[m, i] = silu(x[m, i]) * x[m, I + i] = x / (1 + e^-x) * up, for x [M, 2 I] (gate,
+ * then up), I a multiple of 8: the SwiGLU between the MLP's two products. */
+void lf_cpu_silu_mul(const float *x, int64_t M, int64_t I, float *out)
+{
+    #pragma omp parallel for schedule(static) if (M * I >= 65536)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i += 8) {
+            const v8 gate = load8(x + 2 * I * m + i), up = load8(x + 2 * I * m + I + i);
+            store8(out + I * m + i, gate / (1.0f + exp8(-gate)) * up);
+        }
 }
 
 /* q . k in 16 lanes (element d in lane d mod 16), lanes l and l + 8 added. */

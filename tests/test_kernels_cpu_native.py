@@ -2,8 +2,8 @@
 reference: exact where int16 activations lose nothing, within 1e-4 relative Frobenius error
 on random data (activations quantized to int16 per block of 32: measured ~2e-5, float32
 rounding of the sums included), rows independent of the batch and of the variant bit for
-bit; the native add + RMSNorm and RoPE + KV write; and the build, cache and fallback around
-them. The kernel tests run every variant this CPU has (AVX-512 VNNI, AVX2); all is skipped
+bit; the native add + RMSNorm, RoPE + KV write and SwiGLU; and the build, cache and
+fallback around them. The kernel tests run every variant this CPU has (AVX-512 VNNI, AVX2); all is skipped
 where none can run (another CPU, or no C compiler)."""
 
 from __future__ import annotations
@@ -227,6 +227,32 @@ def test_rope_kv_write_variants_agree_and_refuses_bad_slots_and_declines():
                                     3) is None
     with cpu_native.turned_off():
         assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots, 9, 3) is None
+
+
+def test_silu_mul_matches_torch_and_rows_stand_alone(native_lib):
+    """Within float32 rounding of torch's SiLU (the kernel's exponential is good to ~2 ulp),
+    down to gates of +-100 (e^100 beyond float32's range: clamped, the product still ~0),
+    each row the same bits alone as in the batch."""
+    x = torch.randn(7, 2 * 1536) * 4
+    x[0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])
+    out = cpu_native.silu_mul(x, native_lib)
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=2e-6, atol=1e-6)
+    for i in range(7):
+        assert torch.equal(cpu_native.silu_mul(x[i:i + 1].clone(), native_lib)[0], out[i]), i
+
+
+def test_silu_mul_variants_agree_and_declines_what_it_cannot_take():
+    libs = [cpu_native.load(v) for v in cpu_native.runnable()]
+    x = torch.randn(3, 2 * 576) * 4
+    first = cpu_native.silu_mul(x, libs[0])
+    assert all(torch.equal(cpu_native.silu_mul(x, lib), first) for lib in libs[1:])
+    assert cpu_native.silu_mul(x[:, :24].contiguous()) is None  # halves not 8k columns
+    assert cpu_native.silu_mul(x.bfloat16()) is None
+    assert cpu_native.silu_mul(x.t().contiguous().t()) is None
+    assert cpu_native.silu_mul(x[0]) is None
+    with cpu_native.turned_off():
+        assert cpu_native.silu_mul(x) is None
 
 
 def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):

@@ -219,5 +219,11 @@ def silu_mul(gate_up: Activations, fused: bool) -> torch.Tensor:
         from kernels.triton_fused import silu_mul as kernel
 
         return kernel(gate_up)
+    if gate_up.is_cpu:  # float32 rows: the native kernel, where it runs
+        from kernels import cpu_native
+
+        native = cpu_native.silu_mul(gate_up)
+        if native is not None:
+            return native
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
