@@ -5,8 +5,7 @@ it), built once per machine with the system C compiler into one library per inst
 
 `linear(x, packed)` is the entry point (and `add_rms_norm`, the decoder's residual add and
 RMSNorm, `rope_kv_write`, RoPE and the KV cache write, and `silu_mul`, the SwiGLU, which
-torch runs as several small ops each, and `paged_attention`, attention of short queries
-straight from the paged cache);
+torch runs as several small ops each; `kernels.cpu_attention` holds the attention);
 `available()` says whether it can run here.
 The best variant the CPU has is used (``LEAPFROG_NATIVE_KERNELS=avx2`` picks one, ``=0``
 none). Its library is looked for next to this module (where an image build puts every
@@ -283,12 +282,12 @@ def linear(x: torch.Tensor, packed: PackedWeight, lib: Library | None = None) ->
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-def _in_use() -> Library | None:
+def library_in_use() -> Library | None:
     """The library the model's ops run on: None where none loads, or inside `turned_off`."""
     return None if _off or not available() else _lib
 
 
-def _float_rows(t: torch.Tensor, k: int) -> bool:
+def float_rows(t: torch.Tensor, k: int) -> bool:
     return t.is_cpu and t.dtype == torch.float32 and t.shape[-1] == k and t.is_contiguous()
 
 
@@ -300,13 +299,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     the others and of the variant; None where the native kernels do not take them (then
     the caller uses torch's ops). ~7 us a call at the default model's 576 features, most
     of it the call itself, where torch's add and rms_norm take ~13."""
-    lib = lib or _in_use()
+    lib = lib or library_in_use()
     if lib is None:
         return None
     k = x.shape[-1]
-    if not (x.dim() == 2 and k % 16 == 0 and _float_rows(x, k) and weight.dim() == 1
-            and _float_rows(weight, k)
-            and (residual is None or residual.shape == x.shape and _float_rows(residual, k))):
+    if not (x.dim() == 2 and k % 16 == 0 and float_rows(x, k) and weight.dim() == 1
+            and float_rows(weight, k)
+            and (residual is None or residual.shape == x.shape and float_rows(residual, k))):
         return None
     out = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
@@ -324,15 +323,15 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     returns the rotated q [T, heads, dim]. Float32 tensors in CPU memory, contiguous; None
     where the native kernels do not take them (the caller then rotates and stores with
     torch's ops). One call instead of ~15 small ops a layer."""
-    lib = lib or _in_use()
+    lib = lib or library_in_use()
     if lib is None:
         return None
     t, width, dim = qkv.shape
-    if not (width == heads + 2 * kv_heads and dim % 2 == 0 and _float_rows(qkv, dim)
-            and cos.shape == sin.shape == (t, 1, dim // 2) and _float_rows(cos, dim // 2)
-            and _float_rows(sin, dim // 2) and k_cache.shape[-2:] == (kv_heads, dim)
-            and v_cache.shape == k_cache.shape and _float_rows(k_cache, dim)
-            and _float_rows(v_cache, dim) and slot_mapping.is_cpu
+    if not (width == heads + 2 * kv_heads and dim % 2 == 0 and float_rows(qkv, dim)
+            and cos.shape == sin.shape == (t, 1, dim // 2) and float_rows(cos, dim // 2)
+            and float_rows(sin, dim // 2) and k_cache.shape[-2:] == (kv_heads, dim)
+            and v_cache.shape == k_cache.shape and float_rows(k_cache, dim)
+            and float_rows(v_cache, dim) and slot_mapping.is_cpu
             and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (t,)
             and slot_mapping.is_contiguous()):
         return None
@@ -350,73 +349,15 @@ def silu_mul(gate_up: torch.Tensor, lib: Library | None = None) -> torch.Tensor 
     memory, [T, I]; elementwise, its exponential a polynomial good to ~2 ulp. None where the
     native kernels do not take them (the caller then uses torch's ops: a chunk, a SiLU and a
     product, 9.9 us at the default model's batch 1 against 5.2, most of it the call)."""
-    lib = lib or _in_use()
+    lib = lib or library_in_use()
     if lib is None or gate_up.dim() != 2:
         return None
     t, width = gate_up.shape
-    if not (width % 16 == 0 and _float_rows(gate_up, width)):
+    if not (width % 16 == 0 and float_rows(gate_up, width)):
         return None
     out = torch.empty(t, width // 2)
     lib.silu_mul(gate_up.data_ptr(), t, width // 2, out.data_ptr())
     return out
-
-
-class AttentionStep(ctypes.Structure):
-    """One step's sequences for `paged_attention`, shared by every layer (cpu_ops.c's
-    struct lf_attention_step; `attention_step` builds it and keeps its tensors alive)."""
-
-    _fields_ = [("tables", ctypes.c_void_p), ("max_blocks", ctypes.c_int64),
-                ("seq_lens", ctypes.c_void_p), ("query_start", ctypes.c_void_p),
-                ("seqs", ctypes.c_void_p), ("num_listed", ctypes.c_int64),
-                ("window", ctypes.c_int64), ("sinks", ctypes.c_int64)]
-
-
-def attention_step(block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   query_start_loc: torch.Tensor, seqs: list[int], sliding_window: int | None,
-                   num_sink_tokens: int) -> AttentionStep | None:
-    """The step's sequences `seqs` (indices into the int32 tables, lengths and offsets of
-    `kernels.attention`'s layout, in CPU memory) for `paged_attention`; None where the
-    native kernels do not run."""
-    if _in_use() is None:
-        return None
-    tensors = tuple(t.to("cpu", torch.int32).contiguous() for t in (
-        block_tables, seq_lens, query_start_loc, torch.tensor(seqs, dtype=torch.int32)))
-    if tensors[0].dim() != 2 or not all(0 <= i < tensors[1].numel() for i in seqs):
-        raise ValueError("attention_step: a block table row per sequence, and listed "
-                         "sequences among them")
-    tables, lens, starts, listed = tensors
-    step = AttentionStep(tables.data_ptr(), tables.shape[1], lens.data_ptr(), starts.data_ptr(),
-                         listed.data_ptr(), len(seqs), sliding_window or 0, num_sink_tokens)
-    step.tensors = tensors
-    return step
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    step: AttentionStep, scale: float, out: torch.Tensor,
-                    lib: Library | None = None) -> bool:
-    """Attention of `step`'s sequences' queries into their rows of `out` ([T, heads, dim],
-    as q), from one layer's paged caches; a row's bits depend only on its own query and
-    keys. False, with nothing written, where the native kernels do not take these tensors
-    (float32 in CPU memory, contiguous, dim a multiple of 16): the caller then uses
-    torch's. Its cost grows with each query's keys, so it suits decode and verification
-    steps: a prefill of hundreds of tokens runs faster through torch's blocked attention."""
-    lib = lib or _in_use()
-    if lib is None:
-        return False
-    t, heads, dim = q.shape
-    if not (dim % 16 == 0 and _float_rows(q, dim) and _float_rows(out, dim)
-            and out.shape == q.shape and k_cache.dim() == 4 and k_cache.shape[-1] == dim
-            and heads % k_cache.shape[2] == 0 and v_cache.shape == k_cache.shape
-            and _float_rows(k_cache, dim) and _float_rows(v_cache, dim)):
-        return False
-    rc = lib.attention(ctypes.addressof(step), q.data_ptr(), heads, k_cache.shape[2], dim,
-                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
-                       k_cache.shape[1], scale, out.data_ptr())
-    if rc == -1:
-        raise IndexError("a block table names a block outside the KV cache")
-    if rc != 0:
-        raise MemoryError("the native attention could not allocate its scratch memory")
-    return True
 
 
 if __name__ == "__main__":  # image builds: every variant's library next to this module

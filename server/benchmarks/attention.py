@@ -1,5 +1,5 @@
 """`leapfrog bench attention`: the CPU path's attention of decode and verification steps,
-the native kernel (`kernels.cpu_native.paged_attention`) against torch's padded SDPA, which
+the native kernel (`kernels.cpu_attention.paged_attention`) against torch's padded SDPA, which
 the engine takes where the native kernels do not run.
 
 Two parts, the two sides alternating in one process (best of `--repeats`):
@@ -39,14 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @contextmanager
 def _torch_attention() -> Iterator[None]:
     """Within it the step metadata offers no sequences to the native kernel."""
-    from kernels import cpu_native
+    from kernels import cpu_attention
 
-    real = cpu_native.attention_step
-    cpu_native.attention_step = lambda *args, **kwargs: None
+    real = cpu_attention.attention_step
+    cpu_attention.attention_step = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        cpu_native.attention_step = real
+        cpu_attention.attention_step = real
 
 
 def _side_by_side(run: Callable[[bool], float], repeats: int) -> tuple[float, float]:

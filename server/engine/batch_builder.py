@@ -8,13 +8,13 @@ from functools import partial
 
 import torch
 
-from kernels import cpu_native
+from kernels import cpu_attention
 from server.engine.block_manager import SinkWindow, window_kwargs
 from server.engine.contracts import SchedulerOutput
 from server.models.batch import BatchMeta, CpuGroup, PaddedGroup
 
 # Sequences with at most this many query tokens share one padded attention batch on CPU
-# (or go to the native kernel, `kernels.cpu_native.paged_attention`); longer ones (prefill
+# (or go to the native kernel, `kernels.cpu_attention.paged_attention`); longer ones (prefill
 # chunks) get a group each so padding never multiplies their cost.
 SHORT_QUERY = 16
 
@@ -103,7 +103,7 @@ def _groups(lens: torch.Tensor, start_loc: torch.Tensor, tables: torch.Tensor, b
     everything = len(members) == 1
     return [CpuGroup(partial(_padded, idx, lens, start_loc, q_lens, tables, block_size, everything,
                              window),
-                     cpu_native.attention_step(tables, lens, start_loc, idx,
+                     cpu_attention.attention_step(tables, lens, start_loc, idx,
                                                **window_kwargs(window))
                      if idx is short else None)
             for idx in members]

@@ -11,7 +11,7 @@ from functools import cached_property
 
 import torch
 
-from kernels import cpu_native
+from kernels import cpu_attention
 from kernels.attention import paged_attention_padded, paged_attention_reference, write_kv
 
 
@@ -41,9 +41,9 @@ class CpuGroup:
     need it)."""
 
     build_padded: Callable[[], PaddedGroup]
-    native: cpu_native.AttentionStep | None = None
+    native: cpu_attention.AttentionStep | None = None
     """Where the group's queries are short (decode and verification steps) and the native
-    CPU kernels run: its sequences for `kernels.cpu_native.paged_attention`, which reads
+    CPU kernels run: its sequences for `kernels.cpu_attention.paged_attention`, which reads
     their keys and values straight from the paged cache."""
 
     @cached_property
@@ -97,7 +97,7 @@ def attention(
             *window)
     out = torch.empty_like(q)
     for g in meta.groups:
-        if g.native is not None and cpu_native.paged_attention(q, k_cache, v_cache, g.native,
+        if g.native is not None and cpu_attention.paged_attention(q, k_cache, v_cache, g.native,
                                                                scale, out):
             continue
         p = g.padded
