@@ -186,16 +186,13 @@ static inline v8 dot8(const float *q, const float *k_cache, const int64_t *offs,
     return SHUFFLE(sums, sums, 0, 4, 1, 5, 2, 6, 3, 7);
 }
 
-/* One query row over its n visible keys at cache offsets offs[0 .. n) (readable up to the
- * next multiple of PAD: any keys' there); scores: scratch of n rounded up to PAD.  Key i's
- * exponential goes to lane i mod 16 of the softmax's sum; out[d] sums over keys in order. */
-static inline __attribute__((always_inline)) void attend_row(
-    const float *q, const float *k_cache, const float *v_cache, const int64_t *offs, int64_t n,
-    int64_t dim, float scale, float *scores, float *out)
+#define MAX_ROWS 16  /* queries of a sequence attended together */
+#define CHUNK 64  /* keys a row takes before the next row (their values stay in cache) */
+
+/* Softmax over a row's n scores (padded to `padded` with -inf) in place: the exponentials,
+ * key i's in lane i mod 16 of their sum; returns 1 / the sum. */
+static inline float softmax_row(float *scores, int64_t n, int64_t padded)
 {
-    const int64_t padded = (n + PAD - 1) / PAD * PAD;
-    for (int64_t i = 0; i < padded; i += 8)
-        store8(scores + i, dot8(q, k_cache, offs + i, dim) * scale);
     for (int64_t i = n; i < padded; i++) scores[i] = -INFINITY;
     v8 top8 = load8(scores);
     for (int64_t i = 8; i < padded; i += 8) {
@@ -218,39 +215,75 @@ static inline __attribute__((always_inline)) void attend_row(
     float part[LANES];
     store8(part, lo);
     store8(part + 8, hi);
-    const float inv = 1.0f / lanes_sum(part);
-    int64_t d0 = 0;
-    for (; d0 + 64 <= dim; d0 += 64) {  /* 64 columns a pass over the values */
-        v8 acc[8] = {0};
-        for (int64_t j = 0; j < n; j++) {
-            const float *v = v_cache + offs[j] + d0;
-            for (int c = 0; c < 8; c++) acc[c] += scores[j] * load8(v + 8 * c);
-        }
-        for (int c = 0; c < 8; c++) store8(out + d0 + 8 * c, acc[c] * inv);
-    }
-    for (; d0 < dim; d0 += 16) {
-        v8 a = {0}, b = {0};
-        for (int64_t j = 0; j < n; j++) {
-            const float *v = v_cache + offs[j] + d0;
-            a += scores[j] * load8(v);
-            b += scores[j] * load8(v + 8);
-        }
-        store8(out + d0, a * inv);
-        store8(out + d0 + 8, b * inv);
-    }
+    return 1.0f / lanes_sum(part);
 }
 
-/* `attend_row`, compiled apart for the common head sizes (q then stays in registers). */
-static void attend(const float *q, const float *k_cache, const float *v_cache,
-                   const int64_t *offs, int64_t n, int64_t dim, float scale, float *scores,
-                   float *out)
+/* `rows` (at most MAX_ROWS) queries of one head, query r over the first n + r keys at cache
+ * offsets offs[..] (readable up to the last row's count rounded up to PAD: any keys'
+ * there): a decode step's query (rows 1), or a verification step's, each seeing one key
+ * more than the one before.  q and out rows `stride` floats apart; scores: scratch of rows
+ * x `width`.  Each row takes the operations it would alone (the dot products of `dot8`,
+ * key i's exponential in lane i mod 16 of the sum, out[d] summed over keys in order); the
+ * rows only share each block of keys while it is in cache. */
+static inline __attribute__((always_inline)) void attend_rows(
+    const float *q, int64_t stride, int64_t rows, const float *k_cache, const float *v_cache,
+    const int64_t *offs, int64_t n, int64_t dim, float scale, float *scores, int64_t width,
+    float *out)
+{
+    const int64_t keys = n + rows - 1;
+    for (int64_t i = 0; i < (keys + PAD - 1) / PAD * PAD; i += 8)
+        for (int64_t r = 0; r < rows; r++)
+            if (i < (n + r + PAD - 1) / PAD * PAD)
+                store8(scores + r * width + i,
+                       dot8(q + r * stride, k_cache, offs + i, dim) * scale);
+    float inv[MAX_ROWS];
+    for (int64_t r = 0; r < rows; r++)
+        inv[r] = softmax_row(scores + r * width, n + r, (n + r + PAD - 1) / PAD * PAD);
+    int64_t d0 = 0;
+    for (; d0 + 64 <= dim; d0 += 64) {  /* 64 columns a pass over the values */
+        v8 acc[MAX_ROWS][8];
+        for (int64_t r = 0; r < rows; r++)
+            for (int c = 0; c < 8; c++) acc[r][c] = splat8(0.0f);
+        for (int64_t c0 = 0; c0 < keys; c0 += CHUNK)
+            for (int64_t r = 0; r < rows; r++) {
+                const float *p = scores + r * width;
+                const int64_t end = c0 + CHUNK < n + r ? c0 + CHUNK : n + r;
+                v8 a[8];
+                for (int c = 0; c < 8; c++) a[c] = acc[r][c];
+                for (int64_t j = c0; j < end; j++) {
+                    const float *v = v_cache + offs[j] + d0;
+                    for (int c = 0; c < 8; c++) a[c] += p[j] * load8(v + 8 * c);
+                }
+                for (int c = 0; c < 8; c++) acc[r][c] = a[c];
+            }
+        for (int64_t r = 0; r < rows; r++)
+            for (int c = 0; c < 8; c++) store8(out + r * stride + d0 + 8 * c, acc[r][c] * inv[r]);
+    }
+    for (; d0 < dim; d0 += 16)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *p = scores + r * width;
+            v8 a = {0}, b = {0};
+            for (int64_t j = 0; j < n + r; j++) {
+                const float *v = v_cache + offs[j] + d0;
+                a += p[j] * load8(v);
+                b += p[j] * load8(v + 8);
+            }
+            store8(out + r * stride + d0, a * inv[r]);
+            store8(out + r * stride + d0 + 8, b * inv[r]);
+        }
+}
+
+/* `attend_rows`, compiled apart for the common head sizes. */
+static void attend(const float *q, int64_t stride, int64_t rows, const float *k_cache,
+                   const float *v_cache, const int64_t *offs, int64_t n, int64_t dim,
+                   float scale, float *scores, int64_t width, float *out)
 {
     if (dim == 64)
-        attend_row(q, k_cache, v_cache, offs, n, 64, scale, scores, out);
+        attend_rows(q, stride, rows, k_cache, v_cache, offs, n, 64, scale, scores, width, out);
     else if (dim == 128)
-        attend_row(q, k_cache, v_cache, offs, n, 128, scale, scores, out);
+        attend_rows(q, stride, rows, k_cache, v_cache, offs, n, 128, scale, scores, width, out);
     else
-        attend_row(q, k_cache, v_cache, offs, n, dim, scale, scores, out);
+        attend_rows(q, stride, rows, k_cache, v_cache, offs, n, dim, scale, scores, width, out);
 }
 
 /* One step's sequences for lf_cpu_paged_attention, shared by every layer (built once a
@@ -294,14 +327,16 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
     }
     int64_t *offs = malloc(sizeof(int64_t) * (size_t)base[num_listed]);
     const int64_t group = heads / kv_heads, tasks = num_listed * heads;
-    const int64_t stride = kv_heads * dim, row_bytes = (longest + PAD) * (int64_t)sizeof(float);
+    const int64_t stride = kv_heads * dim;
     int failed = !offs;
     /* threads pay from ~200 keys a query at 9 heads of 64 (2 cores: 17 us against 19) */
     #pragma omp parallel if (!failed && work * heads * dim >= 131072)
     {
-        /* a row's scores, and its keys' offsets where a window splits them */
-        float *scores = failed ? NULL : malloc((size_t)row_bytes * 3 + sizeof(int64_t));
-        int64_t *split = scores ? (int64_t *)(scores + ((longest + PAD + 1) & ~(int64_t)1)) : NULL;
+        /* MAX_ROWS rows' scores, and a row's keys' offsets where a window splits them */
+        const int64_t width = (longest + PAD + 1) & ~(int64_t)1;
+        float *scores = failed ? NULL : malloc(sizeof(float) * (size_t)(MAX_ROWS * width)
+                                               + sizeof(int64_t) * (size_t)(longest + PAD));
+        int64_t *split = scores ? (int64_t *)(scores + MAX_ROWS * width) : NULL;
         if (!scores) {
             #pragma omp atomic write
             failed = 1;
@@ -324,9 +359,18 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
             const int64_t len = seq_lens[seq], q0 = query_start[seq];
             const int64_t q_len = query_start[seq + 1] - q0;
             const int64_t *o = offs + base[task / heads];
+            int64_t sink_end, start;
+            visible(len - 1, window, sinks, &sink_end, &start);
+            if (start == 0) {  /* every query sees every key before it: rows together */
+                for (int64_t j = 0; j < q_len; j += MAX_ROWS)
+                    attend(q + ((q0 + j) * heads + h) * dim, heads * dim,
+                           q_len - j < MAX_ROWS ? q_len - j : MAX_ROWS, k_cache + kv,
+                           v_cache + kv, o, len - q_len + j + 1, dim, scale, scores, width,
+                           out + ((q0 + j) * heads + h) * dim);
+                continue;
+            }
             for (int64_t j = 0; j < q_len; j++) {
                 const int64_t s = len - q_len + j, row = ((q0 + j) * heads + h) * dim;
-                int64_t sink_end, start;
                 visible(s, window, sinks, &sink_end, &start);
                 const int64_t *keys = o + start, n = sink_end + s + 1 - start;
                 if (sink_end > 0) {  /* sinks, then the window: copied into one list */
@@ -334,8 +378,8 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
                     for (int64_t t = start; t < len + PAD; t++) split[sink_end + t - start] = o[t];
                     keys = split;
                 }
-                attend(q + row, k_cache + kv, v_cache + kv, keys, n, dim, scale, scores,
-                       out + row);
+                attend(q + row, heads * dim, 1, k_cache + kv, v_cache + kv, keys, n, dim, scale,
+                       scores, width, out + row);
             }
         }
         free(scores);

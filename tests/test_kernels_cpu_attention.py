@@ -63,20 +63,22 @@ def test_listed_sequences_only(native_lib):
     assert not torch.isnan(out[5:]).any()
 
 
-def test_a_row_depends_on_nothing_beside_it(native_lib):
+@pytest.mark.parametrize("window,sinks", [(None, 0), (48, 4)])
+def test_a_row_depends_on_nothing_beside_it(window, sinks, native_lib):
     """Bit for bit: a sequence alone as in a batch, and each of a verification step's
     queries as the decode step at its position (the keys after it unseen) gives it, so that
-    speculation and batching leave greedy outputs exactly as they were."""
-    q, k, v, tables, lens, qsl = random_paged_batch([50, 77, 23], [5, 1, 3], 9, 3, 64, 16,
-                                                    torch.float32)
-    out = _native(q, k, v, tables, lens, qsl, 0.125, 48, 4, lib=native_lib)
-    for i in range(3):
+    speculation and batching leave greedy outputs exactly as they were. Without a window
+    the queries of a step are attended together (16 at a time: 20 queries are 16 + 4)."""
+    q, k, v, tables, lens, qsl = random_paged_batch([50, 77, 23, 100], [5, 1, 3, 20], 9, 3, 64,
+                                                    16, torch.float32)
+    out = _native(q, k, v, tables, lens, qsl, 0.125, window, sinks, lib=native_lib)
+    for i in range(4):
         a, b = int(qsl[i]), int(qsl[i + 1])
         for j in range(a, b):  # query j as the only query of a context ending at it
             length = int(lens[i]) - (b - 1 - j)
             alone = _native(q[j:j + 1].clone(), k, v, tables[i:i + 1].clone(),
                             torch.tensor([length], dtype=torch.int32),
-                            torch.tensor([0, 1], dtype=torch.int32), 0.125, 48, 4,
+                            torch.tensor([0, 1], dtype=torch.int32), 0.125, window, sinks,
                             lib=native_lib)
             assert torch.equal(alone[0], out[j]), (i, j)
 
