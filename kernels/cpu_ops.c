@@ -341,6 +341,7 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
             #pragma omp atomic write
             failed = 1;
         }
+        #pragma omp barrier  /* `failed` is final from here on: read without a race below */
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < num_listed; i++) {
             if (failed) continue;
