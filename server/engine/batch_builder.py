@@ -104,8 +104,8 @@ def _groups(lens: torch.Tensor, start_loc: torch.Tensor, tables: torch.Tensor, b
     return [CpuGroup(partial(_padded, idx, lens, start_loc, q_lens, tables, block_size, everything,
                              window),
                      cpu_attention.attention_step(tables, lens, start_loc, idx,
-                                               **window_kwargs(window))
-                     if idx is short else None)
+                                                  **window_kwargs(window))
+                     if idx is short else None)  # the native kernel takes short queries
             for idx in members]
 
 

@@ -98,7 +98,7 @@ def attention(
     out = torch.empty_like(q)
     for g in meta.groups:
         if g.native is not None and cpu_attention.paged_attention(q, k_cache, v_cache, g.native,
-                                                               scale, out):
+                                                                  scale, out):
             continue
         p = g.padded
         res = paged_attention_padded(q, k_cache, v_cache, p.block_tables, p.q_index, p.mask, scale,
