@@ -121,6 +121,7 @@ typedef float v8_unaligned __attribute__((vector_size(32), aligned(4)));
 #define SHUFFLE __builtin_shufflevector
 #define PAD 16  /* a row's keys and scores are padded to a multiple of this */
 
+static inline int64_t pad(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 static inline v8 load8(const float *p) { return *(const v8_unaligned *)p; }
 static inline void store8(float *p, v8 v) { *(v8_unaligned *)p = v; }
 static inline v8 splat8(float x) { return (v8){0} + x; }
@@ -231,14 +232,14 @@ static inline __attribute__((always_inline)) void attend_rows(
     float *out)
 {
     const int64_t keys = n + rows - 1;
-    for (int64_t i = 0; i < (keys + PAD - 1) / PAD * PAD; i += 8)
+    for (int64_t i = 0; i < pad(keys); i += 8)
         for (int64_t r = 0; r < rows; r++)
-            if (i < (n + r + PAD - 1) / PAD * PAD)
+            if (i < pad(n + r))
                 store8(scores + r * width + i,
                        dot8(q + r * stride, k_cache, offs + i, dim) * scale);
     float inv[MAX_ROWS];
     for (int64_t r = 0; r < rows; r++)
-        inv[r] = softmax_row(scores + r * width, n + r, (n + r + PAD - 1) / PAD * PAD);
+        inv[r] = softmax_row(scores + r * width, n + r, pad(n + r));
     int64_t d0 = 0;
     for (; d0 + 64 <= dim; d0 += 64) {  /* 64 columns a pass over the values */
         v8 acc[MAX_ROWS][8];
@@ -287,7 +288,7 @@ static void attend(const float *q, int64_t stride, int64_t rows, const float *k_
 }
 
 /* One step's sequences for lf_cpu_paged_attention, shared by every layer (built once a
- * step: kernels/cpu_native.py's AttentionStep): block tables [num_seqs, max_blocks], each
+ * step: kernels/cpu_attention.py's AttentionStep): block tables [num_seqs, max_blocks], each
  * sequence's context length and first query row (query_start [num_seqs + 1]), the
  * sequences to attend for, and the mask (window 0: none). */
 struct lf_attention_step {
