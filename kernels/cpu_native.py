@@ -1,6 +1,7 @@
 """The native CPU kernels: `cpu_gemm.c` (packed int4/int8 weights x float32 activations
-quantized to int16 per block of 32) and `cpu_ops.c` (a decoder layer's float32 steps around
-it), built once per machine with the system C compiler into one library per instruction set
+quantized to int16 per block of 32), `cpu_ops.c` (a decoder layer's float32 steps around
+it) and `cpu_layers.c` (whole decoder layers of them, `kernels.cpu_layers`), built once per
+machine with the system C compiler into one library per instruction set
 (`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
 
 `linear(x, packed)` is the entry point (and `add_rms_norm`, the decoder's residual add and
@@ -54,16 +55,18 @@ class Variant:
 @dataclass(frozen=True)
 class Library:
     """A loaded variant's entry points: `lf_cpu_gemm`, `lf_cpu_add_rms_norm`,
-    `lf_cpu_rope_kv_write`, `lf_cpu_paged_attention` and `lf_cpu_silu_mul`."""
+    `lf_cpu_rope_kv_write`, `lf_cpu_paged_attention`, `lf_cpu_silu_mul` and
+    `lf_cpu_decoder_layers`."""
 
     gemm: Callable[..., int]
     add_rms_norm: Callable[..., None]
     rope_kv_write: Callable[..., int]
     attention: Callable[..., int]
     silu_mul: Callable[..., None]
+    decoder_layers: Callable[..., int]
 
 
-SOURCES = (Path(__file__).with_name("cpu_gemm.c"), Path(__file__).with_name("cpu_ops.c"))
+SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.c") for name in ("gemm", "ops", "layers"))
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 VARIANTS = (  # best first
     Variant("avx512vnni", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
@@ -158,8 +161,11 @@ def load(variant: Variant) -> Library | None:
     silu = lib.lf_cpu_silu_mul
     silu.argtypes = [p, i64, i64, p]
     silu.restype = None
+    layers = lib.lf_cpu_decoder_layers
+    layers.argtypes = [p, p, i64, i64, p, p]
+    layers.restype = ctypes.c_int
     logger.info("native CPU kernels: %s", path)
-    return Library(gemm, norm, rope, attention, silu)
+    return Library(gemm, norm, rope, attention, silu, layers)
 
 
 def runnable() -> list[Variant]:
@@ -248,7 +254,7 @@ def panels(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return weight, blocks(packed.scales), blocks(packed.offsets)
 
 
-def _arguments(packed: PackedWeight) -> tuple:
+def panel_arguments(packed: PackedWeight) -> tuple:
     """The kernel's weight arguments (int4 flag, K, weight, scales and offsets addresses, N),
     built once from the `panels`, which are kept in the weight's cache with their
     addresses."""
@@ -273,7 +279,7 @@ def linear(x: torch.Tensor, packed: PackedWeight, lib: Library | None = None) ->
         raise RuntimeError("the native CPU kernel cannot take this weight")
     if not x.is_cpu:
         raise ValueError(f"the native CPU kernel takes CPU activations, got {x.device}")
-    int4, k, weight, scales, offsets, n = _arguments(packed)
+    int4, k, weight, scales, offsets, n = panel_arguments(packed)
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     m = xf.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)

@@ -72,6 +72,14 @@ class BatchMeta:
     """In a hybrid cache: the sink + window layers' own slots and block tables (their
     pool's); None: every layer uses these."""
 
+    def native_step(self, rows: int) -> cpu_attention.AttentionStep | None:
+        """The native attention's sequences where they are the whole step's `rows` queries
+        (every query short: the whole layer can run natively, `kernels.cpu_layers`)."""
+        if self.groups is None or len(self.groups) != 1:
+            return None
+        step = self.groups[0].native
+        return step if step is not None and step.rows == rows else None
+
 
 def attention(
     q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,

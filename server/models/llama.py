@@ -8,7 +8,9 @@ norm, RoPE + KV-cache write, SwiGLU; `kernels.triton_fused`); steps of up to 6 t
 the norms and the SwiGLU inside the dense GEMVs of the next projection (`Linear.after_norm`,
 `after_silu`), and at batch 1 packed GEMVs hand their unrounded sums to those kernels, which
 finish their split-K merge (`Linear.project`), and the norms before them leave the norm's
-scale to the kernel after the GEMV (`Linear.after_norm`); elsewhere they are torch ops.
+scale to the kernel after the GEMV (`Linear.after_norm`); elsewhere they are torch ops, or on
+the CPU the native kernels (`kernels.cpu_native`), and a step whose every query is short
+runs all its layers in one native call (`kernels.cpu_layers`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_native
+from kernels import cpu_layers, cpu_native
 from kernels.gemm import takes_every_row_count
 from server.models.batch import BatchMeta, attention
 from server.models.config import ModelConfig
@@ -92,6 +94,13 @@ class DecoderLayer(torch.nn.Module):
             fused)
         return self.down_proj.after_silu(gate_up, fused), residual
 
+    def native_weights(self) -> cpu_layers.LayerWeights:
+        """The layer as `kernels.cpu_layers` runs it."""
+        return cpu_layers.LayerWeights(
+            *((p.packed, p.bias) for p in (self.qkv_proj, self.o_proj, self.gate_up_proj,
+                                           self.down_proj)),
+            self.input_norm, self.post_norm, self.windowed)
+
 
 # Rows from which a packed tied LM head gives way to the dense embedding, unless the native
 # CPU kernel takes it (faster than the dense float32 head at every row count: 22 ms against
@@ -124,6 +133,9 @@ class LlamaForCausalLM(torch.nn.Module):
         # pointwise steps as Triton kernels: None = on CUDA tensors only; tests force True on
         # CPU (under TRITON_INTERPRET=1)
         self.fused_kernels: bool | None = None
+        # the layers for one native call on the CPU, and the caches (list, length) they were
+        # built with
+        self._native: tuple[list, int, cpu_layers.DecoderStack | None] | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
@@ -136,10 +148,38 @@ class LlamaForCausalLM(torch.nn.Module):
         x = F.embedding(input_ids, self.embed)
         fused = x.is_cuda if self.fused_kernels is None else self.fused_kernels
         rope = self.rope.inputs(positions, x.dtype, fused)
-        residual = None
-        for layer, kv in zip(self.layers[:num_layers], self.kv_caches[:num_layers], strict=True):
-            x, residual = layer(x, residual, rope, kv, meta, fused)
+        layers = self.layers[:num_layers]
+        native = None if fused else self._native_forward(x, rope, meta, len(layers))
+        if native is not None:
+            x, residual = native
+        else:
+            residual = None
+            for layer, kv in zip(layers, self.kv_caches[:num_layers], strict=True):
+                x, residual = layer(x, residual, rope, kv, meta, fused)
         return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps, fused)[0]
+
+    def _native_forward(self, x: torch.Tensor, rope: RopeInputs, meta: BatchMeta, count: int
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first `count` layers in one native call (`kernels.cpu_layers`), where every
+        query of the step is short and the native kernels take every weight; else None."""
+        t = x.shape[0]
+        full = meta.native_step(t)
+        sparse = None if meta.sparse is None else meta.sparse.native_step(t)
+        if (full is None or meta.sparse is not None and sparse is None or not x.is_cpu
+                or x.dtype != torch.float32 or cpu_native.library_in_use() is None):
+            return None
+        built = self._native
+        if built is None or built[0] is not self.kv_caches or built[1] != len(self.kv_caches):
+            c, first = self.config, self.layers[0]
+            shapes = cpu_layers.Shapes(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                       c.intermediate_size, first.eps, first.scale)
+            self._native = (self.kv_caches, len(self.kv_caches), cpu_layers.decoder_stack(
+                shapes, [layer.native_weights() for layer in self.layers], self.kv_caches))
+        stack = self._native[2]
+        if stack is None:
+            return None
+        return stack.run(x, rope.cos, rope.sin, (full, meta.slot_mapping),
+                         None if sparse is None else (sparse, meta.sparse.slot_mapping), count)
 
     def teacher_forced(self, ids: list[int], block_size: int = 16,
                        windows: Sequence[dict[str, int | None]] = ({},),
