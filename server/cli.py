@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import serve as bench_serve
     from server import train_drafter
     from server.api.cli_args import add_arguments as add_serve_arguments
-    from server.benchmarks import attention, hybrid, offline, phases, prefix, spec
+    from server.benchmarks import attention, hybrid, layers, offline, phases, prefix, spec
 
     parser = argparse.ArgumentParser(prog="leapfrog", description="LLM inference server with speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("hybrid", hybrid, "hybrid KV cache (sink + window layers) vs full attention: quality, "
          "memory, decode speed"),
         ("attention", attention, "CPU attention of decode steps: the native kernel vs torch's"),
+        ("layers", layers, "CPU decode with the decoder layers in one native call vs op by op"),
     ):
         p = bench.add_parser(name, help=text)
         module.add_arguments(p)

@@ -8,21 +8,29 @@ Two parts, the two sides alternating in one process (best of `--repeats`):
   dim 64) for each batch size x context x queries a sequence (1: decode; more:
   verification of drafts), in microseconds;
 - decode of the default model (float32 activations, the GGUF served packed), tokens/s at
-  each batch size, and whether both sides gave the same tokens.
+  each batch size, and whether both sides gave the same tokens. With the native attention
+  the decoder layers run in one native call (`kernels.cpu_layers`); without it, one by
+  one with torch's attention.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-from server.benchmarks.common import config_of, machine, table, write_json
+from server.benchmarks.common import (
+    config_of,
+    decode_side_by_side,
+    machine,
+    side_by_side,
+    table,
+    write_json,
+)
 
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 
 
@@ -49,17 +57,6 @@ def _torch_attention() -> Iterator[None]:
         cpu_attention.attention_step = real
 
 
-def _side_by_side(run: Callable[[bool], float], repeats: int) -> tuple[float, float]:
-    """Best of `repeats` of run(native) (a measure where lower is better), native then torch
-    in each round."""
-    native, padded = float("inf"), float("inf")
-    for _ in range(repeats):
-        native = min(native, run(True))
-        with _torch_attention():
-            padded = min(padded, run(False))
-    return native, padded
-
-
 def _call(batch: int, context: int, queries: int, repeats: int) -> tuple[float, float]:
     """Microseconds of one layer's attention call, native and torch."""
     from server.engine.batch_builder import batch_meta
@@ -83,35 +80,7 @@ def _call(batch: int, context: int, queries: int, repeats: int) -> tuple[float, 
             attention(q, None, None, *caches, meta, DIM ** -0.5)
         return (time.perf_counter() - start) / calls * 1e6
 
-    return _side_by_side(run, repeats)
-
-
-def _decode(batch_sizes: list[int], args: argparse.Namespace) -> list[dict[str, object]]:
-    from server.engine.llm import LLM
-    from server.engine.sampling_params import SamplingParams
-
-    llm = LLM(None, max_num_seqs=max(batch_sizes), max_num_batched_tokens=2048,
-              enable_prefix_caching=False)
-    ids = llm.encode(PROMPT, chat=True)
-    outputs: dict[bool, list[list[int]]] = {}
-
-    def generate(batch: int, n: int, native: bool) -> float:
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        start = time.perf_counter()
-        done = llm.generate([ids] * batch, params)
-        seconds = time.perf_counter() - start
-        outputs[native] = [c.token_ids for c in done]
-        return seconds
-
-    rows = []
-    generate(1, 4, True)  # warm-up
-    for b in batch_sizes:
-        t1 = _side_by_side(lambda native, b=b: generate(b, 1, native), args.repeats)
-        tn = _side_by_side(lambda native, b=b: generate(b, args.tokens, native), args.repeats)
-        native, padded = ((args.tokens - 1) * b / (n - one) for n, one in zip(tn, t1, strict=True))
-        rows.append({"batch": b, "native": native, "torch": padded, "ratio": native / padded,
-                     "same_tokens": outputs[True] == outputs[False]})
-    return rows
+    return side_by_side(run, repeats, _torch_attention)
 
 
 def _ints(text: str) -> list[int]:
@@ -135,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
           f"{cpu_native.variant_in_use()}, {torch.get_num_threads()} threads")
     print(table(["batch", "context", "queries", "native", "torch", "torch / native"],
                 [list(r.values()) for r in calls]))
-    decode = [] if args.no_decode else _decode(_ints(args.batch_sizes), args)
+    decode = [] if args.no_decode else decode_side_by_side(
+        _ints(args.batch_sizes), args.tokens, args.repeats, _torch_attention, ("native", "torch"))
     if decode:
         print(f"\ndefault model decode (tokens/s), {args.tokens} tokens a request")
         print(table(["batch", "native", "torch", "native / torch", "same tokens"],

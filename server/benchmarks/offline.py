@@ -12,9 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from server.benchmarks.common import best_time, config_of, machine, table, write_json
+from server.benchmarks.common import PROMPT, best_time, config_of, machine, table, write_json
 
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 PREFILL_TOKENS = 512
 
 
