@@ -176,3 +176,30 @@ def test_engine_outputs_equal_with_and_without_the_stack(tiny_model_dir):
     for a, b in zip(*outs, strict=True):
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
     assert sum(c.num_draft_tokens for c in outs[0]) > 0  # verification steps ran
+
+
+def test_the_benchmark_compares_both_paths(tmp_path, monkeypatch):
+    """`leapfrog bench layers` times the default model's decode both ways, the per-op side
+    really calling every layer's forward, and gets the same tokens."""
+    import json
+
+    from server.cli import main
+
+    seen = set()  # (switched off, ran natively) of the decode steps
+    forward = LlamaForCausalLM._native_forward
+
+    def counted(self, x, rope, meta, count):
+        out = forward(self, x, rope, meta, count)
+        if meta.native_step(x.shape[0]) is not None:
+            seen.add((cpu_layers._off, out is not None))
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "_native_forward", counted)
+    out = tmp_path / "layers.json"
+    assert main(["bench", "layers", "--batch-sizes", "2", "--tokens", "4", "--repeats", "1",
+                 "--result-json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["decode"]
+    assert row["batch"] == 2 and row["same_tokens"] is True
+    assert row["one_call"] > 0 and row["per_op"] > 0
+    assert seen == {(False, True), (True, False)}  # decode steps both ways
+    assert not cpu_layers._off  # switched back on
