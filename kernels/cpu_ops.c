@@ -187,7 +187,7 @@ static inline v8 dot8(const float *q, const float *k_cache, const int64_t *offs,
     return SHUFFLE(sums, sums, 0, 4, 1, 5, 2, 6, 3, 7);
 }
 
-#define MAX_ROWS 16  /* queries of a sequence attended together */
+#define MAX_ROWS 16  /* query rows of a sequence (positions x heads of a group) together */
 #define CHUNK 64  /* keys a row takes before the next row (their values stay in cache) */
 
 /* Softmax over a row's n scores (padded to `padded` with -inf) in place: the exponentials,
@@ -219,27 +219,29 @@ static inline float softmax_row(float *scores, int64_t n, int64_t padded)
     return 1.0f / lanes_sum(part);
 }
 
-/* `rows` (at most MAX_ROWS) queries of one head, query r over the first n + r keys at cache
- * offsets offs[..] (readable up to the last row's count rounded up to PAD: any keys'
- * there): a decode step's query (rows 1), or a verification step's, each seeing one key
- * more than the one before.  q and out rows `stride` floats apart; scores: scratch of rows
- * x `width`.  Each row takes the operations it would alone (the dot products of `dot8`,
- * key i's exponential in lane i mod 16 of the sum, out[d] summed over keys in order); the
- * rows only share each block of keys while it is in cache. */
+/* `rows` (at most MAX_ROWS) query rows of one KV head's group, `per` heads a position: row
+ * r is head r % per (q and out rows of adjacent heads `dim` floats apart) at position r / per
+ * (positions `stride` floats apart), over the first n + r / per keys at cache offsets
+ * offs[..] (readable up to the last row's count rounded up to PAD: any keys' there): a
+ * decode step's heads (rows per), or a verification step's, each position seeing one key
+ * more than the one before.  scores: scratch of rows x `width`.  Each row takes the
+ * operations it would alone (the dot products of `dot8`, key i's exponential in lane
+ * i mod 16 of the sum, out[d] summed over keys in order); the rows only share each block of
+ * keys while it is in cache. */
 static inline __attribute__((always_inline)) void attend_rows(
-    const float *q, int64_t stride, int64_t rows, const float *k_cache, const float *v_cache,
-    const int64_t *offs, int64_t n, int64_t dim, float scale, float *scores, int64_t width,
-    float *out)
+    const float *q, int64_t stride, int64_t per, int64_t rows, const float *k_cache,
+    const float *v_cache, const int64_t *offs, int64_t n, int64_t dim, float scale,
+    float *scores, int64_t width, float *out)
 {
-    const int64_t keys = n + rows - 1;
+    const int64_t keys = n + (rows - 1) / per;
+#define ROW(r) ((r) / per * stride + (r) % per * dim)  /* a row's offset in q and out */
     for (int64_t i = 0; i < pad(keys); i += 8)
         for (int64_t r = 0; r < rows; r++)
-            if (i < pad(n + r))
-                store8(scores + r * width + i,
-                       dot8(q + r * stride, k_cache, offs + i, dim) * scale);
+            if (i < pad(n + r / per))
+                store8(scores + r * width + i, dot8(q + ROW(r), k_cache, offs + i, dim) * scale);
     float inv[MAX_ROWS];
     for (int64_t r = 0; r < rows; r++)
-        inv[r] = softmax_row(scores + r * width, n + r, pad(n + r));
+        inv[r] = softmax_row(scores + r * width, n + r / per, pad(n + r / per));
     int64_t d0 = 0;
     for (; d0 + 64 <= dim; d0 += 64) {  /* 64 columns a pass over the values */
         v8 acc[MAX_ROWS][8];
@@ -248,7 +250,7 @@ static inline __attribute__((always_inline)) void attend_rows(
         for (int64_t c0 = 0; c0 < keys; c0 += CHUNK)
             for (int64_t r = 0; r < rows; r++) {
                 const float *p = scores + r * width;
-                const int64_t end = c0 + CHUNK < n + r ? c0 + CHUNK : n + r;
+                const int64_t end = c0 + CHUNK < n + r / per ? c0 + CHUNK : n + r / per;
                 v8 a[8];
                 for (int c = 0; c < 8; c++) a[c] = acc[r][c];
                 for (int64_t j = c0; j < end; j++) {
@@ -258,33 +260,37 @@ static inline __attribute__((always_inline)) void attend_rows(
                 for (int c = 0; c < 8; c++) acc[r][c] = a[c];
             }
         for (int64_t r = 0; r < rows; r++)
-            for (int c = 0; c < 8; c++) store8(out + r * stride + d0 + 8 * c, acc[r][c] * inv[r]);
+            for (int c = 0; c < 8; c++) store8(out + ROW(r) + d0 + 8 * c, acc[r][c] * inv[r]);
     }
     for (; d0 < dim; d0 += 16)
         for (int64_t r = 0; r < rows; r++) {
             const float *p = scores + r * width;
             v8 a = {0}, b = {0};
-            for (int64_t j = 0; j < n + r; j++) {
+            for (int64_t j = 0; j < n + r / per; j++) {
                 const float *v = v_cache + offs[j] + d0;
                 a += p[j] * load8(v);
                 b += p[j] * load8(v + 8);
             }
-            store8(out + r * stride + d0, a * inv[r]);
-            store8(out + r * stride + d0 + 8, b * inv[r]);
+            store8(out + ROW(r) + d0, a * inv[r]);
+            store8(out + ROW(r) + d0 + 8, b * inv[r]);
         }
+#undef ROW
 }
 
 /* `attend_rows`, compiled apart for the common head sizes. */
-static void attend(const float *q, int64_t stride, int64_t rows, const float *k_cache,
-                   const float *v_cache, const int64_t *offs, int64_t n, int64_t dim,
-                   float scale, float *scores, int64_t width, float *out)
+static void attend(const float *q, int64_t stride, int64_t per, int64_t rows,
+                   const float *k_cache, const float *v_cache, const int64_t *offs, int64_t n,
+                   int64_t dim, float scale, float *scores, int64_t width, float *out)
 {
     if (dim == 64)
-        attend_rows(q, stride, rows, k_cache, v_cache, offs, n, 64, scale, scores, width, out);
+        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, 64, scale, scores, width,
+                    out);
     else if (dim == 128)
-        attend_rows(q, stride, rows, k_cache, v_cache, offs, n, 128, scale, scores, width, out);
+        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, 128, scale, scores, width,
+                    out);
     else
-        attend_rows(q, stride, rows, k_cache, v_cache, offs, n, dim, scale, scores, width, out);
+        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, dim, scale, scores, width,
+                    out);
 }
 
 /* One step's sequences for lf_cpu_paged_attention, shared by every layer (built once a
@@ -299,9 +305,10 @@ struct lf_attention_step {
 };
 
 /* Paged attention of the step's listed sequences' queries (kernels/attention.py's layout
- * and masks), each (sequence, head) a task: q, out [T, heads, dim], caches [num_blocks,
- * block_size, kv_heads, dim]; dim a multiple of 16.  Returns 0; -1 (writing nothing) when a
- * table names a block outside the cache; -2 when scratch memory cannot be had. */
+ * and masks), each (sequence, heads of a KV head's group) a task: q, out [T, heads, dim],
+ * caches [num_blocks, block_size, kv_heads, dim]; dim a multiple of 16.  Returns 0; -1
+ * (writing nothing) when a table names a block outside the cache; -2 when scratch memory
+ * cannot be had. */
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
                            int64_t kv_heads, int64_t dim, const float *k_cache,
                            const float *v_cache, int64_t num_blocks, int64_t block_size,
@@ -314,22 +321,37 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
     if (!tables_valid(tables, max_blocks, seq_lens, query_start, seqs, num_listed, block_size,
                       num_blocks, window, sinks))
         return -1;
+    /* a task: `per` heads of a KV head's group (the largest divisor of the group up to
+     * MAX_ROWS), which read its keys together, for a block of up to MAX_ROWS / per of a
+     * sequence's queries */
+    const int64_t group = heads / kv_heads, stride = kv_heads * dim;
+    int64_t per = group < MAX_ROWS ? group : MAX_ROWS;
+    while (group % per) per--;
+    const int64_t subgroups = heads / per, positions = MAX_ROWS / per;
     /* every listed sequence's key offsets by position, then PAD more (padding lanes'; any
-     * key's: their results are dropped) */
-    int64_t *base = malloc(sizeof(int64_t) * (size_t)(num_listed + 1));
+     * key's: their results are dropped); its blocks of queries */
+    int64_t *base = malloc(sizeof(int64_t) * (size_t)(2 * num_listed + 1));
     if (!base) return -2;
-    int64_t longest = 0, work = 0;
+    int64_t *first_block = base + num_listed + 1;
+    int64_t longest = 0, work = 0, blocks = 0;
     base[0] = 0;
     for (int64_t i = 0; i < num_listed; i++) {
         const int64_t len = seq_lens[seqs[i]];
+        const int64_t q_len = query_start[seqs[i] + 1] - query_start[seqs[i]];
         longest = len > longest ? len : longest;
-        work += len * (query_start[seqs[i] + 1] - query_start[seqs[i]]);
+        work += len * q_len;
         base[i + 1] = base[i] + len + PAD;
+        first_block[i] = blocks;
+        blocks += (q_len + positions - 1) / positions;
     }
     int64_t *offs = malloc(sizeof(int64_t) * (size_t)base[num_listed]);
-    const int64_t group = heads / kv_heads, tasks = num_listed * heads;
-    const int64_t stride = kv_heads * dim;
-    int failed = !offs;
+    int64_t *block_seq = malloc(sizeof(int64_t) * (size_t)(blocks + 1));  /* a block's seq */
+    for (int64_t i = 0; block_seq && i < num_listed; i++) {
+        const int64_t end = i + 1 < num_listed ? first_block[i + 1] : blocks;
+        for (int64_t b = first_block[i]; b < end; b++) block_seq[b] = i;
+    }
+    const int64_t tasks = blocks * subgroups;
+    int failed = !offs || !block_seq;
     /* threads pay from ~200 keys a query at 9 heads of 64 (2 cores: 17 us against 19) */
     #pragma omp parallel if (!failed && work * heads * dim >= 131072)
     {
@@ -357,21 +379,21 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
         #pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < tasks; task++) {
             if (failed) continue;
-            const int64_t seq = seqs[task / heads], h = task % heads, kv = (h / group) * dim;
-            const int64_t len = seq_lens[seq], q0 = query_start[seq];
-            const int64_t q_len = query_start[seq + 1] - q0;
-            const int64_t *o = offs + base[task / heads];
+            const int64_t b = task / subgroups, i = block_seq[b], h = task % subgroups * per;
+            const int64_t seq = seqs[i], kv = (h / group) * dim, len = seq_lens[seq];
+            const int64_t q0 = query_start[seq], q_len = query_start[seq + 1] - q0;
+            const int64_t j0 = (b - first_block[i]) * positions;
+            const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
+            const int64_t *o = offs + base[i];
             int64_t sink_end, start;
             visible(len - 1, window, sinks, &sink_end, &start);
-            if (start == 0) {  /* every query sees every key before it: rows together */
-                for (int64_t j = 0; j < q_len; j += MAX_ROWS)
-                    attend(q + ((q0 + j) * heads + h) * dim, heads * dim,
-                           q_len - j < MAX_ROWS ? q_len - j : MAX_ROWS, k_cache + kv,
-                           v_cache + kv, o, len - q_len + j + 1, dim, scale, scores, width,
-                           out + ((q0 + j) * heads + h) * dim);
+            if (start == 0) {  /* every query sees every key before it: positions together */
+                attend(q + ((q0 + j0) * heads + h) * dim, heads * dim, per, count * per,
+                       k_cache + kv, v_cache + kv, o, len - q_len + j0 + 1, dim, scale, scores,
+                       width, out + ((q0 + j0) * heads + h) * dim);
                 continue;
             }
-            for (int64_t j = 0; j < q_len; j++) {
+            for (int64_t j = j0; j < j0 + count; j++) {  /* a position's heads: same keys */
                 const int64_t s = len - q_len + j, row = ((q0 + j) * heads + h) * dim;
                 visible(s, window, sinks, &sink_end, &start);
                 const int64_t *keys = o + start, n = sink_end + s + 1 - start;
@@ -380,12 +402,13 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
                     for (int64_t t = start; t < len + PAD; t++) split[sink_end + t - start] = o[t];
                     keys = split;
                 }
-                attend(q + row, heads * dim, 1, k_cache + kv, v_cache + kv, keys, n, dim, scale,
-                       scores, width, out + row);
+                attend(q + row, heads * dim, per, per, k_cache + kv, v_cache + kv, keys, n, dim,
+                       scale, scores, width, out + row);
             }
         }
         free(scores);
     }
+    free(block_seq);
     free(offs);
     free(base);
     return failed ? -2 : 0;

@@ -26,6 +26,8 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
     ([100, 200, 41], [3, 5, 1], 8, 2, 48, 8, 48, 4),  # window + sinks; dim 48 (generic)
     ([90, 33], [16, 12], 4, 1, 16, 32, 16, 0),  # window only, every query its own
     ([300], [9], 6, 2, 64, 16, 1000, 4),  # a window longer than the context
+    ([60, 45], [7, 1], 32, 1, 16, 16, None, 0),  # group 32: two tasks of 16 heads
+    ([60, 45], [3, 2], 24, 2, 16, 16, 20, 2),  # group 12 (one position a call), window
 ]
 
 
@@ -81,6 +83,20 @@ def test_a_row_depends_on_nothing_beside_it(window, sinks, native_lib):
                             torch.tensor([0, 1], dtype=torch.int32), 0.125, window, sinks,
                             lib=native_lib)
             assert torch.equal(alone[0], out[j]), (i, j)
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (48, 4)])
+def test_a_head_depends_on_nothing_beside_it(window, sinks, native_lib):
+    """Bit for bit: the heads of a KV head's group, attended together (they share each
+    block of keys while it is in cache), as each head alone with its KV head."""
+    q, k, v, tables, lens, qsl = random_paged_batch([50, 77, 100], [5, 1, 20], 9, 3, 64, 16,
+                                                    torch.float32)
+    out = _native(q, k, v, tables, lens, qsl, 0.125, window, sinks, lib=native_lib)
+    for g in range(3):  # heads g, 3 + g, 6 + g: one of each group, a group of one each
+        heads = [g, 3 + g, 6 + g]
+        alone = _native(q[:, heads].contiguous(), k, v, tables, lens, qsl, 0.125, window, sinks,
+                        lib=native_lib)
+        assert torch.equal(alone, out[:, heads]), g
 
 
 def test_the_variants_agree_bit_for_bit():
