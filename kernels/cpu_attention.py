@@ -1,4 +1,4 @@
-"""Paged attention of decode and verification steps on the CPU: `cpu_ops.c`'s
+"""Paged attention of decode and verification steps on the CPU: `cpu_attention.c`'s
 `lf_cpu_paged_attention` in the native library `kernels.cpu_native` loads. A step's
 sequences are described once (`attention_step`) and every layer's call (`paged_attention`)
 reads their keys and values straight from its paged cache."""
@@ -13,7 +13,7 @@ from kernels.cpu_native import Library, float_rows, library_in_use
 
 
 class AttentionStep(ctypes.Structure):
-    """One step's sequences for `paged_attention`, shared by every layer (cpu_ops.c's
+    """One step's sequences for `paged_attention`, shared by every layer (cpu_attention.c's
     struct lf_attention_step; `attention_step` builds it and keeps its tensors alive)."""
 
     _fields_ = [("tables", ctypes.c_void_p), ("max_blocks", ctypes.c_int64),

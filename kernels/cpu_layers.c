@@ -1,16 +1,17 @@
 /* A Llama-family decoder stack's layers in one call, for the CPU's steps of short queries
  * (decode and verification): each layer's residual add + RMSNorm, qkv product, RoPE + KV
  * cache write, paged attention, o product, add + norm, gate/up product, SwiGLU and down
- * product, through the same functions (cpu_gemm.c, cpu_ops.c) and in the same order as the
- * model's per-op path calls them one by one from Python, so the results are the same bit
- * for bit; what goes is the ~9 calls a layer from Python and their tensors.
+ * product, through the same functions (cpu_gemm.c, cpu_ops.c, cpu_attention.c) and in the
+ * same order as the model's per-op path calls them one by one from Python, so the results
+ * are the same bit for bit; what goes is the ~9 calls a layer from Python and their
+ * tensors.
  * kernels/cpu_layers.py builds the structures below (its ctypes mirrors).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-struct lf_attention_step;  /* cpu_ops.c */
+struct lf_attention_step;  /* cpu_attention.c */
 int lf_cpu_gemm(int int4, const float *x, int64_t M, int64_t K, const void *w,
                 const uint16_t *sc, const uint16_t *of, int64_t N, float *y);
 void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *weight, float eps,

@@ -1,8 +1,8 @@
 """The native CPU kernels: `cpu_gemm.c` (packed int4/int8 weights x float32 activations
-quantized to int16 per block of 32), `cpu_ops.c` (a decoder layer's float32 steps around
-it) and `cpu_layers.c` (whole decoder layers of them, `kernels.cpu_layers`), built once per
-machine with the system C compiler into one library per instruction set
-(`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
+quantized to int16 per block of 32), `cpu_ops.c` and `cpu_attention.c` (a decoder layer's
+float32 steps around it, sharing `cpu_vec.h`) and `cpu_layers.c` (whole decoder layers of
+them, `kernels.cpu_layers`), built once per machine with the system C compiler into one
+library per instruction set (`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
 
 `linear(x, packed)` is the entry point (and `add_rms_norm`, the decoder's residual add and
 RMSNorm, `rope_kv_write`, RoPE and the KV cache write, and `silu_mul`, the SwiGLU, which
@@ -66,7 +66,9 @@ class Library:
     decoder_layers: Callable[..., int]
 
 
-SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.c") for name in ("gemm", "ops", "layers"))
+SOURCES = tuple(Path(__file__).with_name(f"cpu_{name}.c")
+                for name in ("gemm", "ops", "attention", "layers"))
+HEADERS = (Path(__file__).with_name("cpu_vec.h"),)  # included by the sources: in the hash
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 VARIANTS = (  # best first
     Variant("avx512vnni", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
@@ -86,7 +88,8 @@ _off = False
 
 def library_name(variant: Variant) -> str:
     flags = " ".join(FLAGS + variant.flags).encode()
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + flags).hexdigest()[:16]
+    text = b"".join(s.read_bytes() for s in SOURCES + HEADERS)
+    digest = hashlib.sha256(text + flags).hexdigest()[:16]
     return f"cpu_kernels-{variant.name}-{digest}.so"
 
 

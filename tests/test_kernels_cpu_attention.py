@@ -1,4 +1,4 @@
-"""The native CPU paged attention (kernels/cpu_ops.c through
+"""The native CPU paged attention (kernels/cpu_attention.c through
 `kernels.cpu_attention.paged_attention`) against `paged_attention_reference`: within 3e-6
 relative Frobenius error in float32 (measured 2e-7 to 8e-7: the kernel's exponential is a
 polynomial good to ~2 ulp); a row's bits independent of the batch, of the number of queries

@@ -269,6 +269,11 @@ def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):
     assert {p.name for p in tmp_path.iterdir()} == names  # no temporary left behind
     monkeypatch.setattr(cpu_native, "FLAGS", (*cpu_native.FLAGS, "-DUNUSED"))
     assert not names & {cpu_native.library_name(v) for v in cpu_native.VARIANTS}
+    monkeypatch.undo()
+    header = tmp_path / "cpu_vec.h"  # an edited header (the sources include it): a new name
+    header.write_text(cpu_native.HEADERS[0].read_text() + "/* edited */\n")
+    monkeypatch.setattr(cpu_native, "HEADERS", (header,))
+    assert not names & {cpu_native.library_name(v) for v in cpu_native.VARIANTS}
 
 
 def test_load_builds_the_best_variant_into_the_cache(tmp_path, monkeypatch):

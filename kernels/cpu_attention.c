@@ -1,0 +1,310 @@
+/* Paged attention of short queries (decode and verification steps) on x86 CPUs, straight
+ * from the paged KV cache, with the hybrid cache's sinks + window mask; its sums in
+ * cpu_vec.h's fixed order, so a query row's bits depend only on its own query and keys.
+ * kernels/cpu_attention.py calls it; kernels/cpu_native.py builds it with the other sources.
+ */
+#include <math.h>  /* INFINITY */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "cpu_vec.h"
+
+/* The visible keys of a query at position s: [0, *sink_end) and [*start, s] (window 0: all). */
+static inline void visible(int64_t s, int64_t window, int64_t sinks, int64_t *sink_end,
+                           int64_t *start)
+{
+    *start = window > 0 && s - window + 1 > 0 ? s - window + 1 : 0;
+    *sink_end = sinks < *start ? sinks : *start;
+}
+
+/* Whether every block the listed queries read is inside the cache. */
+static int tables_valid(const int32_t *tables, int64_t max_blocks, const int32_t *seq_lens,
+                        const int32_t *query_start, const int32_t *seqs, int64_t num_listed,
+                        int64_t block_size, int64_t num_blocks, int64_t window, int64_t sinks)
+{
+    for (int64_t i = 0; i < num_listed; i++) {
+        const int64_t seq = seqs[i], len = seq_lens[seq];
+        const int64_t first_q = len - (query_start[seq + 1] - query_start[seq]);
+        int64_t sink_end, start;
+        visible(first_q, window, sinks, &sink_end, &start);
+        if (len > max_blocks * block_size) return 0;
+        for (int64_t b = 0; b * block_size < len; b++) {
+            const int64_t lo = b * block_size, hi = lo + block_size;
+            if (lo >= sink_end && hi <= start) continue;  /* read by none of its queries */
+            if (tables[seq * max_blocks + b] < 0 || tables[seq * max_blocks + b] >= num_blocks)
+                return 0;
+        }
+    }
+    return 1;
+}
+
+/* offs[t] = the cache offset (of element 0, kv head 0) of key t, for t in [t0, t1). */
+static void key_offsets(const int32_t *table, int64_t block_size, int64_t row_stride,
+                        int64_t t0, int64_t t1, int64_t *offs)
+{
+    int64_t b = t0 / block_size, o = t0 % block_size;
+    for (int64_t t = t0; t < t1; t++) {
+        offs[t] = (table[b] * block_size + o) * row_stride;
+        if (++o == block_size) o = 0, b++;
+    }
+}
+
+#define PAD 16  /* a row's keys and scores are padded to a multiple of this */
+
+static inline int64_t pad(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
+
+/* q . k in 16 lanes (element d in lane d mod 16), lanes l and l + 8 added. */
+static inline v8 dot_halves(const float *q, const float *k, int64_t dim)
+{
+    v8 lo = load8(q) * load8(k), hi = load8(q + 8) * load8(k + 8);
+    for (int64_t d0 = 16; d0 < dim; d0 += 16) {
+        lo += load8(q + d0) * load8(k + d0);
+        hi += load8(q + d0 + 8) * load8(k + d0 + 8);
+    }
+    return lo + hi;
+}
+
+/* The dot products of q with 8 keys: `dot_halves`, then lanes l and l + 4, l + 2, l + 1
+ * added (as `lanes_sum` adds them) by a transposing tree, after which lanes 0..7 hold keys
+ * 0, 2, 4, 6, 1, 3, 5, 7, put back in order at the end. */
+static inline v8 dot8(const float *q, const float *k_cache, const int64_t *offs, int64_t dim)
+{
+    v8 p[8];
+    for (int i = 0; i < 8; i++) p[i] = dot_halves(q, k_cache + offs[i], dim);
+    for (int i = 0; i < 4; i++)  /* [key 2i lanes 0..3, key 2i + 1 lanes 0..3] */
+        p[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+             + SHUFFLE(p[2 * i], p[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; i++)  /* keys 4i, 4i + 2, 4i + 1, 4i + 3: two lanes each */
+        p[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+             + SHUFFLE(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    const v8 sums = SHUFFLE(p[0], p[1], 0, 2, 8, 10, 4, 6, 12, 14)
+                  + SHUFFLE(p[0], p[1], 1, 3, 9, 11, 5, 7, 13, 15);
+    return SHUFFLE(sums, sums, 0, 4, 1, 5, 2, 6, 3, 7);
+}
+
+#define MAX_ROWS 16  /* query rows of a sequence (positions x heads of a group) together */
+#define CHUNK 64  /* keys a row takes before the next row (their values stay in cache) */
+
+/* Softmax over a row's n scores (padded to `padded` with -inf) in place: the exponentials,
+ * key i's in lane i mod 16 of their sum; returns 1 / the sum. */
+static inline float softmax_row(float *scores, int64_t n, int64_t padded)
+{
+    for (int64_t i = n; i < padded; i++) scores[i] = -INFINITY;
+    v8 top8 = load8(scores);
+    for (int64_t i = 8; i < padded; i += 8) {
+        const v8 s = load8(scores + i);
+        top8 = select8(s > top8, s, top8);
+    }
+    float top = top8[0];
+    for (int l = 1; l < 8; l++) top = top8[l] > top ? top8[l] : top;
+    v8 lo = {0}, hi = {0};
+    for (int64_t i = 0; i < padded; i += 16) {
+        const v8 e_lo = select8(load8(scores + i) > -INFINITY, exp8(load8(scores + i) - top),
+                                splat8(0.0f));
+        const v8 e_hi = select8(load8(scores + i + 8) > -INFINITY,
+                                exp8(load8(scores + i + 8) - top), splat8(0.0f));
+        store8(scores + i, e_lo);
+        store8(scores + i + 8, e_hi);
+        lo += e_lo;
+        hi += e_hi;
+    }
+    float part[LANES];
+    store8(part, lo);
+    store8(part + 8, hi);
+    return 1.0f / lanes_sum(part);
+}
+
+/* `rows` (at most MAX_ROWS) query rows of one KV head's group, `per` heads a position: row
+ * r is head r % per (q and out rows of adjacent heads `dim` floats apart) at position r / per
+ * (positions `stride` floats apart), over the first n + r / per keys at cache offsets
+ * offs[..] (readable up to the last row's count rounded up to PAD: any keys' there): a
+ * decode step's heads (rows per), or a verification step's, each position seeing one key
+ * more than the one before.  scores: scratch of rows x `width`.  Each row takes the
+ * operations it would alone (the dot products of `dot8`, key i's exponential in lane
+ * i mod 16 of the sum, out[d] summed over keys in order); the rows only share each block of
+ * keys while it is in cache. */
+static inline __attribute__((always_inline)) void attend_rows(
+    const float *q, int64_t stride, int64_t per, int64_t rows, const float *k_cache,
+    const float *v_cache, const int64_t *offs, int64_t n, int64_t dim, float scale,
+    float *scores, int64_t width, float *out)
+{
+    const int64_t keys = n + (rows - 1) / per;
+#define ROW(r) ((r) / per * stride + (r) % per * dim)  /* a row's offset in q and out */
+    for (int64_t i = 0; i < pad(keys); i += 8)
+        for (int64_t r = 0; r < rows; r++)
+            if (i < pad(n + r / per))
+                store8(scores + r * width + i, dot8(q + ROW(r), k_cache, offs + i, dim) * scale);
+    float inv[MAX_ROWS];
+    for (int64_t r = 0; r < rows; r++)
+        inv[r] = softmax_row(scores + r * width, n + r / per, pad(n + r / per));
+    int64_t d0 = 0;
+    for (; d0 + 64 <= dim; d0 += 64) {  /* 64 columns a pass over the values */
+        v8 acc[MAX_ROWS][8];
+        for (int64_t r = 0; r < rows; r++)
+            for (int c = 0; c < 8; c++) acc[r][c] = splat8(0.0f);
+        for (int64_t c0 = 0; c0 < keys; c0 += CHUNK)
+            for (int64_t r = 0; r < rows; r++) {
+                const float *p = scores + r * width;
+                const int64_t end = c0 + CHUNK < n + r / per ? c0 + CHUNK : n + r / per;
+                v8 a[8];
+                for (int c = 0; c < 8; c++) a[c] = acc[r][c];
+                for (int64_t j = c0; j < end; j++) {
+                    const float *v = v_cache + offs[j] + d0;
+                    for (int c = 0; c < 8; c++) a[c] += p[j] * load8(v + 8 * c);
+                }
+                for (int c = 0; c < 8; c++) acc[r][c] = a[c];
+            }
+        for (int64_t r = 0; r < rows; r++)
+            for (int c = 0; c < 8; c++) store8(out + ROW(r) + d0 + 8 * c, acc[r][c] * inv[r]);
+    }
+    for (; d0 < dim; d0 += 16)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *p = scores + r * width;
+            v8 a = {0}, b = {0};
+            for (int64_t j = 0; j < n + r / per; j++) {
+                const float *v = v_cache + offs[j] + d0;
+                a += p[j] * load8(v);
+                b += p[j] * load8(v + 8);
+            }
+            store8(out + ROW(r) + d0, a * inv[r]);
+            store8(out + ROW(r) + d0 + 8, b * inv[r]);
+        }
+#undef ROW
+}
+
+/* `attend_rows`, compiled apart for the common head sizes. */
+static void attend(const float *q, int64_t stride, int64_t per, int64_t rows,
+                   const float *k_cache, const float *v_cache, const int64_t *offs, int64_t n,
+                   int64_t dim, float scale, float *scores, int64_t width, float *out)
+{
+    if (dim == 64)
+        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, 64, scale, scores, width,
+                    out);
+    else if (dim == 128)
+        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, 128, scale, scores, width,
+                    out);
+    else
+        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, dim, scale, scores, width,
+                    out);
+}
+
+/* One step's sequences for lf_cpu_paged_attention, shared by every layer (built once a
+ * step: kernels/cpu_attention.py's AttentionStep): block tables [num_seqs, max_blocks], each
+ * sequence's context length and first query row (query_start [num_seqs + 1]), the
+ * sequences to attend for, and the mask (window 0: none). */
+struct lf_attention_step {
+    const int32_t *tables;
+    int64_t max_blocks;
+    const int32_t *seq_lens, *query_start, *seqs;
+    int64_t num_listed, window, sinks;
+};
+
+/* Paged attention of the step's listed sequences' queries (kernels/attention.py's layout
+ * and masks), each (sequence, heads of a KV head's group) a task: q, out [T, heads, dim],
+ * caches [num_blocks, block_size, kv_heads, dim]; dim a multiple of 16.  Returns 0; -1
+ * (writing nothing) when a table names a block outside the cache; -2 when scratch memory
+ * cannot be had. */
+int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
+                           int64_t kv_heads, int64_t dim, const float *k_cache,
+                           const float *v_cache, int64_t num_blocks, int64_t block_size,
+                           float scale, float *out)
+{
+    const int32_t *tables = step->tables, *seq_lens = step->seq_lens;
+    const int32_t *query_start = step->query_start, *seqs = step->seqs;
+    const int64_t max_blocks = step->max_blocks, num_listed = step->num_listed;
+    const int64_t window = step->window, sinks = step->sinks;
+    if (!tables_valid(tables, max_blocks, seq_lens, query_start, seqs, num_listed, block_size,
+                      num_blocks, window, sinks))
+        return -1;
+    /* a task: `per` heads of a KV head's group (the largest divisor of the group up to
+     * MAX_ROWS), which read its keys together, for a block of up to MAX_ROWS / per of a
+     * sequence's queries */
+    const int64_t group = heads / kv_heads, stride = kv_heads * dim;
+    int64_t per = group < MAX_ROWS ? group : MAX_ROWS;
+    while (group % per) per--;
+    const int64_t subgroups = heads / per, positions = MAX_ROWS / per;
+    /* every listed sequence's key offsets by position, then PAD more (padding lanes'; any
+     * key's: their results are dropped); its blocks of queries */
+    int64_t *base = malloc(sizeof(int64_t) * (size_t)(2 * num_listed + 1));
+    if (!base) return -2;
+    int64_t *first_block = base + num_listed + 1;
+    int64_t longest = 0, work = 0, blocks = 0;
+    base[0] = 0;
+    for (int64_t i = 0; i < num_listed; i++) {
+        const int64_t len = seq_lens[seqs[i]];
+        const int64_t q_len = query_start[seqs[i] + 1] - query_start[seqs[i]];
+        longest = len > longest ? len : longest;
+        work += len * q_len;
+        base[i + 1] = base[i] + len + PAD;
+        first_block[i] = blocks;
+        blocks += (q_len + positions - 1) / positions;
+    }
+    int64_t *offs = malloc(sizeof(int64_t) * (size_t)base[num_listed]);
+    int64_t *block_seq = malloc(sizeof(int64_t) * (size_t)(blocks + 1));  /* a block's seq */
+    for (int64_t i = 0; block_seq && i < num_listed; i++) {
+        const int64_t end = i + 1 < num_listed ? first_block[i + 1] : blocks;
+        for (int64_t b = first_block[i]; b < end; b++) block_seq[b] = i;
+    }
+    const int64_t tasks = blocks * subgroups;
+    int failed = !offs || !block_seq;
+    /* threads pay from ~200 keys a query at 9 heads of 64 (2 cores: 17 us against 19) */
+    #pragma omp parallel if (!failed && work * heads * dim >= 131072)
+    {
+        /* MAX_ROWS rows' scores, and a row's keys' offsets where a window splits them */
+        const int64_t width = (longest + PAD + 1) & ~(int64_t)1;
+        float *scores = failed ? NULL : malloc(sizeof(float) * (size_t)(MAX_ROWS * width)
+                                               + sizeof(int64_t) * (size_t)(longest + PAD));
+        int64_t *split = scores ? (int64_t *)(scores + MAX_ROWS * width) : NULL;
+        if (!scores) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier  /* `failed` is final from here on: read without a race below */
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < num_listed; i++) {
+            if (failed) continue;
+            const int64_t seq = seqs[i], len = seq_lens[seq];
+            int64_t sink_end, start, *o = offs + base[i];
+            visible(len - (query_start[seq + 1] - query_start[seq]), window, sinks, &sink_end,
+                    &start);
+            key_offsets(tables + seq * max_blocks, block_size, stride, 0, sink_end, o);
+            key_offsets(tables + seq * max_blocks, block_size, stride, start, len, o);
+            for (int64_t t = len; t < len + PAD; t++) o[t] = o[start];
+        }
+        #pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (failed) continue;
+            const int64_t b = task / subgroups, i = block_seq[b], h = task % subgroups * per;
+            const int64_t seq = seqs[i], kv = (h / group) * dim, len = seq_lens[seq];
+            const int64_t q0 = query_start[seq], q_len = query_start[seq + 1] - q0;
+            const int64_t j0 = (b - first_block[i]) * positions;
+            const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
+            const int64_t *o = offs + base[i];
+            int64_t sink_end, start;
+            visible(len - 1, window, sinks, &sink_end, &start);
+            if (start == 0) {  /* every query sees every key before it: positions together */
+                attend(q + ((q0 + j0) * heads + h) * dim, heads * dim, per, count * per,
+                       k_cache + kv, v_cache + kv, o, len - q_len + j0 + 1, dim, scale, scores,
+                       width, out + ((q0 + j0) * heads + h) * dim);
+                continue;
+            }
+            for (int64_t j = j0; j < j0 + count; j++) {  /* a position's heads: same keys */
+                const int64_t s = len - q_len + j, row = ((q0 + j) * heads + h) * dim;
+                visible(s, window, sinks, &sink_end, &start);
+                const int64_t *keys = o + start, n = sink_end + s + 1 - start;
+                if (sink_end > 0) {  /* sinks, then the window: copied into one list */
+                    for (int64_t t = 0; t < sink_end; t++) split[t] = o[t];
+                    for (int64_t t = start; t < len + PAD; t++) split[sink_end + t - start] = o[t];
+                    keys = split;
+                }
+                attend(q + row, heads * dim, per, per, k_cache + kv, v_cache + kv, keys, n, dim,
+                       scale, scores, width, out + row);
+            }
+        }
+        free(scores);
+    }
+    free(block_seq);
+    free(offs);
+    free(base);
+    return failed ? -2 : 0;
+}
