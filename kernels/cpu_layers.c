@@ -66,10 +66,10 @@ static int product(const struct lf_linear *l, const float *x, int64_t M, int64_t
 
 /* Layers [0, count) over T tokens: x [T, hidden], the embedded tokens, becomes the last
  * layer's down product and residual [T, hidden] the residual stream, as the model's Python
- * loop leaves them.  Returns 0; -1 when a slot is
- * outside its cache, -2 when a block table names a block outside it (both found at the
- * first layer of the pool, before anything of that pool is written), -3 when scratch
- * memory cannot be had. */
+ * loop leaves them.  Returns 0; -1 when a slot is outside its cache (found at the pool's
+ * first layer, before it writes anything); -2 when a block table names a block outside it
+ * (found at the pool's first layer after it wrote this step's keys and values, as in the
+ * per-op path); -3 when scratch memory cannot be had. */
 int lf_cpu_decoder_layers(const struct lf_stack *s, const struct lf_layer *layers,
                           int64_t count, int64_t T, float *x, float *residual)
 {

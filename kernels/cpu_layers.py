@@ -149,9 +149,11 @@ def decoder_stack(shapes: Shapes, layers: Sequence[LayerWeights],
     """The layers and their caches ([num_blocks, block_size, kv_heads, head_dim] each, the
     windowed layers' in the second pool) for `DecoderStack.run`; None where the native
     kernels do not run here or do not take every product (packed weights the native GEMM
-    takes, float32 biases, norms and caches in CPU memory, head_dim a multiple of 16)."""
+    takes, float32 biases, norms and caches in CPU memory, head_dim a multiple of 16, whole
+    groups of heads a KV head)."""
     s = shapes
-    if library_in_use() is None or s.head_dim % 16 or s.hidden % 16 or s.intermediate % 8:
+    if (library_in_use() is None or s.head_dim % 16 or s.hidden % 16 or s.intermediate % 8
+            or s.heads % s.kv_heads):
         return None
     if not caches or len(caches) != len(layers):
         return None
