@@ -12,8 +12,8 @@ one step; within `turned_off` it declines (side-by-side benchmarks: `leapfrog be
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -21,20 +21,15 @@ import torch
 from kernels.cpu_attention import AttentionStep
 from kernels.cpu_native import float_rows, library_in_use, panel_arguments, supports
 from kernels.quant import PackedWeight
+from kernels.switch import Switch
 
-_off = False
+_enabled = Switch(True)  # off within `turned_off`
 
 
-@contextmanager
-def turned_off() -> Iterator[None]:
+def turned_off() -> AbstractContextManager[None]:
     """Within it `DecoderStack.run` declines: the model calls its layers one by one, through
     the same kernels."""
-    global _off
-    before, _off = _off, True
-    try:
-        yield
-    finally:
-        _off = before
+    return _enabled.off()
 
 
 class _Linear(ctypes.Structure):  # struct lf_linear
@@ -120,7 +115,7 @@ class DecoderStack:
         s = self.shapes
         t = x.shape[0]
         pools = (full, sparse or full)
-        if lib is None or _off or not (
+        if lib is None or not _enabled or not (
                 x.dim() == 2 and float_rows(x, s.hidden) and 1 <= count <= len(self.layers)
                 and all(step.rows == t and slots.shape == (t,) and slots.dtype == torch.int64
                         and slots.is_contiguous() for step, slots in pools)

@@ -29,14 +29,15 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kernels.quant import PackedWeight, unpack_int4
+from kernels.switch import Switch
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,6 @@ _lock = threading.Lock()
 _lib: Library | None = None
 _variant: Variant | None = None
 _tried = False
-_off = False
 
 
 def library_name(variant: Variant) -> str:
@@ -203,16 +203,13 @@ def variant_in_use() -> str | None:
     return _variant.name if available() else None
 
 
-@contextmanager
-def turned_off() -> Iterator[None]:
+_enabled = Switch(True)  # off within `turned_off`
+
+
+def turned_off() -> AbstractContextManager[None]:
     """Within it `supports` is False and the other ops decline, so `kernels.gemm` and the
     model take torch's kernels (side-by-side benchmarks, tests of the torch path)."""
-    global _off
-    before, _off = _off, True
-    try:
-        yield
-    finally:
-        _off = before
+    return _enabled.off()
 
 
 def _takes(packed: PackedWeight) -> bool:
@@ -224,8 +221,8 @@ def supports(packed: PackedWeight) -> bool:
     """Whether `linear` takes this weight: the rows layout in CPU memory, K a multiple of 32,
     contiguous, and a variant runs here (not `turned_off`)."""
     if "native" in packed.cache:  # taken before: its panels are built
-        return not _off and _lib is not None
-    return not _off and _takes(packed) and available()
+        return _enabled.on and _lib is not None
+    return _enabled.on and _takes(packed) and available()
 
 
 def panels(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -293,7 +290,7 @@ def linear(x: torch.Tensor, packed: PackedWeight, lib: Library | None = None) ->
 
 def library_in_use() -> Library | None:
     """The library the model's ops run on: None where none loads, or inside `turned_off`."""
-    return None if _off or not available() else _lib
+    return None if not _enabled or not available() else _lib
 
 
 def float_rows(t: torch.Tensor, k: int) -> bool:

@@ -34,7 +34,7 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
 def _native(q, k_cache, v_cache, tables, lens, qsl, scale, window, sinks, seqs=None, lib=None):
     out = torch.full_like(q, float("nan"))
     step = cpu_attention.attention_step(tables, lens, qsl, list(range(len(lens))) if seqs is None
-                                     else seqs, window, sinks)
+                                        else seqs, window, sinks)
     assert cpu_attention.paged_attention(q, k_cache, v_cache, step, scale, out, lib)
     return out
 

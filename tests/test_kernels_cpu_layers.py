@@ -192,7 +192,7 @@ def test_the_benchmark_compares_both_paths(tmp_path, monkeypatch):
     def counted(self, x, rope, meta, count):
         out = forward(self, x, rope, meta, count)
         if meta.native_step(x.shape[0]) is not None:
-            seen.add((cpu_layers._off, out is not None))
+            seen.add((not cpu_layers._enabled, out is not None))
         return out
 
     monkeypatch.setattr(LlamaForCausalLM, "_native_forward", counted)
@@ -204,4 +204,4 @@ def test_the_benchmark_compares_both_paths(tmp_path, monkeypatch):
     # (rates of so few tokens on a loaded machine can be anything, even negative: t(8) - t(1))
     assert all(math.isfinite(row[k]) for k in ("one_call", "per_op", "ratio"))
     assert seen == {(False, True), (True, False)}  # decode steps both ways
-    assert not cpu_layers._off  # switched back on
+    assert cpu_layers._enabled.on  # switched back on
