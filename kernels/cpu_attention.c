@@ -1,5 +1,6 @@
 /* Paged attention of short queries (decode and verification steps) on x86 CPUs, straight
- * from the paged KV cache, with the hybrid cache's sinks + window mask; its sums in
+ * from the paged KV cache (float32, float16 or bfloat16: cpu_vec.h's KV_*, read as float32),
+ * with the hybrid cache's sinks + window mask; its sums in
  * cpu_vec.h's fixed order, so a query row's bits depend only on its own query and keys.
  * kernels/cpu_attention.py calls it; kernels/cpu_native.py builds it with the other sources.
  */
@@ -54,12 +55,13 @@ static void key_offsets(const int32_t *table, int64_t block_size, int64_t row_st
 static inline int64_t pad(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 
 /* q . k in 16 lanes (element d in lane d mod 16), lanes l and l + 8 added. */
-static inline v8 dot_halves(const float *q, const float *k, int64_t dim)
+static inline __attribute__((always_inline)) v8 dot_halves(const float *q, const void *k_cache,
+                                                           int64_t k, int64_t dim, int kv)
 {
-    v8 lo = load8(q) * load8(k), hi = load8(q + 8) * load8(k + 8);
+    v8 lo = load8(q) * load_kv8(k_cache, k, kv), hi = load8(q + 8) * load_kv8(k_cache, k + 8, kv);
     for (int64_t d0 = 16; d0 < dim; d0 += 16) {
-        lo += load8(q + d0) * load8(k + d0);
-        hi += load8(q + d0 + 8) * load8(k + d0 + 8);
+        lo += load8(q + d0) * load_kv8(k_cache, k + d0, kv);
+        hi += load8(q + d0 + 8) * load_kv8(k_cache, k + d0 + 8, kv);
     }
     return lo + hi;
 }
@@ -67,10 +69,11 @@ static inline v8 dot_halves(const float *q, const float *k, int64_t dim)
 /* The dot products of q with 8 keys: `dot_halves`, then lanes l and l + 4, l + 2, l + 1
  * added (as `lanes_sum` adds them) by a transposing tree, after which lanes 0..7 hold keys
  * 0, 2, 4, 6, 1, 3, 5, 7, put back in order at the end. */
-static inline v8 dot8(const float *q, const float *k_cache, const int64_t *offs, int64_t dim)
+static inline __attribute__((always_inline)) v8 dot8(const float *q, const void *k_cache,
+                                                     const int64_t *offs, int64_t dim, int kv)
 {
     v8 p[8];
-    for (int i = 0; i < 8; i++) p[i] = dot_halves(q, k_cache + offs[i], dim);
+    for (int i = 0; i < 8; i++) p[i] = dot_halves(q, k_cache, offs[i], dim, kv);
     for (int i = 0; i < 4; i++)  /* [key 2i lanes 0..3, key 2i + 1 lanes 0..3] */
         p[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
              + SHUFFLE(p[2 * i], p[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
@@ -124,8 +127,8 @@ static inline float softmax_row(float *scores, int64_t n, int64_t padded)
  * i mod 16 of the sum, out[d] summed over keys in order); the rows only share each block of
  * keys while it is in cache. */
 static inline __attribute__((always_inline)) void attend_rows(
-    const float *q, int64_t stride, int64_t per, int64_t rows, const float *k_cache,
-    const float *v_cache, const int64_t *offs, int64_t n, int64_t dim, float scale,
+    const float *q, int64_t stride, int64_t per, int64_t rows, const void *k_cache,
+    const void *v_cache, int kv, const int64_t *offs, int64_t n, int64_t dim, float scale,
     float *scores, int64_t width, float *out)
 {
     const int64_t keys = n + (rows - 1) / per;
@@ -133,7 +136,7 @@ static inline __attribute__((always_inline)) void attend_rows(
     for (int64_t i = 0; i < pad(keys); i += 8)
         for (int64_t r = 0; r < rows; r++)
             if (i < pad(n + r / per))
-                store8(scores + r * width + i, dot8(q + ROW(r), k_cache, offs + i, dim) * scale);
+                store8(scores + r * width + i, dot8(q + ROW(r), k_cache, offs + i, dim, kv) * scale);
     float inv[MAX_ROWS];
     for (int64_t r = 0; r < rows; r++)
         inv[r] = softmax_row(scores + r * width, n + r / per, pad(n + r / per));
@@ -148,10 +151,9 @@ static inline __attribute__((always_inline)) void attend_rows(
                 const int64_t end = c0 + CHUNK < n + r / per ? c0 + CHUNK : n + r / per;
                 v8 a[8];
                 for (int c = 0; c < 8; c++) a[c] = acc[r][c];
-                for (int64_t j = c0; j < end; j++) {
-                    const float *v = v_cache + offs[j] + d0;
-                    for (int c = 0; c < 8; c++) a[c] += p[j] * load8(v + 8 * c);
-                }
+                for (int64_t j = c0; j < end; j++)
+                    for (int c = 0; c < 8; c++)
+                        a[c] += p[j] * load_kv8(v_cache, offs[j] + d0 + 8 * c, kv);
                 for (int c = 0; c < 8; c++) acc[r][c] = a[c];
             }
         for (int64_t r = 0; r < rows; r++)
@@ -162,9 +164,8 @@ static inline __attribute__((always_inline)) void attend_rows(
             const float *p = scores + r * width;
             v8 a = {0}, b = {0};
             for (int64_t j = 0; j < n + r / per; j++) {
-                const float *v = v_cache + offs[j] + d0;
-                a += p[j] * load8(v);
-                b += p[j] * load8(v + 8);
+                a += p[j] * load_kv8(v_cache, offs[j] + d0, kv);
+                b += p[j] * load_kv8(v_cache, offs[j] + d0 + 8, kv);
             }
             store8(out + ROW(r) + d0, a * inv[r]);
             store8(out + ROW(r) + d0 + 8, b * inv[r]);
@@ -172,21 +173,24 @@ static inline __attribute__((always_inline)) void attend_rows(
 #undef ROW
 }
 
-/* `attend_rows`, compiled apart for the common head sizes. */
+/* `attend_rows`, compiled apart for each KV element type and the common head sizes. */
+#define ATTEND(KV, DIM) attend_rows(q, stride, per, rows, k_cache, v_cache, KV, offs, n, DIM, \
+                                    scale, scores, width, out)
+#define ATTEND_KV(KV) (dim == 64 ? ATTEND(KV, 64) : dim == 128 ? ATTEND(KV, 128) \
+                       : ATTEND(KV, dim))
 static void attend(const float *q, int64_t stride, int64_t per, int64_t rows,
-                   const float *k_cache, const float *v_cache, const int64_t *offs, int64_t n,
-                   int64_t dim, float scale, float *scores, int64_t width, float *out)
+                   const void *k_cache, const void *v_cache, int kv, const int64_t *offs,
+                   int64_t n, int64_t dim, float scale, float *scores, int64_t width, float *out)
 {
-    if (dim == 64)
-        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, 64, scale, scores, width,
-                    out);
-    else if (dim == 128)
-        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, 128, scale, scores, width,
-                    out);
+    if (kv == KV_F16)
+        ATTEND_KV(KV_F16);
+    else if (kv == KV_BF16)
+        ATTEND_KV(KV_BF16);
     else
-        attend_rows(q, stride, per, rows, k_cache, v_cache, offs, n, dim, scale, scores, width,
-                    out);
+        ATTEND_KV(KV_F32);
 }
+#undef ATTEND_KV
+#undef ATTEND
 
 /* One step's sequences for lf_cpu_paged_attention, shared by every layer (built once a
  * step: kernels/cpu_attention.py's AttentionStep): block tables [num_seqs, max_blocks], each
@@ -201,14 +205,17 @@ struct lf_attention_step {
 
 /* Paged attention of the step's listed sequences' queries (kernels/attention.py's layout
  * and masks), each (sequence, heads of a KV head's group) a task: q, out [T, heads, dim],
- * caches [num_blocks, block_size, kv_heads, dim]; dim a multiple of 16.  Returns 0; -1
+ * caches [num_blocks, block_size, kv_heads, dim] of element type kv_type (cpu_vec.h's
+ * KV_*); dim a multiple of 16.  Returns 0; -1
  * (writing nothing) when a table names a block outside the cache; -2 when scratch memory
  * cannot be had. */
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
-                           int64_t kv_heads, int64_t dim, const float *k_cache,
-                           const float *v_cache, int64_t num_blocks, int64_t block_size,
-                           float scale, float *out)
+                           int64_t kv_heads, int64_t dim, const void *k_cache,
+                           const void *v_cache, int64_t kv_type, int64_t num_blocks,
+                           int64_t block_size, float scale, float *out)
 {
+    const int kv = (int)kv_type;
+    const size_t element = kv == KV_F32 ? sizeof(float) : sizeof(uint16_t);
     const int32_t *tables = step->tables, *seq_lens = step->seq_lens;
     const int32_t *query_start = step->query_start, *seqs = step->seqs;
     const int64_t max_blocks = step->max_blocks, num_listed = step->num_listed;
@@ -275,7 +282,9 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
         for (int64_t task = 0; task < tasks; task++) {
             if (failed) continue;
             const int64_t b = task / subgroups, i = block_seq[b], h = task % subgroups * per;
-            const int64_t seq = seqs[i], kv = (h / group) * dim, len = seq_lens[seq];
+            const int64_t seq = seqs[i], len = seq_lens[seq];
+            const size_t head = (size_t)((h / group) * dim) * element;  /* its KV head's */
+            const void *k = (const char *)k_cache + head, *v = (const char *)v_cache + head;
             const int64_t q0 = query_start[seq], q_len = query_start[seq + 1] - q0;
             const int64_t j0 = (b - first_block[i]) * positions;
             const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
@@ -284,8 +293,8 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
             visible(len - 1, window, sinks, &sink_end, &start);
             if (start == 0) {  /* every query sees every key before it: positions together */
                 attend(q + ((q0 + j0) * heads + h) * dim, heads * dim, per, count * per,
-                       k_cache + kv, v_cache + kv, o, len - q_len + j0 + 1, dim, scale, scores,
-                       width, out + ((q0 + j0) * heads + h) * dim);
+                       k, v, kv, o, len - q_len + j0 + 1, dim, scale, scores, width,
+                       out + ((q0 + j0) * heads + h) * dim);
                 continue;
             }
             for (int64_t j = j0; j < j0 + count; j++) {  /* a position's heads: same keys */
@@ -297,8 +306,8 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
                     for (int64_t t = start; t < len + PAD; t++) split[sink_end + t - start] = o[t];
                     keys = split;
                 }
-                attend(q + row, heads * dim, per, per, k_cache + kv, v_cache + kv, keys, n, dim,
-                       scale, scores, width, out + row);
+                attend(q + row, heads * dim, per, per, k, v, kv, keys, n, dim, scale, scores,
+                       width, out + row);
             }
         }
         free(scores);

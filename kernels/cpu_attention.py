@@ -9,7 +9,7 @@ import ctypes
 
 import torch
 
-from kernels.cpu_native import Library, float_rows, library_in_use
+from kernels.cpu_native import Library, float_rows, kv_type, library_in_use
 
 
 class AttentionStep(ctypes.Structure):
@@ -52,8 +52,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Attention of `step`'s sequences' queries into their rows of `out` ([T, heads, dim],
     as q), from one layer's paged caches; a row's bits depend only on its own query and
     keys. False, with nothing written, where the native kernels do not take these tensors
-    (float32 in CPU memory, contiguous, dim a multiple of 16): the caller then uses
-    torch's. Its cost grows with each query's keys, so it suits decode and verification
+    (float32 q and out and caches of a `cpu_native.KV_TYPES` type, in CPU memory,
+    contiguous, dim a multiple of 16): the caller then uses torch's. Its cost grows with each query's keys, so it suits decode and verification
     steps: a prefill of hundreds of tokens runs faster through torch's blocked attention."""
     lib = lib or library_in_use()
     if lib is None:
@@ -61,13 +61,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     t, heads, dim = q.shape
     if t < step.rows:
         raise ValueError(f"the step's queries take {step.rows} rows, q has {t}")
+    kv = kv_type(k_cache, v_cache, dim)
     if not (dim % 16 == 0 and float_rows(q, dim) and float_rows(out, dim)
-            and out.shape == q.shape and k_cache.dim() == 4 and k_cache.shape[-1] == dim
-            and heads % k_cache.shape[2] == 0 and v_cache.shape == k_cache.shape
-            and float_rows(k_cache, dim) and float_rows(v_cache, dim)):
+            and out.shape == q.shape and k_cache.dim() == 4 and kv is not None
+            and heads % k_cache.shape[2] == 0):
         return False
     rc = lib.attention(ctypes.addressof(step), q.data_ptr(), heads, k_cache.shape[2], dim,
-                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
+                       k_cache.data_ptr(), v_cache.data_ptr(), kv, k_cache.shape[0],
                        k_cache.shape[1], scale, out.data_ptr())
     if rc == -1:
         raise IndexError("a block table names a block outside the KV cache")

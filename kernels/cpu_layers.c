@@ -18,11 +18,12 @@ void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *wei
                          int64_t M, int64_t K, float *out, float *res_out);
 int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
                          int64_t dim, const float *cos, const float *sin, const int64_t *slots,
-                         int64_t num_slots, float *k_cache, float *v_cache, float *q_out);
+                         int64_t num_slots, void *k_cache, void *v_cache, int64_t kv_type,
+                         float *q_out);
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
-                           int64_t kv_heads, int64_t dim, const float *k_cache,
-                           const float *v_cache, int64_t num_blocks, int64_t block_size,
-                           float scale, float *out);
+                           int64_t kv_heads, int64_t dim, const void *k_cache,
+                           const void *v_cache, int64_t kv_type, int64_t num_blocks,
+                           int64_t block_size, float scale, float *out);
 void lf_cpu_silu_mul(const float *x, int64_t M, int64_t I, float *out);
 
 /* A packed weight in cpu_gemm.c's panels (offsets NULL for int8), and its bias or NULL. */
@@ -36,16 +37,17 @@ struct lf_linear {
 struct lf_layer {
     struct lf_linear qkv, o, gate_up, down;
     const float *input_norm, *post_norm;
-    float *k_cache, *v_cache;  /* [num_blocks, block_size, kv_heads, dim] */
+    void *k_cache, *v_cache;  /* [num_blocks, block_size, kv_heads, dim] of lf_stack's kv_type */
     int64_t num_blocks;
     int64_t pool;  /* which of the step's KV pools the cache is in (1: sinks + window) */
 };
 
-/* The model's shapes, and one step's inputs: per KV pool its sequences for the attention
+/* The model's shapes and its KV caches' element type (cpu_vec.h's KV_*), and one step's
+ * inputs: per KV pool its sequences for the attention
  * (cpu_attention.py's AttentionStep) and its tokens' flat slots; RoPE's cos and sin
  * [T, dim / 2] for the tokens' positions. */
 struct lf_stack {
-    int64_t hidden, heads, kv_heads, dim, intermediate, block_size;
+    int64_t hidden, heads, kv_heads, dim, intermediate, block_size, kv_type;
     float eps, scale;
     const struct lf_attention_step *attention[2];
     const int64_t *slots[2];
@@ -91,13 +93,13 @@ int lf_cpu_decoder_layers(const struct lf_stack *s, const struct lf_layer *layer
         if ((rc = product(&l->qkv, h, T, H, qkv_width, wide)) != 0) break;
         if (lf_cpu_rope_kv_write(wide, T, s->heads, s->kv_heads, s->dim, s->cos, s->sin,
                                  s->slots[l->pool], l->num_blocks * s->block_size,
-                                 l->k_cache, l->v_cache, q) != 0) {
+                                 l->k_cache, l->v_cache, s->kv_type, q) != 0) {
             rc = -1;
             break;
         }
         const int a = lf_cpu_paged_attention(s->attention[l->pool], q, s->heads, s->kv_heads,
-                                             s->dim, l->k_cache, l->v_cache, l->num_blocks,
-                                             s->block_size, s->scale, att);
+                                             s->dim, l->k_cache, l->v_cache, s->kv_type,
+                                             l->num_blocks, s->block_size, s->scale, att);
         if (a != 0) {
             rc = a == -1 ? -2 : -3;
             break;

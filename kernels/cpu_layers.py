@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.cpu_attention import AttentionStep
-from kernels.cpu_native import float_rows, library_in_use, panel_arguments, supports
+from kernels.cpu_native import float_rows, kv_type, library_in_use, panel_arguments, supports
 from kernels.quant import PackedWeight
 from kernels.switch import Switch
 
@@ -49,6 +49,7 @@ class _Stack(ctypes.Structure):  # struct lf_stack
     _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("kv_heads", ctypes.c_int64), ("dim", ctypes.c_int64),
                 ("intermediate", ctypes.c_int64), ("block_size", ctypes.c_int64),
+                ("kv_type", ctypes.c_int64),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("attention", ctypes.c_void_p * 2), ("slots", ctypes.c_void_p * 2),
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
@@ -98,9 +99,10 @@ class DecoderStack:
     """A model's layers with their KV caches, as `lf_cpu_decoder_layers` takes them (the
     weights' and caches' addresses: build a new one when the caches change)."""
 
-    def __init__(self, shapes: Shapes, layers: ctypes.Array, block_size: int,
+    def __init__(self, shapes: Shapes, layers: ctypes.Array, block_size: int, kv: int,
                  keep: tuple) -> None:
         self.shapes, self.layers, self.block_size, self._keep = shapes, layers, block_size, keep
+        self.kv_type = kv  # the caches' element type (`cpu_native.KV_TYPES`)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             full: tuple[AttentionStep, torch.Tensor],
@@ -123,7 +125,7 @@ class DecoderStack:
                 and float_rows(cos, s.head_dim // 2) and float_rows(sin, s.head_dim // 2)):
             return None
         stack = _Stack(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate,
-                       self.block_size, s.eps, s.scale,
+                       self.block_size, self.kv_type, s.eps, s.scale,
                        (ctypes.c_void_p * 2)(*(ctypes.addressof(step) for step, _ in pools)),
                        (ctypes.c_void_p * 2)(*(slots.data_ptr() for _, slots in pools)),
                        cos.data_ptr(), sin.data_ptr())
@@ -144,8 +146,8 @@ def decoder_stack(shapes: Shapes, layers: Sequence[LayerWeights],
     """The layers and their caches ([num_blocks, block_size, kv_heads, head_dim] each, the
     windowed layers' in the second pool) for `DecoderStack.run`; None where the native
     kernels do not run here or do not take every product (packed weights the native GEMM
-    takes, float32 biases, norms and caches in CPU memory, head_dim a multiple of 16, whole
-    groups of heads a KV head)."""
+    takes, float32 biases and norms and caches of one `cpu_native.KV_TYPES` type in CPU
+    memory, head_dim a multiple of 16, whole groups of heads a KV head)."""
     s = shapes
     if (library_in_use() is None or s.head_dim % 16 or s.hidden % 16 or s.intermediate % 8
             or s.heads % s.kv_heads):
@@ -155,6 +157,7 @@ def decoder_stack(shapes: Shapes, layers: Sequence[LayerWeights],
     q_width = s.heads * s.head_dim
     qkv_width = (s.heads + 2 * s.kv_heads) * s.head_dim
     block_size = caches[0][0].shape[1]
+    kv = kv_type(*caches[0], s.head_dim)
     built = []
     for w, (k_cache, v_cache) in zip(layers, caches, strict=True):
         products = (_linear(w.qkv, s.hidden, qkv_width), _linear(w.o, q_width, s.hidden),
@@ -165,11 +168,10 @@ def decoder_stack(shapes: Shapes, layers: Sequence[LayerWeights],
                     for n in (w.input_norm, w.post_norm))
                 and k_cache.dim() == 4 and k_cache.shape[1:] == (block_size, s.kv_heads,
                                                                   s.head_dim)
-                and v_cache.shape == k_cache.shape and float_rows(k_cache, s.head_dim)
-                and float_rows(v_cache, s.head_dim)):
+                and kv is not None and kv_type(k_cache, v_cache, s.head_dim) == kv):
             return None
         built.append(_Layer(*products, w.input_norm.data_ptr(), w.post_norm.data_ptr(),
                             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
                             int(w.windowed)))
     keep = (tuple(layers), tuple(caches))  # the addresses above stay valid while these live
-    return DecoderStack(s, (_Layer * len(built))(*built), block_size, keep)
+    return DecoderStack(s, (_Layer * len(built))(*built), block_size, kv, keep)

@@ -156,10 +156,10 @@ def load(variant: Variant) -> Library | None:
     norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p]
     norm.restype = None
     rope = lib.lf_cpu_rope_kv_write
-    rope.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, p]
+    rope.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, i64, p]
     rope.restype = ctypes.c_int
     attention = lib.lf_cpu_paged_attention
-    attention.argtypes = [p, p, i64, i64, i64, p, p, i64, i64, ctypes.c_float, p]
+    attention.argtypes = [p, p, i64, i64, i64, p, p, i64, i64, i64, ctypes.c_float, p]
     attention.restype = ctypes.c_int
     silu = lib.lf_cpu_silu_mul
     silu.argtypes = [p, i64, i64, p]
@@ -297,6 +297,22 @@ def float_rows(t: torch.Tensor, k: int) -> bool:
     return t.is_cpu and t.dtype == torch.float32 and t.shape[-1] == k and t.is_contiguous()
 
 
+KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+"""The KV cache element types the native kernels read and write (cpu_vec.h's KV_*): 16-bit
+ones are read as float32 exactly and written rounded to nearest even, as torch converts."""
+
+
+def kv_type(k_cache: torch.Tensor, v_cache: torch.Tensor, dim: int) -> int | None:
+    """The native code of a pair of KV caches' element type (`KV_TYPES`), None where the
+    native kernels do not take them (CPU memory, contiguous, rows of `dim`, one shape and
+    type)."""
+    if not (k_cache.is_cpu and k_cache.shape[-1] == dim and k_cache.is_contiguous()
+            and v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
+            and v_cache.is_cpu and v_cache.is_contiguous()):
+        return None
+    return KV_TYPES.get(k_cache.dtype)
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float, lib: Library | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -325,19 +341,20 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                   heads: int, kv_heads: int, lib: Library | None = None) -> torch.Tensor | None:
     """Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin: [T, 1,
-    dim / 2], `layers.RotaryEmbedding.inputs`), k and v stored at the caches' flat slots;
-    returns the rotated q [T, heads, dim]. Float32 tensors in CPU memory, contiguous; None
-    where the native kernels do not take them (the caller then rotates and stores with
-    torch's ops). One call instead of ~15 small ops a layer."""
+    dim / 2], `layers.RotaryEmbedding.inputs`), k and v stored at the caches' flat slots
+    (rounded to the caches' type: `KV_TYPES`); returns the rotated q [T, heads, dim].
+    Float32 tensors in CPU memory, contiguous; None where the native kernels do not take
+    them (the caller then rotates and stores with torch's ops). One call instead of ~15
+    small ops a layer."""
     lib = lib or library_in_use()
     if lib is None:
         return None
     t, width, dim = qkv.shape
+    kv = kv_type(k_cache, v_cache, dim)
     if not (width == heads + 2 * kv_heads and dim % 2 == 0 and float_rows(qkv, dim)
             and cos.shape == sin.shape == (t, 1, dim // 2) and float_rows(cos, dim // 2)
             and float_rows(sin, dim // 2) and k_cache.shape[-2:] == (kv_heads, dim)
-            and v_cache.shape == k_cache.shape and float_rows(k_cache, dim)
-            and float_rows(v_cache, dim) and slot_mapping.is_cpu
+            and kv is not None and (kv == 0 or kv_heads * dim % 8 == 0) and slot_mapping.is_cpu
             and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (t,)
             and slot_mapping.is_contiguous()):
         return None
@@ -345,7 +362,7 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     slots = k_cache.numel() // (kv_heads * dim)
     if lib.rope_kv_write(qkv.data_ptr(), t, heads, kv_heads, dim, cos.data_ptr(),
                          sin.data_ptr(), slot_mapping.data_ptr(), slots, k_cache.data_ptr(),
-                         v_cache.data_ptr(), q.data_ptr()) != 0:
+                         v_cache.data_ptr(), kv, q.data_ptr()) != 0:
         raise IndexError(f"a KV slot outside 0..{slots - 1}")
     return q
 

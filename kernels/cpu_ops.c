@@ -43,22 +43,25 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
 
 /* Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin [T, dim / 2]),
  * q into q_out [T, heads, dim], k and v into the caches' flat slots [slots, kv_heads, dim]
- * at slots[t].  Returns 0, or -1 (writing nothing) when a slot is outside 0..num_slots-1. */
+ * at slots[t], their elements of type kv_type (cpu_vec.h's KV_*; a 16-bit one needs
+ * kv_heads * dim a multiple of 8).  Returns 0, or -1 (writing nothing) when a slot is
+ * outside 0..num_slots-1. */
 int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
                          int64_t dim, const float *cos, const float *sin, const int64_t *slots,
-                         int64_t num_slots, float *k_cache, float *v_cache, float *q_out)
+                         int64_t num_slots, void *k_cache, void *v_cache, int64_t kv_type,
+                         float *q_out)
 {
     const int64_t half = dim / 2, row = (heads + 2 * kv_heads) * dim, kv = kv_heads * dim;
     for (int64_t t = 0; t < T; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    float k[kv];  /* a token's rotated keys, then stored */
     for (int64_t t = 0; t < T; t++) {
         const float *x = qkv + t * row, *c = cos + t * half, *s = sin + t * half;
         for (int64_t h = 0; h < heads; h++)
             rotate(x + h * dim, c, s, half, q_out + (t * heads + h) * dim);
-        for (int64_t h = 0; h < kv_heads; h++)
-            rotate(x + (heads + h) * dim, c, s, half, k_cache + slots[t] * kv + h * dim);
-        const float *v = x + (heads + kv_heads) * dim;
-        for (int64_t i = 0; i < kv; i++) v_cache[slots[t] * kv + i] = v[i];
+        for (int64_t h = 0; h < kv_heads; h++) rotate(x + (heads + h) * dim, c, s, half, k + h * dim);
+        store_kv(k_cache, slots[t] * kv, k, kv, (int)kv_type);
+        store_kv(v_cache, slots[t] * kv, x + (heads + kv_heads) * dim, kv, (int)kv_type);
     }
     return 0;
 }

@@ -1,6 +1,7 @@
 /* What the float32 kernels of cpu_ops.c and cpu_attention.c share (kernels/cpu_native.py
  * builds them into one library per instruction set): sums over 16 fixed lanes, GCC's vector
- * extension for 8 floats (one AVX register, operations lane-wise), and an exponential.
+ * extension for 8 floats (one AVX register, operations lane-wise), an exponential, and the
+ * KV cache's element types (float32, float16, bfloat16) read and written.
  *
  * Every sum has a fixed order: over a row's elements in 16 lanes (element k in lane k mod 16)
  * added pairwise at the end, over keys one key after another; so a row's result takes the
@@ -10,7 +11,9 @@
 #ifndef LF_CPU_VEC_H
 #define LF_CPU_VEC_H
 
+#include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #define LANES 16
 
@@ -49,6 +52,43 @@ static inline v8 exp8(v8 x)
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     return p * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+}
+
+/* A KV cache's element type: float32, or a 16-bit one (float16, bfloat16) read as float32
+ * (exactly) and written rounded to nearest even, as torch converts. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
+/* 8 floats from element `i` of a KV cache of type `kv` (a constant where it is inlined:
+ * the branches fold away). */
+static inline __attribute__((always_inline)) v8 load_kv8(const void *base, int64_t i, int kv)
+{
+    if (kv == KV_F32) return load8((const float *)base + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    if (kv == KV_F16) return (v8)_mm256_cvtph_ps(h);
+    return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+}
+
+/* n floats (a multiple of 8) into a KV cache of type `kv` from element `i`. */
+static inline void store_kv(void *base, int64_t i, const float *x, int64_t n, int kv)
+{
+    if (kv == KV_F32) {
+        for (int64_t j = 0; j < n; j++) ((float *)base)[i + j] = x[j];
+        return;
+    }
+    uint16_t *out = (uint16_t *)base + i;
+    for (int64_t j = 0; j < n; j += 8) {
+        if (kv == KV_F16) {
+            _mm_storeu_si128((__m128i *)(out + j),
+                             _mm256_cvtps_ph((__m256)load8(x + j), _MM_FROUND_TO_NEAREST_INT));
+            continue;
+        }
+        for (int l = 0; l < 8; l++) {  /* bfloat16: NaN as torch writes it, else to even */
+            uint32_t bits;
+            memcpy(&bits, x + j + l, 4);
+            out[j + l] = x[j + l] != x[j + l] ? 0xffff
+                       : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+        }
+    }
 }
 
 #endif

@@ -3,8 +3,9 @@
 relative Frobenius error in float32 (measured 2e-7 to 8e-7: the kernel's exponential is a
 polynomial good to ~2 ulp); a row's bits independent of the batch, of the number of queries
 beside it (verification against decode) and of the variant; keys outside a window never
-read; a bad block table refused with nothing written. Outputs are poisoned with NaN
-beforehand so any unwritten element fails."""
+read; a bad block table refused with nothing written; 16-bit caches read as the float32
+values they hold. Outputs are poisoned with NaN beforehand so any unwritten element
+fails."""
 
 from __future__ import annotations
 
@@ -99,6 +100,21 @@ def test_a_head_depends_on_nothing_beside_it(window, sinks, native_lib):
         assert torch.equal(alone, out[:, heads]), g
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]])
+def test_16_bit_caches_read_as_the_float32_values_they_hold(case, dtype, native_lib):
+    """A float16 or bfloat16 cache gives the bits of a float32 cache holding its values
+    (every 16-bit value is one float32 exactly): decode and verification, dims 64, 128 and
+    a generic one, a window with sinks."""
+    seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks = case
+    q, k, v, *rest = random_paged_batch(seq_lens, q_lens, heads, kv_heads, dim, block_size,
+                                        torch.float32)
+    k16, v16 = k.to(dtype), v.to(dtype)
+    out = _native(q, k16, v16, *rest, 0.3, window, sinks, lib=native_lib)
+    assert torch.equal(out, _native(q, k16.float(), v16.float(), *rest, 0.3, window, sinks,
+                                    lib=native_lib))
+
+
 def test_the_variants_agree_bit_for_bit():
     libs = [cpu_native.load(v) for v in cpu_native.runnable()]
     if len(libs) < 2:
@@ -157,7 +173,8 @@ def test_declines_what_it_cannot_take():
 
     assert takes()
     assert not takes(q=q.bfloat16())
-    assert not takes(k=k.bfloat16(), v=v.bfloat16())
+    assert not takes(k=k.double(), v=v.double())
+    assert not takes(k=k.half(), v=v.bfloat16())  # one type for both caches
     assert not takes(q=q[..., :24].contiguous(), k=k[..., :24].contiguous(),
                      v=v[..., :24].contiguous())  # dim not a multiple of 16
     assert not takes(q=q.transpose(0, 1).contiguous().transpose(0, 1))

@@ -209,6 +209,22 @@ def test_rope_kv_write_matches_torch_and_rows_stand_alone(native_lib):
         assert torch.equal(k1.view(-1, 3, 64)[slots[i]], k_out.view(-1, 3, 64)[slots[i]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rope_kv_write_rounds_into_16_bit_caches_as_torch_does(dtype, native_lib):
+    """Into float16 or bfloat16 caches k and v go rounded as torch's conversion rounds the
+    float32 values the kernel writes into a float32 cache (to nearest even; overflow to
+    infinity in float16, NaN kept), at their slots and nowhere else."""
+    qkv, cos, sin, (kc, vc), slots = _rope_case()
+    qkv[0, 12, :4] = torch.tensor([70000.0, -1e-8, float("nan"), 1 + 2**-9])
+    k32, v32 = kc.clone(), vc.clone()
+    q32 = cpu_native.rope_kv_write(qkv, cos, sin, k32, v32, slots, 9, 3, native_lib)
+    k16, v16 = kc.to(dtype), vc.to(dtype)
+    q16 = cpu_native.rope_kv_write(qkv, cos, sin, k16, v16, slots, 9, 3, native_lib)
+    assert torch.equal(q16, q32)
+    for mine, wide in ((k16, k32), (v16, v32)):
+        assert torch.equal(mine.view(torch.int16), wide.to(dtype).view(torch.int16))
+
+
 def test_rope_kv_write_variants_agree_and_refuses_bad_slots_and_declines():
     libs = [cpu_native.load(v) for v in cpu_native.runnable()]
     qkv, cos, sin, (kc, vc), slots = _rope_case()
@@ -223,8 +239,10 @@ def test_rope_kv_write_variants_agree_and_refuses_bad_slots_and_declines():
     assert torch.equal(k, kc) and torch.equal(v, vc)  # nothing written
     assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots, 8, 3) is None  # heads
     assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots.int(), 9, 3) is None
-    assert cpu_native.rope_kv_write(qkv, cos, sin, kc.bfloat16(), vc.bfloat16(), slots, 9,
+    assert cpu_native.rope_kv_write(qkv, cos, sin, kc.double(), vc.double(), slots, 9,
                                     3) is None
+    assert cpu_native.rope_kv_write(qkv, cos, sin, kc.half(), vc.bfloat16(), slots, 9,
+                                    3) is None  # one type for both
     with cpu_native.turned_off():
         assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots, 9, 3) is None
 
