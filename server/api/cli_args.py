@@ -101,6 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "KV cache size in blocks; unset: sized from --kv-cache-memory-gb")
     _add(eng, "--kv-cache-memory-gb", float, e.kv_cache_memory_gb,
          "Memory for the KV cache when --num-kv-blocks is not given")
+    _add(eng, "--kv-cache-dtype", str, e.kv_cache_dtype,
+         "KV cache element type; auto: the compute dtype. On the CPU float16 (or bfloat16) "
+         "holds twice the tokens of float32 and halves what attention reads",
+         choices=["auto", "float32", "bfloat16", "float16"])
     _add(eng, "--sliding-window", int, e.sliding_window,
          "Hybrid KV cache: tokens of recent context the sink + window layers see; their "
          "older blocks leave the cache. Unset: every layer sees the whole context")

@@ -1,7 +1,8 @@
 """`leapfrog bench hybrid`: what a hybrid KV cache (sink + window layers beside full-attention
-ones) costs in quality and gives in memory and decode speed, against full attention.
+ones) and a 16-bit KV cache (`--kv-cache-dtypes`) cost in quality and give in memory and
+decode speed, against full attention in float32 (the compute dtype).
 
-For each configuration, in one process:
+For each configuration at each KV cache dtype, in one process:
 - quality: the mean negative log-likelihood (and perplexity) of a long English text
   (Python's own documentation, `pydoc_data`, so the text is on every machine), teacher
   forced in one forward through the engine's model with its attention policy per layer
@@ -11,16 +12,19 @@ For each configuration, in one process:
   full-attention layers' pool, after the window pool's share for `--max-num-seqs`
   requests), and the KV bytes a token of context costs beyond the window;
 - speed: batch-1 decode tokens/s after a prompt of `--decode-context` tokens, through the
-  engine ((N - 1) / (t(N tokens) - t(1 token)), so the prefill cancels out).
+  engine ((N - 1) / (t(N tokens) - t(1 token)), so the prefill cancels out), every
+  configuration's engine taking its turn in each of `--repeats` rounds (best kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import time
 
 import torch
 
-from server.benchmarks.common import best_time, config_of, machine, table, write_json
+from server.benchmarks.common import config_of, machine, table, write_json
 
 CHUNK = 512  # rows of logits at a time
 # the default layout with and without sinks, and no full-attention layer, at two windows
@@ -32,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=CONFIGS,
                    help="semicolon-separated WINDOW/SINKS/LAYERS hybrid configurations (LAYERS: "
                    "'default', comma-separated full-attention layers, or empty for none), each "
-                   "against full attention")
+                   "against full attention; empty: full attention alone")
+    p.add_argument("--kv-cache-dtypes", default="auto",
+                   help="comma-separated KV cache element types, each configuration at each "
+                        "(auto: the compute dtype; float16, bfloat16, float32)")
     p.add_argument("--text-tokens", type=int, default=4096, help="tokens of text scored")
     p.add_argument("--decode-context", type=int, default=3072,
                    help="prompt tokens before the timed decode (0: no timing)")
@@ -57,7 +64,7 @@ def _text() -> str:
 def _configs(spec: str) -> list[tuple[str, dict[str, object]]]:
     """(name, engine settings): full attention, then each WINDOW/SINKS/LAYERS of `spec`."""
     out: list[tuple[str, dict[str, object]]] = [("full", {})]
-    for item in spec.split(";"):
+    for item in filter(None, spec.split(";")):
         window, sinks, layers = item.split("/")
         settings: dict[str, object] = {"sliding_window": int(window), "num_sink_tokens": int(sinks)}
         if layers != "default":
@@ -97,17 +104,25 @@ def _decode_tokens(args: argparse.Namespace) -> int:
     return args.decode_tokens or (32 if args.device == "cpu" else 512)
 
 
-def _decode_rate(llm: object, ids: list[int], args: argparse.Namespace) -> float:
+def _decode_rates(llms: list[object], ids: list[int], args: argparse.Namespace) -> list[float]:
+    """Batch-1 decode tokens/s of each engine after the prompt `ids`, the engines taking
+    turns in each round (the machine's speed drifts), the best round of each kept."""
     from server.engine.sampling_params import SamplingParams
 
-    def run(n: int) -> None:
+    def run(llm: object, n: int) -> float:
+        start = time.perf_counter()
         llm.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        return time.perf_counter() - start
 
     n = _decode_tokens(args)
-    run(2)  # (a process's first decode steps on CUDA are slow)
-    t1 = best_time(lambda: run(1), args.repeats)
-    tn = best_time(lambda: run(n), args.repeats)
-    return (n - 1) / (tn - t1)
+    for llm in llms:
+        run(llm, 2)  # (a process's first decode steps on CUDA are slow)
+    t1, tn = [float("inf")] * len(llms), [float("inf")] * len(llms)
+    for _ in range(args.repeats):
+        for i, llm in enumerate(llms):
+            t1[i] = min(t1[i], run(llm, 1))
+            tn[i] = min(tn[i], run(llm, n))
+    return [(n - 1) / (b - a) for a, b in zip(t1, tn, strict=True)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,15 +130,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = _configs(args.configs)
-    largest = max(int(settings["sliding_window"]) for _, settings in configs[1:])
+    configs = [(name if kv == "auto" else f"{name} kv {kv}", settings, kv)
+               for name, settings in _configs(args.configs)
+               for kv in args.kv_cache_dtypes.split(",")]
+    windows = [int(settings["sliding_window"]) for _, settings, _ in configs
+               if "sliding_window" in settings]
+    largest = max(windows, default=0)
     common = dict(dtype=args.dtype, device=args.device, kv_cache_memory_gb=args.kv_cache_memory_gb,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512,
                   max_model_len=max(args.text_tokens, args.decode_context + _decode_tokens(args)) + 1)
-    rows, results = [], []
+    results, llms = [], []
     ids: list[int] = []
-    for name, settings in configs:
-        llm = LLM(args.model, **common, **settings)
+    for name, settings, kv in configs:
+        llm = LLM(args.model, **common, **settings, kv_cache_dtype=kv)
         if not ids:
             ids = llm.encode(_text())[: args.text_tokens]
         nll = _nll(llm, ids)
@@ -131,20 +150,25 @@ def run(args: argparse.Namespace) -> int:
         blocks = llm.engine.blocks
         c, bs = llm.engine.model_config, blocks.block_size
         full_layers = c.num_layers - sum(layer.windowed for layer in llm.engine.model.layers)
-        capacity = blocks.num_blocks * bs if full_layers else None
         per_token = (2 * full_layers * c.num_kv_heads * c.head_dim
-                     * llm.engine.model.dtype.itemsize)
-        rate = _decode_rate(llm, ids[: args.decode_context], args) if args.decode_context else None
-        result = {"config": name, "settings": settings, "full_attention_layers": full_layers,
-                  "nll": nll.mean().item(), "ppl": nll.mean().exp().item(),
-                  "nll_past_largest_window": past.mean().item(), "context_tokens": capacity,
-                  "kv_bytes_per_token": per_token, "decode_tok_s": rate}
-        results.append(result)
-        rows.append([name, full_layers, result["ppl"], past.mean().exp().item(),
-                     "unbounded" if capacity is None else capacity, per_token,
-                     "-" if rate is None else rate])
-        print(rows[-1], flush=True)
-        del llm
+                     * llm.engine.kv_dtype.itemsize)
+        results.append({"config": name, "settings": settings, "kv_cache_dtype": kv,
+                        "full_attention_layers": full_layers, "nll": nll.mean().item(),
+                        "ppl": nll.mean().exp().item(),
+                        "nll_past_largest_window": past.mean().item(),
+                        "context_tokens": blocks.num_blocks * bs if full_layers else None,
+                        "kv_bytes_per_token": per_token})
+        print(results[-1], flush=True)
+        llms.append(llm)
+    rates = (_decode_rates(llms, ids[: args.decode_context], args) if args.decode_context
+             else [None] * len(llms))
+    rows = []
+    for r, rate in zip(results, rates, strict=True):
+        r["decode_tok_s"] = rate
+        rows.append([r["config"], r["full_attention_layers"], r["ppl"],
+                     math.exp(r["nll_past_largest_window"]),
+                     "unbounded" if r["context_tokens"] is None else r["context_tokens"],
+                     r["kv_bytes_per_token"], "-" if rate is None else rate])
     full = results[0]
     print(f"model={args.model or 'default'} device={args.device} dtype={args.dtype} "
           f"text_tokens={len(ids)} decode_context="
@@ -154,10 +178,10 @@ def run(args: argparse.Namespace) -> int:
                  "KV bytes/token", "decode tok/s"], rows))
     if full["decode_tok_s"]:
         for r in results[1:]:
-            print(f"{r['config']}: decode {r['decode_tok_s'] / full['decode_tok_s']:.2f}x full, "
-                  f"context {r['context_tokens'] / full['context_tokens']:.2f}x full"
-                  if r["context_tokens"] else f"{r['config']}: decode "
-                  f"{r['decode_tok_s'] / full['decode_tok_s']:.2f}x full")
+            context = (f", context {r['context_tokens'] / full['context_tokens']:.2f}x"
+                       if r["context_tokens"] else "")
+            print(f"{r['config']}: decode {r['decode_tok_s'] / full['decode_tok_s']:.2f}x "
+                  f"{full['config']}{context}")
     write_json(args.result_json, {"machine": machine(), "config": config_of(args),
                                   "results": results})
     return 0

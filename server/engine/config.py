@@ -38,6 +38,11 @@ class EngineConfig:
     """KV cache size in blocks; None sizes it from kv_cache_memory_gb."""
     kv_cache_memory_gb: float = 1.0
     """Memory for the KV cache when num_kv_blocks is not given."""
+    kv_cache_dtype: str = "auto"
+    """Element type of the KV cache: auto (the compute dtype), float32, bfloat16 or float16.
+    A 16-bit cache under float32 compute (the CPU) holds twice the tokens in the same
+    memory and halves what attention reads; keys and values are rounded to it as they are
+    written. On CUDA it must be the compute dtype."""
     sliding_window: int | None = None
     """Hybrid KV cache: tokens of recent context the sink + window layers see (besides the
     sinks); their blocks before it return to the pool. None: every layer sees the whole

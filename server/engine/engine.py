@@ -48,6 +48,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_kv_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's element type: `dtype` (the compute dtype) for auto; on CUDA only that."""
+    kv = dtype if name == "auto" else _DTYPES.get(name)
+    if kv is None:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; choose from auto, "
+                         f"{', '.join(_DTYPES)}")
+    if device.type == "cuda" and kv != dtype:
+        raise ValueError(f"kv_cache_dtype {name} differs from the compute dtype {dtype}: on "
+                         "CUDA the KV cache takes the compute dtype")
+    return kv
+
+
 @dataclass
 class _Emitted:
     """A step's new tokens by request (`Scheduler.update`) and the runner's results."""
@@ -76,6 +88,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype, self.device)
         checkpoint = open_checkpoint(config.model)
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
@@ -85,7 +98,7 @@ class LLMEngine:
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len)
         pack_model(self.model, config.quantization, checkpoint.path, self.device)
         windowed, window = config.attention_layout(self.model_config)
-        self.blocks = self._block_manager(dtype, windowed, window)
+        self.blocks = self._block_manager(self.kv_dtype, windowed, window)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
         drafter = (drafter_for_target(config.speculative, self.model, config.speculative_model)
                    if config.speculative else None)
@@ -93,7 +106,8 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.blocks, policy, draft_slots=bool(drafter and drafter.num_draft_layers),
         )
-        self.runner = ModelRunner(self.model, self.blocks, self.device, drafter, windowed)
+        self.runner = ModelRunner(self.model, self.blocks, self.device, drafter, windowed,
+                                  self.kv_dtype)
         if self.device.type == "cuda":  # (prefill and verification shapes: see warm_up)
             self.runner.warm_up(min(config.max_num_batched_tokens, self.max_model_len, 128))
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -124,14 +138,14 @@ class LLMEngine:
         # drafted on the device (a drafter with `device_drafts`; see `step`)
         self.verify_ahead = self.launch_ahead
 
-    def _block_manager(self, dtype: torch.dtype, windowed: frozenset[int],
+    def _block_manager(self, kv_dtype: torch.dtype, windowed: frozenset[int],
                        window: SinkWindow | None) -> BlockManager:
         """The KV pools: with sink + window layers, theirs first, sized for the most blocks
         max_num_seqs requests hold at once (`SinkWindow.pool_blocks`); the rest of
         kv_cache_memory_gb (or num_kv_blocks) goes to the full-attention layers' pool."""
         c, cfg = self.model_config, self.config
         bs = cfg.block_size
-        per_layer = 2 * bs * c.num_kv_heads * c.head_dim * (torch.finfo(dtype).bits // 8)
+        per_layer = 2 * bs * c.num_kv_heads * c.head_dim * (torch.finfo(kv_dtype).bits // 8)
         budget = cfg.kv_cache_memory_gb * 2**30
         window_pool = None
         if window is not None and cfg.enable_prefix_caching is True:

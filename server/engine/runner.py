@@ -133,9 +133,11 @@ class ModelRunner:
     def __init__(
         self, model: torch.nn.Module, blocks: BlockManager, device: torch.device,
         drafter: Drafter | None = None, windowed: frozenset[int] = frozenset(),
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """`windowed`: the layers that attend to sinks + a window, whose KV lives in the
-        last of `blocks.pools` (the others' in the first)."""
+        last of `blocks.pools` (the others' in the first); `kv_dtype`: the caches' element
+        type (None: the model's dtype)."""
         self.model = model
         self.blocks = blocks
         self.device = device
@@ -155,7 +157,7 @@ class ModelRunner:
             # one scratch block past the pool: padded CUDA-graph rows write their KV there,
             # and a window pool's holes point at it
             shape = (pool.num_blocks + 1, blocks.block_size, c.num_kv_heads, c.head_dim)
-            return torch.zeros(shape, dtype=model.dtype, device=device)
+            return torch.zeros(shape, dtype=kv_dtype or model.dtype, device=device)
 
         model.kv_caches = []
         for i, layer in enumerate(model.layers):

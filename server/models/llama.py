@@ -187,14 +187,15 @@ class LlamaForCausalLM(torch.nn.Module):
                        windows: Sequence[dict[str, int | None]] = ({},),
                        num_layers: int | None = None) -> torch.Tensor:
         """Final hidden states [len(ids), hidden] of one forward over `ids` with fresh
-        contiguous caches (the model's own are set aside), e.g. to score a text or to train a
-        drafter; `num_layers` as `forward`'s. `windows`: `BatchMeta` window settings, the
+        contiguous caches (the model's own are set aside; of their element type, if it has
+        any), e.g. to score a text or to train a drafter; `num_layers` as `forward`'s. `windows`: `BatchMeta` window settings, the
         first for every layer, a second for the layers marked `windowed`."""
         n, c, dev = len(ids), self.config, self.embed.device
         num_blocks = -(-n // block_size)
         saved = self.kv_caches
+        kv_dtype = saved[0][0].dtype if saved else self.dtype
         self.kv_caches = [tuple(torch.zeros(num_blocks + 1, block_size, c.num_kv_heads,
-                                            c.head_dim, dtype=self.dtype, device=dev)
+                                            c.head_dim, dtype=kv_dtype, device=dev)
                                 for _ in "kv") for _ in self.layers]
         positions = torch.arange(n, device=dev)
         args = (positions, torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
