@@ -28,7 +28,7 @@ import torch
 
 from server.benchmarks.common import config_of, machine, table, write_json
 from server.engine.config import EngineConfig
-from server.engine.scheduler import _decoding
+from server.engine.draft_plan import decoding
 
 PHASES = ("schedule", "fill", "model", "draft", "update", "outputs")
 
@@ -106,7 +106,7 @@ class StepTimer:
             self._shape = "idle"
         elif key is not None:
             self._shape = f"graph {key}"
-        elif _decoding(out.scheduled):
+        elif decoding(out.scheduled):
             most = max(s.num_new_tokens for s in out.scheduled)
             self._shape = f"eager ({len(out.scheduled)}, {most})"
         else:
