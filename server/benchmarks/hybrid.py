@@ -12,7 +12,7 @@ For each configuration at each KV cache dtype, in one process:
   full-attention layers' pool, after the window pool's share for `--max-num-seqs`
   requests), and the KV bytes a token of context costs beyond the window;
 - speed: batch-1 decode tokens/s after a prompt of `--decode-context` tokens, through the
-  engine ((N - 1) / (t(N tokens) - t(1 token)), so the prefill cancels out), every
+  engine (N - 1 tokens over the time from the first token to the last), every
   configuration's engine taking its turn in each of `--repeats` rounds (best kept).
 """
 
@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-context", type=int, default=3072,
                    help="prompt tokens before the timed decode (0: no timing)")
     p.add_argument("--decode-tokens", type=int, default=None,
-                   help="tokens decoded when timed (default: 32 on the CPU, 512 on CUDA, where "
-                        "32 steps take less time than the prefill's noise)")
+                   help="tokens decoded when timed (default: 32 on the CPU, 512 on CUDA, "
+                        "whose steps take under a millisecond)")
     p.add_argument("--repeats", type=int, default=2, help="runs per timing (best is kept)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="cache size for the memory figures")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests the window pool is sized for")
@@ -105,24 +105,28 @@ def _decode_tokens(args: argparse.Namespace) -> int:
 
 
 def _decode_rates(llms: list[object], ids: list[int], args: argparse.Namespace) -> list[float]:
-    """Batch-1 decode tokens/s of each engine after the prompt `ids`, the engines taking
-    turns in each round (the machine's speed drifts), the best round of each kept."""
+    """Batch-1 decode tokens/s of each engine after the prompt `ids`: (N - 1) tokens over
+    the time from the first token to the last, so the prefill (seconds on the CPU, and
+    noisy) is not in it. The engines take turns in each round (the machine's speed
+    drifts); each one's best round is kept."""
     from server.engine.sampling_params import SamplingParams
 
-    def run(llm: object, n: int) -> float:
-        start = time.perf_counter()
-        llm.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-        return time.perf_counter() - start
-
     n = _decode_tokens(args)
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    def run(llm: object, name: str) -> float:
+        engine, times = llm.engine, []
+        engine.add_request(name, ids, params)
+        while engine.has_unfinished():
+            times += [time.perf_counter()] * sum(len(o.new_token_ids) for o in engine.step())
+        return (n - 1) / (times[-1] - times[0])
+
     for llm in llms:
-        run(llm, 2)  # (a process's first decode steps on CUDA are slow)
-    t1, tn = [float("inf")] * len(llms), [float("inf")] * len(llms)
-    for _ in range(args.repeats):
-        for i, llm in enumerate(llms):
-            t1[i] = min(t1[i], run(llm, 1))
-            tn[i] = min(tn[i], run(llm, n))
-    return [(n - 1) / (b - a) for a, b in zip(t1, tn, strict=True)]
+        run(llm, "bench-warm-up")  # (a process's first decode steps on CUDA are slow)
+    best = [0.0] * len(llms)
+    for r in range(args.repeats):
+        best = [max(rate, run(llm, f"bench-{r}")) for rate, llm in zip(best, llms, strict=True)]
+    return best
 
 
 def run(args: argparse.Namespace) -> int:
