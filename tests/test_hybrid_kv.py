@@ -254,3 +254,31 @@ def test_same_memory_runs_more_long_requests_at_once(tiny_model_dir) -> None:
         preempted[name] = engine.scheduler.num_preemptions
         assert engine.blocks.usage == 0.0
     assert most["hybrid"] == 6 and preempted["hybrid"] == 0 and preempted["full"] > 0
+
+
+def test_hybrid_bench_decode_rate_leaves_the_prefill_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake engine whose first step (the prefill, with the first token) takes 100 s of a
+    fake clock and every later step 0.5 s: 2 tokens/s, whatever the prefill took."""
+    import argparse
+    from types import SimpleNamespace
+
+    from server.benchmarks import hybrid
+
+    clock = [0.0]
+
+    class Engine:
+        def add_request(self, name, ids, params) -> None:
+            self.left, self.first = params.max_tokens, True
+
+        def has_unfinished(self) -> bool:
+            return self.left > 0
+
+        def step(self) -> list:
+            clock[0] += 100.0 if self.first else 0.5
+            self.first, self.left = False, self.left - 1
+            return [SimpleNamespace(new_token_ids=[7])]
+
+    monkeypatch.setattr(hybrid.time, "perf_counter", lambda: clock[0])
+    args = argparse.Namespace(decode_tokens=9, device="cpu", repeats=2)
+    llms = [SimpleNamespace(engine=Engine()) for _ in range(2)]
+    assert hybrid._decode_rates(llms, [1, 2, 3], args) == [2.0, 2.0]

@@ -118,7 +118,8 @@ def _decode_rates(llms: list[object], ids: list[int], args: argparse.Namespace) 
         engine, times = llm.engine, []
         engine.add_request(name, ids, params)
         while engine.has_unfinished():
-            times += [time.perf_counter()] * sum(len(o.new_token_ids) for o in engine.step())
+            new = sum(len(o.new_token_ids) for o in engine.step())
+            times += [time.perf_counter()] * new  # when the step's tokens are out
         return (n - 1) / (times[-1] - times[0])
 
     for llm in llms:
