@@ -89,3 +89,14 @@ def test_the_hybrid_bench_compares_kv_dtypes(tiny_model_dir, tmp_path, monkeypat
     assert narrow["nll"] == pytest.approx(wide["nll"], rel=1e-2)
     assert narrow["nll"] != wide["nll"]  # the keys and values were rounded
     assert wide["decode_tok_s"] > 0 and narrow["decode_tok_s"] > 0
+
+
+def test_the_engine_logs_what_its_kv_cache_holds(tiny_model_dir, caplog):
+    with caplog.at_level("INFO", logger="leapfrog.engine"):
+        llm = _llm(tiny_model_dir, kv_cache_dtype="bfloat16")
+    blocks = llm.engine.blocks
+    layers = llm.engine.model_config.num_layers
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache"))
+    assert line.startswith(f"KV cache: {layers} layers x {blocks.num_blocks} blocks of "
+                           f"{blocks.block_size} tokens; ")
+    assert line.endswith("GiB of torch.bfloat16 on cpu")

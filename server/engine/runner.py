@@ -164,6 +164,13 @@ class ModelRunner:
             layer.windowed = i in windowed
             pool = pools[-1] if layer.windowed else pools[0]
             model.kv_caches.append((cache(pool), cache(pool)))
+        size = sum(t.numel() * t.element_size() for kv in model.kv_caches for t in kv)
+        shares = ([(pools[0], c.num_layers)] if len(pools) == 1 else
+                  [(pools[0], c.num_layers - len(windowed)), (pools[1], len(windowed))])
+        log.info("KV cache: %s; %.2f GiB of %s on %s", "; ".join(
+            f"{n} layers x {pool.num_blocks} blocks of {blocks.block_size} tokens"
+            + (f" (window {pool.window.window})" if pool.window is not None else "")
+            for pool, n in shares), size / 2**30, model.kv_caches[0][0].dtype, device)
 
     @torch.inference_mode()
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_query_len: int
