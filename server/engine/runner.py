@@ -12,9 +12,10 @@ import torch
 from drafters.base import DraftBatch, Drafter, DraftRequest, History
 from drafters.verify import verify_greedy, verify_sampled
 from server.engine.batch_builder import batch_meta, build_inputs
-from server.engine.block_manager import BlockManager, BlockPool, window_kwargs
+from server.engine.block_manager import BlockManager, window_kwargs
 from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from server.engine.cuda_graphs import CudaGraphRunner
+from server.engine.kv_cache import allocate_kv_caches
 from server.engine.sampler import (
     filter_probs,
     processed_logits,
@@ -146,31 +147,8 @@ class ModelRunner:
         # pinned host copies of steps' tokens, taking turns (`_copy_tokens`)
         self._host_tokens = [torch.empty(0, dtype=torch.long) for _ in range(2)]
         self._turn = 0
-        c = model.config
-        pools = blocks.pools
-        if bool(windowed) != (pools[-1].window is not None) or (
-                len(pools) == 1 and windowed and len(windowed) < c.num_layers):
-            raise ValueError("the windowed layers and the block manager's pools disagree")
-        self.windows = [p.window for p in pools]
-
-        def cache(pool: BlockPool) -> torch.Tensor:
-            # one scratch block past the pool: padded CUDA-graph rows write their KV there,
-            # and a window pool's holes point at it
-            shape = (pool.num_blocks + 1, blocks.block_size, c.num_kv_heads, c.head_dim)
-            return torch.zeros(shape, dtype=kv_dtype or model.dtype, device=device)
-
-        model.kv_caches = []
-        for i, layer in enumerate(model.layers):
-            layer.windowed = i in windowed
-            pool = pools[-1] if layer.windowed else pools[0]
-            model.kv_caches.append((cache(pool), cache(pool)))
-        size = sum(t.numel() * t.element_size() for kv in model.kv_caches for t in kv)
-        shares = ([(pools[0], c.num_layers)] if len(pools) == 1 else
-                  [(pools[0], c.num_layers - len(windowed)), (pools[1], len(windowed))])
-        log.info("KV cache: %s; %.2f GiB of %s on %s", "; ".join(
-            f"{n} layers x {pool.num_blocks} blocks of {blocks.block_size} tokens"
-            + (f" (window {pool.window.window})" if pool.window is not None else "")
-            for pool, n in shares), size / 2**30, model.kv_caches[0][0].dtype, device)
+        allocate_kv_caches(model, blocks, device, windowed, kv_dtype or model.dtype)
+        self.windows = [p.window for p in blocks.pools]
 
     @torch.inference_mode()
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_query_len: int
