@@ -1,7 +1,7 @@
 /* Paged attention of short queries (decode and verification steps) on x86 CPUs, straight
- * from the paged KV cache (float32, float16 or bfloat16: cpu_vec.h's KV_*, read as float32),
- * with the hybrid cache's sinks + window mask; its sums in
- * cpu_vec.h's fixed order, so a query row's bits depend only on its own query and keys.
+ * from the paged KV cache (float32, float16 or bfloat16: cpu_vec.h's KV_*, read as
+ * float32), with the hybrid cache's sinks + window mask; its sums in cpu_vec.h's fixed
+ * order, so a query row's bits depend only on its own query and keys.
  * kernels/cpu_attention.py calls it; kernels/cpu_native.py builds it with the other sources.
  */
 #include <math.h>  /* INFINITY */
@@ -54,11 +54,13 @@ static void key_offsets(const int32_t *table, int64_t block_size, int64_t row_st
 
 static inline int64_t pad(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 
-/* q . k in 16 lanes (element d in lane d mod 16), lanes l and l + 8 added. */
+/* q . k (key k's elements from element k of the cache) in 16 lanes (element d in lane
+ * d mod 16), lanes l and l + 8 added. */
 static inline __attribute__((always_inline)) v8 dot_halves(const float *q, const void *k_cache,
                                                            int64_t k, int64_t dim, int kv)
 {
-    v8 lo = load8(q) * load_kv8(k_cache, k, kv), hi = load8(q + 8) * load_kv8(k_cache, k + 8, kv);
+    v8 lo = load8(q) * load_kv8(k_cache, k, kv);
+    v8 hi = load8(q + 8) * load_kv8(k_cache, k + 8, kv);
     for (int64_t d0 = 16; d0 < dim; d0 += 16) {
         lo += load8(q + d0) * load_kv8(k_cache, k + d0, kv);
         hi += load8(q + d0 + 8) * load_kv8(k_cache, k + d0 + 8, kv);
@@ -155,7 +157,8 @@ static inline __attribute__((always_inline)) void attend_rows(
             prefetch_kv(k_cache, offs[j], dim, kv);
         for (int64_t r = 0; r < rows; r++)
             if (i < pad(n + r / per))
-                store8(scores + r * width + i, dot8(q + ROW(r), k_cache, offs + i, dim, kv) * scale);
+                store8(scores + r * width + i,
+                       dot8(q + ROW(r), k_cache, offs + i, dim, kv) * scale);
     }
     float inv[MAX_ROWS];
     for (int64_t r = 0; r < rows; r++)
@@ -226,9 +229,8 @@ struct lf_attention_step {
 /* Paged attention of the step's listed sequences' queries (kernels/attention.py's layout
  * and masks), each (sequence, heads of a KV head's group) a task: q, out [T, heads, dim],
  * caches [num_blocks, block_size, kv_heads, dim] of element type kv_type (cpu_vec.h's
- * KV_*); dim a multiple of 16.  Returns 0; -1
- * (writing nothing) when a table names a block outside the cache; -2 when scratch memory
- * cannot be had. */
+ * KV_*); dim a multiple of 16.  Returns 0; -1 (writing nothing) when a table names a block
+ * outside the cache; -2 when scratch memory cannot be had. */
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
                            int64_t kv_heads, int64_t dim, const void *k_cache,
                            const void *v_cache, int64_t kv_type, int64_t num_blocks,

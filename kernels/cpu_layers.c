@@ -43,9 +43,8 @@ struct lf_layer {
 };
 
 /* The model's shapes and its KV caches' element type (cpu_vec.h's KV_*), and one step's
- * inputs: per KV pool its sequences for the attention
- * (cpu_attention.py's AttentionStep) and its tokens' flat slots; RoPE's cos and sin
- * [T, dim / 2] for the tokens' positions. */
+ * inputs: per KV pool its sequences for the attention (cpu_attention.py's AttentionStep)
+ * and its tokens' flat slots; RoPE's cos and sin [T, dim / 2] for the tokens' positions. */
 struct lf_stack {
     int64_t hidden, heads, kv_heads, dim, intermediate, block_size, kv_type;
     float eps, scale;

@@ -48,7 +48,8 @@ def _assign_draft_lengths(scheduled: list[ScheduledRequest], policy: SpecPolicy,
         return
     for s, limit in zip(producing, limits, strict=True):
         limit = min(limit, spare)
-        k = policy.draft_length(s.request.request_id, step_tokens, len(producing), limit) if limit else 0
+        k = (policy.draft_length(s.request.request_id, step_tokens, len(producing), limit)
+             if limit else 0)
         spare -= k
         step_tokens += k
         s.num_draft_tokens_next = k

@@ -252,8 +252,9 @@ class Scheduler:
         """With speculation: `draft_plan.plan_drafts` (`trim`: not for a step whose drafts
         only the device has)."""
         if self.spec_policy is not None:
-            plan_drafts(scheduled, self.spec_policy, self.blocks, self.config.max_num_batched_tokens,
-                        self.config.max_model_len, self.draft_slots, trim)
+            c = self.config
+            plan_drafts(scheduled, self.spec_policy, self.blocks, c.max_num_batched_tokens,
+                        c.max_model_len, self.draft_slots, trim)
 
     # -- results ----------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, result: RunnerOutput,
