@@ -59,7 +59,8 @@ int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_
         const float *x = qkv + t * row, *c = cos + t * half, *s = sin + t * half;
         for (int64_t h = 0; h < heads; h++)
             rotate(x + h * dim, c, s, half, q_out + (t * heads + h) * dim);
-        for (int64_t h = 0; h < kv_heads; h++) rotate(x + (heads + h) * dim, c, s, half, k + h * dim);
+        for (int64_t h = 0; h < kv_heads; h++)
+            rotate(x + (heads + h) * dim, c, s, half, k + h * dim);
         store_kv(k_cache, slots[t] * kv, k, kv, (int)kv_type);
         store_kv(v_cache, slots[t] * kv, x + (heads + kv_heads) * dim, kv, (int)kv_type);
     }

@@ -188,8 +188,9 @@ class LlamaForCausalLM(torch.nn.Module):
                        num_layers: int | None = None) -> torch.Tensor:
         """Final hidden states [len(ids), hidden] of one forward over `ids` with fresh
         contiguous caches (the model's own are set aside; of their element type, if it has
-        any), e.g. to score a text or to train a drafter; `num_layers` as `forward`'s. `windows`: `BatchMeta` window settings, the
-        first for every layer, a second for the layers marked `windowed`."""
+        any), e.g. to score a text or to train a drafter; `num_layers` as `forward`'s.
+        `windows`: `BatchMeta` window settings, the first for every layer, a second for the
+        layers marked `windowed`."""
         n, c, dev = len(ids), self.config, self.embed.device
         num_blocks = -(-n // block_size)
         saved = self.kv_caches
