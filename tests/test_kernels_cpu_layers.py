@@ -186,15 +186,18 @@ def test_16_bit_caches(tiny_model_dir, dtype, q_lens):
             assert a.dtype == dtype and float((a.float() - b.float()).norm() / b.float().norm()) < 0.03
 
 
-def test_engine_outputs_equal_with_and_without_the_stack(tiny_model_dir):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16"])
+def test_engine_outputs_equal_with_and_without_the_stack(tiny_model_dir, kv_cache_dtype):
     """Greedy requests with n-gram speculation (decode and verification steps) through the
-    engine: the same tokens and log-probabilities either way. (The speculation policy's
-    timings can change which steps verify drafts; with an untied head, packed, every row's
-    logits are independent of the step's other rows, so that changes no bit.)"""
+    engine, with a float32 and a float16 KV cache: the same tokens and log-probabilities
+    either way. (The speculation policy's timings can change which steps verify drafts;
+    with an untied head, packed, every row's logits are independent of the step's other
+    rows, so that changes no bit.)"""
     prompts = [[1, 5, 6, 7, 5, 6, 7, 5, 6], [1, 9, 3, 9, 3, 9], [1, 40, 41]]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
     llm = LLM(str(tiny_model_dir("llama")), quantization="int4", dtype="float32",
-              kv_cache_memory_gb=0.01, speculative="ngram", enable_prefix_caching=False)
+              kv_cache_memory_gb=0.01, speculative="ngram", enable_prefix_caching=False,
+              kv_cache_dtype=kv_cache_dtype)
     outs = [llm.generate(prompts, params)]
     with cpu_layers.turned_off():
         outs.append(llm.generate(prompts, params))

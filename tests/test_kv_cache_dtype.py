@@ -1,7 +1,7 @@
 """`kv_cache_dtype` (`--kv-cache-dtype`): a 16-bit KV cache under float32 compute on the CPU
-holds twice the blocks in the same memory, serves the same requests (the native decoder
-stack and the per-op path giving the same tokens and log-probabilities), close to a float32
-cache's; a dtype the device cannot take is refused by name."""
+holds twice the blocks in the same memory and serves the same requests close to a float32
+cache's (the native decoder stack against the per-op path on one:
+`test_kernels_cpu_layers.py`); a dtype the device cannot take is refused by name."""
 
 from __future__ import annotations
 
@@ -34,24 +34,6 @@ def test_a_16_bit_cache_holds_twice_the_blocks_and_serves(tiny_model_dir, kv):
         # the first token's distribution: the prompt's keys and values rounded to 16 bits
         assert out.token_ids[0] == ref.token_ids[0]
         assert abs(out.logprobs[0].logprob - ref.logprobs[0].logprob) < 0.05
-
-
-def test_the_native_stack_and_the_per_op_path_agree_on_a_float16_cache(tiny_model_dir):
-    """n-gram speculation (decode and verification steps), int4 weights the native GEMM
-    takes: the same tokens and log-probabilities with the one-call layers and without."""
-    from kernels import cpu_layers, cpu_native
-
-    if not cpu_native.available():
-        pytest.skip("the native CPU kernels do not run here")
-    llm = _llm(tiny_model_dir, kv_cache_dtype="float16", quantization="int4",
-               speculative="ngram")
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
-    outs = [llm.generate(PROMPTS, params)]
-    with cpu_layers.turned_off():
-        outs.append(llm.generate(PROMPTS, params))
-    for a, b in zip(*outs, strict=True):
-        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
-    assert sum(c.num_draft_tokens for c in outs[0]) > 0  # verification steps ran
 
 
 def test_dtypes_the_device_cannot_take_are_refused():
