@@ -106,10 +106,15 @@ static inline __attribute__((always_inline)) void prefetch_kv(const void *cache,
 #define AHEAD 32
 #define MAX_ROWS 16  /* query rows of a sequence (positions x heads of a group) together */
 #define CHUNK 64  /* keys a row takes before the next row (their values stay in cache) */
+/* A row's keys are attended in spans of this many (key t in span t / SPAN), each span a
+ * task of its own, and the spans' softmax partials merged in order: a long context's few
+ * rows (batch 1: one a KV head's group) then spread over every thread.  The spans depend
+ * on the row's key count alone, so its bits still do not depend on the batch or threads. */
+#define SPAN 256
 
 /* Softmax over a row's n scores (padded to `padded` with -inf) in place: the exponentials,
- * key i's in lane i mod 16 of their sum; returns 1 / the sum. */
-static inline float softmax_row(float *scores, int64_t n, int64_t padded)
+ * key i's in lane i mod 16 of their sum; returns the sum, the largest score in *top. */
+static inline float softmax_row(float *scores, int64_t n, int64_t padded, float *top_out)
 {
     for (int64_t i = n; i < padded; i++) scores[i] = -INFINITY;
     v8 top8 = load8(scores);
@@ -133,36 +138,44 @@ static inline float softmax_row(float *scores, int64_t n, int64_t padded)
     float part[LANES];
     store8(part, lo);
     store8(part + 8, hi);
-    return 1.0f / lanes_sum(part);
+    *top_out = top;
+    return lanes_sum(part);
 }
 
 /* `rows` (at most MAX_ROWS) query rows of one KV head's group, `per` heads a position: row
  * r is head r % per (q and out rows of adjacent heads `dim` floats apart) at position r / per
- * (positions `stride` floats apart), over the first n + r / per keys at cache offsets
- * offs[..] (readable up to the last row's count rounded up to PAD: any keys' there): a
- * decode step's heads (rows per), or a verification step's, each position seeing one key
- * more than the one before.  scores: scratch of rows x `width`.  Each row takes the
- * operations it would alone (the dot products of `dot8`, key i's exponential in lane
- * i mod 16 of the sum, out[d] summed over keys in order); the rows only share each block of
- * keys while it is in cache. */
+ * (positions `stride` floats apart), over keys [0, min(n + r / per, limit)) at cache offsets
+ * offs[..] (readable up to the largest count rounded up to PAD: any keys' there; a row whose
+ * count is 0 or less is skipped): a decode step's heads (rows per), or a verification
+ * step's, each position seeing one key more than the one before.  scores: scratch of rows x
+ * `width`.  With part NULL each row's output goes to out; otherwise its unnormalised sums,
+ * the largest score and the exponentials' sum go to part's row r (dim + 2 floats) for
+ * `merge_spans`.  Each row takes the operations it would alone (the dot products of
+ * `dot8`, key i's exponential in lane i mod 16 of the sum, out[d] summed over keys in
+ * order); the rows only share each block of keys while it is in cache. */
 static inline __attribute__((always_inline)) void attend_rows(
     const float *q, int64_t stride, int64_t per, int64_t rows, const void *k_cache,
-    const void *v_cache, int kv, const int64_t *offs, int64_t n, int64_t dim, float scale,
-    float *scores, int64_t width, float *out)
+    const void *v_cache, int kv, const int64_t *offs, int64_t n, int64_t limit, int64_t dim,
+    float scale, float *scores, int64_t width, float *out, float *part)
 {
-    const int64_t keys = n + (rows - 1) / per;
+#define COUNT(r) (n + (r) / per < limit ? n + (r) / per : limit)  /* a row's keys */
+    const int64_t keys = COUNT(rows - 1);
 #define ROW(r) ((r) / per * stride + (r) % per * dim)  /* a row's offset in q and out */
     for (int64_t i = 0; i < pad(keys); i += 8) {
         for (int64_t j = i + AHEAD; kv != KV_F32 && j < i + AHEAD + 8 && j < keys; j++)
             prefetch_kv(k_cache, offs[j], dim, kv);
         for (int64_t r = 0; r < rows; r++)
-            if (i < pad(n + r / per))
+            if (i < pad(COUNT(r)))
                 store8(scores + r * width + i,
                        dot8(q + ROW(r), k_cache, offs + i, dim, kv) * scale);
     }
-    float inv[MAX_ROWS];
-    for (int64_t r = 0; r < rows; r++)
-        inv[r] = softmax_row(scores + r * width, n + r / per, pad(n + r / per));
+    float inv[MAX_ROWS], sum[MAX_ROWS], top[MAX_ROWS];
+    for (int64_t r = 0; r < rows; r++) {
+        sum[r] = COUNT(r) > 0 ? softmax_row(scores + r * width, COUNT(r), pad(COUNT(r)), top + r)
+                              : 0.0f;
+        inv[r] = part ? 1.0f : 1.0f / sum[r];
+    }
+#define DEST(r) (part ? part + (r) * (dim + 2) : out + ROW(r))
     int64_t d0 = 0;
     for (; d0 + 64 <= dim; d0 += 64) {  /* 64 columns a pass over the values */
         v8 acc[MAX_ROWS][8];
@@ -171,7 +184,7 @@ static inline __attribute__((always_inline)) void attend_rows(
         for (int64_t c0 = 0; c0 < keys; c0 += CHUNK)
             for (int64_t r = 0; r < rows; r++) {
                 const float *p = scores + r * width;
-                const int64_t end = c0 + CHUNK < n + r / per ? c0 + CHUNK : n + r / per;
+                const int64_t end = c0 + CHUNK < COUNT(r) ? c0 + CHUNK : COUNT(r);
                 v8 a[8];
                 for (int c = 0; c < 8; c++) a[c] = acc[r][c];
                 for (int64_t j = c0; j < end; j++)
@@ -180,30 +193,37 @@ static inline __attribute__((always_inline)) void attend_rows(
                 for (int c = 0; c < 8; c++) acc[r][c] = a[c];
             }
         for (int64_t r = 0; r < rows; r++)
-            for (int c = 0; c < 8; c++) store8(out + ROW(r) + d0 + 8 * c, acc[r][c] * inv[r]);
+            for (int c = 0; c < 8; c++) store8(DEST(r) + d0 + 8 * c, acc[r][c] * inv[r]);
     }
     for (; d0 < dim; d0 += 16)
         for (int64_t r = 0; r < rows; r++) {
             const float *p = scores + r * width;
             v8 a = {0}, b = {0};
-            for (int64_t j = 0; j < n + r / per; j++) {
+            for (int64_t j = 0; j < COUNT(r); j++) {
                 a += p[j] * load_kv8(v_cache, offs[j] + d0, kv);
                 b += p[j] * load_kv8(v_cache, offs[j] + d0 + 8, kv);
             }
-            store8(out + ROW(r) + d0, a * inv[r]);
-            store8(out + ROW(r) + d0 + 8, b * inv[r]);
+            store8(DEST(r) + d0, a * inv[r]);
+            store8(DEST(r) + d0 + 8, b * inv[r]);
         }
+    for (int64_t r = 0; part && r < rows; r++) {
+        part[r * (dim + 2) + dim] = COUNT(r) > 0 ? top[r] : -INFINITY;
+        part[r * (dim + 2) + dim + 1] = sum[r];
+    }
+#undef DEST
 #undef ROW
+#undef COUNT
 }
 
 /* `attend_rows`, compiled apart for each KV element type and the common head sizes. */
-#define ATTEND(KV, DIM) attend_rows(q, stride, per, rows, k_cache, v_cache, KV, offs, n, DIM, \
-                                    scale, scores, width, out)
+#define ATTEND(KV, DIM) attend_rows(q, stride, per, rows, k_cache, v_cache, KV, offs, n, limit, \
+                                    DIM, scale, scores, width, out, part)
 #define ATTEND_KV(KV) (dim == 64 ? ATTEND(KV, 64) : dim == 128 ? ATTEND(KV, 128) \
                        : ATTEND(KV, dim))
 static void attend(const float *q, int64_t stride, int64_t per, int64_t rows,
                    const void *k_cache, const void *v_cache, int kv, const int64_t *offs,
-                   int64_t n, int64_t dim, float scale, float *scores, int64_t width, float *out)
+                   int64_t n, int64_t limit, int64_t dim, float scale, float *scores,
+                   int64_t width, float *out, float *part)
 {
     if (kv == KV_F16)
         ATTEND_KV(KV_F16);
@@ -214,6 +234,26 @@ static void attend(const float *q, int64_t stride, int64_t per, int64_t rows,
 }
 #undef ATTEND_KV
 #undef ATTEND
+
+/* A row's output from its first `spans` spans' partials (dim + 2 floats each, `step` floats
+ * apart): each weighted by exp(its top - the largest top), in span order.  One span gives
+ * what `attend_rows` writes straight to out (its weight is exactly 1). */
+static void merge_spans(const float *part, int64_t spans, int64_t step, int64_t dim, float *out)
+{
+#define WEIGHT(c) exp8(splat8(part[(c) * step + dim] - top))
+    float top = part[dim];
+    for (int64_t c = 1; c < spans; c++)
+        top = part[c * step + dim] > top ? part[c * step + dim] : top;
+    float sum = part[dim + 1] * WEIGHT(0)[0];
+    for (int64_t c = 1; c < spans; c++) sum += part[c * step + dim + 1] * WEIGHT(c)[0];
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < dim; d += 8) {
+        v8 acc = load8(part + d) * WEIGHT(0);
+        for (int64_t c = 1; c < spans; c++) acc += load8(part + c * step + d) * WEIGHT(c);
+        store8(out + d, acc * inv);
+    }
+#undef WEIGHT
+}
 
 /* One step's sequences for lf_cpu_paged_attention, shared by every layer (built once a
  * step: kernels/cpu_attention.py's AttentionStep): block tables [num_seqs, max_blocks], each
@@ -226,11 +266,23 @@ struct lf_attention_step {
     int64_t num_listed, window, sinks;
 };
 
+/* The keys query j (of q_len) of a sequence of len keys sees. */
+static inline int64_t row_keys(int64_t len, int64_t q_len, int64_t j, int64_t window,
+                               int64_t sinks)
+{
+    int64_t sink_end, start;
+    const int64_t s = len - q_len + j;
+    visible(s, window, sinks, &sink_end, &start);
+    return sink_end + s + 1 - start;
+}
+
 /* Paged attention of the step's listed sequences' queries (kernels/attention.py's layout
- * and masks), each (sequence, heads of a KV head's group) a task: q, out [T, heads, dim],
- * caches [num_blocks, block_size, kv_heads, dim] of element type kv_type (cpu_vec.h's
- * KV_*); dim a multiple of 16.  Returns 0; -1 (writing nothing) when a table names a block
- * outside the cache; -2 when scratch memory cannot be had. */
+ * and masks): q, out [T, heads, dim], caches [num_blocks, block_size, kv_heads, dim] of
+ * element type kv_type (cpu_vec.h's KV_*); dim a multiple of 16.  A task is one span of
+ * keys of (a block of a sequence's queries, heads of a KV head's group); where a block's
+ * rows see more than one span, a second pass merges the spans' partials.  Returns 0; -1
+ * (writing nothing) when a table names a block outside the cache; -2 when scratch memory
+ * cannot be had. */
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
                            int64_t kv_heads, int64_t dim, const void *k_cache,
                            const void *v_cache, int64_t kv_type, int64_t num_blocks,
@@ -245,10 +297,10 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
     if (!tables_valid(tables, max_blocks, seq_lens, query_start, seqs, num_listed, block_size,
                       num_blocks, window, sinks))
         return -1;
-    /* a task: `per` heads of a KV head's group (the largest divisor of the group up to
-     * MAX_ROWS), which read its keys together, for a block of up to MAX_ROWS / per of a
-     * sequence's queries */
-    const int64_t group = heads / kv_heads, stride = kv_heads * dim;
+    /* a block: up to MAX_ROWS / per of a sequence's queries, attended by `subgroups` tasks
+     * of `per` heads of a KV head's group (the largest divisor of the group up to MAX_ROWS),
+     * which read its keys together, for each of its spans */
+    const int64_t group = heads / kv_heads, stride = kv_heads * dim, row = dim + 2;
     int64_t per = group < MAX_ROWS ? group : MAX_ROWS;
     while (group % per) per--;
     const int64_t subgroups = heads / per, positions = MAX_ROWS / per;
@@ -268,21 +320,39 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
         first_block[i] = blocks;
         blocks += (q_len + positions - 1) / positions;
     }
-    int64_t *offs = malloc(sizeof(int64_t) * (size_t)base[num_listed]);
-    int64_t *block_seq = malloc(sizeof(int64_t) * (size_t)(blocks + 1));  /* a block's seq */
-    for (int64_t i = 0; block_seq && i < num_listed; i++) {
+    /* a block's sequence, spans, first task and partials (prefix sums: [blocks + 1]) */
+    int64_t *block_seq = malloc(sizeof(int64_t) * (size_t)(4 * (blocks + 1)));
+    int64_t *spans = block_seq + blocks + 1, *first_task = spans + blocks + 1;
+    int64_t *first_part = first_task + blocks + 1;
+    for (int64_t i = 0, b = 0; block_seq && i < num_listed; i++) {
+        const int64_t seq = seqs[i], len = seq_lens[seq];
+        const int64_t q_len = query_start[seq + 1] - query_start[seq];
         const int64_t end = i + 1 < num_listed ? first_block[i + 1] : blocks;
-        for (int64_t b = first_block[i]; b < end; b++) block_seq[b] = i;
+        for (; b < end; b++) {
+            const int64_t j0 = (b - first_block[i]) * positions;
+            const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
+            block_seq[b] = i;
+            spans[b] = (row_keys(len, q_len, j0 + count - 1, window, sinks) + SPAN - 1) / SPAN;
+            first_task[b + 1] = (b ? first_task[b] : 0) + subgroups * spans[b];
+            first_part[b + 1] = (b ? first_part[b] : 0)
+                              + (spans[b] > 1 ? subgroups * spans[b] * count * per * row : 0);
+        }
     }
-    const int64_t tasks = blocks * subgroups;
-    int failed = !offs || !block_seq;
+    if (block_seq) first_task[0] = first_part[0] = 0;
+    const int64_t tasks = block_seq ? first_task[blocks] : 0;
+    int64_t *offs = malloc(sizeof(int64_t) * (size_t)base[num_listed]);
+    float *parts = block_seq && first_part[blocks]
+                 ? malloc(sizeof(float) * (size_t)first_part[blocks]) : NULL;
+    int failed = !offs || !block_seq || (!parts && first_part[blocks]);
     /* threads pay from ~200 keys a query at 9 heads of 64 (2 cores: 17 us against 19) */
     #pragma omp parallel if (!failed && work * heads * dim >= 131072)
     {
-        /* MAX_ROWS rows' scores, and a row's keys' offsets where a window splits them */
-        const int64_t width = (longest + PAD + 1) & ~(int64_t)1;
+        /* MAX_ROWS rows' scores of a span, and a span's keys' offsets where a window splits
+         * them */
+        const int64_t most = longest < SPAN ? longest : SPAN;
+        const int64_t width = (most + PAD + 1) & ~(int64_t)1;
         float *scores = failed ? NULL : malloc(sizeof(float) * (size_t)(MAX_ROWS * width)
-                                               + sizeof(int64_t) * (size_t)(longest + PAD));
+                                               + sizeof(int64_t) * (size_t)(most + PAD));
         int64_t *split = scores ? (int64_t *)(scores + MAX_ROWS * width) : NULL;
         if (!scores) {
             #pragma omp atomic write
@@ -303,37 +373,65 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
         #pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < tasks; task++) {
             if (failed) continue;
-            const int64_t b = task / subgroups, i = block_seq[b], h = task % subgroups * per;
-            const int64_t seq = seqs[i], len = seq_lens[seq];
+            int64_t lo = 0, hi = blocks - 1;  /* the task's block: the last starting by it */
+            while (lo < hi) {
+                const int64_t mid = (lo + hi + 1) / 2;
+                if (first_task[mid] <= task) lo = mid; else hi = mid - 1;
+            }
+            const int64_t b = lo, i = block_seq[b], local = task - first_task[b];
+            const int64_t c = local / subgroups, g = local % subgroups, h = g * per;
+            const int64_t seq = seqs[i], len = seq_lens[seq], k0 = c * SPAN;
             const size_t head = (size_t)((h / group) * dim) * element;  /* its KV head's */
             const void *k = (const char *)k_cache + head, *v = (const char *)v_cache + head;
             const int64_t q0 = query_start[seq], q_len = query_start[seq + 1] - q0;
             const int64_t j0 = (b - first_block[i]) * positions;
             const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
             const int64_t *o = offs + base[i];
+            float *part = spans[b] > 1
+                        ? parts + first_part[b] + (g * spans[b] + c) * count * per * row : NULL;
             int64_t sink_end, start;
             visible(len - 1, window, sinks, &sink_end, &start);
             if (start == 0) {  /* every query sees every key before it: positions together */
-                attend(q + ((q0 + j0) * heads + h) * dim, heads * dim, per, count * per,
-                       k, v, kv, o, len - q_len + j0 + 1, dim, scale, scores, width,
-                       out + ((q0 + j0) * heads + h) * dim);
+                attend(q + ((q0 + j0) * heads + h) * dim, heads * dim, per, count * per, k, v,
+                       kv, o + k0, len - q_len + j0 + 1 - k0, SPAN, dim, scale, scores, width,
+                       out + ((q0 + j0) * heads + h) * dim, part);
                 continue;
             }
             for (int64_t j = j0; j < j0 + count; j++) {  /* a position's heads: same keys */
-                const int64_t s = len - q_len + j, row = ((q0 + j) * heads + h) * dim;
+                const int64_t s = len - q_len + j, at = ((q0 + j) * heads + h) * dim;
                 visible(s, window, sinks, &sink_end, &start);
-                const int64_t *keys = o + start, n = sink_end + s + 1 - start;
-                if (sink_end > 0) {  /* sinks, then the window: copied into one list */
-                    for (int64_t t = 0; t < sink_end; t++) split[t] = o[t];
-                    for (int64_t t = start; t < len + PAD; t++) split[sink_end + t - start] = o[t];
+                const int64_t n = sink_end + s + 1 - start;
+                if (k0 >= n) continue;  /* this position's keys end before the span */
+                const int64_t *keys = o + start + k0;
+                if (sink_end > 0) {  /* sinks, then the window: the span's part of the list */
+                    const int64_t m = n - k0 < SPAN ? n - k0 : SPAN;
+                    for (int64_t t = k0; t < k0 + pad(m); t++)
+                        split[t - k0] = t < sink_end ? o[t] : o[start + t - sink_end];
                     keys = split;
                 }
-                attend(q + row, heads * dim, per, per, k, v, kv, keys, n, dim, scale, scores,
-                       width, out + row);
+                attend(q + at, heads * dim, per, per, k, v, kv, keys, n - k0, SPAN, dim, scale,
+                       scores, width, out + at, part ? part + (j - j0) * per * row : NULL);
             }
         }
         free(scores);
+        #pragma omp for schedule(dynamic)
+        for (int64_t unit = 0; unit < blocks * subgroups; unit++) {  /* spans' partials */
+            const int64_t b = unit / subgroups, g = unit % subgroups;
+            if (failed || spans[b] < 2) continue;
+            const int64_t i = block_seq[b], seq = seqs[i], len = seq_lens[seq];
+            const int64_t q0 = query_start[seq], q_len = query_start[seq + 1] - q0;
+            const int64_t j0 = (b - first_block[i]) * positions;
+            const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
+            const float *part = parts + first_part[b] + g * spans[b] * count * per * row;
+            for (int64_t r = 0; r < count * per; r++) {
+                const int64_t j = j0 + r / per, h = g * per + r % per;
+                const int64_t n = row_keys(len, q_len, j, window, sinks);
+                merge_spans(part + r * row, (n + SPAN - 1) / SPAN, count * per * row, dim,
+                            out + ((q0 + j) * heads + h) * dim);
+            }
+        }
     }
+    free(parts);
     free(block_seq);
     free(offs);
     free(base);

@@ -29,6 +29,9 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
     ([300], [9], 6, 2, 64, 16, 1000, 4),  # a window longer than the context
     ([60, 45], [7, 1], 32, 1, 16, 16, None, 0),  # group 32: two tasks of 16 heads
     ([60, 45], [3, 2], 24, 2, 16, 16, 20, 2),  # group 12 (one position a call), window
+    ([700, 257, 520], [1, 1, 16], 9, 3, 64, 16, None, 0),  # spans of 256 keys, merged
+    ([900, 600], [5, 1], 8, 2, 48, 8, 600, 4),  # a window of 3 spans, and sinks
+    ([1100], [3], 4, 1, 128, 16, 512, 0),  # window only, 2 spans
 ]
 
 
@@ -66,14 +69,18 @@ def test_listed_sequences_only(native_lib):
     assert not torch.isnan(out[5:]).any()
 
 
-@pytest.mark.parametrize("window,sinks", [(None, 0), (48, 4)])
-def test_a_row_depends_on_nothing_beside_it(window, sinks, native_lib):
+@pytest.mark.parametrize("window,sinks,lens", [
+    (None, 0, [50, 77, 23, 100]), (48, 4, [50, 77, 23, 100]),
+    (None, 0, [520, 300, 23, 530]), (400, 4, [520, 300, 23, 530])])
+def test_a_row_depends_on_nothing_beside_it(window, sinks, lens, native_lib):
     """Bit for bit: a sequence alone as in a batch, and each of a verification step's
     queries as the decode step at its position (the keys after it unseen) gives it, so that
     speculation and batching leave greedy outputs exactly as they were. Without a window
-    the queries of a step are attended together (16 at a time: 20 queries are 16 + 4)."""
-    q, k, v, tables, lens, qsl = random_paged_batch([50, 77, 23, 100], [5, 1, 3, 20], 9, 3, 64,
-                                                    16, torch.float32)
+    the queries of a step are attended together (16 at a time: 20 queries are 16 + 4).
+    Past 256 keys a row's keys are attended in spans merged afterwards; the last two cases
+    have verification steps whose queries end on both sides of a span's end (512)."""
+    q, k, v, tables, lens, qsl = random_paged_batch(lens, [5, 1, 3, 20], 9, 3, 64, 16,
+                                                    torch.float32)
     out = _native(q, k, v, tables, lens, qsl, 0.125, window, sinks, lib=native_lib)
     for i in range(4):
         a, b = int(qsl[i]), int(qsl[i + 1])
