@@ -41,7 +41,8 @@ def _ok(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(("body", "param", "code"), [
-    ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+    ({"messages": MSGS, "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools.0.function", "invalid_value"),
     ({"messages": MSGS, "suffix": "x"}, "suffix", "unsupported_parameter"),
     ({"messages": MSGS, "logit_bias": {"one": 2}}, "logit_bias.one", "invalid_value"),
     ({"messages": MSGS, "logit_bias": {"1": 101}}, "logit_bias", "invalid_value"),

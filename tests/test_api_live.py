@@ -143,6 +143,43 @@ def test_json_schema_output_and_logit_bias(client, model) -> None:
     assert forced.choices[0].message.content == "1" * 5
 
 
+def test_forced_tool_calls(client, model) -> None:
+    """The default model's template knows no tools, but a named or required tool_choice
+    constrains its output to a call: the arguments parse and follow the function's schema,
+    plain and streamed; the call and its result go back into the conversation; "auto" is a
+    400 that says what to use instead."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    args = {"model": model, "messages": ask, "tools": [weather, clock], "max_tokens": 40,
+            "temperature": 0}
+    reply = client.chat.completions.create(tool_choice=named, **args).choices[0]
+    (call,) = reply.message.tool_calls
+    assert reply.message.content is None and reply.finish_reason == "stop"
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    streamed = [c.choices[0].delta.tool_calls for c in client.chat.completions.create(
+        tool_choice=named, stream=True, **args) if c.choices and c.choices[0].delta.tool_calls]
+    assert streamed[0][0].function.name == "get_weather"
+    assert "".join(d[0].function.arguments for d in streamed) == call.function.arguments
+    required = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False,
+                                              **args).choices[0]
+    (call,) = required.message.tool_calls
+    assert required.finish_reason == "tool_calls"
+    assert call.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call.function.arguments), dict)
+    answer = client.chat.completions.create(model=model, max_tokens=5, messages=[
+        *ask, required.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "12C, sunny"}])
+    assert answer.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="tool_choice 'auto'"):
+        client.chat.completions.create(model=model, messages=ask, tools=[weather], max_tokens=4)
+
+
 def test_32_concurrent_streams_match_solo_greedy(url, model) -> None:
     prompts = [f"Write the number {i} in words:" for i in range(32)]
     aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)

@@ -1,5 +1,5 @@
 """OpenAI request models (pydantic). Unknown fields are rejected (extra="forbid"), so a field
-we do not support (tools, suffix, ...) gets a 400 that names it instead of being
+we do not support (suffix, functions, ...) gets a 400 that names it instead of being
 silently ignored. Range checks on sampling values are SamplingParams' job."""
 
 from __future__ import annotations
@@ -86,12 +86,72 @@ class SamplingRequest(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ChatMessage(_Strict):
-    """One chat message; content is a string or a list of text parts."""
+class FunctionDefinition(_Strict):
+    """A tool's function: its name and the JSON schema of its arguments."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice` naming the function the reply must call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+    """JSON text, as the API returns it."""
+
+
+class ToolCall(_Strict):
+    """A call an earlier assistant message made (sent back in the conversation)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """Chat templates take the arguments as a mapping (transformers' convention)."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": arguments}}
+
+
+class ChatMessage(_Strict):
+    """One chat message; content is a string or a list of text parts. An assistant message
+    may carry the tool calls it made, and a "tool" message answers one of them."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise _conflict("tool_calls", "only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise _conflict("tool_call_id", "a tool message needs the tool_call_id it answers, "
+                            "and only tool messages take one")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -109,10 +169,14 @@ class ChatMessage(_Strict):
             texts.append(part["text"])
         return "".join(texts)
 
-    def as_template_dict(self) -> dict[str, str]:
-        message = {"role": self.role, "content": self.content or ""}
+    def as_template_dict(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -124,6 +188,9 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @field_validator("response_format")
     @classmethod
@@ -156,6 +223,19 @@ class ChatCompletionRequest(SamplingRequest):
                 and self.max_tokens != self.max_completion_tokens):
             raise _conflict("max_completion_tokens",
                             "max_tokens and max_completion_tokens disagree; send one")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise _conflict("tools", "tool function names must be unique")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise _conflict("tool_choice", "tool_choice needs tools to choose from")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise _conflict("tool_choice", f"tool_choice names {choice.function.name!r}, "
+                            "which is not among the tools")
+        if (choice not in (None, "none", "auto") and self.response_format is not None
+                and self.response_format["type"] != "text"):
+            raise _conflict("response_format", "a required or named tool_choice fixes the "
+                            "output's format already; drop response_format")
         return self
 
     def requested_max_tokens(self) -> int | None:

@@ -1,5 +1,6 @@
-"""POST /v1/chat/completions: render messages with the chat template, generate, and format
-the reply as `chat.completion` (or `chat.completion.chunk` events when streaming)."""
+"""POST /v1/chat/completions: render messages (and tools) with the chat template, generate,
+and format the reply as `chat.completion` (or `chat.completion.chunk` events when
+streaming), its tool calls read out as `server.api.tools` describes."""
 
 from __future__ import annotations
 
@@ -22,19 +23,34 @@ from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import ChoiceResult, check_context_length, make_jobs
 from server.api.logprobs import TokenTexts, chat_logprobs
-from server.api.protocol import ChatCompletionRequest, ChatMessage
+from server.api.protocol import ChatCompletionRequest, ChatMessage, Tool
 from server.api.serving import Generation
 from server.api.state import ServerState
+from server.api.tools import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    NO_TOOLS,
+    ToolMode,
+    call_schema,
+    held_back,
+    new_call,
+    read_calls,
+    tool_mode,
+)
 from server.engine.outputs import RequestOutput
 
 logger = logging.getLogger("leapfrog.api")
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> tuple[str, list[int]]:
-    """The prompt text from the model's chat template, and its token ids."""
+def render_chat(tokenizer: Any, messages: list[ChatMessage],
+                tools: list[Tool] | None = None) -> tuple[str, list[int]]:
+    """The prompt text from the model's chat template (given `tools`, if any), and its
+    token ids."""
+    extra = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
     try:
         text = tokenizer.apply_chat_template(
             [m.as_template_dict() for m in messages], tokenize=False, add_generation_prompt=True,
+            **extra,
         )
     except Exception as exc:  # jinja raises for conversations the template rejects
         raise bad_request(f"The chat template rejected these messages: {exc}",
@@ -43,13 +59,19 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> tuple[str, list[
 
 
 class ChatFormatter:
-    """OpenAI chat response bodies and stream chunks for one request."""
+    """OpenAI chat response bodies and stream chunks for one request. With tools, a choice's
+    calls are read out of its text (`server.api.tools.read_calls`); streamed, a named call's
+    arguments go out as they come, while "auto" streams the content before a `<tool_call>`
+    and "required" nothing, each sending its calls whole when the choice ends."""
 
     def __init__(self, request_id: str, model: str, num_choices: int,
-                 texts: TokenTexts | None) -> None:
+                 texts: TokenTexts | None, mode: ToolMode = NO_TOOLS) -> None:
         self.request_id, self.model, self.num_choices = request_id, model, num_choices
-        self.texts = texts
+        self.texts, self.mode = texts, mode
         self.created = int(time.time())
+        self.text = [""] * num_choices  # each choice's text so far (tool modes)
+        self.sent = [0] * num_choices  # of which streamed as content (auto)
+        self.call_id: list[str | None] = [None] * num_choices  # (named)
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.request_id, "object": obj, "created": self.created,
@@ -61,27 +83,77 @@ class ChatFormatter:
             "logprobs": None, "finish_reason": None,
         }]) for i in range(self.num_choices)]
 
+    def _finish_reason(self, reason: str | None, calls: list[dict[str, Any]]) -> str | None:
+        """"tool_calls" where the model chose to call ("auto", "required") and stopped by
+        itself; a named call ends with "stop", as OpenAI's do."""
+        return "tool_calls" if calls and reason == "stop" and self.mode.kind != "named" \
+            else reason
+
+    def _tool_delta(self, index: int, out: RequestOutput) -> tuple[dict[str, Any], str | None]:
+        """The delta and finish reason of a streamed output in a tool mode."""
+        self.text[index] += out.new_text
+        text, reason = self.text[index], out.finish_reason if out.finished else None
+        if self.mode.kind == "named":
+            first = self.call_id[index] is None
+            if first:
+                self.call_id[index] = new_call(self.mode.name or "", "")["id"]
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": out.new_text}}
+            if first:
+                call.update(id=self.call_id[index], type="function")
+                call["function"]["name"] = self.mode.name
+            return ({"tool_calls": [call]} if out.new_text or first else {}), reason
+        start = self.sent[index]
+        if self.mode.kind == "auto":  # the text before any call, less a possible tag's start
+            end = text.find(CALL_OPEN)
+            if end < 0:
+                end = len(text) if out.finished else len(text) - held_back(text)
+            self.sent[index] = max(start, end)
+        if out.finished:
+            _, calls = read_calls(text, self.mode)
+            if calls:
+                if self.mode.kind == "auto":  # and what follows the last call
+                    after = text[text.rfind(CALL_CLOSE) + len(CALL_CLOSE):].strip()
+                    tail = text[start:self.sent[index]] + after
+                else:
+                    tail = ""
+                delta: dict[str, Any] = {"content": tail} if tail else {}
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+                return delta, self._finish_reason(reason, calls)
+            self.sent[index] = len(text)  # no calls after all: the rest is content
+        piece = text[start:self.sent[index]]
+        return ({"content": piece} if piece else {}), reason
+
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
         wants_logprobs = self.texts is not None and bool(out.logprobs)
-        if not (out.new_text or out.finished or wants_logprobs):
+        if self.mode.kind == "none":
+            delta = {"content": out.new_text} if out.new_text else {}
+            reason = out.finish_reason if out.finished else None
+        else:
+            delta, reason = self._tool_delta(index, out)
+        if not (delta or out.finished or wants_logprobs):
             return None
         return self._envelope("chat.completion.chunk", [{
             "index": index,
-            "delta": {"content": out.new_text} if out.new_text else {},
+            "delta": delta,
             "logprobs": chat_logprobs(out.logprobs, self.texts) if wants_logprobs else None,
-            "finish_reason": out.finish_reason if out.finished else None,
+            "finish_reason": reason,
         }])
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self._envelope("chat.completion.chunk", []), "usage": usage}
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
-        choices = [{
-            "index": i,
-            "message": {"role": "assistant", "content": "".join(r.text)},
-            "logprobs": chat_logprobs(r.logprobs, self.texts) if self.texts else None,
-            "finish_reason": r.finish_reason,
-        } for i, r in enumerate(results)]
+        choices = []
+        for i, r in enumerate(results):
+            content, calls = read_calls("".join(r.text), self.mode)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({
+                "index": i, "message": message,
+                "logprobs": chat_logprobs(r.logprobs, self.texts) if self.texts else None,
+                "finish_reason": self._finish_reason(r.finish_reason, calls),
+            })
         return {**self._envelope("chat.completion", choices), "usage": usage}
 
 
@@ -91,16 +163,18 @@ async def create_chat_completion(request: Request, state: ServerState, api: ApiC
     check_model(req.model, engine)
     check_n(req.n, api.max_n)
     request_id = new_request_id("chatcmpl")
-    text, prompt_ids = render_chat(engine.tokenizer, req.messages)
+    mode = tool_mode(req, engine.tokenizer)
+    text, prompt_ids = render_chat(engine.tokenizer, req.messages,
+                                   req.tools if mode.kind != "none" else None)
     if api.log_prompts:
         logger.debug("request %s prompt: %r", request_id, text)
     max_tokens = resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids),
                                     engine.max_model_len)
     params = sampling_params(req, max_tokens, req.num_logprobs(), engine.tokenizer,
-                             req.json_schema())
+                             call_schema(req, mode) if mode.constrained else req.json_schema())
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
     jobs = make_jobs(request_id, [prompt_ids], req.n, params)
     texts = TokenTexts(engine.tokenizer) if req.logprobs else None
-    formatter = ChatFormatter(request_id, engine.model_name, req.n, texts)
+    formatter = ChatFormatter(request_id, engine.model_name, req.n, texts, mode)
     generation = Generation(state, engine, jobs, [len(prompt_ids)], formatter, req.user)
     return await generation.respond(request, req.stream, req.include_usage)

@@ -1,0 +1,139 @@
+"""Tool calling for chat completions: which mode a request is in, the JSON schema that
+constrains a forced call, and reading calls out of generated text.
+
+- ``none``: no tools, or `tool_choice: "none"`; the tools are not shown to the template.
+- ``named`` (`tool_choice: {"type": "function", "function": {"name": ...}}`): the output is
+  constrained to that function's `parameters` schema, so the generated text is the call's
+  arguments; any model can be forced this way.
+- ``required``: the output is constrained to a JSON array of `{"name", "arguments"}` calls
+  (one, unless `parallel_tool_calls`), each matching its function's schema.
+- ``auto`` (the default when tools are given): the model decides, as its chat template
+  taught it. Only templates that write calls as `<tool_call>{"name": ..., "arguments":
+  ...}</tool_call>` (Hermes style: Qwen2.5 and many others) can be read back; for any other
+  template "auto" is refused, as vLLM refuses it without a tool-call parser.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from server.api.errors import bad_request
+from server.api.protocol import ChatCompletionRequest
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolMode:
+    """How a request's output relates to its tools (see the module docs)."""
+
+    kind: str  # "none" | "auto" | "required" | "named"
+    name: str | None = None  # the named function
+
+    @property
+    def constrained(self) -> bool:
+        return self.kind in ("required", "named")
+
+
+NO_TOOLS = ToolMode("none")
+
+
+def template_reads_calls(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template writes tool calls in `<tool_call>` tags."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: any of them
+        template = " ".join(str(t) for t in template.values())
+    return isinstance(template, str) and CALL_OPEN in template
+
+
+def tool_mode(req: ChatCompletionRequest, tokenizer: Any) -> ToolMode:
+    """The request's mode; 400 for "auto" where the template's calls cannot be read."""
+    choice = req.tool_choice
+    if not req.tools or choice == "none":
+        return NO_TOOLS
+    if choice == "required":
+        return ToolMode("required")
+    if choice is not None and choice != "auto":
+        return ToolMode("named", choice.function.name)
+    if not template_reads_calls(tokenizer):
+        raise bad_request(
+            "tool_choice 'auto' needs a chat template that writes tool calls in <tool_call> "
+            "tags, and this model's does not; use tool_choice 'required' or a named "
+            "function, which constrain the output to a call", param="tool_choice",
+            code="invalid_value")
+    return ToolMode("auto")
+
+
+def _parameters(req: ChatCompletionRequest, name: str) -> dict[str, Any]:
+    function = next(t.function for t in req.tools or [] if t.function.name == name)
+    return function.parameters if function.parameters is not None else {"type": "object"}
+
+
+def call_schema(req: ChatCompletionRequest, mode: ToolMode) -> str | None:
+    """The JSON schema (as text) the output must follow in a constrained mode, else None."""
+    if mode.kind == "named":
+        return json.dumps(_parameters(req, mode.name or ""))
+    if mode.kind != "required":
+        return None
+    calls = [{"type": "object", "additionalProperties": False,
+              "required": ["name", "arguments"],
+              "properties": {"name": {"const": t.function.name},
+                             "arguments": _parameters(req, t.function.name)}}
+             for t in req.tools or []]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not req.parallel_tool_calls:
+        schema["maxItems"] = 1
+    return json.dumps(schema)
+
+
+def new_call(name: str, arguments: str) -> dict[str, Any]:
+    """An OpenAI `tool_calls` entry."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _arguments(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def read_calls(text: str, mode: ToolMode) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool_calls) of a finished choice's text. What cannot be read as calls stays
+    content: a constrained output cut short by max_tokens, or a `<tool_call>` whose body is
+    not a JSON object with a name."""
+    if mode.kind == "named":
+        return None, [new_call(mode.name or "", text)]
+    if mode.kind == "required":
+        try:
+            calls = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        return None, [new_call(c["name"], _arguments(c["arguments"])) for c in calls]
+    if mode.kind != "auto" or CALL_OPEN not in text:
+        return text, []
+    calls, kept, last = [], [], 0
+    for match in _CALL.finditer(text):
+        try:
+            body = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            continue
+        kept.append(text[last:match.start()])
+        last = match.end()
+        calls.append(new_call(body["name"], _arguments(body.get("arguments", {}))))
+    content = ("".join(kept) + text[last:]).strip() if calls else text
+    return content or None, calls
+
+
+def held_back(text: str) -> int:
+    """How many characters at the end of streamed `text` could begin `<tool_call>` (auto
+    mode holds them until the next text shows which)."""
+    for k in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if CALL_OPEN.startswith(text[-k:]):
+            return k
+    return 0
