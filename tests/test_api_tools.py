@@ -36,20 +36,23 @@ ANSWER = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city
           '</tool_call>')
 
 
+AUTO = ToolMode("auto", names=("get_weather", "get_time"))
+
+
 def _request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=USER, **fields)
 
 
 def test_read_calls_in_each_mode() -> None:
-    content, calls = read_calls(ANSWER, ToolMode("auto"))
+    content, calls = read_calls(ANSWER, AUTO)
     assert content == "Let me look."
     assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
             for c in calls] == [("function", "get_weather", {"city": "Paris"}),
                                 ("function", "get_weather", {"city": "Rome"})]
     assert len({c["id"] for c in calls}) == 2 and calls[0]["id"].startswith("call_")
     broken = "<tool_call>{not json}</tool_call> <tool_call>[1]</tool_call>"
-    assert read_calls(broken, ToolMode("auto")) == (broken, [])  # nothing readable: content
-    assert read_calls("plain text", ToolMode("auto")) == ("plain text", [])
+    assert read_calls(broken, AUTO) == (broken, [])  # nothing readable: content
+    assert read_calls("plain text", AUTO) == ("plain text", [])
     assert read_calls(ANSWER, ToolMode("none")) == (ANSWER, [])
     content, calls = read_calls('{"city": "Oslo"}', ToolMode("named", "get_weather"))
     assert content is None and calls[0]["function"] == {"name": "get_weather",
@@ -57,6 +60,20 @@ def test_read_calls_in_each_mode() -> None:
     content, calls = read_calls('[{"name": "get_time", "arguments": {}}]', ToolMode("required"))
     assert content is None and calls[0]["function"] == {"name": "get_time", "arguments": "{}"}
     assert read_calls('[{"name": "get_ti', ToolMode("required")) == ('[{"name": "get_ti', [])
+
+
+def test_bare_calls_naming_the_tools() -> None:
+    """Without tags, a reply that is only a call object (or a list of them) naming a tool."""
+    content, calls = read_calls(' {"name": "get_weather", "arguments": {"city": "Oslo"}}\n', AUTO)
+    assert content is None and calls[0]["function"] == {"name": "get_weather",
+                                                        "arguments": '{"city": "Oslo"}'}
+    both = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "arguments": {}}]'
+    assert [c["function"]["name"] for c in read_calls(both, AUTO)[1]] == ["get_time",
+                                                                        "get_weather"]
+    for text in ('{"name": "send_mail", "arguments": {}}',  # not a tool of the request
+                 '{"name": "get_time", "arguments": {}, "why": 1}', '{"name": "get_time"',
+                 '[]', '{"city": "Oslo"}', 'get_time()'):
+        assert read_calls(text, AUTO) == (text, []), text
 
 
 def test_held_back_is_a_prefix_of_the_tag() -> None:
@@ -74,7 +91,7 @@ def test_schemas_of_forced_calls() -> None:
     first = required["items"]["anyOf"][0]
     assert first["properties"]["name"] == {"const": "get_weather"}
     assert first["properties"]["arguments"] == WEATHER["function"]["parameters"]
-    assert call_schema(_request(tools=[WEATHER]), ToolMode("auto")) is None
+    assert call_schema(_request(tools=[WEATHER]), AUTO) is None
 
 
 @pytest.mark.parametrize("fields,param,says", [
@@ -231,7 +248,7 @@ def test_auto_needs_a_template_that_writes_calls() -> None:
 def test_streamed_pieces_add_up_however_the_text_is_cut(pieces) -> None:
     """Content before the first tag streams as it comes (a possible tag's start held back),
     even where the last piece brings text and calls together; the calls come whole."""
-    formatter = ChatFormatter("chatcmpl-x", "m", 1, None, ToolMode("auto"))
+    formatter = ChatFormatter("chatcmpl-x", "m", 1, None, AUTO)
     content, calls, reason = "", [], None
     for i, piece in enumerate(pieces):
         done = i == len(pieces) - 1
@@ -246,3 +263,22 @@ def test_streamed_pieces_add_up_however_the_text_is_cut(pieces) -> None:
         reason = chunk["choices"][0]["finish_reason"]
     assert (content, reason) == ("Let me look. ", "tool_calls")
     assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Rome"]
+
+
+@pytest.mark.parametrize("pieces,content,calls", [
+    (["  ", '{"name": "get_time",', ' "arguments": {}}'], "", ["get_time"]),
+    (["{", '"a": 1}'], '{"a": 1}', []),  # held back, then sent as content
+    (["Sure: ", '{"name": "get_time"}'], 'Sure: {"name": "get_time"}', []),
+])
+def test_streamed_bare_calls_are_held_to_the_end(pieces, content, calls) -> None:
+    formatter = ChatFormatter("chatcmpl-x", "m", 1, None, AUTO)
+    got, names = "", []
+    for i, piece in enumerate(pieces):
+        done = i == len(pieces) - 1
+        chunk = formatter.delta(0, RequestOutput("r", [1], piece, 3, i + 1, None, done,
+                                                 "stop" if done else None))
+        delta = chunk["choices"][0]["delta"] if chunk else {}
+        assert done or not calls or not delta.get("content")  # a call's text never streams
+        got += delta.get("content", "")
+        names += [c["function"]["name"] for c in delta.get("tool_calls", [])]
+    assert (got, names) == (content, calls)

@@ -58,6 +58,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
         "max_tokens": max_tokens, "stop": req.stop_list(), "stop_token_ids": stop_token_ids,
         "ignore_eos": req.ignore_eos, "seed": req.seed, "logprobs": logprobs,
         "logit_bias": logit_bias, "json_schema": json_schema,
+        "skip_special_tokens": req.skip_special_tokens,
     }
     for name in _OPTIONAL_FLOATS_AND_INTS:
         value = getattr(req, name)

@@ -49,6 +49,8 @@ class SamplingRequest(_Strict):
     logit_bias: dict[int, float] | None = None
     """Token id (a JSON object's keys are strings: pydantic parses them) -> bias."""
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    """(vLLM's extension) False keeps special tokens in the text."""
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -4,6 +4,7 @@ streaming), its tool calls read out as `server.api.tools` describes."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -33,6 +34,7 @@ from server.api.tools import (
     ToolMode,
     call_schema,
     held_back,
+    maybe_bare_call,
     new_call,
     read_calls,
     tool_mode,
@@ -107,15 +109,15 @@ class ChatFormatter:
             end = text.find(CALL_OPEN)
             if end < 0:
                 end = len(text) if out.finished else len(text) - held_back(text)
+            if start == 0 and not out.finished and (maybe_bare_call(text) or not text.strip()):
+                end = 0  # all of it may be a bare call: held to the end
             self.sent[index] = max(start, end)
         if out.finished:
             _, calls = read_calls(text, self.mode)
             if calls:
-                if self.mode.kind == "auto":  # and what follows the last call
-                    after = text[text.rfind(CALL_CLOSE) + len(CALL_CLOSE):].strip()
-                    tail = text[start:self.sent[index]] + after
-                else:
-                    tail = ""
+                last = text.rfind(CALL_CLOSE)  # (a bare call: none, and nothing after it)
+                after = text[last + len(CALL_CLOSE):].strip() if last >= 0 else ""
+                tail = text[start:self.sent[index]] + after if CALL_OPEN in text else ""
                 delta: dict[str, Any] = {"content": tail} if tail else {}
                 delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
                 return delta, self._finish_reason(reason, calls)
@@ -172,6 +174,8 @@ async def create_chat_completion(request: Request, state: ServerState, api: ApiC
                                     engine.max_model_len)
     params = sampling_params(req, max_tokens, req.num_logprobs(), engine.tokenizer,
                              call_schema(req, mode) if mode.constrained else req.json_schema())
+    if mode.kind == "auto":  # the template's tags may be special tokens: keep them to read
+        params = dataclasses.replace(params, skip_special_tokens=False)
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
     jobs = make_jobs(request_id, [prompt_ids], req.n, params)
     texts = TokenTexts(engine.tokenizer) if req.logprobs else None

@@ -10,7 +10,10 @@ constrains a forced call, and reading calls out of generated text.
 - ``auto`` (the default when tools are given): the model decides, as its chat template
   taught it. Only templates that write calls as `<tool_call>{"name": ..., "arguments":
   ...}</tool_call>` (Hermes style: Qwen2.5 and many others) can be read back; for any other
-  template "auto" is refused, as vLLM refuses it without a tool-call parser.
+  template "auto" is refused, as vLLM refuses it without a tool-call parser. Small models
+  taught this format often drop the tags (Qwen2.5-Coder-0.5B answers a bare `{"name": ...,
+  "arguments": ...}`), so a reply that is nothing but such an object, or a list of them,
+  naming the request's tools, is read as calls too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class ToolMode:
 
     kind: str  # "none" | "auto" | "required" | "named"
     name: str | None = None  # the named function
+    names: tuple[str, ...] = ()  # every tool's (auto: what a bare call may name)
 
     @property
     def constrained(self) -> bool:
@@ -66,7 +70,7 @@ def tool_mode(req: ChatCompletionRequest, tokenizer: Any) -> ToolMode:
             "tags, and this model's does not; use tool_choice 'required' or a named "
             "function, which constrain the output to a call", param="tool_choice",
             code="invalid_value")
-    return ToolMode("auto")
+    return ToolMode("auto", names=tuple(t.function.name for t in req.tools))
 
 
 def _parameters(req: ChatCompletionRequest, name: str) -> dict[str, Any]:
@@ -113,8 +117,10 @@ def read_calls(text: str, mode: ToolMode) -> tuple[str | None, list[dict[str, An
         except json.JSONDecodeError:
             return text, []
         return None, [new_call(c["name"], _arguments(c["arguments"])) for c in calls]
-    if mode.kind != "auto" or CALL_OPEN not in text:
+    if mode.kind != "auto":
         return text, []
+    if CALL_OPEN not in text:
+        return _bare_calls(text, mode.names)
     calls, kept, last = [], [], 0
     for match in _CALL.finditer(text):
         try:
@@ -128,6 +134,26 @@ def read_calls(text: str, mode: ToolMode) -> tuple[str | None, list[dict[str, An
         calls.append(new_call(body["name"], _arguments(body.get("arguments", {}))))
     content = ("".join(kept) + text[last:]).strip() if calls else text
     return content or None, calls
+
+
+def _bare_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[dict[str, Any]]]:
+    """A reply that is only a call object, or a list of them, naming the request's tools (the
+    arguments under "arguments", or Llama 3's "parameters"); else the text as content."""
+    try:
+        body = json.loads(text) if maybe_bare_call(text) else None
+    except json.JSONDecodeError:
+        body = None
+    items = body if isinstance(body, list) else [body]
+    if not body or not all(isinstance(c, dict) and c.get("name") in names
+                           and set(c) <= {"name", "arguments", "parameters"} for c in items):
+        return text, []
+    return None, [new_call(c["name"], _arguments(c.get("arguments", c.get("parameters", {}))))
+                  for c in items]
+
+
+def maybe_bare_call(text: str) -> bool:
+    """Whether `text` could be (the start of) a bare call: it opens a JSON object or list."""
+    return text.lstrip()[:1] in ("{", "[")
 
 
 def held_back(text: str) -> int:

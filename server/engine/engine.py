@@ -191,7 +191,8 @@ class LLMEngine:
         if params.json_schema is not None:
             request.grammar = self.grammars.matcher(params.json_schema)
         self.scheduler.add_request(request)
-        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(
+            self.tokenizer, params.stop, params.skip_special_tokens))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Finish a request now (its blocks return to the pool); None if unknown."""

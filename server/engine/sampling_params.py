@@ -56,6 +56,9 @@ class SamplingParams:
     json_schema: str | None = None
     """A JSON schema (as JSON text) the output must follow (`server.engine.structured`;
     `{"type": "object"}` for OpenAI's json_object); None: free text."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text; False keeps them (a chat template's
+    `<tool_call>` tags, where the tokenizer counts them special)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
