@@ -197,6 +197,7 @@ def test_auto_calls_read_out_plain_and_streamed(served) -> None:
     assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == \
         [{"city": "Paris"}, {"city": "Rome"}]
     assert json.loads(engine.prompts[-1].split("\n")[0][len("<tools>"):]) == [WEATHER, TIME]
+    assert not list(engine.params.values())[-1].skip_special_tokens  # tags may be special
     content, calls, reason = _stream(url, messages=USER, tools=[WEATHER])
     assert (content, reason) == ("Let me look. ", "tool_calls")  # no tag leaked into content
     assert [(c["type"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
@@ -219,6 +220,9 @@ def test_tool_choice_none_hides_the_tools_and_reads_nothing(served) -> None:
     url, engine = served
     reply = _chat(url, messages=USER, tools=[WEATHER], tool_choice="none").json()
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
+    assert list(engine.params.values())[-1].skip_special_tokens
+    _chat(url, messages=USER, skip_special_tokens=False)
+    assert not list(engine.params.values())[-1].skip_special_tokens
     assert not engine.prompts[-1].startswith("<tools>")
 
 
