@@ -32,10 +32,10 @@ from server.api.tools import (
     CALL_OPEN,
     NO_TOOLS,
     ToolMode,
+    call_id,
     call_schema,
     held_back,
     maybe_bare_call,
-    new_call,
     read_calls,
     tool_mode,
 )
@@ -98,7 +98,7 @@ class ChatFormatter:
         if self.mode.kind == "named":
             first = self.call_id[index] is None
             if first:
-                self.call_id[index] = new_call(self.mode.name or "", "")["id"]
+                self.call_id[index] = call_id()
             call: dict[str, Any] = {"index": 0, "function": {"arguments": out.new_text}}
             if first:
                 call.update(id=self.call_id[index], type="function")

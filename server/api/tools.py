@@ -95,9 +95,13 @@ def call_schema(req: ChatCompletionRequest, mode: ToolMode) -> str | None:
     return json.dumps(schema)
 
 
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def new_call(name: str, arguments: str) -> dict[str, Any]:
     """An OpenAI `tool_calls` entry."""
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    return {"id": call_id(), "type": "function",
             "function": {"name": name, "arguments": arguments}}
 
 
@@ -111,12 +115,12 @@ def read_calls(text: str, mode: ToolMode) -> tuple[str | None, list[dict[str, An
     not a JSON object with a name."""
     if mode.kind == "named":
         return None, [new_call(mode.name or "", text)]
-    if mode.kind == "required":
+    if mode.kind == "required":  # (the schema's array of calls, unless cut short)
         try:
-            calls = json.loads(text)
-        except json.JSONDecodeError:
+            return None, [new_call(c["name"], _arguments(c["arguments"]))
+                          for c in json.loads(text)]
+        except (json.JSONDecodeError, KeyError, TypeError):
             return text, []
-        return None, [new_call(c["name"], _arguments(c["arguments"])) for c in calls]
     if mode.kind != "auto":
         return text, []
     if CALL_OPEN not in text:
