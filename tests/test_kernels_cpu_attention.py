@@ -126,9 +126,11 @@ def test_the_variants_agree_bit_for_bit():
     libs = [cpu_native.load(v) for v in cpu_native.runnable()]
     if len(libs) < 2:
         pytest.skip("one variant runs here")
-    batch = random_paged_batch([37, 70, 130], [5, 1, 9], 9, 3, 64, 16, torch.float32)
-    first = _native(*batch, 0.125, 64, 4, lib=libs[0])
-    assert all(torch.equal(_native(*batch, 0.125, 64, 4, lib=lib), first) for lib in libs[1:])
+    batch = random_paged_batch([37, 70, 130, 600], [5, 1, 9, 3], 9, 3, 64, 16, torch.float32)
+    for window in (64, None):  # (without one, the 600 keys are 3 spans merged)
+        first = _native(*batch, 0.125, window, 4, lib=libs[0])
+        assert all(torch.equal(_native(*batch, 0.125, window, 4, lib=lib), first)
+                   for lib in libs[1:])
 
 
 def test_keys_outside_the_window_are_never_read(native_lib):
