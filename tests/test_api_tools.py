@@ -237,6 +237,19 @@ def test_a_conversation_with_calls_and_results(served) -> None:
             '</tool_call>\n<tool>12Ccall_1\n') in engine.prompts[-1]
 
 
+def test_tokenize_counts_the_tools_as_chat_does(served) -> None:
+    """/tokenize with messages and tools gives the prompt a chat completion renders."""
+    url, engine = served
+    counted = httpx.post(url + "/tokenize", json={"messages": USER, "tools": [WEATHER]}).json()
+    reply = _chat(url, messages=USER, tools=[WEATHER]).json()
+    assert counted["count"] == reply["usage"]["prompt_tokens"]
+    assert engine.tokenizer.decode(counted["tokens"]) == engine.prompts[-1]
+    alone = httpx.post(url + "/tokenize", json={"messages": USER}).json()["count"]
+    assert alone < counted["count"]
+    resp = httpx.post(url + "/tokenize", json={"prompt": "x", "tools": [WEATHER]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "tools"
+
+
 def test_auto_needs_a_template_that_writes_calls() -> None:
     with app_in_thread(lambda: FakeEngine()) as (url, _):
         resp = _chat(url, messages=USER, tools=[WEATHER])

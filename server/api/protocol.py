@@ -284,11 +284,13 @@ class CompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(_Strict):
-    """POST /tokenize: a prompt string, or chat messages rendered with the chat template."""
+    """POST /tokenize: a prompt string, or chat messages (and tools) rendered with the chat
+    template, as a chat completion's prompt is."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -296,6 +298,8 @@ class TokenizeRequest(_Strict):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise _conflict("prompt", "send exactly one of prompt or messages")
+        if self.tools is not None and self.messages is None:
+            raise _conflict("tools", "tools go with messages")
         return self
 
 

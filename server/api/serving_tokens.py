@@ -24,7 +24,7 @@ async def tokenize(request: Request, state: ServerState, api: ApiConfig) -> dict
         if not req.add_generation_prompt:
             raise bad_request("add_generation_prompt=false is not supported.",
                               param="add_generation_prompt", code="unsupported_parameter")
-        _, tokens = render_chat(engine.tokenizer, req.messages)
+        _, tokens = render_chat(engine.tokenizer, req.messages, req.tools)
     else:
         tokens = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
