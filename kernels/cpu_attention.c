@@ -266,6 +266,15 @@ struct lf_attention_step {
     int64_t num_listed, window, sinks;
 };
 
+/* Block b's queries: the first (*j0) and how many, of its sequence's q_len (its blocks start
+ * at block `first`, `positions` queries each). */
+static inline int64_t block_queries(int64_t b, int64_t first, int64_t q_len, int64_t positions,
+                                    int64_t *j0)
+{
+    *j0 = (b - first) * positions;
+    return q_len - *j0 < positions ? q_len - *j0 : positions;
+}
+
 /* The keys query j (of q_len) of a sequence of len keys sees. */
 static inline int64_t row_keys(int64_t len, int64_t q_len, int64_t j, int64_t window,
                                int64_t sinks)
@@ -329,8 +338,8 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
         const int64_t q_len = query_start[seq + 1] - query_start[seq];
         const int64_t end = i + 1 < num_listed ? first_block[i + 1] : blocks;
         for (; b < end; b++) {
-            const int64_t j0 = (b - first_block[i]) * positions;
-            const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
+            int64_t j0;
+            const int64_t count = block_queries(b, first_block[i], q_len, positions, &j0);
             block_seq[b] = i;
             spans[b] = (row_keys(len, q_len, j0 + count - 1, window, sinks) + SPAN - 1) / SPAN;
             first_task[b + 1] = (b ? first_task[b] : 0) + subgroups * spans[b];
@@ -384,8 +393,8 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
             const size_t head = (size_t)((h / group) * dim) * element;  /* its KV head's */
             const void *k = (const char *)k_cache + head, *v = (const char *)v_cache + head;
             const int64_t q0 = query_start[seq], q_len = query_start[seq + 1] - q0;
-            const int64_t j0 = (b - first_block[i]) * positions;
-            const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
+            int64_t j0;
+            const int64_t count = block_queries(b, first_block[i], q_len, positions, &j0);
             const int64_t *o = offs + base[i];
             float *part = spans[b] > 1
                         ? parts + first_part[b] + (g * spans[b] + c) * count * per * row : NULL;
@@ -420,8 +429,8 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
             if (failed || spans[b] < 2) continue;
             const int64_t i = block_seq[b], seq = seqs[i], len = seq_lens[seq];
             const int64_t q0 = query_start[seq], q_len = query_start[seq + 1] - q0;
-            const int64_t j0 = (b - first_block[i]) * positions;
-            const int64_t count = q_len - j0 < positions ? q_len - j0 : positions;
+            int64_t j0;
+            const int64_t count = block_queries(b, first_block[i], q_len, positions, &j0);
             const float *part = parts + first_part[b] + g * spans[b] * count * per * row;
             for (int64_t r = 0; r < count * per; r++) {
                 const int64_t j = j0 + r / per, h = g * per + r % per;
