@@ -48,8 +48,8 @@ def test_fill_writes_every_input(b: int, q: int, n: int, mixed: bool) -> None:
     reads past the sequence's own blocks are the scratch block's."""
     rng = np.random.default_rng(b * 10 + q)
     r = runner()
-    r.dev.fill_(-7)  # poison: every value a step reads must be written
-    for host in r.hosts:
+    r.inputs.dev.fill_(-7)  # poison: every value a step reads must be written
+    for host in r.inputs.hosts:
         host.fill_(-7)
     tables = [[int(x) for x in rng.permutation(SCRATCH)[: int(rng.integers(3, 10))]]
               for _ in range(n)]
@@ -60,9 +60,9 @@ def test_fill_writes_every_input(b: int, q: int, n: int, mixed: bool) -> None:
     if mixed:  # the first sequence fills its last block: its padding reads past its blocks
         starts[0] = len(tables[0]) * BS - lengths[0]
     ids = [[int(x) for x in rng.integers(1, 1000, m)] for m in lengths]
-    r._fill(b, q, starts, ids, tables)
-    views = r._views(b, q)
-    assert all((v.data_ptr() - r.dev.data_ptr()) % 16 == 0 for v in views)  # kernels' loads
+    r.inputs.fill(b, q, starts, ids, tables)
+    views = r.inputs.views(b, q)
+    assert all((v.data_ptr() - r.inputs.dev.data_ptr()) % 16 == 0 for v in views)  # kernels' loads
     got_ids, pos, slots, bt, lens, qsl = views
     want = expected(b, q, starts, ids, tables)
     assert got_ids.tolist() == want["ids"]
@@ -80,9 +80,9 @@ def test_fill_of_another_shape_keeps_each_graph_layout() -> None:
     """Graphs of different (B, Q) read different views of one buffer: a fill of one shape
     gives the same views as a fill of that shape alone, whatever was filled before."""
     r = runner()
-    r._fill(8, 3, [0, 4], [[1, 2, 3], [4, 5, 6]], [[3, 4], [5, 6, 7]])
-    r._fill(2, 1, [5], [[9]], [[10, 11, 12]])
-    ids, pos, slots, bt, lens, qsl = r._views(2, 1)
+    r.inputs.fill(8, 3, [0, 4], [[1, 2, 3], [4, 5, 6]], [[3, 4], [5, 6, 7]])
+    r.inputs.fill(2, 1, [5], [[9]], [[10, 11, 12]])
+    ids, pos, slots, bt, lens, qsl = r.inputs.views(2, 1)
     assert ids.tolist() == [9, 0]
     assert pos.tolist() == [5, 0]
     assert slots.tolist() == [11 * BS + 1, SCRATCH * BS]
@@ -145,8 +145,8 @@ def test_padding_tokens_leave_real_rows_and_the_cache_alone(tiny_model_dir):
 
     def forward(b: int, q: int, starts: list[int], ids: list[list[int]],
                 tables: list[list[int]]) -> torch.Tensor:
-        r._fill(b, q, starts, ids, tables)
-        tokens, positions, slots, bt, lens, qsl = r._views(b, q)
+        r.inputs.fill(b, q, starts, ids, tables)
+        tokens, positions, slots, bt, lens, qsl = r.inputs.views(b, q)
         with torch.inference_mode():
             return model(tokens, positions, BatchMeta(slots, bt, lens, qsl))
 
@@ -219,16 +219,16 @@ def test_fill_writes_the_sparse_pool_inputs() -> None:
     r = CudaGraphRunner(types.SimpleNamespace(kv_caches=[(cache, cache)]), BS, SCRATCH,
                         max_model_len=40, max_batch=8, max_query_len=3,
                         sparse=(sparse_scratch, SinkWindow(8, 2)))
-    r.dev.fill_(-7)
-    for host in r.hosts:
+    r.inputs.dev.fill_(-7)
+    for host in r.inputs.hosts:
         host.fill_(-7)
     tables, sparse_tables = [[3, 4], [5, 6, 7]], [[20, 21], [22, SCRATCH, 23]]
     for b, q, ids in ((4, 3, [[1, 2, 3], [4, 5]]), (2, 1, [[9], [8]])):
         starts = [4, 8]
-        r._fill(b, q, starts, ids, tables, sparse_tables)
-        views = r._views(b, q)
-        sparse_views = r._sparse_views(b, q)
-        assert all((v.data_ptr() - r.dev.data_ptr()) % 16 == 0 for v in views + sparse_views)
+        r.inputs.fill(b, q, starts, ids, tables, sparse_tables)
+        views = r.inputs.views(b, q)
+        sparse_views = r.inputs.sparse_views(b, q)
+        assert all((v.data_ptr() - r.inputs.dev.data_ptr()) % 16 == 0 for v in views + sparse_views)
         want = expected(b, q, starts, ids, tables)
         assert views[2].tolist() == want["slots"]
         want = expected(b, q, starts, ids, sparse_tables)

@@ -13,13 +13,9 @@ drafted different numbers of tokens (n-gram lookups find 0 to k) is still graphe
 forward, the LM head (logits of every token; in such a step every token's logits are
 sampled) and the greedy token of every row (`kernels.triton_argmax`, so
 plain greedy steps need no launch after the replay) are captured together. Inputs travel in
-one flat int64 buffer (ids, positions, slots, then block tables, seq_lens and
-query_start_loc as int32 pairs; each 16-byte aligned; a hybrid KV cache adds its sink +
-window pool's slots and block tables, whose padding goes to that pool's scratch block),
-filled on the host in pinned memory (each input gathered from Python's integers and written
-with one assignment: numpy index arrays cost more at these sizes; two buffers take turns)
-and copied with one non-blocking copy; a decode step launched before the step it follows has ended takes its token ids
-from that step's tokens, on the device. Nothing in a step syncs with the device except
+one flat int64 buffer filled on the host and copied with one non-blocking copy
+(`server.engine.graph_inputs`); a decode step launched before the step it follows has
+ended takes its token ids from that step's tokens, on the device. Nothing in a step syncs with the device except
 reading its results back (the tokens for plain greedy steps, else the logits).
 
 With a drafter that drafts on the device alone (`Drafter.device_drafts`: the draft head),
@@ -40,11 +36,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from server.engine.block_manager import SinkWindow, window_kwargs
 from server.engine.contracts import SchedulerOutput
+from server.engine.graph_inputs import GraphInputs
 from server.engine.request import Request
 from server.models.batch import BatchMeta
 
@@ -58,10 +54,6 @@ def query_buckets(max_query_len: int) -> tuple[int, ...]:
     qs.update(q for q in (2 ** i + 1 for i in range(max_query_len.bit_length()))
               if q < max_query_len)
     return tuple(sorted(qs))
-
-
-def _up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclass
@@ -128,17 +120,9 @@ class CudaGraphRunner:
         self.query_buckets = query_buckets(max_query_len)
         self.max_model_len = max_model_len
         self.width = -(-max_model_len // block_size)
-        device = next(iter(model.kv_caches))[0].device
-        # one int64 buffer holds a step's inputs (`_views`), so one copy moves them
-        used = self._layout(self.buckets[-1], self.query_buckets[-1])[-1]
-        self.dev = torch.zeros(used, dtype=torch.long, device=device)
-        # two pinned host buffers take turns: a step is filled while the copy of the one
-        # before (launched ahead of its predecessor's end) may still wait in the stream
-        self.hosts = [torch.zeros_like(self.dev, device="cpu") for _ in range(2)]
-        if device.type == "cuda":
-            self.hosts = [h.pin_memory() for h in self.hosts]
-        self._turn = 0
-        self._host_views: dict[tuple[int, int, int], tuple[np.ndarray, ...]] = {}
+        self.inputs = GraphInputs(
+            block_size, scratch_block, None if sparse is None else sparse[0], self.width,
+            (self.buckets[-1], self.query_buckets[-1]), next(iter(model.kv_caches))[0].device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool: tuple | None = None
 
@@ -146,7 +130,7 @@ class CudaGraphRunner:
         """Capture every (bucket, Q), largest first (so smaller ones reuse its pool)."""
         for q in reversed(self.query_buckets):
             for b in reversed(self.buckets):
-                self._fill(b, q, [], [], [])
+                self.inputs.fill(b, q, [], [], [])
                 self._capture(b, q)
 
     def key(self, out: SchedulerOutput) -> tuple[int, int] | None:
@@ -206,9 +190,9 @@ class CudaGraphRunner:
         ids on the device instead of ids'. `advance`: the real sequences' ids, positions,
         slots and lengths are the last step's `next` (the host's `starts` then only bound
         them: blocks are read up to starts[i] + q). `sparse_tables`: as `run`'s."""
-        self._fill(b, q, starts, ids, tables, sparse_tables)
+        self.inputs.fill(b, q, starts, ids, tables, sparse_tables)
         if ahead_ids is not None:
-            self.dev[: len(starts)].copy_(ahead_ids)
+            self.inputs.dev[: len(starts)].copy_(ahead_ids)
         if advance:
             self._take_next(b, q, len(starts))
         if not graphed:
@@ -227,7 +211,7 @@ class CudaGraphRunner:
         nxt = self.next
         if nxt is None or nxt.ids.numel() != b * q:
             raise ValueError(f"no successor inputs of a ({b}, {q}) verification step to take")
-        ids, positions, slots, tables, seq_lens, _ = self._views(b, q)
+        ids, positions, slots, tables, seq_lens, _ = self.inputs.views(b, q)
         t, bs = n * q, self.block_size
         ids[:t].copy_(nxt.ids[:t])
         positions[:t].copy_(nxt.positions[:t])
@@ -236,131 +220,17 @@ class CudaGraphRunner:
         block, offset = pos // bs, (pos % bs).flatten()
         slots[:t].copy_(tables[:n].gather(1, block).flatten() * bs + offset)
         if self.sparse is not None:
-            sparse_slots, sparse_tables = self._sparse_views(b, q)
+            sparse_slots, sparse_tables = self.inputs.sparse_views(b, q)
             sparse_slots[:t].copy_(sparse_tables[:n].gather(1, block).flatten() * bs + offset)
-
-    def _layout(self, b: int, q: int) -> tuple[int, ...]:
-        """Offsets in the input buffer (int64 elements) of a (B, Q) graph's positions, slots,
-        the sparse pool's slots and the int32 part, that part's offsets (int32 elements) of
-        the sparse pool's block tables, seq_lens and query_start_loc, and the int64
-        elements used: every input starts 16-byte aligned (the sparse pool's inputs take
-        no room without one)."""
-        t, sparse = b * q, self.sparse is not None
-        pos, slots = _up(t, 2), 2 * _up(t, 2)
-        sparse_slots = 3 * _up(t, 2)
-        part = sparse_slots + sparse * _up(t, 2)
-        sparse_tables = _up(b * self.width, 4)
-        lens = sparse_tables + sparse * _up(b * self.width, 4)
-        qsl = lens + _up(b, 4)
-        return pos, slots, sparse_slots, part, sparse_tables, lens, qsl, part + (qsl + _up(b + 1, 4)) // 2
-
-    def _views(self, b: int, q: int, buffer: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, ...]:
-        """ids, positions, slots, block_tables, seq_lens, query_start_loc of a (B, Q) graph:
-        views of `buffer` (default the device buffer) laid out by `_layout`."""
-        t, w = b * q, self.width
-        pos, slots, _, part, _, lens, qsl, used = self._layout(b, q)
-        d64 = self.dev if buffer is None else buffer
-        d32 = d64[part:used].view(torch.int32)
-        return (d64[:t], d64[pos:pos + t], d64[slots:slots + t], d32[:b * w].view(b, w),
-                d32[lens:lens + b], d32[qsl:qsl + b + 1])
-
-    def _sparse_views(self, b: int, q: int, buffer: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sparse pool's slots and block tables of a (B, Q) graph (as `_views`)."""
-        t, w = b * q, self.width
-        _, _, slots, part, tables, _, _, used = self._layout(b, q)
-        d64 = self.dev if buffer is None else buffer
-        d32 = d64[part:used].view(torch.int32)
-        return d64[slots:slots + t], d32[tables:tables + b * w].view(b, w)
-
-    def _fill(self, b: int, q: int, starts: list[int], ids: list[list[int]],
-              tables: list[list[int]], sparse_tables: list[list[int]] | None = None) -> None:
-        """Write a step's inputs (real sequences, each padded to Q tokens with id 0 at the
-        next positions and KV in the scratch block; then padding sequences: ids 0,
-        positions 0..Q-1, KV in the scratch block) and copy them to the device in one copy."""
-        self._turn ^= 1
-        host = self.hosts[self._turn]
-        views = self._host_views.get((self._turn, b, q))
-        if views is None:  # numpy views of the pinned buffer, made once a shape
-            views = tuple(v.numpy() for v in self._views(b, q, host))
-            if self.sparse is not None:
-                views += tuple(v.numpy() for v in self._sparse_views(b, q, host))
-            self._host_views[(self._turn, b, q)] = views
-        # each pool's tables, scratch block, and host views of its slots and block tables
-        pools = [(tables, self.scratch_block, views[2], views[3])]
-        if self.sparse is not None:
-            pools.append((sparse_tables or [], self.sparse[0], views[6], views[7]))
-        if q == 1:
-            self._fill_decode(b, starts, ids, pools, views)
-        else:
-            self._fill_padded(b, q, starts, ids, pools, views)
-        used = self._layout(b, q)[-1]
-        self.dev[:used].copy_(host[:used], non_blocking=True)
-
-    def _fill_decode(self, b: int, starts: list[int], ids: list[list[int]],
-                     pools: list[tuple], views: tuple[np.ndarray, ...]) -> None:
-        """`_fill_padded` of a decode step (Q = 1) from Python's integers, without its
-        index arrays: a token's slot is in its own blocks, so no block entry past them is
-        read (on this repo's CPU: 8.8 against 21.8 us at batch 1, 25 against 46 at 16)."""
-        n, bs = len(starts), self.block_size
-        h_ids, h_pos, _, _, h_lens, h_qsl = views[:6]
-        for tables, scratch, h_slots, h_tables in pools:
-            for i, table in enumerate(tables):
-                h_tables[i, :len(table)] = table
-            h_tables[n:, 0] = scratch
-            h_slots[:n] = [table[s // bs] * bs + s % bs
-                           for table, s in zip(tables, starts, strict=True)]
-            h_slots[n:] = scratch * bs
-        h_ids[:n] = [row[0] for row in ids]
-        h_pos[:n] = starts
-        h_lens[:n] = [s + 1 for s in starts]
-        h_ids[n:], h_pos[n:], h_lens[n:] = 0, 0, 1
-        h_qsl[:] = np.arange(b + 1)
-
-    def _fill_padded(self, b: int, q: int, starts: list[int], ids: list[list[int]],
-                     pools: list[tuple], views: tuple[np.ndarray, ...]) -> None:
-        """`_fill`'s writes for any Q: each input gathered in a Python list, then written
-        with one assignment (in a 16-request verification step through a stand-in for the
-        replay, 160-194 us against 242-274 with numpy index arrays for each input)."""
-        n, bs = len(starts), self.block_size
-        h_ids, h_pos, _, _, h_lens, h_qsl = views[:6]
-        flat_ids: list[int] = []
-        flat_pos: list[int] = []
-        for start, row in zip(starts, ids, strict=True):
-            flat_ids += row
-            flat_ids += [0] * (q - len(row))
-            flat_pos += range(start, start + q)
-        for tables, scratch, h_slots, h_tables in pools:
-            flat_slots: list[int] = []
-            for i, (table, start, row) in enumerate(zip(tables, starts, ids, strict=True)):
-                h_tables[i, :len(table)] = table
-                end = -(-(start + q) // bs)
-                if end > len(table):  # padding tokens past the request's blocks read the
-                    # scratch block (the rest of the row holds what other shapes left there)
-                    h_tables[i, len(table):end] = scratch
-                positions = range(start, start + q)
-                flat_slots += [table[p // bs] * bs + p % bs for p in positions[:len(row)]]
-                flat_slots += [scratch * bs + p % bs for p in positions[len(row):]]
-            h_tables[n:, :-(-q // bs)] = scratch
-            h_slots[:n * q] = flat_slots
-            h_slots[n * q:].reshape(b - n, q)[:] = scratch * bs + np.arange(q) % bs
-        t = n * q
-        h_ids[:t], h_pos[:t] = flat_ids, flat_pos
-        h_ids[t:] = 0
-        h_pos[t:].reshape(b - n, q)[:] = np.arange(q)
-        h_lens[:n] = [start + q for start in starts]
-        h_lens[n:] = q
-        h_qsl[:] = np.arange(b + 1) * q
 
     def _forward(self, b: int, q: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Next | None]:
         from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
 
-        ids, positions, slots, tables, lens, qsl = self._views(b, q)
+        ids, positions, slots, tables, lens, qsl = self.inputs.views(b, q)
         meta = BatchMeta(slots, tables, lens, qsl, **window_kwargs(self.window))
         if self.sparse is not None:
-            meta.sparse = BatchMeta(*self._sparse_views(b, q), lens, qsl,
+            meta.sparse = BatchMeta(*self.inputs.sparse_views(b, q), lens, qsl,
                                     **window_kwargs(self.sparse[1]))
         hidden = self.model(ids, positions, meta)
         logits = self.model.compute_logits(hidden)
@@ -377,7 +247,7 @@ class CudaGraphRunner:
         (`draft`), at the positions that follow. The host makes the same choice from the
         same tokens (`drafters.verify.verify_greedy`). A sequence that drafted fewer has
         padding in their place: its `next` is not used (`Replay.next_ids` is None)."""
-        ids, positions = self._views(b, q)[:2]
+        ids, positions = self.inputs.views(b, q)[:2]
         greedy, drafted = tokens.view(b, q), ids.view(b, q)
         accepted = (greedy[:, :-1] == drafted[:, 1:]).long().cumprod(1).sum(1)  # [b]
         rows = torch.arange(b, device=tokens.device) * q + accepted
