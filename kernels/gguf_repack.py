@@ -39,7 +39,7 @@ def _fp16_field(blocks: np.ndarray, start: int) -> torch.Tensor:
 def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> PackedWeight:
     """A `PackedWeight` from a GGUF tensor's block bytes.
 
-    `raw`: uint8 array of the tensor's bytes (any shape, e.g. `GGUFReader` tensor `.data`);
+    `raw`: uint8 array of the tensor's bytes (any shape, e.g. a `GGUFTensor`'s `.data`);
     `ggml_type`: the tensor's type (an int or `gguf.GGMLQuantizationType`);
     `shape`: (N, K) = (out_features, in_features), i.e. GGUF's (ne1, ne0).
     """

@@ -108,6 +108,20 @@ def test_default_gguf_served_packed_from_file_bytes() -> None:
     assert "Paris" in text, text
 
 
+def test_gguf_tensors_served_packed_are_never_dequantized(monkeypatch) -> None:
+    """A GGUF's Q4/Q8 projections are packed before the other weights load, so only the
+    embedding and the norms are dequantized: no float32 copy of a projection is made."""
+    from server.models import gguf_loader
+
+    read: list[str] = []
+    real = gguf_loader.tensor_array
+    monkeypatch.setattr(gguf_loader, "tensor_array", lambda t: read.append(t.name) or real(t))
+    model = LLM(dtype="float32", quantization="int4", kv_cache_memory_gb=0.05).engine.model
+    assert all(lin.packed is not None and lin.weight is None for _, lin in linear_modules(model))
+    assert "token_embd.weight" in read and "output_norm.weight" in read
+    assert all(n == "token_embd.weight" or n.endswith("_norm.weight") for n in read), read
+
+
 def test_quantization_none_keeps_every_weight_dense(tiny_model_dir) -> None:
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32", quantization="none",
               num_kv_blocks=8)

@@ -27,7 +27,6 @@ from server.engine.spec_policy import SpecPolicy
 from server.engine.structured import Grammars
 from server.metrics import Metrics
 from server.models.loader import build_model, open_checkpoint
-from server.models.quantize import pack_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,8 +94,8 @@ class LLMEngine:
         self.model_name = config.served_model_name or checkpoint.path.name.removesuffix(".gguf")
         limit = checkpoint.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or min(limit, 8192), limit)
-        self.model = build_model(checkpoint, dtype, self.device, self.max_model_len)
-        pack_model(self.model, config.quantization, checkpoint.path, self.device)
+        self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
+                                 config.quantization)
         windowed, window = config.attention_layout(self.model_config)
         self.blocks = self._block_manager(self.kv_dtype, windowed, window)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None

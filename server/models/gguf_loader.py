@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from server.models.config import ModelConfig, architecture_name
+from server.models.gguf_file import GGUFFile, GGUFTensor
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -48,24 +49,19 @@ def hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def _field(reader: GGUFReader, key: str, default: object = None) -> object:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
-def gguf_config(reader: GGUFReader) -> ModelConfig:
+def gguf_config(reader: GGUFFile) -> ModelConfig:
     """ModelConfig from GGUF metadata (`{arch}.block_count`, ...)."""
-    gguf_arch = str(_field(reader, "general.architecture"))
+    gguf_arch = str(reader.get("general.architecture"))
     arch = architecture_name(gguf_arch)
 
     def meta(key: str, default: object = None) -> object:
-        return _field(reader, f"{gguf_arch}.{key}", default)
+        return reader.get(f"{gguf_arch}.{key}", default)
 
     names = {t.name for t in reader.tensors}
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     hidden = int(meta("embedding_length"))
     heads = int(meta("attention.head_count"))
-    eos = [_field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    eos = [reader.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     return ModelConfig(
         architecture=arch,
         vocab_size=int(meta("vocab_size", int(embd.shape[1]))),
@@ -80,7 +76,7 @@ def gguf_config(reader: GGUFReader) -> ModelConfig:
         max_position_embeddings=int(meta("context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=reader.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
     )
 
@@ -91,9 +87,9 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def tensor_array(tensor: object) -> np.ndarray:
+def tensor_array(tensor: GGUFTensor) -> np.ndarray:
     """A reader tensor as float32 numpy in PyTorch's [out, in] order."""
-    qtype = GGMLQuantizationType(tensor.tensor_type)
+    qtype = tensor.tensor_type
     data = tensor.data
     if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         data = dequantize(data, qtype)
@@ -101,11 +97,13 @@ def tensor_array(tensor: object) -> np.ndarray:
     return np.array(data, dtype=np.float32).reshape(shape)
 
 
-def gguf_weights(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 tensor) for every tensor the model uses."""
+def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = frozenset()
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, float32 tensor) for every tensor the model uses but those in `skip`
+    (dequantized as they are yielded)."""
     for t in reader.tensors:
         name = hf_name(t.name)
-        if name is None:
+        if name is None or name in skip:
             continue
         arr = tensor_array(t)
         if config.architecture == "llama":
@@ -116,7 +114,7 @@ def gguf_weights(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str,
         yield name, torch.from_numpy(arr)
 
 
-def open_gguf(path: Path) -> GGUFReader:
+def open_gguf(path: Path) -> GGUFFile:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    return GGUFReader(str(path))
+    return GGUFFile(path)

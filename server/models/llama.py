@@ -240,10 +240,27 @@ class LlamaForCausalLM(torch.nn.Module):
                 raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model {tuple(dst.shape)}")
             dst.copy_(src)
             filled[name] = 1
-        expected = self._expected_names()
+        expected = self._expected_names() - self.packed_weight_names()
         missing = sorted(expected - set(filled))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def packed_weight_names(self) -> frozenset[str]:
+        """HF names of the weights whose linears are served packed already (their dense
+        tensors are not loaded; biases are)."""
+        names = set()
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for linear, parts in ((layer.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj",
+                                                     "self_attn.v_proj")),
+                                  (layer.o_proj, ("self_attn.o_proj",)),
+                                  (layer.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
+                                  (layer.down_proj, ("mlp.down_proj",))):
+                if linear.packed is not None:
+                    names.update(f"{p}{part}.weight" for part in parts)
+        if self.lm_head is not None and self.lm_head.packed is not None:
+            names.add("lm_head.weight")
+        return frozenset(names)
 
     def _expected_names(self) -> set[str]:
         c = self.config

