@@ -1,15 +1,24 @@
-"""Repack GGUF Q4_0, Q4_1 and Q8_0 tensors into the canonical `PackedWeight` layout.
+"""Repack GGUF Q4_0, Q4_1, Q5_0, Q8_0 and Q4_K tensors into the canonical `PackedWeight` layout.
 
-Works on the raw block bytes (never through float16 weights). Every GGUF block covers 32
-consecutive input features of one row:
+Works on the raw block bytes (never through float16 weights). A GGUF block covers 32 (Q4_K:
+256) consecutive input features of one row:
 
 - Q4_0 (18 bytes): float16 d, 16 bytes of nibbles; w = d * (q - 8).
 - Q4_1 (20 bytes): float16 d, float16 m, 16 bytes of nibbles; w = d * q + m.
+- Q5_0 (22 bytes): float16 d, 32 high bits (a little-endian u32, bit j for feature j), 16
+  bytes of nibbles; w = d * (q - 16), q in 0..31.
 - Q8_0 (34 bytes): float16 d, 32 int8; w = d * q.
+- Q4_K (144 bytes, 256 features in 8 sub-blocks of 32): float16 d and dmin, 12 bytes of
+  6-bit scales sc and mins m (one each a sub-block), 128 bytes of nibbles, whose 32-byte run
+  j holds sub-block 2 j in its low nibbles and 2 j + 1 in its high ones;
+  w = d sc q - dmin m.
 
-In Q4 blocks byte j holds feature j (low nibble) and j + 16 (high nibble), which is exactly
-the int4 chunk order of `kernels.quant`, so the nibble bytes are copied as they are and the
-result has group_size 32. Q4_0's offset -8 * d is a power-of-two multiple of d, hence exact.
+In Q4_0, Q4_1 and Q5_0 blocks byte j holds feature j (low nibble) and j + 16 (high nibble),
+which is exactly the int4 chunk order of `kernels.quant`, so the nibble bytes are copied as
+they are; every result has group_size 32. Q4_0's offset -8 * d is a power-of-two multiple
+of d, hence exact; Q5_0's codes q - 16 are int8 codes, exact too. Q4_K becomes int4 groups
+of 32 with scale d sc and offset -dmin m, each rounded to float16 (relative error at most
+2^-11 of the group's scale or offset, where gguf computes them in float32).
 """
 
 from __future__ import annotations
@@ -19,15 +28,15 @@ import torch
 
 from kernels.quant import PackedWeight
 
-# ggml type ids (gguf.GGMLQuantizationType values) -> bytes per 32-feature block
-Q4_0, Q4_1, Q8_0 = 2, 3, 8
-_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
+# ggml type ids (gguf.GGMLQuantizationType values) -> (features, bytes) of a block
+Q4_0, Q4_1, Q5_0, Q8_0, Q4_K = 2, 3, 6, 8, 12
+_BLOCKS = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q8_0: (32, 34), Q4_K: (256, 144)}
 BLOCK = 32
 
 
 def supported_gguf_types() -> tuple[int, ...]:
     """ggml type ids that `repack_gguf` accepts."""
-    return tuple(_BLOCK_BYTES)
+    return tuple(_BLOCKS)
 
 
 def _fp16_field(blocks: np.ndarray, start: int) -> torch.Tensor:
@@ -44,21 +53,49 @@ def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> Pack
     `shape`: (N, K) = (out_features, in_features), i.e. GGUF's (ne1, ne0).
     """
     kind = int(ggml_type)
-    if kind not in _BLOCK_BYTES:
-        raise ValueError(f"ggml type {ggml_type!r} is not one of Q4_0, Q4_1, Q8_0")
+    if kind not in _BLOCKS:
+        raise ValueError(f"ggml type {ggml_type!r} is not one of Q4_0, Q4_1, Q5_0, Q8_0, Q4_K")
     n, k = shape
-    if k % BLOCK:
-        raise ValueError(f"in_features {k} must be a multiple of {BLOCK}")
-    block_bytes = _BLOCK_BYTES[kind]
+    features, block_bytes = _BLOCKS[kind]
+    if k % features:
+        raise ValueError(f"in_features {k} must be a multiple of {features}")
     flat = np.asarray(raw).reshape(-1).view(np.uint8)
-    if flat.size != n * (k // BLOCK) * block_bytes:
+    if flat.size != n * (k // features) * block_bytes:
         raise ValueError(f"{flat.size} bytes do not hold a {kind} tensor of shape {shape}")
-    blocks = flat.reshape(n, k // BLOCK, block_bytes)
+    blocks = flat.reshape(n, k // features, block_bytes)
+    if kind == Q4_K:
+        return _repack_q4_k(blocks, n, k)
     d = _fp16_field(blocks, 0)
     if kind == Q8_0:
         q = torch.from_numpy(np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).copy())
         return PackedWeight("int8", n, k, BLOCK, q.reshape(n, k), d)
+    if kind == Q5_0:
+        high = np.ascontiguousarray(blocks[:, :, 2:6]).view("<u4")  # [N, K / 32, 1]
+        high = (high >> np.arange(32, dtype=np.uint32)) & 1  # [N, K / 32, 32]
+        nibbles = blocks[:, :, 6:]
+        low = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # features 0..31
+        q = (low | (high.astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
+        return PackedWeight("int8", n, k, BLOCK, torch.from_numpy(q.reshape(n, k)), d)
     nibble_start = 2 if kind == Q4_0 else 4
     q = torch.from_numpy(np.ascontiguousarray(blocks[:, :, nibble_start:]).copy())
     offsets = (d.float() * -8).to(torch.float16) if kind == Q4_0 else _fp16_field(blocks, 2)
     return PackedWeight("int4", n, k, BLOCK, q.reshape(n, k // 2), d, offsets)
+
+
+def _repack_q4_k(blocks: np.ndarray, n: int, k: int) -> PackedWeight:
+    """int4 groups of 32 from Q4_K super-blocks [N, K / 256, 144] (module docs)."""
+    d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32)
+    dmin = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).astype(np.float32)
+    packed = blocks[:, :, 4:16].astype(np.uint8)  # the 6-bit scales and mins, as gguf packs them
+    lo, mid, top = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([lo & 0x3F, (top & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [N, S, 8]
+    mn = np.concatenate([mid & 0x3F, (top >> 4) | ((mid >> 2) & 0x30)], axis=-1)
+    scales = torch.from_numpy((d * sc).reshape(n, -1)).to(torch.float16)  # [N, K / 32]
+    offsets = torch.from_numpy((-dmin * mn).reshape(n, -1)).to(torch.float16)
+    runs = blocks[:, :, 16:].reshape(n, -1, 4, 32)  # [N, S, run j, byte]
+    sub = np.stack([runs & 0x0F, runs >> 4], axis=3)  # [N, S, j, low/high, 32]: sub-block 2j+h
+    sub = sub.reshape(n, -1, 32)  # [N, K / 32, feature]
+    q = sub[..., :16] | (sub[..., 16:] << 4)  # byte e: feature e (low), e + 16 (high)
+    return PackedWeight("int4", n, k, BLOCK, torch.from_numpy(np.ascontiguousarray(q)
+                                                              .reshape(n, k // 2)),
+                        scales, offsets)

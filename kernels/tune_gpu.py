@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schemes", nargs="*", choices=SCHEMES, default=["int4", "bf16"])
     parser.add_argument("--group", type=int,
                         help="group size of the packed weights (default: as the server "
-                             "quantizes dense checkpoints; 32 for GGUF's Q4_0/Q4_1/Q8_0)")
+                             "quantizes dense checkpoints; 32 for the GGUF types repacked)")
     parser.add_argument("--rows", type=int, nargs="*", default=list(ROWS),
                         help="rows of the packed GEMV's keys (1 is the key of 1-4 rows)")
     parser.add_argument("--out", help="the table to write (default: this device's, in the "

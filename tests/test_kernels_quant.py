@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.gguf_repack import Q4_0, Q4_1, Q8_0, repack_gguf
+from kernels.gguf_repack import Q4_0, Q4_1, Q4_K, Q5_0, Q8_0, repack_gguf
 from kernels.quant import (
     PackedWeight,
     codes,
@@ -110,7 +110,7 @@ def test_words_layout_holds_the_same_weight(scheme, group):
                      words.offsets, "words")
 
 
-@pytest.mark.parametrize("kind", [Q4_0, Q4_1, Q8_0])
+@pytest.mark.parametrize("kind", [Q4_0, Q4_1, Q5_0, Q8_0])
 def test_repack_matches_gguf_dequantize_on_synthetic_tensor(kind):
     rng = np.random.default_rng()
     data = (rng.standard_normal((6, 128)) * 0.1).astype(np.float32)
@@ -120,9 +120,30 @@ def test_repack_matches_gguf_dequantize_on_synthetic_tensor(kind):
     np.testing.assert_array_equal(dequantize(packed).numpy(), expected)
 
 
+def test_repack_q4_k_matches_gguf_dequantize_within_float16_scales():
+    """Q4_K super-blocks of random bytes (gguf-py cannot quantize to Q4_K): int4 groups of 32
+    whose scale d sc and offset -dmin m are rounded to float16, so each weight is within
+    2^-11 of |q d sc| + |dmin m| of gguf's float32 value (and the codes are exact)."""
+    rng = np.random.default_rng(1)
+    n, k = 5, 512
+    raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    for start in (0, 2):  # d and dmin: positive float16
+        raw[:, :, start:start + 2] = rng.uniform(1e-3, 5e-2, (n, k // 256, 1)).astype(
+            np.float16).view(np.uint8)
+    packed = repack_gguf(raw, Q4_K, (n, k))
+    assert (packed.scheme, packed.group_size) == ("int4", 32)
+    expected = gguf.quants.dequantize(raw.reshape(n, -1), gguf.GGMLQuantizationType.Q4_K)
+    bound = 2.0 ** -11 * (15 * packed.scales.float().abs() + packed.offsets.float().abs())
+    err = np.abs(dequantize(packed).numpy() - expected.reshape(n, k))
+    assert (err <= bound.repeat_interleave(32, 1).numpy() * 1.001).all()
+    assert err.max() > 0  # the rounding happens, so the bound is exercised
+    with pytest.raises(ValueError, match="multiple of 256"):
+        repack_gguf(raw[:, :1], Q4_K, (n, 288))
+
+
 def test_repack_rejects_unsupported_and_misshapen():
     with pytest.raises(ValueError, match="Q4_0"):
-        repack_gguf(np.zeros(10, np.uint8), 12, (1, 32))
+        repack_gguf(np.zeros(10, np.uint8), 14, (1, 32))  # Q6_K
     with pytest.raises(ValueError, match="bytes"):
         repack_gguf(np.zeros(19, np.uint8), Q4_0, (1, 32))
 

@@ -2,8 +2,9 @@
 
 Two sources of packed weights:
 
-- GGUF files: tensors stored as Q4_0, Q4_1 or Q8_0 are repacked from the file's block bytes
-  (`kernels.gguf_repack`), exactly, never through a float weight. llama.cpp stores Llama q/k
+- GGUF files: tensors stored as Q4_0, Q4_1, Q5_0, Q8_0 or Q4_K are repacked from the file's
+  block bytes (`kernels.gguf_repack`), never through a float weight (exactly, but for Q4_K's
+  scales and offsets, rounded to float16). llama.cpp stores Llama q/k
   rows permuted for its interleaved RoPE; packing is per row, so un-permuting the rows of
   the packed tensors (weights, scales, offsets alike) gives the same weight as the dense
   loader's. A fused projection (qkv, gate/up) is the concatenation of its parts along the
@@ -20,7 +21,7 @@ the batch, and 2.1-2.6x dense float32 at batch-1 decode of the default model); d
 checkpoints are packed only when a scheme is given.
 Embeddings and norms stay dense; an untied LM head follows the same rules as the other
 linears. A tied LM head stays the dense embedding, except in a GGUF file served packed whose
-embedding is stored Q4_0/Q4_1/Q8_0: then the head multiplies by the packed tensor (the
+embedding is stored in a type `repack_gguf` takes: then the head multiplies by the packed tensor (the
 dense embedding holds the same values, dequantized, for the lookup, and for products of
 `llama.TIED_DENSE_ROWS` rows or more). On CPU this takes the
 default model's head from 11.2 ms to ~2 ms a token (Q8_0, 49152x576). On CUDA the weights
@@ -96,7 +97,7 @@ PACK_ON_CUDA_ABOVE = 2 * 2**30
 
 
 def gguf_packed_linears(path: Path, config: ModelConfig) -> dict[str, PackedWeight]:
-    """Packed weights (on CPU) for every projection whose GGUF tensors are Q4_0/Q4_1/Q8_0."""
+    """Packed weights (on CPU) for every projection whose GGUF tensors `repack_gguf` takes."""
     from server.models.gguf_file import GGUFFile  # (gguf imports in ~0.15 s: only for GGUFs)
 
     tensors = {t.name: t for t in GGUFFile(path).tensors}
@@ -137,7 +138,7 @@ def quantize_dense(weight: torch.Tensor, scheme: str) -> PackedWeight | None:
 
 def pack_from_gguf(model: torch.nn.Module, scheme: str | None, checkpoint_path: Path,
                    device: torch.device) -> int:
-    """Serve the linears whose GGUF tensors are Q4_0, Q4_1 or Q8_0 from those tensors,
+    """Serve the linears whose GGUF tensors `repack_gguf` takes from those tensors,
     repacked, where the module policy says so; returns how many. It runs before the weights
     load, so that those linears' tensors are never dequantized (`load_weights` skips
     `packed_weight_names`): for the default model that saves ~1 s of a ~2 s start, and a
