@@ -70,11 +70,11 @@ def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> Pack
         q = torch.from_numpy(np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).copy())
         return PackedWeight("int8", n, k, BLOCK, q.reshape(n, k), d)
     if kind == Q5_0:
-        high = np.ascontiguousarray(blocks[:, :, 2:6]).view("<u4")  # [N, K / 32, 1]
-        high = (high >> np.arange(32, dtype=np.uint32)) & 1  # [N, K / 32, 32]
+        # bit j of the little-endian u32 is feature j's fifth bit
+        high = np.unpackbits(blocks[:, :, 2:6], axis=-1, bitorder="little")  # [N, K / 32, 32]
         nibbles = blocks[:, :, 6:]
         low = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # features 0..31
-        q = (low | (high.astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
+        q = (low | (high << 4)).view(np.int8) - np.int8(16)
         return PackedWeight("int8", n, k, BLOCK, torch.from_numpy(q.reshape(n, k)), d)
     nibble_start = 2 if kind == Q4_0 else 4
     q = torch.from_numpy(np.ascontiguousarray(blocks[:, :, nibble_start:]).copy())

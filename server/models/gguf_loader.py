@@ -90,11 +90,10 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def tensor_array(tensor: GGUFTensor) -> np.ndarray:
     """A reader tensor as float32 numpy in PyTorch's [out, in] order."""
     qtype = tensor.tensor_type
-    data = tensor.data
-    if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-        data = dequantize(data, qtype)
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return np.array(data, dtype=np.float32).reshape(shape)
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):  # (copied: the map is read-only)
+        return tensor.data.astype(np.float32).reshape(shape)
+    return np.asarray(dequantize(tensor.data, qtype), dtype=np.float32).reshape(shape)
 
 
 def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = frozenset()
