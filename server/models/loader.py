@@ -125,7 +125,7 @@ def build_model(
     quantization: str | None = None,
 ) -> torch.nn.Module:
     """Instantiate the registered class for the architecture, load its weights and pack its
-    linears as `server.models.quantize` says for `quantization` (a GGUF's Q4/Q8 tensors
+    linears as `server.models.quantize` says for `quantization` (a GGUF's repackable tensors
     before the other weights load, so that they are never dequantized)."""
     cls = model_class(checkpoint.config.architecture)
     with torch.device("cpu"):
