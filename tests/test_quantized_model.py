@@ -122,6 +122,37 @@ def test_gguf_tensors_served_packed_are_never_dequantized(monkeypatch) -> None:
     assert all(n == "token_embd.weight" or n.endswith("_norm.weight") for n in read), read
 
 
+def test_packed_gguf_serves_its_other_projections_as_int8_groups(tiny_model_dir) -> None:
+    """`pack_model(..., gguf_rest=True)` without a scheme (a GGUF some of whose projections
+    were packed from the file): the others become int8 in groups of 32, each weight within
+    half a step (its group's largest / 127) of the dense one; on the CPU a tied head gets a
+    packed copy of the embedding; what was packed already stays as it was."""
+    from kernels.quant import quantize
+    from server.models.quantize import pack_model
+
+    llm = LLM(str(tiny_model_dir("qwen2")), dtype="float32", quantization="none",
+              num_kv_blocks=8)
+    model = llm.engine.model
+    assert model.config.tie_word_embeddings and model.lm_head is None
+    dense = {name: lin.weight.clone() for name, lin in linear_modules(model)}
+    dense["lm_head"] = model.embed.detach().clone()
+    ids = torch.randint(3, 128, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    before = _prefill_logits(llm, ids)
+    kept = quantize(model.layers[0].o_proj.weight, "int8")  # per channel
+    model.layers[0].o_proj.set_packed(kept)
+    assert pack_model(model, None, torch.device("cpu"), gguf_rest=True) == 3 * 4 + 1
+    assert model.layers[0].o_proj.packed is kept
+    for name, lin in linear_modules(model):
+        if name == "layers.0.o_proj":
+            continue
+        packed = lin.packed
+        assert (packed.scheme, packed.group_size) == ("int8", 32), name
+        step = packed.scales.float().repeat_interleave(32, 1)
+        assert ((dequantize(packed) - dense[name]).abs() <= step / 2 + 1e-6).all(), name
+    after = _prefill_logits(llm, ids)
+    assert 0 < _rel(after, before) < QUANT_TOL["int8"]
+
+
 def test_quantization_none_keeps_every_weight_dense(tiny_model_dir) -> None:
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32", quantization="none",
               num_kv_blocks=8)

@@ -130,8 +130,8 @@ def build_model(
     cls = model_class(checkpoint.config.architecture)
     with torch.device("cpu"):
         model = cls(checkpoint.config, dtype, max_positions)
-    pack_from_gguf(model, quantization, checkpoint.path, device)
+    from_file = pack_from_gguf(model, quantization, checkpoint.path, device)
     model.load_weights(checkpoint.weights(model.packed_weight_names()))
     model = model.to(device).eval()
-    pack_model(model, quantization, device)
+    pack_model(model, quantization, device, gguf_rest=from_file > 0)
     return model
