@@ -86,8 +86,8 @@ def _repack_q4_k(blocks: np.ndarray, n: int, k: int) -> PackedWeight:
     """int4 groups of 32 from Q4_K super-blocks [N, K / 256, 144] (module docs)."""
     d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32)
     dmin = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).astype(np.float32)
-    packed = blocks[:, :, 4:16].astype(np.uint8)  # the 6-bit scales and mins, as gguf packs them
-    lo, mid, top = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    six_bit = blocks[:, :, 4:16]  # the 6-bit scales and mins, as gguf packs them
+    lo, mid, top = six_bit[..., 0:4], six_bit[..., 4:8], six_bit[..., 8:12]
     sc = np.concatenate([lo & 0x3F, (top & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [N, S, 8]
     mn = np.concatenate([mid & 0x3F, (top >> 4) | ((mid >> 2) & 0x30)], axis=-1)
     scales = torch.from_numpy((d * sc).reshape(n, -1)).to(torch.float16)  # [N, K / 32]
@@ -95,7 +95,6 @@ def _repack_q4_k(blocks: np.ndarray, n: int, k: int) -> PackedWeight:
     runs = blocks[:, :, 16:].reshape(n, -1, 4, 32)  # [N, S, run j, byte]
     sub = np.stack([runs & 0x0F, runs >> 4], axis=3)  # [N, S, j, low/high, 32]: sub-block 2j+h
     sub = sub.reshape(n, -1, 32)  # [N, K / 32, feature]
-    q = sub[..., :16] | (sub[..., 16:] << 4)  # byte e: feature e (low), e + 16 (high)
-    return PackedWeight("int4", n, k, BLOCK, torch.from_numpy(np.ascontiguousarray(q)
-                                                              .reshape(n, k // 2)),
-                        scales, offsets)
+    q = np.ascontiguousarray(sub[..., :16] | (sub[..., 16:] << 4))  # byte e: e low, e + 16 high
+    return PackedWeight("int4", n, k, BLOCK, torch.from_numpy(q.reshape(n, k // 2)), scales,
+                        offsets)
