@@ -171,9 +171,9 @@ def pack_model(model: torch.nn.Module, scheme: str | None, device: torch.device,
     Without a scheme, its projections of other types (Q6_K, Q5_K, F16, ...) and, on the
     CPU, a tied head the file did not give are then quantized to int8 in groups of 32, as
     llama.cpp's Q8_0: each weight within half of 1/127 of its group's largest (from Q6_K,
-    about an eighth of the step of the group's coarser sub-block), so that no projection of a packed GGUF runs dense (on the CPU,
-    Qwen2.5-Coder-0.5B's Q4_K_M file decoded 37.0 tok/s against 25.0 with its 12 Q6_K
-    projections dense, the same 64 greedy tokens)."""
+    about an eighth of the step of the group's coarser sub-block), so that no projection
+    of a packed GGUF runs dense (on the CPU, Qwen2.5-Coder-0.5B's Q4_K_M file decoded 37.0
+    tok/s against 25.0 with its 12 Q6_K projections dense, the same 64 greedy tokens)."""
     _check_scheme(scheme)
     rest = gguf_rest and scheme is None
     if rest and model.lm_head is None and device.type == "cpu":
