@@ -102,7 +102,7 @@ class GGUFFile:
     def get(self, key: str, default: object = None) -> object:
         """A metadata value (a number, bool, str, or list of them), or `default`."""
         entry = self._values.get(key)
-        return default if entry is None else self._decode(*entry)
+        return default if entry is None else self._decode(*entry)[0]
 
     def _u32(self, off: int) -> int:
         return struct.unpack_from("<I", self._map, off)[0]
@@ -130,20 +130,24 @@ class GGUFFile:
             off = self._skip(item, off)
         return off
 
-    def _decode(self, vtype: int, off: int) -> object:
+    def _decode(self, vtype: int, off: int) -> tuple[object, int]:
+        """The value of type vtype at off, and the offset just past it (`_skip`'s)."""
         if vtype in _SCALARS:
-            return struct.unpack_from(_SCALARS[vtype], self._map, off)[0]
+            dtype = _ITEM_DTYPES[vtype]
+            return struct.unpack_from(_SCALARS[vtype], self._map, off)[0], off + dtype.itemsize
         if vtype == _STRING:
-            return self._string(off)[0]
+            return self._string(off)
         item, count = struct.unpack_from("<IQ", self._map, off)
         off += 12
         if item in _SCALARS:
-            return np.frombuffer(self._map, _ITEM_DTYPES[item], count, off).tolist()
+            dtype = _ITEM_DTYPES[item]
+            return (np.frombuffer(self._map, dtype, count, off).tolist(),
+                    off + count * dtype.itemsize)
         values = []
         for _ in range(count):
-            values.append(self._decode(item, off))
-            off = self._skip(item, off)
-        return values
+            value, off = self._decode(item, off)
+            values.append(value)
+        return values, off
 
     def _tensor(self, start: int, name: str, dims: tuple[int, ...], kind: int,
                 offset: int) -> GGUFTensor:
