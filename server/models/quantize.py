@@ -191,13 +191,13 @@ def pack_model(model: torch.nn.Module, scheme: str | None, device: torch.device,
                 _install(linear, pw, device)
         elif linear.packed is None and rest and linear.weight.shape[1] % 32 == 0:
             _install(linear, quantize(linear.weight.float(), "int8", 32), device)
-        count += linear.packed is not None
-    if count and device.type == "cpu" and cpu_native.available():
-        # the native kernel's library and weight panels now, not in the first request (it
-        # took 0.56 s against 0.05 for the default model's first prefill of 37 tokens)
-        for _, linear in linear_modules(model):
-            if linear.packed is not None and cpu_native.supports(linear.packed):
-                cpu_native.panel_arguments(linear.packed)
+        if linear.packed is None:
+            continue
+        count += 1
+        if device.type == "cpu" and cpu_native.supports(linear.packed):
+            # the native kernel's library and weight panels now, not in the first request
+            # (it took 0.56 s against 0.05 for the default model's first prefill of 37 tokens)
+            cpu_native.panel_arguments(linear.packed)
     return count
 
 
