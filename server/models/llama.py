@@ -225,13 +225,10 @@ class LlamaForCausalLM(torch.nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...); every
         parameter must be filled exactly once or loading fails."""
-        c = self.config
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        qkv_slices = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size), "v_proj": (q_size + kv_size, kv_size)}
-        gate_up = {"gate_proj": (0, c.intermediate_size), "up_proj": (c.intermediate_size, c.intermediate_size)}
+        slices = self._slices()
         filled: dict[str, int] = {}
         for name, tensor in weights:
-            target, start, length = self._target(name, qkv_slices, gate_up)
+            target, start, length = self._target(name, *slices)
             if target is None:
                 continue
             src = tensor.to(self.dtype)
@@ -246,21 +243,21 @@ class LlamaForCausalLM(torch.nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
     def packed_weight_names(self) -> frozenset[str]:
-        """HF names of the weights whose linears are served packed already (their dense
-        tensors are not loaded; biases are)."""
-        names = set()
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            for linear, parts in ((layer.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj",
-                                                     "self_attn.v_proj")),
-                                  (layer.o_proj, ("self_attn.o_proj",)),
-                                  (layer.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
-                                  (layer.down_proj, ("mlp.down_proj",))):
-                if linear.packed is not None:
-                    names.update(f"{p}{part}.weight" for part in parts)
-        if self.lm_head is not None and self.lm_head.packed is not None:
-            names.add("lm_head.weight")
-        return frozenset(names)
+        """HF names of the weights whose linears are served packed already: their parameter
+        is gone (`Linear.set_packed`), so their dense tensors are not loaded (biases are)."""
+        slices = self._slices()
+        return frozenset(name for name in self._expected_names()
+                         if self._target(name, *slices)[0] is None)
+
+    def _slices(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+        """(start, length) of q/k/v in the fused qkv rows, and of gate/up in gate_up's."""
+        c = self.config
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        qkv = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size),
+               "v_proj": (q_size + kv_size, kv_size)}
+        gate_up = {"gate_proj": (0, c.intermediate_size),
+                   "up_proj": (c.intermediate_size, c.intermediate_size)}
+        return qkv, gate_up
 
     def _expected_names(self) -> set[str]:
         c = self.config
