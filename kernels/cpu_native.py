@@ -240,10 +240,11 @@ def panels(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         return t.reshape(p, PANEL, *t.shape[1:]).transpose(1, 2).contiguous()
 
     if packed.scheme == "int4":
-        q = unpack_int4(packed.qweight).to(torch.int64).reshape(n, k // 8, 4, 2)
-        shifts = torch.tensor([0, 16]) + 4 * torch.arange(4)[:, None]
-        words = (q << shifts).sum(dim=(2, 3))  # in 0 .. 2**32 - 1
-        weight = by_panel(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+        # a word's bytes, little-endian: inputs (0, 2), (4, 6), (1, 3), (5, 7) of its 8,
+        # the first of each pair in the low nibble (uint8 throughout: int64 took 10x longer)
+        q = unpack_int4(packed.qweight).reshape(n, k // 8, 8)
+        pairs = [q[..., a] | (q[..., a + 2] << 4) for a in (0, 4, 1, 5)]
+        weight = by_panel(torch.stack(pairs, dim=-1).view(torch.int32)[..., 0])
     else:
         weight = by_panel(packed.qweight.reshape(n, k // 2, 2))
     reps = packed.group_size // BLOCK
