@@ -158,40 +158,51 @@ def to_words(packed: PackedWeight) -> PackedWeight:
     )
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N, K] float -> float32 [N, K // group_size, group_size]."""
+# Rows quantized at a time: the temporaries of a chunk stay in cache (quantize_int8 of a
+# [151936, 1536] head took 3.7 s in one piece, 0.6 s in chunks of 4 Mi elements)
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _grouped_chunks(w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    """[N, K] float -> float32 [rows, K // group_size, group_size] chunks of rows."""
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(w.shape)}")
     n, k = w.shape
     if group_size <= 0 or k % group_size:
         raise ValueError(f"group_size {group_size} must divide in_features {k}")
-    return w.detach().float().reshape(n, k // group_size, group_size)
+    rows = max(1, _CHUNK_ELEMENTS // k)
+    return [c.float().reshape(-1, k // group_size, group_size) for c in w.detach().split(rows)]
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128) -> PackedWeight:
     """Round-to-nearest asymmetric int4 of a float [N, K] weight, one scale/offset a group."""
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-    g = _grouped(w, group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [N, groups]
-    scales = ((hi - lo) / 15).to(torch.float16)
-    offsets = lo.to(torch.float16)
-    safe = torch.where(scales > 0, scales.float(), torch.ones_like(lo))
-    q = ((g - offsets.float()[..., None]) / safe[..., None]).round().clamp(0, 15)
+    parts = []
+    for g in _grouped_chunks(w, group_size):
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [rows, groups]
+        scales = ((hi - lo) / 15).to(torch.float16)
+        offsets = lo.to(torch.float16)
+        safe = torch.where(scales > 0, scales.float(), torch.ones_like(lo))
+        q = ((g - offsets.float()[..., None]) / safe[..., None]).round().clamp(0, 15)
+        parts.append((pack_int4(q.reshape(len(g), -1).to(torch.uint8)), scales, offsets))
     n, k = w.shape
-    return PackedWeight("int4", n, k, group_size, pack_int4(q.reshape(n, k).to(torch.uint8)),
-                        scales.contiguous(), offsets.contiguous())
+    qweight, scales, offsets = (torch.cat(t) for t in zip(*parts, strict=True))
+    return PackedWeight("int4", n, k, group_size, qweight, scales, offsets)
 
 
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> PackedWeight:
     """Round-to-nearest symmetric int8 of a float [N, K] weight; None means per channel."""
     n, k = w.shape
     group = k if group_size is None else group_size
-    g = _grouped(w, group)
-    scales = (g.abs().amax(dim=-1) / 127).to(torch.float16)
-    safe = torch.where(scales > 0, scales.float(), torch.ones_like(scales, dtype=torch.float32))
-    q = (g / safe[..., None]).round().clamp(-128, 127).to(torch.int8)
-    return PackedWeight("int8", n, k, group, q.reshape(n, k), scales.contiguous())
+    parts = []
+    for g in _grouped_chunks(w, group):
+        scales = (g.abs().amax(dim=-1) / 127).to(torch.float16)
+        safe = torch.where(scales > 0, scales.float(), torch.ones_like(scales, dtype=torch.float32))
+        q = (g / safe[..., None]).round().clamp(-128, 127).to(torch.int8)
+        parts.append((q.reshape(len(g), k), scales))
+    qweight, scales = (torch.cat(t) for t in zip(*parts, strict=True))
+    return PackedWeight("int8", n, k, group, qweight, scales)
 
 
 def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
