@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.gguf_repack import Q4_0, Q4_1, Q4_K, Q5_0, Q8_0, repack_gguf
+from kernels import gguf_repack
+from kernels.gguf_repack import Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, dequantize_k_quant, repack_gguf
 from kernels.quant import (
     PackedWeight,
     codes,
@@ -120,16 +121,24 @@ def test_repack_matches_gguf_dequantize_on_synthetic_tensor(kind):
     np.testing.assert_array_equal(dequantize(packed).numpy(), expected)
 
 
+def _random_super_blocks(kind: int, n: int, k: int, seed: int) -> np.ndarray:
+    """Random block bytes (gguf-py cannot quantize to K-quants) with finite float16 fields:
+    Q4_K's d and dmin lead its 144 bytes, Q6_K's d ends its 210."""
+    rng = np.random.default_rng(seed)
+    size, fields = (144, (0, 2)) if kind == Q4_K else (210, (208,))
+    raw = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+    for start in fields:
+        raw[:, :, start:start + 2] = rng.uniform(1e-3, 5e-2, (n, k // 256, 1)).astype(
+            np.float16).view(np.uint8)
+    return raw
+
+
 def test_repack_q4_k_matches_gguf_dequantize_within_float16_scales():
     """Q4_K super-blocks of random bytes (gguf-py cannot quantize to Q4_K): int4 groups of 32
     whose scale d sc and offset -dmin m are rounded to float16, so each weight is within
     2^-11 of |q d sc| + |dmin m| of gguf's float32 value (and the codes are exact)."""
-    rng = np.random.default_rng(1)
     n, k = 5, 512
-    raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
-    for start in (0, 2):  # d and dmin: positive float16
-        raw[:, :, start:start + 2] = rng.uniform(1e-3, 5e-2, (n, k // 256, 1)).astype(
-            np.float16).view(np.uint8)
+    raw = _random_super_blocks(Q4_K, n, k, seed=1)
     packed = repack_gguf(raw, Q4_K, (n, k))
     assert (packed.scheme, packed.group_size) == ("int4", 32)
     expected = gguf.quants.dequantize(raw.reshape(n, -1), gguf.GGMLQuantizationType.Q4_K)
@@ -141,9 +150,28 @@ def test_repack_q4_k_matches_gguf_dequantize_within_float16_scales():
         repack_gguf(raw[:, :1], Q4_K, (n, 288))
 
 
+@pytest.mark.parametrize("kind", [Q4_K, Q6_K])
+def test_k_quant_dequantize_is_gguf_bit_for_bit(kind, monkeypatch):
+    """Our vectorized Q4_K / Q6_K dequantization (the loader's, 5-8x faster than gguf-py's
+    on a 151936 x 1536 embedding) gives gguf's float32 values exactly, also when the rows
+    are taken in several chunks."""
+    n, k = 7, 768
+    raw = _random_super_blocks(kind, n, k, seed=kind)
+    expected = gguf.quants.dequantize(raw.reshape(n, -1), gguf.GGMLQuantizationType(kind))
+    out = dequantize_k_quant(raw, kind, (n, k))
+    np.testing.assert_array_equal(out.numpy(), expected.reshape(n, k))
+    monkeypatch.setattr(gguf_repack, "_CHUNK_FEATURES", 2 * k)  # chunks of 2 rows, 1 left
+    np.testing.assert_array_equal(dequantize_k_quant(raw, kind, (n, k)).numpy(),
+                                  expected.reshape(n, k))
+    with pytest.raises(ValueError, match="bytes"):
+        dequantize_k_quant(raw[:, :2], kind, (n, k))
+    with pytest.raises(ValueError, match="Q4_K or Q6_K"):
+        dequantize_k_quant(raw, Q8_0, (n, k))
+
+
 def test_repack_rejects_unsupported_and_misshapen():
     with pytest.raises(ValueError, match="Q4_0"):
-        repack_gguf(np.zeros(10, np.uint8), 14, (1, 32))  # Q6_K
+        repack_gguf(np.zeros(10, np.uint8), Q6_K, (1, 32))
     with pytest.raises(ValueError, match="bytes"):
         repack_gguf(np.zeros(19, np.uint8), Q4_0, (1, 32))
 

@@ -1,7 +1,9 @@
 """Load a GGUF checkpoint: config from metadata, HF-named tensors, tokenizer.
 
 Every tensor type `gguf` can dequantize (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32,
-...) loads; quantized ones are dequantized to float here (packed serving is `kernels.quant`).
+...) loads; quantized ones are dequantized to float here (packed serving is `kernels.quant`),
+Q4_K and Q6_K by `kernels.gguf_repack` (the same float32 values, 5-8x faster on a 151936 x
+1536 embedding), the others by gguf-py.
 llama.cpp stores Llama q/k projections row-permuted for its interleaved RoPE; we undo that so
 one rotate-half RoPE serves every checkpoint.
 """
@@ -17,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from kernels.gguf_repack import K_QUANTS, dequantize_k_quant
 from server.models.config import ModelConfig, architecture_name
 from server.models.gguf_file import GGUFFile, GGUFTensor
 
@@ -93,6 +96,9 @@ def tensor_array(tensor: GGUFTensor) -> np.ndarray:
     shape = tuple(int(d) for d in reversed(tensor.shape))
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):  # (copied: the map is read-only)
         return tensor.data.astype(np.float32).reshape(shape)
+    if int(qtype) in K_QUANTS:
+        return dequantize_k_quant(tensor.data, qtype, (shape[0], int(np.prod(shape[1:])))
+                                  ).reshape(shape).numpy()
     return np.asarray(dequantize(tensor.data, qtype), dtype=np.float32).reshape(shape)
 
 
