@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.quant import PackedWeight, unpack_int4
+from kernels.quant import PackedWeight, to_panels
 from kernels.switch import Switch
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,6 @@ VARIANTS = (  # best first
     Variant("avx2", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), 2),
 )
 BLOCK = 32  # activation block (and the granularity of the kernel's weight scales)
-PANEL = 16  # output features of a panel of the kernel's weight layout
 
 _lock = threading.Lock()
 _lib: Library | None = None
@@ -213,58 +212,29 @@ def turned_off() -> AbstractContextManager[None]:
 
 
 def _takes(packed: PackedWeight) -> bool:
-    return (packed.layout == "rows" and packed.in_features % BLOCK == 0
+    return (packed.layout in ("rows", "panels") and packed.in_features % BLOCK == 0
             and packed.qweight.device.type == "cpu" and packed.qweight.is_contiguous())
 
 
 def supports(packed: PackedWeight) -> bool:
-    """Whether `linear` takes this weight: the rows layout in CPU memory, K a multiple of 32,
-    contiguous, and a variant runs here (not `turned_off`)."""
-    if "native" in packed.cache:  # taken before: its panels are built
+    """Whether `linear` takes this weight: the panels layout (the kernel's own), or the rows
+    layout (its panels built on first use), in CPU memory, K a multiple of 32, contiguous,
+    and a variant runs here (not `turned_off`)."""
+    if "native" in packed.cache:  # taken before
         return _enabled.on and _lib is not None
     return _enabled.on and _takes(packed) and available()
 
 
-def panels(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The weight in the kernel's panels of `PANEL` output features (cpu_gemm.c's header),
-    the last one padded with zero features: int4 codes as int32 words [P, K / 8, PANEL]
-    (inputs 8 r + 2 i and 8 r + 2 i + 1 at bits 4 i and 16 + 4 i), int8 codes as pairs
-    [P, K / 2, PANEL, 2]; float16 scales and offsets [P, K / 32, PANEL] (repeated for groups
-    larger than 32)."""
-    n, k = packed.out_features, packed.in_features
-    p = -(-n // PANEL)
-    pad = p * PANEL - n
-
-    def by_panel(t: torch.Tensor) -> torch.Tensor:  # [N, C, ...] -> [P, C, PANEL, ...]
-        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
-        return t.reshape(p, PANEL, *t.shape[1:]).transpose(1, 2).contiguous()
-
-    if packed.scheme == "int4":
-        # a word's bytes, little-endian: inputs (0, 2), (4, 6), (1, 3), (5, 7) of its 8,
-        # the first of each pair in the low nibble (uint8 throughout: int64 took 10x longer)
-        q = unpack_int4(packed.qweight).reshape(n, k // 8, 8)
-        pairs = [q[..., a] | (q[..., a + 2] << 4) for a in (0, 4, 1, 5)]
-        weight = by_panel(torch.stack(pairs, dim=-1).view(torch.int32)[..., 0])
-    else:
-        weight = by_panel(packed.qweight.reshape(n, k // 2, 2))
-    reps = packed.group_size // BLOCK
-
-    def blocks(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else by_panel(t.to(torch.float16).repeat_interleave(reps, 1))
-
-    return weight, blocks(packed.scales), blocks(packed.offsets)
-
-
 def panel_arguments(packed: PackedWeight) -> tuple:
-    """The kernel's weight arguments (int4 flag, K, weight, scales and offsets addresses, N),
-    built once from the `panels`, which are kept in the weight's cache with their
-    addresses."""
+    """The kernel's weight arguments (int4 flag, K, weight, scales and offsets addresses, N)
+    from the weight in the ``panels`` layout (`kernels.quant.to_panels`: for a weight in the
+    rows layout, built once and kept in its cache), with the tensors they address."""
     if "native" not in packed.cache:
-        weight, scales, offsets = panels(packed)
-        args = (int(packed.scheme == "int4"), packed.in_features, weight.data_ptr(),
-                scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
-                packed.out_features)
-        packed.cache["native"] = (args, (weight, scales, offsets))
+        p = to_panels(packed)
+        args = (int(p.scheme == "int4"), p.in_features, p.qweight.data_ptr(),
+                p.scales.data_ptr(), None if p.offsets is None else p.offsets.data_ptr(),
+                p.out_features)
+        packed.cache["native"] = (args, (p.qweight, p.scales, p.offsets))
     return packed.cache["native"][0]
 
 

@@ -69,7 +69,7 @@ def takes_every_row_count(packed: PackedWeight) -> bool:
     rows, each row's result independent of the others (the native CPU kernel), so that a
     dense copy of the weight is never needed for speed and results do not depend on the
     batch."""
-    return cpu_native.supports(packed)  # (the rows layout only)
+    return cpu_native.supports(packed)  # (the rows and panels layouts only)
 
 
 def _has_cpu_ops() -> bool:
@@ -92,7 +92,7 @@ def _cpu_linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
         return x @ dequantize(packed, x.dtype).t()
     if cpu_native.supports(packed):
         return cpu_native.linear(x, packed)
-    if not _has_cpu_ops():
+    if not _has_cpu_ops() or packed.layout != "rows":  # (panels: the native kernel turned off)
         return x @ dequantize(packed, x.dtype).t()
     xc = x.to(torch.bfloat16) if x.dtype == torch.float32 else x
     if x.shape[0] >= _CPU_DENSE_ROWS[packed.scheme]:

@@ -25,8 +25,18 @@ The CUDA kernels read a second physical layout of the same codes, ``layout="word
 ``i * bits``) holding feature ``per_word * r + i`` of word row r, int8 stored unsigned as
 ``q + 128``; ``qweight`` is ``int32 [K // per_word, N]`` and ``scales``/``offsets`` are
 ``float16 [K // group_size, N]``, so neighbouring output features are neighbouring words and
-a warp reading one word row reads contiguous memory. Row operations (GGUF un-permutation,
-concatenation) and the CPU kernels use the canonical ``rows`` layout.
+a warp reading one word row reads contiguous memory.
+
+The native CPU kernel (`kernels.cpu_native`, cpu_gemm.c) reads a third, ``layout="panels"``
+(`to_panels`), built when a model is packed for the CPU: the output features in panels of
+`PANEL`, the last padded with zero features, each panel's codes for one stretch of inputs
+side by side. int4: ``int32 [P, K // 8, PANEL]``, the word of inputs 8 r .. 8 r + 7 holding
+input 8 r + 2 i at bits 4 i and 8 r + 2 i + 1 at bits 16 + 4 i; int8: ``int8 [P, K // 2,
+PANEL, 2]``, pairs of inputs. Its scales (and offsets) are ``float16 [P, K // 32, PANEL]``:
+always groups of 32 (a larger group's values repeated), so ``group_size`` is 32.
+
+Row operations (GGUF un-permutation, concatenation, selection) take the canonical ``rows``
+layout (`to_rows` gives it from either other layout).
 """
 
 from __future__ import annotations
@@ -36,9 +46,10 @@ from dataclasses import dataclass, field
 import torch
 
 SCHEMES = ("int4", "int8")
-LAYOUTS = ("rows", "words")
+LAYOUTS = ("rows", "words", "panels")
 INT4_GROUP_SIZES = (32, 64, 128)
 CHUNK = 32  # int4 nibble-order chunk (features per 16 packed bytes)
+PANEL = 16  # output features of a panel in the ``panels`` layout (cpu_gemm.c's PANEL)
 
 
 @dataclass
@@ -70,7 +81,15 @@ class PackedWeight:
         if self.scheme == "int4" and g % CHUNK:
             raise ValueError(f"int4 group_size must be a multiple of {CHUNK}, got {g}")
         meta = (n, k // g)
-        if self.layout == "words":
+        if self.layout == "panels":
+            if g != CHUNK or k % CHUNK:
+                raise ValueError(f"the panels layout has groups of {CHUNK} and K a multiple "
+                                 f"of them, got group_size {g}, in_features {k}")
+            p = -(-n // PANEL)
+            expect_q, qdtype = (((p, k // 8, PANEL), torch.int32) if self.scheme == "int4"
+                                else ((p, k // 2, PANEL, 2), torch.int8))
+            meta = (p, k // g, PANEL)
+        elif self.layout == "words":
             if k % self.per_word:
                 raise ValueError(f"in_features {k} must be a multiple of {self.per_word}")
             expect_q, qdtype, meta = (k // self.per_word, n), torch.int32, (k // g, n)
@@ -133,11 +152,77 @@ def codes(packed: PackedWeight) -> torch.Tensor:
     if packed.layout == "rows":
         q = unpack_int4(packed.qweight) if packed.scheme == "int4" else packed.qweight
         return q.to(torch.int32)
+    if packed.layout == "panels":
+        q = packed.qweight
+        if packed.scheme == "int4":  # the bytes of each word (`to_panels`) -> 8 codes
+            b = q.contiguous().view(torch.uint8).reshape(*q.shape, 4)
+            lo, hi = b & 15, b >> 4
+            q = torch.stack([lo[..., 0], lo[..., 2], hi[..., 0], hi[..., 2],
+                             lo[..., 1], lo[..., 3], hi[..., 1], hi[..., 3]], dim=-1)
+        q = q.reshape(q.shape[0], q.shape[1], PANEL, -1).transpose(1, 2)  # [P, PANEL, ., .]
+        return q.reshape(-1, k)[:n].to(torch.int32)
     shifts = torch.arange(packed.per_word, device=packed.device, dtype=torch.int64) * packed.bits
     words = packed.qweight.t().to(torch.int64) & 0xFFFFFFFF  # [N, K // per_word]
     q = (words[..., None] >> shifts) & ((1 << packed.bits) - 1)
     q = q.reshape(n, k).to(torch.int32)
     return q if packed.scheme == "int4" else q - 128
+
+
+def to_rows(packed: PackedWeight) -> PackedWeight:
+    """The same weight in the canonical ``rows`` layout; unchanged if already."""
+    if packed.layout == "rows":
+        return packed
+    q = codes(packed)
+    qweight = pack_int4(q) if packed.scheme == "int4" else q.to(torch.int8)
+    scales, offsets = _meta_rows(packed)
+    return PackedWeight(packed.scheme, packed.out_features, packed.in_features,
+                        packed.group_size, qweight, scales.contiguous(),
+                        None if offsets is None else offsets.contiguous())
+
+
+def _meta_rows(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and offsets as [N, K // group_size] (views) from any layout."""
+    n = packed.out_features
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or packed.layout == "rows":
+            return t
+        if packed.layout == "words":
+            return t.t()
+        return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]  # panels
+
+    return rows(packed.scales), rows(packed.offsets)
+
+
+def to_panels(packed: PackedWeight) -> PackedWeight:
+    """The same weight in the native CPU kernel's ``panels`` layout (module docs), on the
+    CPU; unchanged if already."""
+    if packed.layout == "panels":
+        return packed
+    rows = to_rows(packed).to("cpu")
+    n, k = rows.out_features, rows.in_features
+    p = -(-n // PANEL)
+    pad = p * PANEL - n
+
+    def by_panel(t: torch.Tensor) -> torch.Tensor:  # [N, C, ...] -> [P, C, PANEL, ...]
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+        return t.reshape(p, PANEL, *t.shape[1:]).transpose(1, 2).contiguous()
+
+    if rows.scheme == "int4":
+        # a word's bytes, little-endian: inputs (0, 2), (4, 6), (1, 3), (5, 7) of its 8,
+        # the first of each pair in the low nibble (uint8 throughout: int64 took 10x longer)
+        q = unpack_int4(rows.qweight).reshape(n, k // 8, 8)
+        pairs = [q[..., a] | (q[..., a + 2] << 4) for a in (0, 4, 1, 5)]
+        weight = by_panel(torch.stack(pairs, dim=-1).view(torch.int32)[..., 0])
+    else:
+        weight = by_panel(rows.qweight.reshape(n, k // 2, 2))
+    reps = rows.group_size // CHUNK
+
+    def blocks(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else by_panel(t.repeat_interleave(reps, 1))
+
+    return PackedWeight(rows.scheme, n, k, CHUNK, weight, blocks(rows.scales),
+                        blocks(rows.offsets), "panels")
 
 
 def to_words(packed: PackedWeight) -> PackedWeight:
@@ -151,10 +236,10 @@ def to_words(packed: PackedWeight) -> PackedWeight:
     shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * packed.bits
     words = (q.reshape(n, k // per, per) << shifts).sum(dim=-1)  # [N, K // per] in 0..2**32-1
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    scales, offsets = _meta_rows(packed)
     return PackedWeight(
         packed.scheme, n, k, packed.group_size, words.t().contiguous(),
-        packed.scales.t().contiguous(),
-        None if packed.offsets is None else packed.offsets.t().contiguous(), "words",
+        scales.t().contiguous(), None if offsets is None else offsets.t().contiguous(), "words",
     )
 
 
@@ -206,15 +291,12 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> PackedWeigh
 
 
 def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The [N, K] weight a `PackedWeight` stands for (either layout), computed in float32."""
+    """The [N, K] weight a `PackedWeight` stands for (any layout), computed in float32."""
     n, k, gs = packed.out_features, packed.in_features, packed.group_size
     rows_int4 = packed.layout == "rows" and packed.scheme == "int4"
     # (uint8 codes convert to float directly: through int32, [3072, 576] took 12x longer)
     q = (unpack_int4(packed.qweight) if rows_int4 else codes(packed)).reshape(n, k // gs, gs)
-    scales, offsets = packed.scales, packed.offsets
-    if packed.layout == "words":
-        scales = scales.t()
-        offsets = None if offsets is None else offsets.t()
+    scales, offsets = _meta_rows(packed)
     w = q.float().mul_(scales.float()[..., None])
     if offsets is not None:
         w.add_(offsets.float()[..., None])

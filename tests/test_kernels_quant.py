@@ -12,6 +12,7 @@ import torch
 from kernels import gguf_repack
 from kernels.gguf_repack import Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, dequantize_k_quant, repack_gguf
 from kernels.quant import (
+    PANEL,
     PackedWeight,
     codes,
     dequantize,
@@ -19,6 +20,8 @@ from kernels.quant import (
     quantize,
     quantize_int4,
     quantize_int8,
+    to_panels,
+    to_rows,
     to_words,
     unpack_int4,
 )
@@ -109,6 +112,38 @@ def test_words_layout_holds_the_same_weight(scheme, group):
     with pytest.raises(ValueError, match="qweight"):
         PackedWeight(scheme, 24, 256, rows.group_size, rows.qweight, words.scales,
                      words.offsets, "words")
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 128), ("int8", 32), ("int8", None)])
+def test_panels_layout_holds_the_same_weight(scheme, group):
+    """The native CPU kernel's layout: 37 output features in 3 panels of 16 (the last padded
+    with zeros), groups of 32 whatever the weight's; back to rows and words unchanged."""
+    w = torch.randn(37, 256)
+    rows = quantize(w, scheme, group)
+    panels = to_panels(rows)
+    assert panels.layout == "panels" and panels.group_size == 32
+    expect = (3, 256 // 8, PANEL) if scheme == "int4" else (3, 128, PANEL, 2)
+    assert tuple(panels.qweight.shape) == expect and panels.scales.shape == (3, 8, PANEL)
+    assert torch.equal(dequantize(panels), dequantize(rows))
+    assert torch.equal(codes(panels), codes(rows))
+    assert to_panels(panels) is panels and to_rows(rows) is rows
+    assert torch.equal(dequantize(to_rows(panels)), dequantize(rows))
+    assert torch.equal(dequantize(to_words(panels)), dequantize(rows))
+    assert (panels.qweight[2, :, 37 - 32:] == 0).all()  # padding features
+    q = codes(rows)
+    if scheme == "int4":  # word r of feature f: input 8r + 2i at bits 4i, 8r + 2i + 1 at 16 + 4i
+        word = int(panels.qweight[1, 5, 7]) & 0xFFFFFFFF
+        for i in range(4):
+            assert (word >> (4 * i)) & 15 == int(q[16 + 7, 40 + 2 * i])
+            assert (word >> (16 + 4 * i)) & 15 == int(q[16 + 7, 40 + 2 * i + 1])
+    else:  # pairs of inputs
+        assert panels.qweight[1, 5, 7].tolist() == q[16 + 7, 10:12].tolist()
+    with pytest.raises(ValueError, match="groups of 32"):
+        PackedWeight(scheme, 37, 256, 64, panels.qweight, panels.scales, panels.offsets,
+                     "panels")
+    with pytest.raises(ValueError, match="qweight"):
+        PackedWeight(scheme, 37, 256, 32, rows.qweight, panels.scales, panels.offsets,
+                     "panels")
 
 
 @pytest.mark.parametrize("kind", [Q4_0, Q4_1, Q5_0, Q8_0])

@@ -17,7 +17,7 @@ import torch
 
 from kernels import cpu_native
 from kernels.gemm import takes_every_row_count
-from kernels.quant import dequantize
+from kernels.quant import dequantize, to_rows
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 from server.models.batch import BatchMeta
@@ -141,11 +141,13 @@ def test_packed_gguf_serves_its_other_projections_as_int8_groups(tiny_model_dir)
     kept = quantize(model.layers[0].o_proj.weight, "int8")  # per channel
     model.layers[0].o_proj.set_packed(kept)
     assert pack_model(model, None, torch.device("cpu"), gguf_rest=True) == 3 * 4 + 1
-    assert model.layers[0].o_proj.packed is kept
+    # (where the native kernel runs, every weight is held in its panels layout only)
+    assert torch.equal(dequantize(model.layers[0].o_proj.packed), dequantize(kept))
     for name, lin in linear_modules(model):
+        assert lin.packed.layout == ("panels" if cpu_native.available() else "rows"), name
         if name == "layers.0.o_proj":
             continue
-        packed = lin.packed
+        packed = to_rows(lin.packed)
         assert (packed.scheme, packed.group_size) == ("int8", 32), name
         step = packed.scales.float().repeat_interleave(32, 1)
         assert ((dequantize(packed) - dense[name]).abs() <= step / 2 + 1e-6).all(), name
@@ -161,13 +163,100 @@ def test_quantization_none_keeps_every_weight_dense(tiny_model_dir) -> None:
 
 
 def test_permute_rows_takes_a_permutation_or_a_selection() -> None:
-    """A draft head's vocabulary selects rows of a packed LM head (`target_head_rows`)."""
-    from kernels.quant import quantize_int4, quantize_int8
+    """A draft head's vocabulary selects rows of a packed LM head (`target_head_rows`),
+    which the model may hold in any layout (CUDA's words, the CPU kernel's panels)."""
+    from kernels.quant import quantize_int4, quantize_int8, to_panels, to_words
     from server.models.quantize import permute_rows
 
-    w = torch.randn(12, 64)
-    for packed in (quantize_int4(w, 32), quantize_int8(w, 32)):
-        for order in (torch.randperm(12), torch.tensor([7, 0, 3])):
-            rows = permute_rows(packed, order)
-            assert rows.out_features == len(order)
-            assert torch.equal(dequantize(rows), dequantize(packed)[order])
+    w = torch.randn(21, 64)  # 21: the last panel of 16 padded
+    for packed in (quantize_int4(w, 32), quantize_int8(w, 32), quantize_int8(w)):
+        for layout in (packed, to_words(packed), to_panels(packed)):
+            for order in (torch.randperm(21), torch.tensor([20, 7, 0, 3])):
+                rows = permute_rows(layout, order)
+                assert rows.out_features == len(order) and rows.layout == "rows"
+                assert torch.equal(dequantize(rows), dequantize(packed)[order])
+
+
+def _write_gguf(path, tensors: dict) -> None:
+    """A GGUF of raw tensors: name -> (float32 [N, K] values, ggml type), or (block bytes
+    [N, bytes a row], K-quant type) for types gguf-py cannot quantize to."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    for name, (data, kind) in tensors.items():
+        kind = gguf.GGMLQuantizationType(kind)
+        if data.dtype == np.uint8:
+            writer.add_tensor(name, data, raw_dtype=kind)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _q6_k_bytes(n: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, k // 256 * 210), dtype=np.uint8)
+    d = rng.uniform(1e-4, 1e-3, (n, k // 256, 1)).astype(np.float16).view(np.uint8)
+    raw.reshape(n, k // 256, 210)[:, :, 208:] = d
+    return raw
+
+
+def test_packed_gguf_takes_its_other_projections_from_the_file_as_int8_groups(tmp_path,
+                                                                                monkeypatch):
+    """`gguf_packed_linears(..., rest=True)`: projections of types `repack_gguf` does not take
+    (Q6_K, F16) and an untied head become int8 in groups of 32, dequantized from the file a
+    chunk of rows at a time, each weight within half a step of its float value; a fused
+    projection whose parts differ (Q4_0 q/k, Q6_K v) is quantized from their float values.
+    Without `rest`, or in a file with no projection `repack_gguf` takes, they stay unpacked."""
+    from server.models import gguf_loader
+    from server.models import quantize as quantize_module
+    from server.models.config import ModelConfig
+    from server.models.gguf_file import GGUFFile
+    from server.models.quantize import gguf_packed_linears
+
+    Q4_0, Q6_K, F16 = 2, 14, 1
+    h, inter, kv = 256, 512, 64
+    rng = np.random.default_rng(0)
+
+    def rand(n, k):
+        return (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+
+    tensors = {
+        "blk.0.attn_q.weight": (rand(h, h), Q4_0), "blk.0.attn_k.weight": (rand(kv, h), Q4_0),
+        "blk.0.attn_v.weight": (_q6_k_bytes(kv, h, 1), Q6_K),
+        "blk.0.attn_output.weight": (_q6_k_bytes(h, h, 2), Q6_K),
+        "blk.0.ffn_gate.weight": (rand(inter, h), Q4_0), "blk.0.ffn_up.weight": (rand(inter, h), Q4_0),
+        "blk.0.ffn_down.weight": (rand(h, inter), F16),
+        "output.weight": (_q6_k_bytes(300, h, 3), Q6_K),
+    }
+    path = tmp_path / "mixed.gguf"
+    _write_gguf(path, tensors)
+    config = ModelConfig("qwen2", 300, h, inter, 1, 4, 1, 64)
+    floats = {t.name: torch.from_numpy(gguf_loader.tensor_array(t)) for t in GGUFFile(path).tensors}
+
+    def within_half_step(packed, w):
+        assert (packed.scheme, packed.group_size) == ("int8", 32)
+        step = packed.scales.float().repeat_interleave(32, 1)
+        return ((dequantize(packed) - w).abs() <= step / 2 + 1e-7).all()
+
+    exact = gguf_packed_linears(path, config)
+    assert set(exact) == {"layers.0.gate_up_proj"}
+    monkeypatch.setattr(quantize_module, "_REQUANT_CHUNK", 100 * h)  # the head in 3 chunks
+    packed = gguf_packed_linears(path, config, rest=True)
+    assert set(packed) == {"layers.0.qkv_proj", "layers.0.o_proj", "layers.0.gate_up_proj",
+                           "layers.0.down_proj", "lm_head"}
+    assert torch.equal(dequantize(packed["layers.0.gate_up_proj"]),
+                       dequantize(exact["layers.0.gate_up_proj"]))
+    qkv = torch.cat([floats[f"blk.0.attn_{p}.weight"] for p in "qkv"])
+    assert within_half_step(packed["layers.0.qkv_proj"], qkv)
+    for name, source in (("layers.0.o_proj", "blk.0.attn_output.weight"),
+                         ("layers.0.down_proj", "blk.0.ffn_down.weight"),
+                         ("lm_head", "output.weight")):
+        assert within_half_step(packed[name], floats[source]), name
+    no_exact = tmp_path / "no_exact.gguf"
+    _write_gguf(no_exact, {k: v for k, v in tensors.items() if v[1] != Q4_0})
+    assert gguf_packed_linears(no_exact, config, rest=True) == {}

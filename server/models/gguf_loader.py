@@ -92,14 +92,26 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def tensor_array(tensor: GGUFTensor) -> np.ndarray:
     """A reader tensor as float32 numpy in PyTorch's [out, in] order."""
-    qtype = tensor.tensor_type
     shape = tuple(int(d) for d in reversed(tensor.shape))
+    return _dequantize(tensor.data, tensor.tensor_type, shape)
+
+
+def tensor_rows(tensor: GGUFTensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop of a 2-D reader tensor ([out, in] order), float32."""
+    n, k = int(tensor.shape[1]), int(tensor.shape[0])
+    rows = min(stop, n) - start
+    raw = np.asarray(tensor.data).reshape(n, -1)[start:stop]  # a row's blocks or elements
+    return torch.from_numpy(_dequantize(raw, tensor.tensor_type, (rows, k)))
+
+
+def _dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+                ) -> np.ndarray:
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):  # (copied: the map is read-only)
-        return tensor.data.astype(np.float32).reshape(shape)
+        return raw.astype(np.float32).reshape(shape)
     if int(qtype) in K_QUANTS:
-        return dequantize_k_quant(tensor.data, qtype, (shape[0], int(np.prod(shape[1:])))
+        return dequantize_k_quant(raw, qtype, (shape[0], int(np.prod(shape[1:])))
                                   ).reshape(shape).numpy()
-    return np.asarray(dequantize(tensor.data, qtype), dtype=np.float32).reshape(shape)
+    return np.asarray(dequantize(raw, qtype), dtype=np.float32).reshape(shape)
 
 
 def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = frozenset()

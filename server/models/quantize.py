@@ -27,21 +27,26 @@ tensor (the dense embedding holds the same values, dequantized, for the lookup, 
 products of `llama.TIED_DENSE_ROWS` rows or more; on the CPU `pack_model` packs a tied head
 from the embedding otherwise). On CPU this takes the
 default model's head from 11.2 ms to ~2 ms a token (Q8_0, 49152x576). On CUDA the weights
-are held in the kernels' ``words`` layout only.
+are held in the kernels' ``words`` layout only, on a CPU where the native kernel runs in its
+``panels`` layout only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels import cpu_native
 from kernels.gguf_repack import repack_gguf, supported_gguf_types
-from kernels.quant import SCHEMES, PackedWeight, quantize, to_words
+from kernels.quant import SCHEMES, PackedWeight, dequantize, quantize, to_panels, to_rows, to_words
 from server.models.config import ModelConfig
 from server.models.layers import Linear
+
+if TYPE_CHECKING:
+    from server.models.gguf_file import GGUFTensor
 
 # fused module -> GGUF tensor names of its parts, in concatenation order
 _GGUF_PARTS = {
@@ -63,7 +68,8 @@ def linear_modules(model: torch.nn.Module) -> Iterator[tuple[str, Linear]]:
 
 def permute_rows(packed: PackedWeight, order: torch.Tensor) -> PackedWeight:
     """The weight's output rows taken in `order`, a permutation or a selection (packing is
-    per row)."""
+    per row), in the rows layout whatever the weight's."""
+    packed = to_rows(packed)
     return PackedWeight(
         packed.scheme, len(order), packed.in_features, packed.group_size,
         packed.qweight[order].contiguous(), packed.scales[order].contiguous(),
@@ -98,18 +104,30 @@ def _unpermute_order(rows: int, heads: int) -> torch.Tensor:
 PACK_ON_CUDA_ABOVE = 2 * 2**30
 
 
-def gguf_packed_linears(path: Path, config: ModelConfig) -> dict[str, PackedWeight]:
-    """Packed weights (on CPU) for every projection whose GGUF tensors `repack_gguf` takes."""
+def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False
+                        ) -> dict[str, PackedWeight]:
+    """Packed weights (on CPU) for every projection whose GGUF tensors `repack_gguf` takes;
+    with `rest`, if the file has any, every other projection (Q6_K, Q5_K, F16, ...) and an
+    untied head as int8 in groups of 32 too (`pack_model`'s `gguf_rest`), each dequantized
+    a chunk of rows at a time, and a fused projection whose parts differ in format from
+    their float values."""
     from server.models.gguf_file import GGUFFile  # (gguf imports in ~0.15 s: only for GGUFs)
 
     tensors = {t.name: t for t in GGUFFile(path).tensors}
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+    rest = rest and any(int(t.tensor_type) in supported_gguf_types()
+                        for t in tensors.values() if t.name.startswith("blk."))
 
-    def packed(name: str) -> PackedWeight | None:
+    def packed(name: str, requantize: bool = rest) -> PackedWeight | None:
         t = tensors.get(name)
-        if t is None or int(t.tensor_type) not in supported_gguf_types():
+        if t is None:
             return None
-        pw = repack_gguf(t.data, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
+        if int(t.tensor_type) in supported_gguf_types():
+            pw = repack_gguf(t.data, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
+        elif requantize and int(t.shape[0]) % 32 == 0:
+            pw = _int8_groups(t)
+        else:
+            return None
         kind = name.split(".")[-2]
         if config.architecture == "llama" and kind in heads:
             pw = permute_rows(pw, _unpermute_order(pw.out_features, heads[kind]))
@@ -121,13 +139,31 @@ def gguf_packed_linears(path: Path, config: ModelConfig) -> dict[str, PackedWeig
             parts = [packed(f"blk.{i}.{n}.weight") for n in names]
             if all(p is not None for p in parts):
                 fused = concat_packed(parts)
+                if fused is None and rest:
+                    fused = quantize(torch.cat([dequantize(p) for p in parts]), "int8", 32)
                 if fused is not None:
                     result[f"layers.{i}.{module}"] = fused
-    # a tied LM head is the embedding's tensor (llama.cpp multiplies by it as stored too)
-    head = packed("token_embd.weight" if config.tie_word_embeddings else "output.weight")
+    # a tied LM head is the embedding's tensor (llama.cpp multiplies by it as stored too;
+    # requantized, it would differ from the dense embedding that serves large products)
+    tied = config.tie_word_embeddings
+    head = packed("token_embd.weight" if tied else "output.weight", rest and not tied)
     if head is not None:
         result["lm_head"] = head
     return result
+
+
+_REQUANT_CHUNK = 1 << 22  # elements of a GGUF tensor dequantized at a time by `_int8_groups`
+
+
+def _int8_groups(tensor: GGUFTensor) -> PackedWeight:
+    """int8 in groups of 32 of a GGUF tensor, dequantized and quantized a chunk of rows at a
+    time (no float32 copy of the whole: Qwen2.5-Coder-1.5B's Q6_K head is 0.9 GB of it)."""
+    from server.models.gguf_loader import tensor_rows
+
+    n, k = int(tensor.shape[1]), int(tensor.shape[0])
+    rows = max(1, _REQUANT_CHUNK // k)
+    parts = [quantize(tensor_rows(tensor, r, r + rows), "int8", 32) for r in range(0, n, rows)]
+    return concat_packed(parts)
 
 
 def quantize_dense(weight: torch.Tensor, scheme: str) -> PackedWeight | None:
@@ -153,7 +189,7 @@ def pack_from_gguf(model: torch.nn.Module, scheme: str | None, checkpoint_path: 
     if not (scheme is not None or device.type == "cuda" and dense_bytes > PACK_ON_CUDA_ABOVE
             or device.type == "cpu" and cpu_native.available()):
         return 0
-    from_file = gguf_packed_linears(checkpoint_path, model.config)
+    from_file = gguf_packed_linears(checkpoint_path, model.config, rest=scheme is None)
     if model.lm_head is None and "lm_head" in from_file:  # tied: a head of its own
         model.lm_head = Linear(torch.empty(0, model.config.hidden_size))
     count = 0
@@ -169,13 +205,14 @@ def pack_model(model: torch.nn.Module, scheme: str | None, device: torch.device,
     """After the weights have loaded: quantize the linears not yet packed (`pack_from_gguf`)
     to `scheme`, if one is given; returns how many linears are packed in all.
 
-    `gguf_rest`: the model is a GGUF whose projections `pack_from_gguf` served packed.
-    Without a scheme, its projections of other types (Q6_K, Q5_K, F16, ...) and, on the
-    CPU, a tied head the file did not give are then quantized to int8 in groups of 32, as
-    llama.cpp's Q8_0: each weight within half of 1/127 of its group's largest (from Q6_K,
-    about an eighth of the step of the group's coarser sub-block), so that no projection
-    of a packed GGUF runs dense (on the CPU, Qwen2.5-Coder-0.5B's Q4_K_M file decoded 37.0
-    tok/s against 25.0 with its 12 Q6_K projections dense, the same 64 greedy tokens)."""
+    `gguf_rest`: the model is a GGUF whose projections `pack_from_gguf` served packed,
+    without a scheme those of other types (Q6_K, Q5_K, F16, ...) as int8 in groups of 32,
+    as llama.cpp's Q8_0: each weight within half of 1/127 of its group's largest (from
+    Q6_K, about an eighth of the step of the group's coarser sub-block), so that no
+    projection of a packed GGUF runs dense (on the CPU, Qwen2.5-Coder-0.5B's Q4_K_M file
+    decoded 37.0 tok/s against 25.0 with its 12 Q6_K projections dense, the same 64 greedy
+    tokens). Any linear still dense, and on the CPU a tied head the file did not give (from
+    the embedding), are quantized the same way here."""
     _check_scheme(scheme)
     rest = gguf_rest and scheme is None
     if rest and model.lm_head is None and device.type == "cpu":
@@ -195,8 +232,9 @@ def pack_model(model: torch.nn.Module, scheme: str | None, device: torch.device,
             continue
         count += 1
         if device.type == "cpu" and cpu_native.supports(linear.packed):
-            # the native kernel's library and weight panels now, not in the first request
-            # (it took 0.56 s against 0.05 for the default model's first prefill of 37 tokens)
+            # held in the native kernel's panels only (not twice), built now, not in the
+            # first request (0.56 s against 0.05 for the default model's first prefill)
+            linear.set_packed(to_panels(linear.packed))
             cpu_native.panel_arguments(linear.packed)
     return count
 
