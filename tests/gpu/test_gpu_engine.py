@@ -207,7 +207,9 @@ def test_int4_ngram_verification_graphed_matches_eager(tiny_model_dir):
     diff = max((abs(x.logprob - y.logprob)
                 for x, y in zip(a.logprobs[:first], b.logprobs[:first], strict=True)),
                default=0.0)
-    assert diff < NEAR_TIE
+    assert diff < NEAR_TIE, [(i, x.logprob, y.logprob, x.top, y.top) for i, (x, y) in
+                             enumerate(zip(a.logprobs[:first], b.logprobs[:first], strict=True))
+                             if abs(x.logprob - y.logprob) > NEAR_TIE / 2]
     if first < len(a.token_ids):  # only a near-tie may go either way
         pair = {a.token_ids[first], b.token_ids[first]}
         for out in (a, b):
@@ -217,9 +219,11 @@ def test_int4_ngram_verification_graphed_matches_eager(tiny_model_dir):
     assert (1, 9) in graphed.engine.runner.graphs.graphs
 
 
-NEAR_TIE = 0.1
-"""Logprobs closer than this count as equal between bfloat16 paths: ~3 ulps of a logit
-between 4 and 8 (one ulp there is 1/32)."""
+NEAR_TIE = 0.25
+"""Logprobs closer than this count as equal between bfloat16 paths. Measured on an H100
+(session 34), graphed against eager speculation and plain decoding, logprobs near -2:
+0.026-0.064 in 12 runs, 0.109 in one more; a wrong row, position or KV slot moves them by
+O(1)."""
 
 
 def test_device_sampling_matches_cpu_and_reproduces(tiny_model_dir):
