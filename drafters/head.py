@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from drafters.base import DraftBatch, Drafter, Proposal, register_drafter
+from server.models.layers import Embedding
 
 FORMAT = "leapfrog-draft-head-1"
 """The `format` entry of a saved head's metadata."""
@@ -116,8 +117,8 @@ def target_head_rows(model: torch.nn.Module, vocab: torch.Tensor) -> torch.Tenso
     """The target's LM-head rows [len(vocab), hidden] for `vocab`, dense in the model's
     dtype (a packed head is dequantized row by row: the values it serves)."""
     head = model.lm_head
-    if head is None:  # tied: the embedding is the head, and it is kept dense
-        return model.embed[vocab.to(model.embed.device)]
+    if head is None:  # tied: the embedding is the head
+        return model.embed(vocab.to(model.embed.device))
     if head.packed is not None:
         from kernels.quant import dequantize
         from server.models.quantize import permute_rows
@@ -179,7 +180,7 @@ class HeadDrafter(Drafter):
     name = "head"
     needs_hidden_states = True
 
-    def __init__(self, head: DraftHead, embed: torch.Tensor) -> None:
+    def __init__(self, head: DraftHead, embed: Embedding) -> None:
         self.head = head
         self.embed = embed
         self.graphs: _DraftGraphs | None = None
@@ -209,7 +210,7 @@ class HeadDrafter(Drafter):
         drafts, probs = [], []
         going = None  # (stop_when_unsure) rows whose every draft so far is kept
         for i in range(steps):
-            feature = head.step(feature, F.embedding(tokens, self.embed))
+            feature = head.step(feature, self.embed(tokens))
             best, index = head.logits(feature).softmax(-1).max(-1)
             tokens = head.vocab[index]
             drafts.append(tokens)
@@ -250,7 +251,7 @@ class _DraftGraphs:
     batch's own in its bucket compute on stale inputs, which no row reads."""
 
     def __init__(self, draft: Callable[..., tuple[torch.Tensor, torch.Tensor]], hidden_size: int,
-                 embed: torch.Tensor, batch_sizes: Sequence[int], draft_lengths: Sequence[int]
+                 embed: Embedding, batch_sizes: Sequence[int], draft_lengths: Sequence[int]
                  ) -> None:
         self.batch_sizes, self.draft_lengths = sorted(batch_sizes), sorted(draft_lengths)
         rows = self.batch_sizes[-1]

@@ -173,6 +173,7 @@ def evaluate(head: DraftHead, model: torch.nn.Module, corpus: Corpus, starts: to
     target's argmax tokens inside the draft vocabulary."""
     starts = starts[:limit]
     device, dtype = model.embed.device, model.dtype
+    embed = model.embed.dense()
     c = corpus
     pos, valid, tokens = _unrolled(corpus, starts, k)
     targets = torch.stack([model.compute_logits(c.hidden[pos[:, j]].to(device, dtype))
@@ -185,7 +186,7 @@ def evaluate(head: DraftHead, model: torch.nn.Module, corpus: Corpus, starts: to
     alive = torch.ones(len(starts), dtype=torch.bool)
     accepted = torch.zeros(len(starts))
     for j in range(k):
-        feature = _step(head, corpus, feature, token, pos[:, j], model.embed, dtype)
+        feature = _step(head, corpus, feature, token, pos[:, j], embed, dtype)
         draft = head.vocab[head.logits(feature).argmax(-1)].cpu()
         alive &= valid[:, j] & (draft == targets[:, j])
         accepted += alive.float()
@@ -220,7 +221,7 @@ def train_head(model: torch.nn.Module, corpus: Corpus, head_config: HeadConfig,
     head = DraftHead(head_config, vocab.to(device), lm_rows).to(device)
     with torch.no_grad():  # start the output norm at the target's final norm
         head.norms[3].copy_(model.norm.float())
-    embed = model.embed.to(dtype)
+    embed = model.embed.dense().to(dtype)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, cfg.steps // 20)

@@ -154,11 +154,8 @@ def codes(packed: PackedWeight) -> torch.Tensor:
         return q.to(torch.int32)
     if packed.layout == "panels":
         q = packed.qweight
-        if packed.scheme == "int4":  # the bytes of each word (`to_panels`) -> 8 codes
-            b = q.contiguous().view(torch.uint8).reshape(*q.shape, 4)
-            lo, hi = b & 15, b >> 4
-            q = torch.stack([lo[..., 0], lo[..., 2], hi[..., 0], hi[..., 2],
-                             lo[..., 1], lo[..., 3], hi[..., 1], hi[..., 3]], dim=-1)
+        if packed.scheme == "int4":
+            q = _panel_word_codes(q)
         q = q.reshape(q.shape[0], q.shape[1], PANEL, -1).transpose(1, 2)  # [P, PANEL, ., .]
         return q.reshape(-1, k)[:n].to(torch.int32)
     shifts = torch.arange(packed.per_word, device=packed.device, dtype=torch.int64) * packed.bits
@@ -223,6 +220,37 @@ def to_panels(packed: PackedWeight) -> PackedWeight:
 
     return PackedWeight(rows.scheme, n, k, CHUNK, weight, blocks(rows.scales),
                         blocks(rows.offsets), "panels")
+
+
+def _panel_word_codes(words: torch.Tensor) -> torch.Tensor:
+    """int32 words of the panels layout [...] -> uint8 codes [..., 8] of their 8 inputs."""
+    b = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)
+    lo, hi = b & 15, b >> 4  # (each byte: inputs (0, 2), (4, 6), (1, 3), (5, 7); `to_panels`)
+    return torch.stack([lo[..., 0], lo[..., 2], hi[..., 0], hi[..., 2],
+                        lo[..., 1], lo[..., 3], hi[..., 1], hi[..., 3]], dim=-1)
+
+
+def dequantize_rows(packed: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    """float32 [len(rows), K]: the given output rows of the weight (rows or panels layout),
+    as `dequantize` gives them, gathering only those rows' codes (an embedding lookup)."""
+    if packed.layout == "words":
+        raise ValueError("dequantize_rows takes the rows or panels layout")
+    r, k, gs = len(rows), packed.in_features, packed.group_size
+    if packed.layout == "rows":
+        q = packed.qweight[rows]
+        q = unpack_int4(q) if packed.scheme == "int4" else q
+        scales = packed.scales[rows]
+        offsets = None if packed.offsets is None else packed.offsets[rows]
+    else:
+        panel, lane = rows // PANEL, rows % PANEL
+        q = packed.qweight[panel, :, lane]  # int4: [R, K / 8] words; int8: [R, K / 2, 2]
+        q = _panel_word_codes(q) if packed.scheme == "int4" else q
+        scales = packed.scales[panel, :, lane]
+        offsets = None if packed.offsets is None else packed.offsets[panel, :, lane]
+    w = q.reshape(r, k // gs, gs).float().mul_(scales.float()[..., None])
+    if offsets is not None:
+        w.add_(offsets.float()[..., None])
+    return w.reshape(r, k)
 
 
 def to_words(packed: PackedWeight) -> PackedWeight:

@@ -133,7 +133,7 @@ def test_drafting_rules(tiny, trained) -> None:
     # the chain by hand, for request a
     feature, token, chain = hidden[:1], torch.tensor([seqs[0][0][-1]]), []
     for _ in range(4):
-        feature = head.step(feature, torch.nn.functional.embedding(token, model.embed))
+        feature = head.step(feature, model.embed(token))
         token = head.vocab[head.logits(feature).argmax(-1)]
         chain.append(token.item())
     assert full[0].token_ids == chain

@@ -16,6 +16,7 @@ from kernels.quant import (
     PackedWeight,
     codes,
     dequantize,
+    dequantize_rows,
     pack_int4,
     quantize,
     quantize_int4,
@@ -144,6 +145,18 @@ def test_panels_layout_holds_the_same_weight(scheme, group):
     with pytest.raises(ValueError, match="qweight"):
         PackedWeight(scheme, 37, 256, 32, rows.qweight, panels.scales, panels.offsets,
                      "panels")
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 64), ("int8", 32), ("int8", None)])
+def test_dequantize_rows_gathers_what_dequantize_gives(scheme, group):
+    """An embedding lookup from a packed table, in the rows and panels layouts: repeated,
+    unordered rows and the last (padded) panel's."""
+    rows = quantize(torch.randn(37, 128), scheme, group)
+    ids = torch.tensor([36, 0, 17, 17, 5, 32])
+    for weight in (rows, to_panels(rows)):
+        assert torch.equal(dequantize_rows(weight, ids), dequantize(rows)[ids]), weight.layout
+    with pytest.raises(ValueError, match="rows or panels"):
+        dequantize_rows(to_words(rows), ids)
 
 
 @pytest.mark.parametrize("kind", [Q4_0, Q4_1, Q5_0, Q8_0])

@@ -86,18 +86,23 @@ def test_default_gguf_served_packed_from_file_bytes() -> None:
     expect = torch.from_numpy(np.concatenate(parts))
     torch.testing.assert_close(dequantize(model.layers[0].qkv_proj.packed), expect,
                                atol=1e-6, rtol=1e-6)
-    # the tied LM head multiplies by the embedding as stored (Q8_0), the lookup's values
+    # the tied LM head multiplies by the embedding as stored (Q8_0), the lookup's values;
+    # where the native kernel runs the lookup gathers rows of the head's panels (one table)
     assert c.tie_word_embeddings
     head = model.lm_head.packed
     assert head is not None and head.scheme == "int8" and head.group_size == 32
-    assert torch.equal(dequantize(head), model.embed)
+    embed = torch.from_numpy(tensor_array(tensors["token_embd.weight"]))
+    assert torch.equal(dequantize(head), embed)
+    assert (model.embed.packed is head) == takes_every_row_count(head)
+    ids = torch.tensor([[0, 49151, 7], [7, 300, 1]])
+    assert torch.equal(model.embed(ids), embed[ids]) and torch.equal(model.embed.dense(), embed)
     hidden = torch.randn(3, c.hidden_size)
-    dense_logits = hidden @ model.embed.t()
+    dense_logits = hidden @ embed.t()
     assert _rel(model.compute_logits(hidden), dense_logits) < 1e-2  # bfloat16 activations
     from server.models.llama import TIED_DENSE_ROWS
 
     hidden = torch.randn(TIED_DENSE_ROWS, c.hidden_size)
-    logits, dense_logits = model.compute_logits(hidden), hidden @ model.embed.t()
+    logits, dense_logits = model.compute_logits(hidden), hidden @ embed.t()
     if takes_every_row_count(head):  # the native kernel at every row count, rows independent
         assert _rel(logits, dense_logits) < 1e-4
         assert torch.equal(model.compute_logits(hidden[:3]), logits[:3])
@@ -110,7 +115,8 @@ def test_default_gguf_served_packed_from_file_bytes() -> None:
 
 def test_gguf_tensors_served_packed_are_never_dequantized(monkeypatch) -> None:
     """A GGUF's Q4/Q8 projections are packed before the other weights load, so only the
-    embedding and the norms are dequantized: no float32 copy of a projection is made."""
+    norms are dequantized, and the embedding where the native CPU kernel does not run (it
+    is the packed head's table otherwise): no float32 copy of a projection is made."""
     from server.models import gguf_loader
 
     read: list[str] = []
@@ -118,7 +124,8 @@ def test_gguf_tensors_served_packed_are_never_dequantized(monkeypatch) -> None:
     monkeypatch.setattr(gguf_loader, "tensor_array", lambda t: read.append(t.name) or real(t))
     model = LLM(dtype="float32", quantization="int4", kv_cache_memory_gb=0.05).engine.model
     assert all(lin.packed is not None and lin.weight is None for _, lin in linear_modules(model))
-    assert "token_embd.weight" in read and "output_norm.weight" in read
+    assert ("token_embd.weight" in read) != cpu_native.available() and "output_norm.weight" in read
+    assert (model.embed.weight is None) == cpu_native.available()
     assert all(n == "token_embd.weight" or n.endswith("_norm.weight") for n in read), read
 
 
@@ -135,7 +142,7 @@ def test_packed_gguf_serves_its_other_projections_as_int8_groups(tiny_model_dir)
     model = llm.engine.model
     assert model.config.tie_word_embeddings and model.lm_head is None
     dense = {name: lin.weight.clone() for name, lin in linear_modules(model)}
-    dense["lm_head"] = model.embed.detach().clone()
+    dense["lm_head"] = model.embed.weight.detach().clone()
     ids = torch.randint(3, 128, (9,), generator=torch.Generator().manual_seed(2)).tolist()
     before = _prefill_logits(llm, ids)
     kept = quantize(model.layers[0].o_proj.weight, "int8")  # per channel
@@ -232,6 +239,7 @@ def test_packed_gguf_takes_its_other_projections_from_the_file_as_int8_groups(tm
         "blk.0.ffn_gate.weight": (rand(inter, h), Q4_0), "blk.0.ffn_up.weight": (rand(inter, h), Q4_0),
         "blk.0.ffn_down.weight": (rand(h, inter), F16),
         "output.weight": (_q6_k_bytes(300, h, 3), Q6_K),
+        "token_embd.weight": (rand(300, h), Q4_0),
     }
     path = tmp_path / "mixed.gguf"
     _write_gguf(path, tensors)
@@ -257,6 +265,10 @@ def test_packed_gguf_takes_its_other_projections_from_the_file_as_int8_groups(tm
                          ("layers.0.down_proj", "blk.0.ffn_down.weight"),
                          ("lm_head", "output.weight")):
         assert within_half_step(packed[name], floats[source]), name
+    # an untied embedding, for lookups on the CPU: as the file gives it
+    with_table = gguf_packed_linears(path, config, rest=True, embed=True)
+    assert set(with_table) == set(packed) | {"embed"}
+    assert torch.equal(dequantize(with_table["embed"]), floats["token_embd.weight"])
     no_exact = tmp_path / "no_exact.gguf"
     _write_gguf(no_exact, {k: v for k, v in tensors.items() if v[1] != Q4_0})
     assert gguf_packed_linears(no_exact, config, rest=True) == {}

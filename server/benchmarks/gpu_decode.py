@@ -196,7 +196,7 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
         for name, lin in linear_modules(model):
             lin.packed = pack.get(name)
         roof = bandwidth / weight_bytes(model)
-        roof_all = bandwidth / (weight_bytes(model) + model.embed.nbytes)
+        roof_all = bandwidth / (weight_bytes(model) + model.embed.weight.nbytes)
         b1 = 1 / time_decode(model, 1, context, 64, graphed=True)
         with pdl.disabled():  # the same step, every kernel launched after the last ends
             b1_nopdl = 1 / time_decode(model, 1, context, 64, graphed=True)

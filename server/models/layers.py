@@ -20,6 +20,48 @@ if TYPE_CHECKING:
 Activations = Union[torch.Tensor, "GemvSums"]
 """A layer's activations: a tensor, or on the fused CUDA path a GEMV's unrounded sums."""
 
+class Embedding(torch.nn.Module):
+    """The token embedding table [vocab, hidden]: a dense weight, or a packed one
+    (`set_packed`: the rows or panels layout of `kernels.quant`, e.g. a tied head's), of
+    which a lookup dequantizes only the rows it gathers."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.packed = None
+        self._dtype = weight.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device if self.packed is None else self.packed.device
+
+    def set_packed(self, packed: object) -> None:
+        """Look up rows of a `kernels.quant.PackedWeight` instead of the dense weight."""
+        self.packed = packed
+        self.weight = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """[*] token ids -> [*, hidden] embeddings in the table's dtype."""
+        if self.packed is None:
+            return F.embedding(ids, self.weight)
+        from kernels.quant import dequantize_rows
+
+        rows = dequantize_rows(self.packed, ids.reshape(-1)).to(self._dtype)
+        return rows.reshape(*ids.shape, rows.shape[-1])
+
+    def dense(self) -> torch.Tensor:
+        """The whole table, dense (dequantized into a new tensor when packed)."""
+        if self.packed is None:
+            return self.weight
+        from kernels.quant import dequantize
+
+        return dequantize(self.packed, self._dtype)
+
+
 class Linear(torch.nn.Module):
     """y = x W^T (+ b) over a dense weight [out, in]; `quantize` swaps in a packed one."""
 

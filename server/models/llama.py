@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 
 from kernels import cpu_layers, cpu_native
 from kernels.gemm import takes_every_row_count
@@ -27,6 +26,7 @@ from server.models.batch import BatchMeta, attention
 from server.models.config import ModelConfig
 from server.models.layers import (
     Activations,
+    Embedding,
     Linear,
     RopeInputs,
     RotaryEmbedding,
@@ -121,9 +121,7 @@ class LlamaForCausalLM(torch.nn.Module):
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.embed = torch.nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
-        )
+        self.embed = Embedding(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
         self.layers = torch.nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
         self.norm = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = None if config.tie_word_embeddings else Linear(
@@ -146,7 +144,7 @@ class LlamaForCausalLM(torch.nn.Module):
 
         `num_layers` runs only the first layers (early exit); their KV is written as usual.
         """
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed(input_ids)
         fused = x.is_cuda if self.fused_kernels is None else self.fused_kernels
         rope = self.rope.inputs(positions, x.dtype, fused)
         # (a ModuleList slice builds a new ModuleList: ~180 us a step on the CPU)
@@ -219,7 +217,7 @@ class LlamaForCausalLM(torch.nn.Module):
         if packed is not None and not (tied and hidden.shape[0] >= TIED_DENSE_ROWS
                                        and not takes_every_row_count(packed)):
             return self.lm_head(hidden).float()
-        head = self.embed if tied else self.lm_head.weight
+        head = self.embed.dense() if tied else self.lm_head.weight
         return dense_linear(hidden, head, out_dtype=torch.float32)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -277,7 +275,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self, name: str, qkv: dict[str, tuple[int, int]], gate_up: dict[str, tuple[int, int]]
     ) -> tuple[torch.nn.Parameter | None, int | None, int]:
         if name == "model.embed_tokens.weight":
-            return self.embed, None, 0
+            return self.embed.weight, None, 0
         if name == "model.norm.weight":
             return self.norm, None, 0
         if name == "lm_head.weight":

@@ -20,15 +20,18 @@ CUDA when its projections would take more than `PACK_ON_CUDA_ABOVE` bytes dense,
 CPU where the native kernel runs (`kernels.cpu_native`: near-exact, every row independent of
 the batch, and 2.1-2.6x dense float32 at batch-1 decode of the default model); dense
 checkpoints are packed only when a scheme is given.
-Embeddings and norms stay dense; an untied LM head follows the same rules as the other
-linears. A tied LM head stays the dense embedding, except in a GGUF file served packed whose
-embedding is stored in a type `repack_gguf` takes: then the head multiplies by the packed
-tensor (the dense embedding holds the same values, dequantized, for the lookup, and for
-products of `llama.TIED_DENSE_ROWS` rows or more; on the CPU `pack_model` packs a tied head
-from the embedding otherwise). On CPU this takes the
-default model's head from 11.2 ms to ~2 ms a token (Q8_0, 49152x576). On CUDA the weights
-are held in the kernels' ``words`` layout only, on a CPU where the native kernel runs in its
-``panels`` layout only.
+Norms stay dense; an untied LM head follows the same rules as the other linears. A tied LM
+head stays the dense embedding, except in a GGUF file served packed whose embedding is
+stored in a type `repack_gguf` takes: then the head multiplies by the packed tensor (the
+dense embedding holds the same values, dequantized, for the lookup, and for products of
+`llama.TIED_DENSE_ROWS` rows or more; on the CPU `pack_model` packs a tied head from the
+embedding otherwise). On CPU this takes the default model's head from 11.2 ms to ~2 ms a
+token (Q8_0, 49152x576). On CUDA the weights are held in the kernels' ``words`` layout only,
+and embeddings dense. On a CPU where the native kernel runs the weights are held in its
+``panels`` layout only, and a GGUF served packed holds its embedding packed too (lookups
+dequantize the rows they gather, `layers.Embedding`): a tied one is its head's table, an
+untied one is packed from the file by the head's rules (Qwen2.5-Coder-1.5B's: 0.93 GB
+dense float32, 0.15 GB packed).
 """
 
 from __future__ import annotations
@@ -104,13 +107,14 @@ def _unpermute_order(rows: int, heads: int) -> torch.Tensor:
 PACK_ON_CUDA_ABOVE = 2 * 2**30
 
 
-def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False
-                        ) -> dict[str, PackedWeight]:
+def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False,
+                        embed: bool = False) -> dict[str, PackedWeight]:
     """Packed weights (on CPU) for every projection whose GGUF tensors `repack_gguf` takes;
     with `rest`, if the file has any, every other projection (Q6_K, Q5_K, F16, ...) and an
     untied head as int8 in groups of 32 too (`pack_model`'s `gguf_rest`), each dequantized
     a chunk of rows at a time, and a fused projection whose parts differ in format from
-    their float values."""
+    their float values. `embed`: an untied model's embedding too (as "embed"), by the same
+    rules as its head."""
     from server.models.gguf_file import GGUFFile  # (gguf imports in ~0.15 s: only for GGUFs)
 
     tensors = {t.name: t for t in GGUFFile(path).tensors}
@@ -149,6 +153,9 @@ def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False
     head = packed("token_embd.weight" if tied else "output.weight", rest and not tied)
     if head is not None:
         result["lm_head"] = head
+    table = packed("token_embd.weight") if embed and not tied else None
+    if table is not None:
+        result["embed"] = table
     return result
 
 
@@ -189,9 +196,17 @@ def pack_from_gguf(model: torch.nn.Module, scheme: str | None, checkpoint_path: 
     if not (scheme is not None or device.type == "cuda" and dense_bytes > PACK_ON_CUDA_ABOVE
             or device.type == "cpu" and cpu_native.available()):
         return 0
-    from_file = gguf_packed_linears(checkpoint_path, model.config, rest=scheme is None)
+    # on a CPU where the native kernel runs the embedding is held packed too: an untied
+    # one as the file gives it, a tied one as its head (`pack_model` points it there)
+    packed_table = device.type == "cpu" and cpu_native.available()
+    from_file = gguf_packed_linears(checkpoint_path, model.config, rest=scheme is None,
+                                    embed=packed_table)
     if model.lm_head is None and "lm_head" in from_file:  # tied: a head of its own
         model.lm_head = Linear(torch.empty(0, model.config.hidden_size))
+        if packed_table:
+            model.embed.set_packed(from_file["lm_head"])
+    if "embed" in from_file:
+        model.embed.set_packed(from_file["embed"])
     count = 0
     for name, linear in linear_modules(model):
         if name in from_file:
@@ -219,7 +234,7 @@ def pack_model(model: torch.nn.Module, scheme: str | None, device: torch.device,
         # tied: a head of its own from the embedding, which the native kernel serves at
         # every row count (on CUDA the dense embedding serves large products, so the two
         # would round differently)
-        model.lm_head = Linear(model.embed.detach())
+        model.lm_head = Linear(model.embed.weight.detach())
     count = 0
     for _, linear in linear_modules(model):
         if linear.packed is None and scheme not in (None, "none"):
@@ -236,6 +251,9 @@ def pack_model(model: torch.nn.Module, scheme: str | None, device: torch.device,
             # first request (0.56 s against 0.05 for the default model's first prefill)
             linear.set_packed(to_panels(linear.packed))
             cpu_native.panel_arguments(linear.packed)
+    head = model.lm_head.packed if model.lm_head is not None else None
+    if model.config.tie_word_embeddings and head is not None and head.layout == "panels":
+        model.embed.set_packed(head)  # one table: lookups gather rows of the head's panels
     return count
 
 
