@@ -29,7 +29,8 @@ embedding otherwise). On CPU this takes the default model's head from 11.2 ms to
 token (Q8_0, 49152x576). On CUDA the weights are held in the kernels' ``words`` layout only,
 and embeddings dense. On a CPU where the native kernel runs the weights are held in its
 ``panels`` layout only, and a GGUF served packed holds its embedding packed too (lookups
-dequantize the rows they gather, `layers.Embedding`): a tied one is its head's table, an
+dequantize the rows they gather, `layers.Embedding`): a tied one is its head's table (so
+one stored in a type `repack_gguf` does not take is looked up at its int8 values), an
 untied one is packed from the file by the head's rules (Qwen2.5-Coder-1.5B's: 0.93 GB
 dense float32, 0.15 GB packed).
 """
