@@ -147,7 +147,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def codes(packed: PackedWeight) -> torch.Tensor:
-    """int32 [N, K] codes of either layout: 0..15 for int4, -128..127 for int8."""
+    """int32 [N, K] codes of any layout: 0..15 for int4, -128..127 for int8."""
     n, k = packed.out_features, packed.in_features
     if packed.layout == "rows":
         q = unpack_int4(packed.qweight) if packed.scheme == "int4" else packed.qweight
