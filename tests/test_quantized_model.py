@@ -272,3 +272,24 @@ def test_packed_gguf_takes_its_other_projections_from_the_file_as_int8_groups(tm
     no_exact = tmp_path / "no_exact.gguf"
     _write_gguf(no_exact, {k: v for k, v in tensors.items() if v[1] != Q4_0})
     assert gguf_packed_linears(no_exact, config, rest=True) == {}
+
+
+def test_embedding_looks_up_rows_of_a_packed_table_in_its_dtype() -> None:
+    """`layers.Embedding`: dense lookups are F.embedding's; packed (panels or rows layout)
+    ones are the dequantized table's rows, in the dense weight's dtype, any ids shape."""
+    from kernels.quant import quantize_int4, to_panels
+    from server.models.layers import Embedding
+
+    w = torch.randn(37, 64, dtype=torch.bfloat16)
+    ids = torch.tensor([[36, 0, 5], [5, 16, 31]])
+    for packed in (to_panels(quantize_int4(w.float(), 32)), quantize_int4(w.float(), 64)):
+        table = Embedding(w.clone())
+        assert torch.equal(table(ids), w[ids]) and table.dense() is table.weight
+        table.set_packed(packed)
+        assert table.weight is None and table.dtype == torch.bfloat16
+        expect = dequantize(packed, torch.bfloat16)
+        out = table(ids)
+        assert out.shape == (2, 3, 64) and out.dtype == torch.bfloat16
+        assert torch.equal(out, expect[ids]) and torch.equal(table.dense(), expect)
+        table.set_packed(packed)  # again (a tied table re-pointed at its head's panels)
+        assert table.dtype == torch.bfloat16

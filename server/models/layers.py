@@ -29,18 +29,20 @@ class Embedding(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.packed = None
-        self._dtype = weight.dtype
+        self._dtype = weight.dtype  # a packed table's lookups (`set_packed`)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._dtype
+        return self.weight.dtype if self.packed is None else self._dtype
 
     @property
     def device(self) -> torch.device:
         return self.weight.device if self.packed is None else self.packed.device
 
     def set_packed(self, packed: object) -> None:
-        """Look up rows of a `kernels.quant.PackedWeight` instead of the dense weight."""
+        """Look up rows of a `kernels.quant.PackedWeight` instead of the dense weight, in
+        the dense weight's dtype."""
+        self._dtype = self.dtype
         self.packed = packed
         self.weight = None
 
@@ -50,7 +52,7 @@ class Embedding(torch.nn.Module):
             return F.embedding(ids, self.weight)
         from kernels.quant import dequantize_rows
 
-        rows = dequantize_rows(self.packed, ids.reshape(-1)).to(self._dtype)
+        rows = dequantize_rows(self.packed, ids.reshape(-1)).to(self.dtype)
         return rows.reshape(*ids.shape, rows.shape[-1])
 
     def dense(self) -> torch.Tensor:
@@ -59,7 +61,7 @@ class Embedding(torch.nn.Module):
             return self.weight
         from kernels.quant import dequantize
 
-        return dequantize(self.packed, self._dtype)
+        return dequantize(self.packed, self.dtype)
 
 
 class Linear(torch.nn.Module):
