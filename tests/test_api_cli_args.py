@@ -51,6 +51,19 @@ def test_flags_and_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert api.log_prompts is True
 
 
+def test_model_positional_or_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve MODEL` or vLLM's older `--model MODEL`, either beating LEAPFROG_MODEL; two
+    different ones are an error."""
+    monkeypatch.setenv("LEAPFROG_MODEL", "/models/env.gguf")
+    parse = _parser().parse_args
+    assert configs_from_args(parse([]))[0].model == "/models/env.gguf"
+    assert configs_from_args(parse(["/m/a.gguf"]))[0].model == "/m/a.gguf"
+    assert configs_from_args(parse(["--model", "/m/b", "--port", "1"]))[0].model == "/m/b"
+    assert configs_from_args(parse(["/m/a.gguf", "--model", "/m/a.gguf"]))[0].model == "/m/a.gguf"
+    with pytest.raises(SystemExit, match="two models"):
+        configs_from_args(parse(["/m/a.gguf", "--model", "/m/b"]))
+
+
 def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEAPFROG_MAX_NUM_SEQS", "many")
     with pytest.raises(SystemExit, match="LEAPFROG_MAX_NUM_SEQS"):

@@ -75,11 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every `serve` flag (engine and HTTP server) to `parser`."""
     e, a = EngineConfig(), ApiConfig()
     parser.add_argument(
-        "model", nargs="?", default=os.environ.get(env_name("model")),
+        "model", nargs="?", default=None,
         help="Local HF model directory or .gguf file; omitted: the embedded default "
         f"SmolLM2-135M-Instruct (env {env_name('model')})",
     )
     eng = parser.add_argument_group("engine")
+    eng.add_argument("--model", dest="model_option", default=None,
+                     help="The model, as the positional argument (vLLM's older spelling) "
+                     f"(env {env_name('model')})")
     _add(eng, "--served-model-name", str, e.served_model_name,
          "Model name the API reports and accepts; defaults to the model's file or folder name")
     _add(eng, "--max-model-len", int, e.max_model_len,
@@ -152,7 +155,11 @@ def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig]:
     """Map a namespace parsed with `add_arguments` onto (EngineConfig, ApiConfig)."""
-    values = vars(args)
+    values = dict(vars(args))
+    positional, option = values.pop("model"), values.pop("model_option")
+    if positional is not None and option is not None and positional != option:
+        raise SystemExit(f"error: two models given: {positional!r} and --model {option!r}")
+    values["model"] = positional or option or os.environ.get(env_name("model"))
     engine = EngineConfig(**{f.name: values[f.name] for f in fields(EngineConfig) if f.name in values})
     api = ApiConfig(
         host=args.host, port=args.port, api_key=args.api_key or None,
