@@ -58,13 +58,7 @@ def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> Pack
     if kind not in _BLOCKS:
         raise ValueError(f"ggml type {ggml_type!r} is not one of Q4_0, Q4_1, Q5_0, Q8_0, Q4_K")
     n, k = shape
-    features, block_bytes = _BLOCKS[kind]
-    if k % features:
-        raise ValueError(f"in_features {k} must be a multiple of {features}")
-    flat = np.asarray(raw).reshape(-1).view(np.uint8)
-    if flat.size != n * (k // features) * block_bytes:
-        raise ValueError(f"{flat.size} bytes do not hold a {kind} tensor of shape {shape}")
-    blocks = flat.reshape(n, k // features, block_bytes)
+    blocks = _block_array(raw, kind, shape, *_BLOCKS[kind])
     if kind == Q4_K:
         return _repack_q4_k(blocks, n, k)
     d = _fp16_field(blocks, 0)
@@ -82,6 +76,19 @@ def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> Pack
     q = torch.from_numpy(np.ascontiguousarray(blocks[:, :, nibble_start:]).copy())
     offsets = (d.float() * -8).to(torch.float16) if kind == Q4_0 else _fp16_field(blocks, 2)
     return PackedWeight("int4", n, k, BLOCK, q.reshape(n, k // 2), d, offsets)
+
+
+def _block_array(raw: np.ndarray, kind: int, shape: tuple[int, int], features: int,
+                 block_bytes: int) -> np.ndarray:
+    """uint8 [N, K / features, block_bytes] of a tensor's bytes, after checking that they
+    hold a tensor of this shape."""
+    n, k = shape
+    if k % features:
+        raise ValueError(f"in_features {k} must be a multiple of {features}")
+    flat = np.asarray(raw).reshape(-1).view(np.uint8)
+    if flat.size != n * (k // features) * block_bytes:
+        raise ValueError(f"{flat.size} bytes do not hold a {kind} tensor of shape {shape}")
+    return flat.reshape(n, k // features, block_bytes)
 
 
 def _q4_k_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,11 +141,7 @@ def dequantize_k_quant(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) 
     if kind not in K_QUANTS:
         raise ValueError(f"ggml type {ggml_type!r} is not Q4_K or Q6_K")
     n, k = shape
-    block_bytes = 144 if kind == Q4_K else 210
-    if k % 256 or np.asarray(raw).size != n * (k // 256) * block_bytes:
-        raise ValueError(f"{np.asarray(raw).size} bytes do not hold a {kind} tensor of "
-                         f"shape {shape}")
-    blocks = np.asarray(raw).reshape(-1).view(np.uint8).reshape(n, k // 256, block_bytes)
+    blocks = _block_array(raw, kind, shape, 256, 144 if kind == Q4_K else 210)
     out = torch.empty(n, k)
     rows = max(1, _CHUNK_FEATURES // k)  # a chunk's temporaries stay in cache: 2-3x faster
     for r in range(0, n, rows):

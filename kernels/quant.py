@@ -247,10 +247,15 @@ def dequantize_rows(packed: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
         q = _panel_word_codes(q) if packed.scheme == "int4" else q
         scales = packed.scales[panel, :, lane]
         offsets = None if packed.offsets is None else packed.offsets[panel, :, lane]
-    w = q.reshape(r, k // gs, gs).float().mul_(scales.float()[..., None])
-    if offsets is not None:
-        w.add_(offsets.float()[..., None])
-    return w.reshape(r, k)
+    return _group_values(q.reshape(r, k // gs, gs), scales, offsets).reshape(r, k)
+
+
+def _group_values(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """float32 weights of codes [R, groups, group_size] and their [R, groups] scales and
+    offsets (int8: none): q * scale + offset."""
+    w = q.float().mul_(scales.float()[..., None])
+    return w if offsets is None else w.add_(offsets.float()[..., None])
 
 
 def to_words(packed: PackedWeight) -> PackedWeight:
@@ -324,11 +329,7 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.float32) -> torc
     rows_int4 = packed.layout == "rows" and packed.scheme == "int4"
     # (uint8 codes convert to float directly: through int32, [3072, 576] took 12x longer)
     q = (unpack_int4(packed.qweight) if rows_int4 else codes(packed)).reshape(n, k // gs, gs)
-    scales, offsets = _meta_rows(packed)
-    w = q.float().mul_(scales.float()[..., None])
-    if offsets is not None:
-        w.add_(offsets.float()[..., None])
-    return w.reshape(n, k).to(dtype)
+    return _group_values(q, *_meta_rows(packed)).reshape(n, k).to(dtype)
 
 
 _QUANTIZERS = {
