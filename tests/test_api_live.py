@@ -95,6 +95,41 @@ def test_logprobs_greedy_token_is_the_top_one(client, model) -> None:
     assert all(len(top) <= 2 for top in lp.top_logprobs)
 
 
+def test_echo_with_logprobs_scores_the_prompt(url, client, model) -> None:
+    """echo + logprobs + max_tokens 1 (how lm-evaluation-harness scores a continuation):
+    every prompt token's logprob, the first null; a greedy continuation echoed back is the
+    top token at each of its positions, with the logprobs its generation reported (the
+    prefill's rows and the decode steps' agree), streamed or not."""
+    args = {"model": model, "temperature": 0, "logprobs": 1}
+    # (" Paris" and "." tokenize back to themselves; the text of more tokens may not)
+    context = httpx.post(url + "/tokenize", json={"prompt": "The capital of France is"}).json()
+    generated = client.completions.create(prompt=context["tokens"], max_tokens=2, **args)
+    gen_lp = generated.choices[0].logprobs
+    whole = httpx.post(url + "/tokenize", json={
+        "prompt": "The capital of France is" + generated.choices[0].text}).json()["tokens"]
+    n = len(context["tokens"])
+    assert whole[:n] == context["tokens"] and len(whole) == n + 2
+    echoed = client.completions.create(prompt=whole, max_tokens=1, echo=True, **args)
+    choice = echoed.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith("The capital of France is" + generated.choices[0].text)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(whole) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.tokens[n:n + 2] == gen_lp.tokens
+    assert lp.token_logprobs[n:n + 2] == pytest.approx(gen_lp.token_logprobs, abs=2e-2)
+    for token, top in zip(lp.tokens[n:n + 2], lp.top_logprobs[n:n + 2], strict=True):
+        assert max(top, key=top.get) == token  # lm-eval's is_greedy
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert echoed.usage.prompt_tokens == len(whole) and echoed.usage.completion_tokens == 1
+    streamed = client.completions.create(prompt=whole, max_tokens=1, echo=True, stream=True,
+                                         **args)
+    parts = [c.choices[0] for c in streamed]
+    assert "".join(p.text for p in parts) == choice.text
+    assert [t for p in parts for t in p.logprobs.tokens] == lp.tokens
+    assert [v for p in parts for v in p.logprobs.token_logprobs] == lp.token_logprobs
+
+
 def test_stop_string_is_not_returned(client, model) -> None:
     args = {"model": model, "prompt": "1, 2, 3, 4,", "max_tokens": 10, "temperature": 0}
     full = client.completions.create(**args).choices[0].text

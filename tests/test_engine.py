@@ -105,6 +105,27 @@ def test_logit_bias(tiny_llm: LLM) -> None:
         SamplingParams(logit_bias={5: 101.0})
 
 
+def test_prompt_logprobs_survive_preemption(tiny_model_dir, tiny_llm: LLM) -> None:
+    """Requests preempted while computing their prompts (chunks of 8 tokens) compute it
+    again without repeating or losing a prompt logprob."""
+    prompts = mixed_prompts(6)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    expected = tiny_llm.generate(prompts, params)
+    small = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=24, block_size=4,
+                max_num_batched_tokens=8, debug_check_integrity=True)
+    got = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    for prompt, g, e in zip(prompts, got, expected, strict=True):
+        assert g.token_ids == e.token_ids
+        assert len(g.prompt_logprobs) == len(prompt) and g.prompt_logprobs[0] is None
+        assert [lp.token_id for lp in g.prompt_logprobs[1:]] == prompt[1:]
+        assert [lp.top[0][0] for lp in g.prompt_logprobs[1:]] == [
+            lp.top[0][0] for lp in e.prompt_logprobs[1:]]
+        assert [lp.logprob for lp in g.prompt_logprobs[1:]] == pytest.approx(
+            [lp.logprob for lp in e.prompt_logprobs[1:]], abs=1e-4)
+    assert small.engine.blocks.num_free_blocks == 24
+
+
 def test_abort_frees_blocks(tiny_llm: LLM) -> None:
     engine = tiny_llm.engine
     engine.add_request("x", mixed_prompts(5)[4], SamplingParams(max_tokens=100, ignore_eos=True))

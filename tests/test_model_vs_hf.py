@@ -101,3 +101,39 @@ def test_default_model_matches_transformers(default_llm: LLM) -> None:
     head = default_llm.engine.model.lm_head
     if head is not None and head.packed is not None and takes_every_row_count(head.packed):
         check_against_hf(default_llm, hf, prompts, 32, atol=NATIVE_LOGPROB_ATOL)
+
+
+def test_prompt_logprobs_match_transformers(tiny_model_dir) -> None:
+    """Every prompt token's logprob and top alternatives against transformers' forward over
+    the prompt: prompts longer than a step's token budget (their logprobs come from several
+    chunks), batched with others, and a second pass over the same prompts, whose prefixes
+    are cached but which compute them again for their logprobs."""
+    path = tiny_model_dir("llama")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4,
+              max_num_batched_tokens=16, enable_prefix_caching=True)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 2, 9, 40)]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1,
+                            prompt_logprobs=3)
+    for _ in range(2):
+        results = llm.generate(prompts, params)
+        for prompt, result in zip(prompts, results, strict=True):
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+            entries = result.prompt_logprobs
+            assert entries is not None and len(entries) == len(prompt) and entries[0] is None
+            for i, e in enumerate(entries[1:], start=1):
+                assert e.token_id == prompt[i]
+                torch.testing.assert_close(e.logprob, logp[i - 1, prompt[i]].item(),
+                                           atol=LOGPROB_ATOL, rtol=0)
+                ref = logp[i - 1].topk(3)
+                assert [t for t, _ in e.top] == ref.indices.tolist()
+                torch.testing.assert_close(torch.tensor([v for _, v in e.top]), ref.values,
+                                           atol=LOGPROB_ATOL, rtol=0)
+            # the first output token's logprob continues where the prompt's end
+            torch.testing.assert_close(result.logprobs[0].logprob,
+                                       logp[-1, result.token_ids[0]].item(),
+                                       atol=LOGPROB_ATOL, rtol=0)
+    assert llm.engine.scheduler.blocks.pools[0].cache_prefixes
+    llm.engine.blocks.check_integrity()

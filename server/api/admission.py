@@ -47,9 +47,11 @@ def check_token_ids(ids: list[int], tokenizer: Any, param: str) -> None:
 
 
 def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
-                    tokenizer: Any, json_schema: str | None = None) -> SamplingParams:
+                    tokenizer: Any, json_schema: str | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """Map request fields onto SamplingParams; fields the client left out keep their defaults.
-    `json_schema`: the JSON the output must be (chat's response_format)."""
+    `json_schema`: the JSON the output must be (chat's response_format); `prompt_logprobs`:
+    alternatives for each prompt token's logprob (completions' echo), None for none."""
     stop_token_ids = list(req.stop_token_ids or [])
     check_token_ids(stop_token_ids, tokenizer, "stop_token_ids")
     logit_bias = dict(req.logit_bias or {})
@@ -57,6 +59,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
     values: dict[str, Any] = {
         "max_tokens": max_tokens, "stop": req.stop_list(), "stop_token_ids": stop_token_ids,
         "ignore_eos": req.ignore_eos, "seed": req.seed, "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
         "logit_bias": logit_bias, "json_schema": json_schema,
         "skip_special_tokens": req.skip_special_tokens,
     }

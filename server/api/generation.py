@@ -48,6 +48,7 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_output_tokens: int = 0
     finish_reason: str | None = None
     num_draft_tokens: int = 0
@@ -60,6 +61,8 @@ class ChoiceResult:
         self.text.append(out.new_text)
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.num_output_tokens = out.num_output_tokens
         self.num_draft_tokens = out.num_draft_tokens
         self.num_accepted_tokens = out.num_accepted_tokens

@@ -38,10 +38,22 @@ def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> dict[str, A
     return {"content": content}
 
 
-def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts,
-                        offset: int) -> tuple[dict[str, Any], int]:
-    """Completions format, text offsets starting at `offset`; returns it and the next offset."""
-    tokens, token_logprobs, tops, offsets = [], [], [], []
+def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts, offset: int,
+                        first_token: int | None = None) -> tuple[dict[str, Any], int]:
+    """Completions format, text offsets starting at `offset`; returns it and the next offset.
+    `first_token`: a token before the entries whose logprob nothing gives (an echoed
+    prompt's first), listed with a null logprob and null alternatives."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    if first_token is not None:
+        text = texts(first_token)
+        tokens.append(text)
+        token_logprobs.append(None)
+        tops.append(None)
+        offsets.append(offset)
+        offset += len(text)
     for e in entries:
         text = texts(e.token_id)
         tokens.append(text)

@@ -26,7 +26,7 @@ from server.api.logprobs import TokenTexts, completion_logprobs
 from server.api.protocol import CompletionRequest
 from server.api.serving import Generation
 from server.api.state import ServerState
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import RequestOutput, TokenLogprob
 
 logger = logging.getLogger("leapfrog.api")
 
@@ -47,10 +47,13 @@ def tokenize_prompts(tokenizer: Any, prompts: list[str | list[int]]) -> list[lis
 class CompletionFormatter:
     """OpenAI completions response bodies and stream chunks for one request."""
 
-    def __init__(self, request_id: str, model: str, n: int, num_prompts: int,
+    def __init__(self, request_id: str, model: str, n: int, prompt_ids: list[list[int]],
                  echo_texts: list[str] | None, texts: TokenTexts | None) -> None:
+        """`echo_texts`: each prompt's text, to echo (None: no echo); `texts`: token texts,
+        with logprobs (None: none); echo with logprobs lists the prompt's tokens first."""
         self.request_id, self.model, self.n = request_id, model, n
-        self.num_choices = num_prompts * n
+        self.num_choices = len(prompt_ids) * n
+        self.prompt_ids = prompt_ids
         self.echo_texts, self.texts = echo_texts, texts
         self.created = int(time.time())
         self._offsets: dict[int, int] = {}
@@ -66,18 +69,30 @@ class CompletionFormatter:
     def prelude(self) -> list[dict[str, Any]]:
         return []
 
+    def _logprobs(self, index: int, entries: list[TokenLogprob],
+                  prompt: list[TokenLogprob | None] | None, offset: int
+                  ) -> tuple[dict[str, Any], int]:
+        """A choice's logprobs body for these generated tokens, after the prompt's when
+        `prompt` (its logprobs, the first None) is given."""
+        if prompt is None:
+            return completion_logprobs(entries, self.texts, offset)
+        return completion_logprobs([*prompt[1:], *entries], self.texts, offset,
+                                   first_token=self.prompt_ids[index // self.n][0])
+
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
         text = out.new_text
+        prompt = None
         if index not in self._echoed:
             self._echoed.add(index)
             text = self._echo(index) + text
-        wants_logprobs = self.texts is not None and bool(out.logprobs)
+            prompt = out.prompt_logprobs
+        wants_logprobs = self.texts is not None and bool(out.logprobs or prompt)
         if not (text or out.finished or wants_logprobs):
             return None
         logprobs = None
         if self.texts is not None:
-            logprobs, self._offsets[index] = completion_logprobs(
-                out.logprobs or [], self.texts, self._offsets.get(index, 0))
+            logprobs, self._offsets[index] = self._logprobs(
+                index, out.logprobs or [], prompt, self._offsets.get(index, 0))
         return self._envelope([{"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": out.finish_reason if out.finished else None}])
 
@@ -87,7 +102,9 @@ class CompletionFormatter:
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         choices = []
         for i, r in enumerate(results):
-            logprobs = completion_logprobs(r.logprobs, self.texts, 0)[0] if self.texts else None
+            logprobs = None
+            if self.texts is not None:
+                logprobs = self._logprobs(i, r.logprobs, r.prompt_logprobs, 0)[0]
             choices.append({"index": i, "text": self._echo(i) + "".join(r.text),
                             "logprobs": logprobs, "finish_reason": r.finish_reason})
         return {**self._envelope(choices), "usage": usage}
@@ -98,9 +115,6 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
     req = await parse_body(request, CompletionRequest, api.max_body_bytes)
     check_model(req.model, engine)
     check_n(req.n, api.max_n)
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs (prompt logprobs) is not supported.", param="echo",
-                          code="unsupported_parameter")
     request_id = new_request_id("cmpl")
     prompts = req.prompts()
     if api.log_prompts:
@@ -108,14 +122,15 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
     prompt_ids = tokenize_prompts(engine.tokenizer, prompts)
     longest = max(len(p) for p in prompt_ids)
     max_tokens = resolve_max_tokens(req.max_tokens, longest, engine.max_model_len)
-    params = sampling_params(req, max_tokens, req.logprobs, engine.tokenizer)
+    params = sampling_params(req, max_tokens, req.logprobs, engine.tokenizer,
+                             prompt_logprobs=req.logprobs if req.echo else None)
     check_context_length(longest, max_tokens, engine.max_model_len)
     jobs = make_jobs(request_id, prompt_ids, req.n, params)
     echo_texts = None
     if req.echo:
         echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
     texts = TokenTexts(engine.tokenizer) if req.logprobs is not None else None
-    formatter = CompletionFormatter(request_id, engine.model_name, req.n, len(prompt_ids),
+    formatter = CompletionFormatter(request_id, engine.model_name, req.n, prompt_ids,
                                     echo_texts, texts)
     generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter, req.user)
     return await generation.respond(request, req.stream, req.include_usage)

@@ -74,3 +74,6 @@ class RunnerOutput:
     eager."""
     draft_seconds: float = 0.0
     """Time this step spent drafting the next step's tokens."""
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    """By request: the logprobs of the prompt tokens this step's positions predict, for
+    requests that asked for them (`SamplingParams.prompt_logprobs`)."""

@@ -285,6 +285,10 @@ class LLMEngine:
         if tracked.detok.stopped and not r.is_finished:
             self.scheduler.finish_request(r.request_id, "stop")
             text += tracked.detok.add([], final=True)
+        # (with the request's first tokens: the prompt's last position predicted the first)
+        prompt_logprobs = None
+        if tokens and tracked.last_token_time is None and r.params.prompt_logprobs is not None:
+            prompt_logprobs = list(r.prompt_logprobs)
         if tokens:
             self._record_latency(tracked, r, now)
         logprobs = sampled.logprobs[: len(tokens)] if sampled.logprobs is not None else None
@@ -295,7 +299,7 @@ class LLMEngine:
             r.request_id, tokens, text, r.num_prompt_tokens, len(r.output_token_ids), logprobs,
             finished=r.is_finished, finish_reason=r.finish_reason,
             num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
-            num_cached_tokens=r.num_cached_tokens,
+            num_cached_tokens=r.num_cached_tokens, prompt_logprobs=prompt_logprobs,
         )
 
     def _forget(self, request_id: str, reason: str) -> None:

@@ -20,6 +20,8 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `SamplingParams.prompt_logprobs`: one entry a prompt token (the first None)."""
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_steps: int = 0
@@ -70,6 +72,8 @@ class LLM:
         c.num_steps += bool(out.new_token_ids)
         c.text += out.new_text
         c.logprobs.extend(out.logprobs or [])
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
         c.num_draft_tokens, c.num_accepted_tokens = out.num_draft_tokens, out.num_accepted_tokens
         if out.finished:
             c.finish_reason = out.finish_reason

@@ -37,3 +37,6 @@ class RequestOutput:
     """Cumulative draft tokens accepted."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache (not computed) when first scheduled."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `SamplingParams.prompt_logprobs`, in the request's first output with tokens:
+    one entry a prompt token (the first None)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 
@@ -49,6 +50,19 @@ class Request:
     grammar: Any = None
     """With `params.json_schema`: its matcher (`server.engine.structured`), advanced by each
     output token."""
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    """With `params.prompt_logprobs`: the logprobs of the prompt's first tokens, in order,
+    as far as steps computed them (the first token's is None: nothing predicts it)."""
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs.append(None)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs are asked for and some are not computed yet."""
+        return (self.params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,7 @@ from server.engine.block_manager import BlockManager, window_kwargs
 from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from server.engine.cuda_graphs import CudaGraphRunner
 from server.engine.kv_cache import allocate_kv_caches
+from server.engine.outputs import TokenLogprob
 from server.engine.sampler import (
     filter_probs,
     processed_logits,
@@ -27,6 +28,10 @@ from server.engine.structured import mask_rows
 from server.models.batch import BatchMeta
 
 log = logging.getLogger("leapfrog.engine")
+
+PROMPT_LOGPROB_ROWS = 256
+"""Prompt positions whose logits are computed at a time (a row of float32 logits is
+vocab * 4 bytes: 0.5 MB for a 128k vocabulary)."""
 
 
 def _greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -91,6 +96,38 @@ def _sample_on_device(owners: list[tuple[ScheduledRequest, int]], logits: torch.
 
 
 @dataclass
+class PromptRows:
+    """A request's prompt positions in a step whose logits give prompt logprobs."""
+
+    request_id: str
+    rows: list[int]
+    """Rows of the step's hidden states, one a position."""
+    targets: list[int]
+    """The prompt token each row predicts (the one after its position)."""
+    top_n: int
+
+
+def _prompt_rows(scheduled: list[ScheduledRequest], ends: list[int]) -> list[PromptRows]:
+    """The prompt positions of an eager step (each request's tokens end at its `ends`
+    row) that predict prompt tokens whose logprobs a request still needs."""
+    found = []
+    for s, end in zip(scheduled, ends, strict=True):
+        r = s.request
+        if not r.needs_prompt_logprobs:
+            continue
+        first = r.num_computed_tokens
+        # positions lo..hi-1 predict tokens lo+1..hi, of which those computed before (an
+        # earlier pass, when a preempted request computes its prompt again) are skipped
+        lo = max(first, len(r.prompt_logprobs) - 1)
+        hi = min(first + s.num_new_tokens, r.num_prompt_tokens - 1)
+        if lo < hi:
+            row = end - s.num_new_tokens - first
+            found.append(PromptRows(r.request_id, list(range(row + lo, row + hi)),
+                                    r.prompt_token_ids[lo + 1:hi + 1], r.params.prompt_logprobs))
+    return found
+
+
+@dataclass
 class Launched:
     """A step whose device work is queued (`ModelRunner.launch`), for `ModelRunner.finish`."""
 
@@ -119,6 +156,9 @@ class Launched:
     """When `tokens` on CUDA: `result` (then `next_ids`) copied to pinned host memory, and
     the event after the copy: `finish` waits for that, not for later steps queued behind
     (`launch`'s `after`)."""
+    prompt: list[PromptRows] = field(default_factory=list)
+    """The rows whose logits give prompt logprobs (eager steps only: `hidden` stays
+    valid until `finish`)."""
 
     def token_indices(self, scheduled: list[ScheduledRequest]) -> list[int]:
         """Where in `result` each of these decoding requests' one token is (`tokens`
@@ -220,9 +260,11 @@ class ModelRunner:
                                   windows=self.windows)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
             ends, all_logits, tokens = inputs.query_start[1:], None, None
+            prompt = _prompt_rows(out.scheduled, ends)
         else:  # every row's logits and greedy token, in row order
             ends, hidden, all_logits, tokens = replay.ends, replay.hidden, replay.logits, replay.tokens
             query_len = replay.key[1]
+            prompt = []  # (a graphed step computes only each request's newest token and drafts)
         rows: list[int] = []
         owners: list[tuple[ScheduledRequest, int]] = []
         for s, end in zip(out.scheduled, ends, strict=True):
@@ -231,7 +273,7 @@ class ModelRunner:
                 owners.append((s, len(rows)))
                 rows.extend(range(end - n, end))
         if not rows:
-            return Launched(hidden, query_len, rows, owners, False, None, False)
+            return Launched(hidden, query_len, rows, owners, False, None, False, prompt=prompt)
 
         def row_index() -> torch.Tensor:
             return _on_device(rows, torch.long, hidden.device)
@@ -246,16 +288,17 @@ class ModelRunner:
             result = tokens if tokens is not None else _greedy_tokens(all_logits)
             next_ids = replay.next_ids if replay is not None else None
             return Launched(hidden, query_len, rows, owners, True, result, by_row, next_ids,
-                            self._copy_tokens(result, next_ids))
+                            self._copy_tokens(result, next_ids), prompt)
         if (all(_plain_greedy(s) or _plain_sampled(s) for s, _ in owners)
                 and _device_sampling(all_logits)):
             logits = all_logits[row_index()] if by_row else all_logits
             result = _sample_on_device(owners, logits)
             return Launched(hidden, query_len, rows, owners, True, result, False,
-                            copied=self._copy_tokens(result))
+                            copied=self._copy_tokens(result), prompt=prompt)
         if after is not None:
             raise ValueError("a step launched ahead must compute its tokens on the device")
-        return Launched(hidden, query_len, rows, owners, False, all_logits, by_row)
+        return Launched(hidden, query_len, rows, owners, False, all_logits, by_row,
+                        prompt=prompt)
 
     def _copy_tokens(self, tokens: torch.Tensor, next_ids: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.cuda.Event] | None:
@@ -283,8 +326,9 @@ class ModelRunner:
         """Wait for a launched step's results; verify or sample each request's tokens and
         draft its next ones."""
         rows, owners, on_device = step.rows, step.owners, step.tokens
+        prompt = {p.request_id: self._prompt_logprobs(step.hidden, p) for p in step.prompt}
         if not rows:
-            return RunnerOutput({}, step.query_len)
+            return RunnerOutput({}, step.query_len, prompt_logprobs=prompt)
         next_ids = None
         if step.copied is not None:
             host, event = step.copied
@@ -321,7 +365,17 @@ class ModelRunner:
             start = time.perf_counter()
             self._draft(owners, sampled, step.hidden, last_rows)
             drafting = time.perf_counter() - start
-        return RunnerOutput(sampled, step.query_len, drafting)
+        return RunnerOutput(sampled, step.query_len, drafting, prompt)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, p: PromptRows) -> list[TokenLogprob]:
+        """The logprobs of `p`'s prompt tokens from its rows of `hidden`, a slice of rows
+        at a time."""
+        found = []
+        for i in range(0, len(p.rows), PROMPT_LOGPROB_ROWS):
+            rows = _on_device(p.rows[i:i + PROMPT_LOGPROB_ROWS], torch.long, hidden.device)
+            logits = self.model.compute_logits(hidden[rows])
+            found += token_logprobs(logits, p.targets[i:i + PROMPT_LOGPROB_ROWS], p.top_n)
+        return found
 
     def _sample_request(self, s: ScheduledRequest, logits: torch.Tensor) -> SampledTokens:
         """logits: [k+1, vocab] for the request's newest token and its k drafts."""

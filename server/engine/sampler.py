@@ -129,7 +129,8 @@ def _filter_rows(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> list[TokenLogprob]:
     """Logprobs of the chosen tokens under the model's raw distribution. logits: [len(tokens), V]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(list(tokens)).unsqueeze(1)).squeeze(1).tolist()
+    index = torch.tensor(list(tokens), device=logp.device).unsqueeze(1)
+    chosen = logp.gather(1, index).squeeze(1).tolist()
     tops: list[list[tuple[int, float]]] = [[] for _ in tokens]
     if top_n > 0:
         values, ids = logp.topk(top_n, dim=-1)

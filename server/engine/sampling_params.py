@@ -50,6 +50,10 @@ class SamplingParams:
     """Keep generating past the EOS token."""
     logprobs: int | None = None
     """Return the chosen token's logprob and this many top alternatives (0..20)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob (the first's is None: nothing predicts it) and
+    this many top alternatives (0..20): OpenAI completions' `echo` with `logprobs`. Such a
+    request computes its whole prompt: it takes nothing from the prefix cache."""
     logit_bias: dict[int, float] = field(default_factory=dict)
     """OpenAI's logit_bias: added to these tokens' logits (each in [-100, 100]) before
     sampling, greedy or not; logprobs stay the model's."""
@@ -89,6 +93,9 @@ class SamplingParams:
             raise SamplingParamsError("seed", f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise SamplingParamsError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise SamplingParamsError(
+                "prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if self.json_schema is not None and (self.min_tokens or self.ignore_eos):
             raise SamplingParamsError(
                 "min_tokens" if self.min_tokens else "ignore_eos",

@@ -111,7 +111,9 @@ class Scheduler:
         queried = hits = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
-            cached = self.blocks.reuse_prefix(request.request_id, request.all_token_ids)
+            # (prompt logprobs come from the forward over every prompt position)
+            cached = (0 if request.needs_prompt_logprobs else
+                      self.blocks.reuse_prefix(request.request_id, request.all_token_ids))
             request.num_computed_tokens = cached
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
@@ -272,6 +274,7 @@ class Scheduler:
                 continue
             before = r.num_computed_tokens
             r.num_computed_tokens += s.num_new_tokens
+            r.prompt_logprobs.extend(result.prompt_logprobs.get(r.request_id, ()))
             sampled = result.sampled.get(r.request_id)
             if sampled is None:
                 self._computed(r, before)

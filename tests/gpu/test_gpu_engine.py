@@ -45,6 +45,28 @@ def test_cuda_graphs_match_eager_and_cpu(tiny_model_dir, spec):
     graphed.engine.blocks.check_integrity()
 
 
+def test_prompt_logprobs_on_cuda_match_cpu(tiny_model_dir):
+    """Prompt logprobs (prompts in chunks of 16 tokens, graphs and steps launched ahead on)
+    against the CPU engine's, and the first output token's against the CPU's."""
+    path = tiny_model_dir("llama")
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 7, 40)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1,
+                            prompt_logprobs=2)
+    results = []
+    for device in ("cuda", "cpu"):
+        llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=8,
+                  max_num_batched_tokens=16, device=device)
+        results.append(llm.generate(prompts, params))
+    for prompt, a, b in zip(prompts, *results, strict=True):
+        assert a.token_ids == b.token_ids
+        assert len(a.prompt_logprobs) == len(prompt) and a.prompt_logprobs[0] is None
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
+            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 2e-2
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+        assert abs(a.logprobs[0].logprob - b.logprobs[0].logprob) < 2e-2
+
+
 @pytest.mark.parametrize("spec", [None, "ngram"])
 def test_hybrid_cache_on_cuda_matches_eager_and_cpu(tiny_model_dir, spec):
     """A hybrid KV cache (window 6 after 1 sink on layers 0 and 2; full attention on 1)
