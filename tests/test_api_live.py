@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import jinja2
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -128,6 +129,30 @@ def test_echo_with_logprobs_scores_the_prompt(url, client, model) -> None:
     assert "".join(p.text for p in parts) == choice.text
     assert [t for p in parts for t in p.logprobs.tokens] == lp.tokens
     assert [v for p in parts for v in p.logprobs.token_logprobs] == lp.token_logprobs
+
+
+def test_tokenizer_info_serves_a_remote_tokenizer(url) -> None:
+    """What lm-evaluation-harness's remote tokenizer does with /tokenizer_info: the EOS
+    token's text tokenizes to the model's EOS id, and the chat template rendered on the
+    client, then tokenized without special tokens added, gives the chat prompt's tokens."""
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["eos_token"] and info["chat_template"] and info["vocab_size"] > 1000
+    assert info["model_max_length"] == 512  # (the shared server's --max-model-len)
+
+    def tokenize(text: str) -> list[int]:
+        body = {"prompt": text, "add_special_tokens": False}
+        return httpx.post(url + "/tokenize", json=body).json()["tokens"]
+
+    eos = tokenize(info["eos_token"])
+    assert len(eos) == 1
+    assert httpx.post(url + "/detokenize", json={"tokens": eos}).json()["prompt"] == (
+        info["eos_token"])
+    # (lm-eval renders the template with jinja2, as transformers does)
+    rendered = jinja2.Environment().from_string(info["chat_template"]).render(
+        messages=MSG, add_generation_prompt=True, bos_token=info["bos_token"],
+        eos_token=info["eos_token"])
+    chat = httpx.post(url + "/tokenize", json={"messages": MSG}).json()["tokens"]
+    assert tokenize(rendered) == chat
 
 
 def test_stop_string_is_not_returned(client, model) -> None:

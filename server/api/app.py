@@ -25,7 +25,7 @@ from server.api.errors import install_error_handlers
 from server.api.lifecycle import DrainingServer
 from server.api.serving_chat import create_chat_completion
 from server.api.serving_completions import create_completion
-from server.api.serving_tokens import detokenize, tokenize
+from server.api.serving_tokens import detokenize, tokenize, tokenizer_info
 from server.api.state import ServerState
 from server.engine.config import EngineConfig
 
@@ -97,6 +97,10 @@ def _api_routes(state: ServerState, api: ApiConfig) -> APIRouter:
     @router.post("/detokenize")
     async def detokenize_route(request: Request) -> dict[str, Any]:
         return await detokenize(request, state, api)
+
+    @router.get("/tokenizer_info")
+    async def tokenizer_info_route() -> dict[str, Any]:
+        return tokenizer_info(state)
 
     return router
 

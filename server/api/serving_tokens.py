@@ -1,4 +1,6 @@
-"""POST /tokenize and POST /detokenize, with the served model's tokenizer."""
+"""POST /tokenize, POST /detokenize and GET /tokenizer_info, with the served model's
+tokenizer: enough for a client to tokenize as the server does without the model's files
+(lm-evaluation-harness's remote tokenizer takes these three)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
-from server.api.admission import check_model, check_token_ids
+from server.api.admission import check_model, check_token_ids, vocab_size
 from server.api.body import parse_body
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
@@ -28,6 +30,16 @@ async def tokenize(request: Request, state: ServerState, api: ApiConfig) -> dict
     else:
         tokens = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+
+
+def tokenizer_info(state: ServerState) -> dict[str, Any]:
+    """The tokenizer's special tokens, chat template and sizes (vLLM's `/tokenizer_info`)."""
+    engine = state.require_engine()
+    tok = engine.tokenizer
+    return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token, "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+            "chat_template": tok.chat_template, "vocab_size": vocab_size(tok),
+            "model_max_length": engine.max_model_len}
 
 
 async def detokenize(request: Request, state: ServerState, api: ApiConfig) -> dict[str, Any]:
