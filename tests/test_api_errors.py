@@ -60,7 +60,7 @@ def _ok(client: httpx.Client) -> None:
     ({"messages": MSGS, "temperature": 3}, "temperature", "invalid_value"),
     ({"messages": MSGS, "top_p": 0}, "top_p", "invalid_value"),
     ({"messages": MSGS, "max_tokens": 0}, "max_tokens", "invalid_value"),
-    ({"messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+    ({"messages": MSGS, "stop": [f"s{i}" for i in range(33)]}, "stop", "invalid_value"),
     ({"messages": MSGS, "n": 5}, "n", "invalid_value"),
     ({"messages": MSGS, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
     ({"messages": MSGS, "stream_options": {"include_usage": True}}, "stream_options",

@@ -10,7 +10,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 32
+"""OpenAI's API takes 4, vLLM any number; evaluation harnesses send a task's stop strings
+and the EOS token's text (lm-evaluation-harness: often 5 or more)."""
 
 
 def _conflict(param: str, message: str) -> PydanticCustomError:
