@@ -23,6 +23,7 @@ class FakeTokenizer:
     """Character-level tokenizer with a trivial chat template."""
 
     eos_token_id = EOS
+    chat_template = "<{role}>{content} for each message, then <assistant>"
 
     def __len__(self) -> int:
         return EOS + 1

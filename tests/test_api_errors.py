@@ -150,6 +150,19 @@ def test_context_length_exceeded_names_both_numbers(server) -> None:
     _ok(client)
 
 
+def test_a_model_without_chat_template_refuses_chat_only(server) -> None:
+    """A 400 that says what to do; completions still serve."""
+    client, engine = server
+    engine.tokenizer.chat_template = None
+    try:
+        err = _error(client.post(CHAT, json={"messages": MSGS}), 400)
+        assert err["code"] == "no_chat_template" and "--chat-template" in err["message"]
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).is_success
+    finally:
+        del engine.tokenizer.chat_template  # (the class's again)
+    _ok(client)
+
+
 def test_unknown_model_is_404(server) -> None:
     client, _ = server
     err = _error(client.post(CHAT, json={"model": "gpt-17", "messages": MSGS}), 404)

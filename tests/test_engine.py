@@ -238,3 +238,21 @@ def test_warm_up_writes_only_the_scratch_block(tiny_model_dir) -> None:
     prompts = mixed_prompts(3)
     assert [c.token_ids for c in warmed.generate(prompts, GREEDY)] == [
         c.token_ids for c in plain.generate(prompts, GREEDY)]
+
+
+def test_chat_template_replaces_the_models(tiny_model_dir, tmp_path) -> None:
+    """`chat_template` as Jinja text or as a file renders chat prompts instead of the
+    model's template; a template that does not parse, or a path that names no file, is an
+    error at start."""
+    path = str(tiny_model_dir("llama"))
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}w5"
+    file = tmp_path / "chat.jinja"
+    file.write_text(template)
+    for value in (template, str(file)):
+        llm = LLM(path, dtype="float32", num_kv_blocks=16, chat_template=value)
+        assert llm.tokenizer.chat_template == template
+        assert llm.encode("w3 w4", chat=True) == llm.tokenizer("w3 w4 w5").input_ids
+    with pytest.raises(ValueError, match="does not parse"):
+        LLM(path, dtype="float32", num_kv_blocks=16, chat_template="{% for m in messages %}")
+    with pytest.raises(ValueError, match="neither a file"):
+        LLM(path, dtype="float32", num_kv_blocks=16, chat_template=str(tmp_path / "none.jinja"))

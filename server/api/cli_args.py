@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      f"(env {env_name('model')})")
     _add(eng, "--served-model-name", str, e.served_model_name,
          "Model name the API reports and accepts; defaults to the model's file or folder name")
+    _add(eng, "--chat-template", str, e.chat_template,
+         "A Jinja chat template, or a file holding one, used instead of the model's own; "
+         "unset: the model's")
     _add(eng, "--max-model-len", int, e.max_model_len,
          "Longest prompt + output in tokens; defaults to min(model limit, 8192)")
     _add(eng, "--max-num-seqs", int, e.max_num_seqs, "Most requests in the running batch")

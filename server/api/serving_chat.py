@@ -49,6 +49,10 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage],
     """The prompt text from the model's chat template (given `tools`, if any), and its
     token ids."""
     extra = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("The model has no chat template: start the server with "
+                          "--chat-template, or send the prompt to /v1/completions.",
+                          param="messages", code="no_chat_template")
     try:
         text = tokenizer.apply_chat_template(
             [m.as_template_dict() for m in messages], tokenize=False, add_generation_prompt=True,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
+
+import jinja2
 
 from server.engine.block_manager import SinkWindow
 from server.models.config import ModelConfig
@@ -16,6 +19,9 @@ class EngineConfig:
     """Local HF directory or .gguf file; None serves the embedded default (SmolLM2-135M)."""
     served_model_name: str | None = None
     """Name the API reports and accepts; defaults to the model's file or folder name."""
+    chat_template: str | None = None
+    """A Jinja chat template, or the path of a file holding one, rendered instead of the
+    model's own (for a model without one, or with one that is wrong); None: the model's."""
     dtype: str = "auto"
     """Compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
     device: str = "auto"
@@ -108,6 +114,24 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine config keys: {unknown}")
         return cls(**values)  # type: ignore[arg-type]
+
+
+def read_chat_template(value: str) -> str:
+    """`EngineConfig.chat_template`'s template: the file's text when `value` names a file,
+    else `value` itself when it is Jinja (holds `{{` or `{%`). Raises ValueError for
+    neither, or for a template Jinja cannot parse."""
+    path = Path(value)
+    if path.is_file():
+        template = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"chat_template does not parse: {exc} (line {exc.lineno})") from exc
+    return template
 
 
 def default_full_attention_layers(num_layers: int) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ import torch
 
 from drafters.base import drafter_for_target
 from server.engine.block_manager import BlockManager, BlockPool, SinkWindow
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, read_chat_template
 from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import RequestOutput
@@ -91,6 +91,8 @@ class LLMEngine:
         checkpoint = open_checkpoint(config.model)
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
+        if config.chat_template is not None:
+            self.tokenizer.chat_template = read_chat_template(config.chat_template)
         self.model_name = config.served_model_name or checkpoint.path.name.removesuffix(".gguf")
         limit = checkpoint.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or min(limit, 8192), limit)
