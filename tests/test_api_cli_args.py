@@ -68,3 +68,13 @@ def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("LEAPFROG_MAX_NUM_SEQS", "many")
     with pytest.raises(SystemExit, match="LEAPFROG_MAX_NUM_SEQS"):
         _parser()
+
+
+def test_a_bad_chat_template_ends_serve_before_it_starts() -> None:
+    parse = _parser().parse_args
+    with pytest.raises(SystemExit, match="--chat-template: .*neither a file"):
+        configs_from_args(parse(["--chat-template", "/no/such/template.jinja"]))
+    with pytest.raises(SystemExit, match="--chat-template: .*does not parse"):
+        configs_from_args(parse(["--chat-template", "{{ oops"]))
+    engine, _ = configs_from_args(parse(["--chat-template", "{{ messages }}"]))
+    assert engine.chat_template == "{{ messages }}"

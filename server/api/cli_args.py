@@ -13,7 +13,7 @@ from dataclasses import fields
 from typing import Any
 
 from server.api.config import ApiConfig
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, read_chat_template
 
 _ENV_PREFIX = "LEAPFROG_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -164,6 +164,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
         raise SystemExit(f"error: two models given: {positional!r} and --model {option!r}")
     values["model"] = positional or option or os.environ.get(env_name("model"))
     engine = EngineConfig(**{f.name: values[f.name] for f in fields(EngineConfig) if f.name in values})
+    if engine.chat_template is not None:  # (before the server starts: a typo ends it at once)
+        try:
+            read_chat_template(engine.chat_template)
+        except ValueError as exc:
+            raise SystemExit(f"error: --chat-template: {exc}") from None
     api = ApiConfig(
         host=args.host, port=args.port, api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
