@@ -193,6 +193,30 @@ def test_queue_full_is_429_with_retry_after() -> None:
         assert httpx.post(url + CHAT, json={"messages": MSGS, "max_tokens": 2}).status_code == 200
 
 
+def test_browser_origins_only_when_allowed(server) -> None:
+    """CORS: with --allowed-origins a named page's preflight is answered without the API
+    key and its requests carry the allow header; another origin's get none, and by
+    default no origin is allowed."""
+    ui, other = "https://ui.example", "https://elsewhere.example"
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    api = ApiConfig(api_key="k", allowed_origins=(ui,))
+    with app_in_thread(lambda: FakeEngine(), api) as (url, _):
+        resp = httpx.options(url + CHAT, headers={"Origin": ui, **preflight})
+        assert resp.status_code == 200
+        assert resp.headers["access-control-allow-origin"] == ui
+        assert "authorization" in resp.headers["access-control-allow-headers"].lower()
+        body = {"messages": MSGS, "max_tokens": 2}
+        ok = httpx.post(url + CHAT, json=body, headers={"Origin": ui, "Authorization": "Bearer k"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ui
+        denied = httpx.options(url + CHAT, headers={"Origin": other, **preflight})
+        assert "access-control-allow-origin" not in denied.headers
+        _error(httpx.post(url + CHAT, json=body, headers={"Origin": ui}), 401)
+    client, _ = server  # (no --allowed-origins)
+    resp = client.post(CHAT, json={"messages": MSGS, "max_tokens": 2}, headers={"Origin": ui})
+    assert resp.status_code == 200 and "access-control-allow-origin" not in resp.headers
+
+
 def test_api_key_required_when_set() -> None:
     with app_in_thread(FakeEngine, ApiConfig(api_key="s3cret")) as (url, _):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):

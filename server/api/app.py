@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -119,6 +120,9 @@ def create_app(api: ApiConfig, state: ServerState) -> FastAPI:
     app = FastAPI(title="Leapfrog", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     install_error_handlers(app)
+    if api.allowed_origins:  # (preflight requests are answered here, before the key check)
+        app.add_middleware(CORSMiddleware, allow_origins=list(api.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
     _probe_routes(app, state)
     app.include_router(_api_routes(state, api))
     return app

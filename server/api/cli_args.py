@@ -71,6 +71,11 @@ def _layer_list(raw: str) -> tuple[int, ...]:
         raise ValueError(f"expected comma-separated layer numbers, got {raw!r}") from None
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """`https://a.example,https://b.example` -> a tuple of origins; '' -> ()."""
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every `serve` flag (engine and HTTP server) to `parser`."""
     e, a = EngineConfig(), ApiConfig()
@@ -147,6 +152,9 @@ def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
     _add(srv, "--port", int, a.port, "TCP port to listen on")
     _add(srv, "--api-key", str, a.api_key,
          "Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize")
+    _add(srv, "--allowed-origins", _origins, a.allowed_origins,
+         "Comma-separated web origins whose pages may call the API from a browser (CORS), "
+         "or '*' for any; empty: none")
     _add(srv, "--max-body-bytes", int, a.max_body_bytes, "Largest request body; larger get HTTP 413")
     _add(srv, "--drain-timeout", float, a.drain_timeout_s,
          "Seconds in-flight requests may run after SIGTERM/SIGINT before exit")
@@ -173,5 +181,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
         host=args.host, port=args.port, api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
         max_n=args.max_n, log_prompts=args.log_prompts, log_level=args.log_level,
+        allowed_origins=args.allowed_origins,
     )
     return engine, api

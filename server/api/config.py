@@ -26,4 +26,8 @@ class ApiConfig:
     log_level: str = "info"
     """Log level of the server's own and uvicorn's loggers."""
     retry_after_s: int = 1
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins (`https://ui.example.com`, or `*` for any) whose pages may call the API
+    from a browser (CORS); empty: none, so that no web page a user opens can use a server
+    on their machine."""
     """Seconds sent in `Retry-After` with 429 (queue full) and 503 (loading, draining)."""
