@@ -155,6 +155,30 @@ def test_tokenizer_info_serves_a_remote_tokenizer(url) -> None:
     assert tokenize(rendered) == chat
 
 
+def test_a_reply_continues_the_final_assistant_message(url, client, model) -> None:
+    """continue_final_message (with add_generation_prompt false) leaves the assistant's
+    message open: the prompt ends with its text, with no end of turn after it, and the
+    reply goes on from there; the two endings together are a 400."""
+    start = [*MSG, {"role": "assistant", "content": "Red, green"}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    tokens = httpx.post(url + "/tokenize", json={"messages": start, **options}).json()["tokens"]
+    text = httpx.post(url + "/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nRed, green")
+    closed = httpx.post(url + "/tokenize", json={"messages": start}).json()["tokens"]
+    assert closed[:len(tokens)] == tokens and len(closed) > len(tokens)
+    reply = client.chat.completions.create(model=model, messages=start, max_tokens=6,
+                                           temperature=0, extra_body=options)
+    assert reply.usage.prompt_tokens == len(tokens)
+    alone = client.completions.create(model=model, prompt=tokens, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.content == alone.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="add_generation_prompt"):
+        client.chat.completions.create(model=model, messages=start,
+                                       extra_body={"continue_final_message": True})
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs"):
+        client.chat.completions.create(model=model, messages=MSG,
+                                       extra_body={"chat_template_kwargs": {"tokenize": True}})
+
+
 def test_stop_string_is_not_returned(client, model) -> None:
     args = {"model": model, "prompt": "1, 2, 3, 4,", "max_tokens": 10, "temperature": 0}
     full = client.completions.create(**args).choices[0].text

@@ -184,7 +184,45 @@ class ChatMessage(_Strict):
         return message
 
 
-class ChatCompletionRequest(SamplingRequest):
+# apply_chat_template's own arguments, which chat_template_kwargs may not set
+_TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+class ChatTemplateOptions(_Strict):
+    """How the chat template renders a request's messages (vLLM's extensions to OpenAI's
+    chat request): after the last message, the prompt of the assistant's turn
+    (`add_generation_prompt`), or nothing, leaving the last message open for the reply to
+    continue (`continue_final_message`: an assistant message the reply completes); and
+    more variables for the template (`chat_template_kwargs`, e.g. `{"enable_thinking":
+    false}` for templates that read one)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_ending(self) -> ChatTemplateOptions:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise _conflict("continue_final_message", "continue_final_message leaves the "
+                            "last message open: send add_generation_prompt false with it")
+        taken = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
+        if taken:
+            raise _conflict("chat_template_kwargs", f"chat_template_kwargs may not set "
+                            f"{taken}: they are the request's own fields")
+        return self
+
+    def template_options(self) -> dict[str, Any]:
+        """Keyword arguments for `apply_chat_template` beside the messages and tools."""
+        options: dict[str, Any] = {"add_generation_prompt": self.add_generation_prompt}
+        if self.continue_final_message:
+            options["continue_final_message"] = True
+        return {**options, **(self.chat_template_kwargs or {})}
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -285,7 +323,7 @@ class CompletionRequest(SamplingRequest):
         return list(p)  # type: ignore[arg-type]
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(ChatTemplateOptions):
     """POST /tokenize: a prompt string, or chat messages (and tools) rendered with the chat
     template, as a chat completion's prompt is."""
 
@@ -294,7 +332,6 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -44,10 +44,10 @@ from server.engine.outputs import RequestOutput
 logger = logging.getLogger("leapfrog.api")
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage],
-                tools: list[Tool] | None = None) -> tuple[str, list[int]]:
-    """The prompt text from the model's chat template (given `tools`, if any), and its
-    token ids."""
+def render_chat(tokenizer: Any, messages: list[ChatMessage], tools: list[Tool] | None,
+                options: dict[str, Any]) -> tuple[str, list[int]]:
+    """The prompt text from the model's chat template (given `tools`, if any, and
+    `ChatTemplateOptions.template_options`), and its token ids."""
     extra = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("The model has no chat template: start the server with "
@@ -55,9 +55,7 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage],
                           param="messages", code="no_chat_template")
     try:
         text = tokenizer.apply_chat_template(
-            [m.as_template_dict() for m in messages], tokenize=False, add_generation_prompt=True,
-            **extra,
-        )
+            [m.as_template_dict() for m in messages], tokenize=False, **options, **extra)
     except Exception as exc:  # jinja raises for conversations the template rejects
         raise bad_request(f"The chat template rejected these messages: {exc}",
                           param="messages") from exc
@@ -171,7 +169,8 @@ async def create_chat_completion(request: Request, state: ServerState, api: ApiC
     request_id = new_request_id("chatcmpl")
     mode = tool_mode(req, engine.tokenizer)
     text, prompt_ids = render_chat(engine.tokenizer, req.messages,
-                                   req.tools if mode.kind != "none" else None)
+                                   req.tools if mode.kind != "none" else None,
+                                   req.template_options())
     if api.log_prompts:
         logger.debug("request %s prompt: %r", request_id, text)
     max_tokens = resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids),

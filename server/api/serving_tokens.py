@@ -11,7 +11,6 @@ from fastapi import Request
 from server.api.admission import check_model, check_token_ids, vocab_size
 from server.api.body import parse_body
 from server.api.config import ApiConfig
-from server.api.errors import bad_request
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
 from server.api.serving_chat import render_chat
 from server.api.state import ServerState
@@ -23,10 +22,8 @@ async def tokenize(request: Request, state: ServerState, api: ApiConfig) -> dict
     req = await parse_body(request, TokenizeRequest, api.max_body_bytes)
     check_model(req.model, engine)
     if req.messages is not None:
-        if not req.add_generation_prompt:
-            raise bad_request("add_generation_prompt=false is not supported.",
-                              param="add_generation_prompt", code="unsupported_parameter")
-        _, tokens = render_chat(engine.tokenizer, req.messages, req.tools)
+        _, tokens = render_chat(engine.tokenizer, req.messages, req.tools,
+                                req.template_options())
     else:
         tokens = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
