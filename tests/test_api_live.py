@@ -226,6 +226,43 @@ def test_json_schema_output_and_logit_bias(client, model) -> None:
     assert forced.choices[0].message.content == "1" * 5
 
 
+def test_structured_outputs_regex_choice_and_grammar(client, model) -> None:
+    """vLLM's structured_outputs (and its older guided_* fields) on both endpoints, streamed
+    or not: replies match; a spec xgrammar cannot take and two structures at once are 400s."""
+    import re
+
+    ask = [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]
+    args = {"model": model, "max_tokens": 12, "temperature": 0}
+    choice = client.chat.completions.create(
+        messages=ask, extra_body={"structured_outputs": {"choice": ["yes", "no"]}}, **args)
+    assert choice.choices[0].message.content in ("yes", "no")
+    assert choice.choices[0].finish_reason == "stop"
+    legacy = client.chat.completions.create(messages=ask, stream=True,
+                                            extra_body={"guided_choice": ["yes", "no"]}, **args)
+    assert "".join(c.choices[0].delta.content or "" for c in legacy if c.choices) == (
+        choice.choices[0].message.content)
+    date = client.completions.create(prompt="The first moon landing was on", extra_body={
+        "structured_outputs": {"regex": r" \d{4}-\d{2}-\d{2}"}}, **args)
+    assert re.fullmatch(r" \d{4}-\d{2}-\d{2}", date.choices[0].text), date.choices[0].text
+    grammar = 'root ::= "Colors: " color (", " color)*\ncolor ::= "red" | "green" | "blue"'
+    listed = client.completions.create(prompt="Name some colors.", extra_body={
+        "structured_outputs": {"grammar": grammar}}, **args)
+    text = listed.choices[0].text
+    assert re.fullmatch(r"Colors: (red|green|blue)(, (red|green|blue))*", text) or (
+        listed.choices[0].finish_reason == "length" and text.startswith("Colors: ")), text
+    with pytest.raises(openai.BadRequestError, match="unsupported regex"):
+        client.completions.create(prompt="x", extra_body={"guided_regex": "(oops"}, **args)
+    with pytest.raises(openai.BadRequestError, match="one structure"):
+        client.completions.create(prompt="x", extra_body={
+            "guided_regex": "a", "structured_outputs": {"choice": ["a"]}}, **args)
+    with pytest.raises(openai.BadRequestError, match="exactly one"):
+        client.completions.create(prompt="x", extra_body={
+            "structured_outputs": {"regex": "a", "choice": ["a"]}}, **args)
+    with pytest.raises(openai.BadRequestError, match="one structure"):
+        client.chat.completions.create(messages=ask, response_format={"type": "json_object"},
+                                       extra_body={"guided_choice": ["yes"]}, **args)
+
+
 def test_forced_tool_calls(client, model) -> None:
     """The default model's template knows no tools, but a named or required tool_choice
     constrains its output to a call: the arguments parse and follow the function's schema,

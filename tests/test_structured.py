@@ -1,6 +1,7 @@
-"""JSON output (`SamplingParams.json_schema`, `server.engine.structured`) on the real default
-model: replies parse and follow their schema, batched with free-text requests and in an
-engine that speculates; schemas xgrammar cannot take are refused when the request is added."""
+"""Structured output (`SamplingParams.structured`, `server.engine.structured`) on the real
+default model: JSON replies parse and follow their schema, batched with free-text requests
+and in an engine that speculates; regex, choice and grammar replies match; specs xgrammar
+cannot take are refused when the request is added."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def test_json_replies_in_an_engine_that_speculates() -> None:
         for r in engine.scheduler.running:
             if r.grammar is None or r.grammar.is_terminated():
                 continue
-            fresh = engine.grammars.matcher(r.params.json_schema)
+            fresh = engine.grammars.matcher(*r.params.structured)
             assert all(fresh.accept_token(t) for t in r.output_token_ids)
             masks = [xgrammar.allocate_token_bitmask(1, engine.model_config.vocab_size)
                      for _ in range(2)]
@@ -122,3 +123,33 @@ def test_refused_schemas_and_combinations(default_llm: LLM) -> None:
     for extra in (dict(min_tokens=2), dict(ignore_eos=True)):
         with pytest.raises(SamplingParamsError):
             SamplingParams(json_schema=CAT, **extra)
+
+
+def test_regex_choice_and_grammar_replies(default_llm: LLM) -> None:
+    """Each kind of structure, greedy and sampled, batched: every reply matches and ends by
+    itself; a spec xgrammar cannot take is refused, as are two structures at once."""
+    import re
+
+    prompt = _chat(default_llm, "What is the capital of France? Answer in one word.")
+    choices = ["Paris", "Lyon", "Marseille", "I don't know"]
+    grammar = 'root ::= "The answer is " word "."\nword ::= [A-Z] [a-z]+'
+    params = [SamplingParams(max_tokens=20, temperature=0.0, regex=r"[A-Z][a-z]+ \(\d{1,3}\)"),
+              SamplingParams(max_tokens=20, temperature=0.0, choice=choices),
+              SamplingParams(max_tokens=20, temperature=1.0, seed=3, choice=choices),
+              SamplingParams(max_tokens=20, temperature=0.0, grammar=grammar)]
+    got = default_llm.generate([prompt] * 4, params)
+    assert re.fullmatch(r"[A-Z][a-z]+ \(\d{1,3}\)", got[0].text), got[0].text
+    assert got[1].text in choices and got[2].text in choices
+    assert re.fullmatch(r"The answer is [A-Z][a-z]+\.", got[3].text), got[3].text
+    assert all(out.finish_reason == "stop" for out in got)
+    engine = default_llm.engine
+    for params, reason in ((SamplingParams(regex="(unclosed"), "unsupported regex"),
+                           (SamplingParams(grammar="root ::= "), "unsupported grammar")):
+        with pytest.raises(ValueError, match=reason):
+            engine.add_request("bad", prompt, params)
+    assert not engine.has_unfinished()
+    with pytest.raises(SamplingParamsError, match="one structure"):
+        SamplingParams(regex="a+", choice=["a"])
+    for bad in ([], ["a", ""]):
+        with pytest.raises(SamplingParamsError, match="non-empty"):
+            SamplingParams(choice=bad)

@@ -63,6 +63,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
         "logit_bias": logit_bias, "json_schema": json_schema,
         "skip_special_tokens": req.skip_special_tokens,
     }
+    values.update(req.structure())  # (never with a json_schema: the request's validators)
     for name in _OPTIONAL_FLOATS_AND_INTS:
         value = getattr(req, name)
         if value is not None:

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
 MAX_STOP_STRINGS = 32
 """OpenAI's API takes 4, vLLM any number; evaluation harnesses send a task's stop strings
 and the EOS token's text (lm-evaluation-harness: often 5 or more)."""
@@ -29,6 +31,42 @@ class StreamOptions(_Strict):
     """`stream_options`: a final chunk with the usage object when include_usage is set."""
 
     include_usage: bool = False
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: the output's structure, one of a JSON schema (an object,
+    or its JSON text), any JSON object (`json_object: true`), a regular expression, a list
+    of texts to choose from, or an EBNF grammar (xgrammar's syntax, GBNF's)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _one_structure(self) -> StructuredOutputs:
+        given = [name for name in ("json", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, "json_schema" if name == "json" else name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, json_object, regex, choice and "
+                             f"grammar (got {given or 'none'})")
+        return self
+
+    def structure(self) -> dict[str, Any]:
+        """As `SamplingParams` fields: json_schema (JSON text), regex, choice or grammar."""
+        if self.json_object:
+            return {"json_schema": '{"type": "object"}'}
+        if self.json_schema is not None:
+            schema = self.json_schema
+            return {"json_schema": schema if isinstance(schema, str) else json.dumps(schema)}
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.choice is not None:
+            return {"choice": list(self.choice)}
+        return {"grammar": self.grammar}
 
 
 class SamplingRequest(_Strict):
@@ -56,6 +94,13 @@ class SamplingRequest(_Strict):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    structured_outputs: StructuredOutputs | None = None
+    """(vLLM's extension) The output's structure: `StructuredOutputs`."""
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    """(vLLM's older spelling of structured_outputs' json, regex, choice and grammar)"""
 
     @field_validator("stop")
     @classmethod
@@ -73,6 +118,27 @@ class SamplingRequest(_Strict):
         if value < 1:
             raise ValueError(f"n must be >= 1, got {value}")
         return value
+
+    def structure(self) -> dict[str, Any]:
+        """The structure the request gives its output, as `SamplingParams` fields (none:
+        {}); `structured_outputs` or one guided_* field, never both (`_one_structure`)."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.structure()
+        if not self._guided():
+            return {}
+        return StructuredOutputs(json=self.guided_json, regex=self.guided_regex,
+                                 choice=self.guided_choice, grammar=self.guided_grammar).structure()
+
+    def _guided(self) -> list[str]:
+        return [name for name in _GUIDED if getattr(self, name) is not None]
+
+    @model_validator(mode="after")
+    def _one_structure(self) -> SamplingRequest:
+        guided = self._guided()
+        if len(guided) + (self.structured_outputs is not None) > 1:
+            raise _conflict(guided[-1], "give the output one structure: structured_outputs "
+                            "or one of " + ", ".join(_GUIDED))
+        return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
@@ -278,6 +344,11 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
                 and self.response_format["type"] != "text"):
             raise _conflict("response_format", "a required or named tool_choice fixes the "
                             "output's format already; drop response_format")
+        if self.structure() and (choice not in (None, "none", "auto") or (
+                self.response_format is not None and self.response_format["type"] != "text")):
+            raise _conflict("structured_outputs", "the output has one structure: "
+                            "structured_outputs (or guided_*) does not combine with "
+                            "response_format or a required or named tool_choice")
         return self
 
     def requested_max_tokens(self) -> int | None:

@@ -189,8 +189,8 @@ class LLMEngine:
         generator.manual_seed(seed)
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids,
                           generator=generator, seed=seed)
-        if params.json_schema is not None:
-            request.grammar = self.grammars.matcher(params.json_schema)
+        if params.structured is not None:
+            request.grammar = self.grammars.matcher(*params.structured)
         self.scheduler.add_request(request)
         self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(
             self.tokenizer, params.stop, params.skip_special_tokens))

@@ -48,7 +48,7 @@ class Request:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     grammar: Any = None
-    """With `params.json_schema`: its matcher (`server.engine.structured`), advanced by each
+    """With `params.structured`: its matcher (`server.engine.structured`), advanced by each
     output token."""
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     """With `params.prompt_logprobs`: the logprobs of the prompt's first tokens, in order,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -12,6 +13,9 @@ class SamplingParamsError(ValueError):
         super().__init__(message)
         self.param = param
 
+
+_STRUCTURED = ("json_schema", "regex", "choice", "grammar")
+"""SamplingParams' fields that constrain the output's form (`structured`)."""
 
 GREEDY_BELOW = 1e-5
 """Temperatures below this are greedy, as in vLLM: logits / 1e-40 overflow float32, and
@@ -60,6 +64,15 @@ class SamplingParams:
     json_schema: str | None = None
     """A JSON schema (as JSON text) the output must follow (`server.engine.structured`;
     `{"type": "object"}` for OpenAI's json_object); None: free text."""
+    regex: str | None = None
+    """A regular expression the whole output must match (xgrammar's syntax, JavaScript's
+    subset); None: free text."""
+    choice: list[str] | None = None
+    """Texts the output must be one of; None: free text."""
+    grammar: str | None = None
+    """An EBNF grammar the output must follow (xgrammar's syntax, GBNF's: rules `name ::=
+    ...` from `root`); None: free text. At most one of json_schema, regex, choice and
+    grammar is given."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text; False keeps them (a chat template's
     `<tool_call>` tags, where the tokenizer counts them special)."""
@@ -96,10 +109,17 @@ class SamplingParams:
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             raise SamplingParamsError(
                 "prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
-        if self.json_schema is not None and (self.min_tokens or self.ignore_eos):
+        given = [name for name in _STRUCTURED if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise SamplingParamsError(given[1], f"the output follows one structure: "
+                                      f"{' and '.join(given)} were given")
+        if self.choice is not None and (not self.choice or "" in self.choice):
+            raise SamplingParamsError("choice", "choice takes a list of non-empty texts")
+        if given and (self.min_tokens or self.ignore_eos):
             raise SamplingParamsError(
                 "min_tokens" if self.min_tokens else "ignore_eos",
-                "JSON output ends where its JSON does: min_tokens and ignore_eos do not apply")
+                "structured output ends where its structure does: min_tokens and ignore_eos "
+                "do not apply")
         for token, bias in self.logit_bias.items():
             if token < 0 or not -100.0 <= bias <= 100.0:
                 raise SamplingParamsError(
@@ -111,13 +131,24 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
     @property
+    def structured(self) -> tuple[str, str] | None:
+        """The structure the output follows, as `Grammars.matcher` takes it: (kind, spec)
+        with kind one of json_schema, regex, choice (its texts as a JSON list) and grammar;
+        None for free text."""
+        for name in _STRUCTURED:
+            value = getattr(self, name)
+            if value is not None:
+                return name, json.dumps(value) if name == "choice" else value
+        return None
+
+    @property
     def adjusts_logits(self) -> bool:
-        """Whether penalties, a logit bias or a JSON schema change the logits a token is
-        chosen from."""
+        """Whether penalties, a logit bias or a structure (JSON, regex, ...) change the
+        logits a token is chosen from."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or bool(self.logit_bias)
-            or self.json_schema is not None
+            or self.structured is not None
         )

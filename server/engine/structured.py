@@ -1,13 +1,15 @@
-"""Structured output: a request whose text must be JSON (OpenAI's `response_format` of type
-`json_object`, or `json_schema` with a schema) is sampled from logits masked to the tokens
-that keep its output a prefix of such JSON, through xgrammar's grammar matchers (an
-optional dependency: `pip install leapfrog[structured]`).
+"""Structured output: a request whose text must follow a structure is sampled from logits
+masked to the tokens that keep its output a prefix of such text, through xgrammar's grammar
+matchers (an optional dependency: `pip install leapfrog[structured]`). The structures
+(`SamplingParams.structured`): JSON (OpenAI's `response_format` of type `json_object`, or
+`json_schema` with a schema), a regular expression, one of given texts, or an EBNF grammar
+(vLLM's `structured_outputs`).
 
 The mask is applied on the host, where the request's other logit adjustments are
 (`server.engine.sampler.processed_logits`): its steps leave the device's greedy and sampling
 paths. A step that verifies drafts masks each row with what the grammar allows after the
 drafts before it (`mask_rows`), so verification stays exact. Each token the request keeps
-advances its matcher (`Scheduler._append_tokens`); once the JSON is complete only the
+advances its matcher (`Scheduler._append_tokens`); once the structure is complete only the
 end-of-sequence token is allowed.
 """
 
@@ -20,43 +22,58 @@ import torch
 
 
 class Grammars:
-    """An engine's compiled JSON grammars, by schema, over its tokenizer; xgrammar is imported
-    with the first one."""
+    """An engine's compiled grammars, by structure, over its tokenizer; xgrammar is
+    imported with the first one."""
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._compiler: Any = None
-        self._compiled: dict[str, Any] = {}
+        self._compiled: dict[tuple[str, str], Any] = {}
 
-    def matcher(self, schema: str) -> Any:
-        """A fresh matcher (`xgrammar.GrammarMatcher`) for outputs that follow `schema` (JSON
-        text); a schema that is not one, or xgrammar missing, is a ValueError."""
-        compiled = self._compiled.get(schema)
+    def matcher(self, kind: str, spec: str) -> Any:
+        """A fresh matcher (`xgrammar.GrammarMatcher`) for outputs that follow a structure
+        (`SamplingParams.structured`): kind json_schema (spec: the schema as JSON text),
+        regex, choice (the texts as a JSON list) or grammar (EBNF). A spec xgrammar cannot
+        take, or xgrammar missing, is a ValueError."""
+        compiled = self._compiled.get((kind, spec))
         if compiled is None:
+            compiled = self._compile(kind, spec)
+            self._compiled[kind, spec] = compiled
+        import xgrammar
+
+        return xgrammar.GrammarMatcher(compiled)
+
+    def _compile(self, kind: str, spec: str) -> Any:
+        if kind == "json_schema":
             try:
-                parsed = json.loads(schema)
+                parsed = json.loads(spec)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"the JSON schema is not JSON: {exc}") from exc
             if not isinstance(parsed, dict):
                 raise ValueError("the JSON schema must be a JSON object")
-            try:
-                compiled = self._compiler_for().compile_json_schema(schema)
-            except RuntimeError as exc:  # xgrammar's error for schemas it cannot take, after
-                # a time and source location
-                reason = str(exc).strip().rsplit(".cc:", 1)[-1].split(": ", 1)[-1]
-                raise ValueError(f"unsupported JSON schema: {reason}") from exc
-            self._compiled[schema] = compiled
-        import xgrammar
-
-        return xgrammar.GrammarMatcher(compiled)
+        compiler = self._compiler_for()
+        try:
+            if kind == "json_schema":
+                return compiler.compile_json_schema(spec)
+            if kind == "regex":
+                return compiler.compile_regex(spec)
+            if kind == "choice":  # one literal each, escaped as JSON strings are
+                texts = [json.dumps(t, ensure_ascii=False) for t in json.loads(spec)]
+                return compiler.compile_grammar("root ::= " + " | ".join(texts))
+            return compiler.compile_grammar(spec)
+        except RuntimeError as exc:  # xgrammar's error, after a time and source location
+            reason = str(exc).strip().rsplit(".cc:", 1)[-1].split(": ", 1)[-1]
+            what = "JSON schema" if kind == "json_schema" else kind
+            raise ValueError(f"unsupported {what}: {reason}") from exc
 
     def _compiler_for(self) -> Any:
         if self._compiler is None:
             try:
                 import xgrammar
             except ImportError as exc:
-                raise ValueError("JSON output (response_format json_object or json_schema) "
-                                 "needs xgrammar: pip install 'leapfrog[structured]'") from exc
+                raise ValueError("structured output (response_format json_object or "
+                                 "json_schema, structured_outputs) needs xgrammar: pip "
+                                 "install 'leapfrog[structured]'") from exc
             info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer,
                                                            vocab_size=self.vocab_size)
             self._compiler = xgrammar.GrammarCompiler(info)
