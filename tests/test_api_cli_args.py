@@ -72,7 +72,7 @@ def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_a_bad_chat_template_ends_serve_before_it_starts() -> None:
     parse = _parser().parse_args
-    with pytest.raises(SystemExit, match="--chat-template: .*neither a file"):
+    with pytest.raises(SystemExit, match="--chat-template: .*neither a readable file"):
         configs_from_args(parse(["--chat-template", "/no/such/template.jinja"]))
     with pytest.raises(SystemExit, match="--chat-template: .*does not parse"):
         configs_from_args(parse(["--chat-template", "{{ oops"]))

@@ -248,11 +248,14 @@ def test_chat_template_replaces_the_models(tiny_model_dir, tmp_path) -> None:
     template = "{% for m in messages %}{{ m['content'] }} {% endfor %}w5"
     file = tmp_path / "chat.jinja"
     file.write_text(template)
-    for value in (template, str(file)):
+    # (a real template is longer than a file name may be)
+    long = "{# " + "a comment of a long template " * 40 + "#}" + template
+    for value in (template, str(file), long):
         llm = LLM(path, dtype="float32", num_kv_blocks=16, chat_template=value)
-        assert llm.tokenizer.chat_template == template
+        assert llm.tokenizer.chat_template.endswith(template)
         assert llm.encode("w3 w4", chat=True) == llm.tokenizer("w3 w4 w5").input_ids
     with pytest.raises(ValueError, match="does not parse"):
         LLM(path, dtype="float32", num_kv_blocks=16, chat_template="{% for m in messages %}")
-    with pytest.raises(ValueError, match="neither a file"):
-        LLM(path, dtype="float32", num_kv_blocks=16, chat_template=str(tmp_path / "none.jinja"))
+    for value in (str(tmp_path / "none.jinja"), str(tmp_path), "x" * 300):
+        with pytest.raises(ValueError, match="neither a readable file"):
+            LLM(path, dtype="float32", num_kv_blocks=16, chat_template=value)

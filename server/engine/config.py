@@ -117,16 +117,18 @@ class EngineConfig:
 
 
 def read_chat_template(value: str) -> str:
-    """`EngineConfig.chat_template`'s template: the file's text when `value` names a file,
-    else `value` itself when it is Jinja (holds `{{` or `{%`). Raises ValueError for
-    neither, or for a template Jinja cannot parse."""
-    path = Path(value)
-    if path.is_file():
-        template = path.read_text(encoding="utf-8")
-    elif "{{" in value or "{%" in value:
+    """`EngineConfig.chat_template`'s template: `value` itself when it is Jinja (holds `{{`
+    or `{%`: a real template is too long to be tried as a file name), else the text of the
+    file it names. Raises ValueError for a missing file, or for a template Jinja cannot
+    parse."""
+    if "{{" in value or "{%" in value:
         template = value
     else:
-        raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
+        try:
+            template = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):  # (none, a folder, too long a name, binary)
+            raise ValueError(f"chat_template {value[:200]!r} is neither a readable file nor "
+                             "a Jinja template") from None
     try:
         jinja2.Environment().parse(template)
     except jinja2.TemplateSyntaxError as exc:
