@@ -187,6 +187,9 @@ def test_stop_string_is_not_returned(client, model) -> None:
     stopped = client.completions.create(stop=[stop], **args).choices[0]
     assert stopped.text == full[: full.index(stop)]
     assert stopped.finish_reason == "stop"
+    kept = client.completions.create(stop=[stop], extra_body={"include_stop_str_in_output": True},
+                                     **args).choices[0]  # (vLLM's extension)
+    assert kept.text == full[: full.index(stop) + len(stop)] and kept.finish_reason == "stop"
 
 
 def test_errors_then_keeps_serving(url, client, model) -> None:

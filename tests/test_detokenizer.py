@@ -79,3 +79,7 @@ def test_incomplete_characters_and_stop_strings(default_tokenizer):
             pieces.append(detok.add([t]))
         # (sent text is never taken back: had a piece held "S", the join would too)
         assert "".join(pieces) + detok.add([], final=True) == "ok 😀 done. The end "
+        # the text may end after the stop string instead; the earliest match wins
+        detok = IncrementalDetokenizer(view, ("more", "STOP", "end"), include_stop=True)
+        pieces = [detok.add([t]) for t in ids]
+        assert "".join(pieces) + detok.add([], final=True) == "ok 😀 done. The end"

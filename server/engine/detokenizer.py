@@ -7,7 +7,8 @@ GPU step of 16 or 32 requests detokenizes every request. Other tokenizers decode
 window of recent tokens (so each step costs O(window), not O(length)) and withhold text
 while it ends in an incomplete UTF-8 sequence. Both give the same text. When stop strings
 are set, the last max(len(stop)) - 1 characters are held back until they can no longer
-start a match, so no part of a stop string is ever sent.
+start a match, so no part of a stop string is ever sent (unless asked to end the text after
+the stop string rather than before it).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ class IncrementalDetokenizer:
     """Feeds on token ids, yields text deltas; `stopped` is set once a stop string matched."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = (),
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, include_stop: bool = False) -> None:
+        """`include_stop`: the text ends after the stop string that matched, not before."""
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.include_stop = include_stop
         self.skip = skip_special_tokens
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None if self._backend is None else DecodeStream(
@@ -70,7 +73,9 @@ class IncrementalDetokenizer:
         if not self.stop:
             return
         window_start = max(0, self.sent - self._hold - 1)
-        hits = [i for i in (self.text.find(s, window_start) for s in self.stop) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, window_start), s) for s in self.stop)
+                if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            i, s = min(hits, key=lambda hit: hit[0])  # (the first match; at a tie, the first stop)
+            self.text = self.text[: i + len(s) if self.include_stop else i]
             self.stopped = True

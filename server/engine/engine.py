@@ -193,7 +193,8 @@ class LLMEngine:
             request.grammar = self.grammars.matcher(*params.structured)
         self.scheduler.add_request(request)
         self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(
-            self.tokenizer, params.stop, params.skip_special_tokens))
+            self.tokenizer, params.stop, params.skip_special_tokens,
+            params.include_stop_str_in_output))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Finish a request now (its blocks return to the pool); None if unknown."""

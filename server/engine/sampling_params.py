@@ -48,6 +48,8 @@ class SamplingParams:
     """Per-request seed: the same seed gives the same tokens whatever else is batched."""
     stop: list[str] = field(default_factory=list)
     """Stop strings; the text stops before the first match, which is not returned."""
+    include_stop_str_in_output: bool = False
+    """End the text after the stop string that matched instead of before it."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Extra token ids that end the sequence (not returned in the text)."""
     ignore_eos: bool = False
