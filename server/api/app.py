@@ -26,6 +26,7 @@ from server.api.errors import install_error_handlers
 from server.api.lifecycle import DrainingServer
 from server.api.serving_chat import create_chat_completion
 from server.api.serving_completions import create_completion
+from server.api.serving_responses import create_response
 from server.api.serving_tokens import detokenize, tokenize, tokenizer_info
 from server.api.state import ServerState
 from server.engine.config import EngineConfig
@@ -90,6 +91,10 @@ def _api_routes(state: ServerState, api: ApiConfig) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await create_completion(request, state, api)
+
+    @router.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await create_response(request, state, api)
 
     @router.post("/tokenize")
     async def tokenize_route(request: Request) -> dict[str, Any]:

@@ -420,3 +420,115 @@ class DetokenizeRequest(_Strict):
 
     model: str | None = None
     tokens: list[int]
+
+
+class ResponseTextFormat(_Strict):
+    """The Responses API's `text.format`: plain text, any JSON object, or JSON following a
+    schema (`json_schema`: name, schema, strict, description)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+    def json_schema(self) -> str | None:
+        """As `SamplingParams.json_schema`; None for free text."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema":
+            return json.dumps(self.schema_ or {})
+        return None
+
+
+class ResponseText(_Strict):
+    format: ResponseTextFormat | None = None
+
+
+class ResponseInputMessage(_Strict):
+    """An input item of the Responses API: a message, its content a string or a list of
+    text parts (`input_text`, or `output_text` in an assistant message fed back)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: str | list[dict[str, Any]]) -> str:
+        if isinstance(value, str):
+            return value
+        texts = []
+        for part in value:
+            kind = part.get("type")
+            if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part type {kind!r} is not supported; only "
+                                 "'input_text' and 'output_text' with a string 'text'")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    def as_chat(self) -> ChatMessage:
+        return ChatMessage(role=self.role, content=self.content)
+
+
+class ResponsesRequest(_Strict):
+    """POST /v1/responses (OpenAI's Responses API), text in and text out: `input` is a
+    string (one user message) or a list of messages, `instructions` a system message
+    before them. Nothing is stored: `previous_response_id` and tools are refused."""
+
+    model: str | None = None
+    input: list[ResponseInputMessage]
+    """(a string is one user message: `_one_message`)"""
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    """(an extension, as vLLM's)"""
+    stream: bool = False
+    text: ResponseText | None = None
+    store: bool | None = None
+    """Taken and ignored: nothing is stored (the reply says `store: false`)."""
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    previous_response_id: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+    include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_message(cls, value: Any) -> Any:
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _supported(self) -> ResponsesRequest:
+        if self.previous_response_id is not None:
+            raise _conflict("previous_response_id", "this server stores no responses: send "
+                            "the whole conversation as input")
+        if self.tools:
+            raise _conflict("tools", "tools are not supported on /v1/responses; use "
+                            "/v1/chat/completions for tool calls")
+        if self.include:
+            raise _conflict("include", "include is not supported")
+        if self.reasoning:
+            raise _conflict("reasoning", "reasoning options are not supported")
+        if not self.input:
+            raise _conflict("input", "input must not be empty")
+        return self
+
+    def messages(self) -> list[ChatMessage]:
+        """The conversation the chat template renders."""
+        items = [m.as_chat() for m in self.input]
+        if self.instructions is not None:
+            items.insert(0, ChatMessage(role="system", content=self.instructions))
+        return items
+
+    def json_schema(self) -> str | None:
+        fmt = self.text.format if self.text is not None else None
+        return fmt.json_schema() if fmt is not None else None

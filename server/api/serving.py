@@ -1,5 +1,6 @@
-"""The shared life of a generation request, chat or completions: admit, fan out, then either
-collect into one JSON body or stream SSE chunks ending in `data: [DONE]`; log one line.
+"""The shared life of a generation request (chat, completions, responses): admit, fan out,
+then either collect into one JSON body or stream SSE chunks (chat and completions end with
+`data: [DONE]`; the Responses API names each event instead); log one line.
 
 Endpoint modules supply a `Formatter` (the OpenAI response shape) and the engine jobs.
 """
@@ -38,10 +39,14 @@ class Formatter(Protocol):
 
     request_id: str
     num_choices: int
+    named_events: bool
+    """Stream chunks go out as `event: <its type>` + `data:` (the Responses API); else as
+    `data:` alone, the stream ending with `data: [DONE]` (chat, completions)."""
 
     def prelude(self) -> list[dict[str, Any]]: ...
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None: ...
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]: ...
+    def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
+                include_usage: bool) -> list[dict[str, Any]]: ...
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]: ...
 
 
@@ -64,8 +69,9 @@ def usage(results: list[ChoiceResult], prompt_lengths: list[int]) -> dict[str, A
     return body
 
 
-def _sse(chunk: dict[str, Any] | str) -> str:
-    return f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
+def _sse(chunk: dict[str, Any] | str, named: bool = False) -> str:
+    event = f"event: {chunk['type']}\n" if named and isinstance(chunk, dict) else ""
+    return f"{event}data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
@@ -125,9 +131,10 @@ class Generation:
                       release: Callable[[], None]) -> AsyncIterator[str]:
         results = [ChoiceResult() for _ in range(self.formatter.num_choices)]
         outcome = "client_disconnected"
+        named = self.formatter.named_events
         try:
             for chunk in self.formatter.prelude():
-                yield _sse(chunk)
+                yield _sse(chunk, named)
             item = first
             while item is not None:
                 index, out = item
@@ -135,10 +142,11 @@ class Generation:
                 results[index].add(out)
                 chunk = self.formatter.delta(index, out)
                 if chunk is not None:
-                    yield _sse(chunk)
+                    yield _sse(chunk, named)
                 item = await anext(outputs, None)
-            if include_usage:
-                yield _sse(self.formatter.usage_chunk(usage(results, self.prompt_lengths)))
+            for chunk in self.formatter.closing(results, usage(results, self.prompt_lengths),
+                                                include_usage):
+                yield _sse(chunk, named)
             outcome = ""
         except Exception as exc:  # headers are sent: report in-band, as OpenAI does
             outcome = type(exc).__name__
@@ -146,13 +154,15 @@ class Generation:
             err = queue_full_error(self.state.retry_after_s) if isinstance(exc, QueueFullError) \
                 else None
             message = err.message if err else "Internal error while generating."
+            # (an "error" key: the official client raises it, whatever the endpoint)
             yield _sse({"error": {"message": message, "type": "server_error",
                                   "param": None, "code": err.code if err else "internal_error"}})
         finally:
             release()
             self._log(results, outcome or None)
             await outputs.aclose()
-        yield _sse("[DONE]")
+        if not named:
+            yield _sse("[DONE]")
 
     def _log(self, results: list[ChoiceResult], outcome: str | None) -> None:
         ttft = self.timing.ttft()

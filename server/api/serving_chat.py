@@ -68,6 +68,8 @@ class ChatFormatter:
     arguments go out as they come, while "auto" streams the content before a `<tool_call>`
     and "required" nothing, each sending its calls whole when the choice ends."""
 
+    named_events = False
+
     def __init__(self, request_id: str, model: str, num_choices: int,
                  texts: TokenTexts | None, mode: ToolMode = NO_TOOLS) -> None:
         self.request_id, self.model, self.num_choices = request_id, model, num_choices
@@ -143,8 +145,12 @@ class ChatFormatter:
             "finish_reason": reason,
         }])
 
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return {**self._envelope("chat.completion.chunk", []), "usage": usage}
+    def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
+                include_usage: bool) -> list[dict[str, Any]]:
+        """After the last delta: the usage chunk, when asked for."""
+        if not include_usage:
+            return []
+        return [{**self._envelope("chat.completion.chunk", []), "usage": usage}]
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         choices = []

@@ -47,6 +47,8 @@ def tokenize_prompts(tokenizer: Any, prompts: list[str | list[int]]) -> list[lis
 class CompletionFormatter:
     """OpenAI completions response bodies and stream chunks for one request."""
 
+    named_events = False
+
     def __init__(self, request_id: str, model: str, n: int, prompt_ids: list[list[int]],
                  echo_texts: list[str] | None, texts: TokenTexts | None) -> None:
         """`echo_texts`: each prompt's text, to echo (None: no echo); `texts`: token texts,
@@ -96,8 +98,10 @@ class CompletionFormatter:
         return self._envelope([{"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": out.finish_reason if out.finished else None}])
 
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return {**self._envelope([]), "usage": usage}
+    def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
+                include_usage: bool) -> list[dict[str, Any]]:
+        """After the last delta: the usage chunk, when asked for."""
+        return [{**self._envelope([]), "usage": usage}] if include_usage else []
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         choices = []

@@ -1,0 +1,128 @@
+"""POST /v1/responses (OpenAI's Responses API, text) through the official client and raw
+HTTP on the fake engine: the response object, the stream's named events in order, the
+request's mapping onto the chat path, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.api_fakes import FakeEngine
+from tests.api_server import app_in_thread
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = FakeEngine(max_model_len=128)
+    with app_in_thread(lambda: engine) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        yield url, client, engine
+
+
+def _prompt(engine: FakeEngine, *messages: tuple[str, str]) -> str:
+    return engine.tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], tokenize=False,
+        add_generation_prompt=True)
+
+
+def test_a_response_is_the_chat_reply(served) -> None:
+    """instructions + input render as a system message before the input's messages, as a
+    chat request's would; the reply is one message with one output_text part; a stop ends
+    it `completed`, max_output_tokens `incomplete`."""
+    url, client, engine = served
+    reply = client.responses.create(model="fake-model", instructions="be brief", input="hello",
+                                    max_output_tokens=40, temperature=0.5, top_p=0.9,
+                                    metadata={"k": "v"})
+    chat = client.chat.completions.create(
+        model="fake-model", max_tokens=40, messages=[{"role": "system", "content": "be brief"},
+                                                     {"role": "user", "content": "hello"}])
+    assert reply.output_text == chat.choices[0].message.content
+    assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_output_tokens"
+    assert reply.id.startswith("resp_") and reply.object == "response"
+    [item] = reply.output
+    assert item.type == "message" and item.role == "assistant" and item.id.startswith("msg_")
+    assert [part.type for part in item.content] == ["output_text"]
+    assert reply.usage.input_tokens == len(_prompt(engine, ("system", "be brief"),
+                                                   ("user", "hello")))
+    assert reply.usage.output_tokens == 40 == reply.usage.total_tokens - reply.usage.input_tokens
+    assert (reply.temperature, reply.top_p, reply.metadata) == (0.5, 0.9, {"k": "v"})
+    assert reply.store is False
+    params = engine.params[reply.id]
+    assert (params.max_tokens, params.temperature, params.top_p) == (40, 0.5, 0.9)
+    listed = client.responses.create(model="fake-model", input=[
+        {"role": "developer", "content": "terse"},
+        {"role": "user", "content": [{"type": "input_text", "text": "hel"},
+                                     {"type": "input_text", "text": "lo"}]},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "hi", "annotations": []}]},
+        {"role": "user", "content": "again"}], max_output_tokens=3)
+    expected = engine.script(engine.tokenizer.encode(_prompt(
+        engine, ("developer", "terse"), ("user", "hello"), ("assistant", "hi"),
+        ("user", "again"))), engine.params[listed.id])[:3]
+    assert listed.output_text == expected
+
+
+def test_the_stream_sends_the_named_events_in_order(served) -> None:
+    """Raw SSE: each event named by an `event:` line matching its type, sequence numbers
+    0, 1, ...; the deltas add up to the text of the done events and the final response;
+    no `[DONE]`. The official client reads the same stream."""
+    url, client, _ = served
+    body = {"model": "fake-model", "input": "hi", "max_output_tokens": 6, "stream": True}
+    with httpx.stream("POST", url + "/v1/responses", json=body, timeout=10) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        frames = [f for f in resp.read().decode().split("\n\n") if f]
+    events = []
+    for frame in frames:
+        name, data = frame.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        events.append(event)
+    kinds = [e["type"] for e in events]
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * 6,
+                     "response.output_text.done", "response.content_part.done",
+                     "response.output_item.done", "response.incomplete"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    text = "".join(deltas)
+    assert events[-4]["text"] == events[-3]["part"]["text"] == text
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == text
+    assert final["usage"]["output_tokens"] == 6 and final["status"] == "incomplete"
+    assert events[0]["response"]["status"] == "in_progress"
+    streamed = client.responses.create(model="fake-model", input="hi", max_output_tokens=6,
+                                       stream=True)
+    assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta") == text
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"input": []}, "input"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"temperature": 3}, "temperature"),
+    ({"frequency_penalty": 1}, "frequency_penalty"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input.0.content"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
+])
+def test_refusals_name_the_field(served, fields, param) -> None:
+    url, _, _ = served
+    resp = httpx.post(url + "/v1/responses", json={"input": "hi", **fields})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"].startswith(param), resp.json()
+
+
+def test_json_formats_reach_the_engine(served) -> None:
+    url, client, engine = served
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    reply = client.responses.create(model="fake-model", input="x", max_output_tokens=2, text={
+        "format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}})
+    assert json.loads(engine.params[reply.id].json_schema) == schema
+    assert reply.text.format.type == "json_schema" and reply.text.format.name == "thing"
+    reply = client.responses.create(model="fake-model", input="x", max_output_tokens=2,
+                                    text={"format": {"type": "json_object"}})
+    assert engine.params[reply.id].json_schema == '{"type": "object"}'
