@@ -90,9 +90,9 @@ class SamplingRequest(_Strict):
     """Token id (a JSON object's keys are strings: pydantic parses them) -> bias."""
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    """(vLLM's extension) False keeps special tokens in the text."""
     include_stop_str_in_output: bool = False
     """(vLLM's extension) The text ends after the stop string that matched, not before."""
-    """(vLLM's extension) False keeps special tokens in the text."""
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
