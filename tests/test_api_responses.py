@@ -126,3 +126,10 @@ def test_json_formats_reach_the_engine(served) -> None:
     reply = client.responses.create(model="fake-model", input="x", max_output_tokens=2,
                                     text={"format": {"type": "json_object"}})
     assert engine.params[reply.id].json_schema == '{"type": "object"}'
+
+
+def test_a_finish_reason_gives_the_status() -> None:
+    from server.api.serving_responses import _status
+
+    assert [_status(r) for r in ("stop", "length", "abort")] == [
+        "completed", "incomplete", "cancelled"]

@@ -29,6 +29,12 @@ from server.engine.sampling_params import SamplingParams, SamplingParamsError
 logger = logging.getLogger("leapfrog.api")
 
 
+def _status(finish_reason: str | None) -> str:
+    """A finished reply's status: cut by max_output_tokens, ended by the server (a drain
+    that timed out), or complete."""
+    return {"length": "incomplete", "abort": "cancelled"}.get(finish_reason or "", "completed")
+
+
 def response_usage(usage: dict[str, Any]) -> dict[str, Any]:
     """The chat usage object in the Responses API's names."""
     return {"input_tokens": usage["prompt_tokens"],
@@ -107,8 +113,7 @@ class ResponsesFormatter:
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
                 include_usage: bool) -> list[dict[str, Any]]:
         reason = results[0].finish_reason
-        done = self._response("incomplete" if reason == "length" else "completed", self.text,
-                              usage, reason)
+        done = self._response(_status(reason), self.text, usage, reason)
         return [self._event("response.output_text.done", **self._where(), text=self.text,
                             logprobs=[]),
                 self._event("response.content_part.done", **self._where(),
@@ -120,8 +125,7 @@ class ResponsesFormatter:
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         r = results[0]
-        return self._response("incomplete" if r.finish_reason == "length" else "completed",
-                              "".join(r.text), usage, r.finish_reason)
+        return self._response(_status(r.finish_reason), "".join(r.text), usage, r.finish_reason)
 
 
 async def create_response(request: Request, state: ServerState, api: ApiConfig) -> Response:
