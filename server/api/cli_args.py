@@ -51,7 +51,7 @@ def _add(group: Any, flag: str, kind: Callable[[str], Any], default: Any, help: 
          choices: list[str] | None = None) -> None:
     """A valued flag whose default comes from its environment variable when set."""
     name = env_name(flag)
-    shown = "none" if default is None else default
+    shown = "none" if default in (None, ()) else default
     group.add_argument(
         flag, type=kind, default=_env_default(name, kind, default), choices=choices,
         help=f"{help} (default: {shown}; env {name})",
