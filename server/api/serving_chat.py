@@ -26,7 +26,7 @@ from server.api.generation import ChoiceResult, check_context_length, make_jobs
 from server.api.logprobs import TokenTexts, chat_logprobs
 from server.api.protocol import ChatCompletionRequest, ChatMessage, Tool
 from server.api.serving import Generation
-from server.api.state import ServerState
+from server.api.state import EngineClient, ServerState
 from server.api.tools import (
     CALL_CLOSE,
     CALL_OPEN,
@@ -40,6 +40,7 @@ from server.api.tools import (
     tool_mode,
 )
 from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("leapfrog.api")
 
@@ -167,12 +168,20 @@ class ChatFormatter:
         return {**self._envelope("chat.completion", choices), "usage": usage}
 
 
-async def create_chat_completion(request: Request, state: ServerState, api: ApiConfig) -> Response:
-    engine = state.require_engine()
-    req = await parse_body(request, ChatCompletionRequest, api.max_body_bytes)
-    check_model(req.model, engine)
-    check_n(req.n, api.max_n)
-    request_id = new_request_id("chatcmpl")
+@dataclasses.dataclass
+class ChatJob:
+    """A chat request made ready for the engine (shared with the Responses API)."""
+
+    mode: ToolMode
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def prepare_chat(req: ChatCompletionRequest, engine: EngineClient, api: ApiConfig,
+                 request_id: str) -> ChatJob:
+    """The request's tool mode, its prompt through the chat template, and its sampling
+    parameters (a forced call's schema, or the response format's); 400s for what cannot be
+    served."""
     mode = tool_mode(req, engine.tokenizer)
     text, prompt_ids = render_chat(engine.tokenizer, req.messages,
                                    req.tools if mode.kind != "none" else None,
@@ -186,8 +195,18 @@ async def create_chat_completion(request: Request, state: ServerState, api: ApiC
     if mode.kind == "auto":  # the template's tags may be special tokens: keep them to read
         params = dataclasses.replace(params, skip_special_tokens=False)
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
-    jobs = make_jobs(request_id, [prompt_ids], req.n, params)
+    return ChatJob(mode, prompt_ids, params)
+
+
+async def create_chat_completion(request: Request, state: ServerState, api: ApiConfig) -> Response:
+    engine = state.require_engine()
+    req = await parse_body(request, ChatCompletionRequest, api.max_body_bytes)
+    check_model(req.model, engine)
+    check_n(req.n, api.max_n)
+    request_id = new_request_id("chatcmpl")
+    job = prepare_chat(req, engine, api, request_id)
+    jobs = make_jobs(request_id, [job.prompt_ids], req.n, job.params)
     texts = TokenTexts(engine.tokenizer) if req.logprobs else None
-    formatter = ChatFormatter(request_id, engine.model_name, req.n, texts, mode)
-    generation = Generation(state, engine, jobs, [len(prompt_ids)], formatter, req.user)
+    formatter = ChatFormatter(request_id, engine.model_name, req.n, texts, job.mode)
+    generation = Generation(state, engine, jobs, [len(job.prompt_ids)], formatter, req.user)
     return await generation.respond(request, req.stream, req.include_usage)
