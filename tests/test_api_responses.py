@@ -12,6 +12,7 @@ import pytest
 
 from tests.api_fakes import FakeEngine
 from tests.api_server import app_in_thread
+from tests.test_api_tools import ANSWER, USER, WEATHER, ToolEngine
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +101,16 @@ def test_the_stream_sends_the_named_events_in_order(served) -> None:
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {
+        "type": "function", "name": "g"}}, "tool_choice"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.0.function_call_output"),
     ({"input": []}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"temperature": 3}, "temperature"),
     ({"frequency_penalty": 1}, "frequency_penalty"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
-     "input.0.content"),
+     "input.0.message.content"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
 ])
 def test_refusals_name_the_field(served, fields, param) -> None:
@@ -133,3 +137,67 @@ def test_a_finish_reason_gives_the_status() -> None:
 
     assert [_status(r) for r in ("stop", "length", "abort")] == [
         "completed", "incomplete", "cancelled"]
+
+
+TOOLS = [{"type": "function", **WEATHER["function"]}]  # (the Responses API's flat shape)
+
+
+@pytest.fixture(scope="module")
+def tools_served():
+    engine = ToolEngine()  # (its template writes <tool_call> tags; it answers ANSWER)
+    with app_in_thread(lambda: engine) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        yield url, client, engine
+
+
+def test_function_calls_are_output_items(tools_served) -> None:
+    """tool_choice auto: the reply's text before its calls is a message item, each call a
+    function_call item; streamed, the same items as events once the reply is whole."""
+    url, client, engine = tools_served
+    args = {"model": "fake-model", "input": USER, "tools": TOOLS,
+            "max_output_tokens": len(ANSWER)}
+    reply = client.responses.create(**args)
+    message, *calls = reply.output
+    assert message.type == "message" and message.content[0].text == "Let me look."
+    assert [(c.type, c.name, json.loads(c.arguments)) for c in calls] == [
+        ("function_call", "get_weather", {"city": "Paris"}),
+        ("function_call", "get_weather", {"city": "Rome"})]
+    assert all(c.call_id.startswith("call_") and c.id.startswith("fc_") for c in calls)
+    assert engine.prompts[-1].startswith("<tools>")  # (the template was given the tools)
+    assert reply.tools[0].name == "get_weather" and reply.tool_choice == "auto"
+    events = list(client.responses.create(stream=True, **args))
+    kinds = [e.type for e in events]
+    call_events = ["response.output_item.added", "response.function_call_arguments.delta",
+                   "response.function_call_arguments.done", "response.output_item.done"]
+    assert kinds == ["response.created", "response.in_progress",
+                     "response.output_item.added", "response.content_part.added",
+                     "response.output_text.delta", "response.output_text.done",
+                     "response.content_part.done", "response.output_item.done",
+                     *call_events, *call_events, "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(i.type, getattr(i, "arguments", None)) for i in done] == [
+        (i.type, getattr(i, "arguments", None)) for i in reply.output]
+    assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1, 2]
+
+
+def test_earlier_calls_and_their_outputs_reach_the_template(tools_served) -> None:
+    """function_call and function_call_output input items are the chat conversation's
+    assistant tool_calls and tool messages; a named tool_choice forces one call."""
+    url, client, engine = tools_served
+    conversation = [*USER,
+                    {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                     "arguments": '{"city": "Paris"}'},
+                    {"type": "function_call_output", "call_id": "call_1", "output": "12C"}]
+    reply = client.responses.create(model="fake-model", input=conversation, tools=TOOLS,
+                                    tool_choice="none", max_output_tokens=5)
+    assert ('<assistant><tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+            '</tool_call>\n<tool>12Ccall_1\n') in engine.prompts[-1]
+    assert [item.type for item in reply.output] == ["message"]
+    named = client.responses.create(model="fake-model", input=USER, tools=TOOLS,
+                                    max_output_tokens=5,
+                                    tool_choice={"type": "function", "name": "get_weather"})
+    (call,) = named.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.arguments == ANSWER[:5]  # (the fake ignores the schema the call is held to)
+    assert engine.params[named.id].json_schema is not None

@@ -5,7 +5,7 @@ silently ignored. Range checks on sampling values are SamplingParams' job."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -432,14 +432,6 @@ class ResponseTextFormat(_Strict):
     strict: bool | None = None
     description: str | None = None
 
-    def json_schema(self) -> str | None:
-        """As `SamplingParams.json_schema`; None for free text."""
-        if self.type == "json_object":
-            return '{"type": "object"}'
-        if self.type == "json_schema":
-            return json.dumps(self.schema_ or {})
-        return None
-
 
 class ResponseText(_Strict):
     format: ResponseTextFormat | None = None
@@ -449,7 +441,7 @@ class ResponseInputMessage(_Strict):
     """An input item of the Responses API: a message, its content a string or a list of
     text parts (`input_text`, or `output_text` in an assistant message fed back)."""
 
-    type: Literal["message"] = "message"
+    type: Literal["message"]
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]]
     id: str | None = None
@@ -469,18 +461,57 @@ class ResponseInputMessage(_Strict):
             texts.append(part["text"])
         return "".join(texts)
 
-    def as_chat(self) -> ChatMessage:
-        return ChatMessage(role=self.role, content=self.content)
+
+class ResponseFunctionCall(_Strict):
+    """An input item: a function call the model made earlier in the conversation."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponseFunctionCallOutput(_Strict):
+    """An input item: what a function call returned."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+ResponseInputItem = Annotated[
+    ResponseInputMessage | ResponseFunctionCall | ResponseFunctionCallOutput,
+    Field(discriminator="type")]
+
+
+class ResponseFunctionTool(_Strict):
+    """A function tool, in the Responses API's flat shape."""
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseNamedToolChoice(_Strict):
+    type: Literal["function"]
+    name: str
 
 
 class ResponsesRequest(_Strict):
-    """POST /v1/responses (OpenAI's Responses API), text in and text out: `input` is a
-    string (one user message) or a list of messages, `instructions` a system message
-    before them. Nothing is stored: `previous_response_id` and tools are refused."""
+    """POST /v1/responses (OpenAI's Responses API) for text and function calls: `input` is
+    a string (one user message) or a list of messages, earlier function calls and their
+    outputs; `instructions` a system message before them. It becomes a chat request
+    (`to_chat`). Nothing is stored: `previous_response_id` is refused."""
 
     model: str | None = None
-    input: list[ResponseInputMessage]
-    """(a string is one user message: `_one_message`)"""
+    input: list[ResponseInputItem]
+    """(a string is one user message, an item without a type a message: `_items`)"""
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
@@ -494,26 +525,35 @@ class ResponsesRequest(_Strict):
     metadata: dict[str, str] | None = None
     user: str | None = None
     previous_response_id: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: list[ResponseFunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None
     include: list[str] | None = None
     reasoning: dict[str, Any] | None = None
 
+    @field_validator("max_output_tokens")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"max_output_tokens must be >= 1, got {value}")
+        return value
+
     @field_validator("input", mode="before")
     @classmethod
-    def _one_message(cls, value: Any) -> Any:
-        return [{"role": "user", "content": value}] if isinstance(value, str) else value
+    def _items(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [{"type": "message", "role": "user", "content": value}]
+        if isinstance(value, list):  # (the API lets a message leave out its type)
+            return [{"type": "message", **item} if isinstance(item, dict) and "type" not in item
+                    else item for item in value]
+        return value
 
     @model_validator(mode="after")
     def _supported(self) -> ResponsesRequest:
         if self.previous_response_id is not None:
             raise _conflict("previous_response_id", "this server stores no responses: send "
                             "the whole conversation as input")
-        if self.tools:
-            raise _conflict("tools", "tools are not supported on /v1/responses; use "
-                            "/v1/chat/completions for tool calls")
         if self.include:
             raise _conflict("include", "include is not supported")
         if self.reasoning:
@@ -522,13 +562,46 @@ class ResponsesRequest(_Strict):
             raise _conflict("input", "input must not be empty")
         return self
 
-    def messages(self) -> list[ChatMessage]:
-        """The conversation the chat template renders."""
-        items = [m.as_chat() for m in self.input]
+    def _messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat messages: consecutive function calls are one assistant
+        message's tool_calls, each output a tool message."""
+        messages: list[dict[str, Any]] = []
         if self.instructions is not None:
-            items.insert(0, ChatMessage(role="system", content=self.instructions))
-        return items
+            messages.append({"role": "system", "content": self.instructions})
+        for item in self.input:
+            if isinstance(item, ResponseInputMessage):
+                messages.append({"role": item.role, "content": item.content})
+            elif isinstance(item, ResponseFunctionCall):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if messages and messages[-1].get("tool_calls") is not None:
+                    messages[-1]["tool_calls"].append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                messages.append({"role": "tool", "tool_call_id": item.call_id,
+                                 "content": item.output})
+        return messages
 
-    def json_schema(self) -> str | None:
+    def to_chat(self) -> ChatCompletionRequest:
+        """The chat request this one asks for (its validation errors name chat's fields)."""
+        body: dict[str, Any] = {"messages": self._messages(), "max_tokens": self.max_output_tokens,
+                                "temperature": self.temperature, "top_p": self.top_p,
+                                "seed": self.seed}
         fmt = self.text.format if self.text is not None else None
-        return fmt.json_schema() if fmt is not None else None
+        if fmt is not None and fmt.type != "text":
+            body["response_format"] = (
+                {"type": "json_object"} if fmt.type == "json_object" else
+                {"type": "json_schema", "json_schema": {"name": fmt.name or "output",
+                                                        "schema": fmt.schema_ or {}}})
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t.model_dump(
+                exclude={"type", "strict"}, exclude_none=True)} for t in self.tools]
+        choice = self.tool_choice
+        if isinstance(choice, ResponseNamedToolChoice):
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        elif choice is not None:
+            body["tool_choice"] = choice
+        if self.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = self.parallel_tool_calls
+        return ChatCompletionRequest.model_validate(body)

@@ -1,32 +1,35 @@
-"""POST /v1/responses: OpenAI's Responses API for text, on the chat path (the messages
-rendered by the chat template, one reply). The reply is one `message` output item with one
-`output_text` part; streamed, it goes out as the API's named events, from
-`response.created` to `response.completed` (or `response.incomplete` when
-`max_output_tokens` cut it short). Nothing is stored."""
+"""POST /v1/responses: OpenAI's Responses API on the chat path. A request becomes a chat
+request (`ResponsesRequest.to_chat`: instructions, messages, earlier function calls and
+their outputs, function tools, `text.format`), served by the chat machinery with one choice;
+the reply's output items are a `message` with one `output_text` part and, with tools, the
+`function_call`s read from its text (`server.api.tools.read_calls`). Streamed, it goes out
+as the API's named events, from `response.created` to `response.completed` (or
+`response.incomplete` when `max_output_tokens` cut it short): text deltas as they come
+without tools; with tools, the items once the reply is whole (its text is read for calls
+only then). Nothing is stored."""
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
-from server.api.admission import check_model, resolve_max_tokens
+from server.api.admission import check_model, new_request_id
 from server.api.body import parse_body
 from server.api.config import ApiConfig
-from server.api.errors import bad_request
-from server.api.generation import ChoiceResult, check_context_length, make_jobs
-from server.api.protocol import ResponsesRequest
+from server.api.errors import from_validation_error
+from server.api.generation import ChoiceResult, make_jobs
+from server.api.protocol import ResponseNamedToolChoice, ResponsesRequest
 from server.api.serving import Generation
-from server.api.serving_chat import render_chat
+from server.api.serving_chat import prepare_chat
 from server.api.state import ServerState
+from server.api.tools import ToolMode, read_calls
 from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import SamplingParams, SamplingParamsError
-
-logger = logging.getLogger("leapfrog.api")
+from server.engine.sampling_params import SamplingParams
 
 
 def _status(finish_reason: str | None) -> str:
@@ -50,10 +53,11 @@ class ResponsesFormatter:
     named_events = True
     num_choices = 1
 
-    def __init__(self, req: ResponsesRequest, model: str, params: SamplingParams) -> None:
-        self.request_id = f"resp_{uuid.uuid4().hex}"
+    def __init__(self, request_id: str, req: ResponsesRequest, model: str,
+                 params: SamplingParams, mode: ToolMode) -> None:
+        self.request_id = request_id
         self.item_id = f"msg_{uuid.uuid4().hex}"
-        self.req, self.model, self.params = req, model, params
+        self.req, self.model, self.params, self.mode = req, model, params, mode
         self.created = int(time.time())
         self.sequence = 0
         self.text = ""
@@ -63,18 +67,26 @@ class ResponsesFormatter:
         self.sequence += 1
         return event
 
-    def _where(self) -> dict[str, Any]:
-        return {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-
     def _part(self, text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
-    def _item(self, status: str, text: str | None) -> dict[str, Any]:
+    def _message(self, status: str, text: str | None) -> dict[str, Any]:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant",
                 "content": [] if text is None else [self._part(text)]}
 
-    def _response(self, status: str, text: str | None, usage: dict[str, Any] | None,
-                  finish_reason: str | None = None) -> dict[str, Any]:
+    def _items(self, text: str) -> list[dict[str, Any]]:
+        """The finished reply's output items: its message (unless it is nothing but calls),
+        then its function calls."""
+        content, calls = read_calls(text, self.mode)
+        items = [] if content is None and calls else [self._message("completed", content or "")]
+        return items + [{"type": "function_call", "id": f"fc_{call['id'].removeprefix('call_')}",
+                         "call_id": call["id"], "name": call["function"]["name"],
+                         "arguments": call["function"]["arguments"], "status": "completed"}
+                        for call in calls]
+
+    def _response(self, status: str, output: list[dict[str, Any]],
+                  usage: dict[str, Any] | None, finish_reason: str | None = None
+                  ) -> dict[str, Any]:
         req, fmt = self.req, self.req.text.format if self.req.text else None
         return {
             "id": self.request_id, "object": "response", "created_at": self.created,
@@ -82,75 +94,96 @@ class ResponsesFormatter:
             "incomplete_details": ({"reason": "max_output_tokens"}
                                    if finish_reason == "length" else None),
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-            "model": self.model,
-            "output": [] if text is None else [self._item("completed", text)],
+            "model": self.model, "output": output,
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": None, "reasoning": None, "store": False,
             "temperature": self.params.temperature, "top_p": self.params.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)
                      if fmt is not None else {"type": "text"}},
-            "tool_choice": req.tool_choice or "auto", "tools": [], "truncation": "disabled",
+            "tool_choice": (req.tool_choice.model_dump()
+                            if isinstance(req.tool_choice, ResponseNamedToolChoice)
+                            else req.tool_choice or "auto"),
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+            "truncation": "disabled",
             "usage": None if usage is None else response_usage(usage),
             "user": req.user, "metadata": req.metadata or {},
         }
 
     def prelude(self) -> list[dict[str, Any]]:
-        started = self._response("in_progress", None, None)
-        return [self._event("response.created", response=started),
-                self._event("response.in_progress", response=started),
-                self._event("response.output_item.added", output_index=0,
-                            item=self._item("in_progress", None)),
-                self._event("response.content_part.added", **self._where(),
-                            part=self._part(""))]
+        started = self._response("in_progress", [], None)
+        events = [self._event("response.created", response=started),
+                  self._event("response.in_progress", response=started)]
+        if self.mode.kind == "none":  # (text goes out as it comes)
+            events += self._message_opened(0)
+        return events
+
+    def _message_opened(self, index: int) -> list[dict[str, Any]]:
+        return [self._event("response.output_item.added", output_index=index,
+                            item=self._message("in_progress", None)),
+                self._event("response.content_part.added", item_id=self.item_id,
+                            output_index=index, content_index=0, part=self._part(""))]
+
+    def _text_delta(self, index: int, delta: str) -> dict[str, Any]:
+        return self._event("response.output_text.delta", item_id=self.item_id,
+                           output_index=index, content_index=0, delta=delta, logprobs=[])
+
+    def _message_closed(self, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+        text = item["content"][0]["text"]
+        where = {"item_id": self.item_id, "output_index": index, "content_index": 0}
+        return [self._event("response.output_text.done", **where, text=text, logprobs=[]),
+                self._event("response.content_part.done", **where, part=self._part(text)),
+                self._event("response.output_item.done", output_index=index, item=item)]
+
+    def _call_events(self, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+        where = {"item_id": item["id"], "output_index": index}
+        return [self._event("response.output_item.added", output_index=index,
+                            item={**item, "arguments": "", "status": "in_progress"}),
+                self._event("response.function_call_arguments.delta", **where,
+                            delta=item["arguments"]),
+                self._event("response.function_call_arguments.done", **where,
+                            arguments=item["arguments"], name=item["name"]),
+                self._event("response.output_item.done", output_index=index, item=item)]
 
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
-        if not out.new_text:
-            return None
         self.text += out.new_text
-        return self._event("response.output_text.delta", **self._where(), delta=out.new_text,
-                           logprobs=[])
+        if self.mode.kind != "none" or not out.new_text:
+            return None
+        return self._text_delta(0, out.new_text)
 
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
                 include_usage: bool) -> list[dict[str, Any]]:
         reason = results[0].finish_reason
-        done = self._response(_status(reason), self.text, usage, reason)
-        return [self._event("response.output_text.done", **self._where(), text=self.text,
-                            logprobs=[]),
-                self._event("response.content_part.done", **self._where(),
-                            part=self._part(self.text)),
-                self._event("response.output_item.done", output_index=0,
-                            item=self._item("completed", self.text)),
-                self._event("response.incomplete" if reason == "length" else
-                            "response.completed", response=done)]
+        items = self._items(self.text)
+        events = []
+        for index, item in enumerate(items):
+            if item["type"] == "function_call":
+                events += self._call_events(index, item)
+                continue
+            if self.mode.kind != "none":  # (not opened by the prelude)
+                events += self._message_opened(index)
+                events.append(self._text_delta(index, item["content"][0]["text"]))
+            events += self._message_closed(index, item)
+        done = self._response(_status(reason), items, usage, reason)
+        kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
+        return [*events, self._event(kind, response=done)]
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         r = results[0]
-        return self._response(_status(r.finish_reason), "".join(r.text), usage, r.finish_reason)
+        return self._response(_status(r.finish_reason), self._items("".join(r.text)), usage,
+                              r.finish_reason)
 
 
 async def create_response(request: Request, state: ServerState, api: ApiConfig) -> Response:
     engine = state.require_engine()
     req = await parse_body(request, ResponsesRequest, api.max_body_bytes)
     check_model(req.model, engine)
-    text, prompt_ids = render_chat(engine.tokenizer, req.messages(), None,
-                                   {"add_generation_prompt": True})
-    max_tokens = resolve_max_tokens(req.max_output_tokens, len(prompt_ids),
-                                    engine.max_model_len)
-    values: dict[str, Any] = {"max_tokens": max_tokens, "seed": req.seed,
-                              "json_schema": req.json_schema()}
-    for name in ("temperature", "top_p"):
-        if getattr(req, name) is not None:
-            values[name] = getattr(req, name)
     try:
-        params = SamplingParams(**values)
-    except SamplingParamsError as exc:
-        param = "max_output_tokens" if exc.param == "max_tokens" else exc.param
-        raise bad_request(str(exc).replace("max_tokens", "max_output_tokens"), param=param,
-                          code="invalid_value") from exc
-    check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
-    formatter = ResponsesFormatter(req, engine.model_name, params)
-    if api.log_prompts:
-        logger.debug("request %s prompt: %r", formatter.request_id, text)
-    jobs = make_jobs(formatter.request_id, [prompt_ids], 1, params)
-    generation = Generation(state, engine, jobs, [len(prompt_ids)], formatter, req.user)
+        chat = req.to_chat()
+    except ValidationError as exc:  # (what only the chat request checks: tool_choice's name)
+        raise from_validation_error(exc) from exc
+    request_id = new_request_id("resp").replace("-", "_")
+    job = prepare_chat(chat, engine, api, request_id)
+    formatter = ResponsesFormatter(request_id, req, engine.model_name, job.params, job.mode)
+    jobs = make_jobs(request_id, [job.prompt_ids], 1, job.params)
+    generation = Generation(state, engine, jobs, [len(job.prompt_ids)], formatter, req.user)
     return await generation.respond(request, req.stream, False)
