@@ -198,6 +198,14 @@ def test_responses_api_replies_as_chat_does(client, model) -> None:
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == (
         reply.output_text)
     assert events[-1].response.output_text == reply.output_text
+    weather = {"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    forced = client.responses.create(
+        model=model, input="What is the weather in Paris?", tools=[weather], temperature=0,
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40)
+    (call,) = forced.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert set(json.loads(call.arguments)) == {"city"}
 
 
 def test_stop_string_is_not_returned(client, model) -> None:
