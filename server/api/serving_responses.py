@@ -60,7 +60,6 @@ class ResponsesFormatter:
         self.req, self.model, self.params, self.mode = req, model, params, mode
         self.created = int(time.time())
         self.sequence = 0
-        self.text = ""
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -145,7 +144,6 @@ class ResponsesFormatter:
                 self._event("response.output_item.done", output_index=index, item=item)]
 
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
-        self.text += out.new_text
         if self.mode.kind != "none" or not out.new_text:
             return None
         return self._text_delta(0, out.new_text)
@@ -153,7 +151,7 @@ class ResponsesFormatter:
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
                 include_usage: bool) -> list[dict[str, Any]]:
         reason = results[0].finish_reason
-        items = self._items(self.text)
+        items = self._items("".join(results[0].text))
         events = []
         for index, item in enumerate(items):
             if item["type"] == "function_call":
