@@ -23,7 +23,7 @@ from server.api.body import parse_body
 from server.api.config import ApiConfig
 from server.api.errors import from_validation_error
 from server.api.generation import ChoiceResult, make_jobs
-from server.api.protocol import ResponseNamedToolChoice, ResponsesRequest
+from server.api.protocol_responses import ResponseNamedToolChoice, ResponsesRequest
 from server.api.serving import Generation
 from server.api.serving_chat import prepare_chat
 from server.api.state import ServerState

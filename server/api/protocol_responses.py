@@ -1,0 +1,195 @@
+"""Request models of POST /v1/responses (OpenAI's Responses API), which becomes the chat
+request it amounts to (`ResponsesRequest.to_chat`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from server.api.protocol import ChatCompletionRequest, _conflict, _Strict
+
+
+class ResponseTextFormat(_Strict):
+    """The Responses API's `text.format`: plain text, any JSON object, or JSON following a
+    schema (`json_schema`: name, schema, strict, description)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseText(_Strict):
+    format: ResponseTextFormat | None = None
+
+
+class ResponseInputMessage(_Strict):
+    """An input item of the Responses API: a message, its content a string or a list of
+    text parts (`input_text`, or `output_text` in an assistant message fed back)."""
+
+    type: Literal["message"]
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: str | list[dict[str, Any]]) -> str:
+        if isinstance(value, str):
+            return value
+        texts = []
+        for part in value:
+            kind = part.get("type")
+            if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part type {kind!r} is not supported; only "
+                                 "'input_text' and 'output_text' with a string 'text'")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ResponseFunctionCall(_Strict):
+    """An input item: a function call the model made earlier in the conversation."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponseFunctionCallOutput(_Strict):
+    """An input item: what a function call returned."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+ResponseInputItem = Annotated[
+    ResponseInputMessage | ResponseFunctionCall | ResponseFunctionCallOutput,
+    Field(discriminator="type")]
+
+
+class ResponseFunctionTool(_Strict):
+    """A function tool, in the Responses API's flat shape."""
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseNamedToolChoice(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesRequest(_Strict):
+    """POST /v1/responses (OpenAI's Responses API) for text and function calls: `input` is
+    a string (one user message) or a list of messages, earlier function calls and their
+    outputs; `instructions` a system message before them. It becomes a chat request
+    (`to_chat`). Nothing is stored: `previous_response_id` is refused."""
+
+    model: str | None = None
+    input: list[ResponseInputItem]
+    """(a string is one user message, an item without a type a message: `_items`)"""
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    """(an extension, as vLLM's)"""
+    stream: bool = False
+    text: ResponseText | None = None
+    store: bool | None = None
+    """Taken and ignored: nothing is stored (the reply says `store: false`)."""
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    previous_response_id: str | None = None
+    tools: list[ResponseFunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+    include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
+
+    @field_validator("max_output_tokens")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"max_output_tokens must be >= 1, got {value}")
+        return value
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _items(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [{"type": "message", "role": "user", "content": value}]
+        if isinstance(value, list):  # (the API lets a message leave out its type)
+            return [{"type": "message", **item} if isinstance(item, dict) and "type" not in item
+                    else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> ResponsesRequest:
+        if self.previous_response_id is not None:
+            raise _conflict("previous_response_id", "this server stores no responses: send "
+                            "the whole conversation as input")
+        if self.include:
+            raise _conflict("include", "include is not supported")
+        if self.reasoning:
+            raise _conflict("reasoning", "reasoning options are not supported")
+        if not self.input:
+            raise _conflict("input", "input must not be empty")
+        return self
+
+    def _messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat messages: consecutive function calls are one assistant
+        message's tool_calls, each output a tool message."""
+        messages: list[dict[str, Any]] = []
+        if self.instructions is not None:
+            messages.append({"role": "system", "content": self.instructions})
+        for item in self.input:
+            if isinstance(item, ResponseInputMessage):
+                messages.append({"role": item.role, "content": item.content})
+            elif isinstance(item, ResponseFunctionCall):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if messages and messages[-1].get("tool_calls") is not None:
+                    messages[-1]["tool_calls"].append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                messages.append({"role": "tool", "tool_call_id": item.call_id,
+                                 "content": item.output})
+        return messages
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The chat request this one asks for (its validation errors name chat's fields)."""
+        body: dict[str, Any] = {"messages": self._messages(), "max_tokens": self.max_output_tokens,
+                                "temperature": self.temperature, "top_p": self.top_p,
+                                "seed": self.seed}
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and fmt.type != "text":
+            body["response_format"] = (
+                {"type": "json_object"} if fmt.type == "json_object" else
+                {"type": "json_schema", "json_schema": {"name": fmt.name or "output",
+                                                        "schema": fmt.schema_ or {}}})
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t.model_dump(
+                exclude={"type", "strict"}, exclude_none=True)} for t in self.tools]
+        choice = self.tool_choice
+        if isinstance(choice, ResponseNamedToolChoice):
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        elif choice is not None:
+            body["tool_choice"] = choice
+        if self.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = self.parallel_tool_calls
+        return ChatCompletionRequest.model_validate(body)
