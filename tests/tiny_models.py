@@ -19,12 +19,12 @@ VOCAB = 128
 
 
 def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> PretrainedConfig:
-    """`overrides`: more config fields (e.g. a sliding window)."""
+    """`overrides`: more config fields (e.g. a sliding window) or other values of these."""
     common = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **overrides,
-    )
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    ) | overrides
     if arch == "llama":
         return LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
     if arch == "llama3":
