@@ -1,3 +1,3 @@
 """Speculative decoding: drafter interface, drafters, lossless verification."""
 
-from drafters import head, ngram  # noqa: F401  (registers the built-in drafters)
+from drafters import draft_model, head, ngram  # noqa: F401  (registers the built-in drafters)

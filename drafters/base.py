@@ -15,6 +15,8 @@ from typing import ClassVar, TypeVar
 
 import torch
 
+from server.models.batch import BatchMeta
+
 
 class History(Sequence[int]):
     """A request's tokens read as one sequence without copying them: its prompt, its output
@@ -85,6 +87,11 @@ class DraftBatch:
     writing their KV, and returns the final-normed hidden states [len(rows), hidden]. The
     engine reserves the KV slots of the positions a request's drafts may take; verification
     overwrites them."""
+    meta: Callable[[list[list[int]], list[int], list[int]], BatchMeta] | None = None
+    """For drafters with a paged KV cache of their own (of the target's block size):
+    meta(block_tables, positions, query_lens) -> the attention metadata of a flat batch of
+    sequences with those block tables, query_lens[i] new tokens each, at `positions` (all
+    rows, in order; a sequence's context ends at its last new token)."""
 
 
 @dataclass

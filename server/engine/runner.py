@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -423,6 +424,13 @@ class ModelRunner:
 
         return forward
 
+    def _own_meta(self, tables: list[list[int]], positions: list[int], query_lens: list[int]
+                  ) -> BatchMeta:
+        """`DraftBatch.meta`: attention metadata for a drafter's own cache."""
+        starts = list(accumulate(query_lens, initial=0))
+        return batch_meta([tables], positions, [positions[end - 1] + 1 for end in starts[1:]],
+                          starts, self.blocks.block_size, self.device, self.device.type == "cpu")
+
     def _draft(self, owners: list[tuple[ScheduledRequest, int]], sampled: dict[str, SampledTokens],
                hidden: torch.Tensor, last_rows: list[int]) -> None:
         # (a request a stop string ended while this step ran has no next step)
@@ -445,7 +453,7 @@ class ModelRunner:
         if self.drafter.num_draft_layers:
             forward = self._shallow_forward([r.request_id for r in requests],
                                             [len(r.token_ids) - 1 for r in requests])
-        proposals = self.drafter.propose(DraftBatch(requests, states, forward))
+        proposals = self.drafter.propose(DraftBatch(requests, states, forward, self._own_meta))
         for (s, _), proposal in zip(wanted, proposals, strict=True):
             result = sampled[s.request.request_id]
             k = s.num_draft_tokens_next
