@@ -19,8 +19,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--speculative", default=None, help="drafter name (ngram, head, early-exit, ngram-head); default off")
-    p.add_argument("--speculative-model", default=None, help="trained drafter weights (head, early-exit, ngram-head)")
+    p.add_argument("--speculative", default=None, help="drafter name (ngram, head, early-exit, ngram-head, draft-model); default off")
+    p.add_argument("--speculative-model", default=None, help="trained drafter weights (head, early-exit, ngram-head) or the draft model (draft-model)")
     p.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.num_speculative_tokens,
                    help="most draft tokens per step")
 

@@ -78,3 +78,13 @@ def test_a_bad_chat_template_ends_serve_before_it_starts() -> None:
         configs_from_args(parse(["--chat-template", "{{ oops"]))
     engine, _ = configs_from_args(parse(["--chat-template", "{{ messages }}"]))
     assert engine.chat_template == "{{ messages }}"
+
+
+def test_a_missing_speculative_model_ends_serve_before_it_starts(tmp_path) -> None:
+    parse = _parser().parse_args
+    with pytest.raises(SystemExit, match="--speculative-model: no such file .*/none.gguf"):
+        configs_from_args(parse(["--speculative", "draft-model", "--speculative-model",
+                                 str(tmp_path / "none.gguf")]))
+    engine, _ = configs_from_args(parse(["--speculative", "draft-model", "--speculative-model",
+                                         str(tmp_path)]))
+    assert engine.speculative_model == str(tmp_path)

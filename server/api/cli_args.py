@@ -10,6 +10,7 @@ import argparse
 import os
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from server.api.config import ApiConfig
@@ -127,9 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(eng, "--speculative", str, e.speculative,
          "Drafter: ngram (prompt lookup); head (a trained draft head), early-exit "
          "(self-speculation) or ngram-head (lookup, then the head), each with "
-         "--speculative-model; unset: no speculation")
+         "--speculative-model; draft-model (a smaller model with the same tokenizer, "
+         "named by --speculative-model); unset: no speculation")
     _add(eng, "--speculative-model", str, e.speculative_model,
-         "Trained drafter weights (the file `leapfrog train-drafter` writes)")
+         "Trained drafter weights (the file `leapfrog train-drafter` writes), or the "
+         "draft model (a GGUF file or HF directory) for draft-model")
     _add(eng, "--num-speculative-tokens", int, e.num_speculative_tokens,
          "Most draft tokens per request per step")
     _add(eng, "--seed", int, e.seed, "Seed for requests that give none")
@@ -177,6 +180,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
             read_chat_template(engine.chat_template)
         except ValueError as exc:
             raise SystemExit(f"error: --chat-template: {exc}") from None
+    if engine.speculative_model is not None and not Path(engine.speculative_model).exists():
+        raise SystemExit(f"error: --speculative-model: no such file or directory: "
+                         f"{engine.speculative_model}")
     api = ApiConfig(
         host=args.host, port=args.port, api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,

@@ -36,6 +36,8 @@ PHASES = ("schedule", "fill", "model", "draft", "update", "outputs")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
     p.add_argument("--speculative", default="ngram", help="drafter, or none")
+    p.add_argument("--speculative-model", default=None,
+                   help="trained drafter weights, or the draft model (draft-model)")
     p.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.num_speculative_tokens)
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     p.add_argument("--max-tokens", type=int, default=128, help="cap on each prompt's output tokens")
@@ -158,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     speculative = None if args.speculative in (None, "none") else args.speculative
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
               max_num_seqs=max(batch_sizes), max_num_batched_tokens=1024, speculative=speculative,
+              speculative_model=args.speculative_model,
               num_speculative_tokens=args.num_speculative_tokens,
               enable_prefix_caching=False)  # (each step shape as before it)
     tok = llm.tokenizer

@@ -21,8 +21,9 @@ from server.engine.config import EngineConfig
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model path (default: the embedded model)")
-    p.add_argument("--speculative", default="ngram", help="drafter to measure (ngram, head, early-exit, ngram-head)")
-    p.add_argument("--speculative-model", default=None, help="trained drafter weights (head, early-exit, ngram-head)")
+    p.add_argument("--speculative", default="ngram", help="drafter to measure (ngram, head, early-exit, ngram-head, draft-model)")
+    p.add_argument("--speculative-model", default=None, help="trained drafter weights (head, early-exit, ngram-head) or the draft model "
+                   "(draft-model)")
     p.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.num_speculative_tokens,
                    help="most draft tokens per step (the adaptive policy may use fewer)")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")

@@ -65,10 +65,12 @@ class EngineConfig:
     on unless some layer attends to sinks + a window; True insists (an error with such
     layers); False turns it off."""
     speculative: str | None = None
-    """Drafter name (ngram, head, early-exit, ngram-head) or None for no speculation."""
+    """Drafter name (ngram, head, early-exit, ngram-head, draft-model) or None for no
+    speculation."""
     speculative_model: str | None = None
     """Trained drafter weights (`leapfrog train-drafter`'s output), for drafters that
-    take them (head, early-exit, ngram-head)."""
+    take them (head, early-exit, ngram-head); for draft-model, the draft model (a GGUF
+    file or HF directory sharing the target's tokenizer)."""
     num_speculative_tokens: int = 8
     """Most draft tokens per request per step."""
     seed: int = 0
