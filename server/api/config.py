@@ -26,8 +26,11 @@ class ApiConfig:
     log_level: str = "info"
     """Log level of the server's own and uvicorn's loggers."""
     retry_after_s: int = 1
+    """Seconds sent in `Retry-After` with 429 (queue full) and 503 (loading, draining)."""
     allowed_origins: tuple[str, ...] = ()
     """Web origins (`https://ui.example.com`, or `*` for any) whose pages may call the API
     from a browser (CORS); empty: none, so that no web page a user opens can use a server
     on their machine."""
-    """Seconds sent in `Retry-After` with 429 (queue full) and 503 (loading, draining)."""
+    max_stored_responses: int = 1000
+    """Responses of /v1/responses kept in memory for `previous_response_id` and GET
+    /v1/responses/{id}: the most recently used; 0 keeps none."""
