@@ -50,7 +50,7 @@ def test_a_response_is_the_chat_reply(served) -> None:
                                                    ("user", "hello")))
     assert reply.usage.output_tokens == 40 == reply.usage.total_tokens - reply.usage.input_tokens
     assert (reply.temperature, reply.top_p, reply.metadata) == (0.5, 0.9, {"k": "v"})
-    assert reply.store is False
+    assert reply.store is True and reply.previous_response_id is None
     params = engine.params[reply.id]
     assert (params.max_tokens, params.temperature, params.top_p) == (40, 0.5, 0.9)
     listed = client.responses.create(model="fake-model", input=[
@@ -100,7 +100,6 @@ def test_the_stream_sends_the_named_events_in_order(served) -> None:
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {
         "type": "function", "name": "g"}}, "tool_choice"),
@@ -118,6 +117,65 @@ def test_refusals_name_the_field(served, fields, param) -> None:
     resp = httpx.post(url + "/v1/responses", json={"input": "hi", **fields})
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"].startswith(param), resp.json()
+
+
+def test_stored_responses_continue_a_conversation(served) -> None:
+    """A response continued by `previous_response_id` puts the whole chain before its
+    input (each turn's input and output; instructions are not carried over); GET returns a
+    stored response, DELETE drops it, and a chain with a dropped link is a 404."""
+    url, client, engine = served
+    first = client.responses.create(model="fake-model", instructions="be brief",
+                                    input="hello", max_output_tokens=4)
+    second = client.responses.create(model="fake-model", previous_response_id=first.id,
+                                     input="again", max_output_tokens=4)
+    turns = [("user", "hello"), ("assistant", first.output_text), ("user", "again")]
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens == len(_prompt(engine, *turns))
+    assert second.output_text == engine.script(engine.tokenizer.encode(_prompt(
+        engine, *turns)), engine.params[second.id])[:4]
+    events = list(client.responses.create(model="fake-model", previous_response_id=second.id,
+                                          input="more", max_output_tokens=4, stream=True))
+    third = events[-1].response
+    turns += [("assistant", second.output_text), ("user", "more")]
+    assert third.usage.input_tokens == len(_prompt(engine, *turns)) and third.store
+    got = client.responses.retrieve(first.id)
+    assert (got.id, got.output_text, got.instructions) == (first.id, first.output_text,
+                                                           "be brief")
+    assert client.responses.retrieve(third.id).output_text == third.output_text
+    assert client.responses.delete(second.id) is None  # (the client returns nothing)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+    resp = httpx.post(url + "/v1/responses", json={
+        "input": "x", "previous_response_id": third.id})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "previous_response_id"
+    assert httpx.delete(url + "/v1/responses/" + second.id).status_code == 404
+    unkept = client.responses.create(model="fake-model", input="x", max_output_tokens=2,
+                                      store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+
+
+def test_the_store_keeps_the_most_recently_used() -> None:
+    from server.api.protocol_responses import ResponseInputMessage
+    from server.api.response_store import ResponseStore
+
+    store = ResponseStore(2)
+
+    def put(rid: str, previous: str | None = None) -> None:
+        store.put({"id": rid, "output": [{"type": "message", "content": [
+            {"type": "output_text", "text": rid.upper()}]}]},
+            [ResponseInputMessage(type="message", role="user", content=rid)], previous)
+
+    put("a")
+    put("b", previous="a")
+    assert [(m.role, m.content) for m in store.conversation("b")] == [
+        ("user", "a"), ("assistant", "A"), ("user", "b"), ("assistant", "B")]
+    put("c")  # "b" was used before "a" (its chain ends with "a")
+    assert store.get("b") is None and store.get("a") is not None and len(store) == 2
+    assert store.conversation("c") is not None
+    put("d", previous="b")
+    assert store.conversation("d") is None  # (a link is gone)
 
 
 def test_json_formats_reach_the_engine(served) -> None:
@@ -179,6 +237,14 @@ def test_function_calls_are_output_items(tools_served) -> None:
     assert [(i.type, getattr(i, "arguments", None)) for i in done] == [
         (i.type, getattr(i, "arguments", None)) for i in reply.output]
     assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1, 2]
+    # the calls' results, sent after the stored reply: its calls are the assistant's
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "12C"}
+               for c in calls]
+    client.responses.create(model="fake-model", previous_response_id=reply.id, input=outputs,
+                            tools=TOOLS, tool_choice="none", max_output_tokens=5)
+    assert ('<assistant>Let me look.<tool_call>{"name": "get_weather", "arguments": {"city": '
+            '"Paris"}}</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": '
+            '"Rome"}}</tool_call>\n<tool>12C' + calls[0].call_id) in engine.prompts[-1]
 
 
 def test_earlier_calls_and_their_outputs_reach_the_template(tools_served) -> None:

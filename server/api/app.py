@@ -24,9 +24,10 @@ from server.api.auth import check_api_key
 from server.api.config import ApiConfig
 from server.api.errors import install_error_handlers
 from server.api.lifecycle import DrainingServer
+from server.api.response_store import ResponseStore
 from server.api.serving_chat import create_chat_completion
 from server.api.serving_completions import create_completion
-from server.api.serving_responses import create_response
+from server.api.serving_responses import create_response, delete_response, get_response
 from server.api.serving_tokens import detokenize, tokenize, tokenizer_info
 from server.api.state import ServerState
 from server.engine.config import EngineConfig
@@ -69,6 +70,7 @@ def _api_routes(state: ServerState, api: ApiConfig) -> APIRouter:
 
     router = APIRouter(dependencies=[Depends(authorized)])
     created = int(time.time())
+    stored = ResponseStore(api.max_stored_responses)
 
     def model_card() -> dict[str, Any]:
         engine = state.require_engine()
@@ -94,7 +96,15 @@ def _api_routes(state: ServerState, api: ApiConfig) -> APIRouter:
 
     @router.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        return await create_response(request, state, api)
+        return await create_response(request, state, api, stored)
+
+    @router.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> dict[str, Any]:
+        return get_response(response_id, stored)
+
+    @router.delete("/v1/responses/{response_id}")
+    async def delete_stored_response(response_id: str) -> dict[str, Any]:
+        return delete_response(response_id, stored)
 
     @router.post("/tokenize")
     async def tokenize_route(request: Request) -> dict[str, Any]:

@@ -162,6 +162,9 @@ def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
     _add(srv, "--drain-timeout", float, a.drain_timeout_s,
          "Seconds in-flight requests may run after SIGTERM/SIGINT before exit")
     _add(srv, "--max-n", int, a.max_n, "Largest `n` (choices per prompt) a request may ask for")
+    _add(srv, "--max-stored-responses", int, a.max_stored_responses,
+         "Responses of /v1/responses kept in memory for previous_response_id and GET "
+         "/v1/responses/{id} (the most recently used); 0 keeps none")
     _add(srv, "--log-level", str, a.log_level, "Log level",
          choices=["debug", "info", "warning", "error"])
     _add_switch(srv, "--log-prompts", "Log prompt text at DEBUG level (off: prompts are user data)")
@@ -186,7 +189,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
     api = ApiConfig(
         host=args.host, port=args.port, api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
-        max_n=args.max_n, log_prompts=args.log_prompts, log_level=args.log_level,
+        max_n=args.max_n, max_stored_responses=args.max_stored_responses,
+        log_prompts=args.log_prompts, log_level=args.log_level,
         allowed_origins=args.allowed_origins,
     )
     return engine, api

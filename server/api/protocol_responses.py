@@ -3,6 +3,7 @@ request it amounts to (`ResponsesRequest.to_chat`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -95,7 +96,8 @@ class ResponsesRequest(_Strict):
     """POST /v1/responses (OpenAI's Responses API) for text and function calls: `input` is
     a string (one user message) or a list of messages, earlier function calls and their
     outputs; `instructions` a system message before them. It becomes a chat request
-    (`to_chat`). Nothing is stored: `previous_response_id` is refused."""
+    (`to_chat`), after the conversation of `previous_response_id` where one is named
+    (`server.api.response_store`)."""
 
     model: str | None = None
     input: list[ResponseInputItem]
@@ -109,7 +111,8 @@ class ResponsesRequest(_Strict):
     stream: bool = False
     text: ResponseText | None = None
     store: bool | None = None
-    """Taken and ignored: nothing is stored (the reply says `store: false`)."""
+    """Keep the response for `previous_response_id` and GET /v1/responses/{id} (unset:
+    yes, as OpenAI; the server's --max-stored-responses bounds how many)."""
     metadata: dict[str, str] | None = None
     user: str | None = None
     previous_response_id: str | None = None
@@ -139,9 +142,6 @@ class ResponsesRequest(_Strict):
 
     @model_validator(mode="after")
     def _supported(self) -> ResponsesRequest:
-        if self.previous_response_id is not None:
-            raise _conflict("previous_response_id", "this server stores no responses: send "
-                            "the whole conversation as input")
         if self.include:
             raise _conflict("include", "include is not supported")
         if self.reasoning:
@@ -150,20 +150,21 @@ class ResponsesRequest(_Strict):
             raise _conflict("input", "input must not be empty")
         return self
 
-    def _messages(self) -> list[dict[str, Any]]:
-        """The conversation as chat messages: consecutive function calls are one assistant
-        message's tool_calls, each output a tool message."""
+    def _messages(self, earlier: Sequence[ResponseInputItem]) -> list[dict[str, Any]]:
+        """The conversation as chat messages: function calls are the tool_calls of the
+        assistant message before them (one made for them if there is none), each output a
+        tool message."""
         messages: list[dict[str, Any]] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
-        for item in self.input:
+        for item in [*earlier, *self.input]:
             if isinstance(item, ResponseInputMessage):
                 messages.append({"role": item.role, "content": item.content})
             elif isinstance(item, ResponseFunctionCall):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
-                if messages and messages[-1].get("tool_calls") is not None:
-                    messages[-1]["tool_calls"].append(call)
+                if messages and messages[-1]["role"] == "assistant":  # (the same turn)
+                    messages[-1].setdefault("tool_calls", []).append(call)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
@@ -171,9 +172,10 @@ class ResponsesRequest(_Strict):
                                  "content": item.output})
         return messages
 
-    def to_chat(self) -> ChatCompletionRequest:
-        """The chat request this one asks for (its validation errors name chat's fields)."""
-        body: dict[str, Any] = {"messages": self._messages(), "max_tokens": self.max_output_tokens,
+    def to_chat(self, earlier: Sequence[ResponseInputItem] = ()) -> ChatCompletionRequest:
+        """The chat request this one asks for after the `earlier` items of the conversation
+        it continues (its validation errors name chat's fields)."""
+        body: dict[str, Any] = {"messages": self._messages(earlier), "max_tokens": self.max_output_tokens,
                                 "temperature": self.temperature, "top_p": self.top_p,
                                 "seed": self.seed}
         fmt = self.text.format if self.text is not None else None

@@ -6,7 +6,9 @@ the reply's output items are a `message` with one `output_text` part and, with t
 as the API's named events, from `response.created` to `response.completed` (or
 `response.incomplete` when `max_output_tokens` cut it short): text deltas as they come
 without tools; with tools, the items once the reply is whole (its text is read for calls
-only then). Nothing is stored."""
+only then). Finished responses are kept (`server.api.response_store`) unless the request
+says `store: false`: a later request continues one with `previous_response_id`, and GET and
+DELETE /v1/responses/{id} read and drop them."""
 
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ from pydantic import ValidationError
 from server.api.admission import check_model, new_request_id
 from server.api.body import parse_body
 from server.api.config import ApiConfig
-from server.api.errors import from_validation_error
+from server.api.errors import ApiError, from_validation_error
 from server.api.generation import ChoiceResult, make_jobs
-from server.api.protocol_responses import ResponseNamedToolChoice, ResponsesRequest
+from server.api.protocol_responses import (
+    ResponseInputItem,
+    ResponseNamedToolChoice,
+    ResponsesRequest,
+)
+from server.api.response_store import ResponseStore
 from server.api.serving import Generation
 from server.api.serving_chat import prepare_chat
 from server.api.state import ServerState
@@ -54,8 +61,10 @@ class ResponsesFormatter:
     num_choices = 1
 
     def __init__(self, request_id: str, req: ResponsesRequest, model: str,
-                 params: SamplingParams, mode: ToolMode) -> None:
+                 params: SamplingParams, mode: ToolMode, store: ResponseStore | None) -> None:
+        """`store`: where the finished response is kept; None: nowhere."""
         self.request_id = request_id
+        self.store = store
         self.item_id = f"msg_{uuid.uuid4().hex}"
         self.req, self.model, self.params, self.mode = req, model, params, mode
         self.created = int(time.time())
@@ -95,7 +104,8 @@ class ResponsesFormatter:
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "model": self.model, "output": output,
             "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": None, "reasoning": None, "store": False,
+            "previous_response_id": req.previous_response_id, "reasoning": None,
+            "store": self.store is not None,
             "temperature": self.params.temperature, "top_p": self.params.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)
                      if fmt is not None else {"type": "text"}},
@@ -161,27 +171,60 @@ class ResponsesFormatter:
                 events += self._message_opened(index)
                 events.append(self._text_delta(index, item["content"][0]["text"]))
             events += self._message_closed(index, item)
-        done = self._response(_status(reason), items, usage, reason)
+        done = self._finished(self._response(_status(reason), items, usage, reason))
         kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
         return [*events, self._event(kind, response=done)]
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         r = results[0]
-        return self._response(_status(r.finish_reason), self._items("".join(r.text)), usage,
-                              r.finish_reason)
+        return self._finished(self._response(_status(r.finish_reason),
+                                             self._items("".join(r.text)), usage, r.finish_reason))
+
+    def _finished(self, response: dict[str, Any]) -> dict[str, Any]:
+        if self.store is not None:
+            self.store.put(response, list(self.req.input), self.req.previous_response_id)
+        return response
 
 
-async def create_response(request: Request, state: ServerState, api: ApiConfig) -> Response:
+def _not_found(response_id: str, param: str) -> ApiError:
+    return ApiError(404, f"No response with id '{response_id}' is stored here (it was not "
+                    f"stored, was deleted, or is older than the stored ones).", param=param,
+                    code="response_not_found")
+
+
+async def create_response(request: Request, state: ServerState, api: ApiConfig,
+                          store: ResponseStore) -> Response:
     engine = state.require_engine()
     req = await parse_body(request, ResponsesRequest, api.max_body_bytes)
     check_model(req.model, engine)
+    earlier: list[ResponseInputItem] = []
+    if req.previous_response_id is not None:
+        found = store.conversation(req.previous_response_id)
+        if found is None:
+            raise _not_found(req.previous_response_id, "previous_response_id")
+        earlier = found
     try:
-        chat = req.to_chat()
+        chat = req.to_chat(earlier)
     except ValidationError as exc:  # (what only the chat request checks: tool_choice's name)
         raise from_validation_error(exc) from exc
     request_id = new_request_id("resp").replace("-", "_")
     job = prepare_chat(chat, engine, api, request_id)
-    formatter = ResponsesFormatter(request_id, req, engine.model_name, job.params, job.mode)
+    keep = store if req.store is not False and store.capacity > 0 else None
+    formatter = ResponsesFormatter(request_id, req, engine.model_name, job.params, job.mode,
+                                   keep)
     jobs = make_jobs(request_id, [job.prompt_ids], 1, job.params)
     generation = Generation(state, engine, jobs, [len(job.prompt_ids)], formatter, req.user)
     return await generation.respond(request, req.stream, False)
+
+
+def get_response(response_id: str, store: ResponseStore) -> dict[str, Any]:
+    entry = store.get(response_id)
+    if entry is None:
+        raise _not_found(response_id, "response_id")
+    return entry.response
+
+
+def delete_response(response_id: str, store: ResponseStore) -> dict[str, Any]:
+    if not store.delete(response_id):
+        raise _not_found(response_id, "response_id")
+    return {"id": response_id, "object": "response", "deleted": True}
