@@ -117,6 +117,30 @@ def test_idle_requests_give_way_when_the_pool_runs_short(tiny_model_dir, small_d
     assert [len(d) for d in propose({"a": a, "b": b + [1, 2]})] == [0, 4]
 
 
+def test_preemption_staggered_arrivals_and_a_short_draft_pool(tiny_model_dir, small_draft,
+                                                              monkeypatch) -> None:
+    """A target pool small enough to preempt, requests arriving while others run, and a
+    draft cache no larger than the target's (so that some requests find no room for their
+    drafts): the target's greedy tokens, and every block of both pools back at the end."""
+    from tests.test_engine import GREEDY, mixed_prompts, run_staggered
+
+    monkeypatch.setattr(draft_model, "SPARE_BLOCKS", 0)
+    target = str(tiny_model_dir("llama"))  # (a Qwen2 model drafts for a Llama one)
+    small = dict(dtype="float32", num_kv_blocks=24, block_size=4, max_num_batched_tokens=64,
+                 debug_check_integrity=True)
+    prompts = mixed_prompts(6)
+    expected = [c.token_ids for c in LLM(target, **small).generate(prompts, GREEDY)]
+    llm = LLM(target, speculative="draft-model", speculative_model=str(small_draft),
+              num_speculative_tokens=4, **small)
+    llm.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [c.token_ids for c in run_staggered(llm, prompts, GREEDY, every=2)] == expected
+    drafter = llm.engine.drafter
+    assert llm.engine.blocks.num_free_blocks == 24 and drafter.num_free_blocks == 24
+    assert not drafter._states
+
+
 def test_draft_models_the_target_cannot_use_are_refused(tiny_model_dir, tmp_path) -> None:
     target = tiny_model_dir("qwen2")
     with pytest.raises(ValueError, match="--speculative-model PATH"):
