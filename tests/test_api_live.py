@@ -179,35 +179,6 @@ def test_a_reply_continues_the_final_assistant_message(url, client, model) -> No
                                        extra_body={"chat_template_kwargs": {"tokenize": True}})
 
 
-def test_responses_api_replies_as_chat_does(client, model) -> None:
-    """/v1/responses through the official client: the greedy reply to instructions + input
-    is the chat reply to the same messages, streamed or not, with the same token counts."""
-    chat = client.chat.completions.create(
-        model=model, max_tokens=16, temperature=0,
-        messages=[{"role": "system", "content": "Answer briefly."}, *MSG])
-    reply = client.responses.create(model=model, instructions="Answer briefly.", input=MSG,
-                                    max_output_tokens=16, temperature=0)
-    assert reply.output_text == chat.choices[0].message.content
-    assert reply.usage.input_tokens == chat.usage.prompt_tokens
-    assert reply.usage.output_tokens == chat.usage.completion_tokens
-    assert reply.status == ("incomplete" if chat.choices[0].finish_reason == "length"
-                            else "completed")
-    events = list(client.responses.create(model=model, instructions="Answer briefly.",
-                                          input=MSG, max_output_tokens=16, temperature=0,
-                                          stream=True))
-    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == (
-        reply.output_text)
-    assert events[-1].response.output_text == reply.output_text
-    weather = {"type": "function", "name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-    forced = client.responses.create(
-        model=model, input="What is the weather in Paris?", tools=[weather], temperature=0,
-        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40)
-    (call,) = forced.output
-    assert call.type == "function_call" and call.name == "get_weather"
-    assert set(json.loads(call.arguments)) == {"city"}
-
-
 def test_stop_string_is_not_returned(client, model) -> None:
     args = {"model": model, "prompt": "1, 2, 3, 4,", "max_tokens": 10, "temperature": 0}
     full = client.completions.create(**args).choices[0].text
