@@ -156,6 +156,34 @@ def test_stored_responses_continue_a_conversation(served) -> None:
         client.responses.retrieve(unkept.id)
 
 
+def test_a_stored_responses_input_items_are_listed(served) -> None:
+    url, client, _ = served
+    reply = client.responses.create(model="fake-model", max_output_tokens=2, input=[
+        {"role": "user", "content": "one", "id": "msg_mine"},
+        {"type": "message", "role": "assistant", "content": "two"},
+        {"role": "user", "content": [{"type": "input_text", "text": "th"},
+                                     {"type": "input_text", "text": "ree"}]}])
+    newest_first = client.responses.input_items.list(reply.id)
+    assert [(i.role, i.content[0].type, i.content[0].text) for i in newest_first.data] == [
+        ("user", "input_text", "three"), ("assistant", "output_text", "two"),
+        ("user", "input_text", "one")]
+    assert newest_first.data[-1].id == "msg_mine" and not newest_first.has_more
+    page = httpx.get(f"{url}/v1/responses/{reply.id}/input_items",
+                     params={"order": "asc", "limit": 2}).json()
+    assert [i["content"][0]["text"] for i in page["data"]] == ["one", "two"]
+    assert page["has_more"] and page["first_id"] == "msg_mine"
+    rest = httpx.get(f"{url}/v1/responses/{reply.id}/input_items",
+                     params={"order": "asc", "after": page["last_id"]}).json()
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["three"] and not rest["has_more"]
+    for params, param in (({"order": "up"}, "order"), ({"limit": 0}, "limit"),
+                          ({"after": "nope"}, "after")):
+        resp = httpx.get(f"{url}/v1/responses/{reply.id}/input_items", params=params)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+    assert httpx.get(f"{url}/v1/responses/resp_nope/input_items").status_code == 404
+    assert httpx.get(f"{url}/v1/responses/{reply.id}/input_items",
+                     params={"limit": "x"}).status_code == 400
+
+
 def test_the_store_keeps_the_most_recently_used() -> None:
     from server.api.protocol_responses import ResponseInputMessage
     from server.api.response_store import ResponseStore

@@ -27,7 +27,12 @@ from server.api.lifecycle import DrainingServer
 from server.api.response_store import ResponseStore
 from server.api.serving_chat import create_chat_completion
 from server.api.serving_completions import create_completion
-from server.api.serving_responses import create_response, delete_response, get_response
+from server.api.serving_responses import (
+    create_response,
+    delete_response,
+    get_response,
+    list_input_items,
+)
 from server.api.serving_tokens import detokenize, tokenize, tokenizer_info
 from server.api.state import ServerState
 from server.engine.config import EngineConfig
@@ -101,6 +106,11 @@ def _api_routes(state: ServerState, api: ApiConfig) -> APIRouter:
     @router.get("/v1/responses/{response_id}")
     async def stored_response(response_id: str) -> dict[str, Any]:
         return get_response(response_id, stored)
+
+    @router.get("/v1/responses/{response_id}/input_items")
+    async def stored_input_items(response_id: str, order: str = "desc", limit: int = 20,
+                                 after: str | None = None) -> dict[str, Any]:
+        return list_input_items(response_id, stored, order, limit, after)
 
     @router.delete("/v1/responses/{response_id}")
     async def delete_stored_response(response_id: str) -> dict[str, Any]:

@@ -36,6 +36,18 @@ def output_as_input(item: dict[str, Any]) -> ResponseInputItem:
                                 content="".join(part["text"] for part in item["content"]))
 
 
+def input_item_body(item: ResponseInputItem, item_id: str) -> dict[str, Any]:
+    """An input item as GET /v1/responses/{id}/input_items lists it (its id, or `item_id`
+    where the request gave none)."""
+    body = item.model_dump(exclude_none=True)
+    body["id"] = item.id or item_id
+    if isinstance(item, ResponseInputMessage):
+        kind = "output_text" if item.role == "assistant" else "input_text"
+        body["content"] = [{"type": kind, "text": item.content}]
+    body.setdefault("status", "completed")
+    return body
+
+
 class ResponseStore:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity

@@ -23,14 +23,14 @@ from pydantic import ValidationError
 from server.api.admission import check_model, new_request_id
 from server.api.body import parse_body
 from server.api.config import ApiConfig
-from server.api.errors import ApiError, from_validation_error
+from server.api.errors import ApiError, bad_request, from_validation_error
 from server.api.generation import ChoiceResult, make_jobs
 from server.api.protocol_responses import (
     ResponseInputItem,
     ResponseNamedToolChoice,
     ResponsesRequest,
 )
-from server.api.response_store import ResponseStore
+from server.api.response_store import ResponseStore, input_item_body
 from server.api.serving import Generation
 from server.api.serving_chat import prepare_chat
 from server.api.state import ServerState
@@ -228,3 +228,28 @@ def delete_response(response_id: str, store: ResponseStore) -> dict[str, Any]:
     if not store.delete(response_id):
         raise _not_found(response_id, "response_id")
     return {"id": response_id, "object": "response", "deleted": True}
+
+
+def list_input_items(response_id: str, store: ResponseStore, order: str, limit: int,
+                     after: str | None) -> dict[str, Any]:
+    """GET /v1/responses/{id}/input_items: the request's own input items, newest first
+    unless `order` is asc, `limit` (1-100) at a time after the item `after`."""
+    entry = store.get(response_id)
+    if entry is None:
+        raise _not_found(response_id, "response_id")
+    if order not in ("asc", "desc"):
+        raise bad_request(f"order must be 'asc' or 'desc', got {order!r}", "order")
+    if not 1 <= limit <= 100:
+        raise bad_request(f"limit must be between 1 and 100, got {limit}", "limit")
+    items = [input_item_body(item, f"item_{response_id.removeprefix('resp_')}_{i}")
+             for i, item in enumerate(entry.inputs)]
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise bad_request(f"no input item {after!r} in this response", "after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
