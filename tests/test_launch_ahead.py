@@ -78,7 +78,7 @@ def test_launching_ahead_changes_no_output(tiny_model_dir, monkeypatch, sampled)
     that some end while a step launched ahead of theirs runs."""
     from server.engine import runner as runner_module
 
-    monkeypatch.setattr(runner_module, "_device_sampling", lambda logits: True)
+    monkeypatch.setattr(runner_module, "device_sampling", lambda logits: True)
     plain, ahead, launched = _pair(tiny_model_dir)
     base = dict(temperature=0.8, top_p=0.9, seed=3) if sampled else dict(temperature=0.0)
     free = [SamplingParams(max_tokens=m, ignore_eos=True, **base) for m in (19, 1, 7, 12, 2)]

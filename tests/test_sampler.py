@@ -72,11 +72,11 @@ def test_engine_samples_on_the_device_path(tiny_model_dir, monkeypatch) -> None:
     """The runner with device sampling switched on (as on CUDA): seeded requests reproduce
     alone or batched with others, top_k = 1 is greedy, and a request that needs the host
     (penalties) in the same batch is served too."""
-    monkeypatch.setattr(runner_module, "_device_sampling", lambda logits: True)
+    monkeypatch.setattr(runner_module, "device_sampling", lambda logits: True)
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=128, block_size=4)
     calls = []
-    sample = runner_module._sample_on_device
-    monkeypatch.setattr(runner_module, "_sample_on_device",
+    sample = runner_module.sample_on_device
+    monkeypatch.setattr(runner_module, "sample_on_device",
                         lambda owners, logits: calls.append(len(owners)) or sample(owners, logits))
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18]]
     seeded = [SamplingParams(max_tokens=10, temperature=1.0, seed=s, ignore_eos=True)
@@ -100,7 +100,7 @@ def test_temperatures_near_zero_are_greedy(tiny_model_dir, monkeypatch, device_p
     """Below GREEDY_BELOW a temperature is greedy on either path: logits / 1e-40 overflow
     float32, and sampling from the NaN softmax failed the step (and with it every request
     in it)."""
-    monkeypatch.setattr(runner_module, "_device_sampling", lambda logits: device_path)
+    monkeypatch.setattr(runner_module, "device_sampling", lambda logits: device_path)
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=4)
     prompts = [[5, 6, 7, 8], [9, 10]]
     greedy = [c.token_ids for c in llm.generate(prompts, SamplingParams(max_tokens=6,

@@ -22,8 +22,17 @@ from server.engine.sampler import (
     filter_probs,
     processed_logits,
     sample,
-    sample_rows,
     token_logprobs,
+)
+from server.engine.step_rows import (
+    PromptRows,
+    device_sampling,
+    greedy_tokens,
+    on_device,
+    plain_greedy,
+    plain_sampled,
+    prompt_rows,
+    sample_on_device,
 )
 from server.engine.structured import mask_rows
 from server.models.batch import BatchMeta
@@ -33,99 +42,6 @@ log = logging.getLogger("leapfrog.engine")
 PROMPT_LOGPROB_ROWS = 256
 """Prompt positions whose logits are computed at a time (a row of float32 logits is
 vocab * 4 bytes: 0.5 MB for a 128k vocabulary)."""
-
-
-def _greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax of each row of logits [R, vocab] -> [R]: one Triton launch on CUDA
-    (`kernels.triton_argmax`, imported only then: triton is optional), torch's on CPU."""
-    if logits.is_cuda:
-        from kernels.triton_argmax import greedy_tokens
-
-        return greedy_tokens(logits)
-    return logits.argmax(dim=-1)
-
-
-def _on_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on `device`; on CUDA through pinned memory, so that the
-    copy queues behind the stream's work: a copy from pageable memory may first wait for
-    the stream, which would hold a step launched ahead until the step before ends."""
-    if device.type != "cuda":
-        return torch.tensor(data, dtype=dtype, device=device)
-    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
-def _num_outputs(s: ScheduledRequest) -> int:
-    """Output tokens the request has when this step's tokens come (the step before's
-    included, when this step was launched ahead of it)."""
-    return len(s.request.output_token_ids) + s.ahead
-
-
-def _plain_greedy(s: ScheduledRequest) -> bool:
-    """Whether a request's tokens are the argmax of its raw logits (nothing else needed)."""
-    p = s.request.params
-    return (p.greedy and not p.adjusts_logits and p.logprobs is None
-            and _num_outputs(s) >= p.min_tokens)
-
-
-def _plain_sampled(s: ScheduledRequest) -> bool:
-    """Whether a request's token is a draw from its raw logits under temperature, top-k,
-    top-p and min-p alone, with no drafts to verify (what `sample_rows` serves)."""
-    p = s.request.params
-    return (not p.greedy and not p.adjusts_logits and p.logprobs is None
-            and _num_outputs(s) >= p.min_tokens and not s.spec_token_ids)
-
-
-def _device_sampling(logits: torch.Tensor) -> bool:
-    """Whether sampled rows are drawn where the logits are (CUDA) rather than on the host,
-    one request at a time (tests switch it on for the CPU)."""
-    return logits.is_cuda
-
-
-def _sample_on_device(owners: list[tuple[ScheduledRequest, int]], logits: torch.Tensor
-                      ) -> torch.Tensor:
-    """`sample_rows` of the sampled rows' logits [R, vocab], each request's parameters and
-    its seed at its output position; greedy requests' rows take the argmax."""
-    rows = [(s.request.params, s.request.seed, _num_outputs(s) + j)
-            for s, _ in owners for j in range(len(s.spec_token_ids) + 1)]
-    floats = _on_device([(0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p)
-                         for p, _, _ in rows], torch.float32, logits.device)
-    ints = _on_device([(seed, position) for _, seed, position in rows], torch.int64,
-                      logits.device)
-    filtered = any(p.top_k or p.top_p < 1.0 or p.min_p > 0.0 for p, _, _ in rows)
-    return sample_rows(logits, floats[:, 0], floats[:, 1].long(), floats[:, 2], floats[:, 3],
-                       ints[:, 0], ints[:, 1], filtered)
-
-
-@dataclass
-class PromptRows:
-    """A request's prompt positions in a step whose logits give prompt logprobs."""
-
-    request_id: str
-    rows: list[int]
-    """Rows of the step's hidden states, one a position."""
-    targets: list[int]
-    """The prompt token each row predicts (the one after its position)."""
-    top_n: int
-
-
-def _prompt_rows(scheduled: list[ScheduledRequest], ends: list[int]) -> list[PromptRows]:
-    """The prompt positions of an eager step (each request's tokens end at its `ends`
-    row) that predict prompt tokens whose logprobs a request still needs."""
-    found = []
-    for s, end in zip(scheduled, ends, strict=True):
-        r = s.request
-        if not r.needs_prompt_logprobs:
-            continue
-        first = r.num_computed_tokens
-        # positions lo..hi-1 predict tokens lo+1..hi, of which those computed before (an
-        # earlier pass, when a preempted request computes its prompt again) are skipped
-        lo = max(first, len(r.prompt_logprobs) - 1)
-        hi = min(first + s.num_new_tokens, r.num_prompt_tokens - 1)
-        if lo < hi:
-            row = end - s.num_new_tokens - first
-            found.append(PromptRows(r.request_id, list(range(row + lo, row + hi)),
-                                    r.prompt_token_ids[lo + 1:hi + 1], r.params.prompt_logprobs))
-    return found
 
 
 @dataclass
@@ -142,7 +58,7 @@ class Launched:
     """Each request that samples, with the index in `rows` of its first row."""
     tokens: bool
     """Whether the device computed every such row's token: the argmax of its raw logits
-    (greedy requests), or a draw from them (`_plain_sampled` requests)."""
+    (greedy requests), or a draw from them (`plain_sampled` requests)."""
     result: torch.Tensor | None
     """On the device: those rows' tokens when `tokens`, else their logits; None when no
     row is sampled."""
@@ -249,7 +165,7 @@ class ModelRunner:
         if after is not None and not advance:  # each request's token of the step before
             index = after.token_indices(out.scheduled)
             ids = (after.result[: len(index)] if index == list(range(len(index))) else
-                   after.result[_on_device(index, torch.long, self.device)])
+                   after.result[on_device(index, torch.long, self.device)])
         replay = None
         if self.graphs is not None:
             replay = self.graphs.run(out, by_pool[0], ids, by_pool[1] if len(by_pool) > 1 else None,
@@ -261,7 +177,7 @@ class ModelRunner:
                                   windows=self.windows)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
             ends, all_logits, tokens = inputs.query_start[1:], None, None
-            prompt = _prompt_rows(out.scheduled, ends)
+            prompt = prompt_rows(out.scheduled, ends)
         else:  # every row's logits and greedy token, in row order
             ends, hidden, all_logits, tokens = replay.ends, replay.hidden, replay.logits, replay.tokens
             query_len = replay.key[1]
@@ -277,7 +193,7 @@ class ModelRunner:
             return Launched(hidden, query_len, rows, owners, False, None, False, prompt=prompt)
 
         def row_index() -> torch.Tensor:
-            return _on_device(rows, torch.long, hidden.device)
+            return on_device(rows, torch.long, hidden.device)
 
         if all_logits is None:
             all_logits = self.model.compute_logits(hidden[row_index()])  # [R, vocab]
@@ -285,15 +201,15 @@ class ModelRunner:
         by_row = replay is not None and len(rows) < hidden.shape[0]
         # plain greedy steps need only each row's argmax (a replay computed it in its graph),
         # plain sampled ones a draw on the device: no logits travel to the host
-        if all(_plain_greedy(s) for s, _ in owners):
-            result = tokens if tokens is not None else _greedy_tokens(all_logits)
+        if all(plain_greedy(s) for s, _ in owners):
+            result = tokens if tokens is not None else greedy_tokens(all_logits)
             next_ids = replay.next_ids if replay is not None else None
             return Launched(hidden, query_len, rows, owners, True, result, by_row, next_ids,
                             self._copy_tokens(result, next_ids), prompt)
-        if (all(_plain_greedy(s) or _plain_sampled(s) for s, _ in owners)
-                and _device_sampling(all_logits)):
+        if (all(plain_greedy(s) or plain_sampled(s) for s, _ in owners)
+                and device_sampling(all_logits)):
             logits = all_logits[row_index()] if by_row else all_logits
-            result = _sample_on_device(owners, logits)
+            result = sample_on_device(owners, logits)
             return Launched(hidden, query_len, rows, owners, True, result, False,
                             copied=self._copy_tokens(result), prompt=prompt)
         if after is not None:
@@ -373,7 +289,7 @@ class ModelRunner:
         at a time."""
         found = []
         for i in range(0, len(p.rows), PROMPT_LOGPROB_ROWS):
-            rows = _on_device(p.rows[i:i + PROMPT_LOGPROB_ROWS], torch.long, hidden.device)
+            rows = on_device(p.rows[i:i + PROMPT_LOGPROB_ROWS], torch.long, hidden.device)
             logits = self.model.compute_logits(hidden[rows])
             found += token_logprobs(logits, p.targets[i:i + PROMPT_LOGPROB_ROWS], p.top_n)
         return found

@@ -266,7 +266,7 @@ def test_device_sampling_matches_cpu_and_reproduces(tiny_model_dir):
     assert cuda.tolist() == cpu.tolist()
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=4,
               max_num_seqs=8, device="cuda")
-    assert runner_module._device_sampling(torch.zeros(1, device="cuda"))
+    assert runner_module.device_sampling(torch.zeros(1, device="cuda"))
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
     params = [SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True)
               for s in (1, 2, 3)]
