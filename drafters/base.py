@@ -11,7 +11,7 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -125,6 +125,10 @@ class Drafter(ABC):
 
     def release(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Forget per-request state (the request finished or was aborted)."""
+
+    def check_tokenizer(self, tokenizer: Any) -> None:  # noqa: B027 - optional hook
+        """Refuse (a ValueError that says why) a target whose tokenizer the drafter cannot
+        draft for; drafters that draft from the target's own tokens take any."""
 
     def capture_graphs(self, batch_sizes: Sequence[int],  # noqa: B027 - optional hook
                        draft_lengths: Sequence[int]) -> None:

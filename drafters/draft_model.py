@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import Any
 
 import torch
 
@@ -76,13 +77,16 @@ class DraftModelDrafter(Drafter):
 
     name = "draft-model"
 
-    def __init__(self, model: torch.nn.Module, target: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, target: torch.nn.Module,
+                 vocab: dict[str, int] | None = None) -> None:
+        """`vocab`: the draft model's tokenizer's token ids, for `check_tokenizer`."""
         if model.config.vocab_size > target.config.vocab_size:
             raise ValueError(
                 f"the draft model's vocabulary ({model.config.vocab_size} tokens) is larger "
                 f"than the target's ({target.config.vocab_size}): it must share the target's "
                 f"tokenizer")
         self.model = model
+        self._vocab = vocab
         self._target = target
         self._states: dict[str, _State] = {}
         self._free: list[int] = []
@@ -98,7 +102,21 @@ class DraftModelDrafter(Drafter):
         checkpoint = open_checkpoint(path)
         draft = build_model(checkpoint, model.dtype, model.embed.device,
                             model.rope.cos.shape[0])
-        return cls(draft, model)
+        return cls(draft, model, checkpoint.tokenizer.get_vocab())
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """More than 1% of the draft tokenizer's tokens with another id (or none) in the
+        target's: its drafts would be other tokens than it means."""
+        if self._vocab is None:
+            return
+        theirs = tokenizer.get_vocab()
+        differ = sum(theirs.get(token) != i for token, i in self._vocab.items())
+        if differ * 100 > len(self._vocab):
+            raise ValueError(f"the draft model's tokenizer is not the target's: {differ} of "
+                             f"its {len(self._vocab)} tokens have another id or none there")
+        if differ:
+            log.warning("%d of the draft model's %d tokens have another id or none in the "
+                        "target's tokenizer", differ, len(self._vocab))
 
     def release(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)

@@ -13,7 +13,7 @@ from drafters.base import DraftBatch, DraftRequest
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 from tests.test_speculative import TINY_PROMPTS, AlwaysDraft
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import VOCAB, save_tiny_model, tiny_tokenizer
 
 COMMON = dict(dtype="float32", num_kv_blocks=64, block_size=2, max_num_batched_tokens=48)
 
@@ -148,6 +148,10 @@ def test_draft_models_the_target_cannot_use_are_refused(tiny_model_dir, tmp_path
     larger = save_tiny_model("qwen2", tmp_path / "big-vocab", vocab=256)
     with pytest.raises(ValueError, match="vocabulary .256 tokens. is larger"):
         LLM(str(target), speculative="draft-model", speculative_model=str(larger), **COMMON)
+    other_words = save_tiny_model("qwen2", tmp_path / "other-tokenizer")
+    tiny_tokenizer(VOCAB, prefix="x").save_pretrained(other_words)
+    with pytest.raises(ValueError, match=r"tokenizer is not the target's: \d+ of its \d+ tokens"):
+        LLM(str(target), speculative="draft-model", speculative_model=str(other_words), **COMMON)
     with pytest.raises(FileNotFoundError):
         LLM(str(target), speculative="draft-model", speculative_model=str(tmp_path / "none"),
             **COMMON)

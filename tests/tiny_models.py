@@ -39,8 +39,9 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
     raise ValueError(arch)
 
 
-def tiny_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
-    words = {f"w{i}": i for i in range(vocab)}
+def tiny_tokenizer(vocab: int = VOCAB, prefix: str = "w") -> PreTrainedTokenizerFast:
+    """Word-level: token i is `{prefix}{i}` (ids 0-2 are also unk, bos and eos: w0-w2)."""
+    words = {f"{prefix}{i}": i for i in range(vocab)}
     tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2")

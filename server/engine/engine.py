@@ -103,6 +103,8 @@ class LLMEngine:
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
         drafter = (drafter_for_target(config.speculative, self.model, config.speculative_model)
                    if config.speculative else None)
+        if drafter is not None:
+            drafter.check_tokenizer(self.tokenizer)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.blocks, policy, draft_slots=bool(drafter and drafter.num_draft_layers),
