@@ -126,6 +126,10 @@ class Drafter(ABC):
     def release(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Forget per-request state (the request finished or was aborted)."""
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Allocate what drafting needs, once the target's KV caches exist (at start-up,
+        so that a shortage of memory shows then, not at the first request)."""
+
     def check_tokenizer(self, tokenizer: Any) -> None:  # noqa: B027 - optional hook
         """Refuse (a ValueError that says why) a target whose tokenizer the drafter cannot
         draft for; drafters that draft from the target's own tokens take any."""

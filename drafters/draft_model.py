@@ -132,7 +132,7 @@ class DraftModelDrafter(Drafter):
         if batch.meta is None:
             raise ValueError("the draft-model drafter needs the runner's attention metadata")
         if not self.model.kv_caches:
-            self._allocate_cache()
+            self.prepare()
         self._step += 1
         for r in batch.requests:  # (first, so that none of them is evicted for another)
             self._states.setdefault(r.request_id, _State()).last_step = self._step
@@ -160,7 +160,7 @@ class DraftModelDrafter(Drafter):
                 tokens, torch.tensor(positions, device=tokens.device), meta))
         return [Proposal(d) for d in drafts]
 
-    def _allocate_cache(self) -> None:
+    def prepare(self) -> None:
         """The draft cache: as many tokens as the target's (the pool of its full-attention
         layers, the largest) plus spare blocks, of the target's block size and KV type."""
         target_k = max((k for k, _ in self._target.kv_caches), key=lambda k: k.shape[0])

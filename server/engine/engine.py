@@ -111,6 +111,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, self.blocks, self.device, drafter, windowed,
                                   self.kv_dtype)
+        if drafter is not None:
+            drafter.prepare()
         if self.device.type == "cuda":  # (prefill and verification shapes: see warm_up)
             self.runner.warm_up(min(config.max_num_batched_tokens, self.max_model_len, 128))
         if self.device.type == "cuda" and not config.enforce_eager:
