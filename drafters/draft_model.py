@@ -14,6 +14,10 @@ sets them from measured acceptance and step costs; stopping where the draft mode
 unsure, at 0.4, did no better on Qwen2.5-Coder, docs/benchmarks). Proposals are greedy and deterministic (verified as one-hot q, so sampled requests stay
 exact); a worse draft model only lowers acceptance, never changes an output.
 
+On CUDA with the engine's graphs, the one-token steps (drafts, and catch-ups of at most
+`GRAPHED_CATCH_UP` tokens, one token a step) replay CUDA graphs of the draft model, one per
+requests bucket (`_StepGraphs`); an eager forward costs the host about ten replays.
+
 The pool holds as many tokens as the target's (a request's context is in both) plus
 `SPARE_BLOCKS`. Where it runs short, the states of requests not drafted for this step
 (finished without `release`, preempted, or no longer asking) give their blocks back,
@@ -38,6 +42,9 @@ log = logging.getLogger("leapfrog.engine")
 
 CATCH_UP_TOKENS = 512
 """Most tokens of one catch-up forward (a long prompt takes several)."""
+GRAPHED_CATCH_UP = 4
+"""With CUDA graphs, catch-ups of at most this many tokens a request run as graphed
+one-token steps (an eager forward costs the host ~10x a replay)."""
 SPARE_BLOCKS = 64
 """Draft cache blocks beyond the target's pool (room for the drafts themselves)."""
 
@@ -88,9 +95,10 @@ class DraftModelDrafter(Drafter):
         self.model = model
         self._vocab = vocab
         self._target = target
+        self.graphs: _StepGraphs | None = None
         self._states: dict[str, _State] = {}
         self._free: list[int] = []
-        self._block_size = 0
+        self._block_size = self._scratch = 0
         self._step = 0
 
     @classmethod
@@ -140,10 +148,11 @@ class DraftModelDrafter(Drafter):
         drafts: list[list[int]] = [[] for _ in batch.requests]
         if not plans:
             return [Proposal(d) for d in drafts]
-        logits = self.model.compute_logits(self._catch_up(plans, batch.meta))
+        tokens = self._replayed_catch_up(plans)
+        if tokens is None:
+            tokens = self.model.compute_logits(self._catch_up(plans, batch.meta)).argmax(-1)
         going = plans
         while True:
-            tokens = logits.argmax(-1)
             for plan, token in zip(going, tokens.tolist(), strict=True):
                 drafts[plan.index].append(token)
             more = [i for i, plan in enumerate(going) if len(drafts[plan.index]) < plan.max_drafts]
@@ -155,10 +164,21 @@ class DraftModelDrafter(Drafter):
             for plan in going:
                 positions.append(plan.newest + len(plan.state.fed) + 1)
                 plan.state.fed.append(drafts[plan.index][-1])
-            meta = batch.meta([p.state.blocks for p in going], positions, [1] * len(going))
-            logits = self.model.compute_logits(self.model(
-                tokens, torch.tensor(positions, device=tokens.device), meta))
+            tables = [p.state.blocks for p in going]
+            replayed = self.graphs.run(tokens, positions, tables) if self.graphs else None
+            if replayed is not None:
+                tokens = replayed
+                continue
+            meta = batch.meta(tables, positions, [1] * len(going))
+            tokens = self.model.compute_logits(self.model(
+                tokens, torch.tensor(positions, device=tokens.device), meta)).argmax(-1)
         return [Proposal(d) for d in drafts]
+
+    @torch.inference_mode()
+    def capture_graphs(self, batch_sizes: Sequence[int], draft_lengths: Sequence[int]) -> None:
+        if not self.model.kv_caches:
+            self.prepare()
+        self.graphs = _StepGraphs(self.model, self._block_size, self._scratch, batch_sizes)
 
     def prepare(self) -> None:
         """The draft cache: as many tokens as the target's (the pool of its full-attention
@@ -167,11 +187,13 @@ class DraftModelDrafter(Drafter):
         self._block_size = target_k.shape[1]
         num_blocks = target_k.shape[0] - 1 + SPARE_BLOCKS
         c = self.model.config
-        shape = (num_blocks, self._block_size, c.num_kv_heads, c.head_dim)
+        # (one scratch block past the pool: padded rows of a graphed step write there)
+        shape = (num_blocks + 1, self._block_size, c.num_kv_heads, c.head_dim)
         self.model.kv_caches = [
             tuple(torch.zeros(shape, dtype=target_k.dtype, device=target_k.device) for _ in "kv")
             for _ in self.model.layers]
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._scratch = num_blocks
         size = sum(t.numel() * t.element_size() for kv in self.model.kv_caches for t in kv)
         log.info("draft model KV cache: %d layers x %d blocks of %d tokens; %.2f GiB of %s",
                  c.num_layers, num_blocks, self._block_size, size / 2**30, target_k.dtype)
@@ -210,6 +232,29 @@ class DraftModelDrafter(Drafter):
             state.blocks.append(self._free.pop())
         return True
 
+    def _replayed_catch_up(self, plans: list[_Plan]) -> torch.Tensor | None:
+        """With graphs, where every plan's catch-up is short (the usual step: the target's
+        correction or bonus token, and the last draft): the catch-up tokens one graphed
+        step at a time, and the first drafts they give [len(plans)]; None otherwise."""
+        longest = max(len(p.tokens) for p in plans)
+        if self.graphs is None or longest > GRAPHED_CATCH_UP:
+            return None
+        device, vocab = self.model.embed.device, self.model.config.vocab_size
+        first = torch.empty(len(plans), dtype=torch.long, device=device)
+        for j in range(longest):
+            rows = [i for i, p in enumerate(plans) if len(p.tokens) > j]
+            tokens = torch.tensor([min(plans[i].tokens[j], vocab - 1) for i in rows],
+                                  device=device)
+            positions = [plans[i].newest + 1 - len(plans[i].tokens) + j for i in rows]
+            out = self.graphs.run(tokens, positions, [plans[i].state.blocks for i in rows])
+            if out is None:  # (more requests than the largest graph: the eager path)
+                return None
+            ended = [k for k, i in enumerate(rows) if len(plans[i].tokens) == j + 1]
+            if ended:
+                where = torch.tensor(ended, device=device)
+                first[torch.tensor([rows[k] for k in ended], device=device)] = out[where]
+        return first
+
     def _catch_up(self, plans: list[_Plan], meta: Callable[..., BatchMeta]) -> torch.Tensor:
         """Run each plan's catch-up tokens through the draft model, at most
         CATCH_UP_TOKENS a forward; the hidden states at their newest tokens [len(plans),
@@ -242,3 +287,68 @@ class DraftModelDrafter(Drafter):
                     if done[i] == len(plans[i].tokens)]
             if ends:
                 last.append(hidden[torch.tensor(ends, device=device)])
+
+
+class _StepGraphs:
+    """The draft model's one-token steps as CUDA graphs, one per requests bucket (eager, a
+    step is ~10 kernel launches a layer, which the host issues slower than the device runs
+    them). A step's inputs are copied into fixed buffers; the rows past its requests in its
+    bucket read and write the scratch block."""
+
+    def __init__(self, model: torch.nn.Module, block_size: int, scratch: int,
+                 batch_sizes: Sequence[int]) -> None:
+        self.model, self.block_size, self.scratch = model, block_size, scratch
+        self.batch_sizes = sorted(batch_sizes)
+        rows, dev = self.batch_sizes[-1], model.embed.device
+        width = -(-model.rope.cos.shape[0] // block_size)
+        self.ids = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.slots = torch.full((rows,), scratch * block_size, dtype=torch.long, device=dev)
+        self.tables = torch.full((rows, width), scratch, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(rows, dtype=torch.int32, device=dev)
+        self.query_start = torch.arange(rows + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = None
+        for b in reversed(self.batch_sizes):  # largest first: the smaller reuse its pool
+            side = torch.cuda.Stream()  # (kernels compile and tune outside the capture)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(b)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(b)
+            graph.replay()  # (a graph's first replay uploads it: paid here)
+            pool = graph.pool()
+            self.graphs[b] = graph, out
+
+    def _forward(self, b: int) -> torch.Tensor:
+        from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
+
+        meta = BatchMeta(self.slots[:b], self.tables[:b], self.lens[:b], self.query_start[:b + 1])
+        return greedy_tokens(self.model.compute_logits(
+            self.model(self.ids[:b], self.positions[:b], meta)))
+
+    def run(self, tokens: torch.Tensor, positions: list[int], tables: list[list[int]]
+            ) -> torch.Tensor | None:
+        """The greedy next tokens [n] after `tokens` [n] (on the device) at `positions`, the
+        requests' blocks `tables`; None when no graph is that large."""
+        n, bs = len(positions), self.block_size
+        b = next((b for b in self.batch_sizes if b >= n), None)
+        if b is None:
+            return None
+        pad = b - n
+        rows = [t + [self.scratch] * (self.tables.shape[1] - len(t)) for t in tables]
+        rows += [[self.scratch] * self.tables.shape[1]] * pad
+        self.tables[:b].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        self.slots[:b].copy_(torch.tensor(slots + [self.scratch * bs] * pad),
+                             non_blocking=True)
+        self.positions[:b].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.lens[:b].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad,
+                                         dtype=torch.int32), non_blocking=True)
+        self.ids[:n].copy_(tokens)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:n]
