@@ -71,7 +71,7 @@ class _Plan:
     """Its place in the batch."""
     state: _State
     tokens: list[int]
-    """Catch-up tokens, at positions state.cached, state.cached + 1, ..."""
+    """Catch-up tokens: the positions before `newest` the cache lacks, and `newest`."""
     newest: int
     """Position of the request's newest token (the last catch-up token)."""
     max_drafts: int
@@ -139,8 +139,6 @@ class DraftModelDrafter(Drafter):
     def propose(self, batch: DraftBatch) -> list[Proposal]:
         if batch.meta is None:
             raise ValueError("the draft-model drafter needs the runner's attention metadata")
-        if not self.model.kv_caches:
-            self.prepare()
         self._step += 1
         for r in batch.requests:  # (first, so that none of them is evicted for another)
             self._states.setdefault(r.request_id, _State()).last_step = self._step
@@ -176,8 +174,6 @@ class DraftModelDrafter(Drafter):
 
     @torch.inference_mode()
     def capture_graphs(self, batch_sizes: Sequence[int], draft_lengths: Sequence[int]) -> None:
-        if not self.model.kv_caches:
-            self.prepare()
         self.graphs = _StepGraphs(self.model, self._block_size, self._scratch, batch_sizes)
 
     def prepare(self) -> None:
