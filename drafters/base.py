@@ -69,6 +69,12 @@ class DraftRequest:
     engine passes a `History`)."""
     max_draft_tokens: int
     """Propose at most this many tokens (>= 1)."""
+    distribution: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A sampled request's sampling distribution: logits over the target's vocabulary [V]
+    -> probabilities [V] (temperature, top-k, top-p, min-p), for drafters that draw their
+    drafts from it and report it as q (`Proposal.probs`); None for a greedy request."""
+    generator: torch.Generator | None = None
+    """The request's own generator (seeded requests), for such draws."""
 
 
 @dataclass

@@ -11,8 +11,12 @@ token; the whole prompt, the first time) run through the draft model as one batc
 forward (in slices of `CATCH_UP_TOKENS`). It then drafts greedily, one batched token a
 request a step, until each request has its `max_draft_tokens` (the speculation policy
 sets them from measured acceptance and step costs; stopping where the draft model was
-unsure, at 0.4, did no better on Qwen2.5-Coder, docs/benchmarks). Proposals are greedy and deterministic (verified as one-hot q, so sampled requests stay
-exact); a worse draft model only lowers acceptance, never changes an output.
+unsure, at 0.4, did no better on Qwen2.5-Coder, docs/benchmarks). A greedy request's drafts are the draft model's argmax (verified as one-hot q). A sampled
+request's are drawn (with its own generator) from its sampling distribution (temperature,
+top-k, top-p, min-p) over the draft model's logits, and that distribution is reported as q,
+so that verification accepts each with min(1, p/q): a draft model close to the target has
+most sampled drafts accepted, where one-hot q would accept only as often as the target
+samples the argmax. A worse draft model only lowers acceptance, never changes an output.
 
 On CUDA with the engine's graphs, the one-token steps (drafts, and catch-ups of at most
 `GRAPHED_CATCH_UP` tokens, one token a step) replay CUDA graphs of the draft model, one per
@@ -33,6 +37,7 @@ from itertools import accumulate
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from drafters.base import DraftBatch, Drafter, DraftRequest, Proposal, register_drafter
 from server.models.batch import BatchMeta
@@ -74,7 +79,7 @@ class _Plan:
     """Catch-up tokens: the positions before `newest` the cache lacks, and `newest`."""
     newest: int
     """Position of the request's newest token (the last catch-up token)."""
-    max_drafts: int
+    request: DraftRequest
 
 
 @register_drafter
@@ -114,17 +119,19 @@ class DraftModelDrafter(Drafter):
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """More than 1% of the draft tokenizer's tokens with another id (or none) in the
-        target's: its drafts would be other tokens than it means."""
+        target's: its drafts would be other tokens than it means. (Only tokens the draft
+        model can emit count: ids below its vocabulary size.)"""
         if self._vocab is None:
             return
-        theirs = tokenizer.get_vocab()
-        differ = sum(theirs.get(token) != i for token, i in self._vocab.items())
-        if differ * 100 > len(self._vocab):
+        theirs, size = tokenizer.get_vocab(), self.model.config.vocab_size
+        ours = {token: i for token, i in self._vocab.items() if i < size}
+        differ = sum(theirs.get(token) != i for token, i in ours.items())
+        if differ * 100 > len(ours):
             raise ValueError(f"the draft model's tokenizer is not the target's: {differ} of "
-                             f"its {len(self._vocab)} tokens have another id or none there")
+                             f"its {len(ours)} tokens have another id or none there")
         if differ:
             log.warning("%d of the draft model's %d tokens have another id or none in the "
-                        "target's tokenizer", differ, len(self._vocab))
+                        "target's tokenizer", differ, len(ours))
 
     def release(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)
@@ -146,14 +153,18 @@ class DraftModelDrafter(Drafter):
         drafts: list[list[int]] = [[] for _ in batch.requests]
         if not plans:
             return [Proposal(d) for d in drafts]
-        tokens = self._replayed_catch_up(plans)
-        if tokens is None:
-            tokens = self.model.compute_logits(self._catch_up(plans, batch.meta)).argmax(-1)
+        qs: list[list[torch.Tensor]] = [[] for _ in batch.requests]
+        found = self._replayed_catch_up(plans)
+        if found is None:
+            logits = self.model.compute_logits(self._catch_up(plans, batch.meta))
+            found = logits, logits.argmax(-1)
         going = plans
         while True:
+            tokens = self._draw(going, *found, qs)
             for plan, token in zip(going, tokens.tolist(), strict=True):
                 drafts[plan.index].append(token)
-            more = [i for i, plan in enumerate(going) if len(drafts[plan.index]) < plan.max_drafts]
+            more = [i for i, plan in enumerate(going)
+                    if len(drafts[plan.index]) < plan.request.max_draft_tokens]
             if not more:
                 break
             going = [going[i] for i in more]
@@ -163,14 +174,30 @@ class DraftModelDrafter(Drafter):
                 positions.append(plan.newest + len(plan.state.fed) + 1)
                 plan.state.fed.append(drafts[plan.index][-1])
             tables = [p.state.blocks for p in going]
-            replayed = self.graphs.run(tokens, positions, tables) if self.graphs else None
-            if replayed is not None:
-                tokens = replayed
-                continue
-            meta = batch.meta(tables, positions, [1] * len(going))
-            tokens = self.model.compute_logits(self.model(
-                tokens, torch.tensor(positions, device=tokens.device), meta)).argmax(-1)
-        return [Proposal(d) for d in drafts]
+            found = self.graphs.run(tokens, positions, tables) if self.graphs else None
+            if found is None:
+                meta = batch.meta(tables, positions, [1] * len(going))
+                logits = self.model.compute_logits(self.model(
+                    tokens, torch.tensor(positions, device=tokens.device), meta))
+                found = logits, logits.argmax(-1)
+        return [Proposal(d, torch.stack(q) if q else None) for d, q in zip(drafts, qs, strict=True)]
+
+    def _draw(self, going: list[_Plan], logits: torch.Tensor, greedy: torch.Tensor,
+              qs: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The next drafts [len(going)]: `greedy` (the argmax of `logits`, [len(going),
+        draft vocab]) for greedy requests; for sampled ones a draw from their own sampling
+        distribution over the draft model's logits, which is kept as q."""
+        sampled = [i for i, p in enumerate(going) if p.request.distribution is not None]
+        if not sampled:
+            return greedy
+        tokens, width = greedy.clone(), self._target.config.vocab_size
+        for i in sampled:
+            request = going[i].request
+            row = F.pad(logits[i].float(), (0, width - logits.shape[1]), value=float("-inf"))
+            q = request.distribution(row)
+            tokens[i] = int(torch.multinomial(q.cpu(), 1, generator=request.generator))
+            qs[going[i].index].append(q)
+        return tokens
 
     @torch.inference_mode()
     def capture_graphs(self, batch_sizes: Sequence[int], draft_lengths: Sequence[int]) -> None:
@@ -209,7 +236,7 @@ class DraftModelDrafter(Drafter):
         if not self._reserve(state, newest + request.max_draft_tokens):
             return None
         state.cached, state.fed = newest + 1, []
-        return _Plan(index, state, list(history[start:]), newest, request.max_draft_tokens)
+        return _Plan(index, state, list(history[start:]), newest, request)
 
     def _reserve(self, state: _State, positions: int) -> bool:
         """Give `state` blocks for `positions` positions, evicting idle requests' states
@@ -228,15 +255,18 @@ class DraftModelDrafter(Drafter):
             state.blocks.append(self._free.pop())
         return True
 
-    def _replayed_catch_up(self, plans: list[_Plan]) -> torch.Tensor | None:
+    def _replayed_catch_up(self, plans: list[_Plan]
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """With graphs, where every plan's catch-up is short (the usual step: the target's
         correction or bonus token, and the last draft): the catch-up tokens one graphed
-        step at a time, and the first drafts they give [len(plans)]; None otherwise."""
+        step at a time, and the logits and greedy tokens after each plan's newest token
+        ([len(plans), vocab], [len(plans)]); None otherwise."""
         longest = max(len(p.tokens) for p in plans)
         if self.graphs is None or longest > GRAPHED_CATCH_UP:
             return None
         device, vocab = self.model.embed.device, self.model.config.vocab_size
         first = torch.empty(len(plans), dtype=torch.long, device=device)
+        last = torch.empty(len(plans), vocab, dtype=torch.float32, device=device)
         for j in range(longest):
             rows = [i for i, p in enumerate(plans) if len(p.tokens) > j]
             tokens = torch.tensor([min(plans[i].tokens[j], vocab - 1) for i in rows],
@@ -248,8 +278,10 @@ class DraftModelDrafter(Drafter):
             ended = [k for k, i in enumerate(rows) if len(plans[i].tokens) == j + 1]
             if ended:
                 where = torch.tensor(ended, device=device)
-                first[torch.tensor([rows[k] for k in ended], device=device)] = out[where]
-        return first
+                into = torch.tensor([rows[k] for k in ended], device=device)
+                last[into] = out[0][where]
+                first[into] = out[1][where]
+        return last, first
 
     def _catch_up(self, plans: list[_Plan], meta: Callable[..., BatchMeta]) -> torch.Tensor:
         """Run each plan's catch-up tokens through the draft model, at most
@@ -303,7 +335,8 @@ class _StepGraphs:
         self.tables = torch.full((rows, width), scratch, dtype=torch.int32, device=dev)
         self.lens = torch.ones(rows, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(rows + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]]
+        self.graphs = {}
         pool = None
         for b in reversed(self.batch_sizes):  # largest first: the smaller reuse its pool
             side = torch.cuda.Stream()  # (kernels compile and tune outside the capture)
@@ -319,17 +352,17 @@ class _StepGraphs:
             pool = graph.pool()
             self.graphs[b] = graph, out
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
 
         meta = BatchMeta(self.slots[:b], self.tables[:b], self.lens[:b], self.query_start[:b + 1])
-        return greedy_tokens(self.model.compute_logits(
-            self.model(self.ids[:b], self.positions[:b], meta)))
+        logits = self.model.compute_logits(self.model(self.ids[:b], self.positions[:b], meta))
+        return logits, greedy_tokens(logits)
 
     def run(self, tokens: torch.Tensor, positions: list[int], tables: list[list[int]]
-            ) -> torch.Tensor | None:
-        """The greedy next tokens [n] after `tokens` [n] (on the device) at `positions`, the
-        requests' blocks `tables`; None when no graph is that large."""
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The logits [n, vocab] and greedy tokens [n] after `tokens` [n] (on the device) at
+        `positions`, the requests' blocks `tables`; None when no graph is that large."""
         n, bs = len(positions), self.block_size
         b = next((b for b in self.batch_sizes if b >= n), None)
         if b is None:
@@ -345,6 +378,6 @@ class _StepGraphs:
         self.lens[:b].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad,
                                          dtype=torch.int32), non_blocking=True)
         self.ids[:n].copy_(tokens)
-        graph, out = self.graphs[b]
+        graph, (logits, greedy) = self.graphs[b]
         graph.replay()
-        return out[:n]
+        return logits[:n], greedy[:n]

@@ -64,6 +64,47 @@ def _greedy_continuation(model: torch.nn.Module, history: list[int], n: int) -> 
     return out
 
 
+def test_sampled_drafts_are_drawn_from_q_and_keep_the_targets_distribution(
+        tiny_model_dir, tmp_path) -> None:
+    """Sampled requests draw their drafts from their own sampling distribution over the
+    draft model's logits, reported as q: the target drafting for itself then has every
+    draft accepted (q = p), and a different draft model leaves the joint distribution of
+    the first 2 tokens the target's (two-sample chi-square at 1e-3, 3000 samples a side,
+    as test_speculative's)."""
+    from collections import Counter
+
+    from tests.test_speculative import chi_square_two_sample, first_tokens
+
+    vocab = 16
+    target = save_tiny_model("llama", tmp_path / "target", seed=3, vocab=vocab)
+    draft = save_tiny_model("qwen2", tmp_path / "draft", seed=4, vocab=vocab,
+                            num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    common = dict(dtype="float32", num_kv_blocks=2048, block_size=4, max_num_seqs=256,
+                  max_num_batched_tokens=4096)
+    params = dict(temperature=1.0, top_k=8)
+    prompt = [3, 7, 1, 9]
+
+    def drafting(path: Path) -> LLM:
+        llm = LLM(str(target), speculative="draft-model", speculative_model=str(path),
+                  num_speculative_tokens=2, **common)
+        llm.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=2)
+        return llm
+
+    itself = drafting(target).generate([prompt] * 8, [SamplingParams(
+        max_tokens=12, seed=s, ignore_eos=True, **params) for s in range(8)])
+    drafted = sum(c.num_draft_tokens for c in itself)
+    assert drafted > 20 and sum(c.num_accepted_tokens for c in itself) == drafted
+    ref = first_tokens(LLM(str(target), **common), prompt, 2, range(3000), params)
+    spec = drafting(draft)
+    got = first_tokens(spec, prompt, 3, range(10_000, 13_000), params)
+    assert spec.engine.metrics.spec_decode_num_draft_tokens._value.get() >= 2 * 3000
+    first_two = Counter()
+    for seq, count in got.items():
+        first_two[seq[:2]] += count
+    stat, critical = chi_square_two_sample(ref, first_two)
+    assert stat < critical
+
+
 def test_drafts_are_the_draft_models_greedy_continuation(tiny_model_dir, small_draft,
                                                          monkeypatch) -> None:
     """Across steps whose drafts the target accepts in part, and a new request beside

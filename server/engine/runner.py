@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 
 import torch
@@ -360,7 +361,9 @@ class ModelRunner:
             DraftRequest(s.request.request_id,
                          History(s.request.prompt_token_ids, s.request.output_token_ids,
                                  sampled[s.request.request_id].token_ids),
-                         s.num_draft_tokens_next)
+                         s.num_draft_tokens_next,
+                         None if s.request.params.greedy else partial(
+                             filter_probs, params=s.request.params), s.request.generator)
             for s, _ in wanted
         ]
         states = forward = None
