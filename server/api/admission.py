@@ -6,9 +6,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from fastapi import Request
+
+from server.api.body import M, parse_body
+from server.api.config import ApiConfig
 from server.api.errors import ApiError, bad_request
 from server.api.protocol import SamplingRequest
-from server.api.state import EngineClient
+from server.api.state import EngineClient, ServerState
 from server.engine.sampling_params import SamplingParams, SamplingParamsError
 
 _OPTIONAL_FLOATS_AND_INTS = (
@@ -19,6 +23,16 @@ _OPTIONAL_FLOATS_AND_INTS = (
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def admit(request: Request, state: ServerState, api: ApiConfig, body: type[M]
+                ) -> tuple[EngineClient, M]:
+    """The loaded engine (503 while loading or draining) and the request's body parsed as
+    `body`, whose `model` must be the one served (404)."""
+    engine = state.require_engine()
+    req = await parse_body(request, body, api.max_body_bytes)
+    check_model(req.model, engine)
+    return engine, req
 
 
 def check_model(requested: str | None, engine: EngineClient) -> None:

@@ -13,13 +13,12 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from server.api.admission import (
-    check_model,
+    admit,
     check_n,
     new_request_id,
     resolve_max_tokens,
     sampling_params,
 )
-from server.api.body import parse_body
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import ChoiceResult, check_context_length, make_jobs
@@ -199,9 +198,7 @@ def prepare_chat(req: ChatCompletionRequest, engine: EngineClient, api: ApiConfi
 
 
 async def create_chat_completion(request: Request, state: ServerState, api: ApiConfig) -> Response:
-    engine = state.require_engine()
-    req = await parse_body(request, ChatCompletionRequest, api.max_body_bytes)
-    check_model(req.model, engine)
+    engine, req = await admit(request, state, api, ChatCompletionRequest)
     check_n(req.n, api.max_n)
     request_id = new_request_id("chatcmpl")
     job = prepare_chat(req, engine, api, request_id)

@@ -11,14 +11,13 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from server.api.admission import (
-    check_model,
+    admit,
     check_n,
     check_token_ids,
     new_request_id,
     resolve_max_tokens,
     sampling_params,
 )
-from server.api.body import parse_body
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import ChoiceResult, check_context_length, make_jobs
@@ -115,9 +114,7 @@ class CompletionFormatter:
 
 
 async def create_completion(request: Request, state: ServerState, api: ApiConfig) -> Response:
-    engine = state.require_engine()
-    req = await parse_body(request, CompletionRequest, api.max_body_bytes)
-    check_model(req.model, engine)
+    engine, req = await admit(request, state, api, CompletionRequest)
     check_n(req.n, api.max_n)
     request_id = new_request_id("cmpl")
     prompts = req.prompts()

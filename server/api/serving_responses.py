@@ -20,8 +20,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from server.api.admission import check_model, new_request_id
-from server.api.body import parse_body
+from server.api.admission import admit, new_request_id
 from server.api.config import ApiConfig
 from server.api.errors import ApiError, bad_request, from_validation_error
 from server.api.generation import ChoiceResult, make_jobs
@@ -194,9 +193,7 @@ def _not_found(response_id: str, param: str) -> ApiError:
 
 async def create_response(request: Request, state: ServerState, api: ApiConfig,
                           store: ResponseStore) -> Response:
-    engine = state.require_engine()
-    req = await parse_body(request, ResponsesRequest, api.max_body_bytes)
-    check_model(req.model, engine)
+    engine, req = await admit(request, state, api, ResponsesRequest)
     earlier: list[ResponseInputItem] = []
     if req.previous_response_id is not None:
         found = store.conversation(req.previous_response_id)

@@ -8,8 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
-from server.api.admission import check_model, check_token_ids, vocab_size
-from server.api.body import parse_body
+from server.api.admission import admit, check_token_ids, vocab_size
 from server.api.config import ApiConfig
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
 from server.api.serving_chat import render_chat
@@ -18,9 +17,7 @@ from server.api.state import ServerState
 
 async def tokenize(request: Request, state: ServerState, api: ApiConfig) -> dict[str, Any]:
     """A prompt (or chat messages, through the chat template) to token ids."""
-    engine = state.require_engine()
-    req = await parse_body(request, TokenizeRequest, api.max_body_bytes)
-    check_model(req.model, engine)
+    engine, req = await admit(request, state, api, TokenizeRequest)
     if req.messages is not None:
         _, tokens = render_chat(engine.tokenizer, req.messages, req.tools,
                                 req.template_options())
@@ -41,8 +38,6 @@ def tokenizer_info(state: ServerState) -> dict[str, Any]:
 
 async def detokenize(request: Request, state: ServerState, api: ApiConfig) -> dict[str, Any]:
     """Token ids to text."""
-    engine = state.require_engine()
-    req = await parse_body(request, DetokenizeRequest, api.max_body_bytes)
-    check_model(req.model, engine)
+    engine, req = await admit(request, state, api, DetokenizeRequest)
     check_token_ids(req.tokens, engine.tokenizer, "tokens")
     return {"prompt": engine.tokenizer.decode(req.tokens)}
