@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from server.api.protocol_base import StrictModel, conflict
+from server.api.protocol_tools import NamedToolChoice, Tool, ToolCall
 
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
@@ -17,23 +19,13 @@ MAX_STOP_STRINGS = 32
 and the EOS token's text (lm-evaluation-harness: often 5 or more)."""
 
 
-def _conflict(param: str, message: str) -> PydanticCustomError:
-    """A check across fields (a model validator, whose errors have no location): the error
-    names `param` in its context, which the 400 reports (`server.api.errors`)."""
-    return PydanticCustomError("field_conflict", message, {"param": param})
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     """`stream_options`: a final chunk with the usage object when include_usage is set."""
 
     include_usage: bool = False
 
 
-class StructuredOutputs(_Strict):
+class StructuredOutputs(StrictModel):
     """vLLM's `structured_outputs`: the output's structure, one of a JSON schema (an object,
     or its JSON text), any JSON object (`json_object: true`), a regular expression, a list
     of texts to choose from, or an EBNF grammar (xgrammar's syntax, GBNF's)."""
@@ -69,7 +61,7 @@ class StructuredOutputs(_Strict):
         return {"grammar": self.grammar}
 
 
-class SamplingRequest(_Strict):
+class SamplingRequest(StrictModel):
     """Fields shared by chat and completions requests."""
 
     model: str | None = None
@@ -138,14 +130,14 @@ class SamplingRequest(_Strict):
     def _one_structure(self) -> SamplingRequest:
         guided = self._guided()
         if len(guided) + (self.structured_outputs is not None) > 1:
-            raise _conflict(guided[-1], "give the output one structure: structured_outputs "
+            raise conflict(guided[-1], "give the output one structure: structured_outputs "
                             "or one of " + ", ".join(_GUIDED))
         return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
-            raise _conflict("stream_options", "stream_options is only allowed when stream is true")
+            raise conflict("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     def stop_list(self) -> list[str]:
@@ -158,55 +150,7 @@ class SamplingRequest(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class FunctionDefinition(_Strict):
-    """A tool's function: its name and the JSON schema of its arguments."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(_Strict):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class FunctionName(_Strict):
-    name: str
-
-
-class NamedToolChoice(_Strict):
-    """`tool_choice` naming the function the reply must call."""
-
-    type: Literal["function"]
-    function: FunctionName
-
-
-class FunctionCall(_Strict):
-    name: str
-    arguments: str
-    """JSON text, as the API returns it."""
-
-
-class ToolCall(_Strict):
-    """A call an earlier assistant message made (sent back in the conversation)."""
-
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-    def as_template_dict(self) -> dict[str, Any]:
-        """Chat templates take the arguments as a mapping (transformers' convention)."""
-        try:
-            arguments: Any = json.loads(self.function.arguments)
-        except json.JSONDecodeError:
-            arguments = self.function.arguments
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.function.name, "arguments": arguments}}
-
-
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     """One chat message; content is a string or a list of text parts. An assistant message
     may carry the tool calls it made, and a "tool" message answers one of them."""
 
@@ -219,9 +163,9 @@ class ChatMessage(_Strict):
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
         if self.tool_calls is not None and self.role != "assistant":
-            raise _conflict("tool_calls", "only assistant messages carry tool_calls")
+            raise conflict("tool_calls", "only assistant messages carry tool_calls")
         if (self.role == "tool") != (self.tool_call_id is not None):
-            raise _conflict("tool_call_id", "a tool message needs the tool_call_id it answers, "
+            raise conflict("tool_call_id", "a tool message needs the tool_call_id it answers, "
                             "and only tool messages take one")
         return self
 
@@ -259,7 +203,7 @@ _TEMPLATE_ARGUMENTS = frozenset({
     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
-class ChatTemplateOptions(_Strict):
+class ChatTemplateOptions(StrictModel):
     """How the chat template renders a request's messages (vLLM's extensions to OpenAI's
     chat request): after the last message, the prompt of the assistant's turn
     (`add_generation_prompt`), or nothing, leaving the last message open for the reply to
@@ -274,11 +218,11 @@ class ChatTemplateOptions(_Strict):
     @model_validator(mode="after")
     def _one_ending(self) -> ChatTemplateOptions:
         if self.add_generation_prompt and self.continue_final_message:
-            raise _conflict("continue_final_message", "continue_final_message leaves the "
+            raise conflict("continue_final_message", "continue_final_message leaves the "
                             "last message open: send add_generation_prompt false with it")
         taken = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
         if taken:
-            raise _conflict("chat_template_kwargs", f"chat_template_kwargs may not set "
+            raise conflict("chat_template_kwargs", f"chat_template_kwargs may not set "
                             f"{taken}: they are the request's own fields")
         return self
 
@@ -328,27 +272,27 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise _conflict("top_logprobs", "top_logprobs requires logprobs to be true")
+            raise conflict("top_logprobs", "top_logprobs requires logprobs to be true")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
-            raise _conflict("max_completion_tokens",
+            raise conflict("max_completion_tokens",
                             "max_tokens and max_completion_tokens disagree; send one")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise _conflict("tools", "tool function names must be unique")
+            raise conflict("tools", "tool function names must be unique")
         choice = self.tool_choice
         if choice not in (None, "none", "auto") and not names:
-            raise _conflict("tool_choice", "tool_choice needs tools to choose from")
+            raise conflict("tool_choice", "tool_choice needs tools to choose from")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise _conflict("tool_choice", f"tool_choice names {choice.function.name!r}, "
+            raise conflict("tool_choice", f"tool_choice names {choice.function.name!r}, "
                             "which is not among the tools")
         if (choice not in (None, "none", "auto") and self.response_format is not None
                 and self.response_format["type"] != "text"):
-            raise _conflict("response_format", "a required or named tool_choice fixes the "
+            raise conflict("response_format", "a required or named tool_choice fixes the "
                             "output's format already; drop response_format")
         if self.structure() and (choice not in (None, "none", "auto") or (
                 self.response_format is not None and self.response_format["type"] != "text")):
-            raise _conflict("structured_outputs", "the output has one structure: "
+            raise conflict("structured_outputs", "the output has one structure: "
                             "structured_outputs (or guided_*) does not combine with "
                             "response_format or a required or named tool_choice")
         return self
@@ -409,13 +353,13 @@ class TokenizeRequest(ChatTemplateOptions):
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise _conflict("prompt", "send exactly one of prompt or messages")
+            raise conflict("prompt", "send exactly one of prompt or messages")
         if self.tools is not None and self.messages is None:
-            raise _conflict("tools", "tools go with messages")
+            raise conflict("tools", "tools go with messages")
         return self
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictModel):
     """POST /detokenize."""
 
     model: str | None = None

@@ -8,10 +8,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from server.api.protocol import ChatCompletionRequest, _conflict, _Strict
+from server.api.protocol import ChatCompletionRequest
+from server.api.protocol_base import StrictModel, conflict
 
 
-class ResponseTextFormat(_Strict):
+class ResponseTextFormat(StrictModel):
     """The Responses API's `text.format`: plain text, any JSON object, or JSON following a
     schema (`json_schema`: name, schema, strict, description)."""
 
@@ -22,11 +23,11 @@ class ResponseTextFormat(_Strict):
     description: str | None = None
 
 
-class ResponseText(_Strict):
+class ResponseText(StrictModel):
     format: ResponseTextFormat | None = None
 
 
-class ResponseInputMessage(_Strict):
+class ResponseInputMessage(StrictModel):
     """An input item of the Responses API: a message, its content a string or a list of
     text parts (`input_text`, or `output_text` in an assistant message fed back)."""
 
@@ -51,7 +52,7 @@ class ResponseInputMessage(_Strict):
         return "".join(texts)
 
 
-class ResponseFunctionCall(_Strict):
+class ResponseFunctionCall(StrictModel):
     """An input item: a function call the model made earlier in the conversation."""
 
     type: Literal["function_call"]
@@ -62,7 +63,7 @@ class ResponseFunctionCall(_Strict):
     status: str | None = None
 
 
-class ResponseFunctionCallOutput(_Strict):
+class ResponseFunctionCallOutput(StrictModel):
     """An input item: what a function call returned."""
 
     type: Literal["function_call_output"]
@@ -77,7 +78,7 @@ ResponseInputItem = Annotated[
     Field(discriminator="type")]
 
 
-class ResponseFunctionTool(_Strict):
+class ResponseFunctionTool(StrictModel):
     """A function tool, in the Responses API's flat shape."""
 
     type: Literal["function"]
@@ -87,12 +88,12 @@ class ResponseFunctionTool(_Strict):
     strict: bool | None = None
 
 
-class ResponseNamedToolChoice(_Strict):
+class ResponseNamedToolChoice(StrictModel):
     type: Literal["function"]
     name: str
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(StrictModel):
     """POST /v1/responses (OpenAI's Responses API) for text and function calls: `input` is
     a string (one user message) or a list of messages, earlier function calls and their
     outputs; `instructions` a system message before them. It becomes a chat request
@@ -143,11 +144,11 @@ class ResponsesRequest(_Strict):
     @model_validator(mode="after")
     def _supported(self) -> ResponsesRequest:
         if self.include:
-            raise _conflict("include", "include is not supported")
+            raise conflict("include", "include is not supported")
         if self.reasoning:
-            raise _conflict("reasoning", "reasoning options are not supported")
+            raise conflict("reasoning", "reasoning options are not supported")
         if not self.input:
-            raise _conflict("input", "input must not be empty")
+            raise conflict("input", "input must not be empty")
         return self
 
     def _messages(self, earlier: Sequence[ResponseInputItem]) -> list[dict[str, Any]]:

@@ -23,7 +23,8 @@ from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import ChoiceResult, check_context_length, make_jobs
 from server.api.logprobs import TokenTexts, chat_logprobs
-from server.api.protocol import ChatCompletionRequest, ChatMessage, Tool
+from server.api.protocol import ChatCompletionRequest, ChatMessage
+from server.api.protocol_tools import Tool
 from server.api.serving import Generation
 from server.api.state import EngineClient, ServerState
 from server.api.tools import (
