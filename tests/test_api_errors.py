@@ -63,6 +63,7 @@ def _ok(client: httpx.Client) -> None:
     ({"messages": MSGS, "stop": [f"s{i}" for i in range(33)]}, "stop", "invalid_value"),
     ({"messages": MSGS, "n": 5}, "n", "invalid_value"),
     ({"messages": MSGS, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    ({"messages": MSGS, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
     ({"messages": MSGS, "stream_options": {"include_usage": True}}, "stream_options",
      "invalid_value"),
     ({"messages": MSGS, "max_tokens": 2, "max_completion_tokens": 3}, "max_completion_tokens",

@@ -218,6 +218,52 @@ def test_json_formats_reach_the_engine(served) -> None:
     assert engine.params[reply.id].json_schema == '{"type": "object"}'
 
 
+def test_logprobs_as_chat_gives_them(served) -> None:
+    """include message.output_text.logprobs (or top_logprobs alone): the output text's
+    tokens' logprobs and alternatives, as chat's logprobs.content for the same request;
+    streamed, the deltas' logprobs add up to the done event's and each delta's tokens spell
+    its text; without either, none are asked of the engine."""
+    url, client, engine = served
+    chat = client.chat.completions.create(model="fake-model", max_tokens=5, logprobs=True,
+                                          top_logprobs=2, messages=[{"role": "user",
+                                                                     "content": "hi"}])
+    expected = chat.choices[0].logprobs.model_dump()["content"]
+    assert len(expected) == 5 and all(len(e["top_logprobs"]) == 2 for e in expected)
+    body = {"model": "fake-model", "input": "hi", "max_output_tokens": 5}
+    for asks in ({"include": ["message.output_text.logprobs"], "top_logprobs": 2},
+                 {"top_logprobs": 2}):
+        reply = httpx.post(url + "/v1/responses", json={**body, **asks}).json()
+        assert reply["output"][0]["content"][0]["logprobs"] == expected
+        assert reply["top_logprobs"] == 2
+        assert engine.params[reply["id"]].logprobs == 2
+    reply = client.responses.create(**body, include=["message.output_text.logprobs"])
+    assert [e.token for e in reply.output[0].content[0].logprobs] == list(reply.output_text)
+    assert all(e.top_logprobs == [] for e in reply.output[0].content[0].logprobs)
+    plain = client.responses.create(**body)
+    assert plain.output[0].content[0].logprobs == [] and engine.params[plain.id].logprobs is None
+    with httpx.stream("POST", url + "/v1/responses", timeout=10, json={
+            **body, "stream": True, "include": ["message.output_text.logprobs"],
+            "top_logprobs": 2}) as resp:
+        events = [json.loads(f.split("\n")[1].removeprefix("data: "))
+                  for f in resp.read().decode().split("\n\n") if f]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert all("".join(t["token"] for t in d["logprobs"]) == d["delta"] for d in deltas)
+    (done,) = [e for e in events if e["type"] == "response.output_text.done"]
+    assert [t for d in deltas for t in d["logprobs"]] == done["logprobs"] == expected
+    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == expected
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"include": ["file_search_call.results"]}, "'file_search_call.results' is not supported"),
+    ({"top_logprobs": 21}, "top_logprobs must be in [0, 20], got 21"),
+])
+def test_logprob_refusals(served, fields, message) -> None:
+    url, _, _ = served
+    resp = httpx.post(url + "/v1/responses", json={"input": "hi", **fields})
+    assert resp.status_code == 400 and message in resp.json()["error"]["message"], resp.text
+    assert resp.json()["error"]["param"] == next(iter(fields))
+
+
 def test_a_finish_reason_gives_the_status() -> None:
     from server.api.serving_responses import _status
 

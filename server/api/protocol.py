@@ -271,6 +271,9 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise conflict("top_logprobs", f"top_logprobs must be in [0, 20], got "
+                                           f"{self.top_logprobs}")
         if self.top_logprobs is not None and not self.logprobs:
             raise conflict("top_logprobs", "top_logprobs requires logprobs to be true")
         if (self.max_tokens is not None and self.max_completion_tokens is not None

@@ -11,6 +11,9 @@ from pydantic import Field, field_validator, model_validator
 from server.api.protocol import ChatCompletionRequest
 from server.api.protocol_base import StrictModel, conflict
 
+LOGPROBS = "message.output_text.logprobs"
+"""The one `include` value served: the output text's token logprobs."""
+
 
 class ResponseTextFormat(StrictModel):
     """The Responses API's `text.format`: plain text, any JSON object, or JSON following a
@@ -122,6 +125,9 @@ class ResponsesRequest(StrictModel):
     parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None
     include: list[str] | None = None
+    """(only LOGPROBS: the output text's token logprobs)"""
+    top_logprobs: int | None = None
+    """Alternatives listed at each output token (0-20; given alone it asks for logprobs)."""
     reasoning: dict[str, Any] | None = None
 
     @field_validator("max_output_tokens")
@@ -143,13 +149,19 @@ class ResponsesRequest(StrictModel):
 
     @model_validator(mode="after")
     def _supported(self) -> ResponsesRequest:
-        if self.include:
-            raise conflict("include", "include is not supported")
+        unknown = [item for item in self.include or [] if item != LOGPROBS]
+        if unknown:
+            raise conflict("include", f"include {unknown[0]!r} is not supported (only "
+                                      f"{LOGPROBS!r})")
         if self.reasoning:
             raise conflict("reasoning", "reasoning options are not supported")
         if not self.input:
             raise conflict("input", "input must not be empty")
         return self
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS in (self.include or []) or self.top_logprobs is not None
 
     def _messages(self, earlier: Sequence[ResponseInputItem]) -> list[dict[str, Any]]:
         """The conversation as chat messages: function calls are the tool_calls of the
@@ -179,6 +191,8 @@ class ResponsesRequest(StrictModel):
         body: dict[str, Any] = {"messages": self._messages(earlier), "max_tokens": self.max_output_tokens,
                                 "temperature": self.temperature, "top_p": self.top_p,
                                 "seed": self.seed}
+        if self.wants_logprobs:
+            body |= {"logprobs": True, "top_logprobs": self.top_logprobs}
         fmt = self.text.format if self.text is not None else None
         if fmt is not None and fmt.type != "text":
             body["response_format"] = (

@@ -24,6 +24,7 @@ from server.api.admission import admit, new_request_id
 from server.api.config import ApiConfig
 from server.api.errors import ApiError, bad_request, from_validation_error
 from server.api.generation import ChoiceResult, make_jobs
+from server.api.logprobs import TokenTexts, chat_logprobs
 from server.api.protocol_responses import (
     ResponseInputItem,
     ResponseNamedToolChoice,
@@ -34,7 +35,7 @@ from server.api.serving import Generation
 from server.api.serving_chat import prepare_chat
 from server.api.state import ServerState
 from server.api.tools import ToolMode, read_calls
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 
@@ -60,10 +61,13 @@ class ResponsesFormatter:
     num_choices = 1
 
     def __init__(self, request_id: str, req: ResponsesRequest, model: str,
-                 params: SamplingParams, mode: ToolMode, store: ResponseStore | None) -> None:
-        """`store`: where the finished response is kept; None: nowhere."""
+                 params: SamplingParams, mode: ToolMode, store: ResponseStore | None,
+                 texts: TokenTexts | None) -> None:
+        """`store`: where the finished response is kept; None: nowhere. `texts`: the
+        tokens' texts where the request asks for logprobs; None: it does not."""
         self.request_id = request_id
-        self.store = store
+        self.store, self.texts = store, texts
+        self._unsent: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
         self.item_id = f"msg_{uuid.uuid4().hex}"
         self.req, self.model, self.params, self.mode = req, model, params, mode
         self.created = int(time.time())
@@ -74,18 +78,26 @@ class ResponsesFormatter:
         self.sequence += 1
         return event
 
-    def _part(self, text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def _logprobs(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        return chat_logprobs(entries, self.texts)["content"] if self.texts else []
 
-    def _message(self, status: str, text: str | None) -> dict[str, Any]:
+    def _part(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+    def _message(self, status: str, text: str | None,
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant",
-                "content": [] if text is None else [self._part(text)]}
+                "content": [] if text is None else [self._part(text, logprobs)]}
 
-    def _items(self, text: str) -> list[dict[str, Any]]:
+    def _items(self, result: ChoiceResult) -> list[dict[str, Any]]:
         """The finished reply's output items: its message (unless it is nothing but calls),
-        then its function calls."""
+        then its function calls. The message's text carries every token's logprobs where it
+        is the whole reply (no calls read out of it)."""
+        text = "".join(result.text)
         content, calls = read_calls(text, self.mode)
-        items = [] if content is None and calls else [self._message("completed", content or "")]
+        logprobs = self._logprobs(result.logprobs) if content == text else []
+        items = ([] if content is None and calls
+                 else [self._message("completed", content or "", logprobs)])
         return items + [{"type": "function_call", "id": f"fc_{call['id'].removeprefix('call_')}",
                          "call_id": call["id"], "name": call["function"]["name"],
                          "arguments": call["function"]["arguments"], "status": "completed"}
@@ -106,6 +118,7 @@ class ResponsesFormatter:
             "previous_response_id": req.previous_response_id, "reasoning": None,
             "store": self.store is not None,
             "temperature": self.params.temperature, "top_p": self.params.top_p,
+            "top_logprobs": req.top_logprobs,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)
                      if fmt is not None else {"type": "text"}},
             "tool_choice": (req.tool_choice.model_dump()
@@ -131,15 +144,17 @@ class ResponsesFormatter:
                 self._event("response.content_part.added", item_id=self.item_id,
                             output_index=index, content_index=0, part=self._part(""))]
 
-    def _text_delta(self, index: int, delta: str) -> dict[str, Any]:
+    def _text_delta(self, index: int, delta: str, logprobs: list[dict[str, Any]]
+                    ) -> dict[str, Any]:
         return self._event("response.output_text.delta", item_id=self.item_id,
-                           output_index=index, content_index=0, delta=delta, logprobs=[])
+                           output_index=index, content_index=0, delta=delta, logprobs=logprobs)
 
     def _message_closed(self, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
-        text = item["content"][0]["text"]
+        part = item["content"][0]
         where = {"item_id": self.item_id, "output_index": index, "content_index": 0}
-        return [self._event("response.output_text.done", **where, text=text, logprobs=[]),
-                self._event("response.content_part.done", **where, part=self._part(text)),
+        return [self._event("response.output_text.done", **where, text=part["text"],
+                            logprobs=part["logprobs"]),
+                self._event("response.content_part.done", **where, part=part),
                 self._event("response.output_item.done", output_index=index, item=item)]
 
     def _call_events(self, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -153,14 +168,20 @@ class ResponsesFormatter:
                 self._event("response.output_item.done", output_index=index, item=item)]
 
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
-        if self.mode.kind != "none" or not out.new_text:
+        """A text delta with its tokens' logprobs (those of tokens whose text came out only
+        now included), where text goes out as it comes."""
+        if self.mode.kind != "none":
             return None
-        return self._text_delta(0, out.new_text)
+        self._unsent += out.logprobs or []
+        if not out.new_text:
+            return None
+        logprobs, self._unsent = self._logprobs(self._unsent), []
+        return self._text_delta(0, out.new_text, logprobs)
 
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
                 include_usage: bool) -> list[dict[str, Any]]:
         reason = results[0].finish_reason
-        items = self._items("".join(results[0].text))
+        items = self._items(results[0])
         events = []
         for index, item in enumerate(items):
             if item["type"] == "function_call":
@@ -168,7 +189,8 @@ class ResponsesFormatter:
                 continue
             if self.mode.kind != "none":  # (not opened by the prelude)
                 events += self._message_opened(index)
-                events.append(self._text_delta(index, item["content"][0]["text"]))
+                part = item["content"][0]
+                events.append(self._text_delta(index, part["text"], part["logprobs"]))
             events += self._message_closed(index, item)
         done = self._finished(self._response(_status(reason), items, usage, reason))
         kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
@@ -176,8 +198,8 @@ class ResponsesFormatter:
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         r = results[0]
-        return self._finished(self._response(_status(r.finish_reason),
-                                             self._items("".join(r.text)), usage, r.finish_reason))
+        return self._finished(self._response(_status(r.finish_reason), self._items(r), usage,
+                                             r.finish_reason))
 
     def _finished(self, response: dict[str, Any]) -> dict[str, Any]:
         if self.store is not None:
@@ -207,8 +229,9 @@ async def create_response(request: Request, state: ServerState, api: ApiConfig,
     request_id = new_request_id("resp").replace("-", "_")
     job = prepare_chat(chat, engine, api, request_id)
     keep = store if req.store is not False and store.capacity > 0 else None
+    texts = TokenTexts(engine.tokenizer) if req.wants_logprobs else None
     formatter = ResponsesFormatter(request_id, req, engine.model_name, job.params, job.mode,
-                                   keep)
+                                   keep, texts)
     jobs = make_jobs(request_id, [job.prompt_ids], 1, job.params)
     generation = Generation(state, engine, jobs, [len(job.prompt_ids)], formatter, req.user)
     return await generation.respond(request, req.stream, False)
