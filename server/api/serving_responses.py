@@ -2,13 +2,14 @@
 request (`ResponsesRequest.to_chat`: instructions, messages, earlier function calls and
 their outputs, function tools, `text.format`), served by the chat machinery with one choice;
 the reply's output items are a `message` with one `output_text` part and, with tools, the
-`function_call`s read from its text (`server.api.tools.read_calls`). Streamed, it goes out
-as the API's named events, from `response.created` to `response.completed` (or
-`response.incomplete` when `max_output_tokens` cut it short): text deltas as they come
-without tools; with tools, the items once the reply is whole (its text is read for calls
-only then). Finished responses are kept (`server.api.response_store`) unless the request
-says `store: false`: a later request continues one with `previous_response_id`, and GET and
-DELETE /v1/responses/{id} read and drop them."""
+`function_call`s read from its text (`server.api.tools.read_calls`); asked for, the text
+part carries its tokens' logprobs in chat's entry shape. Streamed, it goes out as the API's
+named events, from `response.created` to `response.completed` (or `response.incomplete`
+when `max_output_tokens` cut it short): text deltas as they come without tools; with tools,
+the items once the reply is whole (its text is read for calls only then). Finished
+responses are kept (`server.api.response_store`) unless the request says `store: false`: a
+later request continues one with `previous_response_id`, and GET and DELETE
+/v1/responses/{id} read and drop them."""
 
 from __future__ import annotations
 
