@@ -54,8 +54,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     keys. False, with nothing written, where the native kernels do not take these tensors
     (float32 q and out and caches of a `cpu_native.KV_TYPES` type, in CPU memory,
     contiguous, dim a multiple of 16): the caller then uses torch's. Its cost grows with
-    each query's keys, so it suits decode and verification steps: a prefill of hundreds of
-    tokens runs faster through torch's blocked attention."""
+    each query's keys, so it suits decode and verification steps and prefill chunks of short
+    sequences: past ~1,000 keys a prefill chunk runs faster through torch's blocked
+    attention (`server.engine.batch_builder.NATIVE_PREFILL_KEYS`)."""
     lib = lib or library_in_use()
     if lib is None:
         return False

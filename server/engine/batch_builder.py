@@ -9,6 +9,7 @@ from functools import partial
 import torch
 
 from kernels import cpu_attention
+from kernels.cpu_native import library_in_use
 from server.engine.block_manager import SinkWindow, window_kwargs
 from server.engine.contracts import SchedulerOutput
 from server.models.batch import BatchMeta, CpuGroup, PaddedGroup
@@ -17,6 +18,13 @@ from server.models.batch import BatchMeta, CpuGroup, PaddedGroup
 # (or go to the native kernel, `kernels.cpu_attention.paged_attention`); longer ones (prefill
 # chunks) get a group each so padding never multiplies their cost.
 SHORT_QUERY = 16
+# Where the native kernel runs, a prefill chunk whose sequence has at most this many keys
+# with it joins the short queries: the native attention costs more than torch's blocked one
+# as the keys grow, but a step of such queries runs its layers in one native call, and each
+# row's bits are then its own whatever the chunks (docs/benchmarks, "Prefill chunks through
+# the native attention": the default model's prefill 1.19-1.49x from 32 to 512 tokens,
+# 1.04x at 1,024, 1.01x at 2,048).
+NATIVE_PREFILL_KEYS = 1024
 
 
 @dataclass
@@ -31,11 +39,14 @@ class ModelInputs:
 def build_inputs(out: SchedulerOutput, block_tables: list[list[list[int]]], block_size: int,
                  device: torch.device, padded_groups: bool,
                  ahead_ids: torch.Tensor | None = None,
-                 windows: Sequence[SinkWindow | None] = (None,)) -> ModelInputs:
+                 windows: Sequence[SinkWindow | None] = (None,),
+                 native_prefill: bool = False) -> ModelInputs:
     """`block_tables[p][i]`: scheduled request i's blocks in KV pool p, whose layers attend
     with `windows[p]` (`BlockManager.pools`); the first pool's metadata holds the second's
     as `BatchMeta.sparse`. `ahead_ids`: a decode step's token ids on the device, one a
-    request, from the step before, which still runs (`ScheduledRequest.ahead`)."""
+    request, from the step before, which still runs (`ScheduledRequest.ahead`).
+    `native_prefill`: the model's attention can run natively (float32 on the CPU), so
+    prefill chunks of up to `NATIVE_PREFILL_KEYS` keys go to the native kernel."""
     ids: list[int] = []
     positions: list[int] = []
     starts = [0]
@@ -52,21 +63,22 @@ def build_inputs(out: SchedulerOutput, block_tables: list[list[list[int]]], bloc
         ahead_ids if ahead_ids is not None else torch.tensor(ids, dtype=torch.long, device=device),
         torch.tensor(positions, dtype=torch.long, device=device),
         batch_meta(block_tables, positions, seq_lens, starts, block_size, device, padded_groups,
-                   windows),
+                   windows, native_prefill),
         starts,
     )
 
 
 def batch_meta(block_tables: list[list[list[int]]], positions: list[int], seq_lens: list[int],
                starts: list[int], block_size: int, device: torch.device, padded_groups: bool,
-               windows: Sequence[SinkWindow | None] = (None,)) -> BatchMeta:
+               windows: Sequence[SinkWindow | None] = (None,),
+               native_prefill: bool = False) -> BatchMeta:
     """The attention metadata of a flat batch: sequence i's tokens are rows starts[i] to
     starts[i + 1] at `positions`, and it has seq_lens[i] tokens of context with them;
-    `block_tables` and `windows` as `build_inputs`'."""
+    `block_tables`, `windows` and `native_prefill` as `build_inputs`'."""
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     start_loc = torch.tensor(starts, dtype=torch.int32)
-    metas = [_meta(pool, window, positions, lens, start_loc, block_size, device, padded_groups)
-             for pool, window in zip(block_tables, windows, strict=True)]
+    metas = [_meta(pool, window, positions, lens, start_loc, block_size, device, padded_groups,
+                   native_prefill) for pool, window in zip(block_tables, windows, strict=True)]
     if len(metas) > 1:
         metas[0].sparse = metas[1]
     return metas[0]
@@ -74,7 +86,7 @@ def batch_meta(block_tables: list[list[list[int]]], positions: list[int], seq_le
 
 def _meta(block_tables: list[list[int]], window: SinkWindow | None, positions: list[int],
           lens: torch.Tensor, start_loc: torch.Tensor, block_size: int, device: torch.device,
-          padded_groups: bool) -> BatchMeta:
+          padded_groups: bool, native_prefill: bool) -> BatchMeta:
     """One KV pool's slots, block tables (and CPU groups) for a step."""
     slots: list[int] = []
     starts = start_loc.tolist()
@@ -83,7 +95,8 @@ def _meta(block_tables: list[list[int]], window: SinkWindow | None, positions: l
                      for p in positions[starts[i]:starts[i + 1]])
     max_blocks = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32)
-    groups = _groups(lens, start_loc, tables, block_size, window) if padded_groups else None
+    groups = (_groups(lens, start_loc, tables, block_size, window, native_prefill)
+              if padded_groups else None)
     return BatchMeta(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         block_tables=tables.to(device),
@@ -95,10 +108,13 @@ def _meta(block_tables: list[list[int]], window: SinkWindow | None, positions: l
 
 
 def _groups(lens: torch.Tensor, start_loc: torch.Tensor, tables: torch.Tensor, block_size: int,
-            window: SinkWindow | None) -> list[CpuGroup]:
+            window: SinkWindow | None, native_prefill: bool) -> list[CpuGroup]:
     q_lens = start_loc[1:] - start_loc[:-1]
-    short = (q_lens <= SHORT_QUERY).nonzero().squeeze(1).tolist()
-    long = (q_lens > SHORT_QUERY).nonzero().squeeze(1).tolist()
+    is_short = q_lens <= SHORT_QUERY
+    if native_prefill and library_in_use() is not None:  # (not within cpu_native.turned_off)
+        is_short |= lens <= NATIVE_PREFILL_KEYS
+    short = is_short.nonzero().squeeze(1).tolist()
+    long = (~is_short).nonzero().squeeze(1).tolist()
     members = ([short] if short else []) + [[i] for i in long]
     everything = len(members) == 1
     return [CpuGroup(partial(_padded, idx, lens, start_loc, q_lens, tables, block_size, everything,

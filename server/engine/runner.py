@@ -107,6 +107,9 @@ class ModelRunner:
         self._turn = 0
         allocate_kv_caches(model, blocks, device, windowed, kv_dtype or model.dtype)
         self.windows = [p.window for p in blocks.pools]
+        # the native attention takes float32 queries of a multiple of 16 features
+        self._native_prefill = (device.type == "cpu" and model.dtype == torch.float32
+                                and model.config.head_dim % 16 == 0)
 
     @torch.inference_mode()
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_query_len: int
@@ -175,7 +178,7 @@ class ModelRunner:
         if replay is None:
             inputs = build_inputs(out, by_pool, self.blocks.block_size, self.device,
                                   padded_groups=self.device.type == "cpu", ahead_ids=ids,
-                                  windows=self.windows)
+                                  windows=self.windows, native_prefill=self._native_prefill)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, hidden]
             ends, all_logits, tokens = inputs.query_start[1:], None, None
             prompt = prompt_rows(out.scheduled, ends)
