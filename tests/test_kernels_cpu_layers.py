@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels import cpu_layers, cpu_native
+from server.engine import batch_builder
 from server.engine.batch_builder import batch_meta
 from server.engine.block_manager import SinkWindow
 from server.engine.llm import LLM
@@ -208,7 +209,8 @@ def test_engine_outputs_equal_with_and_without_the_stack(tiny_model_dir, kv_cach
 
 def test_the_benchmark_compares_both_paths(tmp_path, monkeypatch):
     """`leapfrog bench layers` times the default model's decode both ways, the per-op side
-    really calling every layer's forward, and gets the same tokens."""
+    really calling every layer's forward, and gets the same tokens; and its prefill with
+    the prompt's chunk through the native attention and through torch's."""
     import json
     import math
 
@@ -224,9 +226,22 @@ def test_the_benchmark_compares_both_paths(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(LlamaForCausalLM, "_native_forward", counted)
+    chunks = set()  # whether a 48-token prefill chunk went to the native attention
+    groups = batch_builder._groups
+
+    def grouped(lens, start_loc, *rest):
+        out = groups(lens, start_loc, *rest)
+        if int(start_loc[-1]) == 48:
+            chunks.add(tuple(g.native is not None for g in out))
+        return out
+
+    monkeypatch.setattr(batch_builder, "_groups", grouped)
     out = tmp_path / "layers.json"
     assert main(["bench", "layers", "--batch-sizes", "2", "--tokens", "8", "--repeats", "1",
-                 "--result-json", str(out)]) == 0
+                 "--prefill-lengths", "48", "--result-json", str(out)]) == 0
+    (prefill,) = json.loads(out.read_text())["prefill"]
+    assert prefill["prompt_tokens"] == 48 and chunks == {(True,), (False,)}
+    assert all(math.isfinite(prefill[k]) and prefill[k] > 0 for k in ("native", "torch", "ratio"))
     (row,) = json.loads(out.read_text())["decode"]
     assert row["batch"] == 2 and row["same_tokens"] is True
     # (rates of so few tokens on a loaded machine can be anything, even negative: t(8) - t(1))

@@ -45,12 +45,14 @@ def _groups(seq_lens: list[int], q_lens: list[int], native_prefill: bool
 def test_short_sequences_prefill_with_the_decode_rows() -> None:
     """A decode row, a chunk of a short sequence and one past the limit: the first two are
     one native group (the whole step can run natively), the long one a torch group of its
-    own; without native prefill, or with the native kernels turned off, each chunk is its
-    own torch group."""
+    own; without native prefill (the runner's flag, or `torch_prefill`), or with the native
+    kernels turned off, each chunk is its own torch group."""
     lens, q = [50, 300, NATIVE_PREFILL_KEYS + 1], [1, 100, 100]
     assert _groups(lens, q, True) == [([0, 1], True), ([2], False)]
     assert _groups(lens[:2], q[:2], True) == [([0, 1], True)]
     assert _groups(lens, q, False) == [([0], True), ([1], False), ([2], False)]
+    with batch_builder.torch_prefill():
+        assert _groups(lens, q, True) == [([0], True), ([1], False), ([2], False)]
     with cpu_native.turned_off():
         assert _groups(lens, q, True) == [([0], False), ([1], False), ([2], False)]
 
@@ -83,14 +85,15 @@ def test_a_prompt_is_computed_the_same_in_any_chunks(tiny_model_dir) -> None:
     assert [(c.token_ids, c.logprobs) for c in (first, second)] == [w[:2] for w in whole]
 
 
-def test_without_it_chunks_of_a_prompt_differ(tiny_model_dir,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check above can fail: with no prefill chunk through the native attention, a
-    prompt prefilled in one chunk (torch's attention) and in chunks of 16 (short queries:
-    the native kernel) differ in their log-probabilities' last bits."""
-    monkeypatch.setattr(batch_builder, "NATIVE_PREFILL_KEYS", 0)
+def test_without_it_chunks_of_a_prompt_differ(tiny_model_dir) -> None:
+    """The check above can fail: with no prefill chunk through the native attention
+    (`torch_prefill`), a prompt prefilled in one chunk (torch's attention) and in chunks of
+    16 (short queries: the native kernel) differ in their log-probabilities' last bits."""
     prompt = torch.randint(3, 120, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     path = str(tiny_model_dir("llama"))
-    whole = _generate(path, [prompt], max_num_batched_tokens=512, enable_prefix_caching=False)
-    split = _generate(path, [prompt], max_num_batched_tokens=16, enable_prefix_caching=False)
+    with batch_builder.torch_prefill():
+        whole = _generate(path, [prompt], max_num_batched_tokens=512,
+                          enable_prefix_caching=False)
+        split = _generate(path, [prompt], max_num_batched_tokens=16,
+                          enable_prefix_caching=False)
     assert split != whole

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 
@@ -10,6 +11,7 @@ import torch
 
 from kernels import cpu_attention
 from kernels.cpu_native import library_in_use
+from kernels.switch import Switch
 from server.engine.block_manager import SinkWindow, window_kwargs
 from server.engine.contracts import SchedulerOutput
 from server.models.batch import BatchMeta, CpuGroup, PaddedGroup
@@ -25,6 +27,13 @@ SHORT_QUERY = 16
 # the native attention": the default model's prefill 1.19-1.49x from 32 to 512 tokens,
 # 1.04x at 1,024, 1.01x at 2,048).
 NATIVE_PREFILL_KEYS = 1024
+_prefill_natively = Switch(True)  # off within `torch_prefill`
+
+
+def torch_prefill() -> AbstractContextManager[None]:
+    """Within it every prefill chunk of more than `SHORT_QUERY` tokens keeps torch's
+    attention (side-by-side benchmarks, tests)."""
+    return _prefill_natively.off()
 
 
 @dataclass
@@ -111,7 +120,7 @@ def _groups(lens: torch.Tensor, start_loc: torch.Tensor, tables: torch.Tensor, b
             window: SinkWindow | None, native_prefill: bool) -> list[CpuGroup]:
     q_lens = start_loc[1:] - start_loc[:-1]
     is_short = q_lens <= SHORT_QUERY
-    if native_prefill and library_in_use() is not None:  # (not within cpu_native.turned_off)
+    if native_prefill and _prefill_natively and library_in_use() is not None:
         is_short |= lens <= NATIVE_PREFILL_KEYS
     short = is_short.nonzero().squeeze(1).tolist()
     long = (~is_short).nonzero().squeeze(1).tolist()
