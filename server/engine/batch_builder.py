@@ -24,8 +24,8 @@ SHORT_QUERY = 16
 # with it joins the short queries: the native attention costs more than torch's blocked one
 # as the keys grow, but a step of such queries runs its layers in one native call, and each
 # row's bits are then its own whatever the chunks (docs/benchmarks, "Prefill chunks through
-# the native attention": the default model's prefill 1.19-1.49x from 32 to 512 tokens,
-# 1.04x at 1,024, 1.01x at 2,048).
+# the native attention": the default model's prefill 1.13-1.54x from 32 to 512 tokens,
+# 0.98-1.04x at 1,024, 0.99-1.01x at 2,048).
 NATIVE_PREFILL_KEYS = 1024
 _prefill_natively = Switch(True)  # off within `torch_prefill`
 
