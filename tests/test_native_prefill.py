@@ -97,3 +97,29 @@ def test_without_it_chunks_of_a_prompt_differ(tiny_model_dir) -> None:
         split = _generate(path, [prompt], max_num_batched_tokens=16,
                           enable_prefix_caching=False)
     assert split != whole
+
+
+def test_speculation_changes_no_bit_under_any_schedule(tiny_model_dir) -> None:
+    """Prompts of 45-205 tokens, all at once without speculation, and with n-gram
+    speculation drafting 4 tokens every step, arriving every 3 steps into chunks of 64
+    beside each other's decode and verification rows, prefix-cached: the same tokens and
+    log-probabilities, bit for bit. (Within `torch_prefill` it fails: a prompt's last chunk
+    of 16 tokens or fewer went natively, longer ones through torch.)"""
+    from tests.test_engine import run_staggered
+    from tests.test_speculative import AlwaysDraft
+
+    g = torch.Generator().manual_seed(2)
+    motif = torch.randint(3, 120, (12,), generator=g).tolist()
+    prompts = [(motif * 25)[:n] + torch.randint(3, 120, (5,), generator=g).tolist()
+               for n in (40, 200, 90, 160, 40)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    path = str(tiny_model_dir("llama"))
+    plain = LLM(path, quantization="int4", dtype="float32", kv_cache_memory_gb=0.01,
+                enable_prefix_caching=False)
+    want = [(c.token_ids, c.logprobs) for c in plain.generate(prompts, params)]
+    spec = LLM(path, quantization="int4", dtype="float32", kv_cache_memory_gb=0.01,
+               speculative="ngram", max_num_batched_tokens=64)
+    spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
+    got = run_staggered(spec, prompts, params, every=3)
+    assert [(c.token_ids, c.logprobs) for c in got] == want
+    assert sum(c.num_accepted_tokens for c in got) > 0
