@@ -32,6 +32,11 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
     ([700, 257, 520], [1, 1, 16], 9, 3, 64, 16, None, 0),  # spans of 256 keys, merged
     ([900, 600], [5, 1], 8, 2, 48, 8, 600, 4),  # a window of 3 spans, and sinks
     ([1100], [3], 4, 1, 128, 16, 512, 0),  # window only, 2 spans
+    # prefill chunks (`batch_builder.NATIVE_PREFILL_KEYS`): a whole prompt and a later chunk
+    # beside a decode row; a chunk longer than its window, with sinks
+    ([120, 300, 41], [120, 100, 1], 9, 3, 64, 16, None, 0),
+    ([500], [200], 8, 2, 64, 16, 64, 4),
+    ([1024, 5], [512, 1], 9, 3, 64, 16, None, 0),
 ]
 
 
