@@ -156,6 +156,36 @@ def test_stored_responses_continue_a_conversation(served) -> None:
         client.responses.retrieve(unkept.id)
 
 
+def test_truncation_auto_leaves_out_the_earliest_items(served) -> None:
+    """A conversation longer than the context (128 tokens here): a 400 naming the context
+    length, unless `truncation: auto`, which leaves out its earliest items (and a function
+    call output whose call went with them) until the rest fits; the input's last item alone
+    too long is still a 400."""
+    url, client, engine = served
+    turns = [{"role": "user", "content": "a" * 40}, {"role": "assistant", "content": "b" * 40},
+             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "d" * 10},
+             {"role": "user", "content": "e" * 30}]
+    body = {"model": "fake-model", "input": turns, "max_output_tokens": 8}
+    refused = httpx.post(url + "/v1/responses", json=body)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+    def input_tokens(**fields: object) -> int:
+        reply = httpx.post(url + "/v1/responses", json={**body, **fields})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["usage"]["input_tokens"]
+
+    reply = httpx.post(url + "/v1/responses", json={**body, "truncation": "auto"}).json()
+    assert reply["truncation"] == "auto"
+    assert reply["usage"]["input_tokens"] == input_tokens(input=turns[1:])  # the first out
+    assert input_tokens(truncation="auto", max_output_tokens=60) == input_tokens(
+        input=turns[4:], max_output_tokens=60)  # the call went, so its output did too
+    too_long = httpx.post(url + "/v1/responses", json={
+        "input": "x" * 200, "truncation": "auto", "max_output_tokens": 8})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_a_stored_responses_input_items_are_listed(served) -> None:
     url, client, _ = served
     reply = client.responses.create(model="fake-model", max_output_tokens=2, input=[

@@ -123,7 +123,9 @@ class ResponsesRequest(StrictModel):
     tools: list[ResponseFunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    truncation: Literal["disabled"] | None = None
+    truncation: Literal["disabled", "auto"] | None = None
+    """auto: where the conversation does not fit the context, its earliest items are left
+    out (`conversation`); disabled (the default): a 400."""
     include: list[str] | None = None
     """(only LOGPROBS: the output text's token logprobs)"""
     top_logprobs: int | None = None
@@ -163,14 +165,14 @@ class ResponsesRequest(StrictModel):
     def wants_logprobs(self) -> bool:
         return LOGPROBS in (self.include or []) or self.top_logprobs is not None
 
-    def _messages(self, earlier: Sequence[ResponseInputItem]) -> list[dict[str, Any]]:
+    def _messages(self, items: Sequence[ResponseInputItem]) -> list[dict[str, Any]]:
         """The conversation as chat messages: function calls are the tool_calls of the
         assistant message before them (one made for them if there is none), each output a
         tool message."""
         messages: list[dict[str, Any]] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
-        for item in [*earlier, *self.input]:
+        for item in items:
             if isinstance(item, ResponseInputMessage):
                 messages.append({"role": item.role, "content": item.content})
             elif isinstance(item, ResponseFunctionCall):
@@ -185,10 +187,20 @@ class ResponsesRequest(StrictModel):
                                  "content": item.output})
         return messages
 
-    def to_chat(self, earlier: Sequence[ResponseInputItem] = ()) -> ChatCompletionRequest:
-        """The chat request this one asks for after the `earlier` items of the conversation
-        it continues (its validation errors name chat's fields)."""
-        body: dict[str, Any] = {"messages": self._messages(earlier), "max_tokens": self.max_output_tokens,
+    def conversation(self, earlier: Sequence[ResponseInputItem], drop: int
+                     ) -> list[ResponseInputItem] | None:
+        """The `earlier` items of the conversation this request continues, then its input,
+        less the first `drop` (and any function call outputs those leave first, as their
+        calls went); None where nothing would be left."""
+        items = [*earlier, *self.input][drop:]
+        while drop and items and isinstance(items[0], ResponseFunctionCallOutput):
+            items.pop(0)
+        return items or None
+
+    def to_chat(self, items: Sequence[ResponseInputItem]) -> ChatCompletionRequest:
+        """The chat request this one asks for over the conversation `items`
+        (`conversation`; its validation errors name chat's fields)."""
+        body: dict[str, Any] = {"messages": self._messages(items), "max_tokens": self.max_output_tokens,
                                 "temperature": self.temperature, "top_p": self.top_p,
                                 "seed": self.seed}
         if self.wants_logprobs:

@@ -33,8 +33,8 @@ from server.api.protocol_responses import (
 )
 from server.api.response_store import ResponseStore, input_item_body
 from server.api.serving import Generation
-from server.api.serving_chat import prepare_chat
-from server.api.state import ServerState
+from server.api.serving_chat import ChatJob, prepare_chat
+from server.api.state import EngineClient, ServerState
 from server.api.tools import ToolMode, read_calls
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
@@ -126,7 +126,7 @@ class ResponsesFormatter:
                             if isinstance(req.tool_choice, ResponseNamedToolChoice)
                             else req.tool_choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
-            "truncation": "disabled",
+            "truncation": req.truncation or "disabled",
             "usage": None if usage is None else response_usage(usage),
             "user": req.user, "metadata": req.metadata or {},
         }
@@ -214,6 +214,26 @@ def _not_found(response_id: str, param: str) -> ApiError:
                     code="response_not_found")
 
 
+def _prepare(req: ResponsesRequest, earlier: list[ResponseInputItem], engine: EngineClient,
+             api: ApiConfig, request_id: str) -> ChatJob:
+    """The chat job of the request's conversation; with `truncation: auto`, of the longest
+    end of it that fits the context (earliest items left out first)."""
+    drop = 0
+    while True:
+        items = req.conversation(earlier, drop)
+        try:
+            chat = req.to_chat(items or [])
+        except ValidationError as exc:  # (what only the chat request checks: tool_choice's name)
+            raise from_validation_error(exc) from exc
+        try:
+            return prepare_chat(chat, engine, api, request_id)
+        except ApiError as exc:
+            if (req.truncation != "auto" or exc.code != "context_length_exceeded"
+                    or req.conversation(earlier, drop + 1) is None):
+                raise
+            drop += 1
+
+
 async def create_response(request: Request, state: ServerState, api: ApiConfig,
                           store: ResponseStore) -> Response:
     engine, req = await admit(request, state, api, ResponsesRequest)
@@ -223,12 +243,8 @@ async def create_response(request: Request, state: ServerState, api: ApiConfig,
         if found is None:
             raise _not_found(req.previous_response_id, "previous_response_id")
         earlier = found
-    try:
-        chat = req.to_chat(earlier)
-    except ValidationError as exc:  # (what only the chat request checks: tool_choice's name)
-        raise from_validation_error(exc) from exc
     request_id = new_request_id("resp").replace("-", "_")
-    job = prepare_chat(chat, engine, api, request_id)
+    job = _prepare(req, earlier, engine, api, request_id)
     keep = store if req.store is not False and store.capacity > 0 else None
     texts = TokenTexts(engine.tokenizer) if req.wants_logprobs else None
     formatter = ResponsesFormatter(request_id, req, engine.model_name, job.params, job.mode,
