@@ -187,15 +187,15 @@ class ResponsesRequest(StrictModel):
                                  "content": item.output})
         return messages
 
-    def conversation(self, earlier: Sequence[ResponseInputItem], drop: int
-                     ) -> list[ResponseInputItem] | None:
+    def conversation(self, earlier: Sequence[ResponseInputItem], drop: int = 0
+                     ) -> list[ResponseInputItem]:
         """The `earlier` items of the conversation this request continues, then its input,
         less the first `drop` (and any function call outputs those leave first, as their
-        calls went); None where nothing would be left."""
+        calls went)."""
         items = [*earlier, *self.input][drop:]
         while drop and items and isinstance(items[0], ResponseFunctionCallOutput):
             items.pop(0)
-        return items or None
+        return items
 
     def to_chat(self, items: Sequence[ResponseInputItem]) -> ChatCompletionRequest:
         """The chat request this one asks for over the conversation `items`

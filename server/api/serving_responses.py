@@ -218,20 +218,20 @@ def _prepare(req: ResponsesRequest, earlier: list[ResponseInputItem], engine: En
              api: ApiConfig, request_id: str) -> ChatJob:
     """The chat job of the request's conversation; with `truncation: auto`, of the longest
     end of it that fits the context (earliest items left out first)."""
-    drop = 0
+    drop, items = 0, req.conversation(earlier)
     while True:
-        items = req.conversation(earlier, drop)
         try:
-            chat = req.to_chat(items or [])
+            chat = req.to_chat(items)
         except ValidationError as exc:  # (what only the chat request checks: tool_choice's name)
             raise from_validation_error(exc) from exc
         try:
             return prepare_chat(chat, engine, api, request_id)
         except ApiError as exc:
-            if (req.truncation != "auto" or exc.code != "context_length_exceeded"
-                    or req.conversation(earlier, drop + 1) is None):
+            shorter = (req.conversation(earlier, drop + 1) if req.truncation == "auto"
+                       and exc.code == "context_length_exceeded" else [])
+            if not shorter:
                 raise
-            drop += 1
+            drop, items = drop + 1, shorter
 
 
 async def create_response(request: Request, state: ServerState, api: ApiConfig,
