@@ -346,10 +346,12 @@ class ModelRunner:
 
     def _own_meta(self, tables: list[list[int]], positions: list[int], query_lens: list[int]
                   ) -> BatchMeta:
-        """`DraftBatch.meta`: attention metadata for a drafter's own cache."""
+        """`DraftBatch.meta`: attention metadata for a drafter's own cache (its catch-up
+        chunks through the native attention as the target's prefill chunks)."""
         starts = list(accumulate(query_lens, initial=0))
         return batch_meta([tables], positions, [positions[end - 1] + 1 for end in starts[1:]],
-                          starts, self.blocks.block_size, self.device, self.device.type == "cpu")
+                          starts, self.blocks.block_size, self.device, self.device.type == "cpu",
+                          native_prefill=self._native_prefill)
 
     def _draft(self, owners: list[tuple[ScheduledRequest, int]], sampled: dict[str, SampledTokens],
                hidden: torch.Tensor, last_rows: list[int]) -> None:
