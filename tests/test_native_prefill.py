@@ -85,6 +85,18 @@ def test_a_prompt_is_computed_the_same_in_any_chunks(tiny_model_dir) -> None:
     assert [(c.token_ids, c.logprobs) for c in (first, second)] == [w[:2] for w in whole]
 
 
+def test_with_the_hybrid_cache_too(tiny_model_dir) -> None:
+    """Sink + window layers beside a full one (a window of 24 and 4 sinks, shorter than the
+    prompt's chunks, whose blocks outside the window are freed): a 150-token prompt
+    prefilled in one chunk and in chunks of 16 gives the same bits."""
+    prompt = torch.randint(3, 120, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    hybrid = dict(sliding_window=24, num_sink_tokens=4, full_attention_layers=(1,),
+                  enable_prefix_caching=False)
+    path = str(tiny_model_dir("llama"))
+    whole = _generate(path, [prompt], max_num_batched_tokens=512, **hybrid)
+    assert _generate(path, [prompt], max_num_batched_tokens=16, **hybrid) == whole
+
+
 def test_without_it_chunks_of_a_prompt_differ(tiny_model_dir) -> None:
     """The check above can fail: with no prefill chunk through the native attention
     (`torch_prefill`), a prompt prefilled in one chunk (torch's attention) and in chunks of
