@@ -130,7 +130,7 @@ def _groups(lens: torch.Tensor, start_loc: torch.Tensor, tables: torch.Tensor, b
                              window),
                      cpu_attention.attention_step(tables, lens, start_loc, idx,
                                                   **window_kwargs(window))
-                     if idx is short else None)  # the native kernel takes short queries
+                     if idx is short else None)  # (short queries, short sequences' chunks)
             for idx in members]
 
 
