@@ -211,7 +211,7 @@ def test_hybrid_bench(tiny_model_dir, tmp_path, monkeypatch: pytest.MonkeyPatch)
 
     from server.benchmarks import hybrid
 
-    monkeypatch.setattr(hybrid, "_text", lambda: " ".join(f"w{3 + i * 7 % 120}" for i in range(80)))
+    monkeypatch.setattr(hybrid, "pydoc_text", lambda: " ".join(f"w{3 + i * 7 % 120}" for i in range(80)))
     parser = argparse.ArgumentParser()
     hybrid.add_arguments(parser)
     out = tmp_path / "hybrid.json"

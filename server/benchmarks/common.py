@@ -24,6 +24,14 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def pydoc_text() -> str:
+    """A long English text on every machine: Python's own documentation (`pydoc_data`),
+    its topics in name order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 def side_by_side(run: Callable[[bool], float], repeats: int,
                  off: Callable[[], AbstractContextManager]) -> tuple[float, float]:
     """Best of `repeats` of run(True) and of run(False) inside `off()` (a measure where lower

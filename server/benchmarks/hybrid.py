@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from server.benchmarks.common import config_of, machine, table, write_json
+from server.benchmarks.common import config_of, machine, pydoc_text, table, write_json
 
 CHUNK = 512  # rows of logits at a time
 # the default layout with and without sinks, and no full-attention layer, at two windows
@@ -53,12 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--result-json", default=None, help="write results here")
-
-
-def _text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def _configs(spec: str) -> list[tuple[str, dict[str, object]]]:
@@ -149,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     for name, settings, kv in configs:
         llm = LLM(args.model, **common, **settings, kv_cache_dtype=kv)
         if not ids:
-            ids = llm.encode(_text())[: args.text_tokens]
+            ids = llm.encode(pydoc_text())[: args.text_tokens]
         nll = _nll(llm, ids)
         past = nll[largest:]
         blocks = llm.engine.blocks

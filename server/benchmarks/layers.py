@@ -20,6 +20,7 @@ from server.benchmarks.common import (
     config_of,
     decode_side_by_side,
     machine,
+    pydoc_text,
     side_by_side,
     table,
     write_json,
@@ -39,13 +40,12 @@ def prefill_side_by_side(lengths: list[int], repeats: int) -> list[dict[str, obj
     """Prefill tokens/s of the default model (served packed, no prefix caching) over the
     first `lengths` tokens of a long English text, one token generated, prefill chunks
     through the native attention as usual and inside `torch_prefill()`, alternating."""
-    from server.benchmarks.hybrid import _text
     from server.engine.batch_builder import torch_prefill
     from server.engine.llm import LLM
     from server.engine.sampling_params import SamplingParams
 
     llm = LLM(None, max_model_len=max(lengths) + 1, enable_prefix_caching=False)
-    text = llm.encode(_text())
+    text = llm.encode(pydoc_text())
     params = SamplingParams(max_tokens=1, temperature=0.0)
 
     def prefill(n: int) -> float:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from server.benchmarks.common import config_of, machine, table, write_json
+from server.benchmarks.common import config_of, machine, pydoc_text, table, write_json
 
 QUESTIONS = [
     "What does the with statement do?",
@@ -41,11 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _prompts(llm: object, args: argparse.Namespace) -> list[list[int]]:
     """Chat prompts: the same system prompt (Python's documentation, cut to
     --system-tokens), then one question each."""
-    from pydoc_data.topics import topics
-
     tok = llm.tokenizer
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    system = tok.decode(tok(text).input_ids[: args.system_tokens])
+    system = tok.decode(tok(pydoc_text()).input_ids[: args.system_tokens])
     return [tok.apply_chat_template([{"role": "system", "content": system},
                                      {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
                                     add_generation_prompt=True, tokenize=True, return_dict=False)
