@@ -194,8 +194,8 @@ class DraftModelDrafter(Drafter):
         for i in sampled:
             request = going[i].request
             row = F.pad(logits[i].float(), (0, width - logits.shape[1]), value=float("-inf"))
-            q = request.distribution(row)
-            tokens[i] = int(torch.multinomial(q.cpu(), 1, generator=request.generator))
+            q = request.distribution(row).cpu()  # (verification samples on the host)
+            tokens[i] = int(torch.multinomial(q, 1, generator=request.generator))
             qs[going[i].index].append(q)
         return tokens
 
