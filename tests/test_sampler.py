@@ -112,6 +112,34 @@ def test_temperatures_near_zero_are_greedy(tiny_model_dir, monkeypatch, device_p
         assert got[0].token_ids == greedy[0] and len(got[1].token_ids) == 6
 
 
+def test_host_draws_follow_the_models_distribution(tmp_path) -> None:
+    """The host path (the CPU's: one inverse-CDF draw a row from the request's generator):
+    the first tokens of 4,000 seeded requests to a tiny model, each token's share within
+    4.5 standard errors of its probability (the model's logprobs), none drawn outside it,
+    and a seed gives its tokens again."""
+    from tests.tiny_models import save_tiny_model
+
+    vocab, n = 16, 4000
+    llm = LLM(str(save_tiny_model("llama", tmp_path / "m", seed=5, vocab=vocab)),
+              dtype="float32", num_kv_blocks=512, block_size=4, max_num_seqs=256)
+    prompt = [3, 7, 1, 9]
+    scored = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0,
+                                                   logprobs=vocab))[0].logprobs[0]
+    expected = torch.zeros(vocab, dtype=torch.float64)
+    for token, logprob in scored.top:
+        expected[token] = logprob
+    expected = expected.exp()
+    assert abs(float(expected.sum()) - 1.0) < 1e-4 and float(expected.max()) < 0.9
+    params = [SamplingParams(max_tokens=1, temperature=1.0, seed=s, ignore_eos=True)
+              for s in range(n)]
+    tokens = torch.tensor([c.token_ids[0] for c in llm.generate([prompt] * n, params)])
+    share = torch.bincount(tokens, minlength=vocab).double() / n
+    error = (expected * (1 - expected) / n).sqrt()
+    assert ((share - expected).abs() <= 4.5 * error + 1e-12).all()
+    again = llm.generate([prompt] * 3, [SamplingParams(max_tokens=8, temperature=1.0, seed=s,
+                                                       ignore_eos=True) for s in (0, 1, 0)])
+    assert again[0].token_ids == again[2].token_ids and again[0].token_ids[0] == tokens[0]
+
 def test_nucleus_keeps_what_a_full_sort_keeps() -> None:
     """top-p over the head of the vocabulary (`_nucleus`, widened until it holds the mass)
     keeps the tokens the rule over a full sort keeps: rows of 10 to 49,152 tokens, flat and

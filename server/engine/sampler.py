@@ -1,9 +1,11 @@
 """Turn logits into tokens: penalties and logit bias, temperature, top-k/top-p/min-p,
 seeded sampling.
 
-`target_probs` gives the processed distribution a request samples from (also what
-speculative verification compares drafts against); `sample` draws from it with the
-request's own generator, so a seeded request reproduces whatever else is batched.
+`processed_logits` and `filter_probs` give the distribution a request samples from on the
+host (also what speculative verification compares drafts against); `drafters.verify`
+draws from it with the request's own generator, so a seeded request reproduces whatever
+else is batched. `sample_rows` draws the plain sampled rows of a CUDA step where the
+logits are.
 """
 
 from __future__ import annotations
@@ -85,10 +87,6 @@ def processed_logits(
     if len(output_ids) < params.min_tokens and stop_ids:
         logits = suppress_stops(logits, stop_ids)
     return logits
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
