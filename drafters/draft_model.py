@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from drafters.base import DraftBatch, Drafter, DraftRequest, Proposal, register_drafter
+from drafters.verify import sample_inverse_cdf, uniforms
 from server.models.batch import BatchMeta
 from server.models.loader import build_model, open_checkpoint
 
@@ -195,7 +196,7 @@ class DraftModelDrafter(Drafter):
             request = going[i].request
             row = F.pad(logits[i].float(), (0, width - logits.shape[1]), value=float("-inf"))
             q = request.distribution(row).cpu()  # (verification samples on the host)
-            tokens[i] = int(torch.multinomial(q, 1, generator=request.generator))
+            tokens[i] = sample_inverse_cdf(q[None], uniforms(1, request.generator))[0]
             qs[going[i].index].append(q)
         return tokens
 

@@ -92,12 +92,12 @@ def verify_sampled_batch(
         assert q is None or q.shape == (len(draft), target_probs.shape[1]), (
             f"draft_probs must be [{len(draft)}, {target_probs.shape[1]}], got {list(q.shape)}"
         )
-    uniforms = [_uniforms(rows, gen) for rows, gen in zip(num_rows, generators, strict=True)]
+    drawn = [uniforms(rows, gen) for rows, gen in zip(num_rows, generators, strict=True)]
     p_drafted, q_drafted = _drafted_probs(draft_token_ids, target_probs, draft_probs)
     accepted, weights, fallbacks = [], [], []
     first_row = 0
     for r, draft in enumerate(draft_token_ids):
-        n = _num_accepted(uniforms[r], p_drafted[r], q_drafted[r])
+        n = _num_accepted(drawn[r], p_drafted[r], q_drafted[r])
         p_row = target_probs[first_row + n]  # [vocab]
         if n < len(draft):  # rejected at n: residual; q <= 0 from a faulty drafter -> one-hot
             q = draft_probs[r]
@@ -108,12 +108,12 @@ def verify_sampled_batch(
         fallbacks.append(p_row)
         accepted.append(list(draft[:n]))
         first_row += num_rows[r]
-    last_uniforms = [u[-1] for u in uniforms]
+    last_uniforms = [u[-1] for u in drawn]
     tokens = sample_inverse_cdf(torch.stack(weights), last_uniforms, fallbacks)
     return [prefix + [token] for prefix, token in zip(accepted, tokens, strict=True)]
 
 
-def _uniforms(count: int, generator: torch.Generator | None) -> list[float]:
+def uniforms(count: int, generator: torch.Generator | None) -> list[float]:
     """`count` float64 uniforms in [0, 1) from `generator` (the global CPU RNG if None)."""
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.rand(count, generator=generator, device=device, dtype=torch.float64).tolist()
