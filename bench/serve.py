@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import logging
 import math
 import os
 import sys
@@ -132,6 +133,7 @@ def _benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 when some request succeeded, 1 when none did, 2 on bad input."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # (its INFO: a line per request)
     try:
         if args.plot:
             pyplot()  # fail before the run, not after it, when matplotlib is missing

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,14 +178,17 @@ def test_without_usage_counts_come_from_tokenizer_or_chunks(fake: FakeServer) ->
 
 
 def test_cli_sweep_writes_table_json_and_plots(fake: FakeServer, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+                                               capsys: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
     fake.script(ttft=0.01, itl=0.01, chunks=(2, 2))
+    caplog.set_level(logging.INFO)  # (as `leapfrog`'s command line logs)
     out, png = tmp_path / "res.json", tmp_path / "lat.png"
     plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
     rc = main(["--base-url", fake.url + "/v1", "--num-prompts", "4", "--sweep", "50,inf",
                "--output-len", "4", "--goodput", "ttft:1000", "--no-progress",
                "--result-json", str(out), *plot])
     assert rc == 0
+    assert not [r for r in caplog.records if r.name == "httpx"]  # no line per request
     table = capsys.readouterr().out
     assert table.count("Serving Benchmark Result") == 2 and "Request goodput" in table
     doc = json.loads(out.read_text())
