@@ -28,6 +28,27 @@ def _events(resp: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in lines[:-1]]
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_continuous_usage_stats(served, endpoint: str) -> None:
+    """vLLM's stream_options.continuous_usage_stats: with include_usage, every chunk carries
+    the usage so far (completion tokens growing to the final usage chunk's); without
+    include_usage, no chunk does."""
+    url, _, _ = served
+    body = ({"messages": [{"role": "user", "content": "hi"}]} if endpoint == "chat"
+            else {"prompt": "hi"}) | {"max_tokens": 6, "stream": True, "n": 2}
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    with httpx.stream("POST", url + path, json=body | {"stream_options": options}) as resp:
+        events = _events(resp)
+    final = events[-1]["usage"]
+    assert events[-1]["choices"] == [] and final["completion_tokens"] == 12
+    counts = [ev["usage"]["completion_tokens"] for ev in events]
+    assert all(ev["usage"]["prompt_tokens"] == final["prompt_tokens"] for ev in events)
+    assert counts == sorted(counts) and counts[-2] == 12 and counts[0] < 12
+    plain = body | {"stream_options": {"continuous_usage_stats": True}}
+    with httpx.stream("POST", url + path, json=plain) as resp:
+        assert not any("usage" in ev for ev in _events(resp))
+
 def test_chat_stream_chunks_and_usage(served) -> None:
     url, engine, _ = served
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,

@@ -20,9 +20,11 @@ and the EOS token's text (lm-evaluation-harness: often 5 or more)."""
 
 
 class StreamOptions(StrictModel):
-    """`stream_options`: a final chunk with the usage object when include_usage is set."""
+    """`stream_options`: a final chunk with the usage object when include_usage is set;
+    with vLLM's continuous_usage_stats too, every chunk carries the usage so far."""
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class StructuredOutputs(StrictModel):
@@ -148,6 +150,12 @@ class SamplingRequest(StrictModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every chunk carries the usage so far (vLLM's, with include_usage only)."""
+        options = self.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
 
 
 class ChatMessage(StrictModel):

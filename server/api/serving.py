@@ -94,7 +94,8 @@ class Generation:
         self.prompt_lengths, self.formatter, self.user = prompt_lengths, formatter, user
         self.timing = RequestTiming()
 
-    async def respond(self, request: Request, stream: bool, include_usage: bool) -> Response:
+    async def respond(self, request: Request, stream: bool, include_usage: bool,
+                      continuous_usage: bool = False) -> Response:
         release = self.state.acquire()
         outputs = merged_outputs(self.engine, self.jobs)
         handed_off = False  # once the stream response owns `release` and `outputs`
@@ -105,7 +106,7 @@ class Generation:
                 self._log(results, None)
                 return JSONResponse(self.formatter.response(results, usage(results, self.prompt_lengths)))
             first = await unless_disconnected(anext(outputs, None), request)
-            body = self._events(outputs, first, include_usage, release)
+            body = self._events(outputs, first, include_usage, continuous_usage, release)
             handed_off = True
             return EventStreamResponse(body, media_type="text/event-stream",
                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -128,13 +129,19 @@ class Generation:
 
     async def _events(self, outputs: AsyncIterator[tuple[int, RequestOutput]],
                       first: tuple[int, RequestOutput] | None, include_usage: bool,
-                      release: Callable[[], None]) -> AsyncIterator[str]:
+                      continuous_usage: bool, release: Callable[[], None]
+                      ) -> AsyncIterator[str]:
         results = [ChoiceResult() for _ in range(self.formatter.num_choices)]
         outcome = "client_disconnected"
         named = self.formatter.named_events
+
+        def so_far(chunk: dict[str, Any]) -> dict[str, Any]:
+            return {**chunk, "usage": usage(results, self.prompt_lengths)} \
+                if continuous_usage else chunk
+
         try:
             for chunk in self.formatter.prelude():
-                yield _sse(chunk, named)
+                yield _sse(so_far(chunk), named)
             item = first
             while item is not None:
                 index, out = item
@@ -142,7 +149,7 @@ class Generation:
                 results[index].add(out)
                 chunk = self.formatter.delta(index, out)
                 if chunk is not None:
-                    yield _sse(chunk, named)
+                    yield _sse(so_far(chunk), named)
                 item = await anext(outputs, None)
             for chunk in self.formatter.closing(results, usage(results, self.prompt_lengths),
                                                 include_usage):

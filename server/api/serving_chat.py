@@ -207,4 +207,4 @@ async def create_chat_completion(request: Request, state: ServerState, api: ApiC
     texts = TokenTexts(engine.tokenizer) if req.logprobs else None
     formatter = ChatFormatter(request_id, engine.model_name, req.n, texts, job.mode)
     generation = Generation(state, engine, jobs, [len(job.prompt_ids)], formatter, req.user)
-    return await generation.respond(request, req.stream, req.include_usage)
+    return await generation.respond(request, req.stream, req.include_usage, req.continuous_usage)

@@ -134,4 +134,4 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
     formatter = CompletionFormatter(request_id, engine.model_name, req.n, prompt_ids,
                                     echo_texts, texts)
     generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter, req.user)
-    return await generation.respond(request, req.stream, req.include_usage)
+    return await generation.respond(request, req.stream, req.include_usage, req.continuous_usage)
