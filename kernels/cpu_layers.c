@@ -1,12 +1,11 @@
 /* A Llama-family decoder stack's layers in one call, for the CPU's steps of short queries
- * (decode and verification): each layer's residual add + RMSNorm, qkv product, RoPE + KV
- * cache write, paged attention, o product, add + norm, gate/up product, SwiGLU and down
- * product, through the same functions (cpu_gemm.c, cpu_ops.c, cpu_attention.c) and in the
- * same order as the model's per-op path calls them one by one from Python, so the results
- * are the same bit for bit; what goes is the ~9 calls a layer from Python and their
- * tensors.
- * kernels/cpu_layers.py builds the structures below (its ctypes mirrors).
- */
+ * (decode and verification): each layer's residual add + RMSNorm, qkv product, (Qwen3's
+ * head norms and) RoPE + KV cache write, paged attention, o product, add + norm, gate/up
+ * product, SwiGLU and down product, through the same functions (cpu_gemm.c, cpu_ops.c,
+ * cpu_attention.c) and in the same order as the model's per-op path calls them one by one
+ * from Python, so the results are the same bit for bit; what goes is the ~9 calls a layer
+ * from Python and their tensors.
+ * kernels/cpu_layers.py builds the structures below (its ctypes mirrors). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,7 +18,7 @@ void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *wei
 int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
                          int64_t dim, const float *cos, const float *sin, const int64_t *slots,
                          int64_t num_slots, void *k_cache, void *v_cache, int64_t kv_type,
-                         float *q_out);
+                         const float *head_norm, float eps, float *q_out);
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
                            int64_t kv_heads, int64_t dim, const void *k_cache,
                            const void *v_cache, int64_t kv_type, int64_t num_blocks,
@@ -37,6 +36,7 @@ struct lf_linear {
 struct lf_layer {
     struct lf_linear qkv, o, gate_up, down;
     const float *input_norm, *post_norm;
+    const float *head_norm;  /* q's and k's head norms [2, dim] (Qwen3), or NULL */
     void *k_cache, *v_cache;  /* [num_blocks, block_size, kv_heads, dim] of lf_stack's kv_type */
     int64_t num_blocks;
     int64_t pool;  /* which of the step's KV pools the cache is in (1: sinks + window) */
@@ -92,7 +92,8 @@ int lf_cpu_decoder_layers(const struct lf_stack *s, const struct lf_layer *layer
         if ((rc = product(&l->qkv, h, T, H, qkv_width, wide)) != 0) break;
         if (lf_cpu_rope_kv_write(wide, T, s->heads, s->kv_heads, s->dim, s->cos, s->sin,
                                  s->slots[l->pool], l->num_blocks * s->block_size,
-                                 l->k_cache, l->v_cache, s->kv_type, q) != 0) {
+                                 l->k_cache, l->v_cache, s->kv_type, l->head_norm, s->eps,
+                                 q) != 0) {
             rc = -1;
             break;
         }

@@ -41,6 +41,7 @@ class _Linear(ctypes.Structure):  # struct lf_linear
 class _Layer(ctypes.Structure):  # struct lf_layer
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("head_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
                 ("num_blocks", ctypes.c_int64), ("pool", ctypes.c_int64)]
 
@@ -63,7 +64,8 @@ Product = tuple[PackedWeight | None, torch.Tensor | None]
 class LayerWeights:
     """One Llama-family decoder layer: products qkv (q, k, v fused), o, gate_up (gate, then
     up), down; its two RMSNorm weights; whether it attends to sinks + a window (then its KV
-    cache is the hybrid cache's second pool, `BatchMeta.sparse`)."""
+    cache is the hybrid cache's second pool, `BatchMeta.sparse`); q's and k's head norm
+    weights [2 * head_dim] (Qwen3), or None."""
 
     qkv: Product
     o: Product
@@ -72,6 +74,7 @@ class LayerWeights:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     windowed: bool
+    head_norm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -166,11 +169,14 @@ def decoder_stack(shapes: Shapes, layers: Sequence[LayerWeights],
         if any(p is None for p in products) or not (
                 all(n.shape == (s.hidden,) and float_rows(n, s.hidden)
                     for n in (w.input_norm, w.post_norm))
+                and (w.head_norm is None or w.head_norm.shape == (2 * s.head_dim,)
+                     and float_rows(w.head_norm, 2 * s.head_dim))
                 and k_cache.dim() == 4 and k_cache.shape[1:] == (block_size, s.kv_heads,
                                                                   s.head_dim)
                 and kv is not None and kv_type(k_cache, v_cache, s.head_dim) == kv):
             return None
         built.append(_Layer(*products, w.input_norm.data_ptr(), w.post_norm.data_ptr(),
+                            None if w.head_norm is None else w.head_norm.data_ptr(),
                             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
                             int(w.windowed)))
     keep = (tuple(layers), tuple(caches))  # the addresses above stay valid while these live

@@ -155,7 +155,7 @@ def load(variant: Variant) -> Library | None:
     norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p]
     norm.restype = None
     rope = lib.lf_cpu_rope_kv_write
-    rope.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, i64, p]
+    rope.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, i64, p, ctypes.c_float, p]
     rope.restype = ctypes.c_int
     attention = lib.lf_cpu_paged_attention
     attention.argtypes = [p, p, i64, i64, i64, p, p, i64, i64, i64, ctypes.c_float, p]
@@ -310,18 +310,24 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                  heads: int, kv_heads: int, lib: Library | None = None) -> torch.Tensor | None:
+                  heads: int, kv_heads: int, lib: Library | None = None,
+                  head_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | None:
     """Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin: [T, 1,
     dim / 2], `layers.RotaryEmbedding.inputs`), k and v stored at the caches' flat slots
     (rounded to the caches' type: `KV_TYPES`); returns the rotated q [T, heads, dim].
-    Float32 tensors in CPU memory, contiguous; None where the native kernels do not take
-    them (the caller then rotates and stores with torch's ops). One call instead of ~15
-    small ops a layer."""
+    `head_norm`: (weight [2 * dim], eps): q's heads are first RMS-normed with the weight's
+    first half and k's with its second (Qwen3). Float32 tensors in CPU memory, contiguous;
+    None where the native kernels do not take them (the caller then norms, rotates and
+    stores with torch's ops). One call instead of ~15 small ops a layer."""
     lib = lib or library_in_use()
     if lib is None:
         return None
     t, width, dim = qkv.shape
     kv = kv_type(k_cache, v_cache, dim)
+    norm, eps = head_norm or (None, 0.0)
+    if norm is not None and not (dim % 16 == 0 and norm.shape == (2 * dim,)
+                                 and float_rows(norm, 2 * dim)):
+        return None
     if not (width == heads + 2 * kv_heads and dim % 2 == 0 and float_rows(qkv, dim)
             and cos.shape == sin.shape == (t, 1, dim // 2) and float_rows(cos, dim // 2)
             and float_rows(sin, dim // 2) and k_cache.shape[-2:] == (kv_heads, dim)
@@ -333,7 +339,8 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     slots = k_cache.numel() // (kv_heads * dim)
     if lib.rope_kv_write(qkv.data_ptr(), t, heads, kv_heads, dim, cos.data_ptr(),
                          sin.data_ptr(), slot_mapping.data_ptr(), slots, k_cache.data_ptr(),
-                         v_cache.data_ptr(), kv, q.data_ptr()) != 0:
+                         v_cache.data_ptr(), kv, None if norm is None else norm.data_ptr(),
+                         eps, q.data_ptr()) != 0:
         raise IndexError(f"a KV slot outside 0..{slots - 1}")
     return q
 

@@ -1,8 +1,8 @@
 /* The float32 pointwise steps of a decoder layer around its products, on x86 CPUs:
- * residual add + RMSNorm, RoPE + KV cache write, and the SwiGLU; plain C that the compiler
- * vectorizes (cpu_vec.h's vector extension where it would not), each sum in cpu_vec.h's
- * fixed order.  kernels/cpu_native.py builds it with cpu_gemm.c, cpu_attention.c and
- * cpu_layers.c into one library per instruction set.
+ * residual add + RMSNorm, (Qwen3's head norms and) RoPE + KV cache write, and the SwiGLU;
+ * plain C that the compiler vectorizes (cpu_vec.h's vector extension where it would not),
+ * each sum in cpu_vec.h's fixed order.  kernels/cpu_native.py builds it with cpu_gemm.c,
+ * cpu_attention.c and cpu_layers.c into one library per instruction set.
  */
 #include <math.h>  /* sqrtf, inlined: -fno-math-errno */
 #include <stdint.h>
@@ -41,26 +41,46 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
     }
 }
 
+/* One head's rotation input: the head itself, or with a norm weight (non-NULL) the head
+ * RMS-normed into out (the sum of squares in add_rms_norm's order; dim a multiple of 16). */
+static inline const float *head_input(const float *x, const float *weight, float eps,
+                                      int64_t dim, float *out)
+{
+    if (!weight) return x;
+    float part[LANES] = {0};
+    for (int64_t k0 = 0; k0 < dim; k0 += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += x[k0 + l] * x[k0 + l];
+    const float inv = 1.0f / sqrtf(lanes_sum(part) / (float)dim + eps);
+    for (int64_t k = 0; k < dim; k++) out[k] = x[k] * inv * weight[k];
+    return out;
+}
+
 /* Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin [T, dim / 2]),
  * q into q_out [T, heads, dim], k and v into the caches' flat slots [slots, kv_heads, dim]
  * at slots[t], their elements of type kv_type (cpu_vec.h's KV_*; a 16-bit one needs
- * kv_heads * dim a multiple of 8).  Returns 0, or -1 (writing nothing) when a slot is
+ * kv_heads * dim a multiple of 8).  head_norm (NULL: none) is [2, dim]: q's heads are
+ * RMS-normed with its first row and k's with its second before they turn (Qwen3's q and
+ * k norms; dim then a multiple of 16).  Returns 0, or -1 (writing nothing) when a slot is
  * outside 0..num_slots-1. */
 int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
                          int64_t dim, const float *cos, const float *sin, const int64_t *slots,
                          int64_t num_slots, void *k_cache, void *v_cache, int64_t kv_type,
-                         float *q_out)
+                         const float *head_norm, float eps, float *q_out)
 {
     const int64_t half = dim / 2, row = (heads + 2 * kv_heads) * dim, kv = kv_heads * dim;
     for (int64_t t = 0; t < T; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
     float k[kv];  /* a token's rotated keys, then stored */
+    float normed[dim];
+    const float *q_norm = head_norm, *k_norm = head_norm ? head_norm + dim : NULL;
     for (int64_t t = 0; t < T; t++) {
         const float *x = qkv + t * row, *c = cos + t * half, *s = sin + t * half;
         for (int64_t h = 0; h < heads; h++)
-            rotate(x + h * dim, c, s, half, q_out + (t * heads + h) * dim);
+            rotate(head_input(x + h * dim, q_norm, eps, dim, normed), c, s, half,
+                   q_out + (t * heads + h) * dim);
         for (int64_t h = 0; h < kv_heads; h++)
-            rotate(x + (heads + h) * dim, c, s, half, k + h * dim);
+            rotate(head_input(x + (heads + h) * dim, k_norm, eps, dim, normed), c, s, half,
+                   k + h * dim);
         store_kv(k_cache, slots[t] * kv, k, kv, (int)kv_type);
         store_kv(v_cache, slots[t] * kv, x + (heads + kv_heads) * dim, kv, (int)kv_type);
     }

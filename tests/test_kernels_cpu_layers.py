@@ -83,10 +83,11 @@ def _both_paths(model, ids, positions, meta, num_layers=None):
     return results
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3", "qwen3"])
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [4, 1, 16]], ids=["decode", "verification"])
 def test_native_layers_equal_the_per_op_path(tiny_model_dir, arch, q_lens):
-    """Decode and verification steps (qwen2: qkv bias; llama3: tied head), random caches:
+    """Decode and verification steps (qwen2: qkv bias; llama3: tied head; qwen3: q and k
+    head norms), random caches:
     the final hidden states and every layer's cache equal bit for bit."""
     torch.manual_seed(0)
     model = _model(tiny_model_dir, arch)

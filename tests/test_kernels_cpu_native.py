@@ -209,6 +209,41 @@ def test_rope_kv_write_matches_torch_and_rows_stand_alone(native_lib):
         assert torch.equal(k1.view(-1, 3, 64)[slots[i]], k_out.view(-1, 3, 64)[slots[i]])
 
 
+def test_rope_kv_write_norms_heads_first_as_torch_does(native_lib):
+    """Qwen3's head norms: each q head normed with the weight's first half and each k head
+    with its second before turning (as `head_rms_norm`, then `apply_rope`, within float32
+    rounding), v as it was; a token's bits the same alone; a weight or head size the
+    kernel does not take declines."""
+    from kernels.attention import write_kv
+    from server.models.layers import apply_rope, head_rms_norm
+
+    qkv, cos, sin, (kc, vc), slots = _rope_case()
+    qkv[:, :12] *= torch.rand(5, 12, 1) * 4  # heads of other scales
+    weight = torch.rand(128) + 0.5
+    k_ref, v_ref = kc.clone(), vc.clone()
+    qk = apply_rope(head_rms_norm(qkv[:, :12], weight, 1e-6, 9), cos, sin)
+    write_kv(qk[:, 9:], qkv[:, 12:], k_ref, v_ref, slots)
+    k_out, v_out = kc.clone(), vc.clone()
+    q = cpu_native.rope_kv_write(qkv, cos, sin, k_out, v_out, slots, 9, 3, native_lib,
+                                 head_norm=(weight, 1e-6))
+    torch.testing.assert_close(q, qk[:, :9], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_out, k_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_out, v_ref)
+    k1, v1 = kc.clone(), vc.clone()
+    q1 = cpu_native.rope_kv_write(qkv[3:4].clone(), cos[3:4].clone(), sin[3:4].clone(), k1,
+                                  v1, slots[3:4].clone(), 9, 3, native_lib,
+                                  head_norm=(weight, 1e-6))
+    assert torch.equal(q1[0], q[3])
+    plain = cpu_native.rope_kv_write(qkv, cos, sin, kc.clone(), vc.clone(), slots, 9, 3,
+                                     native_lib)
+    assert not torch.allclose(plain, q)
+    assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots, 9, 3, native_lib,
+                                    head_norm=(weight[:64], 1e-6)) is None
+    odd, c8, s8, (k8, v8), _ = _rope_case(dim=8)
+    assert cpu_native.rope_kv_write(odd, c8, s8, k8, v8, slots, 9, 3, native_lib,
+                                    head_norm=(torch.ones(16), 1e-6)) is None  # 8 not 16k
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rope_kv_write_rounds_into_16_bit_caches_as_torch_does(dtype, native_lib):
     """Into float16 or bfloat16 caches k and v go rounded as torch's conversion rounds the
@@ -228,11 +263,13 @@ def test_rope_kv_write_rounds_into_16_bit_caches_as_torch_does(dtype, native_lib
 def test_rope_kv_write_variants_agree_and_refuses_bad_slots_and_declines():
     libs = [cpu_native.load(v) for v in cpu_native.runnable()]
     qkv, cos, sin, (kc, vc), slots = _rope_case()
-    outs = []
-    for lib in libs:
-        k, v = kc.clone(), vc.clone()
-        outs.append((cpu_native.rope_kv_write(qkv, cos, sin, k, v, slots, 9, 3, lib), k))
-    assert all(torch.equal(q, outs[0][0]) and torch.equal(k, outs[0][1]) for q, k in outs)
+    for head_norm in (None, (torch.rand(128) + 0.5, 1e-6)):
+        outs = []
+        for lib in libs:
+            k, v = kc.clone(), vc.clone()
+            outs.append((cpu_native.rope_kv_write(qkv, cos, sin, k, v, slots, 9, 3, lib,
+                                                  head_norm), k))
+        assert all(torch.equal(q, outs[0][0]) and torch.equal(k, outs[0][1]) for q, k in outs)
     k, v = kc.clone(), vc.clone()
     with pytest.raises(IndexError, match="slot"):
         cpu_native.rope_kv_write(qkv, cos, sin, k, v, torch.tensor([0, 1, 2, 3, 64]), 9, 3)

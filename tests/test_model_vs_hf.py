@@ -43,7 +43,7 @@ def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n:
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
-@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3"])
 def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir) -> None:
     """With the native CPU kernels (norms, RoPE, decode attention) where they run, and
     with torch's ops alone."""
@@ -77,6 +77,28 @@ def test_models_with_a_sliding_window_match_transformers(arch: str, window: dict
     assert llm.engine.blocks.usage == 0.0
     with pytest.raises(ValueError, match="its own sliding window"):
         LLM(str(path), dtype="float32", sliding_window=16)
+
+
+def test_a_qwen3_gguf_served_packed_matches_transformers(tiny_model_dir, tmp_path) -> None:
+    """A Qwen3 GGUF (q and k head norms, a head_dim other than hidden / heads) of Q8_0
+    projections, served packed from the file (through the native kernel where it runs):
+    the same greedy tokens and top-5 as transformers on the file's values, logprobs within
+    the native kernel's activation rounding."""
+    from tests.tiny_models import save_tiny_gguf
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen3"), dtype=torch.float32)
+    path = save_tiny_gguf(hf, tmp_path / "tiny-qwen3.gguf")
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+    model = llm.engine.model
+    assert (model.config.architecture, model.config.qk_norm, model.config.head_dim) == (
+        "qwen3", True, 32)
+    assert all(layer.qkv_proj.packed is not None for layer in model.layers)
+    for layer, ours in zip(hf.model.layers, model.layers, strict=True):
+        attn = layer.self_attn
+        assert torch.equal(ours.head_norm, torch.cat([attn.q_norm.weight, attn.k_norm.weight]))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 30)]
+    check_against_hf(llm, hf.eval(), prompts, 32, atol=NATIVE_LOGPROB_ATOL)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Tiny random Llama-family checkpoints built from a transformers config, saved to disk."""
+"""Tiny random Llama-family checkpoints built from a transformers config, saved to disk (as
+HF directories, or as a GGUF file of Q8_0 projections)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 128
@@ -36,6 +39,9 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
         return MistralConfig(**{"sliding_window": None, **common}, rope_theta=10000.0)
     if arch == "qwen2":
         return Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
+    if arch == "qwen3":  # (a head_dim other than hidden / heads, as Qwen3's own)
+        return Qwen3Config(**{"head_dim": 32, **common}, rope_theta=1000000.0,
+                           tie_word_embeddings=True)
     raise ValueError(arch)
 
 
@@ -47,6 +53,67 @@ def tiny_tokenizer(vocab: int = VOCAB, prefix: str = "w") -> PreTrainedTokenizer
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2")
 
 
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down"}
+
+
+def save_tiny_gguf(model: PreTrainedModel, path: Path) -> Path:
+    """Write a Qwen2/Qwen3 model as llama.cpp's converter would (no q/k row permutation
+    for these), its matrices as Q8_0 and its norms as F32, with a byte-level tokenizer of
+    the vocabulary's first byte characters; the model's matrices are replaced by the
+    values the file holds, so that it is the file's reference."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    c, arch = model.config, model.config.model_type
+    assert arch in ("qwen2", "qwen3") and c.tie_word_embeddings, arch
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    chars = bytes_to_unicode()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list([chars[i] for i in range(c.vocab_size)])
+    writer.add_token_types([1] * c.vocab_size)
+    writer.add_token_scores([0.0] * c.vocab_size)
+    writer.add_bos_token_id(c.bos_token_id)
+    writer.add_eos_token_id(c.eos_token_id)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    globals_ = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm"}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in globals_:
+                target = globals_[name]
+            else:
+                parts = name.split(".")
+                target = f"blk.{parts[2]}.{_GGUF_LAYER_NAMES['.'.join(parts[3:-1])]}"
+            values = p.detach().float().numpy()
+            if p.dim() == 2:
+                blocks = gguf.quants.quantize(values, q8)
+                writer.add_tensor(f"{target}.weight", blocks, raw_dtype=q8)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, q8)))
+            else:
+                writer.add_tensor(f"{target}.weight", values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def save_tiny_model(arch: str, directory: Path, seed: int = 0, vocab: int = VOCAB,
                     **overrides: object) -> Path:
     """Write a random model (safetensors + config + tokenizer) and return the directory;
@@ -54,9 +121,11 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0, vocab: int = VOCA
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, **overrides), dtype=torch.float32)
     with torch.no_grad():  # larger weights make the random model's distributions peaked
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's: not all ones
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(directory, safe_serialization=True)
     tiny_tokenizer(vocab).save_pretrained(directory)
     return directory

@@ -10,7 +10,7 @@ class ModelConfig:
     """What the Llama-family forward needs; one instance per loaded model."""
 
     architecture: str
-    """Registry name of the model class (llama, mistral, qwen2)."""
+    """Registry name of the model class (llama, mistral, qwen2, qwen3)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -26,6 +26,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     """q/k/v projections carry a bias (Qwen2)."""
+    qk_norm: bool = False
+    """Each head of q and of k is RMS-normed (one weight vector of head_dim for q's heads,
+    one for k's) before RoPE (Qwen3)."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     sliding_window: int | None = None
@@ -39,9 +42,11 @@ _ARCH_ALIASES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
 }
 
 
@@ -65,17 +70,17 @@ def _eos_tuple(value: object) -> tuple[int, ...]:
 def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
     """(sliding_window, the layers that use it) as transformers reads the config: its
     `layer_types` when given, else Mistral's window on every layer and Qwen2's (only with
-    use_sliding_window) on the layers from max_window_layers on."""
+    use_sliding_window) on the layers from max_window_layers on (Qwen3's as Qwen2's)."""
     window = hf.get("sliding_window")
     layers = hf["num_hidden_layers"]
-    if arch == "qwen2" and not hf.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         window = None
     if window is None or arch == "llama":
         return None, ()
     types = hf.get("layer_types")
     if types is not None:
         chosen = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
-    elif arch == "qwen2":
+    elif arch in ("qwen2", "qwen3"):
         chosen = tuple(range(hf.get("max_window_layers", layers), layers))
     else:
         chosen = tuple(range(layers))
@@ -108,6 +113,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         attention_bias=hf.get("attention_bias", arch == "qwen2"),
+        qk_norm=arch == "qwen3",
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
         sliding_window=window,

@@ -256,6 +256,17 @@ def add_rms_norm(x: Activations, residual: torch.Tensor | None, weight: torch.Te
     return F.rms_norm(residual, (residual.shape[-1],), weight, eps), residual
 
 
+def head_rms_norm(qk: torch.Tensor, weight: torch.Tensor, eps: float, num_heads: int
+                  ) -> torch.Tensor:
+    """q's heads then k's [T, heads + kv_heads, head_dim], each RMS-normed and scaled by its
+    half of `weight` [2 * head_dim] (Qwen3's q and k norms), in qk's dtype with float32
+    math, rounded as transformers rounds them."""
+    x = qk.to(torch.promote_types(qk.dtype, torch.float32))
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(qk.dtype)
+    halves = weight.view(2, -1).to(qk.dtype)
+    return normed * halves[(torch.arange(qk.shape[1], device=qk.device) >= num_heads).long()]
+
+
 def silu_mul(gate_up: Activations, fused: bool) -> torch.Tensor:
     """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I]. GemvSums come only
     with `fused`."""

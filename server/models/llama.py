@@ -1,4 +1,4 @@
-"""The Llama-family causal LM (Llama, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -33,6 +33,7 @@ from server.models.layers import (
     add_rms_norm,
     apply_rope,
     dense_linear,
+    head_rms_norm,
 )
 from server.models.registry import register_model
 
@@ -54,6 +55,9 @@ class DecoderLayer(torch.nn.Module):
         self.down_proj = Linear(empty(c.hidden_size, c.intermediate_size))
         self.input_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
         self.post_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
+        # Qwen3: q's head norm weight, then k's, normed per head before RoPE
+        self.head_norm = (torch.nn.Parameter(empty(2 * c.head_dim), requires_grad=False)
+                          if c.qk_norm else None)
         self.eps = c.rms_norm_eps
         self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.head_dim ** -0.5
@@ -71,22 +75,27 @@ class DecoderLayer(torch.nn.Module):
             meta = meta.sparse
         # [T, (heads + 2 * kv_heads) * head_dim]
         qkv, residual = self.qkv_proj.after_norm(x, residual, self.input_norm, self.eps, fused)
-        if fused:  # rotates q and k and writes k, v into the cache
+        head_norm = None if self.head_norm is None else (self.head_norm, self.eps)
+        if fused:  # (norms q and k,) rotates them and writes k, v into the cache
             from kernels.triton_fused import rope_kv_write
 
             qkv = rope_kv_write(qkv, rope.positions, rope.cos, rope.sin, kv[0], kv[1],
-                                meta.slot_mapping, self.heads, self.kv_heads)
+                                meta.slot_mapping, self.heads, self.kv_heads, head_norm)
             q, k, v = qkv.view(t, -1, self.head_dim)[:, : self.heads], None, None
         else:
             qkv = qkv.view(t, -1, self.head_dim)
-            # float32 on the CPU: one native call rotates q, k and writes k, v into the cache
+            # float32 on the CPU: one native call (norms,) rotates q, k and writes k, v into
+            # the cache
             q = None if qkv.is_cuda else cpu_native.rope_kv_write(
                 qkv, rope.cos, rope.sin, kv[0], kv[1], meta.slot_mapping, self.heads,
-                self.kv_heads)
+                self.kv_heads, head_norm=head_norm)
             if q is not None:
                 k, v = None, None
             else:
-                qk = apply_rope(qkv[:, : self.heads + self.kv_heads], rope.cos, rope.sin)
+                qk = qkv[:, : self.heads + self.kv_heads]
+                if head_norm is not None:
+                    qk = head_rms_norm(qk, *head_norm, self.heads)
+                qk = apply_rope(qk, rope.cos, rope.sin)
                 q, k, v = (qk[:, : self.heads], qk[:, self.heads :],
                            qkv[:, self.heads + self.kv_heads :])
         o = attention(q, k, v, kv[0], kv[1], meta, self.scale)
@@ -100,7 +109,7 @@ class DecoderLayer(torch.nn.Module):
         return cpu_layers.LayerWeights(
             *((p.packed, p.bias) for p in (self.qkv_proj, self.o_proj, self.gate_up_proj,
                                            self.down_proj)),
-            self.input_norm, self.post_norm, self.windowed)
+            self.input_norm, self.post_norm, self.windowed, self.head_norm)
 
 
 # Rows from which a packed tied LM head gives way to the dense embedding, unless the native
@@ -113,7 +122,7 @@ class DecoderLayer(torch.nn.Module):
 TIED_DENSE_ROWS = 64
 
 
-@register_model("llama", "mistral", "qwen2")
+@register_model("llama", "mistral", "qwen2", "qwen3")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -269,6 +278,8 @@ class LlamaForCausalLM(torch.nn.Module):
             names |= {f"{p}mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
             if c.attention_bias:
                 names |= {f"{p}self_attn.{n}_proj.bias" for n in "qkv"}
+            if c.qk_norm:
+                names |= {f"{p}self_attn.{n}_norm.weight" for n in "qk"}
         return names
 
     def _target(
@@ -289,6 +300,9 @@ class LlamaForCausalLM(torch.nn.Module):
             return layer.input_norm, None, 0
         if module == "post_attention_layernorm":
             return layer.post_norm, None, 0
+        if module in ("q_norm", "k_norm") and layer.head_norm is not None:
+            return layer.head_norm, (0 if module == "q_norm" else self.config.head_dim), \
+                self.config.head_dim
         if module in qkv:
             param = layer.qkv_proj.weight if kind == "weight" else layer.qkv_proj.bias
             return param, *qkv[module]

@@ -25,9 +25,11 @@ def _generate(path, prompts, **config):
     return llm, llm.generate(prompts, params)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("spec", [None, "ngram"])
-def test_cuda_graphs_match_eager_and_cpu(tiny_model_dir, spec):
-    path = tiny_model_dir("llama")
+def test_cuda_graphs_match_eager_and_cpu(tiny_model_dir, spec, arch):
+    """(qwen3: q and k head norms in the fused RoPE kernel)"""
+    path = tiny_model_dir(arch)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13)]
     spec_cfg = {"speculative": spec, "num_speculative_tokens": 3} if spec else {}
@@ -180,7 +182,7 @@ def test_packed_model_on_cuda_matches_cpu(tiny_model_dir):
         assert float((gpu - cpu).norm() / cpu.norm()) < 6e-2, scheme
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_batch1_fused_gemv_decode_matches_prefill(tiny_model_dir, arch):
     """bfloat16 decode at batch 1 runs the norms and SwiGLU inside the GEMVs; its logits at
     each position match a prefill of the same tokens (separate kernels, cuBLAS) within
