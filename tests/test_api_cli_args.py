@@ -88,3 +88,27 @@ def test_a_missing_speculative_model_ends_serve_before_it_starts(tmp_path) -> No
     engine, _ = configs_from_args(parse(["--speculative", "draft-model", "--speculative-model",
                                          str(tmp_path)]))
     assert engine.speculative_model == str(tmp_path)
+
+
+def test_reasoning_parser_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--reasoning-parser takes a parser's name (LEAPFROG_REASONING_PARSER as its default);
+    unset, or empty in the environment, there is none; an unknown name ends serve."""
+    parse = _parser().parse_args
+    assert configs_from_args(parse([]))[1].reasoning_parser is None
+    assert configs_from_args(parse(["--reasoning-parser", "qwen3"]))[1].reasoning_parser == "qwen3"
+    with pytest.raises(SystemExit):
+        parse(["--reasoning-parser", "granite"])
+    monkeypatch.setenv("LEAPFROG_REASONING_PARSER", "deepseek_r1")
+    assert configs_from_args(_parser().parse_args([]))[1].reasoning_parser == "deepseek_r1"
+    assert configs_from_args(_parser().parse_args(
+        ["--reasoning-parser", "qwen3"]))[1].reasoning_parser == "qwen3"
+    monkeypatch.setenv("LEAPFROG_REASONING_PARSER", "")
+    assert configs_from_args(_parser().parse_args([]))[1].reasoning_parser is None
+    help_text = _parser().format_help()
+    assert "--reasoning-parser {qwen3,deepseek_r1}" in help_text
+    assert "LEAPFROG_REASONING_PARSER" in help_text
+    monkeypatch.setenv("LEAPFROG_REASONING_PARSER", "granite")
+    with pytest.raises(SystemExit, match="LEAPFROG_REASONING_PARSER='granite': expected one "
+                                         "of qwen3, deepseek_r1"):
+        _parser()
+

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from server.api.config import ApiConfig
+from server.api.reasoning import REASONING_PARSERS
 from server.engine.config import EngineConfig, read_chat_template
 
 _ENV_PREFIX = "LEAPFROG_"
@@ -75,6 +76,16 @@ def _layer_list(raw: str) -> tuple[int, ...]:
 def _origins(raw: str) -> tuple[str, ...]:
     """`https://a.example,https://b.example` -> a tuple of origins; '' -> ()."""
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _reasoning_parser(raw: str) -> str | None:
+    """A name of REASONING_PARSERS; '' -> None (none)."""
+    if raw and raw not in REASONING_PARSERS:
+        raise ValueError(f"expected one of {', '.join(REASONING_PARSERS)}")
+    return raw or None
+
+
+_reasoning_parser.__name__ = "reasoning parser"  # (argparse's "invalid reasoning parser value")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +176,12 @@ def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
     _add(srv, "--max-stored-responses", int, a.max_stored_responses,
          "Responses of /v1/responses kept in memory for previous_response_id and GET "
          "/v1/responses/{id} (the most recently used); 0 keeps none")
+    _add(srv, "--reasoning-parser", _reasoning_parser, a.reasoning_parser,
+         "Split chat replies of reasoning models into `reasoning` (the text before </think>) "
+         "and `content` (the text after it): qwen3 (Qwen3; no </think>: content, unless the "
+         "reply opened with <think>) or deepseek_r1 (DeepSeek-R1 distills, QwQ; no </think>: "
+         "reasoning); unset: no split",
+         choices=list(REASONING_PARSERS))
     _add(srv, "--log-level", str, a.log_level, "Log level",
          choices=["debug", "info", "warning", "error"])
     _add_switch(srv, "--log-prompts", "Log prompt text at DEBUG level (off: prompts are user data)")
@@ -191,6 +208,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
         max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
         max_n=args.max_n, max_stored_responses=args.max_stored_responses,
         log_prompts=args.log_prompts, log_level=args.log_level,
-        allowed_origins=args.allowed_origins,
+        allowed_origins=args.allowed_origins, reasoning_parser=args.reasoning_parser,
     )
     return engine, api

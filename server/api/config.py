@@ -31,6 +31,9 @@ class ApiConfig:
     """Web origins (`https://ui.example.com`, or `*` for any) whose pages may call the API
     from a browser (CORS); empty: none, so that no web page a user opens can use a server
     on their machine."""
+    reasoning_parser: str | None = None
+    """How chat replies are split into reasoning (between `<think>` and `</think>`) and
+    content: a name of `server.api.reasoning.REASONING_PARSERS`; None: they are not."""
     max_stored_responses: int = 1000
     """Responses of /v1/responses kept in memory for `previous_response_id` and GET
     /v1/responses/{id}: the most recently used; 0 keeps none."""

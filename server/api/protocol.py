@@ -160,18 +160,24 @@ class SamplingRequest(StrictModel):
 
 class ChatMessage(StrictModel):
     """One chat message; content is a string or a list of text parts. An assistant message
-    may carry the tool calls it made, and a "tool" message answers one of them."""
+    may carry the tool calls it made and its reasoning (a reply's `reasoning`, sent back),
+    and a "tool" message answers one of them."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning: str | None = None
+    """(assistant) Given to the template as `reasoning` and `reasoning_content` (the name
+    Qwen3's template reads), as vLLM does."""
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
         if self.tool_calls is not None and self.role != "assistant":
             raise conflict("tool_calls", "only assistant messages carry tool_calls")
+        if self.reasoning is not None and self.role != "assistant":
+            raise conflict("reasoning", "only assistant messages carry reasoning")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise conflict("tool_call_id", "a tool message needs the tool_call_id it answers, "
                             "and only tool messages take one")
@@ -199,6 +205,8 @@ class ChatMessage(StrictModel):
             message["name"] = self.name
         if self.tool_calls:
             message["tool_calls"] = [c.as_template_dict() for c in self.tool_calls]
+        if self.reasoning is not None:
+            message["reasoning"] = message["reasoning_content"] = self.reasoning
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message

@@ -76,9 +76,35 @@ class ResponseFunctionCallOutput(StrictModel):
     status: str | None = None
 
 
+class ResponseReasoningItem(StrictModel):
+    """An input item: the reasoning of an earlier reply (served with a reasoning parser),
+    fed back; the template gets its text as the next assistant message's `reasoning`."""
+
+    type: Literal["reasoning"]
+    content: list[dict[str, Any]] | None = None
+    summary: list[dict[str, Any]] | None = None
+    encrypted_content: str | None = None
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _reasoning_text_parts(cls, value: list[dict[str, Any]] | None
+                              ) -> list[dict[str, Any]] | None:
+        for part in value or []:
+            if part.get("type") != "reasoning_text" or not isinstance(part.get("text"), str):
+                raise ValueError("a reasoning item's content parts are {'type': "
+                                 "'reasoning_text', 'text': ...}")
+        return value
+
+    @property
+    def text(self) -> str:
+        return "".join(part["text"] for part in self.content or [])
+
+
 ResponseInputItem = Annotated[
-    ResponseInputMessage | ResponseFunctionCall | ResponseFunctionCallOutput,
-    Field(discriminator="type")]
+    ResponseInputMessage | ResponseFunctionCall | ResponseFunctionCallOutput
+    | ResponseReasoningItem, Field(discriminator="type")]
 
 
 class ResponseFunctionTool(StrictModel):
@@ -168,23 +194,31 @@ class ResponsesRequest(StrictModel):
     def _messages(self, items: Sequence[ResponseInputItem]) -> list[dict[str, Any]]:
         """The conversation as chat messages: function calls are the tool_calls of the
         assistant message before them (one made for them if there is none), each output a
-        tool message."""
+        tool message; reasoning goes with the assistant message after it (left out where
+        none follows)."""
         messages: list[dict[str, Any]] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
+        reasoning: dict[str, str] = {}  # (that of the assistant message to come)
         for item in items:
+            if isinstance(item, ResponseReasoningItem):
+                reasoning = {"reasoning": item.text}
+                continue
             if isinstance(item, ResponseInputMessage):
-                messages.append({"role": item.role, "content": item.content})
+                messages.append({"role": item.role, "content": item.content,
+                                 **(reasoning if item.role == "assistant" else {})})
             elif isinstance(item, ResponseFunctionCall):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
-                if messages and messages[-1]["role"] == "assistant":  # (the same turn)
-                    messages[-1].setdefault("tool_calls", []).append(call)
+                if messages and messages[-1]["role"] == "assistant" and not reasoning:
+                    messages[-1].setdefault("tool_calls", []).append(call)  # (the same turn)
                 else:
-                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call],
+                                     **reasoning})
             else:
                 messages.append({"role": "tool", "tool_call_id": item.call_id,
                                  "content": item.output})
+            reasoning = {}
         return messages
 
     def conversation(self, earlier: Sequence[ResponseInputItem], drop: int = 0

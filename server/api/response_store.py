@@ -15,6 +15,7 @@ from server.api.protocol_responses import (
     ResponseFunctionCall,
     ResponseInputItem,
     ResponseInputMessage,
+    ResponseReasoningItem,
 )
 
 
@@ -32,6 +33,8 @@ def output_as_input(item: dict[str, Any]) -> ResponseInputItem:
     if item["type"] == "function_call":
         return ResponseFunctionCall(type="function_call", call_id=item["call_id"],
                                     name=item["name"], arguments=item["arguments"])
+    if item["type"] == "reasoning":
+        return ResponseReasoningItem(type="reasoning", content=item["content"])
     return ResponseInputMessage(type="message", role="assistant",
                                 content="".join(part["text"] for part in item["content"]))
 

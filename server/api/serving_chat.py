@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: render messages (and tools) with the chat template, generate,
 and format the reply as `chat.completion` (or `chat.completion.chunk` events when
-streaming), its tool calls read out as `server.api.tools` describes."""
+streaming), its reasoning split off as `server.api.reasoning` describes (with a
+`--reasoning-parser`) and its tool calls read out of the rest as `server.api.tools` does."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from server.api.generation import ChoiceResult, check_context_length, make_jobs
 from server.api.logprobs import TokenTexts, chat_logprobs
 from server.api.protocol import ChatCompletionRequest, ChatMessage
 from server.api.protocol_tools import Tool
+from server.api.reasoning import REASONING_PARSERS, ReasoningParser
 from server.api.serving import Generation
 from server.api.state import EngineClient, ServerState
 from server.api.tools import (
@@ -64,17 +66,21 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], tools: list[Tool] |
 
 
 class ChatFormatter:
-    """OpenAI chat response bodies and stream chunks for one request. With tools, a choice's
-    calls are read out of its text (`server.api.tools.read_calls`); streamed, a named call's
-    arguments go out as they come, while "auto" streams the content before a `<tool_call>`
-    and "required" nothing, each sending its calls whole when the choice ends."""
+    """OpenAI chat response bodies and stream chunks for one request. With a reasoning
+    parser, a choice's reasoning is split off its text first (`message.reasoning`; streamed,
+    `delta.reasoning`), the rest being its content. With tools, a choice's calls are read
+    out of its content (`server.api.tools.read_calls`); streamed, a named call's arguments go
+    out as they come, while "auto" streams the content before a `<tool_call>` and
+    "required" nothing, each sending its calls whole when the choice ends."""
 
     named_events = False
 
     def __init__(self, request_id: str, model: str, num_choices: int,
-                 texts: TokenTexts | None, mode: ToolMode = NO_TOOLS) -> None:
+                 texts: TokenTexts | None, mode: ToolMode = NO_TOOLS,
+                 reasoning: ReasoningParser | None = None) -> None:
         self.request_id, self.model, self.num_choices = request_id, model, num_choices
-        self.texts, self.mode = texts, mode
+        self.texts, self.mode, self.reasoning = texts, mode, reasoning
+        self.thoughts = [reasoning.stream() for _ in range(num_choices)] if reasoning else []
         self.created = int(time.time())
         self.text = [""] * num_choices  # each choice's text so far (tool modes)
         self.sent = [0] * num_choices  # of which streamed as content (auto)
@@ -96,19 +102,21 @@ class ChatFormatter:
         return "tool_calls" if calls and reason == "stop" and self.mode.kind != "named" \
             else reason
 
-    def _tool_delta(self, index: int, out: RequestOutput) -> tuple[dict[str, Any], str | None]:
-        """The delta and finish reason of a streamed output in a tool mode."""
-        self.text[index] += out.new_text
+    def _tool_delta(self, index: int, new_text: str, out: RequestOutput
+                    ) -> tuple[dict[str, Any], str | None]:
+        """The delta and finish reason of a streamed output (whose content grew by
+        `new_text`) in a tool mode."""
+        self.text[index] += new_text
         text, reason = self.text[index], out.finish_reason if out.finished else None
         if self.mode.kind == "named":
             first = self.call_id[index] is None
             if first:
                 self.call_id[index] = call_id()
-            call: dict[str, Any] = {"index": 0, "function": {"arguments": out.new_text}}
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": new_text}}
             if first:
                 call.update(id=self.call_id[index], type="function")
                 call["function"]["name"] = self.mode.name
-            return ({"tool_calls": [call]} if out.new_text or first else {}), reason
+            return ({"tool_calls": [call]} if new_text or first else {}), reason
         start = self.sent[index]
         if self.mode.kind == "auto":  # the text before any call, less a possible tag's start
             end = text.find(CALL_OPEN)
@@ -132,11 +140,16 @@ class ChatFormatter:
 
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
         wants_logprobs = self.texts is not None and bool(out.logprobs)
+        thought, new_text = "", out.new_text
+        if self.reasoning is not None:
+            thought, new_text = self.thoughts[index].feed(out.new_text, out.finished)
         if self.mode.kind == "none":
-            delta = {"content": out.new_text} if out.new_text else {}
+            delta = {"content": new_text} if new_text else {}
             reason = out.finish_reason if out.finished else None
         else:
-            delta, reason = self._tool_delta(index, out)
+            delta, reason = self._tool_delta(index, new_text, out)
+        if thought:
+            delta = {"reasoning": thought, **delta}
         if not (delta or out.finished or wants_logprobs):
             return None
         return self._envelope("chat.completion.chunk", [{
@@ -156,8 +169,13 @@ class ChatFormatter:
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         choices = []
         for i, r in enumerate(results):
-            content, calls = read_calls("".join(r.text), self.mode)
+            reasoning, text = None, "".join(r.text)
+            if self.reasoning is not None:
+                reasoning, text = self.reasoning.split(text)
+            content, calls = read_calls(text, self.mode) if text is not None else (None, [])
             message: dict[str, Any] = {"role": "assistant", "content": content}
+            if self.reasoning is not None:
+                message["reasoning"] = reasoning
             if calls:
                 message["tool_calls"] = calls
             choices.append({
@@ -175,13 +193,16 @@ class ChatJob:
     mode: ToolMode
     prompt_ids: list[int]
     params: SamplingParams
+    reasoning: ReasoningParser | None = None
+    """How its reply's reasoning is split off; None: it is not."""
 
 
 def prepare_chat(req: ChatCompletionRequest, engine: EngineClient, api: ApiConfig,
                  request_id: str) -> ChatJob:
-    """The request's tool mode, its prompt through the chat template, and its sampling
-    parameters (a forced call's schema, or the response format's); 400s for what cannot be
-    served."""
+    """The request's tool mode, its prompt through the chat template, its sampling
+    parameters (a forced call's schema, or the response format's) and the server's reasoning
+    parser, unless the output is constrained from its first token (a forced call, JSON, ...)
+    and so holds no reasoning; 400s for what cannot be served."""
     mode = tool_mode(req, engine.tokenizer)
     text, prompt_ids = render_chat(engine.tokenizer, req.messages,
                                    req.tools if mode.kind != "none" else None,
@@ -192,10 +213,12 @@ def prepare_chat(req: ChatCompletionRequest, engine: EngineClient, api: ApiConfi
                                     engine.max_model_len)
     params = sampling_params(req, max_tokens, req.num_logprobs(), engine.tokenizer,
                              call_schema(req, mode) if mode.constrained else req.json_schema())
-    if mode.kind == "auto":  # the template's tags may be special tokens: keep them to read
+    reasoning = REASONING_PARSERS[api.reasoning_parser] \
+        if api.reasoning_parser and params.structured is None else None
+    if mode.kind == "auto" or reasoning:  # the tags may be special tokens: keep them to read
         params = dataclasses.replace(params, skip_special_tokens=False)
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
-    return ChatJob(mode, prompt_ids, params)
+    return ChatJob(mode, prompt_ids, params, reasoning)
 
 
 async def create_chat_completion(request: Request, state: ServerState, api: ApiConfig) -> Response:
@@ -205,6 +228,7 @@ async def create_chat_completion(request: Request, state: ServerState, api: ApiC
     job = prepare_chat(req, engine, api, request_id)
     jobs = make_jobs(request_id, [job.prompt_ids], req.n, job.params)
     texts = TokenTexts(engine.tokenizer) if req.logprobs else None
-    formatter = ChatFormatter(request_id, engine.model_name, req.n, texts, job.mode)
+    formatter = ChatFormatter(request_id, engine.model_name, req.n, texts, job.mode,
+                              job.reasoning)
     generation = Generation(state, engine, jobs, [len(job.prompt_ids)], formatter, req.user)
     return await generation.respond(request, req.stream, req.include_usage, req.continuous_usage)

@@ -1,12 +1,15 @@
 """POST /v1/responses: OpenAI's Responses API on the chat path. A request becomes a chat
 request (`ResponsesRequest.to_chat`: instructions, messages, earlier function calls and
 their outputs, function tools, `text.format`), served by the chat machinery with one choice;
-the reply's output items are a `message` with one `output_text` part and, with tools, the
-`function_call`s read from its text (`server.api.tools.read_calls`); asked for, the text
-part carries its tokens' logprobs in chat's entry shape. Streamed, it goes out as the API's
-named events, from `response.created` to `response.completed` (or `response.incomplete`
-when `max_output_tokens` cut it short): text deltas as they come without tools; with tools,
-the items once the reply is whole (its text is read for calls only then). Finished
+the reply's output items are, with a reasoning parser, a `reasoning` item (its one
+`reasoning_text` part the reasoning split off the text, `server.api.reasoning`), then a
+`message` with one `output_text` part and, with tools, the `function_call`s read from its
+text (`server.api.tools.read_calls`); asked for, the text part carries its tokens' logprobs
+in chat's entry shape. Streamed, it goes out as the API's named events, from
+`response.created` to `response.completed` (or `response.incomplete` when
+`max_output_tokens` cut it short): text deltas as they come without tools or a reasoning
+parser; with either, the items once the reply is whole (its text is split only then: a
+chunk goes out as one event, and these items need several). Finished
 responses are kept (`server.api.response_store`) unless the request says `store: false`: a
 later request continues one with `previous_response_id`, and GET and DELETE
 /v1/responses/{id} read and drop them."""
@@ -31,6 +34,7 @@ from server.api.protocol_responses import (
     ResponseNamedToolChoice,
     ResponsesRequest,
 )
+from server.api.reasoning import ReasoningParser
 from server.api.response_store import ResponseStore, input_item_body
 from server.api.serving import Generation
 from server.api.serving_chat import ChatJob, prepare_chat
@@ -63,13 +67,16 @@ class ResponsesFormatter:
 
     def __init__(self, request_id: str, req: ResponsesRequest, model: str,
                  params: SamplingParams, mode: ToolMode, store: ResponseStore | None,
-                 texts: TokenTexts | None) -> None:
+                 texts: TokenTexts | None, reasoning: ReasoningParser | None = None) -> None:
         """`store`: where the finished response is kept; None: nowhere. `texts`: the
-        tokens' texts where the request asks for logprobs; None: it does not."""
+        tokens' texts where the request asks for logprobs; None: it does not. `reasoning`:
+        how the reasoning is split off the reply; None: it is not."""
         self.request_id = request_id
-        self.store, self.texts = store, texts
+        self.store, self.texts, self.reasoning = store, texts, reasoning
         self._unsent: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
         self.item_id = f"msg_{uuid.uuid4().hex}"
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
+        self.streams_text = mode.kind == "none" and reasoning is None  # (text as it comes)
         self.req, self.model, self.params, self.mode = req, model, params, mode
         self.created = int(time.time())
         self.sequence = 0
@@ -90,15 +97,24 @@ class ResponsesFormatter:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant",
                 "content": [] if text is None else [self._part(text, logprobs)]}
 
+    def _reasoning_item(self, text: str | None) -> dict[str, Any]:
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [],
+                "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
+
     def _items(self, result: ChoiceResult) -> list[dict[str, Any]]:
-        """The finished reply's output items: its message (unless it is nothing but calls),
-        then its function calls. The message's text carries every token's logprobs where it
-        is the whole reply (no calls read out of it)."""
-        text = "".join(result.text)
-        content, calls = read_calls(text, self.mode)
+        """The finished reply's output items: its reasoning (with a parser, where it has
+        some), its message (unless it is nothing but reasoning and calls), then its function
+        calls. The message's text carries every token's logprobs where it is the whole reply
+        (no reasoning split off, no calls read out of it)."""
+        text = reply = "".join(result.text)
+        reasoning = None
+        if self.reasoning is not None:
+            reasoning, reply = self.reasoning.split(text)
+        content, calls = read_calls(reply, self.mode) if reply is not None else (None, [])
         logprobs = self._logprobs(result.logprobs) if content == text else []
-        items = ([] if content is None and calls
-                 else [self._message("completed", content or "", logprobs)])
+        items = [] if reasoning is None else [self._reasoning_item(reasoning)]
+        if content is not None or not (calls or items):
+            items.append(self._message("completed", content or "", logprobs))
         return items + [{"type": "function_call", "id": f"fc_{call['id'].removeprefix('call_')}",
                          "call_id": call["id"], "name": call["function"]["name"],
                          "arguments": call["function"]["arguments"], "status": "completed"}
@@ -135,7 +151,7 @@ class ResponsesFormatter:
         started = self._response("in_progress", [], None)
         events = [self._event("response.created", response=started),
                   self._event("response.in_progress", response=started)]
-        if self.mode.kind == "none":  # (text goes out as it comes)
+        if self.streams_text:
             events += self._message_opened(0)
         return events
 
@@ -158,6 +174,18 @@ class ResponsesFormatter:
                 self._event("response.content_part.done", **where, part=part),
                 self._event("response.output_item.done", output_index=index, item=item)]
 
+    def _reasoning_events(self, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+        part = item["content"][0]
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return [self._event("response.output_item.added", output_index=index,
+                            item=self._reasoning_item(None)),
+                self._event("response.content_part.added", **where,
+                            part={**part, "text": ""}),
+                self._event("response.reasoning_text.delta", **where, delta=part["text"]),
+                self._event("response.reasoning_text.done", **where, text=part["text"]),
+                self._event("response.content_part.done", **where, part=part),
+                self._event("response.output_item.done", output_index=index, item=item)]
+
     def _call_events(self, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
         where = {"item_id": item["id"], "output_index": index}
         return [self._event("response.output_item.added", output_index=index,
@@ -171,7 +199,7 @@ class ResponsesFormatter:
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
         """A text delta with its tokens' logprobs (those of tokens whose text came out only
         now included), where text goes out as it comes."""
-        if self.mode.kind != "none":
+        if not self.streams_text:
             return None
         self._unsent += out.logprobs or []
         if not out.new_text:
@@ -185,10 +213,13 @@ class ResponsesFormatter:
         items = self._items(results[0])
         events = []
         for index, item in enumerate(items):
+            if item["type"] == "reasoning":
+                events += self._reasoning_events(index, item)
+                continue
             if item["type"] == "function_call":
                 events += self._call_events(index, item)
                 continue
-            if self.mode.kind != "none":  # (not opened by the prelude)
+            if not self.streams_text:  # (not opened by the prelude)
                 events += self._message_opened(index)
                 part = item["content"][0]
                 events.append(self._text_delta(index, part["text"], part["logprobs"]))
@@ -248,7 +279,7 @@ async def create_response(request: Request, state: ServerState, api: ApiConfig,
     keep = store if req.store is not False and store.capacity > 0 else None
     texts = TokenTexts(engine.tokenizer) if req.wants_logprobs else None
     formatter = ResponsesFormatter(request_id, req, engine.model_name, job.params, job.mode,
-                                   keep, texts)
+                                   keep, texts, job.reasoning)
     jobs = make_jobs(request_id, [job.prompt_ids], 1, job.params)
     generation = Generation(state, engine, jobs, [len(job.prompt_ids)], formatter, req.user)
     return await generation.respond(request, req.stream, False)

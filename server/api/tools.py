@@ -160,10 +160,10 @@ def maybe_bare_call(text: str) -> bool:
     return text.lstrip()[:1] in ("{", "[")
 
 
-def held_back(text: str) -> int:
-    """How many characters at the end of streamed `text` could begin `<tool_call>` (auto
-    mode holds them until the next text shows which)."""
-    for k in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
-        if CALL_OPEN.startswith(text[-k:]):
+def held_back(text: str, tag: str = CALL_OPEN) -> int:
+    """How many characters at the end of streamed `text` could begin `tag` (auto mode holds
+    those of `<tool_call>` until the next text shows which)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
             return k
     return 0
