@@ -112,3 +112,25 @@ def test_reasoning_parser_flag(monkeypatch: pytest.MonkeyPatch) -> None:
                                          "of qwen3, deepseek_r1"):
         _parser()
 
+
+def test_rope_scaling_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rope-scaling takes a JSON object (LEAPFROG_ROPE_SCALING as its default); other JSON,
+    or a scaling type the engine does not apply, ends serve before it starts."""
+    parse = _parser().parse_args
+    yarn = '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
+    engine, _ = configs_from_args(parse(["--rope-scaling", yarn]))
+    assert engine.rope_scaling == {"rope_type": "yarn", "factor": 4.0,
+                                   "original_max_position_embeddings": 32768}
+    assert configs_from_args(parse([]))[0].rope_scaling is None
+    with pytest.raises(SystemExit):
+        parse(["--rope-scaling", "[4]"])
+    with pytest.raises(SystemExit, match="--rope-scaling: unsupported rope_scaling type 'x'"):
+        configs_from_args(parse(["--rope-scaling", '{"type": "x", "factor": 2}']))
+    with pytest.raises(SystemExit, match="needs a positive 'factor'"):
+        configs_from_args(parse(["--rope-scaling", '{"rope_type": "linear"}']))
+    monkeypatch.setenv("LEAPFROG_ROPE_SCALING", '{"rope_type": "linear", "factor": 2}')
+    assert configs_from_args(_parser().parse_args([]))[0].rope_scaling == {
+        "rope_type": "linear", "factor": 2}
+    monkeypatch.setenv("LEAPFROG_ROPE_SCALING", "yarn")
+    with pytest.raises(SystemExit, match="LEAPFROG_ROPE_SCALING"):
+        _parser()

@@ -51,7 +51,7 @@ def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 30)]
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 90)]
     with contextlib.nullcontext() if native else cpu_native.turned_off():
         check_against_hf(llm, hf, prompts, 32)
     llm.engine.blocks.check_integrity()
@@ -79,26 +79,74 @@ def test_models_with_a_sliding_window_match_transformers(arch: str, window: dict
         LLM(str(path), dtype="float32", sliding_window=16)
 
 
-def test_a_qwen3_gguf_served_packed_matches_transformers(tiny_model_dir, tmp_path) -> None:
-    """A Qwen3 GGUF (q and k head norms, a head_dim other than hidden / heads) of Q8_0
-    projections, served packed from the file (through the native kernel where it runs):
-    the same greedy tokens and top-5 as transformers on the file's values, logprobs within
-    the native kernel's activation rounding."""
+@pytest.mark.parametrize(("arch", "scaling"), [
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    ("qwen3", {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16, "attention_factor": 1.2}),
+    ("llama", {"rope_type": "linear", "factor": 2.0})])
+def test_rope_scaling_matches_transformers(arch: str, scaling: dict, tmp_path) -> None:
+    """YaRN and linear RoPE scaling from the checkpoint's config, past the context it names
+    as trained; the model limit is `factor` times that context (as vLLM derives it) where
+    that exceeds max_position_embeddings; `rope_scaling` given to the engine replaces the
+    checkpoint's (here: with none, the plain model's tokens)."""
+    from tests.tiny_models import save_tiny_model
+
+    path = save_tiny_model(arch, tmp_path, max_position_embeddings=64, rope_scaling=scaling)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=256)
+    assert llm.engine.max_model_len == 128  # (qwen2: 32 x 4; the others 64 x 2)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 70)]
+    check_against_hf(llm, hf, prompts, 32)
+    plain = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4,
+                rope_scaling={"rope_type": "default"})
+    assert plain.engine.max_model_len == 64
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert [c.token_ids for c in plain.generate(prompts[:1], params)] != [
+        c.token_ids for c in llm.generate(prompts[:1], params)]
+
+
+def test_unsupported_rope_scaling_is_named(tiny_model_dir) -> None:
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'dynamic'"):
+        LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=8,
+            rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama3", "llama"])
+def test_a_gguf_matches_transformers(arch: str, tiny_model_dir, tmp_path) -> None:
+    """GGUFs of Q8_0 projections as llama.cpp's converter writes them: Qwen3's (q and k
+    head norms, a head_dim other than hidden / heads), Llama 3's (RoPE scaling as a
+    `rope_freqs` tensor, q and k rows permuted) and Llama 2's (untied head). Dequantized
+    (`quantization="none"`): the same greedy tokens and top-5 as transformers on the file's
+    values. Served packed from the file (through the native kernel where it runs): every
+    token's logprob of those sequences within the kernel's activation rounding of the dense
+    engine's (greedy choices between near-ties may differ)."""
     from tests.tiny_models import save_tiny_gguf
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen3"), dtype=torch.float32)
-    path = save_tiny_gguf(hf, tmp_path / "tiny-qwen3.gguf")
-    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
-    model = llm.engine.model
-    assert (model.config.architecture, model.config.qk_norm, model.config.head_dim) == (
-        "qwen3", True, 32)
-    assert all(layer.qkv_proj.packed is not None for layer in model.layers)
-    for layer, ours in zip(hf.model.layers, model.layers, strict=True):
-        attn = layer.self_attn
-        assert torch.equal(ours.head_norm, torch.cat([attn.q_norm.weight, attn.k_norm.weight]))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32)
+    path = save_tiny_gguf(hf, tmp_path / f"tiny-{arch}.gguf")
+    dense = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4,
+                quantization="none")
+    c = dense.engine.model.config
+    assert (c.qk_norm, c.rope_freq_factors is not None) == (arch == "qwen3", arch == "llama3")
+    if arch == "qwen3":
+        assert c.head_dim == 32
+        for layer, ours in zip(hf.model.layers, dense.engine.model.layers, strict=True):
+            attn = layer.self_attn
+            assert torch.equal(ours.head_norm, torch.cat([attn.q_norm.weight,
+                                                          attn.k_norm.weight]))
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 30)]
-    check_against_hf(llm, hf.eval(), prompts, 32, atol=NATIVE_LOGPROB_ATOL)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 90)]
+    check_against_hf(dense, hf.eval(), prompts, 32)
+    packed = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+    assert all(layer.qkv_proj.packed is not None for layer in packed.engine.model.layers)
+    texts = [p + c.token_ids for p, c in zip(prompts, dense.generate(
+        prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)), strict=True)]
+    scored = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    for ours, ref in zip(packed.generate(texts, scored), dense.generate(texts, scored),
+                         strict=True):
+        diff = [abs(a.logprob - b.logprob)
+                for a, b in zip(ours.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True)]
+        assert max(diff) < NATIVE_LOGPROB_ATOL
 
 
 @pytest.mark.slow

@@ -62,15 +62,17 @@ _GGUF_LAYER_NAMES = {
 
 
 def save_tiny_gguf(model: PreTrainedModel, path: Path) -> Path:
-    """Write a Qwen2/Qwen3 model as llama.cpp's converter would (no q/k row permutation
-    for these), its matrices as Q8_0 and its norms as F32, with a byte-level tokenizer of
-    the vocabulary's first byte characters; the model's matrices are replaced by the
-    values the file holds, so that it is the file's reference."""
+    """Write a Llama, Qwen2 or Qwen3 model as llama.cpp's converter would (Llama's q and k
+    rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a `rope_freqs`
+    tensor of frequency divisors), its matrices as Q8_0 and its norms as F32, with a
+    byte-level tokenizer of the vocabulary's first byte characters; the model's matrices
+    are replaced by the values the file holds, so that it is the file's reference."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     c, arch = model.config, model.config.model_type
-    assert arch in ("qwen2", "qwen3") and c.tie_word_embeddings, arch
+    assert arch in ("llama", "qwen2", "qwen3"), arch
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
@@ -91,8 +93,15 @@ def save_tiny_gguf(model: PreTrainedModel, path: Path) -> Path:
     writer.add_token_scores([0.0] * c.vocab_size)
     writer.add_bos_token_id(c.bos_token_id)
     writer.add_eos_token_id(c.eos_token_id)
+    rope = c.rope_parameters
+    if rope.get("rope_type") == "llama3":
+        plain = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        writer.add_tensor("rope_freqs.weight",
+                          (plain / ROPE_INIT_FUNCTIONS["llama3"](c)[0]).numpy())
     q8 = gguf.GGMLQuantizationType.Q8_0
-    globals_ = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm"}
+    globals_ = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm",
+                "lm_head.weight": "output"}
+    heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in globals_:
@@ -103,8 +112,14 @@ def save_tiny_gguf(model: PreTrainedModel, path: Path) -> Path:
             values = p.detach().float().numpy()
             if p.dim() == 2:
                 blocks = gguf.quants.quantize(values, q8)
-                writer.add_tensor(f"{target}.weight", blocks, raw_dtype=q8)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, q8)))
+                kind = target.split(".")[-1]
+                if arch == "llama" and kind in heads:  # each head's halves interleaved
+                    n = heads[kind]
+                    blocks = gguf.quants.quantize(
+                        p.numpy().reshape(n, 2, head_dim // 2, -1).swapaxes(1, 2)
+                        .reshape(values.shape), q8)
+                writer.add_tensor(f"{target}.weight", blocks, raw_dtype=q8)
             else:
                 writer.add_tensor(f"{target}.weight", values)
     writer.write_header_to_file()

@@ -7,6 +7,7 @@ onto the two frozen configs (EngineConfig for the engine, ApiConfig for the HTTP
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable
 from dataclasses import fields
@@ -16,6 +17,7 @@ from typing import Any
 from server.api.config import ApiConfig
 from server.api.reasoning import REASONING_PARSERS
 from server.engine.config import EngineConfig, read_chat_template
+from server.models.layers import scaling_type
 
 _ENV_PREFIX = "LEAPFROG_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -47,6 +49,14 @@ def _env_default(name: str, kind: Callable[[str], Any], default: Any) -> Any:
         return kind(raw)
     except ValueError as exc:
         raise SystemExit(f"{name}={raw!r}: {exc}") from exc
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A flag's JSON object value (ValueError for anything else)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _add(group: Any, flag: str, kind: Callable[[str], Any], default: Any, help: str,
@@ -107,6 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "unset: the model's")
     _add(eng, "--max-model-len", int, e.max_model_len,
          "Longest prompt + output in tokens; defaults to min(model limit, 8192)")
+    _add(eng, "--rope-scaling", json_object, e.rope_scaling,
+         "RoPE scaling replacing the model's own, as a JSON object in HF's rope_scaling form, "
+         "e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+         "\"original_max_position_embeddings\": 32768}' (also linear, llama3, default); "
+         "with linear or YaRN the model limit becomes factor x that context")
     _add(eng, "--max-num-seqs", int, e.max_num_seqs, "Most requests in the running batch")
     _add(eng, "--max-waiting", int, e.max_waiting,
          "Most requests allowed to wait; more are rejected with HTTP 429")
@@ -200,6 +215,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
             read_chat_template(engine.chat_template)
         except ValueError as exc:
             raise SystemExit(f"error: --chat-template: {exc}") from None
+    if engine.rope_scaling is not None:
+        try:
+            scaling_type(engine.rope_scaling)
+        except ValueError as exc:
+            raise SystemExit(f"error: --rope-scaling: {exc}") from None
     if engine.speculative_model is not None and not Path(engine.speculative_model).exists():
         raise SystemExit(f"error: --speculative-model: no such file or directory: "
                          f"{engine.speculative_model}")

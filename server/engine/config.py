@@ -32,6 +32,11 @@ class EngineConfig:
     int4, or none (every weight dense)."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to min(model limit, 8192)."""
+    rope_scaling: dict[str, object] | None = None
+    """Replaces the model's own RoPE scaling (HF's rope_scaling dict: `{"rope_type":
+    "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}`, or linear, llama3,
+    default), e.g. YaRN to serve a Qwen model past the context it was trained at; the model
+    limit becomes `factor` times that context."""
     max_num_seqs: int = 64
     """Most requests in the running batch."""
     max_num_batched_tokens: int = 512

@@ -9,7 +9,7 @@ both drive it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -89,12 +89,14 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, self.device)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype, self.device)
         checkpoint = open_checkpoint(config.model)
+        if config.rope_scaling is not None:
+            checkpoint.config = replace(checkpoint.config, rope_scaling=config.rope_scaling)
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         if config.chat_template is not None:
             self.tokenizer.chat_template = read_chat_template(config.chat_template)
         self.model_name = config.served_model_name or checkpoint.path.name.removesuffix(".gguf")
-        limit = checkpoint.config.max_position_embeddings
+        limit = checkpoint.config.context_limit
         self.max_model_len = min(config.max_model_len or min(limit, 8192), limit)
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
                                  config.quantization)

@@ -21,7 +21,11 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, float | str] | None = None
-    """HF rope_scaling dict; type 'llama3' is applied, others are rejected at load."""
+    """HF rope_scaling dict: types llama3, linear and yarn are applied
+    (`layers.rope_frequencies`), others are rejected at load."""
+    rope_freq_factors: tuple[float, ...] | None = None
+    """llama.cpp's `rope_freqs` tensor, how a Llama 3.x GGUF carries its RoPE scaling: each
+    of the head_dim / 2 frequencies divided by its factor."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -36,6 +40,19 @@ class ModelConfig:
     (`window_layers`; Mistral's sliding_window, Qwen2's use_sliding_window): a query at s
     sees the keys at t > s - sliding_window."""
     window_layers: tuple[int, ...] = ()
+
+    @property
+    def context_limit(self) -> int:
+        """The positions the model serves: max_position_embeddings, or with linear or YaRN
+        RoPE scaling `factor` times the context it was trained at (YaRN's
+        original_max_position_embeddings, else max_position_embeddings), as vLLM derives it."""
+        scaling = self.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("linear", "yarn") or not float(scaling.get("factor") or 0) > 1:
+            return self.max_position_embeddings
+        trained = (scaling.get("original_max_position_embeddings") if kind == "yarn" else None
+                   ) or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(trained * float(scaling["factor"])))
 
 
 _ARCH_ALIASES = {

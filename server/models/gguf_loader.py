@@ -11,7 +11,7 @@ one rotate-half RoPE serves every checkpoint.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,7 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
     hidden = int(meta("embedding_length"))
     heads = int(meta("attention.head_count"))
     eos = [reader.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     return ModelConfig(
         architecture=arch,
         vocab_size=int(meta("vocab_size", int(embd.shape[1]))),
@@ -78,6 +79,9 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         head_dim=int(meta("attention.key_length", hidden // heads)),
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(meta),
+        rope_freq_factors=None if freqs is None else tuple(
+            float(f) for f in tensor_array(freqs).reshape(-1)),
         max_position_embeddings=int(meta("context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
@@ -85,6 +89,20 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         bos_token_id=reader.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
     )
+
+
+def _rope_scaling(meta: Callable[[str, object], object]) -> dict[str, object] | None:
+    """HF's rope_scaling dict from a GGUF's `rope.scaling.*` keys (linear or YaRN; llama.cpp
+    writes none for Llama 3.x, whose scaling is its `rope_freqs` tensor)."""
+    kind = meta("rope.scaling.type", None)
+    factor = meta("rope.scaling.factor", None)
+    if kind not in ("linear", "yarn") or not factor:
+        return None
+    scaling: dict[str, object] = {"rope_type": str(kind), "factor": float(factor)}
+    trained = meta("rope.scaling.original_context_length", None)
+    if kind == "yarn" and trained:
+        scaling["original_max_position_embeddings"] = int(trained)
+    return scaling
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -178,19 +178,29 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out if out_dtype is None else out.to(out_dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """[head_dim / 2] inverse frequencies, with Llama-3 scaling when the config asks for it."""
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """([head_dim / 2] inverse frequencies, the factor cos and sin are scaled by) as the
+    config's frequency factors (a GGUF's) and rope_scaling ask: none, Llama 3's, linear (position interpolation: every
+    frequency / factor), or YaRN (NTK-by-parts: the fast-turning dimensions keep their
+    frequency, the slow ones are interpolated, a linear ramp between, and cos and sin
+    scaled by 0.1 ln(factor) + 1, as the YaRN paper sets it and transformers computes it)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    if config.rope_freq_factors is not None:
+        if len(config.rope_freq_factors) != dim // 2:
+            raise ValueError(f"{len(config.rope_freq_factors)} RoPE frequency factors for "
+                             f"head_dim {dim} (expected {dim // 2})")
+        inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
     scaling = config.rope_scaling
-    if not scaling:
-        return inv_freq.float()
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return inv_freq.float()
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
+    kind = scaling_type(scaling)
+    if kind == "default":
+        return inv_freq.float(), 1.0
     factor = float(scaling["factor"])
+    if kind == "linear":
+        return (inv_freq / factor).float(), 1.0
+    if kind == "yarn":
+        return _yarn(config, factor)
     low = float(scaling.get("low_freq_factor", 1.0))
     high = float(scaling.get("high_freq_factor", 4.0))
     old_len = float(scaling.get("original_max_position_embeddings", 8192))
@@ -199,7 +209,48 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     smooth = (old_len / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled).float()
+    return torch.where(medium, smoothed, scaled).float(), 1.0
+
+
+ROPE_SCALING_TYPES = ("default", "llama3", "linear", "yarn")
+
+
+def scaling_type(scaling: dict | None) -> str:
+    """The rope_scaling dict's type (HF's `rope_type`, or the older `type`); a ValueError
+    naming the supported ones for any other."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or "default"
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: "
+                         f"{', '.join(ROPE_SCALING_TYPES)})")
+    if kind != "default" and not float((scaling or {}).get("factor", 0)) > 0:
+        raise ValueError(f"rope_scaling type {kind!r} needs a positive 'factor'")
+    return kind
+
+
+def _yarn(config: ModelConfig, factor: float) -> tuple[torch.Tensor, float]:
+    scaling, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
+    old_len = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def dimension(turns: float) -> float:  # the dimension that turns `turns` times in old_len
+        return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension(scaling.get("beta_fast") or 32), dimension(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low)
+            / (high - low if high != low else 0.001)).clamp(0, 1)
+    turns = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    keep = 1 - ramp  # the share of each dimension's original frequency
+    return (1.0 / (factor * turns)) * ramp + (1.0 / turns) * keep, float(attention)
 
 
 @dataclass
@@ -220,9 +271,10 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_pos, dim/2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        inv_freq, scale = rope_frequencies(config)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", freqs.cos() * scale, persistent=False)  # [max_pos, dim/2]
+        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
 
     def inputs(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> RopeInputs:
         """The tables themselves for the fused kernel, else cos/sin gathered once per forward."""
