@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,12 @@ import torch
 
 from kernels import cpu_native
 from tests.tiny_models import save_tiny_model
+
+# The interpreted kernel tests set TRITON_INTERPRET before they import triton, which decides
+# at import whether its own jit functions (tl.cdiv, ...) are interpreted: nothing imported
+# here may import it first (`transformers.PreTrainedModel` does; triton 3.9 then fails
+# every interpreted kernel that calls one).
+assert "triton" not in sys.modules, "tests/conftest.py's imports imported triton"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

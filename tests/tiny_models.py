@@ -1,5 +1,7 @@
 """Tiny random Llama-family checkpoints built from a transformers config, saved to disk (as
-HF directories, or as a GGUF file of Q8_0 projections)."""
+HF directories, or as a GGUF file of Q8_0 projections). (Nothing here may import
+`transformers.PreTrainedModel` at import time: it imports triton, which the interpreted
+kernel tests need imported only after they set TRITON_INTERPRET.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -61,7 +62,7 @@ _GGUF_LAYER_NAMES = {
     "mlp.down_proj": "ffn_down"}
 
 
-def save_tiny_gguf(model: PreTrainedModel, path: Path) -> Path:
+def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     """Write a Llama, Qwen2 or Qwen3 model as llama.cpp's converter would (Llama's q and k
     rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a `rope_freqs`
     tensor of frequency divisors), its matrices as Q8_0 and its norms as F32, with a
