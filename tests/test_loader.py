@@ -40,6 +40,9 @@ def test_gguf_names_map_to_hf() -> None:
     assert hf_name("blk.12.ffn_down.weight") == "model.layers.12.mlp.down_proj.weight"
     assert hf_name("output_norm.weight") == "model.norm.weight"
     assert hf_name("rope_freqs.weight") is None
+    assert hf_name("blk.2.attn_qkv.weight", "phi3") == "model.layers.2.self_attn.qkv_proj.weight"
+    assert hf_name("blk.2.ffn_up.weight", "phi3") == "model.layers.2.mlp.gate_up_proj.weight"
+    assert hf_name("blk.2.ffn_up.weight") == "model.layers.2.mlp.up_proj.weight"
 
 
 def test_unpermute_inverts_llama_cpp_permutation() -> None:

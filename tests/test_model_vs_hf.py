@@ -43,7 +43,7 @@ def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n:
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
-@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3"])
 def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir) -> None:
     """With the native CPU kernels (norms, RoPE, decode attention) where they run, and
     with torch's ops alone."""
@@ -59,18 +59,18 @@ def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir)
 
 
 @pytest.mark.parametrize(("arch", "window"), [
-    ("mistral", {"sliding_window": 8}),
+    ("mistral", {"sliding_window": 8}), ("phi3", {"sliding_window": 8}),
     ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1})])
 def test_models_with_a_sliding_window_match_transformers(arch: str, window: dict, tmp_path) -> None:
-    """A model trained with a sliding window (Mistral's on every layer; Qwen2's from
-    max_window_layers on) is served with it, in its own KV pool, past the window."""
+    """A model trained with a sliding window (Mistral's and Phi-3's on every layer; Qwen2's
+    from max_window_layers on) is served with it, in its own KV pool, past the window."""
     from tests.tiny_models import save_tiny_model
 
     path = save_tiny_model(arch, tmp_path, **window)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
     layers = [layer.windowed for layer in llm.engine.model.layers]
-    assert layers == ([True] * 3 if arch == "mistral" else [False, True, True])
+    assert layers == ([False, True, True] if arch == "qwen2" else [True] * 3)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 13, 30)]
     check_against_hf(llm, hf, prompts, 32)
@@ -105,17 +105,50 @@ def test_rope_scaling_matches_transformers(arch: str, scaling: dict, tmp_path) -
         c.token_ids for c in llm.generate(prompts[:1], params)]
 
 
+def test_longrope_within_the_trained_context_matches_transformers(tmp_path) -> None:
+    """Phi-3's LongRoPE: its short factors and attention factor, which transformers applies
+    up to the context the model was trained at, where the model limit stops; and from a
+    GGUF, with a sliding window."""
+    from tests.tiny_models import save_tiny_model
+
+    gen = torch.Generator().manual_seed(6)
+    short, long = (torch.rand(8, generator=gen) * 3 + 1 for _ in range(2))
+    path = save_tiny_model("phi3", tmp_path, max_position_embeddings=256,
+                           original_max_position_embeddings=64, rope_scaling={
+                               "rope_type": "longrope", "short_factor": short.tolist(),
+                               "long_factor": long.tolist()})
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+    assert llm.engine.max_model_len == 64
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
+    check_against_hf(llm, hf, prompts, 32)
+    # the same model with a sliding window as a GGUF: its factors and window read from the file
+    from tests.tiny_models import save_tiny_gguf
+
+    path = save_tiny_model("phi3", tmp_path / "windowed", max_position_embeddings=256,
+                           original_max_position_embeddings=64, sliding_window=8,
+                           rope_scaling={"rope_type": "longrope", "short_factor":
+                                         short.tolist(), "long_factor": long.tolist()})
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gguf = LLM(str(save_tiny_gguf(hf, tmp_path / "phi3.gguf")), dtype="float32",
+               num_kv_blocks=64, block_size=4, quantization="none")
+    c = gguf.engine.model.config
+    assert (c.sliding_window, c.window_layers, gguf.engine.max_model_len) == (8, (0, 1, 2), 64)
+    check_against_hf(gguf, hf, prompts, 32)
+
+
 def test_unsupported_rope_scaling_is_named(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'dynamic'"):
         LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=8,
             rope_scaling={"rope_type": "dynamic", "factor": 2.0})
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama3", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama3", "llama", "phi3"])
 def test_a_gguf_matches_transformers(arch: str, tiny_model_dir, tmp_path) -> None:
     """GGUFs of Q8_0 projections as llama.cpp's converter writes them: Qwen3's (q and k
     head norms, a head_dim other than hidden / heads), Llama 3's (RoPE scaling as a
-    `rope_freqs` tensor, q and k rows permuted) and Llama 2's (untied head). Dequantized
+    `rope_freqs` tensor, q and k rows permuted), Llama 2's (untied head) and Phi-3's (q, k,
+    v in one tensor, gate and up in another). Dequantized
     (`quantization="none"`): the same greedy tokens and top-5 as transformers on the file's
     values. Served packed from the file (through the native kernel where it runs): every
     token's logprob of those sequences within the kernel's activation rounding of the dense

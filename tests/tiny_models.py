@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -43,6 +44,9 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
     if arch == "qwen3":  # (a head_dim other than hidden / heads, as Qwen3's own)
         return Qwen3Config(**{"head_dim": 32, **common}, rope_theta=1000000.0,
                            tie_word_embeddings=True)
+    if arch == "phi3":  # (fused q/k/v and gate/up in its checkpoint)
+        return Phi3Config(**{"sliding_window": None, **common}, pad_token_id=0,
+                          rope_theta=10000.0, tie_word_embeddings=False)
     raise ValueError(arch)
 
 
@@ -59,13 +63,15 @@ _GGUF_LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down"}
+    "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv",
+    "mlp.gate_up_proj": "ffn_up"}
 
 
 def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
-    """Write a Llama, Qwen2 or Qwen3 model as llama.cpp's converter would (Llama's q and k
-    rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a `rope_freqs`
-    tensor of frequency divisors), its matrices as Q8_0 and its norms as F32, with a
+    """Write a Llama, Qwen2, Qwen3 or Phi-3 model as llama.cpp's converter would (Llama's q
+    and k rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a `rope_freqs`
+    tensor of frequency divisors; Phi-3's fused projections as they are, its LongRoPE
+    factors as tensors, its window as metadata), its matrices as Q8_0 and its norms as F32, with a
     byte-level tokenizer of the vocabulary's first byte characters; the model's matrices
     are replaced by the values the file holds, so that it is the file's reference."""
     import gguf
@@ -73,7 +79,7 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     c, arch = model.config, model.config.model_type
-    assert arch in ("llama", "qwen2", "qwen3"), arch
+    assert arch in ("llama", "qwen2", "qwen3", "phi3"), arch
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
@@ -95,6 +101,13 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     writer.add_bos_token_id(c.bos_token_id)
     writer.add_eos_token_id(c.eos_token_id)
     rope = c.rope_parameters
+    if getattr(c, "sliding_window", None):
+        writer.add_sliding_window(c.sliding_window)
+    if rope.get("rope_type") == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for kind in ("short", "long"):
+            writer.add_tensor(f"rope_factors_{kind}.weight",
+                              torch.tensor(rope[f"{kind}_factor"]).float().numpy())
     if rope.get("rope_type") == "llama3":
         plain = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
         writer.add_tensor("rope_freqs.weight",

@@ -10,7 +10,7 @@ class ModelConfig:
     """What the Llama-family forward needs; one instance per loaded model."""
 
     architecture: str
-    """Registry name of the model class (llama, mistral, qwen2, qwen3)."""
+    """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -45,9 +45,14 @@ class ModelConfig:
     def context_limit(self) -> int:
         """The positions the model serves: max_position_embeddings, or with linear or YaRN
         RoPE scaling `factor` times the context it was trained at (YaRN's
-        original_max_position_embeddings, else max_position_embeddings), as vLLM derives it."""
+        original_max_position_embeddings, else max_position_embeddings), as vLLM derives it;
+        with LongRoPE (Phi-3's) the context it was trained at, which its short factors
+        serve (the long ones, past it, are not applied)."""
         scaling = self.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "longrope":  # (its short factors, which serve up to the trained context)
+            return scaling.get("original_max_position_embeddings") or \
+                self.max_position_embeddings
         if kind not in ("linear", "yarn") or not float(scaling.get("factor") or 0) > 1:
             return self.max_position_embeddings
         trained = (scaling.get("original_max_position_embeddings") if kind == "yarn" else None
@@ -60,10 +65,12 @@ _ARCH_ALIASES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "phi3": "phi3",
 }
 
 
@@ -86,8 +93,9 @@ def _eos_tuple(value: object) -> tuple[int, ...]:
 
 def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
     """(sliding_window, the layers that use it) as transformers reads the config: its
-    `layer_types` when given, else Mistral's window on every layer and Qwen2's (only with
-    use_sliding_window) on the layers from max_window_layers on (Qwen3's as Qwen2's)."""
+    `layer_types` when given, else Mistral's and Phi-3's window on every layer and Qwen2's
+    (only with use_sliding_window) on the layers from max_window_layers on (Qwen3's as
+    Qwen2's)."""
     window = hf.get("sliding_window")
     layers = hf["num_hidden_layers"]
     if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
@@ -110,10 +118,16 @@ def config_from_hf(hf: dict) -> ModelConfig:
     arch = architecture_name(archs[0])
     heads = hf["num_attention_heads"]
     scaling = hf.get("rope_scaling")
-    if scaling is None and isinstance(hf.get("rope_parameters"), dict):
-        params = hf["rope_parameters"]
-        if params.get("rope_type", "default") != "default":
-            scaling = params
+    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    if scaling and hf.get("original_max_position_embeddings"):  # (Phi-3 keeps it outside)
+        scaling = {"original_max_position_embeddings": hf["original_max_position_embeddings"],
+                   **scaling}
+    rotary = hf.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0
+    if rotary != 1.0:
+        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {rotary}, as "
+                         "Phi-4-mini's) are not supported")
     window, window_layers = _window_layers(hf, arch)
     return ModelConfig(
         architecture=arch,
@@ -129,7 +143,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        attention_bias=hf.get("attention_bias", arch == "qwen2"),
+        attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
         qk_norm=arch == "qwen3",
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_tuple(hf.get("eos_token_id")),

@@ -29,6 +29,7 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
     "attn_output": "self_attn.o_proj",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
@@ -44,14 +45,18 @@ _GLOBAL_NAMES = {
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """GGUF tensor name -> HF name, or None for tensors we do not use (rope_freqs, ...)."""
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
+    """GGUF tensor name -> HF name, or None for tensors we do not use (rope_freqs, ...).
+    (Phi-3's `ffn_up` holds gate and up, as its HF `gate_up_proj`.)"""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
     if m is None or m.group(2) not in _LAYER_NAMES:
         return None
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    module = _LAYER_NAMES[m.group(2)]
+    if architecture == "phi3" and module == "mlp.up_proj":
+        module = "mlp.gate_up_proj"
+    return f"model.layers.{m.group(1)}.{module}.{m.group(3)}"
 
 
 def gguf_config(reader: GGUFFile) -> ModelConfig:
@@ -68,18 +73,20 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
     heads = int(meta("attention.head_count"))
     eos = [reader.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    window = meta("attention.sliding_window") if arch == "phi3" else None  # (on every layer)
+    layers = int(meta("block_count"))
     return ModelConfig(
         architecture=arch,
         vocab_size=int(meta("vocab_size", int(embd.shape[1]))),
         hidden_size=hidden,
         intermediate_size=int(meta("feed_forward_length")),
-        num_layers=int(meta("block_count")),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(meta("attention.head_count_kv", heads)),
         head_dim=int(meta("attention.key_length", hidden // heads)),
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(meta),
+        rope_scaling=_rope_scaling(meta, reader),
         rope_freq_factors=None if freqs is None else tuple(
             float(f) for f in tensor_array(freqs).reshape(-1)),
         max_position_embeddings=int(meta("context_length", 4096)),
@@ -88,12 +95,29 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         qk_norm="blk.0.attn_q_norm.weight" in names,
         bos_token_id=reader.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
+        sliding_window=int(window) if window else None,
+        window_layers=tuple(range(layers)) if window else (),
     )
 
 
-def _rope_scaling(meta: Callable[[str, object], object]) -> dict[str, object] | None:
+def _rope_scaling(meta: Callable[[str, object], object], reader: GGUFFile
+                  ) -> dict[str, object] | None:
     """HF's rope_scaling dict from a GGUF's `rope.scaling.*` keys (linear or YaRN; llama.cpp
-    writes none for Llama 3.x, whose scaling is its `rope_freqs` tensor)."""
+    writes none for Llama 3.x, whose scaling is its `rope_freqs` tensor), or Phi-3's
+    LongRoPE from its `rope_factors_short` and `rope_factors_long` tensors."""
+    factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
+    if "rope_factors_short.weight" in factors:
+        trained = meta("rope.scaling.original_context_length", None)
+        scaling = {"rope_type": "longrope", **{
+            f"{kind}_factor": [float(f) for f in tensor_array(factors[f"rope_factors_{kind}.weight"])
+                               .reshape(-1)] for kind in ("short", "long")
+            if f"rope_factors_{kind}.weight" in factors}}
+        if trained:
+            scaling["original_max_position_embeddings"] = int(trained)
+        attention = meta("rope.scaling.attn_factor", None)
+        if attention:
+            scaling["attention_factor"] = float(attention)
+        return scaling
     kind = meta("rope.scaling.type", None)
     factor = meta("rope.scaling.factor", None)
     if kind not in ("linear", "yarn") or not factor:
@@ -140,7 +164,7 @@ def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = f
     """Yield (HF name, float32 tensor) for every tensor the model uses but those in `skip`
     (dequantized as they are yielded)."""
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, config.architecture)
         if name is None or name in skip:
             continue
         arr = tensor_array(t)

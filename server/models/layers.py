@@ -180,10 +180,11 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """([head_dim / 2] inverse frequencies, the factor cos and sin are scaled by) as the
-    config's frequency factors (a GGUF's) and rope_scaling ask: none, Llama 3's, linear (position interpolation: every
-    frequency / factor), or YaRN (NTK-by-parts: the fast-turning dimensions keep their
-    frequency, the slow ones are interpolated, a linear ramp between, and cos and sin
-    scaled by 0.1 ln(factor) + 1, as the YaRN paper sets it and transformers computes it)."""
+    config's frequency factors (a GGUF's) and rope_scaling ask: none, Llama 3's, LongRoPE's
+    short factors (`_longrope`), linear (position interpolation: every frequency / factor),
+    or YaRN (NTK-by-parts: the fast-turning dimensions keep their frequency, the slow ones
+    are interpolated, a linear ramp between, and cos and sin scaled by 0.1 ln(factor) + 1,
+    as the YaRN paper sets it and transformers computes it)."""
     dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     inv_freq = 1.0 / (config.rope_theta ** exponents)
@@ -196,6 +197,8 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     kind = scaling_type(scaling)
     if kind == "default":
         return inv_freq.float(), 1.0
+    if kind == "longrope":
+        return _longrope(config)
     factor = float(scaling["factor"])
     if kind == "linear":
         return (inv_freq / factor).float(), 1.0
@@ -212,7 +215,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return torch.where(medium, smoothed, scaled).float(), 1.0
 
 
-ROPE_SCALING_TYPES = ("default", "llama3", "linear", "yarn")
+ROPE_SCALING_TYPES = ("default", "llama3", "linear", "yarn", "longrope")
 
 
 def scaling_type(scaling: dict | None) -> str:
@@ -222,9 +225,30 @@ def scaling_type(scaling: dict | None) -> str:
     if kind not in ROPE_SCALING_TYPES:
         raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: "
                          f"{', '.join(ROPE_SCALING_TYPES)})")
-    if kind != "default" and not float((scaling or {}).get("factor", 0)) > 0:
+    if kind == "longrope":
+        if not isinstance((scaling or {}).get("short_factor"), list):
+            raise ValueError("rope_scaling type 'longrope' needs its 'short_factor' list")
+    elif kind != "default" and not float((scaling or {}).get("factor", 0)) > 0:
         raise ValueError(f"rope_scaling type {kind!r} needs a positive 'factor'")
     return kind
+
+
+def _longrope(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3's) within the context it was trained at: every frequency divided by
+    its short factor, cos and sin scaled by sqrt(1 + ln(s) / ln(trained context)), s the
+    factor of its extension, as transformers runs it up to that context
+    (`ModelConfig.context_limit` stops there)."""
+    scaling, dim = config.rope_scaling, config.head_dim
+    trained = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    factors = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+    if len(factors) != dim // 2:
+        raise ValueError(f"{len(factors)} LongRoPE short factors for head_dim {dim}")
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        factor = scaling.get("factor") or config.max_position_embeddings / trained
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(trained))
+    turns = config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return 1.0 / (factors * turns), float(attention)
 
 
 def _yarn(config: ModelConfig, factor: float) -> tuple[torch.Tensor, float]:

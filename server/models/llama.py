@@ -1,4 +1,5 @@
-"""The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
+"""The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2) over a paged KV
+cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -122,7 +123,7 @@ class DecoderLayer(torch.nn.Module):
 TIED_DENSE_ROWS = 64
 
 
-@register_model("llama", "mistral", "qwen2", "qwen3")
+@register_model("llama", "mistral", "qwen2", "qwen3", "phi3")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -274,8 +275,12 @@ class LlamaForCausalLM(torch.nn.Module):
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
-            names |= {f"{p}self_attn.{n}_proj.weight" for n in "qkvo"}
-            names |= {f"{p}mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
+            if c.architecture == "phi3":  # (its checkpoints hold q, k, v and gate, up fused)
+                names |= {p + "self_attn.qkv_proj.weight", p + "mlp.gate_up_proj.weight"}
+            else:
+                names |= {f"{p}self_attn.{n}_proj.weight" for n in "qkv"}
+                names |= {f"{p}mlp.{n}_proj.weight" for n in ("gate", "up")}
+            names |= {p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"}
             if c.attention_bias:
                 names |= {f"{p}self_attn.{n}_proj.bias" for n in "qkv"}
             if c.qk_norm:
@@ -306,6 +311,10 @@ class LlamaForCausalLM(torch.nn.Module):
         if module in qkv:
             param = layer.qkv_proj.weight if kind == "weight" else layer.qkv_proj.bias
             return param, *qkv[module]
+        if module == "qkv_proj":
+            return layer.qkv_proj.weight, None, 0
+        if module == "gate_up_proj":
+            return layer.gate_up_proj.weight, None, 0
         if module == "o_proj":
             return layer.o_proj.weight, None, 0
         if module in gate_up:

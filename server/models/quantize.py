@@ -59,6 +59,8 @@ _GGUF_PARTS = {
     "gate_up_proj": ("ffn_gate", "ffn_up"),
     "down_proj": ("ffn_down",),
 }
+_GGUF_FUSED_PARTS = _GGUF_PARTS | {"qkv_proj": ("attn_qkv",), "gate_up_proj": ("ffn_up",)}
+"""Phi-3's GGUF tensors: q, k, v in one, gate and up in one (`ffn_up`)."""
 
 
 def linear_modules(model: torch.nn.Module) -> Iterator[tuple[str, Linear]]:
@@ -140,7 +142,8 @@ def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False,
 
     result: dict[str, PackedWeight] = {}
     for i in range(config.num_layers):
-        for module, names in _GGUF_PARTS.items():
+        fused_parts = _GGUF_FUSED_PARTS if config.architecture == "phi3" else _GGUF_PARTS
+        for module, names in fused_parts.items():
             parts = [packed(f"blk.{i}.{n}.weight") for n in names]
             if all(p is not None for p in parts):
                 fused = concat_packed(parts)
