@@ -137,10 +137,15 @@ def test_longrope_within_the_trained_context_matches_transformers(tmp_path) -> N
     check_against_hf(gguf, hf, prompts, 32)
 
 
-def test_unsupported_rope_scaling_is_named(tiny_model_dir) -> None:
+def test_unsupported_rope_scaling_is_named(tiny_model_dir, tmp_path) -> None:
+    from tests.tiny_models import save_tiny_model
+
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'dynamic'"):
         LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=8,
             rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    path = save_tiny_model("phi3", tmp_path, partial_rotary_factor=0.75)
+    with pytest.raises(ValueError, match="partial rotary embeddings .*0.75"):
+        LLM(str(path), dtype="float32", num_kv_blocks=8)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama3", "llama", "phi3"])
