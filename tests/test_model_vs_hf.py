@@ -43,7 +43,8 @@ def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n:
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
-@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3",
+                                  "gemma3"])
 def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir) -> None:
     """With the native CPU kernels (norms, RoPE, decode attention) where they run, and
     with torch's ops alone."""
@@ -137,6 +138,28 @@ def test_longrope_within_the_trained_context_matches_transformers(tmp_path) -> N
     check_against_hf(gguf, hf, prompts, 32)
 
 
+def test_a_gemma3_gguf_matches_transformers(tmp_path) -> None:
+    """Gemma 3 as llama.cpp's converter writes it (norms as 1 + w) and runs it (every sixth
+    layer global, the others a window with RoPE base 10,000; the attention scaled by
+    1/sqrt(head_dim)): dequantized, transformers' greedy tokens and top-5 past the window;
+    packed, the dense engine's logprobs within the native kernel's rounding."""
+    from tests.tiny_models import save_tiny_gguf, save_tiny_model
+
+    path = save_tiny_model("gemma3", tmp_path / "hf", num_hidden_layers=6,
+                           query_pre_attn_scalar=32, layer_types=None)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gguf = save_tiny_gguf(hf, tmp_path / "gemma3.gguf")
+    llm = LLM(str(gguf), dtype="float32", num_kv_blocks=64, block_size=4,
+              quantization="none")
+    c = llm.engine.model.config
+    assert (c.window_layers, c.sliding_window, c.local_rope_theta) == ((0, 1, 2, 3, 4), 8,
+                                                                       10000.0)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
+    check_against_hf(llm, hf, prompts, 32)
+    _packed_scores_like_dense(gguf, llm, prompts)
+
+
 def test_unsupported_rope_scaling_is_named(tiny_model_dir, tmp_path) -> None:
     from tests.tiny_models import save_tiny_model
 
@@ -175,6 +198,12 @@ def test_a_gguf_matches_transformers(arch: str, tiny_model_dir, tmp_path) -> Non
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 90)]
     check_against_hf(dense, hf.eval(), prompts, 32)
+    _packed_scores_like_dense(path, dense, prompts)
+
+
+def _packed_scores_like_dense(path, dense: LLM, prompts: list[list[int]]) -> None:
+    """The GGUF served packed (its default) gives every token of the dense engine's greedy
+    sequences the dense engine's logprob, within the native kernel's activation rounding."""
     packed = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
     assert all(layer.qkv_proj.packed is not None for layer in packed.engine.model.layers)
     texts = [p + c.token_ids for p, c in zip(prompts, dense.generate(

@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
@@ -47,6 +48,11 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
     if arch == "phi3":  # (fused q/k/v and gate/up in its checkpoint)
         return Phi3Config(**{"sliding_window": None, **common}, pad_token_id=0,
                           rope_theta=10000.0, tie_word_embeddings=False)
+    if arch == "gemma3":  # (layer 2 global, the others a window of 8; other RoPE bases)
+        return Gemma3TextConfig(**{"head_dim": 32, "sliding_window": 8, "pad_token_id": 0,
+                                   "query_pre_attn_scalar": 24, "layer_types": [
+                                       "sliding_attention", "sliding_attention",
+                                       "full_attention"], **common})
     raise ValueError(arch)
 
 
@@ -67,19 +73,26 @@ _GGUF_LAYER_NAMES = {
     "mlp.gate_up_proj": "ffn_up"}
 
 
+_GGUF_GEMMA_NORMS = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
 def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
-    """Write a Llama, Qwen2, Qwen3 or Phi-3 model as llama.cpp's converter would (Llama's q
-    and k rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a `rope_freqs`
-    tensor of frequency divisors; Phi-3's fused projections as they are, its LongRoPE
-    factors as tensors, its window as metadata), its matrices as Q8_0 and its norms as F32, with a
-    byte-level tokenizer of the vocabulary's first byte characters; the model's matrices
-    are replaced by the values the file holds, so that it is the file's reference."""
+    """Write a Llama, Qwen2, Qwen3, Phi-3 or Gemma 3 model as llama.cpp's converter would
+    (Llama's q and k rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a
+    `rope_freqs` tensor of frequency divisors; Phi-3's fused projections as they are, its
+    LongRoPE factors as tensors, its window as metadata; Gemma's norms as 1 + w), its
+    matrices as Q8_0 and its norms as F32, with a byte-level tokenizer of the vocabulary's
+    first byte characters; the model's matrices are replaced by the values the file holds,
+    so that it is the file's reference."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    c, arch = model.config, model.config.model_type
-    assert arch in ("llama", "qwen2", "qwen3", "phi3"), arch
+    c, arch = model.config, model.config.model_type.removesuffix("_text")
+    assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma3"), arch
+    layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if arch == "gemma3" else {})
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
@@ -90,7 +103,8 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # (Gemma's: by layer)
+    writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     chars = bytes_to_unicode()
     writer.add_tokenizer_model("gpt2")
@@ -100,7 +114,6 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     writer.add_token_scores([0.0] * c.vocab_size)
     writer.add_bos_token_id(c.bos_token_id)
     writer.add_eos_token_id(c.eos_token_id)
-    rope = c.rope_parameters
     if getattr(c, "sliding_window", None):
         writer.add_sliding_window(c.sliding_window)
     if rope.get("rope_type") == "longrope":
@@ -122,7 +135,7 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
                 target = globals_[name]
             else:
                 parts = name.split(".")
-                target = f"blk.{parts[2]}.{_GGUF_LAYER_NAMES['.'.join(parts[3:-1])]}"
+                target = f"blk.{parts[2]}.{layer_names['.'.join(parts[3:-1])]}"
             values = p.detach().float().numpy()
             if p.dim() == 2:
                 blocks = gguf.quants.quantize(values, q8)
@@ -134,8 +147,8 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
                         p.numpy().reshape(n, 2, head_dim // 2, -1).swapaxes(1, 2)
                         .reshape(values.shape), q8)
                 writer.add_tensor(f"{target}.weight", blocks, raw_dtype=q8)
-            else:
-                writer.add_tensor(f"{target}.weight", values)
+            else:  # (Gemma's norms as llama.cpp's converter stores them: 1 + w)
+                writer.add_tensor(f"{target}.weight", values + (arch == "gemma3"))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -155,6 +168,8 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0, vocab: int = VOCA
                 p.normal_(0, 0.2)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's: not all ones
                 p.uniform_(0.5, 1.5)
+            elif arch == "gemma3" and name.endswith("norm.weight"):  # (applied as 1 + w)
+                p.uniform_(-0.5, 0.5)
     model.save_pretrained(directory, safe_serialization=True)
     tiny_tokenizer(vocab).save_pretrained(directory)
     return directory

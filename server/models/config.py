@@ -10,7 +10,7 @@ class ModelConfig:
     """What the Llama-family forward needs; one instance per loaded model."""
 
     architecture: str
-    """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3)."""
+    """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma3)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -33,6 +33,11 @@ class ModelConfig:
     qk_norm: bool = False
     """Each head of q and of k is RMS-normed (one weight vector of head_dim for q's heads,
     one for k's) before RoPE (Qwen3)."""
+    attention_scale: float | None = None
+    """The attention's score scale; None: head_dim ** -0.5 (Gemma 3's is
+    query_pre_attn_scalar ** -0.5)."""
+    local_rope_theta: float | None = None
+    """The RoPE base of the sliding-window layers, where it differs (Gemma 3's 10,000)."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     sliding_window: int | None = None
@@ -40,6 +45,13 @@ class ModelConfig:
     (`window_layers`; Mistral's sliding_window, Qwen2's use_sliding_window): a query at s
     sees the keys at t > s - sliding_window."""
     window_layers: tuple[int, ...] = ()
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma 3's layer: RMSNorm weights w applied as 1 + w (held so once loaded), the
+        attention's and the MLP's outputs normed before their residual adds (four norms a
+        layer), GELU (tanh) gating instead of SiLU, embeddings scaled by sqrt(hidden)."""
+        return self.architecture == "gemma3"
 
     @property
     def context_limit(self) -> int:
@@ -66,11 +78,13 @@ _ARCH_ALIASES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "Gemma3ForCausalLM": "gemma3",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma3": "gemma3",
 }
 
 
@@ -103,6 +117,10 @@ def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
     if window is None or arch == "llama":
         return None, ()
     types = hf.get("layer_types")
+    if types is None and arch == "gemma3":  # (older configs: every n-th layer global)
+        pattern = hf.get("sliding_window_pattern") or 6
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                 for i in range(layers)]
     if types is not None:
         chosen = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
     elif arch in ("qwen2", "qwen3"):
@@ -119,6 +137,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
     heads = hf["num_attention_heads"]
     scaling = hf.get("rope_scaling")
     params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    local_theta = hf.get("rope_local_base_freq")
+    if isinstance(params.get("full_attention"), dict):  # (per layer type: Gemma 3's)
+        local_theta = (params.get("sliding_attention") or {}).get("rope_theta", local_theta)
+        params = params["full_attention"]
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(cap) is not None:
+            raise ValueError(f"{cap} (Gemma 2's) is not supported")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
     if scaling and hf.get("original_max_position_embeddings"):  # (Phi-3 keeps it outside)
@@ -139,12 +164,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+        rope_theta=hf.get("rope_theta") or params.get("rope_theta", 10000.0),
         rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "gemma3"),
+        attention_scale=(hf["query_pre_attn_scalar"] ** -0.5
+                         if hf.get("query_pre_attn_scalar") else None),
+        local_rope_theta=local_theta if arch == "gemma3" else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
         sliding_window=window,

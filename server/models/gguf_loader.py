@@ -37,6 +37,12 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_GEMMA_NORMS = {
+    "post_attention_norm": "post_attention_layernorm",  # (on the attention's output)
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+"""Gemma 3's four norms a layer: `attn_norm` as Llama's, these three its own."""
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -47,13 +53,14 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """GGUF tensor name -> HF name, or None for tensors we do not use (rope_freqs, ...).
-    (Phi-3's `ffn_up` holds gate and up, as its HF `gate_up_proj`.)"""
+    (Phi-3's `ffn_up` holds gate and up, as its HF `gate_up_proj`; Gemma 3's norms differ.)"""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
-    if m is None or m.group(2) not in _LAYER_NAMES:
+    names = _LAYER_NAMES | _GEMMA_NORMS if architecture == "gemma3" else _LAYER_NAMES
+    if m is None or m.group(2) not in names:
         return None
-    module = _LAYER_NAMES[m.group(2)]
+    module = names[m.group(2)]
     if architecture == "phi3" and module == "mlp.up_proj":
         module = "mlp.gate_up_proj"
     return f"model.layers.{m.group(1)}.{module}.{m.group(3)}"
@@ -73,8 +80,15 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
     heads = int(meta("attention.head_count"))
     eos = [reader.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    window = meta("attention.sliding_window") if arch == "phi3" else None  # (on every layer)
+    # Phi-3's window is on every layer; Gemma 3's on all but every sixth (as llama.cpp
+    # sets it), whose RoPE base is 10,000 where the global layers' is the file's
+    window = meta("attention.sliding_window") if arch in ("phi3", "gemma3") else None
     layers = int(meta("block_count"))
+    windowed = tuple(i for i in range(layers) if arch == "phi3" or (i + 1) % 6) if window \
+        else ()
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    # (llama.cpp's Gemma 3 attention scale: 1/sqrt(head_dim), but hidden / heads for 27B)
+    scale_dim = hidden // heads if layers == 62 else head_dim
     return ModelConfig(
         architecture=arch,
         vocab_size=int(meta("vocab_size", int(embd.shape[1]))),
@@ -83,7 +97,7 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(meta("attention.head_count_kv", heads)),
-        head_dim=int(meta("attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
         rope_scaling=_rope_scaling(meta, reader),
@@ -93,10 +107,12 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
+        attention_scale=scale_dim ** -0.5 if arch == "gemma3" else None,
+        local_rope_theta=10000.0 if arch == "gemma3" else None,
         bos_token_id=reader.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
         sliding_window=int(window) if window else None,
-        window_layers=tuple(range(layers)) if window else (),
+        window_layers=windowed,
     )
 
 
@@ -168,6 +184,8 @@ def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = f
         if name is None or name in skip:
             continue
         arr = tensor_array(t)
+        if config.gemma and name.endswith("norm.weight"):  # (llama.cpp stores 1 + w)
+            arr = arr - 1
         if config.architecture == "llama":
             if ".q_proj." in name:
                 arr = _unpermute(arr, config.num_heads)

@@ -291,21 +291,32 @@ class RopeInputs:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Rotate-half (NeoX-style) RoPE from precomputed float32 tables `cos`, `sin` [max_pos, dim/2]."""
+    """Rotate-half (NeoX-style) RoPE from precomputed float32 tables `cos`, `sin` [max_pos,
+    dim/2]; with a `local_rope_theta` (Gemma 3), unscaled tables of that base for the
+    sliding-window layers too (`local_cos`, `local_sin`)."""
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
-        inv_freq, scale = rope_frequencies(config)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", freqs.cos() * scale, persistent=False)  # [max_pos, dim/2]
-        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        local = config.local_rope_theta
+        self.has_local = local is not None
+        tables = [("", config)] + ([("local_", replace(
+            config, rope_theta=local, rope_scaling=None, rope_freq_factors=None))]
+            if self.has_local else [])
+        for prefix, c in tables:
+            inv_freq, scale = rope_frequencies(c)
+            freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+            self.register_buffer(prefix + "cos", freqs.cos() * scale, persistent=False)
+            self.register_buffer(prefix + "sin", freqs.sin() * scale, persistent=False)
 
-    def inputs(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> RopeInputs:
-        """The tables themselves for the fused kernel, else cos/sin gathered once per forward."""
+    def inputs(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool,
+               local: bool = False) -> RopeInputs:
+        """The tables themselves for the fused kernel, else cos/sin gathered once per forward
+        (`local`: the sliding-window layers' tables)."""
+        cos_table, sin_table = (self.local_cos, self.local_sin) if local else (self.cos, self.sin)
         if fused:
-            return RopeInputs(positions, self.cos, self.sin)
-        cos = self.cos[positions].unsqueeze(1).to(dtype)
-        return RopeInputs(positions, cos, self.sin[positions].unsqueeze(1).to(dtype))
+            return RopeInputs(positions, cos_table, sin_table)
+        cos = cos_table[positions].unsqueeze(1).to(dtype)
+        return RopeInputs(positions, cos, sin_table[positions].unsqueeze(1).to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -341,6 +352,13 @@ def head_rms_norm(qk: torch.Tensor, weight: torch.Tensor, eps: float, num_heads:
     normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(qk.dtype)
     halves = weight.view(2, -1).to(qk.dtype)
     return normed * halves[(torch.arange(qk.shape[1], device=qk.device) >= num_heads).long()]
+
+
+def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2 * I] (gate, then up) -> gelu_tanh(gate) * up [T, I] (Gemma's GeGLU,
+    in torch's ops on every device)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def silu_mul(gate_up: Activations, fused: bool) -> torch.Tensor:

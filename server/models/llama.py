@@ -1,5 +1,5 @@
-"""The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2) over a paged KV
-cache.
+"""The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3, SmolLM2) over a
+paged KV cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -34,6 +34,7 @@ from server.models.layers import (
     add_rms_norm,
     apply_rope,
     dense_linear,
+    gelu_mul,
     head_rms_norm,
 )
 from server.models.registry import register_model
@@ -56,12 +57,17 @@ class DecoderLayer(torch.nn.Module):
         self.down_proj = Linear(empty(c.hidden_size, c.intermediate_size))
         self.input_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
         self.post_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
-        # Qwen3: q's head norm weight, then k's, normed per head before RoPE
+        # Qwen3, Gemma 3: q's head norm weight, then k's, normed per head before RoPE
         self.head_norm = (torch.nn.Parameter(empty(2 * c.head_dim), requires_grad=False)
                           if c.qk_norm else None)
+        # Gemma 3: the attention's and the MLP's outputs normed before their residual adds
+        self.gemma = c.gemma
+        self.attn_out_norm, self.mlp_out_norm = (
+            (torch.nn.Parameter(empty(c.hidden_size), requires_grad=False) for _ in "am")
+            if c.gemma else (None, None))
         self.eps = c.rms_norm_eps
         self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.scale = c.head_dim ** -0.5
+        self.scale = c.attention_scale or c.head_dim ** -0.5
         # attends to sinks + a window: reads `BatchMeta.sparse` when the cache is hybrid
         self.windowed = False
 
@@ -100,6 +106,12 @@ class DecoderLayer(torch.nn.Module):
                 q, k, v = (qk[:, : self.heads], qk[:, self.heads :],
                            qkv[:, self.heads + self.kv_heads :])
         o = attention(q, k, v, kv[0], kv[1], meta, self.scale)
+        if self.gemma:  # (plain tensors between the products: no sums handed on)
+            o = add_rms_norm(self.o_proj(o.reshape(t, -1)), None, self.attn_out_norm,
+                             self.eps, fused)[0]
+            gate_up, residual = add_rms_norm(o, residual, self.post_norm, self.eps, fused)
+            down = self.down_proj(gelu_mul(self.gate_up_proj(gate_up)))
+            return add_rms_norm(down, None, self.mlp_out_norm, self.eps, fused)[0], residual
         gate_up, residual = self.gate_up_proj.after_norm(
             self.o_proj.project(o.reshape(t, -1), fused), residual, self.post_norm, self.eps,
             fused)
@@ -123,7 +135,7 @@ class DecoderLayer(torch.nn.Module):
 TIED_DENSE_ROWS = 64
 
 
-@register_model("llama", "mistral", "qwen2", "qwen3", "phi3")
+@register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -155,17 +167,23 @@ class LlamaForCausalLM(torch.nn.Module):
         `num_layers` runs only the first layers (early exit); their KV is written as usual.
         """
         x = self.embed(input_ids)
+        if self.config.gemma:  # (scaled in the weights' dtype, as transformers does)
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         fused = x.is_cuda if self.fused_kernels is None else self.fused_kernels
         rope = self.rope.inputs(positions, x.dtype, fused)
+        local = self.rope.inputs(positions, x.dtype, fused, local=True) \
+            if self.rope.has_local else rope
         # (a ModuleList slice builds a new ModuleList: ~180 us a step on the CPU)
         count = len(self.layers) if num_layers is None else min(num_layers, len(self.layers))
-        native = None if fused else self._native_forward(x, rope, meta, count)
+        native = None if fused or self.config.gemma else self._native_forward(
+            x, rope, meta, count)
         if native is not None:
             x, residual = native
         else:
             residual = None
             for layer, kv in zip(islice(self.layers, count), self.kv_caches[:count], strict=True):
-                x, residual = layer(x, residual, rope, kv, meta, fused)
+                x, residual = layer(x, residual, local if layer.windowed else rope, kv, meta,
+                                    fused)
         return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps, fused)[0]
 
     def _native_forward(self, x: torch.Tensor, rope: RopeInputs, meta: BatchMeta, count: int
@@ -239,6 +257,8 @@ class LlamaForCausalLM(torch.nn.Module):
             target, start, length = self._target(name, *slices)
             if target is None:
                 continue
+            if self.config.gemma and name.endswith("norm.weight"):  # held as 1 + w
+                tensor = tensor.float() + 1
             src = tensor.to(self.dtype)
             dst = target.data if start is None else target.data.narrow(0, start, length)
             if dst.shape != src.shape:
@@ -285,6 +305,8 @@ class LlamaForCausalLM(torch.nn.Module):
                 names |= {f"{p}self_attn.{n}_proj.bias" for n in "qkv"}
             if c.qk_norm:
                 names |= {f"{p}self_attn.{n}_norm.weight" for n in "qk"}
+            if c.gemma:
+                names |= {f"{p}{n}_feedforward_layernorm.weight" for n in ("pre", "post")}
         return names
 
     def _target(
@@ -303,6 +325,12 @@ class LlamaForCausalLM(torch.nn.Module):
         module, kind = parts[-2], parts[-1]
         if module == "input_layernorm":
             return layer.input_norm, None, 0
+        if layer.gemma:  # (its post-attention norm is on the attention's output)
+            norms = {"post_attention_layernorm": layer.attn_out_norm,
+                     "pre_feedforward_layernorm": layer.post_norm,
+                     "post_feedforward_layernorm": layer.mlp_out_norm}
+            if module in norms:
+                return norms[module], None, 0
         if module == "post_attention_layernorm":
             return layer.post_norm, None, 0
         if module in ("q_norm", "k_norm") and layer.head_norm is not None:
