@@ -1,10 +1,10 @@
 /* A Llama-family decoder stack's layers in one call, for the CPU's steps of short queries
- * (decode and verification): each layer's residual add + RMSNorm, qkv product, (Qwen3's
- * head norms and) RoPE + KV cache write, paged attention, o product, add + norm, gate/up
- * product, SwiGLU and down product, through the same functions (cpu_gemm.c, cpu_ops.c,
- * cpu_attention.c) and in the same order as the model's per-op path calls them one by one
- * from Python, so the results are the same bit for bit; what goes is the ~9 calls a layer
- * from Python and their tensors.
+ * (decode and verification): each layer's residual add + RMSNorm, qkv product, (head
+ * norms and) RoPE + KV cache write, paged attention, o product, (Gemma 3's norm,) add +
+ * norm, gate/up product, SwiGLU (GeGLU) and down product (and Gemma 3's norm), through
+ * the same functions (cpu_gemm.c, cpu_ops.c, cpu_attention.c) and in the same order as
+ * the model's per-op path calls them one by one from Python, so the results are the same
+ * bit for bit; what goes is the ~9 calls a layer from Python and their tensors.
  * kernels/cpu_layers.py builds the structures below (its ctypes mirrors). */
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,7 +23,7 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
                            int64_t kv_heads, int64_t dim, const void *k_cache,
                            const void *v_cache, int64_t kv_type, int64_t num_blocks,
                            int64_t block_size, float scale, float *out);
-void lf_cpu_silu_mul(const float *x, int64_t M, int64_t I, float *out);
+void lf_cpu_glu(const float *x, int64_t M, int64_t I, int64_t gelu, float *out);
 
 /* A packed weight in cpu_gemm.c's panels (offsets NULL for int8), and its bias or NULL. */
 struct lf_linear {
@@ -36,21 +36,26 @@ struct lf_linear {
 struct lf_layer {
     struct lf_linear qkv, o, gate_up, down;
     const float *input_norm, *post_norm;
-    const float *head_norm;  /* q's and k's head norms [2, dim] (Qwen3), or NULL */
+    const float *head_norm;  /* q's and k's head norms [2, dim] (Qwen3, Gemma 3), or NULL */
+    /* Gemma 3: the attention's and the MLP's outputs normed before their residual adds
+     * (NULL: not), and GeGLU instead of SwiGLU */
+    const float *attn_out_norm, *mlp_out_norm;
+    int64_t gelu;
     void *k_cache, *v_cache;  /* [num_blocks, block_size, kv_heads, dim] of lf_stack's kv_type */
     int64_t num_blocks;
     int64_t pool;  /* which of the step's KV pools the cache is in (1: sinks + window) */
 };
 
 /* The model's shapes and its KV caches' element type (cpu_vec.h's KV_*), and one step's
- * inputs: per KV pool its sequences for the attention (cpu_attention.py's AttentionStep)
- * and its tokens' flat slots; RoPE's cos and sin [T, dim / 2] for the tokens' positions. */
+ * inputs: per KV pool its sequences for the attention (cpu_attention.py's AttentionStep),
+ * its tokens' flat slots, and RoPE's cos and sin [T, dim / 2] for the tokens' positions
+ * (the window pool's layers may turn by another base: Gemma 3's). */
 struct lf_stack {
     int64_t hidden, heads, kv_heads, dim, intermediate, block_size, kv_type;
     float eps, scale;
     const struct lf_attention_step *attention[2];
     const int64_t *slots[2];
-    const float *cos, *sin;
+    const float *cos[2], *sin[2];
 };
 
 /* x [M, K] @ W^T (+ bias) into y [M, N]. */
@@ -90,7 +95,8 @@ int lf_cpu_decoder_layers(const struct lf_stack *s, const struct lf_layer *layer
                             residual);
         if (first) memcpy(residual, x, sizeof(float) * (size_t)(T * H));
         if ((rc = product(&l->qkv, h, T, H, qkv_width, wide)) != 0) break;
-        if (lf_cpu_rope_kv_write(wide, T, s->heads, s->kv_heads, s->dim, s->cos, s->sin,
+        if (lf_cpu_rope_kv_write(wide, T, s->heads, s->kv_heads, s->dim, s->cos[l->pool],
+                                 s->sin[l->pool],
                                  s->slots[l->pool], l->num_blocks * s->block_size,
                                  l->k_cache, l->v_cache, s->kv_type, l->head_norm, s->eps,
                                  q) != 0) {
@@ -105,10 +111,14 @@ int lf_cpu_decoder_layers(const struct lf_stack *s, const struct lf_layer *layer
             break;
         }
         if ((rc = product(&l->o, att, T, q_width, H, x)) != 0) break;
+        if (l->attn_out_norm)  /* (in place: a row's sum is taken before it is written) */
+            lf_cpu_add_rms_norm(x, NULL, l->attn_out_norm, s->eps, T, H, x, NULL);
         lf_cpu_add_rms_norm(x, residual, l->post_norm, s->eps, T, H, h, residual);
         if ((rc = product(&l->gate_up, h, T, H, 2 * I, wide)) != 0) break;
-        lf_cpu_silu_mul(wide, T, I, act);
-        rc = product(&l->down, act, T, I, H, x);
+        lf_cpu_glu(wide, T, I, l->gelu, act);
+        if ((rc = product(&l->down, act, T, I, H, x)) != 0) break;
+        if (l->mlp_out_norm)
+            lf_cpu_add_rms_norm(x, NULL, l->mlp_out_norm, s->eps, T, H, x, NULL);
     }
     free(buf);
     return rc;

@@ -41,7 +41,8 @@ class _Linear(ctypes.Structure):  # struct lf_linear
 class _Layer(ctypes.Structure):  # struct lf_layer
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("head_norm", ctypes.c_void_p),
+                ("head_norm", ctypes.c_void_p), ("attn_out_norm", ctypes.c_void_p),
+                ("mlp_out_norm", ctypes.c_void_p), ("gelu", ctypes.c_int64),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
                 ("num_blocks", ctypes.c_int64), ("pool", ctypes.c_int64)]
 
@@ -53,7 +54,7 @@ class _Stack(ctypes.Structure):  # struct lf_stack
                 ("kv_type", ctypes.c_int64),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("attention", ctypes.c_void_p * 2), ("slots", ctypes.c_void_p * 2),
-                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+                ("cos", ctypes.c_void_p * 2), ("sin", ctypes.c_void_p * 2)]
 
 
 Product = tuple[PackedWeight | None, torch.Tensor | None]
@@ -65,7 +66,8 @@ class LayerWeights:
     """One Llama-family decoder layer: products qkv (q, k, v fused), o, gate_up (gate, then
     up), down; its two RMSNorm weights; whether it attends to sinks + a window (then its KV
     cache is the hybrid cache's second pool, `BatchMeta.sparse`); q's and k's head norm
-    weights [2 * head_dim] (Qwen3), or None."""
+    weights [2 * head_dim] (Qwen3, Gemma 3), or None; Gemma 3's norms of the attention's and
+    the MLP's outputs, or None, and its GeGLU."""
 
     qkv: Product
     o: Product
@@ -75,6 +77,9 @@ class LayerWeights:
     post_norm: torch.Tensor
     windowed: bool
     head_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
+    gelu: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,29 +114,33 @@ class DecoderStack:
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             full: tuple[AttentionStep, torch.Tensor],
-            sparse: tuple[AttentionStep, torch.Tensor] | None,
-            count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+            sparse: tuple[AttentionStep, torch.Tensor] | None, count: int,
+            local: tuple[torch.Tensor, torch.Tensor] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first `count` layers over x [T, hidden] (the embedded tokens): (the last
         layer's down product, the residual stream), as the per-op loop returns them; each
         pool's attention step and its tokens' KV slots [T] (`sparse`: the windowed layers'
-        pool's, None where they share the first); RoPE's cos, sin [T, 1, head_dim / 2].
-        None, with nothing written, where the native kernels do not take these tensors."""
+        pool's, None where they share the first); RoPE's cos, sin [T, 1, head_dim / 2]
+        (`local`: the windowed layers' own, Gemma 3's; None: the same). None, with nothing
+        written, where the native kernels do not take these tensors."""
         lib = library_in_use()
         s = self.shapes
         t = x.shape[0]
         pools = (full, sparse or full)
+        tables = ((cos, sin), local or (cos, sin))
         if lib is None or not _enabled or not (
                 x.dim() == 2 and float_rows(x, s.hidden) and 1 <= count <= len(self.layers)
                 and all(step.rows == t and slots.shape == (t,) and slots.dtype == torch.int64
                         and slots.is_contiguous() for step, slots in pools)
-                and cos.shape == sin.shape == (t, 1, s.head_dim // 2)
-                and float_rows(cos, s.head_dim // 2) and float_rows(sin, s.head_dim // 2)):
+                and all(c.shape == (t, 1, s.head_dim // 2) and float_rows(c, s.head_dim // 2)
+                        for table in tables for c in table)):
             return None
         stack = _Stack(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate,
                        self.block_size, self.kv_type, s.eps, s.scale,
                        (ctypes.c_void_p * 2)(*(ctypes.addressof(step) for step, _ in pools)),
                        (ctypes.c_void_p * 2)(*(slots.data_ptr() for _, slots in pools)),
-                       cos.data_ptr(), sin.data_ptr())
+                       (ctypes.c_void_p * 2)(*(c.data_ptr() for c, _ in tables)),
+                       (ctypes.c_void_p * 2)(*(n.data_ptr() for _, n in tables)))
         out, residual = x.clone(), torch.empty_like(x)
         rc = lib.decoder_layers(ctypes.addressof(stack), ctypes.addressof(self.layers), count, t,
                                 out.data_ptr(), residual.data_ptr())
@@ -171,12 +180,16 @@ def decoder_stack(shapes: Shapes, layers: Sequence[LayerWeights],
                     for n in (w.input_norm, w.post_norm))
                 and (w.head_norm is None or w.head_norm.shape == (2 * s.head_dim,)
                      and float_rows(w.head_norm, 2 * s.head_dim))
+                and all(n is None or n.shape == (s.hidden,) and float_rows(n, s.hidden)
+                        for n in (w.attn_out_norm, w.mlp_out_norm))
                 and k_cache.dim() == 4 and k_cache.shape[1:] == (block_size, s.kv_heads,
                                                                   s.head_dim)
                 and kv is not None and kv_type(k_cache, v_cache, s.head_dim) == kv):
             return None
         built.append(_Layer(*products, w.input_norm.data_ptr(), w.post_norm.data_ptr(),
-                            None if w.head_norm is None else w.head_norm.data_ptr(),
+                            *(None if n is None else n.data_ptr()
+                              for n in (w.head_norm, w.attn_out_norm, w.mlp_out_norm)),
+                            int(w.gelu),
                             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
                             int(w.windowed)))
     keep = (tuple(layers), tuple(caches))  # the addresses above stay valid while these live

@@ -5,8 +5,9 @@ them, `kernels.cpu_layers`), built once per machine with the system C compiler i
 library per instruction set (`VARIANTS`: AVX-512 VNNI, AVX2), loaded with ctypes.
 
 `linear(x, packed)` is the entry point (and `add_rms_norm`, the decoder's residual add and
-RMSNorm, `rope_kv_write`, RoPE and the KV cache write, and `silu_mul`, the SwiGLU, which
-torch runs as several small ops each; `kernels.cpu_attention` holds the attention);
+RMSNorm, `rope_kv_write`, RoPE and the KV cache write, and `silu_mul`, the SwiGLU (and
+`gelu_mul`, Gemma's GeGLU), which torch runs as several small ops each;
+`kernels.cpu_attention` holds the attention);
 `available()` says whether it can run here.
 The best variant the CPU has is used (``LEAPFROG_NATIVE_KERNELS=avx2`` picks one, ``=0``
 none). Its library is looked for next to this module (where an image build puts every
@@ -56,14 +57,14 @@ class Variant:
 @dataclass(frozen=True)
 class Library:
     """A loaded variant's entry points: `lf_cpu_gemm`, `lf_cpu_add_rms_norm`,
-    `lf_cpu_rope_kv_write`, `lf_cpu_paged_attention`, `lf_cpu_silu_mul` and
+    `lf_cpu_rope_kv_write`, `lf_cpu_paged_attention`, `lf_cpu_glu` and
     `lf_cpu_decoder_layers`."""
 
     gemm: Callable[..., int]
     add_rms_norm: Callable[..., None]
     rope_kv_write: Callable[..., int]
     attention: Callable[..., int]
-    silu_mul: Callable[..., None]
+    glu: Callable[..., None]
     decoder_layers: Callable[..., int]
 
 
@@ -160,14 +161,14 @@ def load(variant: Variant) -> Library | None:
     attention = lib.lf_cpu_paged_attention
     attention.argtypes = [p, p, i64, i64, i64, p, p, i64, i64, i64, ctypes.c_float, p]
     attention.restype = ctypes.c_int
-    silu = lib.lf_cpu_silu_mul
-    silu.argtypes = [p, i64, i64, p]
-    silu.restype = None
+    glu = lib.lf_cpu_glu
+    glu.argtypes = [p, i64, i64, i64, p]
+    glu.restype = None
     layers = lib.lf_cpu_decoder_layers
     layers.argtypes = [p, p, i64, i64, p, p]
     layers.restype = ctypes.c_int
     logger.info("native CPU kernels: %s", path)
-    return Library(gemm, norm, rope, attention, silu, layers)
+    return Library(gemm, norm, rope, attention, glu, layers)
 
 
 def runnable() -> list[Variant]:
@@ -350,6 +351,15 @@ def silu_mul(gate_up: torch.Tensor, lib: Library | None = None) -> torch.Tensor 
     memory, [T, I]; elementwise, its exponential a polynomial good to ~2 ulp. None where the
     native kernels do not take them (the caller then uses torch's ops: a chunk, a SiLU and a
     product, 9.9 us at the default model's batch 1 against 5.2, most of it the call)."""
+    return _glu(gate_up, False, lib)
+
+
+def gelu_mul(gate_up: torch.Tensor, lib: Library | None = None) -> torch.Tensor | None:
+    """gelu_tanh(gate) * up (Gemma's GeGLU), as `silu_mul` takes its rows."""
+    return _glu(gate_up, True, lib)
+
+
+def _glu(gate_up: torch.Tensor, gelu: bool, lib: Library | None) -> torch.Tensor | None:
     lib = lib or library_in_use()
     if lib is None or gate_up.dim() != 2:
         return None
@@ -357,7 +367,7 @@ def silu_mul(gate_up: torch.Tensor, lib: Library | None = None) -> torch.Tensor 
     if not (width % 16 == 0 and float_rows(gate_up, width)):
         return None
     out = torch.empty(t, width // 2)
-    lib.silu_mul(gate_up.data_ptr(), t, width // 2, out.data_ptr())
+    lib.glu(gate_up.data_ptr(), t, width // 2, int(gelu), out.data_ptr())
     return out
 
 

@@ -1,5 +1,5 @@
 /* The float32 pointwise steps of a decoder layer around its products, on x86 CPUs:
- * residual add + RMSNorm, (Qwen3's head norms and) RoPE + KV cache write, and the SwiGLU;
+ * residual add + RMSNorm, (head norms and) RoPE + KV cache write, and the SwiGLU (GeGLU);
  * plain C that the compiler vectorizes (cpu_vec.h's vector extension where it would not),
  * each sum in cpu_vec.h's fixed order.  kernels/cpu_native.py builds it with cpu_gemm.c,
  * cpu_attention.c and cpu_layers.c into one library per instruction set.
@@ -87,14 +87,18 @@ int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_
     return 0;
 }
 
-/* out[m, i] = silu(x[m, i]) * x[m, I + i] = x / (1 + e^-x) * up, for x [M, 2 I] (gate,
- * then up), I a multiple of 8: the SwiGLU between the MLP's two products. */
-void lf_cpu_silu_mul(const float *x, int64_t M, int64_t I, float *out)
+/* The gated activation between the MLP's two products, for x [M, 2 I] (gate, then up), I a
+ * multiple of 8: out[m, i] = silu(g) * up = g / (1 + e^-g) * up (SwiGLU), or with `gelu`
+ * gelu_tanh(g) * up = g / (1 + e^(-2 sqrt(2/pi) (g + 0.044715 g^3))) * up (Gemma's GeGLU:
+ * 0.5 g (1 + tanh(u)) is g times the logistic of 2u). */
+void lf_cpu_glu(const float *x, int64_t M, int64_t I, int64_t gelu, float *out)
 {
     #pragma omp parallel for schedule(static) if (M * I >= 65536)
     for (int64_t m = 0; m < M; m++)
         for (int64_t i = 0; i < I; i += 8) {
             const v8 gate = load8(x + 2 * I * m + i), up = load8(x + 2 * I * m + I + i);
-            store8(out + I * m + i, gate / (1.0f + exp8(-gate)) * up);
+            const v8 z = gelu ? (gate + 0.044715f * gate * gate * gate) * -1.5957691216057308f
+                              : -gate;
+            store8(out + I * m + i, gate / (1.0f + exp8(z)) * up);
         }
 }

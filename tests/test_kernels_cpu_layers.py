@@ -83,11 +83,12 @@ def _both_paths(model, ids, positions, meta, num_layers=None):
     return results
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3", "qwen3", "gemma3"])
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [4, 1, 16]], ids=["decode", "verification"])
 def test_native_layers_equal_the_per_op_path(tiny_model_dir, arch, q_lens):
     """Decode and verification steps (qwen2: qkv bias; llama3: tied head; qwen3: q and k
-    head norms), random caches:
+    head norms; gemma3: those, four norms a layer, GeGLU, its window layers' own RoPE),
+    random caches:
     the final hidden states and every layer's cache equal bit for bit."""
     torch.manual_seed(0)
     model = _model(tiny_model_dir, arch)
@@ -130,17 +131,17 @@ def test_prefill_dense_weights_and_turned_off_take_the_per_op_path(tiny_model_di
     model.kv_caches = _caches(model, num_blocks)
     x = torch.randn(17, model.config.hidden_size)
     rope = model.rope.inputs(positions, x.dtype, False)
-    assert model._native_forward(x, rope, meta, 3) is None
+    assert model._native_forward(x, rope, rope, meta, 3) is None
     ids, positions, meta, _ = _step(model, [40], [1])
     rope = model.rope.inputs(positions, x.dtype, False)
-    assert model._native_forward(x[:1], rope, meta, 3) is not None
+    assert model._native_forward(x[:1], rope, rope, meta, 3) is not None
     for off in (cpu_native.turned_off, cpu_layers.turned_off):
         with off():
-            assert model._native_forward(x[:1], rope, meta, 3) is None
+            assert model._native_forward(x[:1], rope, rope, meta, 3) is None
     dense = LLM(str(tiny_model_dir("llama")), dtype="float32",
                 kv_cache_memory_gb=0.01).engine.runner.model
     dense.kv_caches = model.kv_caches
-    assert dense._native_forward(x[:1], rope, meta, 3) is None
+    assert dense._native_forward(x[:1], rope, rope, meta, 3) is None
 
 
 def test_bad_slots_and_tables_raise(tiny_model_dir):
@@ -220,8 +221,8 @@ def test_the_benchmark_compares_both_paths(tmp_path, monkeypatch):
     seen = set()  # (switched off, ran natively) of the decode steps
     forward = LlamaForCausalLM._native_forward
 
-    def counted(self, x, rope, meta, count):
-        out = forward(self, x, rope, meta, count)
+    def counted(self, x, rope, local, meta, count):
+        out = forward(self, x, rope, local, meta, count)
         if meta.native_step(x.shape[0]) is not None:
             seen.add((not cpu_layers._enabled, out is not None))
         return out

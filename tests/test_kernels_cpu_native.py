@@ -284,30 +284,42 @@ def test_rope_kv_write_variants_agree_and_refuses_bad_slots_and_declines():
         assert cpu_native.rope_kv_write(qkv, cos, sin, kc, vc, slots, 9, 3) is None
 
 
-def test_silu_mul_matches_torch_and_rows_stand_alone(native_lib):
-    """Within float32 rounding of torch's SiLU (the kernel's exponential is good to ~2 ulp),
-    down to gates of +-100 (e^100 beyond float32's range: clamped, the product still ~0),
-    each row the same bits alone as in the batch."""
+GLUS = {"silu": (cpu_native.silu_mul, torch.nn.functional.silu, 2e-6),
+        "gelu": (cpu_native.gelu_mul,
+                 lambda g: torch.nn.functional.gelu(g, approximate="tanh"), 1e-5)}
+"""Each native gated activation, torch's activation, and the relative tolerance (GeGLU's
+0.5 g (1 + tanh(u)) is computed as g times the logistic of 2u: other roundings)."""
+
+
+@pytest.mark.parametrize("kind", GLUS)
+def test_glu_matches_torch_and_rows_stand_alone(native_lib, kind):
+    """Within float32 rounding of torch's SiLU or GELU (tanh) (the kernel's exponential is
+    good to ~2 ulp), down to gates of +-100 (e^100 beyond float32's range: clamped, the
+    product still ~0 or the gate), each row the same bits alone as in the batch."""
+    native, reference, rtol = GLUS[kind]
     x = torch.randn(7, 2 * 1536) * 4
     x[0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])
-    out = cpu_native.silu_mul(x, native_lib)
+    out = native(x, native_lib)
     gate, up = x.chunk(2, dim=-1)
-    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(out, reference(gate) * up, rtol=rtol, atol=1e-6)
     for i in range(7):
-        assert torch.equal(cpu_native.silu_mul(x[i:i + 1].clone(), native_lib)[0], out[i]), i
+        assert torch.equal(native(x[i:i + 1].clone(), native_lib)[0], out[i]), i
 
 
-def test_silu_mul_variants_agree_and_declines_what_it_cannot_take():
+@pytest.mark.parametrize("kind", GLUS)
+def test_glu_variants_agree_and_declines_what_it_cannot_take(kind):
+    native = GLUS[kind][0]
     libs = [cpu_native.load(v) for v in cpu_native.runnable()]
     x = torch.randn(3, 2 * 576) * 4
-    first = cpu_native.silu_mul(x, libs[0])
-    assert all(torch.equal(cpu_native.silu_mul(x, lib), first) for lib in libs[1:])
-    assert cpu_native.silu_mul(x[:, :24].contiguous()) is None  # halves not 8k columns
-    assert cpu_native.silu_mul(x.bfloat16()) is None
-    assert cpu_native.silu_mul(x.t().contiguous().t()) is None
-    assert cpu_native.silu_mul(x[0]) is None
+    first = native(x, libs[0])
+    assert all(torch.equal(native(x, lib), first) for lib in libs[1:])
+    assert not torch.equal(first, GLUS["gelu" if kind == "silu" else "silu"][0](x, libs[0]))
+    assert native(x[:, :24].contiguous()) is None  # halves not 8k columns
+    assert native(x.bfloat16()) is None
+    assert native(x.t().contiguous().t()) is None
+    assert native(x[0]) is None
     with cpu_native.turned_off():
-        assert cpu_native.silu_mul(x) is None
+        assert native(x) is None
 
 
 def test_build_names_the_library_by_source_and_loads(tmp_path, monkeypatch):

@@ -355,8 +355,14 @@ def head_rms_norm(qk: torch.Tensor, weight: torch.Tensor, eps: float, num_heads:
 
 
 def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2 * I] (gate, then up) -> gelu_tanh(gate) * up [T, I] (Gemma's GeGLU,
-    in torch's ops on every device)."""
+    """gate_up: [T, 2 * I] (gate, then up) -> gelu_tanh(gate) * up [T, I] (Gemma's GeGLU:
+    the native kernel for float32 rows on the CPU, where it runs; else torch's ops)."""
+    if gate_up.is_cpu:
+        from kernels import cpu_native
+
+        native = cpu_native.gelu_mul(gate_up)
+        if native is not None:
+            return native
     gate, up = gate_up.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
 

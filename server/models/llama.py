@@ -122,7 +122,8 @@ class DecoderLayer(torch.nn.Module):
         return cpu_layers.LayerWeights(
             *((p.packed, p.bias) for p in (self.qkv_proj, self.o_proj, self.gate_up_proj,
                                            self.down_proj)),
-            self.input_norm, self.post_norm, self.windowed, self.head_norm)
+            self.input_norm, self.post_norm, self.windowed, self.head_norm,
+            self.attn_out_norm, self.mlp_out_norm, self.gemma)
 
 
 # Rows from which a packed tied LM head gives way to the dense embedding, unless the native
@@ -175,8 +176,7 @@ class LlamaForCausalLM(torch.nn.Module):
             if self.rope.has_local else rope
         # (a ModuleList slice builds a new ModuleList: ~180 us a step on the CPU)
         count = len(self.layers) if num_layers is None else min(num_layers, len(self.layers))
-        native = None if fused or self.config.gemma else self._native_forward(
-            x, rope, meta, count)
+        native = None if fused else self._native_forward(x, rope, local, meta, count)
         if native is not None:
             x, residual = native
         else:
@@ -186,10 +186,11 @@ class LlamaForCausalLM(torch.nn.Module):
                                     fused)
         return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps, fused)[0]
 
-    def _native_forward(self, x: torch.Tensor, rope: RopeInputs, meta: BatchMeta, count: int
-                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _native_forward(self, x: torch.Tensor, rope: RopeInputs, local: RopeInputs,
+                        meta: BatchMeta, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first `count` layers in one native call (`kernels.cpu_layers`), where every
-        query of the step is short and the native kernels take every weight; else None."""
+        query of the step is short and the native kernels take every weight; else None.
+        (`local`: the window layers' RoPE, where they have their own.)"""
         t = x.shape[0]
         full = meta.native_step(t)
         sparse = None if meta.sparse is None else meta.sparse.native_step(t)
@@ -207,7 +208,8 @@ class LlamaForCausalLM(torch.nn.Module):
         if stack is None:
             return None
         return stack.run(x, rope.cos, rope.sin, (full, meta.slot_mapping),
-                         None if sparse is None else (sparse, meta.sparse.slot_mapping), count)
+                         None if sparse is None else (sparse, meta.sparse.slot_mapping), count,
+                         None if local is rope else (local.cos, local.sin))
 
     def teacher_forced(self, ids: list[int], block_size: int = 16,
                        windows: Sequence[dict[str, int | None]] = ({},),
