@@ -21,8 +21,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, float | str] | None = None
-    """HF rope_scaling dict: types llama3, linear and yarn are applied
-    (`layers.rope_frequencies`), others are rejected at load."""
+    """HF rope_scaling dict: types llama3, linear, yarn and longrope (its short factors) are
+    applied (`layers.rope_frequencies`), others are rejected at load."""
     rope_freq_factors: tuple[float, ...] | None = None
     """llama.cpp's `rope_freqs` tensor, how a Llama 3.x GGUF carries its RoPE scaling: each
     of the head_dim / 2 frequencies divided by its factor."""
@@ -32,7 +32,7 @@ class ModelConfig:
     """q/k/v projections carry a bias (Qwen2)."""
     qk_norm: bool = False
     """Each head of q and of k is RMS-normed (one weight vector of head_dim for q's heads,
-    one for k's) before RoPE (Qwen3)."""
+    one for k's) before RoPE (Qwen3, Gemma 3)."""
     attention_scale: float | None = None
     """The attention's score scale; None: head_dim ** -0.5 (Gemma 3's is
     query_pre_attn_scalar ** -0.5)."""
