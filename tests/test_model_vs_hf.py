@@ -160,6 +160,44 @@ def test_a_gemma3_gguf_matches_transformers(tmp_path) -> None:
     _packed_scores_like_dense(gguf, llm, prompts)
 
 
+def test_gemma3_image_text_checkpoint_serves_its_language_model(tmp_path) -> None:
+    """A Gemma3ForConditionalGeneration checkpoint (a tiny vision tower beside the language
+    model, whose weights are stored as `language_model.model.*`, its config as `text_config`
+    with omitted fields): text in, transformers' greedy tokens and top-5."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    from tests.tiny_models import tiny_tokenizer
+
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=32, sliding_window=8, query_pre_attn_scalar=24)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)
+    hf = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            else:
+                p.uniform_(-0.5, 0.5)
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer(300).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=4)
+    c = llm.engine.model.config
+    assert (c.architecture, c.attention_scale, c.window_layers) == ("gemma3", 24 ** -0.5, (0, 1))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 290, (n,), generator=gen).tolist() for n in (1, 13, 30)]
+    check_against_hf(llm, hf, prompts, 24)
+
+
 def test_unsupported_rope_scaling_is_named(tiny_model_dir, tmp_path) -> None:
     from tests.tiny_models import save_tiny_model
 

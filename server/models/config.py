@@ -131,7 +131,14 @@ def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """Build from a parsed HF config.json."""
+    """Build from a parsed HF config.json (of Gemma 3's image-text model, its language
+    model's: `text_config`, whose omitted fields take transformers' defaults)."""
+    if (hf.get("architectures") or [""])[0] == "Gemma3ForConditionalGeneration":
+        from transformers import Gemma3TextConfig
+
+        text = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings")
+                if k in hf} | hf.get("text_config", {})
+        hf = Gemma3TextConfig(**text).to_dict() | {"architectures": ["Gemma3ForCausalLM"]}
     archs = hf.get("architectures") or [hf.get("model_type", "")]
     arch = architecture_name(archs[0])
     heads = hf["num_attention_heads"]

@@ -88,6 +88,12 @@ def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+"""An image-text checkpoint's language model (Gemma 3's, in either naming), under the names
+a text model's have; its vision tower's tensors keep theirs, which the model skips."""
+
+
 def _hf_weights(directory: Path, skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
@@ -96,9 +102,11 @@ def _hf_weights(directory: Path, skip: frozenset[str]) -> Iterator[tuple[str, to
         raise ModelNotFoundError(f"no *.safetensors files in {directory}")
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for stored in f.keys():
+                name = next((to + stored[len(prefix):] for prefix, to in _TEXT_PREFIXES
+                             if stored.startswith(prefix)), stored)
                 if name not in skip:
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_tensor(stored)
 
 
 def open_checkpoint(model: str | None) -> Checkpoint:
