@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -83,18 +84,22 @@ def test_models_with_a_sliding_window_match_transformers(arch: str, window: dict
 @pytest.mark.parametrize(("arch", "scaling"), [
     ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
     ("qwen3", {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16, "attention_factor": 1.2}),
-    ("llama", {"rope_type": "linear", "factor": 2.0})])
+    ("llama", {"rope_type": "linear", "factor": 2.0, "original_max_position_embeddings": 64})])
 def test_rope_scaling_matches_transformers(arch: str, scaling: dict, tmp_path) -> None:
     """YaRN and linear RoPE scaling from the checkpoint's config, past the context it names
-    as trained; the model limit is `factor` times that context (as vLLM derives it) where
-    that exceeds max_position_embeddings; `rope_scaling` given to the engine replaces the
-    checkpoint's (here: with none, the plain model's tokens)."""
+    as trained; the model limit is `factor` times that context where that exceeds
+    max_position_embeddings (a linear scaling naming none: max_position_embeddings);
+    `rope_scaling` given to the engine replaces the checkpoint's (here: with none, the plain
+    model's tokens)."""
     from tests.tiny_models import save_tiny_model
 
     path = save_tiny_model(arch, tmp_path, max_position_embeddings=64, rope_scaling=scaling)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=256)
     assert llm.engine.max_model_len == 128  # (qwen2: 32 x 4; the others 64 x 2)
+    unnamed = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    limit = dataclasses.replace(llm.engine.model.config, rope_scaling=unnamed).context_limit
+    assert limit == (64 if unnamed["rope_type"] == "linear" else 64 * unnamed["factor"])
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 70)]
     check_against_hf(llm, hf, prompts, 32)

@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "RoPE scaling replacing the model's own, as a JSON object in HF's rope_scaling form, "
          "e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
          "\"original_max_position_embeddings\": 32768}' (also linear, llama3, default); "
-         "with linear or YaRN the model limit becomes factor x that context")
+         "with YaRN the model limit becomes factor x that context")
     _add(eng, "--max-num-seqs", int, e.max_num_seqs, "Most requests in the running batch")
     _add(eng, "--max-waiting", int, e.max_waiting,
          "Most requests allowed to wait; more are rejected with HTTP 429")

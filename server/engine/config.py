@@ -36,7 +36,7 @@ class EngineConfig:
     """Replaces the model's own RoPE scaling (HF's rope_scaling dict: `{"rope_type":
     "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}`, or linear, llama3,
     default), e.g. YaRN to serve a Qwen model past the context it was trained at; the model
-    limit becomes `factor` times that context."""
+    limit becomes `factor` times that context (`ModelConfig.context_limit`)."""
     max_num_seqs: int = 64
     """Most requests in the running batch."""
     max_num_batched_tokens: int = 512

@@ -55,20 +55,23 @@ class ModelConfig:
 
     @property
     def context_limit(self) -> int:
-        """The positions the model serves: max_position_embeddings, or with linear or YaRN
-        RoPE scaling `factor` times the context it was trained at (YaRN's
-        original_max_position_embeddings, else max_position_embeddings), as vLLM derives it;
-        with LongRoPE (Phi-3's) the context it was trained at, which its short factors
-        serve (the long ones, past it, are not applied)."""
+        """The positions the model serves: max_position_embeddings, or with YaRN or linear
+        RoPE scaling `factor` times the context it was trained at where that is more: the
+        scaling's original_max_position_embeddings, else (YaRN only, as vLLM derives it)
+        max_position_embeddings; a linear scaling that names no trained context is taken to
+        be counted in max_position_embeddings already (Gemma 3's 131,072: its global layers'
+        factor of 8 over 16,384). With LongRoPE (Phi-3's) the context it was trained at,
+        which its short factors serve (the long ones, past it, are not applied)."""
         scaling = self.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type"))
+        trained = scaling.get("original_max_position_embeddings")
         if kind == "longrope":  # (its short factors, which serve up to the trained context)
-            return scaling.get("original_max_position_embeddings") or \
-                self.max_position_embeddings
-        if kind not in ("linear", "yarn") or not float(scaling.get("factor") or 0) > 1:
+            return trained or self.max_position_embeddings
+        if kind == "yarn":
+            trained = trained or self.max_position_embeddings
+        if kind not in ("linear", "yarn") or not trained or not float(
+                scaling.get("factor") or 0) > 1:
             return self.max_position_embeddings
-        trained = (scaling.get("original_max_position_embeddings") if kind == "yarn" else None
-                   ) or self.max_position_embeddings
         return max(self.max_position_embeddings, int(trained * float(scaling["factor"])))
 
 
