@@ -177,11 +177,10 @@ def decoder_stack(shapes: Shapes, layers: Sequence[LayerWeights],
                     _linear(w.down, s.intermediate, s.hidden))
         if any(p is None for p in products) or not (
                 all(n.shape == (s.hidden,) and float_rows(n, s.hidden)
-                    for n in (w.input_norm, w.post_norm))
+                    for n in (w.input_norm, w.post_norm, w.attn_out_norm, w.mlp_out_norm)
+                    if n is not None)
                 and (w.head_norm is None or w.head_norm.shape == (2 * s.head_dim,)
                      and float_rows(w.head_norm, 2 * s.head_dim))
-                and all(n is None or n.shape == (s.hidden,) and float_rows(n, s.hidden)
-                        for n in (w.attn_out_norm, w.mlp_out_norm))
                 and k_cache.dim() == 4 and k_cache.shape[1:] == (block_size, s.kv_heads,
                                                                   s.head_dim)
                 and kv is not None and kv_type(k_cache, v_cache, s.head_dim) == kv):

@@ -42,16 +42,12 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
 }
 
 /* One head's rotation input: the head itself, or with a norm weight (non-NULL) the head
- * RMS-normed into out (the sum of squares in add_rms_norm's order; dim a multiple of 16). */
+ * RMS-normed into out by lf_cpu_add_rms_norm (dim a multiple of 16). */
 static inline const float *head_input(const float *x, const float *weight, float eps,
                                       int64_t dim, float *out)
 {
     if (!weight) return x;
-    float part[LANES] = {0};
-    for (int64_t k0 = 0; k0 < dim; k0 += LANES)
-        for (int l = 0; l < LANES; l++) part[l] += x[k0 + l] * x[k0 + l];
-    const float inv = 1.0f / sqrtf(lanes_sum(part) / (float)dim + eps);
-    for (int64_t k = 0; k < dim; k++) out[k] = x[k] * inv * weight[k];
+    lf_cpu_add_rms_norm(x, NULL, weight, eps, 1, dim, out, NULL);
     return out;
 }
 

@@ -142,9 +142,9 @@ def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False,
         return pw
 
     result: dict[str, PackedWeight] = {}
+    parts_of = _GGUF_FUSED_PARTS if config.architecture == "phi3" else _GGUF_PARTS
     for i in range(config.num_layers):
-        fused_parts = _GGUF_FUSED_PARTS if config.architecture == "phi3" else _GGUF_PARTS
-        for module, names in fused_parts.items():
+        for module, names in parts_of.items():
             parts = [packed(f"blk.{i}.{n}.weight") for n in names]
             if all(p is not None for p in parts):
                 fused = concat_packed(parts)
