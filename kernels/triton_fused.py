@@ -5,10 +5,10 @@ reference (same signature, suffix `_reference`), which the tests compare against
 - `add_norm_deferred`: the same for a packed GEMV's row at batch-1 decode, over many
   programs, leaving the norm's scale (rsqrt of the mean square) for the kernel after the
   GEMV: see `RowNorm`.
-- `rope_kv_write`: RoPE on the q and k heads of the qkv projection (after their RMS norms,
-  for Qwen3), in place, plus the store of k and v into the paged KV cache (one program per
-  (token, head)).
 - `silu_mul`: the SwiGLU activation silu(gate) * up.
+
+(`kernels.triton_rope.rope_kv_write`, RoPE + the KV cache write, takes its inputs by the
+helpers here too.)
 
 Math is float32, results are stored in the activation dtype. The number of tokens T is only
 a grid dimension, never a kernel argument, so one compiled kernel serves every batch size;
@@ -250,117 +250,6 @@ def add_norm_deferred_reference(x: torch.Tensor, residual: torch.Tensor | None,
     r = residual_out.to(_acc_dtype(x.dtype))
     scale = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
     return (r * weight.to(r.dtype)).to(x.dtype), residual_out, scale
-
-
-@triton.jit
-def _rope_kv_write_kernel(in_ptr, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
-                          slot_ptr, stride_qkv, stride_table, block_size, stride_kb, stride_ks,
-                          stride_kh, stride_vb, stride_vs, stride_vh, half, ss_ptr, n_ss,
-                          inv_width, ss_eps, hn_ptr, hn_eps, NUM_HEADS: tl.constexpr,
-                          NUM_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                          SS_BLOCK: tl.constexpr, HEAD_NORM: tl.constexpr, PDL: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs = tl.arange(0, BLOCK_HALF)
-    mask = offs < half
-    # positions and slots are the step's inputs, written before its first kernel: they and
-    # the rotation load while the previous kernel finishes
-    rotate = head < NUM_HEADS + NUM_KV_HEADS  # q or k
-    turns = offs < tl.where(rotate, half, 0)
-    pos = tl.load(pos_ptr + t)
-    cos = tl.load(cos_ptr + pos * stride_table + offs, mask=turns, other=0.0)
-    sin = tl.load(sin_ptr + pos * stride_table + offs, mask=turns, other=0.0)
-    slot = tl.load(slot_ptr + t)
-    await_inputs(PDL)
-    at = t * stride_qkv + head * 2 * half + offs
-    scale = _row_scale(ss_ptr, t, n_ss, inv_width, ss_eps, SS_BLOCK)
-    x1 = _load_input(in_ptr, at, mask, qkv_ptr.dtype.element_ty, scale)
-    x2 = _load_input(in_ptr, at + half, mask, qkv_ptr.dtype.element_ty, scale)
-    if rotate:  # (in place unless from GemvSums)
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        if HEAD_NORM:  # the head RMS-normed first, q's weight or k's, rounded as HF rounds
-            inv = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / (2 * half) + hn_eps)
-            w_at = tl.where(head < NUM_HEADS, 0, 2 * half) + offs
-            w1 = tl.load(hn_ptr + w_at, mask=mask, other=0.0).to(tl.float32)
-            w2 = tl.load(hn_ptr + w_at + half, mask=mask, other=0.0).to(tl.float32)
-            a = ((a * inv).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
-            b = ((b * inv).to(x2.dtype).to(tl.float32) * w2).to(x2.dtype).to(tl.float32)
-        x1 = (a * cos - b * sin).to(x1.dtype)
-        x2 = (b * cos + a * sin).to(x2.dtype)
-        tl.store(qkv_ptr + at, x1, mask=mask)
-        tl.store(qkv_ptr + at + half, x2, mask=mask)
-    if head >= NUM_HEADS:  # k or v: store at the token's flat slot block * block_size + offset
-        block, offset = slot // block_size, slot % block_size
-        if head < NUM_HEADS + NUM_KV_HEADS:
-            dst = (k_cache_ptr + block * stride_kb + offset * stride_ks
-                   + (head - NUM_HEADS) * stride_kh + offs)
-        else:
-            dst = (v_cache_ptr + block * stride_vb + offset * stride_vs
-                   + (head - NUM_HEADS - NUM_KV_HEADS) * stride_vh + offs)
-        tl.store(dst, x1.to(dst.dtype.element_ty), mask=mask)
-        tl.store(dst + half, x2.to(dst.dtype.element_ty), mask=mask)
-
-
-def rope_kv_write(qkv: torch.Tensor | GemvSums, positions: torch.Tensor,
-                  cos_table: torch.Tensor, sin_table: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
-                  num_kv_heads: int, head_norm: tuple[torch.Tensor, float] | None = None
-                  ) -> torch.Tensor:
-    """Rotate-half RoPE on the q and k heads of qkv, and store k, v in the cache; returns
-    qkv with q and k rotated (the same tensor, rotated in place; for `GemvSums` a new one
-    whose v heads are left unwritten). `head_norm`: (weight [2 * head_dim], eps): each q
-    head is first RMS-normed with the weight's first half, each k head with its second
-    (Qwen3's q and k norms).
-
-    qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim], heads in q, k, v order;
-    positions, slot_mapping: [T] int64; cos_table, sin_table: [max_pos, head_dim / 2] float32;
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], slot = block *
-    block_size + offset. Rotation math is float32, stored back in qkv.dtype.
-    """
-    num_all = num_heads + 2 * num_kv_heads
-    head_dim = k_cache.shape[-1]
-    norm_args, norm_consts = _norm_args(qkv)
-    src, dtype = _input(qkv)
-    qkv = src if src.dtype == dtype else torch.empty(src.shape, dtype=dtype, device=src.device)
-    assert qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] == num_all * head_dim
-    assert k_cache.shape == v_cache.shape and k_cache.shape[2] == num_kv_heads
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert cos_table.stride() == sin_table.stride() and cos_table.shape[1] * 2 == head_dim
-    assert cos_table.stride(1) == 1 and cos_table.dtype == sin_table.dtype == torch.float32
-    weight, eps = head_norm or (qkv, 0.0)  # (without: any tensor, never read)
-    assert head_norm is None or weight.shape == (2 * head_dim,) and weight.is_contiguous()
-    _rope_kv_write_kernel[(qkv.shape[0], num_all)](
-        src, qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
-        qkv.stride(0), cos_table.stride(0), k_cache.shape[1],
-        *k_cache.stride()[:3], *v_cache.stride()[:3], head_dim // 2, *norm_args, weight, eps,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=1, **norm_consts,
-        HEAD_NORM=head_norm is not None, **pdl_args(qkv.device),
-    )
-    return qkv
-
-
-def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
-                            sin_table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                            head_norm: tuple[torch.Tensor, float] | None = None
-                            ) -> torch.Tensor:
-    """Torch version of `rope_kv_write` (plain tensors)."""
-    heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, -1)
-    qk = heads[:, : num_heads + num_kv_heads]
-    if head_norm is not None:
-        from server.models.layers import head_rms_norm
-
-        qk = head_rms_norm(qk, *head_norm, num_heads)
-    qk = qk.to(_acc_dtype(qkv.dtype))
-    cos = cos_table[positions].unsqueeze(1).to(qk.dtype)  # [T, 1, head_dim / 2]
-    sin = sin_table[positions].unsqueeze(1).to(qk.dtype)
-    x1, x2 = qk.chunk(2, dim=-1)
-    heads[:, : num_heads + num_kv_heads] = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
-    k, v = heads[:, num_heads : num_heads + num_kv_heads], heads[:, num_heads + num_kv_heads :]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-    return qkv
 
 
 @triton.jit

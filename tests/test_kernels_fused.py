@@ -22,6 +22,7 @@ from server.models.config import ModelConfig  # noqa: E402
 from server.models.llama import LlamaForCausalLM  # noqa: E402
 
 fused = pytest.importorskip("kernels.triton_fused")
+rope = pytest.importorskip("kernels.triton_rope")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -90,9 +91,9 @@ def test_rope_kv_write(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: 
     original = qkv.clone()
     ref = [qkv.clone(), k_cache.clone(), v_cache.clone()]
     exact = [qkv.double(), k_cache.double(), v_cache.double()]
-    fused.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, slots, heads, kv_heads)
-    fused.rope_kv_write_reference(ref[0], positions, cos, sin, ref[1], ref[2], slots, heads, kv_heads)
-    fused.rope_kv_write_reference(exact[0], positions, cos, sin, exact[1], exact[2], slots, heads,
+    rope.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, slots, heads, kv_heads)
+    rope.rope_kv_write_reference(ref[0], positions, cos, sin, ref[1], ref[2], slots, heads, kv_heads)
+    rope.rope_kv_write_reference(exact[0], positions, cos, sin, exact[1], exact[2], slots, heads,
                                   kv_heads)
     v_start = (heads + kv_heads) * head_dim
     assert torch.equal(qkv[:, v_start:], original[:, v_start:])  # v heads are not touched
@@ -121,12 +122,12 @@ def test_rope_kv_write_norms_heads_first(dtype: torch.dtype, heads: int, kv_head
     weight = _randn(2 * head_dim, dtype=dtype, seed=12, scale=0.3) + 1
     original = qkv.clone()
     ref = [qkv.clone(), k_cache.clone(), v_cache.clone()]
-    fused.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, slots, heads, kv_heads,
+    rope.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, slots, heads, kv_heads,
                         (weight, 1e-6))
-    fused.rope_kv_write_reference(ref[0], positions, cos, sin, ref[1], ref[2], slots, heads,
+    rope.rope_kv_write_reference(ref[0], positions, cos, sin, ref[1], ref[2], slots, heads,
                                   kv_heads, (weight, 1e-6))
     plain = original.clone()
-    fused.rope_kv_write_reference(plain, positions, cos, sin, k_cache.clone(),
+    rope.rope_kv_write_reference(plain, positions, cos, sin, k_cache.clone(),
                                   v_cache.clone(), slots, heads, kv_heads)
     v_start = (heads + kv_heads) * head_dim
     assert torch.equal(qkv[:, v_start:], original[:, v_start:])
@@ -255,9 +256,9 @@ def test_kernels_scale_sums_by_their_row_norm() -> None:
     positions, slots = torch.tensor([5, 9]), torch.tensor([3, 6])
     cos, sin = torch.rand(16, head_dim // 2), torch.rand(16, head_dim // 2)
     caches = [torch.zeros(2, 4, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(4)]
-    got = fused.rope_kv_write(sums, positions, cos, sin, caches[0], caches[1], slots, heads,
+    got = rope.rope_kv_write(sums, positions, cos, sin, caches[0], caches[1], slots, heads,
                               kv_heads)
-    want = fused.rope_kv_write(expect, positions, cos, sin, caches[2], caches[3], slots, heads,
+    want = rope.rope_kv_write(expect, positions, cos, sin, caches[2], caches[3], slots, heads,
                                kv_heads)
     q_k = (heads + kv_heads) * head_dim
     assert torch.equal(got[:, :q_k], want[:, :q_k])
@@ -288,9 +289,9 @@ def test_kernels_take_gemv_sums(with_residual: bool) -> None:
     positions, slots = torch.tensor([5, 9]), torch.tensor([3, 6])
     cos, sin = torch.rand(16, head_dim // 2), torch.rand(16, head_dim // 2)
     caches = [torch.zeros(2, 4, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(4)]
-    got = fused.rope_kv_write(sums, positions, cos, sin, caches[0], caches[1], slots, heads,
+    got = rope.rope_kv_write(sums, positions, cos, sin, caches[0], caches[1], slots, heads,
                               kv_heads)
-    expect = fused.rope_kv_write(rounded, positions, cos, sin, caches[2], caches[3], slots,
+    expect = rope.rope_kv_write(rounded, positions, cos, sin, caches[2], caches[3], slots,
                                  heads, kv_heads)
     q_k = (heads + kv_heads) * head_dim  # (the v heads of a GemvSums result stay unwritten)
     assert torch.equal(got[:, :q_k], expect[:, :q_k])

@@ -5,13 +5,14 @@ One forward serves a flat batch of every scheduled token of every request (prefi
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
 then `compute_logits(hidden[rows])`. q/k/v and gate/up projections are fused so each layer
 is a handful of ops. On CUDA the pointwise steps run as fused Triton kernels (residual add +
-norm, RoPE + KV-cache write, SwiGLU; `kernels.triton_fused`); steps of up to 6 tokens run
-the norms and the SwiGLU inside the dense GEMVs of the next projection (`Linear.after_norm`,
-`after_silu`), and at batch 1 packed GEMVs hand their unrounded sums to those kernels, which
-finish their split-K merge (`Linear.project`), and the norms before them leave the norm's
-scale to the kernel after the GEMV (`Linear.after_norm`); elsewhere they are torch ops, or on
-the CPU the native kernels (`kernels.cpu_native`), and a step whose every query is short
-runs all its layers in one native call (`kernels.cpu_layers`).
+norm, SwiGLU: `kernels.triton_fused`; RoPE + KV-cache write: `kernels.triton_rope`); steps
+of up to 6 tokens run the norms and the SwiGLU inside the dense GEMVs of the next
+projection (`Linear.after_norm`, `after_silu`), and at batch 1 packed GEMVs hand their
+unrounded sums to those kernels, which finish their split-K merge (`Linear.project`), and
+the norms before them leave the norm's scale to the kernel after the GEMV
+(`Linear.after_norm`); elsewhere they are torch ops, or on the CPU the native kernels
+(`kernels.cpu_native`), and a step whose every query is short runs all its layers in one
+native call (`kernels.cpu_layers`).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class DecoderLayer(torch.nn.Module):
         qkv, residual = self.qkv_proj.after_norm(x, residual, self.input_norm, self.eps, fused)
         head_norm = None if self.head_norm is None else (self.head_norm, self.eps)
         if fused:  # (norms q and k,) rotates them and writes k, v into the cache
-            from kernels.triton_fused import rope_kv_write
+            from kernels.triton_rope import rope_kv_write
 
             qkv = rope_kv_write(qkv, rope.positions, rope.cos, rope.sin, kv[0], kv[1],
                                 meta.slot_mapping, self.heads, self.kv_heads, head_norm)

@@ -306,11 +306,10 @@ def test_fused_pointwise_kernels_compiled():
     from kernels.triton_fused import (
         add_rms_norm,
         add_rms_norm_reference,
-        rope_kv_write,
-        rope_kv_write_reference,
         silu_mul,
         silu_mul_reference,
     )
+    from kernels.triton_rope import rope_kv_write, rope_kv_write_reference
 
     t, hidden, heads, kv_heads, dim = 37, 4096, 32, 8, 128
     x, res = (torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
