@@ -6,7 +6,7 @@
 # Usage (repo root, on the CUDA machine): OUT=/some/dir [GGUF=model.gguf] [STEPS="tests kernels
 # decode default"] [TESTS="pytest node ids, split on spaces"] [TESTS_K="a -k expression"]
 # [KERNEL_ARGS="--sweep --shapes ..."] [KERNEL_LIMIT=seconds (240)] [DECODE_ARGS="--profile"]
-# [TUNE_ARGS="--schemes int4 --rows 1"] [TUNE_LIMIT=seconds (540)]
+# [TUNE_ARGS="--schemes int4 --rows 1"] [TUNE_LIMIT=seconds (540)] [DECODE_LIMIT=seconds (240)]
 # scripts/gpu_session.sh
 #   tests    pytest tests/gpu (kernels at real sizes, engine graphs vs eager, packed serving)
 #   kernels  python3 -m kernels.bench_gpu            (W4A16/W8A16 vs bf16, Llama-3-8B shapes)
@@ -59,7 +59,7 @@ for s in $STEPS; do
     tests) step tests 540 python3 -m pytest -q -x -p no:cacheprovider --tb=short \
       ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests/gpu} ;;
     kernels) step kernels "${KERNEL_LIMIT:-240}" python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
-    decode) step decode 240 python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" \
+    decode) step decode "${DECODE_LIMIT:-240}" python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" \
       ${DECODE_ARGS:-} ;;
     default)
       if [ -n "$GGUF" ]; then

@@ -14,7 +14,10 @@ What each number times:
   is the host's share). ``device_nosums``: the same with the packed GEMVs merging their
   own split-K partials (`kernels.gemv_sums.sums_disabled`); ``device_autotuned``: the
   same with the GEMVs' configurations picked by the autotuner in this process instead of
-  the device's table (`kernels.gemv_table.disabled`); best of two alternating rounds each.
+  the device's table (`kernels.gemv_table.disabled`); ``device_noprefetch``: the same
+  without the attention kernel's L2 prefetch of the next weights (`kernels.l2_prefetch`);
+  best of two alternating rounds each. ``--prefetch-budgets``: the device time at each
+  prefetch budget.
 - ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
   the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
 - ``roofline``: measured copy bandwidth (bytes read + written per second of a device copy) /
@@ -44,7 +47,7 @@ import time
 
 import torch
 
-from kernels import gemv_table, pdl
+from kernels import gemv_table, l2_prefetch, pdl
 from kernels.bench_gpu import copy_bandwidth, tuned_configs
 from kernels.gemv_sums import sums_disabled
 from kernels.quant import to_words
@@ -183,7 +186,7 @@ MODES = ("bf16", "int8", "int4")  # the 8B model's weights: dense, or packed by 
 
 
 def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = False,
-             modes: tuple[str, ...] = MODES) -> list[dict]:
+             modes: tuple[str, ...] = MODES, budgets: tuple[float, ...] = ()) -> list[dict]:
     hf, model = build_models(llama3_8b())
     hf_tps = time_transformers(hf, context, hf_tokens)
     del hf
@@ -201,28 +204,50 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
         with pdl.disabled():  # the same step, every kernel launched after the last ends
             b1_nopdl = 1 / time_decode(model, 1, context, 64, graphed=True)
         b1_eager = 1 / time_decode(model, 1, context, 16, graphed=False)
-        b1_device, b1_nosums, b1_autotuned = 0.0, 0.0, 0.0
+        b1_device, b1_nosums, b1_autotuned, b1_noprefetch = 0.0, 0.0, 0.0, 0.0
         for _ in range(2):  # alternating: the device's time as served, without GemvSums,
-            # and with the autotuner's picks instead of the device's table
+            # with the autotuner's picks instead of the device's table, without L2 prefetch
             b1_device = max(b1_device, 1 / time_replays(model, context, 64))
             with sums_disabled():
                 b1_nosums = max(b1_nosums, 1 / time_replays(model, context, 64))
             with gemv_table.disabled():
                 b1_autotuned = max(b1_autotuned, 1 / time_replays(model, context, 64))
+            with l2_prefetch.disabled():
+                b1_noprefetch = max(b1_noprefetch, 1 / time_replays(model, context, 64))
         b64 = 64 / time_decode(model, 64, context, 16, graphed=True)
         rows.append(dict(model="llama3-8b-shape", mode=mode, weight_gb=weight_bytes(model) / 1e9,
                          roofline_tps=roof, batch1_tps=b1, batch1_nopdl_tps=b1_nopdl,
                          batch1_eager_tps=b1_eager, batch1_device_tps=b1_device,
                          batch1_device_nosums_tps=b1_nosums,
                          batch1_device_autotuned_tps=b1_autotuned,
+                         batch1_device_noprefetch_tps=b1_noprefetch,
                          pct_roofline=100 * b1 / roof, pct_roofline_all=100 * b1 / roof_all,
                          batch64_tps=b64,
                          transformers_tps=hf_tps, x_transformers=b1 / hf_tps))
         print_rows(rows[-1:])
+        if budgets:
+            rows += sweep_prefetch(model, mode, context, budgets)
         if profile:
             print_profile(mode, profile_step(model, context), 1 / b1)
     for _, lin in linear_modules(model):
         lin.packed = None
+    return rows
+
+
+def sweep_prefetch(model: LlamaForCausalLM, mode: str, context: int,
+                   budgets: tuple[float, ...], rounds: int = 3) -> list[dict]:
+    """Batch-1 device tok/s at each L2 prefetch budget (MiB a layer's attention launch;
+    0: none), best of `rounds` alternating rounds, and each against no prefetch."""
+    best = dict.fromkeys(budgets, 0.0)
+    for _ in range(rounds):
+        for mb in budgets:
+            with l2_prefetch.budget(int(mb * 2**20)):
+                best[mb] = max(best[mb], 1 / time_replays(model, context, 64))
+    base = best.get(0, 0.0)
+    rows = [dict(model="llama3-8b-shape", mode=mode, prefetch_mib=mb, batch1_device_tps=tps,
+                 x_no_prefetch=tps / base if base else float("nan"))
+            for mb, tps in best.items()]
+    print_rows(rows)
     return rows
 
 
@@ -319,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--graph-costs", action="store_true",
                         help="with --gguf: also the default model's device time of a step by "
                         "batch and tokens a sequence (decode against verification)")
+    parser.add_argument("--prefetch-budgets", nargs="*", type=float, default=[],
+                        help="also time each 8B mode's batch-1 device step at these L2 "
+                        "prefetch budgets (MiB; include 0 for none)")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -326,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = [] if args.skip_8b else bench_8b(bandwidth, args.context, args.hf_tokens,
-                                            args.profile, tuple(args.modes))
+                                            args.profile, tuple(args.modes),
+                                            tuple(args.prefetch_budgets))
     if args.gguf:
         rows += bench_default(args.gguf, args.default_configs, args.repeats)
         if args.graph_costs:

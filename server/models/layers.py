@@ -82,6 +82,14 @@ class Linear(torch.nn.Module):
         self.packed = packed
         self.weight = None
 
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """The tensors a product with this weight reads (dense, or packed: codes, scales,
+        offsets), in the order worth prefetching (`kernels.l2_prefetch`)."""
+        p = self.packed
+        if p is None:
+            return [self.weight]
+        return [t for t in (p.qweight, p.scales, p.offsets) if t is not None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             from kernels.gemm import quantized_linear
