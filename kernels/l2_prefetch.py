@@ -4,9 +4,11 @@ At batch-1 decode a layer's attention reads ~1 MB of keys and values and takes ~
 (docs/benchmarks/gpu.md, runs 136-143): HBM idles while the o projection's weights (8.4
 MB packed int4, 33.5 MB bf16 on the 8B shape) wait for the GEMV after it, which then pays
 a DRAM round trip at every wave. Here the attention kernel's programs, before they wait
-for their inputs (`kernels.pdl`: weights are never written by an earlier kernel), hand
-the copy engine of their SM bulk prefetches (``cp.async.bulk.prefetch.L2``, sm_90+) of the
-next products' leading bytes, up to a budget: the GEMV then reads what arrived from L2.
+for their inputs (`kernels.pdl`: weights are never written by an earlier kernel), issue
+bulk prefetches (``cp.async.bulk.prefetch.L2``, sm_90+) of the next products' leading
+bytes, up to a budget: the GEMV then reads what arrived from L2. The norm and SwiGLU
+kernels before a product (`kernels.triton_fused`) do the same for its weights: with PDL
+they launch during the last wave of the GEMV before them, whose tail leaves HBM part idle.
 A prefetch is a hint with no result, so the step's outputs are the same with it or
 without (`tests/gpu/test_gpu_kernels.py`).
 
@@ -36,6 +38,10 @@ ENABLED = Switch(True)
 """Whether kernels prefetch where the device supports it (benchmarks toggle it)."""
 disabled = ENABLED.off
 """Launch (and capture) without prefetches inside the block, for side-by-side timing."""
+POINTWISE = Switch(True)
+"""Whether the norm and SwiGLU kernels before a product prefetch its weights too (the
+attention kernel alone, off)."""
+pointwise_disabled = POINTWISE.off
 _budget = [int(float(os.environ.get("LEAPFROG_L2_PREFETCH_MB", "24")) * 2**20)]
 
 
@@ -76,12 +82,15 @@ def regions(tensors: Sequence[torch.Tensor], limit: int) -> list[tuple[torch.Ten
     return out
 
 
-def prefetch_args(like: torch.Tensor, tensors: Sequence[torch.Tensor]) -> dict:
+def prefetch_args(like: torch.Tensor, tensors: Sequence[torch.Tensor],
+                  pointwise: bool = False) -> dict:
     """A launch's prefetch keywords (``pf0``..``pf3``, their byte counts ``pn0``..``pn3``
     and the ``PREFETCH`` constexpr) for the leading bytes of `tensors` within the budget;
-    nothing to prefetch where `active` is off for `like`'s device or `tensors` is empty
-    (`like` then fills the unused pointers)."""
-    picked = regions(tensors, _budget[0]) if active(like.device) else []
+    nothing to prefetch where `active` is off for `like`'s device (or `POINTWISE` for a
+    `pointwise` kernel's launch) or `tensors` is empty (`like` then fills the unused
+    pointers)."""
+    on = active(like.device) and (POINTWISE.on or not pointwise)
+    picked = regions(tensors, _budget[0]) if on else []
     args: dict = {"PREFETCH": bool(picked)}
     for i in range(SLOTS):
         t, n = picked[i] if i < len(picked) else (like, 0)

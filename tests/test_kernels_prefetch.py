@@ -1,8 +1,8 @@
-"""The attention kernel's L2 prefetch of the next weights (`kernels.l2_prefetch`): which
-bytes it asks for, that it is off where it cannot run, and that the kernel compiles for
-sm_90 with the bulk prefetch in its SASS (no GPU needed: Triton ships ptxas; in a
-subprocess, since the other kernel tests set TRITON_INTERPRET, under which nothing
-compiles). On a device, `tests/gpu/test_gpu_decode_steps.py` checks that decode steps give
+"""The L2 prefetch of the next weights (`kernels.l2_prefetch`): which bytes it asks for,
+that it is off where it cannot run, and that the kernels issuing it (attention, the norms,
+the SwiGLU) compile for sm_90 with the bulk prefetch in their PTX (no GPU needed: Triton
+ships ptxas; in a subprocess, since the other kernel tests set TRITON_INTERPRET, under
+which nothing compiles). On a device, `tests/gpu/test_gpu_decode_steps.py` checks that decode steps give
 the same logits with it and without."""
 
 from __future__ import annotations
@@ -53,45 +53,54 @@ def test_prefetch_args_off_on_the_cpu_and_filled_with_the_stand_in():
 
 
 _CHECK = r"""
-import json, sys
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.triton_attention import _paged_attention_kernel as kernel
+from kernels.triton_attention import _paged_attention_kernel
+from kernels.triton_fused import _add_norm_deferred_kernel, _add_rms_norm_kernel, _silu_mul_kernel
 
+KERNELS = {
+    "attention": (_paged_attention_kernel, dict(
+        GROUP=4, GROUP_PAD=4, BLOCK_Q=4, BLOCK_KV=64, BLOCK_D=128, HAS_WINDOW=False,
+        MAX_SPLITS=16, UPCAST=False, DECODE=True, PDL=True), 4),
+    "add_rms_norm": (_add_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096, SS_BLOCK=16,
+                                                PDL=True), 8),
+    "add_norm_deferred": (_add_norm_deferred_kernel, dict(HAS_RESIDUAL=True, BLOCK=256,
+                                                          PDL=True), 2),
+    "silu_mul": (_silu_mul_kernel, dict(BLOCK=256, SS_BLOCK=16, PDL=True), 2),
+}
+FLOATS = ("eps", "qk_scale", "inv_width", "ss_eps")
 out = {}
-for prefetch in (False, True):
-    consts = dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=4, BLOCK_KV=64, BLOCK_D=128, HAS_WINDOW=False,
-                  MAX_SPLITS=16, UPCAST=False, DECODE=True, PDL=True, PREFETCH=prefetch,
-                  PF_LANES=128)
-    types = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            types[name] = "constexpr"
-        elif name in ("bt_ptr", "seq_lens_ptr", "qsl_ptr", "cnt_ptr", "pf0", "pf3"):
-            types[name] = "*i32"
-        elif name in ("ws_acc_ptr", "ws_ml_ptr"):
-            types[name] = "*fp32"
-        elif name in ("pf1", "pf2"):
-            types[name] = "*fp16"
-        elif name.endswith("_ptr"):
-            types[name] = "*bf16"
-        elif name == "qk_scale":
-            types[name] = "fp32"
-        elif name.startswith("pn"):
-            types[name] = "i64"
-        else:
-            types[name] = "i32"
-    compiled = triton.compile(ASTSource(kernel, types, consts, {}),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4, num_stages=1))
-    ptx = compiled.asm["ptx"]
-    out[str(prefetch)] = ptx.count("cp.async.bulk.prefetch.L2.global")
+for name, (kernel, consts, warps) in KERNELS.items():
+    for prefetch in (False, True):
+        every = consts | dict(PREFETCH=prefetch, PF_LANES=32 * warps)
+        types = {}
+        for arg in kernel.arg_names:
+            if arg in every:
+                types[arg] = "constexpr"
+            elif arg in ("pf0", "pf3", "bt_ptr", "seq_lens_ptr", "qsl_ptr", "cnt_ptr"):
+                types[arg] = "*i32"
+            elif arg in ("pf1", "pf2"):
+                types[arg] = "*fp16"
+            elif arg in ("ws_acc_ptr", "ws_ml_ptr", "ss_ptr"):
+                types[arg] = "*fp32"
+            elif arg.endswith("_ptr"):
+                types[arg] = "*bf16"
+            elif arg in FLOATS:
+                types[arg] = "fp32"
+            else:
+                types[arg] = "i64" if arg.startswith("pn") else "i32"
+        compiled = triton.compile(ASTSource(kernel, types, every, {}),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=warps, num_stages=1))
+        ptx = compiled.asm["ptx"]
+        out[f"{name} {prefetch}"] = ptx.count("cp.async.bulk.prefetch.L2.global")
 print(json.dumps(out))
 """
 
 
-def test_attention_kernel_compiles_its_prefetch_for_sm90():
+def test_kernels_compile_their_prefetch_for_sm90():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", _CHECK], cwd=root, env=env,
@@ -99,4 +108,6 @@ def test_attention_kernel_compiles_its_prefetch_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     # one bulk prefetch instruction per slot with the option, none without
-    assert counts == {"False": 0, "True": 4}
+    assert counts == {f"{name} {on}": 4 if on else 0 for name in
+                      ("attention", "add_rms_norm", "add_norm_deferred", "silu_mul")
+                      for on in (False, True)}

@@ -41,6 +41,7 @@ including the LM head.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -236,17 +237,21 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
 
 def sweep_prefetch(model: LlamaForCausalLM, mode: str, context: int,
                    budgets: tuple[float, ...], rounds: int = 3) -> list[dict]:
-    """Batch-1 device tok/s at each L2 prefetch budget (MiB a layer's attention launch;
-    0: none), best of `rounds` alternating rounds, and each against no prefetch."""
-    best = dict.fromkeys(budgets, 0.0)
+    """Batch-1 device tok/s at each L2 prefetch budget (MiB a launch; 0: none), from every
+    site (attention, norms, SwiGLU) and from the attention kernel alone, best of `rounds`
+    alternating rounds, each against no prefetch."""
+    cases = [(mb, sites) for mb in budgets for sites in (("all", "attention") if mb else ("-",))]
+    best = dict.fromkeys(cases, 0.0)
     for _ in range(rounds):
-        for mb in budgets:
-            with l2_prefetch.budget(int(mb * 2**20)):
-                best[mb] = max(best[mb], 1 / time_replays(model, context, 64))
-    base = best.get(0, 0.0)
-    rows = [dict(model="llama3-8b-shape", mode=mode, prefetch_mib=mb, batch1_device_tps=tps,
-                 x_no_prefetch=tps / base if base else float("nan"))
-            for mb, tps in best.items()]
+        for mb, sites in cases:
+            with l2_prefetch.budget(int(mb * 2**20)), contextlib.ExitStack() as stack:
+                if sites == "attention":
+                    stack.enter_context(l2_prefetch.pointwise_disabled())
+                best[mb, sites] = max(best[mb, sites], 1 / time_replays(model, context, 64))
+    base = best.get((0, "-"), 0.0)
+    rows = [dict(model="llama3-8b-shape", mode=mode, prefetch_mib=mb, sites=sites,
+                 batch1_device_tps=tps, x_no_prefetch=tps / base if base else float("nan"))
+            for (mb, sites), tps in best.items()]
     print_rows(rows)
     return rows
 

@@ -6,6 +6,7 @@ pointwise steps (residual add + RMS norm, SwiGLU) that run either as torch ops o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Union
 
@@ -135,10 +136,12 @@ class Linear(torch.nn.Module):
             from kernels.gemv_sums import mma_gemv_sums
             from kernels.triton_fused import add_norm_deferred
 
-            weighted, residual, norm = add_norm_deferred(x, residual, norm_weight, eps)
+            weighted, residual, norm = add_norm_deferred(x, residual, norm_weight, eps,
+                                                         self.weight_tensors())
             return replace(mma_gemv_sums(weighted, self.packed), norm=norm), residual
         if not self._fusable(x, fused):
-            h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
+            h, residual = add_rms_norm(x, residual, norm_weight, eps, fused,
+                                       self.weight_tensors())
             return self.project(h, fused), residual
         from kernels.triton_dense_gemv import dense_gemv
 
@@ -149,7 +152,7 @@ class Linear(torch.nn.Module):
         """self(silu(gate) * up) of a [T, 2 * in_features] gate/up projection, the SwiGLU
         fused into the dense GEMV of one row on CUDA; see `project`."""
         if not self._fusable(gate_up, fused):
-            return self.project(silu_mul(gate_up, fused), fused)
+            return self.project(silu_mul(gate_up, fused, self.weight_tensors()), fused)
         from kernels.triton_dense_gemv import dense_gemv
 
         out = dense_gemv(gate_up, self.weight, silu=True)
@@ -334,13 +337,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def add_rms_norm(x: Activations, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 fused: bool, prefetch: Sequence[torch.Tensor] = (),
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, hidden] -> (rms_norm(x + residual) * weight, x + residual); a None
-    residual counts as zero. GemvSums come only with `fused`."""
+    residual counts as zero. GemvSums come only with `fused`, whose kernel pulls the
+    leading bytes of `prefetch` (the next product's weights) into L2 on CUDA."""
     if fused:
         from kernels.triton_fused import add_rms_norm as kernel
 
-        return kernel(x, residual, weight, eps)
+        return kernel(x, residual, weight, eps, prefetch)
     if x.is_cpu:  # float32 rows: the native kernel, where it runs
         from kernels import cpu_native
 
@@ -375,13 +380,14 @@ def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def silu_mul(gate_up: Activations, fused: bool) -> torch.Tensor:
+def silu_mul(gate_up: Activations, fused: bool,
+             prefetch: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I]. GemvSums come only
-    with `fused`."""
+    with `fused`; `prefetch` as in `add_rms_norm`."""
     if fused:
         from kernels.triton_fused import silu_mul as kernel
 
-        return kernel(gate_up)
+        return kernel(gate_up, prefetch)
     if gate_up.is_cpu:  # float32 rows: the native kernel, where it runs
         from kernels import cpu_native
 
