@@ -10,7 +10,7 @@ bytes, up to a budget: the GEMV then reads what arrived from L2. The norm and Sw
 kernels before a product (`kernels.triton_fused`) do the same for its weights: with PDL
 they launch during the last wave of the GEMV before them, whose tail leaves HBM part idle.
 A prefetch is a hint with no result, so the step's outputs are the same with it or
-without (`tests/gpu/test_gpu_kernels.py`).
+without (`tests/gpu/test_gpu_decode_steps.py`).
 
 `regions` picks the byte ranges, `prefetch_args` turns them into a kernel's launch
 arguments and `prefetch_l2` (inside the kernel) issues them; `disabled` and `budget`
@@ -42,17 +42,19 @@ POINTWISE = Switch(True)
 """Whether the norm and SwiGLU kernels before a product prefetch its weights too (the
 attention kernel alone, off)."""
 pointwise_disabled = POINTWISE.off
-_budget = [int(float(os.environ.get("LEAPFROG_L2_PREFETCH_MB", "24")) * 2**20)]
+BUDGET = int(float(os.environ.get("LEAPFROG_L2_PREFETCH_MB", "24")) * 2**20)
+"""Bytes a launch prefetches at most."""
 
 
 @contextlib.contextmanager
 def budget(nbytes: int) -> Iterator[None]:
     """Prefetch at most `nbytes` a launch inside the block (benchmarks sweep it)."""
-    before, _budget[0] = _budget[0], nbytes
+    global BUDGET
+    before, BUDGET = BUDGET, nbytes
     try:
         yield
     finally:
-        _budget[0] = before
+        BUDGET = before
 
 
 @functools.cache
@@ -63,7 +65,7 @@ def _capable(device: torch.device) -> bool:
 def active(device: torch.device) -> bool:
     """Prefetch on `device`: CUDA sm_90+ (the bulk prefetch), not under TRITON_INTERPRET
     (no PTX there), `ENABLED`, a budget above zero."""
-    return (ENABLED.on and _budget[0] > 0 and device.type == "cuda"
+    return (ENABLED.on and BUDGET > 0 and device.type == "cuda"
             and os.environ.get("TRITON_INTERPRET") != "1" and _capable(device))
 
 
@@ -90,7 +92,7 @@ def prefetch_args(like: torch.Tensor, tensors: Sequence[torch.Tensor],
     `pointwise` kernel's launch) or `tensors` is empty (`like` then fills the unused
     pointers)."""
     on = active(like.device) and (POINTWISE.on or not pointwise)
-    picked = regions(tensors, _budget[0]) if on else []
+    picked = regions(tensors, BUDGET) if on else []
     args: dict = {"PREFETCH": bool(picked)}
     for i in range(SLOTS):
         t, n = picked[i] if i < len(picked) else (like, 0)
