@@ -208,7 +208,8 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weigh
 
 @triton.jit(do_not_specialize=["pn0", "pn1", "pn2", "pn3"])
 def _add_norm_deferred_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, ss_ptr, n_cols,
-                              stride_x, stride_res, stride_out, stride_res_out, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
+                              stride_x, stride_res, stride_out, stride_res_out,
+                              pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
                               HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
                               PDL: tl.constexpr, PREFETCH: tl.constexpr,
                               PF_LANES: tl.constexpr):
@@ -268,8 +269,8 @@ def add_norm_deferred_reference(x: torch.Tensor, residual: torch.Tensor | None,
 
 @triton.jit(do_not_specialize=["pn0", "pn1", "pn2", "pn3"])
 def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, ss_ptr, n_ss,
-                     inv_width, ss_eps, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, BLOCK: tl.constexpr,
-                     SS_BLOCK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                     inv_width, ss_eps, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
+                     BLOCK: tl.constexpr, SS_BLOCK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                      PF_LANES: tl.constexpr):
     if PREFETCH:  # the next product's weights into L2 (`kernels.l2_prefetch`)
         prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF_LANES)

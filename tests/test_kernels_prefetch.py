@@ -2,8 +2,8 @@
 that it is off where it cannot run, and that the kernels issuing it (attention, the norms,
 the SwiGLU) compile for sm_90 with the bulk prefetch in their PTX (no GPU needed: Triton
 ships ptxas; in a subprocess, since the other kernel tests set TRITON_INTERPRET, under
-which nothing compiles). On a device, `tests/gpu/test_gpu_decode_steps.py` checks that decode steps give
-the same logits with it and without."""
+which nothing compiles). On a device, `tests/gpu/test_gpu_decode_steps.py` checks that
+decode steps give the same logits with it and without."""
 
 from __future__ import annotations
 
