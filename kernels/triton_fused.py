@@ -270,8 +270,8 @@ def add_norm_deferred_reference(x: torch.Tensor, residual: torch.Tensor | None,
 @triton.jit(do_not_specialize=["pn0", "pn1", "pn2", "pn3"])
 def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, ss_ptr, n_ss,
                      inv_width, ss_eps, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
-                     BLOCK: tl.constexpr, SS_BLOCK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                     PF_LANES: tl.constexpr):
+                     BLOCK: tl.constexpr, SS_BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     PREFETCH: tl.constexpr, PF_LANES: tl.constexpr):
     if PREFETCH:  # the next product's weights into L2 (`kernels.l2_prefetch`)
         prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF_LANES)
     await_inputs(PDL)
