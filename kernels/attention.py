@@ -11,6 +11,8 @@ Layout shared by every implementation:
   seq_len_i - q_len_i + j, and attends causally to keys at positions <= its own.
 - `sliding_window` / `num_sink_tokens`: a key at position t is visible from position s when
   t <= s and (window is None or t > s - window or t < num_sink_tokens).
+- `softcap` (Gemma 2's): each score q.k * scale is replaced by softcap * tanh(score /
+  softcap) before the softmax; None or 0: not.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def paged_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     num_sink_tokens: int = 0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain per-sequence attention in float32; the ground truth for every kernel."""
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -59,10 +62,15 @@ def paged_attention_reference(
         qi = q[start:end].float()  # [q_len, heads, dim]
         q_pos = torch.arange(seq_len - (end - start), seq_len)
         mask = visible_mask(q_pos, torch.arange(seq_len), sliding_window, num_sink_tokens)
-        scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
+        scores = soft_cap(torch.einsum("qhd,khd->hqk", qi, k) * scale, softcap)
         scores = scores.masked_fill(~mask, float("-inf"))
         out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
+
+
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(scores / cap) (Gemma 2's soft-capping); scores as they are without a cap."""
+    return scores if not cap else torch.tanh(scores / cap) * cap
 
 
 def write_kv(
@@ -83,6 +91,7 @@ def paged_attention_padded(
     mask: torch.Tensor,
     scale: float,
     first_block: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Batched CPU path: every sequence padded to the longest query and context.
 
@@ -92,7 +101,8 @@ def paged_attention_padded(
     values are read in place instead of gathered (at 1k tokens of context the gather cost
     as much again as the attention's own read).
     Returns [num_seqs, max_q, num_heads, head_dim]; callers gather the real rows back.
-    Both index tensors are built once per step and shared by all layers.
+    Both index tensors are built once per step and shared by all layers. With `softcap`
+    the scores are computed here (SDPA takes no cap), the kv heads repeated for GQA.
     """
     num_seqs, num_blocks = block_tables.shape
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -104,6 +114,12 @@ def paged_attention_padded(
     k = k.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     v = v.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     qp = q[q_index].transpose(1, 2)  # [num_seqs, heads, max_q, dim]
+    if softcap:
+        group = qp.shape[1] // num_kv_heads
+        k, v = (c.to(qp.dtype).repeat_interleave(group, dim=1) for c in (k, v))
+        scores = soft_cap(qp @ k.transpose(-1, -2) * scale, softcap)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return (weights.nan_to_num(0.0) @ v).transpose(1, 2)  # (padding rows see no key)
     out = F.scaled_dot_product_attention(
         qp, k.to(qp.dtype), v.to(qp.dtype), attn_mask=mask, scale=scale, enable_gqa=True
     )

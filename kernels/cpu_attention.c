@@ -156,7 +156,7 @@ static inline float softmax_row(float *scores, int64_t n, int64_t padded, float 
 static inline __attribute__((always_inline)) void attend_rows(
     const float *q, int64_t stride, int64_t per, int64_t rows, const void *k_cache,
     const void *v_cache, int kv, const int64_t *offs, int64_t n, int64_t limit, int64_t dim,
-    float scale, float *scores, int64_t width, float *out, float *part)
+    float scale, float cap, float *scores, int64_t width, float *out, float *part)
 {
 #define COUNT(r) (n + (r) / per < limit ? n + (r) / per : limit)  /* a row's keys */
     const int64_t keys = COUNT(rows - 1);
@@ -165,9 +165,10 @@ static inline __attribute__((always_inline)) void attend_rows(
         for (int64_t j = i + AHEAD; kv != KV_F32 && j < i + AHEAD + 8 && j < keys; j++)
             prefetch_kv(k_cache, offs[j], dim, kv);
         for (int64_t r = 0; r < rows; r++)
-            if (i < pad(COUNT(r)))
-                store8(scores + r * width + i,
-                       dot8(q + ROW(r), k_cache, offs + i, dim, kv) * scale);
+            if (i < pad(COUNT(r))) {
+                const v8 s = dot8(q + ROW(r), k_cache, offs + i, dim, kv) * scale;
+                store8(scores + r * width + i, cap > 0.0f ? cap * tanh8(s * (1.0f / cap)) : s);
+            }
     }
     float inv[MAX_ROWS], sum[MAX_ROWS], top[MAX_ROWS];
     for (int64_t r = 0; r < rows; r++) {
@@ -217,13 +218,13 @@ static inline __attribute__((always_inline)) void attend_rows(
 
 /* `attend_rows`, compiled apart for each KV element type and the common head sizes. */
 #define ATTEND(KV, DIM) attend_rows(q, stride, per, rows, k_cache, v_cache, KV, offs, n, limit, \
-                                    DIM, scale, scores, width, out, part)
+                                    DIM, scale, cap, scores, width, out, part)
 #define ATTEND_KV(KV) (dim == 64 ? ATTEND(KV, 64) : dim == 128 ? ATTEND(KV, 128) \
                        : ATTEND(KV, dim))
 static void attend(const float *q, int64_t stride, int64_t per, int64_t rows,
                    const void *k_cache, const void *v_cache, int kv, const int64_t *offs,
-                   int64_t n, int64_t limit, int64_t dim, float scale, float *scores,
-                   int64_t width, float *out, float *part)
+                   int64_t n, int64_t limit, int64_t dim, float scale, float cap,
+                   float *scores, int64_t width, float *out, float *part)
 {
     if (kv == KV_F16)
         ATTEND_KV(KV_F16);
@@ -289,13 +290,14 @@ static inline int64_t row_keys(int64_t len, int64_t q_len, int64_t j, int64_t wi
  * and masks): q, out [T, heads, dim], caches [num_blocks, block_size, kv_heads, dim] of
  * element type kv_type (cpu_vec.h's KV_*); dim a multiple of 16.  A task is one span of
  * keys of (a block of a sequence's queries, heads of a KV head's group); where a block's
- * rows see more than one span, a second pass merges the spans' partials.  Returns 0; -1
- * (writing nothing) when a table names a block outside the cache; -2 when scratch memory
- * cannot be had. */
+ * rows see more than one span, a second pass merges the spans' partials.  A score is the
+ * dot product times `scale`, soft-capped (cap > 0: cap * tanh(score / cap), Gemma 2's).
+ * Returns 0; -1 (writing nothing) when a table names a block outside the cache; -2 when
+ * scratch memory cannot be had. */
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
                            int64_t kv_heads, int64_t dim, const void *k_cache,
                            const void *v_cache, int64_t kv_type, int64_t num_blocks,
-                           int64_t block_size, float scale, float *out)
+                           int64_t block_size, float scale, float cap, float *out)
 {
     const int kv = (int)kv_type;
     const size_t element = kv == KV_F32 ? sizeof(float) : sizeof(uint16_t);
@@ -402,8 +404,8 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
             visible(len - 1, window, sinks, &sink_end, &start);
             if (start == 0) {  /* every query sees every key before it: positions together */
                 attend(q + ((q0 + j0) * heads + h) * dim, heads * dim, per, count * per, k, v,
-                       kv, o + k0, len - q_len + j0 + 1 - k0, SPAN, dim, scale, scores, width,
-                       out + ((q0 + j0) * heads + h) * dim, part);
+                       kv, o + k0, len - q_len + j0 + 1 - k0, SPAN, dim, scale, cap, scores,
+                       width, out + ((q0 + j0) * heads + h) * dim, part);
                 continue;
             }
             for (int64_t j = j0; j < j0 + count; j++) {  /* a position's heads: same keys */
@@ -419,7 +421,7 @@ int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q,
                     keys = split;
                 }
                 attend(q + at, heads * dim, per, per, k, v, kv, keys, n - k0, SPAN, dim, scale,
-                       scores, width, out + at, part ? part + (j - j0) * per * row : NULL);
+                       cap, scores, width, out + at, part ? part + (j - j0) * per * row : NULL);
             }
         }
         free(scores);

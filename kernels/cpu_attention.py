@@ -48,10 +48,10 @@ def attention_step(block_tables: torch.Tensor, seq_lens: torch.Tensor,
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     step: AttentionStep, scale: float, out: torch.Tensor,
-                    lib: Library | None = None) -> bool:
+                    lib: Library | None = None, softcap: float | None = None) -> bool:
     """Attention of `step`'s sequences' queries into their rows of `out` ([T, heads, dim],
-    as q), from one layer's paged caches; a row's bits depend only on its own query and
-    keys. False, with nothing written, where the native kernels do not take these tensors
+    as q), from one layer's paged caches (scores soft-capped at `softcap`, Gemma 2's, where
+    given); a row's bits depend only on its own query and keys. False, with nothing written, where the native kernels do not take these tensors
     (float32 q and out and caches of a `cpu_native.KV_TYPES` type, in CPU memory,
     contiguous, dim a multiple of 16): the caller then uses torch's. Its cost grows with
     each query's keys, so it suits decode and verification steps and prefill chunks of short
@@ -70,7 +70,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return False
     rc = lib.attention(ctypes.addressof(step), q.data_ptr(), heads, k_cache.shape[2], dim,
                        k_cache.data_ptr(), v_cache.data_ptr(), kv, k_cache.shape[0],
-                       k_cache.shape[1], scale, out.data_ptr())
+                       k_cache.shape[1], scale, softcap or 0.0, out.data_ptr())
     if rc == -1:
         raise IndexError("a block table names a block outside the KV cache")
     if rc != 0:

@@ -22,7 +22,7 @@ int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
                            int64_t kv_heads, int64_t dim, const void *k_cache,
                            const void *v_cache, int64_t kv_type, int64_t num_blocks,
-                           int64_t block_size, float scale, float *out);
+                           int64_t block_size, float scale, float cap, float *out);
 void lf_cpu_glu(const float *x, int64_t M, int64_t I, int64_t gelu, float *out);
 
 /* A packed weight in cpu_gemm.c's panels (offsets NULL for int8), and its bias or NULL. */
@@ -52,7 +52,7 @@ struct lf_layer {
  * (the window pool's layers may turn by another base: Gemma 3's). */
 struct lf_stack {
     int64_t hidden, heads, kv_heads, dim, intermediate, block_size, kv_type;
-    float eps, scale;
+    float eps, scale, cap;  /* cap: the attention scores' soft-cap (Gemma 2's), 0: none */
     const struct lf_attention_step *attention[2];
     const int64_t *slots[2];
     const float *cos[2], *sin[2];
@@ -105,7 +105,8 @@ int lf_cpu_decoder_layers(const struct lf_stack *s, const struct lf_layer *layer
         }
         const int a = lf_cpu_paged_attention(s->attention[l->pool], q, s->heads, s->kv_heads,
                                              s->dim, l->k_cache, l->v_cache, s->kv_type,
-                                             l->num_blocks, s->block_size, s->scale, att);
+                                             l->num_blocks, s->block_size, s->scale, s->cap,
+                                             att);
         if (a != 0) {
             rc = a == -1 ? -2 : -3;
             break;

@@ -52,7 +52,7 @@ class _Stack(ctypes.Structure):  # struct lf_stack
                 ("kv_heads", ctypes.c_int64), ("dim", ctypes.c_int64),
                 ("intermediate", ctypes.c_int64), ("block_size", ctypes.c_int64),
                 ("kv_type", ctypes.c_int64),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cap", ctypes.c_float),
                 ("attention", ctypes.c_void_p * 2), ("slots", ctypes.c_void_p * 2),
                 ("cos", ctypes.c_void_p * 2), ("sin", ctypes.c_void_p * 2)]
 
@@ -91,6 +91,8 @@ class Shapes:
     intermediate: int
     eps: float
     scale: float
+    softcap: float = 0.0
+    """The attention scores' soft-cap (Gemma 2's); 0: none."""
 
 
 def _linear(product: Product, k: int, n: int) -> _Linear | None:
@@ -136,7 +138,7 @@ class DecoderStack:
                         for table in tables for c in table)):
             return None
         stack = _Stack(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate,
-                       self.block_size, self.kv_type, s.eps, s.scale,
+                       self.block_size, self.kv_type, s.eps, s.scale, s.softcap,
                        (ctypes.c_void_p * 2)(*(ctypes.addressof(step) for step, _ in pools)),
                        (ctypes.c_void_p * 2)(*(slots.data_ptr() for _, slots in pools)),
                        (ctypes.c_void_p * 2)(*(c.data_ptr() for c, _ in tables)),

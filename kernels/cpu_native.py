@@ -159,7 +159,8 @@ def load(variant: Variant) -> Library | None:
     rope.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, i64, p, ctypes.c_float, p]
     rope.restype = ctypes.c_int
     attention = lib.lf_cpu_paged_attention
-    attention.argtypes = [p, p, i64, i64, i64, p, p, i64, i64, i64, ctypes.c_float, p]
+    attention.argtypes = [p, p, i64, i64, i64, p, p, i64, i64, i64, ctypes.c_float,
+                          ctypes.c_float, p]
     attention.restype = ctypes.c_int
     glu = lib.lf_cpu_glu
     glu.argtypes = [p, i64, i64, i64, p]

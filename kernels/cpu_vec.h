@@ -54,6 +54,10 @@ static inline v8 exp8(v8 x)
     return p * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
 }
 
+/* tanh(x) as 1 - 2 / (e^(2x) + 1) (exp8's clamp keeps the ends at -1 and 1), to ~1e-7
+ * absolute. */
+static inline v8 tanh8(v8 x) { return 1.0f - 2.0f / (exp8(x + x) + 1.0f); }
+
 /* A KV cache's element type: float32, or a 16-bit one (float16, bfloat16) read as float32
  * (exactly) and written rounded to nearest even, as torch converts. */
 enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };

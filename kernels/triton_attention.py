@@ -37,9 +37,10 @@ _LOG2E = 1 / math.log(2)
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, t0, q_pos, head_ok, seq_len,
                  block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
-                 window, num_sinks, qk_scale, BLOCK_KV: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """Fold key/value positions t0 .. t0 + BLOCK_KV into the online softmax state."""
+                 window, num_sinks, qk_scale, cap, BLOCK_KV: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Fold key/value positions t0 .. t0 + BLOCK_KV into the online softmax state (scores in
+    log2 units; SOFTCAP: capped at `cap`, Gemma 2's cap times log2(e))."""
     t = t0 + tl.arange(0, BLOCK_KV)
     t_ok = t < seq_len
     page = tl.load(bt_row + t // block_size, mask=t_ok, other=0).to(tl.int64)
@@ -56,7 +57,10 @@ def _attend_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, t0, q_pos, head_ok, seq
     visible = (t[None, :] <= q_pos[:, None]) & t_ok[None, :] & head_ok[:, None]
     if HAS_WINDOW:
         visible &= (t[None, :] > q_pos[:, None] - window) | (t[None, :] < num_sinks)
-    s = tl.where(visible, s * qk_scale, float("-inf"))
+    s = s * qk_scale
+    if SOFTCAP:  # cap * tanh(s / cap), tanh(x) as 1 - 2 / (e^2x + 1)
+        s = cap - 2.0 * cap / (tl.exp(2.0 * s / cap) + 1.0)
+    s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
@@ -148,11 +152,12 @@ def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_bt, block_size, head_dim, window, num_sinks,
-    qk_scale, ws_acc_ptr, ws_ml_ptr, cnt_ptr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    qk_scale, cap, ws_acc_ptr, ws_ml_ptr, cnt_ptr, GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
     splits, HAS_WINDOW: tl.constexpr, MAX_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
     DECODE: tl.constexpr, PDL: tl.constexpr, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
-    PREFETCH: tl.constexpr, PF_LANES: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_LANES: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -193,7 +198,7 @@ def _paged_attention_kernel(
                 acc, m_i, l_i = _attend_tile(
                     acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
                     block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
-                    window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
+                    window, num_sinks, qk_scale, cap, BLOCK_KV, HAS_WINDOW, UPCAST, SOFTCAP)
             first_visible = tl.maximum(seq_len - q_len + chunk - window + 1, 0)
             start = tl.maximum(first_visible // BLOCK_KV * BLOCK_KV, sink_end)
         # this split's share of the remaining tiles; splits past the last share (short
@@ -206,7 +211,7 @@ def _paged_attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k_base, v_base, bt_row, t0, q_pos, head_ok, seq_len,
                 block_size, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, mask_d,
-                window, num_sinks, qk_scale, BLOCK_KV, HAS_WINDOW, UPCAST)
+                window, num_sinks, qk_scale, cap, BLOCK_KV, HAS_WINDOW, UPCAST, SOFTCAP)
         last = split < active
         if splits > 1 and last and active > 1:
             tile = (seq * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // splits) + chunk_id
@@ -241,6 +246,7 @@ def paged_attention_triton(
     splits: int | None = None,
     block_kv: int | None = None,
     prefetch: Sequence[torch.Tensor] = (),
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as `kernels.attention.paged_attention_reference`; returns [tokens, heads, dim].
 
@@ -257,6 +263,7 @@ def paged_attention_triton(
     decode steps 0.95-1.01x for the default model's, 0.94-1.07x for the 8B's, slower at
     batch 1.) `prefetch`: the weights the next kernels read, whose leading bytes the
     programs pull into L2 before they wait for their inputs (`kernels.l2_prefetch`).
+    `softcap`: Gemma 2's soft-cap of the scores (None: none).
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -294,11 +301,11 @@ def paged_attention_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         block_size, head_dim, sliding_window or 0, num_sink_tokens, scale * _LOG2E,
-        ws_acc, ws_ml, _tile_counters(q.device, tiles),
+        (softcap or 1.0) * _LOG2E, ws_acc, ws_ml, _tile_counters(q.device, tiles),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_D=block_d,
         splits=splits, HAS_WINDOW=sliding_window is not None,
         MAX_SPLITS=max_splits, UPCAST=interpret and q.dtype == torch.bfloat16, DECODE=decode,
-        num_warps=warps, PF_LANES=32 * warps,
+        num_warps=warps, PF_LANES=32 * warps, SOFTCAP=bool(softcap),
         **pdl_args(q.device), **prefetch_args(q, prefetch),
     )
     return out

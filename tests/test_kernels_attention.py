@@ -56,6 +56,37 @@ def test_paged_attention_matches_reference(case, dtype, splits, block_kv):
     assert err < TOL[dtype], err
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_soft_capped_scores_match_reference(case, splits):
+    """Gemma 2's soft-capping (cap * tanh(score / cap)) at a cap the scores reach (scale 1:
+    scores of a few units, cap 2), decode, verification, a window, split-KV; and the torch
+    padded path (SDPA takes no cap) against the same reference."""
+    from kernels.attention import paged_attention_padded, visible_mask
+
+    seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks = case
+    q, k_cache, v_cache, tables, lens, qsl = _batch(seq_lens, q_lens, heads, kv_heads, dim,
+                                                    block_size, torch.float16)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.paged_attention_triton(q, k_cache, v_cache, tables, lens, qsl, 1.0,
+                                            window, sinks, out=out, splits=splits, softcap=2.0)
+    args = (q.float(), k_cache.float(), v_cache.float(), tables, lens, qsl, 1.0, window, sinks)
+    ref = paged_attention_reference(*args, softcap=2.0)
+    assert float((out.float() - ref).norm() / ref.norm()) < TOL[torch.float16]
+    assert float((paged_attention_reference(*args) - ref).norm() / ref.norm()) > 0.05
+    if splits == 1:  # the padded path: each sequence alone, its queries' visibility as mask
+        for i in range(len(seq_lens)):
+            start, end, n = int(qsl[i]), int(qsl[i + 1]), int(lens[i])
+            width = tables.shape[1] * block_size
+            mask = visible_mask(torch.arange(n - (end - start), n), torch.arange(width),
+                                window, sinks) & (torch.arange(width) < n)
+            got = paged_attention_padded(q.float(), k_cache.float(), v_cache.float(),
+                                         tables[i:i + 1], torch.arange(start, end)[None],
+                                         mask[None, None], 1.0, softcap=2.0)[0]
+            want = ref[start:end]
+            assert float((got - want).norm() / want.norm()) < 1e-5
+
+
 def test_window_changes_the_result():
     """The window mask is applied: with a short window the output differs from full attention."""
     q, k_cache, v_cache, tables, lens, qsl = _batch([120], [2], 2, 2, 16, 16, torch.float16)

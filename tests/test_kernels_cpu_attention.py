@@ -65,6 +65,24 @@ def test_matches_reference(case, native_lib):
     assert err < TOL, err
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[8], CASES[12]])
+def test_soft_capped_scores_match_reference(case, native_lib):
+    """Gemma 2's soft-capping (cap * tanh(score / cap)) at a cap the scores reach (they
+    spread over tens here), through decode, verification, merged spans, a window and a
+    prefill chunk."""
+    seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks = case
+    batch = random_paged_batch(seq_lens, q_lens, heads, kv_heads, dim, block_size, torch.float32)
+    scale = dim ** -0.5 * 4
+    step = cpu_attention.attention_step(*batch[3:], list(range(len(seq_lens))), window, sinks)
+    out = torch.full_like(batch[0], float("nan"))
+    assert cpu_attention.paged_attention(*batch[:3], step, scale, out, native_lib, softcap=5.0)
+    ref = paged_attention_reference(*batch, scale, window, sinks, softcap=5.0)
+    uncapped = paged_attention_reference(*batch, scale, window, sinks)
+    err = float((out - ref).norm() / ref.norm())
+    assert err < TOL, err
+    assert float((uncapped - ref).norm() / ref.norm()) > 100 * TOL  # (the cap changes it)
+
+
 def test_listed_sequences_only(native_lib):
     """Rows of sequences not listed stay as they were (the caller fills them by torch)."""
     q, k, v, tables, lens, qsl = random_paged_batch([20, 40, 60], [2, 3, 1], 4, 2, 32, 16,

@@ -63,14 +63,14 @@ from kernels.triton_fused import _add_norm_deferred_kernel, _add_rms_norm_kernel
 KERNELS = {
     "attention": (_paged_attention_kernel, dict(
         GROUP=4, GROUP_PAD=4, BLOCK_Q=4, BLOCK_KV=64, BLOCK_D=128, HAS_WINDOW=False,
-        MAX_SPLITS=16, UPCAST=False, DECODE=True, PDL=True), 4),
+        MAX_SPLITS=16, UPCAST=False, DECODE=True, PDL=True, SOFTCAP=True), 4),
     "add_rms_norm": (_add_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096, SS_BLOCK=16,
                                                 PDL=True), 8),
     "add_norm_deferred": (_add_norm_deferred_kernel, dict(HAS_RESIDUAL=True, BLOCK=256,
                                                           PDL=True), 2),
     "silu_mul": (_silu_mul_kernel, dict(BLOCK=256, SS_BLOCK=16, PDL=True), 2),
 }
-FLOATS = ("eps", "qk_scale", "inv_width", "ss_eps")
+FLOATS = ("eps", "qk_scale", "cap", "inv_width", "ss_eps")
 out = {}
 for name, (kernel, consts, warps) in KERNELS.items():
     for prefetch in (False, True):
