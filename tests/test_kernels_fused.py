@@ -147,15 +147,17 @@ def _tiny_model(dtype: torch.dtype, attention_bias: bool = False, arch: str = "l
                 ) -> LlamaForCausalLM:
     """Two layers with the default model's attention shape (9 heads, 3 KV heads, dim 64)
     (qwen3: q and k head norms; gemma3: those, four norms a layer, GeGLU, a scaled
-    embedding and attention, and the first layer's RoPE of the window layers' base)."""
-    gemma = arch == "gemma3"
+    embedding and attention, and the first layer's RoPE of the window layers' base; gemma2:
+    gemma3's without the head norms and local RoPE, its attention scores soft-capped)."""
+    gemma = arch in ("gemma2", "gemma3")
     config = ModelConfig(arch, vocab_size=64, hidden_size=576, intermediate_size=96,
                          num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64,
-                         attention_bias=attention_bias, qk_norm=arch != "llama",
+                         attention_bias=attention_bias, qk_norm=arch in ("qwen3", "gemma3"),
                          attention_scale=0.1 if gemma else None,
-                         local_rope_theta=100.0 if gemma else None)
+                         local_rope_theta=100.0 if arch == "gemma3" else None,
+                         attn_softcap=0.5 if arch == "gemma2" else None)
     model = LlamaForCausalLM(config, dtype, max_positions=64)
-    model.layers[0].windowed = gemma  # (no window in these steps: its RoPE only)
+    model.layers[0].windowed = arch == "gemma3"  # (no window in these steps: its RoPE only)
     gen = torch.Generator().manual_seed(5)
     for p in model.parameters():
         fan_in = p.shape[-1] if p.dim() == 2 else 25.0  # norm weights: 1 +- 0.2
@@ -299,7 +301,7 @@ def test_kernels_take_gemv_sums(with_residual: bool) -> None:
     assert int(sums.sums.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_forward_matches_torch_path(dtype: torch.dtype, arch: str) -> None:
     torch_model, fused_model = _tiny_model(dtype, arch=arch), _tiny_model(dtype, arch=arch)

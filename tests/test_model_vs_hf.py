@@ -45,7 +45,7 @@ def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n:
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3",
-                                  "gemma3"])
+                                  "gemma2", "gemma3"])
 def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir) -> None:
     """With the native CPU kernels (norms, RoPE, decode attention) where they run, and
     with torch's ops alone."""
@@ -159,6 +159,29 @@ def test_a_gemma3_gguf_matches_transformers(tmp_path) -> None:
     c = llm.engine.model.config
     assert (c.window_layers, c.sliding_window, c.local_rope_theta) == ((0, 1, 2, 3, 4), 8,
                                                                        10000.0)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
+    check_against_hf(llm, hf, prompts, 32)
+    _packed_scores_like_dense(gguf, llm, prompts)
+
+
+def test_a_gemma2_gguf_matches_transformers(tmp_path) -> None:
+    """Gemma 2 as llama.cpp's converter writes it (norms as 1 + w, the soft-caps as
+    metadata) and runs it (every other layer a window, from the first; the attention scaled
+    by 1/sqrt(head_dim)): dequantized, transformers' greedy tokens and top-5 past the
+    window, both soft-caps applied; packed, the dense engine's logprobs within the native
+    kernel's rounding."""
+    from tests.tiny_models import save_tiny_gguf, save_tiny_model
+
+    path = save_tiny_model("gemma2", tmp_path / "hf", num_hidden_layers=4,
+                           query_pre_attn_scalar=32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gguf = save_tiny_gguf(hf, tmp_path / "gemma2.gguf")
+    llm = LLM(str(gguf), dtype="float32", num_kv_blocks=64, block_size=4,
+              quantization="none")
+    c = llm.engine.model.config
+    assert (c.architecture, c.window_layers, c.sliding_window, c.attn_softcap,
+            c.final_softcap, c.attention_scale) == ("gemma2", (0, 2), 8, 1.5, 4.0, 32 ** -0.5)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
     check_against_hf(llm, hf, prompts, 32)

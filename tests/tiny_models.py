@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -53,6 +54,10 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
                                    "query_pre_attn_scalar": 24, "layer_types": [
                                        "sliding_attention", "sliding_attention",
                                        "full_attention"], **common})
+    if arch == "gemma2":  # (layers 0 and 2 a window of 8; caps the random scores reach)
+        return Gemma2Config(**{"head_dim": 32, "sliding_window": 8, "pad_token_id": 0,
+                               "query_pre_attn_scalar": 24, "attn_logit_softcapping": 1.5,
+                               "final_logit_softcapping": 4.0, **common})
     raise ValueError(arch)
 
 
@@ -79,10 +84,11 @@ _GGUF_GEMMA_NORMS = {
 
 
 def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
-    """Write a Llama, Qwen2, Qwen3, Phi-3 or Gemma 3 model as llama.cpp's converter would
+    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3 model as llama.cpp's converter would
     (Llama's q and k rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a
     `rope_freqs` tensor of frequency divisors; Phi-3's fused projections as they are, its
-    LongRoPE factors as tensors, its window as metadata; Gemma's norms as 1 + w), its
+    LongRoPE factors as tensors, its window as metadata; Gemma's norms as 1 + w, Gemma 2's
+    soft-caps as metadata), its
     matrices as Q8_0 and its norms as F32, with a byte-level tokenizer of the vocabulary's
     first byte characters; the model's matrices are replaced by the values the file holds,
     so that it is the file's reference."""
@@ -91,8 +97,9 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     c, arch = model.config, model.config.model_type.removesuffix("_text")
-    assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma3"), arch
-    layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if arch == "gemma3" else {})
+    assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"), arch
+    gemma = arch in ("gemma2", "gemma3")
+    layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if gemma else {})
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
@@ -116,6 +123,10 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     writer.add_eos_token_id(c.eos_token_id)
     if getattr(c, "sliding_window", None):
         writer.add_sliding_window(c.sliding_window)
+    for kind in ("attn", "final"):
+        if getattr(c, f"{kind}_logit_softcapping", None):
+            writer.add_float32(f"{arch}.{kind}_logit_softcapping",
+                               getattr(c, f"{kind}_logit_softcapping"))
     if rope.get("rope_type") == "longrope":
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         for kind in ("short", "long"):
@@ -148,7 +159,7 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
                         .reshape(values.shape), q8)
                 writer.add_tensor(f"{target}.weight", blocks, raw_dtype=q8)
             else:  # (Gemma's norms as llama.cpp's converter stores them: 1 + w)
-                writer.add_tensor(f"{target}.weight", values + (arch == "gemma3"))
+                writer.add_tensor(f"{target}.weight", values + gemma)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -168,7 +179,7 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0, vocab: int = VOCA
                 p.normal_(0, 0.2)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's: not all ones
                 p.uniform_(0.5, 1.5)
-            elif arch == "gemma3" and name.endswith("norm.weight"):  # (applied as 1 + w)
+            elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # (1 + w)
                 p.uniform_(-0.5, 0.5)
     model.save_pretrained(directory, safe_serialization=True)
     tiny_tokenizer(vocab).save_pretrained(directory)

@@ -84,10 +84,11 @@ class BatchMeta:
 def attention(
     q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta, scale: float,
-    prefetch: Sequence[torch.Tensor] = (),
+    prefetch: Sequence[torch.Tensor] = (), softcap: float | None = None,
 ) -> torch.Tensor:
     """Write this step's k/v ([T, kv_heads, dim]) into the paged cache, then attend (with
-    `meta`'s window, if any; the CPU path's groups hold it in their masks).
+    `meta`'s window, if any; the CPU path's groups hold it in their masks; scores
+    soft-capped at `softcap`, Gemma 2's, where given).
 
     q: [T, heads, dim] -> same. k, v None: the caller has already written them. On CUDA
     the kernel pulls the leading bytes of `prefetch` (the next products' weights) into L2.
@@ -101,18 +102,18 @@ def attention(
 
             return paged_attention_triton(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-                *window, prefetch=prefetch)
+                *window, prefetch=prefetch, softcap=softcap)
         return paged_attention_reference(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-            *window)
+            *window, softcap=softcap)
     out = torch.empty_like(q)
     for g in meta.groups:
-        if g.native is not None and cpu_attention.paged_attention(q, k_cache, v_cache, g.native,
-                                                                  scale, out):
+        if g.native is not None and cpu_attention.paged_attention(
+                q, k_cache, v_cache, g.native, scale, out, softcap=softcap):
             continue
         p = g.padded
         res = paged_attention_padded(q, k_cache, v_cache, p.block_tables, p.q_index, p.mask, scale,
-                                     p.first_block).reshape(-1, *q.shape[1:])[p.out_index]
+                                     p.first_block, softcap).reshape(-1, *q.shape[1:])[p.out_index]
         if p.token_index is None:  # the only group: every row, in order
             return res
         out[p.token_index] = res

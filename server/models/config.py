@@ -10,7 +10,7 @@ class ModelConfig:
     """What the Llama-family forward needs; one instance per loaded model."""
 
     architecture: str
-    """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma3)."""
+    """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -38,6 +38,11 @@ class ModelConfig:
     query_pre_attn_scalar ** -0.5)."""
     local_rope_theta: float | None = None
     """The RoPE base of the sliding-window layers, where it differs (Gemma 3's 10,000)."""
+    attn_softcap: float | None = None
+    """Attention scores soft-capped: cap * tanh(score / cap) before the softmax (Gemma 2's
+    attn_logit_softcapping); None: not."""
+    final_softcap: float | None = None
+    """The logits soft-capped the same way (Gemma 2's final_logit_softcapping)."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     sliding_window: int | None = None
@@ -48,10 +53,10 @@ class ModelConfig:
 
     @property
     def gemma(self) -> bool:
-        """Gemma 3's layer: RMSNorm weights w applied as 1 + w (held so once loaded), the
-        attention's and the MLP's outputs normed before their residual adds (four norms a
-        layer), GELU (tanh) gating instead of SiLU, embeddings scaled by sqrt(hidden)."""
-        return self.architecture == "gemma3"
+        """Gemma 2's and 3's layer: RMSNorm weights w applied as 1 + w (held so once loaded),
+        the attention's and the MLP's outputs normed before their residual adds (four norms
+        a layer), GELU (tanh) gating instead of SiLU, embeddings scaled by sqrt(hidden)."""
+        return self.architecture in ("gemma2", "gemma3")
 
     @property
     def context_limit(self) -> int:
@@ -81,12 +86,14 @@ _ARCH_ALIASES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma2": "gemma2",
     "gemma3": "gemma3",
 }
 
@@ -120,8 +127,9 @@ def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
     if window is None or arch == "llama":
         return None, ()
     types = hf.get("layer_types")
-    if types is None and arch == "gemma3":  # (older configs: every n-th layer global)
-        pattern = hf.get("sliding_window_pattern") or 6
+    if types is None and arch in ("gemma2", "gemma3"):  # (older configs: every n-th layer
+        # global: Gemma 2's every other one)
+        pattern = 2 if arch == "gemma2" else hf.get("sliding_window_pattern") or 6
         types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                  for i in range(layers)]
     if types is not None:
@@ -151,9 +159,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if isinstance(params.get("full_attention"), dict):  # (per layer type: Gemma 3's)
         local_theta = (params.get("sliding_attention") or {}).get("rope_theta", local_theta)
         params = params["full_attention"]
-    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if hf.get(cap) is not None:
-            raise ValueError(f"{cap} (Gemma 2's) is not supported")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
     if scaling and hf.get("original_max_position_embeddings"):  # (Phi-3 keeps it outside)
@@ -183,6 +188,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         attention_scale=(hf["query_pre_attn_scalar"] ** -0.5
                          if hf.get("query_pre_attn_scalar") else None),
         local_rope_theta=local_theta if arch == "gemma3" else None,
+        attn_softcap=hf.get("attn_logit_softcapping") or None,
+        final_softcap=hf.get("final_logit_softcapping") or None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
         sliding_window=window,

@@ -42,7 +42,7 @@ _GEMMA_NORMS = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-"""Gemma 3's four norms a layer: `attn_norm` as Llama's, these three its own."""
+"""Gemma 2's and 3's four norms a layer: `attn_norm` as Llama's, these three their own."""
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -53,11 +53,12 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """GGUF tensor name -> HF name, or None for tensors we do not use (rope_freqs, ...).
-    (Phi-3's `ffn_up` holds gate and up, as its HF `gate_up_proj`; Gemma 3's norms differ.)"""
+    (Phi-3's `ffn_up` holds gate and up, as its HF `gate_up_proj`; Gemma's norms differ.)"""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
-    names = _LAYER_NAMES | _GEMMA_NORMS if architecture == "gemma3" else _LAYER_NAMES
+    names = _LAYER_NAMES | _GEMMA_NORMS if architecture in ("gemma2", "gemma3") \
+        else _LAYER_NAMES
     if m is None or m.group(2) not in names:
         return None
     module = names[m.group(2)]
@@ -81,14 +82,19 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
     eos = [reader.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     # Phi-3's window is on every layer; Gemma 3's on all but every sixth (as llama.cpp
-    # sets it), whose RoPE base is 10,000 where the global layers' is the file's
-    window = meta("attention.sliding_window") if arch in ("phi3", "gemma3") else None
+    # sets it), whose RoPE base is 10,000 where the global layers' is the file's; Gemma 2's
+    # on every other one, from the first
+    window = meta("attention.sliding_window") if arch in ("phi3", "gemma2", "gemma3") else None
     layers = int(meta("block_count"))
-    windowed = tuple(i for i in range(layers) if arch == "phi3" or (i + 1) % 6) if window \
+    every = {"phi3": 1, "gemma2": 2, "gemma3": 6}.get(arch, 1)
+    windowed = tuple(i for i in range(layers) if every == 1 or (i + 1) % every) if window \
         else ()
     head_dim = int(meta("attention.key_length", hidden // heads))
-    # (llama.cpp's Gemma 3 attention scale: 1/sqrt(head_dim), but hidden / heads for 27B)
-    scale_dim = hidden // heads if layers == 62 else head_dim
+    # (llama.cpp's Gemma attention scale: 1/sqrt(head_dim), but hidden / heads for the 27Bs:
+    # Gemma 2's 46 layers, Gemma 3's 62)
+    scale_dim = hidden // heads if (arch, layers) in (("gemma2", 46), ("gemma3", 62)) \
+        else head_dim
+    caps = [meta(f"{kind}_logit_softcapping") for kind in ("attn", "final")]
     return ModelConfig(
         architecture=arch,
         vocab_size=int(meta("vocab_size", int(embd.shape[1]))),
@@ -107,8 +113,10 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
-        attention_scale=scale_dim ** -0.5 if arch == "gemma3" else None,
+        attention_scale=scale_dim ** -0.5 if arch in ("gemma2", "gemma3") else None,
         local_rope_theta=10000.0 if arch == "gemma3" else None,
+        attn_softcap=float(caps[0]) if caps[0] else None,
+        final_softcap=float(caps[1]) if caps[1] else None,
         bos_token_id=reader.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
         sliding_window=int(window) if window else None,

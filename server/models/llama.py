@@ -23,6 +23,7 @@ from itertools import islice
 import torch
 
 from kernels import cpu_layers, cpu_native
+from kernels.attention import soft_cap
 from kernels.gemm import takes_every_row_count
 from server.models.batch import BatchMeta, attention
 from server.models.config import ModelConfig
@@ -69,6 +70,7 @@ class DecoderLayer(torch.nn.Module):
         self.eps = c.rms_norm_eps
         self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.attention_scale or c.head_dim ** -0.5
+        self.softcap = c.attn_softcap  # (Gemma 2's soft-capped scores)
         # attends to sinks + a window: reads `BatchMeta.sparse` when the cache is hybrid
         self.windowed = False
 
@@ -110,7 +112,7 @@ class DecoderLayer(torch.nn.Module):
         # L2 while HBM would idle: `kernels.l2_prefetch`)
         o = attention(q, k, v, kv[0], kv[1], meta, self.scale, prefetch=(
             [*self.o_proj.weight_tensors(), *self.gate_up_proj.weight_tensors()]
-            if fused else ()))
+            if fused else ()), softcap=self.softcap)
         if self.gemma:  # (plain tensors between the products: no sums handed on)
             o = add_rms_norm(self.o_proj(o.reshape(t, -1)), None, self.attn_out_norm,
                              self.eps, fused)[0]
@@ -141,7 +143,7 @@ class DecoderLayer(torch.nn.Module):
 TIED_DENSE_ROWS = 64
 
 
-@register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+@register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -206,7 +208,8 @@ class LlamaForCausalLM(torch.nn.Module):
         if built is None or built[0] is not self.kv_caches or built[1] != len(self.kv_caches):
             c, first = self.config, self.layers[0]
             shapes = cpu_layers.Shapes(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                                       c.intermediate_size, first.eps, first.scale)
+                                       c.intermediate_size, first.eps, first.scale,
+                                       c.attn_softcap or 0.0)
             self._native = (self.kv_caches, len(self.kv_caches), cpu_layers.decoder_stack(
                 shapes, [layer.native_weights() for layer in self.layers], self.kv_caches))
         stack = self._native[2]
@@ -246,14 +249,16 @@ class LlamaForCausalLM(torch.nn.Module):
         """hidden: [N, hidden] -> float32 logits [N, vocab]. A packed tied head (see
         `server.models.quantize`) serves fewer than TIED_DENSE_ROWS rows, or any number
         through the native CPU kernel; otherwise the dense embedding, which holds the same
-        values."""
+        values. Gemma 2's logits are soft-capped (`ModelConfig.final_softcap`)."""
         tied = self.config.tie_word_embeddings
         packed = self.lm_head.packed if self.lm_head is not None else None
         if packed is not None and not (tied and hidden.shape[0] >= TIED_DENSE_ROWS
                                        and not takes_every_row_count(packed)):
-            return self.lm_head(hidden).float()
-        head = self.embed.dense() if tied else self.lm_head.weight
-        return dense_linear(hidden, head, out_dtype=torch.float32)
+            logits = self.lm_head(hidden).float()
+        else:
+            head = self.embed.dense() if tied else self.lm_head.weight
+            logits = dense_linear(hidden, head, out_dtype=torch.float32)
+        return soft_cap(logits, self.config.final_softcap)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...); every
