@@ -236,7 +236,7 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
 
 
 def sweep_prefetch(model: LlamaForCausalLM, mode: str, context: int,
-                   budgets: tuple[float, ...], rounds: int = 3) -> list[dict]:
+                   budgets: tuple[float, ...], rounds: int = 2) -> list[dict]:
     """Batch-1 device tok/s at each L2 prefetch budget (MiB a launch; 0: none), from every
     site (attention, norms, SwiGLU) and from the attention kernel alone, best of `rounds`
     alternating rounds, each against no prefetch."""
