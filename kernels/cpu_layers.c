@@ -16,9 +16,9 @@ int lf_cpu_gemm(int int4, const float *x, int64_t M, int64_t K, const void *w,
 void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *weight, float eps,
                          int64_t M, int64_t K, float *out, float *res_out);
 int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
-                         int64_t dim, const float *cos, const float *sin, const int64_t *slots,
-                         int64_t num_slots, void *k_cache, void *v_cache, int64_t kv_type,
-                         const float *head_norm, float eps, float *q_out);
+                         int64_t dim, int64_t rot, const float *cos, const float *sin,
+                         const int64_t *slots, int64_t num_slots, void *k_cache, void *v_cache,
+                         int64_t kv_type, const float *head_norm, float eps, float *q_out);
 int lf_cpu_paged_attention(const struct lf_attention_step *step, const float *q, int64_t heads,
                            int64_t kv_heads, int64_t dim, const void *k_cache,
                            const void *v_cache, int64_t kv_type, int64_t num_blocks,
@@ -48,10 +48,11 @@ struct lf_layer {
 
 /* The model's shapes and its KV caches' element type (cpu_vec.h's KV_*), and one step's
  * inputs: per KV pool its sequences for the attention (cpu_attention.py's AttentionStep),
- * its tokens' flat slots, and RoPE's cos and sin [T, dim / 2] for the tokens' positions
+ * its tokens' flat slots, and RoPE's cos and sin [T, rot / 2] for the tokens' positions
  * (the window pool's layers may turn by another base: Gemma 3's). */
 struct lf_stack {
     int64_t hidden, heads, kv_heads, dim, intermediate, block_size, kv_type;
+    int64_t rot;  /* the dims RoPE turns in a head, the first ones (cos, sin: [T, rot / 2]) */
     float eps, scale, cap;  /* cap: the attention scores' soft-cap (Gemma 2's), 0: none */
     const struct lf_attention_step *attention[2];
     const int64_t *slots[2];
@@ -95,7 +96,8 @@ int lf_cpu_decoder_layers(const struct lf_stack *s, const struct lf_layer *layer
                             residual);
         if (first) memcpy(residual, x, sizeof(float) * (size_t)(T * H));
         if ((rc = product(&l->qkv, h, T, H, qkv_width, wide)) != 0) break;
-        if (lf_cpu_rope_kv_write(wide, T, s->heads, s->kv_heads, s->dim, s->cos[l->pool],
+        if (lf_cpu_rope_kv_write(wide, T, s->heads, s->kv_heads, s->dim, s->rot,
+                                 s->cos[l->pool],
                                  s->sin[l->pool],
                                  s->slots[l->pool], l->num_blocks * s->block_size,
                                  l->k_cache, l->v_cache, s->kv_type, l->head_norm, s->eps,

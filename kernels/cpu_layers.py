@@ -51,7 +51,7 @@ class _Stack(ctypes.Structure):  # struct lf_stack
     _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("kv_heads", ctypes.c_int64), ("dim", ctypes.c_int64),
                 ("intermediate", ctypes.c_int64), ("block_size", ctypes.c_int64),
-                ("kv_type", ctypes.c_int64),
+                ("kv_type", ctypes.c_int64), ("rot", ctypes.c_int64),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cap", ctypes.c_float),
                 ("attention", ctypes.c_void_p * 2), ("slots", ctypes.c_void_p * 2),
                 ("cos", ctypes.c_void_p * 2), ("sin", ctypes.c_void_p * 2)]
@@ -93,6 +93,8 @@ class Shapes:
     scale: float
     softcap: float = 0.0
     """The attention scores' soft-cap (Gemma 2's); 0: none."""
+    rope_dim: int = 0
+    """The dims RoPE turns in a head (a partial rotary embedding's); 0: head_dim."""
 
 
 def _linear(product: Product, k: int, n: int) -> _Linear | None:
@@ -122,23 +124,24 @@ class DecoderStack:
         """The first `count` layers over x [T, hidden] (the embedded tokens): (the last
         layer's down product, the residual stream), as the per-op loop returns them; each
         pool's attention step and its tokens' KV slots [T] (`sparse`: the windowed layers'
-        pool's, None where they share the first); RoPE's cos, sin [T, 1, head_dim / 2]
+        pool's, None where they share the first); RoPE's cos, sin [T, 1, rope_dim / 2]
         (`local`: the windowed layers' own, Gemma 3's; None: the same). None, with nothing
         written, where the native kernels do not take these tensors."""
         lib = library_in_use()
         s = self.shapes
         t = x.shape[0]
         pools = (full, sparse or full)
+        rot = s.rope_dim or s.head_dim
         tables = ((cos, sin), local or (cos, sin))
         if lib is None or not _enabled or not (
                 x.dim() == 2 and float_rows(x, s.hidden) and 1 <= count <= len(self.layers)
                 and all(step.rows == t and slots.shape == (t,) and slots.dtype == torch.int64
                         and slots.is_contiguous() for step, slots in pools)
-                and all(c.shape == (t, 1, s.head_dim // 2) and float_rows(c, s.head_dim // 2)
+                and all(c.shape == (t, 1, rot // 2) and float_rows(c, rot // 2)
                         for table in tables for c in table)):
             return None
         stack = _Stack(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate,
-                       self.block_size, self.kv_type, s.eps, s.scale, s.softcap,
+                       self.block_size, self.kv_type, rot, s.eps, s.scale, s.softcap,
                        (ctypes.c_void_p * 2)(*(ctypes.addressof(step) for step, _ in pools)),
                        (ctypes.c_void_p * 2)(*(slots.data_ptr() for _, slots in pools)),
                        (ctypes.c_void_p * 2)(*(c.data_ptr() for c, _ in tables)),

@@ -156,7 +156,7 @@ def load(variant: Variant) -> Library | None:
     norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p]
     norm.restype = None
     rope = lib.lf_cpu_rope_kv_write
-    rope.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, i64, p, ctypes.c_float, p]
+    rope.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, i64, p, p, i64, p, ctypes.c_float, p]
     rope.restype = ctypes.c_int
     attention = lib.lf_cpu_paged_attention
     attention.argtypes = [p, p, i64, i64, i64, p, p, i64, i64, i64, ctypes.c_float,
@@ -315,7 +315,8 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   heads: int, kv_heads: int, lib: Library | None = None,
                   head_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | None:
     """Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin: [T, 1,
-    dim / 2], `layers.RotaryEmbedding.inputs`), k and v stored at the caches' flat slots
+    rot / 2], `layers.RotaryEmbedding.inputs`: each head's first rot dims turn, the rest
+    pass; rot even, at most dim), k and v stored at the caches' flat slots
     (rounded to the caches' type: `KV_TYPES`); returns the rotated q [T, heads, dim].
     `head_norm`: (weight [2 * dim], eps): q's heads are first RMS-normed with the weight's
     first half and k's with its second (Qwen3). Float32 tensors in CPU memory, contiguous;
@@ -330,16 +331,18 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if norm is not None and not (dim % 16 == 0 and norm.shape == (2 * dim,)
                                  and float_rows(norm, 2 * dim)):
         return None
+    half = cos.shape[-1]
     if not (width == heads + 2 * kv_heads and dim % 2 == 0 and float_rows(qkv, dim)
-            and cos.shape == sin.shape == (t, 1, dim // 2) and float_rows(cos, dim // 2)
-            and float_rows(sin, dim // 2) and k_cache.shape[-2:] == (kv_heads, dim)
+            and cos.shape == sin.shape == (t, 1, half) and 0 < 2 * half <= dim
+            and float_rows(cos, half) and float_rows(sin, half)
+            and k_cache.shape[-2:] == (kv_heads, dim)
             and kv is not None and (kv == 0 or kv_heads * dim % 8 == 0) and slot_mapping.is_cpu
             and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (t,)
             and slot_mapping.is_contiguous()):
         return None
     q = torch.empty(t, heads, dim)
     slots = k_cache.numel() // (kv_heads * dim)
-    if lib.rope_kv_write(qkv.data_ptr(), t, heads, kv_heads, dim, cos.data_ptr(),
+    if lib.rope_kv_write(qkv.data_ptr(), t, heads, kv_heads, dim, 2 * half, cos.data_ptr(),
                          sin.data_ptr(), slot_mapping.data_ptr(), slots, k_cache.data_ptr(),
                          v_cache.data_ptr(), kv, None if norm is None else norm.data_ptr(),
                          eps, q.data_ptr()) != 0:

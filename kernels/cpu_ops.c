@@ -31,14 +31,16 @@ void lf_cpu_add_rms_norm(const float *x, const float *residual, const float *wei
     }
 }
 
+/* A head of `dim`: its first 2 half dims turned (pairs i, i + half), the rest copied. */
 static inline void rotate(const float *x, const float *c, const float *s, int64_t half,
-                          float *out)
+                          int64_t dim, float *out)
 {
     for (int64_t i = 0; i < half; i++) {
         const float x1 = x[i], x2 = x[i + half];
         out[i] = x1 * c[i] - x2 * s[i];
         out[i + half] = x2 * c[i] + x1 * s[i];
     }
+    for (int64_t i = 2 * half; i < dim; i++) out[i] = x[i];
 }
 
 /* One head's rotation input: the head itself, or with a norm weight (non-NULL) the head
@@ -51,19 +53,21 @@ static inline const float *head_input(const float *x, const float *weight, float
     return out;
 }
 
-/* Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin [T, dim / 2]),
- * q into q_out [T, heads, dim], k and v into the caches' flat slots [slots, kv_heads, dim]
+/* Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin [T, rot / 2]:
+ * each head's first rot dims turn, the rest pass; rot = dim but for a partial rotary
+ * embedding), q into q_out [T, heads, dim], k and v into the caches' flat slots [slots,
+ * kv_heads, dim]
  * at slots[t], their elements of type kv_type (cpu_vec.h's KV_*; a 16-bit one needs
  * kv_heads * dim a multiple of 8).  head_norm (NULL: none) is [2, dim]: q's heads are
  * RMS-normed with its first row and k's with its second before they turn (Qwen3's q and
  * k norms; dim then a multiple of 16).  Returns 0, or -1 (writing nothing) when a slot is
  * outside 0..num_slots-1. */
 int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads,
-                         int64_t dim, const float *cos, const float *sin, const int64_t *slots,
-                         int64_t num_slots, void *k_cache, void *v_cache, int64_t kv_type,
-                         const float *head_norm, float eps, float *q_out)
+                         int64_t dim, int64_t rot, const float *cos, const float *sin,
+                         const int64_t *slots, int64_t num_slots, void *k_cache, void *v_cache,
+                         int64_t kv_type, const float *head_norm, float eps, float *q_out)
 {
-    const int64_t half = dim / 2, row = (heads + 2 * kv_heads) * dim, kv = kv_heads * dim;
+    const int64_t half = rot / 2, row = (heads + 2 * kv_heads) * dim, kv = kv_heads * dim;
     for (int64_t t = 0; t < T; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
     float k[kv];  /* a token's rotated keys, then stored */
@@ -72,11 +76,11 @@ int lf_cpu_rope_kv_write(const float *qkv, int64_t T, int64_t heads, int64_t kv_
     for (int64_t t = 0; t < T; t++) {
         const float *x = qkv + t * row, *c = cos + t * half, *s = sin + t * half;
         for (int64_t h = 0; h < heads; h++)
-            rotate(head_input(x + h * dim, q_norm, eps, dim, normed), c, s, half,
+            rotate(head_input(x + h * dim, q_norm, eps, dim, normed), c, s, half, dim,
                    q_out + (t * heads + h) * dim);
         for (int64_t h = 0; h < kv_heads; h++)
             rotate(head_input(x + (heads + h) * dim, k_norm, eps, dim, normed), c, s, half,
-                   k + h * dim);
+                   dim, k + h * dim);
         store_kv(k_cache, slots[t] * kv, k, kv, (int)kv_type);
         store_kv(v_cache, slots[t] * kv, x + (heads + kv_heads) * dim, kv, (int)kv_type);
     }

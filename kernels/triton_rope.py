@@ -25,14 +25,18 @@ from kernels.triton_fused import (
 @triton.jit
 def _rope_kv_write_kernel(in_ptr, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
                           slot_ptr, stride_qkv, stride_table, block_size, stride_kb, stride_ks,
-                          stride_kh, stride_vb, stride_vs, stride_vh, half, ss_ptr, n_ss,
+                          stride_kh, stride_vb, stride_vs, stride_vh, half, rest, ss_ptr, n_ss,
                           inv_width, ss_eps, hn_ptr, hn_eps, NUM_HEADS: tl.constexpr,
                           NUM_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                          SS_BLOCK: tl.constexpr, HEAD_NORM: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_REST: tl.constexpr, SS_BLOCK: tl.constexpr,
+                          HEAD_NORM: tl.constexpr, PDL: tl.constexpr):
+    """A head is its turned dims' two halves of `half` (x1, x2) and, with a partial rotary
+    embedding (BLOCK_REST > 0), the `rest` dims after them, which pass unturned (x3)."""
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
     mask = offs < half
+    dim = 2 * half + rest
     # positions and slots are the step's inputs, written before its first kernel: they and
     # the rotation load while the previous kernel finishes
     rotate = head < NUM_HEADS + NUM_KV_HEADS  # q or k
@@ -42,33 +46,48 @@ def _rope_kv_write_kernel(in_ptr, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_pt
     sin = tl.load(sin_ptr + pos * stride_table + offs, mask=turns, other=0.0)
     slot = tl.load(slot_ptr + t)
     await_inputs(PDL)
-    at = t * stride_qkv + head * 2 * half + offs
+    base = t * stride_qkv + head * dim
+    at = base + offs
     scale = _row_scale(ss_ptr, t, n_ss, inv_width, ss_eps, SS_BLOCK)
     x1 = _load_input(in_ptr, at, mask, qkv_ptr.dtype.element_ty, scale)
     x2 = _load_input(in_ptr, at + half, mask, qkv_ptr.dtype.element_ty, scale)
+    if BLOCK_REST > 0:
+        offs3 = 2 * half + tl.arange(0, BLOCK_REST)
+        mask3 = offs3 < dim
+        x3 = _load_input(in_ptr, base + offs3, mask3, qkv_ptr.dtype.element_ty, scale)
     if rotate:  # (in place unless from GemvSums)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         if HEAD_NORM:  # the head RMS-normed first, q's weight or k's, rounded as HF rounds
-            inv = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / (2 * half) + hn_eps)
-            w_at = tl.where(head < NUM_HEADS, 0, 2 * half) + offs
-            w1 = tl.load(hn_ptr + w_at, mask=mask, other=0.0).to(tl.float32)
-            w2 = tl.load(hn_ptr + w_at + half, mask=mask, other=0.0).to(tl.float32)
+            ss = tl.sum(a * a, 0) + tl.sum(b * b, 0)
+            if BLOCK_REST > 0:
+                ss += tl.sum(x3.to(tl.float32) * x3.to(tl.float32), 0)
+            inv = 1.0 / tl.sqrt(ss / dim + hn_eps)
+            w_base = tl.where(head < NUM_HEADS, 0, dim)
+            w1 = tl.load(hn_ptr + w_base + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(hn_ptr + w_base + half + offs, mask=mask, other=0.0).to(tl.float32)
             a = ((a * inv).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
             b = ((b * inv).to(x2.dtype).to(tl.float32) * w2).to(x2.dtype).to(tl.float32)
+            if BLOCK_REST > 0:
+                w3 = tl.load(hn_ptr + w_base + offs3, mask=mask3, other=0.0).to(tl.float32)
+                x3 = ((x3.to(tl.float32) * inv).to(x3.dtype).to(tl.float32) * w3).to(x3.dtype)
         x1 = (a * cos - b * sin).to(x1.dtype)
         x2 = (b * cos + a * sin).to(x2.dtype)
         tl.store(qkv_ptr + at, x1, mask=mask)
         tl.store(qkv_ptr + at + half, x2, mask=mask)
+        if BLOCK_REST > 0:
+            tl.store(qkv_ptr + base + offs3, x3, mask=mask3)
     if head >= NUM_HEADS:  # k or v: store at the token's flat slot block * block_size + offset
         block, offset = slot // block_size, slot % block_size
         if head < NUM_HEADS + NUM_KV_HEADS:
             dst = (k_cache_ptr + block * stride_kb + offset * stride_ks
-                   + (head - NUM_HEADS) * stride_kh + offs)
+                   + (head - NUM_HEADS) * stride_kh)
         else:
             dst = (v_cache_ptr + block * stride_vb + offset * stride_vs
-                   + (head - NUM_HEADS - NUM_KV_HEADS) * stride_vh + offs)
-        tl.store(dst, x1.to(dst.dtype.element_ty), mask=mask)
-        tl.store(dst + half, x2.to(dst.dtype.element_ty), mask=mask)
+                   + (head - NUM_HEADS - NUM_KV_HEADS) * stride_vh)
+        tl.store(dst + offs, x1.to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + half + offs, x2.to(dst.dtype.element_ty), mask=mask)
+        if BLOCK_REST > 0:
+            tl.store(dst + offs3, x3.to(dst.dtype.element_ty), mask=mask3)
 
 
 def rope_kv_write(qkv: torch.Tensor | GemvSums, positions: torch.Tensor,
@@ -83,7 +102,8 @@ def rope_kv_write(qkv: torch.Tensor | GemvSums, positions: torch.Tensor,
     (Qwen3's q and k norms).
 
     qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim], heads in q, k, v order;
-    positions, slot_mapping: [T] int64; cos_table, sin_table: [max_pos, head_dim / 2] float32;
+    positions, slot_mapping: [T] int64; cos_table, sin_table: [max_pos, rot / 2] float32
+    (each head's first rot dims turn, rot = head_dim but for a partial rotary embedding);
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], slot = block *
     block_size + offset. Rotation math is float32, stored back in qkv.dtype.
     """
@@ -95,16 +115,19 @@ def rope_kv_write(qkv: torch.Tensor | GemvSums, positions: torch.Tensor,
     assert qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] == num_all * head_dim
     assert k_cache.shape == v_cache.shape and k_cache.shape[2] == num_kv_heads
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert cos_table.stride() == sin_table.stride() and cos_table.shape[1] * 2 == head_dim
+    half = cos_table.shape[1]
+    assert cos_table.stride() == sin_table.stride() and 0 < 2 * half <= head_dim
     assert cos_table.stride(1) == 1 and cos_table.dtype == sin_table.dtype == torch.float32
     weight, eps = head_norm or (qkv, 0.0)  # (without: any tensor, never read)
     assert head_norm is None or weight.shape == (2 * head_dim,) and weight.is_contiguous()
     _rope_kv_write_kernel[(qkv.shape[0], num_all)](
         src, qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos_table.stride(0), k_cache.shape[1],
-        *k_cache.stride()[:3], *v_cache.stride()[:3], head_dim // 2, *norm_args, weight, eps,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=1, **norm_consts,
+        *k_cache.stride()[:3], *v_cache.stride()[:3], half, head_dim - 2 * half, *norm_args,
+        weight, eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_REST=triton.next_power_of_2(head_dim - 2 * half) if head_dim > 2 * half else 0,
+        num_warps=1, **norm_consts,
         HEAD_NORM=head_norm is not None, **pdl_args(qkv.device),
     )
     return qkv
@@ -123,10 +146,12 @@ def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_tabl
 
         qk = head_rms_norm(qk, *head_norm, num_heads)
     qk = qk.to(_acc_dtype(qkv.dtype))
-    cos = cos_table[positions].unsqueeze(1).to(qk.dtype)  # [T, 1, head_dim / 2]
+    cos = cos_table[positions].unsqueeze(1).to(qk.dtype)  # [T, 1, rot / 2]
     sin = sin_table[positions].unsqueeze(1).to(qk.dtype)
-    x1, x2 = qk.chunk(2, dim=-1)
-    heads[:, : num_heads + num_kv_heads] = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+    rot = 2 * cos.shape[-1]
+    x1, x2, rest = qk[..., : rot // 2], qk[..., rot // 2 : rot], qk[..., rot:]
+    heads[:, : num_heads + num_kv_heads] = torch.cat(
+        (x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), -1)
     k, v = heads[:, num_heads : num_heads + num_kv_heads], heads[:, num_heads + num_kv_heads :]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))

@@ -178,20 +178,22 @@ def test_add_rms_norm_variants_agree_and_declines_what_it_cannot_take():
         assert cpu_native.add_rms_norm(x, r, w, 1e-6) is None
 
 
-def _rope_case(t: int = 5, heads: int = 9, kv_heads: int = 3, dim: int = 64):
+def _rope_case(t: int = 5, heads: int = 9, kv_heads: int = 3, dim: int = 64, rot: int = 64):
     qkv = torch.randn(t, heads + 2 * kv_heads, dim)
-    cos, sin = torch.randn(t, 1, dim // 2), torch.randn(t, 1, dim // 2)
+    cos, sin = torch.randn(t, 1, rot // 2), torch.randn(t, 1, rot // 2)
     caches = torch.randn(4, 16, kv_heads, dim), torch.randn(4, 16, kv_heads, dim)
     return qkv, cos, sin, caches, torch.tensor([3, 17, 40, 2, 63][:t])
 
 
-def test_rope_kv_write_matches_torch_and_rows_stand_alone(native_lib):
+@pytest.mark.parametrize("rot", [64, 48], ids=["whole", "partial"])
+def test_rope_kv_write_matches_torch_and_rows_stand_alone(native_lib, rot):
     """q and k rotated as `apply_rope` does (within float32 rounding: the kernel may fuse a
-    multiply-add), k and v at their slots and nowhere else, a token's bits the same alone."""
+    multiply-add; partial: the first 48 of 64 dims turn, the rest pass), k and v at their
+    slots and nowhere else, a token's bits the same alone."""
     from kernels.attention import write_kv
     from server.models.layers import apply_rope
 
-    qkv, cos, sin, (kc, vc), slots = _rope_case()
+    qkv, cos, sin, (kc, vc), slots = _rope_case(rot=rot)
     k_ref, v_ref = kc.clone(), vc.clone()
     qk = apply_rope(qkv[:, :12], cos, sin)
     write_kv(qk[:, 9:], qkv[:, 12:], k_ref, v_ref, slots)

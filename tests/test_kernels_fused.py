@@ -108,6 +108,41 @@ def test_rope_kv_write(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rot", [(9, 3, 64, 32), (4, 2, 128, 96)])
+@pytest.mark.parametrize("normed", [False, True])
+def test_rope_kv_write_partial_rotary(dtype: torch.dtype, heads: int, kv_heads: int,
+                                      head_dim: int, rot: int, normed: bool) -> None:
+    """A partial rotary embedding (Phi-4-mini's 96 of 128 dims): each head's first rot dims
+    turn, the rest pass (normed with the head where there is a head norm), in qkv and the
+    caches, against the reference; the turned and passed dims differ from the plain turn's."""
+    t = 3
+    qkv, positions, cos, sin, k_cache, v_cache, slots = _rope_inputs(t, heads, kv_heads,
+                                                                     head_dim, dtype)
+    cos, sin = cos[:, : rot // 2], sin[:, : rot // 2]
+    norm = (_randn(2 * head_dim, dtype=dtype, seed=12, scale=0.3) + 1, 1e-6) if normed else None
+    original = qkv.clone()
+    ref = [qkv.clone(), k_cache.clone(), v_cache.clone()]
+    rope.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, slots, heads, kv_heads, norm)
+    rope.rope_kv_write_reference(ref[0], positions, cos, sin, ref[1], ref[2], slots, heads,
+                                  kv_heads, norm)
+    v_start = (heads + kv_heads) * head_dim
+    assert torch.equal(qkv[:, v_start:], original[:, v_start:])
+    if not normed:  # the dims past rot pass as they are
+        heads_of = qkv[:, :v_start].view(t, -1, head_dim)
+        assert torch.equal(heads_of[..., rot:], original[:, :v_start].view(t, -1, head_dim)[
+            ..., rot:])
+    pairs = [(qkv[:, :v_start], ref[0][:, :v_start])] + [
+        (got.view(20, -1)[slots], want.view(20, -1)[slots])
+        for got, want in zip((k_cache, v_cache), ref[1:], strict=True)]
+    for got, want in pairs:
+        if dtype == torch.bfloat16 and normed:  # (see the next test: truncating rounding)
+            err = (got.double() - want.double()).norm() / want.double().norm()
+            assert err < 2e-2, err
+        else:
+            _assert_close(got, want, RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 128)])
 def test_rope_kv_write_norms_heads_first(dtype: torch.dtype, heads: int, kv_heads: int,
                                          head_dim: int) -> None:
@@ -148,14 +183,16 @@ def _tiny_model(dtype: torch.dtype, attention_bias: bool = False, arch: str = "l
     """Two layers with the default model's attention shape (9 heads, 3 KV heads, dim 64)
     (qwen3: q and k head norms; gemma3: those, four norms a layer, GeGLU, a scaled
     embedding and attention, and the first layer's RoPE of the window layers' base; gemma2:
-    gemma3's without the head norms and local RoPE, its attention scores soft-capped)."""
+    gemma3's without the head norms and local RoPE, its attention scores soft-capped; phi3:
+    a partial rotary embedding, 48 of 64 dims, as Phi-4-mini's)."""
     gemma = arch in ("gemma2", "gemma3")
     config = ModelConfig(arch, vocab_size=64, hidden_size=576, intermediate_size=96,
                          num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64,
                          attention_bias=attention_bias, qk_norm=arch in ("qwen3", "gemma3"),
                          attention_scale=0.1 if gemma else None,
                          local_rope_theta=100.0 if arch == "gemma3" else None,
-                         attn_softcap=0.5 if arch == "gemma2" else None)
+                         attn_softcap=0.5 if arch == "gemma2" else None,
+                         rotary_dim=48 if arch == "phi3" else None)
     model = LlamaForCausalLM(config, dtype, max_positions=64)
     model.layers[0].windowed = arch == "gemma3"  # (no window in these steps: its RoPE only)
     gen = torch.Generator().manual_seed(5)
@@ -301,7 +338,7 @@ def test_kernels_take_gemv_sums(with_residual: bool) -> None:
     assert int(sums.sums.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_forward_matches_torch_path(dtype: torch.dtype, arch: str) -> None:
     torch_model, fused_model = _tiny_model(dtype, arch=arch), _tiny_model(dtype, arch=arch)

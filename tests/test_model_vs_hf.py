@@ -60,6 +60,31 @@ def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir)
     assert llm.engine.blocks.num_free_blocks == 64
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_partial_rotary_matches_transformers(native: bool, tmp_path) -> None:
+    """Phi-4-mini's partial rotary embedding (here 3/4 of each head's 16 dims turn), with a
+    LongRoPE scaling whose short factors cover the turned dims only; and from a GGUF, whose
+    `rope.dimension_count` gives the turned dims."""
+    from tests.tiny_models import save_tiny_gguf, save_tiny_model
+
+    gen = torch.Generator().manual_seed(7)
+    short = (torch.rand(6, generator=gen) * 3 + 1).tolist()
+    path = save_tiny_model("phi3", tmp_path / "hf", partial_rotary_factor=0.75,
+                           max_position_embeddings=256, original_max_position_embeddings=64,
+                           rope_scaling={"rope_type": "longrope", "short_factor": short,
+                                         "long_factor": short})
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+    assert (llm.engine.model.config.rotary_dim, llm.engine.model.rope.cos.shape[1]) == (12, 6)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 30)]
+    with contextlib.nullcontext() if native else cpu_native.turned_off():
+        check_against_hf(llm, hf, prompts, 32)
+        gguf = LLM(str(save_tiny_gguf(hf, tmp_path / "phi4.gguf")), dtype="float32",
+                   num_kv_blocks=64, block_size=4, quantization="none")
+        assert gguf.engine.model.config.rotary_dim == 12
+        check_against_hf(gguf, hf, prompts, 32)
+
+
 @pytest.mark.parametrize(("arch", "window"), [
     ("mistral", {"sliding_window": 8}), ("phi3", {"sliding_window": 8}),
     ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1})])

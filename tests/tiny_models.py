@@ -49,6 +49,10 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
     if arch == "phi3":  # (fused q/k/v and gate/up in its checkpoint)
         return Phi3Config(**{"sliding_window": None, **common}, pad_token_id=0,
                           rope_theta=10000.0, tie_word_embeddings=False)
+    if arch == "phi4":  # (Phi-4-mini's partial rotary embedding: 12 of each head's 16 dims)
+        return Phi3Config(**{"sliding_window": None, **common}, pad_token_id=0,
+                          rope_theta=10000.0, tie_word_embeddings=True,
+                          partial_rotary_factor=0.75)
     if arch == "gemma3":  # (layer 2 global, the others a window of 8; other RoPE bases)
         return Gemma3TextConfig(**{"head_dim": 32, "sliding_window": 8, "pad_token_id": 0,
                                    "query_pre_attn_scalar": 24, "layer_types": [
@@ -110,6 +114,7 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * getattr(c, "partial_rotary_factor", 1.0)))
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # (Gemma's: by layer)
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)

@@ -23,6 +23,9 @@ class ModelConfig:
     rope_scaling: dict[str, float | str] | None = None
     """HF rope_scaling dict: types llama3, linear, yarn and longrope (its short factors) are
     applied (`layers.rope_frequencies`), others are rejected at load."""
+    rotary_dim: int | None = None
+    """The dims of each q and k head RoPE turns, the first ones (a partial rotary embedding:
+    head_dim * partial_rotary_factor, Phi-4-mini's 96 of 128); None: all."""
     rope_freq_factors: tuple[float, ...] | None = None
     """llama.cpp's `rope_freqs` tensor, how a Llama 3.x GGUF carries its RoPE scaling: each
     of the head_dim / 2 frequencies divided by its factor."""
@@ -50,6 +53,11 @@ class ModelConfig:
     (`window_layers`; Mistral's sliding_window, Qwen2's use_sliding_window): a query at s
     sees the keys at t > s - sliding_window."""
     window_layers: tuple[int, ...] = ()
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims RoPE turns in each q and k head (`rotary_dim`, else head_dim)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def gemma(self) -> bool:
@@ -165,9 +173,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
         scaling = {"original_max_position_embeddings": hf["original_max_position_embeddings"],
                    **scaling}
     rotary = hf.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0
-    if rotary != 1.0:
-        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {rotary}, as "
-                         "Phi-4-mini's) are not supported")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if int(head_dim * rotary) % 2 or not 0 < rotary <= 1:
+        raise ValueError(f"partial_rotary_factor {rotary} of head_dim {head_dim}: RoPE needs "
+                         "an even number of dims, at most head_dim")
     window, window_layers = _window_layers(hf, arch)
     return ModelConfig(
         architecture=arch,
@@ -177,7 +186,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=head_dim,
+        rotary_dim=int(head_dim * rotary) if rotary != 1.0 else None,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=hf.get("rope_theta") or params.get("rope_theta", 10000.0),
         rope_scaling=scaling,

@@ -95,6 +95,7 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
     scale_dim = hidden // heads if (arch, layers) in (("gemma2", 46), ("gemma3", 62)) \
         else head_dim
     caps = [meta(f"{kind}_logit_softcapping") for kind in ("attn", "final")]
+    rotary = int(meta("rope.dimension_count", head_dim))  # (Phi-4-mini's: 96 of 128)
     return ModelConfig(
         architecture=arch,
         vocab_size=int(meta("vocab_size", int(embd.shape[1]))),
@@ -104,6 +105,7 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=int(meta("attention.head_count_kv", heads)),
         head_dim=head_dim,
+        rotary_dim=rotary if rotary < head_dim else None,
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
         rope_scaling=_rope_scaling(meta, reader),

@@ -190,19 +190,19 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """([head_dim / 2] inverse frequencies, the factor cos and sin are scaled by) as the
+    """([rope_dim / 2] inverse frequencies, the factor cos and sin are scaled by) as the
     config's frequency factors (a GGUF's) and rope_scaling ask: none, Llama 3's, LongRoPE's
     short factors (`_longrope`), linear (position interpolation: every frequency / factor),
     or YaRN (NTK-by-parts: the fast-turning dimensions keep their frequency, the slow ones
     are interpolated, a linear ramp between, and cos and sin scaled by 0.1 ln(factor) + 1,
     as the YaRN paper sets it and transformers computes it)."""
-    dim = config.head_dim
+    dim = config.rope_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     inv_freq = 1.0 / (config.rope_theta ** exponents)
     if config.rope_freq_factors is not None:
         if len(config.rope_freq_factors) != dim // 2:
             raise ValueError(f"{len(config.rope_freq_factors)} RoPE frequency factors for "
-                             f"head_dim {dim} (expected {dim // 2})")
+                             f"a rotary dimension of {dim} (expected {dim // 2})")
         inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
     scaling = config.rope_scaling
     kind = scaling_type(scaling)
@@ -249,11 +249,11 @@ def _longrope(config: ModelConfig) -> tuple[torch.Tensor, float]:
     its short factor, cos and sin scaled by sqrt(1 + ln(s) / ln(trained context)), s the
     factor of its extension, as transformers runs it up to that context
     (`ModelConfig.context_limit` stops there)."""
-    scaling, dim = config.rope_scaling, config.head_dim
+    scaling, dim = config.rope_scaling, config.rope_dim
     trained = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
     factors = torch.tensor(scaling["short_factor"], dtype=torch.float32)
     if len(factors) != dim // 2:
-        raise ValueError(f"{len(factors)} LongRoPE short factors for head_dim {dim}")
+        raise ValueError(f"{len(factors)} LongRoPE short factors for a rotary dimension of {dim}")
     attention = scaling.get("attention_factor")
     if attention is None:
         factor = scaling.get("factor") or config.max_position_embeddings / trained
@@ -263,7 +263,7 @@ def _longrope(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 def _yarn(config: ModelConfig, factor: float) -> tuple[torch.Tensor, float]:
-    scaling, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
+    scaling, dim, base = config.rope_scaling, config.rope_dim, config.rope_theta
     old_len = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
 
     def mscale(scale: float, m: float = 1.0) -> float:
@@ -303,7 +303,8 @@ class RopeInputs:
 
 class RotaryEmbedding(torch.nn.Module):
     """Rotate-half (NeoX-style) RoPE from precomputed float32 tables `cos`, `sin` [max_pos,
-    dim/2]; with a `local_rope_theta` (Gemma 3), unscaled tables of that base for the
+    rope_dim/2] (partial rotary: the first rope_dim of each head's dims turn, the rest pass
+    as they are); with a `local_rope_theta` (Gemma 3), unscaled tables of that base for the
     sliding-window layers too (`local_cos`, `local_sin`)."""
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
@@ -331,9 +332,11 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, heads, dim] -> rotated copy."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """x: [num_tokens, heads, dim] -> rotated copy; cos, sin [..., rot / 2] turn the first
+    rot dims (all of them, or a partial rotary embedding's share) and pass the rest."""
+    rot = 2 * cos.shape[-1]
+    x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
 def add_rms_norm(x: Activations, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
