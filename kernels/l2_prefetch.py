@@ -14,7 +14,7 @@ without (`tests/gpu/test_gpu_decode_steps.py`).
 
 `regions` picks the byte ranges, `prefetch_args` turns them into a kernel's launch
 arguments and `prefetch_l2` (inside the kernel) issues them; `disabled` and `budget`
-serve side-by-side timing. `LEAPFROG_L2_PREFETCH_MB` sets the budget (0: off).
+serve side-by-side timing. `LEAPFROG_L2_PREFETCH_MB` sets the budget (0, the default: off).
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ POINTWISE = Switch(True)
 """Whether the norm and SwiGLU kernels before a product prefetch its weights too (the
 attention kernel alone, off)."""
 pointwise_disabled = POINTWISE.off
-BUDGET = int(float(os.environ.get("LEAPFROG_L2_PREFETCH_MB", "24")) * 2**20)
-"""Bytes a launch prefetches at most."""
+BUDGET = int(float(os.environ.get("LEAPFROG_L2_PREFETCH_MB", "0")) * 2**20)
+"""Bytes a launch prefetches at most; 0 (the default until it is timed on a device, gpu.md
+session 40): none."""
 
 
 @contextlib.contextmanager
@@ -62,11 +63,16 @@ def _capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def supported(device: torch.device) -> bool:
+    """The bulk prefetch runs on `device`: CUDA sm_90+, not under TRITON_INTERPRET (no PTX
+    there)."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and _capable(device))
+
+
 def active(device: torch.device) -> bool:
-    """Prefetch on `device`: CUDA sm_90+ (the bulk prefetch), not under TRITON_INTERPRET
-    (no PTX there), `ENABLED`, a budget above zero."""
-    return (ENABLED.on and BUDGET > 0 and device.type == "cuda"
-            and os.environ.get("TRITON_INTERPRET") != "1" and _capable(device))
+    """Prefetch on `device`: `supported`, `ENABLED`, a budget above zero."""
+    return ENABLED.on and BUDGET > 0 and supported(device)
 
 
 def regions(tensors: Sequence[torch.Tensor], limit: int) -> list[tuple[torch.Tensor, int]]:

@@ -257,8 +257,8 @@ def test_unsupported_rope_scaling_is_named(tiny_model_dir, tmp_path) -> None:
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'dynamic'"):
         LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=8,
             rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    path = save_tiny_model("phi3", tmp_path, partial_rotary_factor=0.75)
-    with pytest.raises(ValueError, match="partial rotary embeddings .*0.75"):
+    path = save_tiny_model("phi3", tmp_path, partial_rotary_factor=0.3125)  # (5 of 16 dims)
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.3125 .*even number"):
         LLM(str(path), dtype="float32", num_kv_blocks=8)
 
 

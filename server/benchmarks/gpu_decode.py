@@ -14,10 +14,9 @@ What each number times:
   is the host's share). ``device_nosums``: the same with the packed GEMVs merging their
   own split-K partials (`kernels.gemv_sums.sums_disabled`); ``device_autotuned``: the
   same with the GEMVs' configurations picked by the autotuner in this process instead of
-  the device's table (`kernels.gemv_table.disabled`); ``device_noprefetch``: the same
-  without the attention kernel's L2 prefetch of the next weights (`kernels.l2_prefetch`);
-  best of two alternating rounds each. ``--prefetch-budgets``: the device time at each
-  prefetch budget.
+  the device's table (`kernels.gemv_table.disabled`); best of two alternating rounds each.
+  ``--prefetch-budgets``: the same at each budget of the next weights' L2 prefetch
+  (`kernels.l2_prefetch`, from every kernel that issues it and from attention's alone).
 - ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
   the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
 - ``roofline``: measured copy bandwidth (bytes read + written per second of a device copy) /
@@ -205,23 +204,20 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
         with pdl.disabled():  # the same step, every kernel launched after the last ends
             b1_nopdl = 1 / time_decode(model, 1, context, 64, graphed=True)
         b1_eager = 1 / time_decode(model, 1, context, 16, graphed=False)
-        b1_device, b1_nosums, b1_autotuned, b1_noprefetch = 0.0, 0.0, 0.0, 0.0
+        b1_device, b1_nosums, b1_autotuned = 0.0, 0.0, 0.0
         for _ in range(2):  # alternating: the device's time as served, without GemvSums,
-            # with the autotuner's picks instead of the device's table, without L2 prefetch
+            # and with the autotuner's picks instead of the device's table
             b1_device = max(b1_device, 1 / time_replays(model, context, 64))
             with sums_disabled():
                 b1_nosums = max(b1_nosums, 1 / time_replays(model, context, 64))
             with gemv_table.disabled():
                 b1_autotuned = max(b1_autotuned, 1 / time_replays(model, context, 64))
-            with l2_prefetch.disabled():
-                b1_noprefetch = max(b1_noprefetch, 1 / time_replays(model, context, 64))
         b64 = 64 / time_decode(model, 64, context, 16, graphed=True)
         rows.append(dict(model="llama3-8b-shape", mode=mode, weight_gb=weight_bytes(model) / 1e9,
                          roofline_tps=roof, batch1_tps=b1, batch1_nopdl_tps=b1_nopdl,
                          batch1_eager_tps=b1_eager, batch1_device_tps=b1_device,
                          batch1_device_nosums_tps=b1_nosums,
                          batch1_device_autotuned_tps=b1_autotuned,
-                         batch1_device_noprefetch_tps=b1_noprefetch,
                          pct_roofline=100 * b1 / roof, pct_roofline_all=100 * b1 / roof_all,
                          batch64_tps=b64,
                          transformers_tps=hf_tps, x_transformers=b1 / hf_tps))

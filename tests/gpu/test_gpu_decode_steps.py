@@ -87,7 +87,7 @@ def test_l2_prefetch_leaves_the_logits_unchanged(scheme):
     bit-identical logits with it and without."""
     from kernels import l2_prefetch
 
-    if not l2_prefetch.active(torch.device("cuda")):
+    if not l2_prefetch.supported(torch.device("cuda")):
         pytest.skip("the bulk L2 prefetch needs sm_90+")
     model = _model(scheme)
     with l2_prefetch.disabled():
