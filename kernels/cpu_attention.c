@@ -165,11 +165,14 @@ static inline __attribute__((always_inline)) void attend_rows(
         for (int64_t j = i + AHEAD; kv != KV_F32 && j < i + AHEAD + 8 && j < keys; j++)
             prefetch_kv(k_cache, offs[j], dim, kv);
         for (int64_t r = 0; r < rows; r++)
-            if (i < pad(COUNT(r))) {
-                const v8 s = dot8(q + ROW(r), k_cache, offs + i, dim, kv) * scale;
-                store8(scores + r * width + i, cap > 0.0f ? cap * tanh8(s * (1.0f / cap)) : s);
-            }
+            if (i < pad(COUNT(r)))
+                store8(scores + r * width + i,
+                       dot8(q + ROW(r), k_cache, offs + i, dim, kv) * scale);
     }
+    for (int64_t r = 0; cap > 0.0f && r < rows; r++)  /* soft-capped (Gemma 2's) */
+        for (int64_t i = 0; i < pad(COUNT(r)); i += 8)
+            store8(scores + r * width + i,
+                   cap * tanh8(load8(scores + r * width + i) * (1.0f / cap)));
     float inv[MAX_ROWS], sum[MAX_ROWS], top[MAX_ROWS];
     for (int64_t r = 0; r < rows; r++) {
         sum[r] = COUNT(r) > 0 ? softmax_row(scores + r * width, COUNT(r), pad(COUNT(r)), top + r)
