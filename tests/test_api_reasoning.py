@@ -323,3 +323,44 @@ def test_responses_stream_the_reasoning_item(servers) -> None:
     final = events[-1].response
     assert [item.type for item in final.output] == ["reasoning", "message"]
     assert final.output[0].content[0].text == "\nAdd 2 and 2.\n"
+
+
+@pytest.mark.parametrize("parser,pieces,steps,expected", [
+    (QWEN3, ["<think>", "Add", ".</th", "ink>", "\n\nIt", " is 4."], [1, 1, 2, 1, 2, 3], 5),
+    (QWEN3, ["<think>Add.", "</think>It", " is"], [3, 3, 1], 6),  # (the closing step whole)
+    (QWEN3, ["It is ", "4."], [2, 1], 0),  # no thinking: qwen3's content
+    (R1, ["It is ", "4."], [2, 1], 3),  # ...deepseek_r1's reasoning
+    (QWEN3, ["<think>Add 2", " and"], [2, 1], 3),  # cut short while thinking
+    (R1, ["Add.", "</think>", "It is 4."], [1, 1, 3], 2),
+])
+def test_reasoning_tokens_count_the_steps_up_to_the_close(parser, pieces, steps,
+                                                          expected) -> None:
+    assert parser.reasoning_tokens(pieces, steps) == expected
+
+
+def test_usage_counts_the_reasoning_tokens(servers) -> None:
+    """`completion_tokens_details.reasoning_tokens`: the fake engine's tokens are one
+    character each, so the thought with its tags is 29 tokens; none without the parser."""
+    thought = len("<think>\nAdd 2 and 2.\n</think>")
+    url, _ = servers["qwen3"]
+    usage = _chat(url, "think")["usage"]
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": thought}
+    assert usage["completion_tokens"] > thought
+    assert _chat(url, "plain")["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+    two = _chat(url, "think", n=2)["usage"]
+    assert two["completion_tokens_details"] == {"reasoning_tokens": 2 * thought}
+    body = {"messages": _user("think"), "max_tokens": 300, "stop": "|", "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": thought}
+    r1_url, _ = servers["deepseek_r1"]
+    r1 = _chat(r1_url, "plain")["usage"]  # (all reasoning)
+    assert r1["completion_tokens_details"] == {"reasoning_tokens": r1["completion_tokens"]}
+    assert "completion_tokens_details" not in _chat(servers[None][0], "think")["usage"]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    reply = client.responses.create(model="fake-model", input="think")
+    assert reply.usage.output_tokens_details.reasoning_tokens == thought
+    events = list(client.responses.create(model="fake-model", input="think", stream=True))
+    assert events[-1].response.usage.output_tokens_details.reasoning_tokens == thought

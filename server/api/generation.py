@@ -54,11 +54,14 @@ class ChoiceResult:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_cached_tokens: int = 0
+    step_tokens: list[int] = field(default_factory=list)
+    """Each output step's tokens, beside its piece of `text`."""
 
     def add(self, out: RequestOutput) -> None:
         self.num_prompt_tokens = out.num_prompt_tokens
         self.token_ids.extend(out.new_token_ids)
         self.text.append(out.new_text)
+        self.step_tokens.append(len(out.new_token_ids))
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
         if out.prompt_logprobs is not None:

@@ -18,9 +18,14 @@ told from an answer while it comes, and is sent by then. Whole, that text is rea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from server.api.tools import held_back
+
+if TYPE_CHECKING:
+    from server.api.generation import ChoiceResult
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -56,9 +61,38 @@ class ReasoningParser:
         """A splitter for one streamed output."""
         return ReasoningStream(self)
 
+    def reasoning_tokens(self, pieces: list[str], step_tokens: list[int]) -> int:
+        """The tokens of a finished output that went to its reasoning, `usage`'s
+        `reasoning_tokens`: those of the output steps (each a text piece and its token count)
+        up to the one whose text closes the thinking (with speculation, that step counts
+        whole: a few answer tokens may count as reasoning); every token of an output that
+        `split` finds all reasoning; none of one with no reasoning."""
+        text = "".join(pieces)
+        opened = _opened(text)
+        start = opened or 0
+        close = text.find(THINK_CLOSE, start)
+        if close < 0:
+            return sum(step_tokens) if opened is not None or self.unclosed_is_reasoning else 0
+        end, seen, count = close + len(THINK_CLOSE), 0, 0
+        for piece, tokens in zip(pieces, step_tokens, strict=True):
+            if seen >= end:
+                break
+            seen, count = seen + len(piece), count + tokens
+        return count
+
 
 REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False),
                                          ReasoningParser("deepseek_r1", True))}
+
+
+def with_reasoning_tokens(usage: dict[str, Any], parser: ReasoningParser | None,
+                          results: Sequence[ChoiceResult]) -> dict[str, Any]:
+    """`usage` with `completion_tokens_details.reasoning_tokens` over every choice, as
+    OpenAI reports it, where a parser splits the reasoning off; as it is without one."""
+    if parser is None:
+        return usage
+    count = sum(parser.reasoning_tokens(r.text, r.step_tokens) for r in results)
+    return {**usage, "completion_tokens_details": {"reasoning_tokens": count}}
 
 
 class ReasoningStream:

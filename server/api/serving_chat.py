@@ -26,7 +26,7 @@ from server.api.generation import ChoiceResult, check_context_length, make_jobs
 from server.api.logprobs import TokenTexts, chat_logprobs
 from server.api.protocol import ChatCompletionRequest, ChatMessage
 from server.api.protocol_tools import Tool
-from server.api.reasoning import REASONING_PARSERS, ReasoningParser
+from server.api.reasoning import REASONING_PARSERS, ReasoningParser, with_reasoning_tokens
 from server.api.serving import Generation
 from server.api.state import EngineClient, ServerState
 from server.api.tools import (
@@ -164,7 +164,8 @@ class ChatFormatter:
         """After the last delta: the usage chunk, when asked for."""
         if not include_usage:
             return []
-        return [{**self._envelope("chat.completion.chunk", []), "usage": usage}]
+        return [{**self._envelope("chat.completion.chunk", []),
+                 "usage": with_reasoning_tokens(usage, self.reasoning, results)}]
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         choices = []
@@ -183,7 +184,8 @@ class ChatFormatter:
                 "logprobs": chat_logprobs(r.logprobs, self.texts) if self.texts else None,
                 "finish_reason": self._finish_reason(r.finish_reason, calls),
             })
-        return {**self._envelope("chat.completion", choices), "usage": usage}
+        return {**self._envelope("chat.completion", choices),
+                "usage": with_reasoning_tokens(usage, self.reasoning, results)}
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ from server.api.protocol_responses import (
     ResponseNamedToolChoice,
     ResponsesRequest,
 )
-from server.api.reasoning import ReasoningParser
+from server.api.reasoning import ReasoningParser, with_reasoning_tokens
 from server.api.response_store import ResponseStore, input_item_body
 from server.api.serving import Generation
 from server.api.serving_chat import ChatJob, prepare_chat
@@ -55,7 +55,8 @@ def response_usage(usage: dict[str, Any]) -> dict[str, Any]:
     return {"input_tokens": usage["prompt_tokens"],
             "input_tokens_details": usage["prompt_tokens_details"],
             "output_tokens": usage["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": usage.get("completion_tokens_details",
+                                               {"reasoning_tokens": 0}),
             "total_tokens": usage["total_tokens"]}
 
 
@@ -224,12 +225,14 @@ class ResponsesFormatter:
                 part = item["content"][0]
                 events.append(self._text_delta(index, part["text"], part["logprobs"]))
             events += self._message_closed(index, item)
+        usage = with_reasoning_tokens(usage, self.reasoning, results)
         done = self._finished(self._response(_status(reason), items, usage, reason))
         kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
         return [*events, self._event(kind, response=done)]
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         r = results[0]
+        usage = with_reasoning_tokens(usage, self.reasoning, results)
         return self._finished(self._response(_status(r.finish_reason), self._items(r), usage,
                                              r.finish_reason))
 
