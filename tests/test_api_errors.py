@@ -71,6 +71,7 @@ def _ok(client: httpx.Client) -> None:
     ({"messages": MSGS, "stop_token_ids": [100000]}, "stop_token_ids", "invalid_value"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content", "invalid_value"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages.0.content", "invalid_value"),
     ({"messages": []}, "messages", "invalid_value"),
     ({}, "messages", "invalid_value"),
     ({"messages": MSGS, "stop": 5}, "stop", "invalid_value"),

@@ -188,6 +188,8 @@ class ChatMessage(StrictModel):
     def _text_parts_only(cls, value: str | list[dict[str, Any]] | None) -> str | None:
         if not isinstance(value, list):
             return value
+        if not value:  # (as OpenAI: an array of at least one part)
+            raise ValueError("content as a list of parts takes at least one part")
         texts = []
         for part in value:
             kind = part.get("type")
