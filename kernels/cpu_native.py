@@ -315,9 +315,9 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   heads: int, kv_heads: int, lib: Library | None = None,
                   head_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | None:
     """Rotate-half RoPE of q and k in qkv [T, heads + 2 kv_heads, dim] (cos, sin: [T, 1,
-    rot / 2], `layers.RotaryEmbedding.inputs`: each head's first rot dims turn, the rest
-    pass; rot even, at most dim), k and v stored at the caches' flat slots
-    (rounded to the caches' type: `KV_TYPES`); returns the rotated q [T, heads, dim].
+    rot / 2], `server.models.rope.RotaryEmbedding.inputs`: each head's first rot dims turn,
+    the rest pass; rot even, at most dim), k and v stored at the caches' flat slots (rounded
+    to the caches' type: `KV_TYPES`); returns the rotated q [T, heads, dim].
     `head_norm`: (weight [2 * dim], eps): q's heads are first RMS-normed with the weight's
     first half and k's with its second (Qwen3). Float32 tensors in CPU memory, contiguous;
     None where the native kernels do not take them (the caller then norms, rotates and

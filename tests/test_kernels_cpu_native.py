@@ -191,7 +191,7 @@ def test_rope_kv_write_matches_torch_and_rows_stand_alone(native_lib, rot):
     multiply-add; partial: the first 48 of 64 dims turn, the rest pass), k and v at their
     slots and nowhere else, a token's bits the same alone."""
     from kernels.attention import write_kv
-    from server.models.layers import apply_rope
+    from server.models.rope import apply_rope
 
     qkv, cos, sin, (kc, vc), slots = _rope_case(rot=rot)
     k_ref, v_ref = kc.clone(), vc.clone()
@@ -217,7 +217,8 @@ def test_rope_kv_write_norms_heads_first_as_torch_does(native_lib):
     rounding), v as it was; a token's bits the same alone; a weight or head size the
     kernel does not take declines."""
     from kernels.attention import write_kv
-    from server.models.layers import apply_rope, head_rms_norm
+    from server.models.layers import head_rms_norm
+    from server.models.rope import apply_rope
 
     qkv, cos, sin, (kc, vc), slots = _rope_case()
     qkv[:, :12] *= torch.rand(5, 12, 1) * 4  # heads of other scales

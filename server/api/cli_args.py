@@ -17,7 +17,7 @@ from typing import Any
 from server.api.config import ApiConfig
 from server.api.reasoning import REASONING_PARSERS
 from server.engine.config import EngineConfig, read_chat_template
-from server.models.layers import scaling_type
+from server.models.rope import scaling_type
 
 _ENV_PREFIX = "LEAPFROG_"
 _TRUE = {"1", "true", "yes", "on"}

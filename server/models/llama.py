@@ -1,5 +1,5 @@
-"""The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3, SmolLM2) over a
-paged KV cache.
+"""The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Phi-4-mini, Gemma 2,
+Gemma 3, SmolLM2) over a paged KV cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -31,15 +31,13 @@ from server.models.layers import (
     Activations,
     Embedding,
     Linear,
-    RopeInputs,
-    RotaryEmbedding,
     add_rms_norm,
-    apply_rope,
     dense_linear,
     gelu_mul,
     head_rms_norm,
 )
 from server.models.registry import register_model
+from server.models.rope import RopeInputs, RotaryEmbedding, apply_rope
 
 
 class DecoderLayer(torch.nn.Module):
@@ -62,7 +60,7 @@ class DecoderLayer(torch.nn.Module):
         # Qwen3, Gemma 3: q's head norm weight, then k's, normed per head before RoPE
         self.head_norm = (torch.nn.Parameter(empty(2 * c.head_dim), requires_grad=False)
                           if c.qk_norm else None)
-        # Gemma 3: the attention's and the MLP's outputs normed before their residual adds
+        # Gemma 2, 3: the attention's and the MLP's outputs normed before their residual adds
         self.gemma = c.gemma
         self.attn_out_norm, self.mlp_out_norm = (
             (torch.nn.Parameter(empty(c.hidden_size), requires_grad=False) for _ in "am")
