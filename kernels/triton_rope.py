@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import write_kv
 from kernels.pdl import await_inputs, pdl_args
 from kernels.triton_fused import (
     GemvSums,
@@ -145,14 +146,12 @@ def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_tabl
         from server.models.layers import head_rms_norm
 
         qk = head_rms_norm(qk, *head_norm, num_heads)
+    from server.models.rope import apply_rope
+
     qk = qk.to(_acc_dtype(qkv.dtype))
     cos = cos_table[positions].unsqueeze(1).to(qk.dtype)  # [T, 1, rot / 2]
-    sin = sin_table[positions].unsqueeze(1).to(qk.dtype)
-    rot = 2 * cos.shape[-1]
-    x1, x2, rest = qk[..., : rot // 2], qk[..., rot // 2 : rot], qk[..., rot:]
-    heads[:, : num_heads + num_kv_heads] = torch.cat(
-        (x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), -1)
-    k, v = heads[:, num_heads : num_heads + num_kv_heads], heads[:, num_heads + num_kv_heads :]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    heads[:, : num_heads + num_kv_heads] = apply_rope(
+        qk, cos, sin_table[positions].unsqueeze(1).to(qk.dtype))
+    write_kv(heads[:, num_heads : num_heads + num_kv_heads],
+             heads[:, num_heads + num_kv_heads :], k_cache, v_cache, slot_mapping)
     return qkv
