@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.l2_prefetch import prefetch_args, prefetch_l2
 from kernels.pdl import await_inputs, pdl_args
 from kernels.triton_gemv import _tile_counters
 
@@ -147,7 +145,7 @@ def _merge_decode(acc, m_i, l_i, ws_acc_ptr, ws_ml_ptr, cnt_ptr, tile, split, ac
         tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
-@triton.jit(do_not_specialize=["splits", "stride_bt", "pn0", "pn1", "pn2", "pn3"])
+@triton.jit(do_not_specialize=["splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
@@ -156,13 +154,10 @@ def _paged_attention_kernel(
     GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
     splits, HAS_WINDOW: tl.constexpr, MAX_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
-    DECODE: tl.constexpr, PDL: tl.constexpr, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
-    PREFETCH: tl.constexpr, PF_LANES: tl.constexpr, SOFTCAP: tl.constexpr,
+    DECODE: tl.constexpr, PDL: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    if PREFETCH:  # the next products' weights into L2 (`kernels.l2_prefetch`)
-        prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF_LANES)
     # the step's metadata is written before its first kernel (not by the previous one)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
@@ -245,7 +240,6 @@ def paged_attention_triton(
     out: torch.Tensor | None = None,
     splits: int | None = None,
     block_kv: int | None = None,
-    prefetch: Sequence[torch.Tensor] = (),
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as `kernels.attention.paged_attention_reference`; returns [tokens, heads, dim].
@@ -261,9 +255,7 @@ def paged_attention_triton(
     else 64. (On an H200, docs/benchmarks/gpu.md runs 129-130: alone, 128 took 0.83-1.05x
     the time of 64 for both the default model's heads and the 8B's; in whole graphed
     decode steps 0.95-1.01x for the default model's, 0.94-1.07x for the 8B's, slower at
-    batch 1.) `prefetch`: the weights the next kernels read, whose leading bytes the
-    programs pull into L2 before they wait for their inputs (`kernels.l2_prefetch`).
-    `softcap`: Gemma 2's soft-cap of the scores (None: none).
+    batch 1.) `softcap`: Gemma 2's soft-cap of the scores (None: none).
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -305,8 +297,7 @@ def paged_attention_triton(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_D=block_d,
         splits=splits, HAS_WINDOW=sliding_window is not None,
         MAX_SPLITS=max_splits, UPCAST=interpret and q.dtype == torch.bfloat16, DECODE=decode,
-        num_warps=warps, PF_LANES=32 * warps, SOFTCAP=bool(softcap),
-        **pdl_args(q.device), **prefetch_args(q, prefetch),
+        num_warps=warps, SOFTCAP=bool(softcap), **pdl_args(q.device),
     )
     return out
 

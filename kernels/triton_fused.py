@@ -25,14 +25,12 @@ depend on the order of the programs' adds, so the result is deterministic. Sums 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.l2_prefetch import prefetch_args, prefetch_l2
 from kernels.pdl import await_inputs, pdl_args
 
 FIXED_ONE = 2.0**32
@@ -151,18 +149,14 @@ def _norm_inputs(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
     return x, residual, residual_out, has_residual
 
 
-@triton.jit(do_not_specialize=["pn0", "pn1", "pn2", "pn3"])
+@triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                          stride_x, stride_res, stride_out, stride_res_out, ss_ptr, n_ss,
-                         inv_width, ss_eps, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                         SS_BLOCK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                         PF_LANES: tl.constexpr):
+                         inv_width, ss_eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                         SS_BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    if PREFETCH:  # the next product's weights into L2 (`kernels.l2_prefetch`)
-        prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF_LANES)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the wait: a weight
     await_inputs(PDL)
     scale = _row_scale(ss_ptr, row, n_ss, inv_width, ss_eps, SS_BLOCK)
@@ -174,25 +168,22 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, ep
 
 
 def add_rms_norm(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
-                 weight: torch.Tensor, eps: float, prefetch: Sequence[torch.Tensor] = (),
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, hidden] -> (normed, residual_out), both [T, hidden] in x.dtype.
 
     residual_out = x + residual rounded to x.dtype (x itself when residual is None; x
     rounded when it is `GemvSums`), and normed = residual_out * rsqrt(mean(residual_out^2) +
-    eps) * weight in float32. `prefetch`: the next product's weights, whose leading bytes
-    the programs pull into L2 before they wait (`kernels.l2_prefetch`).
+    eps) * weight in float32.
     """
     norm_args, norm_consts = _norm_args(x)
     x, residual, residual_out, has_residual = _norm_inputs(x, residual, weight)
     normed = torch.empty(x.shape, dtype=residual_out.dtype, device=x.device)
     block = triton.next_power_of_2(x.shape[1])
-    warps = min(max(block // 256, 1), 8)
     _add_rms_norm_kernel[(x.shape[0],)](
         x, residual, weight, normed, residual_out, x.shape[1], eps,
         x.stride(0), residual.stride(0), normed.stride(0), residual_out.stride(0), *norm_args,
-        HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=warps, PF_LANES=32 * warps,
-        **norm_consts, **pdl_args(x.device), **prefetch_args(x, prefetch, pointwise=True),
+        HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+        **norm_consts, **pdl_args(x.device),
     )
     return normed, residual_out
 
@@ -206,19 +197,15 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weigh
     return normed.to(x.dtype), residual_out
 
 
-@triton.jit(do_not_specialize=["pn0", "pn1", "pn2", "pn3"])
+@triton.jit
 def _add_norm_deferred_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, ss_ptr, n_cols,
                               stride_x, stride_res, stride_out, stride_res_out,
-                              pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
                               HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                              PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                              PF_LANES: tl.constexpr):
+                              PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     cols = part * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    if PREFETCH:  # the next product's weights into L2 (`kernels.l2_prefetch`)
-        prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF_LANES)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # before the wait: a weight
     await_inputs(PDL)
     x = _add_residual(x_ptr, res_ptr, res_out_ptr, row, cols, mask, stride_x, stride_res,
@@ -232,14 +219,13 @@ DEFERRED_BLOCK = 256
 
 
 def add_norm_deferred(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
-                      weight: torch.Tensor, eps: float, prefetch: Sequence[torch.Tensor] = (),
+                      weight: torch.Tensor, eps: float,
                       ) -> tuple[torch.Tensor, torch.Tensor, RowNorm]:
     """`add_rms_norm` less its scale: (residual_out * weight, residual_out, the RowNorm that
     scales a GEMV's output of the first by rsqrt(mean(residual_out^2) + eps)), where
     residual_out = x + residual as in `add_rms_norm`. Its programs each take DEFERRED_BLOCK
     columns of a row and store their sum of squares, so no program waits on a whole row's
-    reduction; the GEMV's next kernel sums the partials (`_row_scale`). `prefetch`: as in
-    `add_rms_norm`."""
+    reduction; the GEMV's next kernel sums the partials (`_row_scale`)."""
     if isinstance(x, GemvSums) and x.norm is not None:
         raise ValueError("add_norm_deferred takes sums without a RowNorm of their own")
     x, residual, residual_out, has_residual = _norm_inputs(x, residual, weight)
@@ -250,8 +236,7 @@ def add_norm_deferred(x: torch.Tensor | GemvSums, residual: torch.Tensor | None,
     _add_norm_deferred_kernel[(rows, parts)](
         x, residual, weight, weighted, residual_out, partials, width, x.stride(0),
         residual.stride(0), weighted.stride(0), residual_out.stride(0),
-        HAS_RESIDUAL=has_residual, BLOCK=DEFERRED_BLOCK, num_warps=2, PF_LANES=64,
-        **pdl_args(x.device), **prefetch_args(x, prefetch, pointwise=True),
+        HAS_RESIDUAL=has_residual, BLOCK=DEFERRED_BLOCK, num_warps=2, **pdl_args(x.device),
     )
     return weighted, residual_out, RowNorm(partials, width, eps)
 
@@ -267,13 +252,10 @@ def add_norm_deferred_reference(x: torch.Tensor, residual: torch.Tensor | None,
     return (r * weight.to(r.dtype)).to(x.dtype), residual_out, scale
 
 
-@triton.jit(do_not_specialize=["pn0", "pn1", "pn2", "pn3"])
+@triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, ss_ptr, n_ss,
-                     inv_width, ss_eps, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
-                     BLOCK: tl.constexpr, SS_BLOCK: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr, PF_LANES: tl.constexpr):
-    if PREFETCH:  # the next product's weights into L2 (`kernels.l2_prefetch`)
-        prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF_LANES)
+                     inv_width, ss_eps, BLOCK: tl.constexpr, SS_BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -293,10 +275,8 @@ SILU_BLOCK = 256
 0.97x the time of a step at batch 16 and 0.996-0.999x at batch 1; other steps the same."""
 
 
-def silu_mul(gate_up: torch.Tensor | GemvSums,
-             prefetch: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I] in gate_up.dtype.
-    `prefetch`: as in `add_rms_norm`."""
+def silu_mul(gate_up: torch.Tensor | GemvSums) -> torch.Tensor:
+    """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I] in gate_up.dtype."""
     norm_args, norm_consts = _norm_args(gate_up)
     gate_up, dtype = _input(gate_up)
     assert gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0
@@ -305,8 +285,7 @@ def silu_mul(gate_up: torch.Tensor | GemvSums,
     block = min(triton.next_power_of_2(n), SILU_BLOCK)
     _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(n, block))](
         gate_up, out, n, gate_up.stride(0), out.stride(0), *norm_args, BLOCK=block,
-        num_warps=2, PF_LANES=64, **norm_consts, **pdl_args(gate_up.device),
-        **prefetch_args(gate_up, prefetch, pointwise=True),
+        num_warps=2, **norm_consts, **pdl_args(gate_up.device),
     )
     return out
 

@@ -15,8 +15,6 @@ What each number times:
   own split-K partials (`kernels.gemv_sums.sums_disabled`); ``device_autotuned``: the
   same with the GEMVs' configurations picked by the autotuner in this process instead of
   the device's table (`kernels.gemv_table.disabled`); best of two alternating rounds each.
-  ``--prefetch-budgets``: the same at each budget of the next weights' L2 prefetch
-  (`kernels.l2_prefetch`, from every kernel that issues it and from attention's alone).
 - ``transformers``: `generate` (greedy, eager, its default cache) on the very same weights in
   the same process; tok/s over new tokens without the prefill: (N - 1) / (t(N) - t(1)).
 - ``roofline``: measured copy bandwidth (bytes read + written per second of a device copy) /
@@ -40,14 +38,13 @@ including the LM head.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
 
 import torch
 
-from kernels import gemv_table, l2_prefetch, pdl
+from kernels import gemv_table, pdl
 from kernels.bench_gpu import copy_bandwidth, tuned_configs
 from kernels.gemv_sums import sums_disabled
 from kernels.quant import to_words
@@ -186,7 +183,7 @@ MODES = ("bf16", "int8", "int4")  # the 8B model's weights: dense, or packed by 
 
 
 def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = False,
-             modes: tuple[str, ...] = MODES, budgets: tuple[float, ...] = ()) -> list[dict]:
+             modes: tuple[str, ...] = MODES) -> list[dict]:
     hf, model = build_models(llama3_8b())
     hf_tps = time_transformers(hf, context, hf_tokens)
     del hf
@@ -222,33 +219,10 @@ def bench_8b(bandwidth: float, context: int, hf_tokens: int, profile: bool = Fal
                          batch64_tps=b64,
                          transformers_tps=hf_tps, x_transformers=b1 / hf_tps))
         print_rows(rows[-1:])
-        if budgets:
-            rows += sweep_prefetch(model, mode, context, budgets)
         if profile:
             print_profile(mode, profile_step(model, context), 1 / b1)
     for _, lin in linear_modules(model):
         lin.packed = None
-    return rows
-
-
-def sweep_prefetch(model: LlamaForCausalLM, mode: str, context: int,
-                   budgets: tuple[float, ...], rounds: int = 2) -> list[dict]:
-    """Batch-1 device tok/s at each L2 prefetch budget (MiB a launch; 0: none), from every
-    site (attention, norms, SwiGLU) and from the attention kernel alone, best of `rounds`
-    alternating rounds, each against no prefetch."""
-    cases = [(mb, sites) for mb in budgets for sites in (("all", "attention") if mb else ("-",))]
-    best = dict.fromkeys(cases, 0.0)
-    for _ in range(rounds):
-        for mb, sites in cases:
-            with l2_prefetch.budget(int(mb * 2**20)), contextlib.ExitStack() as stack:
-                if sites == "attention":
-                    stack.enter_context(l2_prefetch.pointwise_disabled())
-                best[mb, sites] = max(best[mb, sites], 1 / time_replays(model, context, 64))
-    base = best.get((0, "-"), 0.0)
-    rows = [dict(model="llama3-8b-shape", mode=mode, prefetch_mib=mb, sites=sites,
-                 batch1_device_tps=tps, x_no_prefetch=tps / base if base else float("nan"))
-            for (mb, sites), tps in best.items()]
-    print_rows(rows)
     return rows
 
 
@@ -345,9 +319,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--graph-costs", action="store_true",
                         help="with --gguf: also the default model's device time of a step by "
                         "batch and tokens a sequence (decode against verification)")
-    parser.add_argument("--prefetch-budgets", nargs="*", type=float, default=[],
-                        help="also time each 8B mode's batch-1 device step at these L2 "
-                        "prefetch budgets (MiB; include 0 for none)")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -355,8 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = [] if args.skip_8b else bench_8b(bandwidth, args.context, args.hf_tokens,
-                                            args.profile, tuple(args.modes),
-                                            tuple(args.prefetch_budgets))
+                                            args.profile, tuple(args.modes))
     if args.gguf:
         rows += bench_default(args.gguf, args.default_configs, args.repeats)
         if args.graph_costs:

@@ -5,7 +5,7 @@ Built once per step by the model runner and shared by every layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -84,14 +84,13 @@ class BatchMeta:
 def attention(
     q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta, scale: float,
-    prefetch: Sequence[torch.Tensor] = (), softcap: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Write this step's k/v ([T, kv_heads, dim]) into the paged cache, then attend (with
     `meta`'s window, if any; the CPU path's groups hold it in their masks; scores
     soft-capped at `softcap`, Gemma 2's, where given).
 
-    q: [T, heads, dim] -> same. k, v None: the caller has already written them. On CUDA
-    the kernel pulls the leading bytes of `prefetch` (the next products' weights) into L2.
+    q: [T, heads, dim] -> same. k, v None: the caller has already written them.
     """
     if k is not None:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -102,7 +101,7 @@ def attention(
 
             return paged_attention_triton(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-                *window, prefetch=prefetch, softcap=softcap)
+                *window, softcap=softcap)
         return paged_attention_reference(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
             *window, softcap=softcap)

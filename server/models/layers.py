@@ -5,7 +5,6 @@ pointwise steps (residual add + RMS norm, SwiGLU) that run either as torch ops o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Union
 
@@ -80,14 +79,6 @@ class Linear(torch.nn.Module):
         self.packed = packed
         self.weight = None
 
-    def weight_tensors(self) -> list[torch.Tensor]:
-        """The tensors a product with this weight reads (dense, or packed: codes, scales,
-        offsets), in the order worth prefetching (`kernels.l2_prefetch`)."""
-        p = self.packed
-        if p is None:
-            return [self.weight]
-        return [t for t in (p.qweight, p.scales, p.offsets) if t is not None]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             from kernels.gemm import quantized_linear
@@ -133,12 +124,10 @@ class Linear(torch.nn.Module):
             from kernels.gemv_sums import mma_gemv_sums
             from kernels.triton_fused import add_norm_deferred
 
-            weighted, residual, norm = add_norm_deferred(x, residual, norm_weight, eps,
-                                                         self.weight_tensors())
+            weighted, residual, norm = add_norm_deferred(x, residual, norm_weight, eps)
             return replace(mma_gemv_sums(weighted, self.packed), norm=norm), residual
         if not self._fusable(x, fused):
-            h, residual = add_rms_norm(x, residual, norm_weight, eps, fused,
-                                       self.weight_tensors())
+            h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
             return self.project(h, fused), residual
         from kernels.triton_dense_gemv import dense_gemv
 
@@ -149,7 +138,7 @@ class Linear(torch.nn.Module):
         """self(silu(gate) * up) of a [T, 2 * in_features] gate/up projection, the SwiGLU
         fused into the dense GEMV of one row on CUDA; see `project`."""
         if not self._fusable(gate_up, fused):
-            return self.project(silu_mul(gate_up, fused, self.weight_tensors()), fused)
+            return self.project(silu_mul(gate_up, fused), fused)
         from kernels.triton_dense_gemv import dense_gemv
 
         out = dense_gemv(gate_up, self.weight, silu=True)
@@ -187,15 +176,13 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def add_rms_norm(x: Activations, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 fused: bool, prefetch: Sequence[torch.Tensor] = (),
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, hidden] -> (rms_norm(x + residual) * weight, x + residual); a None
-    residual counts as zero. GemvSums come only with `fused`, whose kernel pulls the
-    leading bytes of `prefetch` (the next product's weights) into L2 on CUDA."""
+    residual counts as zero. GemvSums come only with `fused`."""
     if fused:
         from kernels.triton_fused import add_rms_norm as kernel
 
-        return kernel(x, residual, weight, eps, prefetch)
+        return kernel(x, residual, weight, eps)
     if x.is_cpu:  # float32 rows: the native kernel, where it runs
         from kernels import cpu_native
 
@@ -230,14 +217,13 @@ def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def silu_mul(gate_up: Activations, fused: bool,
-             prefetch: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def silu_mul(gate_up: Activations, fused: bool) -> torch.Tensor:
     """gate_up: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I]. GemvSums come only
-    with `fused`; `prefetch` as in `add_rms_norm`."""
+    with `fused`."""
     if fused:
         from kernels.triton_fused import silu_mul as kernel
 
-        return kernel(gate_up, prefetch)
+        return kernel(gate_up)
     if gate_up.is_cpu:  # float32 rows: the native kernel, where it runs
         from kernels import cpu_native
 

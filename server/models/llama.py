@@ -106,11 +106,7 @@ class DecoderLayer(torch.nn.Module):
                 qk = apply_rope(qk, rope.cos, rope.sin)
                 q, k, v = (qk[:, : self.heads], qk[:, self.heads :],
                            qkv[:, self.heads + self.kv_heads :])
-        # (on CUDA, given a prefetch budget, the attention kernel pulls the o and gate/up
-        # weights' leading bytes into L2 while HBM would idle: `kernels.l2_prefetch`)
-        o = attention(q, k, v, kv[0], kv[1], meta, self.scale, prefetch=(
-            [*self.o_proj.weight_tensors(), *self.gate_up_proj.weight_tensors()]
-            if fused else ()), softcap=self.softcap)
+        o = attention(q, k, v, kv[0], kv[1], meta, self.scale, softcap=self.softcap)
         if self.gemma:  # (plain tensors between the products: no sums handed on)
             o = add_rms_norm(self.o_proj(o.reshape(t, -1)), None, self.attn_out_norm,
                              self.eps, fused)[0]

@@ -77,28 +77,3 @@ def test_gemv_sums_decode_matches_merged_gemvs():
             rel = float((a.float() - b.float()).norm() / b.float().norm())
             print(f"graphed={graphed} step {step}: relative difference to merged {rel:.2e}")
             assert rel < 5e-2, (graphed, step)
-
-
-@pytest.mark.parametrize("scheme", [None, "int4"])
-def test_l2_prefetch_leaves_the_logits_unchanged(scheme):
-    """The attention kernel pulling the next projections' weights into L2
-    (`kernels.l2_prefetch`, every budget from a part of o's codes to all of o and gate/up
-    in the first slots) is a hint: graphed and eager decode steps at batch 1 and 4 give
-    bit-identical logits with it and without."""
-    from kernels import l2_prefetch
-
-    if not l2_prefetch.supported(torch.device("cuda")):
-        pytest.skip("the bulk L2 prefetch needs sm_90+")
-    model = _model(scheme)
-    with l2_prefetch.disabled():
-        plain = {(batch, graphed): [logits.clone() for _, logits in
-                                    decode_steps(model, batch, 300, 4, graphed)]
-                 for batch in (1, 4) for graphed in (True, False)}
-    for budget_mb in (1, 8, 64):
-        with l2_prefetch.budget(budget_mb << 20):
-            for (batch, graphed), expected in plain.items():
-                got = [logits.clone() for _, logits in decode_steps(model, batch, 300, 4,
-                                                                      graphed)]
-                for step, (a, b) in enumerate(zip(got, expected, strict=True)):
-                    assert torch.isfinite(a).all()
-                    assert torch.equal(a, b), (budget_mb, batch, graphed, step)
