@@ -138,7 +138,7 @@ def test_rope_scaling_matches_transformers(arch: str, scaling: dict, tmp_path) -
 
 def test_longrope_within_the_trained_context_matches_transformers(tmp_path) -> None:
     """Phi-3's LongRoPE: its short factors and attention factor, which transformers applies
-    up to the context the model was trained at, where the model limit stops; and from a
+    up to the context the model was trained at, where the default context stops; and from a
     GGUF, with a sliding window."""
     from tests.tiny_models import save_tiny_model
 
@@ -166,6 +166,31 @@ def test_longrope_within_the_trained_context_matches_transformers(tmp_path) -> N
     c = gguf.engine.model.config
     assert (c.sliding_window, c.window_layers, gguf.engine.max_model_len) == (8, (0, 1, 2), 64)
     check_against_hf(gguf, hf, prompts, 32)
+
+
+def test_longrope_past_the_trained_context_matches_transformers(tmp_path) -> None:
+    """Asked for a context past the one it was trained at, a LongRoPE model serves it with
+    its long factors at every position: what transformers applies to a sequence whose
+    prompt is already past it (from the checkpoint and from a GGUF)."""
+    from tests.tiny_models import save_tiny_gguf, save_tiny_model
+
+    gen = torch.Generator().manual_seed(8)
+    short, long = (torch.rand(8, generator=gen) * 3 + 1 for _ in range(2))
+    path = save_tiny_model("phi3", tmp_path, max_position_embeddings=256,
+                           original_max_position_embeddings=64, rope_scaling={
+                               "rope_type": "longrope", "short_factor": short.tolist(),
+                               "long_factor": long.tolist()})
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (70, 130)]
+    for source in ("checkpoint", "gguf"):  # (the GGUF's weights, Q8_0, become hf's)
+        model = path if source == "checkpoint" else save_tiny_gguf(hf, tmp_path / "phi3.gguf")
+        llm = LLM(str(model), dtype="float32", num_kv_blocks=128, block_size=4,
+                  max_model_len=1000, quantization="none")
+        assert llm.engine.max_model_len == 256  # (max_position_embeddings: the limit)
+        check_against_hf(llm, hf, prompts, 32)
+    short_only = LLM(str(path), dtype="float32", num_kv_blocks=128, block_size=4,
+                     max_model_len=64)
+    assert not torch.allclose(short_only.engine.model.rope.cos, llm.engine.model.rope.cos[:64])
 
 
 def test_a_gemma3_gguf_matches_transformers(tmp_path) -> None:

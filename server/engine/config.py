@@ -31,7 +31,8 @@ class EngineConfig:
     on a CPU where the native kernel runs, and on CUDA for models over 2 GiB dense), int8,
     int4, or none (every weight dense)."""
     max_model_len: int | None = None
-    """Longest prompt + output; defaults to min(model limit, 8192)."""
+    """Longest prompt + output; defaults to min(model limit, 8192), at most the trained
+    context of a LongRoPE model (`ModelConfig.default_context`)."""
     rope_scaling: dict[str, object] | None = None
     """Replaces the model's own RoPE scaling (HF's rope_scaling dict: `{"rope_type":
     "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}`, or linear, llama3,

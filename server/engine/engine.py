@@ -97,7 +97,8 @@ class LLMEngine:
             self.tokenizer.chat_template = read_chat_template(config.chat_template)
         self.model_name = config.served_model_name or checkpoint.path.name.removesuffix(".gguf")
         limit = checkpoint.config.context_limit
-        self.max_model_len = min(config.max_model_len or min(limit, 8192), limit)
+        self.max_model_len = min(config.max_model_len or checkpoint.config.default_context,
+                                 limit)
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
                                  config.quantization)
         windowed, window = config.attention_layout(self.model_config)

@@ -21,8 +21,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, float | str] | None = None
-    """HF rope_scaling dict: types llama3, linear, yarn and longrope (its short factors) are
-    applied (`rope.rope_frequencies`), others are rejected at load."""
+    """HF rope_scaling dict: types llama3, linear, yarn and longrope (its short or long
+    factors) are applied (`rope.rope_frequencies`), others are rejected at load."""
     rotary_dim: int | None = None
     """The dims of each q and k head RoPE turns, the first ones (a partial rotary embedding:
     head_dim * partial_rotary_factor, Phi-4-mini's 96 of 128); None: all."""
@@ -73,12 +73,14 @@ class ModelConfig:
         scaling's original_max_position_embeddings, else (YaRN only, as vLLM derives it)
         max_position_embeddings; a linear scaling that names no trained context is taken to
         be counted in max_position_embeddings already (Gemma 3's 131,072: its global layers'
-        factor of 8 over 16,384). With LongRoPE (Phi-3's) the context it was trained at,
-        which its short factors serve (the long ones, past it, are not applied)."""
+        factor of 8 over 16,384). With LongRoPE (Phi-3's) max_position_embeddings where it
+        has long factors, else the context it was trained at (`rope.rope_frequencies`)."""
         scaling = self.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type"))
         trained = scaling.get("original_max_position_embeddings")
-        if kind == "longrope":  # (its short factors, which serve up to the trained context)
+        if kind == "longrope":
+            if isinstance(scaling.get("long_factor"), list):
+                return self.max_position_embeddings
             return trained or self.max_position_embeddings
         if kind == "yarn":
             trained = trained or self.max_position_embeddings
@@ -86,6 +88,18 @@ class ModelConfig:
                 scaling.get("factor") or 0) > 1:
             return self.max_position_embeddings
         return max(self.max_position_embeddings, int(trained * float(scaling["factor"])))
+
+    @property
+    def default_context(self) -> int:
+        """The context served when none is asked for: `context_limit` up to 8,192, and with
+        LongRoPE at most the context it was trained at, so that its short factors serve (as
+        transformers runs it there): the long ones apply at every position of a longer
+        context, and only when one is asked for (`rope.rope_frequencies`)."""
+        scaling = self.rope_scaling or {}
+        limit = min(self.context_limit, 8192)
+        if scaling.get("rope_type", scaling.get("type")) == "longrope":
+            return min(limit, scaling.get("original_max_position_embeddings") or limit)
+        return limit
 
 
 _ARCH_ALIASES = {

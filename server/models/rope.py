@@ -13,11 +13,11 @@ import torch
 from server.models.config import ModelConfig
 
 
-def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+def rope_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor, float]:
     """([rope_dim / 2] inverse frequencies, the factor cos and sin are scaled by) as the
-    config's frequency factors (a GGUF's) and rope_scaling ask: none, Llama 3's, LongRoPE's
-    short factors (`_longrope`), linear (position interpolation: every frequency / factor),
-    or YaRN (NTK-by-parts: the fast-turning dimensions keep their frequency, the slow ones
+    config's frequency factors (a GGUF's) and rope_scaling ask for tables of `positions`
+    positions: none, Llama 3's, LongRoPE's (`_longrope`), linear (position interpolation:
+    every frequency / factor), or YaRN (NTK-by-parts: the fast-turning dimensions keep their frequency, the slow ones
     are interpolated, a linear ramp between, and cos and sin scaled by 0.1 ln(factor) + 1,
     as the YaRN paper sets it and transformers computes it)."""
     dim = config.rope_dim
@@ -33,7 +33,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     if kind == "default":
         return inv_freq.float(), 1.0
     if kind == "longrope":
-        return _longrope(config)
+        return _longrope(config, positions)
     factor = float(scaling["factor"])
     if kind == "linear":
         return (inv_freq / factor).float(), 1.0
@@ -68,16 +68,21 @@ def scaling_type(scaling: dict | None) -> str:
     return kind
 
 
-def _longrope(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """LongRoPE (Phi-3's) within the context it was trained at: every frequency divided by
-    its short factor, cos and sin scaled by sqrt(1 + ln(s) / ln(trained context)), s the
-    factor of its extension, as transformers runs it up to that context
-    (`ModelConfig.context_limit` stops there)."""
+def _longrope(config: ModelConfig, positions: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3's): every frequency divided by its short factor where the tables
+    stay within the context the model was trained at, else by its long factor; cos and sin
+    scaled by sqrt(1 + ln(s) / ln(trained context)), s the factor of its extension. The
+    choice is made once for the served context, as llama.cpp makes it: transformers makes
+    it at each forward from the sequence's length, which gives the same for a sequence
+    within the trained context and for one whose prompt is past it (not for one that
+    crosses it while it decodes, whose earlier keys it turned by the short factors)."""
     scaling, dim = config.rope_scaling, config.rope_dim
     trained = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
-    factors = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+    long = positions > trained and isinstance(scaling.get("long_factor"), list)
+    kind = "long" if long else "short"
+    factors = torch.tensor(scaling[f"{kind}_factor"], dtype=torch.float32)
     if len(factors) != dim // 2:
-        raise ValueError(f"{len(factors)} LongRoPE short factors for a rotary dimension of {dim}")
+        raise ValueError(f"{len(factors)} LongRoPE {kind} factors for a rotary dimension of {dim}")
     attention = scaling.get("attention_factor")
     if attention is None:
         factor = scaling.get("factor") or config.max_position_embeddings / trained
@@ -139,7 +144,7 @@ class RotaryEmbedding(torch.nn.Module):
             config, rope_theta=local, rope_scaling=None, rope_freq_factors=None))]
             if self.has_local else [])
         for prefix, c in tables:
-            inv_freq, scale = rope_frequencies(c)
+            inv_freq, scale = rope_frequencies(c, max_positions)
             freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
             self.register_buffer(prefix + "cos", freqs.cos() * scale, persistent=False)
             self.register_buffer(prefix + "sin", freqs.sin() * scale, persistent=False)
