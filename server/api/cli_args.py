@@ -116,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "A Jinja chat template, or a file holding one, used instead of the model's own; "
          "unset: the model's")
     _add(eng, "--max-model-len", int, e.max_model_len,
-         "Longest prompt + output in tokens; defaults to min(model limit, 8192)")
+         "Longest prompt + output in tokens; defaults to min(model limit, 8192), a LongRoPE "
+         "model's trained context at most (past it, its long factors serve)")
     _add(eng, "--rope-scaling", json_object, e.rope_scaling,
          "RoPE scaling replacing the model's own, as a JSON object in HF's rope_scaling form, "
          "e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
