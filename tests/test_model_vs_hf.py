@@ -136,6 +136,21 @@ def test_rope_scaling_matches_transformers(arch: str, scaling: dict, tmp_path) -
         c.token_ids for c in llm.generate(prompts[:1], params)]
 
 
+def test_dynamic_ntk_within_max_position_embeddings_matches_transformers(tmp_path) -> None:
+    """Dynamic NTK scaling leaves RoPE's base as it is up to max_position_embeddings, where
+    the model limit stops (transformers changes it for longer sequences only)."""
+    from tests.tiny_models import save_tiny_model
+
+    path = save_tiny_model("llama", tmp_path, max_position_embeddings=64,
+                           rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=256)
+    assert llm.engine.max_model_len == 64
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
+    check_against_hf(llm, hf, prompts, 32)
+
+
 def test_longrope_within_the_trained_context_matches_transformers(tmp_path) -> None:
     """Phi-3's LongRoPE: its short factors and attention factor, which transformers applies
     up to the context the model was trained at, where the default context stops; and from a
@@ -279,9 +294,9 @@ def test_gemma3_image_text_checkpoint_serves_its_language_model(tmp_path) -> Non
 def test_unsupported_rope_scaling_is_named(tiny_model_dir, tmp_path) -> None:
     from tests.tiny_models import save_tiny_model
 
-    with pytest.raises(ValueError, match="unsupported rope_scaling type 'dynamic'"):
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'mrope'"):
         LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=8,
-            rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+            rope_scaling={"rope_type": "mrope", "factor": 2.0})
     path = save_tiny_model("phi3", tmp_path, partial_rotary_factor=0.3125)  # (5 of 16 dims)
     with pytest.raises(ValueError, match="partial_rotary_factor 0.3125 .*even number"):
         LLM(str(path), dtype="float32", num_kv_blocks=8)

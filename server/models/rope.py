@@ -16,8 +16,10 @@ from server.models.config import ModelConfig
 def rope_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor, float]:
     """([rope_dim / 2] inverse frequencies, the factor cos and sin are scaled by) as the
     config's frequency factors (a GGUF's) and rope_scaling ask for tables of `positions`
-    positions: none, Llama 3's, LongRoPE's (`_longrope`), linear (position interpolation:
-    every frequency / factor), or YaRN (NTK-by-parts: the fast-turning dimensions keep their frequency, the slow ones
+    positions: none, Llama 3's, LongRoPE's (`_longrope`), dynamic NTK's (none: it changes
+    the base only past max_position_embeddings, where `ModelConfig.context_limit` stops, as
+    transformers computes it), linear (position interpolation: every frequency / factor), or
+    YaRN (NTK-by-parts: the fast-turning dimensions keep their frequency, the slow ones
     are interpolated, a linear ramp between, and cos and sin scaled by 0.1 ln(factor) + 1,
     as the YaRN paper sets it and transformers computes it)."""
     dim = config.rope_dim
@@ -30,7 +32,7 @@ def rope_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor,
         inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
     scaling = config.rope_scaling
     kind = scaling_type(scaling)
-    if kind == "default":
+    if kind in ("default", "dynamic"):
         return inv_freq.float(), 1.0
     if kind == "longrope":
         return _longrope(config, positions)
@@ -50,7 +52,7 @@ def rope_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor,
     return torch.where(medium, smoothed, scaled).float(), 1.0
 
 
-ROPE_SCALING_TYPES = ("default", "llama3", "linear", "yarn", "longrope")
+ROPE_SCALING_TYPES = ("default", "llama3", "linear", "yarn", "longrope", "dynamic")
 
 
 def scaling_type(scaling: dict | None) -> str:
