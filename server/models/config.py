@@ -22,7 +22,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, float | str] | None = None
     """HF rope_scaling dict: types llama3, linear, yarn, longrope (its short or long
-    factors) and dynamic (within max_position_embeddings) are applied (`rope.rope_frequencies`), others are rejected at load."""
+    factors) and dynamic (within max_position_embeddings) are applied
+    (`rope.rope_frequencies`), others are rejected at load."""
     rotary_dim: int | None = None
     """The dims of each q and k head RoPE turns, the first ones (a partial rotary embedding:
     head_dim * partial_rotary_factor, Phi-4-mini's 96 of 128); None: all."""
