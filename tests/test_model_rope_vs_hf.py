@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -118,10 +119,11 @@ def test_longrope_within_the_trained_context_matches_transformers(tmp_path) -> N
     check_against_hf(gguf, hf, prompts, 32)
 
 
-def test_longrope_past_the_trained_context_matches_transformers(tmp_path) -> None:
+def test_longrope_past_the_trained_context_matches_transformers(tmp_path, caplog) -> None:
     """Asked for a context past the one it was trained at, a LongRoPE model serves it with
     its long factors at every position: what transformers applies to a sequence whose
-    prompt is already past it (from the checkpoint and from a GGUF)."""
+    prompt is already past it (from the checkpoint and from a GGUF). A context past
+    max_position_embeddings is cut to it, with a warning."""
     from tests.tiny_models import save_tiny_gguf, save_tiny_model
 
     gen = torch.Generator().manual_seed(8)
@@ -134,9 +136,11 @@ def test_longrope_past_the_trained_context_matches_transformers(tmp_path) -> Non
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (70, 130)]
     for source in ("checkpoint", "gguf"):  # (the GGUF's weights, Q8_0, become hf's)
         model = path if source == "checkpoint" else save_tiny_gguf(hf, tmp_path / "phi3.gguf")
-        llm = LLM(str(model), dtype="float32", num_kv_blocks=128, block_size=4,
-                  max_model_len=1000, quantization="none")
+        with caplog.at_level(logging.WARNING, logger="leapfrog.engine"):
+            llm = LLM(str(model), dtype="float32", num_kv_blocks=128, block_size=4,
+                      max_model_len=1000, quantization="none")
         assert llm.engine.max_model_len == 256  # (max_position_embeddings: the limit)
+        assert "max_model_len 1000 is past the model's limit of 256" in caplog.text
         check_against_hf(llm, hf, prompts, 32)
     short_only = LLM(str(path), dtype="float32", num_kv_blocks=128, block_size=4,
                      max_model_len=64)

@@ -8,6 +8,7 @@ both drive it.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 
@@ -27,6 +28,8 @@ from server.engine.spec_policy import SpecPolicy
 from server.engine.structured import Grammars
 from server.metrics import Metrics
 from server.models.loader import build_model, open_checkpoint
+
+log = logging.getLogger("leapfrog.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,6 +100,10 @@ class LLMEngine:
             self.tokenizer.chat_template = read_chat_template(config.chat_template)
         self.model_name = config.served_model_name or checkpoint.path.name.removesuffix(".gguf")
         limit = checkpoint.config.context_limit
+        if config.max_model_len and config.max_model_len > limit:
+            log.warning("max_model_len %d is past the model's limit of %d positions "
+                        "(max_position_embeddings, or its RoPE scaling's); serving %d",
+                        config.max_model_len, limit, limit)
         self.max_model_len = min(config.max_model_len or checkpoint.config.default_context,
                                  limit)
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
