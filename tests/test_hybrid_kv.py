@@ -4,6 +4,8 @@ forward with the same attention, speculation, memory and flags."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -183,6 +185,13 @@ def test_config_errors_and_default_layers() -> None:
         EngineConfig(full_attention_layers=(0,)).attention_layout(model)
     with pytest.raises(ValueError, match="window >= 1"):
         EngineConfig(sliding_window=0).attention_layout(model)
+    # the model's own window, where the served context fits in it: none (unless the window
+    # layers have a RoPE of their own, which their window picks)
+    own = dataclasses.replace(model, sliding_window=4096, window_layers=(0, 1, 2))
+    assert EngineConfig().attention_layout(own, 4097) == ({0, 1, 2}, SinkWindow(4096))
+    assert EngineConfig().attention_layout(own, 4096) == (frozenset(), None)
+    local = dataclasses.replace(own, local_rope_theta=10000.0)
+    assert EngineConfig().attention_layout(local, 4096) == ({0, 1, 2}, SinkWindow(4096))
 
 
 def test_serve_flags(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,6 +80,22 @@ def test_models_with_a_sliding_window_match_transformers(arch: str, window: dict
         LLM(str(path), dtype="float32", sliding_window=16)
 
 
+def test_a_window_holding_the_whole_context_is_full_attention(tmp_path) -> None:
+    """Phi-3.5-mini's and Phi-4-mini's window of 262,144 positions holds every position
+    they serve: their layers attend from the one full-attention pool, as transformers runs
+    them (a window pool would be sized for every request's whole context)."""
+    from tests.tiny_models import save_tiny_model
+
+    path = save_tiny_model("phi3", tmp_path, sliding_window=262144)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+    assert [pool.window for pool in llm.engine.blocks.pools] == [None]
+    assert all(not layer.windowed for layer in llm.engine.model.layers)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
+    check_against_hf(llm, hf, prompts, 16)
+
+
 def test_a_gemma3_gguf_matches_transformers(tmp_path) -> None:
     """Gemma 3 as llama.cpp's converter writes it (norms as 1 + w) and runs it (every sixth
     layer global, the others a window with RoPE base 10,000; the attention scaled by

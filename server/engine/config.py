@@ -88,17 +88,24 @@ class EngineConfig:
     num_threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
 
-    def attention_layout(self, model: ModelConfig) -> tuple[frozenset[int], SinkWindow | None]:
+    def attention_layout(self, model: ModelConfig, max_model_len: int | None = None,
+                         ) -> tuple[frozenset[int], SinkWindow | None]:
         """The layers that attend to sinks + a window, and that window: the model's own
         sliding window (`ModelConfig.window_layers`, no sinks) or, with sliding_window, the
-        hybrid cache's; (empty, None) for full attention everywhere. Raises ValueError for
-        a window below 1, negative sinks, a layer out of range, or sliding_window on a
+        hybrid cache's; (empty, None) for full attention everywhere. The model's own window
+        counts as none where it holds every position of the served context,
+        `max_model_len` (Phi-3.5-mini's and Phi-4-mini's 262,144 positions: a window pool
+        would be sized for every request's whole context), unless its window layers turn
+        by a RoPE of their own (Gemma 3's, chosen by the layers' window). Raises ValueError
+        for a window below 1, negative sinks, a layer out of range, or sliding_window on a
         model that has a window of its own."""
         n = model.num_layers
         if self.sliding_window is None:
             if self.full_attention_layers is not None:
                 raise ValueError("full_attention_layers needs sliding_window")
-            if model.sliding_window is None:
+            if model.sliding_window is None or (
+                    max_model_len is not None and model.sliding_window >= max_model_len
+                    and model.local_rope_theta is None):
                 return frozenset(), None
             return frozenset(model.window_layers), SinkWindow(model.sliding_window)
         if model.sliding_window is not None:

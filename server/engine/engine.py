@@ -108,7 +108,7 @@ class LLMEngine:
                                  limit)
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
                                  config.quantization)
-        windowed, window = config.attention_layout(self.model_config)
+        windowed, window = config.attention_layout(self.model_config, self.max_model_len)
         self.blocks = self._block_manager(self.kv_dtype, windowed, window)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
         drafter = (drafter_for_target(config.speculative, self.model, config.speculative_model)
