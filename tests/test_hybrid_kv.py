@@ -146,12 +146,21 @@ def test_speculation_keeps_the_hybrid_output(tiny_model_dir, hybrid_llm: LLM) ->
 
 
 def test_every_layer_windowed(tiny_model_dir) -> None:
-    """No full-attention layer: one window pool, which bounds no context."""
+    """No full-attention layer: one window pool, which bounds no context, of the blocks
+    max_num_seqs requests hold at most, or fewer where the KV budget (here num_kv_blocks)
+    allows fewer: then requests wait or are preempted for blocks, with the same tokens."""
     llm = LLM(str(tiny_model_dir("llama")), **{**HYBRID, "full_attention_layers": ()})
     assert len(llm.engine.blocks.pools) == 1 and llm.engine.blocks.num_blocks == WINDOW.pool_blocks(4, 16, BS)
-    (c,) = llm.generate([prompts(3)[2]], GREEDY)
-    assert len(c.token_ids) == GREEDY.max_tokens
+    want = llm.generate(prompts(4), GREEDY)
+    assert all(len(c.token_ids) == GREEDY.max_tokens for c in want)
     assert llm.engine.blocks.usage == 0.0
+    small = LLM(str(tiny_model_dir("llama")),
+                **{**HYBRID, "full_attention_layers": (), "num_kv_blocks": 8})
+    assert small.engine.blocks.num_blocks == 8 < WINDOW.pool_blocks(4, 16, BS)
+    assert [c.token_ids for c in small.generate(prompts(4), GREEDY)] == [
+        c.token_ids for c in want]
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.blocks.usage == 0.0
 
 
 def test_memory_goes_to_the_full_attention_layers(tiny_model_dir) -> None:

@@ -157,7 +157,10 @@ class LLMEngine:
                        window: SinkWindow | None) -> BlockManager:
         """The KV pools: with sink + window layers, theirs first, sized for the most blocks
         max_num_seqs requests hold at once (`SinkWindow.pool_blocks`); the rest of
-        kv_cache_memory_gb (or num_kv_blocks) goes to the full-attention layers' pool."""
+        kv_cache_memory_gb (or num_kv_blocks) goes to the full-attention layers' pool. Where
+        every layer attends to a window, its pool is the only one, and as a full-attention
+        pool it takes at most kv_cache_memory_gb (or num_kv_blocks): the scheduler then
+        admits and preempts by its free blocks."""
         c, cfg = self.model_config, self.config
         bs = cfg.block_size
         per_layer = 2 * bs * c.num_kv_heads * c.head_dim * (torch.finfo(kv_dtype).bits // 8)
@@ -166,14 +169,15 @@ class LLMEngine:
         if window is not None and cfg.enable_prefix_caching is True:
             raise ValueError("prefix caching does not serve sink + window layers (a hybrid "
                              "cache, or the model's own sliding window)")
+        full_layers = c.num_layers - len(windowed)
         if window is not None:
             most = min(window.pool_blocks(cfg.max_num_seqs, cfg.max_num_batched_tokens, bs),
                        cfg.max_num_seqs * (-(-self.max_model_len // bs) + 1))
+            if not full_layers:
+                allowed = cfg.num_kv_blocks or int(budget // (per_layer * len(windowed)))
+                return BlockManager(0, bs, BlockPool(max(1, min(most, allowed)), bs, window))
             window_pool = BlockPool(most, bs, window)
             budget -= window_pool.num_blocks * per_layer * len(windowed)
-        full_layers = c.num_layers - len(windowed)
-        if not full_layers:
-            return BlockManager(0, bs, window_pool)
         num_blocks = cfg.num_kv_blocks or int(budget // (per_layer * full_layers))
         if window_pool is None:
             return BlockManager(max(1, num_blocks), bs,
