@@ -165,7 +165,10 @@ def test_every_layer_windowed(tiny_model_dir) -> None:
 
 def test_memory_goes_to_the_full_attention_layers(tiny_model_dir) -> None:
     """For the same memory, a hybrid cache holds more tokens of context: the window pool
-    takes max_num_seqs windows, the full-attention layers (1 of 3) all the rest."""
+    takes max_num_seqs windows, the full-attention layers (1 of 3) all the rest. Where
+    max_num_seqs windows would leave the full layers less than one whole context, the
+    window pool takes the window layers' share of the memory instead (fewer requests at
+    once); a memory below one request's window is refused."""
     common = dict(dtype="float32", block_size=BS, kv_cache_memory_gb=2**-10, max_num_seqs=4)
     path = str(tiny_model_dir("llama"))
     full = LLM(path, **common).engine.blocks
@@ -175,8 +178,16 @@ def test_memory_goes_to_the_full_attention_layers(tiny_model_dir) -> None:
     # the window pool's blocks for its 2 layers first, the rest for the 1 full layer
     assert hybrid.num_blocks == (2**20 - hybrid.pools[1].num_blocks * 2 * per_layer) // per_layer
     assert hybrid.num_blocks > 2 * full.num_blocks
+    many = LLM(path, **{**common, "max_num_seqs": 4096}, sliding_window=8,
+               full_attention_layers=(1,))
+    window = many.engine.blocks.pools[1].window
+    assert many.engine.blocks.pools[1].num_blocks < window.pool_blocks(4096, 512, BS) // 10
+    assert many.engine.blocks.num_blocks >= many.engine.max_model_len // BS + 1
+    (c,) = many.generate([prompts(1)[0]], GREEDY)
+    assert len(c.token_ids) == GREEDY.max_tokens
     with pytest.raises(ValueError, match="leaves no room"):
-        LLM(path, **{**common, "max_num_seqs": 4096}, sliding_window=8, full_attention_layers=(1,))
+        LLM(path, **{**common, "kv_cache_memory_gb": 2**-14}, sliding_window=8,
+            full_attention_layers=(1,))
 
 
 def test_config_errors_and_default_layers() -> None:
