@@ -172,15 +172,16 @@ class LLMEngine:
             raise ValueError("prefix caching does not serve sink + window layers (a hybrid "
                              "cache, or the model's own sliding window)")
         full_layers = c.num_layers - len(windowed)
+        context = -(-self.max_model_len // bs) + 1  # (blocks of a whole context)
         if window is not None:
             most = min(window.pool_blocks(cfg.max_num_seqs, cfg.max_num_batched_tokens, bs),
-                       cfg.max_num_seqs * (-(-self.max_model_len // bs) + 1))
+                       cfg.max_num_seqs * context)
             if not full_layers:
                 allowed = cfg.num_kv_blocks or int(budget // (per_layer * len(windowed)))
                 return BlockManager(0, bs, BlockPool(max(1, min(most, allowed)), bs, window))
-            context = full_layers * (-(-self.max_model_len // bs) + 1)
-            if not cfg.num_kv_blocks and budget / per_layer - most * len(windowed) < context:
-                most = min(most, self._window_share(window, len(windowed), budget / per_layer))
+            layer_blocks = budget / per_layer
+            if not cfg.num_kv_blocks and layer_blocks - most * len(windowed) < full_layers * context:
+                most = min(most, self._window_share(window, len(windowed), layer_blocks, context))
             window_pool = BlockPool(most, bs, window)
             budget -= window_pool.num_blocks * per_layer * len(windowed)
         num_blocks = cfg.num_kv_blocks or int(budget // (per_layer * full_layers))
@@ -195,17 +196,18 @@ class LLMEngine:
                 "(at least one request's window)")
         return BlockManager(num_blocks, bs, window_pool)
 
-    def _window_share(self, window: SinkWindow, windowed: int, layer_blocks: float) -> int:
+    def _window_share(self, window: SinkWindow, windowed: int, layer_blocks: float,
+                      context: int) -> int:
         """Window-pool blocks within a budget of `layer_blocks` blocks of one layer: the
-        window layers' share of what requests of the whole context hold (a window each in
-        theirs, the context in the full layers'), so that a budget too small for
+        window layers' share of what requests of the whole context (`context` blocks) hold
+        (a window each in theirs, the context in the full layers'), so that a budget too small for
         max_num_seqs windows serves fewer requests at once rather than none (Gemma 2 9B's
         window of 4,096 on 21 layers: 42 GiB of bfloat16 for 64 requests, against the
         default budget of 1 GiB); at least the blocks one request's largest step holds."""
         bs = self.config.block_size
         full = self.model_config.num_layers - windowed
         each = windowed * (window.most_blocks(1, bs) + 1)
-        share = each / (each + full * (-(-self.max_model_len // bs) + 1))
+        share = each / (each + full * context)
         return max(int(layer_blocks * share / windowed),
                    window.most_blocks(self.config.max_num_batched_tokens, bs))
 
