@@ -210,6 +210,10 @@ def test_config_errors_and_default_layers() -> None:
     own = dataclasses.replace(model, sliding_window=4096, window_layers=(0, 1, 2))
     assert EngineConfig().attention_layout(own, 4097) == ({0, 1, 2}, SinkWindow(4096))
     assert EngineConfig().attention_layout(own, 4096) == (frozenset(), None)
+    hybrid = EngineConfig(sliding_window=64)
+    assert hybrid.attention_layout(own, 4096) == ({0, 1}, SinkWindow(64, 4))
+    with pytest.raises(ValueError, match="its own sliding window of 4096"):
+        hybrid.attention_layout(own, 4097)
     local = dataclasses.replace(own, local_rope_theta=10000.0)
     assert EngineConfig().attention_layout(local, 4096) == ({0, 1, 2}, SinkWindow(4096))
 

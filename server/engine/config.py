@@ -96,21 +96,24 @@ class EngineConfig:
         counts as none where it holds every position of the served context,
         `max_model_len` (Phi-3.5-mini's and Phi-4-mini's 262,144 positions: a window pool
         would be sized for every request's whole context), unless its window layers turn
-        by a RoPE of their own (Gemma 3's, chosen by the layers' window). Raises ValueError
-        for a window below 1, negative sinks, a layer out of range, or sliding_window on a
-        model that has a window of its own."""
+        by a RoPE of their own (Gemma 3's, chosen by the layers' window); sliding_window
+        may then make a hybrid cache of it. Raises ValueError for a window below 1,
+        negative sinks, a layer out of range, or sliding_window on a model that has a
+        window of its own."""
         n = model.num_layers
+        own = model.sliding_window
+        if (own is not None and max_model_len is not None and own >= max_model_len
+                and model.local_rope_theta is None):
+            own = None
         if self.sliding_window is None:
             if self.full_attention_layers is not None:
                 raise ValueError("full_attention_layers needs sliding_window")
-            if model.sliding_window is None or (
-                    max_model_len is not None and model.sliding_window >= max_model_len
-                    and model.local_rope_theta is None):
+            if own is None:
                 return frozenset(), None
-            return frozenset(model.window_layers), SinkWindow(model.sliding_window)
-        if model.sliding_window is not None:
+            return frozenset(model.window_layers), SinkWindow(own)
+        if own is not None:
             raise ValueError(f"the model attends with its own sliding window of "
-                             f"{model.sliding_window} tokens; sliding_window cannot change it")
+                             f"{own} tokens; sliding_window cannot change it")
         window = SinkWindow(self.sliding_window, self.num_sink_tokens)
         full = self.full_attention_layers
         if full is None:
