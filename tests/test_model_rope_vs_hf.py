@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,30 +88,35 @@ def test_dynamic_ntk_within_max_position_embeddings_matches_transformers(tmp_pat
     check_against_hf(llm, hf, prompts, 32)
 
 
+def _longrope_phi3(directory: Path, seed: int, **extra: object,
+                   ) -> tuple[Path, torch.Generator]:
+    """A tiny Phi-3 trained at 64 of its 256 positions, with LongRoPE short and long factors
+    drawn from a generator of `seed`; that generator, to draw prompts after them."""
+    from tests.tiny_models import save_tiny_model
+
+    gen = torch.Generator().manual_seed(seed)
+    short, long = (torch.rand(8, generator=gen) * 3 + 1 for _ in range(2))
+    path = save_tiny_model("phi3", directory, max_position_embeddings=256,
+                           original_max_position_embeddings=64, rope_scaling={
+                               "rope_type": "longrope", "short_factor": short.tolist(),
+                               "long_factor": long.tolist()}, **extra)
+    return path, gen
+
+
 def test_longrope_within_the_trained_context_matches_transformers(tmp_path) -> None:
     """Phi-3's LongRoPE: its short factors and attention factor, which transformers applies
     up to the context the model was trained at, where the default context stops; and from a
     GGUF, with a sliding window."""
-    from tests.tiny_models import save_tiny_model
+    from tests.tiny_models import save_tiny_gguf
 
-    gen = torch.Generator().manual_seed(6)
-    short, long = (torch.rand(8, generator=gen) * 3 + 1 for _ in range(2))
-    path = save_tiny_model("phi3", tmp_path, max_position_embeddings=256,
-                           original_max_position_embeddings=64, rope_scaling={
-                               "rope_type": "longrope", "short_factor": short.tolist(),
-                               "long_factor": long.tolist()})
+    path, gen = _longrope_phi3(tmp_path, 6)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
     assert llm.engine.max_model_len == 64
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
     check_against_hf(llm, hf, prompts, 32)
     # the same model with a sliding window as a GGUF: its factors and window read from the file
-    from tests.tiny_models import save_tiny_gguf
-
-    path = save_tiny_model("phi3", tmp_path / "windowed", max_position_embeddings=256,
-                           original_max_position_embeddings=64, sliding_window=8,
-                           rope_scaling={"rope_type": "longrope", "short_factor":
-                                         short.tolist(), "long_factor": long.tolist()})
+    path, _ = _longrope_phi3(tmp_path / "windowed", 6, sliding_window=8)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     gguf = LLM(str(save_tiny_gguf(hf, tmp_path / "phi3.gguf")), dtype="float32",
                num_kv_blocks=64, block_size=4, quantization="none")
@@ -124,14 +130,9 @@ def test_longrope_past_the_trained_context_matches_transformers(tmp_path, caplog
     its long factors at every position: what transformers applies to a sequence whose
     prompt is already past it (from the checkpoint and from a GGUF). A context past
     max_position_embeddings is cut to it, with a warning."""
-    from tests.tiny_models import save_tiny_gguf, save_tiny_model
+    from tests.tiny_models import save_tiny_gguf
 
-    gen = torch.Generator().manual_seed(8)
-    short, long = (torch.rand(8, generator=gen) * 3 + 1 for _ in range(2))
-    path = save_tiny_model("phi3", tmp_path, max_position_embeddings=256,
-                           original_max_position_embeddings=64, rope_scaling={
-                               "rope_type": "longrope", "short_factor": short.tolist(),
-                               "long_factor": long.tolist()})
+    path, gen = _longrope_phi3(tmp_path, 8)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (70, 130)]
     for source in ("checkpoint", "gguf"):  # (the GGUF's weights, Q8_0, become hf's)
