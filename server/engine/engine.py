@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from drafters.base import drafter_for_target
-from server.engine.block_manager import BlockManager, BlockPool, SinkWindow
 from server.engine.config import EngineConfig, read_chat_template
 from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import kv_pools
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
 from server.engine.runner import Launched, ModelRunner
@@ -109,7 +109,8 @@ class LLMEngine:
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
                                  config.quantization)
         windowed, window = config.attention_layout(self.model_config, self.max_model_len)
-        self.blocks = self._block_manager(self.kv_dtype, windowed, window)
+        self.blocks = kv_pools(self.model_config, config, self.max_model_len, self.kv_dtype,
+                               windowed, window)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
         drafter = (drafter_for_target(config.speculative, self.model, config.speculative_model)
                    if config.speculative else None)
@@ -152,64 +153,6 @@ class LLMEngine:
         # a verification step launched before the one it follows finished, its inputs
         # drafted on the device (a drafter with `device_drafts`; see `step`)
         self.verify_ahead = self.launch_ahead
-
-    def _block_manager(self, kv_dtype: torch.dtype, windowed: frozenset[int],
-                       window: SinkWindow | None) -> BlockManager:
-        """The KV pools: with sink + window layers, theirs first, sized for the most blocks
-        max_num_seqs requests hold at once (`SinkWindow.pool_blocks`), or where that would
-        leave the full layers less than one request's whole context of kv_cache_memory_gb,
-        the window layers' share of it (`_window_share`); the rest of
-        kv_cache_memory_gb (or num_kv_blocks) goes to the full-attention layers' pool. Where
-        every layer attends to a window, its pool is the only one, and as a full-attention
-        pool it takes at most kv_cache_memory_gb (or num_kv_blocks). The scheduler admits
-        and preempts by the free blocks of every pool."""
-        c, cfg = self.model_config, self.config
-        bs = cfg.block_size
-        per_layer = 2 * bs * c.num_kv_heads * c.head_dim * (torch.finfo(kv_dtype).bits // 8)
-        budget = cfg.kv_cache_memory_gb * 2**30
-        window_pool = None
-        if window is not None and cfg.enable_prefix_caching is True:
-            raise ValueError("prefix caching does not serve sink + window layers (a hybrid "
-                             "cache, or the model's own sliding window)")
-        full_layers = c.num_layers - len(windowed)
-        context = -(-self.max_model_len // bs) + 1  # (blocks of a whole context)
-        if window is not None:
-            most = min(window.pool_blocks(cfg.max_num_seqs, cfg.max_num_batched_tokens, bs),
-                       cfg.max_num_seqs * context)
-            if not full_layers:
-                allowed = cfg.num_kv_blocks or int(budget // (per_layer * len(windowed)))
-                return BlockManager(0, bs, BlockPool(max(1, min(most, allowed)), bs, window))
-            layer_blocks = budget / per_layer
-            if not cfg.num_kv_blocks and layer_blocks - most * len(windowed) < full_layers * context:
-                most = min(most, self._window_share(window, len(windowed), layer_blocks, context))
-            window_pool = BlockPool(most, bs, window)
-            budget -= window_pool.num_blocks * per_layer * len(windowed)
-        num_blocks = cfg.num_kv_blocks or int(budget // (per_layer * full_layers))
-        if window_pool is None:
-            return BlockManager(max(1, num_blocks), bs,
-                                cache_prefixes=cfg.enable_prefix_caching is not False)
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory_gb {cfg.kv_cache_memory_gb} leaves no room for the full-"
-                f"attention layers' KV after the window layers' "
-                f"{window_pool.num_blocks * per_layer * len(windowed) / 2**30:.2f} GiB "
-                "(at least one request's window)")
-        return BlockManager(num_blocks, bs, window_pool)
-
-    def _window_share(self, window: SinkWindow, windowed: int, layer_blocks: float,
-                      context: int) -> int:
-        """Window-pool blocks within a budget of `layer_blocks` blocks of one layer: the
-        window layers' share of what requests of the whole context (`context` blocks) hold
-        (a window each in theirs, the context in the full layers'), so that a budget too small for
-        max_num_seqs windows serves fewer requests at once rather than none (Gemma 2 9B's
-        window of 4,096 on 21 layers: 42 GiB of bfloat16 for 64 requests, against the
-        default budget of 1 GiB); at least the blocks one request's largest step holds."""
-        bs = self.config.block_size
-        full = self.model_config.num_layers - windowed
-        each = windowed * (window.most_blocks(1, bs) + 1)
-        share = each / (each + full * context)
-        return max(int(layer_blocks * share / windowed),
-                   window.most_blocks(self.config.max_num_batched_tokens, bs))
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
