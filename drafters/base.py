@@ -136,6 +136,11 @@ class Drafter(ABC):
         """Allocate what drafting needs, once the target's KV caches exist (at start-up,
         so that a shortage of memory shows then, not at the first request)."""
 
+    def kv_bytes_per_block(self, block_size: int, kv_dtype: torch.dtype) -> int:
+        """Bytes of the drafter's own KV cache for each block of the target's pool (what
+        `prepare` allocates), counted inside the engine's KV budget; 0: it keeps none."""
+        return 0
+
     def check_tokenizer(self, tokenizer: Any) -> None:  # noqa: B027 - optional hook
         """Refuse (a ValueError that says why) a target whose tokenizer the drafter cannot
         draft for; drafters that draft from the target's own tokens take any."""

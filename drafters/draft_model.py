@@ -204,6 +204,11 @@ class DraftModelDrafter(Drafter):
     def capture_graphs(self, batch_sizes: Sequence[int], draft_lengths: Sequence[int]) -> None:
         self.graphs = _StepGraphs(self.model, self._block_size, self._scratch, batch_sizes)
 
+    def kv_bytes_per_block(self, block_size: int, kv_dtype: torch.dtype) -> int:
+        c = self.model.config
+        return (2 * block_size * c.num_kv_heads * c.head_dim * c.num_layers
+                * torch.finfo(kv_dtype).bits // 8)
+
     def prepare(self) -> None:
         """The draft cache: as many tokens as the target's (the pool of its full-attention
         layers, the largest) plus spare blocks, of the target's block size and KV type."""

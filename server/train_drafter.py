@@ -149,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
         prompts, texts, sequences = prompts + more[0], texts + more[1], sequences + more[2]
     if args.max_prompts is not None:
         prompts = prompts[: args.max_prompts]
+    # (a fixed KV cache: on CUDA the rest of the memory is the hidden states' and training's)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, kv_cache_memory_gb=1.0)
     model = llm.engine.model
     try:  # (bad settings fail here, not after the answers and the training)
         head_config = config_for(model, args.intermediate_size, args.threshold, args.exit_layer)

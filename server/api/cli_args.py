@@ -139,7 +139,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(eng, "--num-kv-blocks", int, e.num_kv_blocks,
          "KV cache size in blocks; unset: sized from --kv-cache-memory-gb")
     _add(eng, "--kv-cache-memory-gb", float, e.kv_cache_memory_gb,
-         "Memory for the KV cache when --num-kv-blocks is not given")
+         "Memory for the KV cache (a draft model's included) when --num-kv-blocks is not "
+         "given; unset: on CUDA what --gpu-memory-utilization leaves, elsewhere 1 GiB")
+    _add(eng, "--gpu-memory-utilization", float, e.gpu_memory_utilization,
+         "On CUDA without --kv-cache-memory-gb or --num-kv-blocks: share of the device's "
+         "memory the engine takes; the KV cache gets what the weights, the largest step's "
+         "peak and memory outside torch leave of it")
     _add(eng, "--kv-cache-dtype", str, e.kv_cache_dtype,
          "KV cache element type; auto: the compute dtype. On the CPU float16 (or bfloat16) "
          "holds twice the tokens of float32 and halves what attention reads",

@@ -44,9 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _engines(args: argparse.Namespace, max_batch: int) -> tuple[object, object]:
     from server.engine.llm import LLM
 
-    # (no prefix caching: each repeat computes its prompts, as before it)
+    # (no prefix caching: each repeat computes its prompts, as before it; both engines live
+    # at once, so each takes a fixed KV cache rather than a share of the GPU's memory)
     common = dict(dtype=args.dtype, quantization=args.quantization, max_num_seqs=max_batch,
-                  max_num_batched_tokens=1024, enable_prefix_caching=False)
+                  max_num_batched_tokens=1024, enable_prefix_caching=False,
+                  kv_cache_memory_gb=1.0)
     start = time.perf_counter()
     off = LLM(args.model, **common)
     middle = time.perf_counter()

@@ -48,8 +48,16 @@ class EngineConfig:
     """Tokens per KV cache block."""
     num_kv_blocks: int | None = None
     """KV cache size in blocks; None sizes it from kv_cache_memory_gb."""
-    kv_cache_memory_gb: float = 1.0
-    """Memory for the KV cache when num_kv_blocks is not given."""
+    kv_cache_memory_gb: float | None = None
+    """Memory for the KV cache (a draft model's included) when num_kv_blocks is not given;
+    None: on CUDA, what gpu_memory_utilization leaves (`server.engine.kv_cache.kv_budget`),
+    elsewhere 1 GiB."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA, with neither kv_cache_memory_gb nor num_kv_blocks: the share of the
+    device's memory the engine may take. The KV cache gets what is left of it after the
+    weights, the peak of the largest step (measured at start-up) and the memory outside
+    torch's allocator (the CUDA context, other processes); CUDA graphs and sampling take
+    theirs from the rest of the device."""
     kv_cache_dtype: str = "auto"
     """Element type of the KV cache: auto (the compute dtype), float32, bfloat16 or float16.
     A 16-bit cache under float32 compute (the CPU) holds twice the tokens in the same

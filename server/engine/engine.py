@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -18,10 +19,10 @@ from drafters.base import drafter_for_target
 from server.engine.config import EngineConfig, read_chat_template
 from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.kv_cache import kv_pools
+from server.engine.kv_cache import kv_budget, kv_pools
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
-from server.engine.runner import Launched, ModelRunner
+from server.engine.runner import Launched, ModelRunner, step_peak_memory
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.spec_policy import SpecPolicy
@@ -109,13 +110,18 @@ class LLMEngine:
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
                                  config.quantization)
         windowed, window = config.attention_layout(self.model_config, self.max_model_len)
-        self.blocks = kv_pools(self.model_config, config, self.max_model_len, self.kv_dtype,
-                               windowed, window)
         policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
         drafter = (drafter_for_target(config.speculative, self.model, config.speculative_model)
                    if config.speculative else None)
         if drafter is not None:
             drafter.check_tokenizer(self.tokenizer)
+        budget = kv_budget(config, self.device, partial(
+            step_peak_memory, self.model, self.device,
+            min(config.max_num_batched_tokens, self.max_model_len), config.block_size,
+            windowed, window, self.kv_dtype))
+        self.blocks = kv_pools(
+            self.model_config, config, self.max_model_len, self.kv_dtype, windowed, window,
+            budget, drafter.kv_bytes_per_block(config.block_size, self.kv_dtype) if drafter else 0)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.blocks, policy, draft_slots=bool(drafter and drafter.num_draft_layers),

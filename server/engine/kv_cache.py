@@ -5,6 +5,7 @@ key and one value tensor a layer, in the block pool its attention policy draws o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -16,10 +17,12 @@ log = logging.getLogger("leapfrog.engine")
 
 
 def allocate_kv_caches(model: torch.nn.Module, blocks: BlockManager, device: torch.device,
-                       windowed: frozenset[int], kv_dtype: torch.dtype) -> None:
+                       windowed: frozenset[int], kv_dtype: torch.dtype, quiet: bool = False
+                       ) -> None:
     """Set `model.kv_caches` ([num_blocks + 1, block_size, kv_heads, head_dim] keys and
     values a layer, of `kv_dtype`) and each layer's `windowed`: the `windowed` layers' KV
-    lives in the last of `blocks.pools`, the others' in the first. Logs what it holds."""
+    lives in the last of `blocks.pools`, the others' in the first. Logs what it holds
+    unless `quiet`."""
     c, pools = model.config, blocks.pools
     if bool(windowed) != (pools[-1].window is not None) or (
             len(pools) == 1 and windowed and len(windowed) < c.num_layers):
@@ -36,6 +39,8 @@ def allocate_kv_caches(model: torch.nn.Module, blocks: BlockManager, device: tor
         layer.windowed = i in windowed
         pool = pools[-1] if layer.windowed else pools[0]
         model.kv_caches.append((cache(pool), cache(pool)))
+    if quiet:
+        return
     size = sum(t.numel() * t.element_size() for kv in model.kv_caches for t in kv)
     shares = ([(pools[0], c.num_layers)] if len(pools) == 1 else
               [(pools[0], c.num_layers - len(windowed)), (pools[1], len(windowed))])
@@ -45,19 +50,55 @@ def allocate_kv_caches(model: torch.nn.Module, blocks: BlockManager, device: tor
         for pool, n in shares), size / 2**30, kv_dtype, device)
 
 
+def kv_budget(cfg: EngineConfig, device: torch.device, step_peak: Callable[[], int]) -> float:
+    """Bytes for the KV cache: kv_cache_memory_gb; unset, 1 GiB off CUDA or with
+    num_kv_blocks (which sizes the cache itself), and on CUDA gpu_memory_utilization of the
+    device's memory less what the device holds already (the weights, the CUDA context and
+    libraries' workspaces, other processes) and `step_peak()`, what the largest step takes
+    beyond it (measured by running it). Raises ValueError for a utilization outside (0, 1]
+    or one that leaves nothing."""
+    if cfg.kv_cache_memory_gb is not None:
+        if cfg.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {cfg.kv_cache_memory_gb}")
+        return cfg.kv_cache_memory_gb * 2**30
+    if device.type != "cuda" or cfg.num_kv_blocks:
+        return float(2**30)
+    share = cfg.gpu_memory_utilization
+    if not 0 < share <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {share}")
+    step = step_peak()
+    free, total = torch.cuda.mem_get_info(device)
+    held = total - free
+    budget = share * total - held - step
+    gib = 2**30
+    if budget < gib / 64:
+        raise ValueError(
+            f"gpu_memory_utilization {share} ({share * total / gib:.2f} of {total / gib:.2f} "
+            f"GiB) leaves {max(budget, 0) / gib:.2f} GiB for the KV cache: the device holds "
+            f"{held / gib:.2f} GiB already (the weights, the CUDA context, other processes) and "
+            f"the largest step takes {step / gib:.2f} more. Raise gpu_memory_utilization, "
+            "lower max_num_batched_tokens, or give kv_cache_memory_gb")
+    log.info("KV budget: %.2f GiB (gpu_memory_utilization %.2f of %.2f GiB, less %.2f GiB "
+             "held and %.2f GiB for the largest step)", budget / gib, share, total / gib,
+             held / gib, step / gib)
+    return budget
+
+
 def kv_pools(model: ModelConfig, cfg: EngineConfig, max_model_len: int, kv_dtype: torch.dtype,
-             windowed: frozenset[int], window: SinkWindow | None) -> BlockManager:
-    """The KV pools: with sink + window layers, theirs first, sized for the most blocks
-    max_num_seqs requests hold at once (`SinkWindow.pool_blocks`), or where that would
-    leave the full layers less than one request's whole context of kv_cache_memory_gb,
-    the window layers' share of it (`_window_share`); the rest of
-    kv_cache_memory_gb (or num_kv_blocks) goes to the full-attention layers' pool. Where
-    every layer attends to a window, its pool is the only one, and as a full-attention
-    pool it takes at most kv_cache_memory_gb (or num_kv_blocks). The scheduler admits
-    and preempts by the free blocks of every pool."""
+             windowed: frozenset[int], window: SinkWindow | None, budget: float,
+             extra_per_block: int = 0) -> BlockManager:
+    """The KV pools within `budget` bytes (`kv_budget`): with sink + window layers, theirs
+    first, sized for the most blocks max_num_seqs requests hold at once
+    (`SinkWindow.pool_blocks`), or where that would leave the full layers less than one
+    request's whole context of the budget, the window layers' share of it
+    (`_window_share`); the rest of the budget (or num_kv_blocks) goes to the
+    full-attention layers' pool, each of its blocks costing `extra_per_block` bytes more
+    (a draft model's cache, `Drafter.kv_bytes_per_block`). Where every layer attends to a
+    window, its pool is the only one, and as a full-attention pool it takes at most the
+    budget (or num_kv_blocks). The scheduler admits and preempts by the free blocks of
+    every pool."""
     bs = cfg.block_size
     per_layer = 2 * bs * model.num_kv_heads * model.head_dim * (torch.finfo(kv_dtype).bits // 8)
-    budget = cfg.kv_cache_memory_gb * 2**30
     window_pool = None
     if window is not None and cfg.enable_prefix_caching is True:
         raise ValueError("prefix caching does not serve sink + window layers (a hybrid "
@@ -68,21 +109,22 @@ def kv_pools(model: ModelConfig, cfg: EngineConfig, max_model_len: int, kv_dtype
         most = min(window.pool_blocks(cfg.max_num_seqs, cfg.max_num_batched_tokens, bs),
                    cfg.max_num_seqs * context)
         if not full_layers:
-            allowed = cfg.num_kv_blocks or int(budget // (per_layer * len(windowed)))
+            allowed = cfg.num_kv_blocks or int(
+                budget // (per_layer * len(windowed) + extra_per_block))
             return BlockManager(0, bs, BlockPool(max(1, min(most, allowed)), bs, window))
         layer_blocks = budget / per_layer
         if not cfg.num_kv_blocks and layer_blocks - most * len(windowed) < full_layers * context:
             most = min(most, _window_share(window, len(windowed), full_layers, layer_blocks,
                                            context, cfg))
         window_pool = BlockPool(most, bs, window)
-        budget -= window_pool.num_blocks * per_layer * len(windowed)
-    num_blocks = cfg.num_kv_blocks or int(budget // (per_layer * full_layers))
+    rest = budget - (window_pool.num_blocks * per_layer * len(windowed) if window_pool else 0)
+    num_blocks = cfg.num_kv_blocks or int(rest // (per_layer * full_layers + extra_per_block))
     if window_pool is None:
         return BlockManager(max(1, num_blocks), bs,
                             cache_prefixes=cfg.enable_prefix_caching is not False)
     if num_blocks < 1:
         raise ValueError(
-            f"kv_cache_memory_gb {cfg.kv_cache_memory_gb} leaves no room for the full-"
+            f"the KV budget of {budget / 2**30:.4g} GiB leaves no room for the full-"
             f"attention layers' KV after the window layers' "
             f"{window_pool.num_blocks * per_layer * len(windowed) / 2**30:.2f} GiB "
             "(at least one request's window)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch
 from drafters.base import DraftBatch, Drafter, DraftRequest, History
 from drafters.verify import verify_greedy, verify_sampled
 from server.engine.batch_builder import batch_meta, build_inputs
-from server.engine.block_manager import BlockManager, window_kwargs
+from server.engine.block_manager import BlockManager, BlockPool, SinkWindow, window_kwargs
 from server.engine.contracts import RunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from server.engine.cuda_graphs import CudaGraphRunner
 from server.engine.kv_cache import allocate_kv_caches
@@ -38,6 +39,46 @@ from server.engine.structured import mask_rows
 from server.models.batch import BatchMeta
 
 log = logging.getLogger("leapfrog.engine")
+
+
+def dummy_step(model: torch.nn.Module, blocks: BlockManager, device: torch.device, n: int,
+               logit_rows: int = 1) -> None:
+    """One eager forward of a sequence of `n` zero tokens whose KV goes to each pool's
+    scratch block (`BlockPool.hole`), and the logits of its last `logit_rows` rows."""
+    bs = blocks.block_size
+    positions = torch.arange(n, device=device)
+    metas = []
+    for pool in blocks.pools:
+        table = torch.full((1, -(-n // bs)), pool.hole, dtype=torch.int32, device=device)
+        metas.append(BatchMeta(
+            pool.hole * bs + positions % bs, table,
+            torch.tensor([n], dtype=torch.int32, device=device),
+            torch.tensor([0, n], dtype=torch.int32, device=device),
+            **window_kwargs(pool.window)))
+    metas[0].sparse = metas[1] if len(metas) > 1 else None
+    hidden = model(torch.zeros(n, dtype=torch.long, device=device), positions, metas[0])
+    model.compute_logits(hidden[-logit_rows:])
+
+
+@torch.inference_mode()
+def step_peak_memory(model: torch.nn.Module, device: torch.device, tokens: int,
+                     block_size: int, windowed: frozenset[int], window: SinkWindow | None,
+                     kv_dtype: torch.dtype) -> int:
+    """Bytes the largest step allocates on CUDA `device` at its peak beyond what stays
+    allocated: one forward of `tokens` tokens with every row's logits (a verification
+    step's), over a KV cache of one block a pool. Returns with the step's memory released
+    to the device and `model.kv_caches` empty."""
+    scratch = BlockManager(0 if len(windowed) == model.config.num_layers else 1, block_size,
+                           BlockPool(1, block_size, window) if window is not None else None)
+    gc.collect()  # (engines dropped but held in reference cycles)
+    torch.cuda.reset_peak_memory_stats(device)
+    allocate_kv_caches(model, scratch, device, windowed, kv_dtype, quiet=True)
+    dummy_step(model, scratch, device, tokens, logit_rows=tokens)
+    torch.cuda.synchronize(device)
+    model.kv_caches = []
+    torch.cuda.empty_cache()
+    return torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+
 
 PROMPT_LOGPROB_ROWS = 256
 """Prompt positions whose logits are computed at a time (a row of float32 logits is
@@ -130,28 +171,14 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> None:
         """Run the model eagerly over one dummy sequence of 1, 2, 4, ... up to `max_tokens`
-        tokens, its KV in the scratch block: the Triton kernels' variants that steps of
-        other sizes than the graphs' need (attention by query rows, the packed GEMM by
-        row bucket) compile and tune now, not in the first requests of those sizes (on an
-        H200 each new attention variant stalled its step by 0.8-1.4 s: docs/benchmarks/
-        gpu.md, run 132)."""
-        bs = self.blocks.block_size
+        tokens (`dummy_step`): the Triton kernels' variants that steps of other sizes than
+        the graphs' need (attention by query rows, the packed GEMM by row bucket) compile
+        and tune now, not in the first requests of those sizes (on an H200 each new
+        attention variant stalled its step by 0.8-1.4 s: docs/benchmarks/gpu.md, run
+        132)."""
         n = 1
         while n <= max_tokens:
-            positions = torch.arange(n, device=self.device)
-            metas = []
-            for pool in self.blocks.pools:
-                table = torch.full((1, -(-n // bs)), pool.hole, dtype=torch.int32,
-                                   device=self.device)
-                metas.append(BatchMeta(
-                    pool.hole * bs + positions % bs, table,
-                    torch.tensor([n], dtype=torch.int32, device=self.device),
-                    torch.tensor([0, n], dtype=torch.int32, device=self.device),
-                    **window_kwargs(pool.window)))
-            metas[0].sparse = metas[1] if len(metas) > 1 else None
-            hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
-                                positions, metas[0])
-            self.model.compute_logits(hidden[-1:])
+            dummy_step(self.model, self.blocks, self.device, n)
             n *= 2
 
     @torch.inference_mode()
