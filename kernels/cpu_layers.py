@@ -91,10 +91,10 @@ class Shapes:
     intermediate: int
     eps: float
     scale: float
+    rope_dim: int
+    """The dims RoPE turns in a head (fewer than head_dim with a partial rotary embedding)."""
     softcap: float = 0.0
     """The attention scores' soft-cap (Gemma 2's); 0: none."""
-    rope_dim: int = 0
-    """The dims RoPE turns in a head (a partial rotary embedding's); 0: head_dim."""
 
 
 def _linear(product: Product, k: int, n: int) -> _Linear | None:
@@ -131,7 +131,7 @@ class DecoderStack:
         s = self.shapes
         t = x.shape[0]
         pools = (full, sparse or full)
-        rot = s.rope_dim or s.head_dim
+        rot = s.rope_dim
         tables = ((cos, sin), local or (cos, sin))
         if lib is None or not _enabled or not (
                 x.dim() == 2 and float_rows(x, s.hidden) and 1 <= count <= len(self.layers)

@@ -203,7 +203,7 @@ class LlamaForCausalLM(torch.nn.Module):
             c, first = self.config, self.layers[0]
             shapes = cpu_layers.Shapes(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                                        c.intermediate_size, first.eps, first.scale,
-                                       c.attn_softcap or 0.0, c.rope_dim)
+                                       c.rope_dim, c.attn_softcap or 0.0)
             self._native = (self.kv_caches, len(self.kv_caches), cpu_layers.decoder_stack(
                 shapes, [layer.native_weights() for layer in self.layers], self.kv_caches))
         stack = self._native[2]
