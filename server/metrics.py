@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+_PREFIX = "leapfrog:"
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
@@ -20,7 +21,7 @@ class Metrics:
 
     def __init__(self, model_name: str = "default") -> None:
         self.registry = CollectorRegistry()
-        r, p = self.registry, "leapfrog:"
+        r, p = self.registry, _PREFIX
         label = ["model_name"]
         self.model_name = model_name
         self.time_to_first_token = Histogram(
@@ -92,6 +93,14 @@ class Metrics:
         )
         self.steps_ahead = {kind: steps_ahead.labels(model_name, kind)
                             for kind in ("decode", "verification")}
+
+    def cache_config(self, **labels: object) -> None:
+        """`leapfrog:cache_config_info`, as vLLM's `cache_config_info`: a gauge of 1 whose
+        labels describe the KV cache (its blocks, their size and type, its memory)."""
+        names = ["model_name", *labels]
+        Gauge(_PREFIX + "cache_config_info", "The KV cache's configuration (in labels).",
+              names, registry=self.registry).labels(
+            self.model_name, *(str(v) for v in labels.values())).set(1)
 
     def request_success(self, finished_reason: str) -> None:
         self._request_success.labels(self.model_name, finished_reason).inc()

@@ -102,3 +102,18 @@ def test_the_largest_step_runs_over_a_scratch_cache(tmp_path, monkeypatch, layou
     assert model.kv_caches == [] and len(counters) == 3
     assert [layer.windowed for layer in model.layers] == [
         i in windowed for i in range(layers)]
+
+
+def test_the_metrics_label_the_cache_and_its_window_pool(tiny_model_dir) -> None:
+    """`leapfrog:cache_config_info` of a hybrid cache names both pools' blocks."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    engine = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+                 kv_cache_memory_gb=2**-10, sliding_window=8, num_sink_tokens=2).engine
+    (info,) = [s for f in text_string_to_metric_families(engine.metrics.render().decode())
+               for s in f.samples if s.name == "leapfrog:cache_config_info"]
+    full, window = engine.blocks.pools
+    assert window.window is not None and full.window is None
+    assert info.labels["num_blocks"] == str(full.num_blocks)
+    assert info.labels["num_window_blocks"] == str(window.num_blocks) != "0"
+    assert info.labels["enable_prefix_caching"] == "False"
