@@ -62,7 +62,10 @@ def test_gemv_sums_decode_matches_merged_gemvs():
     partials, and the sums buffer left zero. The two paths round differently (the fixed-point
     sum once at 2^-32, the float32 merge at every add), so some bfloat16 outputs differ by
     an ulp and the difference grows through the layers: 1.08e-2 in relative norm after 4
-    layers and 4 steps (run 66), hence the bound of 5e-2."""
+    layers and 4 steps (run 66), hence the bound of 5e-2. Each step's input is the greedy
+    token of the step before in its own path, so the comparison stops after a step whose
+    greedy tokens differ between the paths (a near-tie on these random weights: on an H100
+    in session 42, step 2 then differed by 1.42 after steps 0-1 at 1.3e-2)."""
     from kernels.gemv_sums import _sums, sums_disabled
 
     model = _model("int4")
@@ -72,8 +75,11 @@ def test_gemv_sums_decode_matches_merged_gemvs():
         assert int(_sums[torch.device("cuda", 0)].abs().sum()) == 0
         with sums_disabled():
             merged = [logits.clone() for _, logits in decode_steps(model, 1, 300, 4, graphed)]
-        for step, (a, again, b) in enumerate(zip(*runs, merged, strict=True)):
+        for step, (a, again) in enumerate(zip(*runs, strict=True)):
             assert torch.equal(a, again), (graphed, step)
+        for step, (a, b) in enumerate(zip(runs[0], merged, strict=True)):
             rel = float((a.float() - b.float()).norm() / b.float().norm())
             print(f"graphed={graphed} step {step}: relative difference to merged {rel:.2e}")
             assert rel < 5e-2, (graphed, step)
+            if not torch.equal(a.argmax(-1), b.argmax(-1)):
+                break  # (a near-tie chosen either way: the next steps' inputs differ)
