@@ -127,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(eng, "--max-waiting", int, e.max_waiting,
          "Most requests allowed to wait; more are rejected with HTTP 429")
     _add(eng, "--max-num-batched-tokens", int, e.max_num_batched_tokens,
-         "Token budget of one engine step (prefill chunks, decode and draft tokens)")
+         "Token budget of one engine step (prefill chunks, decode and draft tokens); unset: "
+         "2048 on CUDA, 512 on a CPU")
     _add(eng, "--dtype", str, e.dtype, "Compute dtype",
          choices=["auto", "float32", "bfloat16", "float16"])
     _add(eng, "--device", str, e.device, "Device to run on", choices=["auto", "cpu", "cuda"])

@@ -40,8 +40,11 @@ class EngineConfig:
     limit becomes `factor` times that context (`ModelConfig.context_limit`)."""
     max_num_seqs: int = 64
     """Most requests in the running batch."""
-    max_num_batched_tokens: int = 512
-    """Token budget of one step (prefill chunks, decode and draft tokens together)."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step (prefill chunks, decode and draft tokens together); None:
+    2048 on CUDA (where a step of a small model costs the host's time more than the
+    device's: 2.4-3.6x less time to a 6,000-token prompt's first token than 512 on an H100,
+    docs/benchmarks/gpu.md, session 42), 512 on a CPU."""
     max_waiting: int = 256
     """Most requests allowed to wait; more are rejected (HTTP 429)."""
     block_size: int = 16

@@ -22,7 +22,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import kv_budget, kv_pools
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
-from server.engine.runner import Launched, ModelRunner, step_peak_memory
+from server.engine.runner import PROMPT_LOGPROB_ROWS, Launched, ModelRunner, step_peak_memory
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.spec_policy import SpecPolicy
@@ -86,10 +86,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         if config.speculative_model is not None and not config.speculative:
             raise ValueError("speculative_model needs a drafter (speculative)")
-        self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
+        if config.max_num_batched_tokens is None:
+            config = replace(config, max_num_batched_tokens=(
+                2048 if self.device.type == "cuda" else 512))
+        self.config = config
         dtype = resolve_dtype(config.dtype, self.device)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype, self.device)
         checkpoint = open_checkpoint(config.model)
@@ -115,10 +118,14 @@ class LLMEngine:
                    if config.speculative else None)
         if drafter is not None:
             drafter.check_tokenizer(self.tokenizer)
+        # the largest step: a full token budget, with a logits row for each sequence's
+        # verified tokens (or a prompt's logprobs, PROMPT_LOGPROB_ROWS rows at a time)
+        tokens = min(config.max_num_batched_tokens, self.max_model_len)
+        rows = max(config.max_num_seqs * (1 + config.num_speculative_tokens * bool(policy)),
+                   PROMPT_LOGPROB_ROWS)
         budget = kv_budget(config, self.device, partial(
-            step_peak_memory, self.model, self.device,
-            min(config.max_num_batched_tokens, self.max_model_len), config.block_size,
-            windowed, window, self.kv_dtype))
+            step_peak_memory, self.model, self.device, tokens, min(rows, tokens),
+            config.block_size, windowed, window, self.kv_dtype))
         self.blocks = kv_pools(
             self.model_config, config, self.max_model_len, self.kv_dtype, windowed, window,
             budget, drafter.kv_bytes_per_block(config.block_size, self.kv_dtype) if drafter else 0)

@@ -62,18 +62,18 @@ def dummy_step(model: torch.nn.Module, blocks: BlockManager, device: torch.devic
 
 @torch.inference_mode()
 def step_peak_memory(model: torch.nn.Module, device: torch.device, tokens: int,
-                     block_size: int, windowed: frozenset[int], window: SinkWindow | None,
-                     kv_dtype: torch.dtype) -> int:
+                     logit_rows: int, block_size: int, windowed: frozenset[int],
+                     window: SinkWindow | None, kv_dtype: torch.dtype) -> int:
     """Bytes the largest step allocates on CUDA `device` at its peak beyond what stays
-    allocated: one forward of `tokens` tokens with every row's logits (a verification
-    step's), over a KV cache of one block a pool. Returns with the step's memory released
-    to the device and `model.kv_caches` empty."""
+    allocated: one forward of `tokens` tokens and the logits of `logit_rows` of them, over
+    a KV cache of one block a pool. Returns with the step's memory released to the device
+    and `model.kv_caches` empty."""
     scratch = BlockManager(0 if len(windowed) == model.config.num_layers else 1, block_size,
                            BlockPool(1, block_size, window) if window is not None else None)
     gc.collect()  # (engines dropped but held in reference cycles)
     torch.cuda.reset_peak_memory_stats(device)
     allocate_kv_caches(model, scratch, device, windowed, kv_dtype, quiet=True)
-    dummy_step(model, scratch, device, tokens, logit_rows=tokens)
+    dummy_step(model, scratch, device, tokens, logit_rows)
     torch.cuda.synchronize(device)
     model.kv_caches = []
     torch.cuda.empty_cache()
