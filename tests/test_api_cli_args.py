@@ -134,3 +134,26 @@ def test_rope_scaling_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEAPFROG_ROPE_SCALING", "yarn")
     with pytest.raises(SystemExit, match="LEAPFROG_ROPE_SCALING"):
         _parser()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-num-batched-tokens", "0"], "max_num_batched_tokens must be at least 1, got 0"),
+    (["--max-num-seqs", "-2"], "max_num_seqs must be at least 1, got -2"),
+    (["--block-size", "0"], "block_size must be at least 1"),
+    (["--num-kv-blocks", "0"], "num_kv_blocks must be at least 1"),
+    (["--max-model-len", "0"], "max_model_len must be at least 1"),
+    (["--num-speculative-tokens", "0"], "num_speculative_tokens must be at least 1"),
+    (["--max-waiting", "-1"], "max_waiting must be at least 0"),
+    (["--kv-cache-memory-gb", "0"], "kv_cache_memory_gb must be positive, got 0.0"),
+    (["--gpu-memory-utilization", "1.5"], r"gpu_memory_utilization must be in \(0, 1\]"),
+])
+def test_sizes_no_engine_runs_with_are_refused_at_once(flags, message) -> None:
+    """A step budget of 0 tokens once left every request waiting forever, the engine
+    spinning; such sizes now end `serve` before the model loads, naming the setting (and
+    `LLM(...)` with a ValueError)."""
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        configs_from_args(_parser().parse_args(flags))
+    field = flags[0].removeprefix("--").replace("-", "_")
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**{field: float(flags[1]) if "." in flags[1] or "gb" in field
+                        else int(flags[1])})

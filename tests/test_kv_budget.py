@@ -25,8 +25,6 @@ def test_a_given_size_or_a_cpu_needs_no_measurement() -> None:
     assert kv_budget(EngineConfig(), torch.device("cpu"), _unmeasured) == GIB
     # num_kv_blocks sizes the cache itself
     assert kv_budget(EngineConfig(num_kv_blocks=64), CUDA, _unmeasured) == GIB
-    with pytest.raises(ValueError, match="kv_cache_memory_gb must be positive"):
-        kv_budget(EngineConfig(kv_cache_memory_gb=0.0), CUDA, _unmeasured)
 
 
 def test_the_share_of_the_device_less_what_it_holds_and_the_step(monkeypatch) -> None:
@@ -44,9 +42,6 @@ def test_the_share_of_the_device_less_what_it_holds_and_the_step(monkeypatch) ->
     with pytest.raises(ValueError, match=r"gpu_memory_utilization 0.3 \(24.00 of 80.00 GiB\) "
                        r"leaves 0.00 GiB .* holds 20.00 GiB already .* takes 4.00 more"):
         kv_budget(EngineConfig(gpu_memory_utilization=0.3), CUDA, step)
-    for share in (0.0, 1.5):
-        with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
-            kv_budget(EngineConfig(gpu_memory_utilization=share), CUDA, step)
 
 
 def test_a_draft_models_cache_is_counted_inside_the_budget(tmp_path, tiny_model_dir) -> None:

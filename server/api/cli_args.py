@@ -216,7 +216,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
     if positional is not None and option is not None and positional != option:
         raise SystemExit(f"error: two models given: {positional!r} and --model {option!r}")
     values["model"] = positional or option or os.environ.get(env_name("model"))
-    engine = EngineConfig(**{f.name: values[f.name] for f in fields(EngineConfig) if f.name in values})
+    try:
+        engine = EngineConfig(**{f.name: values[f.name] for f in fields(EngineConfig)
+                                 if f.name in values})
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if engine.chat_template is not None:  # (before the server starts: a typo ends it at once)
         try:
             read_chat_template(engine.chat_template)

@@ -99,6 +99,25 @@ class EngineConfig:
     num_threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
 
+    def __post_init__(self) -> None:
+        """Refuse sizes no engine can run with (a step budget of 0 tokens would never
+        schedule anything), naming the field."""
+        at_least_one = {
+            "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+            "block_size": self.block_size, "num_kv_blocks": self.num_kv_blocks,
+            "max_model_len": self.max_model_len, "num_threads": self.num_threads,
+            "num_speculative_tokens": self.num_speculative_tokens}
+        for name, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be at least 0, got {self.max_waiting}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+
     def attention_layout(self, model: ModelConfig, max_model_len: int | None = None,
                          ) -> tuple[frozenset[int], SinkWindow | None]:
         """The layers that attend to sinks + a window, and that window: the model's own
