@@ -131,6 +131,31 @@ def test_echo_with_logprobs_scores_the_prompt(url, client, model) -> None:
     assert [v for p in parts for v in p.logprobs.token_logprobs] == lp.token_logprobs
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(url, client, model) -> None:
+    """max_tokens 0 with echo (OpenAI's legacy completions; older evaluation harnesses
+    score prompts so): the prompt back, its tokens' logprobs as max_tokens 1 gives them,
+    nothing generated (usage included); streamed, or without echo, it is a 400."""
+    args = {"model": model, "temperature": 0, "logprobs": 2, "echo": True,
+            "prompt": ["The capital of France is Paris.", "One, two, three"]}
+    one = client.completions.create(max_tokens=1, **args)
+    zero = client.completions.create(max_tokens=0, **args)
+    assert zero.usage.completion_tokens == 0
+    assert zero.usage.total_tokens == zero.usage.prompt_tokens == one.usage.prompt_tokens
+    for a, b, prompt in zip(zero.choices, one.choices, args["prompt"], strict=True):
+        assert a.text == prompt and b.text.startswith(prompt) and len(b.text) > len(prompt)
+        assert a.finish_reason == "length"
+        n = len(b.logprobs.tokens) - 1  # (the prompt's tokens; one token generated after)
+        assert a.logprobs.tokens == b.logprobs.tokens[:n]
+        assert a.logprobs.token_logprobs == b.logprobs.token_logprobs[:n]
+        assert a.logprobs.top_logprobs == b.logprobs.top_logprobs[:n]
+        assert a.logprobs.text_offset == b.logprobs.text_offset[:n]
+    body = {k: v for k, v in args.items() if k != "model"} | {"max_tokens": 0}
+    streamed = httpx.post(url + "/v1/completions", json=body | {"stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+    plain = httpx.post(url + "/v1/completions", json=body | {"echo": False})
+    assert plain.status_code == 400 and plain.json()["error"]["param"] == "max_tokens"
+
+
 def test_tokenizer_info_serves_a_remote_tokenizer(url) -> None:
     """What lm-evaluation-harness's remote tokenizer does with /tokenizer_info: the EOS
     token's text tokenizes to the model's EOS id, and the chat template rendered on the

@@ -49,9 +49,13 @@ class CompletionFormatter:
     named_events = False
 
     def __init__(self, request_id: str, model: str, n: int, prompt_ids: list[list[int]],
-                 echo_texts: list[str] | None, texts: TokenTexts | None) -> None:
+                 echo_texts: list[str] | None, texts: TokenTexts | None,
+                 score_only: bool = False) -> None:
         """`echo_texts`: each prompt's text, to echo (None: no echo); `texts`: token texts,
-        with logprobs (None: none); echo with logprobs lists the prompt's tokens first."""
+        with logprobs (None: none); echo with logprobs lists the prompt's tokens first.
+        `score_only`: max_tokens 0 with echo (not streamed): the choices are the echoed
+        prompts alone, the one token generated to get there left out."""
+        self.score_only = score_only
         self.request_id, self.model, self.n = request_id, model, n
         self.num_choices = len(prompt_ids) * n
         self.prompt_ids = prompt_ids
@@ -105,11 +109,15 @@ class CompletionFormatter:
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         choices = []
         for i, r in enumerate(results):
+            generated = [] if self.score_only else r.logprobs
             logprobs = None
             if self.texts is not None:
-                logprobs = self._logprobs(i, r.logprobs, r.prompt_logprobs, 0)[0]
-            choices.append({"index": i, "text": self._echo(i) + "".join(r.text),
-                            "logprobs": logprobs, "finish_reason": r.finish_reason})
+                logprobs = self._logprobs(i, generated, r.prompt_logprobs, 0)[0]
+            text = "" if self.score_only else "".join(r.text)
+            choices.append({"index": i, "text": self._echo(i) + text, "logprobs": logprobs,
+                            "finish_reason": "length" if self.score_only else r.finish_reason})
+        if self.score_only:
+            usage = {**usage, "completion_tokens": 0, "total_tokens": usage["prompt_tokens"]}
         return {**self._envelope(choices), "usage": usage}
 
 
@@ -122,7 +130,14 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
         logger.debug("request %s prompt: %r", request_id, prompts)
     prompt_ids = tokenize_prompts(engine.tokenizer, prompts)
     longest = max(len(p) for p in prompt_ids)
-    max_tokens = resolve_max_tokens(req.max_tokens, longest, engine.max_model_len)
+    # max_tokens 0 with echo scores the prompt (OpenAI's legacy completions, older
+    # evaluation harnesses): one token is generated, and left out of the reply
+    score_only = req.echo and req.max_tokens == 0
+    if score_only and req.stream:
+        raise bad_request("max_tokens 0 (echo: the prompt scored, nothing generated) is not "
+                          "streamed; send stream: false", param="stream")
+    max_tokens = 1 if score_only else resolve_max_tokens(req.max_tokens, longest,
+                                                         engine.max_model_len)
     params = sampling_params(req, max_tokens, req.logprobs, engine.tokenizer,
                              prompt_logprobs=req.logprobs if req.echo else None)
     check_context_length(longest, max_tokens, engine.max_model_len)
@@ -132,6 +147,6 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
         echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
     texts = TokenTexts(engine.tokenizer) if req.logprobs is not None else None
     formatter = CompletionFormatter(request_id, engine.model_name, req.n, prompt_ids,
-                                    echo_texts, texts)
+                                    echo_texts, texts, score_only)
     generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter, req.user)
     return await generation.respond(request, req.stream, req.include_usage, req.continuous_usage)
