@@ -120,12 +120,12 @@ class LLMEngine:
             drafter.check_tokenizer(self.tokenizer)
         # the largest step: a full token budget, with a logits row for each sequence's
         # verified tokens (or a prompt's logprobs, PROMPT_LOGPROB_ROWS rows at a time)
-        tokens = min(config.max_num_batched_tokens, self.max_model_len)
+        tokens = config.max_num_batched_tokens
         rows = max(config.max_num_seqs * (1 + config.num_speculative_tokens * bool(policy)),
                    PROMPT_LOGPROB_ROWS)
         budget = kv_budget(config, self.device, partial(
             step_peak_memory, self.model, self.device, tokens, min(rows, tokens),
-            config.block_size, windowed, window, self.kv_dtype))
+            self.max_model_len, config.block_size, windowed, window, self.kv_dtype))
         self.blocks = kv_pools(
             self.model_config, config, self.max_model_len, self.kv_dtype, windowed, window,
             budget, drafter.kv_bytes_per_block(config.block_size, self.kv_dtype) if drafter else 0)
