@@ -151,13 +151,14 @@ class LLMEngine:
         self.drafter = drafter
         self.metrics = Metrics(self.model_name)
         kv_bytes = sum(t.numel() * t.element_size() for kv in self.model.kv_caches for t in kv)
-        full = [p for p in self.blocks.pools if p.window is None]
-        window = [p for p in self.blocks.pools if p.window is not None]
+        full_pools = [p for p in self.blocks.pools if p.window is None]
+        window_pools = [p for p in self.blocks.pools if p.window is not None]
         self.metrics.cache_config(
-            block_size=config.block_size, num_blocks=full[0].num_blocks if full else 0,
-            num_window_blocks=window[0].num_blocks if window else 0,
+            block_size=config.block_size,
+            num_blocks=full_pools[0].num_blocks if full_pools else 0,
+            num_window_blocks=window_pools[0].num_blocks if window_pools else 0,
             cache_dtype=str(self.kv_dtype).removeprefix("torch."),
-            enable_prefix_caching=bool(full and full[0].cache_prefixes),
+            enable_prefix_caching=bool(full_pools and full_pools[0].cache_prefixes),
             kv_cache_gib=f"{kv_bytes / 2**30:.3f}")
         self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
