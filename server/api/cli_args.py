@@ -144,8 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "given; unset: on CUDA what --gpu-memory-utilization leaves, elsewhere 1 GiB")
     _add(eng, "--gpu-memory-utilization", float, e.gpu_memory_utilization,
          "On CUDA without --kv-cache-memory-gb or --num-kv-blocks: share of the device's "
-         "memory the engine takes; the KV cache gets what the weights, the largest step's "
-         "peak and memory outside torch leave of it")
+         "memory the engine takes; the KV cache gets what is left of it after what the "
+         "device holds (weights, CUDA context, other processes) and the largest step")
     _add(eng, "--kv-cache-dtype", str, e.kv_cache_dtype,
          "KV cache element type; auto: the compute dtype. On the CPU float16 (or bfloat16) "
          "holds twice the tokens of float32 and halves what attention reads",

@@ -57,9 +57,9 @@ class EngineConfig:
     elsewhere 1 GiB."""
     gpu_memory_utilization: float = 0.9
     """On CUDA, with neither kv_cache_memory_gb nor num_kv_blocks: the share of the
-    device's memory the engine may take. The KV cache gets what is left of it after the
-    weights, the peak of the largest step (measured at start-up) and the memory outside
-    torch's allocator (the CUDA context, other processes); CUDA graphs and sampling take
+    device's memory the engine may take. The KV cache gets what is left of it after what
+    the device holds already (the weights, the CUDA context, other processes) and what the
+    largest step takes beyond that (measured at start-up); CUDA graphs and sampling take
     theirs from the rest of the device."""
     kv_cache_dtype: str = "auto"
     """Element type of the KV cache: auto (the compute dtype), float32, bfloat16 or float16.
