@@ -70,9 +70,18 @@ def test_bare_calls_naming_the_tools() -> None:
     both = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "arguments": {}}]'
     assert [c["function"]["name"] for c in read_calls(both, AUTO)[1]] == ["get_time",
                                                                         "get_weather"]
+    # Llama 3.2 may name the type; Mistral's [TOOL_CALLS], where the text keeps it
+    llama = '{"type": "function", "name": "get_time", "parameters": {"zone": "UTC"}}'
+    assert read_calls(llama, AUTO)[1][0]["function"] == {"name": "get_time",
+                                                         "arguments": '{"zone": "UTC"}'}
+    mistral = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Rome"}}]'
+    assert read_calls(mistral, AUTO)[1][0]["function"]["arguments"] == '{"city": "Rome"}'
+    tagged = '<|python_tag|>{"name": "get_time", "parameters": {}}'
+    assert read_calls(tagged, AUTO)[1][0]["function"] == {"name": "get_time", "arguments": "{}"}
     for text in ('{"name": "send_mail", "arguments": {}}',  # not a tool of the request
                  '{"name": "get_time", "arguments": {}, "why": 1}', '{"name": "get_time"',
-                 '[]', '{"city": "Oslo"}', 'get_time()'):
+                 '{"type": "tool", "name": "get_time", "parameters": {}}',
+                 '[]', '{"city": "Oslo"}', 'get_time()', '[TOOL_CALLS] get_time()'):
         assert read_calls(text, AUTO) == (text, []), text
 
 
@@ -122,6 +131,14 @@ def test_template_reads_calls() -> None:
     assert template_reads_calls(tok)
     tok.chat_template = {"default": "plain", "tool_use": "<tool_call>"}
     assert template_reads_calls(tok)
+    # Llama 3.1's asks for a JSON object with "parameters"; Mistral's writes [TOOL_CALLS]
+    tok.chat_template = ('{% if tools %}Answer with {"name": a function\'s name, '
+                         '"parameters": its arguments}{% endif %}')
+    assert template_reads_calls(tok)
+    tok.chat_template = "{% if message.tool_calls %}[TOOL_CALLS]{{ ... }}{% endif %}"
+    assert template_reads_calls(tok)
+    tok.chat_template = '{% for t in tools %}{{ t | tojson }}{% endfor %} "arguments"'
+    assert not template_reads_calls(tok)  # (tools shown, no form of call taught)
 
 
 class ToolTokenizer(FakeTokenizer):
@@ -206,6 +223,31 @@ def test_auto_calls_read_out_plain_and_streamed(served) -> None:
     assert all(c["id"].startswith("call_") for c in calls)
 
 
+class LlamaToolEngine(ToolEngine):
+    """A Llama 3.1-style template (a JSON object with "parameters", no tags), answered with
+    `<|python_tag|>` and such an object, then "#" (the requests' stop string here: the tag
+    holds "|")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer.chat_template = '{% if tools %}{"name": ..., "parameters": ...}{% endif %}'
+
+    def script(self, prompt, params) -> str:
+        return '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}#'
+
+
+def test_auto_calls_of_a_llama_template_read_out_plain_and_streamed() -> None:
+    with app_in_thread(LlamaToolEngine) as (url, _):
+        (choice,) = _chat(url, messages=USER, tools=[WEATHER], stop="#").json()["choices"]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        content, calls, reason = _stream(url, messages=USER, tools=[WEATHER], stop="#")
+        assert (content, reason) == ("", "tool_calls")
+        assert [c["function"] for c in calls] == [call["function"]]
+
+
 def test_auto_without_calls_keeps_the_text(served) -> None:
     url, _ = served
     plain = [{"role": "user", "content": "plain please"}]
@@ -286,6 +328,9 @@ def test_streamed_pieces_add_up_however_the_text_is_cut(pieces) -> None:
     (["  ", '{"name": "get_time",', ' "arguments": {}}'], "", ["get_time"]),
     (["{", '"a": 1}'], '{"a": 1}', []),  # held back, then sent as content
     (["Sure: ", '{"name": "get_time"}'], 'Sure: {"name": "get_time"}', []),
+    (["[TOOL_", 'CALLS][{"name": "get_time",', ' "arguments": {}}]'], "", ["get_time"]),
+    (["<|python", '_tag|>{"name": "get_time",', ' "parameters": {}}'], "", ["get_time"]),
+    (["<", "b>bold</b>", " text"], "<b>bold</b> text", []),  # held, then sent as it comes
 ])
 def test_streamed_bare_calls_are_held_to_the_end(pieces, content, calls) -> None:
     formatter = ChatFormatter("chatcmpl-x", "m", 1, None, AUTO)

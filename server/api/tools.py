@@ -8,12 +8,14 @@ constrains a forced call, and reading calls out of generated text.
 - ``required``: the output is constrained to a JSON array of `{"name", "arguments"}` calls
   (one, unless `parallel_tool_calls`), each matching its function's schema.
 - ``auto`` (the default when tools are given): the model decides, as its chat template
-  taught it. Only templates that write calls as `<tool_call>{"name": ..., "arguments":
-  ...}</tool_call>` (Hermes style: Qwen2.5 and many others) can be read back; for any other
-  template "auto" is refused, as vLLM refuses it without a tool-call parser. Small models
-  taught this format often drop the tags (Qwen2.5-Coder-0.5B answers a bare `{"name": ...,
+  taught it. Calls are read back from templates that write them as `<tool_call>{"name":
+  ..., "arguments": ...}</tool_call>` (Hermes style: Qwen2.5 and many others), as a bare
+  `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, whose `<|python_tag|>` is a special
+  token the text leaves out) or as `[TOOL_CALLS]` and a list of calls (Mistral's); for any
+  other template "auto" is refused, as vLLM refuses it without a tool-call parser. Small
+  models taught the tags often drop them (Qwen2.5-Coder-0.5B answers a bare `{"name": ...,
   "arguments": ...}`), so a reply that is nothing but such an object, or a list of them,
-  naming the request's tools, is read as calls too.
+  naming the request's tools, is read as calls whatever the template.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from server.api.errors import bad_request
 from server.api.protocol import ChatCompletionRequest
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_CALLS = "[TOOL_CALLS]"
+# what may open a bare call in text kept with its special tokens (auto mode keeps them)
+CALL_PREFIXES = (MISTRAL_CALLS, "<|python_tag|>")
 _CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)
 
 
@@ -48,11 +53,16 @@ NO_TOOLS = ToolMode("none")
 
 
 def template_reads_calls(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template writes tool calls in `<tool_call>` tags."""
+    """Whether the tokenizer's chat template teaches tool calls in a form `read_calls`
+    reads: in `<tool_call>` tags, after `[TOOL_CALLS]`, or (a template that shows tools
+    and asks for "parameters", as Llama 3.1's) a bare JSON object."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: any of them
         template = " ".join(str(t) for t in template.values())
-    return isinstance(template, str) and CALL_OPEN in template
+    if not isinstance(template, str):
+        return False
+    return (CALL_OPEN in template or MISTRAL_CALLS in template
+            or ("tools" in template and '"parameters"' in template))
 
 
 def tool_mode(req: ChatCompletionRequest, tokenizer: Any) -> ToolMode:
@@ -67,8 +77,9 @@ def tool_mode(req: ChatCompletionRequest, tokenizer: Any) -> ToolMode:
     if not template_reads_calls(tokenizer):
         raise bad_request(
             "tool_choice 'auto' needs a chat template that writes tool calls in <tool_call> "
-            "tags, and this model's does not; use tool_choice 'required' or a named "
-            "function, which constrain the output to a call", param="tool_choice",
+            "tags, after [TOOL_CALLS] or as JSON with \"parameters\", and this model's does "
+            "not; use tool_choice 'required' or a named function, which constrain the output "
+            "to a call", param="tool_choice",
             code="invalid_value")
     return ToolMode("auto", names=tuple(t.function.name for t in req.tools))
 
@@ -141,23 +152,39 @@ def read_calls(text: str, mode: ToolMode) -> tuple[str | None, list[dict[str, An
 
 
 def _bare_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[dict[str, Any]]]:
-    """A reply that is only a call object, or a list of them, naming the request's tools (the
-    arguments under "arguments", or Llama 3's "parameters"); else the text as content."""
+    """A reply that is only a call object, or a list of them (after Mistral's
+    `[TOOL_CALLS]` or Llama's `<|python_tag|>`, where the text keeps them), naming the request's tools (the arguments under
+    "arguments", or Llama 3's "parameters", which may add "type": "function"); else the
+    text as content."""
+    calls = _without_prefix(text)
     try:
-        body = json.loads(text) if maybe_bare_call(text) else None
+        body = json.loads(calls) if maybe_bare_call(calls) else None
     except json.JSONDecodeError:
         body = None
     items = body if isinstance(body, list) else [body]
     if not body or not all(isinstance(c, dict) and c.get("name") in names
-                           and set(c) <= {"name", "arguments", "parameters"} for c in items):
+                           and set(c) <= {"name", "arguments", "parameters", "type"}
+                           and c.get("type", "function") == "function" for c in items):
         return text, []
     return None, [new_call(c["name"], _arguments(c.get("arguments", c.get("parameters", {}))))
                   for c in items]
 
 
+def _without_prefix(text: str) -> str:
+    """`text` less leading space and one of `CALL_PREFIXES`."""
+    text = text.lstrip()
+    for prefix in CALL_PREFIXES:
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
 def maybe_bare_call(text: str) -> bool:
-    """Whether `text` could be (the start of) a bare call: it opens a JSON object or list."""
-    return text.lstrip()[:1] in ("{", "[")
+    """Whether `text` could be (the start of) a bare call: it opens a JSON object or list,
+    maybe after one of `CALL_PREFIXES`, or is the start of one of those."""
+    start = text.lstrip()
+    return (_without_prefix(text)[:1] in ("{", "[")
+            or any(p.startswith(start) for p in CALL_PREFIXES if start))
 
 
 def held_back(text: str, tag: str = CALL_OPEN) -> int:
