@@ -10,8 +10,8 @@ constrains a forced call, and reading calls out of generated text.
 - ``auto`` (the default when tools are given): the model decides, as its chat template
   taught it. Calls are read back from templates that write them as `<tool_call>{"name":
   ..., "arguments": ...}</tool_call>` (Hermes style: Qwen2.5 and many others), as a bare
-  `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, whose `<|python_tag|>` is a special
-  token the text leaves out) or as `[TOOL_CALLS]` and a list of calls (Mistral's); for any
+  `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, maybe after `<|python_tag|>`) or as
+  `[TOOL_CALLS]` and a list of calls (Mistral's); for any
   other template "auto" is refused, as vLLM refuses it without a tool-call parser. Small
   models taught the tags often drop them (Qwen2.5-Coder-0.5B answers a bare `{"name": ...,
   "arguments": ...}`), so a reply that is nothing but such an object, or a list of them,
@@ -152,10 +152,10 @@ def read_calls(text: str, mode: ToolMode) -> tuple[str | None, list[dict[str, An
 
 
 def _bare_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[dict[str, Any]]]:
-    """A reply that is only a call object, or a list of them (after Mistral's
-    `[TOOL_CALLS]` or Llama's `<|python_tag|>`, where the text keeps them), naming the request's tools (the arguments under
-    "arguments", or Llama 3's "parameters", which may add "type": "function"); else the
-    text as content."""
+    """A reply that is only a call object, or a list of them (maybe after Mistral's
+    `[TOOL_CALLS]` or Llama's `<|python_tag|>`), naming the request's tools (the arguments
+    under "arguments", or Llama 3's "parameters", which may add "type": "function"); else
+    the text as content."""
     calls = _without_prefix(text)
     try:
         body = json.loads(calls) if maybe_bare_call(calls) else None
