@@ -113,3 +113,33 @@ def test_the_metrics_label_the_cache_and_its_window_pool(tiny_model_dir) -> None
     assert info.labels["num_blocks"] == str(full.num_blocks)
     assert info.labels["num_window_blocks"] == str(window.num_blocks) != "0"
     assert info.labels["enable_prefix_caching"] == "False"
+
+
+def test_a_hybrid_cache_with_a_draft_model_keeps_to_the_budget(tmp_path, tiny_model_dir) -> None:
+    """Sink + window layers beside full ones, and a draft model's cache for each full
+    block: the window pool's share, the full pool and the draft's cache together fit a
+    budget too small for max_num_seqs windows."""
+    from drafters.draft_model import SPARE_BLOCKS
+
+    draft = save_tiny_model("llama", tmp_path / "draft", seed=1, num_hidden_layers=1,
+                            hidden_size=32, intermediate_size=64)
+    budget = 2**-11
+    engine = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+                 kv_cache_memory_gb=budget, sliding_window=8, num_sink_tokens=2,
+                 max_num_seqs=64, max_num_batched_tokens=16, speculative="draft-model",
+                 speculative_model=str(draft)).engine
+    full, window = engine.blocks.pools
+    assert window.num_blocks < window.window.pool_blocks(64, 16, 4)  # (a share of it)
+    # the share holds as many requests' windows as the full pool (and the draft's cache
+    # beside it) holds whole contexts
+    context = -(-engine.max_model_len // 4) + 1
+    windows = window.num_blocks / (window.window.most_blocks(1, 4) + 1)
+    assert abs(windows - full.num_blocks / context) < 1
+
+    def size(caches: list, scratch: int) -> float:  # (less the blocks past the budget)
+        pools = [t for kv in caches for t in kv]
+        return sum(t.numel() * t.element_size() * (1 - scratch / t.shape[0]) for t in pools)
+
+    used = size(engine.model.kv_caches, 1) + size(engine.drafter.model.kv_caches,
+                                                 SPARE_BLOCKS + 1)
+    assert 0.8 * budget * 2**30 < used <= budget * 2**30

@@ -109,8 +109,9 @@ def kv_pools(model: ModelConfig, cfg: EngineConfig, max_model_len: int, kv_dtype
                 budget // (per_layer * len(windowed) + extra_per_block))
             return BlockManager(0, bs, BlockPool(max(1, min(most, allowed)), bs, window))
         layer_blocks = budget / per_layer
-        if not cfg.num_kv_blocks and layer_blocks - most * len(windowed) < full_layers * context:
-            most = min(most, _window_share(window, len(windowed), full_layers, layer_blocks,
+        full_cost = full_layers + extra_per_block / per_layer  # (a full block, in layers')
+        if not cfg.num_kv_blocks and layer_blocks - most * len(windowed) < full_cost * context:
+            most = min(most, _window_share(window, len(windowed), full_cost, layer_blocks,
                                            context, cfg))
         window_pool = BlockPool(most, bs, window)
     rest = budget - (window_pool.num_blocks * per_layer * len(windowed) if window_pool else 0)
@@ -127,11 +128,12 @@ def kv_pools(model: ModelConfig, cfg: EngineConfig, max_model_len: int, kv_dtype
     return BlockManager(num_blocks, bs, window_pool)
 
 
-def _window_share(window: SinkWindow, windowed: int, full: int, layer_blocks: float,
+def _window_share(window: SinkWindow, windowed: int, full: float, layer_blocks: float,
                   context: int, cfg: EngineConfig) -> int:
     """Window-pool blocks within a budget of `layer_blocks` blocks of one layer: the
     `windowed` layers' share of what requests of the whole context (`context` blocks) hold
-    (a window each in theirs, the context in the `full` layers'), so that a budget too
+    (a window each in theirs, the context in the `full` layers', which count a draft
+    model's cache as layers' worth of it), so that a budget too
     small for max_num_seqs windows serves fewer requests at once rather than none (Gemma 2
     9B's window of 4,096 on 21 layers: 42 GiB of bfloat16 for 64 requests, against the
     default budget of 1 GiB); at least the blocks one request's largest step holds."""
