@@ -75,6 +75,9 @@ class DraftRequest:
     drafts from it and report it as q (`Proposal.probs`); None for a greedy request."""
     generator: torch.Generator | None = None
     """The request's own generator (seeded requests), for such draws."""
+    prediction: Sequence[int] = ()
+    """Tokens the output is expected to hold (`SamplingParams.prediction`), for drafters
+    that look drafts up in text (`drafters.ngram`)."""
 
 
 @dataclass

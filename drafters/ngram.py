@@ -1,6 +1,8 @@
 """Prompt-lookup drafting: propose what followed the latest earlier occurrence of the
 request's last n tokens in its own prompt and output (prompt lookup decoding, as in vLLM's
-ngram proposer). No model, no training, deterministic proposals (one-hot q).
+ngram proposer). No model, no training, deterministic proposals (one-hot q). A request's
+predicted output (OpenAI's `prediction`) is looked in first, walked forward: the first
+occurrence of the last n tokens after where the previous draft from it began.
 
 Each request keeps an incremental index from every n-gram of its history (min_n <= n <=
 max_n) to the most recent position where it occurred with at least one token after it.
@@ -11,6 +13,7 @@ by dict.update over zipped slices (a few milliseconds for a few thousand tokens)
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 
 from drafters.base import DraftBatch, Drafter, Proposal, register_drafter
@@ -67,6 +70,36 @@ class _NgramIndex:
         return []
 
 
+class _Prediction:
+    """A request's predicted output: every start of each n-gram (min_n <= n <= max_n) in
+    it, and where the last draft taken from it began."""
+
+    def __init__(self, tokens: Sequence[int], min_n: int, max_n: int) -> None:
+        self.tokens = list(map(int, tokens))
+        self.starts: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        for n in range(max_n, min_n - 1, -1):
+            table: dict[tuple[int, ...], list[int]] = {}
+            for i in range(len(self.tokens) - n):  # (followed by at least one token)
+                table.setdefault(tuple(self.tokens[i:i + n]), []).append(i)
+            self.starts[n] = table
+        self.cursor = -1  # (no draft taken yet)
+
+    def lookup(self, history: Sequence[int], max_tokens: int) -> list[int]:
+        """What follows the longest suffix of `history` found in the prediction, at its
+        first occurrence after the cursor (the history has grown since: a match that
+        follows the last one starts later), else its last at or before it."""
+        for n, table in self.starts.items():
+            if len(history) < n:
+                continue
+            starts = table.get(tuple(int(t) for t in history[-n:]))
+            if starts:
+                at = bisect_right(starts, self.cursor)
+                start = starts[at] if at < len(starts) else starts[-1]
+                self.cursor = start
+                return self.tokens[start + n : start + n + max_tokens]
+        return []
+
+
 @register_drafter
 class NgramDrafter(Drafter):
     """Prompt-lookup drafter: tries n = max_n down to min_n, the most recent match wins, and
@@ -86,6 +119,7 @@ class NgramDrafter(Drafter):
         self.min_n = min_n
         self.max_n = max_n
         self._indexes: dict[str, _NgramIndex] = {}
+        self._predictions: dict[str, _Prediction] = {}
 
     def propose(self, batch: DraftBatch) -> list[Proposal]:
         proposals = []
@@ -93,9 +127,16 @@ class NgramDrafter(Drafter):
             index = self._indexes.get(request.request_id)
             if index is None:
                 index = self._indexes[request.request_id] = _NgramIndex(self.min_n, self.max_n)
+                if request.prediction:
+                    self._predictions[request.request_id] = _Prediction(
+                        request.prediction, self.min_n, self.max_n)
             index.sync(request.token_ids)
-            proposals.append(Proposal(token_ids=index.lookup(request.max_draft_tokens)))
+            predicted = self._predictions.get(request.request_id)
+            drafts = (predicted.lookup(index.tokens, request.max_draft_tokens)
+                      if predicted is not None else [])
+            proposals.append(Proposal(token_ids=drafts or index.lookup(request.max_draft_tokens)))
         return proposals
 
     def release(self, request_id: str) -> None:
         self._indexes.pop(request_id, None)
+        self._predictions.pop(request_id, None)

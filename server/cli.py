@@ -51,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import serve as bench_serve
     from server import train_drafter
     from server.api.cli_args import add_arguments as add_serve_arguments
-    from server.benchmarks import attention, hybrid, layers, offline, phases, prefix, spec
+    from server.benchmarks import (
+        attention,
+        hybrid,
+        layers,
+        offline,
+        phases,
+        prediction,
+        prefix,
+        spec,
+    )
 
     parser = argparse.ArgumentParser(prog="leapfrog", description="LLM inference server with speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("spec", spec, "speculative decoding speedup and acceptance per prompt category"),
         ("phases", phases, "where an engine step's time goes (host phases, model), by step shape"),
         ("prefix", prefix, "prefix caching on vs off: chat requests sharing a system prompt"),
+        ("prediction", prediction, "OpenAI's predicted outputs with n-gram drafting vs none"),
         ("hybrid", hybrid, "hybrid KV cache (sink + window layers) vs full attention: quality, "
          "memory, decode speed"),
         ("attention", attention, "CPU attention of decode steps: the native kernel vs torch's"),

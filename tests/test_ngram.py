@@ -147,3 +147,25 @@ def test_history_reads_as_the_joined_lists() -> None:
         got = _propose(drafter, History(prompt, output, new), request_id="h")
         assert got == _propose(copied, prompt + output + new, request_id="c")
         output.extend(new)
+
+
+def test_a_prediction_is_walked_forward_before_the_history() -> None:
+    """A request's predicted output is looked in first: what follows the history's last n
+    tokens there, at their first occurrence after where the previous draft from it began,
+    so that a prediction whose lines repeat is followed in order; where it has no match,
+    the history's own lookup drafts."""
+    prediction = [10, 1, 2, 30, 1, 2, 40, 50]
+    drafter = NgramDrafter(min_n=1, max_n=2)
+
+    def propose(history: list[int], k: int = 3) -> list[int]:
+        (proposal,) = drafter.propose(DraftBatch([DraftRequest("p", history, k,
+                                                               prediction=prediction)]))
+        return proposal.token_ids
+
+    assert propose([7, 8, 10]) == [1, 2, 30]  # (the prompt 7, 8; 10 generated)
+    assert propose([7, 8, 10, 1, 2]) == [30, 1, 2]  # the first "1, 2", where it left off
+    assert propose([7, 8, 10, 1, 2, 30, 1, 2]) == [40, 50]  # then the second
+    # the history's lookup where the prediction has nothing: "7, 8" occurred before
+    assert propose([7, 8, 10, 1, 2, 30, 1, 2, 99, 7]) == [8, 10, 1]
+    drafter.release("p")
+    assert "p" not in drafter._predictions

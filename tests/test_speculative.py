@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -64,6 +65,25 @@ def _plain_and_always_drafting(path: str, **config: object) -> tuple[LLM, LLM]:
     spec = LLM(path, speculative="ngram", num_speculative_tokens=4, **common)
     spec.engine.scheduler.spec_policy = AlwaysDraft(max_draft_tokens=4)
     return plain, spec
+
+
+def test_a_prediction_drafts_the_output_it_holds(tiny_model_dir) -> None:
+    """OpenAI's predicted output (`SamplingParams.prediction`): the random model's own greedy
+    output, given back as a prediction with one token changed in its middle, is drafted
+    from (most drafts accepted, against few from the prompt alone); the output is the
+    same."""
+    plain, spec = _plain_and_always_drafting(str(tiny_model_dir("qwen2")))
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ref = [c.token_ids for c in plain.generate(TINY_PROMPTS, params)]
+    alone = spec.generate(TINY_PROMPTS, params)
+    predicted = [list(r) for r in ref]
+    for p in predicted:
+        p[15] = (p[15] + 1) % 128  # (an edit the model will not make)
+    given = spec.generate(TINY_PROMPTS, [replace(params, prediction=tuple(p)) for p in predicted])
+    assert [c.token_ids for c in alone] == [c.token_ids for c in given] == ref
+    accepted = sum(c.num_accepted_tokens for c in given)
+    assert accepted >= 0.7 * sum(len(r) for r in ref)
+    assert accepted > 2 * sum(c.num_accepted_tokens for c in alone)
 
 
 def test_greedy_lossless_tiny_with_rollbacks(tiny_model_dir) -> None:
@@ -254,3 +274,19 @@ def test_sampled_distribution_matches_without_speculation(tiny_model_dir, wrong:
         assert stat > 10 * critical
     else:
         assert stat < critical
+
+
+@pytest.mark.slow
+def test_bench_prediction_reports_the_same_output_faster_drafted(tmp_path) -> None:
+    """`leapfrog bench prediction` on the default model: exit 0 (the same tokens with and
+    without the prediction), and most of each answer accepted from the prediction."""
+    import json
+
+    from server.cli import main
+
+    out = tmp_path / "prediction.json"
+    assert main(["bench", "prediction", "--tokens", "24", "--repeats", "1",
+                 "--result-json", str(out)]) == 0
+    for row in json.loads(out.read_text())["results"]:
+        assert row["prediction"]["accepted"] >= 12, row
+        assert row["prediction"]["accepted"] >= row["none"]["accepted"], row

@@ -221,6 +221,23 @@ _TEMPLATE_ARGUMENTS = frozenset({
     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(StrictModel):
+    """OpenAI's predicted output: text the reply is expected to hold (a file to be sent back
+    with small edits), as a string or text parts."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content)
+
+
 class ChatTemplateOptions(StrictModel):
     """How the chat template renders a request's messages (vLLM's extensions to OpenAI's
     chat request): after the last message, the prompt of the assistant's turn
@@ -263,6 +280,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    prediction: Prediction | None = None
 
     @field_validator("response_format")
     @classmethod

@@ -219,6 +219,9 @@ def prepare_chat(req: ChatCompletionRequest, engine: EngineClient, api: ApiConfi
         if api.reasoning_parser and params.structured is None else None
     if mode.kind == "auto" or reasoning:  # the tags may be special tokens: keep them to read
         params = dataclasses.replace(params, skip_special_tokens=False)
+    if req.prediction is not None:  # (drafted from, with n-gram speculation)
+        params = dataclasses.replace(params, prediction=tuple(
+            engine.tokenizer.encode(req.prediction.text(), add_special_tokens=False)))
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
     return ChatJob(mode, prompt_ids, params, reasoning)
 

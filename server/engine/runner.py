@@ -397,7 +397,8 @@ class ModelRunner:
                                  sampled[s.request.request_id].token_ids),
                          s.num_draft_tokens_next,
                          None if s.request.params.greedy else partial(
-                             filter_probs, params=s.request.params), s.request.generator)
+                             filter_probs, params=s.request.params), s.request.generator,
+                         s.request.params.prediction)
             for s, _ in wanted
         ]
         states = forward = None

@@ -63,6 +63,10 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     """OpenAI's logit_bias: added to these tokens' logits (each in [-100, 100]) before
     sampling, greedy or not; logprobs stay the model's."""
+    prediction: tuple[int, ...] = ()
+    """Tokens the output is expected to hold (OpenAI's predicted outputs: a file to be
+    returned with small edits); with n-gram speculation they are drafted from first
+    (`drafters.ngram`). The output is the same with or without them."""
     json_schema: str | None = None
     """A JSON schema (as JSON text) the output must follow (`server.engine.structured`;
     `{"type": "object"}` for OpenAI's json_object); None: free text."""

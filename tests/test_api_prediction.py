@@ -1,0 +1,48 @@
+"""OpenAI's predicted outputs on /v1/chat/completions: `prediction` reaches the engine as
+the text's tokens (`SamplingParams.prediction`, which n-gram drafting reads first:
+tests/test_ngram.py, tests/test_speculative.py); a malformed one is a 400 naming it."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.api_fakes import FakeEngine
+from tests.api_server import app_in_thread
+
+USER = [{"role": "user", "content": "Rename x to y: x = 1"}]
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = FakeEngine(step_s=0.001)
+    with app_in_thread(lambda: engine) as (url, _):
+        yield url, engine
+
+
+def _chat(url: str, **body) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=30,
+                      json={"messages": USER, "max_tokens": 4, **body})
+
+
+def test_the_prediction_reaches_the_engine_as_tokens(served) -> None:
+    url, engine = served
+    for content in ("y = 1", [{"type": "text", "text": "y ="}, {"type": "text", "text": " 1"}]):
+        reply = _chat(url, prediction={"type": "content", "content": content})
+        assert reply.status_code == 200, reply.text
+        assert list(engine.params.values())[-1].prediction == tuple(map(ord, "y = 1"))
+    assert _chat(url).status_code == 200
+    assert list(engine.params.values())[-1].prediction == ()
+
+
+@pytest.mark.parametrize(("prediction", "param"), [
+    ({"type": "text", "content": "y"}, "prediction.type"),
+    ({"type": "content"}, "prediction.content"),
+    ({"type": "content", "content": [{"type": "image_url", "image_url": "u"}]},
+     "prediction.content"),
+    ("y = 1", "prediction"),
+])
+def test_a_malformed_prediction_is_refused(served, prediction, param) -> None:
+    reply = _chat(served[0], prediction=prediction)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"].startswith(param), reply.json()
