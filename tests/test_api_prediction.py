@@ -4,6 +4,8 @@ tests/test_ngram.py, tests/test_speculative.py); a malformed one is a 400 naming
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -33,6 +35,28 @@ def test_the_prediction_reaches_the_engine_as_tokens(served) -> None:
         assert list(engine.params.values())[-1].prediction == tuple(map(ord, "y = 1"))
     assert _chat(url).status_code == 200
     assert list(engine.params.values())[-1].prediction == ()
+
+
+def test_the_usage_counts_the_prediction_tokens_the_reply_holds(served) -> None:
+    """OpenAI's `completion_tokens_details`: the prediction's tokens found in the reply, in
+    order, and the rest; over every choice; streamed, in the usage chunk."""
+    url, _ = served
+    content = _chat(url).json()["choices"][0]["message"]["content"]
+    guess = content[:2] + "XY" + content[2:4] + "Z"  # (4 of 7 tokens in the reply)
+    body = {"prediction": {"type": "content", "content": guess}}
+    reply = _chat(url, **body).json()
+    assert reply["choices"][0]["message"]["content"] == content
+    assert reply["usage"]["completion_tokens_details"] == {
+        "accepted_prediction_tokens": 4, "rejected_prediction_tokens": 3}
+    two = _chat(url, n=2, **body).json()["usage"]["completion_tokens_details"]
+    assert two == {"accepted_prediction_tokens": 8, "rejected_prediction_tokens": 6}
+    lines = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        "messages": USER, "max_tokens": 4, "stream": True,
+        "stream_options": {"include_usage": True}, **body}).text.splitlines()
+    (usage,) = [json.loads(line[len("data: "):])["usage"] for line in lines
+                if line.startswith("data: {") and '"usage"' in line]
+    assert usage["completion_tokens_details"]["accepted_prediction_tokens"] == 4
+    assert "completion_tokens_details" not in _chat(url).json()["usage"]
 
 
 @pytest.mark.parametrize(("prediction", "param"), [

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
+from difflib import SequenceMatcher
 from typing import Any
 
 from fastapi import Request
@@ -65,6 +67,15 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], tools: list[Tool] |
     return text, tokenizer.encode(text, add_special_tokens=False)
 
 
+def prediction_usage(prediction: Sequence[int], outputs: list[list[int]]) -> dict[str, int]:
+    """OpenAI's usage of a predicted output, over every choice: its tokens that appear in
+    the output (in order: the longest matching blocks, `difflib`'s) and those that do not."""
+    accepted = sum(block.size for out in outputs for block in SequenceMatcher(
+        None, prediction, out, autojunk=False).get_matching_blocks())
+    return {"accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": len(prediction) * len(outputs) - accepted}
+
+
 class ChatFormatter:
     """OpenAI chat response bodies and stream chunks for one request. With a reasoning
     parser, a choice's reasoning is split off its text first (`message.reasoning`; streamed,
@@ -77,14 +88,26 @@ class ChatFormatter:
 
     def __init__(self, request_id: str, model: str, num_choices: int,
                  texts: TokenTexts | None, mode: ToolMode = NO_TOOLS,
-                 reasoning: ReasoningParser | None = None) -> None:
+                 reasoning: ReasoningParser | None = None, prediction: tuple[int, ...] = ()
+                 ) -> None:
+        """`prediction`: the request's predicted output's tokens, which the usage reports
+        on (`prediction_usage`)."""
         self.request_id, self.model, self.num_choices = request_id, model, num_choices
         self.texts, self.mode, self.reasoning = texts, mode, reasoning
+        self.prediction = prediction
         self.thoughts = [reasoning.stream() for _ in range(num_choices)] if reasoning else []
         self.created = int(time.time())
         self.text = [""] * num_choices  # each choice's text so far (tool modes)
         self.sent = [0] * num_choices  # of which streamed as content (auto)
         self.call_id: list[str | None] = [None] * num_choices  # (named)
+
+    def _usage(self, usage: dict[str, Any], results: list[ChoiceResult]) -> dict[str, Any]:
+        usage = with_reasoning_tokens(usage, self.reasoning, results)
+        if not self.prediction:
+            return usage
+        details = {**usage.get("completion_tokens_details", {}),
+                   **prediction_usage(self.prediction, [r.token_ids for r in results])}
+        return {**usage, "completion_tokens_details": details}
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.request_id, "object": obj, "created": self.created,
@@ -165,7 +188,7 @@ class ChatFormatter:
         if not include_usage:
             return []
         return [{**self._envelope("chat.completion.chunk", []),
-                 "usage": with_reasoning_tokens(usage, self.reasoning, results)}]
+                 "usage": self._usage(usage, results)}]
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         choices = []
@@ -185,7 +208,7 @@ class ChatFormatter:
                 "finish_reason": self._finish_reason(r.finish_reason, calls),
             })
         return {**self._envelope("chat.completion", choices),
-                "usage": with_reasoning_tokens(usage, self.reasoning, results)}
+                "usage": self._usage(usage, results)}
 
 
 @dataclasses.dataclass
@@ -234,6 +257,6 @@ async def create_chat_completion(request: Request, state: ServerState, api: ApiC
     jobs = make_jobs(request_id, [job.prompt_ids], req.n, job.params)
     texts = TokenTexts(engine.tokenizer) if req.logprobs else None
     formatter = ChatFormatter(request_id, engine.model_name, req.n, texts, job.mode,
-                              job.reasoning)
+                              job.reasoning, job.params.prediction)
     generation = Generation(state, engine, jobs, [len(job.prompt_ids)], formatter, req.user)
     return await generation.respond(request, req.stream, req.include_usage, req.continuous_usage)
