@@ -65,6 +65,7 @@ def test_the_usage_counts_the_prediction_tokens_the_reply_holds(served) -> None:
     ({"type": "content", "content": [{"type": "image_url", "image_url": "u"}]},
      "prediction.content"),
     ("y = 1", "prediction"),
+    ({"type": "content", "content": "y" * 300}, "prediction"),  # (past the fake's 256)
 ])
 def test_a_malformed_prediction_is_refused(served, prediction, param) -> None:
     reply = _chat(served[0], prediction=prediction)

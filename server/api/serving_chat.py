@@ -243,8 +243,11 @@ def prepare_chat(req: ChatCompletionRequest, engine: EngineClient, api: ApiConfi
     if mode.kind == "auto" or reasoning:  # the tags may be special tokens: keep them to read
         params = dataclasses.replace(params, skip_special_tokens=False)
     if req.prediction is not None:  # (drafted from, with n-gram speculation)
-        params = dataclasses.replace(params, prediction=tuple(
-            engine.tokenizer.encode(req.prediction.text(), add_special_tokens=False)))
+        predicted = engine.tokenizer.encode(req.prediction.text(), add_special_tokens=False)
+        if len(predicted) > engine.max_model_len:  # (no reply holds it; indexing it costs)
+            raise bad_request(f"The prediction holds {len(predicted)} tokens, more than this "
+                              f"model's context of {engine.max_model_len}.", param="prediction")
+        params = dataclasses.replace(params, prediction=tuple(predicted))
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
     return ChatJob(mode, prompt_ids, params, reasoning)
 
