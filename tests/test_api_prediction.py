@@ -38,8 +38,9 @@ def test_the_prediction_reaches_the_engine_as_tokens(served) -> None:
 
 
 def test_the_usage_counts_the_prediction_tokens_the_reply_holds(served) -> None:
-    """OpenAI's `completion_tokens_details`: the prediction's tokens found in the reply, in
-    order, and the rest; over every choice; streamed, in the usage chunk."""
+    """OpenAI's `completion_tokens_details`: the prediction's tokens found in the reply (each
+    reply token matching one), and the rest; over every choice; streamed, in the usage
+    chunk."""
     url, _ = served
     content = _chat(url).json()["choices"][0]["message"]["content"]
     guess = content[:2] + "XY" + content[2:4] + "Z"  # (4 of 7 tokens in the reply)

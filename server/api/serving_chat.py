@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
-from difflib import SequenceMatcher
 from typing import Any
 
 from fastapi import Request
@@ -69,9 +69,11 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], tools: list[Tool] |
 
 def prediction_usage(prediction: Sequence[int], outputs: list[list[int]]) -> dict[str, int]:
     """OpenAI's usage of a predicted output, over every choice: its tokens that appear in
-    the output (in order: the longest matching blocks, `difflib`'s) and those that do not."""
-    accepted = sum(block.size for out in outputs for block in SequenceMatcher(
-        None, prediction, out, autojunk=False).get_matching_blocks())
+    the output (each output token matching one prediction token, in any order: linear in
+    their lengths, where an alignment could cost their product on the event loop) and
+    those that do not."""
+    predicted = Counter(prediction)
+    accepted = sum(sum((predicted & Counter(out)).values()) for out in outputs)
     return {"accepted_prediction_tokens": accepted,
             "rejected_prediction_tokens": len(prediction) * len(outputs) - accepted}
 
