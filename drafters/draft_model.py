@@ -206,8 +206,7 @@ class DraftModelDrafter(Drafter):
 
     def kv_bytes_per_block(self, block_size: int, kv_dtype: torch.dtype) -> int:
         c = self.model.config
-        return (2 * block_size * c.num_kv_heads * c.head_dim * c.num_layers
-                * torch.finfo(kv_dtype).bits // 8)
+        return c.kv_block_bytes(block_size, kv_dtype) * c.num_layers
 
     def prepare(self) -> None:
         """The draft cache: as many tokens as the target's (the pool of its full-attention
@@ -223,7 +222,7 @@ class DraftModelDrafter(Drafter):
             for _ in self.model.layers]
         self._free = list(range(num_blocks - 1, -1, -1))
         self._scratch = num_blocks
-        size = sum(t.numel() * t.element_size() for kv in self.model.kv_caches for t in kv)
+        size = self.model.kv_cache_bytes()
         log.info("draft model KV cache: %d layers x %d blocks of %d tokens; %.2f GiB of %s",
                  c.num_layers, num_blocks, self._block_size, size / 2**30, target_k.dtype)
 

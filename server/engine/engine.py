@@ -150,7 +150,6 @@ class LLMEngine:
                                        [q - 1 for q in policy.query_buckets if q > 1])
         self.drafter = drafter
         self.metrics = Metrics(self.model_name)
-        kv_bytes = sum(t.numel() * t.element_size() for kv in self.model.kv_caches for t in kv)
         full_pools = [p for p in self.blocks.pools if p.window is None]
         window_pools = [p for p in self.blocks.pools if p.window is not None]
         self.metrics.cache_config(
@@ -159,7 +158,7 @@ class LLMEngine:
             num_window_blocks=window_pools[0].num_blocks if window_pools else 0,
             cache_dtype=str(self.kv_dtype).removeprefix("torch."),
             enable_prefix_caching=bool(full_pools and full_pools[0].cache_prefixes),
-            kv_cache_gib=f"{kv_bytes / 2**30:.3f}")
+            kv_cache_gib=f"{self.model.kv_cache_bytes() / 2**30:.3f}")
         self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )))

@@ -41,7 +41,7 @@ def allocate_kv_caches(model: torch.nn.Module, blocks: BlockManager, device: tor
         model.kv_caches.append((cache(pool), cache(pool)))
     if quiet:
         return
-    size = sum(t.numel() * t.element_size() for kv in model.kv_caches for t in kv)
+    size = model.kv_cache_bytes()
     shares = ([(pools[0], c.num_layers)] if len(pools) == 1 else
               [(pools[0], c.num_layers - len(windowed)), (pools[1], len(windowed))])
     log.info("KV cache: %s; %.2f GiB of %s on %s", "; ".join(
@@ -94,7 +94,7 @@ def kv_pools(model: ModelConfig, cfg: EngineConfig, max_model_len: int, kv_dtype
     budget (or num_kv_blocks). The scheduler admits and preempts by the free blocks of
     every pool."""
     bs = cfg.block_size
-    per_layer = 2 * bs * model.num_kv_heads * model.head_dim * (torch.finfo(kv_dtype).bits // 8)
+    per_layer = model.kv_block_bytes(bs, kv_dtype)
     window_pool = None
     if window is not None and cfg.enable_prefix_caching is True:
         raise ValueError("prefix caching does not serve sink + window layers (a hybrid "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -54,6 +56,10 @@ class ModelConfig:
     (`window_layers`; Mistral's sliding_window, Qwen2's use_sliding_window): a query at s
     sees the keys at t > s - sliding_window."""
     window_layers: tuple[int, ...] = ()
+
+    def kv_block_bytes(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one layer's keys and values for `block_size` tokens of `dtype`."""
+        return 2 * block_size * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
 
     @property
     def rope_dim(self) -> int:

@@ -213,6 +213,10 @@ class LlamaForCausalLM(torch.nn.Module):
                          None if sparse is None else (sparse, meta.sparse.slot_mapping), count,
                          None if local is rope else (local.cos, local.sin))
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of `kv_caches`' tensors."""
+        return sum(t.numel() * t.element_size() for kv in self.kv_caches for t in kv)
+
     def teacher_forced(self, ids: list[int], block_size: int = 16,
                        windows: Sequence[dict[str, int | None]] = ({},),
                        num_layers: int | None = None) -> torch.Tensor:
