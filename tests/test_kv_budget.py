@@ -76,7 +76,7 @@ def test_the_largest_step_runs_over_a_scratch_cache(tmp_path, monkeypatch, layou
     CPU as on a device): every layer reads and writes a one-block scratch cache of its
     pool, full, sink + window or the model's own window on every layer, and the model is
     left without one for the engine's to be allocated."""
-    from server.engine.runner import step_peak_memory
+    from server.engine.kv_cache import step_peak_memory
 
     counters = {}
     for name in ("empty_cache", "reset_peak_memory_stats", "synchronize"):

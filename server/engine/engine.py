@@ -19,10 +19,10 @@ from drafters.base import drafter_for_target
 from server.engine.config import EngineConfig, read_chat_template
 from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.kv_cache import kv_budget, kv_pools
+from server.engine.kv_cache import kv_budget, kv_pools, step_peak_memory
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
-from server.engine.runner import PROMPT_LOGPROB_ROWS, Launched, ModelRunner, step_peak_memory
+from server.engine.runner import PROMPT_LOGPROB_ROWS, Launched, ModelRunner
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.spec_policy import SpecPolicy

@@ -1,16 +1,20 @@
-"""The paged KV cache: its pools' sizes within the KV budget (`kv_pools`), and its tensors, one
-key and one value tensor a layer, in the block pool its attention policy draws on
-(`BlockManager.pools`), allocated on the model."""
+"""The paged KV cache: its budget (on CUDA, measured at start-up by running the largest step
+over a scratch cache: `step_peak_memory`), its pools' sizes within it (`kv_pools`), and its
+tensors, one key and one value tensor a layer, in the block pool its attention policy draws
+on (`BlockManager.pools`), allocated on the model."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 
-from server.engine.block_manager import BlockManager, BlockPool, SinkWindow
+from server.engine.block_manager import BlockManager, BlockPool, SinkWindow, window_kwargs
 from server.engine.config import EngineConfig
+from server.models.batch import BatchMeta
 from server.models.config import ModelConfig
 
 log = logging.getLogger("leapfrog.engine")
@@ -48,6 +52,48 @@ def allocate_kv_caches(model: torch.nn.Module, blocks: BlockManager, device: tor
         f"{n} layers x {pool.num_blocks} blocks of {blocks.block_size} tokens"
         + (f" (window {pool.window.window})" if pool.window is not None else "")
         for pool, n in shares), size / 2**30, kv_dtype, device)
+
+
+def dummy_step(model: torch.nn.Module, blocks: BlockManager, device: torch.device, n: int,
+               logit_rows: int = 1, max_len: int | None = None) -> None:
+    """One eager forward of `n` zero tokens, in sequences of at most `max_len` (None: one
+    sequence), whose KV goes to each pool's scratch block (`BlockPool.hole`), and the
+    logits of the last `logit_rows` rows."""
+    bs = blocks.block_size
+    longest = min(n, max_len or n)
+    lengths = [longest] * (n // longest) + ([n % longest] if n % longest else [])
+    positions = torch.cat([torch.arange(length, device=device) for length in lengths])
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    starts = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
+    metas = []
+    for pool in blocks.pools:
+        table = torch.full((len(lengths), -(-longest // bs)), pool.hole, dtype=torch.int32,
+                           device=device)
+        metas.append(BatchMeta(pool.hole * bs + positions % bs, table, seq_lens, starts,
+                               **window_kwargs(pool.window)))
+    metas[0].sparse = metas[1] if len(metas) > 1 else None
+    hidden = model(torch.zeros(n, dtype=torch.long, device=device), positions, metas[0])
+    model.compute_logits(hidden[-logit_rows:])
+
+
+@torch.inference_mode()
+def step_peak_memory(model: torch.nn.Module, device: torch.device, tokens: int,
+                     logit_rows: int, max_len: int, block_size: int, windowed: frozenset[int],
+                     window: SinkWindow | None, kv_dtype: torch.dtype) -> int:
+    """Bytes the largest step allocates on CUDA `device` at its peak beyond what stays
+    allocated: one forward of `tokens` tokens (in sequences of at most `max_len`) and the
+    logits of `logit_rows` of them, over a KV cache of one block a pool. Returns with the
+    step's memory released to the device and `model.kv_caches` empty."""
+    scratch = BlockManager(0 if len(windowed) == model.config.num_layers else 1, block_size,
+                           BlockPool(1, block_size, window) if window is not None else None)
+    gc.collect()  # (engines dropped but held in reference cycles)
+    torch.cuda.reset_peak_memory_stats(device)
+    allocate_kv_caches(model, scratch, device, windowed, kv_dtype, quiet=True)
+    dummy_step(model, scratch, device, tokens, logit_rows, max_len)
+    torch.cuda.synchronize(device)
+    model.kv_caches = []
+    torch.cuda.empty_cache()
+    return torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
 
 
 def kv_budget(cfg: EngineConfig, device: torch.device, step_peak: Callable[[], int]) -> float:
