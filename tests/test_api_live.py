@@ -384,23 +384,6 @@ def _samples(url: str) -> dict[str, float]:
     return values
 
 
-def test_cache_config_info_describes_the_kv_cache(url) -> None:
-    """`leapfrog:cache_config_info` (vLLM's `cache_config_info`) labels the cache the server
-    runs: the shared server's 0.25 GiB (`SHARED_ARGS`) of float32 blocks of 16 tokens, for
-    the default model's 30 layers of 3 KV heads of 64 dims, prefix caching on."""
-    text = httpx.get(url + "/metrics").text
-    (info,) = [s for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "leapfrog:cache_config_info"]
-    per_block = 2 * 16 * 30 * 3 * 64 * 4
-    blocks = int(0.25 * 2**30 // per_block)
-    assert info.value == 1
-    assert {k: v for k, v in info.labels.items() if k != "model_name"} == {
-        "block_size": "16", "num_blocks": str(blocks), "num_window_blocks": "0",
-        "cache_dtype": "float32", "enable_prefix_caching": "True",
-        # (a scratch block past the pool)
-        "kv_cache_gib": f"{(blocks + 1) * per_block / 2**30:.3f}"}
-
-
 def test_metrics_parse_and_move(url, client, model) -> None:
     before = _samples(url)
     assert "leapfrog:kv_cache_usage_perc" in before

@@ -100,19 +100,40 @@ def test_the_largest_step_runs_over_a_scratch_cache(tmp_path, monkeypatch, layou
         i in windowed for i in range(layers)]
 
 
-def test_the_metrics_label_the_cache_and_its_window_pool(tiny_model_dir) -> None:
-    """`leapfrog:cache_config_info` of a hybrid cache names both pools' blocks."""
+def _cache_info(engine: object) -> dict[str, str]:
+    """The labels of the engine's `leapfrog:cache_config_info` (its value checked: 1)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    engine = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4,
-                 kv_cache_memory_gb=2**-10, sliding_window=8, num_sink_tokens=2).engine
     (info,) = [s for f in text_string_to_metric_families(engine.metrics.render().decode())
                for s in f.samples if s.name == "leapfrog:cache_config_info"]
+    assert info.value == 1
+    return {k: v for k, v in info.labels.items() if k != "model_name"}
+
+
+@pytest.mark.slow
+def test_the_metrics_label_the_cache(default_llm) -> None:
+    """`leapfrog:cache_config_info` (vLLM's `cache_config_info`) labels the cache: 0.5 GiB
+    of float32 blocks of 16 tokens for the default model's 30 layers of 3 KV heads of 64
+    dims, prefix caching on."""
+    per_block = 2 * 16 * 30 * 3 * 64 * 4
+    blocks = int(0.5 * 2**30 // per_block)
+    assert _cache_info(default_llm.engine) == {
+        "block_size": "16", "num_blocks": str(blocks), "num_window_blocks": "0",
+        "cache_dtype": "float32", "enable_prefix_caching": "True",
+        # (a scratch block past the pool)
+        "kv_cache_gib": f"{(blocks + 1) * per_block / 2**30:.3f}"}
+
+
+def test_the_metrics_label_the_cache_and_its_window_pool(tiny_model_dir) -> None:
+    """`leapfrog:cache_config_info` of a hybrid cache names both pools' blocks."""
+    engine = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+                 kv_cache_memory_gb=2**-10, sliding_window=8, num_sink_tokens=2).engine
+    info = _cache_info(engine)
     full, window = engine.blocks.pools
     assert window.window is not None and full.window is None
-    assert info.labels["num_blocks"] == str(full.num_blocks)
-    assert info.labels["num_window_blocks"] == str(window.num_blocks) != "0"
-    assert info.labels["enable_prefix_caching"] == "False"
+    assert info["num_blocks"] == str(full.num_blocks)
+    assert info["num_window_blocks"] == str(window.num_blocks) != "0"
+    assert info["enable_prefix_caching"] == "False"
 
 
 def test_a_hybrid_cache_with_a_draft_model_keeps_to_the_budget(tmp_path, tiny_model_dir) -> None:
