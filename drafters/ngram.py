@@ -84,14 +84,15 @@ class _Prediction:
             self.starts[n] = table
         self.cursor = -1  # (no draft taken yet)
 
-    def lookup(self, history: Sequence[int], max_tokens: int) -> list[int]:
-        """What follows the longest suffix of `history` found in the prediction, at its
-        first occurrence after the cursor (the history has grown since: a match that
-        follows the last one starts later), else its last at or before it."""
+    def lookup(self, history: list[int], max_tokens: int) -> list[int]:
+        """What follows the longest suffix of `history` (ints: `_NgramIndex.tokens`) found
+        in the prediction, at its first occurrence after the cursor (the history has grown
+        since: a match that follows the last one starts later), else its last at or before
+        it."""
         for n, table in self.starts.items():
             if len(history) < n:
                 continue
-            starts = table.get(tuple(int(t) for t in history[-n:]))
+            starts = table.get(tuple(history[-n:]))
             if starts:
                 at = bisect_right(starts, self.cursor)
                 start = starts[at] if at < len(starts) else starts[-1]
