@@ -77,3 +77,7 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     """By request: the logprobs of the prompt tokens this step's positions predict, for
     requests that asked for them (`SamplingParams.prompt_logprobs`)."""
+    pooled: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    """By request, for those that pool their prompt (`SamplingParams.pooling`): the
+    float32 sum of this step's prompt positions' final hidden states ("last": the last
+    position's alone), on the host, and the prompt positions pooled once it is added."""

@@ -307,6 +307,7 @@ class LLMEngine:
             finished=r.is_finished, finish_reason=r.finish_reason,
             num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
             num_cached_tokens=r.num_cached_tokens, prompt_logprobs=prompt_logprobs,
+            embedding=r.embedding() if r.is_finished else None,
         )
 
     def _forget(self, request_id: str, reason: str) -> None:

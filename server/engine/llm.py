@@ -26,6 +26,8 @@ class Completion:
     num_accepted_tokens: int = 0
     num_steps: int = 0
     """Engine steps that produced tokens for this request (tokens / steps = mean accepted length)."""
+    embedding: list[float] | None = None
+    """With `SamplingParams.pooling`: the prompt's embedding, of unit length."""
 
 
 class LLM:
@@ -66,6 +68,12 @@ class LLM:
                 self.absorb(results[out.request_id], out)
         return [results[i] for i in order]
 
+    def embed(self, prompts: list[str | list[int]], pooling: str = "last") -> list[list[float]]:
+        """Each prompt's embedding, of unit length: its final hidden states pooled
+        (`SamplingParams.pooling`), all prompts batched together; in prompt order."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, pooling=pooling)
+        return [c.embedding for c in self.generate(prompts, params)]  # type: ignore[misc]
+
     @staticmethod
     def absorb(c: Completion, out: object) -> None:
         c.token_ids.extend(out.new_token_ids)
@@ -74,6 +82,8 @@ class LLM:
         c.logprobs.extend(out.logprobs or [])
         if out.prompt_logprobs is not None:
             c.prompt_logprobs = out.prompt_logprobs
+        if out.embedding is not None:
+            c.embedding = out.embedding
         c.num_draft_tokens, c.num_accepted_tokens = out.num_draft_tokens, out.num_accepted_tokens
         if out.finished:
             c.finish_reason = out.finish_reason

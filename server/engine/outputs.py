@@ -40,3 +40,6 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """With `SamplingParams.prompt_logprobs`, in the request's first output with tokens:
     one entry a prompt token (the first None)."""
+    embedding: list[float] | None = None
+    """With `SamplingParams.pooling`, in the request's last output: the prompt's embedding,
+    of unit length (None if the request ended before its prompt was computed)."""

@@ -53,6 +53,11 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     """With `params.prompt_logprobs`: the logprobs of the prompt's first tokens, in order,
     as far as steps computed them (the first token's is None: nothing predicts it)."""
+    pooled: torch.Tensor | None = None
+    """With `params.pooling`: the float32 sum of the final hidden states of the prompt
+    positions pooled so far ("mean"), or the last position's ("last"); on the host."""
+    num_pooled: int = 0
+    """Prompt positions that `pooled` has taken (or passed over: "last" takes one)."""
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
@@ -63,6 +68,24 @@ class Request:
         """Whether prompt logprobs are asked for and some are not computed yet."""
         return (self.params.prompt_logprobs is not None
                 and len(self.prompt_logprobs) < self.num_prompt_tokens)
+
+    @property
+    def needs_pooling(self) -> bool:
+        """Whether an embedding is asked for and some prompt positions are not pooled yet."""
+        return self.params.pooling is not None and self.num_pooled < self.num_prompt_tokens
+
+    @property
+    def computes_whole_prompt(self) -> bool:
+        """Whether every prompt position must be computed, none taken from the prefix
+        cache: prompt logprobs, or a mean embedding, still to come."""
+        return self.needs_prompt_logprobs or (self.needs_pooling
+                                              and self.params.pooling == "mean")
+
+    def embedding(self) -> list[float] | None:
+        """The pooled prompt's embedding, of unit length, once every position is pooled."""
+        if self.pooled is None or self.needs_pooling:
+            return None
+        return torch.nn.functional.normalize(self.pooled, dim=0).tolist()
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -31,6 +31,7 @@ from server.engine.step_rows import (
     on_device,
     plain_greedy,
     plain_sampled,
+    pool_rows,
     prompt_rows,
     sample_on_device,
 )
@@ -43,6 +44,25 @@ log = logging.getLogger("leapfrog.engine")
 PROMPT_LOGPROB_ROWS = 256
 """Prompt positions whose logits are computed at a time (a row of float32 logits is
 vocab * 4 bytes: 0.5 MB for a 128k vocabulary)."""
+
+
+@dataclass
+class Pooled:
+    """A step's pooled prompt positions (`step_rows.pool_rows`), summed at launch (a
+    replay's `hidden` may be overwritten before `finish`) and copied to the host."""
+
+    owners: list[tuple[str, int]]
+    """(request id, `PoolRows.upto`) for each row of `sums`."""
+    sums: torch.Tensor
+    """[len(owners), hidden] float32 on the host (on CUDA: pinned, copied behind the step)."""
+    copied: torch.cuda.Event | None
+    """On CUDA: recorded after the copy, which `finish` waits for."""
+
+    def by_request(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """`RunnerOutput.pooled`, once the copy is done."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return {rid: (self.sums[i], upto) for i, (rid, upto) in enumerate(self.owners)}
 
 
 @dataclass
@@ -77,6 +97,8 @@ class Launched:
     prompt: list[PromptRows] = field(default_factory=list)
     """The rows whose logits give prompt logprobs (eager steps only: `hidden` stays
     valid until `finish`)."""
+    pooled: Pooled | None = None
+    """The sums of the positions that requests pool in this step, if any."""
 
     def token_indices(self, scheduled: list[ScheduledRequest]) -> list[int]:
         """Where in `result` each of these decoding requests' one token is (`tokens`
@@ -172,6 +194,7 @@ class ModelRunner:
             ends, hidden, all_logits, tokens = replay.ends, replay.hidden, replay.logits, replay.tokens
             query_len = replay.key[1]
             prompt = []  # (a graphed step computes only each request's newest token and drafts)
+        pooled = self._pool(out.scheduled, ends, hidden)
         rows: list[int] = []
         owners: list[tuple[ScheduledRequest, int]] = []
         for s, end in zip(out.scheduled, ends, strict=True):
@@ -180,7 +203,8 @@ class ModelRunner:
                 owners.append((s, len(rows)))
                 rows.extend(range(end - n, end))
         if not rows:
-            return Launched(hidden, query_len, rows, owners, False, None, False, prompt=prompt)
+            return Launched(hidden, query_len, rows, owners, False, None, False, prompt=prompt,
+                            pooled=pooled)
 
         def row_index() -> torch.Tensor:
             return on_device(rows, torch.long, hidden.device)
@@ -195,17 +219,35 @@ class ModelRunner:
             result = tokens if tokens is not None else greedy_tokens(all_logits)
             next_ids = replay.next_ids if replay is not None else None
             return Launched(hidden, query_len, rows, owners, True, result, by_row, next_ids,
-                            self._copy_tokens(result, next_ids), prompt)
+                            self._copy_tokens(result, next_ids), prompt, pooled)
         if (all(plain_greedy(s) or plain_sampled(s) for s, _ in owners)
                 and device_sampling(all_logits)):
             logits = all_logits[row_index()] if by_row else all_logits
             result = sample_on_device(owners, logits)
             return Launched(hidden, query_len, rows, owners, True, result, False,
-                            copied=self._copy_tokens(result), prompt=prompt)
+                            copied=self._copy_tokens(result), prompt=prompt, pooled=pooled)
         if after is not None:
             raise ValueError("a step launched ahead must compute its tokens on the device")
         return Launched(hidden, query_len, rows, owners, False, all_logits, by_row,
-                        prompt=prompt)
+                        prompt=prompt, pooled=pooled)
+
+    @staticmethod
+    def _pool(scheduled: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor
+              ) -> Pooled | None:
+        """Sum the rows of `hidden` that requests pool in this step (`pool_rows`) and queue
+        the sums' copy to the host; None if no request pools here."""
+        found = pool_rows(scheduled, ends)
+        if not found:
+            return None
+        sums = torch.stack([hidden[on_device(p.rows, torch.long, hidden.device)].float().sum(0)
+                            for p in found])
+        event = None
+        if sums.is_cuda:
+            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            sums = host.copy_(sums, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return Pooled([(p.request_id, p.upto) for p in found], sums, event)
 
     def _copy_tokens(self, tokens: torch.Tensor, next_ids: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.cuda.Event] | None:
@@ -234,8 +276,9 @@ class ModelRunner:
         draft its next ones."""
         rows, owners, on_device = step.rows, step.owners, step.tokens
         prompt = {p.request_id: self._prompt_logprobs(step.hidden, p) for p in step.prompt}
+        pooled = step.pooled.by_request() if step.pooled is not None else {}
         if not rows:
-            return RunnerOutput({}, step.query_len, prompt_logprobs=prompt)
+            return RunnerOutput({}, step.query_len, prompt_logprobs=prompt, pooled=pooled)
         next_ids = None
         if step.copied is not None:
             host, event = step.copied
@@ -272,7 +315,7 @@ class ModelRunner:
             start = time.perf_counter()
             self._draft(owners, sampled, step.hidden, last_rows)
             drafting = time.perf_counter() - start
-        return RunnerOutput(sampled, step.query_len, drafting, prompt)
+        return RunnerOutput(sampled, step.query_len, drafting, prompt, pooled)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, p: PromptRows) -> list[TokenLogprob]:
         """The logprobs of `p`'s prompt tokens from its rows of `hidden`, a slice of rows

@@ -17,6 +17,10 @@ class SamplingParamsError(ValueError):
 _STRUCTURED = ("json_schema", "regex", "choice", "grammar")
 """SamplingParams' fields that constrain the output's form (`structured`)."""
 
+POOLING = ("last", "mean")
+"""How a prompt's final hidden states become its embedding (`SamplingParams.pooling`)."""
+"""SamplingParams' fields that constrain the output's form (`structured`)."""
+
 GREEDY_BELOW = 1e-5
 """Temperatures below this are greedy, as in vLLM: logits / 1e-40 overflow float32, and
 the softmax of the result is NaN (a request at such a temperature failed its step)."""
@@ -82,6 +86,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     """Leave special tokens out of the text; False keeps them (a chat template's
     `<tool_call>` tags, where the tokenizer counts them special)."""
+    pooling: str | None = None
+    """Pool the prompt's final (normed) hidden states into an embedding, returned with the
+    request's last output (`RequestOutput.embedding`, of unit length): "last", its last
+    position's; "mean", the mean of every position's (such a request computes its whole
+    prompt: it takes nothing from the prefix cache). None: no embedding."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -115,6 +124,9 @@ class SamplingParams:
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             raise SamplingParamsError(
                 "prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
+        if self.pooling is not None and self.pooling not in POOLING:
+            raise SamplingParamsError(
+                "pooling", f"pooling must be one of {', '.join(POOLING)}, got {self.pooling!r}")
         given = [name for name in _STRUCTURED if getattr(self, name) is not None]
         if len(given) > 1:
             raise SamplingParamsError(given[1], f"the output follows one structure: "

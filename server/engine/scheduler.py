@@ -111,8 +111,9 @@ class Scheduler:
         queried = hits = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
-            # (prompt logprobs come from the forward over every prompt position)
-            cached = (0 if request.needs_prompt_logprobs else
+            # (prompt logprobs and mean embeddings come from the forward over every prompt
+            # position)
+            cached = (0 if request.computes_whole_prompt else
                       self.blocks.reuse_prefix(request.request_id, request.all_token_ids))
             request.num_computed_tokens = cached
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -275,6 +276,11 @@ class Scheduler:
             before = r.num_computed_tokens
             r.num_computed_tokens += s.num_new_tokens
             r.prompt_logprobs.extend(result.prompt_logprobs.get(r.request_id, ()))
+            pooled = result.pooled.get(r.request_id)
+            if pooled is not None:
+                vector, r.num_pooled = pooled
+                r.pooled = vector if r.pooled is None or r.params.pooling == "last" \
+                    else r.pooled + vector
             sampled = result.sampled.get(r.request_id)
             if sampled is None:
                 self._computed(r, before)

@@ -1,6 +1,6 @@
 """How a step's rows become tokens: which requests take the plain argmax or a draw on the
-device (and how those run), and which rows of an eager step give prompt logprobs. The
-model runner's helpers (`server.engine.runner`)."""
+device (and how those run), which rows of an eager step give prompt logprobs, and which
+rows of a step a prompt's embedding pools. The model runner's helpers (`server.engine.runner`)."""
 
 from __future__ import annotations
 
@@ -102,4 +102,36 @@ def prompt_rows(scheduled: list[ScheduledRequest], ends: list[int]) -> list[Prom
             row = end - s.num_new_tokens - first
             found.append(PromptRows(r.request_id, list(range(row + lo, row + hi)),
                                     r.prompt_token_ids[lo + 1:hi + 1], r.params.prompt_logprobs))
+    return found
+
+
+@dataclass
+class PoolRows:
+    """A request's prompt positions in a step whose final hidden states it pools
+    (`SamplingParams.pooling`)."""
+
+    request_id: str
+    rows: list[int]
+    """Rows of the step's hidden states (for "last" pooling, the last position's alone)."""
+    upto: int
+    """The prompt positions pooled once these are (`Request.num_pooled`)."""
+
+
+def pool_rows(scheduled: list[ScheduledRequest], ends: list[int]) -> list[PoolRows]:
+    """The prompt positions of a step (each request's tokens end at its `ends` row) that
+    requests pooling their prompt have not pooled yet (an earlier pass, when a preempted
+    request computes its prompt again, pooled some)."""
+    found = []
+    for s, end in zip(scheduled, ends, strict=True):
+        r = s.request
+        if not r.needs_pooling:
+            continue
+        first = r.num_computed_tokens + s.ahead
+        lo = max(first, r.num_pooled)
+        hi = min(first + s.num_new_tokens, r.num_prompt_tokens)
+        if r.params.pooling == "last":
+            lo = max(lo, r.num_prompt_tokens - 1)
+        if lo < hi:
+            row = end - s.num_new_tokens - first
+            found.append(PoolRows(r.request_id, list(range(row + lo, row + hi)), hi))
     return found

@@ -1,0 +1,112 @@
+"""Prompt embeddings (`SamplingParams.pooling`): the final hidden states pooled as
+transformers computes them, whatever the chunking, batching, prefix cache or preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.engine.llm import LLM
+from server.engine.sampling_params import SamplingParams
+from tests.test_engine import GREEDY, mixed_prompts
+
+ATOL = 1e-5  # float32 on both sides, unit vectors: summation order only
+
+
+def hf_embeddings(hf: torch.nn.Module, prompts: list[list[int]], pooling: str) -> list[torch.Tensor]:
+    """transformers' final (normed) hidden states of each prompt, pooled, of unit length."""
+    found = []
+    with torch.no_grad():
+        for prompt in prompts:
+            hidden = hf.model(torch.tensor([prompt])).last_hidden_state[0].float()
+            pooled = hidden[-1] if pooling == "last" else hidden.mean(0)
+            found.append(torch.nn.functional.normalize(pooled, dim=0))
+    return found
+
+
+def assert_close(got: list[list[float]], expected: list[torch.Tensor]) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(torch.tensor(g), e, atol=ATOL, rtol=0)
+        assert torch.tensor(g).norm().item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_embeddings_match_transformers(arch: str, tiny_model_dir) -> None:
+    """Both poolings, prompts of 1 to 90 tokens computed in chunks of 16 beside one another
+    (gemma3: its window layers see 8 tokens)."""
+    path = tiny_model_dir(arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=128, block_size=4,
+              max_num_batched_tokens=16, debug_check_integrity=True)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 90)]
+    for pooling in ("last", "mean"):
+        assert_close(llm.embed(prompts, pooling), hf_embeddings(hf, prompts, pooling))
+    assert llm.engine.blocks.num_free_blocks == 128
+
+
+def test_embeddings_beside_generation_change_neither(tiny_model_dir) -> None:
+    """Requests for embeddings batched with generating ones: the generated tokens are those
+    generated alone, the embeddings those computed alone; each embedding request ends with
+    its prompt's step (one token generated, as for any request)."""
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=256, block_size=4,
+              max_num_batched_tokens=32, debug_check_integrity=True)
+    prompts = mixed_prompts(8)
+    alone_tokens = [c.token_ids for c in llm.generate(prompts[:4], GREEDY)]
+    alone_embeddings = llm.embed(prompts[4:], "mean")
+    pooled = SamplingParams(max_tokens=1, temperature=0.0, pooling="mean")
+    together = llm.generate(prompts, [GREEDY] * 4 + [pooled] * 4)
+    assert [c.token_ids for c in together[:4]] == alone_tokens
+    assert all(c.embedding is None for c in together[:4])
+    for c, e in zip(together[4:], alone_embeddings, strict=True):
+        assert len(c.token_ids) == 1 and c.finish_reason == "length"
+        torch.testing.assert_close(torch.tensor(c.embedding), torch.tensor(e), atol=ATOL,
+                                   rtol=0)
+
+
+def test_mean_embeddings_skip_the_prefix_cache_last_ones_take_it(tiny_model_dir) -> None:
+    """A mean embedding computes its whole prompt even when its blocks are cached; a last
+    one takes the cached blocks and computes the last position alone: the same vectors."""
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=128, block_size=4,
+              enable_prefix_caching=True)
+    prompt = mixed_prompts(6)[5]
+    for pooling in ("mean", "last"):
+        first = llm.embed([prompt], pooling)[0]
+        engine = llm.engine
+        engine.add_request("again", prompt, SamplingParams(max_tokens=1, temperature=0.0,
+                                                           pooling=pooling))
+        outputs = [out for _ in range(4) if engine.has_unfinished() for out in engine.step()]
+        final = outputs[-1]
+        assert final.finished and final.request_id == "again"
+        cached = len(prompt) - 1 - (len(prompt) - 1) % 4
+        assert final.num_cached_tokens == (0 if pooling == "mean" else cached) and cached > 0
+        torch.testing.assert_close(torch.tensor(final.embedding), torch.tensor(first),
+                                   atol=ATOL, rtol=0)
+
+
+def test_mean_embeddings_survive_preemption(tiny_model_dir) -> None:
+    """Requests preempted while computing their prompts in chunks of 8 pool each position
+    once: the embeddings of an engine with room for all."""
+    path = str(tiny_model_dir("llama"))
+    prompts = mixed_prompts(6)
+    roomy = LLM(path, dtype="float32", num_kv_blocks=256, block_size=4)
+    small = LLM(path, dtype="float32", num_kv_blocks=24, block_size=4,
+                max_num_batched_tokens=8, debug_check_integrity=True)
+    params = [GREEDY if i % 2 else SamplingParams(max_tokens=1, temperature=0.0,
+                                                  pooling="mean") for i in range(6)]
+    expected = roomy.generate(prompts, params)
+    got = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    for g, e, p in zip(got, expected, params, strict=True):
+        assert g.token_ids == e.token_ids
+        if p.pooling:
+            torch.testing.assert_close(torch.tensor(g.embedding), torch.tensor(e.embedding),
+                                       atol=ATOL, rtol=0)
+    assert small.engine.blocks.num_free_blocks == 24
+
+
+def test_pooling_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="pooling must be one of last, mean"):
+        SamplingParams(pooling="cls")
