@@ -48,6 +48,7 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer()
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
+        self.hidden_size = 8
         self.metrics = Metrics(self.model_name)
         self.step_s, self.max_waiting, self.total_blocks = step_s, max_waiting, total_blocks
         self.active: set[str] = set()

@@ -28,7 +28,7 @@ def _retarget(code: str) -> str:
 
 def test_curl_examples() -> None:
     curls = [b for b in _blocks("bash") if b.startswith("curl")]
-    assert len(curls) == 2
+    assert len(curls) == 3
     whole = json.loads(subprocess.run(_retarget(curls[0]), shell=True, check=True,
                                       capture_output=True, text=True, timeout=120).stdout)
     assert whole["choices"][0]["message"]["content"]
@@ -37,6 +37,11 @@ def test_curl_examples() -> None:
     events = [line for line in streamed.splitlines() if line]
     assert events[-1] == "data: [DONE]" and len(events) >= 3
     assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+    embedded = json.loads(subprocess.run(_retarget(curls[2]), shell=True, check=True,
+                                         capture_output=True, text=True, timeout=120).stdout)
+    vectors = [d["embedding"] for d in embedded["data"]]
+    assert len(vectors) == 2 and all(len(v) == 576 for v in vectors)  # (the hidden size)
+    assert all(abs(sum(x * x for x in v) - 1.0) < 1e-4 for v in vectors) and vectors[0] != vectors[1]
 
 
 def test_openai_client_example() -> None:

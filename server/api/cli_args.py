@@ -17,6 +17,7 @@ from typing import Any
 from server.api.config import ApiConfig
 from server.api.reasoning import REASONING_PARSERS
 from server.engine.config import EngineConfig, read_chat_template
+from server.engine.sampling_params import POOLING
 from server.models.rope import scaling_type
 
 _ENV_PREFIX = "LEAPFROG_"
@@ -204,6 +205,10 @@ def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
          "reply opened with <think>) or deepseek_r1 (DeepSeek-R1 distills, QwQ; no </think>: "
          "reasoning); unset: no split",
          choices=list(REASONING_PARSERS))
+    _add(srv, "--pooling", str, a.pooling,
+         "How /v1/embeddings pools an input's final hidden states into its embedding: last "
+         "(its last token's: embedding models built on decoders) or mean",
+         choices=list(POOLING))
     _add(srv, "--log-level", str, a.log_level, "Log level",
          choices=["debug", "info", "warning", "error"])
     _add_switch(srv, "--log-prompts", "Log prompt text at DEBUG level (off: prompts are user data)")
@@ -240,5 +245,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
         max_n=args.max_n, max_stored_responses=args.max_stored_responses,
         log_prompts=args.log_prompts, log_level=args.log_level,
         allowed_origins=args.allowed_origins, reasoning_parser=args.reasoning_parser,
+        pooling=args.pooling,
     )
     return engine, api

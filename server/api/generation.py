@@ -56,6 +56,8 @@ class ChoiceResult:
     num_cached_tokens: int = 0
     step_tokens: list[int] = field(default_factory=list)
     """Each output step's tokens, beside its piece of `text`."""
+    embedding: list[float] | None = None
+    """With `SamplingParams.pooling`: the prompt's embedding."""
 
     def add(self, out: RequestOutput) -> None:
         self.num_prompt_tokens = out.num_prompt_tokens
@@ -66,6 +68,8 @@ class ChoiceResult:
             self.logprobs.extend(out.logprobs)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+        if out.embedding is not None:
+            self.embedding = out.embedding
         self.num_output_tokens = out.num_output_tokens
         self.num_draft_tokens = out.num_draft_tokens
         self.num_accepted_tokens = out.num_accepted_tokens

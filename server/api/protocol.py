@@ -371,12 +371,17 @@ class CompletionRequest(SamplingRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each a string or a list of token ids."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(v, int) for v in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return prompt_list(self.prompt)
+
+
+def prompt_list(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A prompt field (a string, strings, token ids or lists of token ids) as a list of
+    prompts, each a string or a list of token ids."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(v, int) for v in value):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
 
 
 class TokenizeRequest(ChatTemplateOptions):

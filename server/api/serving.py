@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,11 +34,18 @@ logger = logging.getLogger("leapfrog.api")
 _CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody receives it
 
 
-class Formatter(Protocol):
-    """Builds one endpoint's response bodies and stream chunks."""
+class Responder(Protocol):
+    """Builds one endpoint's response body from its choices' results."""
 
     request_id: str
     num_choices: int
+
+    def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class Formatter(Responder, Protocol):
+    """A `Responder` whose endpoint also streams: it builds the stream's chunks."""
+
     named_events: bool
     """Stream chunks go out as `event: <its type>` + `data:` (the Responses API); else as
     `data:` alone, the stream ending with `data: [DONE]` (chat, completions)."""
@@ -47,7 +54,6 @@ class Formatter(Protocol):
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None: ...
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
                 include_usage: bool) -> list[dict[str, Any]]: ...
-    def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]: ...
 
 
 def usage(results: list[ChoiceResult], prompt_lengths: list[int]) -> dict[str, Any]:
@@ -89,7 +95,8 @@ class Generation:
     """One admitted request: its jobs, formatter and bookkeeping."""
 
     def __init__(self, state: ServerState, engine: EngineClient, jobs: list[ChoiceJob],
-                 prompt_lengths: list[int], formatter: Formatter, user: str | None) -> None:
+                 prompt_lengths: list[int], formatter: Responder, user: str | None) -> None:
+        """`formatter`: a `Formatter` where the request may stream."""
         self.state, self.engine, self.jobs = state, engine, jobs
         self.prompt_lengths, self.formatter, self.user = prompt_lengths, formatter, user
         self.timing = RequestTiming()
@@ -106,7 +113,8 @@ class Generation:
                 self._log(results, None)
                 return JSONResponse(self.formatter.response(results, usage(results, self.prompt_lengths)))
             first = await unless_disconnected(anext(outputs, None), request)
-            body = self._events(outputs, first, include_usage, continuous_usage, release)
+            body = self._events(cast(Formatter, self.formatter), outputs, first, include_usage,
+                                continuous_usage, release)
             handed_off = True
             return EventStreamResponse(body, media_type="text/event-stream",
                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -127,37 +135,38 @@ class Generation:
                 release()
                 await outputs.aclose()
 
-    async def _events(self, outputs: AsyncIterator[tuple[int, RequestOutput]],
+    async def _events(self, formatter: Formatter,
+                      outputs: AsyncIterator[tuple[int, RequestOutput]],
                       first: tuple[int, RequestOutput] | None, include_usage: bool,
                       continuous_usage: bool, release: Callable[[], None]
                       ) -> AsyncIterator[str]:
-        results = [ChoiceResult() for _ in range(self.formatter.num_choices)]
+        results = [ChoiceResult() for _ in range(formatter.num_choices)]
         outcome = "client_disconnected"
-        named = self.formatter.named_events
+        named = formatter.named_events
 
         def so_far(chunk: dict[str, Any]) -> dict[str, Any]:
             return {**chunk, "usage": usage(results, self.prompt_lengths)} \
                 if continuous_usage else chunk
 
         try:
-            for chunk in self.formatter.prelude():
+            for chunk in formatter.prelude():
                 yield _sse(so_far(chunk), named)
             item = first
             while item is not None:
                 index, out = item
                 self.timing.on_output()
                 results[index].add(out)
-                chunk = self.formatter.delta(index, out)
+                chunk = formatter.delta(index, out)
                 if chunk is not None:
                     yield _sse(so_far(chunk), named)
                 item = await anext(outputs, None)
-            for chunk in self.formatter.closing(results, usage(results, self.prompt_lengths),
+            for chunk in formatter.closing(results, usage(results, self.prompt_lengths),
                                                 include_usage):
                 yield _sse(chunk, named)
             outcome = ""
         except Exception as exc:  # headers are sent: report in-band, as OpenAI does
             outcome = type(exc).__name__
-            logger.exception("request %s failed mid-stream", self.formatter.request_id)
+            logger.exception("request %s failed mid-stream", formatter.request_id)
             err = queue_full_error(self.state.retry_after_s) if isinstance(exc, QueueFullError) \
                 else None
             message = err.message if err else "Internal error while generating."

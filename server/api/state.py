@@ -26,6 +26,8 @@ class EngineClient(Protocol):
     tokenizer: Any
     model_name: str
     max_model_len: int
+    hidden_size: int
+    """The length of an embedding (/v1/embeddings)."""
     metrics: Metrics
 
     def generate(self, request_id: str, prompt_token_ids: list[int],

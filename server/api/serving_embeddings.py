@@ -1,0 +1,122 @@
+"""POST /v1/embeddings: each input's final hidden states pooled into one vector of unit
+length (`--pooling`: its last token's or the mean), as OpenAI's embeddings endpoint returns
+them: lists of floats, or base64 of little-endian float32. Inputs run as engine requests
+beside generation (one token each, left out of the reply)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import field_validator
+
+from server.api.admission import admit, check_token_ids, new_request_id
+from server.api.config import ApiConfig
+from server.api.errors import bad_request
+from server.api.generation import ChoiceResult, make_jobs
+from server.api.protocol import prompt_list
+from server.api.protocol_base import StrictModel
+from server.api.serving import Generation
+from server.api.state import ServerState
+from server.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("leapfrog.api")
+
+MAX_INPUTS = 2048
+"""Inputs one request may embed (OpenAI's limit)."""
+
+
+class EmbeddingRequest(StrictModel):
+    """POST /v1/embeddings. `input` is a string, strings, token ids, or lists of token ids."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    """Keep the first this many components, then scale to unit length again (for models
+    trained for it, Matryoshka-style, as OpenAI's text-embedding-3)."""
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        if not items or any(isinstance(v, str | list) and not v for v in items):
+            raise ValueError("input must not be empty, nor hold an empty string or list")
+        if len(items) > MAX_INPUTS and not all(isinstance(v, int) for v in items):
+            raise ValueError(f"input holds at most {MAX_INPUTS} inputs, got {len(items)}")
+        return value
+
+
+class EmbeddingFormatter:
+    """The `list` of `embedding` objects, in input order, and the usage."""
+
+    def __init__(self, request_id: str, model: str, num_inputs: int,
+                 encoding_format: str, dimensions: int | None) -> None:
+        self.request_id, self.model, self.num_choices = request_id, model, num_inputs
+        self.encoding_format, self.dimensions = encoding_format, dimensions
+
+    def _vector(self, embedding: list[float]) -> list[float] | str:
+        vector = np.asarray(embedding, dtype=np.float32)
+        if self.dimensions is not None:
+            vector = vector[:self.dimensions]
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        if self.encoding_format == "base64":
+            return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        return vector.tolist()
+
+    def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
+        data = []
+        for i, r in enumerate(results):
+            if r.embedding is None:  # (the engine ended it before its prompt's step)
+                raise RuntimeError(f"request {self.request_id}: input {i} got no embedding "
+                                   f"(finish reason {r.finish_reason})")
+            data.append({"object": "embedding", "index": i, "embedding": self._vector(r.embedding)})
+        prompt = usage["prompt_tokens"]
+        return {"object": "list", "data": data, "model": self.model,
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
+
+
+def tokenize_inputs(tokenizer: Any, inputs: list[str | list[int]]) -> list[list[int]]:
+    """Token ids per input; id inputs are checked against the vocabulary."""
+    found = []
+    for item in inputs:
+        if isinstance(item, list):
+            check_token_ids(item, tokenizer, "input")
+            found.append(item)
+            continue
+        ids = tokenizer.encode(item)
+        if not ids:
+            raise bad_request("An input must hold at least one token.", param="input")
+        found.append(ids)
+    return found
+
+
+async def create_embeddings(request: Request, state: ServerState, api: ApiConfig) -> Response:
+    engine, req = await admit(request, state, api, EmbeddingRequest)
+    if req.dimensions is not None and not 1 <= req.dimensions <= engine.hidden_size:
+        raise bad_request(f"dimensions must be in [1, {engine.hidden_size}] (this model's "
+                          f"embeddings), got {req.dimensions}", param="dimensions",
+                          code="invalid_value")
+    request_id = new_request_id("embd")
+    inputs = prompt_list(req.input)
+    if api.log_prompts:
+        logger.debug("request %s input: %r", request_id, inputs)
+    prompt_ids = tokenize_inputs(engine.tokenizer, inputs)
+    longest = max(len(p) for p in prompt_ids)
+    if longest >= engine.max_model_len:  # (each input's request generates one token)
+        raise bad_request(f"This model's maximum context length is {engine.max_model_len} "
+                          f"tokens, of which an input to embed may take "
+                          f"{engine.max_model_len - 1}; an input holds {longest}. Please "
+                          f"shorten it.", param="input", code="context_length_exceeded")
+    params = SamplingParams(max_tokens=1, temperature=0.0, pooling=api.pooling)
+    jobs = make_jobs(request_id, prompt_ids, 1, params)
+    formatter = EmbeddingFormatter(request_id, engine.model_name, len(prompt_ids),
+                                   req.encoding_format, req.dimensions)
+    generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter,
+                            req.user)
+    return await generation.respond(request, stream=False, include_usage=False)

@@ -1,0 +1,103 @@
+"""POST /v1/embeddings on a tiny random model through the real engine: transformers' pooled
+hidden states, as floats or base64 (the official client's default), `dimensions`, the usage,
+and a 400 naming the field for each bad input."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+from transformers import AutoModelForCausalLM
+
+from server.api.config import ApiConfig
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
+from tests.api_server import app_in_thread
+from tests.test_embeddings import ATOL, hf_embeddings
+
+PROMPTS = [[5], [7, 8, 9, 10, 11], [3 + (5 * j) % 120 for j in range(40)]]
+
+
+@pytest.fixture(scope="module", params=["last", "mean"])
+def served(request, tiny_model_dir):
+    path = tiny_model_dir("llama")
+    config = EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4,
+                          max_num_batched_tokens=16, max_model_len=64)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with app_in_thread(lambda: AsyncEngine(config), ApiConfig(pooling=request.param)) as (url, _):
+        yield url, hf_embeddings(hf, PROMPTS, request.param)
+
+
+def _embed(url: str, **body) -> httpx.Response:
+    return httpx.post(url + "/v1/embeddings", json=body, timeout=60)
+
+
+def test_embeddings_are_transformers_pooled_hidden_states(served) -> None:
+    url, expected = served
+    reply = _embed(url, input=PROMPTS)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "list" and body["model"]
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert all(d["object"] == "embedding" for d in body["data"])
+    for d, e in zip(body["data"], expected, strict=True):
+        torch.testing.assert_close(torch.tensor(d["embedding"]), e, atol=ATOL, rtol=0)
+    n = sum(map(len, PROMPTS))
+    assert body["usage"] == {"prompt_tokens": n, "total_tokens": n}
+    # one input: a string (the tokenizer's words), or its ids
+    text = _embed(url, input="w7 w8 w9").json()["data"]
+    ids = _embed(url, input=[7, 8, 9]).json()["data"]
+    assert len(text) == len(ids) == 1
+    assert text[0]["embedding"] == ids[0]["embedding"]
+    assert ids[0]["embedding"] != body["data"][1]["embedding"]
+
+
+def test_base64_dimensions_and_the_official_client(served) -> None:
+    """base64 holds the float32 vector's little-endian bytes; `dimensions` keeps the first
+    components, scaled to unit length; the `openai` client (which asks for base64) gets the
+    float reply's vectors."""
+    url, expected = served
+    floats = _embed(url, input=PROMPTS)
+    packed = _embed(url, input=PROMPTS, encoding_format="base64")
+    for f, p in zip(floats.json()["data"], packed.json()["data"], strict=True):
+        raw = base64.b64decode(p["embedding"])
+        assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == pytest.approx(
+            f["embedding"], abs=1e-6)
+    short = _embed(url, input=PROMPTS[2], dimensions=5).json()["data"][0]["embedding"]
+    first = expected[2][:5]
+    torch.testing.assert_close(torch.tensor(short), first / first.norm(), atol=ATOL, rtol=0)
+    client = OpenAI(base_url=url + "/v1", api_key="unused")
+    got = client.embeddings.create(model=client.models.list().data[0].id, input=PROMPTS)
+    for d, f in zip(got.data, floats.json()["data"], strict=True):
+        assert d.embedding == pytest.approx(f["embedding"], abs=1e-6)
+    assert got.usage.prompt_tokens == sum(map(len, PROMPTS))
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": [[1, 2], []]}, "input"),
+    ({"input": ["w3", ""]}, "input"),
+    ({"input": [1, 100000]}, "input"),
+    ({"input": list(range(3, 67))}, "input"),  # (64 tokens: the context, less the one generated)
+    ({"input": "w3", "dimensions": 0}, "dimensions"),
+    ({"input": "w3", "dimensions": 65}, "dimensions"),
+    ({"input": "w3", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "w3", "suffix": "x"}, "suffix"),
+])
+def test_bad_input_is_a_400_naming_the_field(served, body, param) -> None:
+    url, _ = served
+    reply = _embed(url, **body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+    assert _embed(url, input="w3 w4").status_code == 200  # (and the server serves on)
+
+
+def test_other_models_are_a_404(served) -> None:
+    url, _ = served
+    reply = _embed(url, input="w3", model="text-embedding-3-small")
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
