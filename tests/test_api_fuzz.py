@@ -1,5 +1,5 @@
 """Random request bodies against the real server: mixes of valid and odd fields on the three
-generating endpoints, streamed or not. Each answer is a 200 of the endpoint's shape or a 400
+generating endpoints, streamed or not, and on /v1/embeddings. Each answer is a 200 of the endpoint's shape or a 400
 with an OpenAI error body, never a 5xx or a broken stream, and afterwards the server holds no
 request and no KV block. The bodies come from a seeded generator: a failing seed replays."""
 
@@ -95,6 +95,15 @@ def _body(r: random.Random, endpoint: str) -> dict:
             if r.random() < 0.3:
                 body[key] = _value(r, make)
         return body
+    if endpoint == "/v1/embeddings":
+        body = {"input": r.choice([r.choice(TEXTS), [r.choice(TEXTS)] * 2, [1, 2, 3],
+                                   [[1, 2], [3]], [], [[]], [-1], [10**9], [1] * 9000])}
+        for key, make in [("encoding_format", lambda r: r.choice(["float", "base64", "int8"])),
+                          ("dimensions", lambda r: r.choice([1, 64, 576, 577, 0])),
+                          ("user", lambda r: r.choice(TEXTS))]:
+            if r.random() < 0.3:
+                body[key] = _value(r, make)
+        return body
     if endpoint == "/v1/chat/completions":
         body = {"messages": _messages(r)}
     else:
@@ -115,6 +124,10 @@ def _check_error(status: int, text: str) -> None:
 def _check_reply(endpoint: str, reply: dict) -> None:
     if endpoint == "/v1/responses":
         assert reply["object"] == "response" and reply["status"] in ("completed", "incomplete")
+        return
+    if endpoint == "/v1/embeddings":
+        assert reply["object"] == "list" and reply["data"]
+        assert reply["usage"]["prompt_tokens"] == reply["usage"]["total_tokens"] > 0
         return
     kind = "chat.completion" if endpoint == "/v1/chat/completions" else "text_completion"
     assert reply["object"] == kind
@@ -142,7 +155,8 @@ def test_random_requests_get_a_reply_or_a_400(seed: int) -> None:
     seen: Counter = Counter()
     with httpx.Client(base_url=server.url, timeout=120) as client:
         for _ in range(60):
-            endpoint = r.choice(["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+            endpoint = r.choice(["/v1/chat/completions", "/v1/completions", "/v1/responses",
+                                 "/v1/embeddings"])
             body = _body(r, endpoint)
             where = f"seed {seed}: {endpoint} {json.dumps(body)[:400]}"
             if body.get("stream") is True:
@@ -164,7 +178,7 @@ def test_random_requests_get_a_reply_or_a_400(seed: int) -> None:
         health = client.get("/health").json()
     # the mix reaches the engine on every endpoint, not only the validators
     assert all(seen[e, 200] > 0 for e in ("/v1/chat/completions", "/v1/completions",
-                                            "/v1/responses")), seen
+                                            "/v1/responses", "/v1/embeddings")), seen
     assert health["in_flight"] == 0
     if not isinstance(server, ExternalServer):
         assert health["num_free_blocks"] == health["num_total_blocks"]
