@@ -49,6 +49,7 @@ class FakeEngine:
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
         self.hidden_size = 8
+        self.generates = True
         self.metrics = Metrics(self.model_name)
         self.step_s, self.max_waiting, self.total_blocks = step_s, max_waiting, total_blocks
         self.active: set[str] = set()

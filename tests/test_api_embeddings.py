@@ -101,3 +101,28 @@ def test_other_models_are_a_404(served) -> None:
     url, _ = served
     reply = _embed(url, input="w3", model="text-embedding-3-small")
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_model_without_a_head_embeds_and_refuses_to_generate(tmp_path) -> None:
+    """A base model's checkpoint (no language-model head): /v1/embeddings serves it; the
+    generating endpoints answer a 400 naming the model; tokenizing still works."""
+    from transformers import AutoModel
+
+    from tests.tiny_models import tiny_config, tiny_tokenizer
+
+    AutoModel.from_config(tiny_config("mistral")).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    config = EngineConfig(model=str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=4,
+                          max_model_len=64)
+    with app_in_thread(lambda: AsyncEngine(config)) as (url, _):
+        assert _embed(url, input="w3 w4").status_code == 200
+        for path, body in [("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                    "content": "w3"}]}),
+                           ("/v1/completions", {"prompt": "w3"}),
+                           ("/v1/responses", {"input": "w3"})]:
+            reply = httpx.post(url + path, json=body, timeout=30)
+            assert reply.status_code == 400, (path, reply.text)
+            error = reply.json()["error"]
+            assert error["code"] == "model_not_generative" and error["param"] == "model"
+            assert "embeddings only" in error["message"]
+        assert httpx.post(url + "/tokenize", json={"prompt": "w3 w4"}).json()["count"] == 2

@@ -110,3 +110,52 @@ def test_mean_embeddings_survive_preemption(tiny_model_dir) -> None:
 def test_pooling_names_are_checked() -> None:
     with pytest.raises(ValueError, match="pooling must be one of last, mean"):
         SamplingParams(pooling="cls")
+
+
+def test_a_base_model_checkpoint_embeds_and_does_not_generate(tmp_path) -> None:
+    """A decoder saved without its head (`MistralModel.save_pretrained`, as embedding models
+    built on decoders such as E5-Mistral are: tensors without the `model.` prefix, no
+    `lm_head`, an untied config) loads, embeds as transformers' base model computes it, and
+    refuses to generate text."""
+    from transformers import AutoModel
+
+    from tests.tiny_models import tiny_config, tiny_tokenizer
+
+    hf = AutoModel.from_config(tiny_config("mistral")).eval()
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=4)
+    assert not llm.engine.model.config.generates
+    prompts = [[5, 9, 11], list(range(3, 40))]
+    with torch.no_grad():
+        expected = [torch.nn.functional.normalize(
+            hf(torch.tensor([p])).last_hidden_state[0, -1], dim=0) for p in prompts]
+    assert_close(llm.embed(prompts), expected)
+    with pytest.raises(ValueError, match="no language-model head"):
+        llm.generate(prompts, GREEDY)
+
+
+def test_a_causal_lm_checkpoint_without_its_head_embeds(tiny_model_dir, tmp_path) -> None:
+    """A `LlamaForCausalLM` checkpoint whose untied head is not in its files (an embedding
+    model's, saved from the base model under the causal LM's config) embeds as the full
+    checkpoint does, and does not generate."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_model_dir("llama")
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, tmp_path / file.name)
+    for file in source.glob("*.safetensors"):
+        tensors = {k: v for k, v in load_file(file).items() if k != "lm_head.weight"}
+        save_file(tensors, tmp_path / file.name, metadata={"format": "pt"})
+    whole = LLM(str(source), dtype="float32", num_kv_blocks=64, block_size=4)
+    headless = LLM(str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=4)
+    assert whole.engine.model.config.generates and not headless.engine.model.config.generates
+    prompts = mixed_prompts(3)
+    for got, expected in zip(headless.embed(prompts, "mean"), whole.embed(prompts, "mean"),
+                             strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="no language-model head"):
+        headless.generate(prompts, GREEDY)

@@ -35,6 +35,18 @@ async def admit(request: Request, state: ServerState, api: ApiConfig, body: type
     return engine, req
 
 
+async def admit_generation(request: Request, state: ServerState, api: ApiConfig,
+                           body: type[M]) -> tuple[EngineClient, M]:
+    """`admit`, for an endpoint that generates text: a model without a language-model head
+    (an embedding model's checkpoint: `ModelConfig.generates`) is a 400."""
+    engine, req = await admit(request, state, api, body)
+    if not engine.generates:
+        raise bad_request(f"The model '{engine.model_name}' has no language-model head: it "
+                          f"serves /v1/embeddings only.", param="model",
+                          code="model_not_generative")
+    return engine, req
+
+
 def check_model(requested: str | None, engine: EngineClient) -> None:
     """404 for any model name other than the one served (omitted means the served one)."""
     if requested is not None and requested != engine.model_name:

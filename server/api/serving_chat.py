@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from server.api.admission import (
-    admit,
+    admit_generation,
     check_n,
     new_request_id,
     resolve_max_tokens,
@@ -255,7 +255,7 @@ def prepare_chat(req: ChatCompletionRequest, engine: EngineClient, api: ApiConfi
 
 
 async def create_chat_completion(request: Request, state: ServerState, api: ApiConfig) -> Response:
-    engine, req = await admit(request, state, api, ChatCompletionRequest)
+    engine, req = await admit_generation(request, state, api, ChatCompletionRequest)
     check_n(req.n, api.max_n)
     request_id = new_request_id("chatcmpl")
     job = prepare_chat(req, engine, api, request_id)

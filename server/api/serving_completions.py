@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from server.api.admission import (
-    admit,
+    admit_generation,
     check_n,
     check_token_ids,
     new_request_id,
@@ -122,7 +122,7 @@ class CompletionFormatter:
 
 
 async def create_completion(request: Request, state: ServerState, api: ApiConfig) -> Response:
-    engine, req = await admit(request, state, api, CompletionRequest)
+    engine, req = await admit_generation(request, state, api, CompletionRequest)
     check_n(req.n, api.max_n)
     request_id = new_request_id("cmpl")
     prompts = req.prompts()

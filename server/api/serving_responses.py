@@ -24,7 +24,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from server.api.admission import admit, new_request_id
+from server.api.admission import admit_generation, new_request_id
 from server.api.config import ApiConfig
 from server.api.errors import ApiError, bad_request, from_validation_error
 from server.api.generation import ChoiceResult, make_jobs
@@ -270,7 +270,7 @@ def _prepare(req: ResponsesRequest, earlier: list[ResponseInputItem], engine: En
 
 async def create_response(request: Request, state: ServerState, api: ApiConfig,
                           store: ResponseStore) -> Response:
-    engine, req = await admit(request, state, api, ResponsesRequest)
+    engine, req = await admit_generation(request, state, api, ResponsesRequest)
     earlier: list[ResponseInputItem] = []
     if req.previous_response_id is not None:
         found = store.conversation(req.previous_response_id)

@@ -28,6 +28,8 @@ class EngineClient(Protocol):
     max_model_len: int
     hidden_size: int
     """The length of an embedding (/v1/embeddings)."""
+    generates: bool
+    """Whether the model has a language-model head (`ModelConfig.generates`)."""
     metrics: Metrics
 
     def generate(self, request_id: str, prompt_token_ids: list[int],

@@ -55,6 +55,7 @@ class AsyncEngine:
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
         self.hidden_size = self.engine.model.config.hidden_size
+        self.generates = self.engine.model.config.generates
         self.metrics = self.engine.metrics
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}

@@ -54,6 +54,8 @@ class LLM:
     ) -> list[Completion]:
         """Generate for every prompt (all batched together); results in prompt order."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if not self.engine.model.config.generates and any(p.pooling is None for p in params_list):
+            raise ValueError("this model has no language-model head: it embeds only (LLM.embed)")
         results: dict[str, Completion] = {}
         order = []
         for prompt, p in zip(prompts, params_list, strict=True):

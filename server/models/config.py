@@ -34,6 +34,11 @@ class ModelConfig:
     of the head_dim / 2 frequencies divided by its factor."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    generates: bool = True
+    """Whether the checkpoint has a language-model head. A base model's (`Qwen3Model`,
+    `MistralModel`: how embedding models built on decoders are saved) has none: it serves
+    embeddings only, its logits taken from the tied embedding to pick the one token an
+    embedding request generates."""
     attention_bias: bool = False
     """q/k/v projections carry a bias (Qwen2)."""
     qk_norm: bool = False
@@ -109,7 +114,11 @@ class ModelConfig:
         return limit
 
 
-_ARCH_ALIASES = {
+_BASE_MODELS = {"LlamaModel": "llama", "MistralModel": "mistral", "Qwen2Model": "qwen2",
+                "Qwen3Model": "qwen3"}
+"""Decoders saved without their language-model head (`ModelConfig.generates`)."""
+
+_ARCH_ALIASES = _BASE_MODELS | {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
@@ -213,7 +222,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         rope_theta=hf.get("rope_theta") or params.get("rope_theta", 10000.0),
         rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False) or archs[0] in _BASE_MODELS,
+        generates=archs[0] not in _BASE_MODELS,
         attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
         qk_norm=arch in ("qwen3", "gemma3"),
         attention_scale=(hf["query_pre_attn_scalar"] ** -0.5

