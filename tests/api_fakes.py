@@ -50,6 +50,8 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.hidden_size = 8
         self.generates = True
+        self.peak_active = 0
+        """The most requests in flight at once so far."""
         self.metrics = Metrics(self.model_name)
         self.step_s, self.max_waiting, self.total_blocks = step_s, max_waiting, total_blocks
         self.active: set[str] = set()
@@ -68,6 +70,7 @@ class FakeEngine:
         if len(self.active) >= self.max_waiting:
             raise QueueFullError("full")
         self.active.add(request_id)
+        self.peak_active = max(self.peak_active, len(self.active))
         self.params[request_id] = params
         text, sent, n = "", 0, 0
         try:
@@ -84,8 +87,12 @@ class FakeEngine:
                 if params.logprobs is not None:
                     top = [(ord(ch) + j, -0.5 - j) for j in range(params.logprobs)]
                     logprobs = [TokenLogprob(ord(ch), -0.5, top)]
+                embedding = None
+                if done and params.pooling is not None:  # (a one-hot vector: which the prompt says)
+                    embedding = [0.0] * self.hidden_size
+                    embedding[sum(prompt_token_ids) % self.hidden_size] = 1.0
                 yield RequestOutput(request_id, [ord(ch)], new_text, len(prompt_token_ids),
-                                    n, logprobs, done, reason)
+                                    n, logprobs, done, reason, embedding=embedding)
                 if done:
                     self.finished.append(request_id)
                     self.metrics.request_success(reason)

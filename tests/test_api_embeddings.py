@@ -126,3 +126,22 @@ def test_a_model_without_a_head_embeds_and_refuses_to_generate(tmp_path) -> None
             assert error["code"] == "model_not_generative" and error["param"] == "model"
             assert "embeddings only" in error["message"]
         assert httpx.post(url + "/tokenize", json={"prompt": "w3 w4"}).json()["count"] == 2
+
+
+def test_a_request_of_many_inputs_runs_them_in_a_window() -> None:
+    """2,000 inputs with room for 100 waiting requests: at most `JOB_WINDOW` are in the engine
+    at once, so the request neither fills the queue (a 429) nor waits on it; each
+    embedding comes back at its input's index."""
+    from server.api.generation import JOB_WINDOW
+    from tests.api_fakes import FakeEngine
+
+    engine = FakeEngine(step_s=0.0, max_waiting=100)
+    inputs = [[3 + i % 100] for i in range(2000)]
+    with app_in_thread(lambda: engine) as (url, _):
+        reply = _embed(url, input=inputs)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert [d["index"] for d in data] == list(range(2000))
+    assert all(d["embedding"].index(1.0) == (3 + i % 100) % 8 for i, d in enumerate(data))
+    assert 1 < engine.peak_active <= JOB_WINDOW < 100
+    assert len(engine.finished) == 2000 and not engine.active

@@ -96,6 +96,23 @@ def test_completions_multi_prompt_echo_and_stop(served) -> None:
     assert stopped["text"] == script[:3] and stopped["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_of_more_prompts_than_the_queue_holds(stream: bool) -> None:
+    """300 prompts where 100 requests may wait: they run `JOB_WINDOW` at a time, every
+    choice at its index, streamed or not (all at once, the request would be a 429)."""
+    from server.api.generation import JOB_WINDOW
+
+    engine = FakeEngine(step_s=0.0, max_waiting=100)
+    body = {"prompt": [[97 + i % 20] for i in range(300)], "max_tokens": 2, "stream": stream}
+    with app_in_thread(lambda: engine) as (url, _):
+        resp = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        choices = ([c for e in _events(resp) for c in e["choices"] if c["finish_reason"]]
+                   if stream else resp.json()["choices"])
+    assert sorted(c["index"] for c in choices) == list(range(300))
+    assert 1 < engine.peak_active <= JOB_WINDOW < 100
+
+
 def test_logprob_shapes(served) -> None:
     url, _, _ = served
     chat = httpx.post(url + "/v1/chat/completions", json={

@@ -117,15 +117,27 @@ def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
     return SamplingParams(**values)
 
 
-async def merged_outputs(engine: EngineClient,
-                         jobs: list[ChoiceJob]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of all jobs as (choice index, delta), in arrival order; errors re-raised."""
+JOB_WINDOW = 64
+"""Jobs of one request in the engine at once where a request may hold many (completions'
+prompts, embeddings' inputs), the next starting as one ends: a request of 2,048 inputs
+neither fills the engine's waiting queue (256 by default: a 429 for it and for others) nor
+holds every slot a step has."""
+
+
+async def merged_outputs(engine: EngineClient, jobs: list[ChoiceJob], window: int | None = None
+                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of all jobs as (choice index, delta), in arrival order; errors re-raised.
+    `window`: at most this many jobs in the engine at once, the next starting as one ends
+    (None: all at once)."""
     queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+    slots = asyncio.Semaphore(window or len(jobs))
 
     async def pump(job: ChoiceJob) -> None:
         try:
-            async for out in engine.generate(job.request_id, job.prompt_token_ids, job.params):
-                queue.put_nowait((job.index, out))
+            async with slots:
+                async for out in engine.generate(job.request_id, job.prompt_token_ids,
+                                                 job.params):
+                    queue.put_nowait((job.index, out))
             queue.put_nowait((job.index, _END))
         except Exception as exc:  # handed to the consumer, which re-raises it
             queue.put_nowait((job.index, exc))

@@ -95,16 +95,18 @@ class Generation:
     """One admitted request: its jobs, formatter and bookkeeping."""
 
     def __init__(self, state: ServerState, engine: EngineClient, jobs: list[ChoiceJob],
-                 prompt_lengths: list[int], formatter: Responder, user: str | None) -> None:
-        """`formatter`: a `Formatter` where the request may stream."""
-        self.state, self.engine, self.jobs = state, engine, jobs
+                 prompt_lengths: list[int], formatter: Responder, user: str | None,
+                 window: int | None = None) -> None:
+        """`formatter`: a `Formatter` where the request may stream; `window`: at most this
+        many jobs in the engine at once (`merged_outputs`)."""
+        self.state, self.engine, self.jobs, self.window = state, engine, jobs, window
         self.prompt_lengths, self.formatter, self.user = prompt_lengths, formatter, user
         self.timing = RequestTiming()
 
     async def respond(self, request: Request, stream: bool, include_usage: bool,
                       continuous_usage: bool = False) -> Response:
         release = self.state.acquire()
-        outputs = merged_outputs(self.engine, self.jobs)
+        outputs = merged_outputs(self.engine, self.jobs, self.window)
         handed_off = False  # once the stream response owns `release` and `outputs`
         try:
             if not stream:

@@ -20,7 +20,12 @@ from server.api.admission import (
 )
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
-from server.api.generation import ChoiceResult, check_context_length, make_jobs
+from server.api.generation import (
+    JOB_WINDOW,
+    ChoiceResult,
+    check_context_length,
+    make_jobs,
+)
 from server.api.logprobs import TokenTexts, completion_logprobs
 from server.api.protocol import CompletionRequest
 from server.api.serving import Generation
@@ -148,5 +153,6 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
     texts = TokenTexts(engine.tokenizer) if req.logprobs is not None else None
     formatter = CompletionFormatter(request_id, engine.model_name, req.n, prompt_ids,
                                     echo_texts, texts, score_only)
-    generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter, req.user)
+    generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter,
+                            req.user, JOB_WINDOW)
     return await generation.respond(request, req.stream, req.include_usage, req.continuous_usage)

@@ -17,7 +17,7 @@ from pydantic import field_validator
 from server.api.admission import admit, check_token_ids, new_request_id
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
-from server.api.generation import ChoiceResult, make_jobs
+from server.api.generation import JOB_WINDOW, ChoiceResult, make_jobs
 from server.api.protocol import prompt_list
 from server.api.protocol_base import StrictModel
 from server.api.serving import Generation
@@ -118,5 +118,5 @@ async def create_embeddings(request: Request, state: ServerState, api: ApiConfig
     formatter = EmbeddingFormatter(request_id, engine.model_name, len(prompt_ids),
                                    req.encoding_format, req.dimensions)
     generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter,
-                            req.user)
+                            req.user, JOB_WINDOW)
     return await generation.respond(request, stream=False, include_usage=False)
