@@ -1,4 +1,5 @@
-"""One streamed request to an OpenAI-compatible server, timed chunk by chunk.
+"""One request to an OpenAI-compatible server: streamed and timed chunk by chunk, or (an
+embeddings request) whole.
 
 Timing follows `vllm bench serve`: the clock starts just before the request is sent; TTFT is
 the arrival of the first chunk that carries generated text (or the finish chunk of a stream
@@ -7,7 +8,7 @@ latency (ITL); E2E latency runs to the last `data:` event (the usage event when
 the server sends one). Token counts come from the final `usage` event, which the request asks
 for with `stream_options.include_usage`. Any failure (connection, HTTP status, an error
 event, a stream that ends without any token) is returned as a failed result with its
-reason, never raised.
+reason, never raised. An embeddings request's one reply is its first and last chunk.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ class Target:
     @property
     def url(self) -> str:
         """Full URL of the endpoint."""
-        path = "/v1/chat/completions" if self.endpoint == "chat" else "/v1/completions"
-        return root_url(self.base_url) + path
+        return root_url(self.base_url) + _PATHS[self.endpoint]
 
     def headers(self) -> dict[str, str]:
         """HTTP headers, with the bearer token when an API key is set."""
@@ -48,6 +48,8 @@ class Target:
 
     def payload(self, req: BenchRequest) -> dict[str, Any]:
         """The JSON body for one request."""
+        if self.endpoint == "embeddings":
+            return {"model": self.model, "input": req.prompt_text()}
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": req.max_tokens,
@@ -62,6 +64,11 @@ class Target:
         if self.ignore_eos:
             body["ignore_eos"] = True
         return body
+
+
+_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+          "embeddings": "/v1/embeddings"}
+"""Each `Target.endpoint`'s path."""
 
 
 def root_url(base_url: str) -> str:
@@ -165,7 +172,7 @@ async def _read_stream(response: httpx.Response, result: RequestResult, endpoint
 
 
 async def send_request(client: httpx.AsyncClient, target: Target, req: BenchRequest) -> RequestResult:
-    """Send one streamed request and time it; failures come back in the result."""
+    """Send one request and time it; failures come back in the result."""
     result = RequestResult(request_id=req.id, start=time.perf_counter())
     try:
         await _send(client, target, req, result)
@@ -176,6 +183,9 @@ async def send_request(client: httpx.AsyncClient, target: Target, req: BenchRequ
 
 async def _send(client: httpx.AsyncClient, target: Target, req: BenchRequest,
                 result: RequestResult) -> None:
+    if target.endpoint == "embeddings":
+        await _send_embedding(client, target, req, result)
+        return
     try:
         async with client.stream("POST", target.url, json=target.payload(req),
                                  headers=target.headers()) as response:
@@ -193,4 +203,33 @@ async def _send(client: httpx.AsyncClient, target: Target, req: BenchRequest,
     if result.num_chunks == 0:
         result.error = "stream ended without any generated token"
         return
+    result.success = True
+
+
+async def _send_embedding(client: httpx.AsyncClient, target: Target, req: BenchRequest,
+                          result: RequestResult) -> None:
+    """One /v1/embeddings request (not streamed): its reply is its only chunk, so its TTFT
+    is its E2E latency; its input tokens come from the usage, it has no output tokens."""
+    try:
+        response = await client.post(target.url, json=target.payload(req),
+                                     headers=target.headers())
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return
+    result.e2el = result.ttft = time.perf_counter() - result.start
+    if response.status_code != 200:
+        result.error = f"HTTP {response.status_code}: {_error_message(response.text)}"
+        return
+    try:
+        body = response.json()
+        vectors = [d["embedding"] for d in body["data"]]
+    except (ValueError, KeyError, TypeError):
+        result.error = f"not an embeddings reply: {response.text[:80]!r}"
+        return
+    if len(vectors) != 1 or not vectors[0]:
+        result.error = f"expected one embedding, got {len(vectors)}"
+        return
+    result.num_chunks = 1
+    result.prompt_tokens = (body.get("usage") or {}).get("prompt_tokens")
+    result.output_tokens, result.token_source = 0, "usage"
     result.success = True

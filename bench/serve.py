@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--base-url", default="http://127.0.0.1:8000",
       help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
     a("--model", default=None, help="model name to send; default: the first of GET /v1/models")
-    a("--endpoint", choices=("chat", "completions"), default="chat",
-      help="/v1/chat/completions (messages) or /v1/completions (prompt text)")
+    a("--endpoint", choices=("chat", "completions", "embeddings"), default="chat",
+      help="/v1/chat/completions (messages), /v1/completions (prompt text) or /v1/embeddings "
+           "(prompt text as the input; its latency is TTFT and E2E, no output tokens)")
     a("--api-key", default=os.environ.get("OPENAI_API_KEY"),
       help="bearer token (default: $OPENAI_API_KEY)")
     a("--dataset", default="builtin",

@@ -89,3 +89,23 @@ def test_short_run_on_default_model_matches_server_usage(real_server: str, tmp_p
     assert server is not None, "the server exposes /metrics"
     assert server["generation_tokens"] == run["total_output_tokens"]
     assert server["prompt_tokens"] == run["total_input_tokens"]
+
+
+@pytest.mark.slow
+def test_embeddings_run_on_default_model(real_server: str, tmp_path: Path, capsys) -> None:
+    """`--endpoint embeddings`: each prompt's text embedded; latency as TTFT and E2E, input
+    tokens from the usage (the server's own prompt-token counter over the run), none out."""
+    out = tmp_path / "res.json"
+    rc = main(["--base-url", real_server, "--endpoint", "embeddings", "--num-prompts", "6",
+               "--max-concurrency", "3", "--no-progress", "--metrics-interval", "0.2",
+               "--result-json", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "Request throughput" in table or "request" in table.lower()
+    run = json.loads(out.read_text())["runs"][0]
+    assert (run["completed"], run["failed"]) == (6, 0)
+    assert run["token_sources"] == {"usage": 6} and run["total_output_tokens"] == 0
+    for req in run["requests"]:
+        assert req["prompt_tokens"] > 0 and req["output_tokens"] == 0
+        assert req["ttft_s"] == req["e2el_s"] > 0
+    assert run["server"]["prompt_tokens"] == run["total_input_tokens"]
