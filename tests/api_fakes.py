@@ -50,6 +50,7 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.hidden_size = 8
         self.generates = True
+        self.pooling = None
         self.peak_active = 0
         """The most requests in flight at once so far."""
         self.metrics = Metrics(self.model_name)

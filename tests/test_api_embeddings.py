@@ -145,3 +145,25 @@ def test_a_request_of_many_inputs_runs_them_in_a_window() -> None:
     assert all(d["embedding"].index(1.0) == (3 + i % 100) % 8 for i, d in enumerate(data))
     assert 1 < engine.peak_active <= JOB_WINDOW < 100
     assert len(engine.finished) == 2000 and not engine.active
+
+
+@pytest.mark.parametrize(("named", "flag", "used"), [
+    ("mean", None, "mean"), ("mean", "last", "last"), (None, None, "last"), ("cls", None, None),
+    ("cls", "mean", "mean")])
+def test_the_pooling_is_the_flag_else_the_model_s_else_last(named, flag, used) -> None:
+    """`--pooling`, else what the model's files name, else last; a pooling the files name
+    that this server does not compute is a 400 until the flag names one."""
+    from tests.api_fakes import FakeEngine
+
+    engine = FakeEngine(step_s=0.0)
+    engine.pooling = named
+    with app_in_thread(lambda: engine, ApiConfig(pooling=flag)) as (url, _):
+        reply = _embed(url, input="w3")
+    if used is None:
+        assert reply.status_code == 400
+        assert reply.json()["error"]["code"] == "unsupported_pooling"
+        assert "--pooling last or mean" in reply.json()["error"]["message"]
+        assert not engine.params
+    else:
+        assert reply.status_code == 200, reply.text
+        assert [p.pooling for p in engine.params.values()] == [used]

@@ -159,3 +159,49 @@ def test_a_causal_lm_checkpoint_without_its_head_embeds(tiny_model_dir, tmp_path
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="no language-model head"):
         headless.generate(prompts, GREEDY)
+
+
+@pytest.mark.parametrize(("named", "used"), [("mean", "mean"), ("last", "last"), (None, "last")])
+def test_the_pooling_a_sentence_transformers_directory_names(tiny_model_dir, tmp_path,
+                                                             named, used) -> None:
+    """`modules.json` + the Pooling module's config (sentence-transformers' layout) set the
+    model's pooling, which `embed` uses unless told; cls, which is not computed here, is
+    refused unless a pooling is given."""
+    import json
+    import shutil
+
+    from server.models.loader import sentence_transformers_pooling
+
+    shutil.copytree(tiny_model_dir("llama"), tmp_path, dirs_exist_ok=True)
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"}]))
+    (tmp_path / "1_Pooling").mkdir()
+    flags = {"pooling_mode_mean_tokens": named == "mean",
+             "pooling_mode_lasttoken": named == "last", "pooling_mode_cls_token": False}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    assert sentence_transformers_pooling(tmp_path) == named
+    llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=4)
+    prompts = mixed_prompts(3)
+    assert llm.embed(prompts) == llm.embed(prompts, used)
+    assert llm.embed(prompts) != llm.embed(prompts, "mean" if used == "last" else "last")
+    flags["pooling_mode_cls_token"], flags["pooling_mode_mean_tokens"] = True, False
+    flags["pooling_mode_lasttoken"] = False
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    cls = LLM(str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=4)
+    with pytest.raises(ValueError, match="name cls pooling"):
+        cls.embed(prompts)
+    assert cls.embed(prompts, "last") == llm.embed(prompts, "last")
+
+
+def test_the_pooling_a_gguf_names(tiny_model_dir, tmp_path) -> None:
+    """A GGUF's `{arch}.pooling_type` (llama.cpp's: 1 mean, 3 last) sets the model's
+    pooling."""
+    from tests.tiny_models import save_tiny_gguf
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    for kind, name in ((1, "mean"), (3, "last"), (2, "cls"), (None, None)):
+        path = save_tiny_gguf(hf, tmp_path / f"pool{kind}.gguf", pooling_type=kind)
+        llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
+        assert llm.engine.model.config.pooling == name

@@ -87,7 +87,7 @@ _GGUF_GEMMA_NORMS = {
     "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
+def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None = None) -> Path:
     """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3 model as llama.cpp's converter would
     (Llama's q and k rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a
     `rope_freqs` tensor of frequency divisors; Phi-3's fused projections as they are, its
@@ -95,7 +95,7 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     soft-caps as metadata), its
     matrices as Q8_0 and its norms as F32, with a byte-level tokenizer of the vocabulary's
     first byte characters; the model's matrices are replaced by the values the file holds,
-    so that it is the file's reference."""
+    so that it is the file's reference. `pooling_type`: the embeddings' pooling it names."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -106,6 +106,8 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path) -> Path:
     layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if gemma else {})
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
+    if pooling_type is not None:  # (llama.cpp's: 1 mean, 2 cls, 3 last)
+        writer.add_pooling_type(gguf.PoolingType(pooling_type))
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)

@@ -207,7 +207,9 @@ def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
          choices=list(REASONING_PARSERS))
     _add(srv, "--pooling", str, a.pooling,
          "How /v1/embeddings pools an input's final hidden states into its embedding: last "
-         "(its last token's: embedding models built on decoders) or mean",
+         "(its last token's: embedding models built on decoders) or mean; unset: what the "
+         "model's files name (sentence-transformers' pooling config, a GGUF's pooling_type), "
+         "else last",
          choices=list(POOLING))
     _add(srv, "--log-level", str, a.log_level, "Log level",
          choices=["debug", "info", "warning", "error"])

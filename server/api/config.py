@@ -37,7 +37,7 @@ class ApiConfig:
     max_stored_responses: int = 1000
     """Responses of /v1/responses kept in memory for `previous_response_id` and GET
     /v1/responses/{id}: the most recently used; 0 keeps none."""
-    pooling: str = "last"
+    pooling: str | None = None
     """How /v1/embeddings pools an input's final hidden states (`SamplingParams.pooling`):
-    "last" (its last token's, as embedding models built on decoders such as Qwen3-Embedding
-    and E5-Mistral are trained) or "mean"."""
+    "last" (its last token's, as embedding models built on decoders mostly are trained) or
+    "mean"; None: the pooling the model's files name (`ModelConfig.pooling`), else last."""

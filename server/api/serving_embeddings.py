@@ -21,8 +21,8 @@ from server.api.generation import JOB_WINDOW, ChoiceResult, make_jobs
 from server.api.protocol import prompt_list
 from server.api.protocol_base import StrictModel
 from server.api.serving import Generation
-from server.api.state import ServerState
-from server.engine.sampling_params import SamplingParams
+from server.api.state import EngineClient, ServerState
+from server.engine.sampling_params import POOLING, SamplingParams
 
 logger = logging.getLogger("leapfrog.api")
 
@@ -96,12 +96,26 @@ def tokenize_inputs(tokenizer: Any, inputs: list[str | list[int]]) -> list[list[
     return found
 
 
+def pooling(api: ApiConfig, engine: EngineClient) -> str:
+    """`--pooling`, else the model's own where this server computes it, else last; a 400
+    where the model's files name one it does not compute (cls, max, ...)."""
+    if api.pooling is not None:
+        return api.pooling
+    if engine.pooling is not None and engine.pooling not in POOLING:
+        raise bad_request(f"The model's files name {engine.pooling} pooling for its "
+                          f"embeddings, which this server does not compute; start it with "
+                          f"--pooling {' or '.join(POOLING)} to embed with one of those.",
+                          param="input", code="unsupported_pooling")
+    return engine.pooling or "last"
+
+
 async def create_embeddings(request: Request, state: ServerState, api: ApiConfig) -> Response:
     engine, req = await admit(request, state, api, EmbeddingRequest)
     if req.dimensions is not None and not 1 <= req.dimensions <= engine.hidden_size:
         raise bad_request(f"dimensions must be in [1, {engine.hidden_size}] (this model's "
                           f"embeddings), got {req.dimensions}", param="dimensions",
                           code="invalid_value")
+    chosen = pooling(api, engine)
     request_id = new_request_id("embd")
     inputs = prompt_list(req.input)
     if api.log_prompts:
@@ -113,7 +127,7 @@ async def create_embeddings(request: Request, state: ServerState, api: ApiConfig
                           f"tokens, of which an input to embed may take "
                           f"{engine.max_model_len - 1}; an input holds {longest}. Please "
                           f"shorten it.", param="input", code="context_length_exceeded")
-    params = SamplingParams(max_tokens=1, temperature=0.0, pooling=api.pooling)
+    params = SamplingParams(max_tokens=1, temperature=0.0, pooling=chosen)
     jobs = make_jobs(request_id, prompt_ids, 1, params)
     formatter = EmbeddingFormatter(request_id, engine.model_name, len(prompt_ids),
                                    req.encoding_format, req.dimensions)

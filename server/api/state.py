@@ -30,6 +30,8 @@ class EngineClient(Protocol):
     """The length of an embedding (/v1/embeddings)."""
     generates: bool
     """Whether the model has a language-model head (`ModelConfig.generates`)."""
+    pooling: str | None
+    """The pooling the model's files name for embeddings (`ModelConfig.pooling`)."""
     metrics: Metrics
 
     def generate(self, request_id: str, prompt_token_ids: list[int],

@@ -56,6 +56,7 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self.hidden_size = self.engine.model.config.hidden_size
         self.generates = self.engine.model.config.generates
+        self.pooling = self.engine.model.config.pooling
         self.metrics = self.engine.metrics
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from server.engine.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.outputs import TokenLogprob
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import POOLING, SamplingParams
 
 
 @dataclass
@@ -70,9 +70,17 @@ class LLM:
                 self.absorb(results[out.request_id], out)
         return [results[i] for i in order]
 
-    def embed(self, prompts: list[str | list[int]], pooling: str = "last") -> list[list[float]]:
+    def embed(self, prompts: list[str | list[int]], pooling: str | None = None
+              ) -> list[list[float]]:
         """Each prompt's embedding, of unit length: its final hidden states pooled
-        (`SamplingParams.pooling`), all prompts batched together; in prompt order."""
+        (`SamplingParams.pooling`; None: the one the model's files name, else "last"), all
+        prompts batched together; in prompt order."""
+        if pooling is None:
+            named = self.engine.model.config.pooling
+            if named is not None and named not in POOLING:
+                raise ValueError(f"the model's files name {named} pooling, which is not "
+                                 f"computed here: pass pooling, one of {', '.join(POOLING)}")
+            pooling = named or "last"
         params = SamplingParams(max_tokens=1, temperature=0.0, pooling=pooling)
         return [c.embedding for c in self.generate(prompts, params)]  # type: ignore[misc]
 

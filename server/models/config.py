@@ -34,6 +34,10 @@ class ModelConfig:
     of the head_dim / 2 frequencies divided by its factor."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    pooling: str | None = None
+    """The pooling the model's files name for its embeddings (sentence-transformers'
+    `1_Pooling/config.json`, a GGUF's `{arch}.pooling_type`): last, mean, or one this server
+    does not compute (cls, max, ...); None: none named."""
     generates: bool = True
     """Whether the checkpoint has a language-model head. A base model's (`Qwen3Model`,
     `MistralModel`: how embedding models built on decoders are saved) has none: it serves

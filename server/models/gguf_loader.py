@@ -67,6 +67,10 @@ def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     return f"model.layers.{m.group(1)}.{module}.{m.group(3)}"
 
 
+_POOLING_TYPES = {1: "mean", 2: "cls", 3: "last", 4: "rank"}
+"""llama.cpp's `llama_pooling_type` values (0 is none), by name (`ModelConfig.pooling`)."""
+
+
 def gguf_config(reader: GGUFFile) -> ModelConfig:
     """ModelConfig from GGUF metadata (`{arch}.block_count`, ...)."""
     gguf_arch = str(reader.get("general.architecture"))
@@ -123,6 +127,7 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
         sliding_window=int(window) if window else None,
         window_layers=windowed,
+        pooling=_POOLING_TYPES.get(int(meta("pooling_type", 0))),
     )
 
 

@@ -130,6 +130,32 @@ def _hf_weights(directory: Path, skip: frozenset[str]) -> Iterator[tuple[str, to
                     yield name, f.get_tensor(stored)
 
 
+_ST_POOLING = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean",
+               "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+               "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+               "pooling_mode_weightedmean_tokens": "weightedmean"}
+"""sentence-transformers' Pooling flags, by `ModelConfig.pooling` name."""
+
+
+def sentence_transformers_pooling(directory: Path) -> str | None:
+    """The pooling a sentence-transformers model directory names: its `modules.json`'s
+    Pooling module's config (`1_Pooling/config.json` where there is no `modules.json`);
+    None where there is none."""
+    folder = "1_Pooling"
+    modules = directory / "modules.json"
+    if modules.is_file():
+        found = [m.get("path", "") for m in json.loads(modules.read_text())
+                 if str(m.get("type", "")).endswith("models.Pooling")]
+        if not found:
+            return None
+        folder = found[0]
+    config = directory / folder / "config.json"
+    if not config.is_file():
+        return None
+    flags = json.loads(config.read_text())
+    return next((name for flag, name in _ST_POOLING.items() if flags.get(flag)), None)
+
+
 def open_checkpoint(model: str | None) -> Checkpoint:
     """Read config and tokenizer now; weights stream when iterated."""
     path = resolve_model_path(model)
@@ -150,6 +176,9 @@ def open_checkpoint(model: str | None) -> Checkpoint:
         config = dataclasses.replace(config, tie_word_embeddings=True, generates=False)
     if not config.generates:
         log.info("%s has no language-model head: it serves embeddings only", path)
+    pooling = sentence_transformers_pooling(path)
+    if pooling is not None:
+        config = dataclasses.replace(config, pooling=pooling)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return Checkpoint(path, config, lambda skip: _hf_weights(path, skip), tokenizer)
 
