@@ -34,6 +34,9 @@ class FakeTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids if i < EOS)
 
+    def get_vocab(self) -> dict[str, int]:
+        return {chr(i): i for i in range(EOS)}
+
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool,
                             add_generation_prompt: bool) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
@@ -59,6 +62,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.params: dict[str, SamplingParams] = {}
+        self.prompts: dict[str, list[int]] = {}
         self.alive = True
 
     def script(self, prompt: list[int], params: SamplingParams) -> str:
@@ -73,6 +77,7 @@ class FakeEngine:
         self.active.add(request_id)
         self.peak_active = max(self.peak_active, len(self.active))
         self.params[request_id] = params
+        self.prompts[request_id] = list(prompt_token_ids)
         text, sent, n = "", 0, 0
         try:
             for ch in self.script(prompt_token_ids, params)[: params.max_tokens]:

@@ -116,8 +116,8 @@ def test_seed_at_the_top_of_its_range_serves_every_choice(server) -> None:
 
 def test_unsupported_field_is_named_in_message(server) -> None:
     client, _ = server
-    err = _error(client.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400)
-    assert "'suffix'" in err["message"]
+    err = _error(client.post("/v1/completions", json={"prompt": "x", "functions": []}), 400)
+    assert "'functions'" in err["message"]
 
 
 def test_malformed_json_is_400(server) -> None:

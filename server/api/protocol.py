@@ -361,6 +361,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
+    """Text after the completion: the model fills in the middle (`server.api.infill`)."""
 
     @field_validator("prompt")
     @classmethod
@@ -368,6 +370,13 @@ class CompletionRequest(SamplingRequest):
         if isinstance(value, list) and (not value or any(isinstance(v, list) and not v for v in value)):
             raise ValueError("prompt must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _suffix_without_echo(self) -> CompletionRequest:
+        if self.suffix is not None and self.echo:
+            raise conflict("suffix", "echo and suffix do not combine (the echoed prompt would "
+                                     "not show where the completion goes)")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each a string or a list of token ids."""

@@ -3,6 +3,7 @@ echo of the prompt; formatted as `text_completion` bodies or stream chunks."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from server.api.generation import (
     check_context_length,
     make_jobs,
 )
+from server.api.infill import infill_tokens
 from server.api.logprobs import TokenTexts, completion_logprobs
 from server.api.protocol import CompletionRequest
 from server.api.serving import Generation
@@ -133,7 +135,19 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
     prompts = req.prompts()
     if api.log_prompts:
         logger.debug("request %s prompt: %r", request_id, prompts)
-    prompt_ids = tokenize_prompts(engine.tokenizer, prompts)
+    infill = None
+    if req.suffix is not None:  # (fill in the middle: the text between prompt and suffix)
+        infill = infill_tokens(engine.tokenizer)
+        if infill is None:
+            raise bad_request("This model's tokenizer has no fill-in-the-middle tokens (such as "
+                              "<|fim_prefix|>, <fim_prefix> or <PRE>): a suffix cannot be "
+                              "filled in.", param="suffix", code="suffix_not_supported")
+        for p in prompts:
+            if isinstance(p, list):
+                check_token_ids(p, engine.tokenizer, "prompt")
+        prompt_ids = [infill.prompt(engine.tokenizer, p, req.suffix) for p in prompts]
+    else:
+        prompt_ids = tokenize_prompts(engine.tokenizer, prompts)
     longest = max(len(p) for p in prompt_ids)
     # max_tokens 0 with echo scores the prompt (OpenAI's legacy completions, older
     # evaluation harnesses): one token is generated, and left out of the reply
@@ -145,6 +159,9 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
                                                          engine.max_model_len)
     params = sampling_params(req, max_tokens, req.logprobs, engine.tokenizer,
                              prompt_logprobs=req.logprobs if req.echo else None)
+    if infill is not None:
+        params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids,
+                                                             *infill.ends])
     check_context_length(longest, max_tokens, engine.max_model_len)
     jobs = make_jobs(request_id, prompt_ids, req.n, params)
     echo_texts = None
