@@ -25,13 +25,14 @@ from server.engine.sampler import (
     token_logprobs,
 )
 from server.engine.step_rows import (
+    Pooled,
     PromptRows,
     device_sampling,
     greedy_tokens,
     on_device,
     plain_greedy,
     plain_sampled,
-    pool_rows,
+    pool_step,
     prompt_rows,
     sample_on_device,
 )
@@ -44,25 +45,6 @@ log = logging.getLogger("leapfrog.engine")
 PROMPT_LOGPROB_ROWS = 256
 """Prompt positions whose logits are computed at a time (a row of float32 logits is
 vocab * 4 bytes: 0.5 MB for a 128k vocabulary)."""
-
-
-@dataclass
-class Pooled:
-    """A step's pooled prompt positions (`step_rows.pool_rows`), summed at launch (a
-    replay's `hidden` may be overwritten before `finish`) and copied to the host."""
-
-    owners: list[tuple[str, int]]
-    """(request id, `PoolRows.upto`) for each row of `sums`."""
-    sums: torch.Tensor
-    """[len(owners), hidden] float32 on the host (on CUDA: pinned, copied behind the step)."""
-    copied: torch.cuda.Event | None
-    """On CUDA: recorded after the copy, which `finish` waits for."""
-
-    def by_request(self) -> dict[str, tuple[torch.Tensor, int]]:
-        """`RunnerOutput.pooled`, once the copy is done."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        return {rid: (self.sums[i], upto) for i, (rid, upto) in enumerate(self.owners)}
 
 
 @dataclass
@@ -194,7 +176,7 @@ class ModelRunner:
             ends, hidden, all_logits, tokens = replay.ends, replay.hidden, replay.logits, replay.tokens
             query_len = replay.key[1]
             prompt = []  # (a graphed step computes only each request's newest token and drafts)
-        pooled = self._pool(out.scheduled, ends, hidden)
+        pooled = pool_step(out.scheduled, ends, hidden)
         rows: list[int] = []
         owners: list[tuple[ScheduledRequest, int]] = []
         for s, end in zip(out.scheduled, ends, strict=True):
@@ -230,24 +212,6 @@ class ModelRunner:
             raise ValueError("a step launched ahead must compute its tokens on the device")
         return Launched(hidden, query_len, rows, owners, False, all_logits, by_row,
                         prompt=prompt, pooled=pooled)
-
-    @staticmethod
-    def _pool(scheduled: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor
-              ) -> Pooled | None:
-        """Sum the rows of `hidden` that requests pool in this step (`pool_rows`) and queue
-        the sums' copy to the host; None if no request pools here."""
-        found = pool_rows(scheduled, ends)
-        if not found:
-            return None
-        sums = torch.stack([hidden[on_device(p.rows, torch.long, hidden.device)].float().sum(0)
-                            for p in found])
-        event = None
-        if sums.is_cuda:
-            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
-            sums = host.copy_(sums, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        return Pooled([(p.request_id, p.upto) for p in found], sums, event)
 
     def _copy_tokens(self, tokens: torch.Tensor, next_ids: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.cuda.Event] | None:

@@ -135,3 +135,41 @@ def pool_rows(scheduled: list[ScheduledRequest], ends: list[int]) -> list[PoolRo
             row = end - s.num_new_tokens - first
             found.append(PoolRows(r.request_id, list(range(row + lo, row + hi)), hi))
     return found
+
+
+@dataclass
+class Pooled:
+    """A step's pooled prompt positions (`pool_rows`), summed at launch (a
+    replay's `hidden` may be overwritten before `finish`) and copied to the host."""
+
+    owners: list[tuple[str, int]]
+    """(request id, `PoolRows.upto`) for each row of `sums`."""
+    sums: torch.Tensor
+    """[len(owners), hidden] float32 on the host (on CUDA: pinned, copied behind the step)."""
+    copied: torch.cuda.Event | None
+    """On CUDA: recorded after the copy, which `finish` waits for."""
+
+    def by_request(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """`RunnerOutput.pooled`, once the copy is done."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return {rid: (self.sums[i], upto) for i, (rid, upto) in enumerate(self.owners)}
+
+
+def pool_step(scheduled: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor
+              ) -> Pooled | None:
+    """Sum the rows of `hidden` that requests pool in this step (`pool_rows`) and queue
+    the sums' copy to the host; None if no request pools here."""
+    found = pool_rows(scheduled, ends)
+    if not found:
+        return None
+    sums = torch.stack([hidden[on_device(p.rows, torch.long, hidden.device)].float().sum(0)
+                        for p in found])
+    event = None
+    if sums.is_cuda:
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        sums = host.copy_(sums, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    return Pooled([(p.request_id, p.upto) for p in found], sums, event)
+
