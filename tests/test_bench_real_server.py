@@ -94,7 +94,8 @@ def test_short_run_on_default_model_matches_server_usage(real_server: str, tmp_p
 @pytest.mark.slow
 def test_embeddings_run_on_default_model(real_server: str, tmp_path: Path, capsys) -> None:
     """`--endpoint embeddings`: each prompt's text embedded; latency as TTFT and E2E, input
-    tokens from the usage (the server's own prompt-token counter over the run), none out."""
+    tokens from the usage (the server's own prompt-token counter over the run), none out
+    (none counted by the server either)."""
     out = tmp_path / "res.json"
     rc = main(["--base-url", real_server, "--endpoint", "embeddings", "--num-prompts", "6",
                "--max-concurrency", "3", "--no-progress", "--metrics-interval", "0.2",
@@ -109,3 +110,4 @@ def test_embeddings_run_on_default_model(real_server: str, tmp_path: Path, capsy
         assert req["prompt_tokens"] > 0 and req["output_tokens"] == 0
         assert req["ttft_s"] == req["e2el_s"] > 0
     assert run["server"]["prompt_tokens"] == run["total_input_tokens"]
+    assert run["server"]["generation_tokens"] == 0  # (as the usage: no token is returned)

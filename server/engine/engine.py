@@ -356,7 +356,8 @@ class LLMEngine:
         generated = drafts = drafted = accepted = 0
         at: list[int] = []  # requests that accepted at least i + 1 drafts, by position i
         for r, tokens in emitted:
-            generated += len(tokens)
+            if r.params.pooling is None:  # (an embedding's one token is not returned)
+                generated += len(tokens)
             result = sampled[r.request_id]
             if result.num_draft_tokens:
                 n = len(result.token_ids) - 1
