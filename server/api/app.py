@@ -34,6 +34,7 @@ from server.api.serving_responses import (
     get_response,
     list_input_items,
 )
+from server.api.serving_scores import create_rerank, create_score
 from server.api.serving_tokens import detokenize, tokenize, tokenizer_info
 from server.api.state import ServerState
 from server.engine.config import EngineConfig
@@ -103,6 +104,15 @@ def _api_routes(state: ServerState, api: ApiConfig) -> APIRouter:
     @router.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         return await create_embeddings(request, state, api)
+
+    @router.post("/v1/score")
+    async def score(request: Request) -> Response:
+        return await create_score(request, state, api)
+
+    @router.post("/v1/rerank")
+    @router.post("/v2/rerank")
+    async def rerank(request: Request) -> Response:
+        return await create_rerank(request, state, api)
 
     @router.post("/v1/responses")
     async def responses(request: Request) -> Response:

@@ -20,7 +20,7 @@ from server.api.errors import bad_request
 from server.api.generation import JOB_WINDOW, ChoiceResult, make_jobs
 from server.api.protocol import prompt_list
 from server.api.protocol_base import StrictModel
-from server.api.serving import Generation
+from server.api.serving import Generation, Responder
 from server.api.state import EngineClient, ServerState
 from server.engine.sampling_params import POOLING, SamplingParams
 
@@ -70,28 +70,36 @@ class EmbeddingFormatter:
         return vector.tolist()
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
-        data = []
-        for i, r in enumerate(results):
-            if r.embedding is None:  # (the engine ended it before its prompt's step)
-                raise RuntimeError(f"request {self.request_id}: input {i} got no embedding "
-                                   f"(finish reason {r.finish_reason})")
-            data.append({"object": "embedding", "index": i, "embedding": self._vector(r.embedding)})
+        data = [{"object": "embedding", "index": i, "embedding": self._vector(vector)}
+                for i, vector in enumerate(embeddings(results, self.request_id))]
         prompt = usage["prompt_tokens"]
         return {"object": "list", "data": data, "model": self.model,
                 "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
 
 
-def tokenize_inputs(tokenizer: Any, inputs: list[str | list[int]]) -> list[list[int]]:
-    """Token ids per input; id inputs are checked against the vocabulary."""
+def embeddings(results: list[ChoiceResult], request_id: str) -> list[list[float]]:
+    """Each job's embedding (an internal error where the engine ended one before its
+    prompt's step, which it does not)."""
+    for i, r in enumerate(results):
+        if r.embedding is None:
+            raise RuntimeError(f"request {request_id}: input {i} got no embedding (finish "
+                               f"reason {r.finish_reason})")
+    return [r.embedding for r in results]  # type: ignore[misc]
+
+
+def tokenize_inputs(tokenizer: Any, inputs: list[str | list[int]], param: str = "input"
+                    ) -> list[list[int]]:
+    """Token ids per input; id inputs are checked against the vocabulary (400s name
+    `param`)."""
     found = []
     for item in inputs:
         if isinstance(item, list):
-            check_token_ids(item, tokenizer, "input")
+            check_token_ids(item, tokenizer, param)
             found.append(item)
             continue
         ids = tokenizer.encode(item)
         if not ids:
-            raise bad_request("An input must hold at least one token.", param="input")
+            raise bad_request("An input must hold at least one token.", param=param)
         found.append(ids)
     return found
 
@@ -115,22 +123,33 @@ async def create_embeddings(request: Request, state: ServerState, api: ApiConfig
         raise bad_request(f"dimensions must be in [1, {engine.hidden_size}] (this model's "
                           f"embeddings), got {req.dimensions}", param="dimensions",
                           code="invalid_value")
-    chosen = pooling(api, engine)
     request_id = new_request_id("embd")
     inputs = prompt_list(req.input)
+    formatter = EmbeddingFormatter(request_id, engine.model_name, len(inputs),
+                                   req.encoding_format, req.dimensions)
+    return await respond_with_embeddings(request, state, engine, api, inputs, formatter,
+                                         req.user)
+
+
+async def respond_with_embeddings(request: Request, state: ServerState, engine: EngineClient,
+                                  api: ApiConfig, inputs: list[str | list[int]],
+                                  formatter: Responder, user: str | None,
+                                  param: str = "input") -> Response:
+    """Embed `inputs` (one engine job each: its prompt pooled, one token generated and left
+    out) and answer with `formatter`'s body of the results; 400s naming `param` for an
+    input without tokens or longer than the context allows."""
+    chosen = pooling(api, engine)
     if api.log_prompts:
-        logger.debug("request %s input: %r", request_id, inputs)
-    prompt_ids = tokenize_inputs(engine.tokenizer, inputs)
+        logger.debug("request %s input: %r", formatter.request_id, inputs)
+    prompt_ids = tokenize_inputs(engine.tokenizer, inputs, param)
     longest = max(len(p) for p in prompt_ids)
     if longest >= engine.max_model_len:  # (each input's request generates one token)
         raise bad_request(f"This model's maximum context length is {engine.max_model_len} "
                           f"tokens, of which an input to embed may take "
                           f"{engine.max_model_len - 1}; an input holds {longest}. Please "
-                          f"shorten it.", param="input", code="context_length_exceeded")
+                          f"shorten it.", param=param, code="context_length_exceeded")
     params = SamplingParams(max_tokens=1, temperature=0.0, pooling=chosen)
-    jobs = make_jobs(request_id, prompt_ids, 1, params)
-    formatter = EmbeddingFormatter(request_id, engine.model_name, len(prompt_ids),
-                                   req.encoding_format, req.dimensions)
+    jobs = make_jobs(formatter.request_id, prompt_ids, 1, params)
     generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter,
-                            req.user, JOB_WINDOW)
+                            user, JOB_WINDOW)
     return await generation.respond(request, stream=False, include_usage=False)

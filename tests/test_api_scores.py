@@ -1,0 +1,80 @@
+"""POST /v1/score and /v1/rerank (/v2/rerank) on a tiny random model through the real
+engine: cosine similarities of /v1/embeddings' vectors, each distinct text embedded once."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
+from tests.api_server import app_in_thread
+
+TEXTS = ["w3 w4 w5", "w3 w4 w6", "w9 w10 w11 w12", "w20 w21"]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    config = EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64,
+                          block_size=4, max_model_len=64)
+    with app_in_thread(lambda: AsyncEngine(config)) as (url, _):
+        data = httpx.post(url + "/v1/embeddings", json={"input": TEXTS}).json()["data"]
+        yield url, [d["embedding"] for d in data]
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def test_scores_one_to_one_one_to_many_and_pairwise(served) -> None:
+    url, vectors = served
+    cases = [(TEXTS[0], TEXTS[1], [(0, 1)]),
+             (TEXTS[0], TEXTS[1:], [(0, 1), (0, 2), (0, 3)]),
+             ([TEXTS[0]], TEXTS[1:3], [(0, 1), (0, 2)]),
+             (TEXTS[:2], TEXTS[2:], [(0, 2), (1, 3)])]
+    for first, second, pairs in cases:
+        reply = httpx.post(url + "/v1/score", json={"text_1": first, "text_2": second})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["object"] == "list" and body["id"].startswith("score-")
+        assert [d["index"] for d in body["data"]] == list(range(len(pairs)))
+        assert all(d["object"] == "score" for d in body["data"])
+        assert [d["score"] for d in body["data"]] == pytest.approx(
+            [_cosine(vectors[a], vectors[b]) for a, b in pairs], abs=1e-5)
+    # each distinct text once: 3 + 3 tokens, though "w3 w4 w5" is in two pairs
+    usage = httpx.post(url + "/v1/score", json={"text_1": TEXTS[0], "text_2": [
+        TEXTS[1], TEXTS[0]]}).json()["usage"]
+    assert usage == {"prompt_tokens": 6, "total_tokens": 6}
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+def test_rerank_orders_documents_by_their_score(served, path) -> None:
+    url, vectors = served
+    reply = httpx.post(url + path, json={"query": TEXTS[0], "documents": TEXTS[1:]})
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    scores = {i: _cosine(vectors[0], vectors[i + 1]) for i in range(3)}
+    assert [r["index"] for r in results] == sorted(scores, key=lambda i: -scores[i])
+    for r in results:
+        assert r["relevance_score"] == pytest.approx(scores[r["index"]], abs=1e-5)
+        assert r["document"] == {"text": TEXTS[r["index"] + 1]}
+    top = httpx.post(url + path, json={"query": TEXTS[0], "documents": TEXTS[1:], "top_n": 1,
+                                       "return_documents": False}).json()["results"]
+    assert top == [{"index": results[0]["index"],
+                    "relevance_score": results[0]["relevance_score"]}]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/score", {"text_1": TEXTS[:2], "text_2": TEXTS[:3]}, "text_2"),
+    ("/v1/score", {"text_1": "", "text_2": "w3"}, "text_1"),
+    ("/v1/score", {"text_1": "w3", "text_2": []}, "text_2"),
+    ("/v1/rerank", {"query": "", "documents": ["w3"]}, "query"),
+    ("/v1/rerank", {"query": "w3", "documents": []}, "documents"),
+    ("/v1/rerank", {"query": "w3", "documents": ["w4"], "top_n": -1}, "top_n"),
+    ("/v1/rerank", {"query": "w3", "documents": ["w4 " * 70]}, "documents"),
+])
+def test_bad_requests_are_400s_naming_the_field(served, path, body, param) -> None:
+    url, _ = served
+    reply = httpx.post(url + path, json=body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
