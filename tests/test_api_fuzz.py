@@ -1,5 +1,5 @@
 """Random request bodies against the real server: mixes of valid and odd fields on the three
-generating endpoints, streamed or not, and on /v1/embeddings. Each answer is a 200 of the endpoint's shape or a 400
+generating endpoints, streamed or not, and on /v1/embeddings, /v1/score and /v1/rerank. Each answer is a 200 of the endpoint's shape or a 400
 with an OpenAI error body, never a 5xx or a broken stream, and afterwards the server holds no
 request and no KV block. The bodies come from a seeded generator: a failing seed replays."""
 
@@ -104,6 +104,15 @@ def _body(r: random.Random, endpoint: str) -> dict:
             if r.random() < 0.3:
                 body[key] = _value(r, make)
         return body
+    if endpoint == "/v1/score":
+        texts = lambda r: r.choice([r.choice(TEXTS), [r.choice(TEXTS)] * r.randint(0, 3)])  # noqa: E731
+        return {"text_1": _value(r, texts), "text_2": _value(r, texts)}
+    if endpoint == "/v1/rerank":
+        body = {"query": _value(r, lambda r: r.choice(TEXTS)),
+                "documents": _value(r, lambda r: [r.choice(TEXTS)] * r.randint(0, 3))}
+        if r.random() < 0.3:
+            body["top_n"] = _value(r, lambda r: r.choice([0, 1, 5, -1]))
+        return body
     if endpoint == "/v1/chat/completions":
         body = {"messages": _messages(r)}
     else:
@@ -125,7 +134,10 @@ def _check_reply(endpoint: str, reply: dict) -> None:
     if endpoint == "/v1/responses":
         assert reply["object"] == "response" and reply["status"] in ("completed", "incomplete")
         return
-    if endpoint == "/v1/embeddings":
+    if endpoint == "/v1/rerank":
+        assert reply["results"] and reply["usage"]["total_tokens"] > 0
+        return
+    if endpoint in ("/v1/embeddings", "/v1/score"):
         assert reply["object"] == "list" and reply["data"]
         assert reply["usage"]["prompt_tokens"] == reply["usage"]["total_tokens"] > 0
         return
@@ -148,37 +160,46 @@ def _check_stream(endpoint: str, text: str) -> None:
     assert all("error" not in json.loads(e) for e in events[:-1])
 
 
+GENERATING = ["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+EMBEDDING = ["/v1/embeddings", "/v1/score", "/v1/rerank"]
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_random_requests_get_a_reply_or_a_400(seed: int) -> None:
+    """60 requests to the generating endpoints, then 45 to the embedding ones (each group
+    from its own generator)."""
     server = shared_server()
-    r = random.Random(seed)
     seen: Counter = Counter()
     with httpx.Client(base_url=server.url, timeout=120) as client:
-        for _ in range(60):
-            endpoint = r.choice(["/v1/chat/completions", "/v1/completions", "/v1/responses",
-                                 "/v1/embeddings"])
-            body = _body(r, endpoint)
-            where = f"seed {seed}: {endpoint} {json.dumps(body)[:400]}"
-            if body.get("stream") is True:
-                with client.stream("POST", endpoint, json=body) as resp:
-                    text = resp.read().decode()
-                    if resp.status_code == 200:
-                        _check_stream(endpoint, text)
-            else:
-                resp = client.post(endpoint, json=body)
-                text = resp.text
-                if resp.status_code == 200:
-                    _check_reply(endpoint, resp.json())
-            if resp.status_code != 200:
-                try:
-                    _check_error(resp.status_code, text)
-                except AssertionError as e:
-                    raise AssertionError(f"{where} -> {text[:400]}") from e
-            seen[endpoint, resp.status_code] += 1
+        for endpoints, count, r in ((GENERATING, 60, random.Random(seed)),
+                                    (EMBEDDING, 45, random.Random(seed + 1000))):
+            for _ in range(count):
+                endpoint = r.choice(endpoints)
+                seen[endpoint, _send(client, endpoint, _body(r, endpoint), seed)] += 1
         health = client.get("/health").json()
     # the mix reaches the engine on every endpoint, not only the validators
-    assert all(seen[e, 200] > 0 for e in ("/v1/chat/completions", "/v1/completions",
-                                            "/v1/responses", "/v1/embeddings")), seen
+    assert all(seen[e, 200] > 0 for e in GENERATING + EMBEDDING), seen
     assert health["in_flight"] == 0
     if not isinstance(server, ExternalServer):
         assert health["num_free_blocks"] == health["num_total_blocks"]
+
+
+def _send(client: httpx.Client, endpoint: str, body: dict, seed: int) -> int:
+    """Post `body`; check the reply (a 200 of the endpoint's shape, or a 400); its status."""
+    where = f"seed {seed}: {endpoint} {json.dumps(body)[:400]}"
+    if body.get("stream") is True:
+        with client.stream("POST", endpoint, json=body) as resp:
+            text = resp.read().decode()
+            if resp.status_code == 200:
+                _check_stream(endpoint, text)
+    else:
+        resp = client.post(endpoint, json=body)
+        text = resp.text
+        if resp.status_code == 200:
+            _check_reply(endpoint, resp.json())
+    if resp.status_code != 200:
+        try:
+            _check_error(resp.status_code, text)
+        except AssertionError as e:
+            raise AssertionError(f"{where} -> {text[:400]}") from e
+    return resp.status_code
