@@ -62,7 +62,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.params: dict[str, SamplingParams] = {}
-        self.prompts: dict[str, list[int]] = {}
+        self.prompt_ids: dict[str, list[int]] = {}
         self.alive = True
 
     def script(self, prompt: list[int], params: SamplingParams) -> str:
@@ -77,7 +77,7 @@ class FakeEngine:
         self.active.add(request_id)
         self.peak_active = max(self.peak_active, len(self.active))
         self.params[request_id] = params
-        self.prompts[request_id] = list(prompt_token_ids)
+        self.prompt_ids[request_id] = list(prompt_token_ids)
         text, sent, n = "", 0, 0
         try:
             for ch in self.script(prompt_token_ids, params)[: params.max_tokens]:

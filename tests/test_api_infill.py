@@ -69,12 +69,12 @@ def test_the_engine_gets_the_infill_prompt_and_its_stop_tokens(served) -> None:
     for prompt, head in (("ab", [97, 98]), ([120, 121], [120, 121])):
         reply = _complete(url, prompt=prompt, suffix="c", stop_token_ids=[5])
         assert reply.status_code == 200, reply.text
-        rid = list(engine.prompts)[-1]
-        assert engine.prompts[rid] == [300, *head, 301, 99, 302]
+        rid = list(engine.prompt_ids)[-1]
+        assert engine.prompt_ids[rid] == [300, *head, 301, 99, 302]
         assert engine.params[rid].stop_token_ids == [5, 303, 304, 305]
         assert reply.json()["usage"]["prompt_tokens"] == len(head) + 4
     _complete(url, prompt="ab")
-    assert engine.prompts[list(engine.prompts)[-1]] == [97, 98]  # (no suffix: as it was)
+    assert engine.prompt_ids[list(engine.prompt_ids)[-1]] == [97, 98]  # (no suffix: as it was)
 
 
 @pytest.mark.parametrize(("body", "param"), [
