@@ -182,3 +182,23 @@ def test_disconnect_aborts_engine_requests(served, stream) -> None:
         assert len(engine.aborted) == before + 2
     finally:
         engine.step_s = 0.005
+
+
+def test_openai_bookkeeping_fields_are_served_and_change_nothing(served) -> None:
+    """OpenAI's service, caching, monitoring and storage fields (which SDKs and agent
+    frameworks send) are accepted on chat, completions and responses; the reply is the one
+    without them."""
+    url, _, _ = served
+    extra = {"service_tier": "auto", "prompt_cache_key": "k1", "safety_identifier": "u1"}
+    stored = {"store": False, "metadata": {"run": "7"}}
+    for path, body, text in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+             lambda j: j["choices"][0]["message"]["content"]),
+            ("/v1/completions", {"prompt": "hi"}, lambda j: j["choices"][0]["text"]),
+            ("/v1/responses", {"input": "hi"}, lambda j: j["output"][0]["content"][0]["text"])]:
+        limit = {"max_output_tokens": 4} if path == "/v1/responses" else {"max_tokens": 4}
+        plain = httpx.post(url + path, json=body | limit)
+        fields = extra | (stored if path != "/v1/responses" else {"metadata": {"run": "7"}})
+        given = httpx.post(url + path, json=body | limit | fields)
+        assert plain.status_code == given.status_code == 200, given.text
+        assert text(given.json()) == text(plain.json())

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from server.api.protocol_base import StrictModel, conflict
+from server.api.protocol_base import OpenAIBookkeeping, StrictModel, conflict
 from server.api.protocol_tools import NamedToolChoice, Tool, ToolCall
 
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
@@ -63,7 +63,7 @@ class StructuredOutputs(StrictModel):
         return {"grammar": self.grammar}
 
 
-class SamplingRequest(StrictModel):
+class SamplingRequest(OpenAIBookkeeping):
     """Fields shared by chat and completions requests."""
 
     model: str | None = None
@@ -88,6 +88,10 @@ class SamplingRequest(StrictModel):
     include_stop_str_in_output: bool = False
     """(vLLM's extension) The text ends after the stop string that matched, not before."""
     user: str | None = None
+    store: bool | None = None
+    """OpenAI's stored completions: accepted; nothing is stored here."""
+    metadata: dict[str, str] | None = None
+    """Tags of a stored completion (`store`): accepted, not kept."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     structured_outputs: StructuredOutputs | None = None

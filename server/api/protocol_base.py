@@ -15,3 +15,17 @@ def conflict(param: str, message: str) -> PydanticCustomError:
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class OpenAIBookkeeping(StrictModel):
+    """OpenAI request fields about service, caching and abuse monitoring that change nothing
+    on this server: accepted, so that clients which send them (SDKs, agent frameworks) are
+    served rather than refused."""
+
+    service_tier: str | None = None
+    """OpenAI's processing tier: every request is served alike here."""
+    prompt_cache_key: str | None = None
+    """OpenAI's prompt-cache routing hint: the prefix cache here finds shared beginnings
+    by their tokens."""
+    safety_identifier: str | None = None
+    """OpenAI's end-user id for abuse monitoring."""

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from server.api.protocol import ChatCompletionRequest
-from server.api.protocol_base import StrictModel, conflict
+from server.api.protocol_base import OpenAIBookkeeping, StrictModel, conflict
 
 LOGPROBS = "message.output_text.logprobs"
 """The one `include` value served: the output text's token logprobs."""
@@ -122,7 +122,7 @@ class ResponseNamedToolChoice(StrictModel):
     name: str
 
 
-class ResponsesRequest(StrictModel):
+class ResponsesRequest(OpenAIBookkeeping):
     """POST /v1/responses (OpenAI's Responses API) for text and function calls: `input` is
     a string (one user message) or a list of messages, earlier function calls and their
     outputs; `instructions` a system message before them. It becomes a chat request
