@@ -1,6 +1,7 @@
 """OpenAI request models (pydantic). Unknown fields are rejected (extra="forbid"), so a field
-we do not support (suffix, functions, ...) gets a 400 that names it instead of being
-silently ignored. Range checks on sampling values are SamplingParams' job."""
+we do not support (functions, best_of, ...) gets a 400 that names it instead of being
+silently ignored. Range checks on sampling values are SamplingParams' job. Chat messages:
+`protocol_messages`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from server.api.protocol_base import OpenAIBookkeeping, StrictModel, conflict
-from server.api.protocol_tools import NamedToolChoice, Tool, ToolCall
+from server.api.protocol_messages import ChatMessage, Prediction
+from server.api.protocol_tools import NamedToolChoice, Tool
 
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
@@ -162,84 +164,11 @@ class SamplingRequest(OpenAIBookkeeping):
         return options is not None and options.include_usage and options.continuous_usage_stats
 
 
-class ChatMessage(StrictModel):
-    """One chat message; content is a string or a list of text parts. An assistant message
-    may carry the tool calls it made and its reasoning (a reply's `reasoning`, sent back),
-    and a "tool" message answers one of them."""
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-    reasoning: str | None = None
-    """(assistant) Given to the template as `reasoning` and `reasoning_content` (the name
-    Qwen3's template reads), as vLLM does."""
-
-    @model_validator(mode="after")
-    def _tool_fields(self) -> ChatMessage:
-        if self.tool_calls is not None and self.role != "assistant":
-            raise conflict("tool_calls", "only assistant messages carry tool_calls")
-        if self.reasoning is not None and self.role != "assistant":
-            raise conflict("reasoning", "only assistant messages carry reasoning")
-        if (self.role == "tool") != (self.tool_call_id is not None):
-            raise conflict("tool_call_id", "a tool message needs the tool_call_id it answers, "
-                            "and only tool messages take one")
-        return self
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts_only(cls, value: str | list[dict[str, Any]] | None) -> str | None:
-        if not isinstance(value, list):
-            return value
-        if not value:  # (as OpenAI: an array of at least one part)
-            raise ValueError("content as a list of parts takes at least one part")
-        texts = []
-        for part in value:
-            kind = part.get("type")
-            if kind != "text":
-                raise ValueError(f"content part type {kind!r} is not supported; only 'text'")
-            extra = sorted(set(part) - {"type", "text"})
-            if extra or not isinstance(part.get("text"), str):
-                raise ValueError(f"a text content part takes a string 'text' only, got keys {sorted(part)}")
-            texts.append(part["text"])
-        return "".join(texts)
-
-    def as_template_dict(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
-        if self.name is not None:
-            message["name"] = self.name
-        if self.tool_calls:
-            message["tool_calls"] = [c.as_template_dict() for c in self.tool_calls]
-        if self.reasoning is not None:
-            message["reasoning"] = message["reasoning_content"] = self.reasoning
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        return message
-
-
 # apply_chat_template's own arguments, which chat_template_kwargs may not set
 _TEMPLATE_ARGUMENTS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "padding", "truncation", "max_length",
     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
-
-
-class TextPart(StrictModel):
-    type: Literal["text"]
-    text: str
-
-
-class Prediction(StrictModel):
-    """OpenAI's predicted output: text the reply is expected to hold (a file to be sent back
-    with small edits), as a string or text parts."""
-
-    type: Literal["content"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(
-            part.text for part in self.content)
 
 
 class ChatTemplateOptions(StrictModel):

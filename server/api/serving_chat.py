@@ -26,7 +26,8 @@ from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import ChoiceResult, check_context_length, make_jobs
 from server.api.logprobs import TokenTexts, chat_logprobs
-from server.api.protocol import ChatCompletionRequest, ChatMessage
+from server.api.protocol import ChatCompletionRequest
+from server.api.protocol_messages import ChatMessage
 from server.api.protocol_tools import Tool
 from server.api.reasoning import REASONING_PARSERS, ReasoningParser, with_reasoning_tokens
 from server.api.serving import Generation
