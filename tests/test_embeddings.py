@@ -205,3 +205,37 @@ def test_the_pooling_a_gguf_names(tiny_model_dir, tmp_path) -> None:
         path = save_tiny_gguf(hf, tmp_path / f"pool{kind}.gguf", pooling_type=kind)
         llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
         assert llm.engine.model.config.pooling == name
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft-model", None])
+def test_embeddings_beside_speculation_and_a_hybrid_cache(tiny_model_dir, tmp_path,
+                                                          speculative) -> None:
+    """With n-gram drafting or a draft model drafting, the embeddings and the greedy tokens
+    batched beside them are those of the plain engine; with a sink + window cache on two of
+    the three layers (None), which frees a prompt's early blocks as its chunks of 16 go,
+    those of the same cache computing each prompt in one step."""
+    from tests.tiny_models import save_tiny_model
+
+    path = str(tiny_model_dir("llama"))
+    common = dict(dtype="float32", num_kv_blocks=256, block_size=4)
+    if speculative is None:
+        hybrid = dict(sliding_window=8, num_sink_tokens=4, full_attention_layers=(2,))
+        plain = LLM(path, **common, **hybrid, max_num_batched_tokens=512)
+        other = LLM(path, **common, **hybrid, max_num_batched_tokens=16)
+    else:
+        config = dict(speculative=speculative, num_speculative_tokens=3)
+        if speculative == "draft-model":
+            config["speculative_model"] = str(save_tiny_model(
+                "llama", tmp_path, seed=1, num_hidden_layers=1))
+        plain = LLM(path, **common, max_num_batched_tokens=16)
+        other = LLM(path, **common, **config, max_num_batched_tokens=16)
+    prompts = mixed_prompts(8)
+    params = [GREEDY if i % 2 else SamplingParams(max_tokens=1, temperature=0.0,
+                                                  pooling="mean") for i in range(8)]
+    expected, got = plain.generate(prompts, params), other.generate(prompts, params)
+    assert max(map(len, prompts)) > 16 + 8  # (chunks, and blocks left behind the window)
+    for g, e in zip(got, expected, strict=True):
+        assert g.token_ids == e.token_ids
+        if e.embedding is not None:
+            torch.testing.assert_close(torch.tensor(g.embedding), torch.tensor(e.embedding),
+                                       atol=ATOL, rtol=0)
