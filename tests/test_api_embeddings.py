@@ -167,3 +167,20 @@ def test_the_pooling_is_the_flag_else_the_model_s_else_last(named, flag, used) -
     else:
         assert reply.status_code == 200, reply.text
         assert [p.pooling for p in engine.params.values()] == [used]
+
+
+def test_truncate_prompt_tokens_embeds_an_input_s_last_tokens(served) -> None:
+    """vLLM's `truncate_prompt_tokens`: the last k tokens (-1: the context less one), so an
+    input longer than the context is embedded, not refused; 0 or unset: as given."""
+    url, _ = served
+    long = list(range(3, 103))  # (100 tokens; the context is 64)
+    assert _embed(url, input=long).status_code == 400
+    cut = _embed(url, input=long, truncate_prompt_tokens=-1).json()
+    assert cut["usage"]["prompt_tokens"] == 63
+    assert cut["data"][0]["embedding"] == pytest.approx(
+        _embed(url, input=long[-63:]).json()["data"][0]["embedding"], abs=ATOL)
+    five = _embed(url, input=[long, [7, 8]], truncate_prompt_tokens=5).json()
+    assert five["usage"]["prompt_tokens"] == 5 + 2
+    assert five["data"][0]["embedding"] == pytest.approx(
+        _embed(url, input=long[-5:]).json()["data"][0]["embedding"], abs=ATOL)
+    assert _embed(url, input=long, truncate_prompt_tokens=-2).status_code == 400

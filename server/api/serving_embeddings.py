@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from server.api.admission import admit, check_token_ids, new_request_id
 from server.api.config import ApiConfig
@@ -39,6 +39,9 @@ class EmbeddingRequest(StrictModel):
     dimensions: int | None = None
     """Keep the first this many components, then scale to unit length again (for models
     trained for it, Matryoshka-style, as OpenAI's text-embedding-3)."""
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    """(vLLM's extension) Embed only each input's last this many tokens; -1: as many as the
+    context takes (`max_model_len - 1`); unset: a longer input is a 400."""
     user: str | None = None
 
     @field_validator("input")
@@ -128,20 +131,24 @@ async def create_embeddings(request: Request, state: ServerState, api: ApiConfig
     formatter = EmbeddingFormatter(request_id, engine.model_name, len(inputs),
                                    req.encoding_format, req.dimensions)
     return await respond_with_embeddings(request, state, engine, api, inputs, formatter,
-                                         req.user)
+                                         req.user, keep=req.truncate_prompt_tokens)
 
 
 async def respond_with_embeddings(request: Request, state: ServerState, engine: EngineClient,
                                   api: ApiConfig, inputs: list[str | list[int]],
                                   formatter: Responder, user: str | None,
-                                  param: str = "input") -> Response:
+                                  param: str = "input", keep: int | None = None) -> Response:
     """Embed `inputs` (one engine job each: its prompt pooled, one token generated and left
     out) and answer with `formatter`'s body of the results; 400s naming `param` for an
-    input without tokens or longer than the context allows."""
+    input without tokens or longer than the context allows. `keep`: each input's last this
+    many tokens only (-1: as many as the context allows; `truncate_prompt_tokens`)."""
     chosen = pooling(api, engine)
     if api.log_prompts:
         logger.debug("request %s input: %r", formatter.request_id, inputs)
     prompt_ids = tokenize_inputs(engine.tokenizer, inputs, param)
+    if keep:
+        most = engine.max_model_len - 1
+        prompt_ids = [ids[-(most if keep == -1 else min(keep, most)):] for ids in prompt_ids]
     longest = max(len(p) for p in prompt_ids)
     if longest >= engine.max_model_len:  # (each input's request generates one token)
         raise bad_request(f"This model's maximum context length is {engine.max_model_len} "
