@@ -184,3 +184,25 @@ def test_truncate_prompt_tokens_embeds_an_input_s_last_tokens(served) -> None:
     assert five["data"][0]["embedding"] == pytest.approx(
         _embed(url, input=long[-5:]).json()["data"][0]["embedding"], abs=ATOL)
     assert _embed(url, input=long, truncate_prompt_tokens=-2).status_code == 400
+
+
+def test_messages_are_embedded_as_the_chat_template_renders_them(tiny_model_dir) -> None:
+    """vLLM's chat embeddings: one conversation, rendered by the chat template (no assistant
+    prompt unless asked), embedded as that text is; `input` and `messages` exclusive."""
+    template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                "{% if add_generation_prompt %}w2{% endif %}")
+    config = EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64,
+                          block_size=4, max_model_len=64, chat_template=template)
+    messages = [{"role": "system", "content": "w3 w4"}, {"role": "user", "content": "w5"}]
+    with app_in_thread(lambda: AsyncEngine(config)) as (url, _):
+        chat = _embed(url, messages=messages)
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["usage"]["prompt_tokens"] == 3
+        text = _embed(url, input="w3 w4 w5")
+        assert chat.json()["data"][0]["embedding"] == pytest.approx(
+            text.json()["data"][0]["embedding"], abs=ATOL)
+        prompted = _embed(url, messages=messages, add_generation_prompt=True).json()
+        assert prompted["usage"]["prompt_tokens"] == 4
+        both = _embed(url, input="w3", messages=messages)
+        assert both.status_code == 400 and both.json()["error"]["param"] == "input"
+        assert _embed(url).status_code == 400

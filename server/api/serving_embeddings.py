@@ -12,15 +12,17 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from server.api.admission import admit, check_token_ids, new_request_id
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import JOB_WINDOW, ChoiceResult, make_jobs
-from server.api.protocol import prompt_list
-from server.api.protocol_base import StrictModel
+from server.api.protocol import ChatTemplateOptions, prompt_list
+from server.api.protocol_base import conflict
+from server.api.protocol_messages import ChatMessage
 from server.api.serving import Generation, Responder
+from server.api.serving_chat import render_chat
 from server.api.state import EngineClient, ServerState
 from server.engine.sampling_params import POOLING, SamplingParams
 
@@ -30,11 +32,15 @@ MAX_INPUTS = 2048
 """Inputs one request may embed (OpenAI's limit)."""
 
 
-class EmbeddingRequest(StrictModel):
-    """POST /v1/embeddings. `input` is a string, strings, token ids, or lists of token ids."""
+class EmbeddingRequest(ChatTemplateOptions):
+    """POST /v1/embeddings. `input` is a string, strings, token ids, or lists of token ids;
+    or (vLLM's extension) `messages`, one conversation rendered by the chat template (with
+    `ChatTemplateOptions`; no assistant prompt after it unless `add_generation_prompt`)."""
 
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = False
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     """Keep the first this many components, then scale to unit length again (for models
@@ -44,9 +50,17 @@ class EmbeddingRequest(StrictModel):
     context takes (`max_model_len - 1`); unset: a longer input is a 400."""
     user: str | None = None
 
+    @model_validator(mode="after")
+    def _one_input(self) -> EmbeddingRequest:
+        if (self.input is None) == (self.messages is None):
+            raise conflict("input", "send exactly one of input or messages")
+        return self
+
     @field_validator("input")
     @classmethod
     def _non_empty(cls, value: Any) -> Any:
+        if value is None:
+            return value
         items = [value] if isinstance(value, str) else value
         if not items or any(isinstance(v, str | list) and not v for v in items):
             raise ValueError("input must not be empty, nor hold an empty string or list")
@@ -127,7 +141,11 @@ async def create_embeddings(request: Request, state: ServerState, api: ApiConfig
                           f"embeddings), got {req.dimensions}", param="dimensions",
                           code="invalid_value")
     request_id = new_request_id("embd")
-    inputs = prompt_list(req.input)
+    if req.messages is not None:
+        inputs: list[str | list[int]] = [render_chat(engine.tokenizer, req.messages, None,
+                                                     req.template_options())[1]]
+    else:
+        inputs = prompt_list(req.input)  # type: ignore[arg-type]
     formatter = EmbeddingFormatter(request_id, engine.model_name, len(inputs),
                                    req.encoding_format, req.dimensions)
     return await respond_with_embeddings(request, state, engine, api, inputs, formatter,
