@@ -259,3 +259,31 @@ def test_chat_template_replaces_the_models(tiny_model_dir, tmp_path) -> None:
     for value in (str(tmp_path / "none.jinja"), str(tmp_path), "x" * 300):
         with pytest.raises(ValueError, match="neither a readable file"):
             LLM(path, dtype="float32", num_kv_blocks=16, chat_template=value)
+
+
+def test_logprob_token_ids_give_those_tokens_logprobs(tiny_llm: LLM) -> None:
+    """`logprob_token_ids`: each output position's logprobs of those tokens (a judge's
+    yes/no), after the top alternatives; the model's, as the full top list gives them."""
+    prompt = mixed_prompts(3)[2]
+    full = tiny_llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0,
+                                                      ignore_eos=True, logprobs=20))[0]
+    asked = tiny_llm.generate([prompt], SamplingParams(
+        max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1,
+        logprob_token_ids=(full.logprobs[0].top[5][0], 100, full.logprobs[0].top[0][0])))[0]
+    assert asked.token_ids == full.token_ids
+    for a, f in zip(asked.logprobs, full.logprobs, strict=True):
+        everything = dict(f.top)
+        assert a.top[0] == f.top[0]  # (the top one, then the asked ones not among the top)
+        assert [t for t, _ in a.top[1:]] == [t for t in
+                                             (full.logprobs[0].top[5][0], 100,
+                                              full.logprobs[0].top[0][0]) if t != a.top[0][0]]
+        for t, lp in a.top[1:]:
+            if t in everything:
+                assert lp == pytest.approx(everything[t], abs=1e-5)
+            else:
+                assert lp <= min(everything.values()) + 1e-6
+    with pytest.raises(ValueError, match="logprob_token_ids"):
+        SamplingParams(logprob_token_ids=(3,))
+    with pytest.raises(ValueError, match="token ids"):
+        tiny_llm.engine.add_request("lt", prompt, SamplingParams(logprobs=0,
+                                                                 logprob_token_ids=(128,)))

@@ -184,8 +184,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(t < 0 or t >= vocab for t in [*params.logit_bias, *params.stop_token_ids]):
-            raise ValueError(f"logit_bias and stop_token_ids take token ids in [0, {vocab})")
+        if any(t < 0 or t >= vocab for t in [*params.logit_bias, *params.stop_token_ids,
+                                               *params.logprob_token_ids]):
+            raise ValueError(f"logit_bias, stop_token_ids and logprob_token_ids take token ids "
+                             f"in [0, {vocab})")
         generator = torch.Generator()
         seed = params.seed if params.seed is not None else int(
             torch.randint(0, 2**62, (1,), generator=self._seed_rng)

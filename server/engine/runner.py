@@ -315,7 +315,8 @@ class ModelRunner:
                                     r.generator)
         logprobs = None
         if p.logprobs is not None:
-            logprobs = token_logprobs(logits[: len(tokens)], tokens, p.logprobs)
+            logprobs = token_logprobs(logits[: len(tokens)], tokens, p.logprobs,
+                                      p.logprob_token_ids)
         return SampledTokens(tokens, len(drafts), logprobs)
 
     def _shallow_forward(self, request_ids: list[str], newest: list[int]

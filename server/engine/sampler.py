@@ -124,8 +124,11 @@ def _filter_rows(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     return torch.where(probs >= floor[:, None], probs, 0.0)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> list[TokenLogprob]:
-    """Logprobs of the chosen tokens under the model's raw distribution. logits: [len(tokens), V]."""
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int,
+                   also: Sequence[int] = ()) -> list[TokenLogprob]:
+    """Logprobs of the chosen tokens under the model's raw distribution, with the `top_n`
+    most likely at each position, then those of `also` not among them (in its order).
+    logits: [len(tokens), V]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     index = torch.tensor(list(tokens), device=logp.device).unsqueeze(1)
     chosen = logp.gather(1, index).squeeze(1).tolist()
@@ -133,4 +136,9 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> l
     if top_n > 0:
         values, ids = logp.topk(top_n, dim=-1)
         tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    if also:
+        asked = logp[:, list(also)].tolist()
+        for top, row in zip(tops, asked, strict=True):
+            listed = {t for t, _ in top}
+            top += [(t, v) for t, v in zip(also, row, strict=True) if t not in listed]
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops, strict=True)]

@@ -60,6 +60,9 @@ class SamplingParams:
     """Keep generating past the EOS token."""
     logprobs: int | None = None
     """Return the chosen token's logprob and this many top alternatives (0..20)."""
+    logprob_token_ids: tuple[int, ...] = ()
+    """With `logprobs`: these tokens' logprobs too at each output token, after the top
+    alternatives where they are not among them (a yes/no judge's two answers)."""
     prompt_logprobs: int | None = None
     """Return each prompt token's logprob (the first's is None: nothing predicts it) and
     this many top alternatives (0..20): OpenAI completions' `echo` with `logprobs`. Such a
@@ -121,6 +124,9 @@ class SamplingParams:
             raise SamplingParamsError("seed", f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise SamplingParamsError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.logprob_token_ids and (self.logprobs is None or min(self.logprob_token_ids) < 0):
+            raise SamplingParamsError(
+                "logprob_token_ids", "logprob_token_ids are token ids >= 0, with logprobs")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             raise SamplingParamsError(
                 "prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
