@@ -78,3 +78,43 @@ def test_bad_requests_are_400s_naming_the_field(served, path, body, param) -> No
     reply = httpx.post(url + path, json=body)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+def test_a_judge_model_scores_by_its_yes_and_no_logits(tiny_model_dir) -> None:
+    """`--score-tokens no,yes`: a pair's score is sigmoid(logit yes - logit no) of the token
+    after its first text then its second, as transformers computes the logits; a rerank
+    orders by it; a token that is not one of the vocabulary's is a 500 naming the flag."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from server.api.config import ApiConfig
+
+    path = tiny_model_dir("llama")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4,
+                          max_model_len=64)
+
+    def expected(first: list[int], second: list[int]) -> float:
+        with torch.no_grad():
+            logits = hf(torch.tensor([first + second])).logits[0, -1]
+        return 1 / (1 + math.exp(float(logits[5] - logits[6])))
+
+    with app_in_thread(lambda: AsyncEngine(config), ApiConfig(score_tokens=("w5", "w6"))) as (
+            url, _):
+        scored = httpx.post(url + "/v1/score", json={"text_1": "w3 w4", "text_2": [
+            "w7", "w8 w9", "w3"]}).json()
+        want = [expected([3, 4], s) for s in ([7], [8, 9], [3])]
+        assert [d["score"] for d in scored["data"]] == pytest.approx(want, abs=1e-5)
+        assert scored["usage"]["prompt_tokens"] == 3 + 4 + 3
+        ranked = httpx.post(url + "/v1/rerank", json={"query": "w3 w4", "documents": [
+            "w7", "w8 w9", "w3"]}).json()["results"]
+        assert [r["index"] for r in ranked] == sorted(range(3), key=lambda i: -want[i])
+        assert [r["relevance_score"] for r in ranked] == pytest.approx(sorted(want)[::-1],
+                                                                       abs=1e-5)
+    with app_in_thread(lambda: AsyncEngine(config),
+                       ApiConfig(score_tokens=("w5", "w5 w6"))) as (url, _):
+        reply = httpx.post(url + "/v1/score", json={"text_1": "w3", "text_2": "w4"})
+        assert reply.status_code == 500
+        assert reply.json()["error"]["code"] == "invalid_score_tokens"

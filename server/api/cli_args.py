@@ -99,6 +99,19 @@ def _reasoning_parser(raw: str) -> str | None:
 _reasoning_parser.__name__ = "reasoning parser"  # (argparse's "invalid reasoning parser value")
 
 
+def _token_pair(raw: str) -> tuple[str, str] | None:
+    """`no,yes` -> ("no", "yes"); '' -> None."""
+    if not raw:
+        return None
+    parts = raw.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"expected two tokens, NO,YES, got {raw!r}")
+    return parts[0], parts[1]
+
+
+_token_pair.__name__ = "token pair"  # (argparse's "invalid token pair value")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every `serve` flag (engine and HTTP server) to `parser`."""
     e, a = EngineConfig(), ApiConfig()
@@ -211,6 +224,11 @@ def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
          "model's files name (sentence-transformers' pooling config, a GGUF's pooling_type), "
          "else last",
          choices=list(POOLING))
+    _add(srv, "--score-tokens", _token_pair, a.score_tokens,
+         "NO,YES: /v1/score and /v1/rerank score a pair with the model as a judge, the next "
+         "token's P(YES) / (P(NO) + P(YES)) after the pair's first text then its second (LM "
+         "rerankers such as Qwen3-Reranker: no,yes, the texts in the model's prompt format); "
+         "unset: the cosine of the texts' embeddings")
     _add(srv, "--log-level", str, a.log_level, "Log level",
          choices=["debug", "info", "warning", "error"])
     _add_switch(srv, "--log-prompts", "Log prompt text at DEBUG level (off: prompts are user data)")
@@ -247,6 +265,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
         max_n=args.max_n, max_stored_responses=args.max_stored_responses,
         log_prompts=args.log_prompts, log_level=args.log_level,
         allowed_origins=args.allowed_origins, reasoning_parser=args.reasoning_parser,
-        pooling=args.pooling,
+        pooling=args.pooling, score_tokens=args.score_tokens,
     )
     return engine, api

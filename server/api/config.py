@@ -41,3 +41,8 @@ class ApiConfig:
     """How /v1/embeddings pools an input's final hidden states (`SamplingParams.pooling`):
     "last" (its last token's, as embedding models built on decoders mostly are trained) or
     "mean"; None: the pooling the model's files name (`ModelConfig.pooling`), else last."""
+    score_tokens: tuple[str, str] | None = None
+    """(no, yes): /v1/score and /v1/rerank score a pair with the model as a judge, its
+    next token's P(yes) / (P(no) + P(yes)) after the pair's first text then its second
+    (LM rerankers such as Qwen3-Reranker, whose prompt format the client writes into the
+    texts); None: by the cosine of the texts' embeddings."""

@@ -5,6 +5,9 @@ against the query (Jina's and Cohere's shape)."""
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -13,10 +16,15 @@ from pydantic import Field, field_validator, model_validator
 
 from server.api.admission import admit, new_request_id
 from server.api.config import ApiConfig
-from server.api.generation import ChoiceResult
+from server.api.errors import ApiError, bad_request
+from server.api.generation import JOB_WINDOW, ChoiceResult, make_jobs
 from server.api.protocol_base import StrictModel, conflict
+from server.api.serving import Generation, Responder
 from server.api.serving_embeddings import MAX_INPUTS, embeddings, respond_with_embeddings
-from server.api.state import ServerState
+from server.api.state import EngineClient, ServerState
+from server.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("leapfrog.api")
 
 
 def _texts(value: str | list[str], field: str) -> list[str]:
@@ -51,13 +59,11 @@ class ScoreRequest(StrictModel):
                                      f"text_2's {len(seconds)}")
         return self
 
-    def pairs(self) -> tuple[list[str], list[tuple[int, int]]]:
-        """The distinct texts to embed, in order, and each pair's indexes into them."""
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (text_1, text_2) pairs, in order."""
         firsts, seconds = _texts(self.text_1, "text_1"), _texts(self.text_2, "text_2")
-        texts = list(dict.fromkeys([*firsts, *seconds]))
-        where = {text: i for i, text in enumerate(texts)}
-        firsts = firsts * len(seconds) if len(firsts) == 1 else firsts
-        return texts, [(where[a], where[b]) for a, b in zip(firsts, seconds, strict=True)]
+        return list(zip(firsts * len(seconds) if len(firsts) == 1 else firsts, seconds,
+                        strict=True))
 
 
 class RerankRequest(StrictModel):
@@ -79,11 +85,8 @@ class RerankRequest(StrictModel):
         return value
 
 
-def _cosines(results: list[ChoiceResult], request_id: str,
-             pairs: list[tuple[int, int]]) -> list[float]:
-    """The pairs' dot products (the embeddings are of unit length)."""
-    vectors = embeddings(results, request_id)
-    return [sum(x * y for x, y in zip(vectors[a], vectors[b], strict=True)) for a, b in pairs]
+Scores = Callable[[list[ChoiceResult]], list[float]]
+"""The pairs' scores from the engine jobs' results."""
 
 
 def _usage(usage: dict[str, Any]) -> dict[str, Any]:
@@ -94,29 +97,27 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
 class ScoreFormatter:
     """The `list` of `score` objects, in pair order."""
 
-    def __init__(self, request_id: str, model: str, num_texts: int,
-                 pairs: list[tuple[int, int]]) -> None:
-        self.request_id, self.model, self.num_choices = request_id, model, num_texts
-        self.pairs = pairs
+    def __init__(self, request_id: str, model: str, num_jobs: int, scores: Scores) -> None:
+        self.request_id, self.model, self.num_choices = request_id, model, num_jobs
+        self.scores = scores
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
-        scores = _cosines(results, self.request_id, self.pairs)
         return {"id": self.request_id, "object": "list", "model": self.model,
                 "data": [{"index": i, "object": "score", "score": score}
-                         for i, score in enumerate(scores)],
+                         for i, score in enumerate(self.scores(results))],
                 "usage": _usage(usage)}
 
 
 class RerankFormatter:
     """The results, best first."""
 
-    def __init__(self, request_id: str, model: str, req: RerankRequest,
-                 texts: list[str], pairs: list[tuple[int, int]]) -> None:
-        self.request_id, self.model, self.num_choices = request_id, model, len(texts)
-        self.req, self.pairs = req, pairs
+    def __init__(self, request_id: str, model: str, num_jobs: int, scores: Scores,
+                 req: RerankRequest) -> None:
+        self.request_id, self.model, self.num_choices = request_id, model, num_jobs
+        self.scores, self.req = scores, req
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
-        scores = _cosines(results, self.request_id, self.pairs)
+        scores = self.scores(results)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         if self.req.top_n:
             order = order[:self.req.top_n]
@@ -130,19 +131,95 @@ class RerankFormatter:
                 "usage": _usage(usage)}
 
 
+def _cosines(pairs: list[tuple[str, str]], texts: list[str], request_id: str) -> Scores:
+    """The pairs' cosine similarities from the embeddings of `texts` (jobs in that order):
+    dot products, the embeddings being of unit length."""
+    where = {text: i for i, text in enumerate(texts)}
+
+    def scores(results: list[ChoiceResult]) -> list[float]:
+        vectors = embeddings(results, request_id)
+        return [sum(x * y for x, y in zip(vectors[where[a]], vectors[where[b]], strict=True))
+                for a, b in pairs]
+
+    return scores
+
+
+def _judged(no: int, yes: int) -> Scores:
+    """Each job's next token's P(yes) / (P(no) + P(yes)): sigmoid(logit yes - logit no)."""
+
+    def scores(results: list[ChoiceResult]) -> list[float]:
+        found = []
+        for r in results:
+            top = dict(r.logprobs[0].top)
+            found.append(1.0 / (1.0 + math.exp(top[no] - top[yes])))
+        return found
+
+    return scores
+
+
+def judge_tokens(tokenizer: Any, names: tuple[str, str]) -> tuple[int, int]:
+    """`--score-tokens`' (no, yes) as token ids: each must be one token of the vocabulary."""
+    vocab = tokenizer.get_vocab()
+    ids = []
+    for name in names:
+        encoded = [vocab[name]] if name in vocab else tokenizer.encode(
+            name, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ApiError(500, f"--score-tokens: {name!r} is not one token of this model's "
+                           f"vocabulary (it is {len(encoded)}).", code="invalid_score_tokens")
+        ids.append(encoded[0])
+    return ids[0], ids[1]
+
+
+async def _respond(request: Request, state: ServerState, engine: EngineClient, api: ApiConfig,
+                   pairs: list[tuple[str, str]], request_id: str,
+                   formatter: Callable[[int, Scores], Responder], user: str | None,
+                   param: str) -> Response:
+    """Score `pairs` and answer with the body `formatter(jobs, scores)` builds: by the
+    cosine of the texts' embeddings (each distinct text embedded once), or with
+    `--score-tokens` by the model as a judge: the prompt is a pair's first text then its
+    second, the score its next token's P(yes) / (P(no) + P(yes))."""
+    if api.score_tokens is None:
+        texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+        return await respond_with_embeddings(
+            request, state, engine, api, list(texts),
+            formatter(len(texts), _cosines(pairs, texts, request_id)), user, param=param)
+    tok = engine.tokenizer
+    no, yes = judge_tokens(tok, api.score_tokens)
+    prompts = [tok.encode(a) + tok.encode(b, add_special_tokens=False) for a, b in pairs]
+    if api.log_prompts:
+        logger.debug("request %s pairs: %r", request_id, pairs)
+    longest = max(len(p) for p in prompts)
+    if longest >= engine.max_model_len:  # (each pair's request generates one token)
+        raise bad_request(f"This model's maximum context length is {engine.max_model_len} "
+                          f"tokens, of which a pair to score may take "
+                          f"{engine.max_model_len - 1}; a pair holds {longest}. Please "
+                          f"shorten it.", param=param, code="context_length_exceeded")
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0,
+                            logprob_token_ids=(no, yes))
+    jobs = make_jobs(request_id, prompts, 1, params)
+    generation = Generation(state, engine, jobs, [len(p) for p in prompts],
+                            formatter(len(prompts), _judged(no, yes)), user, JOB_WINDOW)
+    return await generation.respond(request, stream=False, include_usage=False)
+
+
 async def create_score(request: Request, state: ServerState, api: ApiConfig) -> Response:
     engine, req = await admit(request, state, api, ScoreRequest)
-    texts, pairs = req.pairs()
-    formatter = ScoreFormatter(new_request_id("score"), engine.model_name, len(texts), pairs)
-    return await respond_with_embeddings(request, state, engine, api, list(texts), formatter,
-                                         req.user, param="text_2")
+    request_id = new_request_id("score")
+
+    def formatter(num_jobs: int, scores: Scores) -> Responder:
+        return ScoreFormatter(request_id, engine.model_name, num_jobs, scores)
+
+    return await _respond(request, state, engine, api, req.pairs(), request_id, formatter,
+                          req.user, "text_2")
 
 
 async def create_rerank(request: Request, state: ServerState, api: ApiConfig) -> Response:
     engine, req = await admit(request, state, api, RerankRequest)
-    texts = list(dict.fromkeys([req.query, *req.documents]))
-    where = {text: i for i, text in enumerate(texts)}
-    pairs = [(0, where[document]) for document in req.documents]
-    formatter = RerankFormatter(new_request_id("rerank"), engine.model_name, req, texts, pairs)
-    return await respond_with_embeddings(request, state, engine, api, list(texts), formatter,
-                                         req.user, param="documents")
+    request_id = new_request_id("rerank")
+
+    def formatter(num_jobs: int, scores: Scores) -> Responder:
+        return RerankFormatter(request_id, engine.model_name, num_jobs, scores, req)
+
+    return await _respond(request, state, engine, api, [(req.query, d) for d in req.documents],
+                          request_id, formatter, req.user, "documents")
