@@ -19,7 +19,6 @@ _STRUCTURED = ("json_schema", "regex", "choice", "grammar")
 
 POOLING = ("last", "mean")
 """How a prompt's final hidden states become its embedding (`SamplingParams.pooling`)."""
-"""SamplingParams' fields that constrain the output's form (`structured`)."""
 
 GREEDY_BELOW = 1e-5
 """Temperatures below this are greedy, as in vLLM: logits / 1e-40 overflow float32, and
