@@ -118,3 +118,25 @@ def test_a_judge_model_scores_by_its_yes_and_no_logits(tiny_model_dir) -> None:
         reply = httpx.post(url + "/v1/score", json={"text_1": "w3", "text_2": "w4"})
         assert reply.status_code == 500
         assert reply.json()["error"]["code"] == "invalid_score_tokens"
+
+
+def test_a_model_without_a_head_cannot_judge(tmp_path) -> None:
+    """`--score-tokens` needs the language-model head: a base model's checkpoint is a 400
+    naming `model`; without the flag it scores by embeddings."""
+    from transformers import AutoModel
+
+    from server.api.config import ApiConfig
+    from tests.tiny_models import tiny_config, tiny_tokenizer
+
+    AutoModel.from_config(tiny_config("mistral")).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    config = EngineConfig(model=str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=4,
+                          max_model_len=64)
+    body = {"text_1": "w3", "text_2": "w4"}
+    with app_in_thread(lambda: AsyncEngine(config), ApiConfig(score_tokens=("w5", "w6"))) as (
+            url, _):
+        reply = httpx.post(url + "/v1/score", json=body)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["code"] == "model_not_generative"
+    with app_in_thread(lambda: AsyncEngine(config)) as (url, _):
+        assert httpx.post(url + "/v1/score", json=body).status_code == 200

@@ -184,6 +184,10 @@ async def _respond(request: Request, state: ServerState, engine: EngineClient, a
         return await respond_with_embeddings(
             request, state, engine, api, list(texts),
             formatter(len(texts), _cosines(pairs, texts, request_id)), user, param=param)
+    if not engine.generates:
+        raise bad_request(f"The model '{engine.model_name}' has no language-model head to "
+                          f"judge with (--score-tokens): start the server without it to "
+                          f"score by embeddings.", param="model", code="model_not_generative")
     tok = engine.tokenizer
     no, yes = judge_tokens(tok, api.score_tokens)
     prompts = [tok.encode(a) + tok.encode(b, add_special_tokens=False) for a, b in pairs]
