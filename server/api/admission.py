@@ -72,6 +72,21 @@ def check_token_ids(ids: list[int], tokenizer: Any, param: str) -> None:
                           code="invalid_value")
 
 
+def tokenize_prompts(tokenizer: Any, prompts: list[str | list[int]], param: str = "prompt"
+                     ) -> list[list[int]]:
+    """Token ids per prompt (text, or ids checked against the vocabulary); 400s name
+    `param`."""
+    result = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, list):
+            check_token_ids(ids, tokenizer, param)
+        if not ids:
+            raise bad_request(f"The {param} must contain at least one token.", param=param)
+        result.append(ids)
+    return result
+
+
 def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
                     tokenizer: Any, json_schema: str | None = None,
                     prompt_logprobs: int | None = None) -> SamplingParams:

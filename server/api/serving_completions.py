@@ -18,6 +18,7 @@ from server.api.admission import (
     new_request_id,
     resolve_max_tokens,
     sampling_params,
+    tokenize_prompts,
 )
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
@@ -35,19 +36,6 @@ from server.api.state import ServerState
 from server.engine.outputs import RequestOutput, TokenLogprob
 
 logger = logging.getLogger("leapfrog.api")
-
-
-def tokenize_prompts(tokenizer: Any, prompts: list[str | list[int]]) -> list[list[int]]:
-    """Token ids per prompt; id prompts are checked against the vocabulary."""
-    result = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        if isinstance(prompt, list):
-            check_token_ids(ids, tokenizer, "prompt")
-        if not ids:
-            raise bad_request("The prompt must contain at least one token.", param="prompt")
-        result.append(ids)
-    return result
 
 
 class CompletionFormatter:

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import Field, field_validator, model_validator
 
-from server.api.admission import admit, check_token_ids, new_request_id
+from server.api.admission import admit, new_request_id, tokenize_prompts
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import JOB_WINDOW, ChoiceResult, make_jobs
@@ -104,23 +104,6 @@ def embeddings(results: list[ChoiceResult], request_id: str) -> list[list[float]
     return [r.embedding for r in results]  # type: ignore[misc]
 
 
-def tokenize_inputs(tokenizer: Any, inputs: list[str | list[int]], param: str = "input"
-                    ) -> list[list[int]]:
-    """Token ids per input; id inputs are checked against the vocabulary (400s name
-    `param`)."""
-    found = []
-    for item in inputs:
-        if isinstance(item, list):
-            check_token_ids(item, tokenizer, param)
-            found.append(item)
-            continue
-        ids = tokenizer.encode(item)
-        if not ids:
-            raise bad_request("An input must hold at least one token.", param=param)
-        found.append(ids)
-    return found
-
-
 def pooling(api: ApiConfig, engine: EngineClient) -> str:
     """`--pooling`, else the model's own where this server computes it, else last; a 400
     where the model's files name one it does not compute (cls, max, ...)."""
@@ -163,18 +146,31 @@ async def respond_with_embeddings(request: Request, state: ServerState, engine: 
     chosen = pooling(api, engine)
     if api.log_prompts:
         logger.debug("request %s input: %r", formatter.request_id, inputs)
-    prompt_ids = tokenize_inputs(engine.tokenizer, inputs, param)
+    prompt_ids = tokenize_prompts(engine.tokenizer, inputs, param)
     if keep:
         most = engine.max_model_len - 1
         prompt_ids = [ids[-(most if keep == -1 else min(keep, most)):] for ids in prompt_ids]
-    longest = max(len(p) for p in prompt_ids)
-    if longest >= engine.max_model_len:  # (each input's request generates one token)
-        raise bad_request(f"This model's maximum context length is {engine.max_model_len} "
-                          f"tokens, of which an input to embed may take "
-                          f"{engine.max_model_len - 1}; an input holds {longest}. Please "
-                          f"shorten it.", param=param, code="context_length_exceeded")
     params = SamplingParams(max_tokens=1, temperature=0.0, pooling=chosen)
-    jobs = make_jobs(formatter.request_id, prompt_ids, 1, params)
-    generation = Generation(state, engine, jobs, [len(p) for p in prompt_ids], formatter,
-                            user, JOB_WINDOW)
+    return await respond_one_token(request, state, engine, prompt_ids, params, formatter, user,
+                                   param, ("an input to embed", "an input"))
+
+
+async def respond_one_token(request: Request, state: ServerState, engine: EngineClient,
+                            prompts: list[list[int]], params: SamplingParams,
+                            formatter: Responder, user: str | None, param: str,
+                            what: tuple[str, str]) -> Response:
+    """Run each prompt as an engine request of one token (`params`: the prompt's embedding,
+    or a judge's logprobs; the token is left out of the reply), at most `JOB_WINDOW` at a
+    time, and answer with `formatter`'s body; a 400 naming `param` for a prompt the context
+    cannot take with that token. `what`: the prompt in that message, e.g. ("an input to
+    embed", "an input")."""
+    longest = max(len(p) for p in prompts)
+    if longest >= engine.max_model_len:
+        raise bad_request(f"This model's maximum context length is {engine.max_model_len} "
+                          f"tokens, of which {what[0]} may take {engine.max_model_len - 1}; "
+                          f"{what[1]} holds {longest}. Please shorten it.", param=param,
+                          code="context_length_exceeded")
+    jobs = make_jobs(formatter.request_id, prompts, 1, params)
+    generation = Generation(state, engine, jobs, [len(p) for p in prompts], formatter, user,
+                            JOB_WINDOW)
     return await generation.respond(request, stream=False, include_usage=False)

@@ -17,10 +17,15 @@ from pydantic import Field, field_validator, model_validator
 from server.api.admission import admit, new_request_id
 from server.api.config import ApiConfig
 from server.api.errors import ApiError, bad_request
-from server.api.generation import JOB_WINDOW, ChoiceResult, make_jobs
+from server.api.generation import ChoiceResult
 from server.api.protocol_base import StrictModel, conflict
-from server.api.serving import Generation, Responder
-from server.api.serving_embeddings import MAX_INPUTS, embeddings, respond_with_embeddings
+from server.api.serving import Responder
+from server.api.serving_embeddings import (
+    MAX_INPUTS,
+    embeddings,
+    respond_one_token,
+    respond_with_embeddings,
+)
 from server.api.state import EngineClient, ServerState
 from server.engine.sampling_params import SamplingParams
 
@@ -193,18 +198,11 @@ async def _respond(request: Request, state: ServerState, engine: EngineClient, a
     prompts = [tok.encode(a) + tok.encode(b, add_special_tokens=False) for a, b in pairs]
     if api.log_prompts:
         logger.debug("request %s pairs: %r", request_id, pairs)
-    longest = max(len(p) for p in prompts)
-    if longest >= engine.max_model_len:  # (each pair's request generates one token)
-        raise bad_request(f"This model's maximum context length is {engine.max_model_len} "
-                          f"tokens, of which a pair to score may take "
-                          f"{engine.max_model_len - 1}; a pair holds {longest}. Please "
-                          f"shorten it.", param=param, code="context_length_exceeded")
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0,
                             logprob_token_ids=(no, yes))
-    jobs = make_jobs(request_id, prompts, 1, params)
-    generation = Generation(state, engine, jobs, [len(p) for p in prompts],
-                            formatter(len(prompts), _judged(no, yes)), user, JOB_WINDOW)
-    return await generation.respond(request, stream=False, include_usage=False)
+    return await respond_one_token(request, state, engine, prompts, params,
+                                   formatter(len(prompts), _judged(no, yes)), user, param,
+                                   ("a pair to score", "a pair"))
 
 
 async def create_score(request: Request, state: ServerState, api: ApiConfig) -> Response:
