@@ -33,6 +33,9 @@
 #   verify   `bench spec --speculative head` with $HEAD (default: the `drafter` step's head),
 #            verification steps launched ahead on, then off (--no-verify-ahead), in bfloat16
 #            [$VERIFY_ARGS, e.g. "--batch-sizes 1"]
+#   serve    the HTTP server on the default model ($GGUF) load-tested by `leapfrog bench serve`
+#            at concurrencies 1, 16 and 64 [$SERVE_ARGS (server flags), $CONCURRENCIES,
+#            $BENCH_ARGS] (scripts/gpu_serve.sh)
 # The `gguf` package is not in the device image: a wheel under .whl/ (carried) is installed
 # (scripts/gpu_env.sh, which ad-hoc commands source too).
 set -uo pipefail
@@ -114,6 +117,12 @@ for s in $STEPS; do
         done
       else
         echo "=== verify: skipped (needs GGUF=... and a head: HEAD=... or the drafter step)"
+      fi ;;
+    serve)
+      if [ -n "$GGUF" ]; then
+        step serve "${SERVE_LIMIT:-420}" env OUT="$OUT" GGUF="$GGUF" bash scripts/gpu_serve.sh
+      else
+        echo "=== serve: skipped (no GGUF=...)"
       fi ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
     attention) step attention 300 python3 -m kernels.bench_attention --json "$OUT/attention.json" \
