@@ -59,10 +59,10 @@ def test_concurrent_streams_get_their_tokens_with_one_wake_up_a_step(engine) -> 
         return got, wake_ups
 
     got, wake_ups = asyncio.run(main())
+    assert 0 < wake_ups <= steps  # (not one a request a step: 4 requests, >= 8 steps each)
     assert [len(t) for t in got] == [8] * len(PROMPTS)
     alone = [asyncio.run(_collect(engine, f"a{i}", p, 8)) for i, p in enumerate(PROMPTS)]
     assert got == alone  # greedy: each stream got its own request's tokens
-    assert 0 < wake_ups <= steps  # (not one a request a step: 4 requests, >= 8 steps each)
 
 
 def test_a_failing_step_fails_in_flight_requests_and_serving_goes_on(engine) -> None:
