@@ -324,3 +324,90 @@ class AlwaysDraftPolicy(SpecPolicy):
 
     def draft_length(self, request_id: str, step_tokens: int, producing: int, limit: int) -> int:
         return min(limit, self.max_draft_tokens)
+
+
+def _decoding(s: Scheduler, max_tokens: list[int]) -> None:
+    """Requests r0, r1, ... of 4-token prompts, prefilled: each now decodes a token a step."""
+    for i, m in enumerate(max_tokens):
+        s.add_request(req(f"r{i}", 4, max_tokens=m))
+    s.update(out := s.schedule(), fake_run(out))
+    assert all(len(s.requests[f"r{i}"].output_token_ids) == 1 for i in range(len(max_tokens)))
+
+
+def _admitted(out: SchedulerOutput) -> list[str]:
+    return [x.request.request_id for x in out.scheduled if x.request.request_id.startswith("w")]
+
+
+def test_admit_batch_holds_a_backlog_until_enough_slots_are_free() -> None:
+    """With more requests waiting than the batch has room for, none is taken in (a step
+    that would run eagerly, not as a graph) until admit_batch slots are free."""
+    s = Scheduler(SchedulerConfig(4, 64, 256, admit_batch=3), BlockManager(64, 4))
+    _decoding(s, [3, 4, 5, 30])
+    for i in range(5):
+        s.add_request(req(f"w{i}", 4))
+    held = []
+    while len(s.running) > 1:
+        out = s.schedule()
+        held.append((4 - len(s.running), _admitted(out)))
+        s.update(out, fake_run(out))
+    # r0 ends after step 2, r1 after 3, r2 after 4: 1 and 2 slots free are held back
+    assert held == [(0, []), (0, []), (1, []), (2, [])]
+    out = s.schedule()
+    assert _admitted(out) == ["w0", "w1", "w2"]
+    s.update(out, fake_run(out))
+    s.blocks.check_integrity()
+
+
+def test_admit_batch_takes_in_at_once_without_a_backlog_or_in_an_eager_step(monkeypatch) -> None:
+    # room for everyone waiting: no hold
+    s = Scheduler(SchedulerConfig(4, 64, 256, admit_batch=3), BlockManager(64, 4))
+    _decoding(s, [2, 30, 30, 30])
+    s.add_request(req("w0", 4))
+    s.update(out := s.schedule(), fake_run(out))  # r0 ends
+    out = s.schedule()
+    assert _admitted(out) == ["w0"]
+    # a running request still computes its prompt (in chunks): the step is eager anyway
+    s = Scheduler(SchedulerConfig(4, 8, 256, admit_batch=3), BlockManager(64, 4))
+    _decoding(s, [2])
+    s.add_request(req("long", 20))
+    s.update(out := s.schedule(), fake_run(out))  # r0's last token; long's first 7 tokens
+    for i in range(4):
+        s.add_request(req(f"w{i}", 2))
+    out = s.schedule()  # long's next chunk (8 tokens), then room for 3 with 5 waiting
+    assert _admitted(out) == []  # (the step's budget went to long's chunk)
+    s.update(out, fake_run(out))
+    out = s.schedule()  # long's last 5 tokens: eager, so w0 and w1 share the 3 tokens left
+    assert _admitted(out) == ["w0", "w1"]
+    # held no longer than max_admission_hold_s
+    clock = [100.0]
+    monkeypatch.setattr("server.engine.scheduler.time.monotonic", lambda: clock[0])
+    s = Scheduler(SchedulerConfig(4, 64, 256, admit_batch=3), BlockManager(64, 4))
+    _decoding(s, [2, 30, 30, 30])
+    for i in range(3):
+        s.add_request(req(f"w{i}", 4))
+    s.update(out := s.schedule(), fake_run(out))  # r0 ends
+    for _ in range(2):  # held since the first of these
+        out = s.schedule()
+        assert _admitted(out) == []
+        s.update(out, fake_run(out))
+        clock[0] += 0.0625
+    assert _admitted(s.schedule()) == ["w0"]  # 0.125 s after
+
+
+def test_admit_batch_lets_steps_launch_ahead_while_it_holds() -> None:
+    s = Scheduler(SchedulerConfig(4, 64, 256, admit_batch=3), BlockManager(64, 4))
+    _decoding(s, [2, 30, 30, 30])
+    for i in range(5):
+        s.add_request(req(f"w{i}", 4))
+    s.update(out := s.schedule(), fake_run(out))  # r0 ends: one slot free, five waiting
+    decode = s.schedule()
+    assert _admitted(decode) == []
+    assert s.schedule_ahead(decode) is not None
+    plain = Scheduler(SchedulerConfig(4, 64, 256), BlockManager(64, 4))
+    _decoding(plain, [2, 30, 30, 30])
+    for i in range(5):
+        plain.add_request(req(f"w{i}", 4))
+    plain.update(out := plain.schedule(), fake_run(out))
+    decode = plain.schedule()
+    assert _admitted(decode) == ["w0"]
+    assert plain.schedule_ahead(decode) is None  # (w0's first token comes from this step)

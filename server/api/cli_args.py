@@ -138,6 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "\"original_max_position_embeddings\": 32768}' (also linear, llama3, default); "
          "with YaRN the model limit becomes factor x that context")
     _add(eng, "--max-num-seqs", int, e.max_num_seqs, "Most requests in the running batch")
+    _add(eng, "--admit-batch", int, e.admit_batch,
+         "With more requests waiting than the running batch has room for, take them in only "
+         "once this many slots are free (or after 0.1 s): a step that takes in a prompt runs "
+         "without CUDA graphs; unset: max-num-seqs / 8 with CUDA graphs, else 1")
     _add(eng, "--max-waiting", int, e.max_waiting,
          "Most requests allowed to wait; more are rejected with HTTP 429")
     _add(eng, "--max-num-batched-tokens", int, e.max_num_batched_tokens,

@@ -45,6 +45,12 @@ class EngineConfig:
     2048 on CUDA (where a step of a small model costs the host's time more than the
     device's: 2.4-3.6x less time to a 6,000-token prompt's first token than 512 on an H100,
     docs/benchmarks/gpu.md, session 42), 512 on a CPU."""
+    admit_batch: int | None = None
+    """With more requests waiting than the running batch has room for, take them in only
+    once this many slots are free (or after 0.1 s, or in a step that computes a prompt
+    anyway): see `SchedulerConfig.admit_batch`. None: max_num_seqs // 8 where decode steps
+    are CUDA graphs (a step that takes in a prompt runs eagerly, at many decode steps'
+    cost), else 1 (as soon as there is room)."""
     max_waiting: int = 256
     """Most requests allowed to wait; more are rejected (HTTP 429)."""
     block_size: int = 16
@@ -104,6 +110,7 @@ class EngineConfig:
         schedule anything), naming the field."""
         at_least_one = {
             "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+            "admit_batch": self.admit_batch,
             "block_size": self.block_size, "num_kv_blocks": self.num_kv_blocks,
             "max_model_len": self.max_model_len, "num_threads": self.num_threads,
             "num_speculative_tokens": self.num_speculative_tokens}

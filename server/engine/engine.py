@@ -129,8 +129,12 @@ class LLMEngine:
         self.blocks = kv_pools(
             self.model_config, config, self.max_model_len, self.kv_dtype, windowed, window,
             budget, drafter.kv_bytes_per_block(config.block_size, self.kv_dtype) if drafter else 0)
+        graphed = self.device.type == "cuda" and not config.enforce_eager
+        admit_batch = (config.admit_batch if config.admit_batch is not None
+                       else max(1, config.max_num_seqs // 8) if graphed else 1)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                            admit_batch),
             self.blocks, policy, draft_slots=bool(drafter and drafter.num_draft_layers),
         )
         self.runner = ModelRunner(self.model, self.blocks, self.device, drafter, windowed,
@@ -139,7 +143,7 @@ class LLMEngine:
             drafter.prepare()
         if self.device.type == "cuda":  # (prefill and verification shapes: see warm_up)
             self.runner.warm_up(min(config.max_num_batched_tokens, self.max_model_len, 128))
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if graphed:
             # (verification of k drafts runs k + 1 tokens a sequence)
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len,
                                            1 + config.num_speculative_tokens * bool(policy))

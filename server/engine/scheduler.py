@@ -32,6 +32,16 @@ class SchedulerConfig:
     """Token budget of one step."""
     max_model_len: int
     """Longest prompt + output of any request."""
+    admit_batch: int = 1
+    """With a backlog (more requests waiting than the running batch has room for), admit
+    waiting requests only once this many slots are free, unless the step computes a prompt
+    anyway or the first of them has been held `max_admission_hold_s`: where decode steps
+    replay CUDA graphs, a step that takes in a prompt runs eagerly, 12-17 times a graphed
+    64-request decode step's time for a SmolLM2-135M-shaped model on an H100 (session 44),
+    so a batch that takes in each request as a slot frees stalls once for each. 1: admit
+    as soon as there is room."""
+    max_admission_hold_s: float = 0.1
+    """Longest that `admit_batch` holds a request back while there is room for it."""
 
 
 class Scheduler:
@@ -56,6 +66,7 @@ class Scheduler:
         # of every step)
         self._slides = any(p.window is not None for p in block_manager.pools)
         self._caches = block_manager.pools[0].cache_prefixes
+        self._held_since: float | None = None  # when `admit_batch` first held a request back
 
     # -- admission and removal -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -109,7 +120,10 @@ class Scheduler:
             budget -= item.num_new_tokens
             i += 1
         queried = hits = 0
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+        admit = not self._holds_admission(eager=any(
+            not s.reaches_end or s.num_new_tokens != 1 + len(s.spec_token_ids)
+            for s in scheduled))
+        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
             # (prompt logprobs and mean embeddings come from the forward over every prompt
             # position)
@@ -135,6 +149,22 @@ class Scheduler:
         self._plan_drafts(scheduled)
         total = sum(s.num_new_tokens for s in scheduled)
         return SchedulerOutput(scheduled, total, preempted, ended, queried, hits)
+
+    def _holds_admission(self, eager: bool) -> bool:
+        """Whether this step takes in no waiting request although there is room (see
+        `SchedulerConfig.admit_batch`); `eager`: the step computes a prompt anyway."""
+        free = self.config.max_num_seqs - len(self.running)
+        if (eager or not self.running or free <= 0 or free >= self.config.admit_batch
+                or len(self.waiting) <= free):
+            self._held_since = None
+            return False
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        if now - self._held_since >= self.config.max_admission_hold_s:
+            self._held_since = None
+            return False
+        return True
 
     def schedule_ahead(self, previous: SchedulerOutput) -> SchedulerOutput | None:
         """The step after `previous` while `previous` still runs: each of its requests
@@ -213,8 +243,9 @@ class Scheduler:
         running = [s.request for s in previous.scheduled if not s.request.is_finished]
         if (previous.preempted or previous.ended
                 or len(running) != len(self.running)
+                or not all(s.reaches_end for s in previous.scheduled)
                 or self.waiting and len(self.running) < self.config.max_num_seqs
-                or not all(s.reaches_end for s in previous.scheduled)):
+                and not self._holds_admission(eager=False)):
             return None
         return running
 
