@@ -113,16 +113,17 @@ def test_a_judge_model_scores_by_its_yes_and_no_logits(tiny_model_dir) -> None:
         assert [r["index"] for r in ranked] == sorted(range(3), key=lambda i: -want[i])
         assert [r["relevance_score"] for r in ranked] == pytest.approx(sorted(want)[::-1],
                                                                        abs=1e-5)
+    # checked at start-up: the load fails (the server exits), no request is taken
     with app_in_thread(lambda: AsyncEngine(config),
-                       ApiConfig(score_tokens=("w5", "w5 w6"))) as (url, _):
+                       ApiConfig(score_tokens=("w5", "w5 w6"))) as (url, state):
+        assert "'w5 w6' is not one token" in str(state.load_error)
         reply = httpx.post(url + "/v1/score", json={"text_1": "w3", "text_2": "w4"})
-        assert reply.status_code == 500
-        assert reply.json()["error"]["code"] == "invalid_score_tokens"
+        assert reply.status_code == 503 and httpx.get(url + "/health").status_code == 503
 
 
 def test_a_model_without_a_head_cannot_judge(tmp_path) -> None:
-    """`--score-tokens` needs the language-model head: a base model's checkpoint is a 400
-    naming `model`; without the flag it scores by embeddings."""
+    """`--score-tokens` needs the language-model head: with a base model's checkpoint the
+    server does not start; without the flag it scores by embeddings."""
     from transformers import AutoModel
 
     from server.api.config import ApiConfig
@@ -134,9 +135,8 @@ def test_a_model_without_a_head_cannot_judge(tmp_path) -> None:
                           max_model_len=64)
     body = {"text_1": "w3", "text_2": "w4"}
     with app_in_thread(lambda: AsyncEngine(config), ApiConfig(score_tokens=("w5", "w6"))) as (
-            url, _):
-        reply = httpx.post(url + "/v1/score", json=body)
-        assert reply.status_code == 400
-        assert reply.json()["error"]["code"] == "model_not_generative"
+            url, state):
+        assert "has no language-model head" in str(state.load_error)
+        assert httpx.post(url + "/v1/score", json=body).status_code == 503
     with app_in_thread(lambda: AsyncEngine(config)) as (url, _):
         assert httpx.post(url + "/v1/score", json=body).status_code == 200

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import uvicorn
@@ -34,7 +35,7 @@ from server.api.serving_responses import (
     get_response,
     list_input_items,
 )
-from server.api.serving_scores import create_rerank, create_score
+from server.api.serving_scores import check_score_tokens, create_rerank, create_score
 from server.api.serving_tokens import detokenize, tokenize, tokenizer_info
 from server.api.state import ServerState
 from server.engine.config import EngineConfig
@@ -157,6 +158,7 @@ def create_app(api: ApiConfig, state: ServerState) -> FastAPI:
         if state.engine is not None:
             state.engine.shutdown()
 
+    state.check = partial(check_score_tokens, api=api)
     app = FastAPI(title="Leapfrog", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     install_error_handlers(app)

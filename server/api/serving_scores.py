@@ -16,7 +16,6 @@ from pydantic import Field, field_validator, model_validator
 
 from server.api.admission import admit, new_request_id
 from server.api.config import ApiConfig
-from server.api.errors import ApiError, bad_request
 from server.api.generation import ChoiceResult
 from server.api.protocol_base import StrictModel, conflict
 from server.api.serving import Responder
@@ -163,17 +162,31 @@ def _judged(no: int, yes: int) -> Scores:
 
 
 def judge_tokens(tokenizer: Any, names: tuple[str, str]) -> tuple[int, int]:
-    """`--score-tokens`' (no, yes) as token ids: each must be one token of the vocabulary."""
+    """`--score-tokens`' (no, yes) as token ids: each must be one token of the vocabulary
+    (a ValueError otherwise)."""
     vocab = tokenizer.get_vocab()
     ids = []
     for name in names:
         encoded = [vocab[name]] if name in vocab else tokenizer.encode(
             name, add_special_tokens=False)
         if len(encoded) != 1:
-            raise ApiError(500, f"--score-tokens: {name!r} is not one token of this model's "
-                           f"vocabulary (it is {len(encoded)}).", code="invalid_score_tokens")
+            raise ValueError(f"--score-tokens: {name!r} is not one token of this model's "
+                             f"vocabulary (it is {len(encoded)})")
         ids.append(encoded[0])
     return ids[0], ids[1]
+
+
+def check_score_tokens(engine: EngineClient, api: ApiConfig) -> None:
+    """At start-up (`ServerState.check`): `--score-tokens` needs a model with a
+    language-model head (a base model's tied embedding cannot judge) and two tokens of
+    its vocabulary; a ValueError otherwise, which fails the load."""
+    if api.score_tokens is None:
+        return
+    if not engine.generates:
+        raise ValueError(f"--score-tokens: the model '{engine.model_name}' has no "
+                         f"language-model head to judge with; leave the flag out to score "
+                         f"by embeddings")
+    judge_tokens(engine.tokenizer, api.score_tokens)
 
 
 async def _respond(request: Request, state: ServerState, engine: EngineClient, api: ApiConfig,
@@ -189,10 +202,6 @@ async def _respond(request: Request, state: ServerState, engine: EngineClient, a
         return await respond_with_embeddings(
             request, state, engine, api, list(texts),
             formatter(len(texts), _cosines(pairs, texts, request_id)), user, param=param)
-    if not engine.generates:
-        raise bad_request(f"The model '{engine.model_name}' has no language-model head to "
-                          f"judge with (--score-tokens): start the server without it to "
-                          f"score by embeddings.", param="model", code="model_not_generative")
     tok = engine.tokenizer
     no, yes = judge_tokens(tok, api.score_tokens)
     prompts = [tok.encode(a) + tok.encode(b, add_special_tokens=False) for a, b in pairs]

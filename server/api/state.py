@@ -48,6 +48,9 @@ class ServerState:
 
     loader: Callable[[], EngineClient]
     """Builds the engine (blocking); run once in a background thread by `start_loading`."""
+    check: Callable[[EngineClient], None] | None = None
+    """Run on the built engine before it serves: what it raises fails the load (flags that
+    do not fit the model, e.g. `--score-tokens` that are not tokens of its vocabulary)."""
     retry_after_s: int = 1
     engine: EngineClient | None = None
     load_error: BaseException | None = None
@@ -62,7 +65,14 @@ class ServerState:
     def start_loading(self) -> threading.Thread:
         def run() -> None:
             try:
-                self.engine = self.loader()
+                engine = self.loader()
+                if self.check is not None:
+                    try:
+                        self.check(engine)
+                    except BaseException:
+                        engine.shutdown()
+                        raise
+                self.engine = engine
                 logger.info("engine ready: serving %s", self.engine.model_name)
             except BaseException as exc:  # reported through /health and the exit code
                 logger.exception("engine failed to load")
