@@ -411,3 +411,21 @@ def test_admit_batch_lets_steps_launch_ahead_while_it_holds() -> None:
     decode = plain.schedule()
     assert _admitted(decode) == ["w0"]
     assert plain.schedule_ahead(decode) is None  # (w0's first token comes from this step)
+
+
+def test_a_hold_that_ends_while_steps_launch_ahead_takes_in_the_next_step(monkeypatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("server.engine.scheduler.time.monotonic", lambda: clock[0])
+    s = Scheduler(SchedulerConfig(4, 64, 256, admit_batch=3), BlockManager(64, 4))
+    _decoding(s, [2, 30, 30, 30])
+    for i in range(5):
+        s.add_request(req(f"w{i}", 4))
+    s.update(out := s.schedule(), fake_run(out))  # r0 ends
+    decode = s.schedule()  # held from here
+    ahead = s.schedule_ahead(decode)
+    assert _admitted(decode) == [] and ahead is not None
+    s.update(decode, fake_run(decode))
+    clock[0] += 0.125
+    assert s.schedule_ahead(ahead) is None  # the hold is over: w0 is taken in next
+    s.update(ahead, fake_run(ahead))
+    assert _admitted(s.schedule()) == ["w0"]

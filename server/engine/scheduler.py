@@ -161,10 +161,9 @@ class Scheduler:
         now = time.monotonic()
         if self._held_since is None:
             self._held_since = now
-        if now - self._held_since >= self.config.max_admission_hold_s:
-            self._held_since = None
-            return False
-        return True
+        # (past the bound it stays past until the backlog is taken in, also when the step
+        # that asks is one launched ahead, which takes no one in)
+        return now - self._held_since < self.config.max_admission_hold_s
 
     def schedule_ahead(self, previous: SchedulerOutput) -> SchedulerOutput | None:
         """The step after `previous` while `previous` still runs: each of its requests
