@@ -88,3 +88,31 @@ def test_a_failing_step_fails_in_flight_requests_and_serving_goes_on(engine) -> 
     assert engine.is_alive()
     assert len(asyncio.run(_collect(engine, "after", PROMPTS[0], 4))) == 4
     assert engine.stats().num_running == 0 and engine.stats().num_waiting == 0
+
+
+def test_priority_through_the_api(tiny_model_dir) -> None:
+    """`priority` (on chat, completions and responses): a 400 naming it unless the server
+    runs --scheduling-policy priority, which serves it."""
+    import httpx
+
+    from server.api.protocol_responses import ResponsesRequest
+    from tests.api_server import app_in_thread
+
+    def config(policy: str) -> EngineConfig:
+        return EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32",
+                            num_kv_blocks=64, block_size=4, max_model_len=64,
+                            scheduling_policy=policy)
+
+    body = {"prompt": "w3 w4", "max_tokens": 2, "priority": -5}
+    with app_in_thread(lambda: AsyncEngine(config("fcfs"))) as (url, _):
+        reply = httpx.post(url + "/v1/completions", json=body)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["param"] == "priority"
+        assert httpx.post(url + "/v1/completions", json=body | {"priority": 0}).status_code == 200
+    with app_in_thread(lambda: AsyncEngine(config("priority"))) as (url, _):
+        reply = httpx.post(url + "/v1/completions", json=body)
+        assert reply.status_code == 200
+        assert reply.json()["usage"]["completion_tokens"] == 2
+    # /v1/responses is served as the chat request it amounts to, priority included
+    responses = ResponsesRequest.model_validate({"input": "hi", "priority": 3})
+    assert responses.to_chat(responses.input).priority == 3

@@ -287,3 +287,35 @@ def test_logprob_token_ids_give_those_tokens_logprobs(tiny_llm: LLM) -> None:
     with pytest.raises(ValueError, match="token ids"):
         tiny_llm.engine.add_request("lt", prompt, SamplingParams(logprobs=0,
                                                                  logprob_token_ids=(128,)))
+
+
+def test_priority_scheduling_serves_lower_values_first(tiny_model_dir) -> None:
+    """One request runs at a time: with --scheduling-policy priority the waiting requests
+    are served by (priority, arrival), and each gets the tokens it gets alone; with fcfs a
+    priority other than 0 is refused, naming the field."""
+    from server.engine.engine import LLMEngine
+    from server.engine.sampling_params import SamplingParamsError
+
+    def engine(policy: str) -> LLMEngine:
+        return LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64,
+                   block_size=4, max_num_seqs=1, scheduling_policy=policy).engine
+
+    e = engine("priority")
+    prompts = mixed_prompts(4)
+    for i, priority in enumerate((0, 2, 1, -1)):
+        e.add_request(f"r{i}", prompts[i], SamplingParams(max_tokens=3, temperature=0.0,
+                                                          ignore_eos=True, priority=priority))
+    finished, tokens = [], {}
+    while e.has_unfinished():
+        for out in e.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                finished.append(out.request_id)
+    assert finished == ["r3", "r0", "r2", "r1"]  # (all queued before the first step)
+    alone = [c.token_ids for c in LLM(
+        str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=4
+    ).generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))]
+    assert [tokens[f"r{i}"] for i in range(4)] == alone
+    with pytest.raises(SamplingParamsError) as refused:
+        engine("fcfs").add_request("x", prompts[0], SamplingParams(priority=1))
+    assert refused.value.param == "priority"

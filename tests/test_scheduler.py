@@ -429,3 +429,42 @@ def test_a_hold_that_ends_while_steps_launch_ahead_takes_in_the_next_step(monkey
     assert s.schedule_ahead(ahead) is None  # the hold is over: w0 is taken in next
     s.update(ahead, fake_run(ahead))
     assert _admitted(s.schedule()) == ["w0"]
+
+
+def test_priority_policy_orders_waiting_and_running_and_preempts_the_highest_value() -> None:
+    s = Scheduler(SchedulerConfig(2, 64, 256, policy="priority"), BlockManager(6, 4))
+    for rid, priority in (("a", 5), ("b", 0), ("c", 5), ("d", -1), ("e", 0)):
+        s.add_request(req(rid, 4, max_tokens=40, priority=priority))
+    assert [r.request_id for r in s.waiting] == ["d", "b", "e", "a", "c"]
+    out = s.schedule()  # d and b: 2 blocks each of 6
+    assert [x.request.request_id for x in out.scheduled] == ["d", "b"]
+    s.update(out, fake_run(out))
+    # both grow; when the cache runs out, b (priority 0) goes before d (-1)
+    preempted = []
+    while not preempted:
+        out = s.schedule()
+        preempted = out.preempted
+        s.update(out, fake_run(out))
+    assert preempted == ["b"] and [r.request_id for r in s.running] == ["d"]
+    assert [r.request_id for r in s.waiting] == ["b", "e", "a", "c"]  # b first of its 0s
+    s.blocks.check_integrity()
+    # fcfs: the latest admitted is preempted, whatever the priority field says
+    f = Scheduler(SchedulerConfig(2, 64, 256), BlockManager(6, 4))
+    for rid, priority in (("x", 0), ("y", -1)):
+        f.add_request(req(rid, 4, max_tokens=40, priority=priority))
+    preempted = []
+    while not preempted:
+        out = f.schedule()
+        preempted = out.preempted
+        f.update(out, fake_run(out))
+    assert preempted == ["y"]
+
+
+def test_priority_policy_runs_the_batch_in_priority_order() -> None:
+    """A request admitted later with a lower value is scheduled (and given budget) first."""
+    s = Scheduler(SchedulerConfig(4, 64, 256, policy="priority"), BlockManager(64, 4))
+    s.add_request(req("late", 4, priority=3))
+    s.update(out := s.schedule(), fake_run(out))
+    s.add_request(req("urgent", 4, priority=-3))
+    s.update(out := s.schedule(), fake_run(out))
+    assert [x.request.request_id for x in s.schedule().scheduled] == ["urgent", "late"]

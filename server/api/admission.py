@@ -104,6 +104,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
         "logit_bias": logit_bias, "json_schema": json_schema,
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        "priority": req.priority,
     }
     values.update(req.structure())  # (never with a json_schema: the request's validators)
     for name in _OPTIONAL_FLOATS_AND_INTS:

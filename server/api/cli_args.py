@@ -142,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "With more requests waiting than the running batch has room for, take them in only "
          "once this many slots are free (or after 0.1 s): a step that takes in a prompt runs "
          "without CUDA graphs; unset: max-num-seqs / 8 with CUDA graphs, else 1")
+    _add(eng, "--scheduling-policy", str, e.scheduling_policy,
+         "fcfs: requests run in order of arrival; priority: by their `priority` field (lower "
+         "first), then arrival, a higher value preempted first", choices=["fcfs", "priority"])
     _add(eng, "--max-waiting", int, e.max_waiting,
          "Most requests allowed to wait; more are rejected with HTTP 429")
     _add(eng, "--max-num-batched-tokens", int, e.max_num_batched_tokens,

@@ -90,6 +90,8 @@ class SamplingRequest(OpenAIBookkeeping):
     include_stop_str_in_output: bool = False
     """(vLLM's extension) The text ends after the stop string that matched, not before."""
     user: str | None = None
+    priority: int = 0
+    """vLLM's: with --scheduling-policy priority, lower runs first; else it must be 0."""
     store: bool | None = None
     """OpenAI's stored completions: accepted; nothing is stored here."""
     metadata: dict[str, str] | None = None

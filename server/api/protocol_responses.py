@@ -137,6 +137,8 @@ class ResponsesRequest(OpenAIBookkeeping):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    priority: int = 0
+    """vLLM's (as chat's): with --scheduling-policy priority, lower runs first."""
     """(an extension, as vLLM's)"""
     stream: bool = False
     text: ResponseText | None = None
@@ -236,7 +238,7 @@ class ResponsesRequest(OpenAIBookkeeping):
         (`conversation`; its validation errors name chat's fields)."""
         body: dict[str, Any] = {"messages": self._messages(items), "max_tokens": self.max_output_tokens,
                                 "temperature": self.temperature, "top_p": self.top_p,
-                                "seed": self.seed}
+                                "seed": self.seed, "priority": self.priority}
         if self.wants_logprobs:
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs}
         fmt = self.text.format if self.text is not None else None

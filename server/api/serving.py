@@ -126,9 +126,9 @@ class Generation:
         except EngineDeadError as exc:
             self._log([], "engine_dead")
             raise ApiError(503, "The engine has stopped.", code="engine_dead") from exc
-        except ValueError as exc:  # the engine refused the request (it never fits)
+        except ValueError as exc:  # the engine refused the request (it never fits, ...)
             self._log([], "rejected_by_engine")
-            raise bad_request(str(exc)) from exc
+            raise bad_request(str(exc), param=getattr(exc, "param", None)) from exc
         except ClientDisconnected:
             self._log([], "client_disconnected")
             return Response(status_code=_CLIENT_CLOSED)

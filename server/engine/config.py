@@ -51,6 +51,9 @@ class EngineConfig:
     anyway): see `SchedulerConfig.admit_batch`. None: max_num_seqs // 8 where decode steps
     are CUDA graphs (a step that takes in a prompt runs eagerly, at many decode steps'
     cost), else 1 (as soon as there is room)."""
+    scheduling_policy: str = "fcfs"
+    """"fcfs" (arrival order) or "priority" (requests' `priority`, lower first, then
+    arrival; a higher value is preempted first): `SchedulerConfig.policy`."""
     max_waiting: int = 256
     """Most requests allowed to wait; more are rejected (HTTP 429)."""
     block_size: int = 16
@@ -117,6 +120,9 @@ class EngineConfig:
         for name, value in at_least_one.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got "
+                             f"{self.scheduling_policy!r}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be at least 0, got {self.max_waiting}")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:

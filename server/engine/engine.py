@@ -23,7 +23,7 @@ from server.engine.kv_cache import kv_budget, kv_pools, step_peak_memory
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
 from server.engine.runner import PROMPT_LOGPROB_ROWS, Launched, ModelRunner
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import SamplingParams, SamplingParamsError
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.spec_policy import SpecPolicy
 from server.engine.structured import Grammars
@@ -134,7 +134,7 @@ class LLMEngine:
                        else max(1, config.max_num_seqs // 8) if graphed else 1)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
-                            admit_batch),
+                            admit_batch, policy=config.scheduling_policy),
             self.blocks, policy, draft_slots=bool(drafter and drafter.num_draft_layers),
         )
         self.runner = ModelRunner(self.model, self.blocks, self.device, drafter, windowed,
@@ -192,6 +192,10 @@ class LLMEngine:
                                                *params.logprob_token_ids]):
             raise ValueError(f"logit_bias, stop_token_ids and logprob_token_ids take token ids "
                              f"in [0, {vocab})")
+        if params.priority and self.config.scheduling_policy != "priority":
+            raise SamplingParamsError("priority", "priority scheduling is off: a request's "
+                                      "priority must be 0 unless the engine runs with "
+                                      "--scheduling-policy priority")
         generator = torch.Generator()
         seed = params.seed if params.seed is not None else int(
             torch.randint(0, 2**62, (1,), generator=self._seed_rng)

@@ -93,6 +93,11 @@ class SamplingParams:
     request's last output (`RequestOutput.embedding`, of unit length): "last", its last
     position's; "mean", the mean of every position's (such a request computes its whole
     prompt: it takes nothing from the prefix cache). None: no embedding."""
+    priority: int = 0
+    """Scheduling, not sampling (it travels with the request's parameters): with the engine's
+    `scheduling_policy` "priority", requests wait and run in order of (priority, arrival),
+    lower first, and a request of a higher value is preempted before one of a lower; with
+    "fcfs" it must be 0."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -42,6 +42,11 @@ class SchedulerConfig:
     as soon as there is room."""
     max_admission_hold_s: float = 0.1
     """Longest that `admit_batch` holds a request back while there is room for it."""
+    policy: str = "fcfs"
+    """"fcfs": requests wait and run in order of arrival, and the latest admitted is
+    preempted first; "priority": in order of (`SamplingParams.priority`, arrival), the
+    running batch too (a higher value is preempted first). A waiting request does not
+    preempt a running one (as in vLLM): it goes first once there is room."""
 
 
 class Scheduler:
@@ -81,7 +86,19 @@ class Scheduler:
                 f"prompt needs more KV blocks than the whole cache holds ({self.blocks.num_blocks})"
             )
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        """Into the waiting queue: at its end (fcfs), or after every request that goes
+        before it (priority)."""
+        if self.config.policy == "fcfs":
+            self.waiting.append(request)
+            return
+        key = _priority_key(request)
+        at = len(self.waiting)
+        while at and _priority_key(self.waiting[at - 1]) > key:
+            at -= 1
+        self.waiting.insert(at, request)
 
     def finish_request(self, request_id: str, reason: str) -> Request | None:
         """Finish (or abort) a request now and free its blocks; unknown ids are ignored."""
@@ -104,6 +121,8 @@ class Scheduler:
 
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.config.policy == "priority":  # (those last are preempted first)
+            self.running.sort(key=_priority_key)
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
@@ -270,7 +289,8 @@ class Scheduler:
         return ScheduledRequest(request, num_new, list(spec))
 
     def _preempt(self, request: Request) -> None:
-        """Recompute later: drop its KV and put it at the front of the queue."""
+        """Recompute later: drop its KV and put it at the front of the queue (fcfs), or
+        where its priority and arrival place it (priority)."""
         self.running.remove(request)
         self.blocks.free(request.request_id)
         request.num_computed_tokens = 0
@@ -279,7 +299,10 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if self.config.policy == "fcfs":
+            self.waiting.appendleft(request)
+        else:
+            self._enqueue(request)
 
     def _plan_drafts(self, scheduled: list[ScheduledRequest], trim: bool = True) -> None:
         """With speculation: `draft_plan.plan_drafts` (`trim`: not for a step whose drafts
@@ -370,3 +393,6 @@ class Scheduler:
                 return new, "length"
         return new, None
 
+
+def _priority_key(request: Request) -> tuple[int, float]:
+    return request.params.priority, request.arrival_time
