@@ -202,3 +202,28 @@ def test_openai_bookkeeping_fields_are_served_and_change_nothing(served) -> None
         given = httpx.post(url + path, json=body | limit | fields)
         assert plain.status_code == given.status_code == 200, given.text
         assert text(given.json()) == text(plain.json())
+
+
+def test_truncate_prompt_tokens(served) -> None:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens only (the echo shows them);
+    -1: as many as the context (256) leaves beside max_tokens; with suffix a 400."""
+    url, _, _ = served
+    prompt = "abcdefghij" * 40  # 400 character tokens
+    body = {"prompt": prompt, "max_tokens": 6, "echo": True}
+    reply = httpx.post(url + "/v1/completions", json=body | {"truncate_prompt_tokens": 7})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["prompt_tokens"] == 7
+    assert reply.json()["choices"][0]["text"].startswith("defghij")
+    whole = httpx.post(url + "/v1/completions", json=body | {"truncate_prompt_tokens": -1})
+    assert whole.json()["usage"]["prompt_tokens"] == 256 - 6
+    too_long = httpx.post(url + "/v1/completions", json=body)
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    chat = httpx.post(url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": 4,
+        "truncate_prompt_tokens": 9})
+    assert chat.json()["usage"]["prompt_tokens"] == 9
+    fim = httpx.post(url + "/v1/completions", json={"prompt": "a", "suffix": "b",
+                                                   "truncate_prompt_tokens": 3})
+    assert fim.status_code == 400
+    assert fim.json()["error"]["param"] == "truncate_prompt_tokens"

@@ -117,6 +117,15 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
         raise bad_request(str(exc), param=exc.param, code="invalid_value") from exc
 
 
+def keep_last(prompt_ids: list[list[int]], keep: int | None, room: int) -> list[list[int]]:
+    """vLLM's `truncate_prompt_tokens`: each prompt's last `keep` tokens (-1: as many as
+    `room`, what the context allows; never more than that); None or 0: whole."""
+    if not keep:
+        return prompt_ids
+    most = room if keep == -1 else min(keep, room)
+    return [ids[-most:] for ids in prompt_ids]
+
+
 def resolve_max_tokens(requested: int | None, longest_prompt: int, max_model_len: int) -> int:
     """The request's max_tokens, or (when omitted) what is left of the context, at least 1."""
     if requested is not None:

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from server.api.admission import (
     admit_generation,
     check_n,
+    keep_last,
     new_request_id,
     resolve_max_tokens,
     sampling_params,
@@ -237,6 +238,8 @@ def prepare_chat(req: ChatCompletionRequest, engine: EngineClient, api: ApiConfi
                                    req.template_options())
     if api.log_prompts:
         logger.debug("request %s prompt: %r", request_id, text)
+    prompt_ids = keep_last([prompt_ids], req.truncate_prompt_tokens,
+                           engine.max_model_len - (req.requested_max_tokens() or 1))[0]
     max_tokens = resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids),
                                     engine.max_model_len)
     params = sampling_params(req, max_tokens, req.num_logprobs(), engine.tokenizer,

@@ -15,6 +15,7 @@ from server.api.admission import (
     admit_generation,
     check_n,
     check_token_ids,
+    keep_last,
     new_request_id,
     resolve_max_tokens,
     sampling_params,
@@ -124,6 +125,10 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
     if api.log_prompts:
         logger.debug("request %s prompt: %r", request_id, prompts)
     infill = None
+    if req.suffix is not None and req.truncate_prompt_tokens:
+        raise bad_request("truncate_prompt_tokens does not combine with suffix (it would cut "
+                          "the fill-in-the-middle prompt's markers).",
+                          param="truncate_prompt_tokens")
     if req.suffix is not None:  # (fill in the middle: the text between prompt and suffix)
         infill = infill_tokens(engine.tokenizer)
         if infill is None:
@@ -135,7 +140,9 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
                 check_token_ids(p, engine.tokenizer, "prompt")
         prompt_ids = [infill.prompt(engine.tokenizer, p, req.suffix) for p in prompts]
     else:
-        prompt_ids = tokenize_prompts(engine.tokenizer, prompts)
+        prompt_ids = keep_last(tokenize_prompts(engine.tokenizer, prompts),
+                               req.truncate_prompt_tokens,
+                               engine.max_model_len - (req.max_tokens or 1))
     longest = max(len(p) for p in prompt_ids)
     # max_tokens 0 with echo scores the prompt (OpenAI's legacy completions, older
     # evaluation harnesses): one token is generated, and left out of the reply
@@ -153,8 +160,10 @@ async def create_completion(request: Request, state: ServerState, api: ApiConfig
     check_context_length(longest, max_tokens, engine.max_model_len)
     jobs = make_jobs(request_id, prompt_ids, req.n, params)
     echo_texts = None
-    if req.echo:
-        echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+    if req.echo:  # (a truncated prompt is echoed as it was computed)
+        echo_texts = [p if isinstance(p, str) and not req.truncate_prompt_tokens
+                      else engine.tokenizer.decode(ids)
+                      for p, ids in zip(prompts, prompt_ids, strict=True)]
     texts = TokenTexts(engine.tokenizer) if req.logprobs is not None else None
     formatter = CompletionFormatter(request_id, engine.model_name, req.n, prompt_ids,
                                     echo_texts, texts, score_only)

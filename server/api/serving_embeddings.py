@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import Field, field_validator, model_validator
 
-from server.api.admission import admit, new_request_id, tokenize_prompts
+from server.api.admission import admit, keep_last, new_request_id, tokenize_prompts
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import JOB_WINDOW, ChoiceResult, make_jobs
@@ -146,10 +146,8 @@ async def respond_with_embeddings(request: Request, state: ServerState, engine: 
     chosen = pooling(api, engine)
     if api.log_prompts:
         logger.debug("request %s input: %r", formatter.request_id, inputs)
-    prompt_ids = tokenize_prompts(engine.tokenizer, inputs, param)
-    if keep:
-        most = engine.max_model_len - 1
-        prompt_ids = [ids[-(most if keep == -1 else min(keep, most)):] for ids in prompt_ids]
+    prompt_ids = keep_last(tokenize_prompts(engine.tokenizer, inputs, param), keep,
+                           engine.max_model_len - 1)
     params = SamplingParams(max_tokens=1, temperature=0.0, pooling=chosen)
     return await respond_one_token(request, state, engine, prompt_ids, params, formatter, user,
                                    param, ("an input to embed", "an input"))
