@@ -116,3 +116,19 @@ def test_priority_through_the_api(tiny_model_dir) -> None:
     # /v1/responses is served as the chat request it amounts to, priority included
     responses = ResponsesRequest.model_validate({"input": "hi", "priority": 3})
     assert responses.to_chat(responses.input).priority == 3
+
+
+def test_allowed_token_ids_through_the_api(tiny_model_dir) -> None:
+    import httpx
+
+    from tests.api_server import app_in_thread
+
+    config = EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64,
+                          block_size=4, max_model_len=64)
+    with app_in_thread(lambda: AsyncEngine(config)) as (url, _):
+        body = {"prompt": "w3 w4", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(url + "/v1/completions", json=body | {"allowed_token_ids": [5, 9]})
+        assert reply.status_code == 200, reply.text
+        assert set(reply.json()["choices"][0]["text"].split()) <= {"w5", "w9"}
+        bad = httpx.post(url + "/v1/completions", json=body | {"allowed_token_ids": [128]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "allowed_token_ids"

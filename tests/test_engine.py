@@ -105,6 +105,28 @@ def test_logit_bias(tiny_llm: LLM) -> None:
         SamplingParams(logit_bias={5: 101.0})
 
 
+def test_allowed_token_ids(tiny_llm: LLM) -> None:
+    """vLLM's allowed_token_ids: every token is one of them, greedy or sampled, the greedy
+    one the allowed token the model likes best (logprobs stay the model's); ids outside the
+    vocabulary are refused."""
+    prompt = mixed_prompts(3)[1]
+    plain = tiny_llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0,
+                                                       logprobs=20))[0]
+    ranked = [i for i, _ in sorted(plain.logprobs[0].top, key=lambda x: -x[1])]
+    outside = next(t for t in range(3, 128) if t not in ranked)
+    allowed = (ranked[7], ranked[3], outside)
+    for base in (dict(temperature=0.0), dict(temperature=1.0, seed=3)):
+        out = tiny_llm.generate([prompt], SamplingParams(
+            max_tokens=12, ignore_eos=True, logprobs=0, allowed_token_ids=allowed, **base))[0]
+        assert set(out.token_ids) <= set(allowed)
+        if base["temperature"] == 0.0:  # (the model's first choice among them)
+            assert out.token_ids[0] == ranked[3]
+            # the model's own logprob, not one renormalized over the allowed tokens
+            assert out.logprobs[0].logprob == pytest.approx(dict(plain.logprobs[0].top)[ranked[3]])
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        tiny_llm.engine.add_request("a1", prompt, SamplingParams(allowed_token_ids=(100000,)))
+
+
 def test_prompt_logprobs_survive_preemption(tiny_model_dir, tiny_llm: LLM) -> None:
     """Requests preempted while computing their prompts (chunks of 8 tokens) compute it
     again without repeating or losing a prompt logprob."""

@@ -97,6 +97,8 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
     check_token_ids(stop_token_ids, tokenizer, "stop_token_ids")
     logit_bias = dict(req.logit_bias or {})
     check_token_ids(list(logit_bias), tokenizer, "logit_bias")
+    allowed = tuple(req.allowed_token_ids or ())
+    check_token_ids(list(allowed), tokenizer, "allowed_token_ids")
     values: dict[str, Any] = {
         "max_tokens": max_tokens, "stop": req.stop_list(), "stop_token_ids": stop_token_ids,
         "ignore_eos": req.ignore_eos, "seed": req.seed, "logprobs": logprobs,
@@ -104,7 +106,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
         "logit_bias": logit_bias, "json_schema": json_schema,
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
-        "priority": req.priority,
+        "priority": req.priority, "allowed_token_ids": allowed,
     }
     values.update(req.structure())  # (never with a json_schema: the request's validators)
     for name in _OPTIONAL_FLOATS_AND_INTS:

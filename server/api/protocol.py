@@ -92,6 +92,8 @@ class SamplingRequest(OpenAIBookkeeping):
     user: str | None = None
     priority: int = 0
     """vLLM's: with --scheduling-policy priority, lower runs first; else it must be 0."""
+    allowed_token_ids: list[int] | None = None
+    """vLLM's: only these tokens may be chosen."""
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     """vLLM's: the prompt's last this many tokens only (-1: as many as the context allows
     beside max_tokens; 0 or unset: all)."""

@@ -189,9 +189,10 @@ class LLMEngine:
         if any(t < 0 or t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(t < 0 or t >= vocab for t in [*params.logit_bias, *params.stop_token_ids,
-                                               *params.logprob_token_ids]):
-            raise ValueError(f"logit_bias, stop_token_ids and logprob_token_ids take token ids "
-                             f"in [0, {vocab})")
+                                               *params.logprob_token_ids,
+                                               *params.allowed_token_ids]):
+            raise ValueError(f"logit_bias, stop_token_ids, logprob_token_ids and "
+                             f"allowed_token_ids take token ids in [0, {vocab})")
         if params.priority and self.config.scheduling_policy != "priority":
             raise SamplingParamsError("priority", "priority scheduling is off: a request's "
                                       "priority must be 0 unless the engine runs with "

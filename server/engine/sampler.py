@@ -22,8 +22,8 @@ from server.engine.sampling_params import SamplingParams
 def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
 ) -> torch.Tensor:
-    """logits: [V] float32 for one row; returns a penalized and biased copy (or the input if
-    neither applies)."""
+    """logits: [V] float32 for one row; returns a penalized, biased and masked copy (or the
+    input if none applies)."""
     if not params.adjusts_logits:
         return logits
     logits = logits.clone()
@@ -38,6 +38,9 @@ def apply_penalties(
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    if params.allowed_token_ids:
+        allowed = torch.tensor(params.allowed_token_ids, dtype=torch.long)
+        logits = torch.full_like(logits, float("-inf")).index_copy_(0, allowed, logits[allowed])
     return logits
 
 

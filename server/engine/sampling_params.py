@@ -69,6 +69,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     """OpenAI's logit_bias: added to these tokens' logits (each in [-100, 100]) before
     sampling, greedy or not; logprobs stay the model's."""
+    allowed_token_ids: tuple[int, ...] = ()
+    """vLLM's: only these tokens may be chosen (the others' logits set to -inf before
+    sampling, greedy or not; logprobs stay the model's); empty: any."""
     prediction: tuple[int, ...] = ()
     """Tokens the output is expected to hold (OpenAI's predicted outputs: a file to be
     returned with small edits); with n-gram speculation they are drafted from first
@@ -148,6 +151,8 @@ class SamplingParams:
                 "min_tokens" if self.min_tokens else "ignore_eos",
                 "structured output ends where its structure does: min_tokens and ignore_eos "
                 "do not apply")
+        if any(t < 0 for t in self.allowed_token_ids):
+            raise SamplingParamsError("allowed_token_ids", "allowed_token_ids are token ids >= 0")
         for token, bias in self.logit_bias.items():
             if token < 0 or not -100.0 <= bias <= 100.0:
                 raise SamplingParamsError(
@@ -171,12 +176,13 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether penalties, a logit bias or a structure (JSON, regex, ...) change the
-        logits a token is chosen from."""
+        """Whether penalties, a logit bias, allowed tokens or a structure (JSON, regex, ...)
+        change the logits a token is chosen from."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or bool(self.logit_bias)
+            or bool(self.allowed_token_ids)
             or self.structured is not None
         )
