@@ -216,9 +216,10 @@ def test_truncate_prompt_tokens(served) -> None:
     assert reply.json()["choices"][0]["text"].startswith("defghij")
     whole = httpx.post(url + "/v1/completions", json=body | {"truncate_prompt_tokens": -1})
     assert whole.json()["usage"]["prompt_tokens"] == 256 - 6
-    too_long = httpx.post(url + "/v1/completions", json=body)
-    assert too_long.status_code == 400
-    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    for too_long in (body, body | {"max_tokens": 300, "truncate_prompt_tokens": -1}):
+        reply = httpx.post(url + "/v1/completions", json=too_long)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["code"] == "context_length_exceeded"
     chat = httpx.post(url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": prompt}], "max_tokens": 4,
         "truncate_prompt_tokens": 9})

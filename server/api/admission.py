@@ -121,10 +121,11 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
 
 def keep_last(prompt_ids: list[list[int]], keep: int | None, room: int) -> list[list[int]]:
     """vLLM's `truncate_prompt_tokens`: each prompt's last `keep` tokens (-1: as many as
-    `room`, what the context allows; never more than that); None or 0: whole."""
+    `room`, what the context allows; never more than that, nor fewer than one: a request
+    whose max_tokens leaves no room then fails its context check); None or 0: whole."""
     if not keep:
         return prompt_ids
-    most = room if keep == -1 else min(keep, room)
+    most = max(1, room if keep == -1 else min(keep, room))
     return [ids[-most:] for ids in prompt_ids]
 
 
