@@ -1,6 +1,7 @@
 """The thread-backed engine client on a tiny random model: concurrent streams, one wake-up of
-the event loop per step, and a failing step that fails its in-flight requests but not the
-engine."""
+the event loop per step, a failing step that fails its in-flight requests but not the
+engine; and vLLM's request fields that reach the engine (priority, allowed_token_ids)
+through the API."""
 
 from __future__ import annotations
 
