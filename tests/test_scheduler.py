@@ -468,3 +468,18 @@ def test_priority_policy_runs_the_batch_in_priority_order() -> None:
     s.add_request(req("urgent", 4, priority=-3))
     s.update(out := s.schedule(), fake_run(out))
     assert [x.request.request_id for x in s.schedule().scheduled] == ["urgent", "late"]
+
+
+def test_speculation_disabled_by_batch_size() -> None:
+    """vLLM's disable_by_batch_size: a step of that many requests asks none for drafts,
+    whatever the policy would hand out; a smaller one gets the policy's."""
+    def drafts_asked(num_requests: int) -> list[int]:
+        s = Scheduler(SchedulerConfig(8, 64, 256), BlockManager(64, 4),
+                      AlwaysDraftPolicy(max_draft_tokens=3, disable_by_batch_size=3))
+        for i in range(num_requests):
+            s.add_request(req(f"r{i}", 4, max_tokens=20))
+        s.update(out := s.schedule(), fake_run(out))
+        return [x.num_draft_tokens_next for x in s.schedule().scheduled]
+
+    assert drafts_asked(2) == [3, 3]
+    assert drafts_asked(3) == [0, 0, 0]

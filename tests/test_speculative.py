@@ -290,3 +290,20 @@ def test_bench_prediction_reports_the_same_output_faster_drafted(tmp_path) -> No
     for row in json.loads(out.read_text())["results"]:
         assert row["prediction"]["accepted"] >= 12, row
         assert row["prediction"]["accepted"] >= row["none"]["accepted"], row
+
+
+def test_speculation_disabled_by_batch_size_in_the_engine(tiny_model_dir) -> None:
+    """--speculative-disable-by-batch-size 2: three requests at once draft nothing, one
+    alone drafts; the tokens are the plain engine's either way."""
+    plain, spec = _plain_and_always_drafting(str(tiny_model_dir("qwen2")))
+    spec.engine.scheduler.spec_policy.disable_by_batch_size = 2
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    ref = [c.token_ids for c in plain.generate(TINY_PROMPTS, params)]
+    together = spec.generate(TINY_PROMPTS, params)
+    assert [c.token_ids for c in together] == ref
+    assert sum(c.num_draft_tokens for c in together) == 0
+    alone = spec.generate(TINY_PROMPTS[:1], params)[0]
+    assert alone.token_ids == ref[0] and alone.num_draft_tokens > 0
+    config = LLM(str(tiny_model_dir("qwen2")), dtype="float32", num_kv_blocks=64,
+                 speculative="ngram", speculative_disable_by_batch_size=5).engine
+    assert config.scheduler.spec_policy.disable_by_batch_size == 5

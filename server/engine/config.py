@@ -99,6 +99,10 @@ class EngineConfig:
     file or HF directory sharing the target's tokenizer)."""
     num_speculative_tokens: int = 8
     """Most draft tokens per request per step."""
+    speculative_disable_by_batch_size: int | None = None
+    """With speculation: steps of at least this many requests draft nothing (vLLM's
+    `disable_by_batch_size`), whatever the speculation policy would choose; None: the
+    policy alone decides."""
     seed: int = 0
     """Seed for requests that give none."""
     enforce_eager: bool = False
@@ -116,7 +120,8 @@ class EngineConfig:
             "admit_batch": self.admit_batch,
             "block_size": self.block_size, "num_kv_blocks": self.num_kv_blocks,
             "max_model_len": self.max_model_len, "num_threads": self.num_threads,
-            "num_speculative_tokens": self.num_speculative_tokens}
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "speculative_disable_by_batch_size": self.speculative_disable_by_batch_size}
         for name, value in at_least_one.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")

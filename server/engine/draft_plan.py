@@ -38,6 +38,11 @@ def _assign_draft_lengths(scheduled: list[ScheduledRequest], policy: SpecPolicy,
     step_tokens = sum(s.num_new_tokens - len(s.spec_token_ids) for s in scheduled)
     spare = budget - step_tokens
     producing = [s for s in scheduled if s.reaches_end]
+    bound = policy.disable_by_batch_size
+    if bound is not None and len(scheduled) >= bound:
+        for s in producing:
+            s.num_draft_tokens_next = 0
+        return
     limits = [max(0, min(_draft_room(s, max_model_len), spare)) for s in producing]
     if padded:
         ids = [s.request.request_id for s in producing]

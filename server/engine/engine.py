@@ -113,7 +113,9 @@ class LLMEngine:
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
                                  config.quantization)
         windowed, window = config.attention_layout(self.model_config, self.max_model_len)
-        policy = SpecPolicy(config.num_speculative_tokens) if config.speculative else None
+        policy = SpecPolicy(config.num_speculative_tokens,
+                            disable_by_batch_size=config.speculative_disable_by_batch_size
+                            ) if config.speculative else None
         drafter = (drafter_for_target(config.speculative, self.model, config.speculative_model)
                    if config.speculative else None)
         if drafter is not None:

@@ -151,6 +151,9 @@ class SpecPolicy:
     explore_every: int = 64
     """Padded steps of a request count after which, if none of them was a plain step (Q =
     1), one is taken to measure it (see `padded_draft_lengths`)."""
+    disable_by_batch_size: int | None = None
+    """vLLM's: a step of at least this many requests asks none of them for drafts (the
+    policy's choice aside); None: no such bound."""
 
     def __post_init__(self) -> None:
         self._acceptance: dict[str, float] = {}
