@@ -144,6 +144,7 @@ def test_rope_scaling_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--max-model-len", "0"], "max_model_len must be at least 1"),
     (["--num-speculative-tokens", "0"], "num_speculative_tokens must be at least 1"),
     (["--max-waiting", "-1"], "max_waiting must be at least 0"),
+    (["--prompt-graph-tokens", "-1"], "prompt_graph_tokens must be at least 0"),
     (["--kv-cache-memory-gb", "0"], "kv_cache_memory_gb must be positive, got 0.0"),
     (["--gpu-memory-utilization", "1.5"], r"gpu_memory_utilization must be in \(0, 1\]"),
 ])

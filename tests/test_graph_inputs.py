@@ -61,7 +61,7 @@ def test_fill_writes_every_input(b: int, q: int, n: int, mixed: bool) -> None:
         starts[0] = len(tables[0]) * BS - lengths[0]
     ids = [[int(x) for x in rng.integers(1, 1000, m)] for m in lengths]
     r.inputs.fill(b, q, starts, ids, tables)
-    views = r.inputs.views(b, q)
+    views = r.inputs.views(b, b * q)
     assert all((v.data_ptr() - r.inputs.dev.data_ptr()) % 16 == 0 for v in views)  # kernels' loads
     got_ids, pos, slots, bt, lens, qsl = views
     want = expected(b, q, starts, ids, tables)
@@ -82,7 +82,7 @@ def test_fill_of_another_shape_keeps_each_graph_layout() -> None:
     r = runner()
     r.inputs.fill(8, 3, [0, 4], [[1, 2, 3], [4, 5, 6]], [[3, 4], [5, 6, 7]])
     r.inputs.fill(2, 1, [5], [[9]], [[10, 11, 12]])
-    ids, pos, slots, bt, lens, qsl = r.inputs.views(2, 1)
+    ids, pos, slots, bt, lens, qsl = r.inputs.views(2, 2)
     assert ids.tolist() == [9, 0]
     assert pos.tolist() == [5, 0]
     assert slots.tolist() == [11 * BS + 1, SCRATCH * BS]
@@ -146,7 +146,7 @@ def test_padding_tokens_leave_real_rows_and_the_cache_alone(tiny_model_dir):
     def forward(b: int, q: int, starts: list[int], ids: list[list[int]],
                 tables: list[list[int]]) -> torch.Tensor:
         r.inputs.fill(b, q, starts, ids, tables)
-        tokens, positions, slots, bt, lens, qsl = r.inputs.views(b, q)
+        tokens, positions, slots, bt, lens, qsl = r.inputs.views(b, b * q)
         with torch.inference_mode():
             return model(tokens, positions, BatchMeta(slots, bt, lens, qsl))
 
@@ -226,8 +226,8 @@ def test_fill_writes_the_sparse_pool_inputs() -> None:
     for b, q, ids in ((4, 3, [[1, 2, 3], [4, 5]]), (2, 1, [[9], [8]])):
         starts = [4, 8]
         r.inputs.fill(b, q, starts, ids, tables, sparse_tables)
-        views = r.inputs.views(b, q)
-        sparse_views = r.inputs.sparse_views(b, q)
+        views = r.inputs.views(b, b * q)
+        sparse_views = r.inputs.sparse_views(b, b * q)
         assert all((v.data_ptr() - r.inputs.dev.data_ptr()) % 16 == 0 for v in views + sparse_views)
         want = expected(b, q, starts, ids, tables)
         assert views[2].tolist() == want["slots"]

@@ -107,6 +107,11 @@ class EngineConfig:
     """Seed for requests that give none."""
     enforce_eager: bool = False
     """Disable CUDA graphs and compilation."""
+    prompt_graph_tokens: int = 0
+    """With CUDA graphs: steps that take in prompts, of up to this many tokens in all (at
+    most max_num_batched_tokens), replay graphs captured at start-up
+    (`server.engine.cuda_graphs.prompt_buckets`); larger ones run eagerly. 0: every such
+    step runs eagerly (the default until prompt graphs have run on a GPU)."""
     debug_check_integrity: bool = False
     """Check the KV block manager's integrity after every step (slow)."""
     num_threads: int | None = None
@@ -128,6 +133,9 @@ class EngineConfig:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got "
                              f"{self.scheduling_policy!r}")
+        if self.prompt_graph_tokens < 0:
+            raise ValueError(f"prompt_graph_tokens must be at least 0, got "
+                             f"{self.prompt_graph_tokens}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be at least 0, got {self.max_waiting}")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:

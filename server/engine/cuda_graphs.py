@@ -25,6 +25,17 @@ positions and lengths, on the device. The next verification step can then be lau
 before this one ends (`advance`): its block tables come from the host, as always, and its
 KV slots are computed from them on the device (`_take_next`).
 
+A step that takes in prompts (prefill chunks, alone or beside decoding and verifying
+requests) replays a prompt graph where it fits one (`run_prompts`): the model's forward
+alone over T tokens of the largest batch + 1 sequences, T one of `prompt_buckets`. Its
+sequences' tokens lie back to back; padding sequences of one token (in the scratch
+block) fill the batch, the last of them taking every padding token left, so the
+attention's grid (one row of programs a sequence, as many query tiles as the longest
+sequence could have: `kernels.triton_attention`) is the same in every such step. The LM
+head and sampling then run as in an eager step, on the rows that sample. Run eagerly, a
+step of the default model costs the host ~16-22 ms whatever its size (~1,500 kernel
+launches: docs/benchmarks/gpu.md, session 44), a graphed decode step ~1.3 ms.
+
 Every graph is captured at start (`capture_all`; a capture while serving stalls every
 request for the capture, and for Triton's autotuning of a new row count, seconds with
 packed weights) and replayed once there, which uploads it to the device. All graphs share
@@ -35,6 +46,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate
+from typing import TypeVar
 
 import torch
 
@@ -45,6 +59,21 @@ from server.engine.request import Request
 from server.models.batch import BatchMeta
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+_Out = TypeVar("_Out")
+
+
+def prompt_buckets(max_tokens: int, seqs: int, max_model_len: int) -> tuple[int, ...]:
+    """Token counts of prompt graphs for steps of up to `max_tokens` real tokens padded to
+    `seqs` sequences: powers of two below 1,024 that hold the padding sequences, then
+    multiples of 512, the last just enough for `max_tokens` and one padding sequence
+    beside one real one (seqs - 1 padding tokens); none past `max_model_len` (the
+    padding's positions). (), with `max_tokens` 0."""
+    if max_tokens <= 0:
+        return ()
+    top = max_tokens + seqs - 1
+    small = (2 ** i for i in range(seqs.bit_length(), 10))
+    large = range(1024, top, 512)
+    return tuple(t for t in (*small, *large, top) if seqs <= t <= top and t <= max_model_len)
 
 
 def query_buckets(max_query_len: int) -> tuple[int, ...]:
@@ -100,13 +129,15 @@ class CudaGraphRunner:
                  max_model_len: int, max_batch: int, max_query_len: int,
                  window: SinkWindow | None = None,
                  sparse: tuple[int, SinkWindow] | None = None,
-                 draft: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
-                 ) -> None:
+                 draft: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                 prompt_tokens: int = 0) -> None:
         """`scratch_block` and `window`: the KV pool's (`BlockManager.pools[0]`); `sparse`:
         in a hybrid cache, the sink + window layers' pool's scratch block and window
         (`BatchMeta.sparse`), whose slots and block tables a step's inputs hold too.
         `draft`: a drafter's device loop (`Drafter.device_drafts`); graphs of Q > 1 then
-        also verify the step's drafts greedily and draft the next step (`_advance`)."""
+        also verify the step's drafts greedily and draft the next step (`_advance`).
+        `prompt_tokens`: steps that take in prompts replay prompt graphs up to this many
+        tokens (0: none; `prompt_buckets`)."""
         self.model = model
         self.draft = draft
         self.next: _Next | None = None
@@ -120,14 +151,23 @@ class CudaGraphRunner:
         self.query_buckets = query_buckets(max_query_len)
         self.max_model_len = max_model_len
         self.width = -(-max_model_len // block_size)
+        self.prompt_seqs = max_batch + 1  # (at least one padding sequence)
+        self.prompt_buckets = prompt_buckets(prompt_tokens, self.prompt_seqs, max_model_len)
+        b, t = self.buckets[-1], self.buckets[-1] * self.query_buckets[-1]
         self.inputs = GraphInputs(
             block_size, scratch_block, None if sparse is None else sparse[0], self.width,
-            (self.buckets[-1], self.query_buckets[-1]), next(iter(model.kv_caches))[0].device)
+            (max(b, self.prompt_seqs), max(t, *self.prompt_buckets, 0)),
+            next(iter(model.kv_caches))[0].device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.prompt_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: tuple | None = None
 
     def capture_all(self) -> None:
-        """Capture every (bucket, Q), largest first (so smaller ones reuse its pool)."""
+        """Capture every prompt graph and every (bucket, Q), largest first (so smaller ones
+        reuse its pool)."""
+        for t in reversed(self.prompt_buckets):
+            self.inputs.fill_prompts(self.prompt_seqs, t, [], [], [])
+            self._capture_prompts(t)
         for q in reversed(self.query_buckets):
             for b in reversed(self.buckets):
                 self.inputs.fill(b, q, [], [], [])
@@ -147,6 +187,41 @@ class CudaGraphRunner:
                             for s in scheduled):
             return None
         return next(b for b in self.buckets if b >= len(scheduled)), q
+
+    def prompt_key(self, out: SchedulerOutput) -> int | None:
+        """The token count of the prompt graph a step fits (its tokens, and one padding
+        token for each sequence it lacks of `prompt_seqs`), else None; for steps that
+        `key` does not graph (with prompts, or past its query buckets), and not for steps
+        launched ahead (their token ids are on the device)."""
+        scheduled = out.scheduled
+        if not self.prompt_buckets or len(scheduled) >= self.prompt_seqs or any(
+                s.ahead for s in scheduled):
+            return None
+        need = sum(s.num_new_tokens for s in scheduled) + self.prompt_seqs - len(scheduled)
+        return next((t for t in self.prompt_buckets if t >= need), None)
+
+    def run_prompts(self, out: SchedulerOutput, tables: list[list[int]],
+                    sparse_tables: list[list[int]] | None = None, graphed: bool = True
+                    ) -> tuple[torch.Tensor, list[int]] | None:
+        """The model's forward over a step through a prompt graph (captured first if new):
+        the hidden states of its tokens (a view of the graph's buffer, valid until its
+        next replay) and where each request's rows end; None where it fits none
+        (`prompt_key`). `graphed=False` runs the same padded step eagerly (for
+        comparisons). `tables`, `sparse_tables`: as `run`'s."""
+        t = self.prompt_key(out)
+        if t is None:
+            return None
+        starts = [s.request.num_computed_tokens for s in out.scheduled]
+        ids = [(s.request.all_token_ids + s.spec_token_ids)[start:start + s.num_new_tokens]
+               for s, start in zip(out.scheduled, starts, strict=True)]
+        self.inputs.fill_prompts(self.prompt_seqs, t, starts, ids, tables, sparse_tables)
+        if graphed:
+            graph, hidden = self.prompt_graphs.get(t) or self._capture_prompts(t)
+            graph.replay()
+        else:
+            hidden = self._model(self.prompt_seqs, t)
+        ends = list(accumulate(len(row) for row in ids))
+        return hidden[:ends[-1]], ends
 
     def run(self, out: SchedulerOutput, tables: list[list[int]],
             ahead_ids: torch.Tensor | None = None,
@@ -211,7 +286,7 @@ class CudaGraphRunner:
         nxt = self.next
         if nxt is None or nxt.ids.numel() != b * q:
             raise ValueError(f"no successor inputs of a ({b}, {q}) verification step to take")
-        ids, positions, slots, tables, seq_lens, _ = self.inputs.views(b, q)
+        ids, positions, slots, tables, seq_lens, _ = self.inputs.views(b, b * q)
         t, bs = n * q, self.block_size
         ids[:t].copy_(nxt.ids[:t])
         positions[:t].copy_(nxt.positions[:t])
@@ -220,19 +295,23 @@ class CudaGraphRunner:
         block, offset = pos // bs, (pos % bs).flatten()
         slots[:t].copy_(tables[:n].gather(1, block).flatten() * bs + offset)
         if self.sparse is not None:
-            sparse_slots, sparse_tables = self.inputs.sparse_views(b, q)
+            sparse_slots, sparse_tables = self.inputs.sparse_views(b, b * q)
             sparse_slots[:t].copy_(sparse_tables[:n].gather(1, block).flatten() * bs + offset)
+
+    def _model(self, b: int, t: int) -> torch.Tensor:
+        """The model's forward over the (B, T) inputs: hidden [T, hidden]."""
+        ids, positions, slots, tables, lens, qsl = self.inputs.views(b, t)
+        meta = BatchMeta(slots, tables, lens, qsl, **window_kwargs(self.window))
+        if self.sparse is not None:
+            meta.sparse = BatchMeta(*self.inputs.sparse_views(b, t), lens, qsl,
+                                    **window_kwargs(self.sparse[1]))
+        return self.model(ids, positions, meta)
 
     def _forward(self, b: int, q: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Next | None]:
         from kernels.triton_argmax import greedy_tokens  # CUDA only: triton is optional
 
-        ids, positions, slots, tables, lens, qsl = self.inputs.views(b, q)
-        meta = BatchMeta(slots, tables, lens, qsl, **window_kwargs(self.window))
-        if self.sparse is not None:
-            meta.sparse = BatchMeta(*self.inputs.sparse_views(b, q), lens, qsl,
-                                    **window_kwargs(self.sparse[1]))
-        hidden = self.model(ids, positions, meta)
+        hidden = self._model(b, b * q)
         logits = self.model.compute_logits(hidden)
         tokens = greedy_tokens(logits)
         nxt = None
@@ -247,7 +326,7 @@ class CudaGraphRunner:
         (`draft`), at the positions that follow. The host makes the same choice from the
         same tokens (`drafters.verify.verify_greedy`). A sequence that drafted fewer has
         padding in their place: its `next` is not used (`Replay.next_ids` is None)."""
-        ids, positions = self.inputs.views(b, q)[:2]
+        ids, positions = self.inputs.views(b, b * q)[:2]
         greedy, drafted = tokens.view(b, q), ids.view(b, q)
         accepted = (greedy[:, :-1] == drafted[:, 1:]).long().cumprod(1).sum(1)  # [b]
         rows = torch.arange(b, device=tokens.device) * q + accepted
@@ -259,16 +338,28 @@ class CudaGraphRunner:
                      (start + q).int())
 
     def _capture(self, b: int, q: int) -> _Graph:
-        """Warm up (compiles and autotunes kernels), then capture; inputs are already filled."""
+        """A (bucket, Q) graph; inputs are already filled."""
+        graph, (hidden, logits, tokens, nxt) = self._captured(partial(self._forward, b, q))
+        self.graphs[(b, q)] = _Graph(graph, hidden, logits, tokens, nxt)
+        return self.graphs[(b, q)]
+
+    def _capture_prompts(self, t: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The prompt graph of `t` tokens; inputs are already filled."""
+        self.prompt_graphs[t] = self._captured(partial(self._model, self.prompt_seqs, t))
+        return self.prompt_graphs[t]
+
+    def _captured(self, forward: Callable[[], _Out]) -> tuple[torch.cuda.CUDAGraph, _Out]:
+        """Warm up (compiles and autotunes kernels), then capture `forward` into a graph of
+        the shared pool: the graph, and its outputs."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(b, q)
+                forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            hidden, logits, tokens, nxt = self._forward(b, q)
+            outputs = forward()
         # a graph's first replay also uploads it to the device (docs/benchmarks/gpu.md, run
         # 105: the launch of graphs replayed once or twice in a run took 0.27-0.30 ms, of
         # the others 0.01-0.02): paid here, not by the first step that needs the graph and
@@ -276,8 +367,7 @@ class CudaGraphRunner:
         # ran on: this replay writes the same KV again.)
         graph.replay()
         self.pool = graph.pool()
-        self.graphs[(b, q)] = _Graph(graph, hidden, logits, tokens, nxt)
-        return self.graphs[(b, q)]
+        return graph, outputs
 
 
 def _newest(request: Request) -> int:

@@ -147,8 +147,10 @@ class LLMEngine:
             self.runner.warm_up(min(config.max_num_batched_tokens, self.max_model_len, 128))
         if graphed:
             # (verification of k drafts runs k + 1 tokens a sequence)
-            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len,
-                                           1 + config.num_speculative_tokens * bool(policy))
+            self.runner.enable_cuda_graphs(
+                config.max_num_seqs, self.max_model_len,
+                1 + config.num_speculative_tokens * bool(policy),
+                min(config.max_num_batched_tokens, config.prompt_graph_tokens))
             if policy is not None:  # decoding steps are replayed padded: drafts choose one Q
                 policy.buckets = tuple(self.runner.graphs.buckets)
                 policy.query_buckets = self.runner.graphs.query_buckets

@@ -116,20 +116,24 @@ class ModelRunner:
                                 and model.config.head_dim % 16 == 0)
 
     @torch.inference_mode()
-    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_query_len: int
-                           ) -> None:
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_query_len: int,
+                           prompt_tokens: int = 0) -> None:
         """Replay captured graphs for decode/verify steps (`server.engine.cuda_graphs`) of up
-        to `max_query_len` tokens a sequence."""
+        to `max_query_len` tokens a sequence, and for steps that take in prompts of up to
+        `prompt_tokens` tokens (0: those run eagerly)."""
         start = time.perf_counter()
         pools = self.blocks.pools
         sparse = (pools[1].hole, pools[1].window) if len(pools) > 1 else None
         draft = self.drafter.device_drafts() if self.drafter is not None else None
         self.graphs = CudaGraphRunner(self.model, self.blocks.block_size, pools[0].hole,
                                       max_model_len, max_batch, max_query_len,
-                                      window=pools[0].window, sparse=sparse, draft=draft)
+                                      window=pools[0].window, sparse=sparse, draft=draft,
+                                      prompt_tokens=prompt_tokens)
         self.graphs.capture_all()
-        log.info("captured %d CUDA graphs (batch buckets %s, query buckets %s) in %.1f s",
-                 len(self.graphs.graphs), self.graphs.buckets, self.graphs.query_buckets,
+        log.info("captured %d CUDA graphs (batch buckets %s, query buckets %s; prompt "
+                 "graphs of %s tokens) in %.1f s",
+                 len(self.graphs.graphs) + len(self.graphs.prompt_graphs), self.graphs.buckets,
+                 self.graphs.query_buckets, list(self.graphs.prompt_buckets),
                  time.perf_counter() - start)
 
     @torch.inference_mode()
@@ -165,7 +169,14 @@ class ModelRunner:
             replay = self.graphs.run(out, by_pool[0], ids, by_pool[1] if len(by_pool) > 1 else None,
                                      advance=advance)
         query_len = None
-        if replay is None:
+        prompts = None
+        if replay is None and self._prompt_graph(out, ids):
+            prompts = self.graphs.run_prompts(out, by_pool[0],
+                                              by_pool[1] if len(by_pool) > 1 else None)
+        if prompts is not None:  # a prompt graph's forward, then the rest as an eager step's
+            hidden, ends = prompts
+            all_logits, tokens, prompt = None, None, []
+        elif replay is None:
             inputs = build_inputs(out, by_pool, self.blocks.block_size, self.device,
                                   padded_groups=self.device.type == "cpu", ahead_ids=ids,
                                   windows=self.windows, native_prefill=self._native_prefill)
@@ -212,6 +223,14 @@ class ModelRunner:
             raise ValueError("a step launched ahead must compute its tokens on the device")
         return Launched(hidden, query_len, rows, owners, False, all_logits, by_row,
                         prompt=prompt, pooled=pooled)
+
+    def _prompt_graph(self, out: SchedulerOutput, ahead_ids: torch.Tensor | None) -> bool:
+        """Whether a step no decode graph takes may replay a prompt graph: not one launched
+        ahead, nor one whose hidden states are read after a later step may have replayed
+        the same graph (`finish`: prompt logprobs, a drafter's hidden-state inputs)."""
+        return (self.graphs is not None and bool(self.graphs.prompt_buckets) and ahead_ids is None
+                and not (self.drafter is not None and self.drafter.needs_hidden_states)
+                and not any(s.request.needs_prompt_logprobs for s in out.scheduled))
 
     def _copy_tokens(self, tokens: torch.Tensor, next_ids: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.cuda.Event] | None:

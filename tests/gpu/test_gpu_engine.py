@@ -36,7 +36,8 @@ def test_cuda_graphs_match_eager_and_cpu(tiny_model_dir, spec, arch):
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13)]
     spec_cfg = {"speculative": spec, "num_speculative_tokens": 3} if spec else {}
-    graphed, with_graphs = _generate(path, prompts, device="cuda", **spec_cfg)
+    graphed, with_graphs = _generate(path, prompts, device="cuda", prompt_graph_tokens=2048,
+                                     **spec_cfg)
     _, eager = _generate(path, prompts, device="cuda", enforce_eager=True, **spec_cfg)
     _, cpu = _generate(path, prompts, device="cpu")
     assert [c.token_ids for c in with_graphs] == [c.token_ids for c in eager]
@@ -47,6 +48,9 @@ def test_cuda_graphs_match_eager_and_cpu(tiny_model_dir, spec, arch):
     graphs = graphed.engine.runner.graphs  # every graph was captured at start-up
     assert set(graphs.graphs) == {(b, q) for b in (1, 2, 4, 8)
                                   for q in ((1, 2, 3, 4) if spec else (1,))}
+    # and the prompt graphs (9 sequences; buckets up to the 256 positions), which the
+    # prompts' steps replayed (the runner's choice: tests/test_prompt_graphs.py)
+    assert set(graphs.prompt_graphs) == {16, 32, 64, 128, 256}
     graphed.engine.blocks.check_integrity()
 
 
@@ -77,14 +81,16 @@ def test_prompt_logprobs_on_cuda_match_cpu(tiny_model_dir):
 def test_hybrid_cache_on_cuda_matches_eager_and_cpu(tiny_model_dir, spec):
     """A hybrid KV cache (window 6 after 1 sink on layers 0 and 2; full attention on 1)
     over prompts and outputs far past the window: graphs (steps launched ahead without
-    speculation), eager CUDA and the CPU give the same greedy tokens."""
+    speculation; steps that take in prompts through prompt graphs), eager CUDA and the CPU
+    give the same greedy tokens."""
     path = tiny_model_dir("llama")
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (3, 17, 40)]
     hybrid = {"sliding_window": 6, "num_sink_tokens": 1, "full_attention_layers": (1,)}
     if spec:
         hybrid.update(speculative=spec, num_speculative_tokens=3)
-    graphed, with_graphs = _generate(path, prompts, device="cuda", **hybrid)
+    graphed, with_graphs = _generate(path, prompts, device="cuda", prompt_graph_tokens=2048,
+                                     **hybrid)
     _, eager = _generate(path, prompts, device="cuda", enforce_eager=True, **hybrid)
     _, cpu = _generate(path, prompts, device="cpu", **hybrid)
     assert [c.token_ids for c in with_graphs] == [c.token_ids for c in eager]
@@ -284,9 +290,10 @@ def test_steps_launched_ahead_give_the_tokens_of_steps_in_turn(tiny_model_dir):
     """With graphs, decode steps are launched ahead of the step they follow (the engine's
     `launch_ahead`, on by default): greedy and seeded sampled requests of 2 to 24 tokens,
     some ended by a stop token, give the tokens of the same engine with it off; steps did
-    go ahead, and every block returns to the pool."""
+    go ahead, and every block returns to the pool. (Prompts of later requests are taken in
+    by prompt graphs between steps launched ahead.)"""
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=4,
-              max_num_seqs=8, device="cuda")
+              max_num_seqs=8, device="cuda", prompt_graph_tokens=2048)
     engine = llm.engine
     assert engine.launch_ahead
     ahead = []
