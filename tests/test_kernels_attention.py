@@ -28,6 +28,8 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size, window, sinks
     ([90, 33], [20, 33], 4, 1, 16, 32, 16, 0),  # long queries (several chunks), window only
     ([600, 64], [1, 2], 4, 2, 32, 16, None, 0),  # 10 and 1 tiles: uneven split-KV shares
     ([66, 129], [5, 9], 4, 2, 32, 16, None, 0),  # a step's new tokens across a tile edge
+    # a prompt graph's step: a prompt chunk, a decode, padding sequences of 1 and 12 tokens
+    ([50, 7, 1, 1, 1, 12], [20, 1, 1, 1, 1, 12], 9, 3, 64, 16, None, 0),
 ]
 
 
