@@ -20,6 +20,9 @@
 #   phases   where an engine step's time goes by step shape, host phases against the graph's
 #            device time, the default model ($GGUF) in bfloat16 with n-gram drafts
 #            (python3 -m server.benchmarks.phases) [$PHASES_ARGS]
+#   prompts  steps that take in prompts through prompt graphs against eager ones
+#            (python3 -m server.benchmarks.prompt_steps), $GGUF or a random model of its shape
+#            [$PROMPTS_ARGS]
 #   probe    python3 -m kernels.probe_loads (loads-only floor of the int4 GEMV's access pattern)
 #   attention python3 -m kernels.bench_attention (decode attention by tile size and split
 #            count, the default model's and the 8B's shapes) [$ATTENTION_ARGS]
@@ -124,6 +127,14 @@ for s in $STEPS; do
       else
         echo "=== serve: skipped (no GGUF=...)"
       fi ;;
+    prompts)  # prompt graphs against eager prompt steps: $GGUF, else a random model of the
+      # default model's shape (SmolLM2-135M: 30 layers, hidden 576, 9 heads, 3 KV heads)
+      model="${GGUF:-/tmp/smolshape}"
+      [ -n "$GGUF" ] || python3 -c "from pathlib import Path; from tests.tiny_models import \
+save_tiny_model as s; s('llama', Path('$model'), hidden_size=576, intermediate_size=1536, \
+num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, \
+max_position_embeddings=8192)" >/dev/null 2>&1
+      step prompts 240 python3 -m server.benchmarks.prompt_steps "$model" ${PROMPTS_ARGS:-} ;;
     probe) step probe 240 python3 -m kernels.probe_loads ;;
     attention) step attention 300 python3 -m kernels.bench_attention --json "$OUT/attention.json" \
       ${ATTENTION_ARGS:-} ;;
