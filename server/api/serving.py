@@ -48,7 +48,9 @@ class Formatter(Responder, Protocol):
 
     named_events: bool
     """Stream chunks go out as `event: <its type>` + `data:` (the Responses API); else as
-    `data:` alone, the stream ending with `data: [DONE]` (chat, completions)."""
+    `data:` alone."""
+    done_marker: bool
+    """The stream ends with `data: [DONE]` (chat, completions; not llama.cpp's /infill)."""
 
     def prelude(self) -> list[dict[str, Any]]: ...
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None: ...
@@ -96,12 +98,13 @@ class Generation:
 
     def __init__(self, state: ServerState, engine: EngineClient, jobs: list[ChoiceJob],
                  prompt_lengths: list[int], formatter: Responder, user: str | None,
-                 window: int | None = None) -> None:
+                 window: int | None = None, timing: RequestTiming | None = None) -> None:
         """`formatter`: a `Formatter` where the request may stream; `window`: at most this
-        many jobs in the engine at once (`merged_outputs`)."""
+        many jobs in the engine at once (`merged_outputs`); `timing`: the request's marks
+        (where its formatter reads them too)."""
         self.state, self.engine, self.jobs, self.window = state, engine, jobs, window
         self.prompt_lengths, self.formatter, self.user = prompt_lengths, formatter, user
-        self.timing = RequestTiming()
+        self.timing = timing or RequestTiming()
 
     async def respond(self, request: Request, stream: bool, include_usage: bool,
                       continuous_usage: bool = False) -> Response:
@@ -179,7 +182,7 @@ class Generation:
             release()
             self._log(results, outcome or None)
             await outputs.aclose()
-        if not named:
+        if formatter.done_marker:
             yield _sse("[DONE]")
 
     def _log(self, results: list[ChoiceResult], outcome: str | None) -> None:

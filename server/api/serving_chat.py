@@ -90,6 +90,8 @@ class ChatFormatter:
 
     named_events = False
 
+    done_marker = True
+
     def __init__(self, request_id: str, model: str, num_choices: int,
                  texts: TokenTexts | None, mode: ToolMode = NO_TOOLS,
                  reasoning: ReasoningParser | None = None, prediction: tuple[int, ...] = ()

@@ -44,6 +44,8 @@ class CompletionFormatter:
 
     named_events = False
 
+    done_marker = True
+
     def __init__(self, request_id: str, model: str, n: int, prompt_ids: list[list[int]],
                  echo_texts: list[str] | None, texts: TokenTexts | None,
                  score_only: bool = False) -> None:

@@ -64,6 +64,8 @@ class ResponsesFormatter:
     """The Responses API's response object and stream events for one request."""
 
     named_events = True
+
+    done_marker = False
     num_choices = 1
 
     def __init__(self, request_id: str, req: ResponsesRequest, model: str,
