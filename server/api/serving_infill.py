@@ -1,0 +1,179 @@
+"""POST /infill: llama.cpp's code-infill endpoint, as editor plugins call it (llama.vim,
+llama.vscode): the text before the cursor (`input_prefix`), the current line so far
+(`prompt`), the text after (`input_suffix`) and other files' text (`input_extra`), in the
+model's fill-in-the-middle format (`server.api.infill`); the reply is llama.cpp's
+/completion body (`content`, `stop`, `timings`, ...) or, with `stream`, its `data:`
+chunks, the last with `stop: true` (no `[DONE]`).
+
+llama.cpp's sampling defaults apply (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05),
+and its names for OpenAI's fields (`n_predict`, `repeat_penalty`); fields this server has
+no use for (`cache_prompt`: the prefix cache is always on; `id_slot`, `samplers`,
+`t_max_prompt_ms`, `t_max_predict_ms`, `n_indent`, ...) are accepted and ignored, as
+llama.cpp ignores fields it does not know. `n_predict` 0 computes the prompt alone, which
+plugins send to have other files' text cached before the next request needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.api.admission import admit_generation, new_request_id, sampling_params
+from server.api.config import ApiConfig
+from server.api.errors import bad_request
+from server.api.generation import ChoiceResult, RequestTiming, check_context_length, make_jobs
+from server.api.infill import InfillTokens, infill_tokens
+from server.api.protocol import SamplingRequest
+from server.api.serving import Generation
+from server.api.state import ServerState
+from server.engine.outputs import RequestOutput
+
+logger = logging.getLogger("leapfrog.api")
+
+WINDOW = 2048
+"""Tokens of the prefix (3/4) and suffix (1/4) kept around the gap (llama.cpp's default
+batch size, which it takes them from), at most half the context; the rest of the context,
+less twice the tokens asked for, goes to `input_extra` (as in llama.cpp)."""
+
+
+class InfillFile(BaseModel):
+    filename: str = "tmp"
+    text: str = ""
+
+
+class InfillRequest(SamplingRequest):
+    """llama.cpp's /infill body (`SamplingRequest`'s OpenAI names are accepted too)."""
+
+    model_config = ConfigDict(extra="ignore")
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[InfillFile] = Field(default_factory=list)
+    prompt: str = ""
+    """The current line up to the cursor: after the prefix, in the prefix's part."""
+    n_predict: int | None = None
+    """Most tokens generated (-1 or absent: `max_tokens`, else what the context leaves)."""
+    repeat_penalty: float | None = None
+    temperature: float | None = 0.8
+    top_k: int | None = 40
+    top_p: float | None = 0.95
+    min_p: float | None = 0.05
+
+    @field_validator("seed")
+    @classmethod
+    def _random_seed(cls, value: int | None) -> int | None:
+        return None if value is not None and value < 0 else value  # (llama.cpp's -1)
+
+    @field_validator("model")
+    @classmethod
+    def _no_model(cls, value: str | None) -> str | None:
+        return value or None  # (plugins send "" when no model is configured)
+
+
+class InfillFormatter:
+    """llama.cpp's /completion bodies and stream chunks for one /infill request."""
+
+    named_events = False
+    done_marker = False
+    num_choices = 1
+
+    def __init__(self, request_id: str, model: str, prompt_ids: list[int], truncated: bool,
+                 end_ids: set[int], timing: RequestTiming, score_only: bool) -> None:
+        """`end_ids`: tokens whose generation is an end of sequence (`stop_type` "eos");
+        `score_only`: n_predict 0, the prompt computed and nothing returned."""
+        self.request_id, self.model, self.prompt_ids = request_id, model, prompt_ids
+        self.truncated, self.end_ids, self.timing = truncated, end_ids, timing
+        self.score_only = score_only
+
+    def prelude(self) -> list[dict[str, Any]]:
+        return []
+
+    def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
+        if not out.new_text:
+            return None
+        return {"index": 0, "content": out.new_text, "tokens": out.new_token_ids,
+                "stop": False, "id_slot": -1, "tokens_predicted": out.num_output_tokens,
+                "tokens_evaluated": len(self.prompt_ids)}
+
+    def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
+                include_usage: bool) -> list[dict[str, Any]]:
+        return [{**self._final(results[0], streamed=True), "content": "", "tokens": []}]
+
+    def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
+        return self._final(results[0], streamed=False)
+
+    def _final(self, result: ChoiceResult, streamed: bool) -> dict[str, Any]:
+        """The last body: the whole content (unless streamed), why it stopped, timings."""
+        content = "" if self.score_only else "".join(result.text)
+        predicted = 0 if self.score_only else result.num_output_tokens
+        if self.score_only or result.finish_reason == "length":
+            stop_type = "limit"
+        elif result.token_ids and result.token_ids[-1] in self.end_ids:
+            stop_type = "eos"
+        else:
+            stop_type = "word"
+        return {"index": 0, "content": content,
+                "tokens": [] if self.score_only else result.token_ids, "id_slot": -1,
+                "stop": True, "model": self.model, "tokens_predicted": predicted,
+                "tokens_evaluated": len(self.prompt_ids), "prompt": "",
+                "has_new_line": "\n" in content, "truncated": self.truncated,
+                "stop_type": stop_type, "stopping_word": "",
+                "tokens_cached": result.num_cached_tokens,
+                "timings": self._timings(result, predicted)}
+
+    def _timings(self, result: ChoiceResult, predicted: int) -> dict[str, float]:
+        """llama.cpp's timings: the prompt's part (the tokens computed, not found in the
+        prefix cache) up to the first token, generation's after it."""
+        ttft = self.timing.ttft() or 0.0
+        prompt_n = len(self.prompt_ids) - result.num_cached_tokens
+        prompt_ms, predicted_ms = ttft * 1e3, (self.timing.elapsed() - ttft) * 1e3
+        return {"prompt_n": prompt_n, "prompt_ms": prompt_ms,
+                "prompt_per_token_ms": prompt_ms / max(prompt_n, 1),
+                "prompt_per_second": prompt_n / ttft if ttft else 0.0,
+                "predicted_n": predicted, "predicted_ms": predicted_ms,
+                "predicted_per_token_ms": predicted_ms / max(predicted, 1),
+                "predicted_per_second": predicted / predicted_ms * 1e3 if predicted_ms else 0.0}
+
+
+def _infill_tokens(tokenizer: Any) -> InfillTokens:
+    infill = infill_tokens(tokenizer)
+    if infill is None:
+        raise bad_request("This model's tokenizer has no fill-in-the-middle tokens (such as "
+                          "<|fim_prefix|>, <fim_prefix> or <PRE>): /infill needs a code model "
+                          "trained to fill in the middle.", code="infill_not_supported")
+    return infill
+
+
+async def create_infill(request: Request, state: ServerState, api: ApiConfig) -> Response:
+    engine, req = await admit_generation(request, state, api, InfillRequest)
+    infill = _infill_tokens(engine.tokenizer)
+    request_id = new_request_id("infill")
+    n_predict = req.n_predict if req.n_predict is not None and req.n_predict >= 0 else None
+    score_only = n_predict == 0
+    wanted = 1 if score_only else n_predict if n_predict is not None else req.max_tokens
+    window = min(WINDOW, engine.max_model_len // 2)
+    room = engine.max_model_len - window - 2 * (wanted or 0)
+    prompt_ids, truncated = infill.with_context(
+        engine.tokenizer, req.input_prefix, req.prompt, req.input_suffix,
+        [(f.filename, f.text) for f in req.input_extra], window, room)
+    max_tokens = wanted if wanted is not None else max(engine.max_model_len - len(prompt_ids), 1)
+    check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
+    if req.repeat_penalty is not None and req.repetition_penalty is None:
+        req.repetition_penalty = req.repeat_penalty
+    params = sampling_params(req, max_tokens, None, engine.tokenizer)
+    params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *infill.ends])
+    if api.log_prompts:
+        logger.debug("request %s prompt ids: %r", request_id, prompt_ids)
+    end_ids = set(params.stop_token_ids)
+    if engine.tokenizer.eos_token_id is not None:
+        end_ids.add(engine.tokenizer.eos_token_id)
+    timing = RequestTiming()
+    formatter = InfillFormatter(request_id, engine.model_name, prompt_ids, truncated, end_ids,
+                                timing, score_only)
+    generation = Generation(state, engine, make_jobs(request_id, [prompt_ids], 1, params),
+                            [len(prompt_ids)], formatter, req.user, timing=timing)
+    return await generation.respond(request, req.stream and not score_only, False)

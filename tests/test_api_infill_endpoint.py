@@ -1,0 +1,165 @@
+"""llama.cpp's POST /infill (`server.api.serving_infill`): the prompt with other files'
+text, llama.cpp's sampling defaults and field names, its response body and stream, and
+`n_predict` 0 (the prompt computed, nothing returned)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from server.api.infill import infill_tokens
+from tests.api_fakes import FakeEngine, FakeTokenizer
+from tests.api_server import app_in_thread
+
+# Qwen2.5-Coder's infill and repository tokens, ids 300-307
+QWEN = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|endoftext|>", "<|fim_pad|>",
+        "<|file_sep|>", "<|repo_name|>"]
+PRE, SUF, MID, SEP, REPO = 300, 301, 302, 305, 306
+
+
+class CoderTokenizer(FakeTokenizer):
+    """The fake's characters, and `names` as ids from 300."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def __len__(self) -> int:
+        return 300 + len(self.names)
+
+    def get_vocab(self) -> dict[str, int]:
+        return super().get_vocab() | {name: 300 + i for i, name in enumerate(self.names)}
+
+
+def _ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def test_the_prompt_puts_other_files_before_the_gap() -> None:
+    """With the repository tokens: the repository's name, each file's path and text after a
+    file separator, then the current file's, then the gap (the current line's text after
+    the prefix); without them each file's text after a plain-text separator."""
+    infill = infill_tokens(CoderTokenizer(QWEN))
+    prompt, cut = infill.with_context(CoderTokenizer(QWEN), "ab", "c", "d",
+                                      [("x.py", "X"), ("y.py", "Y")], 64, 100)
+    assert prompt == [REPO, *_ids("myproject\n"), SEP, *_ids("x.py\n"), *_ids("X"), SEP,
+                      *_ids("y.py\n"), *_ids("Y"), SEP, *_ids("filename\n"), PRE, *_ids("abc"),
+                      SUF, *_ids("d"), MID]
+    assert not cut
+    plain = CoderTokenizer(QWEN[:5])
+    prompt, _ = infill_tokens(plain).with_context(plain, "ab", "", "d", [("x.py", "X")], 64, 100)
+    assert prompt == [*_ids("\n\n--- snippet ---\n\nX"), PRE, *_ids("ab"), SUF, *_ids("d"), MID]
+
+
+def test_the_prompt_keeps_the_text_nearest_the_gap() -> None:
+    """The prefix's last 3/4 of the window, the suffix's first 1/4 less the current line and
+    two markers; of the other files the last whole, the one before it its text's end after
+    its path, within `room` with the repository's header and the current file's separator;
+    anything cut is reported."""
+    tok = CoderTokenizer(QWEN)
+    infill = infill_tokens(tok)
+    files = [("z", "Z" * 9), ("a", "A" * 10), ("b", "B" * 5)]
+    # 11 + 10 for the header and separator, 3 + 5 for b, then 7: a's path and 4 of its text
+    prompt, cut = infill.with_context(tok, "p" * 30 + "q" * 12, "t", "s" * 5 + "u" * 20,
+                                      files, 16, 36)
+    # window 16: 12 of the prefix; 16 / 4 - 2 - 1 = 1 of the suffix
+    assert prompt == [REPO, *_ids("myproject\n"), SEP, *_ids("a\nAAAA"), SEP, *_ids("b\nBBBBB"),
+                      SEP, *_ids("filename\n"), PRE, *_ids("q" * 12 + "t"), SUF, *_ids("s"), MID]
+    assert cut
+    prompt, cut = infill.with_context(tok, "pq", "", "s", files, 16, 19)  # (no room)
+    assert prompt == [PRE, *_ids("pq"), SUF, *_ids("s"), MID] and cut
+    assert not infill.with_context(tok, "pq", "", "s", files[2:], 16, 29)[1]  # (b fits)
+    assert infill.with_context(tok, "pq", "", "s", files[2:], 16, 28)[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = FakeEngine(step_s=0.0, max_model_len=4096)
+    engine.tokenizer = CoderTokenizer(QWEN)
+    with app_in_thread(lambda: engine) as (url, _):
+        yield url, engine
+
+
+def _infill(url: str, **body) -> httpx.Response:
+    return httpx.post(url + "/infill", json={"input_prefix": "def f(", "input_suffix": ")\n",
+                                             "n_predict": 6, **body}, timeout=30)
+
+
+def test_infill_answers_as_llama_cpp(served) -> None:
+    """llama.vim's request (its llama.cpp-only fields ignored, an empty model name) gets
+    llama.cpp's body; the engine gets the prompt, llama.cpp's sampling defaults, the
+    infill stop tokens and the asked length, which ends the answer ("limit")."""
+    url, engine = served
+    reply = _infill(url, prompt="x", input_extra=[{"filename": "a.py", "text": "A"}], model="",
+                    cache_prompt=True, samplers=["top_k", "top_p", "infill"], id_slot=0,
+                    t_max_prompt_ms=500, t_max_predict_ms=1000, n_indent=4, top_k=20)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    rid = list(engine.prompt_ids)[-1]
+    prompt = engine.prompt_ids[rid]
+    assert prompt == [REPO, *_ids("myproject\n"), SEP, *_ids("a.py\n"), *_ids("A"), SEP,
+                      *_ids("filename\n"), PRE, *_ids("def f(x"), SUF, *_ids(")\n"), MID]
+    params = engine.params[rid]
+    assert (params.max_tokens, params.temperature, params.top_k, params.top_p, params.min_p) == (
+        6, 0.8, 20, 0.95, 0.05)
+    assert params.stop_token_ids == [303, 304, 305, 306]
+    assert len(body["content"]) == 6 and body["stop"] is True
+    assert body["stop_type"] == "limit" and body["tokens_predicted"] == 6
+    assert body["tokens_evaluated"] == len(prompt) and body["truncated"] is False
+    assert body["model"] == "fake-model" and body["tokens"] == _ids(body["content"])
+    assert body["timings"]["predicted_n"] == 6 and body["timings"]["prompt_n"] == len(prompt)
+
+
+def test_infill_streams_llama_cpp_chunks(served) -> None:
+    """Each piece a `data:` chunk with `stop` false, then a last chunk with `stop` true and
+    the timings; no `[DONE]`; the pieces make the unstreamed content."""
+    url, _ = served
+    whole = _infill(url, seed=3).json()["content"]
+    with httpx.stream("POST", url + "/infill", timeout=30, json={
+            "input_prefix": "def f(", "input_suffix": ")\n", "n_predict": 6, "seed": 3,
+            "stream": True}) as reply:
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines]
+    assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert "".join(c["content"] for c in chunks) == whole
+    assert chunks[-1]["tokens_predicted"] == 6 and "timings" in chunks[-1]
+
+
+def test_a_stop_word_and_a_negative_seed(served) -> None:
+    """A stop string ends the answer before it ("word"); seed -1 is llama.cpp's random
+    seed; repeat_penalty is repetition_penalty."""
+    url, engine = served
+    first = _infill(url, seed=5).json()["content"]
+    assert _infill(url, seed=-1, repeat_penalty=1.1).status_code == 200
+    params = engine.params[list(engine.params)[-1]]
+    assert params.seed is None and params.repetition_penalty == 1.1
+    reply = _infill(url, seed=5, stop=[first[2]]).json()
+    assert reply["content"] == first[:2] and reply["stop_type"] == "word"
+
+
+def test_n_predict_0_computes_the_prompt_alone(served) -> None:
+    """(llama.vim's way to have other files' text cached): the engine computes the prompt
+    (one token), the reply has no content."""
+    url, engine = served
+    body = _infill(url, n_predict=0, input_extra=[{"filename": "b.py", "text": "B"}]).json()
+    assert engine.params[list(engine.params)[-1]].max_tokens == 1
+    assert body["content"] == "" and body["tokens_predicted"] == 0 and body["stop"] is True
+
+
+@pytest.mark.parametrize(("body", "param"), [({"n_predict": "many"}, "n_predict"),
+                                             ({"input_extra": "text"}, "input_extra")])
+def test_bad_infill_requests_are_400s(served, body, param) -> None:
+    url, _ = served
+    reply = _infill(url, **body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+def test_a_model_without_infill_tokens_is_a_400() -> None:
+    with app_in_thread(lambda: FakeEngine(step_s=0.0)) as (url, _):
+        reply = _infill(url)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "infill_not_supported"
