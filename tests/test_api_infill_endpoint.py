@@ -163,3 +163,25 @@ def test_a_model_without_infill_tokens_is_a_400() -> None:
         reply = _infill(url)
     assert reply.status_code == 400
     assert reply.json()["error"]["code"] == "infill_not_supported"
+
+
+class SlowLines(FakeEngine):
+    """A line of two letters, then letters, a token every 20 ms."""
+
+    def script(self, prompt: list[int], params) -> str:
+        return "ab\n" + "c" * 40
+
+
+def test_t_max_predict_ms_ends_the_answer_after_a_new_line() -> None:
+    """llama.cpp's time limit: once the answer has a new line and generating has taken
+    longer, the answer ends ("limit") and the request leaves the engine; without it, the
+    whole n_predict."""
+    engine = SlowLines(step_s=0.02, max_model_len=4096)
+    engine.tokenizer = CoderTokenizer(QWEN)
+    with app_in_thread(lambda: engine) as (url, _):
+        body = _infill(url, n_predict=30, t_max_predict_ms=100).json()
+        whole = _infill(url, n_predict=30).json()
+    assert body["content"].startswith("ab\nc") and 4 <= body["tokens_predicted"] < 30
+    assert body["stop_type"] == "limit"
+    assert engine.aborted == [list(engine.params)[0]]
+    assert whole["tokens_predicted"] == 30

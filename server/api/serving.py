@@ -32,6 +32,8 @@ from server.engine.outputs import RequestOutput
 
 logger = logging.getLogger("leapfrog.api")
 _CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody receives it
+Outputs = AsyncIterator[tuple[int, RequestOutput]]
+"""A request's outputs: (choice index, delta), as `merged_outputs` yields them."""
 
 
 class Responder(Protocol):
@@ -98,18 +100,23 @@ class Generation:
 
     def __init__(self, state: ServerState, engine: EngineClient, jobs: list[ChoiceJob],
                  prompt_lengths: list[int], formatter: Responder, user: str | None,
-                 window: int | None = None, timing: RequestTiming | None = None) -> None:
+                 window: int | None = None, timing: RequestTiming | None = None,
+                 until: Callable[[Outputs], Outputs] | None = None) -> None:
         """`formatter`: a `Formatter` where the request may stream; `window`: at most this
         many jobs in the engine at once (`merged_outputs`); `timing`: the request's marks
-        (where its formatter reads them too)."""
+        (where its formatter reads them too); `until`: wraps the jobs' outputs, and may end
+        them early (closing what it wraps ends the jobs in the engine)."""
         self.state, self.engine, self.jobs, self.window = state, engine, jobs, window
         self.prompt_lengths, self.formatter, self.user = prompt_lengths, formatter, user
         self.timing = timing or RequestTiming()
+        self.until = until
 
     async def respond(self, request: Request, stream: bool, include_usage: bool,
                       continuous_usage: bool = False) -> Response:
         release = self.state.acquire()
         outputs = merged_outputs(self.engine, self.jobs, self.window)
+        if self.until is not None:
+            outputs = self.until(outputs)
         handed_off = False  # once the stream response owns `release` and `outputs`
         try:
             if not stream:

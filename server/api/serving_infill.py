@@ -6,9 +6,10 @@ model's fill-in-the-middle format (`server.api.infill`); the reply is llama.cpp'
 chunks, the last with `stop: true` (no `[DONE]`).
 
 llama.cpp's sampling defaults apply (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05),
-and its names for OpenAI's fields (`n_predict`, `repeat_penalty`); fields this server has
-no use for (`cache_prompt`: the prefix cache is always on; `id_slot`, `samplers`,
-`t_max_prompt_ms`, `t_max_predict_ms`, `n_indent`, ...) are accepted and ignored, as
+and its names for OpenAI's fields (`n_predict`, `repeat_penalty`), and its
+`t_max_predict_ms` (once the answer has a new line, it ends when generating has taken that
+long); fields this server has no use for (`cache_prompt`: the prefix cache is always on;
+`id_slot`, `samplers`, `t_max_prompt_ms`, `n_indent`, ...) are accepted and ignored, as
 llama.cpp ignores fields it does not know. `n_predict` 0 computes the prompt alone, which
 plugins send to have other files' text cached before the next request needs it.
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -29,7 +32,7 @@ from server.api.errors import bad_request
 from server.api.generation import ChoiceResult, RequestTiming, check_context_length, make_jobs
 from server.api.infill import InfillTokens, infill_tokens
 from server.api.protocol import SamplingRequest
-from server.api.serving import Generation
+from server.api.serving import Generation, Outputs
 from server.api.state import ServerState
 from server.engine.outputs import RequestOutput
 
@@ -58,6 +61,9 @@ class InfillRequest(SamplingRequest):
     n_predict: int | None = None
     """Most tokens generated (-1 or absent: `max_tokens`, else what the context leaves)."""
     repeat_penalty: float | None = None
+    t_max_predict_ms: float | None = None
+    """Once the answer has a new line, it ends (`stop_type` "limit") as soon as generating
+    has taken this long since the first token (0 or absent: no limit)."""
     temperature: float | None = 0.8
     top_k: int | None = 40
     top_p: float | None = 0.95
@@ -139,6 +145,24 @@ class InfillFormatter:
                 "predicted_per_second": predicted / predicted_ms * 1e3 if predicted_ms else 0.0}
 
 
+def _time_limit(limit_s: float) -> Callable[[Outputs], Outputs]:
+    """llama.cpp's `t_max_predict_ms`: the outputs, the first that arrives with a new line
+    in the answer so far and `limit_s` after the first output ending them."""
+    async def limited(outputs: Outputs) -> Outputs:
+        start, newline = None, False
+        try:
+            async for index, out in outputs:
+                start = start or time.monotonic()
+                newline = newline or "\n" in out.new_text
+                if not out.finished and newline and time.monotonic() - start > limit_s:
+                    yield index, dataclasses.replace(out, finished=True, finish_reason="length")
+                    return
+                yield index, out
+        finally:  # (ends the request in the engine if it still runs)
+            await outputs.aclose()
+    return limited
+
+
 def _infill_tokens(tokenizer: Any) -> InfillTokens:
     infill = infill_tokens(tokenizer)
     if infill is None:
@@ -174,6 +198,7 @@ async def create_infill(request: Request, state: ServerState, api: ApiConfig) ->
     timing = RequestTiming()
     formatter = InfillFormatter(request_id, engine.model_name, prompt_ids, truncated, end_ids,
                                 timing, score_only)
+    limit = _time_limit(req.t_max_predict_ms / 1e3) if req.t_max_predict_ms else None
     generation = Generation(state, engine, make_jobs(request_id, [prompt_ids], 1, params),
-                            [len(prompt_ids)], formatter, req.user, timing=timing)
+                            [len(prompt_ids)], formatter, req.user, timing=timing, until=limit)
     return await generation.respond(request, req.stream and not score_only, False)
