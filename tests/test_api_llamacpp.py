@@ -1,6 +1,6 @@
-"""llama.cpp's POST /infill (`server.api.serving_infill`): the prompt with other files'
-text, llama.cpp's sampling defaults and field names, its response body and stream, and
-`n_predict` 0 (the prompt computed, nothing returned)."""
+"""llama.cpp's POST /infill and /completion (`server.api.serving_llamacpp`): the infill
+prompt with other files' text, llama.cpp's sampling defaults and field names, its response
+body and stream, `n_predict` 0 (the prompt computed, nothing returned), its time limit."""
 
 from __future__ import annotations
 
@@ -185,3 +185,20 @@ def test_t_max_predict_ms_ends_the_answer_after_a_new_line() -> None:
     assert body["stop_type"] == "limit"
     assert engine.aborted == [list(engine.params)[0]]
     assert whole["tokens_predicted"] == 30
+
+
+def test_completion_takes_text_or_token_ids(served) -> None:
+    """llama.cpp's /completion: a text prompt tokenized as the model's, or token ids; the
+    same reply body as /infill; a token id outside the vocabulary is a 400 naming prompt."""
+    url, engine = served
+    for prompt, ids in (("hi", _ids("hi")), ([104, 105], [104, 105])):
+        reply = httpx.post(url + "/completion", json={"prompt": prompt, "n_predict": 3,
+                                                      "cache_prompt": True}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert engine.prompt_ids[list(engine.prompt_ids)[-1]] == ids
+        assert len(body["content"]) == 3 and body["stop_type"] == "limit"
+        assert body["tokens_evaluated"] == 2 and body["stop"] is True
+    for prompt in ([1, 10**6], ""):
+        reply = httpx.post(url + "/completion", json={"prompt": prompt}, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"

@@ -1,17 +1,18 @@
-"""POST /infill: llama.cpp's code-infill endpoint, as editor plugins call it (llama.vim,
-llama.vscode): the text before the cursor (`input_prefix`), the current line so far
-(`prompt`), the text after (`input_suffix`) and other files' text (`input_extra`), in the
-model's fill-in-the-middle format (`server.api.infill`); the reply is llama.cpp's
+"""llama.cpp's own endpoints, for clients written against llama-server: POST /completion
+(a prompt, as text or token ids) and POST /infill (code infill, as editor plugins call it:
+llama.vim, llama.vscode): the text before the cursor (`input_prefix`), the current line so
+far (`prompt`), the text after (`input_suffix`) and other files' text (`input_extra`), in
+the model's fill-in-the-middle format (`server.api.infill`). Both reply with llama.cpp's
 /completion body (`content`, `stop`, `timings`, ...) or, with `stream`, its `data:`
 chunks, the last with `stop: true` (no `[DONE]`).
 
 llama.cpp's sampling defaults apply (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05),
-and its names for OpenAI's fields (`n_predict`, `repeat_penalty`), and its
-`t_max_predict_ms` (once the answer has a new line, it ends when generating has taken that
-long); fields this server has no use for (`cache_prompt`: the prefix cache is always on;
-`id_slot`, `samplers`, `t_max_prompt_ms`, `n_indent`, ...) are accepted and ignored, as
-llama.cpp ignores fields it does not know. `n_predict` 0 computes the prompt alone, which
-plugins send to have other files' text cached before the next request needs it.
+its names for OpenAI's fields (`n_predict`, `repeat_penalty`), and its `t_max_predict_ms`
+(once the answer has a new line, it ends when generating has taken that long); fields this
+server has no use for (`cache_prompt`: the prefix cache is always on; `id_slot`,
+`samplers`, `t_max_prompt_ms`, `n_indent`, ...) are accepted and ignored, as llama.cpp
+ignores fields it does not know. `n_predict` 0 computes the prompt alone, which plugins
+send to have other files' text cached before the next request needs it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.api.admission import admit_generation, new_request_id, sampling_params
+from server.api.admission import (
+    admit_generation,
+    new_request_id,
+    sampling_params,
+    tokenize_prompts,
+)
 from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import ChoiceResult, RequestTiming, check_context_length, make_jobs
@@ -49,15 +55,11 @@ class InfillFile(BaseModel):
     text: str = ""
 
 
-class InfillRequest(SamplingRequest):
-    """llama.cpp's /infill body (`SamplingRequest`'s OpenAI names are accepted too)."""
+class LlamaCppRequest(SamplingRequest):
+    """What /completion and /infill bodies share: llama.cpp's names and defaults
+    (`SamplingRequest`'s OpenAI names are accepted too); unknown fields ignored."""
 
     model_config = ConfigDict(extra="ignore")
-    input_prefix: str = ""
-    input_suffix: str = ""
-    input_extra: list[InfillFile] = Field(default_factory=list)
-    prompt: str = ""
-    """The current line up to the cursor: after the prefix, in the prefix's part."""
     n_predict: int | None = None
     """Most tokens generated (-1 or absent: `max_tokens`, else what the context leaves)."""
     repeat_penalty: float | None = None
@@ -80,8 +82,25 @@ class InfillRequest(SamplingRequest):
         return value or None  # (plugins send "" when no model is configured)
 
 
-class InfillFormatter:
-    """llama.cpp's /completion bodies and stream chunks for one /infill request."""
+class InfillRequest(LlamaCppRequest):
+    """POST /infill."""
+
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[InfillFile] = Field(default_factory=list)
+    prompt: str = ""
+    """The current line up to the cursor: after the prefix, in the prefix's part."""
+
+
+class CompletionBody(LlamaCppRequest):
+    """POST /completion: `prompt` as text (tokenized with the model's special tokens, as
+    llama.cpp's) or token ids."""
+
+    prompt: str | list[int]
+
+
+class LlamaCppFormatter:
+    """llama.cpp's /completion bodies and stream chunks for one request."""
 
     named_events = False
     done_marker = False
@@ -107,13 +126,14 @@ class InfillFormatter:
 
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
                 include_usage: bool) -> list[dict[str, Any]]:
-        return [{**self._final(results[0], streamed=True), "content": "", "tokens": []}]
+        return [{**self._final(results[0]), "content": "", "tokens": []}]
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
-        return self._final(results[0], streamed=False)
+        return self._final(results[0])
 
-    def _final(self, result: ChoiceResult, streamed: bool) -> dict[str, Any]:
-        """The last body: the whole content (unless streamed), why it stopped, timings."""
+    def _final(self, result: ChoiceResult) -> dict[str, Any]:
+        """The last body: the whole content (a stream's last chunk leaves it out), why it
+        stopped, timings."""
         content = "" if self.score_only else "".join(result.text)
         predicted = 0 if self.score_only else result.num_output_tokens
         if self.score_only or result.finish_reason == "length":
@@ -175,29 +195,52 @@ def _infill_tokens(tokenizer: Any) -> InfillTokens:
 async def create_infill(request: Request, state: ServerState, api: ApiConfig) -> Response:
     engine, req = await admit_generation(request, state, api, InfillRequest)
     infill = _infill_tokens(engine.tokenizer)
-    request_id = new_request_id("infill")
-    n_predict = req.n_predict if req.n_predict is not None and req.n_predict >= 0 else None
-    score_only = n_predict == 0
-    wanted = 1 if score_only else n_predict if n_predict is not None else req.max_tokens
+    wanted = _wanted(req)
     window = min(WINDOW, engine.max_model_len // 2)
     room = engine.max_model_len - window - 2 * (wanted or 0)
     prompt_ids, truncated = infill.with_context(
         engine.tokenizer, req.input_prefix, req.prompt, req.input_suffix,
         [(f.filename, f.text) for f in req.input_extra], window, room)
+    return await _generate(request, state, api, engine, req, "infill", prompt_ids, truncated,
+                           infill.ends)
+
+
+async def create_completion_llamacpp(request: Request, state: ServerState, api: ApiConfig
+                                     ) -> Response:
+    engine, req = await admit_generation(request, state, api, CompletionBody)
+    prompt_ids = tokenize_prompts(engine.tokenizer, [req.prompt])[0]
+    return await _generate(request, state, api, engine, req, "cmpl", prompt_ids, False, ())
+
+
+def _wanted(req: LlamaCppRequest) -> int | None:
+    """The tokens asked for: `n_predict` (1 for 0: the prompt alone), else `max_tokens`."""
+    if req.n_predict is not None and req.n_predict >= 0:
+        return max(req.n_predict, 1)
+    return req.max_tokens
+
+
+async def _generate(request: Request, state: ServerState, api: ApiConfig, engine: Any,
+                    req: LlamaCppRequest, kind: str, prompt_ids: list[int], truncated: bool,
+                    stop_ids: tuple[int, ...]) -> Response:
+    """Generate for one prompt and answer as llama.cpp (`truncated`: the prompt was cut;
+    `stop_ids`: tokens that end the answer besides the request's own)."""
+    request_id = new_request_id(kind)
+    score_only = req.n_predict == 0
+    wanted = _wanted(req)
     max_tokens = wanted if wanted is not None else max(engine.max_model_len - len(prompt_ids), 1)
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
     if req.repeat_penalty is not None and req.repetition_penalty is None:
         req.repetition_penalty = req.repeat_penalty
     params = sampling_params(req, max_tokens, None, engine.tokenizer)
-    params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *infill.ends])
+    params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *stop_ids])
     if api.log_prompts:
         logger.debug("request %s prompt ids: %r", request_id, prompt_ids)
     end_ids = set(params.stop_token_ids)
     if engine.tokenizer.eos_token_id is not None:
         end_ids.add(engine.tokenizer.eos_token_id)
     timing = RequestTiming()
-    formatter = InfillFormatter(request_id, engine.model_name, prompt_ids, truncated, end_ids,
-                                timing, score_only)
+    formatter = LlamaCppFormatter(request_id, engine.model_name, prompt_ids, truncated,
+                                  end_ids, timing, score_only)
     limit = _time_limit(req.t_max_predict_ms / 1e3) if req.t_max_predict_ms else None
     generation = Generation(state, engine, make_jobs(request_id, [prompt_ids], 1, params),
                             [len(prompt_ids)], formatter, req.user, timing=timing, until=limit)
