@@ -202,3 +202,33 @@ def test_completion_takes_text_or_token_ids(served) -> None:
     for prompt in ([1, 10**6], ""):
         reply = httpx.post(url + "/completion", json={"prompt": prompt}, timeout=30)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
+
+
+class Script(FakeEngine):
+    """Answers `text`, then letters."""
+
+    text = ""
+
+    def script(self, prompt: list[int], params) -> str:
+        return self.text + "q" * 40
+
+
+@pytest.mark.parametrize(("text", "n_indent", "content"), [
+    ("x\n  y\n  z\nw", 2, "x\n  y\n  z\n"),
+    ("x\n\tz", 2, "x\n\t"),  # (a tab is one blank, as llama.cpp counts)
+    ("x\n\n  y", 2, "x\n"),  # (an empty line ends it too, as in llama.cpp)
+    ("x\n  y\n  z\n", 0, None),  # (no limit)
+])
+def test_n_indent_ends_the_answer_at_a_line_indented_less(text, n_indent, content) -> None:
+    """llama.cpp's n_indent: the answer ends before the text of the first line that starts
+    with fewer blanks ("limit"), and the request leaves the engine."""
+    engine = Script(step_s=0.0, max_model_len=4096)
+    engine.text = text
+    engine.tokenizer = CoderTokenizer(QWEN)
+    with app_in_thread(lambda: engine) as (url, _):
+        body = _infill(url, n_predict=30, n_indent=n_indent).json()
+    if content is None:
+        assert body["tokens_predicted"] == 30 and engine.aborted == []
+    else:
+        assert body["content"] == content and body["stop_type"] == "limit"
+        assert engine.aborted == list(engine.params)

@@ -7,11 +7,11 @@ the model's fill-in-the-middle format (`server.api.infill`). Both reply with lla
 chunks, the last with `stop: true` (no `[DONE]`).
 
 llama.cpp's sampling defaults apply (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05),
-its names for OpenAI's fields (`n_predict`, `repeat_penalty`), and its `t_max_predict_ms`
-(once the answer has a new line, it ends when generating has taken that long); fields this
-server has no use for (`cache_prompt`: the prefix cache is always on; `id_slot`,
-`samplers`, `t_max_prompt_ms`, `n_indent`, ...) are accepted and ignored, as llama.cpp
-ignores fields it does not know. `n_predict` 0 computes the prompt alone, which plugins
+its names for OpenAI's fields (`n_predict`, `repeat_penalty`), and its ends of an answer:
+`t_max_predict_ms` (once the answer has a new line, it ends when generating has taken that
+long) and `n_indent` (a line indented less ends it); fields this server has no use for
+(`cache_prompt`: the prefix cache is always on; `id_slot`, `samplers`, `t_max_prompt_ms`,
+...) are accepted and ignored, as llama.cpp ignores fields it does not know. `n_predict` 0 computes the prompt alone, which plugins
 send to have other files' text cached before the next request needs it.
 """
 
@@ -66,6 +66,10 @@ class LlamaCppRequest(SamplingRequest):
     t_max_predict_ms: float | None = None
     """Once the answer has a new line, it ends (`stop_type` "limit") as soon as generating
     has taken this long since the first token (0 or absent: no limit)."""
+    n_indent: int | None = None
+    """A line of the answer that starts with fewer blanks (spaces, tabs) than this ends
+    the answer before its text (`stop_type` "limit"): code completion that leaves the
+    block it began in stops there."""
     temperature: float | None = 0.8
     top_k: int | None = 40
     top_p: float | None = 0.95
@@ -165,16 +169,33 @@ class LlamaCppFormatter:
                 "predicted_per_second": predicted / predicted_ms * 1e3 if predicted_ms else 0.0}
 
 
-def _time_limit(limit_s: float) -> Callable[[Outputs], Outputs]:
-    """llama.cpp's `t_max_predict_ms`: the outputs, the first that arrives with a new line
-    in the answer so far and `limit_s` after the first output ending them."""
+def _limits(limit_s: float | None, n_indent: int | None) -> Callable[[Outputs], Outputs]:
+    """llama.cpp's ends of an answer, as a wrapper of its outputs: `t_max_predict_ms` (the
+    first output that arrives with a new line in the answer so far and `limit_s` after the
+    first output ends it) and `n_indent` (a line that starts with fewer blanks than that,
+    something after them, ends the answer before that something)."""
     async def limited(outputs: Outputs) -> Outputs:
-        start, newline = None, False
+        start, text, line = None, "", 0  # line: where the first unchecked line starts
         try:
             async for index, out in outputs:
                 start = start or time.monotonic()
-                newline = newline or "\n" in out.new_text
-                if not out.finished and newline and time.monotonic() - start > limit_s:
+                before, text = len(text), text + out.new_text
+                cut = None
+                while n_indent and (newline := text.find("\n", line)) >= 0:
+                    body = len(text) - len(text[newline + 1:].lstrip(" \t"))
+                    if body == len(text):  # (only blanks so far: wait for the rest)
+                        break
+                    if body - newline - 1 < n_indent:
+                        cut = body
+                        break
+                    line = newline + 1
+                if cut is not None:
+                    text = text[:cut]
+                    yield index, dataclasses.replace(out, new_text=text[before:], finished=True,
+                                                     finish_reason="length")
+                    return
+                if (limit_s and not out.finished and "\n" in text
+                        and time.monotonic() - start > limit_s):
                     yield index, dataclasses.replace(out, finished=True, finish_reason="length")
                     return
                 yield index, out
@@ -241,7 +262,9 @@ async def _generate(request: Request, state: ServerState, api: ApiConfig, engine
     timing = RequestTiming()
     formatter = LlamaCppFormatter(request_id, engine.model_name, prompt_ids, truncated,
                                   end_ids, timing, score_only)
-    limit = _time_limit(req.t_max_predict_ms / 1e3) if req.t_max_predict_ms else None
+    limit = None
+    if req.t_max_predict_ms or req.n_indent:
+        limit = _limits(req.t_max_predict_ms and req.t_max_predict_ms / 1e3, req.n_indent)
     generation = Generation(state, engine, make_jobs(request_id, [prompt_ids], 1, params),
                             [len(prompt_ids)], formatter, req.user, timing=timing, until=limit)
     return await generation.respond(request, req.stream and not score_only, False)
