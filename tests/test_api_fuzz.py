@@ -1,7 +1,9 @@
 """Random request bodies against the real server: mixes of valid and odd fields on the three
-generating endpoints, streamed or not, and on /v1/embeddings, /v1/score and /v1/rerank. Each answer is a 200 of the endpoint's shape or a 400
-with an OpenAI error body, never a 5xx or a broken stream, and afterwards the server holds no
-request and no KV block. The bodies come from a seeded generator: a failing seed replays."""
+OpenAI generating endpoints and llama.cpp's /completion, streamed or not, and on
+/v1/embeddings, /v1/score and /v1/rerank. Each answer is a 200 of the endpoint's shape or a
+400 with an OpenAI error body, never a 5xx or a broken stream, and afterwards the server
+holds no request and no KV block. The bodies come from a seeded generator: a failing seed
+replays."""
 
 from __future__ import annotations
 
@@ -80,6 +82,18 @@ def _messages(r: random.Random) -> list[dict]:
     return out
 
 
+LLAMA_CPP: dict[str, Callable[[random.Random], object]] = {
+    "n_predict": lambda r: r.choice([0, 1, 4, 8, -1]),
+    "repeat_penalty": lambda r: r.choice([1.0, 1.1]),
+    "t_max_predict_ms": lambda r: r.choice([0, 1, 500]),
+    "n_indent": lambda r: r.choice([0, 2, 4]),
+    "cache_prompt": lambda r: r.choice([True, False]),
+    "samplers": lambda r: ["top_k", "top_p", "infill"],
+    "id_slot": lambda r: r.choice([-1, 0]),
+}
+"""llama.cpp's own fields (/completion; its unknown ones are ignored, as llama.cpp's)."""
+
+
 def _body(r: random.Random, endpoint: str) -> dict:
     if endpoint == "/v1/responses":
         body = {"input": r.choice([r.choice(TEXTS), _messages(r)]),
@@ -113,6 +127,14 @@ def _body(r: random.Random, endpoint: str) -> dict:
         if r.random() < 0.3:
             body["top_n"] = _value(r, lambda r: r.choice([0, 1, 5, -1]))
         return body
+    if endpoint == "/completion":  # (n_predict -1 or odd: max_tokens bounds the answer)
+        body = {"prompt": r.choice([r.choice(TEXTS), [1, 2, 3], [], [-1], [10**9]]),
+                "max_tokens": 8}
+        for key in r.sample(sorted(LLAMA_CPP), r.randint(0, 4)):
+            body[key] = _value(r, LLAMA_CPP[key])
+        for key in r.sample(sorted(SAMPLING), r.randint(0, 4)):
+            body[key] = _value(r, SAMPLING[key])
+        return body
     if endpoint == "/v1/chat/completions":
         body = {"messages": _messages(r)}
     else:
@@ -137,6 +159,10 @@ def _check_reply(endpoint: str, reply: dict) -> None:
     if endpoint == "/v1/rerank":
         assert reply["results"] and reply["usage"]["total_tokens"] > 0
         return
+    if endpoint == "/completion":
+        assert reply["stop"] is True and isinstance(reply["content"], str), reply
+        assert reply["stop_type"] in ("eos", "word", "limit") and reply["timings"], reply
+        return
     if endpoint in ("/v1/embeddings", "/v1/score"):
         assert reply["object"] == "list" and reply["data"]
         assert reply["usage"]["prompt_tokens"] == reply["usage"]["total_tokens"] > 0
@@ -148,9 +174,15 @@ def _check_reply(endpoint: str, reply: dict) -> None:
 
 def _check_stream(endpoint: str, text: str) -> None:
     """SSE: every data line JSON (but the closing [DONE]), no error event, and the end the
-    endpoint promises: [DONE], or the Responses API's final event."""
+    endpoint promises: [DONE], the Responses API's final event, or llama.cpp's chunk with
+    `stop` true."""
     events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
     assert events, text
+    if endpoint == "/completion":
+        chunks = [json.loads(e) for e in events]
+        assert all("error" not in c for c in chunks), chunks[-3:]
+        assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        return
     if endpoint == "/v1/responses":
         last = json.loads(events[-1])
         assert last["type"] in ("response.completed", "response.incomplete"), last
@@ -160,18 +192,18 @@ def _check_stream(endpoint: str, text: str) -> None:
     assert all("error" not in json.loads(e) for e in events[:-1])
 
 
-GENERATING = ["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+GENERATING = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/completion"]
 EMBEDDING = ["/v1/embeddings", "/v1/score", "/v1/rerank"]
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_random_requests_get_a_reply_or_a_400(seed: int) -> None:
-    """60 requests to the generating endpoints, then 45 to the embedding ones (each group
+    """70 requests to the generating endpoints, then 45 to the embedding ones (each group
     from its own generator)."""
     server = shared_server()
     seen: Counter = Counter()
     with httpx.Client(base_url=server.url, timeout=120) as client:
-        for endpoints, count, r in ((GENERATING, 60, random.Random(seed)),
+        for endpoints, count, r in ((GENERATING, 70, random.Random(seed)),
                                     (EMBEDDING, 45, random.Random(seed + 1000))):
             for _ in range(count):
                 endpoint = r.choice(endpoints)

@@ -147,6 +147,10 @@ def test_n_predict_0_computes_the_prompt_alone(served) -> None:
     body = _infill(url, n_predict=0, input_extra=[{"filename": "b.py", "text": "B"}]).json()
     assert engine.params[list(engine.params)[-1]].max_tokens == 1
     assert body["content"] == "" and body["tokens_predicted"] == 0 and body["stop"] is True
+    with httpx.stream("POST", url + "/infill", timeout=30, json={
+            "input_prefix": "x", "n_predict": 0, "stream": True}) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert len(lines) == 1 and json.loads(lines[0][6:])["stop"] is True  # (the last chunk)
 
 
 @pytest.mark.parametrize(("body", "param"), [({"n_predict": "many"}, "n_predict"),

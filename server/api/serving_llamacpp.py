@@ -122,7 +122,7 @@ class LlamaCppFormatter:
         return []
 
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
-        if not out.new_text:
+        if not out.new_text or self.score_only:
             return None
         return {"index": 0, "content": out.new_text, "tokens": out.new_token_ids,
                 "stop": False, "id_slot": -1, "tokens_predicted": out.num_output_tokens,
@@ -267,4 +267,4 @@ async def _generate(request: Request, state: ServerState, api: ApiConfig, engine
         limit = _limits(req.t_max_predict_ms and req.t_max_predict_ms / 1e3, req.n_indent)
     generation = Generation(state, engine, make_jobs(request_id, [prompt_ids], 1, params),
                             [len(prompt_ids)], formatter, req.user, timing=timing, until=limit)
-    return await generation.respond(request, req.stream and not score_only, False)
+    return await generation.respond(request, req.stream, False)
