@@ -262,9 +262,9 @@ async def _generate(request: Request, state: ServerState, api: ApiConfig, engine
     timing = RequestTiming()
     formatter = LlamaCppFormatter(request_id, engine.model_name, prompt_ids, truncated,
                                   end_ids, timing, score_only)
-    limit = None
-    if req.t_max_predict_ms or req.n_indent:
-        limit = _limits(req.t_max_predict_ms and req.t_max_predict_ms / 1e3, req.n_indent)
+    limit_s = req.t_max_predict_ms / 1e3 if (req.t_max_predict_ms or 0) > 0 else None
+    n_indent = req.n_indent if (req.n_indent or 0) > 0 else None  # (as llama.cpp: > 0 only)
+    limit = _limits(limit_s, n_indent) if limit_s or n_indent else None
     generation = Generation(state, engine, make_jobs(request_id, [prompt_ids], 1, params),
                             [len(prompt_ids)], formatter, req.user, timing=timing, until=limit)
     return await generation.respond(request, req.stream, False)
