@@ -140,6 +140,20 @@ def test_a_stop_word_and_a_negative_seed(served) -> None:
     assert reply["content"] == first[:2] and reply["stop_type"] == "word"
 
 
+def test_the_context_is_cut_alike_for_the_cache_and_the_answer(served) -> None:
+    """Files past the context's room are cut at the same place for a request of n_predict 0
+    (which plugins send to have them cached) and for one of 128 (llama.vim's), so the
+    second finds the first's prompt in the prefix cache."""
+    url, engine = served
+    files = [{"filename": f"f{i}.py", "text": chr(65 + i) * 900} for i in range(3)]
+    prompts = []
+    for n in (0, 128):
+        body = _infill(url, n_predict=n, input_extra=files).json()
+        assert body["truncated"] is True
+        prompts.append(engine.prompt_ids[list(engine.prompt_ids)[-1]])
+    assert prompts[0] == prompts[1] and len(prompts[0]) < 2700
+
+
 def test_n_predict_0_computes_the_prompt_alone(served) -> None:
     """(llama.vim's way to have other files' text cached): the engine computes the prompt
     (one token), the reply has no content."""

@@ -47,7 +47,12 @@ logger = logging.getLogger("leapfrog.api")
 WINDOW = 2048
 """Tokens of the prefix (3/4) and suffix (1/4) kept around the gap (llama.cpp's default
 batch size, which it takes them from), at most half the context; the rest of the context,
-less twice the tokens asked for, goes to `input_extra` (as in llama.cpp)."""
+less twice the tokens asked for (as in llama.cpp) but at least `ANSWER_ROOM`, goes to
+`input_extra`."""
+ANSWER_ROOM = 256
+"""Tokens kept from `input_extra` for the answer at the least: plugins send their context
+with `n_predict` 0 to have it cached, then ask for up to 128 tokens (llama.vim's default)
+with the same context, which must then be cut at the same place for the cache to hold it."""
 
 
 class InfillFile(BaseModel):
@@ -218,7 +223,7 @@ async def create_infill(request: Request, state: ServerState, api: ApiConfig) ->
     infill = _infill_tokens(engine.tokenizer)
     wanted = _wanted(req)
     window = min(WINDOW, engine.max_model_len // 2)
-    room = engine.max_model_len - window - 2 * (wanted or 0)
+    room = engine.max_model_len - window - max(2 * (wanted or 0), ANSWER_ROOM)
     prompt_ids, truncated = infill.with_context(
         engine.tokenizer, req.input_prefix, req.prompt, req.input_suffix,
         [(f.filename, f.text) for f in req.input_extra], window, room)
