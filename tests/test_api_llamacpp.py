@@ -109,6 +109,8 @@ def test_infill_answers_as_llama_cpp(served) -> None:
     assert body["tokens_evaluated"] == len(prompt) and body["truncated"] is False
     assert body["model"] == "fake-model" and body["tokens"] == _ids(body["content"])
     assert body["timings"]["predicted_n"] == 6 and body["timings"]["prompt_n"] == len(prompt)
+    settings = body["generation_settings"]  # (llama.vim shows n_ctx)
+    assert (settings["n_ctx"], settings["n_predict"], settings["top_k"]) == (4096, 6, 20)
 
 
 def test_infill_streams_llama_cpp_chunks(served) -> None:

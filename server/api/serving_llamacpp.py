@@ -116,12 +116,14 @@ class LlamaCppFormatter:
     num_choices = 1
 
     def __init__(self, request_id: str, model: str, prompt_ids: list[int], truncated: bool,
-                 end_ids: set[int], timing: RequestTiming, score_only: bool) -> None:
+                 end_ids: set[int], timing: RequestTiming, score_only: bool,
+                 settings: dict[str, Any]) -> None:
         """`end_ids`: tokens whose generation is an end of sequence (`stop_type` "eos");
-        `score_only`: n_predict 0, the prompt computed and nothing returned."""
+        `score_only`: n_predict 0, the prompt computed and nothing returned; `settings`:
+        llama.cpp's `generation_settings` (the context size and the sampling used)."""
         self.request_id, self.model, self.prompt_ids = request_id, model, prompt_ids
         self.truncated, self.end_ids, self.timing = truncated, end_ids, timing
-        self.score_only = score_only
+        self.score_only, self.settings = score_only, settings
 
     def prelude(self) -> list[dict[str, Any]]:
         return []
@@ -158,6 +160,7 @@ class LlamaCppFormatter:
                 "has_new_line": "\n" in content, "truncated": self.truncated,
                 "stop_type": stop_type, "stopping_word": "",
                 "tokens_cached": result.num_cached_tokens,
+                "generation_settings": self.settings,
                 "timings": self._timings(result, predicted)}
 
     def _timings(self, result: ChoiceResult, predicted: int) -> dict[str, float]:
@@ -265,8 +268,13 @@ async def _generate(request: Request, state: ServerState, api: ApiConfig, engine
     if engine.tokenizer.eos_token_id is not None:
         end_ids.add(engine.tokenizer.eos_token_id)
     timing = RequestTiming()
+    settings = {"n_ctx": engine.max_model_len, "n_predict": 0 if score_only else max_tokens,
+                "temperature": params.temperature, "top_k": params.top_k,
+                "top_p": params.top_p, "min_p": params.min_p,
+                "repeat_penalty": params.repetition_penalty, "seed": params.seed,
+                "stop": list(params.stop)}
     formatter = LlamaCppFormatter(request_id, engine.model_name, prompt_ids, truncated,
-                                  end_ids, timing, score_only)
+                                  end_ids, timing, score_only, settings)
     limit_s = req.t_max_predict_ms / 1e3 if (req.t_max_predict_ms or 0) > 0 else None
     n_indent = req.n_indent if (req.n_indent or 0) > 0 else None  # (as llama.cpp: > 0 only)
     limit = _limits(limit_s, n_indent) if limit_s or n_indent else None
