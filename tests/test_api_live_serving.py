@@ -124,8 +124,9 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(url, client, m
 
 
 def test_llama_cpp_completion_and_infill_on_the_default_model(url, client, model) -> None:
-    """llama.cpp's /completion gives the greedy text /v1/completions gives; /infill is a
-    400 on a model without fill-in-the-middle tokens (the default one)."""
+    """llama.cpp's /completion gives the greedy text /v1/completions gives, and follows a
+    GBNF grammar; /infill is a 400 on a model without fill-in-the-middle tokens (the
+    default one)."""
     reply = httpx.post(url + "/completion", json={"prompt": "The capital of France is",
                                                   "n_predict": 6, "temperature": 0},
                        timeout=60).json()
@@ -133,6 +134,10 @@ def test_llama_cpp_completion_and_infill_on_the_default_model(url, client, model
                                      max_tokens=6, temperature=0).choices[0].text
     assert reply["content"] == want and reply["stop"] is True
     assert reply["tokens_predicted"] == 6 and reply["stop_type"] == "limit"
+    chosen = httpx.post(url + "/completion", timeout=60, json={
+        "prompt": "Is the sky blue? Answer:", "n_predict": 8, "temperature": 0,
+        "grammar": 'root ::= " yes" | " no"'}).json()
+    assert chosen["content"] in (" yes", " no") and chosen["stop_type"] == "eos"
     infill = httpx.post(url + "/infill", json={"input_prefix": "def f(", "input_suffix": ")"},
                         timeout=60)
     assert infill.status_code == 400

@@ -252,3 +252,20 @@ def test_n_indent_ends_the_answer_at_a_line_indented_less(text, n_indent, conten
     else:
         assert body["content"] == content and body["stop_type"] == "limit"
         assert engine.aborted == list(engine.params)
+
+
+def test_completion_takes_llama_cpp_grammar_and_json_schema(served) -> None:
+    """llama.cpp's `grammar` (GBNF) and `json_schema` reach the engine as a grammar and a
+    JSON schema; both at once is a 400."""
+    url, engine = served
+    for body, field, want in (({"grammar": 'root ::= "yes" | "no"'}, "grammar",
+                               'root ::= "yes" | "no"'),
+                              ({"json_schema": {"type": "object"}}, "json_schema",
+                               '{"type": "object"}')):
+        reply = httpx.post(url + "/completion", json={"prompt": "ok?", "n_predict": 2, **body},
+                           timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert getattr(engine.params[list(engine.params)[-1]], field) == want
+    reply = httpx.post(url + "/completion", json={"prompt": "ok?", "grammar": "root ::= \"a\"",
+                                                  "json_schema": {}}, timeout=30)
+    assert reply.status_code == 400

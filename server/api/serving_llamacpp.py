@@ -9,10 +9,12 @@ chunks, the last with `stop: true` (no `[DONE]`).
 llama.cpp's sampling defaults apply (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05),
 its names for OpenAI's fields (`n_predict`, `repeat_penalty`), and its ends of an answer:
 `t_max_predict_ms` (once the answer has a new line, it ends when generating has taken that
-long) and `n_indent` (a line indented less ends it); fields this server has no use for
+long) and `n_indent` (a line indented less ends it); its `grammar` (GBNF) and `json_schema`
+structure the answer as structured outputs do; fields this server has no use for
 (`cache_prompt`: the prefix cache is always on; `id_slot`, `samplers`, `t_max_prompt_ms`,
-...) are accepted and ignored, as llama.cpp ignores fields it does not know. `n_predict` 0 computes the prompt alone, which plugins
-send to have other files' text cached before the next request needs it.
+...) are accepted and ignored, as llama.cpp ignores fields it does not know. `n_predict` 0
+computes the prompt alone, which plugins send to have other files' text cached before the
+next request needs it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.admission import (
     admit_generation,
@@ -79,6 +81,18 @@ class LlamaCppRequest(SamplingRequest):
     top_k: int | None = 40
     top_p: float | None = 0.95
     min_p: float | None = 0.05
+
+    @model_validator(mode="before")
+    @classmethod
+    def _structure(cls, data: Any) -> Any:
+        """llama.cpp's `grammar` (GBNF, which xgrammar's EBNF reads) and `json_schema` are
+        vLLM's guided_grammar and guided_json (one structure at most, as theirs)."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for ours, guided in (("grammar", "guided_grammar"), ("json_schema", "guided_json")):
+                if data.get(ours) is not None and guided not in data:
+                    data[guided] = data.pop(ours)
+        return data
 
     @field_validator("seed")
     @classmethod
