@@ -269,3 +269,16 @@ def test_completion_takes_llama_cpp_grammar_and_json_schema(served) -> None:
     reply = httpx.post(url + "/completion", json={"prompt": "ok?", "grammar": "root ::= \"a\"",
                                                   "json_schema": {}}, timeout=30)
     assert reply.status_code == 400
+
+
+def test_props_gives_the_context_and_the_defaults(served) -> None:
+    """llama.cpp's GET /props: n_ctx, /completion's sampling defaults, the model's name and
+    chat template."""
+    url, engine = served
+    body = httpx.get(url + "/props", timeout=30).json()
+    settings = body["default_generation_settings"]
+    assert settings["n_ctx"] == 4096 and settings["params"]["temperature"] == 0.8
+    assert settings["params"]["top_k"] == 40 and settings["params"]["n_predict"] == -1
+    assert body["model_path"] == "fake-model"
+    assert body["chat_template"] == engine.tokenizer.chat_template
+    assert body["build_info"].startswith("leapfrog")

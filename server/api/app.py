@@ -29,7 +29,7 @@ from server.api.response_store import ResponseStore
 from server.api.serving_chat import create_chat_completion
 from server.api.serving_completions import create_completion
 from server.api.serving_embeddings import create_embeddings
-from server.api.serving_llamacpp import create_completion_llamacpp, create_infill
+from server.api.serving_llamacpp import create_completion_llamacpp, create_infill, props
 from server.api.serving_responses import (
     create_response,
     delete_response,
@@ -102,6 +102,10 @@ def _api_routes(state: ServerState, api: ApiConfig) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await create_completion(request, state, api)
+
+    @router.get("/props")
+    async def props_route() -> dict[str, Any]:
+        return props(state)
 
     @router.post("/completion")
     async def completion_llamacpp(request: Request) -> Response:

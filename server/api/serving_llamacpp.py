@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import Request
@@ -224,6 +225,28 @@ def _limits(limit_s: float | None, n_indent: int | None) -> Callable[[Outputs], 
         finally:  # (ends the request in the engine if it still runs)
             await outputs.aclose()
     return limited
+
+
+def props(state: ServerState) -> dict[str, Any]:
+    """llama.cpp's GET /props, as its clients read it: the context size and the sampling
+    defaults of /completion and /infill, the model's name and chat template."""
+    engine = state.require_engine()
+    defaults = {name: LlamaCppRequest.model_fields[name].default
+                for name in ("temperature", "top_k", "top_p", "min_p")}
+    return {"default_generation_settings": {
+                "n_ctx": engine.max_model_len,
+                "params": {"n_predict": -1, "seed": -1, "stop": [], **defaults}},
+            "model_path": engine.model_name,
+            "chat_template": engine.tokenizer.chat_template or "",
+            "modalities": {"vision": False, "audio": False},
+            "build_info": _build_info()}
+
+
+def _build_info() -> str:
+    try:
+        return f"leapfrog {version('leapfrog')}"
+    except PackageNotFoundError:  # (run from a checkout, as on the GPU machines)
+        return "leapfrog (not installed)"
 
 
 def _infill_tokens(tokenizer: Any) -> InfillTokens:
