@@ -98,7 +98,8 @@ class FakeEngine:
                     embedding = [0.0] * self.hidden_size
                     embedding[sum(prompt_token_ids) % self.hidden_size] = 1.0
                 yield RequestOutput(request_id, [ord(ch)], new_text, len(prompt_token_ids),
-                                    n, logprobs, done, reason, embedding=embedding)
+                                    n, logprobs, done, reason, stop_reason=hit,
+                                    embedding=embedding)
                 if done:
                     self.finished.append(request_id)
                     self.metrics.request_success(reason)

@@ -209,7 +209,10 @@ def test_stop_string_is_not_returned(client, model) -> None:
     assert stop.strip(), full
     stopped = client.completions.create(stop=[stop], **args).choices[0]
     assert stopped.text == full[: full.index(stop)]
-    assert stopped.finish_reason == "stop"
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop  # (vLLM's)
+    chat = client.chat.completions.create(model=model, messages=MSG, max_tokens=10,
+                                          temperature=0).choices[0]
+    assert chat.finish_reason in ("stop", "length") and chat.stop_reason is None
     kept = client.completions.create(stop=[stop], extra_body={"include_stop_str_in_output": True},
                                      **args).choices[0]  # (vLLM's extension)
     assert kept.text == full[: full.index(stop) + len(stop)] and kept.finish_reason == "stop"

@@ -140,6 +140,7 @@ def test_a_stop_word_and_a_negative_seed(served) -> None:
     assert params.seed is None and params.repetition_penalty == 1.1
     reply = _infill(url, seed=5, stop=[first[2]]).json()
     assert reply["content"] == first[:2] and reply["stop_type"] == "word"
+    assert reply["stopping_word"] == first[2]
 
 
 def test_the_context_is_cut_alike_for_the_cache_and_the_answer(served) -> None:

@@ -341,3 +341,23 @@ def test_priority_scheduling_serves_lower_values_first(tiny_model_dir) -> None:
     with pytest.raises(SamplingParamsError) as refused:
         engine("fcfs").add_request("x", prompts[0], SamplingParams(priority=1))
     assert refused.value.param == "priority"
+
+
+def test_stop_reason_names_the_stop_string_or_token(tiny_model_dir) -> None:
+    """vLLM's stop_reason: the stop string that ended a reply, or the stop token id (from
+    stop_token_ids); None for a length limit or the model's end of sequence."""
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64, block_size=4)
+    prompt = [5, 9, 13, 2, 8]
+    plain = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0,
+                                                  ignore_eos=True))[0]
+    assert plain.finish_reason == "length" and plain.stop_reason is None
+    token = plain.token_ids[3]
+    by_token = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0,
+                                                     ignore_eos=True,
+                                                     stop_token_ids=[token]))[0]
+    assert by_token.stop_reason == token and by_token.finish_reason == "stop"
+    stop = plain.text[len(plain.text) // 2:][:3]
+    by_string = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0,
+                                                      ignore_eos=True, stop=[stop]))[0]
+    assert by_string.stop_reason == stop and by_string.finish_reason == "stop"
+    assert by_string.text == plain.text[:plain.text.index(stop)]

@@ -51,6 +51,8 @@ class ChoiceResult:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_output_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    """vLLM's: the stop string or stop token id that ended the choice (`RequestOutput`)."""
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_cached_tokens: int = 0
@@ -75,7 +77,7 @@ class ChoiceResult:
         self.num_accepted_tokens = out.num_accepted_tokens
         self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
-            self.finish_reason = out.finish_reason
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
 def check_context_length(num_prompt: int, max_tokens: int, max_model_len: int) -> None:

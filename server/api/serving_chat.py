@@ -186,6 +186,7 @@ class ChatFormatter:
             "delta": delta,
             "logprobs": chat_logprobs(out.logprobs, self.texts) if wants_logprobs else None,
             "finish_reason": reason,
+            "stop_reason": out.stop_reason,
         }])
 
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
@@ -212,6 +213,7 @@ class ChatFormatter:
                 "index": i, "message": message,
                 "logprobs": chat_logprobs(r.logprobs, self.texts) if self.texts else None,
                 "finish_reason": self._finish_reason(r.finish_reason, calls),
+                "stop_reason": r.stop_reason,
             })
         return {**self._envelope("chat.completion", choices),
                 "usage": self._usage(usage, results)}

@@ -97,7 +97,8 @@ class CompletionFormatter:
             logprobs, self._offsets[index] = self._logprobs(
                 index, out.logprobs or [], prompt, self._offsets.get(index, 0))
         return self._envelope([{"index": index, "text": text, "logprobs": logprobs,
-                                "finish_reason": out.finish_reason if out.finished else None}])
+                                "finish_reason": out.finish_reason if out.finished else None,
+                                "stop_reason": out.stop_reason}])
 
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
                 include_usage: bool) -> list[dict[str, Any]]:
@@ -113,7 +114,8 @@ class CompletionFormatter:
                 logprobs = self._logprobs(i, generated, r.prompt_logprobs, 0)[0]
             text = "" if self.score_only else "".join(r.text)
             choices.append({"index": i, "text": self._echo(i) + text, "logprobs": logprobs,
-                            "finish_reason": "length" if self.score_only else r.finish_reason})
+                            "finish_reason": "length" if self.score_only else r.finish_reason,
+                            "stop_reason": None if self.score_only else r.stop_reason})
         if self.score_only:
             usage = {**usage, "completion_tokens": 0, "total_tokens": usage["prompt_tokens"]}
         return {**self._envelope(choices), "usage": usage}

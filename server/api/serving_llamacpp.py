@@ -131,13 +131,11 @@ class LlamaCppFormatter:
     num_choices = 1
 
     def __init__(self, request_id: str, model: str, prompt_ids: list[int], truncated: bool,
-                 end_ids: set[int], timing: RequestTiming, score_only: bool,
-                 settings: dict[str, Any]) -> None:
-        """`end_ids`: tokens whose generation is an end of sequence (`stop_type` "eos");
-        `score_only`: n_predict 0, the prompt computed and nothing returned; `settings`:
+                 timing: RequestTiming, score_only: bool, settings: dict[str, Any]) -> None:
+        """`score_only`: n_predict 0, the prompt computed and nothing returned; `settings`:
         llama.cpp's `generation_settings` (the context size and the sampling used)."""
         self.request_id, self.model, self.prompt_ids = request_id, model, prompt_ids
-        self.truncated, self.end_ids, self.timing = truncated, end_ids, timing
+        self.truncated, self.timing = truncated, timing
         self.score_only, self.settings = score_only, settings
 
     def prelude(self) -> list[dict[str, Any]]:
@@ -162,18 +160,20 @@ class LlamaCppFormatter:
         stopped, timings."""
         content = "" if self.score_only else "".join(result.text)
         predicted = 0 if self.score_only else result.num_output_tokens
+        word = "" if self.score_only or not isinstance(result.stop_reason, str) else \
+            result.stop_reason
         if self.score_only or result.finish_reason == "length":
             stop_type = "limit"
-        elif result.token_ids and result.token_ids[-1] in self.end_ids:
-            stop_type = "eos"
-        else:
+        elif word:
             stop_type = "word"
+        else:
+            stop_type = "eos"
         return {"index": 0, "content": content,
                 "tokens": [] if self.score_only else result.token_ids, "id_slot": -1,
                 "stop": True, "model": self.model, "tokens_predicted": predicted,
                 "tokens_evaluated": len(self.prompt_ids), "prompt": "",
                 "has_new_line": "\n" in content, "truncated": self.truncated,
-                "stop_type": stop_type, "stopping_word": "",
+                "stop_type": stop_type, "stopping_word": word,
                 "tokens_cached": result.num_cached_tokens,
                 "generation_settings": self.settings,
                 "timings": self._timings(result, predicted)}
@@ -301,9 +301,6 @@ async def _generate(request: Request, state: ServerState, api: ApiConfig, engine
     params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *stop_ids])
     if api.log_prompts:
         logger.debug("request %s prompt ids: %r", request_id, prompt_ids)
-    end_ids = set(params.stop_token_ids)
-    if engine.tokenizer.eos_token_id is not None:
-        end_ids.add(engine.tokenizer.eos_token_id)
     timing = RequestTiming()
     settings = {"n_ctx": engine.max_model_len, "n_predict": 0 if score_only else max_tokens,
                 "temperature": params.temperature, "top_k": params.top_k,
@@ -311,7 +308,7 @@ async def _generate(request: Request, state: ServerState, api: ApiConfig, engine
                 "repeat_penalty": params.repetition_penalty, "seed": params.seed,
                 "stop": list(params.stop)}
     formatter = LlamaCppFormatter(request_id, engine.model_name, prompt_ids, truncated,
-                                  end_ids, timing, score_only, settings)
+                                  timing, score_only, settings)
     limit_s = req.t_max_predict_ms / 1e3 if (req.t_max_predict_ms or 0) > 0 else None
     n_indent = req.n_indent if (req.n_indent or 0) > 0 else None  # (as llama.cpp: > 0 only)
     limit = _limits(limit_s, n_indent) if limit_s or n_indent else None

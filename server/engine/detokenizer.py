@@ -38,6 +38,8 @@ class IncrementalDetokenizer:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.stop_string: str | None = None
+        """The stop string that matched, once one has."""
         self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     def _decode(self, tokens: list[int]) -> str:
@@ -79,3 +81,4 @@ class IncrementalDetokenizer:
             i, s = min(hits, key=lambda hit: hit[0])  # (the first match; at a tie, the first stop)
             self.text = self.text[: i + len(s) if self.include_stop else i]
             self.stopped = True
+            self.stop_string = s

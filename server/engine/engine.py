@@ -317,9 +317,14 @@ class LLMEngine:
         if r.is_finished:
             self._forget(r.request_id, r.finish_reason or "stop")
             self.metrics.e2e_request_latency.observe(now - r.arrival_time)
+        stop_reason = None
+        if r.finish_reason == "stop":
+            stop_reason = tracked.detok.stop_string
+            if stop_reason is None and tokens and tokens[-1] in r.params.stop_token_ids:
+                stop_reason = tokens[-1]
         return RequestOutput(
             r.request_id, tokens, text, r.num_prompt_tokens, len(r.output_token_ids), logprobs,
-            finished=r.is_finished, finish_reason=r.finish_reason,
+            finished=r.is_finished, finish_reason=r.finish_reason, stop_reason=stop_reason,
             num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
             num_cached_tokens=r.num_cached_tokens, prompt_logprobs=prompt_logprobs,
             embedding=r.embedding() if r.is_finished else None,

@@ -19,6 +19,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended it (`RequestOutput.stop_reason`)."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """With `SamplingParams.prompt_logprobs`: one entry a prompt token (the first None)."""
@@ -96,4 +98,4 @@ class LLM:
             c.embedding = out.embedding
         c.num_draft_tokens, c.num_accepted_tokens = out.num_draft_tokens, out.num_accepted_tokens
         if out.finished:
-            c.finish_reason = out.finish_reason
+            c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason

@@ -31,6 +31,10 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     """'stop' (EOS, stop token or stop string), 'length', or 'abort'."""
+    stop_reason: str | int | None = None
+    """In a request's last output (vLLM's): the stop string or the stop token id
+    (`stop_token_ids`) that ended it; None when the model's end of sequence or a length
+    limit did."""
     num_draft_tokens: int = 0
     """Cumulative draft tokens proposed for this request (speculation)."""
     num_accepted_tokens: int = 0
