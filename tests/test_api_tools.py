@@ -1,6 +1,6 @@
 """Tool calling in chat completions: reading calls out of text, the request checks, and the
 replies (plain and streamed) against the fake engine scripted to answer with calls. The
-real model, forced to call through the JSON-schema constraint, is in test_api_live.py."""
+real model, forced to call through the JSON-schema constraint, is in tests/live/test_api_live.py."""
 
 from __future__ import annotations
 

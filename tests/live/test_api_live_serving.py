@@ -1,5 +1,5 @@
-"""The real server (`python -m server.cli serve`, default model, the process
-tests/test_api_live.py shares): concurrent streams, disconnects, metrics through
+"""The real server (`python -m server.cli serve`, default model, the process every live
+test shares: conftest.py): concurrent streams, disconnects, metrics through
 prometheus_client's parser, the prefix cache, and llama.cpp's endpoints on real weights."""
 
 from __future__ import annotations
@@ -12,24 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api_server import shared_server
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def url() -> str:
-    return shared_server().url
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 def test_32_concurrent_streams_match_solo_greedy(url, model) -> None:

@@ -1,6 +1,6 @@
 """The real server (`python -m server.cli serve`, default model) through the official `openai`
-client and curl-like httpx calls: what requests get. One shared server process (load,
-disconnects, metrics, the prefix cache: tests/test_api_live_serving.py)."""
+client and curl-like httpx calls: what requests get. One shared server process and client
+(conftest.py); load, disconnects, metrics and the prefix cache: test_api_live_serving.py."""
 
 from __future__ import annotations
 
@@ -11,25 +11,8 @@ import jinja2
 import openai
 import pytest
 
-from tests.api_server import shared_server
-
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "Name three colors."}]
-
-
-@pytest.fixture(scope="module")
-def url() -> str:
-    return shared_server().url
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 def test_chat_usage_matches_tokenizer(url, client, model) -> None:

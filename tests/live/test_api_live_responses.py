@@ -9,20 +9,9 @@ import json
 import openai
 import pytest
 
-from tests.api_server import shared_server
-from tests.test_api_live import MSG
+from tests.live.test_api_live import MSG
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def client() -> openai.OpenAI:
-    return openai.OpenAI(base_url=shared_server().url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 def test_responses_api_replies_as_chat_does(client, model) -> None:
