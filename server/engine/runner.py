@@ -164,15 +164,13 @@ class ModelRunner:
             index = after.token_indices(out.scheduled)
             ids = (after.result[: len(index)] if index == list(range(len(index))) else
                    after.result[on_device(index, torch.long, self.device)])
-        replay = None
+        replay = prompts = None
+        sparse_tables = by_pool[1] if len(by_pool) > 1 else None
         if self.graphs is not None:
-            replay = self.graphs.run(out, by_pool[0], ids, by_pool[1] if len(by_pool) > 1 else None,
-                                     advance=advance)
+            replay = self.graphs.run(out, by_pool[0], ids, sparse_tables, advance=advance)
         query_len = None
-        prompts = None
         if replay is None and self._prompt_graph(out, ids):
-            prompts = self.graphs.run_prompts(out, by_pool[0],
-                                              by_pool[1] if len(by_pool) > 1 else None)
+            prompts = self.graphs.run_prompts(out, by_pool[0], sparse_tables)
         if prompts is not None:  # a prompt graph's forward, then the rest as an eager step's
             hidden, ends = prompts
             all_logits, tokens, prompt = None, None, []
