@@ -283,3 +283,35 @@ def test_props_gives_the_context_and_the_defaults(served) -> None:
     assert body["model_path"] == "fake-model"
     assert body["chat_template"] == engine.tokenizer.chat_template
     assert body["build_info"].startswith("leapfrog")
+
+
+def test_n_probs_gives_completion_probabilities(served) -> None:
+    """llama.cpp's `n_probs`: each generated token's id, text, bytes and logprob with that
+    many alternatives (the engine asked for them), in the body or in each stream chunk for
+    its tokens (not the last chunk); `post_sampling_probs` gives probabilities; more than
+    20 is a 400 naming n_probs."""
+    url, engine = served
+    body = httpx.post(url + "/completion", json={"prompt": "hi", "n_predict": 3, "n_probs": 2,
+                                                 "seed": 1}, timeout=30).json()
+    assert engine.params[list(engine.params)[-1]].logprobs == 2
+    probs = body["completion_probabilities"]
+    assert [p["id"] for p in probs] == body["tokens"] and len(probs) == 3
+    first = probs[0]
+    assert first["token"] == body["content"][0] and first["bytes"] == [ord(body["content"][0])]
+    assert first["logprob"] == -0.5
+    assert [(t["id"], t["logprob"]) for t in first["top_logprobs"]] == [
+        (first["id"], -0.5), (first["id"] + 1, -1.5)]
+    assert first["top_logprobs"][1]["token"] == chr(first["id"] + 1)
+    with httpx.stream("POST", url + "/completion", timeout=30, json={
+            "prompt": "hi", "n_predict": 3, "n_probs": 1, "seed": 1, "stream": True,
+            "post_sampling_probs": True}) as reply:
+        chunks = [json.loads(line[6:]) for line in reply.iter_lines() if line]
+    streamed = [p for c in chunks[:-1] for p in c["completion_probabilities"]]
+    assert [p["id"] for p in streamed] == body["tokens"]
+    assert "completion_probabilities" not in chunks[-1]
+    assert streamed[0]["prob"] == pytest.approx(0.6065, abs=1e-4)  # (e^-0.5)
+    assert [t["id"] for t in streamed[0]["top_probs"]] == [streamed[0]["id"]]
+    assert "completion_probabilities" not in httpx.post(url + "/completion", json={
+        "prompt": "hi", "n_predict": 2}, timeout=30).json()
+    reply = httpx.post(url + "/completion", json={"prompt": "hi", "n_probs": 21}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n_probs"

@@ -10,7 +10,9 @@ llama.cpp's sampling defaults apply (temperature 0.8, top_k 40, top_p 0.95, min_
 its names for OpenAI's fields (`n_predict`, `repeat_penalty`), and its ends of an answer:
 `t_max_predict_ms` (once the answer has a new line, it ends when generating has taken that
 long) and `n_indent` (a line indented less ends it); its `grammar` (GBNF) and `json_schema`
-structure the answer as structured outputs do; fields this server has no use for
+structure the answer as structured outputs do; `n_probs` gives each generated token's
+logprob and its most likely alternatives (`completion_probabilities`, in each stream chunk
+for its tokens, or for the whole answer); fields this server has no use for
 (`cache_prompt`: the prefix cache is always on; `id_slot`, `samplers`, `t_max_prompt_ms`,
 ...) are accepted and ignored, as llama.cpp ignores fields it does not know. `n_predict` 0
 computes the prompt alone, which plugins send to have other files' text cached before the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -40,10 +43,11 @@ from server.api.config import ApiConfig
 from server.api.errors import bad_request
 from server.api.generation import ChoiceResult, RequestTiming, check_context_length, make_jobs
 from server.api.infill import InfillTokens, infill_tokens
+from server.api.logprobs import TokenTexts
 from server.api.protocol import SamplingRequest
 from server.api.serving import Generation, Outputs
 from server.api.state import ServerState
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import RequestOutput, TokenLogprob
 
 logger = logging.getLogger("leapfrog.api")
 
@@ -82,6 +86,12 @@ class LlamaCppRequest(SamplingRequest):
     top_k: int | None = 40
     top_p: float | None = 0.95
     min_p: float | None = 0.05
+    n_probs: int = Field(0, ge=0, le=20)
+    """Each generated token's `completion_probabilities`: its logprob and this many most
+    likely alternatives (0: none)."""
+    post_sampling_probs: bool = False
+    """Probabilities (`prob`, `top_probs`) in place of logprobs. They are the model's, as
+    logprobs are here, where llama.cpp's are taken after its samplers' filters."""
 
     @model_validator(mode="before")
     @classmethod
@@ -131,26 +141,34 @@ class LlamaCppFormatter:
     num_choices = 1
 
     def __init__(self, request_id: str, model: str, prompt_ids: list[int], truncated: bool,
-                 timing: RequestTiming, score_only: bool, settings: dict[str, Any]) -> None:
+                 timing: RequestTiming, score_only: bool, settings: dict[str, Any],
+                 texts: TokenTexts | None = None, post_sampling_probs: bool = False) -> None:
         """`score_only`: n_predict 0, the prompt computed and nothing returned; `settings`:
-        llama.cpp's `generation_settings` (the context size and the sampling used)."""
+        llama.cpp's `generation_settings` (the context size and the sampling used);
+        `texts`: with `n_probs`, the tokens' texts for `completion_probabilities`."""
         self.request_id, self.model, self.prompt_ids = request_id, model, prompt_ids
         self.truncated, self.timing = truncated, timing
         self.score_only, self.settings = score_only, settings
+        self.texts, self.post_sampling_probs = texts, post_sampling_probs
 
     def prelude(self) -> list[dict[str, Any]]:
         return []
 
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
-        if not out.new_text or self.score_only:
+        if self.score_only or not (out.new_text or (self.texts and out.logprobs)):
             return None
-        return {"index": 0, "content": out.new_text, "tokens": out.new_token_ids,
-                "stop": False, "id_slot": -1, "tokens_predicted": out.num_output_tokens,
-                "tokens_evaluated": len(self.prompt_ids)}
+        chunk = {"index": 0, "content": out.new_text, "tokens": out.new_token_ids,
+                 "stop": False, "id_slot": -1, "tokens_predicted": out.num_output_tokens,
+                 "tokens_evaluated": len(self.prompt_ids)}
+        if self.texts is not None:
+            chunk["completion_probabilities"] = self._probabilities(out.logprobs or [])
+        return chunk
 
     def closing(self, results: list[ChoiceResult], usage: dict[str, Any],
                 include_usage: bool) -> list[dict[str, Any]]:
-        return [{**self._final(results[0]), "content": "", "tokens": []}]
+        final = {**self._final(results[0]), "content": "", "tokens": []}
+        final.pop("completion_probabilities", None)  # (sent with the chunks, as llama.cpp)
+        return [final]
 
     def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
         return self._final(results[0])
@@ -168,7 +186,7 @@ class LlamaCppFormatter:
             stop_type = "word"
         else:
             stop_type = "eos"
-        return {"index": 0, "content": content,
+        body = {"index": 0, "content": content,
                 "tokens": [] if self.score_only else result.token_ids, "id_slot": -1,
                 "stop": True, "model": self.model, "tokens_predicted": predicted,
                 "tokens_evaluated": len(self.prompt_ids), "prompt": "",
@@ -177,6 +195,24 @@ class LlamaCppFormatter:
                 "tokens_cached": result.num_cached_tokens,
                 "generation_settings": self.settings,
                 "timings": self._timings(result, predicted)}
+        if self.texts is not None and not self.score_only:
+            body["completion_probabilities"] = self._probabilities(result.logprobs)
+        return body
+
+    def _probabilities(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """llama.cpp's `completion_probabilities`: each token's id, text, bytes and logprob
+        (or probability), with its alternatives likewise."""
+        assert self.texts is not None
+        prob, top = ("prob", "top_probs") if self.post_sampling_probs else \
+            ("logprob", "top_logprobs")
+
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.texts(token_id)
+            value = math.exp(logprob) if self.post_sampling_probs else logprob
+            return {"id": token_id, "token": text, "bytes": list(text.encode()), prob: value}
+
+        return [{**entry(e.token_id, e.logprob), top: [entry(t, lp) for t, lp in e.top]}
+                for e in entries]
 
     def _timings(self, result: ChoiceResult, predicted: int) -> dict[str, float]:
         """llama.cpp's timings: the prompt's part (the tokens computed, not found in the
@@ -297,7 +333,7 @@ async def _generate(request: Request, state: ServerState, api: ApiConfig, engine
     check_context_length(len(prompt_ids), max_tokens, engine.max_model_len)
     if req.repeat_penalty is not None and req.repetition_penalty is None:
         req.repetition_penalty = req.repeat_penalty
-    params = sampling_params(req, max_tokens, None, engine.tokenizer)
+    params = sampling_params(req, max_tokens, req.n_probs or None, engine.tokenizer)
     params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *stop_ids])
     if api.log_prompts:
         logger.debug("request %s prompt ids: %r", request_id, prompt_ids)
@@ -306,9 +342,11 @@ async def _generate(request: Request, state: ServerState, api: ApiConfig, engine
                 "temperature": params.temperature, "top_k": params.top_k,
                 "top_p": params.top_p, "min_p": params.min_p,
                 "repeat_penalty": params.repetition_penalty, "seed": params.seed,
-                "stop": list(params.stop)}
+                "stop": list(params.stop), "n_probs": req.n_probs,
+                "post_sampling_probs": req.post_sampling_probs}
+    texts = TokenTexts(engine.tokenizer) if req.n_probs else None
     formatter = LlamaCppFormatter(request_id, engine.model_name, prompt_ids, truncated,
-                                  timing, score_only, settings)
+                                  timing, score_only, settings, texts, req.post_sampling_probs)
     limit_s = req.t_max_predict_ms / 1e3 if (req.t_max_predict_ms or 0) > 0 else None
     n_indent = req.n_indent if (req.n_indent or 0) > 0 else None  # (as llama.cpp: > 0 only)
     limit = _limits(limit_s, n_indent) if limit_s or n_indent else None

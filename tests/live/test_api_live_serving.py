@@ -107,16 +107,20 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(url, client, m
 
 
 def test_llama_cpp_completion_and_infill_on_the_default_model(url, client, model) -> None:
-    """llama.cpp's /completion gives the greedy text /v1/completions gives, and follows a
-    GBNF grammar; /infill is a 400 on a model without fill-in-the-middle tokens (the
-    default one)."""
+    """llama.cpp's /completion gives the greedy text and logprobs /v1/completions gives
+    (`n_probs`: each greedy token its most likely), and follows a GBNF grammar; /infill is a
+    400 on a model without fill-in-the-middle tokens (the default one)."""
     reply = httpx.post(url + "/completion", json={"prompt": "The capital of France is",
-                                                  "n_predict": 6, "temperature": 0},
-                       timeout=60).json()
+                                                  "n_predict": 6, "temperature": 0,
+                                                  "n_probs": 3}, timeout=60).json()
     want = client.completions.create(model=model, prompt="The capital of France is",
-                                     max_tokens=6, temperature=0).choices[0].text
-    assert reply["content"] == want and reply["stop"] is True
+                                     max_tokens=6, temperature=0, logprobs=3).choices[0]
+    assert reply["content"] == want.text and reply["stop"] is True
     assert reply["tokens_predicted"] == 6 and reply["stop_type"] == "limit"
+    probs = reply["completion_probabilities"]
+    assert [p["logprob"] for p in probs] == pytest.approx(want.logprobs.token_logprobs, abs=1e-5)
+    assert all(p["id"] == p["top_logprobs"][0]["id"] and len(p["top_logprobs"]) == 3
+               for p in probs)
     chosen = httpx.post(url + "/completion", timeout=60, json={
         "prompt": "Is the sky blue? Answer:", "n_predict": 8, "temperature": 0,
         "grammar": 'root ::= " yes" | " no"'}).json()
