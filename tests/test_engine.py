@@ -215,7 +215,7 @@ def test_overlapped_outputs_are_the_same_one_step_later(tiny_model_dir) -> None:
     e.step()
     assert e.abort_request("b").finish_reason == "abort"
     assert e.step() == [] and not e.has_unfinished()  # its pending tokens: dropped
-    assert e.blocks.usage == 0.0 and e.drafter._indexes == {} and not e._tracked
+    assert e.blocks.usage == 0.0 and e.drafter._indexes == {} and not e.outputs._tracked
 
 
 def ref_first(llm: LLM, prompt: list[int]) -> list[int]:

@@ -1,4 +1,5 @@
-"""The synchronous engine: schedule -> launch -> finish -> update, plus output processing.
+"""The synchronous engine: schedule -> launch -> finish -> update, then the step's outputs
+(`output_processor`).
 
 `LLMEngine.step()` runs one step and returns a `RequestOutput` delta for every request that
 produced tokens or finished (on CUDA, those of the step before: its outputs are made while
@@ -18,8 +19,8 @@ import torch
 from drafters.base import drafter_for_target
 from server.engine.config import EngineConfig, read_chat_template
 from server.engine.contracts import RunnerOutput, SampledTokens, SchedulerOutput
-from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import kv_budget, kv_pools, step_peak_memory
+from server.engine.output_processor import OutputProcessor
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
 from server.engine.runner import PROMPT_LOGPROB_ROWS, Launched, ModelRunner
@@ -69,15 +70,6 @@ class _Emitted:
 
     emitted: list[tuple[Request, list[int]]]
     sampled: dict[str, SampledTokens]
-
-
-@dataclass
-class _Tracked:
-    """Per-request output-side state (detokenizer, timings)."""
-
-    request: Request
-    detok: IncrementalDetokenizer
-    last_token_time: float | None = None
 
 
 class LLMEngine:
@@ -170,7 +162,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(set(checkpoint.config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )))
-        self._tracked: dict[str, _Tracked] = {}
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.scheduler,
+                                       drafter, self.metrics)
         self.grammars = Grammars(self.tokenizer, checkpoint.config.vocab_size)
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self._drafting = 0.0  # seconds the previous step spent drafting this step's tokens
@@ -211,20 +204,12 @@ class LLMEngine:
         if params.structured is not None:
             request.grammar = self.grammars.matcher(*params.structured)
         self.scheduler.add_request(request)
-        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(
-            self.tokenizer, params.stop, params.skip_special_tokens,
-            params.include_stop_str_in_output))
+        self.outputs.track(request)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Finish a request now (its blocks return to the pool); None if unknown."""
-        tracked = self._tracked.get(request_id)
         self.scheduler.finish_request(request_id, "abort")
-        if tracked is None:
-            return None
-        self._forget(request_id, "abort")
-        r = tracked.request
-        return RequestOutput(r.request_id, [], "", r.num_prompt_tokens, len(r.output_token_ids),
-                             finished=True, finish_reason="abort")
+        return self.outputs.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return (self.scheduler.has_work() or self._pending is not None
@@ -266,9 +251,7 @@ class LLMEngine:
             if ahead is not None:
                 self._ahead = ahead, self.runner.launch(ahead, after=launched)
                 self.metrics.steps_ahead[kind].inc()
-        outputs = self._flush()
-        now = time.monotonic()
-        outputs += [self._output(r, [], SampledTokens([], 0), now) for r in sched.ended]
+        outputs = self._flush() + self.outputs.ended(sched.ended)
         if launched is None:
             return outputs
         result = self.runner.finish(launched)
@@ -290,52 +273,9 @@ class LLMEngine:
         pending, self._pending = self._pending, None
         if pending is None:
             return []
-        emitted = [(r, tokens) for r, tokens in pending.emitted if r.request_id in self._tracked]
-        now = time.monotonic()
-        outputs = [self._output(r, tokens, pending.sampled[r.request_id], now)
-                   for r, tokens in emitted]
-        self._record_step_tokens(emitted, pending.sampled)
+        outputs = self.outputs.step_outputs(pending.emitted, pending.sampled)
         self._record_gauges()
         return outputs
-
-    def _output(self, r: Request, tokens: list[int], sampled: SampledTokens, now: float) -> RequestOutput:
-        tracked = self._tracked[r.request_id]
-        text_tokens = tokens
-        if r.finish_reason == "stop" and tokens and self._is_stop_token(r, tokens[-1]):
-            text_tokens = tokens[:-1]  # the stop token itself is not part of the text
-        text = tracked.detok.add(text_tokens, final=r.is_finished)
-        if tracked.detok.stopped and not r.is_finished:
-            self.scheduler.finish_request(r.request_id, "stop")
-            text += tracked.detok.add([], final=True)
-        # (with the request's first tokens: the prompt's last position predicted the first)
-        prompt_logprobs = None
-        if tokens and tracked.last_token_time is None and r.params.prompt_logprobs is not None:
-            prompt_logprobs = list(r.prompt_logprobs)
-        if tokens:
-            self._record_latency(tracked, r, now)
-        logprobs = sampled.logprobs[: len(tokens)] if sampled.logprobs is not None else None
-        if r.is_finished:
-            self._forget(r.request_id, r.finish_reason or "stop")
-            self.metrics.e2e_request_latency.observe(now - r.arrival_time)
-        stop_reason = None
-        if r.finish_reason == "stop":
-            stop_reason = tracked.detok.stop_string
-            if stop_reason is None and tokens and tokens[-1] in r.params.stop_token_ids:
-                stop_reason = tokens[-1]
-        return RequestOutput(
-            r.request_id, tokens, text, r.num_prompt_tokens, len(r.output_token_ids), logprobs,
-            finished=r.is_finished, finish_reason=r.finish_reason, stop_reason=stop_reason,
-            num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
-            num_cached_tokens=r.num_cached_tokens, prompt_logprobs=prompt_logprobs,
-            embedding=r.embedding() if r.is_finished else None,
-        )
-
-    def _forget(self, request_id: str, reason: str) -> None:
-        """Drop a finished request's output state and drafter state; count it."""
-        self._tracked.pop(request_id, None)
-        if self.drafter is not None:
-            self.drafter.release(request_id)
-        self.metrics.request_success(reason)
 
     def _record_step_cost(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
         """Feed decode/verify-only step times to the speculation policy's cost tables: a
@@ -355,49 +295,6 @@ class LLMEngine:
                 policy.observe_padded(len(sched.scheduled), result.query_len, seconds)
             else:
                 policy.costs.observe(sched.num_batched_tokens, seconds)
-
-    def _record_latency(self, tracked: _Tracked, r: Request, now: float) -> None:
-        m = self.metrics
-        if tracked.last_token_time is None:
-            m.time_to_first_token.observe(now - r.arrival_time)
-            m.prompt_tokens.inc(r.num_prompt_tokens)
-            if r.first_scheduled_time is not None:
-                m.request_queue_time.observe(r.first_scheduled_time - r.arrival_time)
-        else:
-            m.inter_token_latency.observe(now - tracked.last_token_time)
-        tracked.last_token_time = now
-
-    def _record_step_tokens(self, emitted: list[tuple[Request, list[int]]],
-                            sampled: dict[str, SampledTokens]) -> None:
-        """A step's token and speculation counters, each added to once a step, not once a
-        request: each update takes a lock (the outputs of a 16-request step with n-gram
-        drafts took ~160 us against ~185 on this repo's CPU)."""
-        m = self.metrics
-        generated = drafts = drafted = accepted = 0
-        at: list[int] = []  # requests that accepted at least i + 1 drafts, by position i
-        for r, tokens in emitted:
-            if r.params.pooling is None:  # (an embedding's one token is not returned)
-                generated += len(tokens)
-            result = sampled[r.request_id]
-            if result.num_draft_tokens:
-                n = len(result.token_ids) - 1
-                drafts += 1
-                drafted += result.num_draft_tokens
-                accepted += n
-                at.extend([0] * (n - len(at)))
-                for position in range(n):
-                    at[position] += 1
-        if generated:
-            m.generation_tokens.inc(generated)
-        if drafts:
-            m.spec_decode_num_drafts.inc(drafts)
-            m.spec_decode_num_draft_tokens.inc(drafted)
-            m.spec_decode_num_accepted_tokens.inc(accepted)
-            for position, count in enumerate(at):
-                m.accepted_at(position, count)
-
-    def _is_stop_token(self, r: Request, token: int) -> bool:
-        return token in r.params.stop_token_ids or (not r.params.ignore_eos and token in self.eos_token_ids)
 
     def _record_gauges(self) -> None:
         m = self.metrics
