@@ -12,7 +12,7 @@ import torch
 from kernels import cpu_attention
 from kernels.cpu_native import library_in_use
 from kernels.switch import Switch
-from server.engine.block_manager import SinkWindow, window_kwargs
+from server.engine.block_manager import SinkWindow, block_slots, window_kwargs
 from server.engine.contracts import SchedulerOutput
 from server.models.batch import BatchMeta, CpuGroup, PaddedGroup
 
@@ -100,8 +100,7 @@ def _meta(block_tables: list[list[int]], window: SinkWindow | None, positions: l
     slots: list[int] = []
     starts = start_loc.tolist()
     for i, table in enumerate(block_tables):
-        slots.extend(table[p // block_size] * block_size + p % block_size
-                     for p in positions[starts[i]:starts[i + 1]])
+        slots += block_slots(table, positions[starts[i]:starts[i + 1]], block_size)
     max_blocks = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32)
     groups = (_groups(lens, start_loc, tables, block_size, window, native_prefill)

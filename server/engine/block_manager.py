@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -60,6 +60,11 @@ def window_kwargs(window: SinkWindow | None) -> dict[str, int | None]:
     if window is None:
         return {"sliding_window": None, "num_sink_tokens": 0}
     return {"sliding_window": window.window, "num_sink_tokens": window.num_sinks}
+
+
+def block_slots(table: list[int], positions: Iterable[int], block_size: int) -> list[int]:
+    """The KV cache slots of a sequence's positions, through its block table."""
+    return [table[p // block_size] * block_size + p % block_size for p in positions]
 
 
 class BlockPool:

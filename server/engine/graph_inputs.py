@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from server.engine.block_manager import block_slots
+
 
 def _up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -120,8 +122,7 @@ class GraphInputs:
             flat_slots: list[int] = []
             for i, (table, start, row) in enumerate(zip(tables_, starts, ids, strict=True)):
                 h_tables[i, :len(table)] = table
-                flat_slots += [table[p // bs] * bs + p % bs
-                               for p in range(start, start + len(row))]
+                flat_slots += block_slots(table, range(start, start + len(row)), bs)
             h_tables[n:, 0] = scratch
             h_tables[b - 1, :-(-rest // bs)] = scratch
             h_slots[:real] = flat_slots
@@ -195,7 +196,7 @@ class GraphInputs:
                     # scratch block (the rest of the row holds what other shapes left there)
                     h_tables[i, len(table):end] = scratch
                 positions = range(start, start + q)
-                flat_slots += [table[p // bs] * bs + p % bs for p in positions[:len(row)]]
+                flat_slots += block_slots(table, positions[:len(row)], bs)
                 flat_slots += [scratch * bs + p % bs for p in positions[len(row):]]
             h_tables[n:, :-(-q // bs)] = scratch
             h_slots[:n * q] = flat_slots
