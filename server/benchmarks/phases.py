@@ -64,7 +64,8 @@ class StepTimer:
         self._wrap(e.scheduler, "schedule", "schedule", self._after_schedule)
         self._wrap(e.scheduler, "update", "update")
         self._wrap(runner, "_draft", "draft")
-        self._wrap(e, "_output", "outputs")
+        self._wrap(e.outputs, "step_outputs", "outputs")
+        self._wrap(e.outputs, "ended", "outputs")
         if graphs is None:  # the model's time is its forward and LM head, on the host clock
             self._wrap(e.model, "forward", "model")
             self._wrap(e.model, "compute_logits", "model")
@@ -92,10 +93,10 @@ class StepTimer:
     def detach(self) -> None:
         """Undo `attach`: drop the instance attributes that shadow the engine's methods."""
         e = self.engine
-        for obj in (e, e.scheduler, e.runner, e.model, e.runner.graphs):
+        for obj in (e, e.scheduler, e.runner, e.outputs, e.model, e.runner.graphs):
             if obj is not None:
-                for name in ("step", "schedule", "update", "_draft", "_output", "forward",
-                             "compute_logits", "_fill"):
+                for name in ("step", "schedule", "update", "_draft", "step_outputs", "ended",
+                             "forward", "compute_logits", "_fill"):
                     obj.__dict__.pop(name, None)
         if e.runner.graphs is not None:
             for captured in e.runner.graphs.graphs.values():
