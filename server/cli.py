@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from server import server_version
 from server.engine.config import EngineConfig
 
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser = argparse.ArgumentParser(prog="leapfrog", description="LLM inference server with speculative decoding")
+    parser.add_argument("--version", action="version", version=f"leapfrog {server_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     add_serve_arguments(serve)

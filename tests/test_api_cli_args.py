@@ -7,8 +7,10 @@ import argparse
 
 import pytest
 
+from server import server_version
 from server.api.cli_args import add_arguments, configs_from_args, env_name
 from server.api.config import ApiConfig
+from server.cli import build_parser
 from server.engine.config import EngineConfig
 
 
@@ -158,3 +160,11 @@ def test_sizes_no_engine_runs_with_are_refused_at_once(flags, message) -> None:
     with pytest.raises(ValueError, match=message):
         EngineConfig(**{field: float(flags[1]) if "." in flags[1] or "gb" in field
                         else int(flags[1])})
+
+
+def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"leapfrog {server_version()}"
+    assert server_version() != "unknown"  # (the tests run on the installed package)

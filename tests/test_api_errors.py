@@ -9,6 +9,7 @@ import threading
 import httpx
 import pytest
 
+from server import server_version
 from server.api.config import ApiConfig
 from tests.api_fakes import FakeEngine
 from tests.api_server import app_in_thread
@@ -226,6 +227,8 @@ def test_api_key_required_when_set() -> None:
             assert _error(resp, 401)["code"] == "invalid_api_key"
         _error(httpx.get(url + "/v1/models"), 401)
         assert httpx.get(url + "/health").status_code == 200  # probes stay open
+        version = httpx.get(url + "/version")  # (vLLM's, open as theirs)
+        assert version.status_code == 200 and version.json()["version"] == server_version()
         good = {"Authorization": "Bearer s3cret"}
         resp = httpx.post(url + CHAT, json={"messages": MSGS, "max_tokens": 2}, headers=good)
         assert resp.status_code == 200

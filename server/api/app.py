@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server import server_version
 from server.api.admission import check_model
 from server.api.auth import check_api_key
 from server.api.config import ApiConfig
@@ -66,6 +67,10 @@ def _probe_routes(app: FastAPI, state: ServerState) -> None:
         status = "draining" if state.draining else "failed" if state.load_error else "loading"
         return JSONResponse({"status": status}, status_code=503,
                             headers={"Retry-After": str(state.retry_after_s)})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": server_version()}
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -26,13 +26,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server import server_version
 from server.api.admission import (
     admit_generation,
     new_request_id,
@@ -275,14 +275,7 @@ def props(state: ServerState) -> dict[str, Any]:
             "model_path": engine.model_name,
             "chat_template": engine.tokenizer.chat_template or "",
             "modalities": {"vision": False, "audio": False},
-            "build_info": _build_info()}
-
-
-def _build_info() -> str:
-    try:
-        return f"leapfrog {version('leapfrog')}"
-    except PackageNotFoundError:  # (run from a checkout, as on the GPU machines)
-        return "leapfrog (not installed)"
+            "build_info": f"leapfrog {server_version()}"}
 
 
 def _infill_tokens(tokenizer: Any) -> InfillTokens:
