@@ -206,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(eng, "--prompt-graph-tokens", int, e.prompt_graph_tokens,
          "With CUDA graphs, steps that take in prompts of up to this many tokens in all (at "
          "most max-num-batched-tokens) replay graphs captured at start-up; 0: they run "
-         "eagerly (not yet run on a GPU: off by default)")
+         "eagerly")
     _add_switch(eng, "--debug-check-integrity",
                 "Check the KV block manager after every engine step (slow)")
     _add_server_arguments(parser.add_argument_group("http server"), a)

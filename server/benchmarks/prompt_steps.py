@@ -1,6 +1,6 @@
 """Steps that take in prompts, through the engine on CUDA: prompt graphs
-(`server.engine.cuda_graphs`, `--prompt-graph-tokens`, 2,048 here) against the same steps
-run eagerly (`--prompt-graph-tokens 0`), in one run.
+(`server.engine.cuda_graphs`, `--prompt-graph-tokens`, 2,048 here unless given) against
+the same steps run eagerly (`--prompt-graph-tokens 0`), in one run.
 
 For each engine: a prompt of each length alone (the time to its first token, but for the
 tokenizer and HTTP), then with `--decoding` requests decoding, a decode step and a step

@@ -49,8 +49,9 @@ class EngineConfig:
     """With more requests waiting than the running batch has room for, take them in only
     once this many slots are free (or after 0.1 s, or in a step that computes a prompt
     anyway): see `SchedulerConfig.admit_batch`. None: max_num_seqs // 8 where decode steps
-    are CUDA graphs (a step that takes in a prompt runs eagerly, at many decode steps'
-    cost), else 1 (as soon as there is room)."""
+    are CUDA graphs (chosen when a step that took in a prompt ran eagerly, at many decode
+    steps' cost; larger ones than `prompt_graph_tokens` still do), else 1 (as soon as
+    there is room)."""
     scheduling_policy: str = "fcfs"
     """"fcfs" (arrival order) or "priority" (requests' `priority`, lower first, then
     arrival; a higher value is preempted first): `SchedulerConfig.policy`."""
@@ -107,11 +108,13 @@ class EngineConfig:
     """Seed for requests that give none."""
     enforce_eager: bool = False
     """Disable CUDA graphs and compilation."""
-    prompt_graph_tokens: int = 0
+    prompt_graph_tokens: int = 512
     """With CUDA graphs: steps that take in prompts, of up to this many tokens in all (at
     most max_num_batched_tokens), replay graphs captured at start-up
     (`server.engine.cuda_graphs.prompt_buckets`); larger ones run eagerly. 0: every such
-    step runs eagerly (the default until prompt graphs have run on a GPU)."""
+    step runs eagerly. On an H100 serving a SmolLM2-135M shape, 512 ran 1.29x, 1.13x and
+    1.02x the output tok/s of eager prompt steps at 1, 64 and 256 clients (2048: 1.29x,
+    1.07x, 0.94x; docs/benchmarks/gpu.md, session 46)."""
     debug_check_integrity: bool = False
     """Check the KV block manager's integrity after every step (slow)."""
     num_threads: int | None = None
