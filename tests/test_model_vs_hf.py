@@ -44,7 +44,7 @@ def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n:
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3",
-                                  "gemma2", "gemma3"])
+                                  "gemma2", "gemma3", "granite"])
 def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir) -> None:
     """With the native CPU kernels (norms, RoPE, decode attention) where they run, and
     with torch's ops alone."""
@@ -112,6 +112,28 @@ def test_a_gemma3_gguf_matches_transformers(tmp_path) -> None:
     c = llm.engine.model.config
     assert (c.window_layers, c.sliding_window, c.local_rope_theta) == ((0, 1, 2, 3, 4), 8,
                                                                        10000.0)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
+    check_against_hf(llm, hf, prompts, 32)
+    _packed_scores_like_dense(gguf, llm, prompts)
+
+
+def test_a_granite_gguf_matches_transformers(tmp_path) -> None:
+    """Granite as llama.cpp's converter writes it (q and k permuted as Llama's, its
+    embedding, residual, attention and logit scales as metadata): dequantized,
+    transformers' greedy tokens and top-5; packed, the residual scale in the output
+    projections' packed scales, the dense engine's logprobs within the native kernel's
+    rounding."""
+    from tests.tiny_models import save_tiny_gguf, save_tiny_model
+
+    hf = AutoModelForCausalLM.from_pretrained(save_tiny_model("granite", tmp_path / "hf"),
+                                              dtype=torch.float32).eval()
+    gguf = save_tiny_gguf(hf, tmp_path / "granite.gguf")
+    llm = LLM(str(gguf), dtype="float32", num_kv_blocks=64, block_size=4,
+              quantization="none")
+    c = llm.engine.model.config
+    assert (c.architecture, c.embedding_multiplier, c.residual_multiplier, c.logits_scaling,
+            c.attention_scale) == ("granite", 3.0, 0.5, 2.5, pytest.approx(0.3))
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
     check_against_hf(llm, hf, prompts, 32)

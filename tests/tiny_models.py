@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
@@ -62,6 +63,10 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
         return Gemma2Config(**{"head_dim": 32, "sliding_window": 8, "pad_token_id": 0,
                                "query_pre_attn_scalar": 24, "attn_logit_softcapping": 1.5,
                                "final_logit_softcapping": 4.0, **common})
+    if arch == "granite":  # (its four multipliers, none of them 1)
+        return GraniteConfig(**common, rope_theta=10000.0, tie_word_embeddings=True,
+                             embedding_multiplier=3.0, residual_multiplier=0.5,
+                             attention_multiplier=0.3, logits_scaling=2.5)
     raise ValueError(arch)
 
 
@@ -88,8 +93,9 @@ _GGUF_GEMMA_NORMS = {
 
 
 def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None = None) -> Path:
-    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3 model as llama.cpp's converter would
-    (Llama's q and k rows permuted to interleaved RoPE pairs; Llama 3's RoPE scaling as a
+    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3 or Granite model as llama.cpp's
+    converter would (Llama's and Granite's q and k rows permuted to interleaved RoPE pairs,
+    Granite's multipliers as metadata; Llama 3's RoPE scaling as a
     `rope_freqs` tensor of frequency divisors; Phi-3's fused projections as they are, its
     LongRoPE factors as tensors, its window as metadata; Gemma's norms as 1 + w, Gemma 2's
     soft-caps as metadata), its
@@ -101,7 +107,7 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     c, arch = model.config, model.config.model_type.removesuffix("_text")
-    assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"), arch
+    assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite"), arch
     gemma = arch in ("gemma2", "gemma3")
     layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if gemma else {})
     writer = gguf.GGUFWriter(str(path), arch)
@@ -130,6 +136,11 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
     writer.add_eos_token_id(c.eos_token_id)
     if getattr(c, "sliding_window", None):
         writer.add_sliding_window(c.sliding_window)
+    if arch == "granite":
+        writer.add_embedding_scale(c.embedding_multiplier)
+        writer.add_residual_scale(c.residual_multiplier)
+        writer.add_attention_scale(c.attention_multiplier)
+        writer.add_logit_scale(c.logits_scaling)
     for kind in ("attn", "final"):
         if getattr(c, f"{kind}_logit_softcapping", None):
             writer.add_float32(f"{arch}.{kind}_logit_softcapping",
@@ -159,7 +170,8 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
                 blocks = gguf.quants.quantize(values, q8)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, q8)))
                 kind = target.split(".")[-1]
-                if arch == "llama" and kind in heads:  # each head's halves interleaved
+                if arch in ("llama", "granite") and kind in heads:  # (each head's halves
+                    # interleaved)
                     n = heads[kind]
                     blocks = gguf.quants.quantize(
                         p.numpy().reshape(n, 2, head_dim // 2, -1).swapaxes(1, 2)

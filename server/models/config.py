@@ -12,7 +12,8 @@ class ModelConfig:
     """What the Llama-family forward needs; one instance per loaded model."""
 
     architecture: str
-    """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3)."""
+    """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3,
+    granite)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -58,6 +59,13 @@ class ModelConfig:
     attn_logit_softcapping); None: not."""
     final_softcap: float | None = None
     """The logits soft-capped the same way (Gemma 2's final_logit_softcapping)."""
+    embedding_multiplier: float = 1.0
+    """The token embeddings scaled by this (Granite's)."""
+    residual_multiplier: float = 1.0
+    """Each attention's and MLP's output scaled by this before its residual add (Granite's;
+    folded into o_proj's and down_proj's weights at load)."""
+    logits_scaling: float = 1.0
+    """The logits divided by this (Granite's)."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     sliding_window: int | None = None
@@ -81,6 +89,12 @@ class ModelConfig:
         the attention's and the MLP's outputs normed before their residual adds (four norms
         a layer), GELU (tanh) gating instead of SiLU, embeddings scaled by sqrt(hidden)."""
         return self.architecture in ("gemma2", "gemma3")
+
+    @property
+    def gguf_permuted_qk(self) -> bool:
+        """Whether llama.cpp's converter stores q's and k's rows permuted to its interleaved
+        RoPE pairs (Llama's, and Granite's after it), which loading undoes."""
+        return self.architecture in ("llama", "granite")
 
     @property
     def context_limit(self) -> int:
@@ -130,6 +144,7 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "GraniteForCausalLM": "granite",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
@@ -137,6 +152,7 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3": "gemma3",
+    "granite": "granite",
 }
 
 
@@ -231,10 +247,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
         attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
         qk_norm=arch in ("qwen3", "gemma3"),
         attention_scale=(hf["query_pre_attn_scalar"] ** -0.5
-                         if hf.get("query_pre_attn_scalar") else None),
+                         if hf.get("query_pre_attn_scalar") else hf.get("attention_multiplier")),
         local_rope_theta=local_theta if arch == "gemma3" else None,
         attn_softcap=hf.get("attn_logit_softcapping") or None,
         final_softcap=hf.get("final_logit_softcapping") or None,
+        embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+        logits_scaling=float(hf.get("logits_scaling", 1.0)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
         sliding_window=window,

@@ -119,10 +119,14 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
-        attention_scale=scale_dim ** -0.5 if arch in ("gemma2", "gemma3") else None,
+        attention_scale=scale_dim ** -0.5 if arch in ("gemma2", "gemma3") else (
+            float(meta("attention.scale")) if meta("attention.scale") else None),
         local_rope_theta=10000.0 if arch == "gemma3" else None,
         attn_softcap=float(caps[0]) if caps[0] else None,
         final_softcap=float(caps[1]) if caps[1] else None,
+        embedding_multiplier=float(meta("embedding_scale", 1.0)),  # (Granite's three)
+        residual_multiplier=float(meta("residual_scale", 1.0)),
+        logits_scaling=float(meta("logit_scale", 1.0)),
         bos_token_id=reader.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
         sliding_window=int(window) if window else None,
@@ -201,7 +205,7 @@ def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = f
         arr = tensor_array(t)
         if config.gemma and name.endswith("norm.weight"):  # (llama.cpp stores 1 + w)
             arr = arr - 1
-        if config.architecture == "llama":
+        if config.gguf_permuted_qk:
             if ".q_proj." in name:
                 arr = _unpermute(arr, config.num_heads)
             elif ".k_proj." in name:

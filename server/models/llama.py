@@ -1,5 +1,5 @@
 """The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Phi-4-mini, Gemma 2,
-Gemma 3, SmolLM2) over a paged KV cache.
+Gemma 3, Granite, SmolLM2) over a paged KV cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -137,7 +137,7 @@ class DecoderLayer(torch.nn.Module):
 TIED_DENSE_ROWS = 64
 
 
-@register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+@register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -171,6 +171,8 @@ class LlamaForCausalLM(torch.nn.Module):
         x = self.embed(input_ids)
         if self.config.gemma:  # (scaled in the weights' dtype, as transformers does)
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        elif self.config.embedding_multiplier != 1.0:  # (Granite's)
+            x = x * self.config.embedding_multiplier
         fused = x.is_cuda if self.fused_kernels is None else self.fused_kernels
         rope = self.rope.inputs(positions, x.dtype, fused)
         local = self.rope.inputs(positions, x.dtype, fused, local=True) \
@@ -247,7 +249,8 @@ class LlamaForCausalLM(torch.nn.Module):
         """hidden: [N, hidden] -> float32 logits [N, vocab]. A packed tied head (see
         `server.models.quantize`) serves fewer than TIED_DENSE_ROWS rows, or any number
         through the native CPU kernel; otherwise the dense embedding, which holds the same
-        values. Gemma 2's logits are soft-capped (`ModelConfig.final_softcap`)."""
+        values. Granite's logits are divided by `ModelConfig.logits_scaling`, Gemma 2's
+        soft-capped (`ModelConfig.final_softcap`)."""
         tied = self.config.tie_word_embeddings
         packed = self.lm_head.packed if self.lm_head is not None else None
         if packed is not None and not (tied and hidden.shape[0] >= TIED_DENSE_ROWS
@@ -256,6 +259,8 @@ class LlamaForCausalLM(torch.nn.Module):
         else:
             head = self.embed.dense() if tied else self.lm_head.weight
             logits = dense_linear(hidden, head, out_dtype=torch.float32)
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
         return soft_cap(logits, self.config.final_softcap)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -269,6 +274,9 @@ class LlamaForCausalLM(torch.nn.Module):
                 continue
             if self.config.gemma and name.endswith("norm.weight"):  # held as 1 + w
                 tensor = tensor.float() + 1
+            residual = self.config.residual_multiplier  # (Granite's: in the outputs' weights)
+            if residual != 1.0 and name.endswith(("o_proj.weight", "down_proj.weight")):
+                tensor = tensor.float() * residual
             src = tensor.to(self.dtype)
             dst = target.data if start is None else target.data.narrow(0, start, length)
             if dst.shape != src.shape:

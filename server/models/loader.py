@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from server.models.config import ModelConfig, config_from_hf
 from server.models.gguf_loader import gguf_config, gguf_weights, open_gguf
@@ -84,7 +84,14 @@ def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     cached = _cache_root() / "tokenizers" / key
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ValueError as exc:  # an architecture transformers has no GGUF config for (Granite):
+        # its tokenizer needs none (the same tokenizer for the others, e.g. the default model)
+        if "is not supported" not in str(exc):
+            raise
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent),
+                                                            gguf_file=path.name)
     try:
         tokenizer.save_pretrained(str(cached))
     except OSError:

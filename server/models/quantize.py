@@ -38,6 +38,7 @@ dense float32, 0.15 GB packed).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +83,15 @@ def permute_rows(packed: PackedWeight, order: torch.Tensor) -> PackedWeight:
         packed.qweight[order].contiguous(), packed.scales[order].contiguous(),
         None if packed.offsets is None else packed.offsets[order].contiguous(),
     )
+
+
+def scale_packed(packed: PackedWeight, factor: float) -> PackedWeight:
+    """The weight times `factor`: its scales and offsets scaled (in their own dtype)."""
+    def scaled(t: torch.Tensor) -> torch.Tensor:
+        return (t.float() * factor).to(t.dtype)
+
+    return dataclasses.replace(packed, scales=scaled(packed.scales), cache={},
+                               offsets=None if packed.offsets is None else scaled(packed.offsets))
 
 
 def concat_packed(parts: list[PackedWeight]) -> PackedWeight | None:
@@ -137,8 +147,10 @@ def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False,
         else:
             return None
         kind = name.split(".")[-2]
-        if config.architecture == "llama" and kind in heads:
+        if config.gguf_permuted_qk and kind in heads:
             pw = permute_rows(pw, _unpermute_order(pw.out_features, heads[kind]))
+        if kind in ("attn_output", "ffn_down") and config.residual_multiplier != 1.0:
+            pw = scale_packed(pw, config.residual_multiplier)  # (as `load_weights` does)
         return pw
 
     result: dict[str, PackedWeight] = {}
