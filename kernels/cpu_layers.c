@@ -44,19 +44,21 @@ struct lf_layer {
     void *k_cache, *v_cache;  /* [num_blocks, block_size, kv_heads, dim] of lf_stack's kv_type */
     int64_t num_blocks;
     int64_t pool;  /* which of the step's KV pools the cache is in (1: sinks + window) */
+    int64_t rope;  /* which of lf_stack's RoPE tables turns its q and k (2: identity, none) */
 };
 
 /* The model's shapes and its KV caches' element type (cpu_vec.h's KV_*), and one step's
  * inputs: per KV pool its sequences for the attention (cpu_attention.py's AttentionStep),
- * its tokens' flat slots, and RoPE's cos and sin [T, rot / 2] for the tokens' positions
- * (the window pool's layers may turn by another base: Gemma 3's). */
+ * its tokens' flat slots, and RoPE's cos and sin [T, rot / 2] for the tokens' positions:
+ * the model's, the window pool's layers' (Gemma 3's own base) and the layers' that apply no
+ * RoPE (SmolLM3's: cos 1, sin 0). */
 struct lf_stack {
     int64_t hidden, heads, kv_heads, dim, intermediate, block_size, kv_type;
     int64_t rot;  /* the dims RoPE turns in a head, the first ones (cos, sin: [T, rot / 2]) */
     float eps, scale, cap;  /* cap: the attention scores' soft-cap (Gemma 2's), 0: none */
     const struct lf_attention_step *attention[2];
     const int64_t *slots[2];
-    const float *cos[2], *sin[2];
+    const float *cos[3], *sin[3];
 };
 
 /* x [M, K] @ W^T (+ bias) into y [M, N]. */
@@ -97,8 +99,8 @@ int lf_cpu_decoder_layers(const struct lf_stack *s, const struct lf_layer *layer
         if (first) memcpy(residual, x, sizeof(float) * (size_t)(T * H));
         if ((rc = product(&l->qkv, h, T, H, qkv_width, wide)) != 0) break;
         if (lf_cpu_rope_kv_write(wide, T, s->heads, s->kv_heads, s->dim, s->rot,
-                                 s->cos[l->pool],
-                                 s->sin[l->pool],
+                                 s->cos[l->rope],
+                                 s->sin[l->rope],
                                  s->slots[l->pool], l->num_blocks * s->block_size,
                                  l->k_cache, l->v_cache, s->kv_type, l->head_norm, s->eps,
                                  q) != 0) {

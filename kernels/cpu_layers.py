@@ -44,7 +44,8 @@ class _Layer(ctypes.Structure):  # struct lf_layer
                 ("head_norm", ctypes.c_void_p), ("attn_out_norm", ctypes.c_void_p),
                 ("mlp_out_norm", ctypes.c_void_p), ("gelu", ctypes.c_int64),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
-                ("num_blocks", ctypes.c_int64), ("pool", ctypes.c_int64)]
+                ("num_blocks", ctypes.c_int64), ("pool", ctypes.c_int64),
+                ("rope", ctypes.c_int64)]
 
 
 class _Stack(ctypes.Structure):  # struct lf_stack
@@ -54,7 +55,7 @@ class _Stack(ctypes.Structure):  # struct lf_stack
                 ("kv_type", ctypes.c_int64), ("rot", ctypes.c_int64),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cap", ctypes.c_float),
                 ("attention", ctypes.c_void_p * 2), ("slots", ctypes.c_void_p * 2),
-                ("cos", ctypes.c_void_p * 2), ("sin", ctypes.c_void_p * 2)]
+                ("cos", ctypes.c_void_p * 3), ("sin", ctypes.c_void_p * 3)]
 
 
 Product = tuple[PackedWeight | None, torch.Tensor | None]
@@ -67,7 +68,8 @@ class LayerWeights:
     up), down; its two RMSNorm weights; whether it attends to sinks + a window (then its KV
     cache is the hybrid cache's second pool, `BatchMeta.sparse`); q's and k's head norm
     weights [2 * head_dim] (Qwen3, Gemma 3), or None; Gemma 3's norms of the attention's and
-    the MLP's outputs, or None, and its GeGLU."""
+    the MLP's outputs, or None, and its GeGLU; whether it applies no RoPE (SmolLM3's every
+    fourth layer)."""
 
     qkv: Product
     o: Product
@@ -80,6 +82,7 @@ class LayerWeights:
     attn_out_norm: torch.Tensor | None = None
     mlp_out_norm: torch.Tensor | None = None
     gelu: bool = False
+    nope: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,19 +123,21 @@ class DecoderStack:
             full: tuple[AttentionStep, torch.Tensor],
             sparse: tuple[AttentionStep, torch.Tensor] | None, count: int,
             local: tuple[torch.Tensor, torch.Tensor] | None = None,
+            identity: tuple[torch.Tensor, torch.Tensor] | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first `count` layers over x [T, hidden] (the embedded tokens): (the last
         layer's down product, the residual stream), as the per-op loop returns them; each
         pool's attention step and its tokens' KV slots [T] (`sparse`: the windowed layers'
         pool's, None where they share the first); RoPE's cos, sin [T, 1, rope_dim / 2]
-        (`local`: the windowed layers' own, Gemma 3's; None: the same). None, with nothing
-        written, where the native kernels do not take these tensors."""
+        (`local`: the windowed layers' own, Gemma 3's; None: the same; `identity`: cos 1 and
+        sin 0, for the layers that apply no RoPE, SmolLM3's). None, with nothing written,
+        where the native kernels do not take these tensors."""
         lib = library_in_use()
         s = self.shapes
         t = x.shape[0]
         pools = (full, sparse or full)
         rot = s.rope_dim
-        tables = ((cos, sin), local or (cos, sin))
+        tables = ((cos, sin), local or (cos, sin), identity or (cos, sin))
         if lib is None or not _enabled or not (
                 x.dim() == 2 and float_rows(x, s.hidden) and 1 <= count <= len(self.layers)
                 and all(step.rows == t and slots.shape == (t,) and slots.dtype == torch.int64
@@ -144,8 +149,8 @@ class DecoderStack:
                        self.block_size, self.kv_type, rot, s.eps, s.scale, s.softcap,
                        (ctypes.c_void_p * 2)(*(ctypes.addressof(step) for step, _ in pools)),
                        (ctypes.c_void_p * 2)(*(slots.data_ptr() for _, slots in pools)),
-                       (ctypes.c_void_p * 2)(*(c.data_ptr() for c, _ in tables)),
-                       (ctypes.c_void_p * 2)(*(n.data_ptr() for _, n in tables)))
+                       (ctypes.c_void_p * 3)(*(c.data_ptr() for c, _ in tables)),
+                       (ctypes.c_void_p * 3)(*(n.data_ptr() for _, n in tables)))
         out, residual = x.clone(), torch.empty_like(x)
         rc = lib.decoder_layers(ctypes.addressof(stack), ctypes.addressof(self.layers), count, t,
                                 out.data_ptr(), residual.data_ptr())
@@ -195,6 +200,6 @@ def decoder_stack(shapes: Shapes, layers: Sequence[LayerWeights],
                               for n in (w.head_norm, w.attn_out_norm, w.mlp_out_norm)),
                             int(w.gelu),
                             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
-                            int(w.windowed)))
+                            int(w.windowed), 2 if w.nope else int(w.windowed)))
     keep = (tuple(layers), tuple(caches))  # the addresses above stay valid while these live
     return DecoderStack(s, (_Layer * len(built))(*built), block_size, kv, keep)

@@ -84,13 +84,14 @@ def _both_paths(model, ids, positions, meta, num_layers=None):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3", "qwen3", "phi4", "gemma2",
-                                  "gemma3", "granite"])
+                                  "gemma3", "granite", "smollm3"])
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [4, 1, 16]], ids=["decode", "verification"])
 def test_native_layers_equal_the_per_op_path(tiny_model_dir, arch, q_lens):
     """Decode and verification steps (qwen2: qkv bias; llama3: tied head; qwen3: q and k
     head norms; phi4: a partial rotary embedding; gemma2: four norms a layer, GeGLU,
     soft-capped attention scores; gemma3: q and k head norms, four norms, GeGLU, its
-    window layers' own RoPE; granite: its attention scale), random caches:
+    window layers' own RoPE; granite: its attention scale; smollm3: a layer without
+    RoPE), random caches:
     the final hidden states and every layer's cache equal bit for bit."""
     torch.manual_seed(0)
     model = _model(tiny_model_dir, arch)

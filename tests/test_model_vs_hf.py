@@ -44,7 +44,7 @@ def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n:
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3",
-                                  "gemma2", "gemma3", "granite"])
+                                  "gemma2", "gemma3", "granite", "smollm3"])
 def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir) -> None:
     """With the native CPU kernels (norms, RoPE, decode attention) where they run, and
     with torch's ops alone."""
@@ -134,6 +134,26 @@ def test_a_granite_gguf_matches_transformers(tmp_path) -> None:
     c = llm.engine.model.config
     assert (c.architecture, c.embedding_multiplier, c.residual_multiplier, c.logits_scaling,
             c.attention_scale) == ("granite", 3.0, 0.5, 2.5, pytest.approx(0.3))
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
+    check_against_hf(llm, hf, prompts, 32)
+    _packed_scores_like_dense(gguf, llm, prompts)
+
+
+def test_a_smollm3_gguf_matches_transformers(tmp_path) -> None:
+    """SmolLM3 as llama.cpp's converter writes it (q and k permuted as Llama's) and runs it
+    (no RoPE in every fourth layer, which no key names): dequantized, transformers' greedy
+    tokens and top-5; packed, the dense engine's logprobs within the native kernel's
+    rounding."""
+    from tests.tiny_models import save_tiny_gguf, save_tiny_model
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        save_tiny_model("smollm3", tmp_path / "hf", num_hidden_layers=8), dtype=torch.float32
+    ).eval()
+    gguf = save_tiny_gguf(hf, tmp_path / "smollm3.gguf")
+    llm = LLM(str(gguf), dtype="float32", num_kv_blocks=64, block_size=4,
+              quantization="none")
+    assert llm.engine.model.config.nope_layers == (3, 7)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
     check_against_hf(llm, hf, prompts, 32)

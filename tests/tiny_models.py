@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
 VOCAB = 128
@@ -67,6 +68,10 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
         return GraniteConfig(**common, rope_theta=10000.0, tie_word_embeddings=True,
                              embedding_multiplier=3.0, residual_multiplier=0.5,
                              attention_multiplier=0.3, logits_scaling=2.5)
+    if arch == "smollm3":  # (4 layers: the last applies no RoPE, as every fourth)
+        layers = overrides.get("num_hidden_layers", 4)
+        return SmolLM3Config(**common | {"num_hidden_layers": layers}, rope_theta=10000.0,
+                             pad_token_id=0, tie_word_embeddings=True)
     raise ValueError(arch)
 
 
@@ -93,8 +98,9 @@ _GGUF_GEMMA_NORMS = {
 
 
 def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None = None) -> Path:
-    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3 or Granite model as llama.cpp's
-    converter would (Llama's and Granite's q and k rows permuted to interleaved RoPE pairs,
+    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3, Granite or SmolLM3 model as
+    llama.cpp's converter would (Llama's, Granite's and SmolLM3's q and k rows permuted to
+    interleaved RoPE pairs,
     Granite's multipliers as metadata; Llama 3's RoPE scaling as a
     `rope_freqs` tensor of frequency divisors; Phi-3's fused projections as they are, its
     LongRoPE factors as tensors, its window as metadata; Gemma's norms as 1 + w, Gemma 2's
@@ -107,7 +113,8 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     c, arch = model.config, model.config.model_type.removesuffix("_text")
-    assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite"), arch
+    assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite",
+                    "smollm3"), arch
     gemma = arch in ("gemma2", "gemma3")
     layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if gemma else {})
     writer = gguf.GGUFWriter(str(path), arch)
@@ -170,7 +177,7 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
                 blocks = gguf.quants.quantize(values, q8)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, q8)))
                 kind = target.split(".")[-1]
-                if arch in ("llama", "granite") and kind in heads:  # (each head's halves
+                if arch in ("llama", "granite", "smollm3") and kind in heads:  # (each head's halves
                     # interleaved)
                     n = heads[kind]
                     blocks = gguf.quants.quantize(

@@ -13,7 +13,7 @@ class ModelConfig:
 
     architecture: str
     """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3,
-    granite)."""
+    granite, smollm3)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -73,6 +73,8 @@ class ModelConfig:
     (`window_layers`; Mistral's sliding_window, Qwen2's use_sliding_window): a query at s
     sees the keys at t > s - sliding_window."""
     window_layers: tuple[int, ...] = ()
+    nope_layers: tuple[int, ...] = ()
+    """Layers that apply no RoPE to q and k (SmolLM3's every fourth)."""
 
     def kv_block_bytes(self, block_size: int, dtype: torch.dtype) -> int:
         """Bytes of one layer's keys and values for `block_size` tokens of `dtype`."""
@@ -93,8 +95,8 @@ class ModelConfig:
     @property
     def gguf_permuted_qk(self) -> bool:
         """Whether llama.cpp's converter stores q's and k's rows permuted to its interleaved
-        RoPE pairs (Llama's, and Granite's after it), which loading undoes."""
-        return self.architecture in ("llama", "granite")
+        RoPE pairs (Llama's, and Granite's and SmolLM3's after it), which loading undoes."""
+        return self.architecture in ("llama", "granite", "smollm3")
 
     @property
     def context_limit(self) -> int:
@@ -145,6 +147,7 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
+    "SmolLM3ForCausalLM": "smollm3",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
@@ -153,6 +156,7 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "gemma2": "gemma2",
     "gemma3": "gemma3",
     "granite": "granite",
+    "smollm3": "smollm3",
 }
 
 
@@ -180,7 +184,7 @@ def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
     Qwen2's)."""
     window = hf.get("sliding_window")
     layers = hf["num_hidden_layers"]
-    if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
         window = None
     if window is None or arch == "llama":
         return None, ()
@@ -192,7 +196,7 @@ def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
                  for i in range(layers)]
     if types is not None:
         chosen = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
-    elif arch in ("qwen2", "qwen3"):
+    elif arch in ("qwen2", "qwen3", "smollm3"):
         chosen = tuple(range(hf.get("max_window_layers", layers), layers))
     else:
         chosen = tuple(range(layers))
@@ -258,4 +262,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
         eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
         sliding_window=window,
         window_layers=window_layers,
+        nope_layers=tuple(i for i, rotates in enumerate(hf.get("no_rope_layers") or ())
+                          if not rotates),
     )

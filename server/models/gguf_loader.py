@@ -131,6 +131,8 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
         sliding_window=int(window) if window else None,
         window_layers=windowed,
+        # (SmolLM3's: llama.cpp leaves RoPE out of every fourth layer, no key says so)
+        nope_layers=tuple(range(3, layers, 4)) if arch == "smollm3" else (),
         pooling=_POOLING_TYPES.get(int(meta("pooling_type", 0))),
     )
 

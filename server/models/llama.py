@@ -1,5 +1,5 @@
 """The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Phi-4-mini, Gemma 2,
-Gemma 3, Granite, SmolLM2) over a paged KV cache.
+Gemma 3, Granite, SmolLM2, SmolLM3) over a paged KV cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -71,6 +71,7 @@ class DecoderLayer(torch.nn.Module):
         self.softcap = c.attn_softcap  # (Gemma 2's soft-capped scores)
         # attends to sinks + a window: reads `BatchMeta.sparse` when the cache is hybrid
         self.windowed = False
+        self.nope = False  # applies no RoPE (SmolLM3's every fourth layer)
 
     def forward(
         self, x: Activations, residual: torch.Tensor | None, rope: RopeInputs,
@@ -124,7 +125,7 @@ class DecoderLayer(torch.nn.Module):
             *((p.packed, p.bias) for p in (self.qkv_proj, self.o_proj, self.gate_up_proj,
                                            self.down_proj)),
             self.input_norm, self.post_norm, self.windowed, self.head_norm,
-            self.attn_out_norm, self.mlp_out_norm, self.gemma)
+            self.attn_out_norm, self.mlp_out_norm, self.gemma, self.nope)
 
 
 # Rows from which a packed tied LM head gives way to the dense embedding, unless the native
@@ -137,7 +138,8 @@ class DecoderLayer(torch.nn.Module):
 TIED_DENSE_ROWS = 64
 
 
-@register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite")
+@register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite",
+                "smollm3")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -147,6 +149,8 @@ class LlamaForCausalLM(torch.nn.Module):
         self.dtype = dtype
         self.embed = Embedding(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
         self.layers = torch.nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
+        for i in config.nope_layers:
+            self.layers[i].nope = True
         self.norm = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = None if config.tie_word_embeddings else Linear(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)
@@ -175,25 +179,29 @@ class LlamaForCausalLM(torch.nn.Module):
             x = x * self.config.embedding_multiplier
         fused = x.is_cuda if self.fused_kernels is None else self.fused_kernels
         rope = self.rope.inputs(positions, x.dtype, fused)
-        local = self.rope.inputs(positions, x.dtype, fused, local=True) \
+        local = self.rope.inputs(positions, x.dtype, fused, "local") \
             if self.rope.has_local else rope
+        identity = self.rope.inputs(positions, x.dtype, fused, "identity") \
+            if self.rope.has_identity else None
         # (a ModuleList slice builds a new ModuleList: ~180 us a step on the CPU)
         count = len(self.layers) if num_layers is None else min(num_layers, len(self.layers))
-        native = None if fused else self._native_forward(x, rope, local, meta, count)
+        native = None if fused else self._native_forward(x, rope, local, identity, meta, count)
         if native is not None:
             x, residual = native
         else:
             residual = None
             for layer, kv in zip(islice(self.layers, count), self.kv_caches[:count], strict=True):
-                x, residual = layer(x, residual, local if layer.windowed else rope, kv, meta,
-                                    fused)
+                turn = identity if layer.nope else local if layer.windowed else rope
+                x, residual = layer(x, residual, turn, kv, meta, fused)
         return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps, fused)[0]
 
     def _native_forward(self, x: torch.Tensor, rope: RopeInputs, local: RopeInputs,
-                        meta: BatchMeta, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        identity: RopeInputs | None, meta: BatchMeta, count: int
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first `count` layers in one native call (`kernels.cpu_layers`), where every
         query of the step is short and the native kernels take every weight; else None.
-        (`local`: the window layers' RoPE, where they have their own.)"""
+        (`local`: the window layers' RoPE, where they have their own; `identity`: the
+        tables of layers that apply none, where some do.)"""
         t = x.shape[0]
         full = meta.native_step(t)
         sparse = None if meta.sparse is None else meta.sparse.native_step(t)
@@ -213,7 +221,8 @@ class LlamaForCausalLM(torch.nn.Module):
             return None
         return stack.run(x, rope.cos, rope.sin, (full, meta.slot_mapping),
                          None if sparse is None else (sparse, meta.sparse.slot_mapping), count,
-                         None if local is rope else (local.cos, local.sin))
+                         None if local is rope else (local.cos, local.sin),
+                         None if identity is None else (identity.cos, identity.sin))
 
     def kv_cache_bytes(self) -> int:
         """Bytes of `kv_caches`' tensors."""

@@ -136,7 +136,8 @@ class RotaryEmbedding(torch.nn.Module):
     """Rotate-half (NeoX-style) RoPE from precomputed float32 tables `cos`, `sin` [max_pos,
     rope_dim/2] (partial rotary: the first rope_dim of each head's dims turn, the rest pass
     as they are); with a `local_rope_theta` (Gemma 3), unscaled tables of that base for the
-    sliding-window layers too (`local_cos`, `local_sin`)."""
+    sliding-window layers too (`local_cos`, `local_sin`); with `nope_layers` (SmolLM3),
+    identity tables (cos 1, sin 0) for those layers, which the same kernels then apply."""
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
@@ -150,12 +151,17 @@ class RotaryEmbedding(torch.nn.Module):
             freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
             self.register_buffer(prefix + "cos", freqs.cos() * scale, persistent=False)
             self.register_buffer(prefix + "sin", freqs.sin() * scale, persistent=False)
+        self.has_identity = bool(config.nope_layers)
+        if self.has_identity:
+            self.register_buffer("identity_cos", torch.ones_like(self.cos), persistent=False)
+            self.register_buffer("identity_sin", torch.zeros_like(self.sin), persistent=False)
 
     def inputs(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool,
-               local: bool = False) -> RopeInputs:
+               table: str = "") -> RopeInputs:
         """The tables themselves for the fused kernel, else cos/sin gathered once per forward
-        (`local`: the sliding-window layers' tables)."""
-        cos_table, sin_table = (self.local_cos, self.local_sin) if local else (self.cos, self.sin)
+        (`table`: "" the model's, "local" the sliding-window layers', "identity" no RoPE)."""
+        cos_table = getattr(self, f"{table}_cos" if table else "cos")
+        sin_table = getattr(self, f"{table}_sin" if table else "sin")
         if fused:
             return RopeInputs(positions, cos_table, sin_table)
         cos = cos_table[positions].unsqueeze(1).to(dtype)
