@@ -78,7 +78,8 @@ def _tiny_model(dtype: torch.dtype, attention_bias: bool = False, arch: str = "l
     (qwen3: q and k head norms; gemma3: those, four norms a layer, GeGLU, a scaled
     embedding and attention, and the first layer's RoPE of the window layers' base; gemma2:
     gemma3's without the head norms and local RoPE, its attention scores soft-capped; phi3:
-    a partial rotary embedding, 48 of 64 dims, as Phi-4-mini's)."""
+    a partial rotary embedding, 48 of 64 dims, as Phi-4-mini's; smollm3: no RoPE in the
+    second layer)."""
     gemma = arch in ("gemma2", "gemma3")
     config = ModelConfig(arch, vocab_size=64, hidden_size=576, intermediate_size=96,
                          num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64,
@@ -86,7 +87,8 @@ def _tiny_model(dtype: torch.dtype, attention_bias: bool = False, arch: str = "l
                          attention_scale=0.1 if gemma else None,
                          local_rope_theta=100.0 if arch == "gemma3" else None,
                          attn_softcap=0.5 if arch == "gemma2" else None,
-                         rotary_dim=48 if arch == "phi3" else None)
+                         rotary_dim=48 if arch == "phi3" else None,
+                         nope_layers=(1,) if arch == "smollm3" else ())
     model = LlamaForCausalLM(config, dtype, max_positions=64)
     model.layers[0].windowed = arch == "gemma3"  # (no window in these steps: its RoPE only)
     gen = torch.Generator().manual_seed(5)
@@ -232,7 +234,7 @@ def test_kernels_take_gemv_sums(with_residual: bool) -> None:
     assert int(sums.sums.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma2", "gemma3", "smollm3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_forward_matches_torch_path(dtype: torch.dtype, arch: str) -> None:
     torch_model, fused_model = _tiny_model(dtype, arch=arch), _tiny_model(dtype, arch=arch)
