@@ -224,8 +224,8 @@ def test_the_benchmark_compares_both_paths(tmp_path, monkeypatch):
     seen = set()  # (switched off, ran natively) of the decode steps
     forward = LlamaForCausalLM._native_forward
 
-    def counted(self, x, rope, local, meta, count):
-        out = forward(self, x, rope, local, meta, count)
+    def counted(self, x, rope, local, meta, count, identity=None):
+        out = forward(self, x, rope, local, meta, count, identity)
         if meta.native_step(x.shape[0]) is not None:
             seen.add((not cpu_layers._enabled, out is not None))
         return out

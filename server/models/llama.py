@@ -185,7 +185,7 @@ class LlamaForCausalLM(torch.nn.Module):
             if self.rope.has_identity else None
         # (a ModuleList slice builds a new ModuleList: ~180 us a step on the CPU)
         count = len(self.layers) if num_layers is None else min(num_layers, len(self.layers))
-        native = None if fused else self._native_forward(x, rope, local, identity, meta, count)
+        native = None if fused else self._native_forward(x, rope, local, meta, count, identity)
         if native is not None:
             x, residual = native
         else:
@@ -196,7 +196,7 @@ class LlamaForCausalLM(torch.nn.Module):
         return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps, fused)[0]
 
     def _native_forward(self, x: torch.Tensor, rope: RopeInputs, local: RopeInputs,
-                        identity: RopeInputs | None, meta: BatchMeta, count: int
+                        meta: BatchMeta, count: int, identity: RopeInputs | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first `count` layers in one native call (`kernels.cpu_layers`), where every
         query of the step is short and the native kernels take every weight; else None.
