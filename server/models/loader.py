@@ -86,8 +86,9 @@ def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(cached))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ValueError as exc:  # an architecture transformers has no GGUF config for (Granite):
-        # its tokenizer needs none (the same tokenizer for the others, e.g. the default model)
+    except ValueError as exc:  # an architecture transformers has no GGUF config reader for
+        # (Granite, SmolLM3): the tokenizer needs none (for the default model it builds the
+        # same tokenizer as AutoTokenizer)
         if "is not supported" not in str(exc):
             raise
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent),
