@@ -78,10 +78,16 @@ def test_bare_calls_naming_the_tools() -> None:
     assert read_calls(mistral, AUTO)[1][0]["function"]["arguments"] == '{"city": "Rome"}'
     tagged = '<|python_tag|>{"name": "get_time", "parameters": {}}'
     assert read_calls(tagged, AUTO)[1][0]["function"] == {"name": "get_time", "arguments": "{}"}
+    granite = ('<|tool_call|>[{"arguments": {"city": "Rome"}, "name": "get_weather"}, '
+               '{"arguments": {}, "name": "get_time"}]')
+    assert [(c["function"]["name"], c["function"]["arguments"])
+            for c in read_calls(granite, AUTO)[1]] == [("get_weather", '{"city": "Rome"}'),
+                                                       ("get_time", "{}")]
     for text in ('{"name": "send_mail", "arguments": {}}',  # not a tool of the request
                  '{"name": "get_time", "arguments": {}, "why": 1}', '{"name": "get_time"',
                  '{"type": "tool", "name": "get_time", "parameters": {}}',
-                 '[]', '{"city": "Oslo"}', 'get_time()', '[TOOL_CALLS] get_time()'):
+                 '[]', '{"city": "Oslo"}', 'get_time()', '[TOOL_CALLS] get_time()',
+                 '<|tool_call|>get_time()'):
         assert read_calls(text, AUTO) == (text, []), text
 
 
@@ -137,6 +143,8 @@ def test_template_reads_calls() -> None:
     assert template_reads_calls(tok)
     tok.chat_template = "{% if message.tool_calls %}[TOOL_CALLS]{{ ... }}{% endif %}"
     assert template_reads_calls(tok)
+    tok.chat_template = "{% if message.tool_calls %}<|tool_call|>{{ ... }}{% endif %}"
+    assert template_reads_calls(tok)  # (Granite 3's)
     tok.chat_template = '{% for t in tools %}{{ t | tojson }}{% endfor %} "arguments"'
     assert not template_reads_calls(tok)  # (tools shown, no form of call taught)
 

@@ -10,8 +10,9 @@ constrains a forced call, and reading calls out of generated text.
 - ``auto`` (the default when tools are given): the model decides, as its chat template
   taught it. Calls are read back from templates that write them as `<tool_call>{"name":
   ..., "arguments": ...}</tool_call>` (Hermes style: Qwen2.5 and many others), as a bare
-  `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, maybe after `<|python_tag|>`) or as
-  `[TOOL_CALLS]` and a list of calls (Mistral's); for any
+  `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, maybe after `<|python_tag|>`), as
+  `[TOOL_CALLS]` and a list of calls (Mistral's) or as `<|tool_call|>` and a list of calls
+  (Granite 3's); for any
   other template "auto" is refused, as vLLM refuses it without a tool-call parser. Small
   models taught the tags often drop them (Qwen2.5-Coder-0.5B answers a bare `{"name": ...,
   "arguments": ...}`), so a reply that is nothing but such an object, or a list of them,
@@ -30,9 +31,9 @@ from server.api.errors import bad_request
 from server.api.protocol import ChatCompletionRequest
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-MISTRAL_CALLS = "[TOOL_CALLS]"
+MISTRAL_CALLS, GRANITE_CALLS = "[TOOL_CALLS]", "<|tool_call|>"
 # what may open a bare call in text kept with its special tokens (auto mode keeps them)
-CALL_PREFIXES = (MISTRAL_CALLS, "<|python_tag|>")
+CALL_PREFIXES = (MISTRAL_CALLS, GRANITE_CALLS, "<|python_tag|>")
 _CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)
 
 
@@ -54,14 +55,14 @@ NO_TOOLS = ToolMode("none")
 
 def template_reads_calls(tokenizer: Any) -> bool:
     """Whether the tokenizer's chat template teaches tool calls in a form `read_calls`
-    reads: in `<tool_call>` tags, after `[TOOL_CALLS]`, or (a template that shows tools
-    and asks for "parameters", as Llama 3.1's) a bare JSON object."""
+    reads: in `<tool_call>` tags, after `[TOOL_CALLS]` or `<|tool_call|>`, or (a template
+    that shows tools and asks for "parameters", as Llama 3.1's) a bare JSON object."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: any of them
         template = " ".join(str(t) for t in template.values())
     if not isinstance(template, str):
         return False
-    return (CALL_OPEN in template or MISTRAL_CALLS in template
+    return (CALL_OPEN in template or MISTRAL_CALLS in template or GRANITE_CALLS in template
             or ("tools" in template and '"parameters"' in template))
 
 
@@ -77,7 +78,8 @@ def tool_mode(req: ChatCompletionRequest, tokenizer: Any) -> ToolMode:
     if not template_reads_calls(tokenizer):
         raise bad_request(
             "tool_choice 'auto' needs a chat template that writes tool calls in <tool_call> "
-            "tags, after [TOOL_CALLS] or as JSON with \"parameters\", and this model's does "
+            "tags, after [TOOL_CALLS] or <|tool_call|>, or as JSON with \"parameters\", and "
+            "this model's does "
             "not; use tool_choice 'required' or a named function, which constrain the output "
             "to a call", param="tool_choice",
             code="invalid_value")
@@ -153,7 +155,7 @@ def read_calls(text: str, mode: ToolMode) -> tuple[str | None, list[dict[str, An
 
 def _bare_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[dict[str, Any]]]:
     """A reply that is only a call object, or a list of them (maybe after Mistral's
-    `[TOOL_CALLS]` or Llama's `<|python_tag|>`), naming the request's tools (the arguments
+    `[TOOL_CALLS]`, Granite's `<|tool_call|>` or Llama's `<|python_tag|>`), naming the request's tools (the arguments
     under "arguments", or Llama 3's "parameters", which may add "type": "function"); else
     the text as content."""
     calls = _without_prefix(text)
