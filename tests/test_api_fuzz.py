@@ -45,8 +45,6 @@ SAMPLING: dict[str, Callable[[random.Random], object]] = {
     "logit_bias": lambda r: r.choice([{"13": 100}, {"0": -100, "2": 5}, {}, {"49151": 50}]),
     "logprobs": lambda r: r.choice([True, False, 0, 5]),
     "top_logprobs": lambda r: r.choice([0, 1, 20]),
-    "n_probs": lambda r: r.choice([0, 3, 20, 21, -1]),  # (llama.cpp's /completion)
-    "post_sampling_probs": lambda r: r.choice([True, False]),
     "ignore_eos": lambda r: r.choice([True, False]),
     "skip_special_tokens": lambda r: r.choice([True, False]),
     "include_stop_str_in_output": lambda r: r.choice([True, False]),
@@ -92,6 +90,8 @@ LLAMA_CPP: dict[str, Callable[[random.Random], object]] = {
     "cache_prompt": lambda r: r.choice([True, False]),
     "samplers": lambda r: ["top_k", "top_p", "infill"],
     "id_slot": lambda r: r.choice([-1, 0]),
+    "n_probs": lambda r: r.choice([0, 3, 20, 21, -1]),
+    "post_sampling_probs": lambda r: r.choice([True, False]),
 }
 """llama.cpp's own fields (/completion; its unknown ones are ignored, as llama.cpp's)."""
 
