@@ -90,7 +90,7 @@ LLAMA_CPP: dict[str, Callable[[random.Random], object]] = {
     "cache_prompt": lambda r: r.choice([True, False]),
     "samplers": lambda r: ["top_k", "top_p", "infill"],
     "id_slot": lambda r: r.choice([-1, 0]),
-    "n_probs": lambda r: r.choice([0, 3, 20, 21, -1]),
+    "n_probs": lambda r: r.choice([0, 3, 20, 21]),
     "post_sampling_probs": lambda r: r.choice([True, False]),
 }
 """llama.cpp's own fields (/completion; its unknown ones are ignored, as llama.cpp's)."""
