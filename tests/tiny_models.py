@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -16,11 +17,14 @@ from transformers import (
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
     SmolLM3Config,
 )
 
@@ -72,6 +76,19 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
         layers = overrides.get("num_hidden_layers", 4)
         return SmolLM3Config(**common | {"num_hidden_layers": layers}, rope_theta=10000.0,
                              pad_token_id=0, tie_word_embeddings=True)
+    if arch == "mixtral":  # (4 experts, 2 a token)
+        return MixtralConfig(**common, rope_theta=10000.0, num_local_experts=4,
+                             num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "qwen3_moe":  # (6 experts of 32, 2 a token, renormalized; layer 1 dense)
+        return Qwen3MoeConfig(**{"head_dim": 32, **common}, rope_theta=1000000.0,
+                              num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                              norm_topk_prob=True, mlp_only_layers=[1],
+                              tie_word_embeddings=True)
+    if arch == "qwen2_moe":  # (a shared expert, probabilities not renormalized)
+        return Qwen2MoeConfig(**common, rope_theta=1000000.0, num_experts=4,
+                              num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=96, norm_topk_prob=False,
+                              tie_word_embeddings=False)
     raise ValueError(arch)
 
 
@@ -89,7 +106,13 @@ _GGUF_LAYER_NAMES = {
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv",
-    "mlp.gate_up_proj": "ffn_up"}
+    "mlp.gate_up_proj": "ffn_up", "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    "mlp.experts.gate_up_proj": "ffn_gate_up_exps", "mlp.experts.down_proj": "ffn_down_exps"}
+_GGUF_ARCHS = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+"""llama.cpp's names of architectures where they differ (Mixtral's is Llama's, with
+experts)."""
 
 
 _GGUF_GEMMA_NORMS = {
@@ -98,7 +121,8 @@ _GGUF_GEMMA_NORMS = {
 
 
 def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None = None) -> Path:
-    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3, Granite or SmolLM3 model as
+    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3, Granite, SmolLM3, Mixtral, Qwen2-MoE
+    or Qwen3-MoE model as
     llama.cpp's converter would (Llama's, Granite's and SmolLM3's q and k rows permuted to
     interleaved RoPE pairs,
     Granite's multipliers as metadata; Llama 3's RoPE scaling as a
@@ -114,10 +138,10 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
 
     c, arch = model.config, model.config.model_type.removesuffix("_text")
     assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite",
-                    "smollm3"), arch
+                    "smollm3", *_GGUF_ARCHS), arch
     gemma = arch in ("gemma2", "gemma3")
     layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if gemma else {})
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), _GGUF_ARCHS.get(arch, arch))
     writer.add_block_count(c.num_hidden_layers)
     if pooling_type is not None:  # (llama.cpp's: 1 mean, 2 cls, 3 last)
         writer.add_pooling_type(gguf.PoolingType(pooling_type))
@@ -143,6 +167,13 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
     writer.add_eos_token_id(c.eos_token_id)
     if getattr(c, "sliding_window", None):
         writer.add_sliding_window(c.sliding_window)
+    if arch in _GGUF_ARCHS:
+        writer.add_expert_count(getattr(c, "num_experts", None) or c.num_local_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        if arch != "mixtral":
+            writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if getattr(c, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     if arch == "granite":
         writer.add_embedding_scale(c.embedding_multiplier)
         writer.add_residual_scale(c.residual_multiplier)
@@ -170,22 +201,33 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
             if name in globals_:
                 target = globals_[name]
             else:
-                parts = name.split(".")
-                target = f"blk.{parts[2]}.{layer_names['.'.join(parts[3:-1])]}"
+                parts = name.split(".")  # (the experts' are named without .weight)
+                module = parts[3:] if parts[-2] == "experts" else parts[3:-1]
+                target = f"blk.{parts[2]}.{layer_names['.'.join(module)]}"
             values = p.detach().float().numpy()
-            if p.dim() == 2:
+            if target.endswith("gate_up_exps"):  # ([experts, 2 * I, H]: gate's rows, up's)
+                gate_up = []
+                for half, kind in zip(np.split(values, 2, axis=1), ("gate", "up"), strict=True):
+                    blocks = gguf.quants.quantize(np.ascontiguousarray(half), q8)
+                    writer.add_tensor(target.replace("gate_up", kind) + ".weight", blocks,
+                                      raw_dtype=q8)
+                    gate_up.append(gguf.quants.dequantize(blocks, q8))
+                p.copy_(torch.from_numpy(np.concatenate(gate_up, axis=1)))
+            elif p.dim() >= 2 and not target.endswith("gate_inp_shexp"):
                 blocks = gguf.quants.quantize(values, q8)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, q8)))
                 kind = target.split(".")[-1]
-                if arch in ("llama", "granite", "smollm3") and kind in heads:  # (each head's halves
+                if arch in ("llama", "granite", "smollm3", "mixtral") and kind in heads:  # (each head's halves
                     # interleaved)
                     n = heads[kind]
                     blocks = gguf.quants.quantize(
                         p.numpy().reshape(n, 2, head_dim // 2, -1).swapaxes(1, 2)
                         .reshape(values.shape), q8)
                 writer.add_tensor(f"{target}.weight", blocks, raw_dtype=q8)
-            else:  # (Gemma's norms as llama.cpp's converter stores them: 1 + w)
-                writer.add_tensor(f"{target}.weight", values + gemma)
+            else:  # (Gemma's norms as llama.cpp's converter stores them: 1 + w; Qwen2-MoE's
+                # shared expert's gate as a vector)
+                kind = "bias" if name.endswith(".bias") else "weight"  # (Qwen2's q, k, v)
+                writer.add_tensor(f"{target}.{kind}", values.reshape(-1) + gemma)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -201,7 +243,7 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0, vocab: int = VOCA
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, **overrides), dtype=torch.float32)
     with torch.no_grad():  # larger weights make the random model's distributions peaked
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # (a mixture's experts: [experts, out, in])
                 p.normal_(0, 0.2)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's: not all ones
                 p.uniform_(0.5, 1.5)

@@ -124,6 +124,10 @@ class LLMEngine:
             self.model_config, config, self.max_model_len, self.kv_dtype, windowed, window,
             budget, drafter.kv_bytes_per_block(config.block_size, self.kv_dtype) if drafter else 0)
         graphed = self.device.type == "cuda" and not config.enforce_eager
+        if graphed and self.model_config.num_experts:
+            log.info("no CUDA graphs: a mixture of experts groups its tokens on the host "
+                     "(server.models.moe); steps run eagerly")
+            graphed = False
         admit_batch = (config.admit_batch if config.admit_batch is not None
                        else max(1, config.max_num_seqs // 8) if graphed else 1)
         self.scheduler = Scheduler(

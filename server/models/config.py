@@ -13,7 +13,7 @@ class ModelConfig:
 
     architecture: str
     """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3,
-    granite, smollm3)."""
+    granite, smollm3, mixtral, qwen2_moe, qwen3_moe)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -75,10 +75,30 @@ class ModelConfig:
     window_layers: tuple[int, ...] = ()
     nope_layers: tuple[int, ...] = ()
     """Layers that apply no RoPE to q and k (SmolLM3's every fourth)."""
+    num_experts: int = 0
+    """Routed experts of each mixture-of-experts layer (Mixtral, Qwen2-MoE, Qwen3-MoE); 0:
+    every layer's MLP is dense."""
+    experts_per_token: int = 0
+    """The experts each token is routed to (the router's top k)."""
+    expert_intermediate_size: int = 0
+    """Each expert's SwiGLU width (Qwen's moe_intermediate_size; Mixtral's
+    intermediate_size)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE's shared expert (every token through it, scaled by a sigmoid gate); 0: none."""
+    normalize_expert_weights: bool = True
+    """The top k routing probabilities divided by their sum (Mixtral's, Qwen's
+    norm_topk_prob); else the softmax's own."""
+    dense_layers: tuple[int, ...] = ()
+    """With experts: the layers whose MLP is dense nonetheless, of `intermediate_size`
+    (Qwen-MoE's mlp_only_layers and decoder_sparse_step)."""
 
     def kv_block_bytes(self, block_size: int, dtype: torch.dtype) -> int:
         """Bytes of one layer's keys and values for `block_size` tokens of `dtype`."""
         return 2 * block_size * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
+
+    def moe_layer(self, index: int) -> bool:
+        """Whether layer `index`'s MLP is a mixture of experts."""
+        return self.num_experts > 0 and index not in self.dense_layers
 
     @property
     def rope_dim(self) -> int:
@@ -148,6 +168,9 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
     "SmolLM3ForCausalLM": "smollm3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
@@ -157,6 +180,11 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "gemma3": "gemma3",
     "granite": "granite",
     "smollm3": "smollm3",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
 }
 
 
@@ -177,6 +205,11 @@ def _eos_tuple(value: object) -> tuple[int, ...]:
     return (int(value),)
 
 
+_QWEN_WINDOWS = ("qwen2", "qwen3", "smollm3", "qwen2_moe", "qwen3_moe")
+"""Architectures whose window is off unless use_sliding_window, on the layers from
+max_window_layers on."""
+
+
 def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
     """(sliding_window, the layers that use it) as transformers reads the config: its
     `layer_types` when given, else Mistral's and Phi-3's window on every layer and Qwen2's
@@ -184,7 +217,7 @@ def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
     Qwen2's)."""
     window = hf.get("sliding_window")
     layers = hf["num_hidden_layers"]
-    if arch in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
+    if arch in _QWEN_WINDOWS and not hf.get("use_sliding_window", False):
         window = None
     if window is None or arch == "llama":
         return None, ()
@@ -196,7 +229,7 @@ def _window_layers(hf: dict, arch: str) -> tuple[int | None, tuple[int, ...]]:
                  for i in range(layers)]
     if types is not None:
         chosen = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
-    elif arch in ("qwen2", "qwen3", "smollm3"):
+    elif arch in _QWEN_WINDOWS:
         chosen = tuple(range(hf.get("max_window_layers", layers), layers))
     else:
         chosen = tuple(range(layers))
@@ -232,6 +265,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"partial_rotary_factor {rotary} of head_dim {head_dim}: RoPE needs "
                          "an even number of dims, at most head_dim")
     window, window_layers = _window_layers(hf, arch)
+    experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+    step = int(hf.get("decoder_sparse_step") or 1)
     return ModelConfig(
         architecture=arch,
         vocab_size=hf["vocab_size"],
@@ -248,8 +283,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=hf.get("tie_word_embeddings", False) or archs[0] in _BASE_MODELS,
         generates=archs[0] not in _BASE_MODELS,
-        attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
-        qk_norm=arch in ("qwen3", "gemma3"),
+        attention_bias=bool(hf.get("attention_bias", hf.get("qkv_bias",
+                                                            arch in ("qwen2", "qwen2_moe")))),
+        qk_norm=arch in ("qwen3", "gemma3", "qwen3_moe"),
         attention_scale=(hf["query_pre_attn_scalar"] ** -0.5
                          if hf.get("query_pre_attn_scalar") else hf.get("attention_multiplier")),
         local_rope_theta=local_theta if arch == "gemma3" else None,
@@ -264,4 +300,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
         window_layers=window_layers,
         nope_layers=tuple(i for i, rotates in enumerate(hf.get("no_rope_layers") or ())
                           if not rotates),
+        num_experts=experts,
+        experts_per_token=int(hf.get("num_experts_per_tok") or 0) if experts else 0,
+        expert_intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"])
+        if experts else 0,
+        shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0)
+        if experts else 0,
+        normalize_expert_weights=arch == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+        dense_layers=tuple(i for i in range(hf["num_hidden_layers"])
+                           if i in (hf.get("mlp_only_layers") or ()) or (i + 1) % step)
+        if experts else (),
     )

@@ -37,6 +37,18 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_MOE_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+"""A mixture-of-experts layer's router, and Qwen2-MoE's shared expert and its gate."""
+EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                "ffn_down_exps": "down_proj"}
+"""The experts' stacked tensors ([experts, out, in]), by the HF name of each expert's part
+(`mlp.experts.{e}.*`)."""
 _GEMMA_NORMS = {
     "post_attention_norm": "post_attention_layernorm",  # (on the attention's output)
     "ffn_norm": "pre_feedforward_layernorm",
@@ -58,7 +70,7 @@ def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
     names = _LAYER_NAMES | _GEMMA_NORMS if architecture in ("gemma2", "gemma3") \
-        else _LAYER_NAMES
+        else _LAYER_NAMES | _MOE_NAMES
     if m is None or m.group(2) not in names:
         return None
     module = names[m.group(2)]
@@ -99,6 +111,7 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
     scale_dim = hidden // heads if (arch, layers) in (("gemma2", 46), ("gemma3", 62)) \
         else head_dim
     caps = [meta(f"{kind}_logit_softcapping") for kind in ("attn", "final")]
+    experts = int(meta("expert_count", 0) or 0)
     rotary = int(meta("rope.dimension_count", head_dim))  # (Phi-4-mini's: 96 of 128)
     return ModelConfig(
         architecture=arch,
@@ -134,6 +147,17 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         # (SmolLM3's: llama.cpp leaves RoPE out of every fourth layer, no key says so)
         nope_layers=tuple(range(3, layers, 4)) if arch == "smollm3" else (),
         pooling=_POOLING_TYPES.get(int(meta("pooling_type", 0))),
+        num_experts=experts,
+        experts_per_token=int(meta("expert_used_count", 0) or 0) if experts else 0,
+        expert_intermediate_size=int(meta("expert_feed_forward_length", 0)
+                                     or meta("feed_forward_length")) if experts else 0,
+        shared_expert_intermediate_size=int(
+            meta("expert_shared_feed_forward_length", 0) or 0) if experts else 0,
+        # (as llama.cpp weighs them: Qwen2-MoE's top k probabilities as the softmax gives
+        # them, Mixtral's and Qwen3-MoE's renormalized)
+        normalize_expert_weights=arch != "qwen2_moe",
+        dense_layers=tuple(i for i in range(layers)
+                           if f"blk.{i}.ffn_gate_inp.weight" not in names) if experts else (),
     )
 
 
@@ -175,7 +199,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def tensor_array(tensor: GGUFTensor) -> np.ndarray:
     """A reader tensor as float32 numpy in PyTorch's [out, in] order."""
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return _dequantize(tensor.data, tensor.tensor_type, shape)
+    return dequantize_raw(tensor.data, tensor.tensor_type, shape)
 
 
 def tensor_rows(tensor: GGUFTensor, start: int, stop: int) -> torch.Tensor:
@@ -183,11 +207,12 @@ def tensor_rows(tensor: GGUFTensor, start: int, stop: int) -> torch.Tensor:
     n, k = int(tensor.shape[1]), int(tensor.shape[0])
     rows = min(stop, n) - start
     raw = np.asarray(tensor.data).reshape(n, -1)[start:stop]  # a row's blocks or elements
-    return torch.from_numpy(_dequantize(raw, tensor.tensor_type, (rows, k)))
+    return torch.from_numpy(dequantize_raw(raw, tensor.tensor_type, (rows, k)))
 
 
-def _dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
-                ) -> np.ndarray:
+def dequantize_raw(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+                   ) -> np.ndarray:
+    """A tensor's (or a slice of its rows') block bytes -> float32 numpy of `shape`."""
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):  # (copied: the map is read-only)
         return raw.astype(np.float32).reshape(shape)
     if int(qtype) in K_QUANTS:
@@ -201,10 +226,21 @@ def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = f
     """Yield (HF name, float32 tensor) for every tensor the model uses but those in `skip`
     (dequantized as they are yielded)."""
     for t in reader.tensors:
+        m = _BLOCK.match(t.name)
+        if m is not None and m.group(2) in EXPERT_NAMES:  # ([experts, out, in]: one each)
+            names = [f"model.layers.{m.group(1)}.mlp.experts.{e}.{EXPERT_NAMES[m.group(2)]}"
+                     f".{m.group(3)}" for e in range(int(t.shape[2]))]
+            if not all(n in skip for n in names):
+                arr = tensor_array(t)
+                yield from ((n, torch.from_numpy(arr[e])) for e, n in enumerate(names)
+                            if n not in skip)
+            continue
         name = hf_name(t.name, config.architecture)
         if name is None or name in skip:
             continue
         arr = tensor_array(t)
+        if name.endswith("shared_expert_gate.weight"):  # (llama.cpp's: a vector)
+            arr = arr.reshape(1, -1)
         if config.gemma and name.endswith("norm.weight"):  # (llama.cpp stores 1 + w)
             arr = arr - 1
         if config.gguf_permuted_qk:

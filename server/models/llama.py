@@ -1,5 +1,6 @@
 """The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Phi-4-mini, Gemma 2,
-Gemma 3, Granite, SmolLM2, SmolLM3) over a paged KV cache.
+Gemma 3, Granite, SmolLM2, SmolLM3, and with mixture-of-experts MLPs Mixtral, Qwen2-MoE and
+Qwen3-MoE: `server.models.moe`) over a paged KV cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -36,14 +37,15 @@ from server.models.layers import (
     gelu_mul,
     head_rms_norm,
 )
+from server.models.moe import SparseMoE
 from server.models.registry import register_model
 from server.models.rope import RopeInputs, RotaryEmbedding, apply_rope
 
 
 class DecoderLayer(torch.nn.Module):
-    """Pre-norm attention + SwiGLU MLP."""
+    """Pre-norm attention + SwiGLU MLP (or, with `moe`, a mixture of SwiGLU experts)."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, moe: bool = False) -> None:
         super().__init__()
         c = config
         qkv_out = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
@@ -53,8 +55,9 @@ class DecoderLayer(torch.nn.Module):
 
         self.qkv_proj = Linear(empty(qkv_out, c.hidden_size), empty(qkv_out) if c.attention_bias else None)
         self.o_proj = Linear(empty(c.hidden_size, c.num_heads * c.head_dim))
-        self.gate_up_proj = Linear(empty(2 * c.intermediate_size, c.hidden_size))
-        self.down_proj = Linear(empty(c.hidden_size, c.intermediate_size))
+        self.moe = SparseMoE(c, dtype) if moe else None
+        self.gate_up_proj = None if moe else Linear(empty(2 * c.intermediate_size, c.hidden_size))
+        self.down_proj = None if moe else Linear(empty(c.hidden_size, c.intermediate_size))
         self.input_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
         self.post_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
         # Qwen3, Gemma 3: q's head norm weight, then k's, normed per head before RoPE
@@ -108,6 +111,10 @@ class DecoderLayer(torch.nn.Module):
                 q, k, v = (qk[:, : self.heads], qk[:, self.heads :],
                            qkv[:, self.heads + self.kv_heads :])
         o = attention(q, k, v, kv[0], kv[1], meta, self.scale, softcap=self.softcap)
+        if self.moe is not None:
+            h, residual = add_rms_norm(self.o_proj(o.reshape(t, -1)), residual, self.post_norm,
+                                       self.eps, fused)
+            return self.moe(h, fused), residual
         if self.gemma:  # (plain tensors between the products: no sums handed on)
             o = add_rms_norm(self.o_proj(o.reshape(t, -1)), None, self.attn_out_norm,
                              self.eps, fused)[0]
@@ -139,7 +146,7 @@ TIED_DENSE_ROWS = 64
 
 
 @register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite",
-                "smollm3")
+                "smollm3", "mixtral", "qwen2_moe", "qwen3_moe")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -148,7 +155,8 @@ class LlamaForCausalLM(torch.nn.Module):
         self.config = config
         self.dtype = dtype
         self.embed = Embedding(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
-        self.layers = torch.nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
+        self.layers = torch.nn.ModuleList(DecoderLayer(config, dtype, config.moe_layer(i))
+                                          for i in range(config.num_layers))
         for i in config.nope_layers:
             self.layers[i].nope = True
         self.norm = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=dtype), requires_grad=False)
@@ -199,14 +207,16 @@ class LlamaForCausalLM(torch.nn.Module):
                         meta: BatchMeta, count: int, identity: RopeInputs | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first `count` layers in one native call (`kernels.cpu_layers`), where every
-        query of the step is short and the native kernels take every weight; else None.
+        query of the step is short and the native kernels take every weight (no layer has
+        experts); else None.
         (`local`: the window layers' RoPE, where they have their own; `identity`: the
         tables of layers that apply none, where some do.)"""
         t = x.shape[0]
         full = meta.native_step(t)
         sparse = None if meta.sparse is None else meta.sparse.native_step(t)
         if (full is None or meta.sparse is not None and sparse is None or not x.is_cpu
-                or x.dtype != torch.float32 or cpu_native.library_in_use() is None):
+                or x.dtype != torch.float32 or cpu_native.library_in_use() is None
+                or self.config.num_experts):
             return None
         built = self._native
         if built is None or built[0] is not self.kv_caches or built[1] != len(self.kv_caches):
@@ -326,8 +336,12 @@ class LlamaForCausalLM(torch.nn.Module):
                 names |= {p + "self_attn.qkv_proj.weight", p + "mlp.gate_up_proj.weight"}
             else:
                 names |= {f"{p}self_attn.{n}_proj.weight" for n in "qkv"}
-                names |= {f"{p}mlp.{n}_proj.weight" for n in ("gate", "up")}
-            names |= {p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"}
+            if c.moe_layer(i):
+                names |= self._expert_names(p)
+            else:
+                names |= {f"{p}mlp.{n}_proj.weight" for n in ("gate", "up", "down")
+                          if c.architecture != "phi3" or n == "down"}
+            names.add(p + "self_attn.o_proj.weight")
             if c.attention_bias:
                 names |= {f"{p}self_attn.{n}_proj.bias" for n in "qkv"}
             if c.qk_norm:
@@ -335,6 +349,49 @@ class LlamaForCausalLM(torch.nn.Module):
             if c.gemma:
                 names |= {f"{p}{n}_feedforward_layernorm.weight" for n in ("pre", "post")}
         return names
+
+    def _expert_names(self, prefix: str) -> set[str]:
+        """The HF names of a mixture-of-experts layer's MLP weights: Mixtral's
+        (`block_sparse_moe.experts.{e}.w1`: gate, `w3`: up, `w2`: down) or Qwen's
+        (`mlp.experts.{e}.gate_proj`, ..., a shared expert's `mlp.shared_expert.*`), which
+        a GGUF's are loaded as."""
+        c = self.config
+        if c.architecture == "mixtral":
+            return {f"{prefix}block_sparse_moe.gate.weight"} | {
+                f"{prefix}block_sparse_moe.experts.{e}.w{n}.weight"
+                for e in range(c.num_experts) for n in (1, 2, 3)}
+        parts = ("gate", "up", "down")
+        names = {f"{prefix}mlp.gate.weight"} | {
+            f"{prefix}mlp.experts.{e}.{n}_proj.weight" for e in range(c.num_experts) for n in parts}
+        if c.shared_expert_intermediate_size:
+            names |= {f"{prefix}mlp.shared_expert.{n}_proj.weight" for n in parts}
+            names.add(f"{prefix}mlp.shared_expert_gate.weight")
+        return names
+
+    def _expert_target(self, moe: SparseMoE, parts: list[str]
+                       ) -> tuple[torch.nn.Parameter | None, int | None, int]:
+        """`_target` of a tensor of a mixture-of-experts MLP (`parts`: its name after
+        `model.layers.{i}.mlp.` or `.block_sparse_moe.`)."""
+        c = self.config
+        if parts == ["gate", "weight"]:
+            return moe.router, None, 0
+        if parts == ["shared_expert_gate", "weight"] and moe.shared_gate is not None:
+            return moe.shared_gate, None, 0
+        if parts[0] == "experts" and len(parts) == 4 and parts[1].isdigit() \
+                and int(parts[1]) < len(moe.experts):
+            expert, width, module = moe.experts[int(parts[1])], c.expert_intermediate_size, \
+                parts[2]
+        elif parts[0] == "shared_expert" and len(parts) == 3 and moe.shared is not None:
+            expert, width, module = moe.shared, c.shared_expert_intermediate_size, parts[1]
+        else:
+            raise ValueError(f"unexpected mixture-of-experts tensor {'.'.join(parts)!r}")
+        module = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(module, module)
+        if module == "down_proj":
+            return expert.down_proj.weight, None, 0
+        halves = {"gate_proj": 0, "up_proj": width}
+        if module not in halves:
+            raise ValueError(f"unexpected mixture-of-experts tensor {'.'.join(parts)!r}")
+        return expert.gate_up_proj.weight, halves[module], width
 
     def _target(
         self, name: str, qkv: dict[str, tuple[int, int]], gate_up: dict[str, tuple[int, int]]
@@ -349,6 +406,8 @@ class LlamaForCausalLM(torch.nn.Module):
         if parts[:2] != ["model", "layers"] or len(parts) < 5:
             return None, None, 0  # e.g. rotary inv_freq buffers in old checkpoints
         layer = self.layers[int(parts[2])]
+        if layer.moe is not None and parts[3] in ("mlp", "block_sparse_moe"):
+            return self._expert_target(layer.moe, parts[4:])
         module, kind = parts[-2], parts[-1]
         if module == "input_layernorm":
             return layer.input_norm, None, 0

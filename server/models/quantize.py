@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from kernels import cpu_native
@@ -63,13 +64,22 @@ _GGUF_PARTS = {
 }
 _GGUF_FUSED_PARTS = _GGUF_PARTS | {"qkv_proj": ("attn_qkv",), "gate_up_proj": ("ffn_up",)}
 """Phi-3's GGUF tensors: q, k, v in one, gate and up in one (`ffn_up`)."""
+_GGUF_EXPERT_PARTS = {"gate_up_proj": ("ffn_gate", "ffn_up"), "down_proj": ("ffn_down",)}
+"""An expert's projections, by the GGUF names of its parts (stacked: `{name}_exps`; the
+shared expert's: `{name}_shexp`)."""
 
 
 def linear_modules(model: torch.nn.Module) -> Iterator[tuple[str, Linear]]:
-    """(name, Linear) for every projection: `layers.{i}.{module}` and `lm_head`."""
+    """(name, Linear) for every projection: `layers.{i}.{module}` (a mixture-of-experts
+    layer's experts as `layers.{i}.moe.experts.{e}.{gate_up,down}_proj`, its shared one's
+    as `layers.{i}.moe.shared.*`) and `lm_head`. (A router stays dense.)"""
     for i, layer in enumerate(model.layers):
         for module in _GGUF_PARTS:
-            yield f"layers.{i}.{module}", getattr(layer, module)
+            if getattr(layer, module) is not None:
+                yield f"layers.{i}.{module}", getattr(layer, module)
+        if layer.moe is not None:
+            for name, linear in layer.moe.linears():
+                yield f"layers.{i}.{name}", linear
     if model.lm_head is not None:
         yield "lm_head", model.lm_head
 
@@ -136,14 +146,22 @@ def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False,
     rest = rest and any(int(t.tensor_type) in supported_gguf_types()
                         for t in tensors.values() if t.name.startswith("blk."))
 
-    def packed(name: str, requantize: bool = rest) -> PackedWeight | None:
+    def packed(name: str, requantize: bool = rest, expert: int | None = None
+               ) -> PackedWeight | None:
+        """The tensor's packed weight (of a stacked experts' tensor, expert `expert`'s)."""
         t = tensors.get(name)
         if t is None:
             return None
+        n, k = int(t.shape[1]), int(t.shape[0])
+        raw = t.data if expert is None else \
+            np.asarray(t.data).reshape(int(t.shape[2]), -1)[expert]
         if int(t.tensor_type) in supported_gguf_types():
-            pw = repack_gguf(t.data, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
-        elif requantize and int(t.shape[0]) % 32 == 0:
-            pw = _int8_groups(t)
+            pw = repack_gguf(raw, t.tensor_type, (n, k))
+        elif requantize and k % 32 == 0:
+            from server.models.gguf_loader import dequantize_raw
+
+            pw = _int8_groups(t) if expert is None else quantize(
+                torch.from_numpy(dequantize_raw(raw, t.tensor_type, (n, k))), "int8", 32)
         else:
             return None
         kind = name.split(".")[-2]
@@ -153,17 +171,28 @@ def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False,
             pw = scale_packed(pw, config.residual_multiplier)  # (as `load_weights` does)
         return pw
 
+    def fuse(into: str, parts: list[PackedWeight | None]) -> None:
+        if all(p is not None for p in parts):
+            fused = concat_packed(parts)
+            if fused is None and rest:
+                fused = quantize(torch.cat([dequantize(p) for p in parts]), "int8", 32)
+            if fused is not None:
+                result[into] = fused
+
     result: dict[str, PackedWeight] = {}
     parts_of = _GGUF_FUSED_PARTS if config.architecture == "phi3" else _GGUF_PARTS
     for i in range(config.num_layers):
         for module, names in parts_of.items():
-            parts = [packed(f"blk.{i}.{n}.weight") for n in names]
-            if all(p is not None for p in parts):
-                fused = concat_packed(parts)
-                if fused is None and rest:
-                    fused = quantize(torch.cat([dequantize(p) for p in parts]), "int8", 32)
-                if fused is not None:
-                    result[f"layers.{i}.{module}"] = fused
+            fuse(f"layers.{i}.{module}", [packed(f"blk.{i}.{n}.weight") for n in names])
+        if config.moe_layer(i):
+            for e in range(config.num_experts):
+                for module, names in _GGUF_EXPERT_PARTS.items():
+                    fuse(f"layers.{i}.moe.experts.{e}.{module}",
+                         [packed(f"blk.{i}.{n}_exps.weight", expert=e) for n in names])
+            if config.shared_expert_intermediate_size:
+                for module, names in _GGUF_EXPERT_PARTS.items():
+                    fuse(f"layers.{i}.moe.shared.{module}",
+                         [packed(f"blk.{i}.{n}_shexp.weight") for n in names])
     # a tied LM head is the embedding's tensor (llama.cpp multiplies by it as stored too;
     # requantized, it would differ from the dense embedding that serves large products)
     tied = config.tie_word_embeddings
