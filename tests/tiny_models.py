@@ -77,17 +77,19 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
         return SmolLM3Config(**common | {"num_hidden_layers": layers}, rope_theta=10000.0,
                              pad_token_id=0, tie_word_embeddings=True)
     if arch == "mixtral":  # (4 experts, 2 a token)
-        return MixtralConfig(**common, rope_theta=10000.0, num_local_experts=4,
-                             num_experts_per_tok=2, tie_word_embeddings=False)
+        return MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common},
+                             rope_theta=10000.0, tie_word_embeddings=False)
     if arch == "qwen3_moe":  # (6 experts of 32, 2 a token, renormalized; layer 1 dense)
-        return Qwen3MoeConfig(**{"head_dim": 32, **common}, rope_theta=1000000.0,
-                              num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
-                              norm_topk_prob=True, mlp_only_layers=[1],
+        return Qwen3MoeConfig(**{"head_dim": 32, "num_experts": 6, "num_experts_per_tok": 2,
+                                 "moe_intermediate_size": 32, "mlp_only_layers": [1],
+                                 **common},
+                              rope_theta=1000000.0, norm_topk_prob=True,
                               tie_word_embeddings=True)
     if arch == "qwen2_moe":  # (a shared expert, probabilities not renormalized)
-        return Qwen2MoeConfig(**common, rope_theta=1000000.0, num_experts=4,
-                              num_experts_per_tok=2, moe_intermediate_size=32,
-                              shared_expert_intermediate_size=96, norm_topk_prob=False,
+        return Qwen2MoeConfig(**{"num_experts": 4, "num_experts_per_tok": 2,
+                                 "moe_intermediate_size": 32,
+                                 "shared_expert_intermediate_size": 96, **common},
+                              rope_theta=1000000.0, norm_topk_prob=False,
                               tie_word_embeddings=False)
     raise ValueError(arch)
 
