@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE): config, our forward against
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite MoE): config, our forward against
 transformers' (HF files and GGUFs), packed experts, and outputs independent of the batch."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from server.models.config import config_from_hf
 from server.models.quantize import linear_modules
 from tests.test_model_vs_hf import NATIVE_LOGPROB_ATOL, check_against_hf
 
-ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe"]
+ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe", "granitemoe"]
 
 
 def _prompts(seed: int, lengths: tuple[int, ...] = (1, 5, 13, 90)) -> list[list[int]]:
@@ -44,8 +44,10 @@ def test_config_reads_the_experts_and_the_dense_layers() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_models_match_transformers(arch: str, tiny_model_dir) -> None:
     """Mixtral's (experts renormalized, `block_sparse_moe` names), Qwen3-MoE's (q and k head
-    norms, a dense layer among the sparse ones) and Qwen2-MoE's (a shared expert behind a
-    sigmoid gate, top-k probabilities as the softmax gives them): the same greedy tokens
+    norms, a dense layer among the sparse ones), Qwen2-MoE's (a shared expert behind a
+    sigmoid gate, top-k probabilities as the softmax gives them) and Granite MoE's (its
+    experts stacked in one tensor each for gate/up and down, Granite's four multipliers,
+    the residual one folded into every expert's down projection): the same greedy tokens
     and top-5 logprobs as transformers, prompts from 1 to 90 tokens batched together."""
     path = tiny_model_dir(arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -73,6 +75,7 @@ def test_a_moe_gguf_matches_transformers(arch: str, tiny_model_dir, tmp_path) ->
                 quantization="none")
     c = dense.engine.model.config
     assert (c.num_experts, c.experts_per_token) == ((4, 2) if arch != "qwen3_moe" else (6, 2))
+    assert c.residual_multiplier == (0.5 if arch == "granitemoe" else 1.0)
     assert c.dense_layers == ((1,) if arch == "qwen3_moe" else ())
     prompts = _prompts(2)
     check_against_hf(dense, hf.eval(), prompts, 24)

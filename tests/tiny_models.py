@@ -15,6 +15,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GraniteConfig,
+    GraniteMoeConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -91,6 +92,12 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
                                  "shared_expert_intermediate_size": 96, **common},
                               rope_theta=1000000.0, norm_topk_prob=False,
                               tie_word_embeddings=False)
+    if arch == "granitemoe":  # (Granite's multipliers; 4 experts of 32 stacked, 2 a token)
+        return GraniteMoeConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2,
+                                   **common | {"intermediate_size": 32}},
+                                rope_theta=10000.0, tie_word_embeddings=True,
+                                embedding_multiplier=3.0, residual_multiplier=0.5,
+                                attention_multiplier=0.3, logits_scaling=2.5)
     raise ValueError(arch)
 
 
@@ -111,8 +118,12 @@ _GGUF_LAYER_NAMES = {
     "mlp.gate_up_proj": "ffn_up", "mlp.gate": "ffn_gate_inp",
     "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
     "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-    "mlp.experts.gate_up_proj": "ffn_gate_up_exps", "mlp.experts.down_proj": "ffn_down_exps"}
-_GGUF_ARCHS = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+    "mlp.experts.gate_up_proj": "ffn_gate_up_exps", "mlp.experts.down_proj": "ffn_down_exps",
+    "block_sparse_moe.router": "ffn_gate_inp",
+    "block_sparse_moe.experts.gate_up_proj": "ffn_gate_up_exps",
+    "block_sparse_moe.experts.down_proj": "ffn_down_exps"}
+_GGUF_ARCHS = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+               "granitemoe": "granitemoe"}
 """llama.cpp's names of architectures where they differ (Mixtral's is Llama's, with
 experts)."""
 
@@ -123,8 +134,8 @@ _GGUF_GEMMA_NORMS = {
 
 
 def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None = None) -> Path:
-    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3, Granite, SmolLM3, Mixtral, Qwen2-MoE
-    or Qwen3-MoE model as
+    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3, Granite, SmolLM3, Mixtral, Qwen2-MoE,
+    Qwen3-MoE or Granite MoE model as
     llama.cpp's converter would (Llama's, Granite's and SmolLM3's q and k rows permuted to
     interleaved RoPE pairs,
     Granite's multipliers as metadata; Llama 3's RoPE scaling as a
@@ -172,11 +183,11 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
     if arch in _GGUF_ARCHS:
         writer.add_expert_count(getattr(c, "num_experts", None) or c.num_local_experts)
         writer.add_expert_used_count(c.num_experts_per_tok)
-        if arch != "mixtral":
+        if arch not in ("mixtral", "granitemoe"):
             writer.add_expert_feed_forward_length(c.moe_intermediate_size)
         if getattr(c, "shared_expert_intermediate_size", None):
             writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
-    if arch == "granite":
+    if arch in ("granite", "granitemoe"):
         writer.add_embedding_scale(c.embedding_multiplier)
         writer.add_residual_scale(c.residual_multiplier)
         writer.add_attention_scale(c.attention_multiplier)
@@ -219,7 +230,8 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
                 blocks = gguf.quants.quantize(values, q8)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, q8)))
                 kind = target.split(".")[-1]
-                if arch in ("llama", "granite", "smollm3", "mixtral") and kind in heads:  # (each head's halves
+                if arch in ("llama", "granite", "smollm3", "mixtral", "granitemoe") \
+                        and kind in heads:  # (each head's halves
                     # interleaved)
                     n = heads[kind]
                     blocks = gguf.quants.quantize(

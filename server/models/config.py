@@ -13,7 +13,7 @@ class ModelConfig:
 
     architecture: str
     """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3,
-    granite, smollm3, mixtral, qwen2_moe, qwen3_moe)."""
+    granite, smollm3, mixtral, qwen2_moe, qwen3_moe, granitemoe)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -76,18 +76,19 @@ class ModelConfig:
     nope_layers: tuple[int, ...] = ()
     """Layers that apply no RoPE to q and k (SmolLM3's every fourth)."""
     num_experts: int = 0
-    """Routed experts of each mixture-of-experts layer (Mixtral, Qwen2-MoE, Qwen3-MoE); 0:
+    """Routed experts of each mixture-of-experts layer (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite
+    MoE); 0:
     every layer's MLP is dense."""
     experts_per_token: int = 0
     """The experts each token is routed to (the router's top k)."""
     expert_intermediate_size: int = 0
-    """Each expert's SwiGLU width (Qwen's moe_intermediate_size; Mixtral's
-    intermediate_size)."""
+    """Each expert's SwiGLU width (Qwen's moe_intermediate_size; Mixtral's and Granite
+    MoE's intermediate_size)."""
     shared_expert_intermediate_size: int = 0
     """Qwen2-MoE's shared expert (every token through it, scaled by a sigmoid gate); 0: none."""
     normalize_expert_weights: bool = True
-    """The top k routing probabilities divided by their sum (Mixtral's, Qwen's
-    norm_topk_prob); else the softmax's own."""
+    """The top k routing probabilities divided by their sum (Mixtral's, Granite MoE's: a
+    softmax over the top k logits; Qwen's norm_topk_prob); else the softmax's own."""
     dense_layers: tuple[int, ...] = ()
     """With experts: the layers whose MLP is dense nonetheless, of `intermediate_size`
     (Qwen-MoE's mlp_only_layers and decoder_sparse_step)."""
@@ -116,7 +117,7 @@ class ModelConfig:
     def gguf_permuted_qk(self) -> bool:
         """Whether llama.cpp's converter stores q's and k's rows permuted to its interleaved
         RoPE pairs (Llama's, and Granite's and SmolLM3's after it), which loading undoes."""
-        return self.architecture in ("llama", "granite", "smollm3")
+        return self.architecture in ("llama", "granite", "smollm3", "granitemoe")
 
     @property
     def context_limit(self) -> int:
@@ -171,6 +172,7 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GraniteMoeForCausalLM": "granitemoe",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
@@ -185,6 +187,7 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "qwen3_moe": "qwen3_moe",
     "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
+    "granitemoe": "granitemoe",
 }
 
 
@@ -306,7 +309,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         if experts else 0,
         shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0)
         if experts else 0,
-        normalize_expert_weights=arch == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+        normalize_expert_weights=arch in ("mixtral", "granitemoe")
+        or bool(hf.get("norm_topk_prob", False)),
         dense_layers=tuple(i for i in range(hf["num_hidden_layers"])
                            if i in (hf.get("mlp_only_layers") or ()) or (i + 1) % step)
         if experts else (),

@@ -154,7 +154,7 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         shared_expert_intermediate_size=int(
             meta("expert_shared_feed_forward_length", 0) or 0) if experts else 0,
         # (as llama.cpp weighs them: Qwen2-MoE's top k probabilities as the softmax gives
-        # them, Mixtral's and Qwen3-MoE's renormalized)
+        # them, Mixtral's, Qwen3-MoE's and Granite MoE's renormalized)
         normalize_expert_weights=arch != "qwen2_moe",
         dense_layers=tuple(i for i in range(layers)
                            if f"blk.{i}.ffn_gate_inp.weight" not in names) if experts else (),

@@ -1,6 +1,6 @@
 """The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Phi-4-mini, Gemma 2,
-Gemma 3, Granite, SmolLM2, SmolLM3, and with mixture-of-experts MLPs Mixtral, Qwen2-MoE and
-Qwen3-MoE: `server.models.moe`) over a paged KV cache.
+Gemma 3, Granite, SmolLM2, SmolLM3, and with mixture-of-experts MLPs Mixtral, Qwen2-MoE,
+Qwen3-MoE and Granite MoE: `server.models.moe`) over a paged KV cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -18,7 +18,7 @@ native call (`kernels.cpu_layers`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 import torch
@@ -146,7 +146,7 @@ TIED_DENSE_ROWS = 64
 
 
 @register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite",
-                "smollm3", "mixtral", "qwen2_moe", "qwen3_moe")
+                "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -287,6 +287,8 @@ class LlamaForCausalLM(torch.nn.Module):
         parameter must be filled exactly once or loading fails."""
         slices = self._slices()
         filled: dict[str, int] = {}
+        if self.config.num_experts:
+            weights = _canonical_expert_names(weights)
         for name, tensor in weights:
             target, start, length = self._target(name, *slices)
             if target is None:
@@ -351,15 +353,11 @@ class LlamaForCausalLM(torch.nn.Module):
         return names
 
     def _expert_names(self, prefix: str) -> set[str]:
-        """The HF names of a mixture-of-experts layer's MLP weights: Mixtral's
-        (`block_sparse_moe.experts.{e}.w1`: gate, `w3`: up, `w2`: down) or Qwen's
-        (`mlp.experts.{e}.gate_proj`, ..., a shared expert's `mlp.shared_expert.*`), which
-        a GGUF's are loaded as."""
+        """The names of a mixture-of-experts layer's MLP weights as `load_weights` takes
+        them (`_canonical_expert_names`): Qwen's `mlp.gate` (the router),
+        `mlp.experts.{e}.{gate,up,down}_proj` and a shared expert's `mlp.shared_expert.*`
+        and `mlp.shared_expert_gate`."""
         c = self.config
-        if c.architecture == "mixtral":
-            return {f"{prefix}block_sparse_moe.gate.weight"} | {
-                f"{prefix}block_sparse_moe.experts.{e}.w{n}.weight"
-                for e in range(c.num_experts) for n in (1, 2, 3)}
         parts = ("gate", "up", "down")
         names = {f"{prefix}mlp.gate.weight"} | {
             f"{prefix}mlp.experts.{e}.{n}_proj.weight" for e in range(c.num_experts) for n in parts}
@@ -371,7 +369,7 @@ class LlamaForCausalLM(torch.nn.Module):
     def _expert_target(self, moe: SparseMoE, parts: list[str]
                        ) -> tuple[torch.nn.Parameter | None, int | None, int]:
         """`_target` of a tensor of a mixture-of-experts MLP (`parts`: its name after
-        `model.layers.{i}.mlp.` or `.block_sparse_moe.`)."""
+        `model.layers.{i}.mlp.`, `_expert_names`' form)."""
         c = self.config
         if parts == ["gate", "weight"]:
             return moe.router, None, 0
@@ -385,7 +383,6 @@ class LlamaForCausalLM(torch.nn.Module):
             expert, width, module = moe.shared, c.shared_expert_intermediate_size, parts[1]
         else:
             raise ValueError(f"unexpected mixture-of-experts tensor {'.'.join(parts)!r}")
-        module = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(module, module)
         if module == "down_proj":
             return expert.down_proj.weight, None, 0
         halves = {"gate_proj": 0, "up_proj": width}
@@ -406,7 +403,7 @@ class LlamaForCausalLM(torch.nn.Module):
         if parts[:2] != ["model", "layers"] or len(parts) < 5:
             return None, None, 0  # e.g. rotary inv_freq buffers in old checkpoints
         layer = self.layers[int(parts[2])]
-        if layer.moe is not None and parts[3] in ("mlp", "block_sparse_moe"):
+        if layer.moe is not None and parts[3] == "mlp":
             return self._expert_target(layer.moe, parts[4:])
         module, kind = parts[-2], parts[-1]
         if module == "input_layernorm":
@@ -436,3 +433,34 @@ class LlamaForCausalLM(torch.nn.Module):
         if module == "down_proj":
             return layer.down_proj.weight, None, 0
         raise ValueError(f"unexpected checkpoint tensor {name!r}")
+
+
+_MIXTRAL_EXPERT_PARTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _canonical_expert_names(weights: Iterable[tuple[str, torch.Tensor]]
+                            ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Mixture-of-experts tensors under Qwen's names, which GGUFs load as too: Mixtral's
+    `block_sparse_moe.gate` and `.experts.{e}.w1` (gate), `w3` (up), `w2` (down); Granite
+    MoE's `block_sparse_moe.router.layer` and stacked `input_linear` ([experts, gate's rows
+    then up's, hidden]) and `output_linear`, one tensor an expert. Others pass as they are."""
+    for name, tensor in weights:
+        prefix, moe, rest = name.partition(".block_sparse_moe.")
+        if not moe:
+            yield name, tensor
+            continue
+        parts = rest.split(".")
+        if rest in ("gate.weight", "router.layer.weight"):
+            yield f"{prefix}.mlp.gate.weight", tensor
+        elif parts[0] == "experts" and len(parts) == 4 and parts[2] in _MIXTRAL_EXPERT_PARTS:
+            yield f"{prefix}.mlp.experts.{parts[1]}.{_MIXTRAL_EXPERT_PARTS[parts[2]]}.weight", \
+                tensor
+        elif rest == "input_linear.weight":
+            for e, (gate, up) in enumerate(t.chunk(2) for t in tensor):
+                yield f"{prefix}.mlp.experts.{e}.gate_proj.weight", gate
+                yield f"{prefix}.mlp.experts.{e}.up_proj.weight", up
+        elif rest == "output_linear.weight":
+            for e, down in enumerate(tensor):
+                yield f"{prefix}.mlp.experts.{e}.down_proj.weight", down
+        else:
+            raise ValueError(f"unexpected mixture-of-experts tensor {name!r}")

@@ -167,7 +167,8 @@ def gguf_packed_linears(path: Path, config: ModelConfig, rest: bool = False,
         kind = name.split(".")[-2]
         if config.gguf_permuted_qk and kind in heads:
             pw = permute_rows(pw, _unpermute_order(pw.out_features, heads[kind]))
-        if kind in ("attn_output", "ffn_down") and config.residual_multiplier != 1.0:
+        if kind in ("attn_output", "ffn_down", "ffn_down_exps", "ffn_down_shexp") \
+                and config.residual_multiplier != 1.0:
             pw = scale_packed(pw, config.residual_multiplier)  # (as `load_weights` does)
         return pw
 
