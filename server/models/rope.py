@@ -137,7 +137,8 @@ class RotaryEmbedding(torch.nn.Module):
     rope_dim/2] (partial rotary: the first rope_dim of each head's dims turn, the rest pass
     as they are); with a `local_rope_theta` (Gemma 3), unscaled tables of that base for the
     sliding-window layers too (`local_cos`, `local_sin`); with `nope_layers` (SmolLM3),
-    identity tables (cos 1, sin 0) for those layers, which the same kernels then apply."""
+    identity tables (cos 1, sin 0: one row, read at every position) for those layers, which
+    the same kernels then apply."""
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
@@ -152,9 +153,9 @@ class RotaryEmbedding(torch.nn.Module):
             self.register_buffer(prefix + "cos", freqs.cos() * scale, persistent=False)
             self.register_buffer(prefix + "sin", freqs.sin() * scale, persistent=False)
         self.has_identity = bool(config.nope_layers)
-        if self.has_identity:
-            self.register_buffer("identity_cos", torch.ones_like(self.cos), persistent=False)
-            self.register_buffer("identity_sin", torch.zeros_like(self.sin), persistent=False)
+        if self.has_identity:  # (one row, read at every position: `inputs`)
+            self.register_buffer("identity_cos", torch.ones_like(self.cos[:1]), persistent=False)
+            self.register_buffer("identity_sin", torch.zeros_like(self.sin[:1]), persistent=False)
 
     def inputs(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool,
                table: str = "") -> RopeInputs:
@@ -162,6 +163,9 @@ class RotaryEmbedding(torch.nn.Module):
         (`table`: "" the model's, "local" the sliding-window layers', "identity" no RoPE)."""
         cos_table = getattr(self, f"{table}_cos" if table else "cos")
         sin_table = getattr(self, f"{table}_sin" if table else "sin")
+        if table == "identity":  # (its one row at every position: a view of stride 0, no
+            # table of max_positions rows)
+            cos_table, sin_table = (t.expand(len(self.cos), -1) for t in (cos_table, sin_table))
         if fused:
             return RopeInputs(positions, cos_table, sin_table)
         cos = cos_table[positions].unsqueeze(1).to(dtype)
