@@ -157,6 +157,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "Weight-only quantization applied at load (int8 or int4); unset, a GGUF's 4/8-bit "
          "tensors are served as stored where a packed kernel pays (the native CPU kernel, "
          "CUDA above 2 GiB); none serves every weight dense", choices=["int8", "int4", "none"])
+    eng.add_argument(
+        "--lora", action="append", default=None, metavar="PATH",
+        help="A LoRA adapter (PEFT directory) merged into the weights at load; repeatable "
+        f"(env {env_name('lora')}: paths split on commas)")
+    eng.add_argument(
+        "--lora-scaled", action="append", nargs=2, default=None, metavar=("PATH", "SCALE"),
+        help="A LoRA adapter merged at load with its alpha / r multiplied by SCALE; "
+        f"repeatable (env {env_name('lora-scaled')}: PATH=SCALE pairs split on commas)")
     _add(eng, "--block-size", int, e.block_size, "Tokens per KV cache block")
     _add(eng, "--num-kv-blocks", int, e.num_kv_blocks,
          "KV cache size in blocks; unset: sized from --kv-cache-memory-gb")
@@ -249,6 +257,25 @@ def _add_server_arguments(srv: Any, a: ApiConfig) -> None:
     _add_switch(srv, "--log-prompts", "Log prompt text at DEBUG level (off: prompts are user data)")
 
 
+def _lora_flags(plain: list[str] | None, scaled: list[list[str]] | None
+                ) -> tuple[tuple[str, float], ...]:
+    """(path, scale) of each --lora (scale 1; unset: $LEAPFROG_LORA's comma-separated
+    paths) and each --lora-scaled (unset: $LEAPFROG_LORA_SCALED's PATH=SCALE pairs)."""
+    if plain is None:
+        plain = [p for p in os.environ.get(env_name("lora"), "").split(",") if p.strip()]
+    if scaled is None:
+        scaled = [list(pair.rpartition("=")[::2]) for pair in
+                  os.environ.get(env_name("lora-scaled"), "").split(",") if pair.strip()]
+    adapters = [(path, 1.0) for path in plain]
+    for path, scale in scaled or ():
+        try:
+            adapters.append((path, float(scale)))
+        except ValueError:
+            raise SystemExit(f"error: --lora-scaled {path} {scale}: the scale is not a "
+                             "number") from None
+    return tuple(adapters)
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig]:
     """Map a namespace parsed with `add_arguments` onto (EngineConfig, ApiConfig)."""
     values = dict(vars(args))
@@ -256,6 +283,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ApiConfig
     if positional is not None and option is not None and positional != option:
         raise SystemExit(f"error: two models given: {positional!r} and --model {option!r}")
     values["model"] = positional or option or os.environ.get(env_name("model"))
+    values["lora"] = _lora_flags(values.pop("lora", None), values.pop("lora_scaled", None))
     try:
         engine = EngineConfig(**{f.name: values[f.name] for f in fields(EngineConfig)
                                  if f.name in values})

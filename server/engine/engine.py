@@ -30,6 +30,7 @@ from server.engine.spec_policy import SpecPolicy
 from server.engine.structured import Grammars
 from server.metrics import Metrics
 from server.models.loader import build_model, open_checkpoint
+from server.models.lora import read_adapter
 
 log = logging.getLogger("leapfrog.engine")
 
@@ -102,8 +103,9 @@ class LLMEngine:
                         config.max_model_len, limit, limit)
         self.max_model_len = min(config.max_model_len or checkpoint.config.default_context,
                                  limit)
+        adapters = [read_adapter(path, scale) for path, scale in config.lora]
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
-                                 config.quantization)
+                                 config.quantization, adapters)
         windowed, window = config.attention_layout(self.model_config, self.max_model_len)
         policy = SpecPolicy(config.num_speculative_tokens,
                             disable_by_batch_size=config.speculative_disable_by_batch_size

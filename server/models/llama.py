@@ -37,6 +37,7 @@ from server.models.layers import (
     gelu_mul,
     head_rms_norm,
 )
+from server.models.lora import LoraAdapter
 from server.models.moe import SparseMoE
 from server.models.registry import register_model
 from server.models.rope import RopeInputs, RotaryEmbedding, apply_rope
@@ -308,6 +309,32 @@ class LlamaForCausalLM(torch.nn.Module):
         missing = sorted(expected - set(filled))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def merge_lora(self, adapter: LoraAdapter) -> None:
+        """Add each of the adapter's deltas (factor * B @ A, in float32) to the dense weight
+        it adapts (`build_model` keeps those linears dense until then). Granite's residual
+        scale, folded into o_proj's and down_proj's weights, scales their deltas too."""
+        slices = self._slices()
+        for name, (a, b, factor) in adapter.deltas.items():
+            layer = int(name.split(".")[2])
+            if layer >= len(self.layers):
+                raise ValueError(f"LoRA adapter {adapter.path}: {name} names layer {layer} of "
+                                 f"a model of {len(self.layers)}")
+            try:
+                target, start, length = self._target(name, *slices)
+            except ValueError:
+                target = None
+            if target is None:
+                raise ValueError(f"LoRA adapter {adapter.path}: {name} is no dense weight of "
+                                 "this model (a mixture of experts' MLP is not adapted)")
+            delta = (b @ a) * factor
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                delta *= self.config.residual_multiplier
+            dst = target.data if start is None else target.data.narrow(0, start, length)
+            if dst.shape != delta.shape:
+                raise ValueError(f"LoRA adapter {adapter.path}: {name}'s delta is "
+                                 f"{tuple(delta.shape)}, the model's weight {tuple(dst.shape)}")
+            dst.copy_((dst.float() + delta).to(dst.dtype))
 
     def packed_weight_names(self) -> frozenset[str]:
         """HF names of the weights whose linears are served packed already: their parameter

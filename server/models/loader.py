@@ -13,7 +13,7 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from server.models.config import ModelConfig, config_from_hf
 from server.models.gguf_loader import gguf_config, gguf_weights, open_gguf
+from server.models.lora import LoraAdapter
 from server.models.quantize import pack_from_gguf, pack_model
 from server.models.registry import model_class
 
@@ -193,16 +194,21 @@ def open_checkpoint(model: str | None) -> Checkpoint:
 
 def build_model(
     checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int,
-    quantization: str | None = None,
+    quantization: str | None = None, adapters: Sequence[LoraAdapter] = (),
 ) -> torch.nn.Module:
-    """Instantiate the registered class for the architecture, load its weights and pack its
-    linears as `server.models.quantize` says for `quantization` (a GGUF's repackable tensors
-    before the other weights load, so that they are never dequantized)."""
+    """Instantiate the registered class for the architecture, load its weights, merge the
+    LoRA `adapters` into them and pack its linears as `server.models.quantize` says for
+    `quantization` (a GGUF's repackable tensors before the other weights load, so that they
+    are never dequantized; those an adapter changes after its deltas are in)."""
     cls = model_class(checkpoint.config.architecture)
     with torch.device("cpu"):
         model = cls(checkpoint.config, dtype, max_positions)
-    from_file = pack_from_gguf(model, quantization, checkpoint.path, device)
+    adapted = frozenset().union(*(a.linear_names() for a in adapters))
+    from_file = pack_from_gguf(model, quantization, checkpoint.path, device, adapted)
     model.load_weights(checkpoint.weights(model.packed_weight_names()))
+    for adapter in adapters:
+        model.merge_lora(adapter)
+        log.info("merged LoRA adapter %s (%d weights)", adapter.path, len(adapter.deltas))
     model = model.to(device).eval()
     pack_model(model, quantization, device, gguf_rest=from_file > 0)
     return model

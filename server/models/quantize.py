@@ -229,9 +229,10 @@ def quantize_dense(weight: torch.Tensor, scheme: str) -> PackedWeight | None:
 
 
 def pack_from_gguf(model: torch.nn.Module, scheme: str | None, checkpoint_path: Path,
-                   device: torch.device) -> int:
+                   device: torch.device, keep_dense: frozenset[str] = frozenset()) -> int:
     """Serve the linears whose GGUF tensors `repack_gguf` takes from those tensors,
-    repacked, where the module policy says so; returns how many. It runs before the weights
+    repacked, where the module policy says so; returns how many (those in `keep_dense`,
+    linears a LoRA delta will change, counted but left dense). It runs before the weights
     load, so that those linears' tensors are never dequantized (`load_weights` skips
     `packed_weight_names`): for the default model that saves ~1 s of a ~2 s start, and a
     float32 copy of every projection from memory."""
@@ -257,7 +258,8 @@ def pack_from_gguf(model: torch.nn.Module, scheme: str | None, checkpoint_path: 
     count = 0
     for name, linear in linear_modules(model):
         if name in from_file:
-            _install(linear, from_file[name], device)
+            if name not in keep_dense:
+                _install(linear, from_file[name], device)
             count += 1
     return count
 
