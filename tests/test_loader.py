@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.models.gguf_loader import _unpermute, hf_name
+from server.models.gguf_loader import hf_name, unpermute
 from server.models.loader import (
     ModelNotFoundError,
     default_model_path,
@@ -50,7 +50,7 @@ def test_unpermute_inverts_llama_cpp_permutation() -> None:
     w = np.random.default_rng(0).standard_normal((heads * dim, hidden)).astype(np.float32)
     # llama.cpp's converter: reshape(heads, 2, dim/2, ...).swapaxes(1, 2)
     permuted = w.reshape(heads, 2, dim // 2, hidden).swapaxes(1, 2).reshape(w.shape)
-    np.testing.assert_array_equal(_unpermute(permuted, heads), w)
+    np.testing.assert_array_equal(unpermute(permuted, heads), w)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""LoRA adapters merged at load (`--lora`, `--lora-scaled`): against transformers with the
-same deltas merged by hand, on HF weights and on a packed GGUF, and the errors of adapters
-that cannot be merged."""
+"""LoRA adapters merged at load (`--lora`, `--lora-scaled`; PEFT directories and llama.cpp's
+GGUF adapters): against transformers with the same deltas merged by hand, on HF weights and
+on GGUFs (packed or not), and the errors of adapters that cannot be merged."""
 
 from __future__ import annotations
 
@@ -106,6 +106,58 @@ def test_an_adapter_on_a_packed_gguf(tiny_model_dir, tmp_path) -> None:
     assert [o.token_ids for o in packed.generate(_prompts(2), params)] != [
         o.token_ids for o in LLM(str(gguf), dtype="float32", num_kv_blocks=64,
                                  block_size=4).generate(_prompts(2), params)]
+
+
+def save_gguf_adapter(peft: Path, path: Path, heads: dict[str, int] | None = None,
+                      alpha: float = 16.0) -> Path:
+    """A PEFT adapter as llama.cpp's `convert_lora_to_gguf.py` writes it: `blk.N.attn_q.weight
+    .lora_a`, ...; with `heads` (a Llama's q and k head counts) the B rows of q and k
+    permuted as the converter permutes the base model's."""
+    import gguf
+
+    from tests.tiny_models import _GGUF_LAYER_NAMES
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    for key, tensor in load_file(peft / "adapter_model.safetensors").items():
+        parts = key.split(".")  # base_model.model.model.layers.{i}.{block}.{name}.lora_X.weight
+        target = f"blk.{parts[4]}.{_GGUF_LAYER_NAMES['.'.join(parts[5:7])]}"
+        values = tensor.numpy()
+        kind = target.rsplit(".", 1)[-1]
+        if parts[7] == "lora_B" and heads and kind in heads:
+            n = heads[kind]
+            values = values.reshape(n, 2, values.shape[0] // n // 2, -1).swapaxes(1, 2) \
+                .reshape(values.shape)
+        writer.add_tensor(f"{target}.weight.lora_{parts[7][-1].lower()}", values.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_adapter_on_a_gguf_matches_transformers(tiny_model_dir, tmp_path) -> None:
+    """llama.cpp's GGUF adapter (its q and k B rows permuted as the base GGUF's q and k) on
+    the GGUF it was converted for: transformers' tokens and top-5 with the PEFT adapter's
+    deltas merged by hand; the same merge as from the PEFT directory."""
+    from tests.tiny_models import save_tiny_gguf
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    base = save_tiny_gguf(hf, tmp_path / "tiny.gguf")
+    peft = save_adapter(hf, tmp_path / "adapter", layers=(0, 1))
+    adapter = save_gguf_adapter(peft, tmp_path / "adapter.gguf",
+                                {"attn_q": 4, "attn_k": 2})
+    llm = LLM(str(base), dtype="float32", num_kv_blocks=64, block_size=4,
+              quantization="none", lora=((str(adapter), 1.0),))
+    check_against_hf(llm, hf.eval(), _prompts(3), 16)
+    config = llm.engine.model_config
+    for name, (a, b, factor) in read_adapter(adapter, 1.0, config).deltas.items():
+        ref = read_adapter(peft).deltas[name]
+        assert torch.equal(a, ref[0]) and torch.equal(b, ref[1]) and factor == ref[2]
+    with pytest.raises(ValueError, match="not a GGUF LoRA adapter"):
+        read_adapter(base, 1.0, config)
 
 
 def test_adapters_that_cannot_be_merged_are_refused(tiny_model_dir, tmp_path) -> None:

@@ -77,7 +77,7 @@ def test_default_gguf_served_packed_from_file_bytes() -> None:
     """Q4_1 tensors repacked exactly (q/k rows un-permuted, q/k/v fused); sensible greedy text."""
     from gguf import GGUFReader
 
-    from server.models.gguf_loader import _unpermute, tensor_array
+    from server.models.gguf_loader import tensor_array, unpermute
     from server.models.loader import default_model_path
 
     llm = LLM(dtype="float32", quantization="int4", kv_cache_memory_gb=0.1)
@@ -87,8 +87,8 @@ def test_default_gguf_served_packed_from_file_bytes() -> None:
     assert all(p is not None and p.scheme == "int4" and p.group_size == 32 for p in packed)
     c = model.config
     tensors = {t.name: t for t in GGUFReader(str(default_model_path())).tensors}
-    parts = [_unpermute(tensor_array(tensors["blk.0.attn_q.weight"]), c.num_heads),
-             _unpermute(tensor_array(tensors["blk.0.attn_k.weight"]), c.num_kv_heads),
+    parts = [unpermute(tensor_array(tensors["blk.0.attn_q.weight"]), c.num_heads),
+             unpermute(tensor_array(tensors["blk.0.attn_k.weight"]), c.num_kv_heads),
              tensor_array(tensors["blk.0.attn_v.weight"])]
     expect = torch.from_numpy(np.concatenate(parts))
     torch.testing.assert_close(dequantize(model.layers[0].qkv_proj.packed), expect,

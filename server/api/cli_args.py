@@ -159,7 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "CUDA above 2 GiB); none serves every weight dense", choices=["int8", "int4", "none"])
     eng.add_argument(
         "--lora", action="append", default=None, metavar="PATH",
-        help="A LoRA adapter (PEFT directory) merged into the weights at load; repeatable "
+        help="A LoRA adapter (PEFT directory or llama.cpp GGUF adapter) merged into the "
+        "weights at load; repeatable "
         f"(env {env_name('lora')}: paths split on commas)")
     eng.add_argument(
         "--lora-scaled", action="append", nargs=2, default=None, metavar=("PATH", "SCALE"),

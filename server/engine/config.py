@@ -31,7 +31,8 @@ class EngineConfig:
     on a CPU where the native kernel runs, and on CUDA for models over 2 GiB dense), int8,
     int4, or none (every weight dense)."""
     lora: tuple[tuple[str, float], ...] = ()
-    """LoRA adapters (PEFT directories) merged into the weights at load, each with the scale
+    """LoRA adapters (PEFT directories, GGUF adapters) merged into the weights at load, each
+    with the scale
     its alpha / r is multiplied by (`server.models.lora`)."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to min(model limit, 8192), at most the trained

@@ -103,7 +103,7 @@ class LLMEngine:
                         config.max_model_len, limit, limit)
         self.max_model_len = min(config.max_model_len or checkpoint.config.default_context,
                                  limit)
-        adapters = [read_adapter(path, scale) for path, scale in config.lora]
+        adapters = [read_adapter(path, scale, checkpoint.config) for path, scale in config.lora]
         self.model = build_model(checkpoint, dtype, self.device, self.max_model_len,
                                  config.quantization, adapters)
         windowed, window = config.attention_layout(self.model_config, self.max_model_len)

@@ -190,7 +190,7 @@ def _rope_scaling(meta: Callable[[str, object], object], reader: GGUFFile
     return scaling
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Invert llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
     shape = w.shape
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
@@ -245,9 +245,9 @@ def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = f
             arr = arr - 1
         if config.gguf_permuted_qk:
             if ".q_proj." in name:
-                arr = _unpermute(arr, config.num_heads)
+                arr = unpermute(arr, config.num_heads)
             elif ".k_proj." in name:
-                arr = _unpermute(arr, config.num_kv_heads)
+                arr = unpermute(arr, config.num_kv_heads)
         yield name, torch.from_numpy(arr)
 
 

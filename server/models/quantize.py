@@ -120,7 +120,7 @@ def concat_packed(parts: list[PackedWeight]) -> PackedWeight | None:
 
 
 def _unpermute_order(rows: int, heads: int) -> torch.Tensor:
-    """Row order that undoes llama.cpp's q/k permutation (see `gguf_loader._unpermute`)."""
+    """Row order that undoes llama.cpp's q/k permutation (see `gguf_loader.unpermute`)."""
     return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
 
 
