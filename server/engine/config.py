@@ -32,8 +32,7 @@ class EngineConfig:
     int4, or none (every weight dense)."""
     lora: tuple[tuple[str, float], ...] = ()
     """LoRA adapters (PEFT directories, GGUF adapters) merged into the weights at load, each
-    with the scale
-    its alpha / r is multiplied by (`server.models.lora`)."""
+    with the scale its alpha / r is multiplied by (`server.models.lora`)."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to min(model limit, 8192), at most the trained
     context of a LongRoPE model (`ModelConfig.default_context`)."""
