@@ -44,7 +44,7 @@ def check_against_hf(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], n:
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3",
-                                  "gemma2", "gemma3", "granite", "smollm3"])
+                                  "gemma2", "gemma3", "granite", "smollm3", "olmo2"])
 def test_tiny_models_match_transformers(arch: str, native: bool, tiny_model_dir) -> None:
     """With the native CPU kernels (norms, RoPE, decode attention) where they run, and
     with torch's ops alone."""
@@ -221,12 +221,13 @@ def test_gemma3_image_text_checkpoint_serves_its_language_model(tmp_path) -> Non
     check_against_hf(llm, hf, prompts, 24)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama3", "llama", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama3", "llama", "phi3", "olmo2"])
 def test_a_gguf_matches_transformers(arch: str, tiny_model_dir, tmp_path) -> None:
     """GGUFs of Q8_0 projections as llama.cpp's converter writes them: Qwen3's (q and k
     head norms, a head_dim other than hidden / heads), Llama 3's (RoPE scaling as a
-    `rope_freqs` tensor, q and k rows permuted), Llama 2's (untied head) and Phi-3's (q, k,
-    v in one tensor, gate and up in another). Dequantized
+    `rope_freqs` tensor, q and k rows permuted), Llama 2's (untied head), Phi-3's (q, k,
+    v in one tensor, gate and up in another) and OLMo 2's (norms after the attention and the
+    MLP only, q and k normed across their heads). Dequantized
     (`quantization="none"`): the same greedy tokens and top-5 as transformers on the file's
     values. Served packed from the file (through the native kernel where it runs): every
     token's logprob of those sequences within the kernel's activation rounding of the dense

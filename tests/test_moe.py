@@ -13,7 +13,7 @@ from server.models.config import config_from_hf
 from server.models.quantize import linear_modules
 from tests.test_model_vs_hf import NATIVE_LOGPROB_ATOL, check_against_hf
 
-ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe", "granitemoe"]
+ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe", "granitemoe", "olmoe"]
 
 
 def _prompts(seed: int, lengths: tuple[int, ...] = (1, 5, 13, 90)) -> list[list[int]]:

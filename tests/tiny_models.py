@@ -19,6 +19,8 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Olmo2Config,
+    OlmoeConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
@@ -98,6 +100,14 @@ def tiny_config(arch: str, vocab: int = VOCAB, **overrides: object) -> Pretraine
                                 rope_theta=10000.0, tie_word_embeddings=True,
                                 embedding_multiplier=3.0, residual_multiplier=0.5,
                                 attention_multiplier=0.3, logits_scaling=2.5)
+    if arch == "olmo2":  # (norms after the attention and the MLP; q, k normed across heads)
+        return Olmo2Config(**common, rope_theta=500000.0, pad_token_id=0,
+                           tie_word_embeddings=False)
+    if arch == "olmoe":  # (q, k normed across heads; 4 experts of 32, 2 a token, as given)
+        return OlmoeConfig(**{"num_experts": 4, "num_experts_per_tok": 2,
+                              **common | {"intermediate_size": 32}},
+                           rope_theta=10000.0, pad_token_id=0, norm_topk_prob=False,
+                           tie_word_embeddings=False)
     raise ValueError(arch)
 
 
@@ -122,8 +132,7 @@ _GGUF_LAYER_NAMES = {
     "block_sparse_moe.router": "ffn_gate_inp",
     "block_sparse_moe.experts.gate_up_proj": "ffn_gate_up_exps",
     "block_sparse_moe.experts.down_proj": "ffn_down_exps"}
-_GGUF_ARCHS = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-               "granitemoe": "granitemoe"}
+_GGUF_ARCHS = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 """llama.cpp's names of architectures where they differ (Mixtral's is Llama's, with
 experts)."""
 
@@ -134,8 +143,8 @@ _GGUF_GEMMA_NORMS = {
 
 
 def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None = None) -> Path:
-    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3, Granite, SmolLM3, Mixtral, Qwen2-MoE,
-    Qwen3-MoE or Granite MoE model as
+    """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3, Granite, SmolLM3, OLMo 2, Mixtral,
+    Qwen2-MoE, Qwen3-MoE, Granite MoE or OLMoE model as
     llama.cpp's converter would (Llama's, Granite's and SmolLM3's q and k rows permuted to
     interleaved RoPE pairs,
     Granite's multipliers as metadata; Llama 3's RoPE scaling as a
@@ -151,9 +160,9 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
 
     c, arch = model.config, model.config.model_type.removesuffix("_text")
     assert arch in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite",
-                    "smollm3", *_GGUF_ARCHS), arch
+                    "smollm3", "granitemoe", "olmo2", "olmoe", *_GGUF_ARCHS), arch
     gemma = arch in ("gemma2", "gemma3")
-    layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if gemma else {})
+    layer_names = _GGUF_LAYER_NAMES | (_GGUF_GEMMA_NORMS if gemma or arch == "olmo2" else {})
     writer = gguf.GGUFWriter(str(path), _GGUF_ARCHS.get(arch, arch))
     writer.add_block_count(c.num_hidden_layers)
     if pooling_type is not None:  # (llama.cpp's: 1 mean, 2 cls, 3 last)
@@ -180,10 +189,10 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
     writer.add_eos_token_id(c.eos_token_id)
     if getattr(c, "sliding_window", None):
         writer.add_sliding_window(c.sliding_window)
-    if arch in _GGUF_ARCHS:
+    if hasattr(c, "num_experts_per_tok"):
         writer.add_expert_count(getattr(c, "num_experts", None) or c.num_local_experts)
         writer.add_expert_used_count(c.num_experts_per_tok)
-        if arch not in ("mixtral", "granitemoe"):
+        if getattr(c, "moe_intermediate_size", None):
             writer.add_expert_feed_forward_length(c.moe_intermediate_size)
         if getattr(c, "shared_expert_intermediate_size", None):
             writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)

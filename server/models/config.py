@@ -13,7 +13,7 @@ class ModelConfig:
 
     architecture: str
     """Registry name of the model class (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3,
-    granite, smollm3, mixtral, qwen2_moe, qwen3_moe, granitemoe)."""
+    granite, smollm3, mixtral, qwen2_moe, qwen3_moe, granitemoe, olmo2, olmoe)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -49,6 +49,9 @@ class ModelConfig:
     qk_norm: bool = False
     """Each head of q and of k is RMS-normed (one weight vector of head_dim for q's heads,
     one for k's) before RoPE (Qwen3, Gemma 3)."""
+    qk_norm_full: bool = False
+    """q and k are each RMS-normed across all their heads (one weight of heads * head_dim
+    for q, one of kv_heads * head_dim for k) before RoPE (OLMo 2, OLMoE)."""
     attention_scale: float | None = None
     """The attention's score scale; None: head_dim ** -0.5 (Gemma 3's is
     query_pre_attn_scalar ** -0.5)."""
@@ -77,7 +80,7 @@ class ModelConfig:
     """Layers that apply no RoPE to q and k (SmolLM3's every fourth)."""
     num_experts: int = 0
     """Routed experts of each mixture-of-experts layer (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite
-    MoE); 0:
+    MoE, OLMoE); 0:
     every layer's MLP is dense."""
     experts_per_token: int = 0
     """The experts each token is routed to (the router's top k)."""
@@ -112,6 +115,12 @@ class ModelConfig:
         the attention's and the MLP's outputs normed before their residual adds (four norms
         a layer), GELU (tanh) gating instead of SiLU, embeddings scaled by sqrt(hidden)."""
         return self.architecture in ("gemma2", "gemma3")
+
+    @property
+    def post_norms_only(self) -> bool:
+        """OLMo 2's layer: no norm before the attention or the MLP; their outputs normed
+        before their residual adds."""
+        return self.architecture == "olmo2"
 
     @property
     def gguf_permuted_qk(self) -> bool:
@@ -173,6 +182,8 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "GraniteMoeForCausalLM": "granitemoe",
+    "Olmo2ForCausalLM": "olmo2",
+    "OlmoeForCausalLM": "olmoe",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
@@ -188,6 +199,8 @@ _ARCH_ALIASES = _BASE_MODELS | {
     "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
     "granitemoe": "granitemoe",
+    "olmo2": "olmo2",
+    "olmoe": "olmoe",
 }
 
 
@@ -289,6 +302,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         attention_bias=bool(hf.get("attention_bias", hf.get("qkv_bias",
                                                             arch in ("qwen2", "qwen2_moe")))),
         qk_norm=arch in ("qwen3", "gemma3", "qwen3_moe"),
+        qk_norm_full=arch in ("olmo2", "olmoe"),
         attention_scale=(hf["query_pre_attn_scalar"] ** -0.5
                          if hf.get("query_pre_attn_scalar") else hf.get("attention_multiplier")),
         local_rope_theta=local_theta if arch == "gemma3" else None,

@@ -54,7 +54,8 @@ _GEMMA_NORMS = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-"""Gemma 2's and 3's four norms a layer: `attn_norm` as Llama's, these three their own."""
+"""Gemma 2's and 3's four norms a layer: `attn_norm` as Llama's, these three their own
+(OLMo 2's two: the attention's and the MLP's outputs')."""
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -69,7 +70,7 @@ def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
-    names = _LAYER_NAMES | _GEMMA_NORMS if architecture in ("gemma2", "gemma3") \
+    names = _LAYER_NAMES | _GEMMA_NORMS if architecture in ("gemma2", "gemma3", "olmo2") \
         else _LAYER_NAMES | _MOE_NAMES
     if m is None or m.group(2) not in names:
         return None
@@ -131,7 +132,8 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         max_position_embeddings=int(meta("context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        qk_norm="blk.0.attn_q_norm.weight" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names and arch not in ("olmo2", "olmoe"),
+        qk_norm_full=arch in ("olmo2", "olmoe"),
         attention_scale=scale_dim ** -0.5 if arch in ("gemma2", "gemma3") else (
             float(meta("attention.scale")) if meta("attention.scale") else None),
         local_rope_theta=10000.0 if arch == "gemma3" else None,
@@ -153,9 +155,9 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
                                      or meta("feed_forward_length")) if experts else 0,
         shared_expert_intermediate_size=int(
             meta("expert_shared_feed_forward_length", 0) or 0) if experts else 0,
-        # (as llama.cpp weighs them: Qwen2-MoE's top k probabilities as the softmax gives
-        # them, Mixtral's, Qwen3-MoE's and Granite MoE's renormalized)
-        normalize_expert_weights=arch != "qwen2_moe",
+        # (as llama.cpp weighs them: Qwen2-MoE's and OLMoE's top k probabilities as the
+        # softmax gives them, Mixtral's, Qwen3-MoE's and Granite MoE's renormalized)
+        normalize_expert_weights=arch not in ("qwen2_moe", "olmoe"),
         dense_layers=tuple(i for i in range(layers)
                            if f"blk.{i}.ffn_gate_inp.weight" not in names) if experts else (),
     )

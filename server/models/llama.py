@@ -1,6 +1,6 @@
 """The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Phi-4-mini, Gemma 2,
-Gemma 3, Granite, SmolLM2, SmolLM3, and with mixture-of-experts MLPs Mixtral, Qwen2-MoE,
-Qwen3-MoE and Granite MoE: `server.models.moe`) over a paged KV cache.
+Gemma 3, Granite, SmolLM2, SmolLM3, OLMo 2, and with mixture-of-experts MLPs Mixtral,
+Qwen2-MoE, Qwen3-MoE, Granite MoE and OLMoE: `server.models.moe`) over a paged KV cache.
 
 One forward serves a flat batch of every scheduled token of every request (prefill chunks,
 decode tokens, draft tokens to verify): `forward(input_ids, positions, meta) -> hidden`,
@@ -36,6 +36,7 @@ from server.models.layers import (
     dense_linear,
     gelu_mul,
     head_rms_norm,
+    silu_mul,
 )
 from server.models.lora import LoraAdapter
 from server.models.moe import SparseMoE
@@ -59,16 +60,23 @@ class DecoderLayer(torch.nn.Module):
         self.moe = SparseMoE(c, dtype) if moe else None
         self.gate_up_proj = None if moe else Linear(empty(2 * c.intermediate_size, c.hidden_size))
         self.down_proj = None if moe else Linear(empty(c.hidden_size, c.intermediate_size))
-        self.input_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
-        self.post_norm = torch.nn.Parameter(empty(c.hidden_size), requires_grad=False)
+        # (OLMo 2's layer has neither: `ModelConfig.post_norms_only`)
+        self.input_norm, self.post_norm = (
+            (None, None) if c.post_norms_only else
+            (torch.nn.Parameter(empty(c.hidden_size), requires_grad=False) for _ in "ip"))
         # Qwen3, Gemma 3: q's head norm weight, then k's, normed per head before RoPE
         self.head_norm = (torch.nn.Parameter(empty(2 * c.head_dim), requires_grad=False)
                           if c.qk_norm else None)
-        # Gemma 2, 3: the attention's and the MLP's outputs normed before their residual adds
+        # OLMo 2, OLMoE: q's norm weight across its heads, then k's
+        self.qk_full_norm = (torch.nn.Parameter(empty(qkv_out - c.num_kv_heads * c.head_dim),
+                                                requires_grad=False)
+                             if c.qk_norm_full else None)
+        # Gemma 2, 3 (and OLMo 2): the attention's and the MLP's outputs normed before their
+        # residual adds
         self.gemma = c.gemma
         self.attn_out_norm, self.mlp_out_norm = (
             (torch.nn.Parameter(empty(c.hidden_size), requires_grad=False) for _ in "am")
-            if c.gemma else (None, None))
+            if c.gemma or c.post_norms_only else (None, None))
         self.eps = c.rms_norm_eps
         self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.attention_scale or c.head_dim ** -0.5
@@ -86,8 +94,15 @@ class DecoderLayer(torch.nn.Module):
         t = x.shape[0]
         if self.windowed and meta.sparse is not None:
             meta = meta.sparse
-        # [T, (heads + 2 * kv_heads) * head_dim]
-        qkv, residual = self.qkv_proj.after_norm(x, residual, self.input_norm, self.eps, fused)
+        if self.qk_full_norm is None:  # [T, (heads + 2 * kv_heads) * head_dim]
+            qkv, residual = self.qkv_proj.after_norm(x, residual, self.input_norm, self.eps,
+                                                     fused)
+        else:  # (OLMo 2, OLMoE: q and k normed across their heads before RoPE)
+            if self.input_norm is None:  # (OLMo 2: no norm before the attention)
+                h = residual = x if residual is None else x + residual
+            else:
+                h, residual = add_rms_norm(x, residual, self.input_norm, self.eps, fused)
+            qkv = self._norm_qk(self.qkv_proj(h), fused)
         head_norm = None if self.head_norm is None else (self.head_norm, self.eps)
         if fused:  # (norms q and k,) rotates them and writes k, v into the cache
             from kernels.triton_rope import rope_kv_write
@@ -116,6 +131,12 @@ class DecoderLayer(torch.nn.Module):
             h, residual = add_rms_norm(self.o_proj(o.reshape(t, -1)), residual, self.post_norm,
                                        self.eps, fused)
             return self.moe(h, fused), residual
+        if self.input_norm is None:  # (OLMo 2: the outputs normed, the MLP's input not)
+            o = add_rms_norm(self.o_proj(o.reshape(t, -1)), None, self.attn_out_norm,
+                             self.eps, fused)[0]
+            residual = o + residual
+            down = self.down_proj(silu_mul(self.gate_up_proj(residual), fused))
+            return add_rms_norm(down, None, self.mlp_out_norm, self.eps, fused)[0], residual
         if self.gemma:  # (plain tensors between the products: no sums handed on)
             o = add_rms_norm(self.o_proj(o.reshape(t, -1)), None, self.attn_out_norm,
                              self.eps, fused)[0]
@@ -126,6 +147,16 @@ class DecoderLayer(torch.nn.Module):
             self.o_proj.project(o.reshape(t, -1), fused), residual, self.post_norm, self.eps,
             fused)
         return self.down_proj.after_silu(gate_up, fused), residual
+
+    def _norm_qk(self, qkv: torch.Tensor, fused: bool) -> torch.Tensor:
+        """qkv with q's heads RMS-normed together by the first part of `qk_full_norm`, k's
+        by the rest."""
+        nq = self.heads * self.head_dim
+        nk = self.qk_full_norm.shape[0] - nq
+        q, k = (add_rms_norm(part.contiguous(), None, weight, self.eps, fused)[0]
+                for part, weight in ((qkv[:, :nq], self.qk_full_norm[:nq]),
+                                     (qkv[:, nq:nq + nk], self.qk_full_norm[nq:])))
+        return torch.cat((q, k, qkv[:, nq + nk:]), dim=1)
 
     def native_weights(self) -> cpu_layers.LayerWeights:
         """The layer as `kernels.cpu_layers` runs it."""
@@ -147,7 +178,7 @@ TIED_DENSE_ROWS = 64
 
 
 @register_model("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite",
-                "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
+                "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmo2", "olmoe")
 class LlamaForCausalLM(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -209,7 +240,7 @@ class LlamaForCausalLM(torch.nn.Module):
                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first `count` layers in one native call (`kernels.cpu_layers`), where every
         query of the step is short and the native kernels take every weight (no layer has
-        experts); else None.
+        experts or OLMo's norms of q and k across heads); else None.
         (`local`: the window layers' RoPE, where they have their own; `identity`: the
         tables of layers that apply none, where some do.)"""
         t = x.shape[0]
@@ -217,7 +248,7 @@ class LlamaForCausalLM(torch.nn.Module):
         sparse = None if meta.sparse is None else meta.sparse.native_step(t)
         if (full is None or meta.sparse is not None and sparse is None or not x.is_cpu
                 or x.dtype != torch.float32 or cpu_native.library_in_use() is None
-                or self.config.num_experts):
+                or self.config.num_experts or self.config.qk_norm_full):
             return None
         built = self._native
         if built is None or built[0] is not self.kv_caches or built[1] != len(self.kv_caches):
@@ -360,7 +391,11 @@ class LlamaForCausalLM(torch.nn.Module):
             names.add("lm_head.weight")
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+            names.add(p + "post_attention_layernorm.weight")
+            if c.post_norms_only:  # (OLMo 2: the norms after the attention and the MLP)
+                names.add(p + "post_feedforward_layernorm.weight")
+            else:
+                names.add(p + "input_layernorm.weight")
             if c.architecture == "phi3":  # (its checkpoints hold q, k, v and gate, up fused)
                 names |= {p + "self_attn.qkv_proj.weight", p + "mlp.gate_up_proj.weight"}
             else:
@@ -373,7 +408,7 @@ class LlamaForCausalLM(torch.nn.Module):
             names.add(p + "self_attn.o_proj.weight")
             if c.attention_bias:
                 names |= {f"{p}self_attn.{n}_proj.bias" for n in "qkv"}
-            if c.qk_norm:
+            if c.qk_norm or c.qk_norm_full:
                 names |= {f"{p}self_attn.{n}_norm.weight" for n in "qk"}
             if c.gemma:
                 names |= {f"{p}{n}_feedforward_layernorm.weight" for n in ("pre", "post")}
@@ -435,6 +470,10 @@ class LlamaForCausalLM(torch.nn.Module):
         module, kind = parts[-2], parts[-1]
         if module == "input_layernorm":
             return layer.input_norm, None, 0
+        if layer.input_norm is None and module in ("post_attention_layernorm",
+                                                   "post_feedforward_layernorm"):  # (OLMo 2)
+            return (layer.attn_out_norm if module == "post_attention_layernorm"
+                    else layer.mlp_out_norm), None, 0
         if layer.gemma:  # (its post-attention norm is on the attention's output)
             norms = {"post_attention_layernorm": layer.attn_out_norm,
                      "pre_feedforward_layernorm": layer.post_norm,
@@ -443,6 +482,10 @@ class LlamaForCausalLM(torch.nn.Module):
                 return norms[module], None, 0
         if module == "post_attention_layernorm":
             return layer.post_norm, None, 0
+        if module in ("q_norm", "k_norm") and layer.qk_full_norm is not None:
+            nq = self.config.num_heads * self.config.head_dim
+            return layer.qk_full_norm, *((0, nq) if module == "q_norm" else (
+                nq, layer.qk_full_norm.shape[0] - nq))
         if module in ("q_norm", "k_norm") and layer.head_norm is not None:
             return layer.head_norm, (0 if module == "q_norm" else self.config.head_dim), \
                 self.config.head_dim

@@ -25,13 +25,14 @@ def _generate(path, prompts, **config):
     return llm, llm.generate(prompts, params)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi4", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi4", "gemma2", "gemma3", "olmo2"])
 @pytest.mark.parametrize("spec", [None, "ngram"])
 def test_cuda_graphs_match_eager_and_cpu(tiny_model_dir, spec, arch):
     """(qwen3: q and k head norms in the fused RoPE kernel; gemma3: those, its window
     layers' own RoPE tables and pool, four norms a layer, GeGLU; gemma2: its soft-capped
     attention scores in the Triton kernel, and logits; phi4: a partial rotary embedding in
-    the RoPE kernel)"""
+    the RoPE kernel; olmo2: q and k normed across their heads before the RoPE kernel, norms
+    after the attention and the MLP only)"""
     path = tiny_model_dir(arch)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13)]

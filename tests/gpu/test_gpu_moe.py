@@ -12,7 +12,7 @@ from server.engine.sampling_params import SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "granitemoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "granitemoe", "olmoe"])
 @pytest.mark.parametrize("quantization", [None, "int4"])
 def test_moe_on_cuda_matches_cpu(tiny_model_dir, arch, quantization):
     """The same greedy tokens as the CPU engine on the same weights (int4: packed the same
