@@ -62,7 +62,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 for s in $STEPS; do
   case $s in
-    tests) step tests 540 python3 -m pytest -q -x -p no:cacheprovider --tb=short \
+    tests) step tests 540 python3 -m pytest -q -p no:cacheprovider --tb=short \
       ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests/gpu} ;;
     kernels) step kernels "${KERNEL_LIMIT:-240}" python3 -m kernels.bench_gpu --json "$OUT/kernels.json" ${KERNEL_ARGS:-} ;;
     decode) step decode "${DECODE_LIMIT:-240}" python3 -m server.benchmarks.gpu_decode --json "$OUT/decode.json" \
