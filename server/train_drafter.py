@@ -92,26 +92,17 @@ def _read_data(path: str | None) -> tuple[list[object], list[str], list[tuple[li
     return load_jsonl_prompts(file), [], []
 
 
-def _prompt_ids(tokenizer: object, messages: list[dict[str, str]]) -> list[int]:
-    """A prompt's tokens as the model is served it: through its chat template, or for a
-    model without one (a base model) the messages' texts as plain text to continue, each
-    on its own paragraph."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
-    return tokenizer("\n\n".join(m["content"] for m in messages) + "\n\n").input_ids
-
-
 def _sequences(llm: object, prompts: list[object], texts: list[str],
                args: argparse.Namespace) -> list[tuple[list[int], int]]:
     """(token ids, first trained position) per sequence: prompts with the model's answers
     (trained from the prompt's last token), text chunks (trained throughout)."""
+    from server.engine.llm import chat_prompt_ids
     from server.engine.sampling_params import SamplingParams
 
     out: list[tuple[list[int], int]] = []
     if prompts:
         n = args.answers_per_prompt
-        ids = [_prompt_ids(llm.tokenizer, p.messages) for p in prompts for _ in range(n)]
+        ids = [chat_prompt_ids(llm.tokenizer, p.messages) for p in prompts for _ in range(n)]
         params = [SamplingParams(max_tokens=args.max_tokens or p.max_tokens,
                                  temperature=args.temperature, seed=args.seed * n + i)
                   for p in prompts for i in range(n)]

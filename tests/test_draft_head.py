@@ -379,14 +379,15 @@ def test_ngram_head_asks_the_head_only_where_lookup_finds_nothing(tiny, trained,
     assert sum(c.num_draft_tokens for c in got) > 0
 
 
-def test_train_drafter_prompts_a_model_without_a_chat_template_as_plain_text() -> None:
-    """A base model (no chat template) is asked the built-in prompts as text to continue,
+def test_a_model_without_a_chat_template_is_prompted_with_plain_text() -> None:
+    """A base model (no chat template) is asked the built-in prompts as text to continue
+    (`chat_prompt_ids`: train-drafter, the offline benchmarks, `LLM.generate(chat=True)`),
     not refused with transformers' template error; a chat model through its template."""
-    from server.train_drafter import _prompt_ids
+    from server.engine.llm import chat_prompt_ids
     from tests.tiny_models import tiny_tokenizer
 
     tok = tiny_tokenizer()
     messages = [{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w7"}]
-    assert _prompt_ids(tok, messages) == tok("w5 w6\n\nw7\n\n").input_ids
+    assert chat_prompt_ids(tok, messages) == tok("w5 w6\n\nw7\n\n").input_ids
     tok.chat_template = "{% for m in messages %}w9 {{ m['content'] }} {% endfor %}w3"
-    assert _prompt_ids(tok, messages) == tok("w9 w5 w6 w9 w7 w3").input_ids
+    assert chat_prompt_ids(tok, messages) == tok("w9 w5 w6 w9 w7 w3").input_ids

@@ -80,6 +80,7 @@ def _long_prompt(ids: list[int]) -> list[int]:
 def _transformers(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from server.engine.llm import chat_prompt_ids
     from server.models.loader import resolve_model_path
 
     path = resolve_model_path(args.model)
@@ -88,8 +89,7 @@ def _transformers(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str,
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw).eval()
     tok = AutoTokenizer.from_pretrained(where, **kw)
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": PROMPT}])])
 
     long_ids = torch.tensor([_long_prompt(ids[0].tolist())])
 

@@ -154,7 +154,7 @@ class StepTimer:
 
 def run(args: argparse.Namespace) -> int:
     from bench.datasets import load_builtin_prompts
-    from server.engine.llm import LLM
+    from server.engine.llm import LLM, chat_prompt_ids
     from server.engine.sampling_params import SamplingParams
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -176,8 +176,7 @@ def run(args: argparse.Namespace) -> int:
         for items in by_cat.values():
             chosen = (items[: args.prompts_per_category] if batch == 1
                       else [items[i % len(items)] for i in range(batch)])
-            prompts = [tok.apply_chat_template(p.messages, add_generation_prompt=True,
-                                               tokenize=True, return_dict=False) for p in chosen]
+            prompts = [chat_prompt_ids(tok, p.messages) for p in chosen]
             params = [SamplingParams(max_tokens=min(p.max_tokens, args.max_tokens), temperature=0.0)
                       for p in chosen]
             for i in range(0, len(prompts), batch):

@@ -41,11 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _prompts(llm: object, args: argparse.Namespace) -> list[list[int]]:
     """Chat prompts: the same system prompt (Python's documentation, cut to
     --system-tokens), then one question each."""
+    from server.engine.llm import chat_prompt_ids
+
     tok = llm.tokenizer
     system = tok.decode(tok(pydoc_text()).input_ids[: args.system_tokens])
-    return [tok.apply_chat_template([{"role": "system", "content": system},
-                                     {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                                    add_generation_prompt=True, tokenize=True, return_dict=False)
+    return [chat_prompt_ids(tok, [{"role": "system", "content": system},
+                                  {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
             for i in range(args.requests)]
 
 

@@ -119,6 +119,8 @@ def _ms(times: dict[int, float]) -> dict[int, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.engine.llm import chat_prompt_ids
+
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     wanted = set(args.categories.split(",")) if args.categories else None
     by_cat: dict[str, list] = defaultdict(list)
@@ -134,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
     for batch in batch_sizes:
         for cat, items in sorted(by_cat.items()):
             chosen = items[: args.prompts_per_category] if batch == 1 else [items[i % len(items)] for i in range(batch)]
-            prompts = [tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=False) for p in chosen]
+            prompts = [chat_prompt_ids(tok, p.messages) for p in chosen]
             caps = [min(p.max_tokens, args.max_tokens) for p in chosen]
             m = _measure(off, on, prompts, caps, batch, args.repeats, args.on_mismatch)
             # what the adaptive policy had learned by the end of the category

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.engine.config import EngineConfig
 from server.engine.engine import LLMEngine
@@ -32,6 +33,17 @@ class Completion:
     """With `SamplingParams.pooling`: the prompt's embedding, of unit length."""
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Chat messages as the model is prompted with them: through its chat template, or for a
+    model without one (a base model) their texts as plain text to continue, each its own
+    paragraph (for offline use: benchmarks, `train-drafter`; the HTTP chat endpoint refuses
+    such a model instead)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    return tokenizer("\n\n".join(m["content"] for m in messages) + "\n\n").input_ids
+
+
 class LLM:
     """Runs an engine to completion over a list of prompts."""
 
@@ -44,10 +56,7 @@ class LLM:
         if isinstance(prompt, list):
             return prompt
         if chat:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
-                return_dict=False,
-            )
+            return chat_prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
         return self.tokenizer(prompt).input_ids
 
     def generate(
