@@ -1,5 +1,6 @@
-"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite MoE): config, our forward against
-transformers' (HF files and GGUFs), packed experts, and outputs independent of the batch."""
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite MoE, OLMoE): config,
+our forward against transformers' (HF files and GGUFs), packed experts, and outputs
+independent of the batch."""
 
 from __future__ import annotations
 

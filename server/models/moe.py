@@ -1,13 +1,14 @@
-"""A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks each token's top
-k SwiGLU experts, whose outputs are summed weighted by their routing probabilities (and
-Qwen2-MoE adds a shared expert every token goes through, scaled by a sigmoid gate).
+"""A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite MoE, OLMoE): a router
+picks each token's top k SwiGLU experts, whose outputs are summed weighted by their routing
+probabilities (and Qwen2-MoE adds a shared expert every token goes through, scaled by a
+sigmoid gate).
 
 Tokens are grouped by expert, so each expert runs one product over the rows routed to it:
 its `Linear`s are dense or packed as any projection (`server.models.quantize` packs them),
 and a row's result does not depend on which other rows share the step (its k experts' sums
 are added in expert order, and on the CPU the router's and the shared gate's dense products
-are taken a row at a time: `_row_products`). Grouping reads the counts on the host, so a step with experts
-cannot be captured in a CUDA graph: such models run eagerly on CUDA.
+are taken a row at a time: `_row_products`). Grouping reads the counts on the host, so a
+step with experts cannot be captured in a CUDA graph: such models run eagerly on CUDA.
 """
 
 from __future__ import annotations
