@@ -165,6 +165,8 @@ def test_adapters_that_cannot_be_merged_are_refused(tiny_model_dir, tmp_path) ->
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         read_adapter(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_adapter(tmp_path / "nothing.gguf")
     dora = save_adapter(hf, tmp_path / "dora", use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
         read_adapter(dora)

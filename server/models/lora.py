@@ -56,7 +56,9 @@ def read_adapter(path: str | Path, scale: float = 1.0, model: ModelConfig | None
     `model`'s are); `scale` multiplies its alpha / r (llama.cpp's `--lora-scaled`). Raises
     FileNotFoundError or ValueError naming what is wrong."""
     path = Path(path)
-    if path.suffix == ".gguf" and path.is_file():
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA adapter {path}: no such file")
         return _read_gguf_adapter(path, scale, model)
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     for f in (config_file, weights_file):
