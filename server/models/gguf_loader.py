@@ -45,7 +45,7 @@ _MOE_NAMES = {
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 """A mixture-of-experts layer's router, and Qwen2-MoE's shared expert and its gate."""
-EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
                 "ffn_down_exps": "down_proj"}
 """The experts' stacked tensors ([experts, out, in]), by the HF name of each expert's part
 (`mlp.experts.{e}.*`)."""
@@ -229,8 +229,8 @@ def gguf_weights(reader: GGUFFile, config: ModelConfig, skip: frozenset[str] = f
     (dequantized as they are yielded)."""
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
-        if m is not None and m.group(2) in EXPERT_NAMES:  # ([experts, out, in]: one each)
-            names = [f"model.layers.{m.group(1)}.mlp.experts.{e}.{EXPERT_NAMES[m.group(2)]}"
+        if m is not None and m.group(2) in _EXPERT_NAMES:  # ([experts, out, in]: one each)
+            names = [f"model.layers.{m.group(1)}.mlp.experts.{e}.{_EXPERT_NAMES[m.group(2)]}"
                      f".{m.group(3)}" for e in range(int(t.shape[2]))]
             if not all(n in skip for n in names):
                 arr = tensor_array(t)
