@@ -59,20 +59,22 @@ class SparseMoE(torch.nn.Module):
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
-        """x: [T, hidden] (normed) -> [T, hidden]."""
+        """x: [T, hidden] (normed) -> [T, hidden]. The (token, slot) pairs sorted by expert:
+        one gather of their rows and weights, each expert a slice of them, and one scatter
+        of the weighted outputs, which adds each token's k in expert order."""
         weights, ids = self.route(x)
         flat = ids.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(x)
-        start = 0
+        tokens = order // self.top_k
+        rows = x[tokens]
+        outs, start = [], 0
         for expert, count in zip(self.experts, counts, strict=True):
             if count:
-                pairs = order[start:start + count]
-                tokens = pairs // self.top_k
-                y = expert(x[tokens], fused) * weights.reshape(-1)[pairs, None]
-                out.index_add_(0, tokens, y)
+                outs.append(expert(rows[start:start + count], fused))
                 start += count
+        y = torch.cat(outs) * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(x).index_add_(0, tokens, y)
         if self.shared is not None:
             gate = torch.sigmoid(_row_products(x, self.shared_gate))
             out = out + gate * self.shared(x, fused)
