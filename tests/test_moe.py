@@ -117,3 +117,24 @@ def test_packed_experts_give_the_same_output_alone_and_batched(quantization: str
         assert a.token_ids == b.token_ids == s.token_ids
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert x.top == y.top
+
+
+def test_a_gguf_names_how_its_experts_are_weighed(tiny_model_dir, tmp_path) -> None:
+    """`{arch}.expert_weights_norm` overrides the architecture's default (Qwen2-MoE's: not
+    renormalized); a gating function other than llama.cpp's softmax (1) is refused."""
+    from server.models.gguf_file import GGUFFile
+    from server.models.gguf_loader import gguf_config
+    from tests.tiny_models import save_tiny_gguf
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2_moe"), dtype=torch.float32)
+    plain = save_tiny_gguf(hf, tmp_path / "plain.gguf")
+    assert not gguf_config(GGUFFile(plain)).normalize_expert_weights
+    for name, key, value, kind in (("norm", "expert_weights_norm", True, "bool"),
+                                   ("sigmoid", "expert_gating_func", 2, "uint32")):
+        path = save_tiny_gguf(hf, tmp_path / f"{name}.gguf", extra=lambda w, key=key, value=value,
+                              kind=kind: getattr(w, f"add_{kind}")(f"qwen2moe.{key}", value))
+        if name == "norm":
+            assert gguf_config(GGUFFile(path)).normalize_expert_weights
+        else:
+            with pytest.raises(ValueError, match="gating function 2"):
+                gguf_config(GGUFFile(path))

@@ -5,6 +5,7 @@ kernel tests need imported only after they set TRITON_INTERPRET.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,8 @@ _GGUF_GEMMA_NORMS = {
     "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None = None) -> Path:
+def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None = None,
+                   extra: Callable[[object], None] | None = None) -> Path:
     """Write a Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or 3, Granite, SmolLM3, OLMo 2, Mixtral,
     Qwen2-MoE, Qwen3-MoE, Granite MoE or OLMoE model as
     llama.cpp's converter would (Llama's, Granite's and SmolLM3's q and k rows permuted to
@@ -153,7 +155,8 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
     soft-caps as metadata), its
     matrices as Q8_0 and its norms as F32, with a byte-level tokenizer of the vocabulary's
     first byte characters; the model's matrices are replaced by the values the file holds,
-    so that it is the file's reference. `pooling_type`: the embeddings' pooling it names."""
+    so that it is the file's reference. `pooling_type`: the embeddings' pooling it names;
+    `extra(writer)` adds more metadata."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -251,6 +254,8 @@ def save_tiny_gguf(model: torch.nn.Module, path: Path, pooling_type: int | None 
                 # shared expert's gate as a vector)
                 kind = "bias" if name.endswith(".bias") else "weight"  # (Qwen2's q, k, v)
                 writer.add_tensor(f"{target}.{kind}", values.reshape(-1) + gemma)
+    if extra is not None:
+        extra(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -113,6 +113,11 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         else head_dim
     caps = [meta(f"{kind}_logit_softcapping") for kind in ("attn", "final")]
     experts = int(meta("expert_count", 0) or 0)
+    if experts and int(meta("expert_gating_func", 1) or 1) != 1:  # (llama.cpp's 1: softmax)
+        raise ValueError(f"{gguf_arch}: expert gating function "
+                         f"{meta('expert_gating_func')} (llama.cpp's enum) is not supported; "
+                         "the router's softmax is")
+    norm = meta("expert_weights_norm", None)
     rotary = int(meta("rope.dimension_count", head_dim))  # (Phi-4-mini's: 96 of 128)
     return ModelConfig(
         architecture=arch,
@@ -155,9 +160,11 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
                                      or meta("feed_forward_length")) if experts else 0,
         shared_expert_intermediate_size=int(
             meta("expert_shared_feed_forward_length", 0) or 0) if experts else 0,
-        # (as llama.cpp weighs them: Qwen2-MoE's and OLMoE's top k probabilities as the
-        # softmax gives them, Mixtral's, Qwen3-MoE's and Granite MoE's renormalized)
-        normalize_expert_weights=arch not in ("qwen2_moe", "olmoe"),
+        # (the file's expert_weights_norm, else as llama.cpp weighs them: Qwen2-MoE's and
+        # OLMoE's top k probabilities as the softmax gives them, Mixtral's, Qwen3-MoE's and
+        # Granite MoE's renormalized)
+        normalize_expert_weights=bool(norm) if norm is not None
+        else arch not in ("qwen2_moe", "olmoe"),
         dense_layers=tuple(i for i in range(layers)
                            if f"blk.{i}.ffn_gate_inp.weight" not in names) if experts else (),
     )
