@@ -18,7 +18,7 @@ native call (`kernels.cpu_layers`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import islice
 
 import torch
@@ -42,6 +42,7 @@ from server.models.lora import LoraAdapter
 from server.models.moe import SparseMoE
 from server.models.registry import register_model
 from server.models.rope import RopeInputs, RotaryEmbedding, apply_rope
+from server.models.weights import load_weights, merge_lora, packed_weight_names
 
 
 class DecoderLayer(torch.nn.Module):
@@ -315,222 +316,13 @@ class LlamaForCausalLM(torch.nn.Module):
         return soft_cap(logits, self.config.final_softcap)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...); every
-        parameter must be filled exactly once or loading fails."""
-        slices = self._slices()
-        filled: dict[str, int] = {}
-        if self.config.num_experts:
-            weights = _canonical_expert_names(weights)
-        for name, tensor in weights:
-            target, start, length = self._target(name, *slices)
-            if target is None:
-                continue
-            if self.config.gemma and name.endswith("norm.weight"):  # held as 1 + w
-                tensor = tensor.float() + 1
-            residual = self.config.residual_multiplier  # (Granite's: in the outputs' weights)
-            if residual != 1.0 and name.endswith(("o_proj.weight", "down_proj.weight")):
-                tensor = tensor.float() * residual
-            src = tensor.to(self.dtype)
-            dst = target.data if start is None else target.data.narrow(0, start, length)
-            if dst.shape != src.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model {tuple(dst.shape)}")
-            dst.copy_(src)
-            filled[name] = 1
-        expected = self._expected_names() - self.packed_weight_names()
-        missing = sorted(expected - set(filled))
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        """Take HF-named tensors (`server.models.weights.load_weights`)."""
+        load_weights(self, weights)
 
     def merge_lora(self, adapter: LoraAdapter) -> None:
-        """Add each of the adapter's deltas (factor * B @ A, in float32) to the dense weight
-        it adapts (`build_model` keeps those linears dense until then). Granite's residual
-        scale, folded into o_proj's and down_proj's weights, scales their deltas too."""
-        slices = self._slices()
-        for name, (a, b, factor) in adapter.deltas.items():
-            layer = int(name.split(".")[2])
-            if layer >= len(self.layers):
-                raise ValueError(f"LoRA adapter {adapter.path}: {name} names layer {layer} of "
-                                 f"a model of {len(self.layers)}")
-            try:
-                target, start, length = self._target(name, *slices)
-            except ValueError:
-                target = None
-            if target is None:
-                raise ValueError(f"LoRA adapter {adapter.path}: {name} is no dense weight of "
-                                 "this model (a mixture of experts' MLP is not adapted)")
-            delta = (b @ a) * factor
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                delta *= self.config.residual_multiplier
-            dst = target.data if start is None else target.data.narrow(0, start, length)
-            if dst.shape != delta.shape:
-                raise ValueError(f"LoRA adapter {adapter.path}: {name}'s delta is "
-                                 f"{tuple(delta.shape)}, the model's weight {tuple(dst.shape)}")
-            dst.copy_((dst.float() + delta).to(dst.dtype))
+        """Add a LoRA adapter's deltas to the dense weights (`server.models.weights`)."""
+        merge_lora(self, adapter)
 
     def packed_weight_names(self) -> frozenset[str]:
-        """HF names of the weights whose linears are served packed already: their parameter
-        is gone (`Linear.set_packed`), so their dense tensors are not loaded (biases are)."""
-        slices = self._slices()
-        return frozenset(name for name in self._expected_names()
-                         if self._target(name, *slices)[0] is None)
-
-    def _slices(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
-        """(start, length) of q/k/v in the fused qkv rows, and of gate/up in gate_up's."""
-        c = self.config
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        qkv = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size),
-               "v_proj": (q_size + kv_size, kv_size)}
-        gate_up = {"gate_proj": (0, c.intermediate_size),
-                   "up_proj": (c.intermediate_size, c.intermediate_size)}
-        return qkv, gate_up
-
-    def _expected_names(self) -> set[str]:
-        c = self.config
-        names = {"model.embed_tokens.weight", "model.norm.weight"}
-        if not c.tie_word_embeddings:
-            names.add("lm_head.weight")
-        for i in range(c.num_layers):
-            p = f"model.layers.{i}."
-            names.add(p + "post_attention_layernorm.weight")
-            if c.post_norms_only:  # (OLMo 2: the norms after the attention and the MLP)
-                names.add(p + "post_feedforward_layernorm.weight")
-            else:
-                names.add(p + "input_layernorm.weight")
-            if c.architecture == "phi3":  # (its checkpoints hold q, k, v and gate, up fused)
-                names |= {p + "self_attn.qkv_proj.weight", p + "mlp.gate_up_proj.weight"}
-            else:
-                names |= {f"{p}self_attn.{n}_proj.weight" for n in "qkv"}
-            if c.moe_layer(i):
-                names |= self._expert_names(p)
-            else:
-                names |= {f"{p}mlp.{n}_proj.weight" for n in ("gate", "up", "down")
-                          if c.architecture != "phi3" or n == "down"}
-            names.add(p + "self_attn.o_proj.weight")
-            if c.attention_bias:
-                names |= {f"{p}self_attn.{n}_proj.bias" for n in "qkv"}
-            if c.qk_norm or c.qk_norm_full:
-                names |= {f"{p}self_attn.{n}_norm.weight" for n in "qk"}
-            if c.gemma:
-                names |= {f"{p}{n}_feedforward_layernorm.weight" for n in ("pre", "post")}
-        return names
-
-    def _expert_names(self, prefix: str) -> set[str]:
-        """The names of a mixture-of-experts layer's MLP weights as `load_weights` takes
-        them (`_canonical_expert_names`): Qwen's `mlp.gate` (the router),
-        `mlp.experts.{e}.{gate,up,down}_proj` and a shared expert's `mlp.shared_expert.*`
-        and `mlp.shared_expert_gate`."""
-        c = self.config
-        parts = ("gate", "up", "down")
-        names = {f"{prefix}mlp.gate.weight"} | {
-            f"{prefix}mlp.experts.{e}.{n}_proj.weight" for e in range(c.num_experts) for n in parts}
-        if c.shared_expert_intermediate_size:
-            names |= {f"{prefix}mlp.shared_expert.{n}_proj.weight" for n in parts}
-            names.add(f"{prefix}mlp.shared_expert_gate.weight")
-        return names
-
-    def _expert_target(self, moe: SparseMoE, parts: list[str]
-                       ) -> tuple[torch.nn.Parameter | None, int | None, int]:
-        """`_target` of a tensor of a mixture-of-experts MLP (`parts`: its name after
-        `model.layers.{i}.mlp.`, `_expert_names`' form)."""
-        c = self.config
-        if parts == ["gate", "weight"]:
-            return moe.router, None, 0
-        if parts == ["shared_expert_gate", "weight"] and moe.shared_gate is not None:
-            return moe.shared_gate, None, 0
-        if parts[0] == "experts" and len(parts) == 4 and parts[1].isdigit() \
-                and int(parts[1]) < len(moe.experts):
-            expert, width, module = moe.experts[int(parts[1])], c.expert_intermediate_size, \
-                parts[2]
-        elif parts[0] == "shared_expert" and len(parts) == 3 and moe.shared is not None:
-            expert, width, module = moe.shared, c.shared_expert_intermediate_size, parts[1]
-        else:
-            raise ValueError(f"unexpected mixture-of-experts tensor {'.'.join(parts)!r}")
-        if module == "down_proj":
-            return expert.down_proj.weight, None, 0
-        halves = {"gate_proj": 0, "up_proj": width}
-        if module not in halves:
-            raise ValueError(f"unexpected mixture-of-experts tensor {'.'.join(parts)!r}")
-        return expert.gate_up_proj.weight, halves[module], width
-
-    def _target(
-        self, name: str, qkv: dict[str, tuple[int, int]], gate_up: dict[str, tuple[int, int]]
-    ) -> tuple[torch.nn.Parameter | None, int | None, int]:
-        if name == "model.embed_tokens.weight":
-            return self.embed.weight, None, 0
-        if name == "model.norm.weight":
-            return self.norm, None, 0
-        if name == "lm_head.weight":
-            return (self.lm_head.weight if self.lm_head is not None else None), None, 0
-        parts = name.split(".")
-        if parts[:2] != ["model", "layers"] or len(parts) < 5:
-            return None, None, 0  # e.g. rotary inv_freq buffers in old checkpoints
-        layer = self.layers[int(parts[2])]
-        if layer.moe is not None and parts[3] == "mlp":
-            return self._expert_target(layer.moe, parts[4:])
-        module, kind = parts[-2], parts[-1]
-        if module == "input_layernorm":
-            return layer.input_norm, None, 0
-        if layer.input_norm is None and module in ("post_attention_layernorm",
-                                                   "post_feedforward_layernorm"):  # (OLMo 2)
-            return (layer.attn_out_norm if module == "post_attention_layernorm"
-                    else layer.mlp_out_norm), None, 0
-        if layer.gemma:  # (its post-attention norm is on the attention's output)
-            norms = {"post_attention_layernorm": layer.attn_out_norm,
-                     "pre_feedforward_layernorm": layer.post_norm,
-                     "post_feedforward_layernorm": layer.mlp_out_norm}
-            if module in norms:
-                return norms[module], None, 0
-        if module == "post_attention_layernorm":
-            return layer.post_norm, None, 0
-        if module in ("q_norm", "k_norm") and layer.qk_full_norm is not None:
-            nq = self.config.num_heads * self.config.head_dim
-            return layer.qk_full_norm, *((0, nq) if module == "q_norm" else (
-                nq, layer.qk_full_norm.shape[0] - nq))
-        if module in ("q_norm", "k_norm") and layer.head_norm is not None:
-            return layer.head_norm, (0 if module == "q_norm" else self.config.head_dim), \
-                self.config.head_dim
-        if module in qkv:
-            param = layer.qkv_proj.weight if kind == "weight" else layer.qkv_proj.bias
-            return param, *qkv[module]
-        if module == "qkv_proj":
-            return layer.qkv_proj.weight, None, 0
-        if module == "gate_up_proj":
-            return layer.gate_up_proj.weight, None, 0
-        if module == "o_proj":
-            return layer.o_proj.weight, None, 0
-        if module in gate_up:
-            return layer.gate_up_proj.weight, *gate_up[module]
-        if module == "down_proj":
-            return layer.down_proj.weight, None, 0
-        raise ValueError(f"unexpected checkpoint tensor {name!r}")
-
-
-_MIXTRAL_EXPERT_PARTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-
-
-def _canonical_expert_names(weights: Iterable[tuple[str, torch.Tensor]]
-                            ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Mixture-of-experts tensors under Qwen's names, which GGUFs load as too: Mixtral's
-    `block_sparse_moe.gate` and `.experts.{e}.w1` (gate), `w3` (up), `w2` (down); Granite
-    MoE's `block_sparse_moe.router.layer` and stacked `input_linear` ([experts, gate's rows
-    then up's, hidden]) and `output_linear`, one tensor an expert. Others pass as they are."""
-    for name, tensor in weights:
-        prefix, moe, rest = name.partition(".block_sparse_moe.")
-        if not moe:
-            yield name, tensor
-            continue
-        parts = rest.split(".")
-        if rest in ("gate.weight", "router.layer.weight"):
-            yield f"{prefix}.mlp.gate.weight", tensor
-        elif parts[0] == "experts" and len(parts) == 4 and parts[2] in _MIXTRAL_EXPERT_PARTS:
-            yield f"{prefix}.mlp.experts.{parts[1]}.{_MIXTRAL_EXPERT_PARTS[parts[2]]}.weight", \
-                tensor
-        elif rest == "input_linear.weight":
-            for e, (gate, up) in enumerate(t.chunk(2) for t in tensor):
-                yield f"{prefix}.mlp.experts.{e}.gate_proj.weight", gate
-                yield f"{prefix}.mlp.experts.{e}.up_proj.weight", up
-        elif rest == "output_linear.weight":
-            for e, down in enumerate(tensor):
-                yield f"{prefix}.mlp.experts.{e}.down_proj.weight", down
-        else:
-            raise ValueError(f"unexpected mixture-of-experts tensor {name!r}")
+        """HF names of the weights served packed already (`server.models.weights`)."""
+        return packed_weight_names(self)
