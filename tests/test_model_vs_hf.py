@@ -115,7 +115,7 @@ def test_a_gemma3_gguf_matches_transformers(tmp_path) -> None:
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
     check_against_hf(llm, hf, prompts, 32)
-    _packed_scores_like_dense(gguf, llm, prompts)
+    packed_scores_like_dense(gguf, llm, prompts)
 
 
 def test_a_granite_gguf_matches_transformers(tmp_path) -> None:
@@ -137,7 +137,7 @@ def test_a_granite_gguf_matches_transformers(tmp_path) -> None:
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
     check_against_hf(llm, hf, prompts, 32)
-    _packed_scores_like_dense(gguf, llm, prompts)
+    packed_scores_like_dense(gguf, llm, prompts)
 
 
 def test_a_smollm3_gguf_matches_transformers(tmp_path) -> None:
@@ -157,7 +157,7 @@ def test_a_smollm3_gguf_matches_transformers(tmp_path) -> None:
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
     check_against_hf(llm, hf, prompts, 32)
-    _packed_scores_like_dense(gguf, llm, prompts)
+    packed_scores_like_dense(gguf, llm, prompts)
 
 
 def test_a_gemma2_gguf_matches_transformers(tmp_path) -> None:
@@ -180,7 +180,7 @@ def test_a_gemma2_gguf_matches_transformers(tmp_path) -> None:
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 30)]
     check_against_hf(llm, hf, prompts, 32)
-    _packed_scores_like_dense(gguf, llm, prompts)
+    packed_scores_like_dense(gguf, llm, prompts)
 
 
 def test_gemma3_image_text_checkpoint_serves_its_language_model(tmp_path) -> None:
@@ -249,22 +249,25 @@ def test_a_gguf_matches_transformers(arch: str, tiny_model_dir, tmp_path) -> Non
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 5, 13, 90)]
     check_against_hf(dense, hf.eval(), prompts, 32)
-    _packed_scores_like_dense(path, dense, prompts)
+    packed_scores_like_dense(path, dense, prompts)
 
 
-def _packed_scores_like_dense(path, dense: LLM, prompts: list[list[int]]) -> None:
+def packed_scores_like_dense(path, dense: LLM, prompts: list[list[int]],
+                             max_tokens: int = 32) -> LLM:
     """The GGUF served packed (its default) gives every token of the dense engine's greedy
-    sequences the dense engine's logprob, within the native kernel's activation rounding."""
+    sequences the dense engine's logprob, within the native kernel's activation rounding;
+    returns the packed engine."""
     packed = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4)
     assert all(layer.qkv_proj.packed is not None for layer in packed.engine.model.layers)
-    texts = [p + c.token_ids for p, c in zip(prompts, dense.generate(
-        prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)), strict=True)]
+    texts = [p + c.token_ids for p, c in zip(prompts, dense.generate(prompts, SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True)), strict=True)]
     scored = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     for ours, ref in zip(packed.generate(texts, scored), dense.generate(texts, scored),
                          strict=True):
         diff = [abs(a.logprob - b.logprob)
                 for a, b in zip(ours.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True)]
         assert max(diff) < NATIVE_LOGPROB_ATOL
+    return packed
 
 
 @pytest.mark.slow
