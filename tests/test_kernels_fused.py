@@ -92,7 +92,6 @@ def _tiny_model(dtype: torch.dtype, attention_bias: bool = False, arch: str = "l
                          attn_softcap=0.5 if arch == "gemma2" else None,
                          rotary_dim=48 if arch == "phi3" else None,
                          nope_layers=(1,) if arch == "smollm3" else (),
-                         qk_norm_full=arch in ("olmo2", "olmoe"),
                          num_experts=4 * moe, experts_per_token=2 * moe,
                          expert_intermediate_size=32 * moe,
                          shared_expert_intermediate_size=48 * (arch == "qwen2_moe"),

@@ -49,9 +49,6 @@ class ModelConfig:
     qk_norm: bool = False
     """Each head of q and of k is RMS-normed (one weight vector of head_dim for q's heads,
     one for k's) before RoPE (Qwen3, Gemma 3)."""
-    qk_norm_full: bool = False
-    """q and k are each RMS-normed across all their heads (one weight of heads * head_dim
-    for q, one of kv_heads * head_dim for k) before RoPE (OLMo 2, OLMoE)."""
     attention_scale: float | None = None
     """The attention's score scale; None: head_dim ** -0.5 (Gemma 3's is
     query_pre_attn_scalar ** -0.5)."""
@@ -80,8 +77,7 @@ class ModelConfig:
     """Layers that apply no RoPE to q and k (SmolLM3's every fourth)."""
     num_experts: int = 0
     """Routed experts of each mixture-of-experts layer (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite
-    MoE, OLMoE); 0:
-    every layer's MLP is dense."""
+    MoE, OLMoE); 0: every layer's MLP is dense."""
     experts_per_token: int = 0
     """The experts each token is routed to (the router's top k)."""
     expert_intermediate_size: int = 0
@@ -115,6 +111,12 @@ class ModelConfig:
         the attention's and the MLP's outputs normed before their residual adds (four norms
         a layer), GELU (tanh) gating instead of SiLU, embeddings scaled by sqrt(hidden)."""
         return self.architecture in ("gemma2", "gemma3")
+
+    @property
+    def qk_norm_full(self) -> bool:
+        """q and k are each RMS-normed across all their heads (one weight of heads * head_dim
+        for q, one of kv_heads * head_dim for k) before RoPE (OLMo 2, OLMoE)."""
+        return self.architecture in ("olmo2", "olmoe")
 
     @property
     def post_norms_only(self) -> bool:
@@ -302,7 +304,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
         attention_bias=bool(hf.get("attention_bias", hf.get("qkv_bias",
                                                             arch in ("qwen2", "qwen2_moe")))),
         qk_norm=arch in ("qwen3", "gemma3", "qwen3_moe"),
-        qk_norm_full=arch in ("olmo2", "olmoe"),
         attention_scale=(hf["query_pre_attn_scalar"] ** -0.5
                          if hf.get("query_pre_attn_scalar") else hf.get("attention_multiplier")),
         local_rope_theta=local_theta if arch == "gemma3" else None,

@@ -137,8 +137,8 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         max_position_embeddings=int(meta("context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
+        # (OLMo's q and k norms span the heads: `ModelConfig.qk_norm_full`)
         qk_norm="blk.0.attn_q_norm.weight" in names and arch not in ("olmo2", "olmoe"),
-        qk_norm_full=arch in ("olmo2", "olmoe"),
         attention_scale=scale_dim ** -0.5 if arch in ("gemma2", "gemma3") else (
             float(meta("attention.scale")) if meta("attention.scale") else None),
         local_rope_theta=10000.0 if arch == "gemma3" else None,
